@@ -1,0 +1,170 @@
+"""The detector's pure core: decode -> validate -> features -> score -> verdicts.
+
+No paho, no files, no logging: values in, values out. The MQTT shell feeds it raw
+``(topic, payload, received_at)`` triples and publishes what comes back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import ValidationError
+
+from factorywatch.contracts import (
+    MAX_PAYLOAD_BYTES,
+    Contribution,
+    DeadLetter,
+    Telemetry,
+    Verdict,
+)
+from factorywatch.errors import PayloadError
+from factorywatch.topics import Topics
+from model.artifact import LoadedModel
+from model.features import PRODUCT_TYPE_COLUMN, TYPE_CODE, compute_features
+from model.scoring import explain
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A raw message as the shell received it."""
+
+    topic: str
+    payload: bytes
+    received_at: float  # wall clock, Unix seconds
+    received_perf: float  # perf_counter at receipt, for processing latency
+
+
+def _classify(exc: ValidationError) -> str:
+    kinds = {err["type"] for err in exc.errors()}
+    if kinds & {"json_invalid", "json_type"}:
+        return "invalid_json"
+    if "finite_number" in kinds:
+        return "non_finite"
+    return "schema"
+
+
+class Decoder:
+    """Turns raw messages into validated readings or raises ``PayloadError`` with a reason."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        *,
+        channels: Sequence[str],
+        max_clock_skew_s: float,
+        machines: frozenset[str] | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.topics = topics
+        self.channels = tuple(channels)
+        self.max_clock_skew_s = max_clock_skew_s
+        self.machines = machines
+        self.clock = clock
+
+    def decode(self, msg: Received) -> Telemetry:
+        """Validate one message; the machine id in the topic is the one trusted."""
+        line, machine = self.topics.parse_telemetry(msg.topic)
+        payload = msg.payload
+        if not payload:
+            raise PayloadError("empty_payload", "zero-length payload")
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise PayloadError("oversize", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError("not_utf8", str(exc)) from None
+        try:
+            reading = Telemetry.model_validate_json(payload)
+        except ValidationError as exc:
+            raise PayloadError(_classify(exc), _summary(exc)) from None
+        if reading.machine_id != machine or reading.line != line:
+            raise PayloadError(
+                "topic_mismatch",
+                f"payload says {reading.line}/{reading.machine_id}, topic says {line}/{machine}",
+            )
+        if self.machines is not None and machine not in self.machines:
+            raise PayloadError("unknown_machine", f"machine {machine!r} is not registered")
+        skew = reading.ts - self.clock()
+        if abs(skew) > self.max_clock_skew_s:
+            raise PayloadError(
+                "clock_skew", f"timestamp is {skew:+.0f} s from now (max {self.max_clock_skew_s})"
+            )
+        missing = [c for c in self.channels if c not in reading.readings]
+        if missing:
+            raise PayloadError("missing_channel", f"reading lacks channels {missing}")
+        return reading
+
+
+def _summary(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def dead_letter(msg: Received, error: PayloadError) -> DeadLetter:
+    """The dead-letter record for a rejected message."""
+    return DeadLetter(
+        reason=error.reason,
+        detail=error.detail[:500],
+        topic=msg.topic,
+        payload_bytes=len(msg.payload),
+        payload_excerpt=msg.payload[:200].decode("utf-8", errors="replace"),
+        received_at=msg.received_at,
+    )
+
+
+def score(
+    model: LoadedModel,
+    readings: Sequence[Telemetry],
+    received_perf: Sequence[float],
+    *,
+    explain_top_k: int,
+    perf_clock: Clock = time.perf_counter,
+) -> list[Verdict]:
+    """Score a batch of readings with one vectorised call; one verdict per reading."""
+    if not readings:
+        return []
+    card = model.card
+    columns = {
+        ch: np.fromiter((r.readings[ch] for r in readings), np.float64, len(readings))
+        for ch in card.channels
+    }
+    columns[PRODUCT_TYPE_COLUMN] = np.fromiter(
+        (TYPE_CODE[r.product_type] for r in readings), np.float64, len(readings)
+    )
+    matrix = compute_features(columns, card.features)
+    scores = model.scorer.score(matrix)
+    threshold = card.threshold
+    done = perf_clock()
+    verdicts = []
+    for i, reading in enumerate(readings):
+        value = float(scores[i])
+        alert = value > threshold
+        explanation = None
+        if alert and explain_top_k:
+            explanation = [
+                Contribution(feature=card.features[j], value=float(matrix[i, j]), z=round(z, 3))
+                for j, z in explain(matrix[i], model.center, model.scale, explain_top_k)
+            ]
+        verdicts.append(
+            Verdict(
+                machine_id=reading.machine_id,
+                line=reading.line,
+                seq=reading.seq,
+                reading_ts=reading.ts,
+                status="ALERT" if alert else "NORMAL",
+                score=value,
+                threshold=threshold,
+                model_version=card.version,
+                latency_ms=round((done - received_perf[i]) * 1000.0, 3),
+                explanation=explanation,
+            )
+        )
+    return verdicts

@@ -1,0 +1,285 @@
+"""The detector's MQTT shell: subscribe, hand batches to the pure core, publish verdicts.
+
+Delivery: QoS 1 in and out, a persistent session (fixed client id, ``clean_start=False``,
+session expiry) and manual acknowledgement: a reading is acknowledged only after the PUBACK
+of its verdict (or dead letter) came back, so a crash redelivers instead of losing it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+
+from factorywatch import mqtt as fwmqtt
+from factorywatch.contracts import ClientStatus
+from factorywatch.errors import ModelError, PayloadError
+from factorywatch.settings import BrokerSettings, DetectorSettings
+from factorywatch.topics import UNKNOWN, Topics
+
+from detector.core import Decoder, Received, dead_letter, score
+from detector.dedup import SeenCache
+from model import artifact
+from model.artifact import LoadedModel
+
+log = structlog.get_logger("detector")
+
+
+@dataclass
+class _AckTarget:
+    """An incoming message waiting for ``remaining`` outgoing PUBACKs before its own ack."""
+
+    mid: int
+    qos: int
+    remaining: int
+
+
+@dataclass
+class Counters:
+    """What the detector has done since start (also exposed as metrics)."""
+
+    received: int = 0
+    verdicts: int = 0
+    alerts: int = 0
+    dead_letters: int = 0
+    duplicates: int = 0
+    publish_failures: int = 0
+    reloads: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class DetectorService:
+    """Runs the detector until ``stop`` is set; then drains in-flight work and disconnects."""
+
+    def __init__(
+        self,
+        settings: DetectorSettings,
+        broker: BrokerSettings,
+        model_dir: Path,
+        model: LoadedModel,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.model_dir = model_dir
+        self.model = model
+        self.topics = Topics(broker.topic_root)
+        self.counters = Counters()
+        self._inbox: queue.Queue[tuple[Received, int, int]] = queue.Queue()
+        self._seen = SeenCache(settings.dedup_size)
+        self._lock = threading.Lock()  # guards _pending/_early only; never held across paho
+        self._pending: dict[int, _AckTarget | None] = {}
+        self._early: set[int] = set()
+        self._waiter = fwmqtt.ConnectWaiter()
+        self._decoder = self._make_decoder(model)
+        status_topic = self.topics.status("detector", settings.client_id)
+        self._status_topic = status_topic
+        offline = ClientStatus(role="detector", client_id=settings.client_id, state="offline")
+        self.client = fwmqtt.new_client(
+            broker, settings.client_id, manual_ack=True, will=(status_topic, offline.encode())
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.client.on_disconnect = self._on_disconnect
+
+    def _make_decoder(self, model: LoadedModel) -> Decoder:
+        return Decoder(
+            self.topics,
+            channels=model.card.channels,
+            max_clock_skew_s=self.settings.max_clock_skew_s,
+        )
+
+    # -- paho callbacks (network thread): keep them short -----------------------------------
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, flags: Any, reason_code: Any, _p: Any
+    ) -> None:
+        self._waiter.record(reason_code)
+        if reason_code.is_failure:
+            log.error("broker_refused", reason=str(reason_code))
+            return
+        client.subscribe(self.topics.telemetry_filter, qos=fwmqtt.QOS)
+        self._publish(self._status_topic, self._status("online"), None, retain=True)
+        log.info(
+            "broker_connected",
+            session_present=bool(getattr(flags, "session_present", False)),
+            subscribed=self.topics.telemetry_filter,
+        )
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
+        log.warning("broker_disconnected", reason=str(reason_code))
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        received = Received(
+            topic=msg.topic, payload=msg.payload, received_at=time.time(),
+            received_perf=time.perf_counter(),
+        )
+        self._inbox.put((received, msg.mid, msg.qos))
+
+    def _on_publish(
+        self, client: mqtt.Client, _u: Any, mid: int, reason_code: Any, _p: Any
+    ) -> None:
+        if fwmqtt.reason_failed(reason_code):
+            self.counters.publish_failures += 1
+            log.error("publish_refused", mid=mid, reason=str(reason_code))
+        with self._lock:
+            if mid not in self._pending:
+                self._early.add(mid)
+                return
+            target = self._pending.pop(mid)
+        self._settle(client, target, failed=fwmqtt.reason_failed(reason_code))
+
+    # -- acknowledgement bookkeeping --------------------------------------------------------
+    def _settle(self, client: mqtt.Client, target: _AckTarget | None, *, failed: bool) -> None:
+        if target is None or failed:
+            return  # a refused verdict leaves its reading unacked: redelivered on reconnect
+        with self._lock:
+            target.remaining -= 1
+            done = target.remaining == 0
+        if done:
+            client.ack(target.mid, target.qos)
+
+    def _publish(
+        self, topic: str, payload: bytes, target: _AckTarget | None, *, retain: bool = False
+    ) -> None:
+        info = self.client.publish(topic, payload, qos=fwmqtt.QOS, retain=retain)
+        with self._lock:
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                early = True
+            else:
+                self._pending[info.mid] = target
+                early = False
+        if early:
+            self._settle(self.client, target, failed=False)
+
+    def _status(self, state: str) -> bytes:
+        return ClientStatus(
+            role="detector",
+            client_id=self.settings.client_id,
+            state="online" if state == "online" else "offline",
+            ts=time.time(),
+            model_version=self.model.version,
+        ).encode()
+
+    # -- the worker loop (main thread) ------------------------------------------------------
+    def start(self) -> None:
+        """Connect (bounded retries) with a persistent session and subscribe."""
+        fwmqtt.connect(
+            self.client,
+            self.broker,
+            self._waiter,
+            persistent_session_s=self.settings.session_expiry_s,
+        )
+        log.info("detector_started", model_version=self.model.version)
+
+    def run(self, stop: threading.Event) -> None:
+        """Process batches until ``stop`` is set, then drain and disconnect."""
+        next_reload = time.monotonic() + self.settings.reload_interval_s
+        while not stop.is_set():
+            self._process(self._next_batch(timeout=0.2))
+            if time.monotonic() >= next_reload:
+                self.maybe_reload()
+                next_reload = time.monotonic() + self.settings.reload_interval_s
+        self.shutdown()
+
+    def _next_batch(self, timeout: float) -> list[tuple[Received, int, int]]:
+        try:
+            batch = [self._inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < self.settings.batch_max:
+            try:
+                batch.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _process(self, batch: list[tuple[Received, int, int]]) -> None:
+        if not batch:
+            return
+        self.counters.received += len(batch)
+        valid, perf, targets = [], [], []
+        for received, mid, qos in batch:
+            target = _AckTarget(mid=mid, qos=qos, remaining=1)
+            try:
+                reading = self._decoder.decode(received)
+            except PayloadError as error:
+                self._reject(received, error, target)
+                continue
+            if self._seen.seen((reading.machine_id, reading.seq)):
+                self.counters.duplicates += 1
+                self.client.ack(mid, qos)
+                continue
+            valid.append(reading)
+            perf.append(received.received_perf)
+            targets.append(target)
+        verdicts = score(self.model, valid, perf, explain_top_k=self.settings.explain_top_k)
+        for verdict, target in zip(verdicts, targets, strict=True):
+            self._publish(
+                self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode(), target
+            )
+            self.counters.verdicts += 1
+            if verdict.status == "ALERT":
+                self.counters.alerts += 1
+                log.info(
+                    "alert_published",
+                    machine_id=verdict.machine_id,
+                    seq=verdict.seq,
+                    score=round(verdict.score, 4),
+                )
+
+    def _reject(self, received: Received, error: PayloadError, target: _AckTarget) -> None:
+        self.counters.dead_letters += 1
+        self.counters.by_reason[error.reason] = self.counters.by_reason.get(error.reason, 0) + 1
+        try:
+            line, machine = self.topics.parse_telemetry(received.topic)
+        except PayloadError:
+            line, machine = UNKNOWN, UNKNOWN
+        record = dead_letter(received, error)
+        self._publish(self.topics.deadletter(line, machine), record.encode(), target)
+        log.warning(
+            "payload_rejected", reason=error.reason, detail=error.detail[:200], topic=received.topic
+        )
+
+    def maybe_reload(self) -> bool:
+        """Swap in a newly promoted model between batches (never mid-batch)."""
+        version = artifact.current_version(self.model_dir)
+        if version is None or version == self.model.version:
+            return False
+        try:
+            model = artifact.load(self.model_dir, version)
+        except (ModelError, OSError) as exc:
+            log.error("model_reload_failed", version=version, error=str(exc))
+            return False
+        previous = self.model.version
+        self.model, self._decoder = model, self._make_decoder(model)
+        self.counters.reloads += 1
+        log.info("model_reloaded", previous=previous, version=version)
+        return True
+
+    def shutdown(self, drain_timeout_s: float = 10.0) -> None:
+        """Finish queued work, wait for in-flight PUBACKs, publish offline, disconnect."""
+        while not self._inbox.empty():
+            self._process(self._next_batch(timeout=0))
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not any(t is not None for t in self._pending.values()):
+                    break
+            time.sleep(0.02)
+        info = self.client.publish(
+            self._status_topic, self._status("offline"), qos=fwmqtt.QOS, retain=True
+        )
+        try:
+            info.wait_for_publish(timeout=2.0)
+        except (RuntimeError, ValueError):
+            log.warning("offline_status_not_sent")
+        self.client.disconnect()
+        self.client.loop_stop()
+        log.info("detector_stopped", **{k: v for k, v in vars(self.counters).items()})

@@ -1,0 +1,160 @@
+"""Run Mosquitto locally with the project's own ``broker/`` config (demo, tests, bench).
+
+The config is used as written except for the lines marked LOCAL: listener port and bind
+address, persistence location and log destination.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Final
+
+from factorywatch.errors import BrokerError
+from factorywatch.settings import PROJECT_DIR
+
+BROKER_DIR: Final = PROJECT_DIR / "broker"
+BASE_CONFIG: Final = BROKER_DIR / "mosquitto.conf"
+BROKER_USER: Final = "mosquitto"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def render_config(
+    base: str, *, port: int, data_dir: Path, log_file: Path, bind: str = "127.0.0.1"
+) -> str:
+    """Rewrite the LOCAL lines of the project's config for a local run."""
+    replaced = base
+    for pattern, line in (
+        (r"^listener 1883$", f"listener {port} {bind}"),
+        (r"^persistence_location .*$", f"persistence_location {data_dir}/"),
+        (r"^log_dest .*$", f"log_dest file {log_file}"),
+    ):
+        replaced, n = re.subn(pattern, line, replaced, count=1, flags=re.MULTILINE)
+        if n != 1:
+            raise BrokerError(f"broker config lacks a line matching {pattern!r}")
+    return replaced
+
+
+def mosquitto_binary() -> str:
+    """Path of the ``mosquitto`` binary, or a clear error on how to install it."""
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if found is None:
+        raise BrokerError(
+            "mosquitto is not installed: `apt-get install -y mosquitto mosquitto-clients` "
+            "(Debian/Ubuntu) or `brew install mosquitto`"
+        )
+    return found
+
+
+def _give_to_broker_user(path: Path) -> None:
+    """As root, Mosquitto drops to user ``mosquitto``: let it write its persistence dir."""
+    if os.geteuid() != 0:
+        return
+    try:
+        entry = pwd.getpwnam(BROKER_USER)
+    except KeyError:
+        return
+    for item in (path, *path.rglob("*")):
+        os.chown(item, entry.pw_uid, entry.pw_gid)
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
+    """Block until ``host:port`` accepts TCP connections."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BrokerError(f"nothing listens on {host}:{port} after {timeout_s} s")
+
+
+class LocalBroker:
+    """A Mosquitto process with the project's config on a loopback port."""
+
+    def __init__(
+        self, workdir: Path, *, port: int | None = None, config: Path = BASE_CONFIG
+    ) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.config_source = config
+        self.data_dir = workdir / "data"
+        self.log_file = workdir / "mosquitto.log"
+        self.config_file = workdir / "mosquitto.conf"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> Path:
+        """Render the config into the work directory."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file.touch()
+        self.config_file.write_text(
+            render_config(
+                self.config_source.read_text(),
+                port=self.port,
+                data_dir=self.data_dir,
+                log_file=self.log_file,
+            )
+        )
+        _give_to_broker_user(self.workdir)
+        os.chmod(self.workdir, 0o755)
+        return self.config_file
+
+    def start(self) -> LocalBroker:
+        """Start (or restart) the broker and wait until it listens."""
+        if self.process is not None and self.process.poll() is None:
+            raise BrokerError("broker already running")
+        self.write_config()
+        self.process = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(self.config_file)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for_port(self.host, self.port)
+        except BrokerError as exc:
+            self.stop()
+            raise BrokerError(f"{exc}; log: {self.log_tail()}") from exc
+        return self
+
+    def stop(self, *, kill: bool = False, timeout_s: float = 10.0) -> None:
+        """SIGTERM (persisting its database) or, with ``kill``, SIGKILL the broker."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        if kill:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout_s)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of the broker's log (for error messages)."""
+        try:
+            return "\n".join(self.log_file.read_text().splitlines()[-lines:])
+        except OSError:
+            return "<no log>"
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -1,0 +1,421 @@
+"""The ``factorywatch`` command: one subcommand per role (train, detect, sensor, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from factorywatch.errors import FactorywatchError
+from factorywatch.logs import configure_logging
+from factorywatch.settings import (
+    BrokerSettings,
+    DataSettings,
+    DetectorSettings,
+    SensorSettings,
+)
+from factorywatch.topics import check_id
+
+log = structlog.get_logger("factorywatch")
+
+
+def _progress(message: str) -> None:
+    print(f"» {message}", file=sys.stderr, flush=True)
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (Ctrl-C): the roles shut down cleanly on it."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+# -- shared option groups -------------------------------------------------------------------
+def _broker_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("broker (env FACTORYWATCH_MQTT_*)")
+    group.add_argument("--host", help="broker host (default 127.0.0.1)")
+    group.add_argument("--port", type=int, help="broker port (default 1883)")
+    group.add_argument("--topic-root", help="topic prefix (default 'factory')")
+    group.add_argument("--username", help="MQTT username")
+    group.add_argument("--tls-ca", type=Path, help="CA file; turns TLS on")
+
+
+def _broker_settings(args: argparse.Namespace) -> BrokerSettings:
+    return BrokerSettings().with_overrides(
+        host=args.host,
+        port=args.port,
+        topic_root=args.topic_root,
+        username=args.username,
+        tls_ca=args.tls_ca,
+    )
+
+
+def _data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data and models (env FACTORYWATCH_*)")
+    group.add_argument(
+        "--dataset", type=Path, help="local AI4I CSV (either layout) instead of downloading"
+    )
+    group.add_argument("--data-dir", type=Path, help="where downloads are kept (default data/)")
+    group.add_argument("--model-dir", type=Path, help="artifact directory (default model/artifacts)")
+    group.add_argument(
+        "--no-verify", action="store_true", help="accept a dataset whose sha256 is not a known one"
+    )
+
+
+def _data_settings(args: argparse.Namespace) -> DataSettings:
+    return DataSettings().with_overrides(
+        dataset=args.dataset, data_dir=args.data_dir, model_dir=args.model_dir
+    )
+
+
+# -- train / evaluate / models --------------------------------------------------------------
+def _add_train(sub: Any) -> None:
+    from model.features import DEFAULT_FEATURE_SET, FEATURE_SETS  # noqa: PLC0415
+    from model.threshold import ThresholdSpec  # noqa: PLC0415
+    from model.train import DEFAULT_TREES  # noqa: PLC0415
+
+    default = ThresholdSpec()
+    p = sub.add_parser("train", help="train an Isolation Forest and promote it")
+    _data_options(p)
+    p.add_argument("--feature-set", choices=sorted(FEATURE_SETS), default=DEFAULT_FEATURE_SET)
+    p.add_argument("--trees", type=int, default=DEFAULT_TREES, help="number of trees")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threshold-method",
+        choices=["far", "quantile", "fixed"],
+        default=default.method,
+        help="far: target false-alarm rate on training data; quantile: of training scores; "
+        "fixed: absolute score",
+    )
+    p.add_argument("--threshold-value", type=float, default=default.value)
+    p.add_argument("--no-promote", action="store_true", help="save without making it current")
+    p.set_defaults(func=cmd_train)
+
+
+def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) -> str:
+    """Obtain the dataset, fit, save and (optionally) promote; return the version."""
+    from model import artifact, dataset, train  # noqa: PLC0415
+    from model.threshold import ThresholdSpec  # noqa: PLC0415
+
+    ds = dataset.obtain(data.dataset, data.data_dir, verify=not args.no_verify, progress=_progress)
+    forest, card = train.fit(
+        ds,
+        feature_set=args.feature_set,
+        n_estimators=args.trees,
+        seed=args.seed,
+        threshold=ThresholdSpec(method=args.threshold_method, value=args.threshold_value),
+        progress=_progress,
+    )
+    path = artifact.save(data.model_dir, forest, card)
+    _progress(f"saved model {card.version} to {path}")
+    if promote:
+        artifact.promote(data.model_dir, card.version)
+        _progress(f"promoted {card.version} (detectors pick it up without a restart)")
+    return card.version
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``factorywatch train``."""
+    version = train_model(args, _data_settings(args), promote=not args.no_promote)
+    print(version)
+    return 0
+
+
+def _add_evaluate(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="evaluate detection against the dataset's labels")
+    _data_options(p)
+    p.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``factorywatch evaluate``."""
+    from model import dataset, evaluate  # noqa: PLC0415
+
+    data = _data_settings(args)
+    ds = dataset.obtain(data.dataset, data.data_dir, verify=not args.no_verify, progress=_progress)
+    result = evaluate.run(ds, args.out, seed=args.seed, progress=_progress)
+    base = result["baseline"]
+    print(
+        f"ROC-AUC {result['roc_auc']:.3f}  PR-AUC {result['pr_auc']:.3f}  F1 {result['f1']:.3f}"
+        f"   (prototype baseline: ROC-AUC {base['roc_auc']:.3f}  PR-AUC {base['pr_auc']:.3f})"
+    )
+    print(f"report: {args.out / 'evaluation.md'}")
+    return 0
+
+
+def _add_models(sub: Any) -> None:
+    p = sub.add_parser("models", help="list model versions or promote one")
+    _data_options(p)
+    p.add_argument("action", choices=["list", "promote"])
+    p.add_argument("version", nargs="?", help="version to promote")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``factorywatch models list|promote VERSION``."""
+    from model import artifact  # noqa: PLC0415
+
+    data = _data_settings(args)
+    if args.action == "promote":
+        if not args.version:
+            raise FactorywatchError("models promote needs a VERSION (see `models list`)")
+        artifact.promote(data.model_dir, args.version)
+        print(f"promoted {args.version}")
+        return 0
+    current = artifact.current_version(data.model_dir)
+    for version in artifact.list_versions(data.model_dir):
+        card = artifact.read_card(data.model_dir / version / artifact.CARD_FILE)
+        mark = "*" if version == current else " "
+        print(f"{mark} {version}  {card.feature_set:<10} threshold={card.threshold:.4f}")
+    return 0
+
+
+# -- detect ---------------------------------------------------------------------------------
+def _add_detect(sub: Any) -> None:
+    p = sub.add_parser("detect", help="run the detector service")
+    _broker_options(p)
+    _data_options(p)
+    p.add_argument("--client-id", help="fixed MQTT client id (persistent session)")
+    p.add_argument("--train-if-missing", action="store_true", help="train when no model exists")
+    p.add_argument("--feature-set", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_detect)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    """``factorywatch detect``: serve until SIGTERM/SIGINT."""
+    from detector.service import DetectorService  # noqa: PLC0415
+    from model import artifact  # noqa: PLC0415
+    from model.features import DEFAULT_FEATURE_SET  # noqa: PLC0415
+    from model.threshold import ThresholdSpec  # noqa: PLC0415
+    from model.train import DEFAULT_TREES  # noqa: PLC0415
+
+    data = _data_settings(args)
+    if args.train_if_missing and artifact.current_version(data.model_dir) is None:
+        _progress("no model yet: training one first")
+        spec = ThresholdSpec()
+        args.feature_set = args.feature_set or DEFAULT_FEATURE_SET
+        args.trees, args.seed = DEFAULT_TREES, 0
+        args.threshold_method, args.threshold_value = spec.method, spec.value
+        train_model(args, data, promote=True)
+    model = artifact.load(data.model_dir)
+    settings = DetectorSettings().with_overrides(client_id=args.client_id)
+    stop = _stop_on_signals()
+    service = DetectorService(settings, _broker_settings(args), data.model_dir, model)
+    service.start()
+    service.run(stop)
+    return 0
+
+
+# -- sensors --------------------------------------------------------------------------------
+def _machine_ids(values: Sequence[str]) -> list[str]:
+    ids = [m.strip() for v in values for m in v.split(",") if m.strip()]
+    if not ids:
+        raise FactorywatchError("give at least one --machine-id")
+    if len(set(ids)) != len(ids):
+        raise FactorywatchError(f"duplicate machine ids in {ids}")
+    return [check_id(m, "machine id") for m in ids]
+
+
+def _add_sensor(sub: Any) -> None:
+    from factorywatch.contracts import ANOMALY_KINDS  # noqa: PLC0415
+
+    p = sub.add_parser("sensor", help="simulate and publish machines' readings")
+    _broker_options(p)
+    p.add_argument(
+        "--machine-id",
+        action="append",
+        required=True,
+        help="machine id; repeat or comma-separate for several machines in one process",
+    )
+    p.add_argument("--line", help="production line (default line1)")
+    p.add_argument("--rate", type=float, help="readings per second per machine (default 1)")
+    p.add_argument("--count", type=int, help="readings per machine, then exit (default: forever)")
+    p.add_argument("--seed", type=int, help="random seed (per machine: seed + index)")
+    p.add_argument("--anomaly-rate", type=float, help="share of anomalous readings (0.02)")
+    p.add_argument(
+        "--anomalies",
+        default=",".join(ANOMALY_KINDS),
+        help=f"comma-separated kinds to inject (default all: {','.join(ANOMALY_KINDS)})",
+    )
+    p.add_argument("--seq-start", type=int, help="first sequence number (default: now in µs)")
+    p.set_defaults(func=cmd_sensor)
+
+
+def _add_replay(sub: Any) -> None:
+    p = sub.add_parser("replay", help="publish the rows of an AI4I CSV as one machine")
+    _broker_options(p)
+    p.add_argument("--csv", type=Path, required=True, help="CSV in the UCI or Kaggle layout")
+    p.add_argument("--machine-id", required=True)
+    p.add_argument("--line", help="production line (default line1)")
+    p.add_argument("--rate", type=float, help="rows per second (default 1)")
+    p.add_argument("--count", type=int, help="rows to publish (default all)")
+    p.set_defaults(func=cmd_replay)
+
+
+def _sensor_settings(args: argparse.Namespace) -> SensorSettings:
+    return SensorSettings().with_overrides(
+        line=args.line, rate_hz=args.rate, anomaly_rate=getattr(args, "anomaly_rate", None)
+    )
+
+
+def cmd_sensor(args: argparse.Namespace) -> int:
+    """``factorywatch sensor``: one or more simulated machines."""
+    from sensors import publisher  # noqa: PLC0415
+    from sensors.simulator import MachineSimulator  # noqa: PLC0415
+
+    settings = _sensor_settings(args)
+    machines = _machine_ids(args.machine_id)
+    check_id(settings.line, "line")
+    kinds = [k for k in args.anomalies.split(",") if k]
+    seq_start = args.seq_start if args.seq_start is not None else time.time_ns() // 1000
+    sims = [
+        MachineSimulator(
+            m,
+            settings.line,
+            seed=None if args.seed is None else args.seed + i,
+            anomaly_rate=settings.anomaly_rate,
+            anomalies=kinds,
+            seq_start=seq_start,
+        )
+        for i, m in enumerate(machines)
+    ]
+    streams: list[Callable[[float], Any]] = [sim.next for sim in sims]
+    stats = publisher.run(
+        _broker_settings(args),
+        streams,
+        machines,
+        rate_hz=settings.rate_hz,
+        count=args.count,
+        buffer_size=settings.buffer_size,
+        stop=_stop_on_signals(),
+    )
+    print(
+        f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "
+        f"buffer full {stats.buffer_full}"
+    )
+    return 0 if stats.refused == 0 and stats.buffer_full == 0 else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``factorywatch replay``: a CSV's rows as one machine's readings."""
+    from model.dataset import load  # noqa: PLC0415
+    from sensors import publisher  # noqa: PLC0415
+    from sensors.replay import replayer  # noqa: PLC0415
+
+    settings = _sensor_settings(args)
+    machine = _machine_ids([args.machine_id])[0]
+    frame = load(args.csv, verify=False).frame
+    stream = replayer(frame, machine, settings.line, seq_start=time.time_ns() // 1000)
+    stats = publisher.run(
+        _broker_settings(args),
+        [stream],
+        [machine],
+        rate_hz=settings.rate_hz,
+        count=args.count,
+        buffer_size=settings.buffer_size,
+        stop=_stop_on_signals(),
+    )
+    print(f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}")
+    return 0 if stats.refused == 0 else 1
+
+
+# -- broker and demo ------------------------------------------------------------------------
+def _add_broker(sub: Any) -> None:
+    p = sub.add_parser("broker", help="run a local Mosquitto with the project's config")
+    p.add_argument("action", choices=["serve"])
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--workdir", type=Path, default=Path("run/broker"))
+    p.set_defaults(func=cmd_broker)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    """``factorywatch broker serve``: Mosquitto in the foreground until Ctrl-C."""
+    from factorywatch.broker import LocalBroker  # noqa: PLC0415
+
+    stop = _stop_on_signals()
+    broker = LocalBroker(args.workdir.resolve(), port=args.port).start()
+    _progress(f"mosquitto listening on 127.0.0.1:{broker.port} (log: {broker.log_file})")
+    try:
+        while not stop.wait(0.5):
+            if broker.process is not None and broker.process.poll() is not None:
+                raise FactorywatchError(f"mosquitto exited: {broker.log_tail()}")
+    finally:
+        broker.stop()
+    return 0
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="broker + detector + three sensors, verdicts shown live")
+    _data_options(p)
+    p.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
+    p.add_argument("--rate", type=float, default=2.0, help="readings/s per machine")
+    p.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``factorywatch demo`` (``make demo``)."""
+    from factorywatch.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(args, _data_settings(args), stop=_stop_on_signals(), progress=_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="factorywatch",
+        description="Real-time anomaly detection for IoT factories over MQTT.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-format", choices=["auto", "json", "console"], default="auto", help="log renderer"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_train,
+        _add_evaluate,
+        _add_models,
+        _add_detect,
+        _add_sensor,
+        _add_replay,
+        _add_broker,
+        _add_demo,
+    ):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``factorywatch`` console script."""
+    args = build_parser().parse_args(argv)
+    fmt = {"auto": None, "json": True, "console": False}[args.log_format]
+    configure_logging(args.log_level, json=fmt)
+    try:
+        return int(args.func(args))
+    except FactorywatchError as exc:
+        log.error("command_failed", command=args.command, error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad option values (ids, ranges) from settings validation
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Wire contracts: every JSON message on the broker is one of these pydantic models.
+
+Validated only at the edges with ``model_validate_json``; encoded with ``encode`` (no NaN).
+Readings are *named channels* whose names carry their unit (``torque_nm``), so a machine
+with other sensors needs a model trained on those channels, not new detector code.
+Scores have one direction everywhere: higher = more anomalous.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from factorywatch.topics import ID_PATTERN
+
+SCHEMA_VERSION: Final = 1
+MAX_PAYLOAD_BYTES: Final = 64 * 1024
+MAX_CHANNELS: Final = 64
+# Event time must be Unix seconds: this window rejects milliseconds and nonsense early.
+MIN_TS: Final = 946_684_800.0  # 2000-01-01
+MAX_TS: Final = 4_102_444_800.0  # 2100-01-01
+
+# The channels of the AI4I 2020 milling machine, with their units in the names.
+AIR_TEMPERATURE: Final = "air_temperature_k"
+PROCESS_TEMPERATURE: Final = "process_temperature_k"
+ROTATIONAL_SPEED: Final = "rotational_speed_rpm"
+TORQUE: Final = "torque_nm"
+TOOL_WEAR: Final = "tool_wear_min"
+AI4I_CHANNELS: Final = (AIR_TEMPERATURE, PROCESS_TEMPERATURE, ROTATIONAL_SPEED, TORQUE, TOOL_WEAR)
+
+Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+ChannelName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+ProductType = Literal["L", "M", "H"]
+Status = Literal["NORMAL", "ALERT"]
+AnomalyKind = Literal[
+    "rpm_spike",
+    "heat_dissipation",
+    "power",
+    "overstrain",
+    "tool_wear",
+    "stuck_sensor",
+    "drift",
+]
+ANOMALY_KINDS: Final[tuple[str, ...]] = AnomalyKind.__args__  # type: ignore[attr-defined]
+EventTime = Annotated[float, Field(ge=MIN_TS, le=MAX_TS, description="Unix seconds")]
+
+
+class _Wire(BaseModel):
+    """Base of every wire model: strict, frozen, no unknown keys, finite numbers only."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    def encode(self) -> bytes:
+        """Serialise to compact JSON bytes (never NaN or Infinity)."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class Telemetry(_Wire):
+    """One reading of one machine."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    machine_id: Identifier
+    line: Identifier
+    seq: Annotated[int, Field(ge=0, description="per-machine sequence number, unique")]
+    ts: EventTime
+    product_type: ProductType
+    readings: Annotated[dict[ChannelName, float], Field(min_length=1, max_length=MAX_CHANNELS)]
+    injected: AnomalyKind | None = Field(
+        default=None,
+        description="simulator ground truth: the anomaly injected into this reading. "
+        "Ignored by the detector; used to measure detection end to end.",
+    )
+
+
+class Contribution(_Wire):
+    """How much one feature pushed a reading away from the training distribution."""
+
+    feature: str
+    value: float
+    z: float = Field(description="robust z-score of the value against training data")
+
+
+class Verdict(_Wire):
+    """The detector's decision on one reading."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    machine_id: Identifier
+    line: Identifier
+    seq: int
+    reading_ts: float
+    status: Status
+    score: float = Field(
+        description="Isolation Forest anomaly score s(x) in (0, 1]; higher = more anomalous"
+    )
+    threshold: float = Field(description="status is ALERT when score > threshold")
+    model_version: str
+    latency_ms: float = Field(description="receive-to-publish processing time in the detector")
+    explanation: list[Contribution] | None = None
+
+
+class DeadLetter(_Wire):
+    """A payload the detector could not accept, with a machine-readable reason."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    reason: str
+    detail: str
+    topic: str
+    payload_bytes: int
+    payload_excerpt: str
+    received_at: float
+
+
+class ClientStatus(_Wire):
+    """Retained liveness of a client; the broker publishes ``offline`` as its last will."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    role: str
+    client_id: str
+    state: Literal["online", "offline"]
+    ts: float | None = None
+    model_version: str | None = None
+
+
+def decode_json_strict(payload: bytes) -> object:
+    """Parse JSON rejecting NaN/Infinity constants (Python's json accepts them by default)."""
+
+    def _reject(constant: str) -> object:
+        raise ValueError(f"non-finite number {constant} is not allowed")
+
+    return json.loads(payload, parse_constant=_reject)

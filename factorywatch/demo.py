@@ -1,0 +1,141 @@
+"""``make demo``: a local broker, the detector and three simulated machines, verdicts live."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from rich.console import Console
+
+from factorywatch import mqtt as fwmqtt
+from factorywatch.broker import LocalBroker
+from factorywatch.contracts import Verdict
+from factorywatch.errors import FactorywatchError
+from factorywatch.settings import PROJECT_DIR, BrokerSettings, DataSettings
+from factorywatch.topics import Topics
+
+DEMO_MACHINES = ("press-1", "lathe-2", "mill-3")
+
+
+def _spawn(args: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_file.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "factorywatch.cli", "--log-format", "json", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def _data_args(data: DataSettings) -> list[str]:
+    out = ["--data-dir", str(data.data_dir), "--model-dir", str(data.model_dir)]
+    if data.dataset is not None:
+        out += ["--dataset", str(data.dataset)]
+    return out
+
+
+def _show(console: Console) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
+    def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            v = Verdict.model_validate_json(msg.payload)
+        except ValueError:
+            return
+        style = "bold red" if v.status == "ALERT" else "green"
+        why = ""
+        if v.explanation:
+            why = "  " + ", ".join(f"{c.feature} z={c.z:+.1f}" for c in v.explanation)
+        console.print(
+            f"{v.line}/{v.machine_id:<8} seq={v.seq % 100000:>5} "
+            f"[{style}]{v.status:<6}[/] score={v.score:.3f} (>{v.threshold:.3f})"
+            f" {v.latency_ms:6.2f} ms{why}",
+            highlight=False,
+        )
+
+    return on_message
+
+
+def run_demo(
+    args: argparse.Namespace,
+    data: DataSettings,
+    *,
+    stop: threading.Event,
+    progress: Callable[[str], None],
+) -> int:
+    """Run everything until Ctrl-C (or ``--duration``); clean up all processes."""
+    console = Console()
+    workdir = PROJECT_DIR / "run" / "demo"
+    workdir.mkdir(parents=True, exist_ok=True)
+    broker = LocalBroker(workdir / "broker", port=args.port)
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        broker.start()
+        progress(f"mosquitto on 127.0.0.1:{broker.port} with broker/mosquitto.conf")
+        port_args = ["--port", str(broker.port)]
+        detector = _spawn(
+            ["detect", "--train-if-missing", *_data_args(data), *port_args],
+            workdir / "detector.log",
+        )
+        children.append(detector)
+        progress("detector starting (trains a model first if none exists)")
+        sensors = _spawn(
+            [
+                "sensor",
+                "--machine-id",
+                ",".join(DEMO_MACHINES),
+                "--rate",
+                str(args.rate),
+                "--anomaly-rate",
+                "0.05",
+                *port_args,
+            ],
+            workdir / "sensors.log",
+        )
+        children.append(sensors)
+        topics = Topics(BrokerSettings().topic_root)
+        console.print(
+            f"[bold]watch verdicts yourself:[/] mosquitto_sub -h 127.0.0.1 -p {broker.port} "
+            f"-t '{topics.alerts_filter}' -v      (logs in {workdir})"
+        )
+        settings = BrokerSettings().with_overrides(port=broker.port)
+        viewer = fwmqtt.new_client(settings, f"demo-viewer-{os.getpid()}")
+        waiter = fwmqtt.ConnectWaiter()
+
+        def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+            waiter.record(rc)
+            c.subscribe(topics.alerts_filter, qos=1)
+
+        viewer.on_connect = on_connect
+        viewer.on_message = _show(console)
+        fwmqtt.connect(viewer, settings, waiter)
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        while not stop.wait(0.5):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            for child in children:
+                if child.poll() is not None:
+                    raise FactorywatchError(
+                        f"a demo process exited with {child.returncode}; see logs in {workdir}"
+                    )
+        viewer.disconnect()
+        viewer.loop_stop()
+    finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        broker.stop()
+        progress("demo stopped: broker, detector and sensors are down")
+    return 0

@@ -1,0 +1,143 @@
+"""The paho-mqtt set-up every role shares: MQTT 5 client, TLS/credentials, bounded connect.
+
+Traps handled here (see the project's MQTT reliability notes): a persistent session needs a
+fixed client id, ``clean_start=False`` AND ``SessionExpiryInterval > 0``; payload size is
+enforced before ``publish()``; a denied publish shows only as a failing PUBACK reason code.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from typing import Any, Final
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from factorywatch.contracts import MAX_PAYLOAD_BYTES
+from factorywatch.errors import BrokerError, PayloadError
+from factorywatch.settings import BrokerSettings
+
+QOS: Final = 1
+# Receive Maximum we announce: how many unacknowledged QoS 1 messages the broker may send us.
+RECEIVE_MAXIMUM: Final = 1000
+
+
+def new_client(
+    settings: BrokerSettings,
+    client_id: str,
+    *,
+    manual_ack: bool = False,
+    will: tuple[str, bytes] | None = None,
+    max_queued: int = 0,
+    max_inflight: int = 1000,
+) -> mqtt.Client:
+    """A configured (not yet connected) MQTT 5 client."""
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5,
+        manual_ack=manual_ack,
+        reconnect_on_failure=True,
+    )
+    if settings.username is not None:
+        password = settings.password.get_secret_value() if settings.password else None
+        client.username_pw_set(settings.username, password)
+    if settings.tls_ca is not None:
+        client.tls_set(
+            ca_certs=str(settings.tls_ca),
+            certfile=str(settings.tls_cert) if settings.tls_cert else None,
+            keyfile=str(settings.tls_key) if settings.tls_key else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    if will is not None:
+        client.will_set(will[0], will[1], qos=QOS, retain=True)
+    client.max_queued_messages_set(max_queued)
+    client.max_inflight_messages_set(max_inflight)
+    client.reconnect_delay_set(min_delay=1, max_delay=10)
+    return client
+
+
+def connect_properties(session_expiry_s: int | None) -> Properties:
+    """CONNECT properties: session expiry (persistent session) and our receive maximum."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    if session_expiry_s:
+        props.SessionExpiryInterval = session_expiry_s
+    props.ReceiveMaximum = RECEIVE_MAXIMUM
+    return props
+
+
+class ConnectWaiter:
+    """Records CONNACK outcomes so start-up can wait for the first successful connect."""
+
+    def __init__(self) -> None:
+        self.connected = threading.Event()
+        self.last_reason: str | None = None
+
+    def record(self, reason_code: ReasonCode) -> None:
+        """Call from ``on_connect``."""
+        self.last_reason = str(reason_code)
+        if reason_code.is_failure:
+            self.connected.clear()
+        else:
+            self.connected.set()
+
+
+def connect(
+    client: mqtt.Client,
+    settings: BrokerSettings,
+    waiter: ConnectWaiter,
+    *,
+    persistent_session_s: int | None = None,
+    timeout_s: float = 10.0,
+) -> None:
+    """Connect with bounded exponential backoff, start the network loop, await CONNACK.
+
+    Raises ``BrokerError`` when the broker stays unreachable after ``connect_retries`` or
+    refuses us (bad credentials, not authorised).
+    """
+    delay, attempt = 0.5, 0
+    while True:
+        try:
+            client.connect(
+                settings.host,
+                settings.port,
+                keepalive=settings.keepalive_s,
+                clean_start=not persistent_session_s,
+                properties=connect_properties(persistent_session_s),
+            )
+            break
+        except (OSError, ssl.SSLError) as exc:
+            attempt += 1
+            if attempt > settings.connect_retries:
+                raise BrokerError(
+                    f"broker {settings.host}:{settings.port} unreachable after {attempt} "
+                    f"attempts: {exc}"
+                ) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    client.loop_start()
+    if not waiter.connected.wait(timeout_s):
+        client.loop_stop()
+        client.disconnect()
+        raise BrokerError(
+            f"broker {settings.host}:{settings.port} did not accept the connection "
+            f"(last reason: {waiter.last_reason or 'no CONNACK'})"
+        )
+
+
+def check_size(payload: bytes) -> bytes:
+    """Refuse oversize payloads before ``publish()`` (the broker's refusal kills paho)."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadError("oversize", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    return payload
+
+
+def reason_failed(reason_code: Any) -> bool:
+    """True when a v5 reason code reports failure (e.g. 0x87 not authorised)."""
+    return bool(getattr(reason_code, "is_failure", False))

@@ -1,0 +1,93 @@
+"""Typed settings: one pydantic-settings class per role, read from env vars (and ``.env``).
+
+Each is built once in the role's ``main`` and passed down; CLI flags override fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from factorywatch.topics import DEFAULT_ROOT
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = PROJECT_DIR / "data"
+DEFAULT_MODEL_DIR = PROJECT_DIR / "model" / "artifacts"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Settings(BaseSettings):
+    def with_overrides(self, **overrides: Any) -> Self:
+        """Return a copy with the given fields replaced; ``None`` means "keep"."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return self.model_validate({**self.model_dump(), **given})
+
+
+class BrokerSettings(_Settings):
+    """How to reach the MQTT broker (``FACTORYWATCH_MQTT_*``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FACTORYWATCH_MQTT_", env_file=".env", extra="ignore"
+    )
+
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    topic_root: str = DEFAULT_ROOT
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca: Path | None = Field(default=None, description="CA bundle; setting it turns TLS on")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    connect_retries: Annotated[int, Field(ge=0)] = 10
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """Dump keeping the secret as a ``SecretStr`` so copies do not reveal it."""
+        data = super().model_dump(**kwargs)
+        data["password"] = self.password
+        return data
+
+
+class DataSettings(_Settings):
+    """Where the training dataset comes from (``FACTORYWATCH_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="FACTORYWATCH_", env_file=".env", extra="ignore")
+
+    dataset: Path | None = Field(
+        default=None, description="local CSV to use instead of downloading (--dataset)"
+    )
+    data_dir: Path = DEFAULT_DATA_DIR
+    model_dir: Path = DEFAULT_MODEL_DIR
+
+
+class DetectorSettings(_Settings):
+    """The detector service (``FACTORYWATCH_DETECTOR_*``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FACTORYWATCH_DETECTOR_", env_file=".env", extra="ignore"
+    )
+
+    client_id: str = "factorywatch-detector"
+    session_expiry_s: Annotated[int, Field(ge=0)] = 24 * 3600
+    batch_max: Annotated[int, Field(ge=1, le=10_000)] = 256
+    max_clock_skew_s: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
+    dedup_size: Annotated[int, Field(ge=0)] = 100_000
+    explain_top_k: Annotated[int, Field(ge=0, le=16)] = 3
+    reload_interval_s: Annotated[float, Field(gt=0)] = 5.0
+
+
+class SensorSettings(_Settings):
+    """A sensor publisher (``FACTORYWATCH_SENSOR_*``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FACTORYWATCH_SENSOR_", env_file=".env", extra="ignore"
+    )
+
+    line: str = "line1"
+    rate_hz: Annotated[float, Field(gt=0, le=100_000)] = 1.0
+    anomaly_rate: Annotated[float, Field(ge=0, le=1)] = 0.02
+    buffer_size: Annotated[int, Field(ge=1)] = 100_000

@@ -1,0 +1,190 @@
+"""Versioned model artifacts: ``<model_dir>/<version>/{model.joblib,card.json}`` + ``current``.
+
+The model card carries everything needed to trust the artifact: feature names and order,
+threshold and how it was chosen, the training data's sha256, library versions, metrics.
+Loading checks the card against this code and fails with a typed error.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Literal
+
+import joblib
+import numpy as np
+import sklearn
+from pydantic import BaseModel, ConfigDict, ValidationError
+from sklearn.ensemble import IsolationForest
+
+import factorywatch
+from factorywatch.errors import ModelMismatchError, ModelNotFoundError
+from model.features import DERIVED, required_channels
+from model.scoring import FloatArray, Scorer, SklearnScorer
+from model.threshold import ThresholdSpec
+
+FORMAT_VERSION: Final = 1
+CURRENT: Final = "current"
+MODEL_FILE: Final = "model.joblib"
+CARD_FILE: Final = "card.json"
+
+
+class DataInfo(BaseModel):
+    """Which data trained the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: str
+    sha256: str
+    layout: str
+    rows: int
+    verified: bool
+
+
+class ModelCard(BaseModel):
+    """Metadata persisted beside every model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: Literal[1] = FORMAT_VERSION
+    version: str
+    created_at: datetime
+    feature_set: str
+    features: list[str]
+    channels: list[str]
+    threshold: float
+    threshold_spec: ThresholdSpec
+    params: dict[str, int | float | str | None]
+    data: DataInfo
+    libraries: dict[str, str]
+    feature_center: list[float]
+    feature_scale: list[float]
+    metrics: dict[str, float] = {}
+
+
+def new_version(now: datetime | None = None) -> str:
+    """A sortable, unique version id such as ``20261124T204400Z-3f9a``."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(2)}"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that decide whether a pickled forest can be trusted."""
+    return {
+        "python": platform.python_version(),
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "factorywatch": factorywatch.__version__,
+    }
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to score: card, fitted forest and its fast scorer."""
+
+    card: ModelCard
+    forest: IsolationForest
+    scorer: Scorer
+    center: FloatArray
+    scale: FloatArray
+
+    @property
+    def version(self) -> str:
+        """The model version id."""
+        return self.card.version
+
+
+def save(model_dir: Path, forest: IsolationForest, card: ModelCard) -> Path:
+    """Write an artifact directory for ``card.version``; return its path."""
+    target = model_dir / card.version
+    target.mkdir(parents=True, exist_ok=False)
+    joblib.dump(forest, target / MODEL_FILE)
+    (target / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n")
+    return target
+
+
+def promote(model_dir: Path, version: str) -> None:
+    """Point ``current`` at ``version`` atomically (the detector picks it up live)."""
+    if not (model_dir / version / CARD_FILE).is_file():
+        raise ModelNotFoundError(f"no model {version} in {model_dir}")
+    tmp = model_dir / f".{CURRENT}.{os.getpid()}"
+    tmp.write_text(version + "\n")
+    tmp.replace(model_dir / CURRENT)
+
+
+def current_version(model_dir: Path) -> str | None:
+    """The promoted version, or ``None`` when nothing was promoted yet."""
+    pointer = model_dir / CURRENT
+    try:
+        return pointer.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def list_versions(model_dir: Path) -> list[str]:
+    """All artifact versions in ``model_dir``, oldest first."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(p.name for p in model_dir.iterdir() if (p / CARD_FILE).is_file())
+
+
+def read_card(path: Path) -> ModelCard:
+    """Read and validate a card file."""
+    try:
+        return ModelCard.model_validate_json(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(f"no model card at {path}") from exc
+    except ValidationError as exc:
+        raise ModelMismatchError(f"model card {path} is not a format {FORMAT_VERSION} card: {exc}")
+
+
+def _check(card: ModelCard, forest: object) -> None:
+    ours = library_versions()["scikit-learn"].split(".")[:2]
+    theirs = card.libraries.get("scikit-learn", "?").split(".")[:2]
+    if ours != theirs:
+        raise ModelMismatchError(
+            f"model {card.version} was trained with scikit-learn {'.'.join(theirs)}, this is "
+            f"{'.'.join(ours)}: retrain with `factorywatch train`"
+        )
+    if not isinstance(forest, IsolationForest):
+        raise ModelMismatchError(f"model {card.version} is not an IsolationForest")
+    unknown = [f for f in card.features if f not in DERIVED and f not in card.channels]
+    if unknown or list(required_channels(card.features)) != card.channels:
+        raise ModelMismatchError(f"model {card.version} features {card.features} do not fit")
+    n_in = int(getattr(forest, "n_features_in_", -1))
+    if n_in != len(card.features) or len(card.feature_center) != n_in:
+        raise ModelMismatchError(
+            f"model {card.version} expects {n_in} features, its card lists {len(card.features)}"
+        )
+
+
+def load(model_dir: Path, version: str | None = None) -> LoadedModel:
+    """Load ``version`` (default: the promoted one) and check it against this code."""
+    chosen = version or current_version(model_dir)
+    if chosen is None:
+        raise ModelNotFoundError(
+            f"no promoted model in {model_dir}: run `factorywatch train` first"
+        )
+    card = read_card(model_dir / chosen / CARD_FILE)
+    try:
+        forest = joblib.load(model_dir / chosen / MODEL_FILE)
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(f"model {chosen} has a card but no {MODEL_FILE}") from exc
+    except Exception as exc:  # unpickling can raise anything
+        raise ModelMismatchError(f"cannot unpickle model {chosen}: {exc}") from exc
+    _check(card, forest)
+    return LoadedModel(
+        card=card,
+        forest=forest,
+        scorer=make_scorer(forest),
+        center=np.asarray(card.feature_center, dtype=np.float64),
+        scale=np.asarray(card.feature_scale, dtype=np.float64),
+    )
+
+
+def make_scorer(forest: IsolationForest) -> Scorer:
+    """The fastest scorer available for ``forest``."""
+    return SklearnScorer(forest)

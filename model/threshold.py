@@ -1,0 +1,41 @@
+"""Threshold calibration: turn training scores into the ALERT threshold (pure).
+
+Methods (score semantics: higher = more anomalous; ALERT when score > threshold):
+
+* ``far``       target false-alarm rate r on training data: threshold = quantile(1 - r)
+* ``quantile``  threshold = quantile q of the training scores
+* ``fixed``     an absolute score in (0, 1], e.g. 0.6
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["far", "quantile", "fixed"]
+
+
+class ThresholdSpec(BaseModel):
+    """How the threshold was (or is to be) chosen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Method = "far"
+    value: float = Field(default=0.02, description="rate, quantile or absolute score")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ThresholdSpec:
+        if not 0.0 < self.value < 1.0 and not (self.method == "fixed" and self.value == 1.0):
+            raise ValueError(f"threshold {self.method} value must be in (0, 1), got {self.value}")
+        return self
+
+
+def calibrate(train_scores: npt.NDArray[np.float64], spec: ThresholdSpec) -> float:
+    """Return the score threshold for ``spec`` given the training scores."""
+    if spec.method == "fixed":
+        return float(spec.value)
+    q = 1.0 - spec.value if spec.method == "far" else spec.value
+    return float(np.quantile(train_scores, q))

@@ -1,0 +1,173 @@
+"""The sensors' MQTT shell: one MQTT client per machine publishing readings at QoS 1.
+
+While the broker is unreachable paho keeps QoS 1 messages in a bounded in-memory buffer
+(``buffer_size`` per machine) and sends them when the connection returns. A reading that
+does not fit is dropped, counted (``buffer_full``) and logged: never silently.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+
+from factorywatch import mqtt as fwmqtt
+from factorywatch.contracts import ClientStatus, Telemetry
+from factorywatch.errors import PayloadError
+from factorywatch.settings import BrokerSettings
+from factorywatch.topics import Topics
+
+log = structlog.get_logger("sensors")
+
+
+@dataclass
+class PublishStats:
+    """What one machine's publisher did."""
+
+    sent: int = 0
+    acknowledged: int = 0
+    refused: int = 0
+    buffer_full: int = 0
+    oversize: int = 0
+
+    def add(self, other: PublishStats) -> None:
+        """Accumulate another machine's figures."""
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+class SensorPublisher:
+    """Publishes one machine's readings; ``close()`` waits for the broker's PUBACKs."""
+
+    def __init__(self, broker: BrokerSettings, machine_id: str, *, buffer_size: int) -> None:
+        self.topics = Topics(broker.topic_root)
+        self.machine_id = machine_id
+        self.broker = broker
+        self.stats = PublishStats()
+        self._status_topic = self.topics.status("sensor", machine_id)
+        offline = ClientStatus(role="sensor", client_id=machine_id, state="offline").encode()
+        self.client = fwmqtt.new_client(
+            broker,
+            f"sensor-{machine_id}",
+            will=(self._status_topic, offline),
+            max_queued=buffer_size,
+        )
+        self._waiter = fwmqtt.ConnectWaiter()
+        self._lock = threading.Lock()
+        self.client.on_connect = self._on_connect
+        self.client.on_publish = self._on_publish
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self._waiter.record(reason)
+        if reason.is_failure:
+            log.error("broker_refused", machine_id=self.machine_id, reason=str(reason))
+            return
+        online = ClientStatus(
+            role="sensor", client_id=self.machine_id, state="online", ts=time.time()
+        )
+        client.publish(self._status_topic, online.encode(), qos=fwmqtt.QOS, retain=True)
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, _mid: int, reason: Any, _p: Any) -> None:
+        with self._lock:
+            if fwmqtt.reason_failed(reason):
+                self.stats.refused += 1
+            else:
+                self.stats.acknowledged += 1
+
+    def start(self) -> None:
+        """Connect (bounded retries); afterwards paho reconnects by itself."""
+        fwmqtt.connect(self.client, self.broker, self._waiter)
+
+    def publish(self, reading: Telemetry) -> bool:
+        """Queue one reading at QoS 1; False (counted, logged) when it cannot be queued."""
+        try:
+            payload = fwmqtt.check_size(reading.encode())
+        except PayloadError as error:
+            self.stats.oversize += 1
+            log.error("reading_refused", machine_id=self.machine_id, reason=error.reason)
+            return False
+        topic = self.topics.telemetry(reading.line, reading.machine_id)
+        info = self.client.publish(topic, payload, qos=fwmqtt.QOS)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self.stats.buffer_full += 1
+            log.warning("buffer_full", machine_id=self.machine_id, seq=reading.seq)
+            return False
+        self.stats.sent += 1
+        return True
+
+    def close(self, timeout_s: float = 30.0) -> PublishStats:
+        """Wait until every sent reading is acknowledged (or the timeout), then disconnect."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                settled = self.stats.acknowledged + self.stats.refused
+            # +1: the retained online status is acknowledged too
+            if settled >= self.stats.sent + 1:
+                break
+            time.sleep(0.02)
+        offline = ClientStatus(
+            role="sensor", client_id=self.machine_id, state="offline", ts=time.time()
+        )
+        info = self.client.publish(self._status_topic, offline.encode(), qos=1, retain=True)
+        try:
+            info.wait_for_publish(timeout=2.0)
+        except (RuntimeError, ValueError):
+            log.warning("offline_status_not_sent", machine_id=self.machine_id)
+        self.client.disconnect()
+        self.client.loop_stop()
+        with self._lock:
+            self.stats.acknowledged = max(0, self.stats.acknowledged - 2)  # the two statuses
+        return self.stats
+
+
+def run(
+    broker: BrokerSettings,
+    streams: Sequence[Iterator[Telemetry]] | Sequence[Callable[[float], Telemetry | None]],
+    machine_ids: Sequence[str],
+    *,
+    rate_hz: float,
+    count: int | None,
+    buffer_size: int,
+    stop: threading.Event,
+) -> PublishStats:
+    """Publish ``count`` readings per machine (forever when None) at ``rate_hz`` each.
+
+    ``streams[i]`` is called with the event time and returns machine i's next reading
+    (``None`` when it has no more).
+    """
+    publishers = [SensorPublisher(broker, m, buffer_size=buffer_size) for m in machine_ids]
+    for pub in publishers:
+        pub.start()
+    log.info("sensors_started", machines=list(machine_ids), rate_hz=rate_hz, count=count)
+    interval = 1.0 / rate_hz
+    next_tick = time.monotonic()
+    produced = 0
+    active = list(range(len(publishers)))
+    try:
+        while active and not stop.is_set() and (count is None or produced < count):
+            now = time.time()
+            for i in list(active):
+                make = streams[i]
+                reading = make(now) if callable(make) else next(make, None)
+                if reading is None:
+                    active.remove(i)
+                    continue
+                publishers[i].publish(reading)
+            produced += 1
+            next_tick += interval
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                stop.wait(delay)
+            elif delay < -1.0:
+                next_tick = time.monotonic()  # fell behind: do not burst to catch up
+    finally:
+        total = PublishStats()
+        for pub in publishers:
+            total.add(pub.close())
+        log.info("sensors_stopped", **vars(total))
+    return total

@@ -1,0 +1,55 @@
+"""Replay: the rows of an AI4I CSV (either layout) as one machine's readings (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+import pandas as pd
+
+from factorywatch.contracts import AI4I_CHANNELS, AnomalyKind, Telemetry
+from model.dataset import FAILURE_MODES
+
+# A labelled failure mode maps to the simulator's anomaly kind of the same mechanism.
+_MODE_TO_KIND: Final[dict[str, AnomalyKind]] = {
+    "HDF": "heat_dissipation",
+    "PWF": "power",
+    "OSF": "overstrain",
+    "TWF": "tool_wear",
+}
+
+
+def row_reading(
+    row: pd.Series, machine_id: str, line: str, seq: int, ts: float
+) -> Telemetry:
+    """One canonical dataset row as a reading; a labelled failure mode becomes ground truth."""
+    modes = [m for m in FAILURE_MODES if m in _MODE_TO_KIND and int(row[m]) == 1]
+    return Telemetry(
+        machine_id=machine_id,
+        line=line,
+        seq=seq,
+        ts=ts,
+        product_type=str(row["product_type"]),  # type: ignore[arg-type]
+        readings={ch: float(row[ch]) for ch in AI4I_CHANNELS},
+        injected=_MODE_TO_KIND[modes[0]] if modes else None,
+    )
+
+
+def replayer(
+    frame: pd.DataFrame, machine_id: str, line: str, *, seq_start: int = 0
+) -> Callable[[float], Telemetry | None]:
+    """A stream for ``sensors.publisher.run``: the next row at each call, then ``None``."""
+    rows = frame.iterrows()
+    seq = seq_start
+
+    def next_reading(ts: float) -> Telemetry | None:
+        nonlocal seq
+        try:
+            _, row = next(rows)
+        except StopIteration:
+            return None
+        reading = row_reading(row, machine_id, line, seq, ts)
+        seq += 1
+        return reading
+
+    return next_reading
