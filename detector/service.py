@@ -87,6 +87,7 @@ class DetectorService:
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
 
     def _make_decoder(self, model: LoadedModel) -> Decoder:
         return Decoder(
@@ -110,6 +111,13 @@ class DetectorService:
             session_present=bool(getattr(flags, "session_present", False)),
             subscribed=self.topics.telemetry_filter,
         )
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+        failed = [str(c) for c in codes if fwmqtt.reason_failed(c)]
+        if failed:
+            log.error("subscribe_refused", reasons=failed)
+        else:
+            log.info("telemetry_subscribed", filter=self.topics.telemetry_filter)
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
         log.warning("broker_disconnected", reason=str(reason_code))

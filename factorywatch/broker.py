@@ -120,11 +120,12 @@ class LocalBroker:
         if self.process is not None and self.process.poll() is None:
             raise BrokerError("broker already running")
         self.write_config()
-        self.process = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(self.config_file)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with (self.workdir / "mosquitto.stderr").open("ab") as err:
+            self.process = subprocess.Popen(
+                [mosquitto_binary(), "-c", str(self.config_file)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         try:
             wait_for_port(self.host, self.port)
         except BrokerError as exc:

@@ -1,0 +1,259 @@
+"""Pure-numpy Isolation Forest scorer that flattens scikit-learn's trees and scores exactly."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+IndexArray = npt.NDArray[np.intp]
+Float32Array = npt.NDArray[np.float32]
+
+_LEAF: Final = -1
+_CHUNK_CELLS: Final = 32_768  # rows x trees advanced per batch chunk (stays in L2 cache)
+
+
+def _average_path_length(n_samples: npt.ArrayLike) -> FloatArray:
+    """c(n) of Liu et al., with exactly scikit-learn's arithmetic (0 for n <= 1, 1 for n == 2)."""
+    n = np.asarray(n_samples, dtype=np.float64)
+    out = np.zeros(n.shape, dtype=np.float64)
+    big = n > 2
+    out[n == 2] = 1.0
+    out[big] = 2.0 * (np.log(n[big] - 1.0) + np.euler_gamma) - 2.0 * (n[big] - 1.0) / n[big]
+    return out
+
+
+def _node_depths(left: IndexArray, right: IndexArray) -> FloatArray:
+    """Depth of every node counting the root as 1 (what ``Tree.compute_node_depths`` returns)."""
+    depths = np.zeros(left.shape[0], dtype=np.float64)
+    depths[0] = 1.0
+    for node in range(left.shape[0]):  # children always come after their parent
+        if left[node] != _LEAF:
+            depths[left[node]] = depths[right[node]] = depths[node] + 1.0
+    return depths
+
+
+def _round_down_f32(values: FloatArray) -> Float32Array:
+    """The largest float32 <= each value, so ``x32 <= t64`` iff ``x32 <= result``."""
+    with np.errstate(over="ignore"):
+        rounded = values.astype(np.float32)
+    too_big = rounded.astype(np.float64) > values
+    rounded[too_big] = np.nextafter(rounded[too_big], np.float32(-np.inf))
+    return rounded
+
+
+class FlatForest:
+    """All trees of a fitted ``IsolationForest`` in flat arrays, walked in lock-step by numpy.
+
+    Each node owns two consecutive *slots* (``2 * node`` and ``2 * node + 1``). A slot holds
+    the column of the augmented row ``[x, -x, |x|]`` the node compares, a float32 cut ``u``
+    and the slot of the child to visit when ``column > u`` is False (first slot) or True
+    (second slot). Comparing ``x > t`` or ``-x > u`` covers both missing-value directions
+    because NaN compares False; leaves point at themselves, so walking a fixed number of
+    levels lands every (row, tree) pair on its leaf. A slot's value is its leaf's path length
+    ``depth + c(n_node_samples)``, as in ``IsolationForest.score_samples``.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_features: int,
+        columns: IndexArray,
+        cuts: Float32Array,
+        children: IndexArray,
+        values: FloatArray,
+        roots: IndexArray,
+        levels: int,
+        denominator: float,
+    ) -> None:
+        self.n_features = n_features
+        self.n_trees = int(roots.shape[0])
+        self.levels = levels
+        self.denominator = denominator
+        self._columns = columns
+        self._cuts = cuts
+        self._children = children
+        self._values = values
+        # Value of the child a slot leads to: the last level reads it without a third lookup.
+        self._child_values = values[children]
+        self._roots = roots
+        self._uses_abs = bool(np.any(columns >= 2 * n_features))
+        self._width = (3 if self._uses_abs else 2) * n_features
+        # The first level always starts at the roots: its columns and cuts are constants.
+        self._root_columns = columns[roots]
+        self._root_cuts = cuts[roots]
+        self._root_values = values[roots]
+
+    @classmethod
+    def from_sklearn(cls, forest: Any) -> FlatForest:
+        """Flatten a fitted ``sklearn.ensemble.IsolationForest``."""
+        n_features = int(forest.n_features_in_)
+        subsample = int(forest._max_features) != n_features  # sklearn's own test
+        max_samples = int(getattr(forest, "_max_samples", forest.max_samples_))
+        precomputed = hasattr(forest, "_decision_path_lengths") and hasattr(
+            forest, "_average_path_length_per_tree"
+        )
+        columns: list[IndexArray] = []
+        cuts: list[Float32Array] = []
+        children: list[IndexArray] = []
+        values: list[FloatArray] = []
+        roots: list[int] = []
+        levels = 0
+        offset = 0
+        for index, (estimator, features) in enumerate(
+            zip(forest.estimators_, forest.estimators_features_, strict=True)
+        ):
+            tree = estimator.tree_
+            left = np.asarray(tree.children_left, dtype=np.intp)
+            right = np.asarray(tree.children_right, dtype=np.intp)
+            n_nodes = left.shape[0]
+            if precomputed:
+                depths = np.asarray(forest._decision_path_lengths[index], dtype=np.float64)
+                average = np.asarray(forest._average_path_length_per_tree[index], np.float64)
+            else:
+                depths = _node_depths(left, right)
+                average = _average_path_length(tree.n_node_samples)
+            node_values = depths + average - 1.0
+            col, cut, child = _flatten_tree(
+                left=left,
+                right=right,
+                feature=np.asarray(tree.feature, dtype=np.intp),
+                threshold=np.asarray(tree.threshold, dtype=np.float64),
+                missing_left=np.asarray(tree.missing_go_to_left, dtype=bool),
+                global_features=(
+                    np.asarray(features, dtype=np.intp)
+                    if subsample
+                    else np.arange(n_features, dtype=np.intp)
+                ),
+                n_features=n_features,
+            )
+            columns.append(col)
+            cuts.append(cut)
+            children.append(child + 2 * offset)
+            values.append(np.repeat(node_values, 2))
+            roots.append(2 * offset)
+            levels = max(levels, int(tree.max_depth))
+            offset += n_nodes
+        n_trees = len(roots)
+        return cls(
+            n_features=n_features,
+            columns=np.concatenate(columns),
+            cuts=np.concatenate(cuts),
+            children=np.concatenate(children),
+            values=np.concatenate(values),
+            roots=np.asarray(roots, dtype=np.intp),
+            levels=levels,
+            denominator=float(n_trees * _average_path_length([max_samples])[0]),
+        )
+
+    def score(self, features: npt.ArrayLike) -> FloatArray:
+        """Return ``-forest.score_samples(features)``: one score in (0, 1] per row."""
+        matrix = np.asarray(features)
+        if matrix.ndim != 2 or matrix.shape[1] != self.n_features:
+            raise ValueError(
+                f"expected a (n_rows, {self.n_features}) feature matrix, got {matrix.shape}"
+            )
+        rows = matrix.shape[0]
+        if rows == 1:
+            totals = np.array([self._walk_one(matrix[0])])
+        else:
+            totals = np.empty(rows, dtype=np.float64)
+            step = max(1, _CHUNK_CELLS // max(1, self.n_trees))
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                totals[start:stop] = self._walk_many(matrix[start:stop])
+        if self.denominator == 0.0:  # one training sample: sklearn's ratio is 1, score 2**-1
+            return np.full(rows, 0.5, dtype=np.float64)
+        return np.asarray(2.0 ** -(totals / self.denominator), dtype=np.float64)
+
+    def _augment(self, x32: Float32Array) -> Float32Array:
+        """Rows ``[x, -x]`` (and ``|x|`` when some cut is +inf or NaN), as float32."""
+        parts = (x32, -x32, np.abs(x32)) if self._uses_abs else (x32, -x32)
+        return np.concatenate(parts, axis=-1)
+
+    def _walk_one(self, row: npt.NDArray[Any]) -> float:
+        """Sum over trees of one row's path lengths (the single-reading fast path)."""
+        if self.levels == 0:
+            return float(self._root_values.sum())
+        aug = self._augment(row.astype(np.float32))
+        columns, cuts, children = self._columns, self._cuts, self._children
+        slot = self._roots + (aug[self._root_columns] > self._root_cuts)
+        for _ in range(self.levels - 1):
+            slot = children[slot]
+            slot += aug[columns[slot]] > cuts[slot]
+        return float(np.add.reduce(self._child_values[slot]))
+
+    def _walk_many(self, block: npt.NDArray[Any]) -> FloatArray:
+        """Per-row sums over trees of path lengths for a block of rows."""
+        rows = block.shape[0]
+        if self.levels == 0:
+            return np.full(rows, float(self._root_values.sum()))
+        aug = self._augment(block.astype(np.float32)).ravel()
+        shift = (np.arange(rows, dtype=np.intp) * self._width)[:, np.newaxis]
+        base = np.broadcast_to(shift, (rows, self.n_trees)).ravel()
+        columns, cuts, children = self._columns, self._cuts, self._children
+        slot = np.tile(self._roots, rows)
+        slot += aug[np.tile(self._root_columns, rows) + base] > np.tile(self._root_cuts, rows)
+        for _ in range(self.levels - 1):
+            slot = children[slot]
+            column = columns[slot]
+            column += base
+            slot += aug[column] > cuts[slot]
+        totals: FloatArray = self._child_values[slot].reshape(rows, self.n_trees).sum(axis=1)
+        return totals
+
+
+def _flatten_tree(
+    *,
+    left: IndexArray,
+    right: IndexArray,
+    feature: IndexArray,
+    threshold: FloatArray,
+    missing_left: npt.NDArray[np.bool_],
+    global_features: IndexArray,
+    n_features: int,
+) -> tuple[IndexArray, Float32Array, IndexArray]:
+    """Slot arrays (column, cut, child slot) of one tree, slots numbered from 0."""
+    n_nodes = left.shape[0]
+    nodes = np.arange(n_nodes, dtype=np.intp)
+    leaf = left == _LEAF
+    split = ~leaf
+    column = np.zeros(n_nodes, dtype=np.intp)
+    cut = np.zeros(n_nodes, dtype=np.float32)
+    when_false = nodes.copy()  # leaves loop on themselves
+    when_true = nodes.copy()
+    go_left = split & missing_left
+    go_right = split & ~missing_left
+    nan_cut = np.isnan(threshold)
+    inf_cut = threshold == np.inf
+    plain = ~(nan_cut | inf_cut)
+    x_col = global_features[np.where(split, feature, 0)]
+    rounded = _round_down_f32(np.where(plain, threshold, 0.0))
+
+    # Missing goes left: right iff x > t, i.e. x32 > largest float32 <= t (NaN: False -> left).
+    m = go_left & plain
+    column[m], cut[m], when_false[m], when_true[m] = x_col[m], rounded[m], left[m], right[m]
+    # Missing goes right: left iff x <= t, i.e. -x32 > next float32 below -t (NaN -> right).
+    m = go_right & plain
+    column[m] = x_col[m] + n_features
+    cut[m] = np.nextafter(-rounded[m], np.float32(-np.inf))
+    when_false[m], when_true[m] = right[m], left[m]
+    # Cut +inf: every number goes left; only NaN may go right (|x| > -1 is False only for NaN).
+    m = split & inf_cut
+    when_false[m] = np.where(missing_left[m], left[m], right[m])
+    when_true[m] = left[m]
+    column[m], cut[m] = x_col[m] + 2 * n_features, np.float32(-1.0)
+    # Cut NaN: every number goes right; only NaN may go left.
+    m = split & nan_cut
+    when_false[m] = np.where(missing_left[m], left[m], right[m])
+    when_true[m] = right[m]
+    column[m], cut[m] = x_col[m] + 2 * n_features, np.float32(-1.0)
+
+    slots_column = np.repeat(column, 2)
+    slots_cut = np.repeat(cut, 2)
+    slots_child = np.empty(2 * n_nodes, dtype=np.intp)
+    slots_child[0::2] = 2 * when_false
+    slots_child[1::2] = 2 * when_true
+    return slots_column, slots_cut, slots_child

@@ -1,0 +1,154 @@
+"""Shared fixtures: the dataset, a trained model, real Mosquitto brokers, real processes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from factorywatch.broker import LocalBroker
+from factorywatch.settings import PROJECT_DIR, BrokerSettings
+from sensors.simulator import MachineSimulator
+from tests.support import CLI, Collector, Proc
+
+
+@dataclass(frozen=True)
+class TestData:
+    """The dataset the tests train on and the CLI arguments that select it."""
+
+    path: Path
+    verified: bool
+
+    @property
+    def args(self) -> list[str]:
+        """CLI arguments selecting this dataset."""
+        return ["--dataset", str(self.path), *([] if self.verified else ["--no-verify"])]
+
+
+def _synthetic_dataset(target: Path, rows: int = 3000) -> Path:
+    """A small AI4I-layout CSV from our own simulator (used when ../shared is absent)."""
+    sim = MachineSimulator("synthetic", "line1", seed=7, anomaly_rate=0.03)
+    header = [
+        "UDI", "Product ID", "Type", "Air temperature [K]", "Process temperature [K]",
+        "Rotational speed [rpm]", "Torque [Nm]", "Tool wear [min]", "Machine failure",
+        "TWF", "HDF", "PWF", "OSF", "RNF",
+    ]
+    with target.open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(header)
+        for i in range(rows):
+            r = sim.next(1.7e9 + i)
+            v = r.readings
+            failed = int(r.injected is not None)
+            out.writerow([
+                i + 1, f"{r.product_type}{i}", r.product_type, v["air_temperature_k"],
+                v["process_temperature_k"], v["rotational_speed_rpm"], v["torque_nm"],
+                v["tool_wear_min"], failed, 0, 0, 0, 0, 0,
+            ])
+    return target
+
+
+@pytest.fixture(scope="session")
+def test_data(tmp_path_factory: pytest.TempPathFactory) -> TestData:
+    """The real AI4I CSV from ../shared/data when present, else a synthetic one."""
+    candidates = [
+        os.environ.get("FACTORYWATCH_TEST_DATASET_DIR") or None,
+        str(PROJECT_DIR.parent / "shared" / "data"),
+    ]
+    for folder in filter(None, candidates):
+        path = Path(folder) / "ai4i2020.csv"
+        if path.is_file():
+            return TestData(path=path, verified=True)
+    target = tmp_path_factory.mktemp("data") / "synthetic_ai4i.csv"
+    return TestData(path=_synthetic_dataset(target), verified=False)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, test_data: TestData) -> Path:
+    """A model trained and promoted by the real `factorywatch train` command."""
+    directory = tmp_path_factory.mktemp("models")
+    done = subprocess.run(
+        [*CLI, "train", *test_data.args, "--model-dir", str(directory)],
+        capture_output=True, text=True, timeout=300, check=False, cwd=PROJECT_DIR,
+    )
+    assert done.returncode == 0, done.stderr
+    return directory
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A fresh Mosquitto with the project's config on a free loopback port."""
+    local = LocalBroker(tmp_path / "broker").start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture
+def topic_root() -> str:
+    """A topic prefix of this test's own."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(broker: LocalBroker, topic_root: str) -> BrokerSettings:
+    """Broker settings pointing at this test's broker and topic root."""
+    return BrokerSettings().with_overrides(port=broker.port, topic_root=topic_root)
+
+
+@pytest.fixture
+def mqtt_args(broker: LocalBroker, topic_root: str) -> list[str]:
+    """CLI arguments that point a role at this test's broker and topic root."""
+    return ["--port", str(broker.port), "--topic-root", topic_root]
+
+
+@pytest.fixture
+def collector(settings: BrokerSettings) -> Iterator[Callable[..., Collector]]:
+    """Factory of real subscribers on this test's broker; all closed at the end."""
+    made: list[Collector] = []
+
+    def make(*filters: str) -> Collector:
+        c = Collector(settings, filters, f"collector-{uuid.uuid4().hex[:8]}")
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """Factory of factorywatch CLI processes; any still running are killed at the end."""
+    procs: list[Proc] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, name: str | None = None) -> Proc:
+        log_file = tmp_path / f"{name or args[0]}-{len(procs)}.log"
+        proc = Proc(list(args), log_file, env)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+
+
+@pytest.fixture
+def detector(
+    spawn: Callable[..., Proc], mqtt_args: list[str], model_dir: Path
+) -> Callable[..., Proc]:
+    """Start a real detector process on this test's broker and wait until it subscribed."""
+
+    def start(*extra: str, client_id: str = "detector-under-test") -> Proc:
+        proc = spawn(
+            "detect", *mqtt_args, "--model-dir", str(model_dir), "--client-id", client_id, *extra
+        )
+        proc.wait_log("telemetry_subscribed")
+        return proc
+
+    return start
