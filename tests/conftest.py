@@ -19,7 +19,7 @@ from tests.support import CLI, Collector, Proc
 
 
 @dataclass(frozen=True)
-class TestData:
+class DatasetChoice:
     """The dataset the tests train on and the CLI arguments that select it."""
 
     path: Path
@@ -55,7 +55,7 @@ def _synthetic_dataset(target: Path, rows: int = 3000) -> Path:
 
 
 @pytest.fixture(scope="session")
-def test_data(tmp_path_factory: pytest.TempPathFactory) -> TestData:
+def test_data(tmp_path_factory: pytest.TempPathFactory) -> DatasetChoice:
     """The real AI4I CSV from ../shared/data when present, else a synthetic one."""
     candidates = [
         os.environ.get("FACTORYWATCH_TEST_DATASET_DIR") or None,
@@ -64,13 +64,13 @@ def test_data(tmp_path_factory: pytest.TempPathFactory) -> TestData:
     for folder in filter(None, candidates):
         path = Path(folder) / "ai4i2020.csv"
         if path.is_file():
-            return TestData(path=path, verified=True)
+            return DatasetChoice(path=path, verified=True)
     target = tmp_path_factory.mktemp("data") / "synthetic_ai4i.csv"
-    return TestData(path=_synthetic_dataset(target), verified=False)
+    return DatasetChoice(path=_synthetic_dataset(target), verified=False)
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, test_data: TestData) -> Path:
+def model_dir(tmp_path_factory: pytest.TempPathFactory, test_data: DatasetChoice) -> Path:
     """A model trained and promoted by the real `factorywatch train` command."""
     directory = tmp_path_factory.mktemp("models")
     done = subprocess.run(
