@@ -17,14 +17,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import structlog
 
+from detector.core import Decoder, Received, dead_letter, score
+from detector.dedup import SeenCache
+from detector.journal import SeenJournal
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import ClientStatus
 from factorywatch.errors import ModelError, PayloadError
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import UNKNOWN, Topics
-
-from detector.core import Decoder, Received, dead_letter, score
-from detector.dedup import SeenCache
 from model import artifact
 from model.artifact import LoadedModel
 
@@ -38,6 +38,7 @@ class _AckTarget:
     mid: int
     qos: int
     remaining: int
+    key: tuple[str, int] | None = None  # (machine_id, seq) of a scored reading
 
 
 @dataclass
@@ -72,6 +73,12 @@ class DetectorService:
         self.counters = Counters()
         self._inbox: queue.Queue[tuple[Received, int, int]] = queue.Queue()
         self._seen = SeenCache(settings.dedup_size)
+        self._journal = SeenJournal(
+            settings.state_dir / f"{settings.client_id}.seen", max(1, settings.dedup_size)
+        )
+        self._journal_lock = threading.Lock()
+        for key in self._journal.keys():
+            self._seen.seen(key)
         self._lock = threading.Lock()  # guards _pending/_early only; never held across paho
         self._pending: dict[int, _AckTarget | None] = {}
         self._early: set[int] = set()
@@ -124,7 +131,9 @@ class DetectorService:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         received = Received(
-            topic=msg.topic, payload=msg.payload, received_at=time.time(),
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            received_at=time.time(),
             received_perf=time.perf_counter(),
         )
         self._inbox.put((received, msg.mid, msg.qos))
@@ -150,6 +159,9 @@ class DetectorService:
             target.remaining -= 1
             done = target.remaining == 0
         if done:
+            if target.key is not None:
+                with self._journal_lock:
+                    self._journal.record(*target.key)
             client.ack(target.mid, target.qos)
 
     def _publish(
@@ -189,11 +201,16 @@ class DetectorService:
     def run(self, stop: threading.Event) -> None:
         """Process batches until ``stop`` is set, then drain and disconnect."""
         next_reload = time.monotonic() + self.settings.reload_interval_s
+        next_heartbeat = time.monotonic() + self.settings.heartbeat_s
         while not stop.is_set():
             self._process(self._next_batch(timeout=0.2))
-            if time.monotonic() >= next_reload:
+            now = time.monotonic()
+            if now >= next_reload:
                 self.maybe_reload()
-                next_reload = time.monotonic() + self.settings.reload_interval_s
+                next_reload = now + self.settings.reload_interval_s
+            if now >= next_heartbeat:
+                self._publish(self._status_topic, self._status("online"), None, retain=True)
+                next_heartbeat = now + self.settings.heartbeat_s
         self.shutdown()
 
     def _next_batch(self, timeout: float) -> list[tuple[Received, int, int]]:
@@ -224,6 +241,7 @@ class DetectorService:
                 self.counters.duplicates += 1
                 self.client.ack(mid, qos)
                 continue
+            target.key = (reading.machine_id, reading.seq)
             valid.append(reading)
             perf.append(received.received_perf)
             targets.append(target)
@@ -290,4 +308,6 @@ class DetectorService:
             log.warning("offline_status_not_sent")
         self.client.disconnect()
         self.client.loop_stop()
-        log.info("detector_stopped", **{k: v for k, v in vars(self.counters).items()})
+        with self._journal_lock:
+            self._journal.close()
+        log.info("detector_stopped", **vars(self.counters))

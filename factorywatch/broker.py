@@ -112,7 +112,8 @@ class LocalBroker:
             )
         )
         _give_to_broker_user(self.workdir)
-        os.chmod(self.workdir, 0o755)
+        # The broker user (not the owner when we run as root) must traverse the work dir.
+        self.workdir.chmod(0o755)
         return self.config_file
 
     def start(self) -> LocalBroker:

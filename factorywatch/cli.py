@@ -70,7 +70,9 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         "--dataset", type=Path, help="local AI4I CSV (either layout) instead of downloading"
     )
     group.add_argument("--data-dir", type=Path, help="where downloads are kept (default data/)")
-    group.add_argument("--model-dir", type=Path, help="artifact directory (default model/artifacts)")
+    group.add_argument(
+        "--model-dir", type=Path, help="artifact directory (default model/artifacts)"
+    )
     group.add_argument(
         "--no-verify", action="store_true", help="accept a dataset whose sha256 is not a known one"
     )
@@ -192,6 +194,7 @@ def _add_detect(sub: Any) -> None:
     _broker_options(p)
     _data_options(p)
     p.add_argument("--client-id", help="fixed MQTT client id (persistent session)")
+    p.add_argument("--state-dir", type=Path, help="journal of answered readings (run/detector)")
     p.add_argument("--train-if-missing", action="store_true", help="train when no model exists")
     p.add_argument("--feature-set", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_detect)
@@ -214,7 +217,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         args.threshold_method, args.threshold_value = spec.method, spec.value
         train_model(args, data, promote=True)
     model = artifact.load(data.model_dir)
-    settings = DetectorSettings().with_overrides(client_id=args.client_id)
+    settings = DetectorSettings().with_overrides(client_id=args.client_id, state_dir=args.state_dir)
     stop = _stop_on_signals()
     service = DetectorService(settings, _broker_settings(args), data.model_dir, model)
     service.start()

@@ -1,13 +1,13 @@
 """Exception tree of factorywatch.
 
-    FactorywatchError
-    ├── DatasetError            dataset missing, unreadable or with an unknown layout
-    │   └── DatasetChecksumError  a file whose sha256 matches no known release
-    ├── ModelError              model artifact problems
-    │   ├── ModelNotFoundError  no artifact where one was expected
-    │   └── ModelMismatchError  artifact metadata does not fit this code or these features
-    ├── PayloadError            a wire message that cannot be accepted (carries a reason code)
-    └── BrokerError             broker unreachable after bounded retries, or refused us
+FactorywatchError
+├── DatasetError            dataset missing, unreadable or with an unknown layout
+│   └── DatasetChecksumError  a file whose sha256 matches no known release
+├── ModelError              model artifact problems
+│   ├── ModelNotFoundError  no artifact where one was expected
+│   └── ModelMismatchError  artifact metadata does not fit this code or these features
+├── PayloadError            a wire message that cannot be accepted (carries a reason code)
+└── BrokerError             broker unreachable after bounded retries, or refused us
 """
 
 from __future__ import annotations

@@ -78,6 +78,11 @@ class DetectorSettings(_Settings):
     dedup_size: Annotated[int, Field(ge=0)] = 100_000
     explain_top_k: Annotated[int, Field(ge=0, le=16)] = 3
     reload_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    state_dir: Path = Field(
+        default=PROJECT_DIR / "run" / "detector",
+        description="where the journal of answered readings is kept (survives restarts)",
+    )
 
 
 class SensorSettings(_Settings):

@@ -23,8 +23,9 @@ from sklearn.ensemble import IsolationForest
 
 import factorywatch
 from factorywatch.errors import ModelMismatchError, ModelNotFoundError
+from model.fastforest import FlatForest
 from model.features import DERIVED, required_channels
-from model.scoring import FloatArray, Scorer, SklearnScorer
+from model.scoring import FloatArray, Scorer
 from model.threshold import ThresholdSpec
 
 FORMAT_VERSION: Final = 1
@@ -138,7 +139,9 @@ def read_card(path: Path) -> ModelCard:
     except FileNotFoundError as exc:
         raise ModelNotFoundError(f"no model card at {path}") from exc
     except ValidationError as exc:
-        raise ModelMismatchError(f"model card {path} is not a format {FORMAT_VERSION} card: {exc}")
+        raise ModelMismatchError(
+            f"model card {path} is not a format {FORMAT_VERSION} card: {exc}"
+        ) from exc
 
 
 def _check(card: ModelCard, forest: object) -> None:
@@ -187,4 +190,4 @@ def load(model_dir: Path, version: str | None = None) -> LoadedModel:
 
 def make_scorer(forest: IsolationForest) -> Scorer:
     """The fastest scorer available for ``forest``."""
-    return SklearnScorer(forest)
+    return FlatForest.from_sklearn(forest)

@@ -103,9 +103,7 @@ def _download(data_dir: Path, progress: Progress) -> Path:
     return target
 
 
-def locate(
-    explicit: Path | None, data_dir: Path, *, progress: Progress = _no_progress
-) -> Path:
+def locate(explicit: Path | None, data_dir: Path, *, progress: Progress = _no_progress) -> Path:
     """Return the dataset file to use, downloading it on first use."""
     if explicit is not None:
         if not explicit.is_file():

@@ -6,6 +6,7 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+from sklearn.ensemble import IsolationForest
 
 FloatArray = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.intp]
@@ -75,8 +76,7 @@ class FlatForest:
         self._columns = columns
         self._cuts = cuts
         self._children = children
-        self._values = values
-        # Value of the child a slot leads to: the last level reads it without a third lookup.
+        # Path length of the leaf a slot leads to: the last level skips one lookup.
         self._child_values = values[children]
         self._roots = roots
         self._uses_abs = bool(np.any(columns >= 2 * n_features))
@@ -87,7 +87,7 @@ class FlatForest:
         self._root_values = values[roots]
 
     @classmethod
-    def from_sklearn(cls, forest: Any) -> FlatForest:
+    def from_sklearn(cls, forest: IsolationForest) -> FlatForest:
         """Flatten a fitted ``sklearn.ensemble.IsolationForest``."""
         n_features = int(forest.n_features_in_)
         subsample = int(forest._max_features) != n_features  # sklearn's own test
@@ -176,32 +176,45 @@ class FlatForest:
     def _walk_one(self, row: npt.NDArray[Any]) -> float:
         """Sum over trees of one row's path lengths (the single-reading fast path)."""
         if self.levels == 0:
-            return float(self._root_values.sum())
+            return float(np.cumsum(self._root_values)[-1])
         aug = self._augment(row.astype(np.float32))
         columns, cuts, children = self._columns, self._cuts, self._children
         slot = self._roots + (aug[self._root_columns] > self._root_cuts)
         for _ in range(self.levels - 1):
             slot = children[slot]
             slot += aug[columns[slot]] > cuts[slot]
-        return float(np.add.reduce(self._child_values[slot]))
+        return float(np.cumsum(self._child_values[slot])[-1])  # sequential, as sklearn
 
     def _walk_many(self, block: npt.NDArray[Any]) -> FloatArray:
-        """Per-row sums over trees of path lengths for a block of rows."""
+        """Per-row sums over trees of path lengths for a block of rows.
+
+        Cells are laid out tree-major (all rows of tree 0, then tree 1, ...) so that neighbouring
+        cells read the same small tree, and the final sum adds trees in sklearn's order.
+        """
         rows = block.shape[0]
         if self.levels == 0:
-            return np.full(rows, float(self._root_values.sum()))
+            return np.full(rows, float(np.cumsum(self._root_values)[-1]))
+        cells = rows * self.n_trees
         aug = self._augment(block.astype(np.float32)).ravel()
-        shift = (np.arange(rows, dtype=np.intp) * self._width)[:, np.newaxis]
-        base = np.broadcast_to(shift, (rows, self.n_trees)).ravel()
+        base = np.tile(np.arange(rows, dtype=np.intp) * self._width, self.n_trees)
         columns, cuts, children = self._columns, self._cuts, self._children
-        slot = np.tile(self._roots, rows)
-        slot += aug[np.tile(self._root_columns, rows) + base] > np.tile(self._root_cuts, rows)
-        for _ in range(self.levels - 1):
-            slot = children[slot]
-            column = columns[slot]
+        slot = np.repeat(self._roots, rows)
+        column = np.repeat(self._root_columns, rows)
+        column += base
+        slot += aug[column] > np.repeat(self._root_cuts, rows)
+        value = np.empty(cells, dtype=np.float32)
+        cut = np.empty(cells, dtype=np.float32)
+        right = np.empty(cells, dtype=np.bool_)
+        for _ in range(self.levels - 1):  # indices are in range by construction: skip checks
+            children.take(slot, out=slot, mode="clip")
+            columns.take(slot, out=column, mode="clip")
             column += base
-            slot += aug[column] > cuts[slot]
-        totals: FloatArray = self._child_values[slot].reshape(rows, self.n_trees).sum(axis=1)
+            aug.take(column, out=value, mode="clip")
+            cuts.take(slot, out=cut, mode="clip")
+            np.greater(value, cut, out=right)
+            slot += right
+        lengths = self._child_values.take(slot, mode="clip").reshape(self.n_trees, rows)
+        totals: FloatArray = lengths.sum(axis=0)
         return totals
 
 

@@ -19,9 +19,7 @@ _MODE_TO_KIND: Final[dict[str, AnomalyKind]] = {
 }
 
 
-def row_reading(
-    row: pd.Series, machine_id: str, line: str, seq: int, ts: float
-) -> Telemetry:
+def row_reading(row: pd.Series, machine_id: str, line: str, seq: int, ts: float) -> Telemetry:
     """One canonical dataset row as a reading; a labelled failure mode becomes ground truth."""
     modes = [m for m in FAILURE_MODES if m in _MODE_TO_KIND and int(row[m]) == 1]
     return Telemetry(

@@ -48,11 +48,22 @@ DRIFT_MAX_K: Final = 8.0
 
 
 def _speed_for(torque: float) -> float:
-    return SPEED_SCALE * torque**SPEED_EXPONENT
+    return float(SPEED_SCALE * torque**SPEED_EXPONENT)
 
 
 def _torque_for(speed: float) -> float:
     return float((speed / SPEED_SCALE) ** (1.0 / SPEED_EXPONENT))
+
+
+@dataclass
+class _Values:
+    """The physical values of one reading, before rounding."""
+
+    air: float
+    process: float
+    speed: float
+    torque: float
+    wear: float
 
 
 @dataclass
@@ -95,9 +106,7 @@ class MachineSimulator:
     def _step_state(self, product: ProductType) -> tuple[float, float, float]:
         rng = self._rng
         self._air_walk = AIR_PHI * self._air_walk + math.sqrt(1 - AIR_PHI**2) * rng.gauss(0, 1)
-        self._diff_walk = DIFF_PHI * self._diff_walk + math.sqrt(1 - DIFF_PHI**2) * rng.gauss(
-            0, 1
-        )
+        self._diff_walk = DIFF_PHI * self._diff_walk + math.sqrt(1 - DIFF_PHI**2) * rng.gauss(0, 1)
         air = AIR_MEAN_K + AIR_SD_K * self._air_walk
         process = air + DIFF_MEAN_K + DIFF_SD_K * self._diff_walk
         wear = self._wear
@@ -126,12 +135,14 @@ class MachineSimulator:
         )[0]  # type: ignore[assignment]
         air, process, wear = self._step_state(product)
         torque = max(3.8, rng.gauss(40.0, 10.0))
-        speed = _speed_for(torque) * math.exp(rng.gauss(0.0, SPEED_NOISE))
+        values = _Values(
+            air, process, _speed_for(torque) * math.exp(rng.gauss(0, SPEED_NOISE)), torque, wear
+        )
         if inject is None:
             self._start_episode()
         kind = inject or (self._episode.kind if self._episode else None)
         if kind is not None:
-            air, process, speed, torque, wear = self._apply(kind, air, process, speed, torque, wear)
+            self._apply(kind, values)
         if self._episode is not None and inject is None:
             self._episode.left -= 1
             if self._episode.left <= 0:
@@ -143,49 +154,41 @@ class MachineSimulator:
             ts=ts,
             product_type=product,
             readings={
-                AIR_TEMPERATURE: round(air, 2),
-                PROCESS_TEMPERATURE: round(process, 2),
-                ROTATIONAL_SPEED: round(speed, 1),
-                TORQUE: round(torque, 2),
-                TOOL_WEAR: round(wear, 1),
+                AIR_TEMPERATURE: round(values.air, 2),
+                PROCESS_TEMPERATURE: round(values.process, 2),
+                ROTATIONAL_SPEED: round(values.speed, 1),
+                TORQUE: round(values.torque, 2),
+                TOOL_WEAR: round(values.wear, 1),
             },
             injected=kind,
         )
         self.seq += 1
         return reading
 
-    def _apply(
-        self,
-        kind: AnomalyKind,
-        air: float,
-        process: float,
-        speed: float,
-        torque: float,
-        wear: float,
-    ) -> tuple[float, float, float, float, float]:
+    def _apply(self, kind: AnomalyKind, v: _Values) -> None:
+        """Turn normal values into the physical condition of anomaly ``kind`` (in place)."""
         rng = self._rng
         if kind == "rpm_spike":
-            speed = SPIKE_RPM
+            v.speed = SPIKE_RPM
         elif kind == "heat_dissipation":
-            process = air + rng.uniform(7.0, 8.5)
-            speed = rng.uniform(1200.0, 1370.0)
-            torque = _torque_for(speed)
+            v.process = v.air + rng.uniform(7.0, 8.5)
+            v.speed = rng.uniform(1200.0, 1370.0)
+            v.torque = _torque_for(v.speed)
         elif kind == "power":
             if rng.random() < 0.5:  # overload: high torque at high speed
-                torque = rng.uniform(62.0, 75.0)
-                speed = rng.uniform(1450.0, 1700.0)
+                v.torque = rng.uniform(62.0, 75.0)
+                v.speed = rng.uniform(1450.0, 1700.0)
             else:  # underpowered: low torque at low-ish speed
-                torque = rng.uniform(4.0, 12.0)
-                speed = rng.uniform(1500.0, 2200.0)
+                v.torque = rng.uniform(4.0, 12.0)
+                v.speed = rng.uniform(1500.0, 2200.0)
         elif kind == "overstrain":
-            wear = rng.uniform(200.0, 240.0)
-            torque = 13_000.0 / wear * rng.uniform(1.1, 1.4)
-            speed = _speed_for(torque)
+            v.wear = rng.uniform(200.0, 240.0)
+            v.torque = 13_000.0 / v.wear * rng.uniform(1.1, 1.4)
+            v.speed = _speed_for(v.torque)
         elif kind == "tool_wear":
-            wear = rng.uniform(245.0, 290.0)
+            v.wear = rng.uniform(245.0, 290.0)
         elif kind == "stuck_sensor":
-            torque = 0.0
+            v.torque = 0.0
         elif kind == "drift" and self._episode is not None:
             progress = 1.0 - self._episode.left / self._episode.length
-            process = process + DRIFT_MAX_K * (0.25 + 0.75 * progress)
-        return air, process, speed, torque, wear
+            v.process += DRIFT_MAX_K * (0.25 + 0.75 * progress)

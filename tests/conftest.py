@@ -35,9 +35,20 @@ def _synthetic_dataset(target: Path, rows: int = 3000) -> Path:
     """A small AI4I-layout CSV from our own simulator (used when ../shared is absent)."""
     sim = MachineSimulator("synthetic", "line1", seed=7, anomaly_rate=0.03)
     header = [
-        "UDI", "Product ID", "Type", "Air temperature [K]", "Process temperature [K]",
-        "Rotational speed [rpm]", "Torque [Nm]", "Tool wear [min]", "Machine failure",
-        "TWF", "HDF", "PWF", "OSF", "RNF",
+        "UDI",
+        "Product ID",
+        "Type",
+        "Air temperature [K]",
+        "Process temperature [K]",
+        "Rotational speed [rpm]",
+        "Torque [Nm]",
+        "Tool wear [min]",
+        "Machine failure",
+        "TWF",
+        "HDF",
+        "PWF",
+        "OSF",
+        "RNF",
     ]
     with target.open("w", newline="") as fh:
         out = csv.writer(fh)
@@ -46,11 +57,24 @@ def _synthetic_dataset(target: Path, rows: int = 3000) -> Path:
             r = sim.next(1.7e9 + i)
             v = r.readings
             failed = int(r.injected is not None)
-            out.writerow([
-                i + 1, f"{r.product_type}{i}", r.product_type, v["air_temperature_k"],
-                v["process_temperature_k"], v["rotational_speed_rpm"], v["torque_nm"],
-                v["tool_wear_min"], failed, 0, 0, 0, 0, 0,
-            ])
+            out.writerow(
+                [
+                    i + 1,
+                    f"{r.product_type}{i}",
+                    r.product_type,
+                    v["air_temperature_k"],
+                    v["process_temperature_k"],
+                    v["rotational_speed_rpm"],
+                    v["torque_nm"],
+                    v["tool_wear_min"],
+                    failed,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ]
+            )
     return target
 
 
@@ -75,7 +99,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, test_data: DatasetChoice
     directory = tmp_path_factory.mktemp("models")
     done = subprocess.run(
         [*CLI, "train", *test_data.args, "--model-dir", str(directory)],
-        capture_output=True, text=True, timeout=300, check=False, cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=PROJECT_DIR,
     )
     assert done.returncode == 0, done.stderr
     return directory
@@ -140,13 +168,21 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
 
 @pytest.fixture
 def detector(
-    spawn: Callable[..., Proc], mqtt_args: list[str], model_dir: Path
+    spawn: Callable[..., Proc], mqtt_args: list[str], model_dir: Path, tmp_path: Path
 ) -> Callable[..., Proc]:
     """Start a real detector process on this test's broker and wait until it subscribed."""
 
     def start(*extra: str, client_id: str = "detector-under-test") -> Proc:
         proc = spawn(
-            "detect", *mqtt_args, "--model-dir", str(model_dir), "--client-id", client_id, *extra
+            "detect",
+            *mqtt_args,
+            "--model-dir",
+            str(model_dir),
+            "--client-id",
+            client_id,
+            "--state-dir",
+            str(tmp_path / "detector-state"),
+            *extra,
         )
         proc.wait_log("telemetry_subscribed")
         return proc

@@ -88,7 +88,10 @@ class Proc:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with log_file.open("ab") as out:
             self.process = subprocess.Popen(
-                [*CLI, *args], stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                [*CLI, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=full_env,
                 cwd=PROJECT_DIR,
             )
 

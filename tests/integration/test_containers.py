@@ -34,7 +34,9 @@ def _compose() -> dict[str, Any]:
 
 def _dockerfile() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")
+    ]
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
 
 
@@ -58,7 +60,9 @@ def test_compose_declares_broker_detector_and_three_sensors() -> None:
         assert svc["environment"]["FACTORYWATCH_MQTT_HOST"] == "broker"
         assert svc["command"][0] == "factorywatch"
     assert services["detector"]["build"]["dockerfile"] == "detector/Dockerfile"
-    assert (PROJECT_DIR / services["detector"]["build"]["context"] / "detector/Dockerfile").is_file()
+    assert (
+        PROJECT_DIR / services["detector"]["build"]["context"] / "detector/Dockerfile"
+    ).is_file()
     named = set(compose["volumes"])
     used = {
         v.split(":")[0]
@@ -74,7 +78,8 @@ def test_dockerfile_is_slim_non_root_and_copies_what_exists() -> None:
     instructions = _dockerfile()
     assert instructions[0] == ("FROM", "python:3.11-slim")
     users = [arg for op, arg in instructions if op == "USER"]
-    assert users and users[-1] not in {"root", "0"}
+    assert users, "the image sets a USER"
+    assert users[-1] not in {"root", "0"}
     for op, arg in instructions:
         if op == "COPY":
             *sources, _dest = arg.split()
@@ -109,6 +114,7 @@ def test_every_container_command_runs_against_the_project_broker(
         **env_common,
         "FACTORYWATCH_DATA_DIR": str(tmp_path / "data"),
         "FACTORYWATCH_MODEL_DIR": str(tmp_path / "models"),
+        "FACTORYWATCH_DETECTOR_STATE_DIR": str(tmp_path / "state"),
         "FACTORYWATCH_DATASET": str(test_data.path),
     }
     extra = [] if test_data.verified else ["--no-verify"]
@@ -116,13 +122,19 @@ def test_every_container_command_runs_against_the_project_broker(
     detector.wait_log("telemetry_subscribed", timeout=180)
     assert (tmp_path / "models" / "current").is_file(), "trained on first start"
     sensors = [
-        spawn(*services[name]["command"][1:], env={**services[name]["environment"], **env_common},
-              name=name)
+        spawn(
+            *services[name]["command"][1:],
+            env={**services[name]["environment"], **env_common},
+            name=name,
+        )
         for name in services
         if name.startswith("sensor-")
     ]
-    machines = {services[n]["command"][services[n]["command"].index("--machine-id") + 1]
-                for n in services if n.startswith("sensor-")}
+    machines = {
+        services[n]["command"][services[n]["command"].index("--machine-id") + 1]
+        for n in services
+        if n.startswith("sensor-")
+    }
     deadline = time.monotonic() + 60
     seen: set[str] = set()
     while seen != machines and time.monotonic() < deadline:

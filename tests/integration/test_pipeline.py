@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 
 def _verdicts(col: Collector) -> list[Verdict]:
     return [
-        Verdict.model_validate_json(m.payload) for m in col.matching(lambda m: m.topic.endswith("/verdict"))
+        Verdict.model_validate_json(m.payload)
+        for m in col.matching(lambda m: m.topic.endswith("/verdict"))
     ]
 
 
@@ -39,8 +40,18 @@ def test_n_readings_from_sensor_cli_give_exactly_n_verdicts(
     col = collector(topics.alerts_filter)
     detector()
     sensors = spawn(
-        "sensor", "--machine-id", "m1,m2", "--machine-id", "m3", "--count", "40",
-        "--rate", "40", "--seed", "1", *mqtt_args,
+        "sensor",
+        "--machine-id",
+        "m1,m2",
+        "--machine-id",
+        "m3",
+        "--count",
+        "40",
+        "--rate",
+        "40",
+        "--seed",
+        "1",
+        *mqtt_args,
     )
     assert sensors.process.wait(60) == 0, sensors.log()
     col.wait_for(lambda m: m.topic.endswith("/verdict"), count=120, timeout=30)
@@ -78,10 +89,17 @@ def test_prototype_scenario_normal_then_rpm_spike(
     sim = MachineSimulator("proto-1", "line1", seed=3)
     now = time.time()
     typical = Telemetry(
-        machine_id="proto-1", line="line1", seq=10_000, ts=now, product_type="L",
+        machine_id="proto-1",
+        line="line1",
+        seq=10_000,
+        ts=now,
+        product_type="L",
         readings={
-            "air_temperature_k": 300.0, "process_temperature_k": 310.0,
-            "rotational_speed_rpm": 1500.0, "torque_nm": 40.0, "tool_wear_min": 100.0,
+            "air_temperature_k": 300.0,
+            "process_temperature_k": 310.0,
+            "rotational_speed_rpm": 1500.0,
+            "torque_nm": 40.0,
+            "tool_wear_min": 100.0,
         },
     )
     spike = typical.model_copy(
@@ -129,8 +147,10 @@ def test_injected_anomalies_are_flagged_with_measured_precision_and_recall(
         / max(1, sum(1 for kk in truth.values() if kk == k))
         for k in kinds
     }
-    print(f"\nend-to-end detection: precision {precision:.3f} recall {recall:.3f} "
-          f"(tp={tp} fp={fp} fn={fn}) per kind {json.dumps(per_kind)}")
+    print(
+        f"\nend-to-end detection: precision {precision:.3f} recall {recall:.3f} "
+        f"(tp={tp} fp={fp} fn={fn}) per kind {json.dumps(per_kind)}"
+    )
     assert precision >= 0.6
     assert recall >= 0.7
 
@@ -151,12 +171,19 @@ BAD_PAYLOADS: list[tuple[str, bytes]] = [
 
 def _reading(machine: str, seq: int, **readings: float) -> dict[str, object]:
     base = {
-        "air_temperature_k": 300.0, "process_temperature_k": 310.0,
-        "rotational_speed_rpm": 1500.0, "torque_nm": 40.0, "tool_wear_min": 100.0,
+        "air_temperature_k": 300.0,
+        "process_temperature_k": 310.0,
+        "rotational_speed_rpm": 1500.0,
+        "torque_nm": 40.0,
+        "tool_wear_min": 100.0,
     }
     return {
-        "machine_id": machine, "line": "line1", "seq": seq, "ts": time.time(),
-        "product_type": "L", "readings": {**base, **readings},
+        "machine_id": machine,
+        "line": "line1",
+        "seq": seq,
+        "ts": time.time(),
+        "product_type": "L",
+        "readings": {**base, **readings},
     }
 
 
@@ -174,10 +201,16 @@ def test_invalid_payloads_are_dead_lettered_and_the_detector_keeps_serving(
     cases = [(r, p if p is not None else nan_payload) for r, p in BAD_PAYLOADS]
     cases += [
         ("topic_mismatch", json.dumps(_reading("other-machine", 2)).encode()),
-        ("clock_skew", json.dumps({**_reading("bad-1", 3), "ts": time.time() + 30 * 86400}).encode()),
+        (
+            "clock_skew",
+            json.dumps({**_reading("bad-1", 3), "ts": time.time() + 30 * 86400}).encode(),
+        ),
         ("schema", json.dumps({**_reading("bad-1", 4), "seq": "12"}).encode()),
         ("schema", json.dumps({**_reading("bad-1", 5), "extra": 1}).encode()),
-        ("missing_channel", json.dumps({**_reading("bad-1", 6), "readings": {"torque_nm": 1.0}}).encode()),
+        (
+            "missing_channel",
+            json.dumps({**_reading("bad-1", 6), "readings": {"torque_nm": 1.0}}).encode(),
+        ),
     ]
     good = json.dumps(_reading("bad-1", 100)).encode()
     pub = SensorPublisher(settings, "bad-1", buffer_size=1000)
@@ -222,9 +255,22 @@ def test_mosquitto_sub_shows_the_alerts_tree(
     """The README's `mosquitto_sub -t '<root>/alerts/#' -v` line shows verdicts."""
     detector()
     watch = subprocess.Popen(
-        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port),
-         "-t", Topics(settings.topic_root).alerts_filter, "-v", "-C", "5", "-W", "60"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            "mosquitto_sub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker.port),
+            "-t",
+            Topics(settings.topic_root).alerts_filter,
+            "-v",
+            "-C",
+            "5",
+            "-W",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     time.sleep(0.5)
     spawn("sensor", "--machine-id", "watched-1", "--count", "5", "--rate", "20", *mqtt_args)
@@ -253,7 +299,11 @@ def test_unreachable_broker_stops_startup_after_bounded_retries(
     from factorywatch.broker import free_port  # noqa: PLC0415
 
     proc = spawn(
-        "detect", "--port", str(free_port()), "--model-dir", str(model_dir),
+        "detect",
+        "--port",
+        str(free_port()),
+        "--model-dir",
+        str(model_dir),
         env={"FACTORYWATCH_MQTT_CONNECT_RETRIES": "2"},
     )
     assert proc.process.wait(60) == 2
