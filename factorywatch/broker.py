@@ -10,6 +10,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -21,6 +22,7 @@ from factorywatch.settings import PROJECT_DIR
 
 BROKER_DIR: Final = PROJECT_DIR / "broker"
 BASE_CONFIG: Final = BROKER_DIR / "mosquitto.conf"
+BASE_ACL: Final = BROKER_DIR / "acl"
 BROKER_USER: Final = "mosquitto"
 
 
@@ -31,16 +33,55 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def render_acl(base: str, topic_root: str) -> str:
+    """The project's ACL with its topic root ``factory`` replaced by ``topic_root``."""
+    return re.sub(
+        r"(?m)^((?:topic|pattern)(?: read| write| readwrite)? )factory/",
+        rf"\g<1>{topic_root}/",
+        base,
+    )
+
+
 def render_config(
-    base: str, *, port: int, data_dir: Path, log_file: Path, bind: str = "127.0.0.1"
+    base: str,
+    *,
+    port: int,
+    data_dir: Path,
+    log_file: Path,
+    bind: str = "127.0.0.1",
+    tls_port: int | None = None,
+    secrets_dir: Path | None = None,
+    acl_file: Path | None = None,
 ) -> str:
-    """Rewrite the LOCAL lines of the project's config for a local run."""
-    replaced = base
-    for pattern, line in (
+    """Rewrite the LOCAL lines of the project's config for a local run.
+
+    With ``secrets_dir`` the config stays secure (authentication, ACL, TLS listener on
+    ``tls_port``); without it the broker is open: anonymous, no ACL, no TLS listener.
+    """
+    rules: list[tuple[str, str]] = [
         (r"^listener 1883$", f"listener {port} {bind}"),
         (r"^persistence_location .*$", f"persistence_location {data_dir}/"),
         (r"^log_dest .*$", f"log_dest file {log_file}"),
-    ):
+    ]
+    if secrets_dir is not None:
+        certs = secrets_dir / "certs"
+        rules += [
+            (r"^listener 8883$", f"listener {tls_port or free_port()} {bind}"),
+            (r"^cafile .*$", f"cafile {certs / 'ca.crt'}"),
+            (r"^certfile .*$", f"certfile {certs / 'server.crt'}"),
+            (r"^keyfile .*$", f"keyfile {certs / 'server.key'}"),
+            (r"^password_file .*$", f"password_file {secrets_dir / 'passwd'}"),
+            (r"^acl_file .*$", f"acl_file {acl_file}"),
+        ]
+    else:
+        rules += [
+            (r"^listener 8883\n(?:(?!listener|\n).*\n)*", ""),
+            (r"^allow_anonymous false$", "allow_anonymous true"),
+            (r"^password_file .*\n", ""),
+            (r"^acl_file .*\n", ""),
+        ]
+    replaced = base
+    for pattern, line in rules:
         replaced, n = re.subn(pattern, line, replaced, count=1, flags=re.MULTILINE)
         if n != 1:
             raise BrokerError(f"broker config lacks a line matching {pattern!r}")
@@ -72,6 +113,20 @@ def _give_to_broker_user(path: Path) -> None:
         os.chown(item, entry.pw_uid, entry.pw_gid)
 
 
+def _make_traversable(path: Path) -> None:
+    """Let the broker user reach ``path``: add only the search (x) bit on its ancestors.
+
+    Temporary directories (pytest's among them) are often 0700; Mosquitto, having dropped
+    root, could then neither write its persistence file nor read the password file.
+    """
+    if os.geteuid() != 0:
+        return
+    for folder in [path, *path.parents]:
+        mode = folder.stat().st_mode
+        if not mode & 0o001:
+            folder.chmod(mode | 0o001)
+
+
 def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
     """Block until ``host:port`` accepts TCP connections."""
     deadline = time.monotonic() + timeout_s
@@ -88,10 +143,20 @@ class LocalBroker:
     """A Mosquitto process with the project's config on a loopback port."""
 
     def __init__(
-        self, workdir: Path, *, port: int | None = None, config: Path = BASE_CONFIG
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        config: Path = BASE_CONFIG,
+        secrets_dir: Path | None = None,
+        topic_root: str = "factory",
     ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.secrets_dir = secrets_dir
+        self.topic_root = topic_root
+        self.tls_port = free_port() if secrets_dir is not None else None
+        self.acl_file = workdir / "acl"
         self.host = "127.0.0.1"
         self.config_source = config
         self.data_dir = workdir / "data"
@@ -103,15 +168,23 @@ class LocalBroker:
         """Render the config into the work directory."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.touch()
+        if self.secrets_dir is not None:
+            self.acl_file.write_text(render_acl(BASE_ACL.read_text(), self.topic_root))
         self.config_file.write_text(
             render_config(
                 self.config_source.read_text(),
                 port=self.port,
                 data_dir=self.data_dir,
                 log_file=self.log_file,
+                tls_port=self.tls_port,
+                secrets_dir=self.secrets_dir,
+                acl_file=self.acl_file,
             )
         )
         _give_to_broker_user(self.workdir)
+        _make_traversable(self.workdir)
+        if self.secrets_dir is not None:
+            _make_traversable(self.secrets_dir / "certs")
         # The broker user (not the owner when we run as root) must traverse the work dir.
         self.workdir.chmod(0o755)
         return self.config_file
@@ -129,6 +202,8 @@ class LocalBroker:
             )
         try:
             wait_for_port(self.host, self.port)
+            if self.tls_port is not None:
+                wait_for_port(self.host, self.tls_port)
         except BrokerError as exc:
             self.stop()
             raise BrokerError(f"{exc}; log: {self.log_tail()}") from exc
@@ -147,6 +222,12 @@ class LocalBroker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout_s)
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads the password file and ACL (after adding a user)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
+            time.sleep(0.3)
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of the broker's log (for error messages)."""

@@ -51,6 +51,10 @@ def _broker_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, help="broker port (default 1883)")
     group.add_argument("--topic-root", help="topic prefix (default 'factory')")
     group.add_argument("--username", help="MQTT username")
+    group.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    group.add_argument(
+        "--secrets-dir", type=Path, help="directory of <user>.password files (broker init)"
+    )
     group.add_argument("--tls-ca", type=Path, help="CA file; turns TLS on")
 
 
@@ -60,6 +64,8 @@ def _broker_settings(args: argparse.Namespace) -> BrokerSettings:
         port=args.port,
         topic_root=args.topic_root,
         username=args.username,
+        password_file=args.password_file,
+        secrets_dir=args.secrets_dir,
         tls_ca=args.tls_ca,
     )
 
@@ -217,9 +223,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
         args.threshold_method, args.threshold_value = spec.method, spec.value
         train_model(args, data, promote=True)
     model = artifact.load(data.model_dir)
+    broker = _broker_settings(args)
+    if broker.secrets_dir is not None and broker.username is None:
+        broker = broker.with_overrides(username="detector")
     settings = DetectorSettings().with_overrides(client_id=args.client_id, state_dir=args.state_dir)
     stop = _stop_on_signals()
-    service = DetectorService(settings, _broker_settings(args), data.model_dir, model)
+    service = DetectorService(settings, broker, data.model_dir, model)
     service.start()
     service.run(stop)
     return 0
@@ -232,6 +241,11 @@ def _machine_ids(values: Sequence[str]) -> list[str]:
         raise FactorywatchError("give at least one --machine-id")
     if len(set(ids)) != len(ids):
         raise FactorywatchError(f"duplicate machine ids in {ids}")
+    from factorywatch.credentials import SERVICE_USERS  # noqa: PLC0415
+
+    reserved = sorted(set(ids) & set(SERVICE_USERS))
+    if reserved:
+        raise FactorywatchError(f"machine ids {reserved} are reserved for service users")
     return [check_id(m, "machine id") for m in ids]
 
 
@@ -339,27 +353,81 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 # -- broker and demo ------------------------------------------------------------------------
+DEFAULT_SECRETS = Path("secrets")
+
+
 def _add_broker(sub: Any) -> None:
-    p = sub.add_parser("broker", help="run a local Mosquitto with the project's config")
-    p.add_argument("action", choices=["serve"])
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--workdir", type=Path, default=Path("run/broker"))
-    p.set_defaults(func=cmd_broker)
+    p = sub.add_parser("broker", help="local Mosquitto and its users, passwords and TLS")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    serve = actions.add_parser("serve", help="run Mosquitto with the project's config")
+    serve.add_argument("--port", type=int, default=1883)
+    serve.add_argument("--workdir", type=Path, default=Path("run/broker"))
+    serve.add_argument(
+        "--secrets-dir", type=Path, help="secure mode: users, ACL and TLS from this directory"
+    )
+    serve.set_defaults(func=cmd_broker_serve)
+    init = actions.add_parser("init", help="create service users, machine users and TLS certs")
+    init.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS)
+    init.add_argument("--machines", default="", help="comma-separated machine ids")
+    init.add_argument("--force", action="store_true", help="rotate every password and cert")
+    init.set_defaults(func=cmd_broker_init)
+    add = actions.add_parser("add-user", help="add a user or rotate its password")
+    add.add_argument("user", help="a machine id, or detector/viewer/operator/monitor")
+    add.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS)
+    add.set_defaults(func=cmd_broker_add_user)
+    remove = actions.add_parser("remove-user", help="remove a user")
+    remove.add_argument("user")
+    remove.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS)
+    remove.set_defaults(func=cmd_broker_remove_user)
 
 
-def cmd_broker(args: argparse.Namespace) -> int:
+def cmd_broker_serve(args: argparse.Namespace) -> int:
     """``factorywatch broker serve``: Mosquitto in the foreground until Ctrl-C."""
     from factorywatch.broker import LocalBroker  # noqa: PLC0415
 
     stop = _stop_on_signals()
-    broker = LocalBroker(args.workdir.resolve(), port=args.port).start()
-    _progress(f"mosquitto listening on 127.0.0.1:{broker.port} (log: {broker.log_file})")
+    secrets_dir = args.secrets_dir.resolve() if args.secrets_dir else None
+    broker = LocalBroker(args.workdir.resolve(), port=args.port, secrets_dir=secrets_dir).start()
+    tls = f", TLS on {broker.tls_port}" if broker.tls_port else ""
+    _progress(f"mosquitto listening on 127.0.0.1:{broker.port}{tls} (log: {broker.log_file})")
     try:
         while not stop.wait(0.5):
             if broker.process is not None and broker.process.poll() is not None:
                 raise FactorywatchError(f"mosquitto exited: {broker.log_tail()}")
     finally:
         broker.stop()
+    return 0
+
+
+def cmd_broker_init(args: argparse.Namespace) -> int:
+    """``factorywatch broker init``: users and certificates for a secure broker."""
+    from factorywatch.credentials import init_secrets  # noqa: PLC0415
+
+    machines = tuple(_machine_ids([args.machines])) if args.machines else ()
+    created = init_secrets(args.secrets_dir, machines, force=args.force)
+    print(f"secrets in {args.secrets_dir}: created {', '.join(created) or 'nothing (all exist)'}")
+    return 0
+
+
+def cmd_broker_add_user(args: argparse.Namespace) -> int:
+    """``factorywatch broker add-user NAME``: add or rotate; reload the broker afterwards."""
+    from factorywatch.credentials import add_user, password_path  # noqa: PLC0415
+
+    check_id(args.user, "user")
+    add_user(args.secrets_dir, args.user)
+    print(
+        f"{args.user}: new password in {password_path(args.secrets_dir, args.user)}. "
+        "Reload the broker: `docker compose kill -s SIGHUP broker` (or kill -HUP <pid>)."
+    )
+    return 0
+
+
+def cmd_broker_remove_user(args: argparse.Namespace) -> int:
+    """``factorywatch broker remove-user NAME``."""
+    from factorywatch.credentials import remove_user  # noqa: PLC0415
+
+    remove_user(args.secrets_dir, args.user)
+    print(f"{args.user} removed; reload the broker (SIGHUP) to apply")
     return 0
 
 

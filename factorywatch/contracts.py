@@ -130,3 +130,100 @@ def decode_json_strict(payload: bytes) -> object:
         raise ValueError(f"non-finite number {constant} is not allowed")
 
     return json.loads(payload, parse_constant=_reject)
+
+
+# -- the alert lifecycle (detector/alerting.py decides, the detector shell publishes) --------
+AlertEventKind = Literal[
+    "ALERT_RAISED", "ALERT_CLEARED", "ALERT_ACKNOWLEDGED", "MACHINE_OFFLINE", "MACHINE_ONLINE"
+]
+ALERT_EVENT_KINDS: Final[tuple[str, ...]] = AlertEventKind.__args__  # type: ignore[attr-defined]
+MachineCondition = Literal["NORMAL", "ALERT", "OFFLINE"]
+OfflineReason = Literal["silence", "last_will"]
+# Free text typed by operators ends up on terminals: no control characters (no ANSI escapes).
+OperatorName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+OperatorNote = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00-\x1f\x7f]*$")]
+
+
+class AlertEvent(_Wire):
+    """A transition of one machine's alert state, published on transitions only.
+
+    ``ALERT_RAISED`` when k of the last n readings were anomalous, ``ALERT_CLEARED`` after m
+    consecutive normal readings, ``ALERT_ACKNOWLEDGED`` when an operator acknowledged the open
+    alert, ``MACHINE_OFFLINE`` / ``MACHINE_ONLINE`` when readings stop / resume.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    machine_id: Identifier
+    line: Identifier
+    event: AlertEventKind
+    at: EventTime = Field(description="when the detector decided it (Unix seconds, its clock)")
+    seq: int | None = Field(
+        default=None, description="seq of the reading that triggered it; None for ack/offline"
+    )
+    alert_id: str | None = Field(
+        default=None, description="the alert episode this concerns (None when none is open)"
+    )
+    peak_score: float | None = Field(
+        default=None, description="highest score of the open alert's readings so far"
+    )
+    duration_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="RAISED: 0; CLEARED/ACKNOWLEDGED: how long the alert has been open; "
+        "MACHINE_OFFLINE: seconds since the last reading; MACHINE_ONLINE: seconds offline",
+    )
+    anomalous_in_window: int | None = Field(
+        default=None, ge=0, description="anomalous readings among the last n when it happened"
+    )
+    explanation: list[Contribution] | None = Field(
+        default=None, description="the features that drove the peak-score reading"
+    )
+    acknowledged_by: OperatorName | None = None
+    note: OperatorNote | None = None
+    reason: OfflineReason | None = Field(
+        default=None, description="MACHINE_OFFLINE only: no readings (silence) or last will"
+    )
+
+
+class MachineState(_Wire):
+    """The current alert state of one machine, retained on its ``state`` topic."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    machine_id: Identifier
+    line: Identifier
+    state: MachineCondition
+    since: EventTime = Field(description="when the machine entered this state (detector clock)")
+    last_seen: EventTime | None = Field(
+        default=None, description="detector clock at the last accepted reading"
+    )
+    last_seq: int | None = None
+    last_score: float | None = None
+    alert_id: str | None = Field(
+        default=None, description="the open alert; stays set while the machine is OFFLINE"
+    )
+    alert_since: EventTime | None = None
+    acknowledged: bool = False
+    acknowledged_by: OperatorName | None = None
+    peak_score: float | None = Field(default=None, description="peak score of the open alert")
+    explanation: list[Contribution] | None = Field(
+        default=None, description="the features that drove the open alert's peak reading"
+    )
+    anomalous_in_window: int = Field(default=0, ge=0)
+    window_size: int = Field(ge=1, description="n: how many recent readings the window holds")
+    alerts_raised: int = Field(default=0, ge=0, description="alerts raised since detector start")
+
+
+class AckCommand(_Wire):
+    """An operator acknowledges a machine's open alert (``<root>/commands/<line>/<m>/ack``)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    machine_id: Identifier
+    by: OperatorName
+    note: OperatorNote | None = None
+    alert_id: str | None = Field(
+        default=None,
+        description="acknowledge only this alert: a late ack for an alert that has already "
+        "cleared then cannot acknowledge a newer one",
+    )

@@ -18,6 +18,7 @@ from rich.console import Console
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
 from factorywatch.contracts import Verdict
+from factorywatch.credentials import init_secrets
 from factorywatch.errors import FactorywatchError
 from factorywatch.settings import PROJECT_DIR, BrokerSettings, DataSettings
 from factorywatch.topics import Topics
@@ -74,12 +75,17 @@ def run_demo(
     console = Console()
     workdir = PROJECT_DIR / "run" / "demo"
     workdir.mkdir(parents=True, exist_ok=True)
-    broker = LocalBroker(workdir / "broker", port=args.port)
+    secrets_dir = workdir / "secrets"
+    init_secrets(secrets_dir, DEMO_MACHINES)
+    broker = LocalBroker(workdir / "broker", port=args.port, secrets_dir=secrets_dir)
     children: list[subprocess.Popen[bytes]] = []
     try:
         broker.start()
-        progress(f"mosquitto on 127.0.0.1:{broker.port} with broker/mosquitto.conf")
-        port_args = ["--port", str(broker.port)]
+        progress(
+            f"mosquitto on 127.0.0.1:{broker.port} (TLS {broker.tls_port}) with "
+            "broker/mosquitto.conf and broker/acl: authentication required"
+        )
+        port_args = ["--port", str(broker.port), "--secrets-dir", str(secrets_dir)]
         detector = _spawn(
             ["detect", "--train-if-missing", *_data_args(data), *port_args],
             workdir / "detector.log",
@@ -103,9 +109,12 @@ def run_demo(
         topics = Topics(BrokerSettings().topic_root)
         console.print(
             f"[bold]watch verdicts yourself:[/] mosquitto_sub -h 127.0.0.1 -p {broker.port} "
+            f'-u viewer -P "$(cat {secrets_dir / "viewer.password"})" '
             f"-t '{topics.alerts_filter}' -v      (logs in {workdir})"
         )
-        settings = BrokerSettings().with_overrides(port=broker.port)
+        settings = BrokerSettings().with_overrides(
+            port=broker.port, username="viewer", secrets_dir=secrets_dir
+        )
         viewer = fwmqtt.new_client(settings, f"demo-viewer-{os.getpid()}")
         waiter = fwmqtt.ConnectWaiter()
 

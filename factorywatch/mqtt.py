@@ -45,8 +45,7 @@ def new_client(
         reconnect_on_failure=True,
     )
     if settings.username is not None:
-        password = settings.password.get_secret_value() if settings.password else None
-        client.username_pw_set(settings.username, password)
+        client.username_pw_set(settings.username, settings.resolved_password())
     if settings.tls_ca is not None:
         client.tls_set(
             ca_certs=str(settings.tls_ca),

@@ -39,11 +39,38 @@ class BrokerSettings(_Settings):
     topic_root: str = DEFAULT_ROOT
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = Field(
+        default=None, description="file holding the password (e.g. a Docker secret)"
+    )
+    secrets_dir: Path | None = Field(
+        default=None, description="directory of <user>.password files (`broker init`)"
+    )
     tls_ca: Path | None = Field(default=None, description="CA bundle; setting it turns TLS on")
     tls_cert: Path | None = None
     tls_key: Path | None = None
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     connect_retries: Annotated[int, Field(ge=0)] = 10
+
+    @property
+    def authenticates(self) -> bool:
+        """True when this client logs in (as opposed to an anonymous client)."""
+        return any(
+            v is not None
+            for v in (self.username, self.password, self.password_file, self.secrets_dir)
+        )
+
+    def resolved_password(self, username: str | None = None) -> str | None:
+        """The password: given directly, from ``password_file``, or ``secrets_dir/<user>``."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        user = username or self.username
+        if self.secrets_dir is not None and user is not None:
+            path = self.secrets_dir / f"{user}.password"
+            if path.is_file():
+                return path.read_text().strip()
+        return None
 
     def model_dump(self, **kwargs: Any) -> dict[str, Any]:
         """Dump keeping the secret as a ``SecretStr`` so copies do not reveal it."""

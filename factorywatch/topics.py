@@ -4,10 +4,15 @@ Layout under a configurable root (default ``factory``)::
 
     <root>/telemetry/<line>/<machine>          sensor readings (QoS 1), one reading per message
     <root>/alerts/<line>/<machine>/verdict     one verdict per reading (NORMAL / ALERT)
+    <root>/alerts/<line>/<machine>/event       alert transitions: raised, cleared, acknowledged,
+                                               machine offline / online
+    <root>/alerts/<line>/<machine>/state       retained current state (NORMAL / ALERT / OFFLINE)
+    <root>/commands/<line>/<machine>/ack       an operator acknowledges the open alert
     <root>/deadletter/<line>/<machine>         rejected payloads with a reason
-    <root>/status/<role>/<client>              retained online/offline status (last will)
+    <root>/status/<role>/<client>              retained online/offline status (last will);
+                                               a sensor's client is its machine id
 
-``mosquitto_sub -t '<root>/alerts/#' -v`` shows every verdict of every machine.
+``mosquitto_sub -t '<root>/alerts/#' -v`` shows every verdict, event and state of every machine.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ DEFAULT_ROOT = "factory"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _ID_RE = re.compile(ID_PATTERN)
 UNKNOWN = "_unknown"
+_ALERT_LEAVES = frozenset({"verdict", "event", "state"})
 
 
 def check_id(value: str, what: str = "id") -> str:
@@ -86,3 +92,65 @@ class Topics:
     def status(self, role: str, client: str) -> str:
         """Retained online/offline status topic of one client."""
         return f"{self.root}/status/{check_id(role, 'role')}/{check_id(client, 'client id')}"
+
+    # -- alert lifecycle: events, retained state, acknowledgements --------------------------
+    def event(self, line: str, machine: str) -> str:
+        """Topic of one machine's alert transitions (raised, cleared, offline, ...)."""
+        return f"{self._alerts(line, machine)}/event"
+
+    def state(self, line: str, machine: str) -> str:
+        """Retained topic holding one machine's current alert state."""
+        return f"{self._alerts(line, machine)}/state"
+
+    def _alerts(self, line: str, machine: str) -> str:
+        return f"{self.root}/alerts/{check_id(line, 'line')}/{check_id(machine, 'machine id')}"
+
+    def parse_alert(self, topic: str) -> tuple[str, str, str]:
+        """Return ``(line, machine, leaf)`` of a topic under the alerts tree or raise.
+
+        ``leaf`` is ``verdict``, ``event`` or ``state``; anything else raises ``PayloadError``.
+        """
+        parts = self._levels(topic, "alerts", 3)
+        if parts is None or parts[2] not in _ALERT_LEAVES:
+            raise PayloadError("bad_topic", f"not an alerts topic: {topic!r}")
+        return parts[0], parts[1], parts[2]
+
+    def ack(self, line: str, machine: str) -> str:
+        """Command topic an operator publishes an acknowledgement of one machine's alert to."""
+        machine = check_id(machine, "machine id")
+        return f"{self.root}/commands/{check_id(line, 'line')}/{machine}/ack"
+
+    @property
+    def ack_filter(self) -> str:
+        """Subscription filter matching every machine's acknowledgement commands."""
+        return f"{self.root}/commands/+/+/ack"
+
+    def parse_ack(self, topic: str) -> tuple[str, str]:
+        """Return ``(line, machine)`` of an ack command topic or raise ``PayloadError``."""
+        parts = self._levels(topic, "commands", 3)
+        if parts is None or parts[2] != "ack":
+            raise PayloadError("bad_topic", f"not an ack topic: {topic!r}")
+        return parts[0], parts[1]
+
+    @property
+    def sensor_status_filter(self) -> str:
+        """Filter matching every sensor's retained status (its last will says ``offline``)."""
+        return f"{self.root}/status/sensor/+"
+
+    def parse_sensor_status(self, topic: str) -> str:
+        """Return the machine id of a sensor status topic or raise ``PayloadError``."""
+        parts = self._levels(topic, "status", 2)
+        if parts is None or parts[0] != "sensor":
+            raise PayloadError("bad_topic", f"not a sensor status topic: {topic!r}")
+        return parts[1]
+
+    def _levels(self, topic: str, tree: str, count: int) -> list[str] | None:
+        """The ``count`` levels after ``<root>/<tree>/`` (the first two must be ids), or None."""
+        prefix = f"{self.root}/{tree}/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix) :].split("/")
+        # fullmatch: unlike re.match with '$', it refuses a trailing newline ("m1\n")
+        if len(parts) != count or not all(_ID_RE.fullmatch(p) for p in parts[:2]):
+            return None
+        return parts

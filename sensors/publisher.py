@@ -47,6 +47,9 @@ class SensorPublisher:
     def __init__(self, broker: BrokerSettings, machine_id: str, *, buffer_size: int) -> None:
         self.topics = Topics(broker.topic_root)
         self.machine_id = machine_id
+        # A machine logs in as itself: the broker's ACL lets it write only its own topic.
+        if broker.authenticates:
+            broker = broker.with_overrides(username=machine_id)
         self.broker = broker
         self.stats = PublishStats()
         self._status_topic = self.topics.status("sensor", machine_id)

@@ -1,0 +1,295 @@
+"""Per-machine alert state machine: k-of-n raise, m-normal clear, acknowledgement, offline.
+
+Pure: verdicts, acknowledgements and the current time go in, ``AlertEvent`` transitions come
+out; no paho, no logging, no clock reads. The shell publishes each event on
+``topics.event(line, machine)`` and then ``state(machine)`` retained on
+``topics.state(line, machine)``; per-reading verdicts keep flowing unchanged.
+
+Per machine::
+
+    NORMAL --k of the last n readings anomalous--> ALERT --m normal readings in a row--> NORMAL
+    any    --no reading for offline_after_s, or the sensor's last will--> OFFLINE
+    OFFLINE --a new reading--> back to NORMAL or ALERT, whichever the readings say
+
+OFFLINE overlays the alert state without resetting it: an alert open when a machine went
+silent is still open when it comes back. Readings whose ``seq`` is not above the machine's
+last accepted one (duplicates, redeliveries, out-of-order) are ignored entirely.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from factorywatch.contracts import (
+    AckCommand,
+    AlertEvent,
+    AlertEventKind,
+    Contribution,
+    MachineCondition,
+    MachineState,
+    OfflineReason,
+    Verdict,
+)
+
+DEFAULT_K: Final = 3
+DEFAULT_N: Final = 5
+DEFAULT_M: Final = 10
+DEFAULT_OFFLINE_AFTER_S: Final = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class AlertPolicy:
+    """When an alert is raised and cleared, and when a machine counts as offline.
+
+    * ``k`` of the last ``n`` readings anomalous (verdict status ``ALERT``) raise an alert;
+      ``k=1`` raises on the first anomalous reading, ``k=n`` needs n in a row.
+    * ``m`` consecutive normal readings clear it (the hysteresis: a lone normal reading in
+      the middle of an incident does not clear it, a lone anomaly does not raise one).
+    * ``offline_after_s`` seconds (detector clock) without a reading make a machine OFFLINE.
+    """
+
+    k: int = DEFAULT_K
+    n: int = DEFAULT_N
+    m: int = DEFAULT_M
+    offline_after_s: float = DEFAULT_OFFLINE_AFTER_S
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= self.n:
+            raise ValueError(f"alert policy needs 1 <= k <= n, got k={self.k}, n={self.n}")
+        if self.m < 1:
+            raise ValueError(f"alert policy needs m >= 1, got m={self.m}")
+        if not (math.isfinite(self.offline_after_s) and self.offline_after_s > 0):
+            raise ValueError(f"offline_after_s must be > 0, got {self.offline_after_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    """What the window remembers of one accepted reading."""
+
+    anomalous: bool
+    score: float
+    explanation: list[Contribution] | None
+
+
+@dataclass(slots=True)
+class _Machine:
+    """Mutable state of one machine; memory is bounded by the window of n readings."""
+
+    machine_id: str
+    line: str
+    window: deque[_Reading]
+    since: float
+    last_seen: float
+    last_seq: int
+    last_score: float
+    normal_streak: int = 0
+    offline_since: float | None = None
+    alert_id: str | None = None
+    alert_since: float | None = None
+    peak_score: float | None = None
+    peak_explanation: list[Contribution] | None = None
+    acknowledged_by: str | None = None
+    alerts_raised: int = 0
+
+    def anomalous_in_window(self) -> int:
+        return sum(r.anomalous for r in self.window)
+
+
+class AlertTracker:
+    """The alert state of every machine; feed it verdicts, acks and the time."""
+
+    def __init__(self, policy: AlertPolicy | None = None) -> None:
+        self.policy = policy if policy is not None else AlertPolicy()
+        self._machines: dict[str, _Machine] = {}
+
+    @property
+    def machines(self) -> list[str]:
+        """Ids of every machine a reading has been seen from, sorted."""
+        return sorted(self._machines)
+
+    def observe(self, verdict: Verdict, now: float) -> list[AlertEvent]:
+        """Account one reading's verdict; return the transitions it caused (often none)."""
+        machine = self._machines.get(verdict.machine_id)
+        events: list[AlertEvent] = []
+        if machine is None:
+            machine = _Machine(
+                machine_id=verdict.machine_id,
+                line=verdict.line,
+                window=deque(maxlen=self.policy.n),
+                since=now,
+                last_seen=now,
+                last_seq=verdict.seq,
+                last_score=verdict.score,
+            )
+            self._machines[verdict.machine_id] = machine
+        elif verdict.seq <= machine.last_seq:
+            return []  # a duplicate or a late reading: counting it again would skew the window
+        elif machine.offline_since is not None:
+            offline_for = max(0.0, now - machine.offline_since)
+            machine.offline_since = None
+            machine.since = now
+            events.append(
+                self._event(machine, "MACHINE_ONLINE", now, seq=verdict.seq, duration=offline_for)
+            )
+        machine.line = verdict.line
+        machine.last_seq, machine.last_seen, machine.last_score = verdict.seq, now, verdict.score
+        anomalous = verdict.status == "ALERT"
+        reading = _Reading(anomalous, verdict.score, verdict.explanation)
+        machine.window.append(reading)
+        if machine.alert_id is None:
+            if machine.anomalous_in_window() >= self.policy.k:
+                events.append(self._raise(machine, verdict.seq, now))
+        else:
+            self._update_peak(machine, reading)
+            machine.normal_streak = 0 if anomalous else machine.normal_streak + 1
+            if machine.normal_streak >= self.policy.m:
+                events.append(self._clear(machine, verdict.seq, now))
+        return events
+
+    def acknowledge(self, cmd: AckCommand, now: float) -> list[AlertEvent]:
+        """Acknowledge the machine's open alert, once; anything else is ignored (no events)."""
+        machine = self._machines.get(cmd.machine_id)
+        if (
+            machine is None
+            or machine.alert_id is None
+            or machine.acknowledged_by is not None
+            or (cmd.alert_id is not None and cmd.alert_id != machine.alert_id)
+        ):
+            return []
+        machine.acknowledged_by = cmd.by
+        return [
+            self._event(
+                machine,
+                "ALERT_ACKNOWLEDGED",
+                now,
+                duration=self._open_for(machine, now),
+                acknowledged_by=cmd.by,
+                note=cmd.note,
+            )
+        ]
+
+    def sensor_offline(self, machine_id: str, now: float) -> list[AlertEvent]:
+        """The sensor's status turned ``offline`` (its last will or a clean shutdown).
+
+        A machine no reading has been seen from is ignored: it has no state to change, and
+        its status topic carries no production line to publish under.
+        """
+        machine = self._machines.get(machine_id)
+        if machine is None or machine.offline_since is not None:
+            return []
+        return [self._offline(machine, now, "last_will")]
+
+    def tick(self, now: float) -> list[AlertEvent]:
+        """Call periodically: machines silent for more than ``offline_after_s`` go OFFLINE."""
+        limit = self.policy.offline_after_s
+        return [
+            self._offline(machine, now, "silence")
+            for _, machine in sorted(self._machines.items())
+            if machine.offline_since is None and now - machine.last_seen > limit
+        ]
+
+    def state(self, machine_id: str) -> MachineState:
+        """The current state of one machine (``KeyError`` if no reading was seen from it)."""
+        machine = self._machines[machine_id]
+        condition: MachineCondition
+        if machine.offline_since is not None:
+            condition = "OFFLINE"
+        elif machine.alert_id is not None:
+            condition = "ALERT"
+        else:
+            condition = "NORMAL"
+        return MachineState(
+            machine_id=machine.machine_id,
+            line=machine.line,
+            state=condition,
+            since=machine.since,
+            last_seen=machine.last_seen,
+            last_seq=machine.last_seq,
+            last_score=machine.last_score,
+            alert_id=machine.alert_id,
+            alert_since=machine.alert_since,
+            acknowledged=machine.acknowledged_by is not None,
+            acknowledged_by=machine.acknowledged_by,
+            peak_score=machine.peak_score,
+            explanation=machine.peak_explanation,
+            anomalous_in_window=machine.anomalous_in_window(),
+            window_size=self.policy.n,
+            alerts_raised=machine.alerts_raised,
+        )
+
+    def states(self) -> list[MachineState]:
+        """The current state of every machine, sorted by machine id."""
+        return [self.state(machine_id) for machine_id in self.machines]
+
+    # -- transitions ------------------------------------------------------------------------
+    def _raise(self, machine: _Machine, seq: int, now: float) -> AlertEvent:
+        peak = max((r for r in machine.window if r.anomalous), key=lambda r: r.score)
+        machine.alert_id = f"{machine.machine_id}-{seq}"
+        machine.alert_since = now
+        machine.since = now
+        machine.peak_score, machine.peak_explanation = peak.score, peak.explanation
+        machine.normal_streak = 0
+        machine.acknowledged_by = None
+        machine.alerts_raised += 1
+        return self._event(machine, "ALERT_RAISED", now, seq=seq, duration=0.0)
+
+    def _clear(self, machine: _Machine, seq: int, now: float) -> AlertEvent:
+        event = self._event(
+            machine, "ALERT_CLEARED", now, seq=seq, duration=self._open_for(machine, now)
+        )
+        machine.alert_id = machine.alert_since = None
+        machine.peak_score = machine.peak_explanation = None
+        machine.acknowledged_by = None
+        machine.normal_streak = 0
+        machine.since = now
+        # a fresh start: with m < n, anomalies still in the window would re-raise at once
+        machine.window.clear()
+        return event
+
+    def _offline(self, machine: _Machine, now: float, reason: OfflineReason) -> AlertEvent:
+        machine.offline_since = now
+        machine.since = now
+        silent_for = max(0.0, now - machine.last_seen)
+        return self._event(machine, "MACHINE_OFFLINE", now, duration=silent_for, reason=reason)
+
+    @staticmethod
+    def _update_peak(machine: _Machine, reading: _Reading) -> None:
+        if machine.peak_score is None or reading.score > machine.peak_score:
+            machine.peak_score = reading.score
+            if reading.explanation:
+                machine.peak_explanation = reading.explanation
+
+    @staticmethod
+    def _open_for(machine: _Machine, now: float) -> float:
+        return 0.0 if machine.alert_since is None else max(0.0, now - machine.alert_since)
+
+    def _event(
+        self,
+        machine: _Machine,
+        kind: AlertEventKind,
+        now: float,
+        *,
+        seq: int | None = None,
+        duration: float | None = None,
+        acknowledged_by: str | None = None,
+        note: str | None = None,
+        reason: OfflineReason | None = None,
+    ) -> AlertEvent:
+        return AlertEvent(
+            machine_id=machine.machine_id,
+            line=machine.line,
+            event=kind,
+            at=now,
+            seq=seq,
+            alert_id=machine.alert_id,
+            peak_score=machine.peak_score,
+            duration_s=duration,
+            anomalous_in_window=machine.anomalous_in_window(),
+            explanation=machine.peak_explanation,
+            acknowledged_by=acknowledged_by,
+            note=note,
+            reason=reason,
+        )

@@ -1,0 +1,164 @@
+"""Broker credentials and certificates: users, hashed password file, TLS material.
+
+Layout of a secrets directory (never committed; ``secrets/`` is git-ignored)::
+
+    secrets/passwd               Mosquitto password file (PBKDF2-SHA512 hashes, ``$7$``)
+    secrets/<user>.password      one client's plaintext password (mode 0600)
+    secrets/certs/ca.crt         CA that signed the broker certificate (give it to clients)
+    secrets/certs/server.{crt,key}  the broker's certificate and key (TLS listener 8883)
+
+The hashes are the ones ``mosquitto_passwd`` writes (``$7$101$salt$hash``), computed here so
+users can create credentials on a host without Mosquitto installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import os
+import secrets as _random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+from factorywatch.topics import check_id
+
+SERVICE_USERS: Final = ("detector", "viewer", "operator", "monitor", "healthcheck")
+PASSWD_FILE: Final = "passwd"
+CERTS_DIR: Final = "certs"
+_ITERATIONS: Final = 101  # what mosquitto_passwd 2.0 uses
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    """A Mosquitto 2.x password-file hash (``$7$``: PBKDF2-HMAC-SHA512, 101 rounds)."""
+    salt = salt or os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _ITERATIONS, 64)
+    return f"$7${_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def password_path(secrets_dir: Path, user: str) -> Path:
+    """Where ``user``'s plaintext password is kept."""
+    return secrets_dir / f"{check_id(user, 'user')}.password"
+
+
+def read_password(secrets_dir: Path, user: str) -> str | None:
+    """``user``'s password from the secrets directory, if there is one."""
+    path = password_path(secrets_dir, user)
+    return path.read_text().strip() if path.is_file() else None
+
+
+def add_user(secrets_dir: Path, user: str, password: str | None = None) -> str:
+    """Create or rotate ``user``: new password file entry and plaintext file; return it."""
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    password = password or _random.token_urlsafe(18)
+    passwd = secrets_dir / PASSWD_FILE
+    entries = {}
+    if passwd.is_file():
+        for line in passwd.read_text().splitlines():
+            name, _, hashed = line.partition(":")
+            if name and hashed:
+                entries[name] = hashed
+    entries[user] = hash_password(password)
+    _write(passwd, "".join(f"{n}:{h}\n" for n, h in entries.items()), 0o644)
+    _write(password_path(secrets_dir, user), password + "\n", 0o600)
+    return password
+
+
+def remove_user(secrets_dir: Path, user: str) -> None:
+    """Delete ``user`` from the password file and its plaintext password."""
+    passwd = secrets_dir / PASSWD_FILE
+    if passwd.is_file():
+        kept = [ln for ln in passwd.read_text().splitlines() if ln.split(":", 1)[0] != user]
+        _write(passwd, "".join(f"{ln}\n" for ln in kept), 0o644)
+    password_path(secrets_dir, user).unlink(missing_ok=True)
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+def make_certificates(
+    certs_dir: Path, *, hosts: tuple[str, ...] = ("localhost", "broker", "127.0.0.1")
+) -> None:
+    """A private CA and a broker certificate for ``hosts`` (valid two years)."""
+    from cryptography import x509  # noqa: PLC0415 - only needed when making certificates
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    certs_dir.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "factorywatch test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=730))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=730))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    _write(certs_dir / "ca.crt", ca_cert.public_bytes(pem).decode(), 0o644)
+    _write(certs_dir / "server.crt", cert.public_bytes(pem).decode(), 0o644)
+    # The broker drops to its own user: it must be able to read its key (see README).
+    _write(
+        certs_dir / "server.key",
+        key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+        0o644,
+    )
+
+
+def init_secrets(secrets_dir: Path, machines: tuple[str, ...], *, force: bool = False) -> list[str]:
+    """Create service users, one user per machine and TLS material; return users created."""
+    created = []
+    for user in (*SERVICE_USERS, *machines):
+        if force or read_password(secrets_dir, user) is None:
+            add_user(secrets_dir, user)
+            created.append(user)
+    if force or not (secrets_dir / CERTS_DIR / "server.crt").is_file():
+        make_certificates(secrets_dir / CERTS_DIR)
+    secrets_dir.chmod(0o755)
+    return created
