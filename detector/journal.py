@@ -31,7 +31,7 @@ class SeenJournal:
                     self._lines += 1
         self._file: TextIO = path.open("a")
 
-    def keys(self) -> list[tuple[str, int]]:
+    def entries(self) -> list[tuple[str, int]]:
         """The remembered keys, oldest first."""
         return list(self._recent)
 

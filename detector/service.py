@@ -77,7 +77,7 @@ class DetectorService:
             settings.state_dir / f"{settings.client_id}.seen", max(1, settings.dedup_size)
         )
         self._journal_lock = threading.Lock()
-        for key in self._journal.keys():
+        for key in self._journal.entries():
             self._seen.seen(key)
         self._lock = threading.Lock()  # guards _pending/_early only; never held across paho
         self._pending: dict[int, _AckTarget | None] = {}

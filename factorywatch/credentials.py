@@ -25,7 +25,7 @@ from typing import Final
 from factorywatch.topics import check_id
 
 SERVICE_USERS: Final = ("detector", "viewer", "operator", "monitor", "healthcheck")
-PASSWD_FILE: Final = "passwd"
+PASSWD_FILE: Final = "passwd"  # noqa: S105 - a file name, not a password
 CERTS_DIR: Final = "certs"
 _ITERATIONS: Final = 101  # what mosquitto_passwd 2.0 uses
 

@@ -8,6 +8,7 @@ mounts.
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
+from factorywatch.broker import LocalBroker
 from factorywatch.contracts import Verdict
+from factorywatch.credentials import init_secrets
 from factorywatch.settings import PROJECT_DIR, BrokerSettings
 from factorywatch.topics import Topics
 from tests.conftest import DatasetChoice
@@ -41,24 +44,32 @@ def _dockerfile() -> list[tuple[str, str]]:
 
 
 def test_compose_declares_broker_detector_and_three_sensors() -> None:
-    """The compose file has the broker with a healthcheck and the roles waiting for it."""
+    """The compose file has the secured broker with a healthcheck and the roles waiting for it."""
     compose = _compose()
     services = compose["services"]
     broker = services["broker"]
     assert broker["image"] == "eclipse-mosquitto:2"
-    assert broker["healthcheck"]["test"][0] == "CMD"
+    assert broker["healthcheck"]["test"][0] == "CMD-SHELL"
     mounts = {v.split(":")[1]: v.split(":")[0] for v in broker["volumes"]}
     assert (PROJECT_DIR / mounts["/mosquitto/config/mosquitto.conf"]).resolve() == (
         PROJECT_DIR / "broker" / "mosquitto.conf"
     )
+    assert (PROJECT_DIR / mounts["/mosquitto/config/acl"]).resolve() == PROJECT_DIR / "broker/acl"
     assert "/mosquitto/data" in mounts, "broker persistence lives on a volume"
     sensors = [name for name in services if name.startswith("sensor-")]
     assert len(sensors) == 3
+    declared = compose["secrets"]
     for name in ["detector", *sensors]:
         svc = services[name]
         assert svc["depends_on"]["broker"]["condition"] == "service_healthy"
         assert svc["environment"]["FACTORYWATCH_MQTT_HOST"] == "broker"
         assert svc["command"][0] == "factorywatch"
+        for secret in svc["secrets"]:
+            assert secret["source"] in declared
+            assert declared[secret["source"]]["file"].startswith("./secrets/"), "never committed"
+    for sensor in sensors:
+        env = services[sensor]["environment"]
+        assert env["FACTORYWATCH_MQTT_PORT"] == "8883", "machines talk TLS"
     assert services["detector"]["build"]["dockerfile"] == "detector/Dockerfile"
     assert (
         PROJECT_DIR / services["detector"]["build"]["context"] / "detector/Dockerfile"
@@ -71,6 +82,8 @@ def test_compose_declares_broker_detector_and_three_sensors() -> None:
         if not v.startswith(".")
     }
     assert used <= named, "every named volume is declared"
+    ignored = (PROJECT_DIR / ".gitignore").read_text().splitlines()
+    assert "/secrets/" in ignored
 
 
 def test_dockerfile_is_slim_non_root_and_copies_what_exists() -> None:
@@ -90,59 +103,102 @@ def test_dockerfile_is_slim_non_root_and_copies_what_exists() -> None:
     assert yaml.safe_load(cmd) == compose_cmd
 
 
+def _localise(
+    env: dict[str, str], svc: dict[str, Any], run_secrets: Path, broker: LocalBroker
+) -> dict[str, str]:
+    """A container's environment for a local process: secrets, host and ports mapped."""
+    out = {k: str(v) for k, v in env.items()}
+    ports = {"1883": str(broker.port), "8883": str(broker.tls_port)}
+    out["FACTORYWATCH_MQTT_HOST"] = "127.0.0.1"
+    out["FACTORYWATCH_MQTT_PORT"] = ports[out["FACTORYWATCH_MQTT_PORT"]]
+    for key, value in out.items():
+        if value.startswith("/run/secrets"):
+            out[key] = value.replace("/run/secrets", str(run_secrets))
+    return out
+
+
+def _mount_secrets(
+    compose: dict[str, Any], svc: dict[str, Any], secrets_dir: Path, target_dir: Path
+) -> None:
+    """Do what compose does with `secrets:`: each source file appears as /run/secrets/<target>."""
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for secret in svc.get("secrets", []):
+        source = compose["secrets"][secret["source"]]["file"].removeprefix("./secrets/")
+        (target_dir / secret["target"]).write_bytes((secrets_dir / source).read_bytes())
+
+
+@pytest.mark.integration
+def test_broker_healthcheck_command_passes_on_the_secured_broker(tmp_path: Path) -> None:
+    """The compose healthcheck (mosquitto_sub as `healthcheck` on $SYS) succeeds for real."""
+    secrets_dir = tmp_path / "secrets"
+    init_secrets(secrets_dir, ())
+    with LocalBroker(tmp_path / "b", secrets_dir=secrets_dir) as broker:
+        shell = _compose()["services"]["broker"]["healthcheck"]["test"][1]
+        command = (
+            shell.replace("$$", "$")
+            .replace("/mosquitto/secrets", str(secrets_dir))
+            .replace("mosquitto_sub ", f"mosquitto_sub -p {broker.port} ", 1)
+        )
+        done = subprocess.run(["sh", "-c", command], capture_output=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip(), "uptime was printed"
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_every_container_command_runs_against_the_project_broker(
     spawn: Callable[..., Proc],
-    collector: Callable[..., Collector],
-    settings: BrokerSettings,
     test_data: DatasetChoice,
     tmp_path: Path,
 ) -> None:
-    """Detector (training on first start) and the three sensor commands from compose work."""
-    services = _compose()["services"]
-    topics = Topics(settings.topic_root)
-    col = collector(topics.alerts_filter)
-    env_common = {
-        "FACTORYWATCH_MQTT_HOST": "127.0.0.1",
-        "FACTORYWATCH_MQTT_PORT": str(settings.port),
-        "FACTORYWATCH_MQTT_TOPIC_ROOT": settings.topic_root,
-    }
-    detector_svc = services["detector"]
-    detector_env = {
-        **detector_svc["environment"],
-        **env_common,
-        "FACTORYWATCH_DATA_DIR": str(tmp_path / "data"),
-        "FACTORYWATCH_MODEL_DIR": str(tmp_path / "models"),
-        "FACTORYWATCH_DETECTOR_STATE_DIR": str(tmp_path / "state"),
-        "FACTORYWATCH_DATASET": str(test_data.path),
-    }
-    extra = [] if test_data.verified else ["--no-verify"]
-    detector = spawn(*detector_svc["command"][1:], *extra, env=detector_env, name="detector")
-    detector.wait_log("telemetry_subscribed", timeout=180)
-    assert (tmp_path / "models" / "current").is_file(), "trained on first start"
-    sensors = [
-        spawn(
-            *services[name]["command"][1:],
-            env={**services[name]["environment"], **env_common},
-            name=name,
-        )
-        for name in services
-        if name.startswith("sensor-")
-    ]
-    machines = {
+    """Detector (training on first start) and the three sensors, as compose runs them, secured."""
+    compose = _compose()
+    services = compose["services"]
+    machines = [
         services[n]["command"][services[n]["command"].index("--machine-id") + 1]
         for n in services
         if n.startswith("sensor-")
-    }
-    deadline = time.monotonic() + 60
-    seen: set[str] = set()
-    while seen != machines and time.monotonic() < deadline:
-        seen = {
-            Verdict.model_validate_json(m.payload).machine_id
-            for m in col.matching(lambda m: m.topic.endswith("/verdict"))
-        }
-        time.sleep(0.2)
-    assert seen == machines
-    for proc in [*sensors, detector]:
-        assert proc.terminate() == 0, proc.log()[-2000:]
+    ]
+    secrets_dir = tmp_path / "secrets"
+    init_secrets(secrets_dir, tuple(machines))
+    with LocalBroker(tmp_path / "broker", secrets_dir=secrets_dir) as broker:
+        viewer = BrokerSettings().with_overrides(
+            port=broker.port, username="viewer", secrets_dir=secrets_dir
+        )
+        col = Collector(viewer, [Topics().alerts_filter], "compose-viewer")
+        try:
+            procs = []
+            for name in ["detector", *[n for n in services if n.startswith("sensor-")]]:
+                svc = services[name]
+                run_secrets = tmp_path / "run-secrets" / name
+                _mount_secrets(compose, svc, secrets_dir, run_secrets)
+                env = _localise(svc["environment"], svc, run_secrets, broker)
+                if name == "detector":
+                    env.update(
+                        {
+                            "FACTORYWATCH_DATA_DIR": str(tmp_path / "data"),
+                            "FACTORYWATCH_MODEL_DIR": str(tmp_path / "models"),
+                            "FACTORYWATCH_DETECTOR_STATE_DIR": str(tmp_path / "state"),
+                            "FACTORYWATCH_DATASET": str(test_data.path),
+                        }
+                    )
+                    extra = [] if test_data.verified else ["--no-verify"]
+                    proc = spawn(*svc["command"][1:], *extra, env=env, name=name)
+                    proc.wait_log("telemetry_subscribed", timeout=180)
+                    assert (tmp_path / "models" / "current").is_file(), "trained on first start"
+                else:
+                    proc = spawn(*svc["command"][1:], env=env, name=name)
+                procs.append(proc)
+            deadline = time.monotonic() + 60
+            seen: set[str] = set()
+            while seen != set(machines) and time.monotonic() < deadline:
+                seen = {
+                    Verdict.model_validate_json(m.payload).machine_id
+                    for m in col.matching(lambda m: m.topic.endswith("/verdict"))
+                }
+                time.sleep(0.2)
+            assert seen == set(machines)
+            for proc in reversed(procs):
+                assert proc.terminate() == 0, proc.log()[-2000:]
+        finally:
+            col.close()

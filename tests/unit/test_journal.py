@@ -15,7 +15,7 @@ def test_keys_survive_reopening(tmp_path: Path) -> None:
     first.record("m2", 7)
     # no close(): a killed process never closes its file, but each record was flushed
     second = SeenJournal(path, capacity=10)
-    assert second.keys() == [("m1", 5), ("m2", 7)]
+    assert second.entries() == [("m1", 5), ("m2", 7)]
     first.close()
     second.close()
 
@@ -29,7 +29,7 @@ def test_compaction_keeps_the_most_recent_capacity_keys(tmp_path: Path) -> None:
     journal.close()
     assert len(path.read_text().splitlines()) <= 6
     reopened = SeenJournal(path, capacity=3)
-    assert reopened.keys() == [("m", 17), ("m", 18), ("m", 19)]
+    assert reopened.entries() == [("m", 17), ("m", 18), ("m", 19)]
     reopened.close()
 
 
@@ -38,5 +38,5 @@ def test_torn_or_garbage_lines_are_ignored(tmp_path: Path) -> None:
     path = tmp_path / "det.seen"
     path.write_text("m1 1\nm1 2\nm1 \ngarbage\nm1 3")
     journal = SeenJournal(path, capacity=10)
-    assert journal.keys() == [("m1", 1), ("m1", 2), ("m1", 3)]
+    assert journal.entries() == [("m1", 1), ("m1", 2), ("m1", 3)]
     journal.close()
