@@ -222,11 +222,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
         args.trees, args.seed = DEFAULT_TREES, 0
         args.threshold_method, args.threshold_value = spec.method, spec.value
         train_model(args, data, promote=True)
-    model = artifact.load(data.model_dir)
+    settings = DetectorSettings().with_overrides(
+        client_id=args.client_id, state_dir=args.state_dir
+    )
+    model = artifact.load(data.model_dir, scorer=settings.scorer)
     broker = _broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="detector")
-    settings = DetectorSettings().with_overrides(client_id=args.client_id, state_dir=args.state_dir)
     stop = _stop_on_signals()
     service = DetectorService(settings, broker, data.model_dir, model)
     service.start()

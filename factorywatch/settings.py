@@ -6,7 +6,7 @@ Each is built once in the role's ``main`` and passed down; CLI flags override fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -106,6 +106,9 @@ class DetectorSettings(_Settings):
     explain_top_k: Annotated[int, Field(ge=0, le=16)] = 3
     reload_interval_s: Annotated[float, Field(gt=0)] = 5.0
     heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    scorer: Literal["fast", "sklearn"] = Field(
+        default="fast", description="sklearn = the prototype's per-call scikit-learn scoring"
+    )
     state_dir: Path = Field(
         default=PROJECT_DIR / "run" / "detector",
         description="where the journal of answered readings is kept (survives restarts)",

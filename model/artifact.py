@@ -25,10 +25,11 @@ import factorywatch
 from factorywatch.errors import ModelMismatchError, ModelNotFoundError
 from model.fastforest import FlatForest
 from model.features import DERIVED, required_channels
-from model.scoring import FloatArray, Scorer
+from model.scoring import FloatArray, Scorer, SklearnScorer
 from model.threshold import ThresholdSpec
 
 FORMAT_VERSION: Final = 1
+ScorerKind = Literal["fast", "sklearn"]
 CURRENT: Final = "current"
 MODEL_FILE: Final = "model.joblib"
 CARD_FILE: Final = "card.json"
@@ -138,7 +139,7 @@ def read_card(path: Path) -> ModelCard:
         return ModelCard.model_validate_json(path.read_text())
     except FileNotFoundError as exc:
         raise ModelNotFoundError(f"no model card at {path}") from exc
-    except ValidationError as exc:
+    except (ValidationError, UnicodeDecodeError) as exc:
         raise ModelMismatchError(
             f"model card {path} is not a format {FORMAT_VERSION} card: {exc}"
         ) from exc
@@ -164,8 +165,14 @@ def _check(card: ModelCard, forest: object) -> None:
         )
 
 
-def load(model_dir: Path, version: str | None = None) -> LoadedModel:
-    """Load ``version`` (default: the promoted one) and check it against this code."""
+def load(
+    model_dir: Path, version: str | None = None, *, scorer: ScorerKind = "fast"
+) -> LoadedModel:
+    """Load ``version`` (default: the promoted one) and check it against this code.
+
+    ``scorer="sklearn"`` scores with scikit-learn itself (the prototype's per-message path,
+    kept for benchmarks and cross-checks); ``"fast"`` uses the flattened forest.
+    """
     chosen = version or current_version(model_dir)
     if chosen is None:
         raise ModelNotFoundError(
@@ -182,7 +189,7 @@ def load(model_dir: Path, version: str | None = None) -> LoadedModel:
     return LoadedModel(
         card=card,
         forest=forest,
-        scorer=make_scorer(forest),
+        scorer=make_scorer(forest) if scorer == "fast" else SklearnScorer(forest),
         center=np.asarray(card.feature_center, dtype=np.float64),
         scale=np.asarray(card.feature_scale, dtype=np.float64),
     )

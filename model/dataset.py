@@ -124,6 +124,8 @@ def locate(explicit: Path | None, data_dir: Path, *, progress: Progress = _no_pr
 
 def load(path: Path, *, verify: bool = True) -> Dataset:
     """Load either CSV layout into canonical form; ``verify`` requires a known sha256."""
+    if not path.is_file():
+        raise DatasetError(f"{path} is not a file")
     digest = sha256_of(path)
     known = digest in KNOWN_SHA256
     if verify and not known:
@@ -139,6 +141,26 @@ def load(path: Path, *, verify: bool = True) -> Dataset:
     if missing:
         raise DatasetError(f"{path} lacks columns {missing}: not an AI4I layout")
     frame = raw[list(_SOURCE_COLUMNS)].rename(columns=_SOURCE_COLUMNS)
+    try:
+        layout = _add_labels(frame, raw, path)
+    except (ValueError, TypeError) as exc:  # empty or non-integer label cells
+        raise DatasetError(f"{path}: label columns must hold 0/1 in every row ({exc})") from exc
+    bad_types = set(frame["product_type"].unique()) - {"L", "M", "H"}
+    if bad_types:
+        raise DatasetError(f"{path}: unknown product types {sorted(bad_types)}")
+    try:
+        numeric = frame[list(AI4I_CHANNELS)].to_numpy(dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(f"{path}: non-numeric sensor values ({exc})") from exc
+    if not np.isfinite(numeric).all():
+        raise DatasetError(f"{path}: empty or non-finite sensor values")
+    if len(frame) == 0:
+        raise DatasetError(f"{path}: no data rows")
+    return Dataset(frame=frame, path=path, sha256=digest, layout=layout, verified=known)
+
+
+def _add_labels(frame: pd.DataFrame, raw: pd.DataFrame, path: Path) -> Layout:
+    """Add ``machine_failure`` and the five mode columns from either layout."""
     layout: Layout
     if "Machine failure" in raw.columns and all(m in raw.columns for m in FAILURE_MODES):
         layout = "uci"
@@ -157,13 +179,7 @@ def load(path: Path, *, verify: bool = True) -> Dataset:
             f"{path} has neither 'Machine failure'+TWF..RNF (UCI) nor 'Target'+'Failure Type' "
             "(Kaggle) label columns"
         )
-    bad_types = set(frame["product_type"].unique()) - {"L", "M", "H"}
-    if bad_types:
-        raise DatasetError(f"{path}: unknown product types {sorted(bad_types)}")
-    numeric = frame[list(AI4I_CHANNELS)]
-    if numeric.isna().any().any() or not np.isfinite(numeric.to_numpy(dtype=float)).all():
-        raise DatasetError(f"{path}: empty or non-finite sensor values")
-    return Dataset(frame=frame, path=path, sha256=digest, layout=layout, verified=known)
+    return layout
 
 
 def obtain(

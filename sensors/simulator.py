@@ -189,6 +189,8 @@ class MachineSimulator:
             v.wear = rng.uniform(245.0, 290.0)
         elif kind == "stuck_sensor":
             v.torque = 0.0
-        elif kind == "drift" and self._episode is not None:
-            progress = 1.0 - self._episode.left / self._episode.length
+        elif kind == "drift":
+            # Inside an episode the offset grows; a forced single reading gets the full drift.
+            episode = self._episode
+            progress = 1.0 - episode.left / episode.length if episode is not None else 1.0
             v.process += DRIFT_MAX_K * (0.25 + 0.75 * progress)

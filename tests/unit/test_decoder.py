@@ -85,7 +85,7 @@ def with_token(field: str, token: str) -> bytes:
     text = raw(reading()).decode()
     old = '"torque_nm": 40.0' if field == "torque_nm" else f'"ts": {NOW}'
     assert old in text
-    return text.replace(old, old.split(": ")[0] + ": " + token).encode()
+    return text.replace(old, old.split(": ", maxsplit=1)[0] + ": " + token).encode()
 
 
 def test_valid_reading_decodes() -> None:

@@ -121,9 +121,7 @@ def test_alerts_filter_covers_verdict_topics(root: str, line: str, machine: str)
     assert not topic_matches_sub(topics.alerts_filter, topics.telemetry(line, machine))
     assert not topic_matches_sub(topics.alerts_filter, topics.deadletter(line, machine))
     assert not topic_matches_sub(topics.alerts_filter, topics.status("detector", machine))
-    assert not topic_matches_sub(
-        topics.alerts_filter, Topics(f"{root}x").verdict(line, machine)
-    )
+    assert not topic_matches_sub(topics.alerts_filter, Topics(f"{root}x").verdict(line, machine))
 
 
 @pytest.mark.parametrize(("line", "machine"), IDS)

@@ -1,0 +1,202 @@
+"""detector.core.score: one verdict per reading, ALERT iff score > threshold, explanations."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from detector.core import score
+from factorywatch.contracts import Telemetry
+from model import artifact
+from model.artifact import LoadedModel
+from model.dataset import UCI_FILE, Dataset, load
+from model.features import DEFAULT_FEATURE_SET
+from model.train import fit
+from sensors.simulator import MachineSimulator
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+T0 = 1.7e9
+
+
+@pytest.fixture(scope="module")
+def dataset() -> Dataset:
+    """The real AI4I dataset."""
+    path = SHARED_DATA / UCI_FILE
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return load(path)
+
+
+def trained(
+    dataset: Dataset, directory: Path, feature_set: str, n_estimators: int = 20
+) -> LoadedModel:
+    """Fit, save, promote and load a model exactly as the detector would get it."""
+    forest, card = fit(dataset, feature_set=feature_set, n_estimators=n_estimators, seed=0)
+    artifact.save(directory, forest, card)
+    artifact.promote(directory, card.version)
+    return artifact.load(directory)
+
+
+@pytest.fixture(scope="module")
+def prototype(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """A tiny model on the prototype's features (air temperature and speed)."""
+    return trained(dataset, tmp_path_factory.mktemp("prototype"), "prototype")
+
+
+@pytest.fixture(scope="module")
+def physics(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """A tiny model on the default physics features."""
+    return trained(dataset, tmp_path_factory.mktemp("physics"), "physics")
+
+
+def typical(rpm: float = 1500.0, seq: int = 0, machine: str = "mill-01") -> Telemetry:
+    """An L-type reading with typical values (air 300 K, process 310 K, 40 Nm, 100 min)."""
+    return Telemetry(
+        machine_id=machine,
+        line="line1",
+        seq=seq,
+        ts=T0 + seq,
+        product_type="L",
+        readings={
+            "air_temperature_k": 300.0,
+            "process_temperature_k": 310.0,
+            "rotational_speed_rpm": rpm,
+            "torque_nm": 40.0,
+            "tool_wear_min": 100.0,
+        },
+    )
+
+
+def mixed_batch(n: int = 400) -> list[Telemetry]:
+    """Simulated readings of three machines with plenty of anomalies among them."""
+    sims = [MachineSimulator(f"m{i}", "line1", seed=i, anomaly_rate=0.3) for i in range(3)]
+    return [sims[i % 3].next(T0 + i) for i in range(n)]
+
+
+def test_empty_batch_gives_no_verdicts(prototype: LoadedModel) -> None:
+    """Scoring no readings returns an empty list."""
+    assert score(prototype, [], [], explain_top_k=3) == []
+
+
+@pytest.mark.parametrize("model_name", ["prototype", "physics"])
+def test_one_verdict_per_reading_in_order(model_name: str, request: pytest.FixtureRequest) -> None:
+    """Verdicts come back one per reading, in input order, with the reading's identity."""
+    model: LoadedModel = request.getfixturevalue(model_name)
+    batch = mixed_batch()
+    verdicts = score(model, batch, [0.0] * len(batch), explain_top_k=3)
+    assert len(verdicts) == len(batch)
+    for reading, verdict in zip(batch, verdicts, strict=True):
+        assert (verdict.machine_id, verdict.line, verdict.seq, verdict.reading_ts) == (
+            reading.machine_id,
+            reading.line,
+            reading.seq,
+            reading.ts,
+        )
+        assert verdict.model_version == model.version
+        assert verdict.threshold == model.card.threshold
+
+
+@pytest.mark.parametrize("model_name", ["prototype", "physics"])
+def test_status_is_alert_iff_score_above_threshold(
+    model_name: str, request: pytest.FixtureRequest
+) -> None:
+    """Every verdict is ALERT exactly when its score exceeds the threshold; both occur."""
+    model: LoadedModel = request.getfixturevalue(model_name)
+    batch = mixed_batch()
+    verdicts = score(model, batch, [0.0] * len(batch), explain_top_k=3)
+    for v in verdicts:
+        assert (v.status == "ALERT") == (v.score > v.threshold)
+        assert 0.0 < v.score <= 1.0
+    assert {v.status for v in verdicts} == {"ALERT", "NORMAL"}
+
+
+def test_score_equal_to_threshold_is_normal(prototype: LoadedModel) -> None:
+    """The comparison is strict: a score exactly at the threshold is NORMAL."""
+    reading = typical(rpm=2800.0)
+    exact = score(prototype, [reading], [0.0], explain_top_k=3)[0].score
+    at_cut = dataclasses.replace(
+        prototype, card=prototype.card.model_copy(update={"threshold": exact})
+    )
+    verdict = score(at_cut, [reading], [0.0], explain_top_k=3)[0]
+    assert verdict.score == verdict.threshold
+    assert verdict.status == "NORMAL"
+
+
+def test_batch_scores_equal_single_scores(physics: LoadedModel) -> None:
+    """Scoring a batch gives each reading the score it gets on its own."""
+    batch = mixed_batch(60)
+    together = [v.score for v in score(physics, batch, [0.0] * len(batch), explain_top_k=0)]
+    alone = [score(physics, [r], [0.0], explain_top_k=0)[0].score for r in batch]
+    assert together == alone
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 2, 3, 16])
+def test_explanation_only_on_alert_and_at_most_top_k(physics: LoadedModel, top_k: int) -> None:
+    """Only ALERT verdicts explain themselves, with at most explain_top_k model features."""
+    batch = mixed_batch()
+    verdicts = score(physics, batch, [0.0] * len(batch), explain_top_k=top_k)
+    for v in verdicts:
+        if v.status == "NORMAL" or top_k == 0:
+            assert v.explanation is None
+        else:
+            assert v.explanation is not None
+            assert 1 <= len(v.explanation) <= top_k
+            assert len(v.explanation) == min(top_k, len(physics.card.features))
+            assert {c.feature for c in v.explanation} <= set(physics.card.features)
+            zs = [abs(c.z) for c in v.explanation]
+            assert zs == sorted(zs, reverse=True)
+
+
+def test_rpm_spike_alerts_and_typical_reading_is_normal(prototype: LoadedModel) -> None:
+    """The prototype's 2800 rpm reading is ALERT, explained by speed; a typical one is NORMAL."""
+    spike, normal = score(
+        prototype, [typical(rpm=2800.0, seq=0), typical(seq=1)], [0.0, 0.0], explain_top_k=3
+    )
+    assert spike.status == "ALERT"
+    assert spike.explanation is not None
+    assert spike.explanation[0].feature == "rotational_speed_rpm"
+    assert spike.explanation[0].value == 2800.0
+    assert spike.explanation[0].z > 3.0
+    assert normal.status == "NORMAL"
+    assert normal.explanation is None
+    assert spike.score > normal.score
+
+
+def test_typical_reading_is_normal_for_physics_model(physics: LoadedModel) -> None:
+    """A typical reading is NORMAL under the physics features too."""
+    assert score(physics, [typical()], [0.0], explain_top_k=3)[0].status == "NORMAL"
+
+
+def test_default_model_flags_rpm_spike_and_passes_typical_reading(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    """A model trained with every default (as `factorywatch train` does) flags 2800 rpm only."""
+    forest, card = fit(dataset, feature_set=DEFAULT_FEATURE_SET, seed=0)
+    artifact.save(tmp_path, forest, card)
+    artifact.promote(tmp_path, card.version)
+    model = artifact.load(tmp_path)
+    spike, normal = score(
+        model, [typical(rpm=2800.0, seq=0), typical(seq=1)], [0.0, 0.0], explain_top_k=3
+    )
+    assert (spike.status, normal.status) == ("ALERT", "NORMAL")
+
+
+def test_latency_is_measured_from_receipt(prototype: LoadedModel) -> None:
+    """latency_ms is the perf-clock time from each reading's receipt to scoring, in ms."""
+    verdicts = score(
+        prototype,
+        [typical(seq=0), typical(seq=1)],
+        [9.75, 9.9995],
+        explain_top_k=0,
+        perf_clock=lambda: 10.0,
+    )
+    assert [v.latency_ms for v in verdicts] == [250.0, 0.5]
+
+
+def test_verdicts_encode_to_strict_json(physics: LoadedModel) -> None:
+    """Every verdict of a mixed batch encodes without NaN and decodes back equal."""
+    batch = mixed_batch(100)
+    for v in score(physics, batch, [0.0] * len(batch), explain_top_k=3):
+        assert type(v).model_validate_json(v.encode()) == v

@@ -1,0 +1,330 @@
+"""The AI4I dataset: both real layouts load, checksums are enforced, bad CSVs fail clearly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from factorywatch.contracts import AI4I_CHANNELS
+from factorywatch.errors import DatasetChecksumError, DatasetError
+from model.dataset import (
+    FAILURE_MODES,
+    KAGGLE_FILE,
+    KNOWN_SHA256,
+    LABEL,
+    UCI_FILE,
+    Dataset,
+    load,
+    locate,
+    obtain,
+    sha256_of,
+)
+from model.features import PRODUCT_TYPE_COLUMN
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+UCI_PATH = SHARED_DATA / UCI_FILE
+KAGGLE_PATH = SHARED_DATA / KAGGLE_FILE
+
+real_data = pytest.mark.skipif(
+    not (UCI_PATH.is_file() and KAGGLE_PATH.is_file()),
+    reason=f"reference AI4I files not present in {SHARED_DATA}",
+)
+
+UCI_HEADER = (
+    "UDI,Product ID,Type,Air temperature [K],Process temperature [K],Rotational speed [rpm],"
+    "Torque [Nm],Tool wear [min],Machine failure,TWF,HDF,PWF,OSF,RNF"
+)
+UCI_ROWS = [
+    "1,M14860,M,298.1,308.6,1551,42.8,0,0,0,0,0,0,0",
+    "2,L47181,L,298.2,308.7,1408,46.3,3,0,0,0,0,0,0",
+    "3,L47182,L,298.1,308.5,1498,49.4,5,1,0,0,0,1,0",
+    "4,H29424,H,298.2,308.6,1433,39.5,7,0,0,0,0,0,0",
+]
+
+
+def write_csv(path: Path, header: str, rows: list[str]) -> Path:
+    """Write a small CSV file and return its path."""
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def with_cell(row: str, index: int, value: str) -> str:
+    """``row`` with its ``index``-th cell replaced by ``value``."""
+    cells = row.split(",")
+    cells[index] = value
+    return ",".join(cells)
+
+
+@pytest.fixture(scope="module")
+def uci() -> Dataset:
+    """The real UCI file, verified."""
+    if not UCI_PATH.is_file():
+        pytest.skip(f"{UCI_PATH} not present")
+    return load(UCI_PATH)
+
+
+@pytest.fixture(scope="module")
+def kaggle() -> Dataset:
+    """The real Kaggle file, verified."""
+    if not KAGGLE_PATH.is_file():
+        pytest.skip(f"{KAGGLE_PATH} not present")
+    return load(KAGGLE_PATH)
+
+
+# -- the real files --------------------------------------------------------------------------
+
+
+def test_uci_layout_loads_with_documented_counts(uci: Dataset) -> None:
+    """ai4i2020.csv loads as the UCI layout: 10000 rows, 339 failures, L/M/H 6000/2997/1003."""
+    frame = uci.frame
+    assert (uci.layout, uci.verified) == ("uci", True)
+    assert len(frame) == 10_000
+    assert int(frame[LABEL].sum()) == 339
+    assert frame["product_type"].value_counts().to_dict() == {"L": 6000, "M": 2997, "H": 1003}
+    modes = {m: int(frame[m].sum()) for m in FAILURE_MODES}
+    assert modes == {"TWF": 46, "HDF": 115, "PWF": 95, "OSF": 98, "RNF": 19}
+
+
+def test_kaggle_layout_loads_with_documented_counts(kaggle: Dataset) -> None:
+    """predictive_maintenance.csv loads as the Kaggle layout with the documented counts."""
+    frame = kaggle.frame
+    assert (kaggle.layout, kaggle.verified) == ("kaggle", True)
+    assert len(frame) == 10_000
+    assert int(frame[LABEL].sum()) == 339
+    assert frame["product_type"].value_counts().to_dict() == {"L": 6000, "M": 2997, "H": 1003}
+    modes = {m: int(frame[m].sum()) for m in FAILURE_MODES}
+    assert modes == {"TWF": 45, "HDF": 112, "PWF": 95, "OSF": 78, "RNF": 18}
+
+
+def test_both_layouts_share_sensor_values_and_labels(uci: Dataset, kaggle: Dataset) -> None:
+    """The two files hold identical sensor columns and the same failure label per row."""
+    for channel in AI4I_CHANNELS:
+        np.testing.assert_array_equal(uci.frame[channel], kaggle.frame[channel])
+    np.testing.assert_array_equal(uci.frame[LABEL], kaggle.frame[LABEL])
+
+
+def test_canonical_frame_columns(uci: Dataset) -> None:
+    """The canonical frame has exactly product type, channels, label and the five modes."""
+    expected = ["product_type", *AI4I_CHANNELS, LABEL, *FAILURE_MODES]
+    assert list(uci.frame.columns) == expected
+
+
+def test_columns_feed_compute_features(uci: Dataset) -> None:
+    """Dataset.columns gives float channel arrays plus product codes 0/1/2."""
+    cols = uci.columns()
+    assert set(cols) == {*AI4I_CHANNELS, PRODUCT_TYPE_COLUMN}
+    assert all(col.dtype == np.float64 and len(col) == 10_000 for col in cols.values())
+    assert set(np.unique(cols[PRODUCT_TYPE_COLUMN]).tolist()) == {0.0, 1.0, 2.0}
+
+
+# -- checksums -------------------------------------------------------------------------------
+
+
+@real_data
+def test_known_files_have_their_documented_sha256() -> None:
+    """The shared files' sha256 values are the ones the loader knows."""
+    assert KNOWN_SHA256[sha256_of(UCI_PATH)] == UCI_FILE
+    assert KNOWN_SHA256[sha256_of(KAGGLE_PATH)] == KAGGLE_FILE
+
+
+@real_data
+def test_modified_copy_fails_verification(tmp_path: Path) -> None:
+    """A copy with one changed cell raises DatasetChecksumError naming --no-verify."""
+    text = UCI_PATH.read_bytes()
+    modified = tmp_path / UCI_FILE
+    modified.write_bytes(text.replace(b"M14860,M,298.1", b"M14860,M,298.2", 1))
+    assert modified.read_bytes() != text
+    with pytest.raises(DatasetChecksumError, match="--no-verify"):
+        load(modified)
+
+
+@real_data
+def test_modified_copy_loads_without_verification(tmp_path: Path) -> None:
+    """With verify=False the modified copy loads and is marked unverified."""
+    modified = tmp_path / UCI_FILE
+    modified.write_bytes(UCI_PATH.read_bytes().replace(b"M14860,M,298.1", b"M14860,M,298.2", 1))
+    loaded = load(modified, verify=False)
+    assert (loaded.layout, loaded.verified, len(loaded.frame)) == ("uci", False, 10_000)
+    assert loaded.frame["air_temperature_k"].iloc[0] == 298.2
+
+
+def test_small_uci_csv_loads_without_verification(tmp_path: Path) -> None:
+    """A small CSV in the UCI layout loads with verify=False (the --no-verify path)."""
+    path = write_csv(tmp_path / "mine.csv", UCI_HEADER, UCI_ROWS)
+    with pytest.raises(DatasetChecksumError):
+        load(path)
+    loaded = load(path, verify=False)
+    assert (loaded.layout, loaded.verified, loaded.path) == ("uci", False, path)
+    assert loaded.frame["product_type"].tolist() == ["M", "L", "L", "H"]
+    assert loaded.frame[LABEL].tolist() == [0, 0, 1, 0]
+    assert loaded.frame["OSF"].tolist() == [0, 0, 1, 0]
+    assert loaded.frame["torque_nm"].tolist() == [42.8, 46.3, 49.4, 39.5]
+
+
+def test_small_kaggle_csv_loads_without_verification(tmp_path: Path) -> None:
+    """A small CSV in the Kaggle layout maps 'Failure Type' text onto the mode columns."""
+    header = UCI_HEADER.split(",Machine failure", maxsplit=1)[0] + ",Target,Failure Type"
+    rows = [
+        "1,M14860,M,298.1,308.6,1551,42.8,0,0,No Failure",
+        "2,L47181,L,298.2,308.7,1408,46.3,3,1,Power Failure",
+        "3,L47182,L,298.1,308.5,1498,49.4,5,0,Random Failures",
+    ]
+    loaded = load(write_csv(tmp_path / "k.csv", header, rows), verify=False)
+    assert loaded.layout == "kaggle"
+    assert loaded.frame[LABEL].tolist() == [0, 1, 0]
+    assert loaded.frame["PWF"].tolist() == [0, 1, 0]
+    assert loaded.frame["RNF"].tolist() == [0, 0, 1]
+
+
+# -- bad CSVs --------------------------------------------------------------------------------
+
+
+def test_missing_columns_are_named(tmp_path: Path) -> None:
+    """A CSV without a sensor column raises DatasetError naming that column."""
+    header = UCI_HEADER.replace("Torque [Nm]", "Torque")
+    path = write_csv(tmp_path / "bad.csv", header, UCI_ROWS)
+    with pytest.raises(DatasetError, match=r"lacks columns \['Torque \[Nm\]'\]"):
+        load(path, verify=False)
+
+
+def test_missing_label_columns_are_explained(tmp_path: Path) -> None:
+    """A CSV with sensor columns but no label columns raises DatasetError naming both layouts."""
+    header = UCI_HEADER.split(",Machine failure", maxsplit=1)[0]
+    rows = [row.rsplit(",", 6)[0] for row in UCI_ROWS]
+    path = write_csv(tmp_path / "nolabel.csv", header, rows)
+    with pytest.raises(DatasetError, match=r"Machine failure.*Target"):
+        load(path, verify=False)
+
+
+def test_unknown_product_types_are_named(tmp_path: Path) -> None:
+    """A product type other than L/M/H raises DatasetError naming it."""
+    rows = [*UCI_ROWS, with_cell(UCI_ROWS[0], 2, "X")]
+    with pytest.raises(DatasetError, match=r"unknown product types \['X'\]"):
+        load(write_csv(tmp_path / "types.csv", UCI_HEADER, rows), verify=False)
+
+
+@pytest.mark.parametrize("index", [3, 4, 5, 6, 7], ids=list(AI4I_CHANNELS))
+def test_empty_sensor_cells_are_rejected(tmp_path: Path, index: int) -> None:
+    """An empty sensor cell raises DatasetError saying values are empty."""
+    rows = [UCI_ROWS[0], with_cell(UCI_ROWS[1], index, "")]
+    with pytest.raises(DatasetError, match="empty or non-finite"):
+        load(write_csv(tmp_path / "empty.csv", UCI_HEADER, rows), verify=False)
+
+
+def test_empty_product_type_cell_is_rejected(tmp_path: Path) -> None:
+    """An empty Type cell raises DatasetError."""
+    rows = [UCI_ROWS[0], with_cell(UCI_ROWS[1], 2, "")]
+    with pytest.raises(DatasetError, match="product types"):
+        load(write_csv(tmp_path / "empty_type.csv", UCI_HEADER, rows), verify=False)
+
+
+@pytest.mark.parametrize("index", [8, 9, 13], ids=["Machine failure", "TWF", "RNF"])
+def test_empty_label_cells_are_rejected(tmp_path: Path, index: int) -> None:
+    """An empty label cell raises DatasetError rather than a pandas error."""
+    rows = [UCI_ROWS[0], with_cell(UCI_ROWS[1], index, "")]
+    with pytest.raises(DatasetError):
+        load(write_csv(tmp_path / "empty_label.csv", UCI_HEADER, rows), verify=False)
+
+
+def test_non_numeric_sensor_cell_is_rejected(tmp_path: Path) -> None:
+    """A non-numeric sensor value raises DatasetError rather than a bare ValueError."""
+    rows = [UCI_ROWS[0], with_cell(UCI_ROWS[1], 6, "abc")]
+    with pytest.raises(DatasetError):
+        load(write_csv(tmp_path / "abc.csv", UCI_HEADER, rows), verify=False)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_sensor_cells_are_rejected(tmp_path: Path, value: str) -> None:
+    """inf and nan sensor values raise DatasetError."""
+    rows = [UCI_ROWS[0], with_cell(UCI_ROWS[1], 6, value)]
+    with pytest.raises(DatasetError, match="non-finite"):
+        load(write_csv(tmp_path / "inf.csv", UCI_HEADER, rows), verify=False)
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00\x01garbage\n"])
+def test_unreadable_files_raise_dataset_error(tmp_path: Path, content: bytes) -> None:
+    """An empty or non-UTF-8 file raises DatasetError saying it cannot be read."""
+    path = tmp_path / "junk.csv"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match="cannot read"):
+        load(path, verify=False)
+
+
+def test_load_returns_a_pandas_frame(tmp_path: Path) -> None:
+    """The loaded frame is a pandas DataFrame with integer labels."""
+    loaded = load(write_csv(tmp_path / "mine.csv", UCI_HEADER, UCI_ROWS), verify=False)
+    assert isinstance(loaded.frame, pd.DataFrame)
+    assert loaded.frame[LABEL].dtype.kind == "i"
+
+
+# -- locating the file -----------------------------------------------------------------------
+
+
+def test_locate_prefers_the_explicit_path(tmp_path: Path) -> None:
+    """An explicit file wins over a dataset already in data_dir."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_csv(data_dir / KAGGLE_FILE, UCI_HEADER, UCI_ROWS)
+    explicit = write_csv(tmp_path / "mine.csv", UCI_HEADER, UCI_ROWS)
+    assert locate(explicit, data_dir) == explicit
+
+
+@pytest.mark.parametrize("name", [KAGGLE_FILE, UCI_FILE])
+def test_locate_finds_a_file_in_data_dir(tmp_path: Path, name: str) -> None:
+    """Without an explicit path, a dataset file already in data_dir is used."""
+    path = write_csv(tmp_path / name, UCI_HEADER, UCI_ROWS)
+    assert locate(None, tmp_path) == path
+
+
+def test_locate_prefers_kaggle_file_when_both_are_present(tmp_path: Path) -> None:
+    """With both files in data_dir, the Kaggle file is chosen (the download's name)."""
+    write_csv(tmp_path / UCI_FILE, UCI_HEADER, UCI_ROWS)
+    kaggle = write_csv(tmp_path / KAGGLE_FILE, UCI_HEADER, UCI_ROWS)
+    assert locate(None, tmp_path) == kaggle
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_locate_rejects_a_bad_explicit_path(tmp_path: Path, kind: str) -> None:
+    """A nonexistent explicit path (or a directory) raises DatasetError mentioning --dataset."""
+    explicit = tmp_path / "nope.csv"
+    if kind == "directory":
+        explicit.mkdir()
+    write_csv(tmp_path / UCI_FILE, UCI_HEADER, UCI_ROWS)  # must not be used as a fallback
+    with pytest.raises(DatasetError, match="--dataset"):
+        locate(explicit, tmp_path)
+
+
+def test_obtain_locates_and_loads(tmp_path: Path) -> None:
+    """obtain() loads the located file and reports progress."""
+    messages: list[str] = []
+    path = write_csv(tmp_path / "mine.csv", UCI_HEADER, UCI_ROWS)
+    loaded = obtain(path, tmp_path, verify=False, progress=messages.append)
+    assert len(loaded.frame) == 4
+    assert any(str(path) in m for m in messages)
+
+
+@pytest.mark.timeout(60)
+def test_offline_download_fails_with_guidance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline with an empty data_dir, the real kagglehub fails and we explain the way out."""
+    # Keep kagglehub away from the user's cache and credentials; our code runs unpatched.
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub-cache"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
+    data_dir = tmp_path / "empty"
+    data_dir.mkdir()
+    started = time.monotonic()
+    with pytest.raises(DatasetError) as info:
+        locate(None, data_dir)
+    assert time.monotonic() - started < 20.0
+    message = str(info.value)
+    assert "--dataset" in message
+    assert "FACTORYWATCH_DATASET" in message
+    assert list(data_dir.iterdir()) == []
