@@ -14,7 +14,11 @@ from model.features import FEATURE_SETS, compute_features, required_channels
 from model.scoring import SklearnScorer, robust_center_scale
 from model.threshold import ThresholdSpec, calibrate
 
-DEFAULT_TREES = 200
+DEFAULT_TREES = 300
+# Sub-sample size per tree: 1024 (sklearn's "auto" is 256) lets each tree resolve the thin
+# regions next to the failure boundaries; it is capped at the number of training rows.
+DEFAULT_MAX_SAMPLES = 1024
+DEFAULT_MAX_FEATURES = 1.0
 
 
 def fit(
@@ -22,7 +26,8 @@ def fit(
     *,
     feature_set: str,
     n_estimators: int = DEFAULT_TREES,
-    max_samples: int | str = "auto",
+    max_samples: int | float | str = DEFAULT_MAX_SAMPLES,
+    max_features: float = DEFAULT_MAX_FEATURES,
     seed: int = 0,
     threshold: ThresholdSpec | None = None,
     rows: np.ndarray | None = None,
@@ -37,8 +42,14 @@ def fit(
     if rows is not None:
         matrix = matrix[rows]
     progress(f"fitting {n_estimators} trees on {len(matrix)} rows x {len(features)} features")
+    # An integer sub-sample larger than the data would make sklearn warn and shrink it anyway.
+    samples = min(max_samples, len(matrix)) if isinstance(max_samples, int) else max_samples
     forest = IsolationForest(
-        n_estimators=n_estimators, max_samples=max_samples, random_state=seed, n_jobs=1
+        n_estimators=n_estimators,
+        max_samples=samples,
+        max_features=max_features,
+        random_state=seed,
+        n_jobs=1,
     ).fit(matrix)
     train_scores = SklearnScorer(forest).score(matrix)
     cut = calibrate(train_scores, spec)
@@ -54,7 +65,8 @@ def fit(
         threshold_spec=spec,
         params={
             "n_estimators": n_estimators,
-            "max_samples": max_samples,
+            "max_samples": samples,
+            "max_features": max_features,
             "random_state": seed,
         },
         data=DataInfo(
