@@ -13,15 +13,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import paho.mqtt.client as mqtt
 import structlog
+from pydantic import ValidationError
 
+from detector.alerting import AlertPolicy, AlertTracker
 from detector.core import Decoder, Received, dead_letter, score
 from detector.dedup import SeenCache
 from detector.journal import SeenJournal
+from detector.metrics import Metrics, serve
 from factorywatch import mqtt as fwmqtt
-from factorywatch.contracts import ClientStatus
+from factorywatch.contracts import AckCommand, AlertEvent, ClientStatus, Verdict
 from factorywatch.errors import ModelError, PayloadError
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import UNKNOWN, Topics
@@ -71,6 +75,19 @@ class DetectorService:
         self.model = model
         self.topics = Topics(broker.topic_root)
         self.counters = Counters()
+        self.metrics = Metrics()
+        self.metrics.set_model(model.version)
+        self.tracker = AlertTracker(
+            AlertPolicy(
+                k=settings.alert_k,
+                n=settings.alert_n,
+                m=settings.alert_m,
+                offline_after_s=settings.offline_after_s,
+            )
+        )
+        self._state_published: set[str] = set()
+        self._http: WSGIServer | None = None
+        self._last_loop = time.monotonic()
         self._inbox: queue.Queue[tuple[Received, int, int]] = queue.Queue()
         self._seen = SeenCache(settings.dedup_size)
         self._journal = SeenJournal(
@@ -84,6 +101,7 @@ class DetectorService:
         self._early: set[int] = set()
         self._waiter = fwmqtt.ConnectWaiter()
         self._decoder = self._make_decoder(model)
+        self._telemetry_prefix = f"{self.topics.root}/telemetry/"
         status_topic = self.topics.status("detector", settings.client_id)
         self._status_topic = status_topic
         offline = ClientStatus(role="detector", client_id=settings.client_id, state="offline")
@@ -111,7 +129,14 @@ class DetectorService:
         if reason_code.is_failure:
             log.error("broker_refused", reason=str(reason_code))
             return
-        client.subscribe(self.topics.telemetry_filter, qos=fwmqtt.QOS)
+        client.subscribe(
+            [
+                (self.topics.telemetry_filter, fwmqtt.QOS),
+                (self.topics.ack_filter, fwmqtt.QOS),
+                (self.topics.sensor_status_filter, fwmqtt.QOS),
+            ]
+        )
+        self.metrics.connected.set(1)
         self._publish(self._status_topic, self._status("online"), None, retain=True)
         log.info(
             "broker_connected",
@@ -127,6 +152,7 @@ class DetectorService:
             log.info("telemetry_subscribed", filter=self.topics.telemetry_filter)
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
+        self.metrics.connected.set(0)
         log.warning("broker_disconnected", reason=str(reason_code))
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
@@ -143,6 +169,7 @@ class DetectorService:
     ) -> None:
         if fwmqtt.reason_failed(reason_code):
             self.counters.publish_failures += 1
+            self.metrics.publish_failures.inc()
             log.error("publish_refused", mid=mid, reason=str(reason_code))
         with self._lock:
             if mid not in self._pending:
@@ -188,8 +215,31 @@ class DetectorService:
         ).encode()
 
     # -- the worker loop (main thread) ------------------------------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Healthy while connected and the worker loop turned within the last 10 s."""
+        connected = self.client.is_connected()
+        loop_age = time.monotonic() - self._last_loop
+        detail = {
+            "connected": connected,
+            "loop_age_s": round(loop_age, 3),
+            "model_version": self.model.version,
+            "inbox": self._inbox.qsize(),
+        }
+        return connected and loop_age < 10.0, detail
+
     def start(self) -> None:
         """Connect (bounded retries) with a persistent session and subscribe."""
+        if self.settings.metrics_port:
+            try:
+                self._http = serve(
+                    self.metrics,
+                    self.health,
+                    self.settings.metrics_host,
+                    self.settings.metrics_port,
+                )
+                log.info("metrics_serving", port=self.settings.metrics_port)
+            except OSError as exc:  # detection matters more than its metrics: keep going
+                log.error("metrics_unavailable", port=self.settings.metrics_port, error=str(exc))
         fwmqtt.connect(
             self.client,
             self.broker,
@@ -204,7 +254,10 @@ class DetectorService:
         next_heartbeat = time.monotonic() + self.settings.heartbeat_s
         while not stop.is_set():
             self._process(self._next_batch(timeout=0.2))
+            self._publish_events(self.tracker.tick(time.time()), None)
             now = time.monotonic()
+            self._last_loop = now
+            self.metrics.inbox.set(self._inbox.qsize())
             if now >= next_reload:
                 self.maybe_reload()
                 next_reload = now + self.settings.reload_interval_s
@@ -226,9 +279,23 @@ class DetectorService:
         return batch
 
     def _process(self, batch: list[tuple[Received, int, int]]) -> None:
+        """Score the batch's readings in one call; commands and statuses keep their order."""
+        readings: list[tuple[Received, int, int]] = []
+        for item in batch:
+            topic = item[0].topic
+            if topic.startswith(self._telemetry_prefix):
+                readings.append(item)
+                continue
+            self._score(readings)  # what arrived before a command is handled before it
+            readings = []
+            self._control(*item)
+        self._score(readings)
+
+    def _score(self, batch: list[tuple[Received, int, int]]) -> None:
         if not batch:
             return
         self.counters.received += len(batch)
+        self.metrics.readings.inc(len(batch))
         valid, perf, targets = [], [], []
         for received, mid, qos in batch:
             target = _AckTarget(mid=mid, qos=qos, remaining=1)
@@ -239,29 +306,107 @@ class DetectorService:
                 continue
             if self._seen.seen((reading.machine_id, reading.seq)):
                 self.counters.duplicates += 1
+                self.metrics.duplicates.inc()
                 self.client.ack(mid, qos)
                 continue
             target.key = (reading.machine_id, reading.seq)
             valid.append(reading)
             perf.append(received.received_perf)
             targets.append(target)
+        if not valid:
+            return
         verdicts = score(self.model, valid, perf, explain_top_k=self.settings.explain_top_k)
+        self.metrics.batch_size.observe(len(valid))
+        now = time.time()
         for verdict, target in zip(verdicts, targets, strict=True):
+            events = self.tracker.observe(verdict, now)
+            first = verdict.machine_id not in self._state_published
+            target.remaining = 1 + len(events) + int(bool(events) or first)
             self._publish(
                 self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode(), target
             )
-            self.counters.verdicts += 1
-            if verdict.status == "ALERT":
-                self.counters.alerts += 1
-                log.info(
-                    "alert_published",
-                    machine_id=verdict.machine_id,
-                    seq=verdict.seq,
-                    score=round(verdict.score, 4),
-                )
+            self._count(verdict)
+            self._publish_events(events, target, force_state=first, machine=verdict)
+
+    def _count(self, verdict: Verdict) -> None:
+        self.counters.verdicts += 1
+        self.metrics.verdicts.labels(status=verdict.status).inc()
+        self.metrics.latency.observe(verdict.latency_ms / 1000.0)
+        if verdict.status == "ALERT":
+            self.counters.alerts += 1
+            self.metrics.alerts.labels(machine=verdict.machine_id).inc()
+            log.debug(
+                "alert_published",
+                machine_id=verdict.machine_id,
+                seq=verdict.seq,
+                score=round(verdict.score, 4),
+            )
+
+    def _publish_events(
+        self,
+        events: list[AlertEvent],
+        target: _AckTarget | None,
+        *,
+        force_state: bool = False,
+        machine: Verdict | None = None,
+    ) -> None:
+        """Publish alert events, then the machine's retained state once per batch of events."""
+        changed: dict[str, str] = {}
+        for event in events:
+            self._publish(self.topics.event(event.line, event.machine_id), event.encode(), target)
+            self.metrics.events.labels(event=event.event).inc()
+            changed[event.machine_id] = event.line
+            log.info(
+                "alert_event_published",
+                machine_id=event.machine_id,
+                kind=event.event,
+                peak_score=event.peak_score,
+            )
+        if force_state and machine is not None:
+            changed[machine.machine_id] = machine.line
+        for machine_id, line in changed.items():
+            state = self.tracker.state(machine_id)
+            self._publish(self.topics.state(line, machine_id), state.encode(), target, retain=True)
+            self._state_published.add(machine_id)
+
+    def _control(self, received: Received, mid: int, qos: int) -> None:
+        """An operator's acknowledgement or a sensor's status (its last will)."""
+        target = _AckTarget(mid=mid, qos=qos, remaining=1)
+        now = time.time()
+        try:
+            if "/commands/" in received.topic:
+                _, machine = self.topics.parse_ack(received.topic)
+                try:
+                    command = AckCommand.model_validate_json(received.payload)
+                except ValidationError as exc:
+                    raise PayloadError("schema", str(exc).splitlines()[0]) from None
+                if command.machine_id != machine:
+                    raise PayloadError("topic_mismatch", "ack for another machine")
+                events = self.tracker.acknowledge(command, now)
+            else:
+                machine = self.topics.parse_sensor_status(received.topic)
+                if not received.payload:
+                    events = []  # a cleared retained status
+                else:
+                    status = ClientStatus.model_validate_json(received.payload)
+                    events = (
+                        self.tracker.sensor_offline(machine, now)
+                        if status.state == "offline"
+                        else []
+                    )
+        except (PayloadError, ValidationError, ValueError) as exc:
+            error = exc if isinstance(exc, PayloadError) else PayloadError("schema", str(exc))
+            self._reject(received, error, target)
+            return
+        if not events:
+            self.client.ack(mid, qos)
+            return
+        target.remaining = len(events) + len({e.machine_id for e in events})
+        self._publish_events(events, target)
 
     def _reject(self, received: Received, error: PayloadError, target: _AckTarget) -> None:
         self.counters.dead_letters += 1
+        self.metrics.dead_letters.labels(reason=error.reason).inc()
         self.counters.by_reason[error.reason] = self.counters.by_reason.get(error.reason, 0) + 1
         try:
             line, machine = self.topics.parse_telemetry(received.topic)
@@ -286,6 +431,7 @@ class DetectorService:
         previous = self.model.version
         self.model, self._decoder = model, self._make_decoder(model)
         self.counters.reloads += 1
+        self.metrics.set_model(version)
         log.info("model_reloaded", previous=previous, version=version)
         return True
 
@@ -310,4 +456,6 @@ class DetectorService:
         self.client.loop_stop()
         with self._journal_lock:
             self._journal.close()
+        if self._http is not None:
+            self._http.shutdown()
         log.info("detector_stopped", **vars(self.counters))

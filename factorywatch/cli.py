@@ -201,6 +201,9 @@ def _add_detect(sub: Any) -> None:
     _data_options(p)
     p.add_argument("--client-id", help="fixed MQTT client id (persistent session)")
     p.add_argument("--state-dir", type=Path, help="journal of answered readings (run/detector)")
+    p.add_argument(
+        "--metrics-port", type=int, help="Prometheus /metrics and /healthz (9108; 0 = off)"
+    )
     p.add_argument("--train-if-missing", action="store_true", help="train when no model exists")
     p.add_argument("--feature-set", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_detect)
@@ -223,7 +226,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         args.threshold_method, args.threshold_value = spec.method, spec.value
         train_model(args, data, promote=True)
     settings = DetectorSettings().with_overrides(
-        client_id=args.client_id, state_dir=args.state_dir
+        client_id=args.client_id, state_dir=args.state_dir, metrics_port=args.metrics_port
     )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     broker = _broker_settings(args)
@@ -433,6 +436,37 @@ def cmd_broker_remove_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_watch(sub: Any) -> None:
+    p = sub.add_parser("watch", help="live terminal dashboard of every machine's alert state")
+    _broker_options(p)
+    p.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    p.add_argument("--once", action="store_true", help="print the current table once and exit")
+    p.add_argument("--refresh", type=float, default=4.0, help="redraws per second (default 4)")
+    p.add_argument("--history", type=int, default=30, help="scores per machine in the sparkline")
+    p.set_defaults(func=cmd_watch)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """``factorywatch watch``: one row per machine until Ctrl-C (works over SSH)."""
+    from rich.console import Console  # noqa: PLC0415
+
+    from factorywatch.dashboard import run_watch  # noqa: PLC0415
+
+    broker = _broker_settings(args)
+    if broker.secrets_dir is not None and broker.username is None:
+        broker = broker.with_overrides(username="viewer")
+    run_watch(
+        broker,
+        _stop_on_signals(),
+        Console(),
+        duration=args.duration,
+        once=args.once,
+        refresh_per_second=args.refresh,
+        history=args.history,
+    )
+    return 0
+
+
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="broker + detector + three sensors, verdicts shown live")
     _data_options(p)
@@ -468,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sensor,
         _add_replay,
         _add_broker,
+        _add_watch,
         _add_demo,
     ):
         add(sub)

@@ -106,6 +106,12 @@ class DetectorSettings(_Settings):
     explain_top_k: Annotated[int, Field(ge=0, le=16)] = 3
     reload_interval_s: Annotated[float, Field(gt=0)] = 5.0
     heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    alert_k: Annotated[int, Field(ge=1)] = 3
+    alert_n: Annotated[int, Field(ge=1)] = 5
+    alert_m: Annotated[int, Field(ge=1)] = 10
+    offline_after_s: Annotated[float, Field(gt=0)] = 60.0
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other containers
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
     scorer: Literal["fast", "sklearn"] = Field(
         default="fast", description="sklearn = the prototype's per-call scikit-learn scoring"
     )

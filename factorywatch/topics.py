@@ -31,7 +31,7 @@ _ALERT_LEAVES = frozenset({"verdict", "event", "state"})
 
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a valid topic level (letters, digits, ``_ . -``), else raise."""
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         raise ValueError(
             f"invalid {what} {value!r}: use 1-64 letters, digits, '_', '.', '-' "
             "(starting with a letter or digit)"
@@ -65,7 +65,7 @@ class Topics:
         prefix = f"{self.root}/telemetry/"
         rest = topic[len(prefix) :] if topic.startswith(prefix) else None
         parts = rest.split("/") if rest is not None else []
-        if len(parts) != 2 or not all(_ID_RE.match(p) for p in parts):
+        if len(parts) != 2 or not all(_ID_RE.fullmatch(p) for p in parts):
             raise PayloadError("bad_topic", f"not a telemetry topic: {topic!r}")
         return parts[0], parts[1]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from factorywatch.broker import LocalBroker
+from factorywatch.broker import LocalBroker, free_port
 from factorywatch.settings import PROJECT_DIR, BrokerSettings
 from sensors.simulator import MachineSimulator
 from tests.support import CLI, Collector, Proc
@@ -172,7 +172,9 @@ def detector(
 ) -> Callable[..., Proc]:
     """Start a real detector process on this test's broker and wait until it subscribed."""
 
-    def start(*extra: str, client_id: str = "detector-under-test") -> Proc:
+    def start(
+        *extra: str, client_id: str = "detector-under-test", env: dict[str, str] | None = None
+    ) -> Proc:
         proc = spawn(
             "detect",
             *mqtt_args,
@@ -182,8 +184,12 @@ def detector(
             client_id,
             "--state-dir",
             str(tmp_path / "detector-state"),
+            "--metrics-port",
+            str(port := free_port()),
             *extra,
+            env=env,
         )
+        proc.metrics_port = port
         proc.wait_log("telemetry_subscribed")
         return proc
 

@@ -85,6 +85,7 @@ class Proc:
     def __init__(self, args: Sequence[str], log_file: Path, env: dict[str, str] | None = None):
         self.log_file = log_file
         self.args = list(args)
+        self.metrics_port: int | None = None
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with log_file.open("ab") as out:
             self.process = subprocess.Popen(

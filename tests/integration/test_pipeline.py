@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from factorywatch.broker import LocalBroker
-from factorywatch.contracts import ClientStatus, DeadLetter, Telemetry, Verdict
+from factorywatch.contracts import ClientStatus, DeadLetter, MachineState, Telemetry, Verdict
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from sensors.publisher import SensorPublisher
@@ -252,8 +252,9 @@ def test_mosquitto_sub_shows_the_alerts_tree(
     settings: BrokerSettings,
     mqtt_args: list[str],
 ) -> None:
-    """The README's `mosquitto_sub -t '<root>/alerts/#' -v` line shows verdicts."""
+    """The README's `mosquitto_sub -t '<root>/alerts/#' -v` line shows verdicts and state."""
     detector()
+    topics = Topics(settings.topic_root)
     watch = subprocess.Popen(
         [
             "mosquitto_sub",
@@ -262,10 +263,8 @@ def test_mosquitto_sub_shows_the_alerts_tree(
             "-p",
             str(broker.port),
             "-t",
-            Topics(settings.topic_root).alerts_filter,
+            topics.alerts_filter,
             "-v",
-            "-C",
-            "5",
             "-W",
             "60",
         ],
@@ -274,13 +273,25 @@ def test_mosquitto_sub_shows_the_alerts_tree(
     )
     time.sleep(0.5)
     spawn("sensor", "--machine-id", "watched-1", "--count", "5", "--rate", "20", *mqtt_args)
-    out, _ = watch.communicate(timeout=90)
-    lines = [line for line in out.splitlines() if line.strip()]
-    assert len(lines) == 5
+    lines: list[str] = []
+    assert watch.stdout is not None
+    try:
+        for line in watch.stdout:
+            lines.append(line.strip())
+            if sum(" " in ln and ln.split(" ", 1)[0].endswith("/verdict") for ln in lines) == 5:
+                break
+    finally:
+        watch.terminate()
+        watch.communicate(timeout=10)
+    by_leaf: dict[str, list[str]] = {}
     for line in lines:
         topic, payload = line.split(" ", 1)
-        assert topic == Topics(settings.topic_root).verdict("line1", "watched-1")
+        assert topic.startswith(f"{settings.topic_root}/alerts/line1/watched-1/")
+        by_leaf.setdefault(topic.rsplit("/", 1)[1], []).append(payload)
+    assert len(by_leaf["verdict"]) == 5
+    for payload in by_leaf["verdict"]:
         assert Verdict.model_validate_json(payload).status in {"NORMAL", "ALERT"}
+    assert MachineState.model_validate_json(by_leaf["state"][0]).machine_id == "watched-1"
 
 
 def test_missing_model_stops_startup_with_a_clear_error(

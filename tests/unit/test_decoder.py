@@ -259,12 +259,6 @@ def test_bad_topic_wins_over_bad_payload() -> None:
     assert reason_of(b"\xff", topic="elsewhere") == "bad_topic"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: factorywatch/topics.py parse_telemetry uses re.match with a '$'-terminated "
-    "ID_PATTERN, so topic 'factory/telemetry/line1/mill-01\\n' parses and the reading is "
-    "rejected as topic_mismatch instead of bad_topic",
-)
 def test_trailing_newline_in_topic_is_bad_topic() -> None:
     """A topic whose machine level ends in a newline is rejected as bad_topic."""
     assert reason_of(raw(reading()), topic=TOPIC + "\n") == "bad_topic"

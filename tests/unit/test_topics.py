@@ -65,22 +65,12 @@ def test_parse_with_multi_level_root_rejects_partial_root() -> None:
         topics.parse_telemetry("a/telemetry/l/m")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: factorywatch/topics.py ID_PATTERN ends in '$' and check_id/parse_telemetry use "
-    "re.match, so a trailing newline ('m1\\n') passes as a valid topic level",
-)
 def test_parse_rejects_trailing_newline_in_machine_id() -> None:
     """A machine level with a trailing newline is not a valid identifier."""
     with pytest.raises(PayloadError):
         Topics().parse_telemetry("factory/telemetry/line1/m1\n")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: factorywatch/topics.py check_id uses re.match with a '$'-terminated pattern, "
-    "which accepts 'm1\\n'",
-)
 def test_check_id_rejects_trailing_newline() -> None:
     """check_id refuses an identifier with a trailing newline (pydantic's pattern does)."""
     with pytest.raises(ValueError, match="invalid"):

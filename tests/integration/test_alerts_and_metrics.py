@@ -1,0 +1,151 @@
+"""Alert lifecycle, retained state, acknowledgement, offline detection and metrics, for real."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+
+from factorywatch import mqtt as fwmqtt
+from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Telemetry
+from factorywatch.settings import BrokerSettings
+from factorywatch.topics import Topics
+from sensors.publisher import SensorPublisher
+from tests.support import Collector, Proc
+
+pytestmark = pytest.mark.integration
+
+TYPICAL = {
+    "air_temperature_k": 300.0,
+    "process_temperature_k": 310.0,
+    "rotational_speed_rpm": 1500.0,
+    "torque_nm": 40.0,
+    "tool_wear_min": 100.0,
+}
+POLICY_ENV = {
+    "FACTORYWATCH_DETECTOR_ALERT_K": "3",
+    "FACTORYWATCH_DETECTOR_ALERT_N": "5",
+    "FACTORYWATCH_DETECTOR_ALERT_M": "4",
+    "FACTORYWATCH_DETECTOR_OFFLINE_AFTER_S": "3",
+}
+
+
+def _reading(machine: str, seq: int, rpm: float) -> Telemetry:
+    return Telemetry(
+        machine_id=machine,
+        line="line1",
+        seq=seq,
+        ts=time.time(),
+        product_type="L",
+        readings={**TYPICAL, "rotational_speed_rpm": rpm},
+    )
+
+
+def _events(col: Collector, machine: str) -> list[AlertEvent]:
+    return [
+        AlertEvent.model_validate_json(m.payload)
+        for m in col.matching(lambda m: m.topic.endswith(f"/{machine}/event"))
+    ]
+
+
+def _scrape(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:  # noqa: S310
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head == (f"{name}{{{want}}}" if labels else name):
+            return float(value)
+    raise AssertionError(f"{name} {labels} not in metrics")
+
+
+def test_alert_lifecycle_ack_offline_and_metrics(
+    spawn: Callable[..., Proc],
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+) -> None:
+    """k-of-n raise, m-normal clear, operator ack, last-will offline; metrics and health agree."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter)
+    proc = detector(env=POLICY_ENV)
+    assert proc.metrics_port is not None
+    pub = SensorPublisher(settings, "alarm-1", buffer_size=1000)
+    pub.start()
+    plan = [1500.0] * 6 + [2800.0] * 4 + [1500.0] * 6
+    for seq, rpm in enumerate(plan):
+        pub.publish(_reading("alarm-1", seq, rpm))
+    col.wait_for(lambda m: m.topic.endswith("/alarm-1/event"), count=2, timeout=30)
+    kinds = [e.event for e in _events(col, "alarm-1")]
+    assert kinds[:2] == ["ALERT_RAISED", "ALERT_CLEARED"]
+    raised = _events(col, "alarm-1")[0]
+    assert raised.explanation, "the raise names the features that drove it"
+    assert raised.peak_score is not None
+    assert raised.peak_score > 0.5
+
+    for seq, rpm in enumerate([2800.0] * 3, start=100):
+        pub.publish(_reading("alarm-1", seq, rpm))
+    col.wait_for(lambda m: m.topic.endswith("/alarm-1/event"), count=3, timeout=30)
+    operator = fwmqtt.new_client(settings, "operator-1")
+    waiter = fwmqtt.ConnectWaiter()
+    operator.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
+    fwmqtt.connect(operator, settings, waiter)
+    ack = AckCommand(machine_id="alarm-1", by="shift-lead", note="inspecting spindle")
+    operator.publish(topics.ack("line1", "alarm-1"), ack.encode(), qos=1).wait_for_publish(5)
+    operator.disconnect()
+    operator.loop_stop()
+    col.wait_for(lambda m: m.topic.endswith("/alarm-1/event"), count=4, timeout=30)
+    assert [e.event for e in _events(col, "alarm-1")][2:4] == ["ALERT_RAISED", "ALERT_ACKNOWLEDGED"]
+    states = col.wait_for(
+        lambda m: (
+            m.topic == topics.state("line1", "alarm-1") and b'"acknowledged":true' in m.payload
+        )
+    )
+    last_state = MachineState.model_validate_json(states[-1].payload)
+    assert last_state.state == "ALERT"
+    assert last_state.acknowledged
+    assert last_state.acknowledged_by == "shift-lead"
+
+    status, body = _scrape(proc.metrics_port, "/metrics")
+    assert status == 200
+    assert _metric(body, "factorywatch_readings_received_total") == len(plan) + 3
+    assert _metric(body, "factorywatch_alert_verdicts_total", machine="alarm-1") >= 4
+    assert _metric(body, "factorywatch_alert_events_total", event="ALERT_RAISED") == 2
+    assert _metric(body, "factorywatch_broker_connected") == 1
+    assert "factorywatch_processing_seconds_bucket" in body
+    status, health = _scrape(proc.metrics_port, "/healthz")
+    assert status == 200
+    assert json.loads(health)["ok"] is True
+
+    pub.close()  # the sensor says offline on its status topic (as its last will would)
+    col.wait_for(lambda m: m.topic.endswith("/alarm-1/event"), count=5, timeout=30)
+    offline = _events(col, "alarm-1")[4]
+    assert offline.event == "MACHINE_OFFLINE"
+
+
+def test_silence_makes_a_machine_offline_and_a_reading_brings_it_back(
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+) -> None:
+    """No readings for offline_after_s -> MACHINE_OFFLINE; the next reading -> MACHINE_ONLINE."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter)
+    detector(env=POLICY_ENV)
+    pub = SensorPublisher(settings, "quiet-1", buffer_size=100)
+    pub.start()
+    pub.publish(_reading("quiet-1", 1, 1500.0))
+    col.wait_for(lambda m: m.topic.endswith("/quiet-1/event"), count=1, timeout=20)
+    pub.publish(_reading("quiet-1", 2, 1500.0))
+    col.wait_for(lambda m: m.topic.endswith("/quiet-1/event"), count=2, timeout=20)
+    assert [e.event for e in _events(col, "quiet-1")][:2] == ["MACHINE_OFFLINE", "MACHINE_ONLINE"]
+    pub.close()
