@@ -62,9 +62,9 @@ class Metrics:
         self.connected = Gauge(
             "factorywatch_broker_connected", "1 while connected to the broker", registry=r
         )
-        self.inbox = Gauge(
-            "factorywatch_inbox_depth", "Messages received and not yet processed", registry=r
-        )
+        # Bound once: labels() costs a dict lookup and locking per call on the hot path.
+        self.normal_verdicts = self.verdicts.labels(status="NORMAL")
+        self.alert_verdicts = self.verdicts.labels(status="ALERT")
 
     def set_model(self, version: str) -> None:
         """Expose ``version`` as the only model in use."""

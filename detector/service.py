@@ -3,11 +3,15 @@
 Delivery: QoS 1 in and out, a persistent session (fixed client id, ``clean_start=False``,
 session expiry) and manual acknowledgement: a reading is acknowledged only after the PUBACK
 of its verdict (or dead letter) came back, so a crash redelivers instead of losing it.
+
+One thread does everything: it runs paho's ``loop()`` itself, which reads every packet that
+has arrived (``on_message`` only appends to a list), then scores that list as one batch and
+publishes. No hand-off between threads, no locks, no GIL ping-pong: measured 3,387 msg/s
+with paho's network thread plus a worker thread, and more with this loop (README figures).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -88,17 +92,14 @@ class DetectorService:
         self._state_published: set[str] = set()
         self._http: WSGIServer | None = None
         self._last_loop = time.monotonic()
-        self._inbox: queue.Queue[tuple[Received, int, int]] = queue.Queue()
+        self._inbox: list[tuple[Received, int, int]] = []
         self._seen = SeenCache(settings.dedup_size)
         self._journal = SeenJournal(
             settings.state_dir / f"{settings.client_id}.seen", max(1, settings.dedup_size)
         )
-        self._journal_lock = threading.Lock()
         for key in self._journal.entries():
             self._seen.seen(key)
-        self._lock = threading.Lock()  # guards _pending/_early only; never held across paho
-        self._pending: dict[int, _AckTarget | None] = {}
-        self._early: set[int] = set()
+        self._pending: dict[int, _AckTarget] = {}  # outgoing mid -> reading waiting for it
         self._waiter = fwmqtt.ConnectWaiter()
         self._decoder = self._make_decoder(model)
         self._telemetry_prefix = f"{self.topics.root}/telemetry/"
@@ -121,7 +122,7 @@ class DetectorService:
             max_clock_skew_s=self.settings.max_clock_skew_s,
         )
 
-    # -- paho callbacks (network thread): keep them short -----------------------------------
+    # -- paho callbacks (called from inside client.loop() on our own thread) -----------------
     def _on_connect(
         self, client: mqtt.Client, _u: Any, flags: Any, reason_code: Any, _p: Any
     ) -> None:
@@ -162,48 +163,32 @@ class DetectorService:
             received_at=time.time(),
             received_perf=time.perf_counter(),
         )
-        self._inbox.put((received, msg.mid, msg.qos))
+        self._inbox.append((received, msg.mid, msg.qos))
 
     def _on_publish(
         self, client: mqtt.Client, _u: Any, mid: int, reason_code: Any, _p: Any
     ) -> None:
+        target = self._pending.pop(mid, None)
         if fwmqtt.reason_failed(reason_code):
+            # A refused verdict leaves its reading unacknowledged: redelivered on reconnect.
             self.counters.publish_failures += 1
             self.metrics.publish_failures.inc()
             log.error("publish_refused", mid=mid, reason=str(reason_code))
-        with self._lock:
-            if mid not in self._pending:
-                self._early.add(mid)
-                return
-            target = self._pending.pop(mid)
-        self._settle(client, target, failed=fwmqtt.reason_failed(reason_code))
-
-    # -- acknowledgement bookkeeping --------------------------------------------------------
-    def _settle(self, client: mqtt.Client, target: _AckTarget | None, *, failed: bool) -> None:
-        if target is None or failed:
-            return  # a refused verdict leaves its reading unacked: redelivered on reconnect
-        with self._lock:
+            return
+        if target is not None:
             target.remaining -= 1
-            done = target.remaining == 0
-        if done:
-            if target.key is not None:
-                with self._journal_lock:
+            if target.remaining == 0:
+                if target.key is not None:
                     self._journal.record(*target.key)
-            client.ack(target.mid, target.qos)
+                client.ack(target.mid, target.qos)
 
     def _publish(
         self, topic: str, payload: bytes, target: _AckTarget | None, *, retain: bool = False
     ) -> None:
+        # Single-threaded: the PUBACK can only be read in a later client.loop(), after this.
         info = self.client.publish(topic, payload, qos=fwmqtt.QOS, retain=retain)
-        with self._lock:
-            if info.mid in self._early:
-                self._early.discard(info.mid)
-                early = True
-            else:
-                self._pending[info.mid] = target
-                early = False
-        if early:
-            self._settle(self.client, target, failed=False)
+        if target is not None:
+            self._pending[info.mid] = target
 
     def _status(self, state: str) -> bytes:
         return ClientStatus(
@@ -223,7 +208,6 @@ class DetectorService:
             "connected": connected,
             "loop_age_s": round(loop_age, 3),
             "model_version": self.model.version,
-            "inbox": self._inbox.qsize(),
         }
         return connected and loop_age < 10.0, detail
 
@@ -245,19 +229,26 @@ class DetectorService:
             self.broker,
             self._waiter,
             persistent_session_s=self.settings.session_expiry_s,
+            threaded=False,
         )
         log.info("detector_started", model_version=self.model.version)
 
     def run(self, stop: threading.Event) -> None:
-        """Process batches until ``stop`` is set, then drain and disconnect."""
+        """Read, score and publish until ``stop`` is set, then drain and disconnect."""
         next_reload = time.monotonic() + self.settings.reload_interval_s
         next_heartbeat = time.monotonic() + self.settings.heartbeat_s
+        batch_max = self.settings.batch_max
         while not stop.is_set():
-            self._process(self._next_batch(timeout=0.2))
+            # select() returns as soon as packets arrive; 0.1 s bounds the idle wait.
+            rc = self.client.loop(timeout=0.1)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                self._reconnect(stop)
+            while self._inbox:
+                batch, self._inbox = self._inbox[:batch_max], self._inbox[batch_max:]
+                self._process(batch)
             self._publish_events(self.tracker.tick(time.time()), None)
             now = time.monotonic()
             self._last_loop = now
-            self.metrics.inbox.set(self._inbox.qsize())
             if now >= next_reload:
                 self.maybe_reload()
                 next_reload = now + self.settings.reload_interval_s
@@ -266,17 +257,23 @@ class DetectorService:
                 next_heartbeat = now + self.settings.heartbeat_s
         self.shutdown()
 
-    def _next_batch(self, timeout: float) -> list[tuple[Received, int, int]]:
-        try:
-            batch = [self._inbox.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while len(batch) < self.settings.batch_max:
+    def _reconnect(self, stop: threading.Event) -> None:
+        """The connection dropped: reconnect with backoff (the session and its queue wait)."""
+        self.metrics.connected.set(0)
+        delay = 0.5
+        while not stop.is_set():
             try:
-                batch.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        return batch
+                self.client.reconnect()
+                deadline = time.monotonic() + 10.0
+                while not self.client.is_connected() and time.monotonic() < deadline:
+                    if self.client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+                        break
+                if self.client.is_connected():
+                    return
+            except OSError as exc:  # refused, unreachable, TLS failure
+                log.warning("reconnect_failed", error=str(exc), retry_in_s=delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 10.0)
 
     def _process(self, batch: list[tuple[Received, int, int]]) -> None:
         """Score the batch's readings in one call; commands and statuses keep their order."""
@@ -330,10 +327,12 @@ class DetectorService:
 
     def _count(self, verdict: Verdict) -> None:
         self.counters.verdicts += 1
-        self.metrics.verdicts.labels(status=verdict.status).inc()
         self.metrics.latency.observe(verdict.latency_ms / 1000.0)
-        if verdict.status == "ALERT":
+        if verdict.status == "NORMAL":
+            self.metrics.normal_verdicts.inc()
+        else:
             self.counters.alerts += 1
+            self.metrics.alert_verdicts.inc()
             self.metrics.alerts.labels(machine=verdict.machine_id).inc()
             log.debug(
                 "alert_published",
@@ -424,7 +423,7 @@ class DetectorService:
         if version is None or version == self.model.version:
             return False
         try:
-            model = artifact.load(self.model_dir, version)
+            model = artifact.load(self.model_dir, version, scorer=self.settings.scorer)
         except (ModelError, OSError) as exc:
             log.error("model_reload_failed", version=version, error=str(exc))
             return False
@@ -436,26 +435,28 @@ class DetectorService:
         return True
 
     def shutdown(self, drain_timeout_s: float = 10.0) -> None:
-        """Finish queued work, wait for in-flight PUBACKs, publish offline, disconnect."""
-        while not self._inbox.empty():
-            self._process(self._next_batch(timeout=0))
+        """Finish received work, wait for in-flight PUBACKs, publish offline, disconnect."""
+        while self._inbox:
+            batch, self._inbox = (
+                self._inbox[: self.settings.batch_max],
+                self._inbox[self.settings.batch_max :],
+            )
+            self._process(batch)
         deadline = time.monotonic() + drain_timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not any(t is not None for t in self._pending.values()):
-                    break
-            time.sleep(0.02)
+        while self._pending and time.monotonic() < deadline:
+            if self.client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
         info = self.client.publish(
             self._status_topic, self._status("offline"), qos=fwmqtt.QOS, retain=True
         )
-        try:
-            info.wait_for_publish(timeout=2.0)
-        except (RuntimeError, ValueError):
-            log.warning("offline_status_not_sent")
+        deadline = time.monotonic() + 2.0
+        while not info.is_published() and time.monotonic() < deadline:
+            if self.client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                log.warning("offline_status_not_sent")
+                break
+        # Messages received after the drain are not acknowledged: the broker redelivers them.
         self.client.disconnect()
-        self.client.loop_stop()
-        with self._journal_lock:
-            self._journal.close()
+        self._journal.close()
         if self._http is not None:
             self._http.shutdown()
         log.info("detector_stopped", **vars(self.counters))

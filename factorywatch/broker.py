@@ -155,7 +155,9 @@ class LocalBroker:
         self.port = port or free_port()
         self.secrets_dir = secrets_dir
         self.topic_root = topic_root
-        self.tls_port = free_port() if secrets_dir is not None else None
+        self.tls_port = None
+        while secrets_dir is not None and self.tls_port in (None, self.port):
+            self.tls_port = free_port()
         self.acl_file = workdir / "acl"
         self.host = "127.0.0.1"
         self.config_source = config
