@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from factorywatch.broker import LocalBroker
+from factorywatch.broker import LocalBroker, free_port
 from factorywatch.contracts import Verdict
 from factorywatch.credentials import init_secrets
 from factorywatch.settings import PROJECT_DIR, BrokerSettings
@@ -61,7 +62,9 @@ def test_compose_declares_broker_detector_and_three_sensors() -> None:
     declared = compose["secrets"]
     for name in ["detector", *sensors]:
         svc = services[name]
-        assert svc["depends_on"]["broker"]["condition"] == "service_healthy"
+        depends = svc.get("depends_on", compose["x-factorywatch"]["depends_on"])
+        wanted = "broker" if name == "detector" else "detector"
+        assert depends[wanted]["condition"] == "service_healthy"
         assert svc["environment"]["FACTORYWATCH_MQTT_HOST"] == "broker"
         assert svc["command"][0] == "factorywatch"
         for secret in svc["secrets"]:
@@ -161,6 +164,7 @@ def test_every_container_command_runs_against_the_project_broker(
     ]
     secrets_dir = tmp_path / "secrets"
     init_secrets(secrets_dir, tuple(machines))
+    metrics_port = free_port()
     with LocalBroker(tmp_path / "broker", secrets_dir=secrets_dir) as broker:
         viewer = BrokerSettings().with_overrides(
             port=broker.port, username="viewer", secrets_dir=secrets_dir
@@ -176,6 +180,7 @@ def test_every_container_command_runs_against_the_project_broker(
                 if name == "detector":
                     env.update(
                         {
+                            "FACTORYWATCH_DETECTOR_METRICS_PORT": str(metrics_port),
                             "FACTORYWATCH_DATA_DIR": str(tmp_path / "data"),
                             "FACTORYWATCH_MODEL_DIR": str(tmp_path / "models"),
                             "FACTORYWATCH_DETECTOR_STATE_DIR": str(tmp_path / "state"),
@@ -186,6 +191,13 @@ def test_every_container_command_runs_against_the_project_broker(
                     proc = spawn(*svc["command"][1:], *extra, env=env, name=name)
                     proc.wait_log("telemetry_subscribed", timeout=180)
                     assert (tmp_path / "models" / "current").is_file(), "trained on first start"
+                    health = [
+                        arg.replace("9108", str(metrics_port))
+                        for arg in svc["healthcheck"]["test"][1:]
+                    ]
+                    health[0] = sys.executable  # the image's `python`
+                    done = subprocess.run(health, capture_output=True, timeout=30, check=False)
+                    assert done.returncode == 0, done.stderr
                 else:
                     proc = spawn(*svc["command"][1:], env=env, name=name)
                 procs.append(proc)
