@@ -6,6 +6,7 @@ No paho, no files, no logging: values in, values out. The MQTT shell feeds it ra
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,10 +15,14 @@ import numpy as np
 from pydantic import ValidationError
 
 from factorywatch.contracts import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_READINGS,
     MAX_PAYLOAD_BYTES,
+    SCHEMA_VERSION,
     Contribution,
     DeadLetter,
     Telemetry,
+    TelemetryBatch,
     Verdict,
 )
 from factorywatch.errors import PayloadError
@@ -69,26 +74,47 @@ class Decoder:
     def decode(self, msg: Received) -> Telemetry:
         """Validate one message; the machine id in the topic is the one trusted."""
         line, machine = self.topics.parse_telemetry(msg.topic)
-        payload = msg.payload
-        if not payload:
-            raise PayloadError("empty_payload", "zero-length payload")
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            raise PayloadError("oversize", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+        _check_bytes(msg.payload, MAX_PAYLOAD_BYTES)
         try:
-            payload.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PayloadError("not_utf8", str(exc)) from None
-        try:
-            reading = Telemetry.model_validate_json(payload)
+            reading = Telemetry.model_validate_json(msg.payload)
         except ValidationError as exc:
             raise PayloadError(_classify(exc), _summary(exc)) from None
-        if reading.machine_id != machine or reading.line != line:
+        return self._check(reading, line, machine)
+
+    def decode_batch(self, msg: Received) -> list[Telemetry | PayloadError]:
+        """Validate a gateway's batch: each reading is accepted or rejected on its own.
+
+        A payload that is not a batch at all raises ``PayloadError``; otherwise the result
+        has one entry per reading, in order, either the reading or why it was rejected.
+        """
+        line, _gateway = self.topics.parse_batch(msg.topic)
+        _check_bytes(msg.payload, MAX_BATCH_BYTES)
+        try:
+            readings: list[Telemetry | PayloadError] = list(
+                TelemetryBatch.model_validate_json(msg.payload).readings
+            )
+        except ValidationError as exc:
+            readings = _salvage(msg.payload, exc)
+        return [r if isinstance(r, PayloadError) else self._checked(r, line) for r in readings]
+
+    def _checked(self, reading: Telemetry, line: str) -> Telemetry | PayloadError:
+        try:
+            return self._check(reading, line, None)
+        except PayloadError as error:
+            return error
+
+    def _check(self, reading: Telemetry, line: str, machine: str | None) -> Telemetry:
+        """Checks beyond the schema: topic agreement, registry, clock, channels."""
+        if reading.line != line or (machine is not None and reading.machine_id != machine):
             raise PayloadError(
                 "topic_mismatch",
-                f"payload says {reading.line}/{reading.machine_id}, topic says {line}/{machine}",
+                f"payload says {reading.line}/{reading.machine_id}, "
+                f"topic says {line}/{machine or '<gateway>'}",
             )
-        if self.machines is not None and machine not in self.machines:
-            raise PayloadError("unknown_machine", f"machine {machine!r} is not registered")
+        if self.machines is not None and reading.machine_id not in self.machines:
+            raise PayloadError(
+                "unknown_machine", f"machine {reading.machine_id!r} is not registered"
+            )
         skew = reading.ts - self.clock()
         if abs(skew) > self.max_clock_skew_s:
             raise PayloadError(
@@ -98,6 +124,44 @@ class Decoder:
         if missing:
             raise PayloadError("missing_channel", f"reading lacks channels {missing}")
         return reading
+
+
+def _check_bytes(payload: bytes, limit: int) -> None:
+    if not payload:
+        raise PayloadError("empty_payload", "zero-length payload")
+    if len(payload) > limit:
+        raise PayloadError("oversize", f"{len(payload)} bytes > {limit}")
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError("not_utf8", str(exc)) from None
+
+
+def _salvage(payload: bytes, exc: ValidationError) -> list[Telemetry | PayloadError]:
+    """A batch failed validation: keep its good readings, name each bad one's reason."""
+    try:
+        # Plain json (NaN allowed here): a NaN reading is rejected alone, below.
+        document = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise PayloadError(_classify(exc), _summary(exc)) from None
+    if not isinstance(document, dict):
+        raise PayloadError("schema", _summary(exc))
+    items = document.get("readings")
+    wrapper_ok = (
+        set(document) <= {"schema_version", "readings"}
+        and document.get("schema_version", SCHEMA_VERSION) == SCHEMA_VERSION
+    )
+    if not wrapper_ok or not isinstance(items, list) or not 0 < len(items) <= MAX_BATCH_READINGS:
+        raise PayloadError("schema", _summary(exc))
+    out: list[Telemetry | PayloadError] = []
+    for index, item in enumerate(items):
+        try:
+            out.append(Telemetry.model_validate_json(json.dumps(item, allow_nan=True)))
+        except ValidationError as item_exc:
+            out.append(
+                PayloadError(_classify(item_exc), f"readings[{index}]: " + _summary(item_exc))
+            )
+    return out
 
 
 def _summary(exc: ValidationError) -> str:

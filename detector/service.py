@@ -29,7 +29,7 @@ from detector.dedup import SeenCache
 from detector.journal import SeenJournal
 from detector.metrics import Metrics, serve
 from factorywatch import mqtt as fwmqtt
-from factorywatch.contracts import AckCommand, AlertEvent, ClientStatus, Verdict
+from factorywatch.contracts import AckCommand, AlertEvent, ClientStatus, Telemetry, Verdict
 from factorywatch.errors import ModelError, PayloadError
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import UNKNOWN, Topics
@@ -45,8 +45,8 @@ class _AckTarget:
 
     mid: int
     qos: int
-    remaining: int
-    key: tuple[str, int] | None = None  # (machine_id, seq) of a scored reading
+    remaining: int = 0  # outgoing publishes not yet acknowledged by the broker
+    keys: list[tuple[str, int]] = field(default_factory=list)  # (machine_id, seq) scored
 
 
 @dataclass
@@ -103,6 +103,7 @@ class DetectorService:
         self._waiter = fwmqtt.ConnectWaiter()
         self._decoder = self._make_decoder(model)
         self._telemetry_prefix = f"{self.topics.root}/telemetry/"
+        self._batch_prefix = f"{self.topics.root}/batch/"
         status_topic = self.topics.status("detector", settings.client_id)
         self._status_topic = status_topic
         offline = ClientStatus(role="detector", client_id=settings.client_id, state="offline")
@@ -133,6 +134,7 @@ class DetectorService:
         client.subscribe(
             [
                 (self.topics.telemetry_filter, fwmqtt.QOS),
+                (self.topics.batch_filter, fwmqtt.QOS),
                 (self.topics.ack_filter, fwmqtt.QOS),
                 (self.topics.sensor_status_filter, fwmqtt.QOS),
             ]
@@ -178,8 +180,8 @@ class DetectorService:
         if target is not None:
             target.remaining -= 1
             if target.remaining == 0:
-                if target.key is not None:
-                    self._journal.record(*target.key)
+                for key in target.keys:
+                    self._journal.record(*key)
                 client.ack(target.mid, target.qos)
 
     def _publish(
@@ -188,6 +190,7 @@ class DetectorService:
         # Single-threaded: the PUBACK can only be read in a later client.loop(), after this.
         info = self.client.publish(topic, payload, qos=fwmqtt.QOS, retain=retain)
         if target is not None:
+            target.remaining += 1
             self._pending[info.mid] = target
 
     def _status(self, state: str) -> bytes:
@@ -276,49 +279,74 @@ class DetectorService:
             delay = min(delay * 2, 10.0)
 
     def _process(self, batch: list[tuple[Received, int, int]]) -> None:
-        """Score the batch's readings in one call; commands and statuses keep their order."""
-        readings: list[tuple[Received, int, int]] = []
-        for item in batch:
-            topic = item[0].topic
-            if topic.startswith(self._telemetry_prefix):
-                readings.append(item)
-                continue
-            self._score(readings)  # what arrived before a command is handled before it
-            readings = []
-            self._control(*item)
-        self._score(readings)
+        """Decode everything, score all readings in one call, publish, then ack what is done.
 
-    def _score(self, batch: list[tuple[Received, int, int]]) -> None:
-        if not batch:
-            return
-        self.counters.received += len(batch)
-        self.metrics.readings.inc(len(batch))
-        valid, perf, targets = [], [], []
+        Commands and statuses keep their place: readings received before one are scored and
+        published before it is handled. A message is acknowledged when every publish it
+        caused has its PUBACK (``_on_publish``), or here when it caused none (a duplicate).
+        """
+        to_score: list[tuple[Telemetry, float, _AckTarget]] = []
+        targets = []
         for received, mid, qos in batch:
-            target = _AckTarget(mid=mid, qos=qos, remaining=1)
-            try:
-                reading = self._decoder.decode(received)
-            except PayloadError as error:
-                self._reject(received, error, target)
+            target = _AckTarget(mid=mid, qos=qos)
+            targets.append(target)
+            topic = received.topic
+            if topic.startswith(self._telemetry_prefix) or topic.startswith(self._batch_prefix):
+                self._decode(received, target, to_score)
+            else:
+                self._score(to_score)
+                to_score = []
+                self._control(received, target)
+        self._score(to_score)
+        for target in targets:
+            if target.remaining == 0:
+                self.client.ack(target.mid, target.qos)
+
+    def _decode(
+        self,
+        received: Received,
+        target: _AckTarget,
+        to_score: list[tuple[Telemetry, float, _AckTarget]],
+    ) -> None:
+        """Validate one message (a reading or a gateway's batch); dead-letter what is bad."""
+        try:
+            if received.topic.startswith(self._telemetry_prefix):
+                items: list[Telemetry | PayloadError] = [self._decoder.decode(received)]
+            else:
+                items = self._decoder.decode_batch(received)
+        except PayloadError as error:
+            self.counters.received += 1
+            self.metrics.readings.inc()
+            self._reject(received, error, target)
+            return
+        self.counters.received += len(items)
+        self.metrics.readings.inc(len(items))
+        for item in items:
+            if isinstance(item, PayloadError):
+                self._reject(received, item, target)
                 continue
-            if self._seen.seen((reading.machine_id, reading.seq)):
+            key = (item.machine_id, item.seq)
+            if self._seen.seen(key):
                 self.counters.duplicates += 1
                 self.metrics.duplicates.inc()
-                self.client.ack(mid, qos)
                 continue
-            target.key = (reading.machine_id, reading.seq)
-            valid.append(reading)
-            perf.append(received.received_perf)
-            targets.append(target)
-        if not valid:
+            target.keys.append(key)
+            to_score.append((item, received.received_perf, target))
+
+    def _score(self, items: list[tuple[Telemetry, float, _AckTarget]]) -> None:
+        if not items:
             return
-        verdicts = score(self.model, valid, perf, explain_top_k=self.settings.explain_top_k)
-        self.metrics.batch_size.observe(len(valid))
+        verdicts = score(
+            self.model,
+            [reading for reading, _, _ in items],
+            [perf for _, perf, _ in items],
+            explain_top_k=self.settings.explain_top_k,
+        )
+        self.metrics.batch_size.observe(len(items))
         now = time.time()
-        for verdict, target in zip(verdicts, targets, strict=True):
+        for verdict, (_, _, target) in zip(verdicts, items, strict=True):
             events = self.tracker.observe(verdict, now)
             first = verdict.machine_id not in self._state_published
-            target.remaining = 1 + len(events) + int(bool(events) or first)
             self._publish(
                 self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode(), target
             )
@@ -368,9 +396,8 @@ class DetectorService:
             self._publish(self.topics.state(line, machine_id), state.encode(), target, retain=True)
             self._state_published.add(machine_id)
 
-    def _control(self, received: Received, mid: int, qos: int) -> None:
+    def _control(self, received: Received, target: _AckTarget) -> None:
         """An operator's acknowledgement or a sensor's status (its last will)."""
-        target = _AckTarget(mid=mid, qos=qos, remaining=1)
         now = time.time()
         try:
             if "/commands/" in received.topic:
@@ -397,20 +424,19 @@ class DetectorService:
             error = exc if isinstance(exc, PayloadError) else PayloadError("schema", str(exc))
             self._reject(received, error, target)
             return
-        if not events:
-            self.client.ack(mid, qos)
-            return
-        target.remaining = len(events) + len({e.machine_id for e in events})
         self._publish_events(events, target)
 
     def _reject(self, received: Received, error: PayloadError, target: _AckTarget) -> None:
         self.counters.dead_letters += 1
         self.metrics.dead_letters.labels(reason=error.reason).inc()
         self.counters.by_reason[error.reason] = self.counters.by_reason.get(error.reason, 0) + 1
-        try:
-            line, machine = self.topics.parse_telemetry(received.topic)
-        except PayloadError:
-            line, machine = UNKNOWN, UNKNOWN
+        line, machine = UNKNOWN, UNKNOWN
+        for parse in (self.topics.parse_telemetry, self.topics.parse_batch):
+            try:
+                line, machine = parse(received.topic)
+                break
+            except PayloadError:
+                continue
         record = dead_letter(received, error)
         self._publish(self.topics.deadletter(line, machine), record.encode(), target)
         log.warning(

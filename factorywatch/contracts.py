@@ -17,6 +17,8 @@ from factorywatch.topics import ID_PATTERN
 
 SCHEMA_VERSION: Final = 1
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
+MAX_BATCH_BYTES: Final = 512 * 1024
+MAX_BATCH_READINGS: Final = 1000
 MAX_CHANNELS: Final = 64
 # Event time must be Unix seconds: this window rejects milliseconds and nonsense early.
 MIN_TS: Final = 946_684_800.0  # 2000-01-01
@@ -72,6 +74,17 @@ class Telemetry(_Wire):
         description="simulator ground truth: the anomaly injected into this reading. "
         "Ignored by the detector; used to measure detection end to end.",
     )
+
+
+class TelemetryBatch(_Wire):
+    """Many readings in one message (a gateway's), on ``<root>/batch/<line>/<gateway>``.
+
+    Every reading must belong to the topic's line; each gets its own verdict on its machine's
+    verdict topic, exactly as if it had been published alone.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    readings: Annotated[list[Telemetry], Field(min_length=1, max_length=MAX_BATCH_READINGS)]
 
 
 class Contribution(_Wire):

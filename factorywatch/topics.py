@@ -3,6 +3,7 @@
 Layout under a configurable root (default ``factory``)::
 
     <root>/telemetry/<line>/<machine>          sensor readings (QoS 1), one reading per message
+    <root>/batch/<line>/<gateway>              a gateway's batch of its line's readings (QoS 1)
     <root>/alerts/<line>/<machine>/verdict     one verdict per reading (NORMAL / ALERT)
     <root>/alerts/<line>/<machine>/event       alert transitions: raised, cleared, acknowledged,
                                                machine offline / online
@@ -67,6 +68,23 @@ class Topics:
         parts = rest.split("/") if rest is not None else []
         if len(parts) != 2 or not all(_ID_RE.fullmatch(p) for p in parts):
             raise PayloadError("bad_topic", f"not a telemetry topic: {topic!r}")
+        return parts[0], parts[1]
+
+    def batch(self, line: str, gateway: str) -> str:
+        """Topic a gateway publishes batches of its line's readings to."""
+        return f"{self.root}/batch/{check_id(line, 'line')}/{check_id(gateway, 'gateway id')}"
+
+    @property
+    def batch_filter(self) -> str:
+        """Subscription filter matching every gateway's batches."""
+        return f"{self.root}/batch/+/+"
+
+    def parse_batch(self, topic: str) -> tuple[str, str]:
+        """Return ``(line, gateway)`` of a batch topic or raise ``PayloadError``."""
+        prefix = f"{self.root}/batch/"
+        parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
+        if len(parts) != 2 or not all(_ID_RE.fullmatch(p) for p in parts):
+            raise PayloadError("bad_topic", f"not a batch topic: {topic!r}")
         return parts[0], parts[1]
 
     # -- verdicts and the alerts tree --------------------------------------------------------

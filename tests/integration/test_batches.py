@@ -1,0 +1,61 @@
+"""Batched payloads from a gateway: one verdict per reading, bad readings rejected alone."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import pytest
+
+from factorywatch import mqtt as fwmqtt
+from factorywatch.contracts import DeadLetter, TelemetryBatch, Verdict
+from factorywatch.settings import BrokerSettings
+from factorywatch.topics import Topics
+from sensors.simulator import MachineSimulator
+from tests.support import Collector, Proc
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_gateway_batch_yields_one_verdict_per_reading_and_rejects_bad_ones_alone(
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+) -> None:
+    """200 readings of 5 machines in one message -> 200 verdicts; 2 bad of 5 -> 3 + 2 letters."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter, topics.deadletter_filter)
+    detector()
+    now = time.time()
+    sims = [MachineSimulator(f"gw-m{i}", "line1", seed=i) for i in range(5)]
+    good = TelemetryBatch(readings=[sims[i % 5].next(now + i / 1000) for i in range(200)])
+    mixed = [sims[0].next(now + 1).model_dump(exclude_none=True) for _ in range(5)]
+    mixed[1]["readings"]["torque_nm"] = float("nan")
+    mixed[3]["line"] = "another-line"
+    client = fwmqtt.new_client(settings, "gateway-1")
+    waiter = fwmqtt.ConnectWaiter()
+    client.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
+    fwmqtt.connect(client, settings, waiter)
+    topic = topics.batch("line1", "gateway-1")
+    for payload in (
+        good.encode(),
+        json.dumps({"schema_version": 1, "readings": mixed}).encode(),
+        b'{"readings": "not a list"}',
+    ):
+        client.publish(topic, payload, qos=1).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+
+    verdicts = col.wait_for(lambda m: m.topic.endswith("/verdict"), count=203, timeout=30)
+    letters = col.wait_for(lambda m: "/deadletter/" in m.topic, count=3, timeout=30)
+    time.sleep(0.5)
+    parsed = [Verdict.model_validate_json(m.payload) for m in verdicts]
+    assert len({(v.machine_id, v.seq) for v in parsed}) == 203
+    assert {v.machine_id for v in parsed} == {f"gw-m{i}" for i in range(5)}
+    for v, m in zip(parsed, verdicts, strict=True):
+        assert m.topic == topics.verdict("line1", v.machine_id), "each on its machine's topic"
+    reasons = sorted(DeadLetter.model_validate_json(m.payload).reason for m in letters)
+    assert reasons == ["non_finite", "schema", "topic_mismatch"]
+    assert all(m.topic == topics.deadletter("line1", "gateway-1") for m in letters)
+    assert len(col.matching(lambda m: "/deadletter/" in m.topic)) == 3
