@@ -52,7 +52,7 @@ class Collector:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append(Message(msg.topic, msg.payload, bool(msg.retain)))
+            self.messages.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
             self._cond.notify_all()
 
     def matching(self, predicate: Callable[[Message], bool]) -> list[Message]:

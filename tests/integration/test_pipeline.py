@@ -157,7 +157,7 @@ def test_injected_anomalies_are_flagged_with_measured_precision_and_recall(
     assert recall >= 0.7
 
 
-BAD_PAYLOADS: list[tuple[str, bytes]] = [
+BAD_PAYLOADS: list[tuple[str, bytes | None]] = [
     ("invalid_json", b"{not json"),
     ("not_utf8", b"\xff\xfe\xfa"),
     ("empty_payload", b""),
