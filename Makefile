@@ -28,6 +28,10 @@ test: install broker-binary
 	$(BIN)/mypy .
 	FACTORYWATCH_TEST_DATASET_DIR=$(dir $(DATASET)) $(BIN)/pytest
 
+## faults: fault injection (kill -9, broker restarts and outage, backlog) -> reports/faults.json
+faults: install broker-binary
+	FACTORYWATCH_FAULTS_REPORT=reports/faults.json $(BIN)/pytest -m faults -s
+
 ## demo: local broker + detector + three sensors, verdicts live (Ctrl-C stops everything)
 demo: install broker-binary
 	$(BIN)/factorywatch demo $(DATASET_ARG)

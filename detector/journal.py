@@ -1,8 +1,11 @@
 """A small on-disk journal of readings whose verdicts the broker has acknowledged.
 
 Written after a verdict's PUBACK and before the reading's own ack, it lets a restarted
-detector recognise a redelivered reading it already answered, so consumers see one verdict
-per reading across crashes (except for the instant between PUBACK and the journal write).
+detector recognise a redelivered reading whose verdict the broker had already confirmed.
+It cannot help with readings whose verdict was on the wire when the detector died (the broker
+may have delivered it, but the PUBACK was never read): those are scored again, so consumers
+must still de-duplicate on ``(machine_id, seq)`` (measured: 500-1,100 such duplicates per
+``kill -9`` at 1,000 readings/s, none lost; see README "Delivery guarantees").
 Lines are appended and flushed (the OS keeps them across a process crash); the file is
 compacted to the most recent ``capacity`` keys when it grows past twice that.
 """

@@ -62,6 +62,7 @@ class SensorPublisher:
         )
         self._waiter = fwmqtt.ConnectWaiter()
         self._lock = threading.Lock()
+        self._status_mids: set[int] = set()
         self.client.on_connect = self._on_connect
         self.client.on_publish = self._on_publish
 
@@ -73,10 +74,16 @@ class SensorPublisher:
         online = ClientStatus(
             role="sensor", client_id=self.machine_id, state="online", ts=time.time()
         )
-        client.publish(self._status_topic, online.encode(), qos=fwmqtt.QOS, retain=True)
-
-    def _on_publish(self, _c: mqtt.Client, _u: Any, _mid: int, reason: Any, _p: Any) -> None:
+        # Called on paho's network thread, which also reads the PUBACK later: no race here.
+        info = client.publish(self._status_topic, online.encode(), qos=fwmqtt.QOS, retain=True)
         with self._lock:
+            self._status_mids.add(info.mid)
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        with self._lock:
+            if mid in self._status_mids:  # a status, not a reading
+                self._status_mids.discard(mid)
+                return
             if fwmqtt.reason_failed(reason):
                 self.stats.refused += 1
             else:
@@ -109,10 +116,11 @@ class SensorPublisher:
         while time.monotonic() < deadline:
             with self._lock:
                 settled = self.stats.acknowledged + self.stats.refused
-            # +1: the retained online status is acknowledged too
-            if settled >= self.stats.sent + 1:
+            if settled >= self.stats.sent:
                 break
             time.sleep(0.02)
+        with self._lock:  # before the offline status, whose PUBACK is not a reading's
+            result = PublishStats(**vars(self.stats))
         offline = ClientStatus(
             role="sensor", client_id=self.machine_id, state="offline", ts=time.time()
         )
@@ -123,9 +131,7 @@ class SensorPublisher:
             log.warning("offline_status_not_sent", machine_id=self.machine_id)
         self.client.disconnect()
         self.client.loop_stop()
-        with self._lock:
-            self.stats.acknowledged = max(0, self.stats.acknowledged - 2)  # the two statuses
-        return self.stats
+        return result
 
 
 def run(

@@ -1,0 +1,1 @@
+"""Fault injection with real processes: kill -9, broker restarts and outages, backlogs."""
