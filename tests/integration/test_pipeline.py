@@ -14,8 +14,10 @@ from factorywatch.broker import LocalBroker
 from factorywatch.contracts import ClientStatus, DeadLetter, MachineState, Telemetry, Verdict
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
+from model.dataset import load
 from sensors.publisher import SensorPublisher
 from sensors.simulator import MachineSimulator
+from tests.conftest import DatasetChoice
 from tests.support import Collector, Proc
 
 pytestmark = pytest.mark.integration
@@ -321,3 +323,41 @@ def test_unreachable_broker_stops_startup_after_bounded_retries(
     )
     assert proc.process.wait(60) == 2
     assert "unreachable" in proc.log()
+
+
+def test_replay_publishes_csv_rows_with_their_labels_as_ground_truth(
+    detector: Callable[..., Proc],
+    spawn: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+    mqtt_args: list[str],
+    test_data: DatasetChoice,
+) -> None:
+    """`factorywatch replay` turns 300 CSV rows into 300 readings and 300 verdicts."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter, topics.telemetry_filter)
+    detector()
+    proc = spawn(
+        "replay",
+        "--csv",
+        str(test_data.path),
+        "--machine-id",
+        "replay-1",
+        "--count",
+        "300",
+        "--rate",
+        "300",
+        *mqtt_args,
+    )
+    assert proc.process.wait(60) == 0, proc.log()
+    col.wait_for(lambda m: m.topic.endswith("/verdict"), count=300, timeout=30)
+    readings = [
+        Telemetry.model_validate_json(m.payload)
+        for m in col.matching(lambda m: "/telemetry/" in m.topic)
+    ]
+    assert len(readings) == 300
+    rows = load(test_data.path, verify=False).frame
+    assert [r.readings["rotational_speed_rpm"] for r in readings] == list(
+        rows["rotational_speed_rpm"][:300]
+    )
+    assert len(col.matching(lambda m: m.topic.endswith("/verdict"))) == 300
