@@ -70,6 +70,7 @@ def test_a_promoted_model_is_picked_up_live_without_losing_or_rescoring_a_readin
     retrain = [*train[:-2], "--trees", "60", "--seed", "1"]
     subprocess.run(retrain, check=True, capture_output=True, cwd=PROJECT_DIR, timeout=300)
     new = artifact.current_version(model_dir)
+    assert new is not None
     assert new != old
     det.wait_log("model_reloaded", timeout=30)
     time.sleep(1.0)
