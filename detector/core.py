@@ -214,11 +214,14 @@ def score(
         explanation = None
         if alert and explain_top_k:
             explanation = [
-                Contribution(feature=card.features[j], value=float(matrix[i, j]), z=round(z, 3))
+                Contribution.model_construct(
+                    feature=card.features[j], value=float(matrix[i, j]), z=round(z, 3)
+                )
                 for j, z in explain(matrix[i], model.center, model.scale, explain_top_k)
             ]
         verdicts.append(
-            Verdict(
+            # Built from values this function computed, not from input: no validation needed.
+            Verdict.model_construct(
                 machine_id=reading.machine_id,
                 line=reading.line,
                 seq=reading.seq,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from factorywatch.errors import PayloadError
 
@@ -63,12 +64,7 @@ class Topics:
 
     def parse_telemetry(self, topic: str) -> tuple[str, str]:
         """Return ``(line, machine)`` of a telemetry topic or raise ``PayloadError``."""
-        prefix = f"{self.root}/telemetry/"
-        rest = topic[len(prefix) :] if topic.startswith(prefix) else None
-        parts = rest.split("/") if rest is not None else []
-        if len(parts) != 2 or not all(_ID_RE.fullmatch(p) for p in parts):
-            raise PayloadError("bad_topic", f"not a telemetry topic: {topic!r}")
-        return parts[0], parts[1]
+        return _parse_telemetry(self.root, topic)
 
     def batch(self, line: str, gateway: str) -> str:
         """Topic a gateway publishes batches of its line's readings to."""
@@ -172,3 +168,14 @@ class Topics:
         if len(parts) != count or not all(_ID_RE.fullmatch(p) for p in parts[:2]):
             return None
         return parts
+
+
+@lru_cache(maxsize=65_536)
+def _parse_telemetry(root: str, topic: str) -> tuple[str, str]:
+    """Cached per topic: a detector sees the same few thousand topics over and over."""
+    prefix = f"{root}/telemetry/"
+    rest = topic[len(prefix) :] if topic.startswith(prefix) else None
+    parts = rest.split("/") if rest is not None else []
+    if len(parts) != 2 or not all(_ID_RE.fullmatch(p) for p in parts):
+        raise PayloadError("bad_topic", f"not a telemetry topic: {topic!r}")
+    return parts[0], parts[1]

@@ -1,0 +1,92 @@
+"""Smoke test of ``python -m bench.run --quick``: it runs end to end and writes its reports.
+
+Only the shape of the report and the absence of loss are checked: benchmark figures depend
+on the machine, so no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from factorywatch.settings import PROJECT_DIR
+from tests.conftest import DatasetChoice
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REQUIRED_KEYS = (
+    "relay_msgs_per_s",
+    "detector_msgs_per_s",
+    "naive_msgs_per_s",
+    "p99_ms_at_1000",
+    "machines",
+    "batch_readings_per_s",
+    "peak_memory_mb",
+    "ratios",
+    "environment",
+)
+
+
+@pytest.fixture(scope="module")
+def quick_report(
+    tmp_path_factory: pytest.TempPathFactory, test_data: DatasetChoice
+) -> tuple[dict[str, Any], Path]:
+    """Run the quick benchmark once; return its JSON report and its output directory."""
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out), *test_data.args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=PROJECT_DIR,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((out / "bench.json").read_text()), out
+
+
+@pytest.mark.timeout(900)
+def test_quick_bench_report_has_every_figure(quick_report: tuple[dict[str, Any], Path]) -> None:
+    """The JSON report holds every required key, ratio and environment field."""
+    report, _ = quick_report
+    missing = [key for key in REQUIRED_KEYS if key not in report]
+    assert not missing, missing
+    assert set(report["ratios"]) >= {
+        "detector_vs_relay",
+        "detector_vs_naive",
+        "machines_1000_vs_10",
+    }
+    assert set(report["environment"]) >= {"cpu_count", "python", "mosquitto", "date", "command"}
+    assert report["machines"], "no latency rows"
+    for row in report["machines"]:
+        assert {"machines", "p50_ms", "p99_ms", "max_ms", "lost"} <= set(row)
+
+
+@pytest.mark.timeout(900)
+def test_quick_bench_throughputs_are_positive_without_loss(
+    quick_report: tuple[dict[str, Any], Path],
+) -> None:
+    """Relay, detector and naive throughputs are positive and no throughput run lost a reading."""
+    report, _ = quick_report
+    for key in ("relay_msgs_per_s", "detector_msgs_per_s", "naive_msgs_per_s"):
+        assert report[key] is not None, key
+        assert report[key] > 0, key
+    for run in report["throughput_runs"]:
+        assert run["lost"] == 0, run
+        assert run["unique_verdicts"] == run["messages"], run
+
+
+@pytest.mark.timeout(900)
+def test_quick_bench_writes_markdown_with_its_command(
+    quick_report: tuple[dict[str, Any], Path],
+) -> None:
+    """The Markdown report exists and starts with the command that produced it."""
+    report, out = quick_report
+    text = (out / "bench.md").read_text()
+    assert report["environment"]["command"] in text.split("\n## ")[0]
+    assert "| relay ceiling" in text
