@@ -7,6 +7,7 @@ enforced before ``publish()``; a denied publish shows only as a failing PUBACK r
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
@@ -62,7 +63,16 @@ def new_client(
     # when removed. The broker's queue limits still bound what is outstanding.
     client.max_inflight_messages_set(max_inflight)
     client.reconnect_delay_set(min_delay=1, max_delay=10)
+    client.on_socket_open = _no_delay
     return client
+
+
+def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """Disable Nagle's algorithm: small MQTT packets go out at once (paho leaves it on)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (e.g. a test double or websocket)
+        return
 
 
 def connect_properties(session_expiry_s: int | None) -> Properties:
