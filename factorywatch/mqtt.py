@@ -154,6 +154,17 @@ def connect(
         )
 
 
+def connected_client(
+    settings: BrokerSettings, client_id: str, *, timeout_s: float = 10.0
+) -> mqtt.Client:
+    """A client with its network thread running, connected (or ``BrokerError``)."""
+    client = new_client(settings, client_id)
+    waiter = ConnectWaiter()
+    client.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
+    connect(client, settings, waiter, timeout_s=timeout_s)
+    return client
+
+
 def check_size(payload: bytes) -> bytes:
     """Refuse oversize payloads before ``publish()`` (the broker's refusal kills paho)."""
     if len(payload) > MAX_PAYLOAD_BYTES:

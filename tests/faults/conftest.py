@@ -48,6 +48,7 @@ class VerdictCollector:
         self._settings = settings
         self._dead_prefix = f"{settings.topic_root}/deadletter/"
         self._marker_prefix = f"{settings.topic_root}/alerts/_marker/"
+        self._poke_prefix = f"{settings.topic_root}/poke/"
         self._filters = [topics.alerts_filter, topics.deadletter_filter, DROPPED_TOPIC]
         self._lock = threading.Lock()
         self._keys: list[Key] = []
@@ -159,10 +160,7 @@ class VerdictCollector:
         of the dead one's verdicts still on their way to us.
         """
         marker = uuid.uuid4().hex[:8]
-        client = fwmqtt.new_client(self._settings, f"faults-marker-{marker}")
-        waiter = fwmqtt.ConnectWaiter()
-        client.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
-        fwmqtt.connect(client, self._settings, waiter)
+        client = fwmqtt.connected_client(self._settings, f"faults-marker-{marker}")
         info = client.publish(f"{self._marker_prefix}{marker}", b"{}", qos=fwmqtt.QOS)
         info.wait_for_publish(timeout=10)
         client.disconnect()
@@ -193,8 +191,12 @@ class VerdictCollector:
             return max(self.dropped_values, default=-1)
 
     def poke(self) -> None:
-        """Send the broker a SUBSCRIBE (a persistence change), without waiting for anything."""
-        self.client.subscribe(DROPPED_TOPIC, qos=fwmqtt.QOS)
+        """Send the broker a SUBSCRIBE to a new filter (a persistence change), without waiting.
+
+        A new filter each time: re-subscribing to an existing one changes nothing, so with
+        ``autosave_on_changes`` it would not trigger a save.
+        """
+        self.client.subscribe(f"{self._poke_prefix}{uuid.uuid4().hex[:12]}", qos=fwmqtt.QOS)
 
     def close(self) -> None:
         """Disconnect, ending the session (expiry 0) so the broker forgets it."""

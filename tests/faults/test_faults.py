@@ -277,9 +277,17 @@ def _wait_for_snapshot(broker: LocalBroker, verdicts: VerdictCollector) -> float
     """
     before = _snapshot_inode(broker)
     begin = time.monotonic()
-    verdicts.poke()
+    last_poke = [0.0]
+
+    def saved() -> bool:
+        # Poke again every half second: how many changes trigger an on-change save varies.
+        if time.monotonic() - last_poke[0] > 0.5:
+            verdicts.poke()
+            last_poke[0] = time.monotonic()
+        return _snapshot_inode(broker) not in (None, before)
+
     _wait_until(
-        lambda: _snapshot_inode(broker) not in (None, before),
+        saved,
         timeout=10,
         what="a new snapshot of the broker's database",
     )

@@ -95,10 +95,7 @@ def test_alert_lifecycle_ack_offline_and_metrics(
     for seq, rpm in enumerate([2800.0] * 3, start=100):
         pub.publish(_reading("alarm-1", seq, rpm))
     col.wait_for(lambda m: m.topic.endswith("/alarm-1/event"), count=3, timeout=30)
-    operator = fwmqtt.new_client(settings, "operator-1")
-    waiter = fwmqtt.ConnectWaiter()
-    operator.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
-    fwmqtt.connect(operator, settings, waiter)
+    operator = fwmqtt.connected_client(settings, "operator-1")
     ack = AckCommand(machine_id="alarm-1", by="shift-lead", note="inspecting spindle")
     operator.publish(topics.ack("line1", "alarm-1"), ack.encode(), qos=1).wait_for_publish(5)
     operator.disconnect()

@@ -67,10 +67,7 @@ def test_generated_garbage_is_dead_lettered_and_good_readings_still_get_verdicts
     sim = MachineSimulator("fuzz-1", "line1", seed=1, seq_start=int(time.time_ns() // 1000))
     good = [sim.next(time.time()) for _ in range(len(garbage))]
     letters_before = len(col.matching(lambda m: "/deadletter/" in m.topic))
-    client = fwmqtt.new_client(settings, f"fuzzer-{run}")
-    waiter = fwmqtt.ConnectWaiter()
-    client.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
-    fwmqtt.connect(client, settings, waiter)
+    client = fwmqtt.connected_client(settings, f"fuzzer-{run}")
     topic = topics.telemetry("line1", "fuzz-1")
     infos = []
     for bad, reading in zip(garbage, good, strict=True):

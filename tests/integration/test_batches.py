@@ -33,10 +33,7 @@ def test_a_gateway_batch_yields_one_verdict_per_reading_and_rejects_bad_ones_alo
     mixed = [sims[0].next(now + 1).model_dump(exclude_none=True) for _ in range(5)]
     mixed[1]["readings"]["torque_nm"] = float("nan")
     mixed[3]["line"] = "another-line"
-    client = fwmqtt.new_client(settings, "gateway-1")
-    waiter = fwmqtt.ConnectWaiter()
-    client.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
-    fwmqtt.connect(client, settings, waiter)
+    client = fwmqtt.connected_client(settings, "gateway-1")
     topic = topics.batch("line1", "gateway-1")
     for payload in (
         good.encode(),

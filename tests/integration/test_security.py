@@ -220,10 +220,7 @@ def test_tls_works_and_plaintext_to_the_tls_port_fails(
 ) -> None:
     """TLS 1.2+ with the generated CA connects; a plaintext client on the TLS port does not."""
     tls = as_user("viewer", tls=True)
-    c = fwmqtt.new_client(tls, "tls-viewer")
-    waiter = fwmqtt.ConnectWaiter()
-    c.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
-    fwmqtt.connect(c, tls, waiter, timeout_s=5)
+    c = fwmqtt.connected_client(tls, "tls-viewer", timeout_s=5)
     sock = c.socket()
     assert isinstance(sock, ssl.SSLSocket)
     assert sock.version() in {"TLSv1.2", "TLSv1.3"}
