@@ -25,7 +25,7 @@ from factorywatch.contracts import (
     TelemetryBatch,
     Verdict,
 )
-from factorywatch.errors import PayloadError
+from factorywatch.errors import DeadLetterReason, PayloadError
 from factorywatch.topics import Topics
 from model.artifact import LoadedModel
 from model.features import PRODUCT_TYPE_COLUMN, TYPE_CODE, compute_features
@@ -44,7 +44,7 @@ class Received:
     received_perf: float  # perf_counter at receipt, for processing latency
 
 
-def _classify(exc: ValidationError) -> str:
+def _classify(exc: ValidationError) -> DeadLetterReason:
     kinds = {err["type"] for err in exc.errors()}
     if kinds & {"json_invalid", "json_type"}:
         return "invalid_json"

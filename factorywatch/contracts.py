@@ -13,6 +13,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from factorywatch.errors import DeadLetterReason
 from factorywatch.topics import ID_PATTERN
 
 SCHEMA_VERSION: Final = 1
@@ -117,7 +118,7 @@ class DeadLetter(_Wire):
     """A payload the detector could not accept, with a machine-readable reason."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    reason: str
+    reason: DeadLetterReason
     detail: str
     topic: str
     payload_bytes: int

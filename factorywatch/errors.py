@@ -12,6 +12,24 @@ FactorywatchError
 
 from __future__ import annotations
 
+from typing import Final, Literal
+
+# Why a payload was rejected: the machine-readable ``reason`` of every dead letter.
+DeadLetterReason = Literal[
+    "bad_topic",  # not a telemetry/batch topic of this root, or invalid ids in it
+    "empty_payload",
+    "oversize",  # over MAX_PAYLOAD_BYTES (MAX_BATCH_BYTES for batches)
+    "not_utf8",
+    "invalid_json",  # includes nesting too deep to parse
+    "non_finite",  # NaN, Infinity, 1e400
+    "schema",  # wrong shape, types, missing or unknown keys
+    "topic_mismatch",  # payload machine/line differs from the (trusted) topic
+    "unknown_machine",  # not in the detector's registry, when one is configured
+    "clock_skew",  # event time too far from the detector's clock
+    "missing_channel",  # lacks a channel the model needs
+]
+DEAD_LETTER_REASONS: Final[tuple[str, ...]] = DeadLetterReason.__args__  # type: ignore[attr-defined]
+
 
 class FactorywatchError(Exception):
     """Root of every error factorywatch raises on purpose."""
@@ -40,7 +58,7 @@ class ModelMismatchError(ModelError):
 class PayloadError(FactorywatchError):
     """A wire message was rejected; ``reason`` is a stable machine-readable code."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: DeadLetterReason, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

@@ -11,8 +11,13 @@ from hypothesis import strategies as st
 
 from detector.core import Decoder, Received
 from detector.dedup import SeenCache
-from factorywatch.contracts import AI4I_CHANNELS, ANOMALY_KINDS, MAX_CHANNELS, Telemetry
-from factorywatch.errors import PayloadError
+from factorywatch.contracts import (
+    AI4I_CHANNELS,
+    ANOMALY_KINDS,
+    MAX_CHANNELS,
+    Telemetry,
+)
+from factorywatch.errors import DEAD_LETTER_REASONS, PayloadError
 from factorywatch.topics import Topics
 from model.features import DERIVED, FEATURE_SETS, PRODUCT_TYPE_COLUMN, compute_features
 
@@ -20,18 +25,7 @@ NOW = 1.7e9
 SKEW = 7 * 24 * 3600.0
 TOPICS = Topics()
 TOPIC = TOPICS.telemetry("line1", "mill-01")
-REASONS = {
-    "invalid_json",
-    "not_utf8",
-    "empty_payload",
-    "schema",
-    "non_finite",
-    "oversize",
-    "topic_mismatch",
-    "clock_skew",
-    "missing_channel",
-    "bad_topic",
-}
+REASONS = set(DEAD_LETTER_REASONS) - {"unknown_machine"}
 FAST = settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 
 DECODER = Decoder(TOPICS, channels=AI4I_CHANNELS, max_clock_skew_s=SKEW, clock=lambda: NOW)

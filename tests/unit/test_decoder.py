@@ -8,27 +8,20 @@ from typing import Any
 import pytest
 
 from detector.core import Decoder, Received, dead_letter
-from factorywatch.contracts import AI4I_CHANNELS, MAX_PAYLOAD_BYTES, DeadLetter, Telemetry
-from factorywatch.errors import PayloadError
+from factorywatch.contracts import (
+    AI4I_CHANNELS,
+    MAX_PAYLOAD_BYTES,
+    DeadLetter,
+    Telemetry,
+)
+from factorywatch.errors import DEAD_LETTER_REASONS, PayloadError
 from factorywatch.topics import Topics
 
 NOW = 1.7e9
 SKEW = 7 * 24 * 3600.0
 TOPICS = Topics()
 TOPIC = TOPICS.telemetry("line1", "mill-01")
-REASONS = {
-    "invalid_json",
-    "not_utf8",
-    "empty_payload",
-    "schema",
-    "non_finite",
-    "oversize",
-    "topic_mismatch",
-    "clock_skew",
-    "missing_channel",
-    "bad_topic",
-    "unknown_machine",
-}
+REASONS = set(DEAD_LETTER_REASONS)
 
 
 def reading(**overrides: Any) -> dict[str, Any]:
