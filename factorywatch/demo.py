@@ -17,7 +17,7 @@ from rich.console import Console
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
-from factorywatch.contracts import Verdict
+from factorywatch.contracts import AlertEvent, Verdict
 from factorywatch.credentials import init_secrets
 from factorywatch.errors import FactorywatchError
 from factorywatch.settings import PROJECT_DIR, BrokerSettings, DataSettings
@@ -46,6 +46,19 @@ def _data_args(data: DataSettings) -> list[str]:
 
 def _show(console: Console) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.endswith("/event"):
+            try:
+                e = AlertEvent.model_validate_json(msg.payload)
+            except ValueError:
+                return
+            console.print(
+                f"[bold yellow]*** {e.line}/{e.machine_id} {e.event}[/]"
+                + (f" peak score {e.peak_score:.3f}" if e.peak_score is not None else ""),
+                highlight=False,
+            )
+            return
+        if not msg.topic.endswith("/verdict"):
+            return  # retained states
         try:
             v = Verdict.model_validate_json(msg.payload)
         except ValueError:
