@@ -104,10 +104,10 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threshold-method",
-        choices=["far", "quantile", "fixed"],
+        choices=["far", "contamination", "quantile", "fixed"],
         default=default.method,
-        help="far: target false-alarm rate on training data; quantile: of training scores; "
-        "fixed: absolute score",
+        help="far: target false-alarm rate on training data; contamination: scikit-learn's "
+        "expected share of anomalies (same cut); quantile: of training scores; fixed: score",
     )
     p.add_argument("--threshold-value", type=float, default=default.value)
     p.add_argument("--no-promote", action="store_true", help="save without making it current")

@@ -3,6 +3,9 @@
 Methods (score semantics: higher = more anomalous; ALERT when score > threshold):
 
 * ``far``       target false-alarm rate r on training data: threshold = quantile(1 - r)
+* ``contamination``  scikit-learn's ``contamination`` c: the expected share of anomalies in
+                the training data; the same cut as ``far`` = c, equal to the forest's
+                ``-offset_`` when fitted with ``contamination=c``
 * ``quantile``  threshold = quantile q of the training scores
 * ``fixed``     an absolute score in (0, 1], e.g. 0.6
 
@@ -19,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Method = Literal["far", "quantile", "fixed"]
+Method = Literal["far", "contamination", "quantile", "fixed"]
 DEFAULT_FALSE_ALARM_RATE = 0.03
 
 
@@ -44,5 +47,5 @@ def calibrate(train_scores: npt.NDArray[np.float64], spec: ThresholdSpec) -> flo
     """Return the score threshold for ``spec`` given the training scores."""
     if spec.method == "fixed":
         return float(spec.value)
-    q = 1.0 - spec.value if spec.method == "far" else spec.value
+    q = spec.value if spec.method == "quantile" else 1.0 - spec.value
     return float(np.quantile(train_scores, q))

@@ -97,3 +97,19 @@ def test_spec_round_trips_through_json() -> None:
     """A spec survives the JSON of the model card unchanged."""
     spec = ThresholdSpec(method="quantile", value=0.97)
     assert ThresholdSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_contamination_matches_scikit_learns_own_offset() -> None:
+    """`contamination=c` gives exactly the cut scikit-learn's IsolationForest computes for c."""
+    from sklearn.ensemble import IsolationForest  # noqa: PLC0415
+
+    from model.scoring import SklearnScorer  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(2000, 3))
+    for c in (0.01, 0.03, 0.1):
+        forest = IsolationForest(n_estimators=50, contamination=c, random_state=0).fit(data)
+        ours = calibrate(
+            SklearnScorer(forest).score(data), ThresholdSpec(method="contamination", value=c)
+        )
+        assert ours == pytest.approx(-forest.offset_, abs=1e-12)
