@@ -102,6 +102,10 @@ class DetectorService:
         self._pending: dict[int, _AckTarget] = {}  # outgoing mid -> reading waiting for it
         self._waiter = fwmqtt.ConnectWaiter()
         self._decoder = self._make_decoder(model)
+        lines = (
+            [x.strip() for x in settings.lines.split(",") if x.strip()] if settings.lines else None
+        )
+        self._input_filters = self.topics.input_filters(lines)
         self._telemetry_prefix = f"{self.topics.root}/telemetry/"
         self._batch_prefix = f"{self.topics.root}/batch/"
         status_topic = self.topics.status("detector", settings.client_id)
@@ -131,20 +135,14 @@ class DetectorService:
         if reason_code.is_failure:
             log.error("broker_refused", reason=str(reason_code))
             return
-        client.subscribe(
-            [
-                (self.topics.telemetry_filter, fwmqtt.QOS),
-                (self.topics.batch_filter, fwmqtt.QOS),
-                (self.topics.ack_filter, fwmqtt.QOS),
-                (self.topics.sensor_status_filter, fwmqtt.QOS),
-            ]
-        )
+        filters = [*self._input_filters, self.topics.ack_filter, self.topics.sensor_status_filter]
+        client.subscribe([(f, fwmqtt.QOS) for f in filters])
         self.metrics.connected.set(1)
         self._publish(self._status_topic, self._status("online"), None, retain=True)
         log.info(
             "broker_connected",
             session_present=bool(getattr(flags, "session_present", False)),
-            subscribed=self.topics.telemetry_filter,
+            subscribed=self._input_filters,
         )
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
@@ -152,7 +150,7 @@ class DetectorService:
         if failed:
             log.error("subscribe_refused", reasons=failed)
         else:
-            log.info("telemetry_subscribed", filter=self.topics.telemetry_filter)
+            log.info("telemetry_subscribed", filters=self._input_filters)
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
         self.metrics.connected.set(0)

@@ -202,6 +202,9 @@ def _add_detect(sub: Any) -> None:
     p.add_argument("--client-id", help="fixed MQTT client id (persistent session)")
     p.add_argument("--state-dir", type=Path, help="journal of answered readings (run/detector)")
     p.add_argument(
+        "--lines", help="comma-separated lines to serve (scale out: one detector per group)"
+    )
+    p.add_argument(
         "--metrics-port", type=int, help="Prometheus /metrics and /healthz (9108; 0 = off)"
     )
     p.add_argument("--train-if-missing", action="store_true", help="train when no model exists")
@@ -226,7 +229,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
         args.threshold_method, args.threshold_value = spec.method, spec.value
         train_model(args, data, promote=True)
     settings = DetectorSettings().with_overrides(
-        client_id=args.client_id, state_dir=args.state_dir, metrics_port=args.metrics_port
+        client_id=args.client_id,
+        state_dir=args.state_dir,
+        metrics_port=args.metrics_port,
+        lines=args.lines,
     )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     broker = _broker_settings(args)

@@ -106,6 +106,10 @@ class DetectorSettings(_Settings):
     explain_top_k: Annotated[int, Field(ge=0, le=16)] = 3
     reload_interval_s: Annotated[float, Field(gt=0)] = 5.0
     heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    lines: str | None = Field(
+        default=None,
+        description="comma-separated production lines this detector serves (default: all)",
+    )
     alert_k: Annotated[int, Field(ge=1)] = 3
     alert_n: Annotated[int, Field(ge=1)] = 5
     alert_m: Annotated[int, Field(ge=1)] = 10

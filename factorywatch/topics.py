@@ -19,6 +19,7 @@ Layout under a configurable root (default ``factory``)::
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -61,6 +62,17 @@ class Topics:
     def telemetry_filter(self) -> str:
         """Subscription filter matching every machine's telemetry."""
         return f"{self.root}/telemetry/+/+"
+
+    def input_filters(self, lines: Sequence[str] | None = None) -> list[str]:
+        """What a detector subscribes to for readings: every line, or only ``lines``.
+
+        Shards split machines by line, so each machine's readings (and its alert state) stay
+        with one detector; shared subscriptions would spread one machine over several.
+        """
+        levels = [check_id(line, "line") for line in lines] if lines else ["+"]
+        return [
+            f"{self.root}/{tree}/{level}/+" for level in levels for tree in ("telemetry", "batch")
+        ]
 
     def parse_telemetry(self, topic: str) -> tuple[str, str]:
         """Return ``(line, machine)`` of a telemetry topic or raise ``PayloadError``."""

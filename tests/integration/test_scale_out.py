@@ -1,0 +1,60 @@
+"""Scale-out: detectors sharded by production line, each machine served by exactly one."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+
+from factorywatch.contracts import Verdict
+from factorywatch.settings import BrokerSettings
+from factorywatch.topics import Topics
+from sensors.publisher import SensorPublisher
+from sensors.simulator import MachineSimulator
+from tests.support import Collector, Proc
+
+pytestmark = pytest.mark.integration
+
+
+def _readings_received(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("factorywatch_readings_received_total "):
+                return float(line.split()[1])
+    raise AssertionError("no readings counter")
+
+
+def test_two_detectors_split_by_line_score_each_reading_exactly_once(
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+) -> None:
+    """`--lines` shards: line A's readings go to one detector, line B's to the other, once."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter)
+    first = detector("--lines", "line-a", client_id="detector-a")
+    second = detector("--lines", "line-b,line-c", client_id="detector-b")
+    now = time.time()
+    plan = {"line-a": ["a1", "a2"], "line-b": ["b1"], "line-c": ["c1"]}
+    for line, machines in plan.items():
+        for machine in machines:
+            sim = MachineSimulator(machine, line, seed=len(machine))
+            pub = SensorPublisher(settings, machine, buffer_size=1000)
+            pub.start()
+            for i in range(50):
+                pub.publish(sim.next(now + i / 100))
+            assert pub.close().acknowledged == 50
+    col.wait_for(lambda m: m.topic.endswith("/verdict"), count=200, timeout=30)
+    time.sleep(0.5)
+    verdicts = [
+        Verdict.model_validate_json(m.payload)
+        for m in col.matching(lambda m: m.topic.endswith("/verdict"))
+    ]
+    assert len(verdicts) == 200
+    assert len({(v.machine_id, v.seq) for v in verdicts}) == 200
+    assert first.metrics_port is not None
+    assert second.metrics_port is not None
+    assert _readings_received(first.metrics_port) == 100
+    assert _readings_received(second.metrics_port) == 100
