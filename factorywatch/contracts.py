@@ -8,7 +8,6 @@ Scores have one direction everywhere: higher = more anomalous.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -135,15 +134,6 @@ class ClientStatus(_Wire):
     state: Literal["online", "offline"]
     ts: float | None = None
     model_version: str | None = None
-
-
-def decode_json_strict(payload: bytes) -> object:
-    """Parse JSON rejecting NaN/Infinity constants (Python's json accepts them by default)."""
-
-    def _reject(constant: str) -> object:
-        raise ValueError(f"non-finite number {constant} is not allowed")
-
-    return json.loads(payload, parse_constant=_reject)
 
 
 # -- the alert lifecycle (detector/alerting.py decides, the detector shell publishes) --------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +136,7 @@ class SensorPublisher:
 
 def run(
     broker: BrokerSettings,
-    streams: Sequence[Iterator[Telemetry]] | Sequence[Callable[[float], Telemetry | None]],
+    streams: Sequence[Callable[[float], Telemetry | None]],
     machine_ids: Sequence[str],
     *,
     rate_hz: float,
@@ -161,8 +161,7 @@ def run(
         while active and not stop.is_set() and (count is None or produced < count):
             now = time.time()
             for i in list(active):
-                make = streams[i]
-                reading = make(now) if callable(make) else next(make, None)
+                reading = streams[i](now)
                 if reading is None:
                     active.remove(i)
                     continue

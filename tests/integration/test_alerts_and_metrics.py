@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from collections.abc import Callable
 
 import pytest
@@ -14,7 +13,7 @@ from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Telemet
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from sensors.publisher import SensorPublisher
-from tests.support import Collector, Proc
+from tests.support import Collector, Proc, metric_value, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -49,23 +48,6 @@ def _events(col: Collector, machine: str) -> list[AlertEvent]:
         AlertEvent.model_validate_json(m.payload)
         for m in col.matching(lambda m: m.topic.endswith(f"/{machine}/event"))
     ]
-
-
-def _scrape(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if head == (f"{name}{{{want}}}" if labels else name):
-            return float(value)
-    raise AssertionError(f"{name} {labels} not in metrics")
 
 
 def test_alert_lifecycle_ack_offline_and_metrics(
@@ -112,14 +94,14 @@ def test_alert_lifecycle_ack_offline_and_metrics(
     assert last_state.acknowledged
     assert last_state.acknowledged_by == "shift-lead"
 
-    status, body = _scrape(proc.metrics_port, "/metrics")
+    status, body = scrape(proc.metrics_port, "/metrics")
     assert status == 200
-    assert _metric(body, "factorywatch_readings_received_total") == len(plan) + 3
-    assert _metric(body, "factorywatch_alert_verdicts_total", machine="alarm-1") >= 4
-    assert _metric(body, "factorywatch_alert_events_total", event="ALERT_RAISED") == 2
-    assert _metric(body, "factorywatch_broker_connected") == 1
+    assert metric_value(body, "factorywatch_readings_received_total") == len(plan) + 3
+    assert metric_value(body, "factorywatch_alert_verdicts_total", machine="alarm-1") >= 4
+    assert metric_value(body, "factorywatch_alert_events_total", event="ALERT_RAISED") == 2
+    assert metric_value(body, "factorywatch_broker_connected") == 1
     assert "factorywatch_processing_seconds_bucket" in body
-    status, health = _scrape(proc.metrics_port, "/healthz")
+    status, health = scrape(proc.metrics_port, "/healthz")
     assert status == 200
     assert json.loads(health)["ok"] is True
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Callable
 
 import pytest
@@ -13,17 +12,15 @@ from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from sensors.publisher import SensorPublisher
 from sensors.simulator import MachineSimulator
-from tests.support import Collector, Proc
+from tests.support import Collector, Proc, metric_value, scrape
 
 pytestmark = pytest.mark.integration
 
 
 def _readings_received(port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("factorywatch_readings_received_total "):
-                return float(line.split()[1])
-    raise AssertionError("no readings counter")
+    status, body = scrape(port, "/metrics")
+    assert status == 200
+    return metric_value(body, "factorywatch_readings_received_total")
 
 
 def test_two_detectors_split_by_line_score_each_reading_exactly_once(
