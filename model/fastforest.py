@@ -1,19 +1,26 @@
-"""Pure-numpy Isolation Forest scorer that flattens scikit-learn's trees and scores exactly."""
+"""Isolation Forest scorer that flattens scikit-learn's trees and scores exactly, compiled.
+
+The trees become flat arrays once (numpy); walking them is one small loop compiled by numba,
+about 5 µs per reading with 300 trees against about 12 µs for the same walk as numpy
+array operations and 9-13 ms for a ``score_samples`` call (``python -m bench.bench_scorer``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
+import numba
 import numpy as np
 import numpy.typing as npt
 from sklearn.ensemble import IsolationForest
 
 FloatArray = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.intp]
+SlotArray = npt.NDArray[np.int32]
 Float32Array = npt.NDArray[np.float32]
 
 _LEAF: Final = -1
-_CHUNK_CELLS: Final = 32_768  # rows x trees advanced per batch chunk (stays in L2 cache)
+_BLOCK_CELLS: Final = 64  # (row, tree) walks advanced together: enough to overlap, in L1
 
 
 def _average_path_length(n_samples: npt.ArrayLike) -> FloatArray:
@@ -46,7 +53,7 @@ def _round_down_f32(values: FloatArray) -> Float32Array:
 
 
 class FlatForest:
-    """All trees of a fitted ``IsolationForest`` in flat arrays, walked in lock-step by numpy.
+    """All trees of a fitted ``IsolationForest`` in flat arrays, walked by a compiled loop.
 
     Each node owns two consecutive *slots* (``2 * node`` and ``2 * node + 1``). A slot holds
     the column of the augmented row ``[x, -x, |x|]`` the node compares, a float32 cut ``u``
@@ -73,18 +80,19 @@ class FlatForest:
         self.n_trees = int(roots.shape[0])
         self.levels = levels
         self.denominator = denominator
-        self._columns = columns
+        if children.shape[0] >= np.iinfo(np.int32).max:
+            raise ValueError(f"forest too large to flatten: {children.shape[0]} slots")
+        # int32 slots: half the memory of intp, so more of the forest stays in cache.
+        self._columns: SlotArray = columns.astype(np.int32)
         self._cuts = cuts
-        self._children = children
+        self._children: SlotArray = children.astype(np.int32)
         # Path length of the leaf a slot leads to: the last level skips one lookup.
         self._child_values = values[children]
-        self._roots = roots
+        self._roots: SlotArray = roots.astype(np.int32)
         self._uses_abs = bool(np.any(columns >= 2 * n_features))
         self._width = (3 if self._uses_abs else 2) * n_features
-        # The first level always starts at the roots: its columns and cuts are constants.
-        self._root_columns = columns[roots]
-        self._root_cuts = cuts[roots]
-        self._root_values = values[roots]
+        # Compile the walk now (about 0.5 s, once per process), not on the first reading.
+        self.score(np.zeros((1, n_features)))
 
     @classmethod
     def from_sklearn(cls, forest: IsolationForest) -> FlatForest:
@@ -156,16 +164,21 @@ class FlatForest:
                 f"expected a (n_rows, {self.n_features}) feature matrix, got {matrix.shape}"
             )
         rows = matrix.shape[0]
-        if rows == 1:
-            totals = np.array([self._walk_one(matrix[0])])
-        else:
-            totals = np.empty(rows, dtype=np.float64)
-            step = max(1, _CHUNK_CELLS // max(1, self.n_trees))
-            for start in range(0, rows, step):
-                stop = min(rows, start + step)
-                totals[start:stop] = self._walk_many(matrix[start:stop])
         if self.denominator == 0.0:  # one training sample: sklearn's ratio is 1, score 2**-1
             return np.full(rows, 0.5, dtype=np.float64)
+        totals = np.empty(rows, dtype=np.float64)
+        if rows:
+            _walk(
+                self._augment(matrix.astype(np.float32)).ravel(),
+                self._width,
+                self._roots,
+                self._columns,
+                self._cuts,
+                self._children,
+                self._child_values,
+                self.levels,
+                totals,
+            )
         return np.asarray(2.0 ** -(totals / self.denominator), dtype=np.float64)
 
     def _augment(self, x32: Float32Array) -> Float32Array:
@@ -173,49 +186,50 @@ class FlatForest:
         parts = (x32, -x32, np.abs(x32)) if self._uses_abs else (x32, -x32)
         return np.concatenate(parts, axis=-1)
 
-    def _walk_one(self, row: npt.NDArray[Any]) -> float:
-        """Sum over trees of one row's path lengths (the single-reading fast path)."""
-        if self.levels == 0:
-            return float(np.cumsum(self._root_values)[-1])
-        aug = self._augment(row.astype(np.float32))
-        columns, cuts, children = self._columns, self._cuts, self._children
-        slot = self._roots + (aug[self._root_columns] > self._root_cuts)
-        for _ in range(self.levels - 1):
-            slot = children[slot]
-            slot += aug[columns[slot]] > cuts[slot]
-        return float(np.cumsum(self._child_values[slot])[-1])  # sequential, as sklearn
 
-    def _walk_many(self, block: npt.NDArray[Any]) -> FloatArray:
-        """Per-row sums over trees of path lengths for a block of rows.
+@numba.njit(nogil=True, cache=False)
+def _walk(  # noqa: PLR0917 - numba compiles positional parameters only
+    aug: Float32Array,
+    width: int,
+    roots: SlotArray,
+    columns: SlotArray,
+    cuts: Float32Array,
+    children: SlotArray,
+    child_values: FloatArray,
+    levels: int,
+    totals: FloatArray,
+) -> None:  # pragma: no cover - compiled: covered through FlatForest.score
+    """Per-row sums over trees of path lengths, written into ``totals``.
 
-        Cells are laid out tree-major (all rows of tree 0, then tree 1, ...) so that neighbouring
-        cells read the same small tree, and the final sum adds trees in sklearn's order.
-        """
-        rows = block.shape[0]
-        if self.levels == 0:
-            return np.full(rows, float(np.cumsum(self._root_values)[-1]))
-        cells = rows * self.n_trees
-        aug = self._augment(block.astype(np.float32)).ravel()
-        base = np.tile(np.arange(rows, dtype=np.intp) * self._width, self.n_trees)
-        columns, cuts, children = self._columns, self._cuts, self._children
-        slot = np.repeat(self._roots, rows)
-        column = np.repeat(self._root_columns, rows)
-        column += base
-        slot += aug[column] > np.repeat(self._root_cuts, rows)
-        value = np.empty(cells, dtype=np.float32)
-        cut = np.empty(cells, dtype=np.float32)
-        right = np.empty(cells, dtype=np.bool_)
-        for _ in range(self.levels - 1):  # indices are in range by construction: skip checks
-            children.take(slot, out=slot, mode="clip")
-            columns.take(slot, out=column, mode="clip")
-            column += base
-            aug.take(column, out=value, mode="clip")
-            cuts.take(slot, out=cut, mode="clip")
-            np.greater(value, cut, out=right)
-            slot += right
-        lengths = self._child_values.take(slot, mode="clip").reshape(self.n_trees, rows)
-        totals: FloatArray = lengths.sum(axis=0)
-        return totals
+    Compiled by numba. Cells (one row in one tree) advance level by level in blocks of a few
+    trees, so the CPU overlaps many independent walks and a block's nodes stay in cache;
+    each row adds its trees' path lengths in tree order, as scikit-learn does (bit-identical).
+    """
+    rows = totals.shape[0]
+    n_trees = roots.shape[0]
+    per_block = max(1, _BLOCK_CELLS // rows)
+    slots = np.empty(per_block * rows, np.int32)
+    bases = np.empty(per_block * rows, np.int32)
+    for cell in range(per_block * rows):
+        bases[cell] = (cell % rows) * width
+    totals[:] = 0.0
+    for first in range(0, n_trees, per_block):
+        last = min(n_trees, first + per_block)
+        cells = 0
+        for tree in range(first, last):
+            root = roots[tree]
+            for _row in range(rows):
+                slots[cells] = root + (aug[bases[cells] + columns[root]] > cuts[root])
+                cells += 1
+        for _level in range(levels - 1):
+            for cell in range(cells):
+                slot = children[slots[cell]]
+                slots[cell] = slot + (aug[bases[cell] + columns[slot]] > cuts[slot])
+        cell = 0
+        for _tree in range(first, last):
+            for row in range(rows):
+                totals[row] += child_values[slots[cell]]
+                cell += 1
 
 
 def _flatten_tree(

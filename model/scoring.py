@@ -44,9 +44,16 @@ def robust_center_scale(features: FloatArray) -> tuple[FloatArray, FloatArray]:
 
 
 def explain(
-    row: FloatArray, center: FloatArray, scale: FloatArray, top_k: int
-) -> list[tuple[int, float]]:
-    """Indices and robust z-scores of the ``top_k`` features farthest from training data."""
-    z = (row - center) / scale
-    order = np.argsort(-np.abs(z), kind="stable")[:top_k]
-    return [(int(i), float(z[i])) for i in order]
+    rows: FloatArray, center: FloatArray, scale: FloatArray, top_k: int
+) -> list[list[tuple[int, float]]]:
+    """Per row: indices and robust z-scores of the ``top_k`` features farthest from training.
+
+    One vectorised call for all rows of a ``(n_rows, n_features)`` matrix.
+    """
+    z = (rows - center) / scale
+    order = np.argsort(-np.abs(z), axis=1, kind="stable")[:, :top_k]
+    picked = np.take_along_axis(z, order, axis=1)
+    return [
+        list(zip(indices, values, strict=True))
+        for indices, values in zip(order.tolist(), picked.tolist(), strict=True)
+    ]

@@ -129,12 +129,15 @@ def big_forest() -> IsolationForest:
 
 
 def test_single_row_and_batch_agree(big_forest: IsolationForest) -> None:
-    """Scoring rows one at a time gives the batch scores (batch spans several chunks)."""
+    """Rows scored one at a time, in batches of any size, or all at once agree exactly."""
     flat = FlatForest.from_sklearn(big_forest)
     queries = np.random.default_rng(8).normal(size=(600, 4)) * 2.0
     batch = flat.score(queries)
     singles = np.array([flat.score(queries[i : i + 1])[0] for i in range(queries.shape[0])])
     np.testing.assert_allclose(singles, batch, rtol=0, atol=ATOL)
+    for size in (2, 31, 63, 64, 65, 129, 257):  # around the walk's block of 64 cells
+        np.testing.assert_array_equal(flat.score(queries[:size]), batch[:size])
+    assert flat.score(queries[:0]).shape == (0,)
     np.testing.assert_allclose(batch, _reference(big_forest, queries), rtol=0, atol=ATOL)
 
 
