@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary test faults demo lint format train evaluate bench clean
+.PHONY: install broker-binary test faults demo lint format train evaluate bench profile clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,10 @@ evaluate: install
 ## bench: throughput and latency against the relay ceiling -> reports/bench.{json,md}
 bench: install broker-binary
 	$(BIN)/python -m bench.run $(DATASET_ARG)
+
+## profile: py-spy samples of the detector under load -> reports/profile.md
+profile: install broker-binary
+	$(BIN)/python -m bench.profile $(DATASET_ARG)
 
 clean:
 	rm -rf run/ .pytest_cache .mypy_cache .ruff_cache

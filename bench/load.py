@@ -42,7 +42,6 @@ from factorywatch.settings import PROJECT_DIR, BrokerSettings
 from factorywatch.topics import Topics
 from sensors.simulator import MachineSimulator
 
-LINE: Final = "line1"
 ANOMALY_RATE: Final = 0.02
 SUBSCRIBER_READY: Final = "subscriber_ready"
 
@@ -65,6 +64,11 @@ class Reading:
         return (self.machine_id, self.seq)
 
 
+def line_name(index: int) -> str:
+    """Production line ``index`` (from 0): ``line1``, ``line2``, ..."""
+    return f"line{index + 1}"
+
+
 def machine_ids(count: int) -> list[str]:
     """``count`` machine ids ``m0000``, ``m0001``, ..."""
     return [f"m{i:04d}" for i in range(count)]
@@ -75,15 +79,17 @@ class ReadingSource:
 
     ``take(n)`` returns the first ``n`` (generating more when needed): each reading of a
     machine has the next sequence number. Topics are not part of a reading, so one source
-    serves measurements under different topic roots.
+    serves measurements under different topic roots. With ``lines`` > 1 the machines are
+    spread over production lines ``line1``, ``line2``, ... (machine ``i`` on line
+    ``i % lines + 1``), which detectors can be sharded by.
     """
 
-    def __init__(self, machines: int, *, seed: int = 0, line: str = LINE) -> None:
+    def __init__(self, machines: int, *, seed: int = 0, lines: int = 1) -> None:
         self.ids = machine_ids(machines)
-        self.line = line
+        self.lines = [line_name(i % max(1, lines)) for i in range(machines)]
         self._sims = [
             MachineSimulator(m, line, seed=seed + i, anomaly_rate=ANOMALY_RATE, seq_start=0)
-            for i, m in enumerate(self.ids)
+            for i, (m, line) in enumerate(zip(self.ids, self.lines, strict=True))
         ]
         self._readings: list[Reading] = []
 
@@ -100,7 +106,7 @@ class ReadingSource:
     def topics(self, root: str) -> list[str]:
         """Telemetry topic of each machine (by index) under ``root``."""
         topics = Topics(root)
-        return [topics.telemetry(self.line, m) for m in self.ids]
+        return [topics.telemetry(line, m) for line, m in zip(self.lines, self.ids, strict=True)]
 
 
 # -- a counter shared between processes ------------------------------------------------------

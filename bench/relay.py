@@ -2,7 +2,8 @@
 
 ``python -m bench.relay --port P --root R`` subscribes ``<R>/telemetry/+/+`` at QoS 1 and
 republishes every payload unchanged to ``<R>/alerts/<line>/<machine>/verdict`` at QoS 1: no
-decoding, no validation, no scoring. It prints ``relay_subscribed`` once the broker granted
+decoding, no validation, no scoring. ``--lines L1,L2`` subscribes those lines only (a shard,
+like ``factorywatch detect --lines``). It prints ``relay_subscribed`` once the broker granted
 the subscription and its counters when SIGTERM (or SIGINT) stops it.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from factorywatch import mqtt as fwmqtt
+from factorywatch import runtime
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 
@@ -29,8 +31,11 @@ READY: str = "relay_subscribed"
 class Relay:
     """Republishes each telemetry payload to its machine's verdict topic."""
 
-    def __init__(self, settings: BrokerSettings, client_id: str) -> None:
+    def __init__(
+        self, settings: BrokerSettings, client_id: str, lines: Sequence[str] | None = None
+    ) -> None:
         self.topics = Topics(settings.topic_root)
+        self.filters = self.topics.input_filters(list(lines) if lines else None)
         self.settings = settings
         self._prefix = f"{settings.topic_root}/telemetry/"
         self._out = f"{settings.topic_root}/alerts/"
@@ -47,7 +52,7 @@ class Relay:
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.waiter.record(reason)
         if not reason.is_failure:
-            client.subscribe(self.topics.telemetry_filter, qos=fwmqtt.QOS)
+            client.subscribe([(f, fwmqtt.QOS) for f in self.filters])
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
         if any(fwmqtt.reason_failed(code) for code in codes):
@@ -86,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--root", required=True, help="topic root")
     parser.add_argument("--client-id", default=None, help="MQTT client id (default: random)")
+    parser.add_argument("--lines", default=None, help="comma-separated lines (default: all)")
     args = parser.parse_args(argv)
     settings = BrokerSettings().with_overrides(host=args.host, port=args.port, topic_root=args.root)
     stop = threading.Event()
@@ -95,7 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    Relay(settings, args.client_id or f"bench-relay-{uuid.uuid4().hex[:8]}").run(stop)
+    lines = [x for x in (args.lines or "").split(",") if x]
+    client_id = args.client_id or f"bench-relay-{uuid.uuid4().hex[:8]}"
+    relay = Relay(settings, client_id, lines or None)
+    runtime.settle_heap()  # as the detector does: the ceiling gets every process-level tuning
+    relay.run(stop)
     return 0
 
 

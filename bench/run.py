@@ -46,12 +46,12 @@ import paho.mqtt.client as mqtt
 
 from bench import relay as relay_module
 from bench.load import (
-    LINE,
     Publisher,
     Reading,
     ReadingSource,
     Received,
     SubscriberProcess,
+    line_name,
     percentile,
 )
 from factorywatch import contracts
@@ -74,6 +74,8 @@ GOAL_P99_MS: Final = 10.0
 # "No loss of throughput" with 1,000 machines, allowing for run-to-run noise on 2 cores.
 GOAL_MACHINES_RATIO: Final = 0.95
 LATENCY_MACHINES: Final = (10, 100, 1000)
+# Scale-out by production line: this many relays / detectors, one per line, on one broker.
+SHARDS: Final = 2
 FIXED_RATES: Final = (100.0, 1000.0)
 QUICK_NOTE: Final = " (--quick: smoke-test sizes, not figures to quote)"
 
@@ -211,11 +213,60 @@ class Server:
             self.process.wait()
 
 
+class Shards:
+    """The processes under test: one server, or one per production line (``--lines``)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.members: list[Server] = []
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of every member."""
+        return [m.pid for m in self.members]
+
+    def peak_mb(self) -> float | None:
+        """Sum of the members' peak resident memory (``VmHWM``)."""
+        peaks = [m.peak_mb() for m in self.members]
+        return None if any(p is None for p in peaks) else sum(p for p in peaks if p is not None)
+
+    def detector_metrics(self) -> dict[str, float | None] | None:
+        """Batches and mean batch size / processing time over every member's metrics."""
+        found = [detector_metrics(m.metrics_port) for m in self.members if m.metrics_port]
+        parts = [f for f in found if f is not None and f.get("batches")]
+        if not parts:
+            return None
+        batches = sum(f["batches"] or 0.0 for f in parts)
+
+        def weighted(key: str) -> float | None:
+            values = [(f[key], f["batches"] or 0.0) for f in parts if f.get(key) is not None]
+            total = sum(w for _, w in values)
+            return round(sum(v * w for v, w in values if v) / total, 3) if total else None
+
+        return {
+            "batches": batches,
+            "mean_batch_size": weighted("mean_batch_size"),
+            "mean_processing_ms": weighted("mean_processing_ms"),
+        }
+
+    def stop(self) -> int:
+        """Stop every member; the worst exit code."""
+        return max(m.stop() for m in self.members)
+
+    def kill(self) -> None:
+        """SIGKILL every member (clean-up after a failure)."""
+        for member in self.members:
+            member.kill()
+
+
 @dataclass
 class CpuWindow:
-    """CPU seconds of the processes involved in one measurement, over a wall-clock window."""
+    """CPU seconds of the processes involved in one measurement, over a wall-clock window.
 
-    pids: dict[str, int]
+    A name may stand for several processes (shards): their CPU seconds are added up.
+    """
+
+    pids: dict[str, list[int]]
     start_wall: float = 0.0
     start: dict[str, float | None] | None = None
     result: dict[str, float | None] | None = None
@@ -257,11 +308,18 @@ class CpuWindow:
         return round(used / messages * 1e6, 1) if used is not None and messages else None
 
     @staticmethod
-    def _cpu(pid: int) -> float | None:
-        if pid == os.getpid():
-            times = os.times()
-            return times.user + times.system
-        return proc_cpu_s(pid)
+    def _cpu(pids: list[int]) -> float | None:
+        total = 0.0
+        for pid in pids:
+            if pid == os.getpid():
+                times = os.times()
+                used: float | None = times.user + times.system
+            else:
+                used = proc_cpu_s(pid)
+            if used is None:
+                return None
+            total += used
+        return total
 
 
 # -- the benchmark --------------------------------------------------------------------------
@@ -273,7 +331,7 @@ class Bench:
         self.model_dir = model_dir
         self.plan = plan
         self.broker = LocalBroker(workdir / "broker")
-        self._sources: dict[int, ReadingSource] = {}
+        self._sources: dict[tuple[int, int], ReadingSource] = {}
         self._runs = 0
         self.peak_mb: dict[str, float] = {}
         self.window: int | None = plan.window
@@ -291,26 +349,33 @@ class Bench:
         folder.mkdir(parents=True)
         return f"bench{self._runs:02d}{uuid.uuid4().hex[:6]}", folder
 
-    def source(self, machines: int) -> ReadingSource:
-        """The (cached) pre-generated readings of ``machines`` machines."""
-        if machines not in self._sources:
-            self._sources[machines] = ReadingSource(machines, seed=machines)
-        return self._sources[machines]
+    def source(self, machines: int, lines: int = 1) -> ReadingSource:
+        """The (cached) pre-generated readings of ``machines`` machines on ``lines`` lines."""
+        if (machines, lines) not in self._sources:
+            self._sources[machines, lines] = ReadingSource(machines, seed=machines, lines=lines)
+        return self._sources[machines, lines]
 
-    def start_relay(self, root: str, folder: Path) -> Server:
-        """A ``bench.relay`` process on ``root``, subscribed."""
+    def start_relay(self, root: str, folder: Path, *, lines: str | None = None) -> Server:
+        """A ``bench.relay`` process on ``root`` (only ``lines``, if given), subscribed."""
+        command = [sys.executable, "-m", "bench.relay", "--port", str(self.broker.port)]
+        command += ["--root", root, *(["--lines", lines] if lines else [])]
         server = Server(
             "relay",
-            [sys.executable, "-m", "bench.relay", "--port", str(self.broker.port), "--root", root],
-            folder / "relay.log",
+            command,
+            folder / f"relay{'-' + lines if lines else ''}.log",
             folder,
             _child_env(),
         )
         server.wait_log(relay_module.READY, 30.0)
         return server
 
-    def start_detector(self, root: str, folder: Path, *, naive: bool = False) -> Server:
-        """A ``factorywatch detect`` process on ``root`` with a fresh client id, subscribed."""
+    def start_detector(
+        self, root: str, folder: Path, *, naive: bool = False, lines: str | None = None
+    ) -> Server:
+        """A ``factorywatch detect`` process on ``root`` with a fresh client id, subscribed.
+
+        With ``lines`` it is a shard that subscribes to those production lines only.
+        """
         # Metrics stay on (as deployed), on a free loopback port: no clash with anything else
         # on the machine, and the run can read the detector's own batch sizes.
         metrics_port = free_port()
@@ -340,11 +405,12 @@ class Bench:
             f"bench-detector-{uuid.uuid4().hex[:8]}",
             "--state-dir",
             str(folder / "state"),
+            *(["--lines", lines] if lines else []),
         ]
         server = Server(
             "naive" if naive else "detector",
             command,
-            folder / "detector.log",
+            folder / f"detector{'-' + lines if lines else ''}.log",
             folder,
             _child_env(extra),
         )
@@ -358,17 +424,35 @@ class Bench:
 
     @contextmanager
     def _measurement(
-        self, kind: str, root: str, folder: Path, *, expect: int, idle_s: float, deadline_s: float
-    ) -> Iterator[tuple[Server, SubscriberProcess, Publisher, dict[str, Any]]]:
-        """Server under test, subscriber process and publisher; all stopped afterwards.
+        self,
+        kind: str,
+        root: str,
+        folder: Path,
+        *,
+        expect: int,
+        idle_s: float,
+        deadline_s: float,
+        shards: int = 1,
+    ) -> Iterator[tuple[Shards, SubscriberProcess, Publisher, dict[str, Any]]]:
+        """Server(s) under test, subscriber process and publisher; all stopped afterwards.
 
-        The dict yielded last is filled when the measurement ends: the server's peak memory
+        ``shards`` > 1 starts one server per production line (``line1``, ``line2``, ...).
+        The dict yielded last is filled when the measurement ends: the servers' peak memory
         and, for a detector, what its own metrics say (mean batch size, processing time).
         """
-        if kind == "relay":
-            server = self.start_relay(root, folder)
-        else:
-            server = self.start_detector(root, folder, naive=kind == "naive")
+        server = Shards(kind)
+        try:
+            for shard in range(shards):
+                lines = line_name(shard) if shards > 1 else None
+                if kind == "relay":
+                    server.members.append(self.start_relay(root, folder, lines=lines))
+                else:
+                    server.members.append(
+                        self.start_detector(root, folder, naive=kind == "naive", lines=lines)
+                    )
+        except BaseException:
+            server.kill()
+            raise
         subscriber: SubscriberProcess | None = None
         publisher: Publisher | None = None
         figures: dict[str, Any] = {}
@@ -385,34 +469,39 @@ class Bench:
             yield server, subscriber, publisher, figures
         finally:
             peak = server.peak_mb()
-            self._note_peak(kind, peak)
+            self._note_peak(kind if shards == 1 else f"{kind} x{shards}", peak)
             figures["server_peak_mb"] = None if peak is None else round(peak, 1)
-            if server.metrics_port is not None:
-                figures["detector_metrics"] = detector_metrics(server.metrics_port)
+            if kind != "relay":
+                figures["detector_metrics"] = server.detector_metrics()
             figures["server_exit_code"] = server.stop()
             if publisher is not None:
                 publisher.close()
             if subscriber is not None:
                 subscriber.kill()
 
-    def _pids(self, server: Server) -> dict[str, int]:
+    def _pids(self, server: Shards) -> dict[str, list[int]]:
         assert self.broker.process is not None
         return {
-            server.kind: server.pid,
-            "broker": self.broker.process.pid,
-            "publisher": os.getpid(),
+            server.kind: server.pids,
+            "broker": [self.broker.process.pid],
+            "publisher": [os.getpid()],
         }
 
     # -- throughput ---------------------------------------------------------------------------
-    def throughput(self, kind: str, machines: int, count: int) -> dict[str, Any]:
-        """Publish ``count`` readings as fast as possible; msgs/s to the last verdict."""
-        root, folder = self.fresh(f"{kind}-{machines}")
-        source = self.source(machines)
+    def throughput(
+        self, kind: str, machines: int, count: int, *, shards: int = 1
+    ) -> dict[str, Any]:
+        """Publish ``count`` readings as fast as possible; msgs/s to the last verdict.
+
+        ``shards`` > 1: the machines are spread over that many lines, one server per line.
+        """
+        root, folder = self.fresh(f"{kind}-{machines}-x{shards}")
+        source = self.source(machines, shards)
         readings, topics = source.take(count), source.topics(root)
         slowest = 30.0 if kind == "naive" else 200.0  # msgs/s, only to bound the wait
         deadline = count / slowest + 60.0
         with self._measurement(
-            kind, root, folder, expect=count, idle_s=10.0, deadline_s=deadline
+            kind, root, folder, expect=count, idle_s=10.0, deadline_s=deadline, shards=shards
         ) as (server, subscriber, publisher, figures):
             window = CpuWindow(self._pids(server))
             window.begin()
@@ -632,7 +721,7 @@ def make_batches(
         if len(payload) > limit:
             raise ValueError(f"batch of {len(chunk)} readings is {len(payload)} B > {limit} B")
         gateway = n % gateways
-        out.append((gateway, topic(LINE, f"gw{gateway}"), payload))
+        out.append((gateway, topic(line_name(0), f"gw{gateway}"), payload))
     return out, per_batch
 
 
@@ -779,34 +868,42 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 # -- the whole run --------------------------------------------------------------------------
-def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
-    """Every measurement, in order; returns the report."""
+def _show(row: dict[str, Any]) -> None:
+    cpu = ", ".join(f"{k} {v:.0f}%" for k, v in row["cpu_pct"].items() if v is not None)
+    progress(
+        f"  {row['target']}: {_fmt(row['msgs_per_s'])} msg/s, "
+        f"{row['unique_verdicts']:,}/{row['acknowledged']:,} verdicts, lost {row['lost']}, "
+        f"duplicates {row['duplicates']} (CPU: {cpu})"
+    )
+
+
+def throughput_rounds(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
+    """Relay, detector (one process and one per line) and naive runs, in alternating rounds."""
     runs: list[dict[str, Any]] = []
-
-    def show(row: dict[str, Any]) -> None:
-        cpu = ", ".join(f"{k} {v:.0f}%" for k, v in row["cpu_pct"].items() if v is not None)
-        progress(
-            f"  {row['target']}: {_fmt(row['msgs_per_s'])} msg/s, "
-            f"{row['unique_verdicts']:,}/{row['acknowledged']:,} verdicts, lost {row['lost']}, "
-            f"duplicates {row['duplicates']} (CPU: {cpu})"
-        )
-
     count = plan.throughput_msgs
+
+    def run(label: str, what: str, kind: str, machines: int, shards: int = 1) -> None:
+        progress(f"measuring {what} ({machines:,} machines, {count:,} messages) ...")
+        runs.append(bench.throughput(kind, machines, count, shards=shards))
+        runs[-1]["target"] = label
+        _show(runs[-1])
+
     for round_no in range(1, plan.repeats + 1):
         tag = f"round {round_no}/{plan.repeats}"
-        progress(f"measuring relay ceiling ({tag}, 10 machines, {count:,} messages) ...")
-        runs.append(bench.throughput("relay", 10, count))
-        show(runs[-1])
-        progress(f"measuring detector ({tag}, 10 machines, {count:,} messages) ...")
-        runs.append(bench.throughput("detector", 10, count))
-        show(runs[-1])
-        progress(f"measuring detector ({tag}, 1,000 machines, {count:,} messages) ...")
-        runs.append(bench.throughput("detector", 1000, count))
-        runs[-1]["target"] = "detector-1000"
-        show(runs[-1])
+        run("relay", f"relay ceiling, {tag}", "relay", 10)
+        run("detector", f"detector, {tag}", "detector", 10)
+        for kind in ("relay", "detector"):
+            run(f"{kind} x{SHARDS}", f"{SHARDS} {kind}s, one per line, {tag}", kind, 10, SHARDS)
+        run("detector-1000", f"detector, {tag}", "detector", 1000)
     progress(f"measuring naive per-message scikit-learn path ({plan.naive_msgs:,} messages) ...")
     runs.append(bench.throughput("naive", 10, plan.naive_msgs))
-    show(runs[-1])
+    _show(runs[-1])
+    return runs
+
+
+def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """Every measurement, in order; returns the report."""
+    runs = throughput_rounds(bench, plan)
 
     def show_latency(row: dict[str, Any]) -> None:
         progress(
@@ -823,6 +920,9 @@ def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
 
     relay = _median(rates_of("relay"))
     detector = _median(rates_of("detector"))
+    relay_sharded = _median(rates_of(f"relay x{SHARDS}"))
+    detector_sharded = _median(rates_of(f"detector x{SHARDS}"))
+    ceiling = max((r for r in (relay, relay_sharded) if r is not None), default=None)
     detector_1000 = _median(rates_of("detector-1000"))
     naive = _median(rates_of("naive"))
 
@@ -866,6 +966,7 @@ def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
     p99_at_1000 = max((v for v in at_1000.values() if v is not None), default=None)
     ratios = {
         "detector_vs_relay": _ratio(detector, relay),
+        "sharded_detector_vs_best_relay": _ratio(detector_sharded, ceiling),
         "detector_vs_naive": _ratio(detector, naive),
         "machines_1000_vs_10": _ratio(detector_1000, detector),
     }
@@ -873,10 +974,14 @@ def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
         "relay_msgs_per_s": relay,
         "detector_msgs_per_s": detector,
         "detector_1000_machines_msgs_per_s": detector_1000,
+        "shards": SHARDS,
+        "relay_sharded_msgs_per_s": relay_sharded,
+        "detector_sharded_msgs_per_s": detector_sharded,
         "naive_msgs_per_s": naive,
         "cpu_us_per_msg": {
             "relay": cpu_of("relay"),
             "detector": cpu_of("detector"),
+            "detector_sharded": cpu_of(f"detector x{SHARDS}"),
             "detector_1000_machines": cpu_of("detector-1000"),
             "naive": cpu_of("naive"),
             "batch": batch.get("server_cpu_us_per_msg"),
@@ -901,13 +1006,19 @@ def goals(ratios: dict[str, float | None], p99_at_1000: float | None) -> list[di
         return {"goal": name, "target": target, "measured": value, "met": met}
 
     vs_relay, vs_naive = ratios["detector_vs_relay"], ratios["detector_vs_naive"]
-    machines = ratios["machines_1000_vs_10"]
+    machines, sharded = ratios["machines_1000_vs_10"], ratios["sharded_detector_vs_best_relay"]
     return [
         row(
-            "detector vs relay (QoS 1)",
+            "detector vs relay (QoS 1), one process each",
             f">= {GOAL_VS_RELAY}",
             vs_relay,
             None if vs_relay is None else vs_relay >= GOAL_VS_RELAY,
+        ),
+        row(
+            f"{SHARDS} detectors (one per line) vs the best relay set-up (1 or {SHARDS})",
+            f">= {GOAL_VS_RELAY}",
+            sharded,
+            None if sharded is None else sharded >= GOAL_VS_RELAY,
         ),
         row(
             "detector vs naive path",
@@ -946,6 +1057,7 @@ def _fmt(value: Any, digits: int = 0) -> str:
 CPU_LABELS: Final = {
     "relay": "relay process",
     "detector": "detector process, 10 machines",
+    "detector_sharded": f"detector processes ({SHARDS} shards, all of them), 10 machines",
     "detector_1000_machines": "detector process, 1,000 machines",
     "naive": "naive detector process",
     "batch": "detector process, batched payloads (per reading)",
@@ -971,6 +1083,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"| detector, fast scorer, 10 machines (msg/s) | {_fmt(report['detector_msgs_per_s'])} |",
         "| detector, fast scorer, 1,000 machines (msg/s) | "
         f"{_fmt(report['detector_1000_machines_msgs_per_s'])} |",
+        f"| {report['shards']} relays, one per line (msg/s) | "
+        f"{_fmt(report['relay_sharded_msgs_per_s'])} |",
+        f"| {report['shards']} detectors, one per line (msg/s) | "
+        f"{_fmt(report['detector_sharded_msgs_per_s'])} |",
         f"| naive per-message scikit-learn path (msg/s) | {_fmt(report['naive_msgs_per_s'])} |",
         f"| p99 latency at 1,000 msg/s, worst machine count (ms) | "
         f"{_fmt(report['p99_ms_at_1000'], 2)} |",
@@ -1055,8 +1171,8 @@ def setup_text(plan: Plan) -> str:
     """How the figures were measured (in the report, so nobody has to guess)."""
     return (
         "Everything runs on this one machine and shares its CPUs: Mosquitto (the project's "
-        "`broker/mosquitto.conf`, open mode: anonymous, no TLS, persistence with "
-        "`autosave_on_changes`), the process under test, the publisher (the benchmark process, "
+        "`broker/mosquitto.conf`, open mode: anonymous, no TLS, persistence saved every "
+        "second), the process under test, the publisher (the benchmark process, "
         f"{plan.publishers} paho clients, clean sessions, QoS 1, up to 1,000 in flight each) "
         "and a subscriber in its own process (QoS 1 on `<root>/alerts/+/+/verdict`). Readings "
         "come from the simulator (anomaly rate 0.02) and are encoded before timing. Throughput "
@@ -1067,8 +1183,10 @@ def setup_text(plan: Plan) -> str:
         "Latency = receipt time in the subscriber - publish time in the publisher "
         "(CLOCK_MONOTONIC in both). In throughput runs the publisher keeps at most "
         f"{_fmt(plan.window)} readings outstanding (published, no verdict yet), so the "
-        "broker's queue stays bounded: with the project's snapshot-on-every-change "
-        "persistence an unbounded burst makes every snapshot rewrite the whole backlog. "
+        "broker's queue stays bounded (a persistence snapshot rewrites the whole backlog). "
+        f"Sharded runs ('x{SHARDS}'): the same 10 machines spread over {SHARDS} production "
+        f"lines and {SHARDS} relays or detectors, each subscribed to one line "
+        "(`--lines`), all on the one broker; their CPU figures add up the shards. "
         "Each measurement has a fresh topic root and a fresh "
         "detector client id; the detector runs with its defaults (INFO logging, fast scorer, "
         f"batch_max {DetectorSettings.model_fields['batch_max'].default}, metrics on, here on "

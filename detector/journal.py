@@ -6,8 +6,10 @@ It cannot help with readings whose verdict was on the wire when the detector die
 may have delivered it, but the PUBACK was never read): those are scored again, so consumers
 must still de-duplicate on ``(machine_id, seq)`` (measured: 500-1,100 such duplicates per
 ``kill -9`` at 1,000 readings/s, none lost; see README "Delivery guarantees").
-Lines are appended and flushed (the OS keeps them across a process crash); the file is
-compacted to the most recent ``capacity`` keys when it grows past twice that.
+Lines are appended and flushed to the OS once per turn of the detector's loop (the OS keeps
+them across a process crash); a line lost with the process only means its reading may be
+scored again if redelivered. The file is compacted to the most recent ``capacity`` keys when
+it grows past twice that.
 """
 
 from __future__ import annotations
@@ -39,13 +41,16 @@ class SeenJournal:
         return list(self._recent)
 
     def record(self, machine_id: str, seq: int) -> None:
-        """Remember one answered reading (flushed to the OS at once)."""
+        """Remember one answered reading (on disk after the next ``flush``)."""
         self._recent.append((machine_id, seq))
         self._file.write(f"{machine_id} {seq}\n")
-        self._file.flush()
         self._lines += 1
         if self._lines > 2 * self.capacity:
             self._compact()
+
+    def flush(self) -> None:
+        """Hand what was recorded to the OS (one write for many readings)."""
+        self._file.flush()
 
     def _compact(self) -> None:
         tmp = self.path.with_suffix(".tmp")

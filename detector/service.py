@@ -39,7 +39,7 @@ from model.artifact import LoadedModel
 log = structlog.get_logger("detector")
 
 
-@dataclass
+@dataclass(slots=True)
 class _AckTarget:
     """An incoming message waiting for ``remaining`` outgoing PUBACKs before its own ack."""
 
@@ -257,6 +257,7 @@ class DetectorService:
             while self._inbox:
                 batch, self._inbox = self._inbox[:batch_max], self._inbox[batch_max:]
                 self._process(batch)
+            self._journal.flush()
             self._publish_events(self.tracker.tick(time.time()), None)
             now = time.monotonic()
             self._last_loop = now
@@ -295,16 +296,19 @@ class DetectorService:
         """
         to_score: list[tuple[Telemetry, float, _AckTarget]] = []
         targets = []
+        readings = 0
         for received, mid, qos in batch:
             target = _AckTarget(mid=mid, qos=qos)
             targets.append(target)
             topic = received.topic
             if topic.startswith(self._telemetry_prefix) or topic.startswith(self._batch_prefix):
-                self._decode(received, target, to_score)
+                readings += self._decode(received, target, to_score)
             else:
                 self._score(to_score)
                 to_score = []
                 self._control(received, target)
+        self.counters.received += readings
+        self.metrics.readings.inc(readings)
         self._score(to_score)
         for target in targets:
             if target.remaining == 0:
@@ -315,20 +319,19 @@ class DetectorService:
         received: Received,
         target: _AckTarget,
         to_score: list[tuple[Telemetry, float, _AckTarget]],
-    ) -> None:
-        """Validate one message (a reading or a gateway's batch); dead-letter what is bad."""
+    ) -> int:
+        """Validate one message (a reading or a gateway's batch); dead-letter what is bad.
+
+        Returns how many readings the message held (1 for a message that is not a batch).
+        """
         try:
             if received.topic.startswith(self._telemetry_prefix):
                 items: list[Telemetry | PayloadError] = [self._decoder.decode(received)]
             else:
                 items = self._decoder.decode_batch(received)
         except PayloadError as error:
-            self.counters.received += 1
-            self.metrics.readings.inc()
             self._reject(received, error, target)
-            return
-        self.counters.received += len(items)
-        self.metrics.readings.inc(len(items))
+            return 1
         for item in items:
             if isinstance(item, PayloadError):
                 self._reject(received, item, target)
@@ -340,6 +343,7 @@ class DetectorService:
                 continue
             target.keys.append(key)
             to_score.append((item, received.received_perf, target))
+        return len(items)
 
     def _score(self, items: list[tuple[Telemetry, float, _AckTarget]]) -> None:
         if not items:
@@ -352,40 +356,41 @@ class DetectorService:
         )
         self.metrics.batch_size.observe(len(items))
         now = time.time()
+        alerts = 0
+        observe_latency = self.metrics.latency.observe
         for verdict, (_, _, target) in zip(verdicts, items, strict=True):
             events = self.tracker.observe(verdict, now)
-            first = verdict.machine_id not in self._state_published
             self._publish(
                 self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode(), target
             )
-            self._count(verdict)
-            self._publish_events(events, target, force_state=first, machine=verdict)
+            observe_latency(verdict.latency_ms / 1000.0)
+            if verdict.status == "ALERT":
+                alerts += 1
+                self._count_alert(verdict)
+            if events or verdict.machine_id not in self._state_published:
+                self._publish_events(events, target, machine=verdict)
+        self.counters.verdicts += len(verdicts)
+        self.counters.alerts += alerts
+        self.metrics.normal_verdicts.inc(len(verdicts) - alerts)
+        self.metrics.alert_verdicts.inc(alerts)
 
-    def _count(self, verdict: Verdict) -> None:
-        self.counters.verdicts += 1
-        self.metrics.latency.observe(verdict.latency_ms / 1000.0)
-        if verdict.status == "NORMAL":
-            self.metrics.normal_verdicts.inc()
-        else:
-            self.counters.alerts += 1
-            self.metrics.alert_verdicts.inc()
-            self.metrics.alerts.labels(machine=verdict.machine_id).inc()
-            log.debug(
-                "alert_published",
-                machine_id=verdict.machine_id,
-                seq=verdict.seq,
-                score=round(verdict.score, 4),
-            )
+    def _count_alert(self, verdict: Verdict) -> None:
+        self.metrics.alerts.labels(machine=verdict.machine_id).inc()
+        log.debug(
+            "alert_published",
+            machine_id=verdict.machine_id,
+            seq=verdict.seq,
+            score=round(verdict.score, 4),
+        )
 
     def _publish_events(
-        self,
-        events: list[AlertEvent],
-        target: _AckTarget | None,
-        *,
-        force_state: bool = False,
-        machine: Verdict | None = None,
+        self, events: list[AlertEvent], target: _AckTarget | None, *, machine: Verdict | None = None
     ) -> None:
-        """Publish alert events, then the machine's retained state once per batch of events."""
+        """Publish alert events, then the retained state of each machine they changed.
+
+        ``machine``: the verdict just scored; its machine's state is published too when it
+        has never been (a machine's first reading).
+        """
         changed: dict[str, str] = {}
         for event in events:
             self._publish(self.topics.event(event.line, event.machine_id), event.encode(), target)
@@ -397,7 +402,7 @@ class DetectorService:
                 kind=event.event,
                 peak_score=event.peak_score,
             )
-        if force_state and machine is not None:
+        if machine is not None and machine.machine_id not in self._state_published:
             changed[machine.machine_id] = machine.line
         for machine_id, line in changed.items():
             state = self.tracker.state(machine_id)

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from factorywatch import runtime
 from factorywatch.errors import FactorywatchError
 from factorywatch.logs import configure_logging
 from factorywatch.settings import (
@@ -241,6 +242,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     service = DetectorService(settings, broker, data.model_dir, model)
     service.start()
+    runtime.settle_heap()
     service.run(stop)
     return 0
 

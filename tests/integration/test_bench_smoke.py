@@ -22,6 +22,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REQUIRED_KEYS = (
     "relay_msgs_per_s",
     "detector_msgs_per_s",
+    "relay_sharded_msgs_per_s",
+    "detector_sharded_msgs_per_s",
     "naive_msgs_per_s",
     "p99_ms_at_1000",
     "machines",
@@ -58,6 +60,7 @@ def test_quick_bench_report_has_every_figure(quick_report: tuple[dict[str, Any],
     assert not missing, missing
     assert set(report["ratios"]) >= {
         "detector_vs_relay",
+        "sharded_detector_vs_best_relay",
         "detector_vs_naive",
         "machines_1000_vs_10",
     }
@@ -71,9 +74,15 @@ def test_quick_bench_report_has_every_figure(quick_report: tuple[dict[str, Any],
 def test_quick_bench_throughputs_are_positive_without_loss(
     quick_report: tuple[dict[str, Any], Path],
 ) -> None:
-    """Relay, detector and naive throughputs are positive and no throughput run lost a reading."""
+    """Every throughput (sharded ones too) is positive and no throughput run lost a reading."""
     report, _ = quick_report
-    for key in ("relay_msgs_per_s", "detector_msgs_per_s", "naive_msgs_per_s"):
+    for key in (
+        "relay_msgs_per_s",
+        "detector_msgs_per_s",
+        "relay_sharded_msgs_per_s",
+        "detector_sharded_msgs_per_s",
+        "naive_msgs_per_s",
+    ):
         assert report[key] is not None, key
         assert report[key] > 0, key
     for run in report["throughput_runs"]:

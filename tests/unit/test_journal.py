@@ -8,12 +8,14 @@ from detector.journal import SeenJournal
 
 
 def test_keys_survive_reopening(tmp_path: Path) -> None:
-    """What one detector process recorded, the next one reads back in order."""
+    """What one detector process recorded and flushed, the next one reads back in order."""
     path = tmp_path / "state" / "det.seen"
     first = SeenJournal(path, capacity=10)
     first.record("m1", 5)
     first.record("m2", 7)
-    # no close(): a killed process never closes its file, but each record was flushed
+    first.flush()
+    first.record("m3", 9)  # not flushed yet: a killed process would lose it
+    # no close(): a killed process never closes its file, but what was flushed is kept
     second = SeenJournal(path, capacity=10)
     assert second.entries() == [("m1", 5), ("m2", 7)]
     first.close()

@@ -1,0 +1,45 @@
+"""``python -m bench.profile`` samples a real detector under load with py-spy and reports it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from factorywatch.settings import PROJECT_DIR
+from tests.conftest import DatasetChoice
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.mark.timeout(600)
+def test_profile_reports_where_the_detector_spends_its_time(
+    tmp_path: Path, test_data: DatasetChoice
+) -> None:
+    """The report splits real samples between paho and our code and names the forest walk."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.profile",
+            "--messages",
+            "3000",
+            "--out",
+            str(tmp_path),
+            *test_data.args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+        cwd=PROJECT_DIR,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    text = (tmp_path / "profile.md").read_text()
+    assert "lost 0" in text
+    assert "| paho-mqtt |" in text
+    assert "| factorywatch |" in text
+    assert "DetectorService.run (detector/service.py)" in text
+    assert (tmp_path / "profile-detector.txt").stat().st_size > 0

@@ -1,0 +1,33 @@
+"""The profile summary of ``python -m bench.profile`` (py-spy's collapsed stacks -> shares)."""
+
+from __future__ import annotations
+
+from bench.profile import Profile
+
+RAW = [
+    "<module> (factorywatch/cli.py:535);DetectorService.run (detector/service.py:244);"
+    "Client.loop (paho/mqtt/client.py:1625) 6",
+    "<module> (factorywatch/cli.py:535);DetectorService.run (detector/service.py:249);"
+    "score (detector/core.py:207);FlatForest.score (model/fastforest.py:171) 3",
+    "<module> (factorywatch/cli.py:535);DetectorService.run (detector/service.py:250);"
+    "BaseModel.model_validate_json (pydantic/main.py:847) 1",
+    "garbage line without a count",
+    "",
+]
+
+
+def test_samples_are_split_by_where_the_innermost_frame_is() -> None:
+    """paho, our code and everything else; lines of one function add up."""
+    profile = Profile.parse(RAW)
+    assert profile.samples == 10
+    assert profile.by_where == {"paho-mqtt": 6, "factorywatch": 3, "other": 1}
+    assert profile.inclusive["DetectorService.run (detector/service.py)"] == 10
+    assert profile.inclusive["score (detector/core.py)"] == 3
+    assert profile.self_time["Client.loop (paho/mqtt/client.py)"] == 6
+
+
+def test_markdown_shows_shares() -> None:
+    """The tables give each share in percent of all samples."""
+    text = "\n".join(Profile.parse(RAW).markdown(top=3))
+    assert "| paho-mqtt | 6 | 60.0 % |" in text
+    assert "| `DetectorService.run (detector/service.py)` | 100.0 % |" in text
