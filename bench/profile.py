@@ -37,13 +37,25 @@ def _function(frame: str) -> str:
     return f"{name} ({path})" if path else name
 
 
-def _where(function: str) -> str:
-    """Which code a (reduced) frame belongs to: paho-mqtt, factorywatch or other."""
+def _owner(function: str) -> str | None:
     path = function.rpartition(" (")[2].rstrip(")")
     if path.startswith("paho/"):
         return "paho-mqtt"
     if path.startswith(OWN_PREFIXES):
         return "factorywatch"
+    return None
+
+
+def _where(frames: Sequence[str]) -> str:
+    """Whose work a sample is: the innermost frame that is paho's or ours decides.
+
+    pydantic called by the decoder counts as ours; ``threading.Condition`` made inside
+    paho's ``publish`` counts as paho's.
+    """
+    for frame in reversed(frames):
+        owner = _owner(frame)
+        if owner is not None:
+            return owner
     return "other"
 
 
@@ -72,7 +84,7 @@ class Profile:
             if not frames:
                 continue
             profile.samples += n
-            profile.by_where[_where(frames[-1])] += n
+            profile.by_where[_where(frames)] += n
             profile.self_time[frames[-1]] += n
             for frame in set(frames):
                 profile.inclusive[frame] += n
@@ -84,7 +96,7 @@ class Profile:
         out = [
             f"{self.samples:,} samples at {SAMPLE_RATE_HZ} Hz (idle time not sampled).",
             "",
-            "| innermost frame in | samples | share |",
+            "| whose work (innermost paho or project frame) | samples | share |",
             "|---|---:|---:|",
         ]
         out += [
@@ -93,9 +105,9 @@ class Profile:
         ]
         for title, counter in (("inclusive", self.inclusive), ("self", self.self_time)):
             out += ["", f"Heaviest functions ({title}):", "", "| function | share |", "|---|---:|"]
-            out += [
-                f"| `{name}` | {100 * n / total:.1f} % |" for name, n in counter.most_common(top)
-            ]
+            # Entry points (runpy, main, the run loop) hold every sample: not worth a row.
+            rows = [(name, n) for name, n in counter.most_common() if n < 0.95 * total]
+            out += [f"| `{name}` | {100 * n / total:.1f} % |" for name, n in rows[:top]]
         return out
 
 
