@@ -7,7 +7,7 @@ out; no paho, no logging, no clock reads. The shell publishes each event on
 
 Per machine::
 
-    NORMAL --k of the last n readings anomalous--> ALERT --m normal readings in a row--> NORMAL
+    NORMAL --k of the last n readings anomalous--> ALERT --m clear readings in a row--> NORMAL
     any    --no reading for offline_after_s, or the sensor's last will--> OFFLINE
     OFFLINE --a new reading--> back to NORMAL or ALERT, whichever the readings say
 
@@ -46,8 +46,11 @@ class AlertPolicy:
 
     * ``k`` of the last ``n`` readings anomalous (verdict status ``ALERT``) raise an alert;
       ``k=1`` raises on the first anomalous reading, ``k=n`` needs n in a row.
-    * ``m`` consecutive normal readings clear it (the hysteresis: a lone normal reading in
-      the middle of an incident does not clear it, a lone anomaly does not raise one).
+    * ``m`` consecutive *clear* readings clear it (the hysteresis: a lone normal reading in
+      the middle of an incident does not clear it, a lone anomaly does not raise one). A
+      reading is clear when its score is at or below the model's lower clear threshold
+      (``observe(..., clear_threshold=)``); one between the two thresholds is neither
+      anomalous nor clear, and restarts the streak.
     * ``offline_after_s`` seconds (detector clock) without a reading make a machine OFFLINE.
     """
 
@@ -110,8 +113,14 @@ class AlertTracker:
         """Ids of every machine a reading has been seen from, sorted."""
         return sorted(self._machines)
 
-    def observe(self, verdict: Verdict, now: float) -> list[AlertEvent]:
-        """Account one reading's verdict; return the transitions it caused (often none)."""
+    def observe(
+        self, verdict: Verdict, now: float, clear_threshold: float | None = None
+    ) -> list[AlertEvent]:
+        """Account one reading's verdict; return the transitions it caused (often none).
+
+        ``clear_threshold``: the score a reading must not exceed to count toward clearing an
+        open alert (default: any NORMAL verdict counts).
+        """
         machine = self._machines.get(verdict.machine_id)
         events: list[AlertEvent] = []
         if machine is None:
@@ -144,7 +153,8 @@ class AlertTracker:
                 events.append(self._raise(machine, verdict.seq, now))
         else:
             self._update_peak(machine, reading)
-            machine.normal_streak = 0 if anomalous else machine.normal_streak + 1
+            clear = not anomalous and (clear_threshold is None or verdict.score <= clear_threshold)
+            machine.normal_streak = machine.normal_streak + 1 if clear else 0
             if machine.normal_streak >= self.policy.m:
                 events.append(self._clear(machine, verdict.seq, now))
         return events

@@ -358,8 +358,9 @@ class DetectorService:
         now = time.time()
         alerts = 0
         observe_latency = self.metrics.latency.observe
+        clear_below = self.settings.alert_clear_score or self.model.card.clear_threshold
         for verdict, (_, _, target) in zip(verdicts, items, strict=True):
-            events = self.tracker.observe(verdict, now)
+            events = self.tracker.observe(verdict, now, clear_below)
             self._publish(
                 self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode(), target
             )

@@ -113,6 +113,11 @@ class DetectorSettings(_Settings):
     alert_k: Annotated[int, Field(ge=1)] = 3
     alert_n: Annotated[int, Field(ge=1)] = 5
     alert_m: Annotated[int, Field(ge=1)] = 10
+    alert_clear_score: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None,
+        description="score at or below which a reading counts toward clearing an alert "
+        "(default: the model card's clear_threshold)",
+    )
     offline_after_s: Annotated[float, Field(gt=0)] = 60.0
     metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other containers
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108

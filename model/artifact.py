@@ -58,6 +58,9 @@ class ModelCard(BaseModel):
     features: list[str]
     channels: list[str]
     threshold: float
+    # Lower edge of the alert hysteresis (model.threshold.clear_threshold); cards written
+    # before it existed have none, and then an alert clears on readings below ``threshold``.
+    clear_threshold: float | None = None
     threshold_spec: ThresholdSpec
     params: dict[str, int | float | str | None]
     data: DataInfo

@@ -12,7 +12,7 @@ from model.artifact import DataInfo, ModelCard, library_versions, new_version
 from model.dataset import Dataset
 from model.features import FEATURE_SETS, compute_features, required_channels
 from model.scoring import SklearnScorer, robust_center_scale
-from model.threshold import ThresholdSpec, calibrate
+from model.threshold import ThresholdSpec, calibrate, clear_threshold
 
 DEFAULT_TREES = 300
 # Sub-sample size per tree: 1024 (sklearn's "auto" is 256) lets each tree resolve the thin
@@ -62,6 +62,7 @@ def fit(
         features=features,
         channels=list(required_channels(features)),
         threshold=cut,
+        clear_threshold=clear_threshold(train_scores, cut),
         threshold_spec=spec,
         params={
             "n_estimators": n_estimators,

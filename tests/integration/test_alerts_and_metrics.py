@@ -128,3 +128,26 @@ def test_silence_makes_a_machine_offline_and_a_reading_brings_it_back(
     col.wait_for(lambda m: m.topic.endswith("/quiet-1/event"), count=2, timeout=20)
     assert [e.event for e in _events(col, "quiet-1")][:2] == ["MACHINE_OFFLINE", "MACHINE_ONLINE"]
     pub.close()
+
+
+def test_an_alert_clears_only_below_the_clear_score(
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+) -> None:
+    """With a clear score no reading reaches, NORMAL verdicts never clear the open alert."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter)
+    detector(env={**POLICY_ENV, "FACTORYWATCH_DETECTOR_ALERT_CLEAR_SCORE": "0.05"})
+    pub = SensorPublisher(settings, "sticky-1", buffer_size=100)
+    pub.start()
+    plan = [2800.0] * 4 + [1500.0] * 12  # m=4: the normal readings would clear it three times
+    for seq, rpm in enumerate(plan):
+        pub.publish(_reading("sticky-1", seq, rpm))
+    verdicts = col.wait_for(lambda m: m.topic.endswith("/sticky-1/verdict"), count=len(plan))
+    statuses = [json.loads(m.payload)["status"] for m in verdicts]
+    assert statuses.count("NORMAL") >= 12  # the readings were normal ...
+    assert [e.event for e in _events(col, "sticky-1")] == ["ALERT_RAISED"]  # ... yet no clear
+    last = col.matching(lambda m: m.topic == topics.state("line1", "sticky-1"))[-1]
+    assert MachineState.model_validate_json(last.payload).state == "ALERT"
+    pub.close()

@@ -160,6 +160,27 @@ def test_an_anomaly_during_the_normal_streak_restarts_it() -> None:
     assert kinds(feed(tracker, ".", start=23)) == ["ALERT_CLEARED"]
 
 
+def test_readings_between_the_two_thresholds_keep_the_alert_open() -> None:
+    """Hysteresis: NORMAL verdicts above the clear threshold neither clear nor count."""
+    tracker = AlertTracker(AlertPolicy(k=1, n=1, m=3))
+    clear_below = 0.5
+
+    def observe(seq: int, score: float) -> list[AlertEvent]:
+        reading = verdict(seq, alert=score > THRESHOLD, score=score)
+        return tracker.observe(reading, T0 + seq, clear_below)
+
+    assert kinds(observe(1, 0.8)) == ["ALERT_RAISED"]
+    # just under the alert threshold: NORMAL verdicts, but not clear ones
+    assert [kinds(observe(seq, 0.55)) for seq in range(2, 12)] == [[]] * 10
+    assert tracker.state("m1").state == "ALERT"
+    assert observe(12, 0.45) == []
+    assert observe(13, 0.45) == []
+    assert observe(14, 0.55) == []  # a grey reading restarts the streak
+    assert observe(15, 0.45) == []
+    assert observe(16, 0.5) == []  # at the clear threshold counts as clear
+    assert kinds(observe(17, 0.3)) == ["ALERT_CLEARED"]
+
+
 def test_peak_score_grows_while_the_alert_is_open() -> None:
     """A higher score after the raise becomes the alert's peak, with its explanation."""
     tracker = AlertTracker(AlertPolicy(k=1, n=1, m=1))

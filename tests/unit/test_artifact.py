@@ -92,6 +92,17 @@ def test_card_records_training_facts(trained: tuple[IsolationForest, ModelCard])
     rate = ThresholdSpec().value  # the default false-alarm budget
     assert card.threshold_spec == ThresholdSpec()
     assert card.metrics["train_alert_rate"] == pytest.approx(rate, abs=0.005)
+    assert card.clear_threshold is not None
+    assert 0.0 < card.clear_threshold < card.threshold  # the lower edge of the hysteresis
+
+
+def test_card_without_clear_threshold_still_loads(
+    trained: tuple[IsolationForest, ModelCard],
+) -> None:
+    """Cards written before the clear threshold existed validate, with none."""
+    raw = trained[1].model_dump(mode="json")
+    del raw["clear_threshold"]
+    assert ModelCard.model_validate(raw).clear_threshold is None
 
 
 def test_save_refuses_to_overwrite_a_version(

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from model.threshold import DEFAULT_FALSE_ALARM_RATE, ThresholdSpec, calibrate
+from model.threshold import (
+    CLEAR_FALSE_ALARM_RATE,
+    DEFAULT_FALSE_ALARM_RATE,
+    ThresholdSpec,
+    calibrate,
+    clear_threshold,
+)
 
 SCORES = np.linspace(0.3, 0.8, 10_001)
 
@@ -113,3 +119,16 @@ def test_contamination_matches_scikit_learns_own_offset() -> None:
             SklearnScorer(forest).score(data), ThresholdSpec(method="contamination", value=c)
         )
         assert ours == pytest.approx(-forest.offset_, abs=1e-12)
+
+
+def test_clear_threshold_is_a_lower_quantile_of_training_scores() -> None:
+    """The clear threshold lets CLEAR_FALSE_ALARM_RATE of training scores above it."""
+    cut = calibrate(SCORES, ThresholdSpec())
+    clear = clear_threshold(SCORES, cut)
+    assert clear < cut
+    assert float(np.mean(clear < SCORES)) == pytest.approx(CLEAR_FALSE_ALARM_RATE, abs=1e-3)
+
+
+def test_clear_threshold_never_exceeds_the_alert_threshold() -> None:
+    """With an alert threshold below that quantile, clearing needs the alert threshold."""
+    assert clear_threshold(SCORES, 0.5) == 0.5
