@@ -59,6 +59,24 @@ class Metrics:
         self.model = Gauge(
             "factorywatch_model_info", "The model in use (value 1)", ["version"], registry=r
         )
+        self.recent_alert_rate = Gauge(
+            "factorywatch_recent_alert_rate",
+            "Share of ALERT verdicts over the drift window (all machines)",
+            registry=r,
+        )
+        self.recent_score_median = Gauge(
+            "factorywatch_recent_score_median", "Median score over the drift window", registry=r
+        )
+        self.training_alert_rate = Gauge(
+            "factorywatch_training_alert_rate",
+            "Share of the model's training readings above its threshold",
+            registry=r,
+        )
+        self.drifting = Gauge(
+            "factorywatch_drifting",
+            "1 while the recent ALERT share is drift_factor x the training one or more",
+            registry=r,
+        )
         self.connected = Gauge(
             "factorywatch_broker_connected", "1 while connected to the broker", registry=r
         )

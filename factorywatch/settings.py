@@ -119,6 +119,13 @@ class DetectorSettings(_Settings):
         "(default: the model card's clear_threshold)",
     )
     offline_after_s: Annotated[float, Field(gt=0)] = 60.0
+    drift_window: Annotated[int, Field(ge=10)] = Field(
+        default=5000, description="readings (all machines) the drift check looks back over"
+    )
+    drift_factor: Annotated[float, Field(gt=1)] = Field(
+        default=3.0,
+        description="drift when the recent ALERT share reaches this many times the training one",
+    )
     metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other containers
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
     scorer: Literal["fast", "sklearn"] = Field(

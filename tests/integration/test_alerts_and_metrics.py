@@ -151,3 +151,27 @@ def test_an_alert_clears_only_below_the_clear_score(
     last = col.matching(lambda m: m.topic == topics.state("line1", "sticky-1"))[-1]
     assert MachineState.model_validate_json(last.payload).state == "ALERT"
     pub.close()
+
+
+def test_a_stream_far_from_training_is_reported_as_drift(
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+) -> None:
+    """Mostly anomalous readings: the ALERT share leaves the training one; logs and metrics say."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter)
+    proc = detector(env={**POLICY_ENV, "FACTORYWATCH_DETECTOR_DRIFT_WINDOW": "20"})
+    assert proc.metrics_port is not None
+    pub = SensorPublisher(settings, "drifty-1", buffer_size=100)
+    pub.start()
+    plan = [1500.0] * 5 + [2800.0] * 20
+    for seq, rpm in enumerate(plan):
+        pub.publish(_reading("drifty-1", seq, rpm))
+    col.wait_for(lambda m: m.topic.endswith("/drifty-1/verdict"), count=len(plan))
+    proc.wait_log('"drift_started"', timeout=10)
+    _, body = scrape(proc.metrics_port, "/metrics")
+    assert metric_value(body, "factorywatch_drifting") == 1
+    assert metric_value(body, "factorywatch_recent_alert_rate") >= 0.5
+    assert 0 < metric_value(body, "factorywatch_training_alert_rate") < 0.1
+    pub.close()
