@@ -217,12 +217,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
     """``factorywatch detect``: serve until SIGTERM/SIGINT."""
     from detector.service import DetectorService  # noqa: PLC0415
     from model import artifact  # noqa: PLC0415
-    from model.features import DEFAULT_FEATURE_SET  # noqa: PLC0415
-    from model.threshold import ThresholdSpec  # noqa: PLC0415
-    from model.train import DEFAULT_TREES  # noqa: PLC0415
 
     data = _data_settings(args)
     if args.train_if_missing and artifact.current_version(data.model_dir) is None:
+        # Only here: training needs scikit-learn and pandas, scoring does not (memory).
+        from model.features import DEFAULT_FEATURE_SET  # noqa: PLC0415
+        from model.threshold import ThresholdSpec  # noqa: PLC0415
+        from model.train import DEFAULT_TREES  # noqa: PLC0415
+
         _progress("no model yet: training one first")
         spec = ThresholdSpec()
         args.feature_set = args.feature_set or DEFAULT_FEATURE_SET

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.ensemble import IsolationForest
 
 from model.artifact import DataInfo, ModelCard, library_versions, new_version
-from model.dataset import Dataset
 from model.features import FEATURE_SETS, compute_features, required_channels
 from model.scoring import SklearnScorer, robust_center_scale
 from model.threshold import ThresholdSpec, calibrate, clear_threshold
+
+if TYPE_CHECKING:  # importing this module (for its defaults) stays light: the CLI does
+    from sklearn.ensemble import IsolationForest
+
+    from model.dataset import Dataset
 
 DEFAULT_TREES = 300
 # Sub-sample size per tree: 1024 (sklearn's "auto" is 256) lets each tree resolve the thin
@@ -34,6 +38,8 @@ def fit(
     progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[IsolationForest, ModelCard]:
     """Fit a forest on ``rows`` of ``dataset`` (all by default; labels are never used)."""
+    from sklearn.ensemble import IsolationForest  # noqa: PLC0415 - see the imports above
+
     if feature_set not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {feature_set!r}; choose from {list(FEATURE_SETS)}")
     spec = threshold or ThresholdSpec()

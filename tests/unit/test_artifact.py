@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +18,7 @@ from sklearn.ensemble import IsolationForest
 
 from factorywatch.errors import ModelMismatchError, ModelNotFoundError
 from model import artifact
-from model.artifact import CARD_FILE, CURRENT, MODEL_FILE, ModelCard
+from model.artifact import CARD_FILE, CURRENT, FLAT_FILE, MODEL_FILE, LoadedModel, ModelCard
 from model.dataset import UCI_FILE, load
 from model.threshold import ThresholdSpec
 from model.train import fit
@@ -50,6 +52,20 @@ def edit_card(model_dir: Path, version: str, change: Callable[[dict[str, Any]], 
     path.write_text(json.dumps(data))
 
 
+@pytest.fixture(params=["sklearn", "fast-without-npz"])
+def from_pickle(request: pytest.FixtureRequest) -> Callable[[Path], LoadedModel]:
+    """The two loads that unpickle: the sklearn scorer, and an artifact saved before npz."""
+
+    def load_it(model_dir: Path) -> LoadedModel:
+        if request.param == "sklearn":
+            return artifact.load(model_dir, scorer="sklearn")
+        for flat in model_dir.glob(f"*/{FLAT_FILE}"):
+            flat.unlink()
+        return artifact.load(model_dir)
+
+    return load_it
+
+
 def with_version(card: ModelCard, when: datetime) -> ModelCard:
     """A copy of ``card`` with a version id made at ``when``."""
     return card.model_copy(update={"version": artifact.new_version(when)})
@@ -73,9 +89,10 @@ def test_save_promote_load_round_trip(
 
 
 def test_saved_artifact_layout(saved: Path, trained: tuple[IsolationForest, ModelCard]) -> None:
-    """An artifact is ``<version>/model.joblib`` + ``card.json`` plus a ``current`` pointer."""
+    """An artifact is ``<version>/{model.joblib,forest.npz,card.json}`` + a ``current`` pointer."""
     version = trained[1].version
     assert (saved / version / MODEL_FILE).is_file()
+    assert (saved / version / FLAT_FILE).is_file()
     assert ModelCard.model_validate_json((saved / version / CARD_FILE).read_text()).version
     assert (saved / CURRENT).read_text().strip() == version
 
@@ -184,11 +201,62 @@ def test_current_pointing_at_missing_version_fails(tmp_path: Path) -> None:
         artifact.load(tmp_path)
 
 
-def test_missing_model_file_fails(saved: Path, trained: tuple[IsolationForest, ModelCard]) -> None:
-    """A card without its model.joblib raises ModelNotFoundError."""
+def test_the_fast_scorer_needs_no_pickle(
+    saved: Path, trained: tuple[IsolationForest, ModelCard]
+) -> None:
+    """forest.npz alone scores exactly like the fitted forest: model.joblib is not read."""
+    forest, card = trained
+    (saved / card.version / MODEL_FILE).unlink()
+    rows = np.array([[10.0, 6000.0, 0.5, 100.0], [8.0, 12_000.0, 1.2, 230.0]])
+    np.testing.assert_array_equal(
+        artifact.load(saved).scorer.score(rows), -forest.score_samples(rows)
+    )
+
+
+def test_loading_for_the_detector_imports_no_scikit_learn(saved: Path) -> None:
+    """The fast load path leaves scikit-learn and joblib out of the process (memory, start)."""
+    code = (
+        "import sys; from model import artifact; from pathlib import Path; "
+        f"artifact.load(Path({str(saved)!r})); "
+        "print(sorted(m for m in ('sklearn', 'joblib', 'pandas') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_artifact_without_npz_is_flattened_from_its_pickle(
+    saved: Path, trained: tuple[IsolationForest, ModelCard]
+) -> None:
+    """Artifacts saved before forest.npz existed still load with the fast scorer."""
+    forest, card = trained
+    (saved / card.version / FLAT_FILE).unlink()
+    rows = np.array([[10.0, 6000.0, 0.5, 100.0]])
+    np.testing.assert_array_equal(
+        artifact.load(saved).scorer.score(rows), -forest.score_samples(rows)
+    )
+
+
+@pytest.mark.parametrize("corrupt", [b"", b"garbage", b"PK\x03\x04broken zip"])
+def test_corrupt_npz_is_a_mismatch(
+    saved: Path, trained: tuple[IsolationForest, ModelCard], corrupt: bytes
+) -> None:
+    """A forest.npz that is not what save() wrote raises ModelMismatchError naming it."""
+    (saved / trained[1].version / FLAT_FILE).write_bytes(corrupt)
+    with pytest.raises(ModelMismatchError, match=FLAT_FILE):
+        artifact.load(saved)
+
+
+def test_missing_model_file_fails(
+    saved: Path,
+    trained: tuple[IsolationForest, ModelCard],
+    from_pickle: Callable[[Path], LoadedModel],
+) -> None:
+    """A card without its model.joblib raises ModelNotFoundError where the pickle is needed."""
     (saved / trained[1].version / MODEL_FILE).unlink()
     with pytest.raises(ModelNotFoundError, match=MODEL_FILE):
-        artifact.load(saved)
+        from_pickle(saved)
 
 
 # -- mismatched or corrupt artifacts ---------------------------------------------------------
@@ -201,13 +269,16 @@ def _other_minor(version: str) -> str:
 
 @pytest.mark.parametrize("other", ["0.24.2", _other_minor(sklearn.__version__)])
 def test_other_scikit_learn_release_is_a_mismatch(
-    saved: Path, trained: tuple[IsolationForest, ModelCard], other: str
+    saved: Path,
+    trained: tuple[IsolationForest, ModelCard],
+    other: str,
+    from_pickle: Callable[[Path], LoadedModel],
 ) -> None:
-    """A card from another scikit-learn major.minor raises ModelMismatchError with the fix."""
+    """Unpickling a forest from another scikit-learn major.minor is refused, with the fix."""
     version = trained[1].version
     edit_card(saved, version, lambda d: d["libraries"].update({"scikit-learn": other}))
     with pytest.raises(ModelMismatchError, match="factorywatch train"):
-        artifact.load(saved)
+        from_pickle(saved)
 
 
 def test_other_scikit_learn_patch_release_is_accepted(
@@ -219,7 +290,7 @@ def test_other_scikit_learn_patch_release_is_accepted(
     edit_card(
         saved, version, lambda d: d["libraries"].update({"scikit-learn": f"{major_minor}.99"})
     )
-    assert artifact.load(saved).version == version
+    assert artifact.load(saved, scorer="sklearn").version == version
 
 
 @pytest.mark.parametrize(
@@ -270,21 +341,25 @@ def test_non_utf8_card_is_a_mismatch(
 
 
 def test_corrupt_model_file_is_a_mismatch(
-    saved: Path, trained: tuple[IsolationForest, ModelCard]
+    saved: Path,
+    trained: tuple[IsolationForest, ModelCard],
+    from_pickle: Callable[[Path], LoadedModel],
 ) -> None:
     """A model.joblib that cannot be unpickled raises ModelMismatchError."""
     (saved / trained[1].version / MODEL_FILE).write_bytes(b"garbage")
     with pytest.raises(ModelMismatchError, match="unpickle"):
-        artifact.load(saved)
+        from_pickle(saved)
 
 
 def test_non_forest_model_file_is_a_mismatch(
-    saved: Path, trained: tuple[IsolationForest, ModelCard]
+    saved: Path,
+    trained: tuple[IsolationForest, ModelCard],
+    from_pickle: Callable[[Path], LoadedModel],
 ) -> None:
     """A model.joblib holding something other than an IsolationForest is refused."""
     joblib.dump({"not": "a forest"}, saved / trained[1].version / MODEL_FILE)
     with pytest.raises(ModelMismatchError, match="IsolationForest"):
-        artifact.load(saved)
+        from_pickle(saved)
 
 
 @pytest.mark.parametrize(
@@ -297,10 +372,14 @@ def test_non_forest_model_file_is_a_mismatch(
     ],
     ids=["unknown-feature", "fewer-features", "wrong-channels", "short-center"],
 )
+@pytest.mark.parametrize("scorer", ["fast", "sklearn"])
 def test_card_that_does_not_fit_the_forest_is_a_mismatch(
-    saved: Path, trained: tuple[IsolationForest, ModelCard], change: Callable[[Any], None]
+    saved: Path,
+    trained: tuple[IsolationForest, ModelCard],
+    change: Callable[[Any], None],
+    scorer: artifact.ScorerKind,
 ) -> None:
     """Features, channels or statistics that do not fit the forest raise ModelMismatchError."""
     edit_card(saved, trained[1].version, change)
     with pytest.raises(ModelMismatchError):
-        artifact.load(saved)
+        artifact.load(saved, scorer=scorer)
