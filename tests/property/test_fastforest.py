@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -168,6 +169,19 @@ def test_without_precomputed_path_lengths(big_forest: IsolationForest) -> None:
     np.testing.assert_allclose(
         FlatForest.from_sklearn(bare).score(queries), flat.score(queries), rtol=0, atol=ATOL
     )
+
+
+def test_saved_and_loaded_forest_scores_the_same(
+    big_forest: IsolationForest, tmp_path: Path
+) -> None:
+    """save() then load() (forest.npz, no scikit-learn) gives bit-identical scores."""
+    flat = FlatForest.from_sklearn(big_forest)
+    flat.save(tmp_path / "forest.npz")
+    again = FlatForest.load(tmp_path / "forest.npz")
+    queries = np.random.default_rng(10).normal(size=(300, 4)) * 2.0
+    queries[::7, 1] = np.nan
+    np.testing.assert_array_equal(again.score(queries), flat.score(queries))
+    np.testing.assert_allclose(again.score(queries), _reference(big_forest, queries), atol=ATOL)
 
 
 def test_one_sample_forest_scores_half() -> None:
