@@ -13,7 +13,7 @@ from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Telemet
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from sensors.publisher import SensorPublisher
-from tests.support import Collector, Proc, metric_value, scrape
+from tests.support import Collector, Message, Proc, metric_value, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +41,18 @@ def _reading(machine: str, seq: int, rpm: float) -> Telemetry:
         product_type="L",
         readings={**TYPICAL, "rotational_speed_rpm": rpm},
     )
+
+
+def _stream(
+    settings: BrokerSettings, col: Collector, machine: str, plan: list[float]
+) -> tuple[SensorPublisher, list[Message]]:
+    """Publish one reading per rpm value in ``plan`` from ``machine``; wait for every verdict."""
+    pub = SensorPublisher(settings, machine, buffer_size=1000)
+    pub.start()
+    for seq, rpm in enumerate(plan):
+        pub.publish(_reading(machine, seq, rpm))
+    verdicts = col.wait_for(lambda m: m.topic.endswith(f"/{machine}/verdict"), count=len(plan))
+    return pub, verdicts
 
 
 def _events(col: Collector, machine: str) -> list[AlertEvent]:
@@ -139,12 +151,8 @@ def test_an_alert_clears_only_below_the_clear_score(
     topics = Topics(settings.topic_root)
     col = collector(topics.alerts_filter)
     detector(env={**POLICY_ENV, "FACTORYWATCH_DETECTOR_ALERT_CLEAR_SCORE": "0.05"})
-    pub = SensorPublisher(settings, "sticky-1", buffer_size=100)
-    pub.start()
-    plan = [2800.0] * 4 + [1500.0] * 12  # m=4: the normal readings would clear it three times
-    for seq, rpm in enumerate(plan):
-        pub.publish(_reading("sticky-1", seq, rpm))
-    verdicts = col.wait_for(lambda m: m.topic.endswith("/sticky-1/verdict"), count=len(plan))
+    # m=4: the normal readings would clear it three times over
+    pub, verdicts = _stream(settings, col, "sticky-1", [2800.0] * 4 + [1500.0] * 12)
     statuses = [json.loads(m.payload)["status"] for m in verdicts]
     assert statuses.count("NORMAL") >= 12  # the readings were normal ...
     assert [e.event for e in _events(col, "sticky-1")] == ["ALERT_RAISED"]  # ... yet no clear
@@ -163,12 +171,7 @@ def test_a_stream_far_from_training_is_reported_as_drift(
     col = collector(topics.alerts_filter)
     proc = detector(env={**POLICY_ENV, "FACTORYWATCH_DETECTOR_DRIFT_WINDOW": "20"})
     assert proc.metrics_port is not None
-    pub = SensorPublisher(settings, "drifty-1", buffer_size=100)
-    pub.start()
-    plan = [1500.0] * 5 + [2800.0] * 20
-    for seq, rpm in enumerate(plan):
-        pub.publish(_reading("drifty-1", seq, rpm))
-    col.wait_for(lambda m: m.topic.endswith("/drifty-1/verdict"), count=len(plan))
+    pub, _ = _stream(settings, col, "drifty-1", [1500.0] * 5 + [2800.0] * 20)
     proc.wait_log('"drift_started"', timeout=10)
     _, body = scrape(proc.metrics_port, "/metrics")
     assert metric_value(body, "factorywatch_drifting") == 1
