@@ -242,6 +242,7 @@ def test_oversize_payloads_are_refused_before_sending() -> None:
     assert fwmqtt.check_size(b"x" * 1024) == b"x" * 1024
 
 
+@pytest.mark.parametrize("detector_tls", [False, True], ids=["detector-plain", "detector-tls"])
 def test_secure_pipeline_end_to_end_over_tls(
     spawn: Callable[..., Proc],
     secure_broker: LocalBroker,
@@ -250,16 +251,19 @@ def test_secure_pipeline_end_to_end_over_tls(
     topic_root: str,
     as_user: Callable[..., BrokerSettings],
     tmp_path: Path,
+    detector_tls: bool,
 ) -> None:
-    """Detector (plaintext, as `detector`) and a sensor over TLS (as itself) produce verdicts."""
+    """Detector (as `detector`, plaintext or TLS) and a sensor over TLS produce verdicts."""
     topics = Topics(topic_root)
     viewer = Collector(as_user("viewer"), [topics.alerts_filter], "e2e-viewer")
     try:
         common = ["--topic-root", topic_root, "--secrets-dir", str(secrets_dir)]
+        tls = ["--tls-ca", str(secrets_dir / "certs" / "ca.crt")]
         det = spawn(
             "detect",
             "--port",
-            str(secure_broker.port),
+            str(secure_broker.tls_port if detector_tls else secure_broker.port),
+            *(tls if detector_tls else []),
             *common,
             "--model-dir",
             str(model_dir),
