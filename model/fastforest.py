@@ -81,8 +81,6 @@ class FlatForest:
     ) -> None:
         self.n_features = n_features
         self.n_trees = int(roots.shape[0])
-        # As given, for ``save``: ``load`` passes them back to this constructor.
-        self._given = (columns, cuts, children, values, roots)
         self.levels = levels
         self.denominator = denominator
         if children.shape[0] >= np.iinfo(np.int32).max:
@@ -91,6 +89,7 @@ class FlatForest:
         self._columns: SlotArray = columns.astype(np.int32)
         self._cuts = cuts
         self._children: SlotArray = children.astype(np.int32)
+        self._values = values  # kept for ``save``
         # Path length of the leaf a slot leads to: the last level skips one lookup.
         self._child_values = values[children]
         self._roots: SlotArray = roots.astype(np.int32)
@@ -101,15 +100,14 @@ class FlatForest:
 
     def save(self, path: Path) -> None:
         """Write the flat arrays to ``path`` (``.npz``: plain arrays, nothing pickled)."""
-        columns, cuts, children, values, roots = self._given
         with path.open("wb") as out:
             np.savez(
                 out,
-                columns=columns,
-                cuts=cuts,
-                children=children,
-                values=values,
-                roots=roots,
+                columns=self._columns,
+                cuts=self._cuts,
+                children=self._children,
+                values=self._values,
+                roots=self._roots,
                 scalars=np.array([self.n_features, self.levels], dtype=np.int64),
                 denominator=np.array([self.denominator], dtype=np.float64),
             )
