@@ -191,7 +191,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for version in artifact.list_versions(data.model_dir):
         card = artifact.read_card(data.model_dir / version / artifact.CARD_FILE)
         mark = "*" if version == current else " "
-        print(f"{mark} {version}  {card.feature_set:<10} threshold={card.threshold:.4f}")
+        clear = "" if card.clear_threshold is None else f" clear={card.clear_threshold:.4f}"
+        print(f"{mark} {version}  {card.feature_set:<10} threshold={card.threshold:.4f}{clear}")
     return 0
 
 

@@ -90,3 +90,20 @@ def test_a_promoted_model_is_picked_up_live_without_losing_or_rescoring_a_readin
     assert set(versions[switch:]) == {new}, "never back to the old model"
     assert 0 < switch < len(versions)
     assert det.terminate() == 0
+
+
+def test_models_list_shows_the_promoted_version_and_both_thresholds(model_dir: Path) -> None:
+    """`factorywatch models list` marks the current model and prints its alarm and clear cuts."""
+    done = subprocess.run(
+        [*CLI, "models", "list", "--model-dir", str(model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=PROJECT_DIR,
+    )
+    card = artifact.load(model_dir).card
+    assert card.clear_threshold is not None
+    assert f"* {card.version}" in done.stdout
+    assert f"threshold={card.threshold:.4f}" in done.stdout
+    assert f"clear={card.clear_threshold:.4f}" in done.stdout
