@@ -107,10 +107,18 @@ class Verdict(_Wire):
     score: float = Field(
         description="Isolation Forest anomaly score s(x) in (0, 1]; higher = more anomalous"
     )
-    threshold: float = Field(description="status is ALERT when score > threshold")
+    threshold: float = Field(
+        description="status is ALERT when score > threshold, or when outside_training is set"
+    )
     model_version: str
     latency_ms: float = Field(description="receive-to-publish processing time in the detector")
     explanation: list[Contribution] | None = None
+    outside_training: list[ChannelName] | None = Field(
+        default=None,
+        description="channels (or temp_diff_k, process minus air temperature) whose value lies "
+        "outside the range the model was trained on (model.envelope): an ALERT whatever "
+        "the score",
+    )
 
 
 class DeadLetter(_Wire):

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 import factorywatch
 from factorywatch.errors import ModelMismatchError, ModelNotFoundError
+from model.envelope import Envelope
 from model.fastforest import FlatForest
 from model.features import DERIVED, required_channels
 from model.scoring import FloatArray, Scorer, SklearnScorer
@@ -70,6 +71,8 @@ class ModelCard(BaseModel):
     # Lower edge of the alert hysteresis (model.threshold.clear_threshold); cards written
     # before it existed have none, and then an alert clears on readings below ``threshold``.
     clear_threshold: float | None = None
+    # The channels' training range (model.envelope); none in cards that predate it.
+    envelope: Envelope | None = None
     threshold_spec: ThresholdSpec
     params: dict[str, int | float | str | None]
     data: DataInfo

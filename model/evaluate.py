@@ -69,6 +69,7 @@ class Scored:
     test_scores: FloatArray
     threshold: float
     train_alert_rate: float
+    test_outside: npt.NDArray[np.bool_]  # hold-out rows outside the training envelope
 
 
 def _no_progress(_: str) -> None:
@@ -104,13 +105,16 @@ def _fit_and_score(
         threshold=spec,
         rows=train_idx,
     )
-    matrix = compute_features(dataset.columns(), card.features)[test_idx]
+    columns = {name: values[test_idx] for name, values in dataset.columns().items()}
+    matrix = compute_features(columns, card.features)
+    outside = card.envelope.outside(columns, len(test_idx)) if card.envelope else []
     return Scored(
         features=list(card.features),
         params=dict(card.params),
         test_scores=SklearnScorer(forest).score(matrix),
         threshold=card.threshold,
         train_alert_rate=card.metrics["train_alert_rate"],
+        test_outside=np.array([o is not None for o in outside], dtype=np.bool_),
     )
 
 
@@ -244,6 +248,9 @@ def run(
         "threshold_spec": spec.model_dump(),
         "per_mode_recall": per_mode,
         "per_mode_count": mode_counts,
+        # The deployed detector also alerts outside the training envelope (model.envelope).
+        "envelope_outside_test_rows": int(deployed.test_outside.sum()),
+        "envelope_outside_test_failures": int(y[deployed.test_outside].sum()),
         "baseline": {"feature_set": BASELINE_FEATURE_SET, **_metrics(y, baseline)},
         "steps": [
             {
@@ -416,6 +423,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"forest: {params['n_estimators']} trees, {params['max_samples']} samples per tree, "
         f"max_features {params['max_features']}, seed {params['random_state']}; "
         f"threshold {report['threshold']:.4f}.",
+        "",
+        f"Hold-out rows outside the training envelope (which the detector alerts on whatever "
+        f"the score): {report['envelope_outside_test_rows']}, of which failures: "
+        f"{report['envelope_outside_test_failures']}; the figures above are the score's alone.",
         "",
         "## Recall per failure mode",
         "",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.artifact import DataInfo, ModelCard, library_versions, new_version
+from model.envelope import fit_envelope
 from model.features import FEATURE_SETS, compute_features, required_channels
 from model.scoring import SklearnScorer, robust_center_scale
 from model.threshold import ThresholdSpec, calibrate, clear_threshold
@@ -44,9 +45,10 @@ def fit(
         raise ValueError(f"unknown feature set {feature_set!r}; choose from {list(FEATURE_SETS)}")
     spec = threshold or ThresholdSpec()
     features = list(FEATURE_SETS[feature_set])
-    matrix = compute_features(dataset.columns(), features)
+    columns = dataset.columns()
     if rows is not None:
-        matrix = matrix[rows]
+        columns = {name: values[rows] for name, values in columns.items()}
+    matrix = compute_features(columns, features)
     progress(f"fitting {n_estimators} trees on {len(matrix)} rows x {len(features)} features")
     # An integer sub-sample larger than the data would make sklearn warn and shrink it anyway.
     samples = min(max_samples, len(matrix)) if isinstance(max_samples, int) else max_samples
@@ -67,6 +69,7 @@ def fit(
         feature_set=feature_set,
         features=features,
         channels=list(required_channels(features)),
+        envelope=fit_envelope(columns, required_channels(features)),
         threshold=cut,
         clear_threshold=clear_threshold(train_scores, cut),
         threshold_spec=spec,

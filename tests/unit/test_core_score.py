@@ -102,12 +102,13 @@ def test_one_verdict_per_reading_in_order(model_name: str, request: pytest.Fixtu
 def test_status_is_alert_iff_score_above_threshold(
     model_name: str, request: pytest.FixtureRequest
 ) -> None:
-    """Every verdict is ALERT exactly when its score exceeds the threshold; both occur."""
+    """ALERT exactly when the score exceeds the threshold or the reading leaves the training
+    envelope; both statuses occur."""
     model: LoadedModel = request.getfixturevalue(model_name)
     batch = mixed_batch()
     verdicts = score(model, batch, [0.0] * len(batch), explain_top_k=3)
     for v in verdicts:
-        assert (v.status == "ALERT") == (v.score > v.threshold)
+        assert (v.status == "ALERT") == (v.score > v.threshold or v.outside_training is not None)
         assert 0.0 < v.score <= 1.0
     assert {v.status for v in verdicts} == {"ALERT", "NORMAL"}
 
@@ -200,3 +201,16 @@ def test_verdicts_encode_to_strict_json(physics: LoadedModel) -> None:
     batch = mixed_batch(100)
     for v in score(physics, batch, [0.0] * len(batch), explain_top_k=3):
         assert type(v).model_validate_json(v.encode()) == v
+
+
+def test_a_reading_outside_the_training_envelope_is_an_alert_that_names_it(
+    physics: LoadedModel,
+) -> None:
+    """A process temperature 20 K above anything in training: ALERT, the quantities named."""
+    hot = typical()
+    hot = hot.model_copy(update={"readings": {**hot.readings, "process_temperature_k": 330.0}})
+    [normal, verdict] = score(physics, [typical(), hot], [0.0, 0.0], explain_top_k=3)
+    assert normal.outside_training is None
+    assert verdict.status == "ALERT"
+    assert verdict.outside_training == ["process_temperature_k", "temp_diff_k"]
+    assert verdict.explanation, "an envelope ALERT explains itself like any other"
