@@ -2,12 +2,12 @@
 
 The model card records how its own training readings scored: the share above the alarm
 threshold (the false-alarm budget, 3 % by default) and the median score. ``ScoreDrift``
-keeps the scores of the last ``window`` readings (all machines) and compares: when the share
-of ALERT verdicts stays at ``factor`` times the training share or more, the process, its
-sensors or the plant have moved away from what the model learnt, and alerts are no longer
-calibrated (retrain, or find what changed). It reports transitions only, with hysteresis:
-drift is declared at ``factor`` x the training rate and over when the rate is back under
-half of that, so a rate sitting on the line does not flap.
+keeps the scores of the last ``window`` readings (all machines) and compares: when the
+share scored above the threshold stays at ``factor`` times the training share or more, the
+process, its sensors or the plant have moved away from what the model learnt, and alerts
+are no longer calibrated (retrain, or find what changed). It reports transitions only,
+with hysteresis: drift is declared at ``factor`` x the training rate and over when the rate
+is back under half of that, so a rate sitting on the line does not flap.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class Metrics:
         )
         self.recent_alert_rate = Gauge(
             "factorywatch_recent_alert_rate",
-            "Share of ALERT verdicts over the drift window (all machines)",
+            "Share of readings scored above the threshold over the drift window (all machines)",
             registry=r,
         )
         self.recent_score_median = Gauge(

@@ -124,7 +124,8 @@ class DetectorSettings(_Settings):
     )
     drift_factor: Annotated[float, Field(gt=1)] = Field(
         default=3.0,
-        description="drift when the recent ALERT share reaches this many times the training one",
+        description="drift when the recent share above the threshold is this many times the "
+        "training one",
     )
     metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other containers
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
