@@ -25,7 +25,7 @@ broker-binary:
 test: install broker-binary
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy .
+	$(BIN)/mypy
 	FACTORYWATCH_TEST_DATASET_DIR=$(dir $(DATASET)) $(BIN)/pytest
 
 ## faults: fault injection (kill -9, broker restarts and outage, backlog) -> reports/faults.json
@@ -39,7 +39,7 @@ demo: install broker-binary
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy .
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix .

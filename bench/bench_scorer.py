@@ -14,7 +14,7 @@ from sklearn.ensemble import IsolationForest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.fastforest import FlatForest
+from factorywatch.model.fastforest import FlatForest
 
 N_TRAIN = 10_000
 N_FEATURES = 4

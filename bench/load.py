@@ -38,9 +38,11 @@ import paho.mqtt.client as mqtt
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.errors import BrokerError
-from factorywatch.settings import PROJECT_DIR, BrokerSettings
+from factorywatch.sensors.simulator import MachineSimulator
+from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from sensors.simulator import MachineSimulator
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 ANOMALY_RATE: Final = 0.02
 SUBSCRIBER_READY: Final = "subscriber_ready"

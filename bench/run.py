@@ -46,6 +46,7 @@ import paho.mqtt.client as mqtt
 
 from bench import relay as relay_module
 from bench.load import (
+    PROJECT_DIR,
     Publisher,
     Reading,
     ReadingSource,
@@ -59,7 +60,6 @@ from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker, free_port, mosquitto_binary
 from factorywatch.settings import (
     DEFAULT_DATA_DIR,
-    PROJECT_DIR,
     BrokerSettings,
     DetectorSettings,
 )

@@ -26,10 +26,10 @@ from factorywatch.contracts import (
     Verdict,
 )
 from factorywatch.errors import DeadLetterReason, PayloadError
+from factorywatch.model.artifact import LoadedModel
+from factorywatch.model.features import PRODUCT_TYPE_COLUMN, TYPE_CODE, compute_features
+from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
-from model.artifact import LoadedModel
-from model.features import PRODUCT_TYPE_COLUMN, TYPE_CODE, compute_features
-from model.scoring import explain
 
 Clock = Callable[[], float]
 

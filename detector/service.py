@@ -23,19 +23,19 @@ import paho.mqtt.client as mqtt
 import structlog
 from pydantic import ValidationError
 
-from detector.alerting import AlertPolicy, AlertTracker
-from detector.core import Decoder, Received, dead_letter, score
-from detector.dedup import SeenCache
-from detector.drift import ScoreDrift
-from detector.journal import SeenJournal
-from detector.metrics import Metrics, serve
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import AckCommand, AlertEvent, ClientStatus, Telemetry, Verdict
+from factorywatch.detector.alerting import AlertPolicy, AlertTracker
+from factorywatch.detector.core import Decoder, Received, dead_letter, score
+from factorywatch.detector.dedup import SeenCache
+from factorywatch.detector.drift import ScoreDrift
+from factorywatch.detector.journal import SeenJournal
+from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.errors import ModelError, PayloadError
+from factorywatch.model import artifact
+from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import UNKNOWN, Topics
-from model import artifact
-from model.artifact import LoadedModel
 
 log = structlog.get_logger("detector")
 

@@ -14,13 +14,14 @@ import signal
 import socket
 import subprocess
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Final
 
 from factorywatch.errors import BrokerError
-from factorywatch.settings import PROJECT_DIR
 
-BROKER_DIR: Final = PROJECT_DIR / "broker"
+# The project's broker/ folder, installed as package data (factorywatch/broker_config).
+BROKER_DIR: Final = Path(str(resources.files("factorywatch") / "broker_config"))
 BASE_CONFIG: Final = BROKER_DIR / "mosquitto.conf"
 BASE_ACL: Final = BROKER_DIR / "acl"
 BROKER_USER: Final = "mosquitto"

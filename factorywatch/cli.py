@@ -93,9 +93,9 @@ def _data_settings(args: argparse.Namespace) -> DataSettings:
 
 # -- train / evaluate / models --------------------------------------------------------------
 def _add_train(sub: Any) -> None:
-    from model.features import DEFAULT_FEATURE_SET, FEATURE_SETS  # noqa: PLC0415
-    from model.threshold import ThresholdSpec  # noqa: PLC0415
-    from model.train import DEFAULT_TREES  # noqa: PLC0415
+    from factorywatch.model.features import DEFAULT_FEATURE_SET, FEATURE_SETS  # noqa: PLC0415
+    from factorywatch.model.threshold import ThresholdSpec  # noqa: PLC0415
+    from factorywatch.model.train import DEFAULT_TREES  # noqa: PLC0415
 
     default = ThresholdSpec()
     p = sub.add_parser("train", help="train an Isolation Forest and promote it")
@@ -117,8 +117,8 @@ def _add_train(sub: Any) -> None:
 
 def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) -> str:
     """Obtain the dataset, fit, save and (optionally) promote; return the version."""
-    from model import artifact, dataset, train  # noqa: PLC0415
-    from model.threshold import ThresholdSpec  # noqa: PLC0415
+    from factorywatch.model import artifact, dataset, train  # noqa: PLC0415
+    from factorywatch.model.threshold import ThresholdSpec  # noqa: PLC0415
 
     ds = dataset.obtain(data.dataset, data.data_dir, verify=not args.no_verify, progress=_progress)
     forest, card = train.fit(
@@ -154,7 +154,7 @@ def _add_evaluate(sub: Any) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``factorywatch evaluate``."""
-    from model import dataset, evaluate  # noqa: PLC0415
+    from factorywatch.model import dataset, evaluate  # noqa: PLC0415
 
     data = _data_settings(args)
     ds = dataset.obtain(data.dataset, data.data_dir, verify=not args.no_verify, progress=_progress)
@@ -178,7 +178,7 @@ def _add_models(sub: Any) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """``factorywatch models list|promote VERSION``."""
-    from model import artifact  # noqa: PLC0415
+    from factorywatch.model import artifact  # noqa: PLC0415
 
     data = _data_settings(args)
     if args.action == "promote":
@@ -216,15 +216,15 @@ def _add_detect(sub: Any) -> None:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """``factorywatch detect``: serve until SIGTERM/SIGINT."""
-    from detector.service import DetectorService  # noqa: PLC0415
-    from model import artifact  # noqa: PLC0415
+    from factorywatch.detector.service import DetectorService  # noqa: PLC0415
+    from factorywatch.model import artifact  # noqa: PLC0415
 
     data = _data_settings(args)
     if args.train_if_missing and artifact.current_version(data.model_dir) is None:
         # Only here: training needs scikit-learn and pandas, scoring does not (memory).
-        from model.features import DEFAULT_FEATURE_SET  # noqa: PLC0415
-        from model.threshold import ThresholdSpec  # noqa: PLC0415
-        from model.train import DEFAULT_TREES  # noqa: PLC0415
+        from factorywatch.model.features import DEFAULT_FEATURE_SET  # noqa: PLC0415
+        from factorywatch.model.threshold import ThresholdSpec  # noqa: PLC0415
+        from factorywatch.model.train import DEFAULT_TREES  # noqa: PLC0415
 
         _progress("no model yet: training one first")
         spec = ThresholdSpec()
@@ -309,8 +309,8 @@ def _sensor_settings(args: argparse.Namespace) -> SensorSettings:
 
 def cmd_sensor(args: argparse.Namespace) -> int:
     """``factorywatch sensor``: one or more simulated machines."""
-    from sensors import publisher  # noqa: PLC0415
-    from sensors.simulator import MachineSimulator  # noqa: PLC0415
+    from factorywatch.sensors import publisher  # noqa: PLC0415
+    from factorywatch.sensors.simulator import MachineSimulator  # noqa: PLC0415
 
     settings = _sensor_settings(args)
     machines = _machine_ids(args.machine_id)
@@ -347,9 +347,9 @@ def cmd_sensor(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``factorywatch replay``: a CSV's rows as one machine's readings."""
-    from model.dataset import load  # noqa: PLC0415
-    from sensors import publisher  # noqa: PLC0415
-    from sensors.replay import replayer  # noqa: PLC0415
+    from factorywatch.model.dataset import load  # noqa: PLC0415
+    from factorywatch.sensors import publisher  # noqa: PLC0415
+    from factorywatch.sensors.replay import replayer  # noqa: PLC0415
 
     settings = _sensor_settings(args)
     machine = _machine_ids([args.machine_id])[0]

@@ -20,7 +20,7 @@ from factorywatch.broker import LocalBroker
 from factorywatch.contracts import AlertEvent, Verdict
 from factorywatch.credentials import init_secrets
 from factorywatch.errors import FactorywatchError
-from factorywatch.settings import PROJECT_DIR, BrokerSettings, DataSettings
+from factorywatch.settings import BrokerSettings, DataSettings
 from factorywatch.topics import Topics
 
 DEMO_MACHINES = ("press-1", "lathe-2", "mill-3")
@@ -86,7 +86,7 @@ def run_demo(
 ) -> int:
     """Run everything until Ctrl-C (or ``--duration``); clean up all processes."""
     console = Console()
-    workdir = PROJECT_DIR / "run" / "demo"
+    workdir = Path("run") / "demo"
     workdir.mkdir(parents=True, exist_ok=True)
     secrets_dir = workdir / "secrets"
     init_secrets(secrets_dir, DEMO_MACHINES)

@@ -13,9 +13,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from factorywatch.topics import DEFAULT_ROOT
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_DIR = PROJECT_DIR / "data"
-DEFAULT_MODEL_DIR = PROJECT_DIR / "model" / "artifacts"
+# Relative paths: data, models and state live under the working directory (the project
+# root for `make demo`, the container's WORKDIR in compose), never inside site-packages.
+DEFAULT_DATA_DIR = Path("data")
+DEFAULT_MODEL_DIR = Path("model") / "artifacts"
+DEFAULT_STATE_DIR = Path("run") / "detector"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -133,7 +135,7 @@ class DetectorSettings(_Settings):
         default="fast", description="sklearn = the prototype's per-call scikit-learn scoring"
     )
     state_dir: Path = Field(
-        default=PROJECT_DIR / "run" / "detector",
+        default=DEFAULT_STATE_DIR,
         description="where the journal of answered readings is kept (survives restarts)",
     )
 

@@ -28,11 +28,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 import factorywatch
 from factorywatch.errors import ModelMismatchError, ModelNotFoundError
-from model.envelope import Envelope
-from model.fastforest import FlatForest
-from model.features import DERIVED, required_channels
-from model.scoring import FloatArray, Scorer, SklearnScorer
-from model.threshold import ThresholdSpec
+from factorywatch.model.envelope import Envelope
+from factorywatch.model.fastforest import FlatForest
+from factorywatch.model.features import DERIVED, required_channels
+from factorywatch.model.scoring import FloatArray, Scorer, SklearnScorer
+from factorywatch.model.threshold import ThresholdSpec
 
 if TYPE_CHECKING:
     from sklearn.ensemble import IsolationForest

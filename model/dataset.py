@@ -27,7 +27,7 @@ from factorywatch.contracts import (
     TORQUE,
 )
 from factorywatch.errors import DatasetChecksumError, DatasetError
-from model.features import PRODUCT_TYPE_COLUMN, type_codes
+from factorywatch.model.features import PRODUCT_TYPE_COLUMN, type_codes
 
 KAGGLE_HANDLE: Final = "shivamb/machine-predictive-maintenance-classification"
 KAGGLE_FILE: Final = "predictive_maintenance.csv"

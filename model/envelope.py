@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from model.features import DERIVED, Columns
+from factorywatch.model.features import DERIVED, Columns
 
 MARGIN: Final = 0.10
 # Derived quantities watched too, when the model has their input channels.

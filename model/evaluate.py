@@ -23,11 +23,16 @@ from sklearn.metrics import (
 )
 from sklearn.model_selection import train_test_split
 
-from model.dataset import FAILURE_MODES, LABEL, Dataset
-from model.features import DEFAULT_FEATURE_SET, FEATURE_SETS, HEADROOM_CAP, compute_features
-from model.scoring import SklearnScorer
-from model.threshold import ThresholdSpec
-from model.train import DEFAULT_MAX_FEATURES, DEFAULT_MAX_SAMPLES, DEFAULT_TREES, fit
+from factorywatch.model.dataset import FAILURE_MODES, LABEL, Dataset
+from factorywatch.model.features import (
+    DEFAULT_FEATURE_SET,
+    FEATURE_SETS,
+    HEADROOM_CAP,
+    compute_features,
+)
+from factorywatch.model.scoring import SklearnScorer
+from factorywatch.model.threshold import ThresholdSpec
+from factorywatch.model.train import DEFAULT_MAX_FEATURES, DEFAULT_MAX_SAMPLES, DEFAULT_TREES, fit
 
 matplotlib.use("Agg")
 

@@ -8,16 +8,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.artifact import DataInfo, ModelCard, library_versions, new_version
-from model.envelope import fit_envelope
-from model.features import FEATURE_SETS, compute_features, required_channels
-from model.scoring import SklearnScorer, robust_center_scale
-from model.threshold import ThresholdSpec, calibrate, clear_threshold
+from factorywatch.model.artifact import DataInfo, ModelCard, library_versions, new_version
+from factorywatch.model.envelope import fit_envelope
+from factorywatch.model.features import FEATURE_SETS, compute_features, required_channels
+from factorywatch.model.scoring import SklearnScorer, robust_center_scale
+from factorywatch.model.threshold import ThresholdSpec, calibrate, clear_threshold
 
 if TYPE_CHECKING:  # importing this module (for its defaults) stays light: the CLI does
     from sklearn.ensemble import IsolationForest
 
-    from model.dataset import Dataset
+    from factorywatch.model.dataset import Dataset
 
 DEFAULT_TREES = 300
 # Sub-sample size per tree: 1024 (sklearn's "auto" is 256) lets each tree resolve the thin

@@ -8,7 +8,7 @@ from typing import Final
 import pandas as pd
 
 from factorywatch.contracts import AI4I_CHANNELS, AnomalyKind, Telemetry
-from model.dataset import FAILURE_MODES
+from factorywatch.model.dataset import FAILURE_MODES
 
 # A labelled failure mode maps to the simulator's anomaly kind of the same mechanism.
 _MODE_TO_KIND: Final[dict[str, AnomalyKind]] = {

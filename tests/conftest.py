@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from factorywatch.broker import LocalBroker, free_port
-from factorywatch.settings import PROJECT_DIR, BrokerSettings
-from sensors.simulator import MachineSimulator
-from tests.support import CLI, Collector, Proc
+from factorywatch.sensors.simulator import MachineSimulator
+from factorywatch.settings import BrokerSettings
+from tests.support import CLI, PROJECT_DIR, Collector, Proc
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from factorywatch import mqtt as fwmqtt
-from factorywatch.settings import PROJECT_DIR, BrokerSettings
+from factorywatch.settings import BrokerSettings
 
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "factorywatch.cli", "--log-format", "json"]
 
 

@@ -26,10 +26,10 @@ from paho.mqtt.properties import Properties
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
+from factorywatch.sensors.publisher import PublishStats, SensorPublisher
+from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from sensors.publisher import PublishStats, SensorPublisher
-from sensors.simulator import MachineSimulator
 from tests.support import Proc
 
 DROPPED_TOPIC: Final = "$SYS/broker/publish/messages/dropped"

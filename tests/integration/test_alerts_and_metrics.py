@@ -10,9 +10,9 @@ import pytest
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Telemetry
+from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from sensors.publisher import SensorPublisher
 from tests.support import Collector, Message, Proc, metric_value, scrape
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,9 @@ import pytest
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import DeadLetter, TelemetryBatch, Verdict
+from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from sensors.simulator import MachineSimulator
 from tests.support import Collector, Proc
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from factorywatch.settings import PROJECT_DIR
 from tests.conftest import DatasetChoice
+from tests.support import PROJECT_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from factorywatch.settings import PROJECT_DIR
 from tests.conftest import DatasetChoice
+from tests.support import PROJECT_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

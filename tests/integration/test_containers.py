@@ -21,10 +21,10 @@ import yaml
 from factorywatch.broker import LocalBroker, free_port
 from factorywatch.contracts import Verdict
 from factorywatch.credentials import init_secrets
-from factorywatch.settings import PROJECT_DIR, BrokerSettings
+from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.conftest import DatasetChoice
-from tests.support import Collector, Proc
+from tests.support import PROJECT_DIR, Collector, Proc
 
 COMPOSE = PROJECT_DIR / "docker-compose.yml"
 DOCKERFILE = PROJECT_DIR / "detector" / "Dockerfile"

@@ -12,10 +12,10 @@ from typing import get_args
 
 import pytest
 
-from detector.core import score
 from factorywatch.contracts import AnomalyKind
-from model import artifact
-from sensors.simulator import MachineSimulator
+from factorywatch.detector.core import score
+from factorywatch.model import artifact
+from factorywatch.sensors.simulator import MachineSimulator
 
 pytestmark = pytest.mark.integration
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from factorywatch.contracts import Verdict
-from factorywatch.settings import PROJECT_DIR, BrokerSettings
+from factorywatch.model import artifact
+from factorywatch.sensors.publisher import SensorPublisher
+from factorywatch.sensors.simulator import MachineSimulator
+from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from model import artifact
-from sensors.publisher import SensorPublisher
-from sensors.simulator import MachineSimulator
 from tests.conftest import DatasetChoice
-from tests.support import CLI, Collector, Proc
+from tests.support import CLI, PROJECT_DIR, Collector, Proc
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,11 @@ import pytest
 
 from factorywatch.broker import LocalBroker
 from factorywatch.contracts import ClientStatus, DeadLetter, MachineState, Telemetry, Verdict
+from factorywatch.model.dataset import load
+from factorywatch.sensors.publisher import SensorPublisher
+from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from model.dataset import load
-from sensors.publisher import SensorPublisher
-from sensors.simulator import MachineSimulator
 from tests.conftest import DatasetChoice
 from tests.support import Collector, Proc
 

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import pytest
 
 from factorywatch.contracts import Verdict
+from factorywatch.sensors.publisher import SensorPublisher
+from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from sensors.publisher import SensorPublisher
-from sensors.simulator import MachineSimulator
 from tests.support import Collector, Proc, metric_value, scrape
 
 pytestmark = pytest.mark.integration

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detector.alerting import AlertPolicy, AlertTracker
 from factorywatch.contracts import AckCommand, AlertEvent, Contribution, Verdict
+from factorywatch.detector.alerting import AlertPolicy, AlertTracker
 
 T0 = 1_700_000_000.0
 PROPS = settings(max_examples=200, deadline=None)

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.ensemble import IsolationForest
 
-from model.artifact import make_scorer
-from model.fastforest import FlatForest
+from factorywatch.model.artifact import make_scorer
+from factorywatch.model.fastforest import FlatForest
 
 ATOL = 1e-9
 Matrix = npt.NDArray[np.float64]

@@ -9,17 +9,17 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detector.core import Decoder, Received
-from detector.dedup import SeenCache
 from factorywatch.contracts import (
     AI4I_CHANNELS,
     ANOMALY_KINDS,
     MAX_CHANNELS,
     Telemetry,
 )
+from factorywatch.detector.core import Decoder, Received
+from factorywatch.detector.dedup import SeenCache
 from factorywatch.errors import DEAD_LETTER_REASONS, PayloadError
+from factorywatch.model.features import DERIVED, FEATURE_SETS, PRODUCT_TYPE_COLUMN, compute_features
 from factorywatch.topics import Topics
-from model.features import DERIVED, FEATURE_SETS, PRODUCT_TYPE_COLUMN, compute_features
 
 NOW = 1.7e9
 SKEW = 7 * 24 * 3600.0

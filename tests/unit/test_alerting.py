@@ -6,7 +6,6 @@ import pytest
 from paho.mqtt.client import topic_matches_sub
 from pydantic import ValidationError
 
-from detector.alerting import AlertPolicy, AlertTracker
 from factorywatch.contracts import (
     AckCommand,
     AlertEvent,
@@ -14,6 +13,7 @@ from factorywatch.contracts import (
     MachineState,
     Verdict,
 )
+from factorywatch.detector.alerting import AlertPolicy, AlertTracker
 from factorywatch.errors import PayloadError
 from factorywatch.topics import Topics
 

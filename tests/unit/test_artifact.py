@@ -17,11 +17,18 @@ import sklearn
 from sklearn.ensemble import IsolationForest
 
 from factorywatch.errors import ModelMismatchError, ModelNotFoundError
-from model import artifact
-from model.artifact import CARD_FILE, CURRENT, FLAT_FILE, MODEL_FILE, LoadedModel, ModelCard
-from model.dataset import UCI_FILE, load
-from model.threshold import ThresholdSpec
-from model.train import fit
+from factorywatch.model import artifact
+from factorywatch.model.artifact import (
+    CARD_FILE,
+    CURRENT,
+    FLAT_FILE,
+    MODEL_FILE,
+    LoadedModel,
+    ModelCard,
+)
+from factorywatch.model.dataset import UCI_FILE, load
+from factorywatch.model.threshold import ThresholdSpec
+from factorywatch.model.train import fit
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from detector.core import score
 from factorywatch.contracts import Telemetry
-from model import artifact
-from model.artifact import LoadedModel
-from model.dataset import UCI_FILE, Dataset, load
-from model.features import DEFAULT_FEATURE_SET
-from model.train import fit
-from sensors.simulator import MachineSimulator
+from factorywatch.detector.core import score
+from factorywatch.model import artifact
+from factorywatch.model.artifact import LoadedModel
+from factorywatch.model.dataset import UCI_FILE, Dataset, load
+from factorywatch.model.features import DEFAULT_FEATURE_SET
+from factorywatch.model.train import fit
+from factorywatch.sensors.simulator import MachineSimulator
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 T0 = 1.7e9

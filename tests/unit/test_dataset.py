@@ -11,7 +11,7 @@ import pytest
 
 from factorywatch.contracts import AI4I_CHANNELS
 from factorywatch.errors import DatasetChecksumError, DatasetError
-from model.dataset import (
+from factorywatch.model.dataset import (
     FAILURE_MODES,
     KAGGLE_FILE,
     KNOWN_SHA256,
@@ -23,7 +23,7 @@ from model.dataset import (
     obtain,
     sha256_of,
 )
-from model.features import PRODUCT_TYPE_COLUMN
+from factorywatch.model.features import PRODUCT_TYPE_COLUMN
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 UCI_PATH = SHARED_DATA / UCI_FILE

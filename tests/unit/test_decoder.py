@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from detector.core import Decoder, Received, dead_letter
 from factorywatch.contracts import (
     AI4I_CHANNELS,
     MAX_PAYLOAD_BYTES,
     DeadLetter,
     Telemetry,
 )
+from factorywatch.detector.core import Decoder, Received, dead_letter
 from factorywatch.errors import DEAD_LETTER_REASONS, PayloadError
 from factorywatch.topics import Topics
 

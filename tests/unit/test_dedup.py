@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from detector.dedup import SeenCache
+from factorywatch.detector.dedup import SeenCache
 
 
 def test_first_sighting_is_new_and_second_is_a_duplicate() -> None:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from detector.drift import ScoreDrift
+from factorywatch.detector.drift import ScoreDrift
 
 THRESHOLD = 0.6
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from pydantic import ValidationError
 
-from model.envelope import MARGIN, Envelope, fit_envelope, watched
+from factorywatch.model.envelope import MARGIN, Envelope, fit_envelope, watched
 
 AIR, PROCESS, SPEED = "air_temperature_k", "process_temperature_k", "rotational_speed_rpm"
 

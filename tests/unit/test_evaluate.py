@@ -12,11 +12,11 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from model.dataset import FAILURE_MODES, LABEL, Dataset, load
-from model.evaluate import JSON_FILE, PLOTS, REPORT_FILE, run, split
-from model.features import DEFAULT_FEATURE_SET, compute_features
-from model.scoring import SklearnScorer
-from model.train import fit
+from factorywatch.model.dataset import FAILURE_MODES, LABEL, Dataset, load
+from factorywatch.model.evaluate import JSON_FILE, PLOTS, REPORT_FILE, run, split
+from factorywatch.model.features import DEFAULT_FEATURE_SET, compute_features
+from factorywatch.model.scoring import SklearnScorer
+from factorywatch.model.train import fit
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 ROC_TARGET = 0.93

@@ -14,7 +14,7 @@ from factorywatch.contracts import (
     TOOL_WEAR,
     TORQUE,
 )
-from model.features import (
+from factorywatch.model.features import (
     DEFAULT_FEATURE_SET,
     DERIVED,
     FEATURE_SETS,

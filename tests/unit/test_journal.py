@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detector.journal import SeenJournal
+from factorywatch.detector.journal import SeenJournal
 
 
 def test_keys_survive_reopening(tmp_path: Path) -> None:

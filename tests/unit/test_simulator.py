@@ -19,7 +19,7 @@ from factorywatch.contracts import (
     AnomalyKind,
     Telemetry,
 )
-from sensors.simulator import MachineSimulator
+from factorywatch.sensors.simulator import MachineSimulator
 
 T0 = 1.7e9
 WEAR_STEP = {"L": 2.0, "M": 3.0, "H": 5.0}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from model.threshold import (
+from factorywatch.model.threshold import (
     CLEAR_FALSE_ALARM_RATE,
     DEFAULT_FALSE_ALARM_RATE,
     ThresholdSpec,
@@ -109,7 +109,7 @@ def test_contamination_matches_scikit_learns_own_offset() -> None:
     """`contamination=c` gives exactly the cut scikit-learn's IsolationForest computes for c."""
     from sklearn.ensemble import IsolationForest  # noqa: PLC0415
 
-    from model.scoring import SklearnScorer  # noqa: PLC0415
+    from factorywatch.model.scoring import SklearnScorer  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     data = rng.normal(size=(2000, 3))
