@@ -517,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_demo,
     ):
         add(sub)
+    from factorywatch import opscli  # noqa: PLC0415 - it reuses this module's option groups
+
+    for add in (opscli.add_history, opscli.add_notify, opscli.add_web):
+        add(sub)
     return parser
 
 

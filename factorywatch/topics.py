@@ -9,6 +9,7 @@ Layout under a configurable root (default ``factory``)::
                                                machine offline / online
     <root>/alerts/<line>/<machine>/state       retained current state (NORMAL / ALERT / OFFLINE)
     <root>/commands/<line>/<machine>/ack       an operator acknowledges the open alert
+    <root>/commands/<line>/<machine>/feedback  an operator labels an alert (e.g. false alarm)
     <root>/deadletter/<line>/<machine>         rejected payloads with a reason
     <root>/status/<role>/<client>              retained online/offline status (last will);
                                                a sensor's client is its machine id
@@ -156,6 +157,23 @@ class Topics:
         parts = self._levels(topic, "commands", 3)
         if parts is None or parts[2] != "ack":
             raise PayloadError("bad_topic", f"not an ack topic: {topic!r}")
+        return parts[0], parts[1]
+
+    def feedback(self, line: str, machine: str) -> str:
+        """Command topic an operator labels one machine's alert on (e.g. a false alarm)."""
+        machine = check_id(machine, "machine id")
+        return f"{self.root}/commands/{check_id(line, 'line')}/{machine}/feedback"
+
+    @property
+    def feedback_filter(self) -> str:
+        """Subscription filter matching every machine's feedback commands."""
+        return f"{self.root}/commands/+/+/feedback"
+
+    def parse_feedback(self, topic: str) -> tuple[str, str]:
+        """Return ``(line, machine)`` of a feedback command topic or raise ``PayloadError``."""
+        parts = self._levels(topic, "commands", 3)
+        if parts is None or parts[2] != "feedback":
+            raise PayloadError("bad_topic", f"not a feedback topic: {topic!r}")
         return parts[0], parts[1]
 
     @property
