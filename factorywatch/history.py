@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,6 +95,8 @@ class Episode:
     line: str
     raised_at: float | None = None
     cleared_at: float | None = None
+    raised_seq: int | None = None
+    cleared_seq: int | None = None
     peak_score: float | None = None
     acknowledged_by: str | None = None
     acknowledged_at: float | None = None
@@ -125,9 +126,11 @@ def episodes(events: Iterable[dict[str, Any]], feedback: Iterable[dict[str, Any]
         kind = ev["event"]
         if kind == "ALERT_RAISED":
             ep.raised_at = float(ev["at"])
+            ep.raised_seq = ev.get("seq")
             ep.explanation = list(ev.get("explanation") or [])
         elif kind == "ALERT_CLEARED":
             ep.cleared_at = float(ev["at"])
+            ep.cleared_seq = ev.get("seq")
         elif kind == "ALERT_ACKNOWLEDGED":
             ep.acknowledged_by = ev.get("acknowledged_by")
             ep.acknowledged_at = float(ev["at"])
@@ -143,28 +146,38 @@ def episodes(events: Iterable[dict[str, Any]], feedback: Iterable[dict[str, Any]
 def training_rows(
     readings: Iterable[dict[str, Any]],
     alerts: Sequence[Episode],
+    alert_seqs: set[int],
     *,
     false_alarms_as_normal: bool,
-    now: float,
 ) -> list[dict[str, Any]]:
-    """The readings that may be trained on as normal data.
+    """The readings of one machine that may be trained on as normal data (pure).
 
-    A reading inside an alert (raise .. clear, or now when still open) is excluded unless
-    that alert was labelled ``false_alarm`` and ``false_alarms_as_normal`` is set: operators
-    said it was normal operation. Readings outside every alert are kept.
+    An alert spans its readings from the raise to the clear (by ``seq``; to the end when
+    still open); a reading scored ALERT just before a raise belongs to that alert too. Such
+    readings are left out — unless the alert was labelled ``false_alarm`` and
+    ``false_alarms_as_normal`` is set: operators said it was normal operation. A reading
+    scored ALERT that raised no alert is left out; everything else is kept.
     """
-    spans = [
-        (ep.raised_at, ep.cleared_at if ep.cleared_at is not None else now, ep.label)
-        for ep in alerts
-        if ep.raised_at is not None
-    ]
+    spans = sorted(
+        (ep.raised_seq, ep.cleared_seq, ep.label) for ep in alerts if ep.raised_seq is not None
+    )
+
+    def owner(seq: int) -> tuple[bool, str | None]:
+        """(belongs to an alert, its label)."""
+        for lo, hi, label in spans:
+            if lo <= seq and (hi is None or seq <= hi):
+                return True, label
+        if seq in alert_seqs:  # an anomalous reading: it belongs to the next raise, if any
+            for lo, _hi, label in spans:
+                if lo >= seq:
+                    return True, label
+            return True, None
+        return False, None
+
     kept = []
     for r in readings:
-        ts = float(r["ts"])
-        inside = [label for lo, hi, label in spans if lo - 1e-9 <= ts <= hi]
-        if inside and not (
-            false_alarms_as_normal and all(label == "false_alarm" for label in inside)
-        ):
+        inside, label = owner(int(r["seq"]))
+        if inside and not (false_alarms_as_normal and label == "false_alarm"):
             continue
         kept.append(r)
     return kept
@@ -463,14 +476,13 @@ class HistoryStore:
         *,
         since: float,
         false_alarms_as_normal: bool,
-        now: float | None = None,
     ) -> int:
         """Write the machine's trainable readings as an AI4I CSV; return the row count."""
-        now = time.time() if now is None else now
+        alert_seqs = {int(v["seq"]) for v in self.alert_verdicts(machine, limit=10_000_000)}
         rows = training_rows(
             self.readings(machine, since=since),
-            self.alerts(machine, since=0.0),
+            self.alerts(machine),
+            alert_seqs,
             false_alarms_as_normal=false_alarms_as_normal,
-            now=now,
         )
         return write_ai4i_csv(rows, out)
