@@ -146,7 +146,12 @@ class AlertBook:
         return [self._resolve(OFFLINE, line, machine, event.at)]  # MACHINE_ONLINE
 
     def on_state(self, state: MachineState, now: float) -> list[dict[str, Any]]:
-        """Reconcile with a retained state (start-up): fire what is open, resolve the rest."""
+        """Reconcile with a retained state (start-up): fire what is open, resolve the rest.
+
+        The rest is resolved even when this book never saw it firing: a clear that came
+        while no notifier ran must still reach Alertmanager (resolving an alert it does not
+        know notifies no one).
+        """
         line, machine = state.line, state.machine_id
         out = []
         if state.alert_id is not None:
@@ -158,13 +163,13 @@ class AlertBook:
                 **({"acknowledged_by": state.acknowledged_by} if state.acknowledged_by else {}),
             }
             out.append(alert)
-        elif (ANOMALY, line, machine) in self.firing:
+        else:
             out.append(self._resolve(ANOMALY, line, machine, now))
         if state.state == "OFFLINE":
             alert = self._alert(OFFLINE, line, machine, state.since)
             alert["annotations"] = {"summary": f"{machine} ({line}): no readings"}
             out.append(alert)
-        elif (OFFLINE, line, machine) in self.firing:
+        else:
             out.append(self._resolve(OFFLINE, line, machine, now))
         return out
 
@@ -196,14 +201,16 @@ class Notifier:
         self.book = AlertBook(parse_labels(settings.labels), settings.web_url)
         self.sent = 0
         self.failures = 0
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
         self._subscribed = threading.Event()
         self._refused: str | None = None
         self._waiter = fwmqtt.ConnectWaiter()
         self._client = fwmqtt.new_client(broker, f"factorywatch-notify-{time.time_ns() % 10**9}")
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = lambda _c, _u, m: self._inbox.put((m.topic, bytes(m.payload)))
+        self._client.on_message = lambda _c, _u, m: self._inbox.put(
+            (m.topic, bytes(m.payload), bool(m.retain))
+        )
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self._waiter.record(rc)
@@ -217,8 +224,14 @@ class Notifier:
         self._subscribed.set()
         log.info("notify_subscribed", alertmanager=self.settings.alertmanager_url)
 
-    def handle(self, topic: str, payload: bytes, now: float) -> list[dict[str, Any]]:
-        """Alerts to post for one message (bad messages are logged and skipped)."""
+    def handle(
+        self, topic: str, payload: bytes, now: float, *, retained: bool = True
+    ) -> list[dict[str, Any]]:
+        """Alerts to post for one message (bad messages are logged and skipped).
+
+        States are reconciled only when ``retained`` (delivered on subscribing): afterwards
+        the events say everything, and a state follows each of them.
+        """
         try:
             line, machine, leaf = self.topics.parse_alert(topic)
             if not payload:
@@ -227,7 +240,7 @@ class Notifier:
                 event = AlertEvent.model_validate_json(payload)
                 if (event.line, event.machine_id) == (line, machine):
                     return self.book.on_event(event)
-            elif leaf == "state":
+            elif leaf == "state" and retained:
                 state = MachineState.model_validate_json(payload)
                 if (state.line, state.machine_id) == (line, machine):
                     return self.book.on_state(state, now)
@@ -265,11 +278,11 @@ class Notifier:
             next_refresh = time.monotonic() + self.settings.resend_s
             while not stop.is_set():
                 try:
-                    topic, payload = self._inbox.get(timeout=0.2)
+                    topic, payload, retained = self._inbox.get(timeout=0.2)
                 except queue.Empty:
                     pass
                 else:
-                    self._post(self.handle(topic, payload, time.time()))
+                    self._post(self.handle(topic, payload, time.time(), retained=retained))
                 if time.monotonic() >= next_refresh:
                     self._post(self.book.refresh(time.time(), self.settings.resend_s))
                     next_refresh = time.monotonic() + self.settings.resend_s
