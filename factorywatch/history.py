@@ -140,7 +140,10 @@ def episodes(events: Iterable[dict[str, Any]], feedback: Iterable[dict[str, Any]
         # labelled before (or without) its events being recorded: an episode of its own
         ep = by_id.setdefault(fb["alert_id"], Episode(fb["alert_id"], fb["machine_id"], fb["line"]))
         ep.label, ep.labelled_by, ep.note = fb["label"], fb["by"], fb.get("note")
-    return sorted(by_id.values(), key=lambda e: -(e.raised_at or 0.0))
+    # one batch of readings may raise and clear with the same detector time: seq breaks ties
+    return sorted(
+        by_id.values(), key=lambda e: (e.raised_at or 0.0, e.raised_seq or 0), reverse=True
+    )
 
 
 def training_rows(
@@ -222,7 +225,9 @@ def _tables(metadata: sa.MetaData) -> dict[str, sa.Table]:
         sa.Column("peak_score", sa.Float),
         sa.Column("acknowledged_by", sa.String(64)),
         sa.Column("payload", sa.Text, nullable=False),
-        sa.UniqueConstraint("machine_id", "event", "at", name="uq_fw_alert_events"),
+        # what makes an event itself: one batch can raise and clear at the same detector time
+        sa.Column("event_key", sa.String(255), nullable=False),
+        sa.UniqueConstraint("machine_id", "event_key", name="uq_fw_alert_events"),
         sa.Index("ix_fw_alert_events_machine_at", "machine_id", "at"),
     )
     verdicts = sa.Table(
@@ -332,6 +337,7 @@ class HistoryStore:
                     "peak_score": e.peak_score,
                     "acknowledged_by": e.acknowledged_by,
                     "payload": e.model_dump_json(exclude_none=True),
+                    "event_key": f"{e.event}|{e.at!r}|{e.alert_id}|{e.seq}",
                 }
                 for e in events
             ],

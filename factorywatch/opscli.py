@@ -232,7 +232,10 @@ def cmd_web(args: argparse.Namespace) -> int:
         }
     )
     store = None if args.no_history else HistoryStore.from_settings(_history_settings(args))
-    from factorywatch.cli import _broker_settings  # noqa: PLC0415
+    from factorywatch.cli import _broker_settings, _stop_on_signals  # noqa: PLC0415
 
+    # uvicorn handles SIGTERM/SIGINT itself, then re-raises the signal to the handler it
+    # found: ours, so a clean shutdown exits 0 rather than dying of the signal.
+    _stop_on_signals()
     serve(build_context(settings, _broker_settings(args), store))
     return 0
