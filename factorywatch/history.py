@@ -10,6 +10,7 @@ The pure part — :func:`parse_since`, :func:`episodes`, :func:`training_rows` �
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import re
@@ -147,39 +148,43 @@ def episodes(events: Iterable[dict[str, Any]], feedback: Iterable[dict[str, Any]
 
 
 def training_rows(
-    readings: Iterable[dict[str, Any]],
+    readings: Sequence[dict[str, Any]],
     alerts: Sequence[Episode],
     alert_seqs: set[int],
     *,
+    window: int,
     false_alarms_as_normal: bool,
 ) -> list[dict[str, Any]]:
     """The readings of one machine that may be trained on as normal data (pure).
 
-    An alert spans its readings from the raise to the clear (by ``seq``; to the end when
-    still open); a reading scored ALERT just before a raise belongs to that alert too. Such
+    ``readings`` in ``seq`` order. An alert spans its readings from the raise to the clear
+    (by ``seq``; to the end when still open); a reading scored ALERT among the ``window``
+    readings before a raise (the detector's k-of-n window) belongs to that alert too. Such
     readings are left out — unless the alert was labelled ``false_alarm`` and
-    ``false_alarms_as_normal`` is set: operators said it was normal operation. A reading
-    scored ALERT that raised no alert is left out; everything else is kept.
+    ``false_alarms_as_normal`` is set: operators said it was normal operation. Any other
+    reading scored ALERT is left out; everything else is kept.
     """
     spans = sorted(
         (ep.raised_seq, ep.cleared_seq, ep.label) for ep in alerts if ep.raised_seq is not None
     )
+    seqs = [int(r["seq"]) for r in readings]
 
-    def owner(seq: int) -> tuple[bool, str | None]:
-        """(belongs to an alert, its label)."""
+    def owner(index: int) -> tuple[bool, str | None]:
+        """(belongs to an alert or is anomalous, the label of its alert)."""
+        seq = seqs[index]
         for lo, hi, label in spans:
             if lo <= seq and (hi is None or seq <= hi):
                 return True, label
-        if seq in alert_seqs:  # an anomalous reading: it belongs to the next raise, if any
-            for lo, _hi, label in spans:
-                if lo >= seq:
-                    return True, label
+        if seq in alert_seqs:
+            following = [(lo, label) for lo, _hi, label in spans if lo > seq]
+            if following and bisect.bisect_left(seqs, following[0][0]) - index < window:
+                return True, following[0][1]
             return True, None
         return False, None
 
     kept = []
-    for r in readings:
-        inside, label = owner(int(r["seq"]))
+    for index, r in enumerate(readings):
+        inside, label = owner(index)
         if inside and not (false_alarms_as_normal and label == "false_alarm"):
             continue
         kept.append(r)
@@ -449,12 +454,12 @@ class HistoryStore:
     def readings(
         self, machine: str, *, since: float = 0.0, limit: int = 1_000_000
     ) -> list[dict[str, Any]]:
-        """One machine's recorded readings since ``since``, oldest first."""
+        """One machine's recorded readings since ``since``, in ``seq`` order."""
         t = self._t["readings"]
         query = (
             sa.select(t)
             .where(t.c.machine_id == machine, t.c.ts >= since)
-            .order_by(t.c.ts, t.c.seq)
+            .order_by(t.c.seq)
             .limit(limit)
         )
         with self.engine.connect() as conn:
@@ -482,13 +487,18 @@ class HistoryStore:
         *,
         since: float,
         false_alarms_as_normal: bool,
+        window: int,
     ) -> int:
-        """Write the machine's trainable readings as an AI4I CSV; return the row count."""
+        """Write the machine's trainable readings as an AI4I CSV; return the row count.
+
+        ``window``: the detector's n (readings its k-of-n raise looks back over).
+        """
         alert_seqs = {int(v["seq"]) for v in self.alert_verdicts(machine, limit=10_000_000)}
         rows = training_rows(
             self.readings(machine, since=since),
             self.alerts(machine),
             alert_seqs,
+            window=window,
             false_alarms_as_normal=false_alarms_as_normal,
         )
         return write_ai4i_csv(rows, out)

@@ -136,6 +136,7 @@ def cmd_history_record(args: argparse.Namespace) -> int:
 def cmd_history_export(args: argparse.Namespace) -> int:
     """``factorywatch history export``: readings to refit a machine's model on."""
     from factorywatch.history import parse_since  # noqa: PLC0415
+    from factorywatch.settings import DetectorSettings  # noqa: PLC0415
 
     since = parse_since(args.since, time.time())
     store = _open_store(args)
@@ -143,7 +144,11 @@ def cmd_history_export(args: argparse.Namespace) -> int:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with args.csv.open("w", newline="") as out:
             rows = store.export_training(
-                args.machine, out, since=since, false_alarms_as_normal=args.false_alarms_as_normal
+                args.machine,
+                out,
+                since=since,
+                false_alarms_as_normal=args.false_alarms_as_normal,
+                window=DetectorSettings().alert_n,
             )
     finally:
         store.close()

@@ -17,6 +17,7 @@ from typing import Final, Literal
 
 Role = Literal["viewer", "operator"]
 _SCHEME: Final = "7"
+_MAX_ITERATIONS: Final = 1_000_000  # a corrupt entry must not stall a login for minutes
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,11 @@ def verify_password(password: str, stored: str) -> bool:
     if len(parts) != 5 or parts[1] != _SCHEME or not parts[2].isdigit():
         return False
     try:
-        salt, digest = base64.b64decode(parts[3]), base64.b64decode(parts[4])
+        salt = base64.b64decode(parts[3], validate=True)
+        digest = base64.b64decode(parts[4], validate=True)
     except ValueError:
+        return False
+    if not digest or not 0 < int(parts[2]) <= _MAX_ITERATIONS:
         return False
     candidate = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(parts[2]), len(digest))
     return hmac.compare_digest(candidate, digest)
