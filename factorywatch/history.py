@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.dialects import postgresql, sqlite
 
 from factorywatch.contracts import AlertEvent, FeedbackCommand, Telemetry, Verdict
+from factorywatch.errors import FactorywatchError
 
 DEFAULT_URL: Final = "sqlite:///run/history.sqlite"
 _SINCE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -53,6 +54,10 @@ _AI4I_CHANNELS: Final = (
     "torque_nm",
     "tool_wear_min",
 )
+
+
+class HistoryError(FactorywatchError):
+    """The history database cannot be used (unsupported URL, unreachable, refused)."""
 
 
 class HistorySettings(BaseSettings):
@@ -283,19 +288,29 @@ class HistoryStore:
     """The alert history database (SQLite or PostgreSQL) behind a few typed methods."""
 
     def __init__(self, url: str = DEFAULT_URL, *, schema: str | None = None) -> None:
+        if not url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
+            raise HistoryError(
+                f"unsupported history database URL {url.split(':', 1)[0]!r}: use "
+                "sqlite:///path or postgresql+psycopg://user@host/db"
+            )
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url, future=True)
+        self.engine = sa.create_engine(url)
         self.dialect = self.engine.dialect.name
-        if self.dialect not in {"sqlite", "postgresql"}:
-            raise ValueError(f"unsupported history database {self.dialect!r}: sqlite, postgresql")
         self.schema = schema
         self._metadata = sa.MetaData(schema=schema)
         self._t = _tables(self._metadata)
-        with self.engine.begin() as conn:
-            if schema is not None:
-                conn.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
-            self._metadata.create_all(conn)
+        try:
+            with self.engine.begin() as conn:
+                if schema is not None:
+                    conn.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
+                self._metadata.create_all(conn)
+        except sa.exc.SQLAlchemyError as exc:
+            self.engine.dispose()
+            safe = self.engine.url.render_as_string(hide_password=True)
+            raise HistoryError(
+                f"history database {safe} unusable: {getattr(exc, 'orig', None) or exc}"
+            ) from exc
 
     @classmethod
     def from_settings(cls, settings: HistorySettings) -> HistoryStore:

@@ -236,11 +236,17 @@ def cmd_web(args: argparse.Namespace) -> int:
             **{k: v for k, v in given.items() if v is not None},
         }
     )
-    store = None if args.no_history else HistoryStore.from_settings(_history_settings(args))
     from factorywatch.cli import _broker_settings, _stop_on_signals  # noqa: PLC0415
 
+    store = None if args.no_history else HistoryStore.from_settings(_history_settings(args))
+    try:
+        ctx = build_context(settings, _broker_settings(args), store)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     # uvicorn handles SIGTERM/SIGINT itself, then re-raises the signal to the handler it
     # found: ours, so a clean shutdown exits 0 rather than dying of the signal.
     _stop_on_signals()
-    serve(build_context(settings, _broker_settings(args), store))
+    serve(ctx)
     return 0
