@@ -47,6 +47,7 @@ class Machine:
     acknowledged_by: str | None = None
     peak_score: float | None = None
     explanation: list[dict[str, Any]] = field(default_factory=list)
+    outside_training: list[str] = field(default_factory=list)  # of the latest ALERT reading
     last_score: float | None = None
     last_status: str | None = None
     threshold: float | None = None
@@ -74,6 +75,7 @@ class Machine:
             "acknowledged_by": self.acknowledged_by,
             "peak_score": self.peak_score,
             "explanation": self.explanation,
+            "outside_training": self.outside_training,
             "last_score": self.last_score,
             "last_status": self.last_status,
             "threshold": self.threshold,
@@ -140,16 +142,22 @@ class LiveModel:
             return None
         m = self.machine(line, machine_id)
         if isinstance(message, Verdict):
-            point = [message.reading_ts, message.score, message.threshold, message.status]
-            m.points.append(point)
-            m.new_points.append(point)
-            m.last_score, m.last_status = message.score, message.status
-            m.threshold, m.model_version = message.threshold, message.model_version
+            self._apply_verdict(m, message)
         elif isinstance(message, MachineState):
             self._apply_state(m, message)
         else:
             self._apply_event(m, message)
         return m.key
+
+    @staticmethod
+    def _apply_verdict(m: Machine, v: Verdict) -> None:
+        point = [v.reading_ts, v.score, v.threshold, v.status]
+        m.points.append(point)
+        m.new_points.append(point)
+        m.last_score, m.last_status = v.score, v.status
+        m.threshold, m.model_version = v.threshold, v.model_version
+        if v.status == "ALERT":
+            m.outside_training = list(v.outside_training or [])
 
     @staticmethod
     def _apply_state(m: Machine, s: MachineState) -> None:
@@ -168,6 +176,7 @@ class LiveModel:
             m.explanation = [c.model_dump() for c in e.explanation or []]
         elif e.event == "ALERT_CLEARED":
             m.state, m.since, m.alert_id, m.acknowledged_by = "NORMAL", e.at, None, None
+            m.outside_training = []
         elif e.event == "ALERT_ACKNOWLEDGED":
             m.acknowledged_by = e.acknowledged_by
         elif e.event == "MACHINE_OFFLINE":

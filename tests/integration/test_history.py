@@ -174,3 +174,38 @@ def test_retention_prunes_old_rows_and_inserts_are_idempotent(backend: str, tmp_
             assert [r["seq"] for r in store.readings("m1")] == [2]
         finally:
             store.close()
+
+
+def test_a_recorder_that_crashed_catches_up_on_what_happened_meanwhile(
+    tmp_path: Path,
+    spawn: Callable[..., Proc],
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+    mqtt_args: list[str],
+) -> None:
+    """kill -9 of the recorder loses nothing: its persistent session queues the alert events
+    and readings of the outage, and the restarted recorder (same client id) stores them."""
+    topics = Topics(settings.topic_root)
+    db = ["--db", f"sqlite:///{tmp_path / 'history.sqlite'}"]
+    col = collector(topics.alerts_filter)
+    detector(env=POLICY_ENV)
+    args = ["history", "record", *mqtt_args, *db, "--client-id", "recorder-under-test"]
+    first = spawn(*args)
+    first.wait_log("history_subscribed")
+    first.kill()
+
+    plan = [NORMAL] * 5 + [ANOMALOUS] * 4 + [NORMAL] * 5
+    pub = publish_plan(settings, "m9", plan)
+    col.wait_for(lambda m: m.topic.endswith("/m9/event"), count=2)
+
+    spawn(*args).wait_log("history_subscribed")
+    store = HistoryStore(db[1])
+    try:
+        wait_until(lambda: len(store.readings("m9")) == len(plan), what="the outage's readings")
+        wait_until(lambda: len(store.events("m9")) == 2, what="the outage's alert events")
+        assert [e["event"] for e in store.events("m9")] == ["ALERT_RAISED", "ALERT_CLEARED"]
+        assert len(store.alert_verdicts("m9")) == 4
+    finally:
+        store.close()
+    pub.close()

@@ -18,7 +18,10 @@ const FW = (() => {
     if (s < 3600) return `${Math.round(s / 60)} min ago`;
     return `${(s / 3600).toFixed(1)} h ago`;
   };
-  const features = (ex) => (ex || []).slice(0, 3).map((c) => `${esc(c.feature)} <span class="muted">z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 1)}</span>`).join(", ") || "–";
+  const features = (ex, outside) => {
+    const beyond = (outside || []).length ? `<b>outside training range:</b> ${outside.map(esc).join(", ")}; ` : "";
+    return beyond + ((ex || []).slice(0, 3).map((c) => `${esc(c.feature)} <span class="muted">z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 1)}</span>`).join(", ") || "–");
+  };
 
   async function api(path, body) {
     const opts = body === undefined ? {} : {
@@ -155,7 +158,7 @@ const FW = (() => {
     body.innerHTML = open.map((m) => `<tr data-machine="${esc(m.machine_id)}">
       <td><a href="/machine/${encodeURIComponent(m.line)}/${encodeURIComponent(m.machine_id)}"><b>${esc(m.machine_id)}</b></a></td>
       <td>${esc(m.line)}</td><td>${when(m.alert_since)} <span class="muted">(${ago(m.alert_since)})</span></td>
-      <td>${fmt(m.peak_score)}</td><td>${features(m.explanation)}</td>
+      <td>${fmt(m.peak_score)}</td><td>${features(m.explanation, m.outside_training)}</td>
       <td>${m.acknowledged_by ? `✓ ${esc(m.acknowledged_by)}` : '<span class="muted">not yet</span>'}</td>
       <td class="actions">${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}</td></tr>`).join("");
     document.getElementById("no-alerts").hidden = open.length > 0;
@@ -205,7 +208,7 @@ const FW = (() => {
       document.getElementById("status").innerHTML = `<span class="badge ${esc(state)}">${esc(state)}</span>
         <span>line <b>${esc(m.line)}</b></span><span>last score <b>${fmt(m.last_score)}</b> (reading ${esc(m.last_status || "–")})</span>
         <span>threshold <b>${fmt(m.threshold)}</b></span><span>model <b>${esc(m.model_version || "–")}</b></span>
-        ${m.alert_id ? `<span>alert open since <b>${when(m.alert_since)}</b>, peak ${fmt(m.peak_score)}, ${features(m.explanation)}</span>
+        ${m.alert_id ? `<span>alert open since <b>${when(m.alert_since)}</b>, peak ${fmt(m.peak_score)}, ${features(m.explanation, m.outside_training)}</span>
         ${m.acknowledged_by ? `<span>acknowledged by <b>${esc(m.acknowledged_by)}</b></span>` : ""} ${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}` : ""}`;
       chart(document.getElementById("score-chart"), [{ values: m.points.map((p) => [p[0], p[1], p[3] === "ALERT"]), color: "#2f6fde", marks: true }], { threshold: m.threshold, digits: 3 });
       const names = m.readings.length ? Object.keys(m.readings[m.readings.length - 1][1]) : [];
