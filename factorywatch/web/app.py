@@ -106,9 +106,8 @@ class WebContext:
             return self.broker.with_overrides(username=user)
         return self.broker
 
-    def start(self) -> None:
-        """Connect both broker links (raises ``BrokerError``) and start the hub."""
-        self.hub.start()
+    def connect(self) -> None:
+        """Connect both broker links before serving (raises ``BrokerError``)."""
         suffix = uuid.uuid4().hex[:8]
         waiter = fwmqtt.ConnectWaiter()
         reader = fwmqtt.new_client(self._as(self.settings.read_user), f"fw-web-read-{suffix}")
@@ -343,11 +342,11 @@ async def healthz(request: Request) -> Response:
 
 
 def create_app(ctx: WebContext) -> Starlette:
-    """The ASGI app around a context (connected in the app's lifespan)."""
+    """The ASGI app around a connected context (the hub starts in the app's lifespan)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        ctx.start()
+        ctx.hub.start()
         log.info("web_started", host=ctx.settings.host, port=ctx.settings.port)
         try:
             yield
@@ -405,8 +404,10 @@ def build_context(
 
 
 def serve(ctx: WebContext) -> None:
-    """Run the app with uvicorn until SIGTERM/SIGINT."""
+    """Connect, then run the app with uvicorn until SIGTERM/SIGINT."""
     import uvicorn  # noqa: PLC0415 - only the web process needs the server
+
+    ctx.connect()
 
     config = uvicorn.Config(
         create_app(ctx),

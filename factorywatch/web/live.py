@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -210,12 +211,19 @@ class Hub:
         self._dirty: set[str] = set()
         self._clients: set[asyncio.Queue[str]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._early: list[tuple[str, bytes]] = []
         self._ticker: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Bind to the running loop and start the ticker."""
-        self._loop = asyncio.get_running_loop()
-        self._ticker = self._loop.create_task(self._tick())
+        """Bind to the running loop, take what arrived before, start the ticker."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._loop = loop
+            early, self._early = self._early, []
+        for topic, payload in early:
+            self._ingest(topic, payload)
+        self._ticker = loop.create_task(self._tick())
 
     async def stop(self) -> None:
         """Stop the ticker."""
@@ -225,14 +233,18 @@ class Hub:
                 await self._ticker
 
     def submit(self, topic: str, payload: bytes) -> None:
-        """Thread-safe: called from the paho thread."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._ingest, topic, payload)
+        """Thread-safe: called from the paho thread (kept until the loop runs, e.g. the
+        retained states that arrive while the server is still starting)."""
+        with self._lock:
+            if self._loop is None:
+                self._early.append((topic, payload))
+                return
+            loop = self._loop
+        loop.call_soon_threadsafe(self._ingest, topic, payload)
 
     def set_connected(self, connected: bool) -> None:
-        """Thread-safe: the broker link went up or down."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(setattr, self, "connected", connected)
+        """Thread-safe: the broker link went up or down (a plain flag read by the loop)."""
+        self.connected = connected
 
     def _ingest(self, topic: str, payload: bytes) -> None:
         key = self.model.feed(topic, payload)
