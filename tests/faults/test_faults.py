@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from factorywatch.broker import LocalBroker
+from factorywatch.detector.checkpoint import FileCheckpoint
 from tests.faults.conftest import (
     DETECTOR_ID,
     DetectorRunner,
@@ -295,15 +296,17 @@ def _wait_for_snapshot(broker: LocalBroker, verdicts: VerdictCollector) -> float
 
 
 def _journaled(tmp_path: Path) -> set[Key] | None:
-    """Readings whose verdict the broker acknowledged to a detector (its journal), if readable."""
-    journal = tmp_path / "detector-state" / f"{DETECTOR_ID}.seen"
-    if not journal.exists():
+    """Readings whose verdict the broker acknowledged to a detector (its checkpoint)."""
+    state_dir = tmp_path / "detector-state"
+    if not state_dir.is_dir():
         return None
+    checkpoint = FileCheckpoint(state_dir, DETECTOR_ID, capacity=10**7)
+    answered = checkpoint.load().answered
+    checkpoint.close()
     keys: set[Key] = set()
-    for line in journal.read_text().splitlines():
-        parts = line.split(" ")
-        if len(parts) == 2 and parts[1].isdigit():
-            keys.add((parts[0], int(parts[1])))
+    for identity, _digest in answered:
+        machine, _, seq = identity.rpartition(":")
+        keys.add((machine, int(seq)))
     return keys
 
 
