@@ -307,7 +307,8 @@ class Engine:
         kept = [p for p in record.outbox if p.uid != uid]
         if len(kept) != len(record.outbox):
             record.outbox = kept
-            self.states.touch(machine_id)
+            # journaled in this turn: a restart then does not send the event a second time
+            self.states.mark_urgent(machine_id)
 
     def answered(self, identity: str, digest: int) -> None:
         """Remember a reading answered before a restart (from the checkpoint's journal)."""
