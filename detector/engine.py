@@ -38,20 +38,8 @@ from factorywatch.topics import UNKNOWN, Topics
 ENGINE_SNAPSHOT_VERSION: Final = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """A raw message as a transport received it; ``token`` is the transport's handle to ack."""
-
-    topic: str
-    payload: bytes
-    received_at: float  # wall clock, Unix seconds
-    received_perf: float  # perf_counter at receipt, for processing latency
-    token: Any = None
-
-    @property
-    def received(self) -> Received:
-        """The message as the decoder sees it."""
-        return Received(self.topic, self.payload, self.received_at, self.received_perf)
+#: A raw message as a transport received it (``token``: the transport's handle to ack it).
+Inbound = Received
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +156,7 @@ class Engine:
 
     def _decode(self, outcome: Outcome, pending: list[tuple[Reading, Outcome]]) -> None:
         try:
-            items = self.ingest.decode(outcome.message.received)
+            items = self.ingest.decode(outcome.message)
         except PayloadError as error:
             outcome.readings += 1
             self._reject(outcome, error)
@@ -286,7 +274,7 @@ class Engine:
                 break
             except PayloadError:
                 continue
-        record = dead_letter(message.received, error)
+        record = dead_letter(message, error)
         outcome.publishes.append(Publish(self.topics.deadletter(line, machine), record.encode()))
         outcome.rejected.append(error)
 
