@@ -2,9 +2,9 @@
 
 What identifies a reading belongs here, not to the engine: a JSON reading is
 ``<machine_id>:<seq>``; a Sparkplug B ingest names its readings by edge node, device,
-``bdSeq`` and its wrapping ``seq``. Each reading also carries a content digest (of the message's bytes for
-a single reading, of the re-encoded reading for a batch item), so the engine
-can tell a redelivery (same identity, same content: dropped) from a reused identity with
+``bdSeq`` and its wrapping ``seq``. Each reading also carries a content digest (of the
+message's bytes for a single reading, of the re-encoded reading for a batch item), so the
+engine can tell a redelivery (same identity, same content: dropped) from a reused identity with
 different content (dead-lettered ``duplicate_id``).
 
 Pure: values in, values out (the decoder's clock is injected).
