@@ -26,6 +26,7 @@ from factorywatch.contracts import AlertEvent, ClientStatus
 from factorywatch.detector.alerting import AlertPolicy
 from factorywatch.detector.checkpoint import FileCheckpoint
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
+from factorywatch.detector.ingest import StatefulIngest
 from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.mqtt_transport import PahoTransport
 from factorywatch.detector.transport import Transport
@@ -33,7 +34,7 @@ from factorywatch.errors import ModelError
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
-from factorywatch.topics import Topics
+from factorywatch.topics import Topics, sparkplug_filters
 
 log = structlog.get_logger("detector")
 
@@ -81,6 +82,24 @@ def engine_settings(settings: DetectorSettings) -> EngineSettings:
     )
 
 
+def _sparkplug(settings: DetectorSettings) -> tuple[list[StatefulIngest], list[str]]:
+    """The Sparkplug B ingest and its subscriptions, when enabled (else none)."""
+    if not settings.sparkplug:
+        return [], []
+    from factorywatch.detector.sparkplug import SparkplugIngest, SparkplugSettings  # noqa: PLC0415
+
+    groups = [g.strip() for g in (settings.sparkplug_groups or "").split(",") if g.strip()]
+    ingest = SparkplugIngest(
+        SparkplugSettings(
+            reorder_timeout_s=settings.sparkplug_reorder_timeout_s,
+            rebirth_backoff_s=settings.sparkplug_rebirth_backoff_s,
+            max_clock_skew_s=settings.max_clock_skew_s,
+        ),
+        groups or None,
+    )
+    return [ingest], sparkplug_filters(groups or None)
+
+
 class DetectorService:
     """Runs the detector until ``stop`` is set; then drains in-flight work and stops."""
 
@@ -101,7 +120,8 @@ class DetectorService:
         self.metrics = Metrics()
         self.metrics.set_model(model.version)
         self.stop = stop if stop is not None else threading.Event()
-        self.engine = Engine(model, self.topics, engine_settings(settings))
+        extra, spb_filters = _sparkplug(settings)
+        self.engine = Engine(model, self.topics, engine_settings(settings), extra_ingests=extra)
         self.checkpoint = FileCheckpoint(
             settings.state_dir, settings.client_id, max(1, settings.dedup_size)
         )
@@ -113,7 +133,7 @@ class DetectorService:
         lines = (
             [x.strip() for x in settings.lines.split(",") if x.strip()] if settings.lines else None
         )
-        self.input_filters = self.topics.input_filters(lines)
+        self.input_filters = self.topics.input_filters(lines) + spb_filters
         filters = [*self.input_filters, self.topics.ack_filter, self.topics.sensor_status_filter]
         offline = ClientStatus(role="detector", client_id=settings.client_id, state="offline")
         self.transport: Transport = transport or PahoTransport(
