@@ -204,6 +204,16 @@ class _Node:
     next_rebirth: float = 0.0
 
 
+@dataclass(slots=True)
+class _Update:
+    """What one message's metrics say (by channel) and the names no birth declared."""
+
+    timestamp_ms: int = 0
+    values: dict[str, float | None] = field(default_factory=dict)
+    product_type: str | None = None
+    unknown: list[str] = field(default_factory=list)
+
+
 def _node_key(topic: SparkplugTopic) -> str:
     return f"{topic.group}/{topic.node}"
 
@@ -288,10 +298,11 @@ class SparkplugIngest:
         if device is None or not device.alive:
             return [self._no_birth(key, node, now, f"no DBIRTH for device {topic.device!r}")]
         birth = topic.kind in ("NBIRTH", "DBIRTH")
-        unknown = self._apply(device, payload, birth=birth)
-        if unknown:
-            return [self._no_birth(key, node, now, f"metrics no birth declared: {unknown[:5]}")]
-        reading = self._reading(topic, node, device, payload, seq=seq, message=message)
+        update = self._apply(device, payload, birth=birth)
+        if update.unknown:
+            why = f"metrics no birth declared: {update.unknown[:5]}"
+            return [self._no_birth(key, node, now, why)]
+        reading = self._reading(topic, node, device, update, seq=seq, message=message)
         return [] if reading is None else [reading]
 
     # -- births, deaths, sequence numbers ----------------------------------------------------------
@@ -368,14 +379,14 @@ class SparkplugIngest:
         return machine
 
     # -- metrics and readings ----------------------------------------------------------------------
-    def _apply(self, device: _Device, payload: Any, *, birth: bool) -> list[str]:
-        """Update the device's values with the payload's metrics; names no birth declared."""
-        unknown: list[str] = []
+    def _apply(self, device: _Device, payload: Any, *, birth: bool) -> _Update:
+        """The payload's metrics; the device keeps each one's newest value (by timestamp)."""
         default_ms = int(payload.timestamp)
+        update = _Update(timestamp_ms=default_ms)
         for metric in payload.metrics:
             name = self._declare(device, metric) if birth else self._resolve(device, metric)
             if name is None:
-                unknown.append(metric.name or f"alias {metric.alias}")
+                update.unknown.append(metric.name or f"alias {metric.alias}")
                 continue
             if not name or name == BDSEQ_METRIC or name.startswith(_CONTROLS):
                 continue
@@ -383,20 +394,26 @@ class SparkplugIngest:
                 channel = channel_name(name)
             except ValueError:
                 continue
-            stamp = int(metric.timestamp) if metric.HasField("timestamp") else default_ms
-            if stamp < device.stamps.get(channel, 0):
-                continue  # a late message: the newer value stays
             value = _value(metric)
             if channel == PRODUCT_TYPE:
-                device.product_type = value if isinstance(value, str) else device.product_type
-            elif isinstance(value, float):
-                device.values[channel] = value
-            elif value is None:
-                device.values.pop(channel, None)  # null: the value is unknown now
+                if not isinstance(value, str):
+                    continue
+                update.product_type = value
+            elif isinstance(value, float) or value is None:  # None: null, the value is unknown
+                update.values[channel] = value
             else:
                 continue
+            stamp = int(metric.timestamp) if metric.HasField("timestamp") else default_ms
+            if stamp < device.stamps.get(channel, 0):
+                continue  # a late message: the newer value stays the last-known one
             device.stamps[channel] = stamp
-        return unknown
+            if isinstance(value, float):
+                device.values[channel] = value
+            elif value is None:
+                device.values.pop(channel, None)
+            else:
+                device.product_type = value
+        return update
 
     @staticmethod
     def _declare(device: _Device, metric: Any) -> str:
@@ -421,13 +438,16 @@ class SparkplugIngest:
         topic: SparkplugTopic,
         node: _Node,
         device: _Device,
-        payload: Any,
+        update: _Update,
         *,
         seq: int,
         message: Received,
     ) -> Reading | PayloadError | None:
-        missing = [c for c in self.channels if c not in device.values]
-        if device.product_type is None:
+        """The device as this message saw it: its own metrics over the last-known values."""
+        known = {**device.values, **update.values}
+        product_type = update.product_type or device.product_type
+        missing = [c for c in self.channels if known.get(c) is None]
+        if product_type is None:
             missing.append(PRODUCT_TYPE)
         if missing:
             # A node's own metrics (bdSeq, controls) are not a machine; a device that lacks a
@@ -437,11 +457,11 @@ class SparkplugIngest:
             device.incomplete = True
             return PayloadError("missing_channel", f"{device.machine_id} lacks {missing}")
         device.incomplete = False
-        ts = int(payload.timestamp) / 1000.0 if payload.timestamp else message.received_at
+        ts = update.timestamp_ms / 1000.0 if update.timestamp_ms else message.received_at
         skew = ts - message.received_at
         if abs(skew) > self.settings.max_clock_skew_s:
             return PayloadError("clock_skew", f"timestamp is {skew:+.0f} s from now")
-        values = {c: device.values[c] for c in self.channels}
+        values = {c: float(known[c] or 0.0) for c in self.channels}
         if not all(math.isfinite(v) for v in values.values()):
             return PayloadError("non_finite", f"{device.machine_id}: a channel is not finite")
         try:
@@ -451,7 +471,7 @@ class SparkplugIngest:
                     "line": line_id(topic.group),
                     "seq": seq,
                     "ts": ts,
-                    "product_type": device.product_type,
+                    "product_type": product_type,
                     "readings": values,
                 }
             )

@@ -159,13 +159,14 @@ def test_gap_not_filled_in_time_requests_rebirth(sim: MachineSimulator) -> None:
 
 
 def test_gap_filled_by_a_late_message_needs_no_rebirth(sim: MachineSimulator) -> None:
-    """A late message fills its gap; its older value does not overwrite the newer one."""
+    """A late message fills its gap and is read as it was; the newer value stays the last."""
     ingest, edge = _born(sim)
     late = edge.ddata("mill", {"torque_nm": 10.0}, MS + 1)
     newer = edge.ddata("mill", {"torque_nm": 20.0}, MS + 2)
     _reading(ingest.decode(_msg(newer)))
     filled = _reading(ingest.decode(_msg(late)))
-    assert filled.telemetry.readings["torque_nm"] == 20.0
+    assert filled.telemetry.readings["torque_nm"] == 10.0  # the late reading as it was
+    assert ingest.nodes["plant1/edge1"].devices["mill"].values["torque_nm"] == 20.0
     assert ingest.take_effects(T0 + 60).commands == []
 
 
