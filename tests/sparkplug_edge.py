@@ -8,12 +8,17 @@ sequence number (to make gaps and wraps) and every ``bdSeq``.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import paho.mqtt.client as mqtt
 from sparkplub_b_packets.core import sparkplug_b as tahu
 
+from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import Telemetry
+from factorywatch.settings import BrokerSettings
 
 #: AI4I channels as a Sparkplug edge node would name its metrics (the dataset's columns).
 AI4I_METRICS = {
@@ -99,3 +104,55 @@ class TahuEdgeNode:
 def decode(payload: bytes) -> Any:
     """A payload parsed with Tahu's generated class (to read the detector's commands)."""
     return tahu.sparkplug_b_pb2.Payload.FromString(payload)
+
+
+class LiveEdge:
+    """A real MQTT client publishing a ``TahuEdgeNode``'s messages at QoS 1.
+
+    Its last will is the node's ``NDEATH``; it records the rebirth requests (``NCMD``) the
+    detector sends it, and the test decides when to answer them.
+    """
+
+    def __init__(self, settings: BrokerSettings, node: TahuEdgeNode) -> None:
+        self.node = node
+        self.requests: list[Any] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self._ncmd = f"spBv1.0/{node.group}/NCMD/{node.node}"
+        self.client = fwmqtt.new_client(settings, f"edge-{node.group}-{node.node}")
+        self.client.will_set(*node.ndeath(), qos=1, retain=False)
+        waiter = fwmqtt.ConnectWaiter()
+
+        def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+            c.subscribe(self._ncmd, qos=1)
+            waiter.record(rc)
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._on_message
+        fwmqtt.connect(self.client, settings, waiter)
+        assert self._subscribed.wait(10), "NCMD subscription not acknowledged"
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.requests.append(decode(bytes(msg.payload)))
+            self._cond.notify_all()
+
+    def send(self, message: tuple[str, bytes]) -> None:
+        """Publish at QoS 1 and wait for the broker's PUBACK."""
+        info = self.client.publish(message[0], message[1], qos=1)
+        info.wait_for_publish(timeout=10)
+        assert info.is_published(), f"no PUBACK for {message[0]}"
+
+    def wait_rebirth_requests(self, count: int, timeout: float = 30.0) -> int:
+        """Wait until ``count`` rebirth requests arrived; how many did."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.requests) < count and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            return len(self.requests)
+
+    def close(self) -> None:
+        """Disconnect cleanly (no will is sent)."""
+        self.client.disconnect()
+        self.client.loop_stop()

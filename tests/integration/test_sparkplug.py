@@ -1,0 +1,171 @@
+"""Sparkplug B through a real Mosquitto: Eclipse Tahu's reference client as the edge node.
+
+The detector is the real ``factorywatch detect`` process with Sparkplug enabled; the edge
+node's payloads come from Tahu's ``sparkplug_b.py`` (tests/sparkplug_edge.py), not from the
+ingest's code.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from factorywatch.contracts import AlertEvent, DeadLetter, Verdict
+from factorywatch.sensors.simulator import MachineSimulator
+from factorywatch.settings import BrokerSettings
+from factorywatch.topics import Topics
+from tests.sparkplug_edge import LiveEdge, TahuEdgeNode
+from tests.support import Collector, Message, Proc
+
+pytestmark = pytest.mark.integration
+
+SPARKPLUG_ENV = {
+    "FACTORYWATCH_DETECTOR_SPARKPLUG": "true",
+    "FACTORYWATCH_DETECTOR_SPARKPLUG_REORDER_TIMEOUT_S": "0.5",
+    "FACTORYWATCH_DETECTOR_SPARKPLUG_REBIRTH_BACKOFF_S": "0",
+}
+
+
+def _verdicts(col: Collector, machine: str) -> list[Verdict]:
+    return [
+        Verdict.model_validate_json(m.payload)
+        for m in col.matching(lambda m: m.topic.endswith(f"/{machine}/verdict"))
+    ]
+
+
+def _is_verdict(machine: str, seq: int | None = None) -> Callable[[Message], bool]:
+    def match(m: Message) -> bool:
+        if not m.topic.endswith(f"/{machine}/verdict"):
+            return False
+        return seq is None or Verdict.model_validate_json(m.payload).seq == seq
+
+    return match
+
+
+def _is_event(machine: str, kind: str) -> Callable[[Message], bool]:
+    def match(m: Message) -> bool:
+        return (
+            m.topic.endswith(f"/{machine}/event")
+            and AlertEvent.model_validate_json(m.payload).event == kind
+        )
+
+    return match
+
+
+def _is_dead_letter(reason: str) -> Callable[[Message], bool]:
+    def match(m: Message) -> bool:
+        return "/deadletter/" in m.topic and DeadLetter.model_validate_json(m.payload).reason == (
+            reason
+        )
+
+    return match
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def test_edge_node_births_data_gaps_deaths_and_bad_payloads(
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+) -> None:
+    """Birth, 300 DDATA (seq wraps), garbage, a gap (rebirth asked), DDEATH and NDEATH."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter, topics.deadletter_filter)
+    detector(env=SPARKPLUG_ENV)
+    group = f"g{uuid.uuid4().hex[:8]}"
+    node = TahuEdgeNode(group, "edge1", bd_seq=1)
+    edge = LiveEdge(settings, node)
+    sim = MachineSimulator("mill", group, seed=11)
+    try:
+        edge.send(node.nbirth(_now_ms()))  # seq 0
+        edge.send(node.dbirth("mill", sim.next(time.time()), _now_ms()))  # seq 1
+        edge.send(node.dbirth("lathe", sim.next(time.time()), _now_ms()))  # seq 2
+        for _ in range(300):  # seq 3 .. 302: wraps past 255 once
+            edge.send(node.reading_data("mill", sim.next(time.time()), _now_ms()))
+        found = col.wait_for(_is_verdict("edge1.mill"), count=301, timeout=60)
+        assert len(found) == 301
+        assert col.wait_for(_is_verdict("edge1.lathe", 2))
+        assert sorted(v.seq for v in _verdicts(col, "edge1.mill")) == [1, *range(3, 303)]
+        assert {v.line for v in _verdicts(col, "edge1.mill")} == {group}
+
+        # Garbage where a DDATA belongs: dead-lettered; the stream goes on.
+        edge.send((f"spBv1.0/{group}/DDATA/edge1/mill", b"\x0a\xff\xff\xff\x01"))
+        assert col.wait_for(_is_dead_letter("invalid_protobuf"))
+        edge.send(node.ddata("mill", {"torque_nm": 45.0}, _now_ms()))  # seq 303
+        assert col.wait_for(_is_verdict("edge1.mill", 303))
+
+        # A lost message (seq 304): the next is scored; after the reorder timeout the
+        # detector asks the node for a rebirth, and the rebirth's births are readings again.
+        node.seq += 1
+        edge.send(node.ddata("mill", {"torque_nm": 46.0}, _now_ms()))  # seq 305
+        assert col.wait_for(_is_verdict("edge1.mill", 305))
+        assert edge.wait_rebirth_requests(1) == 1
+        assert edge.requests[0].metrics[0].name == "Node Control/Rebirth"
+        edge.send(node.nbirth(_now_ms()))
+        edge.send(node.dbirth("mill", sim.next(time.time()), _now_ms()))
+        edge.send(node.dbirth("lathe", sim.next(time.time()), _now_ms()))
+        edge.send(node.ddata("mill", {"torque_nm": 47.0}, _now_ms()))  # seq 3 of the rebirth
+        assert len(col.wait_for(_is_verdict("edge1.mill"), count=305, timeout=30)) == 305
+
+        # Deaths: DDEATH takes one device offline, NDEATH (this bdSeq) the rest.
+        edge.send(node.ddeath("lathe", _now_ms()))
+        assert col.wait_for(_is_event("edge1.lathe", "MACHINE_OFFLINE"))
+        edge.send(node.ndeath())
+        assert col.wait_for(_is_event("edge1.mill", "MACHINE_OFFLINE"))
+
+        # Data after the death is not guessed: dead-lettered and a rebirth is asked.
+        edge.send(node.ddata("mill", {"torque_nm": 48.0}, _now_ms()))
+        assert col.wait_for(_is_dead_letter("no_birth"))
+        assert edge.wait_rebirth_requests(2) == 2
+        # Every reading was answered exactly once (nothing duplicated, nothing extra).
+        assert len(_verdicts(col, "edge1.mill")) == 305
+        assert not col.matching(_is_dead_letter("missing_channel"))
+    finally:
+        edge.close()
+
+
+def test_detector_restart_mid_stream_loses_nothing_and_duplicates_nothing(
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+) -> None:
+    """Readings sent before, during and after a detector restart: each answered exactly once."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter, topics.deadletter_filter)
+    first = detector(env=SPARKPLUG_ENV)
+    group = f"g{uuid.uuid4().hex[:8]}"
+    node = TahuEdgeNode(group, "edge1", bd_seq=4)
+    edge = LiveEdge(settings, node)
+    sim = MachineSimulator("mill", group, seed=12)
+    sent = 0
+    try:
+        edge.send(node.nbirth(_now_ms()))
+        edge.send(node.dbirth("mill", sim.next(time.time()), _now_ms()))
+        sent += 1
+        for _ in range(150):
+            edge.send(node.reading_data("mill", sim.next(time.time()), _now_ms()))
+            sent += 1
+        col.wait_for(_is_verdict("edge1.mill"), count=20, timeout=30)
+        assert first.terminate() == 0  # mid-stream: the rest waits in its session
+        for _ in range(150):  # while no detector runs
+            edge.send(node.reading_data("mill", sim.next(time.time()), _now_ms()))
+            sent += 1
+        detector(env=SPARKPLUG_ENV)
+        for _ in range(50):
+            edge.send(node.reading_data("mill", sim.next(time.time()), _now_ms()))
+            sent += 1
+        last_seq = sent  # the extended seq of the last DDATA (the DBIRTH was 1)
+        assert col.wait_for(_is_verdict("edge1.mill", last_seq), timeout=60)
+        verdicts = _verdicts(col, "edge1.mill")
+        seqs = [v.seq for v in verdicts]
+        assert sorted(set(seqs)) == list(range(1, last_seq + 1))  # loss 0 (seq wrapped)
+        assert len(seqs) == len(set(seqs)) == sent  # no duplicates
+        assert edge.requests == []  # the restored state needed no rebirth
+        assert not col.matching(lambda m: "/deadletter/" in m.topic)
+    finally:
+        edge.close()
