@@ -384,6 +384,16 @@ class Engine:
         uids = [p.uid for r in self.states for p in r.outbox]
         self._uids = itertools.count(max(uids, default=0) + 1)
 
+    def ingest_changes(self) -> dict[str, dict[str, Any]]:
+        """What stateful ingests changed since they were last asked, for the journal."""
+        changes = {extra.name: extra.changes() for extra in self.extra_ingests}
+        return {name: parts for name, parts in changes.items() if parts}
+
+    def restore_ingest_changes(self, changes: dict[str, dict[str, Any]]) -> None:
+        """Replay journaled ingest changes over the restored snapshot."""
+        for extra in self.extra_ingests:
+            extra.restore_changes(changes.get(extra.name, {}))
+
     def restore_records(self, records: Sequence[dict[str, Any]]) -> None:
         """Replace single machines' records (a checkpoint journal replayed after a snapshot)."""
         for data in records:

@@ -86,6 +86,14 @@ class StatefulIngest(Ingest, Protocol):
         """Take over a ``snapshot``'s decoding state."""
         ...
 
+    def changes(self) -> dict[str, Any]:
+        """Parts of the state changed since the last call or snapshot, by key (a journal's)."""
+        ...
+
+    def restore_changes(self, parts: dict[str, Any]) -> None:
+        """Apply journaled parts over a restored snapshot (the last part per key wins)."""
+        ...
+
 
 class Ingests:
     """Several ingests behind one: each message goes to the first that accepts its topic."""

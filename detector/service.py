@@ -159,6 +159,7 @@ class DetectorService:
         if restored.snapshot is not None:
             self.engine.restore(restored.snapshot)
         self.engine.restore_records(restored.records)
+        self.engine.restore_ingest_changes(restored.ingest)
         for identity, digest in restored.answered:
             self.engine.answered(identity, digest)
         self.counters.restored_machines = len(self.engine.states)
@@ -219,6 +220,7 @@ class DetectorService:
         now = time.monotonic()
         self._last_loop = now
         self._housekeeping(now)
+        self.checkpoint.write_ingest(self.engine.ingest_changes())
         self.checkpoint.write_records(self.engine.states.take_urgent())
         if now >= self._next_records:
             self.checkpoint.write_records(self.engine.states.take_dirty())

@@ -241,6 +241,7 @@ class SparkplugIngest:
         self.nodes: dict[str, _Node] = {}
         self._owners: dict[str, str] = {}  # machine id -> "<group>/<node>/<device>"
         self._gapped: set[str] = set()  # nodes with missing sequence numbers
+        self._dirty: set[str] = set()  # nodes changed since the last ``changes``
         self._effects = IngestEffects()
         self._prefix = f"{SPARKPLUG_NAMESPACE}/"
 
@@ -263,6 +264,7 @@ class SparkplugIngest:
                 self._gapped.discard(key)
             elif min(node.missing.values()) <= now:
                 node.missing.clear()
+                self._dirty.add(key)
                 self._gapped.discard(key)
                 self._request_rebirth(key, node, now)
         effects, self._effects = self._effects, IngestEffects()
@@ -274,6 +276,7 @@ class SparkplugIngest:
         payload = _parse(message.payload)
         key = _node_key(topic)
         node = self.nodes.setdefault(key, _Node())
+        self._dirty.add(key)
         now = message.received_at
         if topic.kind == "NDEATH":
             self._node_death(node, payload)
@@ -486,60 +489,76 @@ class SparkplugIngest:
     # -- snapshot ----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """Every node's tables, values and sequence position as one JSON-able value."""
-        return {
-            "version": SNAPSHOT_VERSION,
-            "nodes": {
-                key: {
-                    "bd_seq": n.bd_seq,
-                    "birth_ms": n.birth_ms,
-                    "born": n.born,
-                    "last": n.last,
-                    "missing": [[s, d] for s, d in n.missing.items()],
-                    "devices": {
-                        dk: {
-                            "machine_id": d.machine_id,
-                            "aliases": [[a, name] for a, name in d.aliases.items()],
-                            "names": sorted(d.names),
-                            "values": d.values,
-                            "stamps": d.stamps,
-                            "product_type": d.product_type,
-                            "alive": d.alive,
-                        }
-                        for dk, d in n.devices.items()
-                    },
-                }
-                for key, n in self.nodes.items()
-            },
-        }
+        self._dirty.clear()
+        nodes = {key: _node_snapshot(node) for key, node in self.nodes.items()}
+        return {"version": SNAPSHOT_VERSION, "nodes": nodes}
 
     def restore(self, data: dict[str, Any]) -> None:
         """Take over a ``snapshot`` (an empty one: nothing known, every node must be born)."""
         self.nodes.clear()
         self._owners.clear()
         self._gapped.clear()
+        self._dirty.clear()
         if not data:
             return
         if data.get("version") != SNAPSHOT_VERSION:
             raise ValueError(f"unknown Sparkplug snapshot version {data.get('version')!r}")
-        for key, n in data["nodes"].items():
-            node = _Node(
-                bd_seq=n["bd_seq"],
-                birth_ms=int(n["birth_ms"]),
-                born=bool(n["born"]),
-                last=int(n["last"]),
-                missing={int(s): float(d) for s, d in n["missing"]},
-            )
-            for dk, d in n["devices"].items():
-                device = _Device(
-                    machine_id=d["machine_id"],
-                    aliases={int(a): str(name) for a, name in d["aliases"]},
-                    names=set(d["names"]),
-                    values={str(c): float(v) for c, v in d["values"].items()},
-                    stamps={str(c): int(v) for c, v in d["stamps"].items()},
-                    product_type=d["product_type"],
-                    alive=bool(d["alive"]),
-                )
-                node.devices[dk] = device
-                self._owners[device.machine_id] = f"{key}/{dk}"
+        self.restore_changes(data["nodes"])
+
+    def changes(self) -> dict[str, Any]:
+        """The nodes changed since the last call (or snapshot), by node key, for a journal."""
+        parts = {key: _node_snapshot(self.nodes[key]) for key in sorted(self._dirty)}
+        self._dirty.clear()
+        return parts
+
+    def restore_changes(self, parts: dict[str, Any]) -> None:
+        """Replace these nodes with their journaled state (written by ``changes``)."""
+        for key, data in parts.items():
+            node = _node_restore(data)
+            for device_key, device in node.devices.items():
+                self._owners[device.machine_id] = f"{key}/{device_key}"
             self.nodes[key] = node
             self.gapped(key)
+
+
+def _node_snapshot(node: _Node) -> dict[str, Any]:
+    return {
+        "bd_seq": node.bd_seq,
+        "birth_ms": node.birth_ms,
+        "born": node.born,
+        "last": node.last,
+        "missing": [[s, d] for s, d in node.missing.items()],
+        "devices": {
+            key: {
+                "machine_id": d.machine_id,
+                "aliases": [[a, name] for a, name in d.aliases.items()],
+                "names": sorted(d.names),
+                "values": d.values,
+                "stamps": d.stamps,
+                "product_type": d.product_type,
+                "alive": d.alive,
+            }
+            for key, d in node.devices.items()
+        },
+    }
+
+
+def _node_restore(data: dict[str, Any]) -> _Node:
+    node = _Node(
+        bd_seq=data["bd_seq"],
+        birth_ms=int(data["birth_ms"]),
+        born=bool(data["born"]),
+        last=int(data["last"]),
+        missing={int(s): float(d) for s, d in data["missing"]},
+    )
+    for key, d in data["devices"].items():
+        node.devices[key] = _Device(
+            machine_id=d["machine_id"],
+            aliases={int(a): str(name) for a, name in d["aliases"]},
+            names=set(d["names"]),
+            values={str(c): float(v) for c, v in d["values"].items()},
+            stamps={str(c): int(v) for c, v in d["stamps"].items()},
+            product_type=d["product_type"],
+            alive=bool(d["alive"]),
+        )
+    return node

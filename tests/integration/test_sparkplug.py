@@ -129,12 +129,20 @@ def test_edge_node_births_data_gaps_deaths_and_bad_payloads(
         edge.close()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "kill-9"])
 def test_detector_restart_mid_stream_loses_nothing_and_duplicates_nothing(
     detector: Callable[..., Proc],
     collector: Callable[..., Collector],
     settings: BrokerSettings,
+    crash: bool,
 ) -> None:
-    """Readings sent before, during and after a detector restart: each answered exactly once."""
+    """Readings before, during and after a detector restart (or kill -9): none lost.
+
+    After SIGTERM each is answered exactly once. After kill -9 a verdict whose PUBACK the
+    crash cut off may be published again (at-least-once), always for the same reading;
+    the journaled Sparkplug state means no rebirth is needed and nothing is dead-lettered.
+    """
     topics = Topics(settings.topic_root)
     col = collector(topics.alerts_filter, topics.deadletter_filter)
     first = detector(env=SPARKPLUG_ENV)
@@ -151,7 +159,10 @@ def test_detector_restart_mid_stream_loses_nothing_and_duplicates_nothing(
             edge.send(node.reading_data("mill", sim.next(time.time()), _now_ms()))
             sent += 1
         col.wait_for(_is_verdict("edge1.mill"), count=20, timeout=30)
-        assert first.terminate() == 0  # mid-stream: the rest waits in its session
+        if crash:
+            first.kill()
+        else:
+            assert first.terminate() == 0  # mid-stream: the rest waits in its session
         for _ in range(150):  # while no detector runs
             edge.send(node.reading_data("mill", sim.next(time.time()), _now_ms()))
             sent += 1
@@ -164,7 +175,10 @@ def test_detector_restart_mid_stream_loses_nothing_and_duplicates_nothing(
         verdicts = _verdicts(col, "edge1.mill")
         seqs = [v.seq for v in verdicts]
         assert sorted(set(seqs)) == list(range(1, last_seq + 1))  # loss 0 (seq wrapped)
-        assert len(seqs) == len(set(seqs)) == sent  # no duplicates
+        readings = {(v.seq, v.reading_ts, v.score) for v in verdicts}
+        assert len(readings) == sent  # a repeated verdict is the same reading's
+        if not crash:
+            assert len(seqs) == sent  # no duplicates
         assert edge.requests == []  # the restored state needed no rebirth
         assert not col.matching(lambda m: "/deadletter/" in m.topic)
     finally:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from factorywatch.contracts import AI4I_CHANNELS, Telemetry
+from factorywatch.detector.checkpoint import FileCheckpoint
 from factorywatch.detector.core import Received
 from factorywatch.detector.ingest import Reading
 from factorywatch.detector.sparkplug import (
@@ -258,3 +261,22 @@ def test_signed_integers_decode_from_twos_complement() -> None:
     assert reading.telemetry == Telemetry(
         machine_id="n.d", line="g", seq=1, ts=T0, product_type="M", readings={"delta": -5.0}
     )
+
+
+def test_journaled_changes_restore_the_newest_state(sim: MachineSimulator, tmp_path: Path) -> None:
+    """Changed nodes journaled per turn (no snapshot since) restore the stream's position."""
+    ingest, edge = _born(sim)
+    checkpoint = FileCheckpoint(tmp_path, "det", 100)
+    checkpoint.load()
+    checkpoint.write_ingest({"sparkplug": ingest.changes()})
+    _reading(ingest.decode(_msg(edge.ddata("mill", {"torque_nm": 70.0}, MS + 1))))
+    checkpoint.write_ingest({"sparkplug": ingest.changes()})
+    assert ingest.changes() == {}  # nothing changed since
+    checkpoint.close()
+    reopened = FileCheckpoint(tmp_path, "det", 100)
+    restored = reopened.load()
+    reopened.close()
+    copy = SparkplugIngest()
+    copy.restore_changes(restored.ingest["sparkplug"])
+    message = _msg(edge.ddata("mill", {"tool_wear_min": 9.0}, MS + 2))
+    assert _reading(copy.decode(message)) == _reading(ingest.decode(message))
