@@ -183,3 +183,40 @@ def test_detector_restart_mid_stream_loses_nothing_and_duplicates_nothing(
         assert not col.matching(lambda m: "/deadletter/" in m.topic)
     finally:
         edge.close()
+
+
+def test_sensor_cli_simulates_an_edge_node_the_detector_scores(
+    detector: Callable[..., Proc],
+    spawn: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+    mqtt_args: list[str],
+) -> None:
+    """`factorywatch sensor --sparkplug`: two devices x 30 readings give 2 x 31 verdicts."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter, topics.deadletter_filter)
+    detector(env=SPARKPLUG_ENV)
+    group = f"g{uuid.uuid4().hex[:8]}"
+    sensors = spawn(
+        "sensor",
+        "--sparkplug",
+        "--edge-node",
+        "press7",
+        "--line",
+        group,
+        "--machine-id",
+        "m1,m2",
+        "--count",
+        "30",
+        "--rate",
+        "50",
+        "--seed",
+        "5",
+        *mqtt_args,
+    )
+    assert sensors.process.wait(60) == 0, sensors.log()
+    for machine in ("press7.m1", "press7.m2"):  # the birth and 30 data messages each
+        assert len(col.wait_for(_is_verdict(machine), count=31, timeout=30)) == 31
+        assert col.wait_for(_is_event(machine, "MACHINE_OFFLINE"))  # its NDEATH at exit
+    assert not col.matching(lambda m: "/deadletter/" in m.topic)
+    assert "refused 0" in sensors.log()
