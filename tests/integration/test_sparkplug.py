@@ -10,10 +10,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
+from factorywatch import mqtt as fwmqtt
+from factorywatch.broker import LocalBroker
 from factorywatch.contracts import AlertEvent, DeadLetter, Verdict
+from factorywatch.credentials import init_secrets, read_password
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
@@ -220,3 +225,59 @@ def test_sensor_cli_simulates_an_edge_node_the_detector_scores(
         assert col.wait_for(_is_event(machine, "MACHINE_OFFLINE"))  # its NDEATH at exit
     assert not col.matching(lambda m: "/deadletter/" in m.topic)
     assert "refused 0" in sensors.log()
+
+
+def test_acl_an_edge_node_writes_only_its_own_node_topics(tmp_path: Path, topic_root: str) -> None:
+    """With the project's ACL an edge node (user = its id) publishes and reads only its own."""
+    secrets = tmp_path / "secrets"
+    init_secrets(secrets, ("edge1", "edge2"))
+    broker = LocalBroker(tmp_path / "sbroker", secrets_dir=secrets, topic_root=topic_root).start()
+    made: list[Collector] = []
+
+    def login(user: str) -> BrokerSettings:
+        return BrokerSettings().with_overrides(
+            port=broker.port,
+            topic_root=topic_root,
+            connect_retries=0,
+            username=user,
+            password=SecretStr(read_password(secrets, user) or ""),
+        )
+
+    def subscriber(user: str, *filters: str) -> Collector:
+        made.append(Collector(login(user), filters, f"sub-{user}-{uuid.uuid4().hex[:6]}"))
+        return made[-1]
+
+    def publish(user: str, topic: str) -> None:
+        """Publish at QoS 1 and wait for the PUBACK (a refusal too: MQTT 5 says 0x87)."""
+        client = fwmqtt.connected_client(login(user), f"pub-{user}-{uuid.uuid4().hex[:6]}")
+        try:
+            client.publish(topic, b"\x08\x01", qos=1).wait_for_publish(timeout=10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    try:
+        host = subscriber("detector", "spBv1.0/#")
+        own_commands = subscriber("edge2", "spBv1.0/g/NCMD/edge2", "spBv1.0/g/NCMD/edge1")
+        publish("edge1", "spBv1.0/g/DDATA/edge1/mill")
+        publish("edge1", "spBv1.0/g/NBIRTH/edge1")
+        assert host.wait_for(lambda m: m.topic == "spBv1.0/g/NBIRTH/edge1")
+        # Another node's topics: the broker drops the publish (the host never sees it).
+        denied = ["spBv1.0/g/DDATA/edge2/mill", "spBv1.0/g/NDEATH/edge2", "spBv1.0/g/NCMD/edge1"]
+        for topic in denied:
+            publish("edge1", topic)
+        # The detector may command a node; a node reads only the commands addressed to it.
+        publish("detector", "spBv1.0/g/NCMD/edge1")
+        publish("detector", "spBv1.0/g/NCMD/edge2")
+        assert own_commands.wait_for(lambda m: m.topic == "spBv1.0/g/NCMD/edge2")
+        assert host.wait_for(lambda m: m.topic == "spBv1.0/g/NCMD/edge2")
+        # Everything above was delivered in order before these last messages arrived.
+        assert [m.topic for m in own_commands.messages] == ["spBv1.0/g/NCMD/edge2"]
+        seen = [m.topic for m in host.messages]
+        assert "spBv1.0/g/DDATA/edge1/mill" in seen
+        assert not set(denied[:2]) & set(seen)
+        assert seen.count("spBv1.0/g/NCMD/edge1") == 1  # the detector's, not edge1's
+    finally:
+        for col in made:
+            col.close()
+        broker.stop()
