@@ -52,9 +52,7 @@ class Restored:
     @property
     def empty(self) -> bool:
         """True when there was nothing to restore."""
-        return (
-            self.snapshot is None and not self.records and not self.answered and not self.ingest
-        )
+        return self.snapshot is None and not self.records and not self.answered and not self.ingest
 
 
 class FileCheckpoint:
