@@ -315,6 +315,12 @@ class Engine:
                 break
             except PayloadError:
                 continue
+        else:
+            for extra in self.extra_ingests:
+                origin = extra.origin(message.topic)
+                if origin is not None:
+                    line, machine = origin
+                    break
         record = dead_letter(message.received, error)
         outcome.publishes.append(Publish(self.topics.deadletter(line, machine), record.encode()))
         outcome.rejected.append(error)

@@ -74,6 +74,10 @@ class StatefulIngest(Ingest, Protocol):
         """Build readings with these channels from now on (the serving model's)."""
         ...
 
+    def origin(self, topic: str) -> tuple[str, str] | None:
+        """``(line, machine)`` a message on ``topic`` is about (its dead letters go there)."""
+        ...
+
     def take_effects(self, now: float) -> IngestEffects:
         """Commands and deaths since the last call, and what timers due at ``now`` decided."""
         ...

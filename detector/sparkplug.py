@@ -252,6 +252,14 @@ class SparkplugIngest:
             return False
         return self.groups is None or topic.split("/", 2)[1] in self.groups
 
+    def origin(self, topic: str) -> tuple[str, str] | None:
+        """The line and machine a Sparkplug topic maps to (None if it maps to none)."""
+        try:
+            parsed = parse_sparkplug(topic)
+            return line_id(parsed.group), machine_id(parsed.node, parsed.device)
+        except PayloadError:
+            return None
+
     def bind(self, channels: Sequence[str]) -> None:
         """Build readings with the serving model's channels."""
         self.channels = tuple(channels)

@@ -100,7 +100,8 @@ def test_edge_node_births_data_gaps_deaths_and_bad_payloads(
 
         # Garbage where a DDATA belongs: dead-lettered; the stream goes on.
         edge.send((f"spBv1.0/{group}/DDATA/edge1/mill", b"\x0a\xff\xff\xff\x01"))
-        assert col.wait_for(_is_dead_letter("invalid_protobuf"))
+        garbage = col.wait_for(_is_dead_letter("invalid_protobuf"))
+        assert garbage[0].topic == f"{topics.deadletter(group, 'edge1.mill')}"
         edge.send(node.ddata("mill", {"torque_nm": 45.0}, _now_ms()))  # seq 303
         assert col.wait_for(_is_verdict("edge1.mill", 303))
 
