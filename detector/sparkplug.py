@@ -233,10 +233,16 @@ class SparkplugIngest:
     name = "sparkplug"
 
     def __init__(
-        self, settings: SparkplugSettings | None = None, groups: Sequence[str] | None = None
+        self,
+        settings: SparkplugSettings | None = None,
+        groups: Sequence[str] | None = None,
+        *,
+        ignore_groups: Sequence[str] = (),
     ) -> None:
         self.settings = settings if settings is not None else SparkplugSettings()
         self.groups = frozenset(groups) if groups else None
+        #: groups whose messages are consumed silently (the detector's own Sparkplug out)
+        self.ignore_groups = frozenset(ignore_groups)
         self.channels: tuple[str, ...] = AI4I_CHANNELS
         self.nodes: dict[str, _Node] = {}
         self._owners: dict[str, str] = {}  # machine id -> "<group>/<node>/<device>"
@@ -281,6 +287,11 @@ class SparkplugIngest:
     def decode(self, message: Received) -> list[Reading | PayloadError]:
         """The readings of one Sparkplug message (births and data); deaths give none."""
         topic = parse_sparkplug(message.topic)
+        if topic.group in self.ignore_groups:
+            return []
+        return self._decode(topic, message)
+
+    def _decode(self, topic: SparkplugTopic, message: Received) -> list[Reading | PayloadError]:
         payload = _parse(message.payload)
         key = _node_key(topic)
         node = self.nodes.setdefault(key, _Node())

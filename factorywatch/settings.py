@@ -162,6 +162,17 @@ class DetectorSettings(_Settings):
     sparkplug_rebirth_backoff_s: Annotated[float, Field(ge=0, le=3600)] = Field(
         default=5.0, description="least time between two rebirth requests to one edge node"
     )
+    sparkplug_out: bool = Field(
+        default=False,
+        description="also publish every machine's verdict and alert state as Sparkplug B "
+        "metrics of the detector's own edge node (the JSON alerts tree stays)",
+    )
+    sparkplug_out_group: str = Field(
+        default="factorywatch", description="Sparkplug group id of the detector's edge node"
+    )
+    sparkplug_out_node: str | None = Field(
+        default=None, description="Sparkplug edge node id of the detector (default: client id)"
+    )
 
 
 class SensorSettings(_Settings):

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -22,7 +23,7 @@ from factorywatch.credentials import init_secrets, read_password
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.sparkplug_edge import LiveEdge, TahuEdgeNode
+from tests.sparkplug_edge import LiveEdge, TahuEdgeNode, decode
 from tests.support import Collector, Message, Proc
 
 pytestmark = pytest.mark.integration
@@ -282,3 +283,54 @@ def test_acl_an_edge_node_writes_only_its_own_node_topics(tmp_path: Path, topic_
         for col in made:
             col.close()
         broker.stop()
+
+
+def _names(payload: bytes) -> dict[str, Any]:
+    return {m.name: getattr(m, m.WhichOneof("value")) for m in decode(payload).metrics}
+
+
+def test_verdicts_out_as_sparkplug_tags_with_births_rebirth_and_death(
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+) -> None:
+    """With Sparkplug out, each machine is a device of the detector's edge node: DBIRTH with
+    its tags, DDATA as verdicts come, births again on NCMD, and NDEATH when it dies."""
+    topics = Topics(settings.topic_root)
+    col = collector("spBv1.0/factorywatch/#", topics.deadletter_filter)
+    det = detector(env={**SPARKPLUG_ENV, "FACTORYWATCH_DETECTOR_SPARKPLUG_OUT": "true"})
+    out = "spBv1.0/factorywatch"
+    node_id = "detector-under-test"
+    assert col.wait_for(lambda m: m.topic == f"{out}/NBIRTH/{node_id}")
+    group = f"g{uuid.uuid4().hex[:8]}"
+    node = TahuEdgeNode(group, "edge1", bd_seq=1)
+    edge = LiveEdge(settings, node)
+    sim = MachineSimulator("mill", group, seed=13)
+    try:
+        edge.send(node.nbirth(_now_ms()))
+        edge.send(node.dbirth("mill", sim.next(time.time()), _now_ms()))
+        device = f"{node_id}/edge1.mill"
+        (birth,) = col.wait_for(lambda m: m.topic == f"{out}/DBIRTH/{device}")
+        tags = _names(birth.payload)
+        assert tags["Line"] == group
+        assert tags["Alert State"] == "NORMAL"
+        assert 0.0 < tags["Score"] <= 1.0
+        for _ in range(5):
+            edge.send(node.reading_data("mill", sim.next(time.time()), _now_ms()))
+        assert col.wait_for(lambda m: m.topic == f"{out}/DDATA/{device}")
+
+        rebirth = decode(b"")
+        metric = rebirth.metrics.add()
+        metric.name, metric.datatype, metric.boolean_value = "Node Control/Rebirth", 11, True
+        edge.send((f"{out}/NCMD/{node_id}", rebirth.SerializeToString()))
+        births = col.wait_for(lambda m: m.topic == f"{out}/NBIRTH/{node_id}", count=2)
+        assert len(births) == 2
+        assert len(col.wait_for(lambda m: m.topic == f"{out}/DBIRTH/{device}", count=2)) == 2
+
+        bd_seq = _names(births[-1].payload)["bdSeq"]
+        det.kill()  # the broker sends the will of its Sparkplug connection
+        (death,) = col.wait_for(lambda m: m.topic == f"{out}/NDEATH/{node_id}")
+        assert _names(death.payload)["bdSeq"] == bd_seq
+        assert not col.matching(lambda m: "/deadletter/" in m.topic)  # its own tags: no input
+    finally:
+        edge.close()
