@@ -77,7 +77,7 @@ class FileCheckpoint:
         return self.directory / f"{self.name}.journal.{generation}"
 
     def load(self) -> Restored:
-        """Read the snapshot and replay its journal; then open the journal for appending.
+        """Read the snapshot and replay its journal (appending goes on in the same journal).
 
         A torn last line (the process died mid-write) is ignored.
         """
@@ -115,7 +115,6 @@ class FileCheckpoint:
         for stale in self.directory.glob(f"{self.name}.journal.*"):
             if stale != journal:
                 stale.unlink()
-        self._file = journal.open("a")
         return restored
 
     def write_records(self, records: Iterable[MachineRecord]) -> None:

@@ -38,20 +38,8 @@ from factorywatch.topics import UNKNOWN, Topics
 ENGINE_SNAPSHOT_VERSION: Final = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """A raw message as a transport received it; ``token`` is the transport's handle to ack."""
-
-    topic: str
-    payload: bytes
-    received_at: float  # wall clock, Unix seconds
-    received_perf: float  # perf_counter at receipt, for processing latency
-    token: Any = None
-
-    @property
-    def received(self) -> Received:
-        """The message as the decoder sees it."""
-        return Received(self.topic, self.payload, self.received_at, self.received_perf)
+#: A raw message as a transport received it (``token``: the transport's handle to ack it).
+Inbound = Received
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +164,7 @@ class Engine:
 
     def _decode(self, outcome: Outcome, pending: list[tuple[Reading, Outcome]], now: float) -> None:
         try:
-            items = self.ingest.decode(outcome.message.received)
+            items = self.ingest.decode(outcome.message)
         except PayloadError as error:
             outcome.readings += 1
             self._reject(outcome, error)
@@ -321,7 +309,7 @@ class Engine:
                 if origin is not None:
                     line, machine = origin
                     break
-        record = dead_letter(message.received, error)
+        record = dead_letter(message, error)
         outcome.publishes.append(Publish(self.topics.deadletter(line, machine), record.encode()))
         outcome.rejected.append(error)
 
@@ -345,7 +333,8 @@ class Engine:
         kept = [p for p in record.outbox if p.uid != uid]
         if len(kept) != len(record.outbox):
             record.outbox = kept
-            self.states.touch(machine_id)
+            # journaled in this turn: a restart then does not send the event a second time
+            self.states.mark_urgent(machine_id)
 
     def answered(self, identity: str, digest: int) -> None:
         """Remember a reading answered before a restart (from the checkpoint's journal)."""

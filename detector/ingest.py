@@ -2,8 +2,9 @@
 
 What identifies a reading belongs here, not to the engine: a JSON reading is
 ``<machine_id>:<seq>``; a Sparkplug B ingest names its readings by edge node, device,
-``bdSeq`` and its wrapping ``seq``. Each reading also carries a content digest, so the engine
-can tell a redelivery (same identity, same content: dropped) from a reused identity with
+``bdSeq`` and its wrapping ``seq``. Each reading also carries a content digest (of the
+message's bytes for a single reading, of the re-encoded reading for a batch item), so the
+engine can tell a redelivery (same identity, same content: dropped) from a reused identity with
 different content (dead-lettered ``duplicate_id``).
 
 Pure: values in, values out (the decoder's clock is injected).
@@ -117,9 +118,12 @@ class Ingests:
         raise PayloadError("bad_topic", f"no ingest accepts {message.topic!r}")
 
 
+_SERIALIZER = Telemetry.__pydantic_serializer__
+
+
 def content_digest(telemetry: Telemetry) -> int:
     """A digest of everything a reading says (stable across processes and restarts)."""
-    return zlib.crc32(repr(telemetry.__dict__).encode())
+    return zlib.crc32(_SERIALIZER.to_json(telemetry))
 
 
 def json_identity(telemetry: Telemetry) -> str:
@@ -142,9 +146,10 @@ class JsonIngest:
     def decode(self, message: Received) -> list[Reading | PayloadError]:
         """One reading for a telemetry message, one entry per item for a batch."""
         if message.topic.startswith(self._telemetry_prefix):
-            items: list[Telemetry | PayloadError] = [self.decoder.decode(message)]
-        else:
-            items = self.decoder.decode_batch(message)
+            # One reading per message: its bytes are its content (a redelivery repeats them).
+            reading = self.decoder.decode(message)
+            return [Reading(reading, json_identity(reading), zlib.crc32(message.payload))]
+        items = self.decoder.decode_batch(message)
         return [
             item
             if isinstance(item, PayloadError)
