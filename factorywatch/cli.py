@@ -112,6 +112,11 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument("--threshold-value", type=float, default=default.value)
     p.add_argument("--no-promote", action="store_true", help="save without making it current")
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when a current model exists (compose's one-shot train service)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -120,7 +125,11 @@ def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) 
     from factorywatch.model import artifact, dataset, train  # noqa: PLC0415
     from factorywatch.model.threshold import ThresholdSpec  # noqa: PLC0415
 
-    ds = dataset.obtain(data.dataset, data.data_dir, verify=not args.no_verify, progress=_progress)
+    explicit = data.dataset
+    if explicit is None and data.dataset_dir is not None:
+        found = [data.dataset_dir / n for n in (dataset.KAGGLE_FILE, dataset.UCI_FILE)]
+        explicit = next((f for f in found if f.is_file()), None)
+    ds = dataset.obtain(explicit, data.data_dir, verify=not args.no_verify, progress=_progress)
     forest, card = train.fit(
         ds,
         feature_set=args.feature_set,
@@ -139,7 +148,16 @@ def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``factorywatch train``."""
-    version = train_model(args, _data_settings(args), promote=not args.no_promote)
+    data = _data_settings(args)
+    if args.if_missing:
+        from factorywatch.model import artifact  # noqa: PLC0415
+
+        current = artifact.current_version(data.model_dir)
+        if current is not None:
+            _progress(f"model {current} is current in {data.model_dir}: not training")
+            print(current)
+            return 0
+    version = train_model(args, data, promote=not args.no_promote)
     print(version)
     return 0
 
