@@ -68,7 +68,7 @@ def add_user(secrets_dir: Path, user: str, password: str | None = None) -> str:
             if name and hashed:
                 entries[name] = hashed
     entries[user] = hash_password(password)
-    _write(passwd, "".join(f"{n}:{h}\n" for n, h in entries.items()), FILE_MODE)
+    _write_in_place(passwd, "".join(f"{n}:{h}\n" for n, h in entries.items()))
     _write(password_path(secrets_dir, user), password + "\n", FILE_MODE)
     return password
 
@@ -78,13 +78,29 @@ def remove_user(secrets_dir: Path, user: str) -> None:
     passwd = secrets_dir / PASSWD_FILE
     if passwd.is_file():
         kept = [ln for ln in passwd.read_text().splitlines() if ln.split(":", 1)[0] != user]
-        _write(passwd, "".join(f"{ln}\n" for ln in kept), FILE_MODE)
+        _write_in_place(passwd, "".join(f"{ln}\n" for ln in kept))
     password_path(secrets_dir, user).unlink(missing_ok=True)
 
 
 def _make_private_dir(secrets_dir: Path) -> None:
     secrets_dir.mkdir(parents=True, exist_ok=True)
     secrets_dir.chmod(DIR_MODE)
+
+
+def _write_in_place(path: Path, text: str) -> None:
+    """Rewrite ``path`` keeping its inode (``_write`` replaces the file).
+
+    Compose bind-mounts ``passwd`` into the broker container as a single file: a replaced
+    file would stay invisible there, and the SIGHUP reload after ``add-user`` would re-read
+    the old users.
+    """
+    if not path.is_file():
+        _write(path, text, FILE_MODE)
+        return
+    with path.open("r+") as fh:
+        fh.write(text)
+        fh.truncate()
+    path.chmod(FILE_MODE)
 
 
 def _write(path: Path, text: str, mode: int) -> None:
