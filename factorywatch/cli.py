@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -24,6 +25,9 @@ from factorywatch.settings import (
     SensorSettings,
 )
 from factorywatch.topics import check_id
+
+if TYPE_CHECKING:
+    from factorywatch.model.artifact import ModelCard
 
 log = structlog.get_logger("factorywatch")
 
@@ -211,7 +215,24 @@ def cmd_models(args: argparse.Namespace) -> int:
         mark = "*" if version == current else " "
         clear = "" if card.clear_threshold is None else f" clear={card.clear_threshold:.4f}"
         print(f"{mark} {version}  {card.feature_set:<10} threshold={card.threshold:.4f}{clear}")
+        print(f"    {model_figures(card)}")
     return 0
+
+
+def model_figures(card: ModelCard) -> str:
+    """When a model was trained, on what data, and its figures, in one line."""
+    trained = card.created_at.strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"trained {trained} on {card.data.file} ({card.data.rows} rows)"]
+    metrics = card.metrics
+    if "train_alert_rate" in metrics:
+        parts.append(f"alarms on {metrics['train_alert_rate']:.1%} of training readings")
+    if "label_roc_auc" in metrics:
+        parts.append(
+            f"vs failure labels: ROC-AUC {metrics['label_roc_auc']:.3f}, "
+            f"precision {metrics['label_precision']:.2f}, "
+            f"recall {metrics['label_recall']:.2f} (in-sample)"
+        )
+    return "; ".join(parts)
 
 
 # -- detect ---------------------------------------------------------------------------------
@@ -388,6 +409,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 # -- broker and demo ------------------------------------------------------------------------
 DEFAULT_SECRETS = Path("secrets")
+WATCH_CONNECT_RETRIES = 2  # about 1.5 s of backoff before `watch` says the broker is away
 
 
 def _add_broker(sub: Any) -> None:
@@ -484,6 +506,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     broker = _broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="viewer")
+    if "FACTORYWATCH_MQTT_CONNECT_RETRIES" not in os.environ:
+        # Someone is looking at the screen: say within seconds that the broker is not there.
+        broker = broker.with_overrides(connect_retries=WATCH_CONNECT_RETRIES)
     run_watch(
         broker,
         _stop_on_signals(),

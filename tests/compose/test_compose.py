@@ -155,6 +155,7 @@ def _connect_when_reloaded(settings: BrokerSettings, machine: str) -> SensorPubl
         except BrokerError:
             if time.monotonic() > deadline:
                 raise
+            time.sleep(0.2)  # polling the reload (it cannot be observed), with a deadline
             continue
         return publisher
 
