@@ -158,10 +158,16 @@ def connect(
             client.loop_stop()
         client.disconnect()
         where = f"broker {settings.host}:{settings.port}"
-        if waiter.login_refused:
-            user = settings.username or "<username>"
+        if waiter.login_refused and settings.username is None:
             raise BrokerError(
-                f"{where} refused the login of user {user!r} ({waiter.last_reason}). "
+                f"{where} did not accept the connection ({waiter.last_reason}): it wants a "
+                "login; set FACTORYWATCH_MQTT_USERNAME and its password "
+                "(FACTORYWATCH_MQTT_PASSWORD[_FILE] or --secrets-dir)"
+            )
+        if waiter.login_refused:
+            user = settings.username
+            raise BrokerError(
+                f"{where} did not accept the login of user {user!r} ({waiter.last_reason}). "
                 f"If {user!r} is new, create it: `factorywatch broker add-user {user}`, "
                 "then reload the broker: `docker compose kill -s SIGHUP broker` (or "
                 "`kill -HUP <mosquitto pid>`); else check its password "

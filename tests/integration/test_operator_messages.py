@@ -41,7 +41,7 @@ def test_refused_sensor_login_names_the_remedy_and_stops(tmp_path: Path) -> None
             str(secrets),
         )
     assert done.returncode == 2
-    assert "refused the login of user 'weld-4'" in done.stderr
+    assert "did not accept the login of user 'weld-4'" in done.stderr
     assert "factorywatch broker add-user weld-4" in done.stderr
     assert "SIGHUP" in done.stderr
     assert took < 8, f"stopped after {took:.1f} s instead of retrying"
