@@ -119,7 +119,7 @@ def _show(console: Console) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], No
         model["version"] = v.model_version
         if switch is not None:
             console.print(switch, highlight=False)
-        console.print(verdict_line(v), highlight=False)
+        console.print(verdict_line(v), highlight=False, soft_wrap=True)  # one line per verdict
 
     return on_message
 

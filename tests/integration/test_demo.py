@@ -55,6 +55,8 @@ def test_demo_lines_hint_and_model_switch(
         for line in text.splitlines():
             if "NORMAL " in line and "score" in line:
                 assert re.search(r"score \d\.\d{3} <= threshold \d\.\d{3}", line), line
+            if re.search(r"(NORMAL|ALERT) +score", line):
+                assert re.search(r"\d ms", line), f"a verdict wrapped over lines: {line}"
         script = tmp_path / "run" / "demo" / "mosquitto_sub.sh"
         assert hint[0] in script.read_text()
         shown = subprocess.run(
