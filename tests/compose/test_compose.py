@@ -178,6 +178,13 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
             col.wait_for(_verdict_of(machine), timeout=60)
         firsts = _first_verdict_times(col, stack.machines)
         assert set(firsts) == set(stack.machines), f"verdicts only from {sorted(firsts)}"
+        shown = _cli(
+            "watch", "--once", "--port", str(stack.tls_port),
+            "--tls-ca", str(stack.secrets / "certs" / "ca.crt"),
+            "--secrets-dir", str(stack.secrets),
+        )  # fmt: skip
+        for machine in stack.machines:
+            assert f"line1/{machine}" in shown, shown
 
         # An alert: a machine added while the stack runs, then raised and acknowledged.
         _cli("broker", "add-user", PROBE, "--secrets-dir", str(stack.secrets))
