@@ -45,6 +45,10 @@ def docker_engine() -> Iterator[None]:
         _run_script("docker-wheels.sh", timeout_s=900)
         yield
     finally:
+        # Rebuilt images leave their predecessors untagged: keep the cached data root bounded.
+        subprocess.run(
+            ["docker", "image", "prune", "-f"], capture_output=True, timeout=120, check=False
+        )
         if started:
             pid = int(started.splitlines()[-1])
             os.kill(pid, signal.SIGTERM)
