@@ -167,27 +167,27 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
     started = time.time()
     stack.run("up", "-d", "--build", timeout_s=1200)
     up_done = time.time()
-    ps = stack.run("ps", "--all", "--format", "{{.Service}} {{.State}} {{.Health}}").stdout
-    assert "detector running healthy" in ps, ps
-    assert "train exited" in ps, ps
-    # Hardened as declared: not root, nothing writable outside volumes, no training libraries.
-    assert stack.run("exec", "-T", "detector", "id", "-u").stdout.strip() == "10001"
-    # (The exit code of `compose exec` is not reliable with this engine: print the outcome.)
-    wrote = stack.run(
-        "exec", "-T", "detector", "sh", "-c",
-        "for d in /opt/venv /app /etc; do touch $d/x 2>/dev/null && echo $d; done; echo done",
-    ).stdout.split()  # fmt: skip
-    assert wrote == ["done"], f"writable outside the volumes: {wrote[:-1]}"
-    found = stack.run(
-        "exec", "-T", "detector", "python", "-c",
-        "import importlib.util as u; print([m for m in ('sklearn', 'pandas', 'matplotlib', "
-        "'kagglehub') if u.find_spec(m)])",
-    ).stdout.strip()  # fmt: skip
-    assert found == "[]", f"training libraries in the runtime image: {found}"
-
-    topics = Topics()
+    topics = Topics()  # subscribed at once: the first verdicts' arrival times are measured
     col = Collector(stack.settings("viewer"), [topics.alerts_filter], f"cv-{os.getpid()}")
     try:
+        ps = stack.run("ps", "--all", "--format", "{{.Service}} {{.State}} {{.Health}}").stdout
+        assert "detector running healthy" in ps, ps
+        assert "train exited" in ps, ps
+        # Hardened as declared: not root, nothing writable outside volumes, no training libraries.
+        assert stack.run("exec", "-T", "detector", "id", "-u").stdout.strip() == "10001"
+        # (The exit code of `compose exec` is not reliable with this engine: print the outcome.)
+        wrote = stack.run(
+            "exec", "-T", "detector", "sh", "-c",
+            "for d in /opt/venv /app /etc; do touch $d/x 2>/dev/null && echo $d; done; echo done",
+        ).stdout.split()  # fmt: skip
+        assert wrote == ["done"], f"writable outside the volumes: {wrote[:-1]}"
+        found = stack.run(
+            "exec", "-T", "detector", "python", "-c",
+            "import importlib.util as u; print([m for m in ('sklearn', 'pandas', 'matplotlib', "
+            "'kagglehub') if u.find_spec(m)])",
+        ).stdout.strip()  # fmt: skip
+        assert found == "[]", f"training libraries in the runtime image: {found}"
+
         for machine in stack.machines:
             col.wait_for(_verdict_of(machine), timeout=60)
         firsts = _first_verdict_times(col, stack.machines)
