@@ -3,20 +3,29 @@
 From the host, over TLS with the secrets `factorywatch broker init` generated: verdicts for
 every simulated machine, an alert raised (by a machine added with `broker add-user` and a
 broker reload) and acknowledged, `docker compose restart detector` losing no reading, and
-`docker compose down -v` leaving nothing behind. Prints image sizes and the time from
-`up` to the first verdict of every machine (`pytest -s`).
+`docker compose down -v` leaving nothing behind. The operator services too, over HTTP from
+the host: the web view's /healthz and an operator's login seeing every machine, the
+recorder's history holding the acknowledged alert (`factorywatch history` in its container
+and the web API), Prometheus scraping the detector, Alertmanager holding the raised alert.
+Prints image sizes and the time from `up` to the first verdict of every machine (`pytest -s`).
 """
 
 from __future__ import annotations
 
+import http.cookiejar
+import json
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -33,7 +42,14 @@ from tests.support import CLI, PROJECT_DIR, Collector, Message
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 
-IMAGES = ("factorywatch:latest", "factorywatch-train:latest", "factorywatch-broker:latest")
+IMAGES = (
+    "factorywatch:latest",
+    "factorywatch-train:latest",
+    "factorywatch-ops:latest",
+    "factorywatch-broker:latest",
+    "factorywatch-prometheus:latest",
+    "factorywatch-alertmanager:latest",
+)
 PROBE = "probe-9"  # a machine added while the stack runs: `broker add-user` + reload
 ANOMALOUS = {  # far outside the power window: an ALERT for any AI4I model
     "air_temperature_k": 300.0,
@@ -53,6 +69,7 @@ class Stack:
     secrets: Path
     tls_port: int
     machines: list[str]
+    ports: dict[str, int]  # host ports: web, prometheus, alertmanager
 
     def run(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
         """`docker compose <args>` in the project directory; fails the test on an error."""
@@ -67,6 +84,11 @@ class Stack:
         )
         assert done.returncode == 0, f"compose {args} failed:\n{done.stderr[-4000:]}"
         return done
+
+    @property
+    def web(self) -> str:
+        """The web view's address on the host."""
+        return f"http://127.0.0.1:{self.ports['web']}"
 
     def settings(self, user: str) -> BrokerSettings:
         """How a host-side client reaches the broker: TLS port, generated CA and password."""
@@ -104,6 +126,7 @@ def stack(compose_command: list[str], test_data: DatasetChoice, tmp_path: Path) 
     secrets = tmp_path / "secrets"
     _cli("broker", "init", "--secrets-dir", str(secrets), "--machines", ",".join(machines))
     tls_port = free_port()
+    ports = {name: free_port() for name in ("web", "prometheus", "alertmanager")}
     env = {
         **os.environ,
         "COMPOSE_PROJECT_NAME": f"fwtest-{uuid.uuid4().hex[:8]}",
@@ -112,8 +135,11 @@ def stack(compose_command: list[str], test_data: DatasetChoice, tmp_path: Path) 
         "FACTORYWATCH_BROKER_PORT": str(free_port()),
         "FACTORYWATCH_BROKER_TLS_PORT": str(tls_port),
         "FACTORYWATCH_METRICS_PORT": str(free_port()),
+        "FACTORYWATCH_WEB_PORT": str(ports["web"]),
+        "FACTORYWATCH_PROMETHEUS_PORT": str(ports["prometheus"]),
+        "FACTORYWATCH_ALERTMANAGER_PORT": str(ports["alertmanager"]),
     }
-    stack = Stack(compose_command, env, secrets, tls_port, machines)
+    stack = Stack(compose_command, env, secrets, tls_port, machines, ports)
     try:
         yield stack
     finally:
@@ -160,6 +186,77 @@ def _connect_when_reloaded(settings: BrokerSettings, machine: str) -> SensorPubl
         return publisher
 
 
+def _get_json(url: str, opener: urllib.request.OpenerDirector | None = None) -> Any:
+    """GET a JSON document from a published port (raises on an HTTP error)."""
+    try:
+        with (opener or urllib.request.build_opener()).open(url, timeout=10) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the response's socket
+        raise
+
+
+def _eventually(what: str, probe: Callable[[], Any], timeout_s: float = 60) -> Any:
+    """``probe()`` until it returns something truthy; fails with ``what`` at the deadline.
+
+    For HTTP state that cannot be subscribed to (a scrape, a database row, a pushed alert).
+    """
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(0.5)  # polling state over HTTP, with a deadline
+    pytest.fail(f"{what} within {timeout_s:.0f} s (last: {last!r})")
+
+
+def _web_login(stack: Stack, user: str) -> urllib.request.OpenerDirector:
+    """Log in to the web view from the host with the password `broker init` generated."""
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+    )
+    form = urllib.parse.urlencode(
+        {"username": user, "password": (stack.secrets / f"{user}.password").read_text().strip()}
+    ).encode()
+    with opener.open(f"{stack.web}/login", data=form, timeout=10) as resp:
+        assert resp.url.rstrip("/") == stack.web, f"login as {user} refused: {resp.url}"
+    return opener
+
+
+def _web_checks(stack: Stack) -> None:
+    """/healthz, login required, a wrong password refused, an operator sees every machine."""
+    health = _eventually(
+        "the web view's /healthz answers", lambda: _get_json(f"{stack.web}/healthz")
+    )
+    assert health["ok"] is True, health
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        _get_json(f"{stack.web}/api/machines")
+    assert anonymous.value.code == 401, "the API needs a login"
+    wrong = urllib.parse.urlencode({"username": "operator", "password": "wrong"}).encode()
+    with urllib.request.build_opener().open(f"{stack.web}/login", data=wrong, timeout=10) as resp:
+        assert "error=1" in resp.url, "a wrong password is refused"
+    operator = _web_login(stack, "operator")
+    assert _get_json(f"{stack.web}/api/me", operator) == {"user": "operator", "role": "operator"}
+
+    def machines_seen() -> bool:
+        snapshot = _get_json(f"{stack.web}/api/machines", operator)["machines"]
+        scored = {m["machine_id"] for m in snapshot if m.get("last_score") is not None}
+        return set(stack.machines) <= scored
+
+    _eventually("the web view shows a score for every machine", machines_seen)
+
+
+def _history_of(stack: Stack, machine: str) -> list[dict[str, Any]]:
+    """`factorywatch history --json` inside the recorder's container (its database)."""
+    out = stack.run("exec", "-T", "recorder", "factorywatch", "history", "--machine", machine,
+                    "--since", "1h", "--json").stdout  # fmt: skip
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
 def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
     """The README's `docker compose up` serves TLS verdicts, alerts and acks, loses nothing."""
     build_started = time.time()
@@ -173,6 +270,8 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
         ps = stack.run("ps", "--all", "--format", "{{.Service}} {{.State}} {{.Health}}").stdout
         assert "detector running healthy" in ps, ps
         assert "train exited" in ps, ps
+        for service in ("web", "recorder", "notify", "prometheus", "alertmanager"):
+            assert f"{service} running" in ps, ps
         # Hardened as declared: not root, nothing writable outside volumes, no training libraries.
         assert stack.run("exec", "-T", "detector", "id", "-u").stdout.strip() == "10001"
         # (The exit code of `compose exec` is not reliable with this engine: print the outcome.)
@@ -187,6 +286,9 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
             "'kagglehub') if u.find_spec(m)])",
         ).stdout.strip()  # fmt: skip
         assert found == "[]", f"training libraries in the runtime image: {found}"
+        for service in ("web", "prometheus", "alertmanager"):
+            uid = stack.run("exec", "-T", service, "id", "-u").stdout.strip()
+            assert uid not in {"", "0"}, f"{service} runs as root"
 
         for machine in stack.machines:
             col.wait_for(_verdict_of(machine), timeout=60)
@@ -199,6 +301,7 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
         )  # fmt: skip
         for machine in stack.machines:
             assert f"line1/{machine}" in shown, shown
+        _web_checks(stack)
 
         # An alert: a machine added while the stack runs, then raised and acknowledged.
         _cli("broker", "add-user", PROBE, "--secrets-dir", str(stack.secrets))
@@ -231,6 +334,38 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
         operator.disconnect()
         operator.loop_stop()
         probe.close()
+
+        # The operator services saw it: notify pushed it to Alertmanager, the recorder stored
+        # it (read by `factorywatch history` in its container and by the web view's API).
+        alertmanager = f"http://127.0.0.1:{stack.ports['alertmanager']}"
+        query = urllib.parse.quote(f'machine="{PROBE}"')
+        pushed = _eventually(
+            "Alertmanager holds the probe's alert",
+            lambda: _get_json(f"{alertmanager}/api/v2/alerts?filter={query}"),
+        )
+        assert pushed[0]["labels"]["alertname"] == "FactorywatchAnomaly", pushed
+        assert pushed[0]["labels"]["line"] == "line1", pushed
+        stored = _eventually(
+            "the recorder stored the acknowledged alert",
+            lambda: [a for a in _history_of(stack, PROBE) if a.get("acknowledged_by")],
+        )
+        assert stored[0]["acknowledged_by"] == "compose-test", stored
+        web_history = _get_json(
+            f"{stack.web}/api/history?machine={PROBE}&since=1h", _web_login(stack, "viewer")
+        )
+        assert [a["alert_id"] for a in web_history["alerts"]] == [stored[0]["alert_id"]]
+
+        # Prometheus scrapes the detector (its first scrape may precede the detector's DNS name).
+        prometheus = f"http://127.0.0.1:{stack.ports['prometheus']}"
+
+        def detector_target_up() -> bool:
+            targets = _get_json(f"{prometheus}/api/v1/targets")["data"]["activeTargets"]
+            return any(
+                t["labels"]["job"] == "factorywatch-detector" and t["health"] == "up"
+                for t in targets
+            )
+
+        _eventually("Prometheus scrapes the detector", detector_target_up)
 
         # Restart the detector: its persistent session keeps what arrives meanwhile.
         before = {v.machine_id: v.seq for v in _verdicts(col)}
@@ -266,6 +401,15 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
     finally:
         col.close()
     assert "not training" in stack.run("logs", "train").stdout
+    # The history volume outlives `down`: the web view still lists the probe's alert.
+    kept = _get_json(
+        f"{stack.web}/api/history?machine={PROBE}&since=1h", _web_login(stack, "operator")
+    )
+    assert [a["alert_id"] for a in kept["alerts"]] == [stored[0]["alert_id"]]
+    # Grafana (not started here: Docker Hub is out of reach) is a valid service of its profile.
+    grafana = stack.run("--profile", "grafana", "config", "--services").stdout.split()
+    assert "grafana" in grafana
+    assert "grafana" not in stack.run("config", "--services").stdout.split()
 
     sizes = {
         image: int(
