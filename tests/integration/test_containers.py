@@ -29,6 +29,11 @@ from tests.support import PROJECT_DIR, Collector, Proc
 COMPOSE = PROJECT_DIR / "docker-compose.yml"
 APP_DOCKERFILE = PROJECT_DIR / "docker" / "Dockerfile"
 BROKER_DOCKERFILE = PROJECT_DIR / "docker" / "broker.Dockerfile"
+# Debian's Prometheus and Alertmanager, each running as Debian's `prometheus` user.
+MONITORING_DOCKERFILES = {
+    "prometheus": PROJECT_DIR / "docker" / "prometheus.Dockerfile",
+    "alertmanager": PROJECT_DIR / "docker" / "alertmanager.Dockerfile",
+}
 BASE = "debian:bookworm-slim"
 SECRETS = "${FACTORYWATCH_SECRETS:-./secrets}"
 
@@ -121,15 +126,21 @@ def test_compose_ports_default_to_loopback_and_avoid_1883() -> None:
     """Every published port binds ${FACTORYWATCH_BIND:-127.0.0.1}, never the host's 1883."""
     services = _compose()["services"]
     published = [p for svc in services.values() for p in svc.get("ports", [])]
-    assert len(published) == 3
+    # broker (2), detector metrics, web, prometheus, alertmanager, grafana
+    assert len(published) == 7
     pattern = re.compile(
-        r"\$\{FACTORYWATCH_BIND:-([0-9.]+)\}:\$\{FACTORYWATCH_\w+_PORT:-(\d+)\}:\d+"
+        r"\$\{FACTORYWATCH_BIND:-([0-9.]+)\}:\$\{(FACTORYWATCH_\w+_PORT):-(\d+)\}:\d+"
     )
+    variables, defaults = set(), set()
     for mapping in published:
         match = pattern.fullmatch(mapping)
         assert match is not None, mapping
         assert match.group(1) == "127.0.0.1", mapping
-        assert match.group(2) not in {"1883", "8883", "9108"}, mapping
+        # not the ports the same programs installed on the host usually hold
+        assert match.group(3) not in {"1883", "8883", "9108", "8080", "9090", "9093", "3000"}
+        variables.add(match.group(2))
+        defaults.add(match.group(3))
+    assert len(variables) == len(defaults) == 7, "each port has its own variable and default"
 
 
 def test_every_container_is_hardened() -> None:
@@ -140,9 +151,42 @@ def test_every_container_is_hardened() -> None:
         assert "no-new-privileges:true" in svc["security_opt"], name
 
 
+def test_operator_services_use_the_ops_image_and_only_their_own_secrets() -> None:
+    """Recorder, web and notify run the ops image as the broker accounts they need, no more."""
+    compose = _compose()
+    services = compose["services"]
+    wanted = {
+        "recorder": {"monitor.password"},
+        "web": {"monitor.password", "operator.password", "passwd"},
+        "notify": {"viewer.password"},
+    }
+    for name, targets in wanted.items():
+        svc = services[name]
+        assert svc["image"] == "factorywatch-ops:latest", name
+        assert svc["build"]["target"] == "ops", name
+        verb = {"recorder": ["history", "record"], "web": ["web"], "notify": ["notify"]}[name]
+        assert svc["command"][: 1 + len(verb)] == ["factorywatch", *verb], name
+        assert svc["command"][svc["command"].index("--host") + 1] == "broker", name
+        assert {s["target"] for s in svc["secrets"]} == targets, name
+        assert svc["depends_on"]["broker"]["condition"] == "service_healthy", name
+    history = "sqlite:////var/lib/factorywatch/history.sqlite"
+    for name in ("recorder", "web"):
+        assert services[name]["environment"]["FACTORYWATCH_HISTORY_URL"] == history
+        assert "history:/var/lib/factorywatch" in services[name]["volumes"], "one shared store"
+    assert services["web"]["healthcheck"]["test"][-1].count("/healthz") == 1
+    notify = services["notify"]["command"]
+    assert notify[notify.index("--alertmanager-url") + 1] == "http://alertmanager:9093"
+    prometheus = yaml.safe_load((PROJECT_DIR / "deploy/prometheus/prometheus.yml").read_text())
+    scraped = [t for job in prometheus["scrape_configs"] for c in job["static_configs"]
+               for t in c["targets"]]  # fmt: skip
+    assert "detector:9108" in scraped, "Prometheus scrapes the detector by its service name"
+    grafana = services["grafana"]
+    assert grafana["profiles"] == ["grafana"], "Grafana (Docker Hub) only when asked for"
+
+
 def test_dockerfiles_build_on_bookworm_slim_and_run_non_root() -> None:
     """Every image starts FROM debian:bookworm-slim or an earlier stage and runs as non-root."""
-    for path in (APP_DOCKERFILE, BROKER_DOCKERFILE):
+    for path in (APP_DOCKERFILE, BROKER_DOCKERFILE, *MONITORING_DOCKERFILES.values()):
         stages = _stages(path)
         args = dict(
             arg.split("=", 1) for op, arg in _dockerfile(path) if op == "ARG" and "=" in arg
@@ -157,7 +201,7 @@ def test_dockerfiles_build_on_bookworm_slim_and_run_non_root() -> None:
                         assert (PROJECT_DIR / src).exists(), f"COPY source {src} is missing"
     app = _stages(APP_DOCKERFILE)
     compose = _compose()["services"]
-    for target, service in (("runtime", "detector"), ("train", "train")):
+    for target, service in (("runtime", "detector"), ("train", "train"), ("ops", "web")):
         instructions = app[target]
         users = [arg for op, arg in instructions if op == "USER"]
         assert users, f"{target} sets a USER"
@@ -166,6 +210,10 @@ def test_dockerfiles_build_on_bookworm_slim_and_run_non_root() -> None:
         assert yaml.safe_load(cmd) == compose[service]["command"]
     broker_users = [arg for op, arg in _stages(BROKER_DOCKERFILE)["final"] if op == "USER"]
     assert broker_users == ["mosquitto"]
+    for service, path in MONITORING_DOCKERFILES.items():
+        final = _stages(path)["final"]
+        assert [arg for op, arg in final if op == "USER"] == ["prometheus"], path.name
+        assert compose[service]["build"]["dockerfile"] == f"docker/{path.name}"
 
 
 def test_runtime_image_installs_only_the_core_dependencies() -> None:
@@ -174,12 +222,19 @@ def test_runtime_image_installs_only_the_core_dependencies() -> None:
     runtime_run = " ".join(arg for op, arg in app["venv-runtime"] if op == "RUN")
     assert "-r /src/runtime.txt" in runtime_run
     assert "train" not in runtime_run
-    assert ("COPY", "--from=venv-runtime /opt/venv /opt/venv") in app["runtime"]
+    assert ("COPY", "--from=venv-runtime /opt/venv /opt/venv") in app["venv"]
+    assert app["runtime"][0] == ("FROM", "venv AS runtime")
     assert ("COPY", "--from=venv-train /opt/venv /opt/venv") in app["train"]
+    # ops: the same venv layer plus only the files the `web` extra adds (pinned to runtime's)
+    assert app["ops"][0] == ("FROM", "venv AS ops")
+    assert ("COPY", "--from=venv-ops /delta/ /opt/venv/") in app["ops"]
+    ops_run = " ".join(arg for op, arg in app["venv-ops"] if op == "RUN")
+    assert "-c /tmp/runtime.lock -r /src/ops.txt" in ops_run
+    assert "train" not in ops_run
     # And the final stage (what a plain `docker build` makes) is the runtime one.
     assert list(app)[-1] == "runtime"
     for tool in ("gcc", "build-essential", "python3-pip", "python3-venv"):
-        for target in ("python", "runtime", "train"):
+        for target in ("python", "venv", "runtime", "ops", "train"):
             text = " ".join(arg for _op, arg in app[target])
             assert tool not in text, f"{tool} in the {target} image"
 
