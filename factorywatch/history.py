@@ -301,16 +301,26 @@ class HistoryStore:
         self._metadata = sa.MetaData(schema=schema)
         self._t = _tables(self._metadata)
         try:
-            with self.engine.begin() as conn:
-                if schema is not None:
-                    conn.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
-                self._metadata.create_all(conn)
+            try:
+                self._create_tables()
+            except sa.exc.SQLAlchemyError as exc:
+                # Another process (compose starts the recorder and the web view together)
+                # created a table between this one's check and its CREATE: look again.
+                if "already exists" not in str(exc) and not isinstance(exc, sa.exc.IntegrityError):
+                    raise
+                self._create_tables()
         except sa.exc.SQLAlchemyError as exc:
             self.engine.dispose()
             safe = self.engine.url.render_as_string(hide_password=True)
             raise HistoryError(
                 f"history database {safe} unusable: {getattr(exc, 'orig', None) or exc}"
             ) from exc
+
+    def _create_tables(self) -> None:
+        with self.engine.begin() as conn:
+            if self.schema is not None:
+                conn.execute(sa.schema.CreateSchema(self.schema, if_not_exists=True))
+            self._metadata.create_all(conn)
 
     @classmethod
     def from_settings(cls, settings: HistorySettings) -> HistoryStore:
