@@ -402,6 +402,7 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
         col.close()
     assert "not training" in stack.run("logs", "train").stdout
     # The history volume outlives `down`: the web view still lists the probe's alert.
+    _eventually("the web view is back", lambda: _get_json(f"{stack.web}/healthz")["ok"])
     kept = _get_json(
         f"{stack.web}/api/history?machine={PROBE}&since=1h", _web_login(stack, "operator")
     )
