@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from factorywatch import mqtt as fwmqtt
 from factorywatch import runtime
 from factorywatch.errors import FactorywatchError
 from factorywatch.logs import configure_logging
@@ -242,12 +243,43 @@ def cmd_detect(args: argparse.Namespace) -> int:
     broker = _broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="detector")
+    settings = _detector_identity(settings, broker)
     stop = _stop_on_signals()
     service = DetectorService(settings, broker, data.model_dir, model)
+    fenced: list[str] = []
+
+    def on_fenced(reason: str) -> None:
+        log.error("detector_fenced", client_id=settings.client_id, reason=reason)
+        fenced.append(reason)
+        stop.set()
+
+    fwmqtt.fence_on_takeover(service.client, on_fenced)
     service.start()
     runtime.settle_heap()
     service.run(stop)
+    if fenced:
+        raise FactorywatchError(
+            f"another detector logged in as {settings.client_id!r} and took over its session "
+            f"({fenced[0]}): this one stopped instead of fighting for it. Give each detector "
+            "its own account: `factorywatch broker add-user detector-<shard> --detector`, "
+            "then `detect --username detector-<shard> --lines ...`"
+        )
     return 0
+
+
+def _detector_identity(settings: DetectorSettings, broker: BrokerSettings) -> DetectorSettings:
+    """A detector that logs in is known by its login: the broker makes it its client id."""
+    if broker.username is None:
+        return settings
+    default = DetectorSettings.model_fields["client_id"].default
+    if settings.client_id not in (default, broker.username):
+        raise FactorywatchError(
+            f"client id {settings.client_id!r} differs from the login {broker.username!r}: the "
+            "broker uses the login as the client id (use_username_as_clientid); give this "
+            f"detector its own account instead (`broker add-user {settings.client_id} "
+            "--detector`, then `detect --username ...`)"
+        )
+    return settings.with_overrides(client_id=broker.username)
 
 
 # -- sensors --------------------------------------------------------------------------------
@@ -385,10 +417,23 @@ def _add_broker(sub: Any) -> None:
     init = actions.add_parser("init", help="create service users, machine users and TLS certs")
     init.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS)
     init.add_argument("--machines", default="", help="comma-separated machine ids")
+    init.add_argument("--line", default="line1", help="production line of these machines")
     init.add_argument("--force", action="store_true", help="rotate every password and cert")
     init.set_defaults(func=cmd_broker_init)
-    add = actions.add_parser("add-user", help="add a user or rotate its password")
-    add.add_argument("user", help="a machine id, or detector/viewer/operator/monitor")
+    add = actions.add_parser(
+        "add-user",
+        help="add a machine, gateway or detector account (or rotate its password)",
+        description="A machine (default) may publish only its own telemetry. A gateway "
+        "(--gateway --machines m1,m2) may publish batches only for the machines given. A "
+        "detector account (--detector, e.g. detector-line2) serves one shard; its name is "
+        "its MQTT client id. Reload the broker afterwards (SIGHUP).",
+    )
+    add.add_argument("user", help="a machine id, gateway id, detector-<shard>, or a service user")
+    role = add.add_mutually_exclusive_group()
+    role.add_argument("--gateway", action="store_true", help="a gateway (needs --machines)")
+    role.add_argument("--detector", action="store_true", help="a detector shard's account")
+    add.add_argument("--machines", default="", help="gateway: machines it may speak for")
+    add.add_argument("--line", default="line1", help="production line of the machine(s)")
     add.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS)
     add.set_defaults(func=cmd_broker_add_user)
     remove = actions.add_parser("remove-user", help="remove a user")
@@ -420,30 +465,47 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
     from factorywatch.credentials import init_secrets  # noqa: PLC0415
 
     machines = tuple(_machine_ids([args.machines])) if args.machines else ()
-    created = init_secrets(args.secrets_dir, machines, force=args.force)
+    line = check_id(args.line, "line")
+    created = init_secrets(args.secrets_dir, machines, force=args.force, line=line)
     print(f"secrets in {args.secrets_dir}: created {', '.join(created) or 'nothing (all exist)'}")
     return 0
 
 
+_RELOAD_HINT = "Reload the broker: `docker compose kill -s SIGHUP broker` (or kill -HUP <pid>)."
+
+
 def cmd_broker_add_user(args: argparse.Namespace) -> int:
     """``factorywatch broker add-user NAME``: add or rotate; reload the broker afterwards."""
-    from factorywatch.credentials import add_user, password_path  # noqa: PLC0415
+    from factorywatch.accounts import STATIC_ROLES  # noqa: PLC0415
+    from factorywatch.credentials import add_user, password_path, register  # noqa: PLC0415
 
-    check_id(args.user, "user")
-    add_user(args.secrets_dir, args.user)
-    print(
-        f"{args.user}: new password in {password_path(args.secrets_dir, args.user)}. "
-        "Reload the broker: `docker compose kill -s SIGHUP broker` (or kill -HUP <pid>)."
-    )
+    user = check_id(args.user, "user")
+    line = check_id(args.line, "line")
+    if args.machines and not args.gateway:
+        raise FactorywatchError("--machines is for a gateway: add --gateway")
+    what = f"{user}"
+    if args.gateway:
+        machines = tuple(_machine_ids([args.machines])) if args.machines else ()
+        register(args.secrets_dir, user, "gateway", line=line, machines=machines)
+        what = f"gateway {user} (may publish batches for {', '.join(machines)})"
+    elif args.detector or user == "detector":
+        register(args.secrets_dir, user, "detector")
+        what = f"detector account {user} (its client id; run `detect --username {user}`)"
+    elif user not in STATIC_ROLES:
+        _machine_ids([user])
+        register(args.secrets_dir, user, "machine", line=line)
+        what = f"machine {user} on {line}"
+    add_user(args.secrets_dir, user)
+    print(f"{what}: new password in {password_path(args.secrets_dir, user)}. {_RELOAD_HINT}")
     return 0
 
 
 def cmd_broker_remove_user(args: argparse.Namespace) -> int:
-    """``factorywatch broker remove-user NAME``."""
+    """``factorywatch broker remove-user NAME`` (exit 2 when there is no such user)."""
     from factorywatch.credentials import remove_user  # noqa: PLC0415
 
     remove_user(args.secrets_dir, args.user)
-    print(f"{args.user} removed; reload the broker (SIGHUP) to apply")
+    print(f"{args.user} removed. {_RELOAD_HINT}")
     return 0
 
 

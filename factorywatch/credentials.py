@@ -3,6 +3,9 @@
 Layout of a secrets directory (never committed; ``secrets/`` is git-ignored)::
 
     secrets/passwd               Mosquitto password file (PBKDF2-SHA512 hashes, ``$7$``)
+    secrets/registry.json        machines, their lines, gateways, detector accounts
+                                 (factorywatch.accounts; the detector reads it)
+    secrets/acl                  broker/acl plus the registry's gateway and detector blocks
     secrets/<user>.password      one client's plaintext password (mode 0600)
     secrets/certs/ca.crt         CA that signed the broker certificate (give it to clients)
     secrets/certs/server.{crt,key}  the broker's certificate and key (TLS listener 8883)
@@ -22,10 +25,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
+from factorywatch.accounts import (
+    DEFAULT_LINE,
+    AccountRegistry,
+    RegistryError,
+    Role,
+    read_registry,
+    registry_path,
+    write_registry,
+)
+from factorywatch.broker import acl_for_secrets
 from factorywatch.topics import check_id
 
 SERVICE_USERS: Final = ("detector", "viewer", "operator", "monitor", "healthcheck")
 PASSWD_FILE: Final = "passwd"  # noqa: S105 - a file name, not a password
+ACL_FILE: Final = "acl"
 CERTS_DIR: Final = "certs"
 _ITERATIONS: Final = 101  # what mosquitto_passwd 2.0 uses
 
@@ -65,13 +79,55 @@ def add_user(secrets_dir: Path, user: str, password: str | None = None) -> str:
     return password
 
 
+def _passwd_users(secrets_dir: Path) -> set[str]:
+    passwd = secrets_dir / PASSWD_FILE
+    if not passwd.is_file():
+        return set()
+    return {ln.split(":", 1)[0] for ln in passwd.read_text().splitlines() if ":" in ln}
+
+
 def remove_user(secrets_dir: Path, user: str) -> None:
-    """Delete ``user`` from the password file and its plaintext password."""
+    """Delete ``user``'s password entry, plaintext password and registry entry.
+
+    Raises ``RegistryError`` when no such user exists (nothing is changed then).
+    """
+    registry = read_registry(registry_path(secrets_dir), missing_ok=True)
+    known = user in _passwd_users(secrets_dir) or registry.role_of(user) is not None
+    if not known:
+        raise RegistryError(f"no user {user!r} in {secrets_dir}: nothing removed")
     passwd = secrets_dir / PASSWD_FILE
     if passwd.is_file():
         kept = [ln for ln in passwd.read_text().splitlines() if ln.split(":", 1)[0] != user]
         _write(passwd, "".join(f"{ln}\n" for ln in kept), 0o644)
     password_path(secrets_dir, user).unlink(missing_ok=True)
+    save_registry(secrets_dir, registry.without(user))
+
+
+def register(
+    secrets_dir: Path,
+    user: str,
+    role: Role,
+    *,
+    line: str = DEFAULT_LINE,
+    machines: tuple[str, ...] = (),
+) -> AccountRegistry:
+    """Record ``user``'s role in the registry (and the ACL made from it); return the registry."""
+    registry = read_registry(registry_path(secrets_dir), missing_ok=True)
+    if role == "machine":
+        registry = registry.with_machine(user, line)
+    elif role == "gateway":
+        registry = registry.with_gateway(user, list(machines), line)
+    else:
+        registry = registry.with_detector(user)
+    save_registry(secrets_dir, registry)
+    return registry
+
+
+def save_registry(secrets_dir: Path, registry: AccountRegistry) -> None:
+    """Write the registry and regenerate ``secrets/acl`` from it (reload the broker after)."""
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    write_registry(registry_path(secrets_dir), registry)
+    _write(secrets_dir / ACL_FILE, acl_for_secrets(secrets_dir), 0o644)
 
 
 def _write(path: Path, text: str, mode: int) -> None:
@@ -151,13 +207,25 @@ def make_certificates(
     )
 
 
-def init_secrets(secrets_dir: Path, machines: tuple[str, ...], *, force: bool = False) -> list[str]:
-    """Create service users, one user per machine and TLS material; return users created."""
+def init_secrets(
+    secrets_dir: Path,
+    machines: tuple[str, ...],
+    *,
+    force: bool = False,
+    line: str = DEFAULT_LINE,
+) -> list[str]:
+    """Create service users, one user per machine (on ``line``), the registry and TLS
+    material; return the users created."""
     created = []
     for user in (*SERVICE_USERS, *machines):
         if force or read_password(secrets_dir, user) is None:
             add_user(secrets_dir, user)
             created.append(user)
+    registry = read_registry(registry_path(secrets_dir), missing_ok=True)
+    for machine in machines:
+        if registry.role_of(machine) != "machine" or registry.machines[machine].line != line:
+            registry = registry.with_machine(machine, line)
+    save_registry(secrets_dir, registry)
     if force or not (secrets_dir / CERTS_DIR / "server.crt").is_file():
         make_certificates(secrets_dir / CERTS_DIR)
     secrets_dir.chmod(0o755)

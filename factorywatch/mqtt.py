@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
@@ -84,20 +85,59 @@ def connect_properties(session_expiry_s: int | None) -> Properties:
     return props
 
 
+# DISCONNECT reason code: another connection with our client id replaced us.
+SESSION_TAKEN_OVER: Final = 0x8E
+# CONNACK reason codes that no retry can fix: the login itself is refused.
+REFUSED_LOGIN: Final = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
+
+
 class ConnectWaiter:
-    """Records CONNACK outcomes so start-up can wait for the first successful connect."""
+    """Records CONNACK outcomes so start-up can wait for the first successful connect.
+
+    A refused login (bad user name or password, not authorised, banned) is recorded too, so
+    start-up stops at once with the remedy instead of retrying until its timeout.
+    """
 
     def __init__(self) -> None:
         self.connected = threading.Event()
+        self.refused = threading.Event()
         self.last_reason: str | None = None
+        self._answered = threading.Condition()
 
     def record(self, reason_code: ReasonCode) -> None:
         """Call from ``on_connect``."""
-        self.last_reason = str(reason_code)
-        if reason_code.is_failure:
-            self.connected.clear()
-        else:
-            self.connected.set()
+        with self._answered:
+            self.last_reason = str(reason_code)
+            if reason_code.is_failure:
+                self.connected.clear()
+                if reason_code.value in REFUSED_LOGIN:
+                    self.refused.set()
+            else:
+                self.refused.clear()
+                self.connected.set()
+            self._answered.notify_all()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait until connected (True) or the login was refused / the time ran out (False)."""
+        with self._answered:
+            return (
+                self._answered.wait_for(
+                    lambda: self.connected.is_set() or self.refused.is_set(), timeout_s
+                )
+                and self.connected.is_set()
+            )
+
+
+def refusal_remedy(settings: BrokerSettings, reason: str | None) -> str:
+    """What to tell a user whose login the broker refused."""
+    user = settings.username or "<user>"
+    return (
+        f"broker {settings.host}:{settings.port} refused user {user!r} ({reason}). "
+        f"If this account should exist, create it: `factorywatch broker add-user {user}` "
+        "(machines, gateways and detectors alike), then reload the broker: "
+        "`docker compose kill -s SIGHUP broker` (or `kill -HUP <mosquitto pid>`); "
+        "otherwise check the password given to this client"
+    )
 
 
 def connect(
@@ -138,16 +178,22 @@ def connect(
             delay = min(delay * 2, 5.0)
     if threaded:
         client.loop_start()
-        accepted = waiter.connected.wait(timeout_s)
+        accepted = waiter.wait(timeout_s)
     else:  # the caller runs client.loop() itself; run it here until the CONNACK
         deadline = time.monotonic() + timeout_s
-        while not waiter.connected.is_set() and time.monotonic() < deadline:
+        while (
+            not waiter.connected.is_set()
+            and not waiter.refused.is_set()
+            and time.monotonic() < deadline
+        ):
             client.loop(timeout=0.1)
         accepted = waiter.connected.is_set()
     if not accepted:
         if threaded:
             client.loop_stop()
         client.disconnect()
+        if waiter.refused.is_set():
+            raise BrokerError(refusal_remedy(settings, waiter.last_reason))
         raise BrokerError(
             f"broker {settings.host}:{settings.port} did not accept the connection "
             f"(last reason: {waiter.last_reason or 'no CONNACK'})"
@@ -163,6 +209,24 @@ def connected_client(
     client.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
     connect(client, settings, waiter, timeout_s=timeout_s)
     return client
+
+
+def fence_on_takeover(client: mqtt.Client, on_fenced: Callable[[str], None]) -> None:
+    """Call ``on_fenced(reason)`` when the broker says another client took our session over.
+
+    Two processes with one client id (one login, see ``use_username_as_clientid``) would
+    otherwise reconnect in turn, kicking each other off for ever; the one taken over should
+    stop. Chains whatever ``on_disconnect`` the client already has.
+    """
+    previous: Any = client.on_disconnect
+
+    def on_disconnect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if previous is not None:
+            previous(c, userdata, flags, reason, props)
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            on_fenced(str(reason))
+
+    client.on_disconnect = on_disconnect
 
 
 def check_size(payload: bytes) -> bytes:
