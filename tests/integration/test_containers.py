@@ -55,7 +55,8 @@ def test_compose_declares_broker_detector_and_three_sensors() -> None:
     assert (PROJECT_DIR / mounts["/mosquitto/config/mosquitto.conf"]).resolve() == (
         PROJECT_DIR / "broker" / "mosquitto.conf"
     )
-    assert (PROJECT_DIR / mounts["/mosquitto/config/acl"]).resolve() == PROJECT_DIR / "broker/acl"
+    # The ACL is broker/acl plus the registry's gateway and detector blocks (broker init).
+    assert mounts["/mosquitto/config/acl"] == "./secrets/acl"
     assert "/mosquitto/data" in mounts, "broker persistence lives on a volume"
     sensors = [name for name in services if name.startswith("sensor-")]
     assert len(sensors) == 3
