@@ -14,7 +14,6 @@ from typing import Any
 
 import structlog
 
-from factorywatch import mqtt as fwmqtt
 from factorywatch import runtime
 from factorywatch.errors import FactorywatchError
 from factorywatch.logs import configure_logging
@@ -24,7 +23,7 @@ from factorywatch.settings import (
     DetectorSettings,
     SensorSettings,
 )
-from factorywatch.topics import check_id
+from factorywatch.topics import Topics, check_id
 
 log = structlog.get_logger("factorywatch")
 
@@ -218,6 +217,7 @@ def _add_detect(sub: Any) -> None:
 def cmd_detect(args: argparse.Namespace) -> int:
     """``factorywatch detect``: serve until SIGTERM/SIGINT."""
     from factorywatch.detector.service import DetectorService  # noqa: PLC0415
+    from factorywatch.fencing import Fence  # noqa: PLC0415
     from factorywatch.model import artifact  # noqa: PLC0415
 
     data = _data_settings(args)
@@ -253,14 +253,19 @@ def cmd_detect(args: argparse.Namespace) -> int:
         fenced.append(reason)
         stop.set()
 
-    fwmqtt.fence_on_takeover(service.client, on_fenced)
+    lease = Topics(broker.topic_root).lease("detector", settings.client_id)
+    Fence(service.client, lease, on_fenced)
     service.start()
     runtime.settle_heap()
-    service.run(stop)
+    try:
+        service.run(stop)
+    except RuntimeError:  # paho: a publish while the newer process has the connection
+        if not fenced:
+            raise
     if fenced:
         raise FactorywatchError(
-            f"another detector logged in as {settings.client_id!r} and took over its session "
-            f"({fenced[0]}): this one stopped instead of fighting for it. Give each detector "
+            f"another detector started as {settings.client_id!r} and took over its session "
+            f"({fenced[0]}); this one stopped instead of fighting for it. Give each detector "
             "its own account: `factorywatch broker add-user detector-<shard> --detector`, "
             "then `detect --username detector-<shard> --lines ...`"
         )

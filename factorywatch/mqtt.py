@@ -11,7 +11,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
@@ -85,8 +84,6 @@ def connect_properties(session_expiry_s: int | None) -> Properties:
     return props
 
 
-# DISCONNECT reason code: another connection with our client id replaced us.
-SESSION_TAKEN_OVER: Final = 0x8E
 # CONNACK reason codes that no retry can fix: the login itself is refused.
 REFUSED_LOGIN: Final = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
 
@@ -209,24 +206,6 @@ def connected_client(
     client.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
     connect(client, settings, waiter, timeout_s=timeout_s)
     return client
-
-
-def fence_on_takeover(client: mqtt.Client, on_fenced: Callable[[str], None]) -> None:
-    """Call ``on_fenced(reason)`` when the broker says another client took our session over.
-
-    Two processes with one client id (one login, see ``use_username_as_clientid``) would
-    otherwise reconnect in turn, kicking each other off for ever; the one taken over should
-    stop. Chains whatever ``on_disconnect`` the client already has.
-    """
-    previous: Any = client.on_disconnect
-
-    def on_disconnect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if previous is not None:
-            previous(c, userdata, flags, reason, props)
-        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
-            on_fenced(str(reason))
-
-    client.on_disconnect = on_disconnect
 
 
 def check_size(payload: bytes) -> bytes:
