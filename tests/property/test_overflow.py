@@ -39,12 +39,12 @@ def model(model_dir: Path) -> LoadedModel:
     return artifact.load(model_dir)
 
 
-def reading(seq: int = 1, **channels: float) -> Telemetry:
+def reading(**channels: float) -> Telemetry:
     """A reading with typical channels, some replaced."""
     return Telemetry(
         machine_id="m1",
         line="line1",
-        seq=seq,
+        seq=1,
         ts=time.time(),
         product_type="L",
         readings={**TYPICAL, **channels},
