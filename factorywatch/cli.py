@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from factorywatch import runtime
-from factorywatch.errors import FactorywatchError
+from factorywatch.errors import FactorywatchError, ModelError
 from factorywatch.logs import configure_logging
 from factorywatch.settings import (
     BrokerSettings,
@@ -184,12 +184,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "promote":
         if not args.version:
             raise FactorywatchError("models promote needs a VERSION (see `models list`)")
-        artifact.promote(data.model_dir, args.version)
+        current = artifact.current_version(data.model_dir)
+        try:
+            artifact.promote(data.model_dir, args.version)
+        except ModelError as exc:
+            raise FactorywatchError(
+                f"refusing to promote {args.version}: the detector could not load it ({exc}); "
+                f"`current` still points at {current or 'nothing'}"
+            ) from exc
         print(f"promoted {args.version}")
         return 0
     current = artifact.current_version(data.model_dir)
     for version in artifact.list_versions(data.model_dir):
-        card = artifact.read_card(data.model_dir / version / artifact.CARD_FILE)
+        try:
+            card = artifact.read_card(data.model_dir / version / artifact.CARD_FILE)
+        except ModelError as exc:
+            print(f"! {version}  unreadable: {str(exc).splitlines()[0][:120]}")
+            continue
         mark = "*" if version == current else " "
         clear = "" if card.clear_threshold is None else f" clear={card.clear_threshold:.4f}"
         print(f"{mark} {version}  {card.feature_set:<10} threshold={card.threshold:.4f}{clear}")
