@@ -28,6 +28,7 @@ DeadLetterReason = Literal[
     "unauthorized_machine",  # registered, but the sender (topic) may not speak for it
     "clock_skew",  # event time too far from the detector's clock
     "missing_channel",  # lacks a channel the model needs
+    "duplicate_id",  # a reading id already seen with different content (e.g. a reused seq)
 ]
 DEAD_LETTER_REASONS: Final[tuple[str, ...]] = DeadLetterReason.__args__  # type: ignore[attr-defined]
 

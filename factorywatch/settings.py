@@ -149,7 +149,16 @@ class DetectorSettings(_Settings):
     )
     state_dir: Path = Field(
         default=DEFAULT_STATE_DIR,
-        description="where the journal of answered readings is kept (survives restarts)",
+        description="where the checkpoint (snapshot + journal of per-machine state and answered "
+        "readings) is kept; a restarted detector resumes from it",
+    )
+    checkpoint_records_every_s: Annotated[float, Field(gt=0, le=60)] = Field(
+        default=1.0,
+        description="how often changed machine state (windows, streaks, peaks) is journaled; "
+        "alert transitions and acknowledgements are journaled at once",
+    )
+    snapshot_every_s: Annotated[float, Field(gt=0)] = Field(
+        default=30.0, description="how often the whole state is written as a fresh snapshot"
     )
 
 
