@@ -227,6 +227,7 @@ def _add_detect(sub: Any) -> None:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """``factorywatch detect``: serve until SIGTERM/SIGINT."""
+    from factorywatch.detector.mqtt_transport import PahoTransport  # noqa: PLC0415
     from factorywatch.detector.service import DetectorService  # noqa: PLC0415
     from factorywatch.fencing import Fence  # noqa: PLC0415
     from factorywatch.model import artifact  # noqa: PLC0415
@@ -256,7 +257,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         broker = broker.with_overrides(username="detector")
     settings = _detector_identity(settings, broker)
     stop = _stop_on_signals()
-    service = DetectorService(settings, broker, data.model_dir, model)
+    service = DetectorService(settings, broker, data.model_dir, model, stop=stop)
     fenced: list[str] = []
 
     def on_fenced(reason: str) -> None:
@@ -265,7 +266,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         stop.set()
 
     lease = Topics(broker.topic_root).lease("detector", settings.client_id)
-    Fence(service.client, lease, on_fenced)
+    if isinstance(service.transport, PahoTransport):
+        Fence(service.transport.client, lease, on_fenced)
     service.start()
     runtime.settle_heap()
     try:

@@ -14,7 +14,10 @@ newest wins, with no clock comparison:
   down (its next reconnect would kick the newer process off again).
 
 A lease that arrives before ours came back is an older process's (dead, or about to be
-fenced by ours) and is ignored.
+fenced by ours) and is ignored. After losing its connection a fenced-in client waits
+``SETTLE_S`` before reconnecting: at once, it would kick the newer process off before that
+one's lease reached the broker, and the two would fight (measured: > 30 s without the
+pause when both reconnect at once).
 """
 
 from __future__ import annotations
@@ -29,14 +32,24 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+# Pause after losing the connection before reconnecting: long enough for the process that
+# took our identity over to publish its lease (a few ms), short beside the reconnect backoff.
+SETTLE_S = 1.0
+
 
 class Fence:
     """Wraps a paho client's callbacks (call before connecting)."""
 
     def __init__(
-        self, client: mqtt.Client, lease_topic: str, on_fenced: Callable[[str], None]
+        self,
+        client: mqtt.Client,
+        lease_topic: str,
+        on_fenced: Callable[[str], None],
+        *,
+        settle_s: float = SETTLE_S,
     ) -> None:
         self.client = client
+        self.settle_s = settle_s
         self.topic = lease_topic
         self.on_fenced = on_fenced
         self.token = uuid.uuid4().hex
@@ -46,7 +59,9 @@ class Fence:
         self._connect: Any = client.on_connect
         self._message: Any = client.on_message
         self._subscribe: Any = client.on_subscribe
+        self._disconnect: Any = client.on_disconnect
         client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
 
@@ -74,6 +89,14 @@ class Fence:
             self._sub_mids.add(mid)
         if not self.echoed:  # until the broker has it (we may be kicked off before)
             c.publish(self.topic, self.lease(), qos=1, retain=True)
+
+    def _on_disconnect(self, c: mqtt.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
+        if self._disconnect is not None:
+            self._disconnect(c, u, flags, reason, props)
+        if getattr(reason, "value", 0) != 0 and not self.fenced:
+            # Lost, not left: maybe a newer process took our identity. Reconnecting at once
+            # would kick it off before its lease reaches the broker; give it that time.
+            time.sleep(self.settle_s)
 
     def _on_subscribe(self, c: mqtt.Client, u: Any, mid: int, codes: Any, props: Any) -> None:
         if mid in self._sub_mids:
