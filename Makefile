@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary test faults demo lint format train evaluate bench profile clean
+.PHONY: install broker-binary test faults fuzz demo lint format train evaluate bench profile clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ test: install broker-binary
 ## faults: fault injection (kill -9, broker restarts and outage, backlog) -> reports/faults.json
 faults: install broker-binary
 	FACTORYWATCH_FAULTS_REPORT=reports/faults.json $(BIN)/pytest -m faults -s
+
+## fuzz: coverage-guided fuzzing (atheris) of the decoder for FUZZ_SECONDS (corpus in run/fuzz)
+FUZZ_SECONDS ?= 120
+fuzz: install
+	$(BIN)/python -m tests.fuzz.fuzz_decoder run/fuzz/decoder -max_total_time=$(FUZZ_SECONDS) \
+		-artifact_prefix=run/fuzz/
 
 ## demo: local broker + detector + three sensors, verdicts live (Ctrl-C stops everything)
 demo: install broker-binary
