@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -465,14 +466,23 @@ def cmd_broker_serve(args: argparse.Namespace) -> int:
     from factorywatch.broker import LocalBroker  # noqa: PLC0415
 
     stop = _stop_on_signals()
+    # SIGHUP here (after `broker add-user`): regenerate the ACL from the registry, then let
+    # Mosquitto re-read it and the password file.
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
     secrets_dir = args.secrets_dir.resolve() if args.secrets_dir else None
     broker = LocalBroker(args.workdir.resolve(), port=args.port, secrets_dir=secrets_dir).start()
     tls = f", TLS on {broker.tls_port}" if broker.tls_port else ""
     _progress(f"mosquitto listening on 127.0.0.1:{broker.port}{tls} (log: {broker.log_file})")
+    _progress(f"after `broker add-user`: kill -HUP {os.getpid()} reloads users and ACL")
     try:
         while not stop.wait(0.5):
             if broker.process is not None and broker.process.poll() is not None:
                 raise FactorywatchError(f"mosquitto exited: {broker.log_tail()}")
+            if reload.is_set():
+                reload.clear()
+                broker.reload()
+                _progress("reloaded users and ACL")
     finally:
         broker.stop()
     return 0
@@ -489,7 +499,10 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
     return 0
 
 
-_RELOAD_HINT = "Reload the broker: `docker compose kill -s SIGHUP broker` (or kill -HUP <pid>)."
+_RELOAD_HINT = (
+    "Reload the broker: `docker compose kill -s SIGHUP broker`, or `kill -HUP` the "
+    "`factorywatch broker serve` process."
+)
 
 
 def cmd_broker_add_user(args: argparse.Namespace) -> int:

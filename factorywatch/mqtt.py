@@ -132,7 +132,8 @@ def refusal_remedy(settings: BrokerSettings, reason: str | None) -> str:
         f"broker {settings.host}:{settings.port} refused user {user!r} ({reason}). "
         f"If this account should exist, create it: `factorywatch broker add-user {user}` "
         "(machines, gateways and detectors alike), then reload the broker: "
-        "`docker compose kill -s SIGHUP broker` (or `kill -HUP <mosquitto pid>`); "
+        "`docker compose kill -s SIGHUP broker` (or `kill -HUP` the `factorywatch broker "
+        "serve` process); "
         "otherwise check the password given to this client"
     )
 

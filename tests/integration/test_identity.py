@@ -7,6 +7,7 @@ and a refused sensor stops at once with the remedy.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 import time
@@ -20,9 +21,10 @@ import pytest
 from pydantic import SecretStr
 
 from factorywatch import mqtt as fwmqtt
-from factorywatch.broker import BASE_CONFIG, LocalBroker
+from factorywatch.broker import BASE_CONFIG, LocalBroker, free_port
 from factorywatch.contracts import MAX_BATCH_BYTES, MAX_PAYLOAD_BYTES, TelemetryBatch, Verdict
 from factorywatch.credentials import add_user, init_secrets, read_password, register
+from factorywatch.errors import BrokerError
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
@@ -428,3 +430,43 @@ def test_detector_shards_have_their_own_identities(
         assert "differs from the login" in wrong.log()
     finally:
         viewer.close()
+
+
+def test_broker_serve_reloads_a_new_gateway_on_sighup(
+    spawn: Callable[..., Proc], tmp_path: Path, topic_root: str
+) -> None:
+    """`broker add-user GW --gateway` then SIGHUP to `broker serve`: the gateway logs in and may
+    write its batch topic (the ACL was regenerated from the registry), not another's."""
+    secrets = tmp_path / "s"
+    init_secrets(secrets, ("ma",))
+    port = free_port()
+    serve = spawn(
+        "broker", "serve", "--port", str(port), "--workdir", str(tmp_path / "w"),
+        "--secrets-dir", str(secrets), name="serve",
+    )  # fmt: skip
+    serve.wait_log("mosquitto listening")
+    added = subprocess.run(
+        [*CLI, "broker", "add-user", "gw2", "--gateway", "--machines", "mz",
+         "--secrets-dir", str(secrets)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=PROJECT_DIR,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    settings = BrokerSettings().with_overrides(
+        port=port,
+        topic_root="factory",
+        connect_retries=0,
+        username="gw2",
+        password=SecretStr(read_password(secrets, "gw2") or ""),
+    )
+    with pytest.raises(BrokerError, match="refused user 'gw2'"):
+        _Peer(settings, "gw2")  # not reloaded yet
+    serve.process.send_signal(signal.SIGHUP)
+    serve.wait_log("reloaded users and ACL")
+    gw = _Peer(settings, "gw2")
+    try:
+        topics = Topics("factory")
+        assert not gw.publish(topics.batch("line1", "gw2"), b"{}").is_failure
+        assert gw.publish(topics.batch("line1", "gw1"), b"{}").value == NOT_AUTHORIZED
+    finally:
+        gw.close()
+    assert serve.terminate() == 0
