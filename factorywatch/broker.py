@@ -45,14 +45,16 @@ def render_acl(base: str, topic_root: str) -> str:
 
 
 def _user_block(base: str, user: str) -> list[str]:
-    """The ``topic`` lines of ``user``'s block in the base ACL."""
-    lines = base.splitlines()
-    start = lines.index(f"user {user}") + 1
-    block = []
-    for line in lines[start:]:
-        if not line.startswith("topic "):
-            break
-        block.append(line)
+    """The ``topic`` lines of every ``user`` block of ``user`` in the base ACL."""
+    block: list[str] = []
+    current = None
+    for line in base.splitlines():
+        if line.startswith("user "):
+            current = line.removeprefix("user ").strip()
+        elif line.startswith("pattern "):
+            current = None
+        elif line.startswith("topic ") and current == user:
+            block.append(line)
     return block
 
 

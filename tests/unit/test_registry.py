@@ -161,6 +161,10 @@ def test_acl_grants_gateways_only_their_batch_topics() -> None:
     assert "user gw1\ntopic write factory/batch/line1/gw1\n" in acl
     assert "user gw2\ntopic write factory/batch/line2/gw2" in acl
     assert "user detector-line2\ntopic read factory/telemetry/#" in acl
+    shard = acl.split("user detector-line2\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    detector = [ln for ln in BASE_ACL.read_text().splitlines() if ln.startswith("topic ")]
+    assert "topic read spBv1.0/#" in shard, "every detector block is copied"
+    assert set(shard) <= set(detector)
 
 
 def test_secrets_dir_round_trip(tmp_path: Path) -> None:
