@@ -9,7 +9,11 @@ per-account blocks (gateways, detector shards). Roles:
 - a **gateway** publishes batches for the machines registered to it, and nothing else;
   machines reached only through gateways have no account of their own;
 - a **detector** account (``detector``, or one per shard such as ``detector-line2``) holds
-  the detector's rights; its login is also its MQTT client id (``use_username_as_clientid``).
+  the detector's rights; its login is also its MQTT client id (``use_username_as_clientid``);
+- a **service** account has the rights of ``viewer``, ``operator`` or ``monitor``. The broker
+  makes every login its client id, so two processes can never share one account: each
+  component that stays connected gets its own (``history``, ``web``, ``web-commands``,
+  ``notify`` by default), and each person their own (``add-user alice --role viewer``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,16 @@ DEFAULT_LINE: Final = "line1"
 DEFAULT_DETECTOR: Final = "detector"
 # Accounts whose rights are fixed in broker/acl (no registry entry needed).
 STATIC_ROLES: Final = ("detector", "viewer", "operator", "monitor", "healthcheck")
-Role = Literal["machine", "gateway", "detector"]
+ServiceRole = Literal["viewer", "operator", "monitor"]
+Role = Literal["machine", "gateway", "detector", "viewer", "operator", "monitor"]
+# Accounts `broker init` creates for the components that connect at the same time as people
+# do (a login is a client id: one connection per account), with the role each one has.
+COMPONENT_ACCOUNTS: Final[dict[str, ServiceRole]] = {
+    "history": "monitor",
+    "web": "monitor",
+    "web-commands": "operator",
+    "notify": "viewer",
+}
 
 AccountId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 
@@ -63,11 +76,14 @@ class AccountRegistry(_Strict):
     machines: dict[AccountId, MachineEntry] = {}
     gateways: dict[AccountId, GatewayEntry] = {}
     detectors: list[AccountId] = [DEFAULT_DETECTOR]
+    services: dict[AccountId, ServiceRole] = {}
 
     def role_of(self, account: str) -> Role | None:
         """The registered role of ``account`` (None when it has none here)."""
         if account in self.detectors:
             return "detector"
+        if account in self.services:
+            return self.services[account]
         if account in self.gateways:
             return "gateway"
         entry = self.machines.get(account)
@@ -106,6 +122,11 @@ class AccountRegistry(_Strict):
             return self
         return self.model_copy(update={"detectors": [*self.detectors, detector]})
 
+    def with_service(self, account: str, role: ServiceRole) -> AccountRegistry:
+        """Register an extra account with the rights of ``viewer``/``operator``/``monitor``."""
+        self._free_for(account, role)
+        return self.model_copy(update={"services": {**self.services, account: role}})
+
     def without(self, account: str) -> AccountRegistry:
         """Forget ``account``; a machine still reached through a gateway keeps its entry."""
         machines = dict(self.machines)
@@ -120,15 +141,21 @@ class AccountRegistry(_Strict):
                 machines[account] = MachineEntry(line=machines[account].line, direct=False)
             else:
                 del machines[account]
+        services = {a: r for a, r in self.services.items() if a != account}
         return self.model_copy(
-            update={"machines": machines, "gateways": gateways, "detectors": detectors}
+            update={
+                "machines": machines,
+                "gateways": gateways,
+                "detectors": detectors,
+                "services": services,
+            }
         )
 
     def _free_for(self, account: str, role: Role) -> None:
         current = self.role_of(account)
         if current is not None and current != role:
             raise RegistryError(f"{account!r} is already a {current}, not a {role}")
-        if role != "detector" and account in STATIC_ROLES:
+        if account in STATIC_ROLES and account != role:
             raise RegistryError(f"{account!r} is reserved for a service account")
 
 

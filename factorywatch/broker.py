@@ -59,7 +59,7 @@ def _user_block(base: str, user: str) -> list[str]:
 
 
 def acl_with_accounts(base: str, registry: AccountRegistry) -> str:
-    """The base ACL plus one block per registered gateway and extra detector account.
+    """The base ACL plus one block per gateway, extra detector and extra service account.
 
     A gateway may write ``factory/batch/<line>/<its id>`` for the lines of its machines, and
     nothing else the machines may not; which readings it may carry is checked by the
@@ -71,6 +71,8 @@ def acl_with_accounts(base: str, registry: AccountRegistry) -> str:
     for account in registry.detectors:
         if account != DEFAULT_DETECTOR:
             out += ["", f"user {account}", *detector]
+    for account, role in sorted(registry.services.items()):
+        out += ["", f"user {account}", *_user_block(base, role)]
     for gateway in sorted(registry.gateways):
         out += ["", f"user {gateway}"]
         out += [

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -299,11 +299,12 @@ def _detector_identity(settings: DetectorSettings, broker: BrokerSettings) -> De
         return settings
     default = DetectorSettings.model_fields["client_id"].default
     if settings.client_id not in (default, broker.username):
-        raise FactorywatchError(
-            f"client id {settings.client_id!r} differs from the login {broker.username!r}: the "
-            "broker uses the login as the client id (use_username_as_clientid); give this "
-            f"detector its own account instead (`broker add-user {settings.client_id} "
-            "--detector`, then `detect --username ...`)"
+        log.warning(
+            "client_id_is_the_login",
+            client_id=settings.client_id,
+            login=broker.username,
+            remedy="the broker uses the login as client id (use_username_as_clientid): give "
+            "each detector its own account (`broker add-user detector-<shard> --detector`)",
         )
     return settings.with_overrides(client_id=broker.username)
 
@@ -315,9 +316,10 @@ def _machine_ids(values: Sequence[str]) -> list[str]:
         raise FactorywatchError("give at least one --machine-id")
     if len(set(ids)) != len(ids):
         raise FactorywatchError(f"duplicate machine ids in {ids}")
+    from factorywatch.accounts import COMPONENT_ACCOUNTS  # noqa: PLC0415
     from factorywatch.credentials import SERVICE_USERS  # noqa: PLC0415
 
-    reserved = sorted(set(ids) & set(SERVICE_USERS))
+    reserved = sorted(set(ids) & {*SERVICE_USERS, *COMPONENT_ACCOUNTS})
     if reserved:
         raise FactorywatchError(f"machine ids {reserved} are reserved for service users")
     return [check_id(m, "machine id") for m in ids]
@@ -478,6 +480,11 @@ def _add_broker(sub: Any) -> None:
     role = add.add_mutually_exclusive_group()
     role.add_argument("--gateway", action="store_true", help="a gateway (needs --machines)")
     role.add_argument("--detector", action="store_true", help="a detector shard's account")
+    role.add_argument(
+        "--role",
+        choices=["machine", "gateway", "detector", "viewer", "operator", "monitor"],
+        help="the account's rights (default: machine; one account per connected process)",
+    )
     add.add_argument("--machines", default="", help="gateway: machines it may speak for")
     add.add_argument("--line", default="line1", help="production line of the machine(s)")
     add.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS)
@@ -534,25 +541,31 @@ _RELOAD_HINT = (
 
 def cmd_broker_add_user(args: argparse.Namespace) -> int:
     """``factorywatch broker add-user NAME``: add or rotate; reload the broker afterwards."""
-    from factorywatch.accounts import STATIC_ROLES  # noqa: PLC0415
+    from factorywatch.accounts import STATIC_ROLES, ServiceRole  # noqa: PLC0415
     from factorywatch.credentials import add_user, password_path, register  # noqa: PLC0415
 
     user = check_id(args.user, "user")
     line = check_id(args.line, "line")
-    if args.machines and not args.gateway:
+    role = args.role or ("gateway" if args.gateway else "detector" if args.detector else None)
+    if role is None:
+        role = user if user in STATIC_ROLES and user != "healthcheck" else "machine"
+    if args.machines and role != "gateway":
         raise FactorywatchError("--machines is for a gateway: add --gateway")
     what = f"{user}"
-    if args.gateway:
+    if role == "gateway":
         machines = tuple(_machine_ids([args.machines])) if args.machines else ()
         register(args.secrets_dir, user, "gateway", line=line, machines=machines)
         what = f"gateway {user} (may publish batches for {', '.join(machines)})"
-    elif args.detector or user == "detector":
+    elif role == "detector":
         register(args.secrets_dir, user, "detector")
         what = f"detector account {user} (its client id; run `detect --username {user}`)"
-    elif user not in STATIC_ROLES:
+    elif role == "machine" and user != "healthcheck":
         _machine_ids([user])
         register(args.secrets_dir, user, "machine", line=line)
         what = f"machine {user} on {line}"
+    elif role in ("viewer", "operator", "monitor"):
+        register(args.secrets_dir, user, cast("ServiceRole", role))
+        what = f"{role} account {user}"
     add_user(args.secrets_dir, user)
     print(f"{what}: new password in {password_path(args.secrets_dir, user)}. {_RELOAD_HINT}")
     return 0

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from factorywatch.accounts import (
+    COMPONENT_ACCOUNTS,
     DEFAULT_LINE,
     AccountRegistry,
     RegistryError,
@@ -117,8 +118,10 @@ def register(
         registry = registry.with_machine(user, line)
     elif role == "gateway":
         registry = registry.with_gateway(user, list(machines), line)
-    else:
+    elif role == "detector":
         registry = registry.with_detector(user)
+    elif user != role:  # the base accounts viewer/operator/monitor need no entry
+        registry = registry.with_service(user, role)
     save_registry(secrets_dir, registry)
     return registry
 
@@ -217,11 +220,14 @@ def init_secrets(
     """Create service users, one user per machine (on ``line``), the registry and TLS
     material; return the users created."""
     created = []
-    for user in (*SERVICE_USERS, *machines):
+    for user in (*SERVICE_USERS, *COMPONENT_ACCOUNTS, *machines):
         if force or read_password(secrets_dir, user) is None:
             add_user(secrets_dir, user)
             created.append(user)
     registry = read_registry(registry_path(secrets_dir), missing_ok=True)
+    for account, role in COMPONENT_ACCOUNTS.items():
+        if registry.role_of(account) != role:
+            registry = registry.with_service(account, role)
     for machine in machines:
         if registry.role_of(machine) != "machine" or registry.machines[machine].line != line:
             registry = registry.with_machine(machine, line)

@@ -401,7 +401,7 @@ def test_detector_shards_have_their_own_identities(
     tmp_path: Path,
 ) -> None:
     """Two shards logged in as `detector` and `detector-line2` run side by side (no
-    takeover), each answering its own lines; a --client-id that is not the login is refused."""
+    takeover), each answering its own lines."""
     topics = Topics(topic_root)
     viewer = Collector(as_user("viewer"), [topics.alerts_filter], "viewer-shards")
     try:
@@ -422,12 +422,6 @@ def test_detector_shards_have_their_own_identities(
         assert one.process.poll() is None
         assert two.process.poll() is None
         assert "detector_fenced" not in one.log() + two.log()
-        wrong = _detect(
-            spawn, secure_broker, secrets_dir, model_dir, topic_root, tmp_path / "3",
-            "--client-id", "someone-else",
-        )  # fmt: skip
-        assert wrong.process.wait(60) == 2
-        assert "differs from the login" in wrong.log()
     finally:
         viewer.close()
 

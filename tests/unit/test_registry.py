@@ -188,3 +188,37 @@ def test_missing_registry_is_a_clear_error(tmp_path: Path) -> None:
     """Loading a registry that does not exist names the remedy."""
     with pytest.raises(RegistryError, match="broker init"):
         Registry.load(tmp_path / "registry.json")
+
+
+def test_a_detectors_client_id_is_its_login() -> None:
+    """Logged in, the detector is known by its login (the broker's client id for it), whatever
+    --client-id says; anonymous (open broker), the configured id stays."""
+    from factorywatch.cli import _detector_identity  # noqa: PLC0415
+    from factorywatch.settings import BrokerSettings, DetectorSettings  # noqa: PLC0415
+
+    given = DetectorSettings(client_id="someone-else")
+    assert _detector_identity(given, BrokerSettings(username="detector-l2")).client_id == (
+        "detector-l2"
+    )
+    assert _detector_identity(given, BrokerSettings()).client_id == "someone-else"
+
+
+def test_components_get_accounts_of_their_own(tmp_path: Path) -> None:
+    """init creates history, web, web-commands and notify with their roles' ACL blocks, since
+    a login is a client id and two processes cannot share one."""
+    secrets = tmp_path / "s"
+    init_secrets(secrets, ("ma",))
+    registry = read_registry(registry_path(secrets))
+    assert registry.services == {
+        "history": "monitor",
+        "web": "monitor",
+        "web-commands": "operator",
+        "notify": "viewer",
+    }
+    acl = (secrets / "acl").read_text()
+    assert "user web-commands\ntopic read factory/alerts/#" in acl
+    assert "topic write factory/commands/#" in acl.split("user web-commands", 1)[1]
+    register(secrets, "alice", "viewer")
+    assert read_registry(registry_path(secrets)).role_of("alice") == "viewer"
+    with pytest.raises(RegistryError):
+        register(secrets, "history", "machine")
