@@ -125,8 +125,10 @@ def run_demo(
             f'-u viewer -P "$(cat {secrets_dir / "viewer.password"})" '
             f"-t '{topics.alerts_filter}' -v      (logs in {workdir})"
         )
+        # As `monitor`, not `viewer`: a login is a client id (one connection per account), and
+        # `viewer` is left to the mosquitto_sub above or `factorywatch watch`.
         settings = BrokerSettings().with_overrides(
-            port=broker.port, username="viewer", secrets_dir=secrets_dir
+            port=broker.port, username="monitor", secrets_dir=secrets_dir
         )
         viewer = fwmqtt.new_client(settings, f"demo-viewer-{os.getpid()}")
         waiter = fwmqtt.ConnectWaiter()
