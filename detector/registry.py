@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from factorywatch.accounts import AccountRegistry, parse_registry, read_registry
+from factorywatch.accounts import REGISTRY_FILE, AccountRegistry, parse_registry, read_registry
 
 RegistryReason = Literal["unknown_machine", "unauthorized_machine"]
 
@@ -48,6 +48,17 @@ class Registry:
     def load(cls, path: Path) -> Registry:
         """Read ``<secrets dir>/registry.json`` (raises ``RegistryError`` when missing)."""
         return cls.from_accounts(read_registry(path))
+
+    @classmethod
+    def locate(cls, registry_file: Path | None, secrets_dir: Path | None) -> Registry | None:
+        """The registry a detector should use: ``registry_file`` if given (it must exist),
+        else ``<secrets_dir>/registry.json`` when logging in with a secrets directory that
+        has one; ``None`` (no registry check) for an open broker."""
+        if registry_file is not None:
+            return cls.load(registry_file)
+        if secrets_dir is not None and (secrets_dir / REGISTRY_FILE).is_file():
+            return cls.load(secrets_dir / REGISTRY_FILE)
+        return None
 
     def check(self, sender: str, machine_id: str, line: str | None = None) -> RegistryReason | None:
         """May ``sender`` (the topic's last level) publish ``machine_id``'s reading on ``line``?

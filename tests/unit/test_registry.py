@@ -222,3 +222,16 @@ def test_components_get_accounts_of_their_own(tmp_path: Path) -> None:
     assert read_registry(registry_path(secrets)).role_of("alice") == "viewer"
     with pytest.raises(RegistryError):
         register(secrets, "history", "machine")
+
+
+def test_locate_finds_the_registry_a_detector_should_use(tmp_path: Path) -> None:
+    """An explicit file wins (and must exist); else the secrets dir's; none for open brokers."""
+    secrets = tmp_path / "s"
+    init_secrets(secrets, ("ma",))
+    assert Registry.locate(None, None) is None
+    assert Registry.locate(None, tmp_path / "empty") is None
+    found = Registry.locate(None, secrets)
+    assert found is not None
+    assert found.check("ma", "ma", "line1") is None
+    with pytest.raises(RegistryError):
+        Registry.locate(tmp_path / "missing.json", secrets)
