@@ -24,7 +24,7 @@ from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import BASE_CONFIG, LocalBroker, free_port
 from factorywatch.contracts import MAX_BATCH_BYTES, MAX_PAYLOAD_BYTES, TelemetryBatch, Verdict
 from factorywatch.credentials import add_user, init_secrets, read_password, register
-from factorywatch.errors import BrokerError
+from factorywatch.errors import BrokerError, PayloadError
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
@@ -255,6 +255,10 @@ def test_broker_refuses_oversize_payloads(
     conf = BASE_CONFIG.read_text()
     assert f"\nmessage_size_limit {MAX_BATCH_BYTES}\n" in conf
     assert MAX_PAYLOAD_BYTES < MAX_BATCH_BYTES
+    # A gateway checks its batches against the same limit before sending.
+    assert fwmqtt.check_size(b"x" * MAX_BATCH_BYTES, MAX_BATCH_BYTES)
+    with pytest.raises(PayloadError):
+        fwmqtt.check_size(b"x" * (MAX_BATCH_BYTES + 1), MAX_BATCH_BYTES)
     detector = peer("detector", subscribe=topics.telemetry_filter)
     big = b"x" * (10 * 1024 * 1024)
     # A raw client: paho drops its own connection on the broker's refusal ("Protocol error").
