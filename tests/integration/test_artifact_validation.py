@@ -11,16 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from factorywatch.cli import main
 from factorywatch.model import artifact
 from tests.support import CLI, PROJECT_DIR
 
 pytestmark = pytest.mark.integration
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=120, check=False, cwd=PROJECT_DIR
-    )
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The `factorywatch` entry point in-process: (exit code, stdout, stderr)."""
+    code = main(["--log-format", "json", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def _truncate_npz(path: Path) -> None:
@@ -65,7 +67,7 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[Path], None]]] = {
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
 def test_promote_refuses_a_corrupt_artifact(
-    corruption: str, model_dir: Path, tmp_path: Path
+    corruption: str, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A corrupted copy of a good model is refused (exit 2, clear message), `current` keeps
     pointing at the good one, `models list` still works, and the good one still promotes."""
@@ -78,12 +80,32 @@ def test_promote_refuses_a_corrupt_artifact(
     file_name, corrupt = CORRUPTIONS[corruption]
     corrupt(models / bad / file_name)
 
-    refused = _cli("models", "promote", bad, "--model-dir", str(models))
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert f"refusing to promote {bad}" in refused.stderr
-    assert f"still points at {good}" in refused.stderr
+    code, out, err = _cli(capsys, "models", "promote", bad, "--model-dir", str(models))
+    assert code == 2, out + err
+    assert f"refusing to promote {bad}" in err
+    assert f"still points at {good}" in err
     assert artifact.current_version(models) == good
-    listed = _cli("models", "list", "--model-dir", str(models))
-    assert listed.returncode == 0, listed.stderr
-    assert f"* {good}" in listed.stdout
-    assert _cli("models", "promote", good, "--model-dir", str(models)).returncode == 0
+    code, out, err = _cli(capsys, "models", "list", "--model-dir", str(models))
+    assert code == 0, err
+    assert f"* {good}" in out
+    assert _cli(capsys, "models", "promote", good, "--model-dir", str(models))[0] == 0
+
+
+def test_promote_exit_code_of_the_real_command(model_dir: Path, tmp_path: Path) -> None:
+    """The installed command exits 2 on a corrupt artifact (as a shell script would see it)."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    good = artifact.current_version(models)
+    assert good is not None
+    shutil.copytree(models / good, models / "bad")
+    _truncate_npz(models / "bad" / artifact.FLAT_FILE)
+    done = subprocess.run(
+        [*CLI, "models", "promote", "bad", "--model-dir", str(models)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=PROJECT_DIR,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "refusing to promote bad" in done.stderr
