@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary ops-tools test faults fuzz demo lint format train evaluate bench profile clean
+.PHONY: install broker-binary docker-prepare ops-tools test faults fuzz demo lint format train evaluate bench profile clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,13 @@ $(VENV)/.installed: pyproject.toml
 
 broker-binary:
 	@scripts/ensure-mosquitto.sh
+
+## docker-prepare: a Docker engine, the debian:bookworm-slim base and wheelhouse/ (the compose
+## test does the same; then `docker compose up -d --build`)
+docker-prepare: install
+	@scripts/ensure-docker.sh >/dev/null
+	@scripts/docker-base-image.sh
+	@PYTHON=$(BIN)/python scripts/docker-wheels.sh
 
 # chromium, prometheus, prometheus-alertmanager for the web/notify/deploy tests
 ops-tools:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -25,6 +25,9 @@ from factorywatch.settings import (
     SensorSettings,
 )
 from factorywatch.topics import Topics, check_id
+
+if TYPE_CHECKING:
+    from factorywatch.model.artifact import ModelCard
 
 log = structlog.get_logger("factorywatch")
 
@@ -113,6 +116,11 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument("--threshold-value", type=float, default=default.value)
     p.add_argument("--no-promote", action="store_true", help="save without making it current")
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when a current model exists (compose's one-shot train service)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -121,7 +129,11 @@ def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) 
     from factorywatch.model import artifact, dataset, train  # noqa: PLC0415
     from factorywatch.model.threshold import ThresholdSpec  # noqa: PLC0415
 
-    ds = dataset.obtain(data.dataset, data.data_dir, verify=not args.no_verify, progress=_progress)
+    explicit = data.dataset
+    if explicit is None and data.dataset_dir is not None:
+        found = [data.dataset_dir / n for n in (dataset.KAGGLE_FILE, dataset.UCI_FILE)]
+        explicit = next((f for f in found if f.is_file()), None)
+    ds = dataset.obtain(explicit, data.data_dir, verify=not args.no_verify, progress=_progress)
     forest, card = train.fit(
         ds,
         feature_set=args.feature_set,
@@ -140,7 +152,16 @@ def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``factorywatch train``."""
-    version = train_model(args, _data_settings(args), promote=not args.no_promote)
+    data = _data_settings(args)
+    if args.if_missing:
+        from factorywatch.model import artifact  # noqa: PLC0415
+
+        current = artifact.current_version(data.model_dir)
+        if current is not None:
+            _progress(f"model {current} is current in {data.model_dir}: not training")
+            print(current)
+            return 0
+    version = train_model(args, data, promote=not args.no_promote)
     print(version)
     return 0
 
@@ -205,7 +226,24 @@ def cmd_models(args: argparse.Namespace) -> int:
         mark = "*" if version == current else " "
         clear = "" if card.clear_threshold is None else f" clear={card.clear_threshold:.4f}"
         print(f"{mark} {version}  {card.feature_set:<10} threshold={card.threshold:.4f}{clear}")
+        print(f"    {model_figures(card)}")
     return 0
+
+
+def model_figures(card: ModelCard) -> str:
+    """When a model was trained, on what data, and its figures, in one line."""
+    trained = card.created_at.strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"trained {trained} on {card.data.file} ({card.data.rows} rows)"]
+    metrics = card.metrics
+    if "train_alert_rate" in metrics:
+        parts.append(f"alarms on {metrics['train_alert_rate']:.1%} of training readings")
+    if "label_roc_auc" in metrics:
+        parts.append(
+            f"vs failure labels: ROC-AUC {metrics['label_roc_auc']:.3f}, "
+            f"precision {metrics['label_precision']:.2f}, "
+            f"recall {metrics['label_recall']:.2f} (in-sample)"
+        )
+    return "; ".join(parts)
 
 
 # -- detect ---------------------------------------------------------------------------------
@@ -450,6 +488,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 # -- broker and demo ------------------------------------------------------------------------
 DEFAULT_SECRETS = Path("secrets")
+WATCH_CONNECT_RETRIES = 2  # about 1.5 s of backoff before `watch` says the broker is away
 
 
 def _add_broker(sub: Any) -> None:
@@ -599,6 +638,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     broker = _broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="viewer")
+    if "FACTORYWATCH_MQTT_CONNECT_RETRIES" not in os.environ:
+        # Someone is looking at the screen: say within seconds that the broker is not there.
+        broker = broker.with_overrides(connect_retries=WATCH_CONNECT_RETRIES)
     run_watch(
         broker,
         _stop_on_signals(),

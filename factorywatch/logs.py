@@ -9,10 +9,10 @@ import structlog
 
 
 class _CurrentStderr:
-    """``sys.stderr`` as it is when a line is written, not when logging was configured.
+    """Writes to whatever ``sys.stderr`` is at the time of the write.
 
-    Loggers are cached on first use; bound to the stream of that moment, they would write to
-    a closed file once that stream is replaced (pytest's capture between tests does so).
+    Loggers are cached on first use; holding the stream object itself would keep writing to a
+    stream that was replaced (and closed) since, e.g. by a test harness capturing output.
     """
 
     def write(self, text: str) -> int:

@@ -92,6 +92,11 @@ class DataSettings(_Settings):
     )
     data_dir: Path = DEFAULT_DATA_DIR
     model_dir: Path = DEFAULT_MODEL_DIR
+    dataset_dir: Path | None = Field(
+        default=None,
+        description="a (read-only) folder searched for the dataset before data_dir; compose "
+        "mounts the host's ./data here",
+    )
 
 
 class DetectorSettings(_Settings):

@@ -456,7 +456,7 @@ def test_broker_serve_reloads_a_new_gateway_on_sighup(
         username="gw2",
         password=SecretStr(read_password(secrets, "gw2") or ""),
     )
-    with pytest.raises(BrokerError, match="refused user 'gw2'"):
+    with pytest.raises(BrokerError, match="login of user 'gw2'"):
         _Peer(settings, "gw2")  # not reloaded yet
     serve.process.send_signal(signal.SIGHUP)
     serve.wait_log("reloaded users and ACL")
