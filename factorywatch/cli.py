@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from factorywatch import runtime
+from factorywatch import cluster, runtime
 from factorywatch.errors import FactorywatchError
 from factorywatch.logs import configure_logging
 from factorywatch.settings import (
@@ -211,6 +211,13 @@ def _add_detect(sub: Any) -> None:
     )
     p.add_argument("--train-if-missing", action="store_true", help="train when no model exists")
     p.add_argument("--feature-set", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--engine",
+        choices=("mqtt", "jetstream"),
+        default="mqtt",
+        help="mqtt: one Mosquitto (default); jetstream: partitions of a NATS cluster",
+    )
+    cluster.add_detect_options(p)
     p.set_defaults(func=cmd_detect)
 
 
@@ -239,6 +246,23 @@ def cmd_detect(args: argparse.Namespace) -> int:
         lines=args.lines,
     )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
+    if args.engine == "jetstream":
+        try:
+            from factorywatch.detector import jetstream  # noqa: PLC0415
+        except ImportError as exc:
+            raise SystemExit(
+                f"--engine jetstream needs nats-py: pip install 'factorywatch[cluster]' ({exc})"
+            ) from None
+        from factorywatch.detector.service import engine_settings  # noqa: PLC0415
+
+        return jetstream.run_cli(
+            args,
+            model,
+            engine_settings(settings),
+            topic_root=_broker_settings(args).topic_root,
+            client_id=settings.client_id,
+            batch_max=settings.batch_max,
+        )
     broker = _broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="detector")
