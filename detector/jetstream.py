@@ -143,30 +143,63 @@ async def connect(
     )
 
 
-async def provision(js: JetStreamContext, layout: ClusterLayout) -> KeyValue:
-    """Create the input and output streams and the state bucket if missing; the bucket."""
-    wanted = [
-        StreamConfig(
-            name=layout.input_stream,
-            subjects=layout.input_subjects,
-            num_replicas=layout.replicas,
-            storage=StorageType.FILE,
-        ),
-        StreamConfig(
-            name=layout.output_stream,
-            subjects=layout.output_subjects,
-            num_replicas=layout.replicas,
-            storage=StorageType.FILE,
-            duplicate_window=DUPLICATE_WINDOW_S,
-            max_age=7 * 24 * 3600.0,
-        ),
-    ]
-    for config in wanted:
+def consumer_config(layout: ClusterLayout, partition: int, ack_wait_s: float) -> ConsumerConfig:
+    """The durable pull consumer of one partition."""
+    return ConsumerConfig(
+        durable_name=layout.consumer(partition),
+        filter_subject=layout.partition_filter(partition),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        max_ack_pending=20_000,
+        max_deliver=-1,
+        num_replicas=layout.replicas,
+    )
+
+
+async def provision(
+    js: JetStreamContext,
+    layout: ClusterLayout,
+    *,
+    ack_wait_s: float = 10.0,
+    wait_s: float = 300.0,
+) -> KeyValue:
+    """Every partition's durable consumer, the output stream and the state bucket; the bucket.
+
+    Idempotent. The input stream is the MQTT layer's: it exists once an MQTT client has
+    connected to the cluster, so this waits for it (up to ``wait_s``).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            await js.stream_info(str(config.name))
+            await js.stream_info(layout.input_stream)
+            break
+        except (nats.js.errors.NotFoundError, nats.errors.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            log.info("waiting_for_mqtt_streams", stream=layout.input_stream)
+            await asyncio.sleep(1.0)  # backoff until the first MQTT client connects
+    for partition in range(layout.partitions):
+        try:
+            await js.consumer_info(layout.input_stream, layout.consumer(partition))
         except nats.js.errors.NotFoundError:
-            await js.add_stream(config)
-            log.info("stream_created", stream=config.name, replicas=config.num_replicas)
+            await js.add_consumer(
+                layout.input_stream, consumer_config(layout, partition, ack_wait_s)
+            )
+            log.info("consumer_created", partition=partition, replicas=layout.replicas)
+    output = StreamConfig(
+        name=layout.output_stream,
+        subjects=layout.output_subjects,
+        num_replicas=layout.replicas,
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        max_age=7 * 24 * 3600.0,
+    )
+    try:
+        await js.stream_info(layout.output_stream)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(output)
+        log.info("stream_created", stream=output.name, replicas=output.num_replicas)
     try:
         return await js.key_value(layout.state_bucket)
     except nats.js.errors.BucketNotFoundError:
@@ -261,7 +294,7 @@ class JetStreamDetector:
         )
         self._js = self._nc.jetstream(timeout=opts.publish_timeout_s)
         if opts.provision:
-            self._kv = await provision(self._js, self.layout)
+            self._kv = await provision(self._js, self.layout, ack_wait_s=opts.ack_wait_s)
         else:
             self._kv = await self._js.key_value(self.layout.state_bucket)
         for partition in opts.partitions:
@@ -313,7 +346,9 @@ class JetStreamDetector:
                 await self._status("offline")
             if self._nc is not None:
                 with contextlib.suppress(Exception):
-                    await self._nc.drain()
+                    await self._nc.flush(timeout=2)  # the last acks leave before we close
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
             log.info("jetstream_detector_stopped", **self._figures())
 
     def _figures(self) -> dict[str, Any]:
@@ -339,24 +374,10 @@ class JetStreamDetector:
         await self._nc.publish(subject, status.encode())
 
     async def _subscribe(self, partition: int) -> JetStreamContext.PullSubscription:
-        opts = self.options
-        config = ConsumerConfig(
-            durable_name=self.layout.consumer(partition),
-            filter_subject=self.layout.partition_filter(partition),
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=opts.ack_wait_s,
-            max_ack_pending=opts.max_ack_pending,
-            max_deliver=-1,
-            num_replicas=self.layout.replicas,
-        )
         while True:
             try:
-                return await self.js.pull_subscribe(
-                    self.layout.partition_filter(partition),
-                    durable=self.layout.consumer(partition),
-                    stream=self.layout.input_stream,
-                    config=config,
+                return await self.js.pull_subscribe_bind(
+                    durable=self.layout.consumer(partition), stream=self.layout.input_stream
                 )
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning("consumer_bind_failed", partition=partition, error=repr(exc))

@@ -9,8 +9,14 @@ sensor's status) under one partition, computed by the server from the machine id
     factory.telemetry.<line>.<machine>  ->  fwpart.<p>.factory.telemetry.<line>.<machine>
     p = fnv1a32(machine) % partitions       (``partition_of``, NATS's ``partition()``)
 
-The input stream holds ``fwpart.*.<root>.>`` (R3 on three nodes); each detector owns some
-partitions through one durable pull consumer each (``detector/jetstream.py``). Verdicts, events
+The input stream is the one NATS's MQTT layer stores each QoS 1 PUBLISH in before it sends
+the PUBACK (``$MQTT_msgs``, subject ``$MQTT.msgs.fwpart.<p>.<root>....``, R3, interest
+retention): a PUBACK therefore means the reading is replicated, and it stays until the
+partition's durable consumer acknowledges it. (A stream of our own capturing ``fwpart.>``
+loses what arrives while its leader is being re-elected after a node dies: the MQTT layer
+does not wait for it.) Each detector owns some partitions through one durable pull consumer
+each (``detector/jetstream.py``); ``provision`` creates every partition's consumer up front,
+because the interest-retention stream drops a message no consumer wants. Verdicts, events
 and states go back on ``<root>.alerts.>`` where MQTT subscribers (``mosquitto_sub``) see them,
 and are also kept by an output stream (R3) that de-duplicates them by reading identity. Each
 machine's state is a key ``<p>.<machine>`` of a key-value bucket (R3).
@@ -39,6 +45,9 @@ from factorywatch.errors import BrokerError
 from factorywatch.topics import DEFAULT_ROOT, check_id
 
 PARTITION_PREFIX: Final = "fwpart"
+#: The stream NATS's MQTT layer stores every QoS 1 PUBLISH in before its PUBACK (R3 here)
+MQTT_STREAM: Final = "$MQTT_msgs"
+MQTT_SUBJECT_PREFIX: Final = "$MQTT.msgs."
 DEFAULT_PARTITIONS: Final = 6
 _FNV_OFFSET: Final = 0x811C9DC5
 _FNV_PRIME: Final = 0x01000193
@@ -94,8 +103,8 @@ class ClusterLayout:
 
     @property
     def input_stream(self) -> str:
-        """The stream holding every partition's input."""
-        return f"FW_IN_{_name(self.topic_root)}"
+        """The stream holding every partition's input: the MQTT layer's QoS 1 message store."""
+        return MQTT_STREAM
 
     @property
     def output_stream(self) -> str:
@@ -108,9 +117,9 @@ class ClusterLayout:
         return f"fw_state_{_name(self.topic_root)}"
 
     @property
-    def input_subjects(self) -> list[str]:
-        """What the input stream captures."""
-        return [f"{PARTITION_PREFIX}.*.{self.root}.>"]
+    def input_filter(self) -> str:
+        """Every partition's input in the input stream."""
+        return f"{MQTT_SUBJECT_PREFIX}{PARTITION_PREFIX}.*.{self.root}.>"
 
     @property
     def output_subjects(self) -> list[str]:
@@ -119,11 +128,11 @@ class ClusterLayout:
 
     def partition_filter(self, partition: int) -> str:
         """The subject filter of one partition's durable consumer."""
-        return f"{PARTITION_PREFIX}.{partition}.{self.root}.>"
+        return f"{MQTT_SUBJECT_PREFIX}{PARTITION_PREFIX}.{partition}.{self.root}.>"
 
     def consumer(self, partition: int) -> str:
-        """The durable consumer name of one partition."""
-        return f"part-{partition}"
+        """The durable consumer name of one partition (unique per topic root)."""
+        return f"fw_{_name(self.topic_root)}_part_{partition}"
 
     def state_key(self, partition: int, machine_id: str) -> str:
         """The key-value key of one machine's state."""
@@ -150,6 +159,7 @@ class ClusterLayout:
 
     def unpartition(self, subject: str) -> tuple[int, str]:
         """``(partition, MQTT topic)`` of a subject read from the input stream."""
+        subject = subject.removeprefix(MQTT_SUBJECT_PREFIX)
         prefix, _, rest = subject.partition(".")
         number, _, original = rest.partition(".")
         if prefix != PARTITION_PREFIX or not number.isdigit() or not original:
@@ -313,6 +323,10 @@ def render_node_config(
         f"  listen: {_quote(f'{host}:{ports.mqtt}')}",
         # How long a QoS 1 delivery to an MQTT subscriber waits for its PUBACK.
         "  ack_wait: 30s",
+        # The MQTT layer's own streams (sessions, QoS 1 messages, retained): R3 like ours, so
+        # a node's death leaves them a quorum (2.9 otherwise sizes them from the routes it
+        # happens to see when the first MQTT client connects).
+        f"  stream_replicas: {min(3, len(routes) + 1)}",
     ]
     if tls is not None:
         lines.append(_tls_block(tls))
@@ -455,10 +469,28 @@ class LocalNatsCluster:
         try:
             for node in self.nodes:
                 self.wait_ready(node, timeout_s)
+            self.create_mqtt_streams()
         except BrokerError:
             self.stop()
             raise
         return self
+
+    def create_mqtt_streams(self) -> None:
+        """Connect one MQTT client: the MQTT layer creates its streams on the first CONNECT."""
+        user = "monitor" if self.passwords is not None else None
+        password = self.passwords[user] if self.passwords is not None and user else None
+        device = MqttDevice(
+            "fw-provision",
+            self.nodes[0].ports.mqtt,
+            user=user,
+            password=password,
+            tls_ca=self.tls.ca if self.tls is not None else None,
+            clean_session=True,
+        )
+        try:
+            device.wait_connected(30.0)
+        finally:
+            device.close()
 
     def wait_ready(self, node: LocalNode, timeout_s: float = 30.0) -> None:
         """Wait until ``node`` listens (client, MQTT) and reports healthy JetStream."""
@@ -592,6 +624,7 @@ class MqttDevice:
         password: str | None = None,
         tls_ca: Path | None = None,
         max_inflight: int = 100,
+        clean_session: bool = False,
     ) -> None:
         import threading  # noqa: PLC0415
 
@@ -608,7 +641,7 @@ class MqttDevice:
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv311,
-            clean_session=False,
+            clean_session=clean_session,
         )
         if user is not None:
             self.client.username_pw_set(user, password)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import (
     MosquittoSub,
     Stream,
+    provision_layout,
     read_subjects,
     run_js,
     start_detector,
@@ -62,7 +64,7 @@ def test_mqtt_readings_land_in_r3_stream_and_mqtt_subscribers_see_verdicts(
     cluster = nats_cluster
     layout = cluster.layout
     topics = Topics(topic_root)
-    start_detector(spawn, cluster, model_dir)
+    provision_layout(cluster)  # every partition's durable consumer: the stream keeps input
     sub = MosquittoSub(
         cluster.nodes[2].ports.mqtt, f"{topic_root}/alerts/+/+/verdict", tmp_path / "sub.txt"
     )
@@ -77,16 +79,19 @@ def test_mqtt_readings_land_in_r3_stream_and_mqtt_subscribers_see_verdicts(
     assert info.cluster is not None
     assert info.config.num_replicas == 3
     assert len(info.cluster.replicas or []) == 2  # a leader and two current replicas
-    assert info.state.messages == 100
+    assert info.state.messages == 100  # PUBACKed means stored (R3) before any detector ran
 
     async def subjects(_nc: NatsClient, js: JetStreamContext) -> list[tuple[str, bytes]]:
-        return await read_subjects(js, layout.input_stream, layout.input_subjects[0])
+        return await read_subjects(js, layout.input_stream, layout.input_filter)
 
-    for subject, _ in run_js(cluster, subjects):
+    stored = run_js(cluster, subjects)
+    assert len(stored) == 100
+    for subject, _ in stored:
         partition, topic = layout.unpartition(subject)
         _, machine = topics.parse_telemetry(topic)
         assert partition == partition_of(machine, PARTITIONS)  # our hash == the server's
 
+    start_detector(spawn, cluster, model_dir)
     verdicts = wait_verdicts(cluster, 100, timeout_s=30)
     assert len(verdicts) == 100
     assert _keys(verdicts) == set(device.acked)
@@ -94,4 +99,75 @@ def test_mqtt_readings_land_in_r3_stream_and_mqtt_subscribers_see_verdicts(
     mqtt_verdicts = [Verdict.model_validate_json(line) for line in sub.lines("/verdict")]
     assert _keys(mqtt_verdicts) == set(device.acked)
     sub.close()
+    device.close()
+
+
+def test_detector_kill9_and_restart_loses_no_reading(
+    nats_cluster: LocalNatsCluster,
+    spawn: Callable[..., Proc],
+    model_dir: Path,
+    topic_root: str,
+) -> None:
+    """kill -9 of the detector mid-stream, then a restart: every acknowledged reading gets
+    exactly one verdict in the output stream (redeliveries are de-duplicated by reading id)."""
+    cluster = nats_cluster
+    topics = Topics(topic_root)
+    detector = start_detector(spawn, cluster, model_dir)
+    device = MqttDevice("device-1", cluster.nodes[0].ports.mqtt)
+    device.wait_connected()
+    stream = Stream(device, topics, ["m1", "m2", "m3", "m4"], per_machine=150, rate_hz=200)
+    stream.start()
+    assert wait_until(lambda: stream.published >= 200, 30)
+    detector.kill()  # SIGKILL mid-stream: unacknowledged batches are redelivered
+    killed_at = stream.published
+    restarted = start_detector(spawn, cluster, model_dir)
+    stream.join(60)
+    assert device.wait_acked(600)
+    assert len(device.acked) == 600
+    verdicts = wait_verdicts(cluster, 600, timeout_s=60)
+    assert 0 < killed_at < 600
+    assert len(verdicts) == 600  # no reading lost, none answered twice in the stream
+    assert _keys(verdicts) == set(device.acked)
+    restarted.terminate()
+    device.close()
+
+
+def test_node_kill9_mid_stream_loses_no_reading(
+    nats_cluster: LocalNatsCluster,
+    spawn: Callable[..., Proc],
+    model_dir: Path,
+    topic_root: str,
+) -> None:
+    """kill -9 of the node leading the input stream mid-stream (Mosquitto's fatal case): the
+    devices on another node and the detector carry on, and every acknowledged reading gets
+    exactly one verdict."""
+    cluster = nats_cluster
+    layout = cluster.layout
+    topics = Topics(topic_root)
+    provision_layout(cluster)
+    leader = _stream_info(cluster, layout.input_stream).cluster
+    assert leader is not None
+    victim = next(n for n in cluster.nodes if n.name == leader.leader)
+    device_node = next(n for n in cluster.nodes if n is not victim)
+    detector = start_detector(spawn, cluster, model_dir)
+    device = MqttDevice("device-1", device_node.ports.mqtt)
+    device.wait_connected()
+    stream = Stream(device, topics, ["m1", "m2", "m3", "m4"], per_machine=150, rate_hz=150)
+    stream.start()
+    assert wait_until(lambda: stream.published >= 200, 30)
+    cluster.kill(victim)
+    killed_at = time.monotonic()
+    acked_before = len(device.acked)
+    assert wait_until(lambda: len(device.acked) > acked_before + 20, 30)
+    recovered_s = time.monotonic() - killed_at
+    stream.join(60)
+    assert device.wait_acked(600, timeout_s=60)
+    assert len(device.acked) == 600, f"refused {len(device.refused)}"
+    verdicts = wait_verdicts(cluster, 600, timeout_s=60)
+    assert len(verdicts) == 600
+    assert _keys(verdicts) == set(device.acked)
+    assert recovered_s < 30
+    cluster.start_node(victim)  # it rejoins and catches up from the others
+    cluster.wait_ready(victim)
+    detector.terminate()
     device.close()
