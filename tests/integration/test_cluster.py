@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
 
-from factorywatch.cluster import ClusterLayout, LocalNatsCluster, MqttDevice, partition_of
-from factorywatch.contracts import Verdict
+from factorywatch.cluster import (
+    ClusterLayout,
+    LocalNatsCluster,
+    MqttDevice,
+    assign,
+    partition_of,
+)
+from factorywatch.contracts import AckCommand, AlertEvent, Verdict
+from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import (
     MosquittoSub,
@@ -21,6 +30,7 @@ from tests.integration.cluster_helpers import (
     read_subjects,
     run_js,
     start_detector,
+    stored_events,
     wait_until,
     wait_verdicts,
 )
@@ -170,4 +180,99 @@ def test_node_kill9_mid_stream_loses_no_reading(
     cluster.start_node(victim)  # it rejoins and catches up from the others
     cluster.wait_ready(victim)
     detector.terminate()
+    device.close()
+
+
+class _Machine:
+    """One simulated machine publishing through a device at 1 Hz of event time."""
+
+    def __init__(self, machine_id: str, seed: int) -> None:
+        self.sim = MachineSimulator(machine_id, "line1", seed=seed)
+        self.clock = time.time() - 100
+
+    def publish(self, device: MqttDevice, topics: Topics, count: int, *, faulty: bool) -> None:
+        """``count`` readings (forced heat-dissipation faults when ``faulty``)."""
+        for _ in range(count):
+            self.clock += 1.0
+            reading = self.sim.next(self.clock, inject="heat_dissipation" if faulty else None)
+            key = f"{reading.machine_id}:{reading.seq}"
+            device.publish(
+                topics.telemetry(reading.line, reading.machine_id), reading.encode(), key
+            )
+
+
+def test_partition_move_resumes_machine_alert_state_from_the_bucket(
+    nats_cluster: LocalNatsCluster,
+    spawn: Callable[..., Proc],
+    model_dir: Path,
+    topic_root: str,
+) -> None:
+    """Two detectors split the partitions; a machine's open alert survives moving its
+    partition to a new detector (state read back from the KV bucket): the operator's ack
+    reaches the same alert and more spikes raise no second alert."""
+    cluster = nats_cluster
+    layout = cluster.layout
+    topics = Topics(topic_root)
+    mine, theirs = assign(PARTITIONS, 2, 0), assign(PARTITIONS, 2, 1)
+    names = [f"press-{i}" for i in range(40)]
+    machine = next(m for m in names if partition_of(m, PARTITIONS) in mine)
+    other = next(m for m in names if partition_of(m, PARTITIONS) in theirs)
+    parts_a = ",".join(map(str, mine))
+    first = start_detector(spawn, cluster, model_dir, partitions=parts_a, client_id="det-a")
+    second = start_detector(
+        spawn, cluster, model_dir, partitions=",".join(map(str, theirs)), client_id="det-b"
+    )
+    device = MqttDevice("device-1", cluster.nodes[0].ports.mqtt)
+    device.wait_connected()
+    sim, other_sim = _Machine(machine, 3), _Machine(other, 4)
+    sim.publish(device, topics, 5, faulty=False)
+    other_sim.publish(device, topics, 10, faulty=False)
+    sim.publish(device, topics, 8, faulty=True)
+    assert device.wait_acked(23)
+
+    def raised() -> list[AlertEvent]:
+        return [
+            e
+            for e in stored_events(cluster)
+            if e.event == "ALERT_RAISED" and e.machine_id == machine
+        ]
+
+    assert wait_until(lambda: len(raised()) == 1, 30)
+    alert_id = raised()[0].alert_id
+    assert alert_id is not None
+    assert len(wait_verdicts(cluster, 23, timeout_s=30)) == 23
+
+    async def stored_state(_nc: NatsClient, js: JetStreamContext) -> dict[str, Any]:
+        kv = await js.key_value(layout.state_bucket)
+        entry = await kv.get(layout.state_key(partition_of(machine, PARTITIONS), machine))
+        assert entry.value is not None
+        state: dict[str, Any] = json.loads(entry.value)
+        return state
+
+    assert run_js(cluster, stored_state)["alert_id"] == alert_id
+
+    assert first.terminate() == 0  # the partition moves: old owner stops, new one takes over
+    moved = start_detector(spawn, cluster, model_dir, partitions=parts_a, client_id="det-c")
+    assert '"machines": 1' in moved.log() or '"machines":1' in moved.log().replace(" ", "")
+    ack = AckCommand(machine_id=machine, by="operator-1", alert_id=alert_id)
+    device.publish(topics.ack("line1", machine), ack.encode(), "ack")
+    sim.publish(device, topics, 5, faulty=True)
+    assert device.wait_acked(29)
+
+    def acknowledged() -> list[AlertEvent]:
+        return [
+            e
+            for e in stored_events(cluster)
+            if e.event == "ALERT_ACKNOWLEDGED" and e.machine_id == machine
+        ]
+
+    assert wait_until(lambda: len(acknowledged()) == 1, 30)
+    assert acknowledged()[0].alert_id == alert_id  # the new owner knew the open alert
+    assert len(wait_verdicts(cluster, 28, timeout_s=30)) == 28
+    assert len(raised()) == 1  # the spikes after the move continue the same alert
+    assert second.terminate() == 0
+    stopped = [line for line in second.log().splitlines() if "jetstream_detector_stopped" in line]
+    assert stopped
+    assert json.loads(stopped[-1])["received"] == 10  # only its own machine
+    moved.terminate()
     device.close()
