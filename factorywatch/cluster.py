@@ -196,8 +196,12 @@ def cluster_users(
     """
     r = layout.root
     inbox = "_INBOX.>"
+    # An MQTT QoS 1 subscription is served by a JetStream consumer delivering to $MQTT.sub.*
+    mqtt_sub = "$MQTT.sub.>"
+    # Permissions are checked on the subject after the partition mapping.
+    parts = f"{PARTITION_PREFIX}.*.{r}"
     users = [
-        ClusterUser("admin", passwords["admin"], (">",), (">",), ("STANDARD",)),
+        ClusterUser("admin", passwords["admin"], (">",), (">",), ("STANDARD", "MQTT")),
         ClusterUser(
             "detector",
             passwords["detector"],
@@ -215,25 +219,32 @@ def cluster_users(
             "viewer",
             passwords["viewer"],
             (),
-            (f"{r}.alerts.>", f"{r}.status.>", inbox),
+            (f"{r}.alerts.>", f"{r}.status.>", inbox, mqtt_sub),
             ("STANDARD", "MQTT"),
         ),
         ClusterUser(
             "operator",
             passwords["operator"],
-            (f"{r}.commands.>",),
-            (f"{r}.alerts.>", f"{r}.status.>", inbox),
+            (f"{parts}.commands.>",),
+            (f"{r}.alerts.>", f"{r}.status.>", inbox, mqtt_sub),
             ("STANDARD", "MQTT"),
         ),
-        ClusterUser("monitor", passwords["monitor"], (), (f"{r}.>", inbox), ("STANDARD", "MQTT")),
+        ClusterUser(
+            "monitor",
+            passwords["monitor"],
+            (),
+            (f"{r}.>", f"{parts}.>", inbox, mqtt_sub),
+            ("STANDARD", "MQTT"),
+        ),
     ]
     for machine in machines:
         m = check_id(machine, "machine id")
+        own = f"{PARTITION_PREFIX}.{partition_of(m, layout.partitions)}.{r}"
         users.append(
             ClusterUser(
                 m,
                 passwords[m],
-                (f"{r}.telemetry.*.{m}", f"{r}.batch.*.{m}", f"{r}.status.sensor.{m}"),
+                (f"{own}.telemetry.*.{m}", f"{own}.batch.*.{m}", f"{own}.status.sensor.{m}"),
                 (),
                 ("MQTT",),
             )
@@ -637,6 +648,7 @@ class MqttDevice:
         self.acked: list[str] = []
         self.refused: list[str] = []
         self.connects = 0
+        self.refusals = 0
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -657,9 +669,12 @@ class MqttDevice:
         self.client.connect(host, port, keepalive=10)
         self.client.loop_start()
 
-    def _on_connect(self, *args: object) -> None:
+    def _on_connect(self, _c: object, _u: object, _f: object, reason: object, _p: object) -> None:
         with self._lock:
-            self.connects += 1
+            if getattr(reason, "is_failure", False):
+                self.refusals += 1
+            else:
+                self.connects += 1
             self._lock.notify_all()
 
     def _on_publish(self, _c: object, _u: object, mid: int, reason: object, _p: object) -> None:
@@ -675,8 +690,10 @@ class MqttDevice:
     def wait_connected(self, timeout_s: float = 10.0) -> None:
         """Wait for the first CONNACK (raise ``BrokerError`` otherwise)."""
         with self._lock:
-            if not self._lock.wait_for(lambda: self.connects > 0, timeout_s):
+            if not self._lock.wait_for(lambda: self.connects or self.refusals, timeout_s):
                 raise BrokerError("MQTT device not connected")
+            if not self.connects:
+                raise BrokerError("MQTT device refused by the server (CONNACK)")
 
     def publish(self, topic: str, payload: bytes, key: str) -> None:
         """Queue one QoS 1 message; ``key`` is what ``acked`` will hold once PUBACKed."""
