@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary test faults demo lint format train evaluate bench profile clean
+.PHONY: install broker-binary nats-binary test faults demo lint format train evaluate bench profile scale clean
 
 install: $(VENV)/.installed
 
@@ -21,8 +21,11 @@ $(VENV)/.installed: pyproject.toml
 broker-binary:
 	@scripts/ensure-mosquitto.sh
 
+nats-binary:
+	@scripts/ensure-nats.sh
+
 ## test: lint, types and the whole suite (unit, property, integration, faults) on real brokers
-test: install broker-binary
+test: install broker-binary nats-binary
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -59,6 +62,10 @@ bench: install broker-binary
 ## profile: py-spy samples of the detector under load -> reports/profile.md
 profile: install broker-binary
 	$(BIN)/python -m bench.profile $(DATASET_ARG)
+
+## scale: 1-3 detectors on a 3-node NATS JetStream cluster and on Mosquitto -> reports/scale.{json,md}
+scale: install broker-binary nats-binary
+	$(BIN)/python -m bench.scale $(DATASET_ARG)
 
 clean:
 	rm -rf run/ .pytest_cache .mypy_cache .ruff_cache

@@ -646,6 +646,8 @@ class MqttDevice:
         self._mids: dict[int, str] = {}
         self._early: dict[int, bool] = {}
         self.acked: list[str] = []
+        #: monotonic time of each acknowledgement, in order (stall and recovery figures)
+        self.acked_at: list[float] = []
         self.refused: list[str] = []
         self.connects = 0
         self.refusals = 0
@@ -685,6 +687,7 @@ class MqttDevice:
                 self._early[mid] = failed
             else:
                 (self.refused if failed else self.acked).append(key)
+            self.acked_at.append(time.monotonic())
             self._lock.notify_all()
 
     def wait_connected(self, timeout_s: float = 10.0) -> None:
@@ -703,7 +706,7 @@ class MqttDevice:
             if failed is None:
                 self._mids[info.mid] = key
             else:
-                (self.refused if failed else self.acked).append(key)
+                (self.refused if failed else self.acked).append(key)  # time already noted
                 self._lock.notify_all()
 
     def wait_acked(self, count: int, timeout_s: float = 30.0) -> bool:
