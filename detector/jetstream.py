@@ -82,7 +82,6 @@ class JetStreamOptions:
     ack_wait_s: float = 10.0
     publish_timeout_s: float = 5.0
     fetch_timeout_s: float = 0.5
-    max_ack_pending: int = 20_000
     provision: bool = True
 
 
@@ -484,10 +483,15 @@ def run_cli(
         else env_servers()
     )
     password = args.nats_password_file.read_text().strip() if args.nats_password_file else None
+    try:
+        layout = ClusterLayout(topic_root=topic_root, partitions=count)
+        partitions = partitions_arg(args.partitions, count)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     options = JetStreamOptions(
         servers=servers,
-        layout=ClusterLayout(topic_root=topic_root, partitions=count),
-        partitions=partitions_arg(args.partitions, count),
+        layout=layout,
+        partitions=partitions,
         client_id=client_id,
         user=args.nats_user,
         password=password,

@@ -310,14 +310,18 @@ def render_node_config(
     name: str,
     cluster_name: str,
     ports: NodePorts,
-    routes: Sequence[int],
+    routes: Sequence[str],
     store_dir: Path,
     layouts: Sequence[ClusterLayout],
     users: Sequence[ClusterUser] | None = None,
     tls: TlsFiles | None = None,
     host: str = "127.0.0.1",
 ) -> str:
-    """One node's nats-server config: JetStream, cluster routes, MQTT listener, mappings."""
+    """One node's nats-server config: JetStream, cluster routes, MQTT listener, mappings.
+
+    ``routes``: the other nodes' route URLs (``nats-route://n2:6222``); ``host``: the address
+    this node listens on (``0.0.0.0`` in a container).
+    """
     mappings = {k: v for layout in layouts for k, v in layout.mappings().items()}
     lines = [
         f"server_name: {_quote(name)}",
@@ -328,7 +332,7 @@ def render_node_config(
         "cluster {",
         f"  name: {_quote(cluster_name)}",
         f"  listen: {_quote(f'{host}:{ports.cluster}')}",
-        f"  routes: {_list([f'nats-route://{host}:{port}' for port in routes])}",
+        f"  routes: {_list(routes)}",
         "}",
         "mqtt {",
         f"  listen: {_quote(f'{host}:{ports.mqtt}')}",
@@ -451,7 +455,9 @@ class LocalNatsCluster:
                 name=node.name,
                 cluster_name=self.cluster_name,
                 ports=node.ports,
-                routes=[n.ports.cluster for n in self.nodes if n is not node],
+                routes=[
+                    f"nats-route://127.0.0.1:{n.ports.cluster}" for n in self.nodes if n is not node
+                ],
                 store_dir=node.workdir / "js",
                 layouts=self.layouts,
                 users=self.users(),

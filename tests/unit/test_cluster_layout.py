@@ -63,13 +63,13 @@ def test_node_config_has_jetstream_routes_mqtt_mappings_and_per_machine_permissi
         name="n1",
         cluster_name="fw",
         ports=NodePorts(4222, 6222, 1883, 8222),
-        routes=[6223, 6224],
+        routes=["nats-route://127.0.0.1:6223", "nats-route://127.0.0.1:6224"],
         store_dir=Path("js-store"),
         layouts=[layout],
         users=users,
     )
     assert "nats-route://127.0.0.1:6223" in text
-    assert "nats-route://127.0.0.1:6222" not in text
+    assert "6222" not in text.split("cluster {")[1].split("routes")[1].split("\n")[0]
     assert "stream_replicas: 3" in text
     assert '"factory.telemetry.*.*": "fwpart.{{partition(6,2)}}.factory.telemetry.' in text
     assert '"factory.status.sensor.*": "fwpart.{{partition(6,1)}}' in text
