@@ -283,7 +283,7 @@ def run_cluster(
             args = ["--engine", "jetstream", "--nats-servers", ",".join(cluster.servers)]
             args += ["--topic-root", root, "--partition-count", str(PARTITIONS)]
             args += ["--partitions", parts, "--model-dir", str(model_dir)]
-            args += ["--client-id", f"det-{i}"]
+            args += ["--client-id", f"det-{i}", "--metrics-port", "0"]
             procs.append(spawn_detector(args, work / f"cluster-{detectors}-det-{i}.log"))
         for proc in procs:
             proc.wait_log("jetstream_detector_started")
@@ -413,7 +413,7 @@ def run_node_kill(  # noqa: PLR0915 - one scenario, start to end
         others = [n for n in cluster.nodes if n is not victim]
         args = ["--engine", "jetstream", "--nats-servers", ",".join(cluster.servers)]
         args += ["--topic-root", root, "--partition-count", str(PARTITIONS)]
-        args += ["--model-dir", str(model_dir), "--client-id", "det-kill"]
+        args += ["--model-dir", str(model_dir), "--client-id", "det-kill", "--metrics-port", "0"]
         proc = spawn_detector(args, work / "kill-det.log")
         proc.wait_log("jetstream_detector_started")
         devices = [MqttDevice(f"dev-{n.name}", n.ports.mqtt, max_inflight=200) for n in others]

@@ -57,8 +57,12 @@ from factorywatch.cluster import (
 from factorywatch.contracts import ClientStatus
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
+from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.state import MachineRecord
-from factorywatch.model.artifact import LoadedModel
+from factorywatch.errors import ModelError
+from factorywatch.model import artifact
+from factorywatch.model.artifact import LoadedModel, ScorerKind
+from factorywatch.settings import DetectorSettings
 from factorywatch.topics import Topics
 
 log = structlog.get_logger("detector.jetstream")
@@ -82,6 +86,12 @@ class JetStreamOptions:
     ack_wait_s: float = 10.0
     publish_timeout_s: float = 5.0
     fetch_timeout_s: float = 0.5
+    #: where promoted models are (a newly promoted one is swapped in); None: never reload
+    model_dir: Path | None = None
+    scorer: ScorerKind = "fast"
+    reload_interval_s: float = 5.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: no /metrics, /healthz
     provision: bool = True
 
 
@@ -232,6 +242,9 @@ class JetStreamDetector:
         self.topics = Topics(options.layout.topic_root)
         self.engine = Engine(model, self.topics, settings)
         self.counters = JetStreamCounters()
+        self.metrics = Metrics()
+        self.metrics.set_model(model.version)
+        self._last_turn = time.monotonic()
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
@@ -281,9 +294,28 @@ class JetStreamDetector:
         return not failed
 
     # -- start ----------------------------------------------------------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Healthy while connected and the loop turned within the last 10 s."""
+        connected = self._nc is not None and self._nc.is_connected
+        age = time.monotonic() - self._last_turn
+        detail = {
+            "connected": connected,
+            "loop_age_s": round(age, 3),
+            "model_version": self.engine.model.version,
+            "machines": len(self.engine.states),
+            "partitions": list(self.options.partitions),
+        }
+        return connected and age < 10.0, detail
+
     async def start(self) -> None:
         """Connect, provision, restore the owned partitions' state, republish their outbox."""
         opts = self.options
+        if opts.metrics_port:
+            try:
+                serve(self.metrics, self.health, opts.metrics_host, opts.metrics_port)
+                log.info("metrics_serving", port=opts.metrics_port)
+            except OSError as exc:  # detection matters more than its metrics: keep going
+                log.error("metrics_unavailable", port=opts.metrics_port, error=str(exc))
         self._nc = await connect(
             opts.servers,
             name=opts.client_id,
@@ -386,6 +418,7 @@ class JetStreamDetector:
         sub = await self._subscribe(partition)
         opts = self.options
         while not stop.is_set():
+            self._last_turn = time.monotonic()
             try:
                 msgs = await sub.fetch(opts.batch_max, timeout=opts.fetch_timeout_s)
             except (TimeoutError, nats.errors.TimeoutError):
@@ -424,6 +457,7 @@ class JetStreamDetector:
                 # records' recent ids still keep it from counting twice in the alert window).
                 self.engine.seen = SeenCache(self.engine.settings.dedup_size)
                 self.counters.failed_batches += 1
+                self.metrics.publish_failures.inc()
                 for msg in msgs:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=0.5)
@@ -435,7 +469,17 @@ class JetStreamDetector:
 
     def _count(self, partition: int, outcomes: list[Outcome]) -> None:
         c = self.counters
+        m = self.metrics
         for outcome in outcomes:
+            m.readings.inc(outcome.readings)
+            m.duplicates.inc(outcome.duplicates)
+            for verdict in outcome.verdicts:
+                m.latency.observe(verdict.latency_ms / 1000.0)
+                (m.alert_verdicts if verdict.status == "ALERT" else m.normal_verdicts).inc()
+            for error in outcome.rejected:
+                m.dead_letters.labels(reason=error.reason).inc()
+            for event in outcome.events:
+                m.events.labels(event=event.event).inc()
             c.received += outcome.readings
             c.verdicts += len(outcome.verdicts)
             c.duplicates += outcome.duplicates
@@ -447,9 +491,15 @@ class JetStreamDetector:
                 log.info("alert_event_published", machine_id=event.machine_id, kind=event.event)
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
-        """Offline detection every second, a heartbeat every 15 s."""
+        """Offline detection every second, model reload, a heartbeat every 15 s."""
         next_status = time.monotonic() + 15.0
+        next_reload = time.monotonic() + self.options.reload_interval_s
         while not stop.is_set():
+            self.metrics.connected.set(1 if self._nc is not None and self._nc.is_connected else 0)
+            if time.monotonic() >= next_reload:
+                next_reload = time.monotonic() + self.options.reload_interval_s
+                async with self._lock:
+                    self.maybe_reload()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             async with self._lock:
@@ -464,18 +514,38 @@ class JetStreamDetector:
                     await self._status("online")
                 next_status = time.monotonic() + 15.0
 
+    def maybe_reload(self) -> bool:
+        """Swap in a newly promoted model between batches (never mid-batch)."""
+        model_dir = self.options.model_dir
+        if model_dir is None:
+            return False
+        version = artifact.current_version(model_dir)
+        if version is None or version == self.engine.model.version:
+            return False
+        try:
+            model = artifact.load(model_dir, version, scorer=self.options.scorer)
+        except (ModelError, OSError) as exc:
+            log.error("model_reload_failed", version=version, error=str(exc))
+            return False
+        previous = self.engine.model.version
+        self.engine.swap_model(model)
+        self.metrics.set_model(version)
+        log.info("model_reloaded", previous=previous, version=version)
+        return True
+
 
 # -- CLI ----------------------------------------------------------------------------------------
 def run_cli(
     args: argparse.Namespace,
     model: LoadedModel,
-    settings: EngineSettings,
+    detector: DetectorSettings,
     *,
     topic_root: str,
-    client_id: str,
-    batch_max: int,
+    model_dir: Path,
 ) -> int:
     """Serve until SIGTERM/SIGINT (the CLI's ``detect --engine jetstream``)."""
+    from factorywatch.detector.service import engine_settings  # noqa: PLC0415
+
     count = args.partition_count or DEFAULT_PARTITIONS
     servers = (
         [s.strip() for s in args.nats_servers.split(",") if s.strip()]
@@ -492,13 +562,19 @@ def run_cli(
         servers=servers,
         layout=layout,
         partitions=partitions,
-        client_id=client_id,
+        client_id=detector.client_id,
         user=args.nats_user,
         password=password,
         tls_ca=args.nats_ca,
-        batch_max=batch_max,
+        batch_max=detector.batch_max,
         ack_wait_s=args.ack_wait,
+        model_dir=model_dir,
+        scorer=detector.scorer,
+        reload_interval_s=detector.reload_interval_s,
+        metrics_host=detector.metrics_host,
+        metrics_port=detector.metrics_port,
     )
+    settings = engine_settings(detector)
 
     async def main() -> None:
         stop = asyncio.Event()

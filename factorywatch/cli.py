@@ -253,15 +253,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"--engine jetstream needs nats-py: pip install 'factorywatch[cluster]' ({exc})"
             ) from None
-        from factorywatch.detector.service import engine_settings  # noqa: PLC0415
-
         return jetstream.run_cli(
             args,
             model,
-            engine_settings(settings),
+            settings,
             topic_root=_broker_settings(args).topic_root,
-            client_id=settings.client_id,
-            batch_max=settings.batch_max,
+            model_dir=data.model_dir,
         )
     broker = _broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:

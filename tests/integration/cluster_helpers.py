@@ -235,6 +235,7 @@ def start_detector(
     client_id: str = "detector-a",
     user: str | None = None,
     password_file: Path | None = None,
+    metrics_port: int = 0,
     wait: bool = True,
 ) -> Proc:
     """A real ``factorywatch detect --engine jetstream`` process serving ``partitions``."""
@@ -257,6 +258,8 @@ def start_detector(
         client_id,
         "--ack-wait",
         "2",
+        "--metrics-port",
+        str(metrics_port),
     ]
     if user is not None:
         args += ["--nats-user", user]
@@ -265,6 +268,7 @@ def start_detector(
     if cluster.tls is not None:
         args += ["--nats-ca", str(cluster.tls.ca)]
     proc = spawn(*args, name=client_id)
+    proc.metrics_port = metrics_port or None
     if wait:
         proc.wait_log("jetstream_detector_started")
     return proc

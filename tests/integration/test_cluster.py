@@ -13,6 +13,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
 
+from factorywatch.broker import free_port
 from factorywatch.cluster import (
     ClusterLayout,
     LocalNatsCluster,
@@ -34,7 +35,7 @@ from tests.integration.cluster_helpers import (
     wait_until,
     wait_verdicts,
 )
-from tests.support import Proc
+from tests.support import Proc, metric_value, scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -101,13 +102,20 @@ def test_mqtt_readings_land_in_r3_stream_and_mqtt_subscribers_see_verdicts(
         _, machine = topics.parse_telemetry(topic)
         assert partition == partition_of(machine, PARTITIONS)  # our hash == the server's
 
-    start_detector(spawn, cluster, model_dir)
+    detector = start_detector(spawn, cluster, model_dir, metrics_port=free_port())
     verdicts = wait_verdicts(cluster, 100, timeout_s=30)
     assert len(verdicts) == 100
     assert _keys(verdicts) == set(device.acked)
     assert wait_until(lambda: len(sub.lines("/verdict")) >= 100, 10)
     mqtt_verdicts = [Verdict.model_validate_json(line) for line in sub.lines("/verdict")]
     assert _keys(mqtt_verdicts) == set(device.acked)
+    assert detector.metrics_port is not None
+    status, body = scrape(detector.metrics_port, "/metrics")
+    assert status == 200
+    assert metric_value(body, "factorywatch_readings_received_total") == 100
+    status, health = scrape(detector.metrics_port, "/healthz")
+    assert status == 200
+    assert json.loads(health)["partitions"] == list(range(PARTITIONS))
     sub.close()
     device.close()
 
