@@ -249,6 +249,8 @@ class JetStreamDetector:
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
         self._lock = asyncio.Lock()
+        #: True once connected, provisioned and restored (a stop then drains in-flight work)
+        self.started = False
 
     # -- I/O helpers ----------------------------------------------------------------------------
     @property
@@ -334,6 +336,7 @@ class JetStreamDetector:
         for publish in self.engine.recover():
             await self._publish(publish, None)
         self.counters.restored_machines = len(self.engine.states)
+        self.started = True
 
     async def restore_partition(self, partition: int) -> int:
         """Load every machine record of ``partition`` from the bucket; how many."""
@@ -581,7 +584,21 @@ def run_cli(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await JetStreamDetector(options, model, settings).run(stop)
+        detector = JetStreamDetector(options, model, settings)
+        running = asyncio.create_task(detector.run(stop))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set() and not detector.started:
+            running.cancel()  # still waiting for the cluster: nothing in flight to finish
+            log.info("jetstream_detector_stopped_before_start")
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        stopping.cancel()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (nats.errors.NoServersError, OSError) as exc:
+        raise SystemExit(
+            f"error: cannot reach the NATS cluster at {', '.join(servers)}: {exc}"
+        ) from None
     return 0
