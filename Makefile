@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary nats-binary test faults demo lint format train evaluate bench profile scale clean
+.PHONY: install broker-binary nats-binary docker-prepare ops-tools test faults demo lint format train evaluate bench profile scale clean
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,19 @@ broker-binary:
 nats-binary:
 	@scripts/ensure-nats.sh
 
+## docker-prepare: a Docker engine, the debian:bookworm-slim base and wheelhouse/ (the compose
+## test does the same; then `docker compose up -d --build`)
+docker-prepare: install
+	@scripts/ensure-docker.sh >/dev/null
+	@scripts/docker-base-image.sh
+	@PYTHON=$(BIN)/python scripts/docker-wheels.sh
+
+# chromium, prometheus, prometheus-alertmanager for the web/notify/deploy tests
+ops-tools:
+	@scripts/ensure-ops-tools.sh
+
 ## test: lint, types and the whole suite (unit, property, integration, faults) on real brokers
-test: install broker-binary nats-binary
+test: install broker-binary nats-binary ops-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -36,12 +37,13 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """A raw message as the shell received it."""
+    """A raw message as a transport received it; ``token`` is the transport's handle to ack."""
 
     topic: str
     payload: bytes
     received_at: float  # wall clock, Unix seconds
     received_perf: float  # perf_counter at receipt, for processing latency
+    token: Any = None
 
 
 def _classify(exc: ValidationError) -> DeadLetterReason:

@@ -173,6 +173,7 @@ class LocalBroker:
         self.log_file.touch()
         if self.secrets_dir is not None:
             self.acl_file.write_text(render_acl(BASE_ACL.read_text(), self.topic_root))
+            self._copy_secrets()
         self.config_file.write_text(
             render_config(
                 self.config_source.read_text(),
@@ -180,17 +181,34 @@ class LocalBroker:
                 data_dir=self.data_dir,
                 log_file=self.log_file,
                 tls_port=self.tls_port,
-                secrets_dir=self.secrets_dir,
+                secrets_dir=None if self.secrets_dir is None else self.broker_secrets,
                 acl_file=self.acl_file,
             )
         )
         _give_to_broker_user(self.workdir)
         _make_traversable(self.workdir)
-        if self.secrets_dir is not None:
-            _make_traversable(self.secrets_dir / "certs")
         # The broker user (not the owner when we run as root) must traverse the work dir.
         self.workdir.chmod(0o755)
         return self.config_file
+
+    @property
+    def broker_secrets(self) -> Path:
+        """The broker's own copy of the password file and TLS material."""
+        return self.workdir / "secrets"
+
+    def _copy_secrets(self) -> None:
+        """Copy what the broker reads out of the secrets folder, which stays private (0700).
+
+        Mosquitto started as root drops to its own user, which may not enter that folder.
+        """
+        assert self.secrets_dir is not None
+        certs = self.broker_secrets / "certs"
+        certs.mkdir(parents=True, exist_ok=True)
+        self.broker_secrets.chmod(0o700)
+        shutil.copyfile(self.secrets_dir / "passwd", self.broker_secrets / "passwd")
+        for name in ("ca.crt", "server.crt", "server.key"):
+            shutil.copyfile(self.secrets_dir / "certs" / name, certs / name)
+        _give_to_broker_user(self.broker_secrets)
 
     def start(self) -> LocalBroker:
         """Start (or restart) the broker and wait until it listens."""
@@ -229,6 +247,8 @@ class LocalBroker:
     def reload(self) -> None:
         """SIGHUP: Mosquitto re-reads the password file and ACL (after adding a user)."""
         if self.process is not None and self.process.poll() is None:
+            if self.secrets_dir is not None:
+                self._copy_secrets()
             self.process.send_signal(signal.SIGHUP)
             time.sleep(0.3)
 

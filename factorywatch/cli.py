@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -24,6 +25,9 @@ from factorywatch.settings import (
     SensorSettings,
 )
 from factorywatch.topics import check_id
+
+if TYPE_CHECKING:
+    from factorywatch.model.artifact import ModelCard
 
 log = structlog.get_logger("factorywatch")
 
@@ -112,6 +116,11 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument("--threshold-value", type=float, default=default.value)
     p.add_argument("--no-promote", action="store_true", help="save without making it current")
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when a current model exists (compose's one-shot train service)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -120,7 +129,11 @@ def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) 
     from factorywatch.model import artifact, dataset, train  # noqa: PLC0415
     from factorywatch.model.threshold import ThresholdSpec  # noqa: PLC0415
 
-    ds = dataset.obtain(data.dataset, data.data_dir, verify=not args.no_verify, progress=_progress)
+    explicit = data.dataset
+    if explicit is None and data.dataset_dir is not None:
+        found = [data.dataset_dir / n for n in (dataset.KAGGLE_FILE, dataset.UCI_FILE)]
+        explicit = next((f for f in found if f.is_file()), None)
+    ds = dataset.obtain(explicit, data.data_dir, verify=not args.no_verify, progress=_progress)
     forest, card = train.fit(
         ds,
         feature_set=args.feature_set,
@@ -139,7 +152,16 @@ def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``factorywatch train``."""
-    version = train_model(args, _data_settings(args), promote=not args.no_promote)
+    data = _data_settings(args)
+    if args.if_missing:
+        from factorywatch.model import artifact  # noqa: PLC0415
+
+        current = artifact.current_version(data.model_dir)
+        if current is not None:
+            _progress(f"model {current} is current in {data.model_dir}: not training")
+            print(current)
+            return 0
+    version = train_model(args, data, promote=not args.no_promote)
     print(version)
     return 0
 
@@ -193,7 +215,24 @@ def cmd_models(args: argparse.Namespace) -> int:
         mark = "*" if version == current else " "
         clear = "" if card.clear_threshold is None else f" clear={card.clear_threshold:.4f}"
         print(f"{mark} {version}  {card.feature_set:<10} threshold={card.threshold:.4f}{clear}")
+        print(f"    {model_figures(card)}")
     return 0
+
+
+def model_figures(card: ModelCard) -> str:
+    """When a model was trained, on what data, and its figures, in one line."""
+    trained = card.created_at.strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"trained {trained} on {card.data.file} ({card.data.rows} rows)"]
+    metrics = card.metrics
+    if "train_alert_rate" in metrics:
+        parts.append(f"alarms on {metrics['train_alert_rate']:.1%} of training readings")
+    if "label_roc_auc" in metrics:
+        parts.append(
+            f"vs failure labels: ROC-AUC {metrics['label_roc_auc']:.3f}, "
+            f"precision {metrics['label_precision']:.2f}, "
+            f"recall {metrics['label_recall']:.2f} (in-sample)"
+        )
+    return "; ".join(parts)
 
 
 # -- detect ---------------------------------------------------------------------------------
@@ -211,6 +250,12 @@ def _add_detect(sub: Any) -> None:
     )
     p.add_argument("--train-if-missing", action="store_true", help="train when no model exists")
     p.add_argument("--feature-set", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--sparkplug",
+        action="store_true",
+        default=None,
+        help="also read Sparkplug B edge nodes (spBv1.0/...) as a host application",
+    )
     p.add_argument(
         "--engine",
         choices=("mqtt", "jetstream"),
@@ -244,6 +289,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         metrics_port=args.metrics_port,
         lines=args.lines,
+        sparkplug=args.sparkplug,
     )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     if args.engine == "jetstream":
@@ -308,6 +354,12 @@ def _add_sensor(sub: Any) -> None:
         help=f"comma-separated kinds to inject (default all: {','.join(ANOMALY_KINDS)})",
     )
     p.add_argument("--seq-start", type=int, help="first sequence number (default: now in µs)")
+    p.add_argument(
+        "--sparkplug",
+        action="store_true",
+        help="publish as a Sparkplug B edge node (group = --line, devices = --machine-id)",
+    )
+    p.add_argument("--edge-node", default="edge1", help="Sparkplug edge node id (edge1)")
     p.set_defaults(func=cmd_sensor)
 
 
@@ -349,6 +401,20 @@ def cmd_sensor(args: argparse.Namespace) -> int:
         )
         for i, m in enumerate(machines)
     ]
+    if args.sparkplug:
+        from factorywatch.sensors import sparkplug  # noqa: PLC0415
+
+        stats = sparkplug.run(
+            _broker_settings(args),
+            settings.line,
+            check_id(args.edge_node, "edge node id"),
+            sims,
+            rate_hz=settings.rate_hz,
+            count=args.count,
+            stop=_stop_on_signals(),
+        )
+        print(f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}")
+        return 0 if stats.refused == 0 else 1
     streams: list[Callable[[float], Any]] = [sim.next for sim in sims]
     stats = publisher.run(
         _broker_settings(args),
@@ -391,6 +457,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 # -- broker and demo ------------------------------------------------------------------------
 DEFAULT_SECRETS = Path("secrets")
+WATCH_CONNECT_RETRIES = 2  # about 1.5 s of backoff before `watch` says the broker is away
 
 
 def _add_broker(sub: Any) -> None:
@@ -487,6 +554,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     broker = _broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="viewer")
+    if "FACTORYWATCH_MQTT_CONNECT_RETRIES" not in os.environ:
+        # Someone is looking at the screen: say within seconds that the broker is not there.
+        broker = broker.with_overrides(connect_retries=WATCH_CONNECT_RETRIES)
     run_watch(
         broker,
         _stop_on_signals(),
@@ -537,6 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_watch,
         _add_demo,
     ):
+        add(sub)
+    from factorywatch import opscli  # noqa: PLC0415 - it reuses this module's option groups
+
+    for add in (opscli.add_history, opscli.add_notify, opscli.add_web):
         add(sub)
     return parser
 

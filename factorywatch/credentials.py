@@ -2,13 +2,19 @@
 
 Layout of a secrets directory (never committed; ``secrets/`` is git-ignored)::
 
+    secrets/                     mode 0700: only its owner may enter it
     secrets/passwd               Mosquitto password file (PBKDF2-SHA512 hashes, ``$7$``)
-    secrets/<user>.password      one client's plaintext password (mode 0600)
+    secrets/<user>.password      one client's plaintext password (mode 0644, see below)
     secrets/certs/ca.crt         CA that signed the broker certificate (give it to clients)
     secrets/certs/server.{crt,key}  the broker's certificate and key (TLS listener 8883)
 
 The hashes are the ones ``mosquitto_passwd`` writes (``$7$101$salt$hash``), computed here so
 users can create credentials on a host without Mosquitto installed.
+
+Why the files are 0644 in a 0700 folder, not 0600: Docker Compose mounts a file secret as
+it is (it ignores a file secret's ``uid``/``gid``/``mode``), and the containers run as uid
+10001, not as the host user who ran ``broker init``; a 0600 file is unreadable there (the
+detector died with ``PermissionError``). On the host the folder keeps other users out.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from factorywatch.topics import check_id
 SERVICE_USERS: Final = ("detector", "viewer", "operator", "monitor", "healthcheck")
 PASSWD_FILE: Final = "passwd"  # noqa: S105 - a file name, not a password
 CERTS_DIR: Final = "certs"
+DIR_MODE: Final = 0o700  # only the owner enters the folder ...
+FILE_MODE: Final = 0o644  # ... so its files can be readable by containers' users
 _ITERATIONS: Final = 101  # what mosquitto_passwd 2.0 uses
 
 
@@ -50,7 +58,7 @@ def read_password(secrets_dir: Path, user: str) -> str | None:
 
 def add_user(secrets_dir: Path, user: str, password: str | None = None) -> str:
     """Create or rotate ``user``: new password file entry and plaintext file; return it."""
-    secrets_dir.mkdir(parents=True, exist_ok=True)
+    _make_private_dir(secrets_dir)
     password = password or _random.token_urlsafe(18)
     passwd = secrets_dir / PASSWD_FILE
     entries = {}
@@ -60,8 +68,8 @@ def add_user(secrets_dir: Path, user: str, password: str | None = None) -> str:
             if name and hashed:
                 entries[name] = hashed
     entries[user] = hash_password(password)
-    _write(passwd, "".join(f"{n}:{h}\n" for n, h in entries.items()), 0o644)
-    _write(password_path(secrets_dir, user), password + "\n", 0o600)
+    _write_in_place(passwd, "".join(f"{n}:{h}\n" for n, h in entries.items()))
+    _write(password_path(secrets_dir, user), password + "\n", FILE_MODE)
     return password
 
 
@@ -70,8 +78,29 @@ def remove_user(secrets_dir: Path, user: str) -> None:
     passwd = secrets_dir / PASSWD_FILE
     if passwd.is_file():
         kept = [ln for ln in passwd.read_text().splitlines() if ln.split(":", 1)[0] != user]
-        _write(passwd, "".join(f"{ln}\n" for ln in kept), 0o644)
+        _write_in_place(passwd, "".join(f"{ln}\n" for ln in kept))
     password_path(secrets_dir, user).unlink(missing_ok=True)
+
+
+def _make_private_dir(secrets_dir: Path) -> None:
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    secrets_dir.chmod(DIR_MODE)
+
+
+def _write_in_place(path: Path, text: str) -> None:
+    """Rewrite ``path`` keeping its inode (``_write`` replaces the file).
+
+    Compose bind-mounts ``passwd`` into the broker container as a single file: a replaced
+    file would stay invisible there, and the SIGHUP reload after ``add-user`` would re-read
+    the old users.
+    """
+    if not path.is_file():
+        _write(path, text, FILE_MODE)
+        return
+    with path.open("r+") as fh:
+        fh.write(text)
+        fh.truncate()
+    path.chmod(FILE_MODE)
 
 
 def _write(path: Path, text: str, mode: int) -> None:
@@ -160,5 +189,12 @@ def init_secrets(secrets_dir: Path, machines: tuple[str, ...], *, force: bool = 
             created.append(user)
     if force or not (secrets_dir / CERTS_DIR / "server.crt").is_file():
         make_certificates(secrets_dir / CERTS_DIR)
-    secrets_dir.chmod(0o755)
+    repair_modes(secrets_dir)
     return created
+
+
+def repair_modes(secrets_dir: Path) -> None:
+    """Give an existing secrets folder the modes above (folders made by older versions)."""
+    _make_private_dir(secrets_dir)
+    for path in secrets_dir.glob("*.password"):
+        path.chmod(FILE_MODE)
