@@ -250,6 +250,21 @@ def stored_verdict_keys(cluster: LocalNatsCluster) -> tuple[set[str], int]:
     return result
 
 
+def read_verdicts_retrying(
+    cluster: LocalNatsCluster, timeout_s: float = 120.0
+) -> tuple[set[str], int]:
+    """``stored_verdict_keys``, retried while the cluster is still electing after a kill."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return stored_verdict_keys(cluster)
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise
+            progress(f"output stream not readable yet: {exc!r}")
+            time.sleep(1.0)  # backoff before asking the cluster again
+
+
 def _provision(cluster: LocalNatsCluster) -> None:
     async def main() -> None:
         nc = await connect(cluster.servers, name="scale-provision")
@@ -300,7 +315,7 @@ def run_cluster(
         while time.monotonic() < deadline and cluster_drained(cluster) != (0, 0):
             time.sleep(0.05)
         finished = time.monotonic()
-        keys, _ = stored_verdict_keys(cluster)
+        keys, _ = read_verdicts_retrying(cluster)
         acked = {k for d in devices for k in d.acked}
         detector_cpu = sum(p.cpu_s() - c for p, c in zip(procs, cpu0, strict=True))
         broker_cpu = _broker_cpu(pids) - broker0
@@ -439,7 +454,7 @@ def run_node_kill(  # noqa: PLR0915 - one scenario, start to end
             except Exception as exc:
                 progress(f"cluster not answering yet: {exc!r}")
             time.sleep(0.2)
-        keys, stored = stored_verdict_keys(cluster)
+        keys, stored = read_verdicts_retrying(cluster)
         acked = {k for d in devices for k in d.acked}
         after = sorted(t for d in devices for t in d.acked_at if t >= killed_at)
         stall = max((b - a for a, b in zip([killed_at, *after], after, strict=False)), default=None)
