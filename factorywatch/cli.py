@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
-from factorywatch import runtime
+from factorywatch import cluster, runtime
 from factorywatch.errors import FactorywatchError, ModelError
 from factorywatch.logs import configure_logging
 from factorywatch.settings import (
@@ -267,6 +267,13 @@ def _add_detect(sub: Any) -> None:
         default=None,
         help="also read Sparkplug B edge nodes (spBv1.0/...) as a host application",
     )
+    p.add_argument(
+        "--engine",
+        choices=("mqtt", "jetstream"),
+        default="mqtt",
+        help="mqtt: one Mosquitto (default); jetstream: partitions of a NATS cluster",
+    )
+    cluster.add_detect_options(p)
     p.set_defaults(func=cmd_detect)
 
 
@@ -298,6 +305,20 @@ def cmd_detect(args: argparse.Namespace) -> int:
         sparkplug=args.sparkplug,
     )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
+    if args.engine == "jetstream":
+        try:
+            from factorywatch.detector import jetstream  # noqa: PLC0415
+        except ImportError as exc:
+            raise SystemExit(
+                f"--engine jetstream needs nats-py: pip install 'factorywatch[cluster]' ({exc})"
+            ) from None
+        return jetstream.run_cli(
+            args,
+            model,
+            settings,
+            topic_root=_broker_settings(args).topic_root,
+            model_dir=data.model_dir,
+        )
     broker = _broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="detector")
