@@ -28,11 +28,6 @@ def _readings(machine: str, count: int, seed: int) -> list[Telemetry]:
     return [sim.next(now + i / 1000) for i in range(count)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the detector's ingest does not consult the registry yet: the lead wires "
-    "Decoder(..., registry=Registry.load(<secrets>/registry.json)) (see the security report)",
-)
 def test_gateway_cannot_speak_for_other_or_invented_machines(
     spawn: Callable[..., Proc], model_dir: Path, tmp_path: Path, topic_root: str
 ) -> None:
