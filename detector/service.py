@@ -31,7 +31,7 @@ from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.mqtt_transport import PahoTransport
 from factorywatch.detector.registry import Registry
 from factorywatch.detector.transport import Transport
-from factorywatch.errors import ModelError
+from factorywatch.errors import FactorywatchError, ModelError
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
@@ -115,6 +115,13 @@ def _sparkplug_out(settings: DetectorSettings, broker: BrokerSettings) -> Sparkp
     """The detector's own Sparkplug edge node for verdicts, when enabled (else None)."""
     if not settings.sparkplug_out:
         return None
+    if broker.authenticates:
+        # Its second connection would log in with the detector's account, and with client
+        # ids bound to logins (use_username_as_clientid) the two would take each other over.
+        raise FactorywatchError(
+            "Sparkplug out is not supported on an authenticating broker yet: it needs an "
+            "account of its own (run it against an open broker, or leave it off)"
+        )
     from factorywatch.detector.sparkplug_out import SparkplugOut  # noqa: PLC0415
 
     node = settings.sparkplug_out_node or settings.client_id
