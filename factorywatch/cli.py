@@ -479,7 +479,7 @@ def cmd_sensor(args: argparse.Namespace) -> int:
     )
     print(
         f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "
-        f"buffer full {stats.buffer_full}"
+        f"buffer full {stats.buffer_full}, rejected by the detector (so far) {stats.rejected}"
     )
     return 0 if stats.refused == 0 and stats.buffer_full == 0 else 1
 

@@ -309,3 +309,20 @@ def test_secure_pipeline_end_to_end_over_tls(
         assert forged.process.wait(60) != 0, "machine-b with machine-a's password must fail"
     finally:
         viewer.close()
+
+
+def test_a_machine_reads_its_own_dead_letters_and_nobody_elses(
+    as_user: Callable[..., BrokerSettings], client: Callable[..., _Client], topic_root: str
+) -> None:
+    """The ACL lets a sensor hear why its readings were refused, not another machine's."""
+    topics = Topics(topic_root)
+    machine_sub = Collector(as_user("machine-a"), [f"{topic_root}/deadletter/#"], "dl-machine-a")
+    try:
+        detector = client("detector")
+        # Published first by the same client: had it been readable, it would arrive first.
+        detector.publish(topics.deadletter("line1", "machine-b"), b"for-b")
+        detector.publish(topics.deadletter("line1", "machine-a"), b"for-a")
+        assert machine_sub.wait_for(lambda m: m.payload == b"for-a", timeout=10)
+        assert [m.payload for m in machine_sub.matching(lambda m: True)] == [b"for-a"]
+    finally:
+        machine_sub.close()
