@@ -29,8 +29,9 @@ from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcom
 from factorywatch.detector.ingest import StatefulIngest
 from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.mqtt_transport import PahoTransport
+from factorywatch.detector.registry import Registry
 from factorywatch.detector.transport import Transport
-from factorywatch.errors import ModelError
+from factorywatch.errors import FactorywatchError, ModelError
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
@@ -67,8 +68,11 @@ class Counters:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
-def engine_settings(settings: DetectorSettings) -> EngineSettings:
-    """The engine's part of the detector's settings."""
+def engine_settings(
+    settings: DetectorSettings, broker: BrokerSettings | None = None
+) -> EngineSettings:
+    """The engine's part of the detector's settings (the registry found via ``broker``)."""
+    secrets_dir = broker.secrets_dir if broker is not None else None
     return EngineSettings(
         policy=AlertPolicy(
             k=settings.alert_k,
@@ -82,6 +86,8 @@ def engine_settings(settings: DetectorSettings) -> EngineSettings:
         alert_clear_score=settings.alert_clear_score,
         drift_window=settings.drift_window,
         drift_factor=settings.drift_factor,
+        max_future_skew_s=settings.max_future_skew_s,
+        registry=Registry.locate(settings.registry_file, secrets_dir),
     )
 
 
@@ -109,6 +115,13 @@ def _sparkplug_out(settings: DetectorSettings, broker: BrokerSettings) -> Sparkp
     """The detector's own Sparkplug edge node for verdicts, when enabled (else None)."""
     if not settings.sparkplug_out:
         return None
+    if broker.authenticates:
+        # Its second connection would log in with the detector's account, and with client
+        # ids bound to logins (use_username_as_clientid) the two would take each other over.
+        raise FactorywatchError(
+            "Sparkplug out is not supported on an authenticating broker yet: it needs an "
+            "account of its own (run it against an open broker, or leave it off)"
+        )
     from factorywatch.detector.sparkplug_out import SparkplugOut  # noqa: PLC0415
 
     node = settings.sparkplug_out_node or settings.client_id
@@ -137,7 +150,9 @@ class DetectorService:
         self.stop = stop if stop is not None else threading.Event()
         extra, spb_filters = _sparkplug(settings)
         self.spb_out = _sparkplug_out(settings, broker)
-        self.engine = Engine(model, self.topics, engine_settings(settings), extra_ingests=extra)
+        self.engine = Engine(
+            model, self.topics, engine_settings(settings, broker), extra_ingests=extra
+        )
         self.checkpoint = FileCheckpoint(
             settings.state_dir, settings.client_id, max(1, settings.dedup_size)
         )

@@ -5,6 +5,9 @@ Layout of a secrets directory (never committed; ``secrets/`` is git-ignored)::
     secrets/                     mode 0700: only its owner may enter it
     secrets/passwd               Mosquitto password file (PBKDF2-SHA512 hashes, ``$7$``)
     secrets/<user>.password      one client's plaintext password (mode 0644, see below)
+    secrets/registry.json        machines, their lines, gateways, detector and service
+                                 accounts (factorywatch.accounts; the detector reads it)
+    secrets/acl                  broker/acl plus the registry's per-account blocks
     secrets/certs/ca.crt         CA that signed the broker certificate (give it to clients)
     secrets/certs/server.{crt,key}  the broker's certificate and key (TLS listener 8883)
 
@@ -28,10 +31,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
+from factorywatch.accounts import (
+    COMPONENT_ACCOUNTS,
+    DEFAULT_LINE,
+    AccountRegistry,
+    RegistryError,
+    Role,
+    read_registry,
+    registry_path,
+    write_registry,
+)
+from factorywatch.broker import acl_for_secrets
 from factorywatch.topics import check_id
 
 SERVICE_USERS: Final = ("detector", "viewer", "operator", "monitor", "healthcheck")
 PASSWD_FILE: Final = "passwd"  # noqa: S105 - a file name, not a password
+ACL_FILE: Final = "acl"
 CERTS_DIR: Final = "certs"
 DIR_MODE: Final = 0o700  # only the owner enters the folder ...
 FILE_MODE: Final = 0o644  # ... so its files can be readable by containers' users
@@ -73,13 +88,60 @@ def add_user(secrets_dir: Path, user: str, password: str | None = None) -> str:
     return password
 
 
+def _passwd_users(secrets_dir: Path) -> set[str]:
+    passwd = secrets_dir / PASSWD_FILE
+    if not passwd.is_file():
+        return set()
+    return {ln.split(":", 1)[0] for ln in passwd.read_text().splitlines() if ":" in ln}
+
+
 def remove_user(secrets_dir: Path, user: str) -> None:
-    """Delete ``user`` from the password file and its plaintext password."""
+    """Delete ``user``'s password entry, plaintext password and registry entry.
+
+    Raises ``RegistryError`` when no such user exists (nothing is changed then).
+    """
+    registry = read_registry(registry_path(secrets_dir), missing_ok=True)
+    known = user in _passwd_users(secrets_dir) or registry.role_of(user) is not None
+    if not known:
+        raise RegistryError(f"no user {user!r} in {secrets_dir}: nothing removed")
     passwd = secrets_dir / PASSWD_FILE
     if passwd.is_file():
         kept = [ln for ln in passwd.read_text().splitlines() if ln.split(":", 1)[0] != user]
         _write_in_place(passwd, "".join(f"{ln}\n" for ln in kept))
     password_path(secrets_dir, user).unlink(missing_ok=True)
+    save_registry(secrets_dir, registry.without(user))
+
+
+def register(
+    secrets_dir: Path,
+    user: str,
+    role: Role,
+    *,
+    line: str = DEFAULT_LINE,
+    machines: tuple[str, ...] = (),
+) -> AccountRegistry:
+    """Record ``user``'s role in the registry (and the ACL made from it); return the registry."""
+    registry = read_registry(registry_path(secrets_dir), missing_ok=True)
+    if role == "machine":
+        registry = registry.with_machine(user, line)
+    elif role == "gateway":
+        registry = registry.with_gateway(user, list(machines), line)
+    elif role == "detector":
+        registry = registry.with_detector(user)
+    elif user != role:  # the base accounts viewer/operator/monitor need no entry
+        registry = registry.with_service(user, role)
+    save_registry(secrets_dir, registry)
+    return registry
+
+
+def save_registry(secrets_dir: Path, registry: AccountRegistry) -> None:
+    """Write the registry and regenerate ``secrets/acl`` from it (reload the broker after).
+
+    The ACL is rewritten in place: compose bind-mounts it as a single file (as ``passwd``).
+    """
+    _make_private_dir(secrets_dir)
+    write_registry(registry_path(secrets_dir), registry)
+    _write_in_place(secrets_dir / ACL_FILE, acl_for_secrets(secrets_dir))
 
 
 def _make_private_dir(secrets_dir: Path) -> None:
@@ -180,13 +242,28 @@ def make_certificates(
     )
 
 
-def init_secrets(secrets_dir: Path, machines: tuple[str, ...], *, force: bool = False) -> list[str]:
-    """Create service users, one user per machine and TLS material; return users created."""
+def init_secrets(
+    secrets_dir: Path,
+    machines: tuple[str, ...],
+    *,
+    force: bool = False,
+    line: str = DEFAULT_LINE,
+) -> list[str]:
+    """Create service and component users, one user per machine (on ``line``), the registry,
+    the ACL made from it and TLS material; return the users created."""
     created = []
-    for user in (*SERVICE_USERS, *machines):
+    for user in (*SERVICE_USERS, *COMPONENT_ACCOUNTS, *machines):
         if force or read_password(secrets_dir, user) is None:
             add_user(secrets_dir, user)
             created.append(user)
+    registry = read_registry(registry_path(secrets_dir), missing_ok=True)
+    for account, role in COMPONENT_ACCOUNTS.items():
+        if registry.role_of(account) != role:
+            registry = registry.with_service(account, role)
+    for machine in machines:
+        if registry.role_of(machine) != "machine" or registry.machines[machine].line != line:
+            registry = registry.with_machine(machine, line)
+    save_registry(secrets_dir, registry)
     if force or not (secrets_dir / CERTS_DIR / "server.crt").is_file():
         make_certificates(secrets_dir / CERTS_DIR)
     repair_modes(secrets_dir)

@@ -170,8 +170,10 @@ def run_demo(
         hint = mosquitto_sub_command(broker.port, secrets_dir, topics.alerts_filter)
         hint_file = write_hint(workdir, hint)
         progress(f"logs in {workdir}; the command to watch verdicts is in {hint_file}")
+        # As `monitor`, not `viewer`: a login is a client id (one connection per account), and
+        # `viewer` is left to the mosquitto_sub above or `factorywatch watch`.
         settings = BrokerSettings().with_overrides(
-            port=broker.port, username="viewer", secrets_dir=secrets_dir
+            port=broker.port, username="monitor", secrets_dir=secrets_dir
         )
         viewer = fwmqtt.new_client(settings, f"demo-viewer-{os.getpid()}")
         waiter = fwmqtt.ConnectWaiter()

@@ -170,7 +170,7 @@ def connect(
                 f"{where} did not accept the login of user {user!r} ({waiter.last_reason}). "
                 f"If {user!r} is new, create it: `factorywatch broker add-user {user}`, "
                 "then reload the broker: `docker compose kill -s SIGHUP broker` (or "
-                "`kill -HUP <mosquitto pid>`); else check its password "
+                "`kill -HUP` the `factorywatch broker serve` process); else check its password "
                 "(FACTORYWATCH_MQTT_PASSWORD[_FILE] or FACTORYWATCH_MQTT_SECRETS_DIR)"
             )
         raise BrokerError(
@@ -190,10 +190,12 @@ def connected_client(
     return client
 
 
-def check_size(payload: bytes) -> bytes:
-    """Refuse oversize payloads before ``publish()`` (the broker's refusal kills paho)."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise PayloadError("oversize", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+def check_size(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """Refuse oversize payloads before ``publish()``: a reading over 64 KiB, or with
+    ``limit=MAX_BATCH_BYTES`` a gateway's batch over 512 KiB (the broker's own limit, whose
+    refusal makes paho drop the connection and resend the same message for ever)."""
+    if len(payload) > limit:
+        raise PayloadError("oversize", f"{len(payload)} bytes > {limit}")
     return payload
 
 

@@ -83,7 +83,8 @@ def test_compose_declares_broker_train_detector_and_three_sensors() -> None:
     assert (PROJECT_DIR / mounts["/mosquitto/config/mosquitto.conf"]).resolve() == (
         PROJECT_DIR / "broker" / "mosquitto.conf"
     )
-    assert (PROJECT_DIR / mounts["/mosquitto/config/acl"]).resolve() == PROJECT_DIR / "broker/acl"
+    # The ACL is broker/acl plus the registry's per-account blocks (broker init).
+    assert mounts["/mosquitto/config/acl"] == "${FACTORYWATCH_SECRETS:-./secrets}/acl"
     assert mounts["/mosquitto/data"] == "broker-data", "broker persistence lives on a volume"
     train = services["train"]
     assert train["build"]["target"] == "train"
