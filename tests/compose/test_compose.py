@@ -265,7 +265,8 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
     stack.run("up", "-d", "--build", timeout_s=1200)
     up_done = time.time()
     topics = Topics()  # subscribed at once: the first verdicts' arrival times are measured
-    col = Collector(stack.settings("viewer"), [topics.alerts_filter], f"cv-{os.getpid()}")
+    # As `monitor`: the broker makes the login the client id, and `watch` below is `viewer`.
+    col = Collector(stack.settings("monitor"), [topics.alerts_filter], f"cv-{os.getpid()}")
     try:
         ps = stack.run("ps", "--all", "--format", "{{.Service}} {{.State}} {{.Health}}").stdout
         assert "detector running healthy" in ps, ps
@@ -393,7 +394,7 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
     stack.run("down", "--timeout", "20", timeout_s=300)
     again = time.time()
     stack.run("up", "-d", timeout_s=300)
-    col = Collector(stack.settings("viewer"), [topics.alerts_filter], f"cv2-{os.getpid()}")
+    col = Collector(stack.settings("monitor"), [topics.alerts_filter], f"cv2-{os.getpid()}")
     try:
         for machine in stack.machines:
             assert col.wait_for(_verdict_of(machine), timeout=60), f"{machine}: no verdict"

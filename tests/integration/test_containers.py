@@ -157,9 +157,9 @@ def test_operator_services_use_the_ops_image_and_only_their_own_secrets() -> Non
     compose = _compose()
     services = compose["services"]
     wanted = {
-        "recorder": {"monitor.password"},
-        "web": {"monitor.password", "operator.password", "passwd"},
-        "notify": {"viewer.password"},
+        "recorder": {"history.password"},
+        "web": {"web.password", "web-commands.password", "passwd"},
+        "notify": {"notify.password"},
     }
     for name, targets in wanted.items():
         svc = services[name]
