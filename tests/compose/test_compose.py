@@ -346,6 +346,8 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
         )
         assert pushed[0]["labels"]["alertname"] == "FactorywatchAnomaly", pushed
         assert pushed[0]["labels"]["line"] == "line1", pushed
+        link = f"http://localhost:{stack.ports['web']}/machine/line1/{PROBE}"
+        assert pushed[0]["generatorURL"] == link, "notifications link the host's web view"
         stored = _eventually(
             "the recorder stored the acknowledged alert",
             lambda: [a for a in _history_of(stack, PROBE) if a.get("acknowledged_by")],
