@@ -15,10 +15,11 @@ import numpy as np
 from pydantic import ValidationError
 
 from factorywatch.contracts import (
+    AI4I_CHANNELS,
     MAX_BATCH_BYTES,
     MAX_BATCH_READINGS,
     MAX_PAYLOAD_BYTES,
-    SCHEMA_VERSION,
+    PRODUCT_TYPE,
     Contribution,
     DeadLetter,
     Telemetry,
@@ -64,9 +65,15 @@ class Decoder:
         max_clock_skew_s: float,
         machines: frozenset[str] | None = None,
         clock: Clock = time.time,
+        attributes: Sequence[str] | None = None,
     ) -> None:
         self.topics = topics
         self.channels = tuple(channels)
+        # The AI4I preset's strain ratio needs the product type; a model on AI4I channels
+        # therefore requires it unless told otherwise.
+        if attributes is None:
+            attributes = (PRODUCT_TYPE,) if set(self.channels) & set(AI4I_CHANNELS) else ()
+        self.attributes = tuple(attributes)
         self.max_clock_skew_s = max_clock_skew_s
         self.machines = machines
         self.clock = clock
@@ -123,6 +130,13 @@ class Decoder:
         missing = [c for c in self.channels if c not in reading.readings]
         if missing:
             raise PayloadError("missing_channel", f"reading lacks channels {missing}")
+        absent = [a for a in self.attributes if a not in reading.attributes]
+        if absent:
+            raise PayloadError("missing_channel", f"reading lacks attributes {absent}")
+        if PRODUCT_TYPE in self.attributes and reading.attributes[PRODUCT_TYPE] not in TYPE_CODE:
+            raise PayloadError(
+                "schema", f"attribute product_type must be one of {sorted(TYPE_CODE)}"
+            )
         return reading
 
 
@@ -147,10 +161,9 @@ def _salvage(payload: bytes, exc: ValidationError) -> list[Telemetry | PayloadEr
     if not isinstance(document, dict):
         raise PayloadError("schema", _summary(exc))
     items = document.get("readings")
-    wrapper_ok = (
-        set(document) <= {"schema_version", "readings"}
-        and document.get("schema_version", SCHEMA_VERSION) == SCHEMA_VERSION
-    )
+    wrapper_ok = set(document) <= {"schema_version", "readings"} and document.get(
+        "schema_version", 1
+    ) in (1, 2)
     if not wrapper_ok or not isinstance(items, list) or not 0 < len(items) <= MAX_BATCH_READINGS:
         raise PayloadError("schema", _summary(exc))
     out: list[Telemetry | PayloadError] = []
@@ -204,8 +217,12 @@ def score(
         ch: np.fromiter((r.readings[ch] for r in readings), np.float64, len(readings))
         for ch in card.channels
     }
+    # A reading without a (known) product type scores with code NaN: the decoder refuses
+    # such readings for models that need it, so this only reaches features that ignore it.
     columns[PRODUCT_TYPE_COLUMN] = np.fromiter(
-        (TYPE_CODE[r.product_type] for r in readings), np.float64, len(readings)
+        (TYPE_CODE.get(r.attributes.get(PRODUCT_TYPE, ""), np.nan) for r in readings),
+        np.float64,
+        len(readings),
     )
     matrix = compute_features(columns, card.features)
     scores = model.scorer.score(matrix)

@@ -7,7 +7,7 @@ from typing import Final
 
 import pandas as pd
 
-from factorywatch.contracts import AI4I_CHANNELS, AnomalyKind, Telemetry
+from factorywatch.contracts import AI4I_CHANNELS, PRODUCT_TYPE, AnomalyKind, Telemetry
 from factorywatch.model.dataset import FAILURE_MODES
 
 # A labelled failure mode maps to the simulator's anomaly kind of the same mechanism.
@@ -27,7 +27,7 @@ def row_reading(row: pd.Series, machine_id: str, line: str, seq: int, ts: float)
         line=line,
         seq=seq,
         ts=ts,
-        product_type=str(row["product_type"]),  # type: ignore[arg-type]
+        attributes={PRODUCT_TYPE: str(row["product_type"])},
         readings={ch: float(row[ch]) for ch in AI4I_CHANNELS},
         injected=_MODE_TO_KIND[modes[0]] if modes else None,
     )
