@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import ValidationError
 
 from factorywatch.contracts import (
@@ -29,6 +30,7 @@ from factorywatch.contracts import (
 from factorywatch.errors import DeadLetterReason, PayloadError
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.features import PRODUCT_TYPE_COLUMN, TYPE_CODE, compute_features
+from factorywatch.model.pipeline import State
 from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
 
@@ -204,15 +206,29 @@ def score(
     *,
     explain_top_k: int,
     perf_clock: Clock = time.perf_counter,
+    states: dict[str, State] | None = None,
 ) -> list[Verdict]:
     """Score a batch of readings with one vectorised call; one verdict per reading.
 
     A verdict is ALERT when its score is above the model's threshold, or when a channel is
     outside the training envelope (``outside_training`` names them).
+
+    A generic model (``card.pipeline``) computes each reading's features with the pipeline's
+    streaming ``step`` over its machine's window state, in batch order: ``states`` maps
+    machine id -> state (default: the model's own ``states``, until the engine keeps them).
     """
     if not readings:
         return []
     card = model.card
+    if model.pipeline is not None:
+        return _score_pipeline(
+            model,
+            readings,
+            received_perf,
+            explain_top_k=explain_top_k,
+            perf_clock=perf_clock,
+            states=model.states if states is None else states,
+        )
     columns = {
         ch: np.fromiter((r.readings[ch] for r in readings), np.float64, len(readings))
         for ch in card.channels
@@ -226,6 +242,72 @@ def score(
     )
     matrix = compute_features(columns, card.features)
     scores = model.scorer.score(matrix)
+    return _verdicts(
+        model,
+        readings,
+        received_perf,
+        columns=columns,
+        matrix=matrix,
+        scores=scores,
+        explain_top_k=explain_top_k,
+        perf_clock=perf_clock,
+    )
+
+
+def _score_pipeline(
+    model: LoadedModel,
+    readings: Sequence[Telemetry],
+    received_perf: Sequence[float],
+    *,
+    explain_top_k: int,
+    perf_clock: Clock,
+    states: dict[str, State],
+) -> list[Verdict]:
+    """Scores of a generic model: streaming features per machine, one scorer call."""
+    pipeline = model.pipeline
+    assert pipeline is not None
+    keyed = [states.setdefault(r.machine_id, {}) for r in readings]
+    named = np.array(
+        [
+            pipeline.step_features(state, r.readings, r.attributes)
+            for state, r in zip(keyed, readings, strict=True)
+        ],
+        dtype=np.float64,
+    )
+    raw = model.scorer.score(pipeline.project(named))
+    scores = np.array(
+        [pipeline.smooth_step(state, v) for state, v in zip(keyed, raw.tolist(), strict=True)],
+        dtype=np.float64,
+    )
+    columns = {
+        ch: np.fromiter((r.readings[ch] for r in readings), np.float64, len(readings))
+        for ch in model.card.channels
+    }
+    return _verdicts(
+        model,
+        readings,
+        received_perf,
+        columns=columns,
+        matrix=named,
+        scores=scores,
+        explain_top_k=explain_top_k,
+        perf_clock=perf_clock,
+    )
+
+
+def _verdicts(
+    model: LoadedModel,
+    readings: Sequence[Telemetry],
+    received_perf: Sequence[float],
+    *,
+    columns: dict[str, npt.NDArray[np.float64]],
+    matrix: npt.NDArray[np.float64],
+    scores: npt.NDArray[np.float64],
+    explain_top_k: int,
+    perf_clock: Clock,
+) -> list[Verdict]:
+    """Thresholds, envelope and explanations -> one verdict per reading."""
+    card = model.card
     threshold = card.threshold
     rows = len(readings)
     outside = card.envelope.outside(columns, rows) if card.envelope else [None] * rows

@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from factorywatch.errors import DatasetError
 from factorywatch.model.generic import Scores, Trained, fit_recording, score_recording
-from factorywatch.model.recording import Recording, load_recording, train_mask
+from factorywatch.model.recording import Missing, Recording, load_recording, train_mask
 
 BoolArray = npt.NDArray[np.bool_]
 JSON_FILE: Final = "streams.json"
@@ -130,12 +130,26 @@ def _seconds_per_row(rec: Recording) -> float | None:
     return float(span) / (rec.rows - 1)
 
 
-def _load(
-    files: Sequence[Path], label_column: str, time_column: str | None, **kwargs: Any
+def load_runs(
+    files: Sequence[Path],
+    *,
+    label_column: str,
+    time_column: str | None = None,
+    channels: Sequence[str] | None = None,
+    machine_column: str | None = None,
+    missing: Missing = "error",
 ) -> list[Recording]:
+    """Load every run; all runs must have the same channels."""
     recs: list[Recording] = []
     for path in files:
-        rec = load_recording(path, label_column=label_column, time_column=time_column, **kwargs)
+        rec = load_recording(
+            path,
+            label_column=label_column,
+            time_column=time_column,
+            channels=channels,
+            machine_column=machine_column,
+            missing=missing,
+        )
         if recs and rec.channels != recs[0].channels:
             raise DatasetError(
                 f"{path.name} has channels {rec.channels}, {files[0].name} has {recs[0].channels}"

@@ -204,3 +204,23 @@ def write_csv(run: Run, path: Path, *, sep: str = ";") -> None:
             writer.writerow(
                 [stamp, *(f"{run.values[c][i]:.5g}" for c in CHANNELS), f"{run.labels[i]}.0"]
             )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m factorywatch.sensors.scenarios OUT_DIR``: write the suite's CSVs."""
+    import argparse  # noqa: PLC0415 - only the command line needs it
+
+    parser = argparse.ArgumentParser(description="write the scenario suite as CSV runs")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs-per-kind", type=int, default=2)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, run in suite(args.seed, args.runs_per_kind).items():
+        write_csv(run, args.out / f"{name}.csv")
+    print(f"wrote {len(KINDS) * args.runs_per_kind} runs to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
