@@ -271,6 +271,8 @@ class Pipeline:
                 codes = s.codes or TYPE_CODE
                 values = (attributes or {}).get(s.channel, [""] * n)
                 out[:, j] = [codes.get(v, math.nan) for v in values]
+            elif s.op == "raw":
+                out[:, j] = z[s.channel]
             elif s.op == "flat":
                 out[:, j] = _flat(np.asarray(columns[s.channel], dtype=np.float64), s.window)
             else:
