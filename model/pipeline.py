@@ -133,6 +133,11 @@ class Pipeline:
             self._whiten = (np.asarray(w.mean), np.asarray(w.scale), rotation)
         # Per channel, how many past standardised values the windows need.
         self._keep: dict[str, int] = {}
+        self._flat_channels = frozenset(s.channel for s in spec.steps if s.op == "flat")
+        self._scales = [
+            (c, float(m), float(sc))
+            for c, m, sc in zip(self.channels, spec.center, spec.scale, strict=True)
+        ]
         for s in spec.steps:
             if s.op in WINDOW_OPS:
                 need = s.window + 1 if s.op in ("dev", "flat") else max(s.window, 2)
@@ -301,17 +306,19 @@ class Pipeline:
     ) -> list[float]:
         """The named feature row of one reading; updates ``state`` (the machine's windows)."""
         z: dict[str, float] = {}
-        for i, c in enumerate(self.channels):
-            value = (float(row[c]) - self._center[i]) / self._scale[i]
-            z[c] = float(min(max(value, -Z_CLIP), Z_CLIP))
-        # Append the current value to each channel's history first (windows include it).
+        for c, center, scale in self._scales:
+            value = (float(row[c]) - center) / scale
+            z[c] = min(max(value, -Z_CLIP), Z_CLIP)
+        # Append the current value to each channel's history first (windows include it);
+        # raw values are kept only where a flat-line step compares them.
         for c, keep in self._keep.items():
             zs: list[float] = state.setdefault(f"z:{c}", [])
             zs.append(z[c])
             del zs[:-keep]
-            raws: list[float] = state.setdefault(f"x:{c}", [])
-            raws.append(float(row[c]))
-            del raws[:-keep]
+            if c in self._flat_channels:
+                raws: list[float] = state.setdefault(f"x:{c}", [])
+                raws.append(float(row[c]))
+                del raws[:-keep]
         features: list[float] = []
         for s in self.spec.steps:
             features.append(self._step_one(s, state, row, z, attributes))
