@@ -214,8 +214,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-per-kind", type=int, default=2)
+    parser.add_argument(
+        "--normal", type=int, default=0, help="write N anomaly-free runs instead (FAR checks)"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.normal:
+        for i in range(args.normal):
+            write_csv(generate([], seed=args.seed * 1000 + 500 + i), args.out / f"normal_{i}.csv")
+        print(f"wrote {args.normal} anomaly-free runs to {args.out}")
+        return 0
     for name, run in suite(args.seed, args.runs_per_kind).items():
         write_csv(run, args.out / f"{name}.csv")
     print(f"wrote {len(KINDS) * args.runs_per_kind} runs to {args.out}")
