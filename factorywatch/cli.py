@@ -490,13 +490,21 @@ def _add_sensor(sub: Any) -> None:
 
 
 def _add_replay(sub: Any) -> None:
-    p = sub.add_parser("replay", help="publish the rows of an AI4I CSV as one machine")
+    p = sub.add_parser("replay", help="publish the rows of a CSV as one machine's readings")
     _broker_options(p)
-    p.add_argument("--csv", type=Path, required=True, help="CSV in the UCI or Kaggle layout")
+    p.add_argument(
+        "--csv", type=Path, required=True, help="CSV: AI4I (UCI or Kaggle layout) or any machine"
+    )
     p.add_argument("--machine-id", required=True)
     p.add_argument("--line", help="production line (default line1)")
     p.add_argument("--rate", type=float, help="rows per second (default 1)")
     p.add_argument("--count", type=int, help="rows to publish (default all)")
+    p.add_argument(
+        "--channels",
+        help="any machine's CSV: comma-separated channel columns (default: every numeric one "
+        "but time and label-like columns); a CSV not in the AI4I layout is replayed this way",
+    )
+    p.add_argument("--missing", choices=["error", "ffill", "drop"], default="error")
     p.set_defaults(func=cmd_replay)
 
 
@@ -546,14 +554,27 @@ def cmd_sensor(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``factorywatch replay``: a CSV's rows as one machine's readings."""
+    from factorywatch.errors import DatasetError  # noqa: PLC0415
     from factorywatch.model.dataset import load  # noqa: PLC0415
     from factorywatch.sensors import publisher  # noqa: PLC0415
     from factorywatch.sensors.replay import replayer  # noqa: PLC0415
 
     settings = _sensor_settings(args)
     machine = _machine_ids([args.machine_id])[0]
-    frame = load(args.csv, verify=False).frame
-    stream = replayer(frame, machine, settings.line, seq_start=time.time_ns() // 1000)
+    seq_start = time.time_ns() // 1000
+    try:
+        if args.channels:
+            raise DatasetError("channels given: replay as any machine's CSV")
+        frame = load(args.csv, verify=False).frame
+        stream = replayer(frame, machine, settings.line, seq_start=seq_start)
+    except DatasetError:
+        from factorywatch.model.recording import load_recording  # noqa: PLC0415
+        from factorywatch.sensors.replay import channel_replayer  # noqa: PLC0415
+
+        rec = load_recording(args.csv, channels=_split_list(args.channels), missing=args.missing)
+        _progress(f"replaying {rec.rows} rows of channels {rec.channels}")
+        columns = {c: rec.columns[c].tolist() for c in rec.channels}
+        stream = channel_replayer(columns, machine, settings.line, seq_start=seq_start)
     stats = publisher.run(
         _broker_settings(args),
         [stream],

@@ -1,8 +1,8 @@
-"""Replay: the rows of an AI4I CSV (either layout) as one machine's readings (pure)."""
+"""Replay: the rows of a CSV (AI4I layout, or any machine's channels) as one machine's readings."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import pandas as pd
@@ -48,6 +48,31 @@ def replayer(
             return None
         reading = row_reading(row, machine_id, line, seq, ts)
         seq += 1
+        return reading
+
+    return next_reading
+
+
+def channel_replayer(
+    columns: Mapping[str, Sequence[float]], machine_id: str, line: str, *, seq_start: int = 0
+) -> Callable[[float], Telemetry | None]:
+    """A stream of any machine's rows (``{channel: values}``) as version 2 readings."""
+    names = list(columns)
+    rows = len(columns[names[0]]) if names else 0
+    position = 0
+
+    def next_reading(ts: float) -> Telemetry | None:
+        nonlocal position
+        if position >= rows:
+            return None
+        reading = Telemetry(
+            machine_id=machine_id,
+            line=line,
+            seq=seq_start + position,
+            ts=ts,
+            readings={name: float(columns[name][position]) for name in names},
+        )
+        position += 1
         return reading
 
     return next_reading
