@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -219,3 +220,41 @@ def score_recording(
         dtype=np.bool_,
     )
     return Scores(score=score, outside=outside, flagged=(score > model.card.threshold) | outside)
+
+
+def fit_columns(
+    columns: dict[str, FloatArray],
+    *,
+    name: str = "live",
+    preset: str = DEFAULT_PRESET,
+    window: int = DEFAULT_WINDOW,
+    smooth: int = DEFAULT_SMOOTH,
+    family: str = DEFAULT_FAMILY,
+    far: float = DEFAULT_FAR,
+    trees: int = DEFAULT_TREES,
+    seed: int = 0,
+) -> Trained:
+    """Fit on one machine's readings in order (``{channel: values}``): a calibration window.
+
+    For the engine's live calibration: every row trains. ``family="pca"`` needs numpy only;
+    the Isolation Forest needs scikit-learn (the ``train`` extra) to fit.
+    """
+    channels = list(columns)
+    rows = len(columns[channels[0]]) if channels else 0
+    rec = Recording(
+        path=Path(f"{name}.live"),
+        sha256="-",
+        channels=channels,
+        columns={c: np.asarray(v, dtype=np.float64) for c, v in columns.items()},
+    )
+    return fit_recording(
+        rec,
+        np.ones(rows, dtype=np.bool_),
+        preset=preset,
+        window=window,
+        smooth=smooth,
+        family=family,
+        far=far,
+        trees=trees,
+        seed=seed,
+    )

@@ -12,7 +12,7 @@ from factorywatch.contracts import Telemetry
 from factorywatch.detector.core import score
 from factorywatch.errors import DatasetError
 from factorywatch.model import artifact
-from factorywatch.model.generic import fit_recording, score_recording
+from factorywatch.model.generic import fit_columns, fit_recording, score_recording
 from factorywatch.model.recording import Recording
 from factorywatch.sensors.scenarios import generate
 
@@ -119,3 +119,12 @@ def test_detector_core_streams_the_same_scores(tmp_path: Path, family: str) -> N
         assert np.allclose(got, expected.score, rtol=1e-9)
         status = [v.status == "ALERT" for v in verdicts if v.machine_id == machine]
         assert status == expected.flagged.tolist()
+
+
+def test_calibration_window_fits_on_live_columns() -> None:
+    """fit_columns trains on a machine's first readings alone (PCA: numpy only)."""
+    rec = recording([], seed=21, rows=300)
+    model = fit_columns(rec.columns, family="pca", name="pump-1")
+    assert model.card.data.rows == 300
+    assert model.card.scorer_family == "pca"
+    assert score_recording(model, rec.columns).flagged.mean() < 0.05
