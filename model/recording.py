@@ -3,8 +3,9 @@
 * The separator is detected (``csv.Sniffer`` over the first 64 KiB; ``,`` ``;`` tab ``|``).
 * Column names are mapped to channel names with ``factorywatch.channels`` (collisions fail).
 * Channels: ``--channels`` (raw or mapped names), else every numeric column except the time,
-  machine and label columns and columns whose name says they are labels (``anomaly``,
-  ``changepoint``, ``label``, ``target``, ...): those are listed as excluded, never used.
+  machine and label columns, columns whose name says they are labels (``anomaly``,
+  ``changepoint``, ``label``, ``target``, ...) and strictly increasing columns (a row index
+  or a running counter, always beyond training): those are listed as excluded, never used.
 * Missing values (empty cells, NaN; also what different sampling rates leave between
   readings): ``missing="error"`` (default) fails naming the columns and counts,
   ``"ffill"`` carries the last value forward (rows before a channel's first value are
@@ -132,9 +133,9 @@ def load_recording(  # noqa: PLR0912 - one branch per documented rule
     else:
         others = [c for c in raw.columns if c not in resolved.values()]
         numeric = [c for c in others if pd.api.types.is_numeric_dtype(raw[c])]
-        excluded = [c for c in numeric if mapping[c] in LABEL_LIKE]
+        excluded = [c for c in numeric if mapping[c] in LABEL_LIKE or _is_counter(raw[c])]
         excluded += [c for c in others if c not in numeric]
-        chosen = [c for c in numeric if mapping[c] not in LABEL_LIKE]
+        chosen = [c for c in numeric if c not in excluded]
         if not chosen:
             raise DatasetError(f"{path}: no numeric channel columns; name them with --channels")
     frame = raw[chosen].apply(pd.to_numeric, errors="coerce")
@@ -165,6 +166,15 @@ def load_recording(  # noqa: PLR0912 - one branch per documented rule
     if "label column" in resolved:
         rec.labels = _labels(raw[resolved["label column"]], path)
     return rec
+
+
+def _is_counter(column: pd.Series) -> bool:
+    """A strictly increasing column (a row index, a running counter): never a channel.
+
+    Every later value would lie outside anything seen in training.
+    """
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    return len(values) > 2 and bool(np.all(np.diff(values) > 0))
 
 
 def _missing_rows(frame: pd.DataFrame, missing: Missing, path: Path) -> pd.Series:

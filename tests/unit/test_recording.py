@@ -85,7 +85,7 @@ def test_colliding_column_names_are_refused(tmp_path: Path) -> None:
 def test_train_mask_by_rows_time_and_machine(tmp_path: Path) -> None:
     """--train-rows takes each machine's first N rows; --train-until the rows before a time."""
     header = ["datetime", "machine", "Current"]
-    data = [[f"2026-03-01 08:00:{i:02d}", f"m{i % 2}", str(i)] for i in range(10)]
+    data = [[f"2026-03-01 08:00:{i:02d}", f"m{i % 2}", str(i % 4)] for i in range(10)]
     path = write(tmp_path / "run.csv", data, ",", header)
     rec = load_recording(path, time_column="datetime", machine_column="machine")
     assert train_mask(rec, train_rows=2).tolist() == [True] * 4 + [False] * 6
@@ -115,3 +115,14 @@ def test_bad_asset_config_is_a_clear_error(tmp_path: Path) -> None:
     config.write_text("chanels: [a]\n")
     with pytest.raises(DatasetError, match="asset config"):
         load_asset(config)
+
+
+def test_index_columns_are_not_channels(tmp_path: Path) -> None:
+    """A strictly increasing column (row index, counter) is excluded unless named."""
+    header = ["UDI", "Current", "Voltage"]
+    data = [[str(i + 1), str(1.5 + (i % 3) * 0.1), str(230 - i % 2)] for i in range(8)]
+    path = write(tmp_path / "run.csv", data, ",", header)
+    rec = load_recording(path)
+    assert rec.channels == ["current", "voltage"]
+    assert "UDI" in rec.excluded
+    assert load_recording(path, channels=["UDI"]).channels == ["udi"]
