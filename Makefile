@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary test faults demo lint format train evaluate scenarios bench profile clean
+.PHONY: install broker-binary ops-tools test faults demo lint format train evaluate scenarios bench profile clean
 
 install: $(VENV)/.installed
 
@@ -21,8 +21,12 @@ $(VENV)/.installed: pyproject.toml
 broker-binary:
 	@scripts/ensure-mosquitto.sh
 
+# chromium, prometheus, prometheus-alertmanager for the web/notify/deploy tests
+ops-tools:
+	@scripts/ensure-ops-tools.sh
+
 ## test: lint, types and the whole suite (unit, property, integration, faults) on real brokers
-test: install broker-binary
+test: install broker-binary ops-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

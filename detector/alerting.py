@@ -12,8 +12,10 @@ Per machine::
     OFFLINE --a new reading--> back to NORMAL or ALERT, whichever the readings say
 
 OFFLINE overlays the alert state without resetting it: an alert open when a machine went
-silent is still open when it comes back. Readings whose ``seq`` is not above the machine's
-last accepted one (duplicates, redeliveries, out-of-order) are ignored entirely.
+silent is still open when it comes back. A reading whose identity (its ingest's, see
+``detector/ingest.py``) is among the last ones applied to the machine (a redelivery) is
+ignored entirely; the state lives in ``detector/state.py``'s records, so it can be
+checkpointed and restored.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from factorywatch.contracts import (
     AckCommand,
     AlertEvent,
     AlertEventKind,
-    Contribution,
     MachineCondition,
     MachineState,
     OfflineReason,
     Verdict,
 )
+from factorywatch.detector.state import MachineRecord, StateTable, WindowEntry
 
 DEFAULT_K: Final = 3
 DEFAULT_N: Final = 5
@@ -68,63 +70,45 @@ class AlertPolicy:
             raise ValueError(f"offline_after_s must be > 0, got {self.offline_after_s}")
 
 
-@dataclass(frozen=True, slots=True)
-class _Reading:
-    """What the window remembers of one accepted reading."""
-
-    anomalous: bool
-    score: float
-    explanation: list[Contribution] | None
-
-
-@dataclass(slots=True)
-class _Machine:
-    """Mutable state of one machine; memory is bounded by the window of n readings."""
-
-    machine_id: str
-    line: str
-    window: deque[_Reading]
-    since: float
-    last_seen: float
-    last_seq: int
-    last_score: float
-    normal_streak: int = 0
-    offline_since: float | None = None
-    alert_id: str | None = None
-    alert_since: float | None = None
-    peak_score: float | None = None
-    peak_explanation: list[Contribution] | None = None
-    acknowledged_by: str | None = None
-    alerts_raised: int = 0
-
-    def anomalous_in_window(self) -> int:
-        return sum(r.anomalous for r in self.window)
-
-
 class AlertTracker:
     """The alert state of every machine; feed it verdicts, acks and the time."""
 
-    def __init__(self, policy: AlertPolicy | None = None) -> None:
+    def __init__(self, policy: AlertPolicy | None = None, table: StateTable | None = None) -> None:
         self.policy = policy if policy is not None else AlertPolicy()
-        self._machines: dict[str, _Machine] = {}
+        self.table = table if table is not None else StateTable()
 
     @property
     def machines(self) -> list[str]:
         """Ids of every machine a reading has been seen from, sorted."""
-        return sorted(self._machines)
+        return sorted(r.machine_id for r in self.table)
+
+    def applied(self, machine_id: str, identity: str) -> bool:
+        """Whether the reading ``identity`` was already applied to the machine's state."""
+        record = self.table.get(machine_id)
+        return record is not None and identity in record.recent
 
     def observe(
-        self, verdict: Verdict, now: float, clear_threshold: float | None = None
+        self,
+        verdict: Verdict,
+        now: float,
+        clear_threshold: float | None = None,
+        *,
+        identity: str | None = None,
+        digest: int = 0,
     ) -> list[AlertEvent]:
         """Account one reading's verdict; return the transitions it caused (often none).
+
+        ``identity`` names the reading as its ingest does (default: its ``seq``); a reading
+        already applied to the machine (a redelivery) changes nothing.
 
         ``clear_threshold``: the score a reading must not exceed to count toward clearing an
         open alert (default: any NORMAL verdict counts).
         """
-        machine = self._machines.get(verdict.machine_id)
+        key = str(verdict.seq) if identity is None else identity
+        machine = self.table.get(verdict.machine_id)
         events: list[AlertEvent] = []
         if machine is None:
-            machine = _Machine(
+            machine = MachineRecord(
                 machine_id=verdict.machine_id,
                 line=verdict.line,
                 window=deque(maxlen=self.policy.n),
@@ -133,9 +117,9 @@ class AlertTracker:
                 last_seq=verdict.seq,
                 last_score=verdict.score,
             )
-            self._machines[verdict.machine_id] = machine
-        elif verdict.seq <= machine.last_seq:
-            return []  # a duplicate or a late reading: counting it again would skew the window
+            self.table.add(machine)
+        elif key in machine.recent:
+            return []  # a redelivery: counting it again would skew the window
         elif machine.offline_since is not None:
             offline_for = max(0.0, now - machine.offline_since)
             machine.offline_since = None
@@ -143,10 +127,12 @@ class AlertTracker:
             events.append(
                 self._event(machine, "MACHINE_ONLINE", now, seq=verdict.seq, duration=offline_for)
             )
+        self.table.touch(machine.machine_id)
+        machine.remember(key, digest)
         machine.line = verdict.line
         machine.last_seq, machine.last_seen, machine.last_score = verdict.seq, now, verdict.score
         anomalous = verdict.status == "ALERT"
-        reading = _Reading(anomalous, verdict.score, verdict.explanation)
+        reading = WindowEntry(anomalous, verdict.score, verdict.explanation if anomalous else None)
         machine.window.append(reading)
         if machine.alert_id is None:
             if machine.anomalous_in_window() >= self.policy.k:
@@ -161,7 +147,7 @@ class AlertTracker:
 
     def acknowledge(self, cmd: AckCommand, now: float) -> list[AlertEvent]:
         """Acknowledge the machine's open alert, once; anything else is ignored (no events)."""
-        machine = self._machines.get(cmd.machine_id)
+        machine = self.table.get(cmd.machine_id)
         if (
             machine is None
             or machine.alert_id is None
@@ -170,6 +156,7 @@ class AlertTracker:
         ):
             return []
         machine.acknowledged_by = cmd.by
+        self.table.touch(machine.machine_id)
         return [
             self._event(
                 machine,
@@ -187,7 +174,7 @@ class AlertTracker:
         A machine no reading has been seen from is ignored: it has no state to change, and
         its status topic carries no production line to publish under.
         """
-        machine = self._machines.get(machine_id)
+        machine = self.table.get(machine_id)
         if machine is None or machine.offline_since is not None:
             return []
         return [self._offline(machine, now, "last_will")]
@@ -197,13 +184,13 @@ class AlertTracker:
         limit = self.policy.offline_after_s
         return [
             self._offline(machine, now, "silence")
-            for _, machine in sorted(self._machines.items())
+            for machine in sorted(self.table, key=lambda r: r.machine_id)
             if machine.offline_since is None and now - machine.last_seen > limit
         ]
 
     def state(self, machine_id: str) -> MachineState:
         """The current state of one machine (``KeyError`` if no reading was seen from it)."""
-        machine = self._machines[machine_id]
+        machine = self.table[machine_id]
         condition: MachineCondition
         if machine.offline_since is not None:
             condition = "OFFLINE"
@@ -235,7 +222,7 @@ class AlertTracker:
         return [self.state(machine_id) for machine_id in self.machines]
 
     # -- transitions ------------------------------------------------------------------------
-    def _raise(self, machine: _Machine, seq: int, now: float) -> AlertEvent:
+    def _raise(self, machine: MachineRecord, seq: int, now: float) -> AlertEvent:
         peak = max((r for r in machine.window if r.anomalous), key=lambda r: r.score)
         machine.alert_id = f"{machine.machine_id}-{seq}"
         machine.alert_since = now
@@ -246,7 +233,7 @@ class AlertTracker:
         machine.alerts_raised += 1
         return self._event(machine, "ALERT_RAISED", now, seq=seq, duration=0.0)
 
-    def _clear(self, machine: _Machine, seq: int, now: float) -> AlertEvent:
+    def _clear(self, machine: MachineRecord, seq: int, now: float) -> AlertEvent:
         event = self._event(
             machine, "ALERT_CLEARED", now, seq=seq, duration=self._open_for(machine, now)
         )
@@ -259,26 +246,27 @@ class AlertTracker:
         machine.window.clear()
         return event
 
-    def _offline(self, machine: _Machine, now: float, reason: OfflineReason) -> AlertEvent:
+    def _offline(self, machine: MachineRecord, now: float, reason: OfflineReason) -> AlertEvent:
+        self.table.touch(machine.machine_id)
         machine.offline_since = now
         machine.since = now
         silent_for = max(0.0, now - machine.last_seen)
         return self._event(machine, "MACHINE_OFFLINE", now, duration=silent_for, reason=reason)
 
     @staticmethod
-    def _update_peak(machine: _Machine, reading: _Reading) -> None:
+    def _update_peak(machine: MachineRecord, reading: WindowEntry) -> None:
         if machine.peak_score is None or reading.score > machine.peak_score:
             machine.peak_score = reading.score
             if reading.explanation:
                 machine.peak_explanation = reading.explanation
 
     @staticmethod
-    def _open_for(machine: _Machine, now: float) -> float:
+    def _open_for(machine: MachineRecord, now: float) -> float:
         return 0.0 if machine.alert_since is None else max(0.0, now - machine.alert_since)
 
     def _event(
         self,
-        machine: _Machine,
+        machine: MachineRecord,
         kind: AlertEventKind,
         now: float,
         *,

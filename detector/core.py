@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -35,16 +36,19 @@ from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
 
 Clock = Callable[[], float]
+# The model version a machine's window state was built by (in the state itself).
+MODEL_KEY = "model"
 
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """A raw message as the shell received it."""
+    """A raw message as a transport received it; ``token`` is the transport's handle to ack."""
 
     topic: str
     payload: bytes
     received_at: float  # wall clock, Unix seconds
     received_perf: float  # perf_counter at receipt, for processing latency
+    token: Any = None
 
 
 def _classify(exc: ValidationError) -> DeadLetterReason:
@@ -266,7 +270,14 @@ def _score_pipeline(
     """Scores of a generic model: streaming features per machine, one scorer call."""
     pipeline = model.pipeline
     assert pipeline is not None
-    keyed = [states.setdefault(r.machine_id, {}) for r in readings]
+    version = model.card.version
+    keyed = []
+    for r in readings:
+        state = states.setdefault(r.machine_id, {})
+        if state.get(MODEL_KEY) != version:  # windows of another model's pipeline: start over
+            state.clear()
+            state[MODEL_KEY] = version
+        keyed.append(state)
     named = np.array(
         [
             pipeline.step_features(state, r.readings, r.attributes)

@@ -1,29 +1,56 @@
-"""A bounded cache of seen message ids, so redelivered readings are not scored twice."""
+"""A bounded cache of seen reading ids, so redelivered readings are not scored twice."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from typing import Literal
+
+Seen = Literal["new", "duplicate", "conflict"]
 
 
 class SeenCache:
-    """Remembers the last ``capacity`` keys; ``capacity == 0`` disables de-duplication."""
+    """Remembers the last ``capacity`` ids with a digest of their content.
+
+    ``capacity == 0`` disables de-duplication. A digest of 0 means "content unknown" and
+    matches any content.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._keys: OrderedDict[Hashable, None] = OrderedDict()
+        self._keys: OrderedDict[Hashable, int] = OrderedDict()
+
+    def check(self, key: Hashable, digest: int = 0) -> Seen:
+        """Classify ``key`` and remember it: new, a duplicate, or the same id with new content.
+
+        A conflicting id keeps its first content: the reading already answered stays the one
+        that counts.
+        """
+        if self.capacity == 0:
+            return "new"
+        known = self._keys.get(key)
+        if known is not None:
+            self._keys.move_to_end(key)
+            return "duplicate" if known in (0, digest) or digest == 0 else "conflict"
+        self.add(key, digest)
+        return "new"
 
     def seen(self, key: Hashable) -> bool:
         """Return True if ``key`` was seen before; otherwise remember it and return False."""
+        return self.check(key) != "new"
+
+    def add(self, key: Hashable, digest: int = 0) -> None:
+        """Remember ``key`` (the oldest id falls out past ``capacity``)."""
         if self.capacity == 0:
-            return False
-        if key in self._keys:
-            self._keys.move_to_end(key)
-            return True
-        self._keys[key] = None
+            return
+        self._keys[key] = digest
+        self._keys.move_to_end(key)
         if len(self._keys) > self.capacity:
             self._keys.popitem(last=False)
-        return False
+
+    def items(self) -> Iterator[tuple[Hashable, int]]:
+        """The remembered ids and digests, oldest first."""
+        return iter(self._keys.items())
 
     def __len__(self) -> int:
         return len(self._keys)

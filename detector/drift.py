@@ -13,7 +13,7 @@ is back under half of that, so a rate sitting on the line does not flap.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -78,6 +78,25 @@ class ScoreDrift:
             training_alert_rate=self.training_alert_rate,
             training_score_median=self.training_score_median,
         )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The window as a JSON-able value, oldest reading first."""
+        order = np.roll(np.arange(self.window), -self._next)[self.window - self._count :]
+        return {
+            "window": self.window,
+            "scores": self._scores[order].tolist(),
+            "alerting": self._alerting[order].tolist(),
+            "drifting": self.drifting,
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Take over a ``snapshot``'s readings (the newest ``window`` of them) and state."""
+        scores = np.asarray(data["scores"], dtype=np.float64)[-self.window :]
+        alerting = np.asarray(data["alerting"], dtype=np.bool_)[-self.window :]
+        n = scores.shape[0]
+        self._scores[:n], self._alerting[:n] = scores, alerting
+        self._next, self._count = n % self.window, n
+        self.drifting = bool(data["drifting"])
 
     def check(self) -> DriftChange | None:
         """Call now and then: a change of the drift state, once the window is full."""

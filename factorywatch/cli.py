@@ -410,6 +410,12 @@ def _add_detect(sub: Any) -> None:
     )
     p.add_argument("--train-if-missing", action="store_true", help="train when no model exists")
     p.add_argument("--feature-set", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--sparkplug",
+        action="store_true",
+        default=None,
+        help="also read Sparkplug B edge nodes (spBv1.0/...) as a host application",
+    )
     p.set_defaults(func=cmd_detect)
 
 
@@ -436,6 +442,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         metrics_port=args.metrics_port,
         lines=args.lines,
+        sparkplug=args.sparkplug,
     )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     broker = _broker_settings(args)
@@ -486,6 +493,12 @@ def _add_sensor(sub: Any) -> None:
         help=f"comma-separated kinds to inject (default all: {','.join(ANOMALY_KINDS)})",
     )
     p.add_argument("--seq-start", type=int, help="first sequence number (default: now in µs)")
+    p.add_argument(
+        "--sparkplug",
+        action="store_true",
+        help="publish as a Sparkplug B edge node (group = --line, devices = --machine-id)",
+    )
+    p.add_argument("--edge-node", default="edge1", help="Sparkplug edge node id (edge1)")
     p.set_defaults(func=cmd_sensor)
 
 
@@ -535,6 +548,20 @@ def cmd_sensor(args: argparse.Namespace) -> int:
         )
         for i, m in enumerate(machines)
     ]
+    if args.sparkplug:
+        from factorywatch.sensors import sparkplug  # noqa: PLC0415
+
+        stats = sparkplug.run(
+            _broker_settings(args),
+            settings.line,
+            check_id(args.edge_node, "edge node id"),
+            sims,
+            rate_hz=settings.rate_hz,
+            count=args.count,
+            stop=_stop_on_signals(),
+        )
+        print(f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}")
+        return 0 if stats.refused == 0 else 1
     streams: list[Callable[[float], Any]] = [sim.next for sim in sims]
     stats = publisher.run(
         _broker_settings(args),
@@ -736,6 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_watch,
         _add_demo,
     ):
+        add(sub)
+    from factorywatch import opscli  # noqa: PLC0415 - it reuses this module's option groups
+
+    for add in (opscli.add_history, opscli.add_notify, opscli.add_web):
         add(sub)
     return parser
 

@@ -319,3 +319,23 @@ class AckCommand(_Wire):
         description="acknowledge only this alert: a late ack for an alert that has already "
         "cleared then cannot acknowledge a newer one",
     )
+
+
+FeedbackLabel = Literal["false_alarm", "confirmed"]
+FEEDBACK_LABELS: Final[tuple[str, ...]] = FeedbackLabel.__args__  # type: ignore[attr-defined]
+
+
+class FeedbackCommand(_Wire):
+    """An operator labels one alert (``<root>/commands/<line>/<m>/feedback``).
+
+    ``false_alarm``: the readings of that alert were normal operation (they may be used as
+    normal training data); ``confirmed``: a real fault. The latest label of an alert wins.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    machine_id: Identifier
+    alert_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    label: FeedbackLabel
+    by: OperatorName
+    at: EventTime = Field(description="when the operator gave it (Unix seconds)")
+    note: OperatorNote | None = None

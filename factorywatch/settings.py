@@ -136,7 +136,42 @@ class DetectorSettings(_Settings):
     )
     state_dir: Path = Field(
         default=DEFAULT_STATE_DIR,
-        description="where the journal of answered readings is kept (survives restarts)",
+        description="where the checkpoint (snapshot + journal of per-machine state and answered "
+        "readings) is kept; a restarted detector resumes from it",
+    )
+    checkpoint_records_every_s: Annotated[float, Field(gt=0, le=60)] = Field(
+        default=1.0,
+        description="how often changed machine state (windows, streaks, peaks) is journaled; "
+        "alert transitions and acknowledgements are journaled at once",
+    )
+    snapshot_every_s: Annotated[float, Field(gt=0)] = Field(
+        default=30.0, description="how often the whole state is written as a fresh snapshot"
+    )
+    sparkplug: bool = Field(
+        default=False,
+        description="also read Sparkplug B edge nodes (spBv1.0/...) as a host application",
+    )
+    sparkplug_groups: str | None = Field(
+        default=None, description="comma-separated Sparkplug group ids to read (default: all)"
+    )
+    sparkplug_reorder_timeout_s: Annotated[float, Field(gt=0, le=600)] = Field(
+        default=2.0,
+        description="how long a gap in an edge node's sequence numbers may stay open before "
+        "the detector asks the node for a rebirth",
+    )
+    sparkplug_rebirth_backoff_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=5.0, description="least time between two rebirth requests to one edge node"
+    )
+    sparkplug_out: bool = Field(
+        default=False,
+        description="also publish every machine's verdict and alert state as Sparkplug B "
+        "metrics of the detector's own edge node (the JSON alerts tree stays)",
+    )
+    sparkplug_out_group: str = Field(
+        default="factorywatch", description="Sparkplug group id of the detector's edge node"
+    )
+    sparkplug_out_node: str | None = Field(
+        default=None, description="Sparkplug edge node id of the detector (default: client id)"
     )
 
 

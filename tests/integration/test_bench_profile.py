@@ -41,5 +41,5 @@ def test_profile_reports_where_the_detector_spends_its_time(
     assert "lost 0" in text
     assert "| paho-mqtt |" in text
     assert "| factorywatch |" in text
-    assert "(detector/service.py)` |" in text  # a row for one of the service's functions
+    assert "(factorywatch/detector/" in text  # a row for one of the detector's functions
     assert (tmp_path / "profile-detector.txt").stat().st_size > 0

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from factorywatch.contracts import AckCommand, AlertEvent, Contribution, Verdict
 from factorywatch.detector.alerting import AlertPolicy, AlertTracker
+from factorywatch.detector.state import RECENT_IDENTITIES
 
 T0 = 1_700_000_000.0
 PROPS = settings(max_examples=200, deadline=None)
@@ -69,10 +70,14 @@ def streams(draw: st.DrawFn, max_size: int = 120) -> list[Reading]:
 
 
 def accepted(stream: list[Reading]) -> list[Reading]:
-    """The readings the tracker must count: those with a seq above every earlier one."""
+    """The readings the tracker must count: those not among the last applied identities.
+
+    Identity, not seq order, decides (Sparkplug sequence numbers wrap): a late reading never
+    seen counts, a redelivered one does not.
+    """
     out: list[Reading] = []
     for r in stream:
-        if not out or r.seq > out[-1].seq:
+        if r.seq not in [a.seq for a in out[-RECENT_IDENTITIES:]]:
             out.append(r)
     return out
 

@@ -225,13 +225,14 @@ def test_duplicate_readings_do_not_count_twice() -> None:
     assert tracker.state("m1").anomalous_in_window == 1
 
 
-def test_out_of_order_readings_are_ignored() -> None:
-    """A reading older than the last accepted one changes nothing."""
+def test_a_late_reading_counts_and_a_redelivered_one_does_not() -> None:
+    """Identity, not seq order, decides: a lower seq never seen counts (seqs may wrap)."""
     tracker = AlertTracker()
     feed(tracker, "AA", start=10)
     before = tracker.state("m1")
-    assert tracker.observe(verdict(5, alert=True), T0 + 20) == []
+    assert tracker.observe(verdict(10, alert=True), T0 + 20) == []
     assert tracker.state("m1") == before
+    assert kinds(tracker.observe(verdict(5, alert=True), T0 + 20)) == ["ALERT_RAISED"]
 
 
 def test_duplicates_do_not_extend_the_normal_streak() -> None:

@@ -1,0 +1,420 @@
+"""The detector's pure engine: messages and the time in, effects out.
+
+No paho, no files, no clock reads: a transport shell (``detector/service.py`` with paho, the
+memory transport in tests, a JetStream shell for the cluster) hands it batches of raw
+messages with ``handle(batch, now)`` and carries out what comes back: one ``Outcome`` per
+message, naming what to publish. The shell acknowledges a message only once every publish of
+its outcome is confirmed, and tells the engine (``confirmed``) so that an alert event leaves
+the machine's outbox.
+
+The engine owns the keyed per-machine state (``detector/state.py``: alert state and its
+k-of-n window, the last reading identities, the outbox of unconfirmed events, the feature
+windows and model binding slots), the de-duplication of readings by the identity their
+ingest gives them, and the drift window. ``snapshot`` / ``restore`` turn all of it into one
+JSON-able value for a checkpoint; ``recover`` republishes what a crash may have left
+unconfirmed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from factorywatch.contracts import AckCommand, AlertEvent, ClientStatus, Verdict
+from factorywatch.detector.alerting import AlertPolicy, AlertTracker
+from factorywatch.detector.core import Decoder, Received, dead_letter, score
+from factorywatch.detector.dedup import SeenCache
+from factorywatch.detector.drift import DriftChange, DriftFigures, ScoreDrift
+from factorywatch.detector.ingest import Ingest, Ingests, JsonIngest, Reading, StatefulIngest
+from factorywatch.detector.state import MachineRecord, PendingEvent, StateTable
+from factorywatch.errors import PayloadError
+from factorywatch.model.artifact import LoadedModel
+from factorywatch.topics import UNKNOWN, Topics
+
+ENGINE_SNAPSHOT_VERSION: Final = 1
+
+
+#: A raw message as a transport received it (``token``: the transport's handle to ack it).
+Inbound = Received
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """One message to publish (QoS 1). ``event``: its machine and outbox entry, if an event."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    event: tuple[str, int] | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What handling one message produced; ack the message once all ``publishes`` confirm."""
+
+    message: Inbound
+    publishes: list[Publish] = field(default_factory=list)
+    #: (identity, digest) of each reading scored: answered once the publishes confirm
+    answered: list[tuple[str, int]] = field(default_factory=list)
+    readings: int = 0
+    duplicates: int = 0
+    verdicts: list[Verdict] = field(default_factory=list)
+    events: list[AlertEvent] = field(default_factory=list)
+    rejected: list[PayloadError] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """The engine's knobs (a subset of ``DetectorSettings``)."""
+
+    policy: AlertPolicy = field(default_factory=AlertPolicy)
+    max_clock_skew_s: float = 7 * 24 * 3600.0
+    dedup_size: int = 100_000
+    explain_top_k: int = 3
+    alert_clear_score: float | None = None
+    drift_window: int = 5000
+    drift_factor: float = 3.0
+
+
+class Engine:
+    """Scores readings, tracks every machine's alert state, and says what to publish."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        topics: Topics,
+        settings: EngineSettings | None = None,
+        *,
+        ingest: Ingest | None = None,
+        extra_ingests: Sequence[StatefulIngest] = (),
+    ) -> None:
+        self.settings = settings if settings is not None else EngineSettings()
+        self.topics = topics
+        self.model = model
+        self.states = StateTable()
+        self.tracker = AlertTracker(self.settings.policy, self.states)
+        self.seen = SeenCache(self.settings.dedup_size)
+        self._custom_ingest = ingest
+        #: stateful ingests beside the JSON one (Sparkplug B), kept across model swaps
+        self.extra_ingests = tuple(extra_ingests)
+        for extra in self.extra_ingests:
+            extra.bind(model.card.channels)
+        self.ingest: Ingest = ingest if ingest is not None else self._json_ingest(model)
+        self.drift = self._make_drift(model)
+        self._uids = itertools.count(1)
+
+    # -- model ------------------------------------------------------------------------------
+    def _json_ingest(self, model: LoadedModel) -> Ingest:
+        decoder = Decoder(
+            self.topics,
+            channels=model.card.channels,
+            max_clock_skew_s=self.settings.max_clock_skew_s,
+        )
+        json_ingest = JsonIngest(self.topics, decoder)
+        return Ingests([json_ingest, *self.extra_ingests]) if self.extra_ingests else json_ingest
+
+    def _make_drift(self, model: LoadedModel) -> ScoreDrift:
+        metrics = model.card.metrics
+        spec = model.card.threshold_spec
+        budget = spec.value if spec.method in ("far", "contamination") else 0.0
+        return ScoreDrift(
+            window=self.settings.drift_window,
+            factor=self.settings.drift_factor,
+            training_alert_rate=metrics.get("train_alert_rate", budget),
+            training_score_median=metrics.get("train_score_p50"),
+        )
+
+    def swap_model(self, model: LoadedModel) -> None:
+        """Serve ``model`` from the next batch on (the drift check starts over against it)."""
+        self.model = model
+        for extra in self.extra_ingests:
+            extra.bind(model.card.channels)
+        if self._custom_ingest is None:
+            self.ingest = self._json_ingest(model)
+        self.drift = self._make_drift(model)
+
+    def check_drift(self) -> tuple[DriftChange | None, DriftFigures]:
+        """A change of the drift state (or None) and the drift window's figures."""
+        change = self.drift.check()
+        return change, self.drift.figures()
+
+    # -- messages ---------------------------------------------------------------------------
+    def handle(self, batch: Sequence[Inbound], now: float) -> list[Outcome]:
+        """Handle a batch in order; all its readings are scored in one vectorised call.
+
+        Commands and statuses keep their place: readings received before one are scored
+        before it is handled.
+        """
+        outcomes = [Outcome(message) for message in batch]
+        pending: list[tuple[Reading, Outcome]] = []
+        for outcome in outcomes:
+            message = outcome.message
+            if self.ingest.accepts(message.topic):
+                self._decode(outcome, pending, now)
+            else:
+                self._score(pending, now)
+                pending = []
+                self._control(outcome, now)
+        self._score(pending, now)
+        return outcomes
+
+    def _decode(self, outcome: Outcome, pending: list[tuple[Reading, Outcome]], now: float) -> None:
+        try:
+            items = self.ingest.decode(outcome.message)
+        except PayloadError as error:
+            outcome.readings += 1
+            self._reject(outcome, error)
+            items = []
+        if self.extra_ingests:
+            self._ingest_effects(outcome, pending, now)
+        outcome.readings += len(items)
+        for item in items:
+            if isinstance(item, PayloadError):
+                self._reject(outcome, item)
+                continue
+            telemetry = item.telemetry
+            record = self.states.get(telemetry.machine_id)
+            known = record.recent.get(item.identity) if record is not None else None
+            if known is not None and known not in (0, item.digest):
+                self._reject(outcome, _conflict(item))
+                continue
+            seen = self.seen.check(item.identity, item.digest)
+            if seen == "duplicate":
+                outcome.duplicates += 1
+                continue
+            if seen == "conflict":
+                self._reject(outcome, _conflict(item))
+                continue
+            pending.append((item, outcome))
+
+    def _ingest_effects(
+        self, outcome: Outcome | None, pending: list[tuple[Reading, Outcome]], now: float
+    ) -> list[Publish]:
+        """Publish what stateful ingests ask for; apply the deaths they saw, in order."""
+        publishes: list[Publish] = []
+        for extra in self.extra_ingests:
+            effects = extra.take_effects(now)
+            commands = [Publish(c.topic, c.payload) for c in effects.commands]
+            if outcome is not None:
+                outcome.publishes.extend(commands)
+            publishes += commands
+            if effects.offline:
+                self._score(pending, now)  # readings received before the death come first
+                pending.clear()
+                for machine in effects.offline:
+                    events = self.tracker.sensor_offline(machine, now)
+                    publishes += self._emit(outcome, events, [])
+        return publishes
+
+    def _score(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
+        if not items:
+            return
+        # A generic model's windows live in each machine's record (``features``): snapshotted
+        # and restored with the rest of its state. New machines get theirs after observe.
+        windows: dict[str, dict[str, Any]] | None = None
+        if self.model.pipeline is not None:
+            windows = {}
+            for reading, _ in items:
+                machine = reading.telemetry.machine_id
+                if machine not in windows:
+                    record = self.states.get(machine)
+                    windows[machine] = record.features if record is not None else {}
+        verdicts = score(
+            self.model,
+            [reading.telemetry for reading, _ in items],
+            [outcome.message.received_perf for _, outcome in items],
+            explain_top_k=self.settings.explain_top_k,
+            states=windows,
+        )
+        self.drift.add([v.score for v in verdicts], self.model.card.threshold)
+        clear_below = self.settings.alert_clear_score or self.model.card.clear_threshold
+        observe = self.tracker.observe
+        for verdict, (reading, outcome) in zip(verdicts, items, strict=True):
+            outcome.publishes.append(
+                Publish(self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode())
+            )
+            outcome.verdicts.append(verdict)
+            outcome.answered.append((reading.identity, reading.digest))
+            events = observe(
+                verdict, now, clear_below, identity=reading.identity, digest=reading.digest
+            )
+            record = self.states[verdict.machine_id]
+            if windows is not None:
+                record.features = windows[verdict.machine_id]
+            if events or not record.state_published:
+                self._emit(outcome, events, [record])
+
+    def _emit(
+        self, outcome: Outcome | None, events: list[AlertEvent], records: list[MachineRecord]
+    ) -> list[Publish]:
+        """Events (through their machine's outbox), then the retained state of each machine."""
+        publishes: list[Publish] = []
+        changed = {r.machine_id: r for r in records}
+        for event in events:
+            record = self.states[event.machine_id]
+            pending = PendingEvent(
+                next(self._uids), self.topics.event(event.line, event.machine_id), event.encode()
+            )
+            record.outbox.append(pending)
+            self.states.mark_urgent(record.machine_id)
+            publishes.append(
+                Publish(pending.topic, pending.payload, event=(record.machine_id, pending.uid))
+            )
+            changed[record.machine_id] = record
+        for record in changed.values():
+            publishes.append(self._state_publish(record))
+        if outcome is not None:
+            outcome.publishes.extend(publishes)
+            outcome.events.extend(events)
+        return publishes
+
+    def _state_publish(self, record: MachineRecord) -> Publish:
+        record.state_published = True
+        state = self.tracker.state(record.machine_id)
+        return Publish(self.topics.state(record.line, record.machine_id), state.encode(), True)
+
+    def _control(self, outcome: Outcome, now: float) -> None:
+        """An operator's acknowledgement or a sensor's status (its last will)."""
+        message = outcome.message
+        try:
+            if "/commands/" in message.topic:
+                _, machine = self.topics.parse_ack(message.topic)
+                try:
+                    command = AckCommand.model_validate_json(message.payload)
+                except ValidationError as exc:
+                    raise PayloadError("schema", str(exc).splitlines()[0]) from None
+                if command.machine_id != machine:
+                    raise PayloadError("topic_mismatch", "ack for another machine")
+                events = self.tracker.acknowledge(command, now)
+            else:
+                machine = self.topics.parse_sensor_status(message.topic)
+                if not message.payload:
+                    events = []  # a cleared retained status
+                else:
+                    status = ClientStatus.model_validate_json(message.payload)
+                    events = (
+                        self.tracker.sensor_offline(machine, now)
+                        if status.state == "offline"
+                        else []
+                    )
+        except (PayloadError, ValidationError, ValueError) as exc:
+            error = exc if isinstance(exc, PayloadError) else PayloadError("schema", str(exc))
+            self._reject(outcome, error)
+            return
+        self._emit(outcome, events, [])
+
+    def _reject(self, outcome: Outcome, error: PayloadError) -> None:
+        message = outcome.message
+        line, machine = UNKNOWN, UNKNOWN
+        for parse in (self.topics.parse_telemetry, self.topics.parse_batch):
+            try:
+                line, machine = parse(message.topic)
+                break
+            except PayloadError:
+                continue
+        else:
+            for extra in self.extra_ingests:
+                origin = extra.origin(message.topic)
+                if origin is not None:
+                    line, machine = origin
+                    break
+        record = dead_letter(message, error)
+        outcome.publishes.append(Publish(self.topics.deadletter(line, machine), record.encode()))
+        outcome.rejected.append(error)
+
+    # -- time and confirmations ---------------------------------------------------------------
+    def tick(self, now: float) -> tuple[list[Publish], list[AlertEvent]]:
+        """Machines silent for too long go OFFLINE: the publishes and events that says."""
+        events = self.tracker.tick(now)
+        publishes = self._emit(None, events, [])
+        if self.extra_ingests:
+            publishes += self._ingest_effects(None, [], now)
+        return publishes, events
+
+    def confirmed(self, publish: Publish) -> None:
+        """The transport confirmed ``publish``: an event leaves its machine's outbox."""
+        if publish.event is None:
+            return
+        machine_id, uid = publish.event
+        record = self.states.get(machine_id)
+        if record is None:
+            return
+        kept = [p for p in record.outbox if p.uid != uid]
+        if len(kept) != len(record.outbox):
+            record.outbox = kept
+            # journaled in this turn: a restart then does not send the event a second time
+            self.states.mark_urgent(machine_id)
+
+    def answered(self, identity: str, digest: int) -> None:
+        """Remember a reading answered before a restart (from the checkpoint's journal)."""
+        self.seen.add(identity, digest)
+
+    def recover(self) -> list[Publish]:
+        """After ``restore``: republish every event a crash may have left unconfirmed.
+
+        Each comes with its machine's retained state. Consumers may see such an event twice
+        (at-least-once); ``alert_id`` tells them it is the same alert.
+        """
+        publishes: list[Publish] = []
+        for record in sorted(self.states, key=lambda r: r.machine_id):
+            if not record.outbox:
+                continue
+            publishes += [
+                Publish(p.topic, p.payload, event=(record.machine_id, p.uid)) for p in record.outbox
+            ]
+            publishes.append(self._state_publish(record))
+        return publishes
+
+    # -- snapshot ---------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the engine knows (but the de-duplication cache) as one JSON-able value."""
+        return {
+            "version": ENGINE_SNAPSHOT_VERSION,
+            "model_version": self.model.version,
+            "states": self.states.snapshot(),
+            "drift": self.drift.snapshot(),
+            "ingests": {extra.name: extra.snapshot() for extra in self.extra_ingests},
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Take over a ``snapshot``'s state (the drift window only if the model is the same)."""
+        if data.get("version") != ENGINE_SNAPSHOT_VERSION:
+            raise ValueError(f"unknown engine snapshot version {data.get('version')!r}")
+        self.states.restore(data["states"])
+        for extra in self.extra_ingests:
+            extra.restore(data.get("ingests", {}).get(extra.name, {}))
+        if data.get("model_version") == self.model.version and data.get("drift"):
+            self.drift.restore(data["drift"])
+        uids = [p.uid for r in self.states for p in r.outbox]
+        self._uids = itertools.count(max(uids, default=0) + 1)
+
+    def ingest_changes(self) -> dict[str, dict[str, Any]]:
+        """What stateful ingests changed since they were last asked, for the journal."""
+        changes = {extra.name: extra.changes() for extra in self.extra_ingests}
+        return {name: parts for name, parts in changes.items() if parts}
+
+    def restore_ingest_changes(self, changes: dict[str, dict[str, Any]]) -> None:
+        """Replay journaled ingest changes over the restored snapshot."""
+        for extra in self.extra_ingests:
+            extra.restore_changes(changes.get(extra.name, {}))
+
+    def restore_records(self, records: Sequence[dict[str, Any]]) -> None:
+        """Replace single machines' records (a checkpoint journal replayed after a snapshot)."""
+        for data in records:
+            record = MachineRecord.restore(data)
+            self.states.add(record)
+        self.states.take_dirty()
+        uids = [p.uid for r in self.states for p in r.outbox]
+        self._uids = itertools.count(max(uids, default=0) + 1)
+
+
+def _conflict(reading: Reading) -> PayloadError:
+    return PayloadError(
+        "duplicate_id",
+        f"reading {reading.identity} was already received with different content "
+        "(a reused sequence number? restart the sensor with a new --seq-start)",
+    )

@@ -1,0 +1,227 @@
+"""Keyed per-machine state: everything the detector knows about one machine, as one value.
+
+Pure: no I/O. A ``MachineRecord`` holds a machine's alert state (the k-of-n window, the
+clear streak, the open alert, its acknowledgement and peak), the identities of the readings
+last applied to it (so a redelivered reading is not counted twice), the alert events not yet
+confirmed by the transport (an outbox, republished after a crash), and two slots for the
+feature pipeline's window state and the machine's model binding. ``StateTable`` keys the
+records by machine id and tracks which changed since the last checkpoint.
+
+Records and the table convert to and from plain JSON-able dicts (``snapshot`` /
+``restore``): what a checkpoint writes beside the journal, or a key-value bucket of a
+clustered engine holds, so a machine can move between detectors and survive ``kill -9``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from factorywatch.contracts import Contribution
+
+#: Identities of the last readings applied to a machine's state (see ``MachineRecord.recent``).
+RECENT_IDENTITIES: Final = 32
+SNAPSHOT_VERSION: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class WindowEntry:
+    """What the k-of-n window remembers of one applied reading."""
+
+    anomalous: bool
+    score: float
+    explanation: list[Contribution] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """An alert event published but not yet confirmed by the transport (the outbox)."""
+
+    uid: int
+    topic: str
+    payload: bytes
+
+
+@dataclass(slots=True)
+class MachineRecord:
+    """Mutable state of one machine; bounded by the window of n readings and the id ring."""
+
+    machine_id: str
+    line: str
+    since: float
+    last_seen: float
+    last_seq: int
+    last_score: float
+    window: deque[WindowEntry] = field(default_factory=deque)
+    normal_streak: int = 0
+    offline_since: float | None = None
+    alert_id: str | None = None
+    alert_since: float | None = None
+    peak_score: float | None = None
+    peak_explanation: list[Contribution] | None = None
+    acknowledged_by: str | None = None
+    alerts_raised: int = 0
+    #: identity -> content digest of the last readings applied (oldest first)
+    recent: dict[str, int] = field(default_factory=dict)
+    #: alert events whose publish is not yet confirmed, in order
+    outbox: list[PendingEvent] = field(default_factory=list)
+    #: the feature pipeline's per-machine window state (JSON-able)
+    features: dict[str, Any] = field(default_factory=dict)
+    #: the model version this machine is bound to (None: the router's default)
+    model: str | None = None
+    #: whether its retained state topic has been published since this record was made
+    state_published: bool = False
+
+    def anomalous_in_window(self) -> int:
+        """How many readings in the window were anomalous."""
+        return sum(entry.anomalous for entry in self.window)
+
+    def remember(self, identity: str, digest: int) -> None:
+        """Record that the reading ``identity`` has been applied to this state."""
+        self.recent[identity] = digest
+        if len(self.recent) > RECENT_IDENTITIES:
+            del self.recent[next(iter(self.recent))]
+
+    def snapshot(self) -> dict[str, Any]:
+        """This record as a JSON-able dict."""
+        return {
+            "machine_id": self.machine_id,
+            "line": self.line,
+            "since": self.since,
+            "last_seen": self.last_seen,
+            "last_seq": self.last_seq,
+            "last_score": self.last_score,
+            "window": [_entry_to_json(e) for e in self.window],
+            "window_size": self.window.maxlen,
+            "normal_streak": self.normal_streak,
+            "offline_since": self.offline_since,
+            "alert_id": self.alert_id,
+            "alert_since": self.alert_since,
+            "peak_score": self.peak_score,
+            "peak_explanation": _explanation_to_json(self.peak_explanation),
+            "acknowledged_by": self.acknowledged_by,
+            "alerts_raised": self.alerts_raised,
+            "recent": [[k, v] for k, v in self.recent.items()],
+            "outbox": [[p.uid, p.topic, p.payload.decode()] for p in self.outbox],
+            "features": self.features,
+            "model": self.model,
+        }
+
+    @classmethod
+    def restore(cls, data: dict[str, Any]) -> MachineRecord:
+        """The record a ``snapshot`` describes (``state_published`` starts False)."""
+        return cls(
+            machine_id=data["machine_id"],
+            line=data["line"],
+            since=data["since"],
+            last_seen=data["last_seen"],
+            last_seq=data["last_seq"],
+            last_score=data["last_score"],
+            window=deque((_entry_from_json(e) for e in data["window"]), maxlen=data["window_size"]),
+            normal_streak=data["normal_streak"],
+            offline_since=data["offline_since"],
+            alert_id=data["alert_id"],
+            alert_since=data["alert_since"],
+            peak_score=data["peak_score"],
+            peak_explanation=_explanation_from_json(data["peak_explanation"]),
+            acknowledged_by=data["acknowledged_by"],
+            alerts_raised=data["alerts_raised"],
+            recent={str(k): int(v) for k, v in data["recent"]},
+            outbox=[PendingEvent(int(u), t, p.encode()) for u, t, p in data["outbox"]],
+            features=dict(data.get("features") or {}),
+            model=data.get("model"),
+        )
+
+
+class StateTable:
+    """Every machine's record, keyed by machine id, with the set changed since last taken."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, MachineRecord] = {}
+        self._dirty: set[str] = set()
+        self._urgent: set[str] = set()
+
+    def get(self, machine_id: str) -> MachineRecord | None:
+        """The machine's record, or None for a machine never seen."""
+        return self._records.get(machine_id)
+
+    def __getitem__(self, machine_id: str) -> MachineRecord:
+        return self._records[machine_id]
+
+    def __contains__(self, machine_id: object) -> bool:
+        return machine_id in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[MachineRecord]:
+        return iter(self._records.values())
+
+    def add(self, record: MachineRecord) -> None:
+        """Insert (or replace) a machine's record and mark it changed."""
+        self._records[record.machine_id] = record
+        self._dirty.add(record.machine_id)
+
+    def touch(self, machine_id: str) -> None:
+        """Mark a machine's record changed (it will be in the next ``take_dirty``)."""
+        self._dirty.add(machine_id)
+
+    def mark_urgent(self, machine_id: str) -> None:
+        """Mark a record whose change must reach the checkpoint now (an alert transition)."""
+        self._urgent.add(machine_id)
+        self._dirty.add(machine_id)
+
+    def take_urgent(self) -> list[MachineRecord]:
+        """The records marked urgent since the last call (no longer dirty once taken)."""
+        urgent = [self._records[m] for m in sorted(self._urgent) if m in self._records]
+        self._dirty -= self._urgent
+        self._urgent.clear()
+        return urgent
+
+    def take_dirty(self) -> list[MachineRecord]:
+        """The records changed since the last call, sorted by machine id; resets the set."""
+        dirty = [self._records[m] for m in sorted(self._dirty) if m in self._records]
+        self._dirty.clear()
+        self._urgent.clear()
+        return dirty
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every record as one JSON-able value."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "machines": [self._records[m].snapshot() for m in sorted(self._records)],
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Replace the table's content with a ``snapshot``'s (nothing is marked changed)."""
+        if data.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"unknown state snapshot version {data.get('version')!r}")
+        self._records = {
+            record.machine_id: record
+            for record in (MachineRecord.restore(m) for m in data["machines"])
+        }
+        self._dirty.clear()
+        self._urgent.clear()
+
+
+def _explanation_to_json(explanation: list[Contribution] | None) -> list[list[Any]] | None:
+    if explanation is None:
+        return None
+    return [[c.feature, c.value, c.z] for c in explanation]
+
+
+def _explanation_from_json(data: list[list[Any]] | None) -> list[Contribution] | None:
+    if data is None:
+        return None
+    return [Contribution.model_construct(feature=f, value=v, z=z) for f, v, z in data]
+
+
+def _entry_to_json(entry: WindowEntry) -> list[Any]:
+    return [entry.anomalous, entry.score, _explanation_to_json(entry.explanation)]
+
+
+def _entry_from_json(data: list[Any]) -> WindowEntry:
+    anomalous, score, explanation = data
+    return WindowEntry(bool(anomalous), float(score), _explanation_from_json(explanation))
