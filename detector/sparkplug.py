@@ -451,7 +451,8 @@ class SparkplugIngest:
         known = {**device.values, **update.values}
         product_type = update.product_type or device.product_type
         missing = [c for c in self.channels if known.get(c) is None]
-        if product_type is None:
+        # Only the AI4I preset needs the product type (as the JSON decoder decides it).
+        if product_type is None and set(self.channels) & set(AI4I_CHANNELS):
             missing.append(PRODUCT_TYPE)
         if missing:
             # A node's own metrics (bdSeq, controls) are not a machine; a device that lacks a
@@ -475,8 +476,8 @@ class SparkplugIngest:
                     "line": line_id(topic.group),
                     "seq": seq,
                     "ts": ts,
-                    "product_type": product_type,
                     "readings": values,
+                    **({"product_type": product_type} if product_type is not None else {}),
                 }
             )
         except ValidationError as exc:
