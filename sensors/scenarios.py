@@ -3,8 +3,9 @@
 Each run is what a plant recording looks like: an anomaly-free first part, then normal
 operation with labelled anomaly episodes. The machine has eight channels named the way
 real systems name them (``Accelerometer1RMS``, ``Volume Flow RateRMS``, ...), driven by a
-shared load process (so channels are correlated), with sensor noise and a slowly warming
-temperature (normal behaviour a model must not flag).
+shared load process (so channels are correlated), with sensor noise, a slowly warming
+temperature and, optionally, operator set-point changes (normal behaviour a model must not
+flag).
 
 Anomaly kinds (``KINDS``): ``step_change`` (a sensor's level jumps), ``slow_drift`` (a
 sensor ramps away), ``stuck_sensor`` (a sensor freezes at its last value), ``noise_burst``
@@ -88,13 +89,19 @@ class Run:
         return len(self.labels)
 
 
-def _normal(rows: int, rng: random.Random) -> dict[str, list[float]]:
-    """Anomaly-free operation: correlated channels, set-point changes, slow warming."""
-    load = 0.0
+def _normal(rows: int, rng: random.Random, setpoint_rate: float = 0.0) -> dict[str, list[float]]:
+    """Anomaly-free operation: correlated channels, slow warming, optional set-point changes.
+
+    ``setpoint_rate``: per-row chance that an operator moves the load set-point to a new level
+    (normal, but possibly a level the training part never saw).
+    """
+    load, setpoint = 0.0, 0.0
     warm = rng.uniform(-0.1, 0.3)  # temperature change over the run (degrees)
     values: dict[str, list[float]] = {c: [] for c in CHANNELS}
     for i in range(rows):
-        load = 0.95 * load + rng.gauss(0.0, 0.3)
+        if setpoint_rate and rng.random() < setpoint_rate:
+            setpoint = rng.uniform(-0.8, 0.8)
+        load = 0.95 * load + 0.05 * setpoint + rng.gauss(0.0, 0.3)
         for c in CHANNELS:
             mean, gain, sd = _BASE[c]
             drift = warm * i / rows if c in ("Temperature", "Thermocouple") else 0.0
@@ -165,10 +172,11 @@ def generate(
     train_rows: int = 400,
     rows: int = 1200,
     episode_rows: tuple[int, int] = (60, 140),
+    setpoint_rate: float = 0.0,
 ) -> Run:
     """A run: ``train_rows`` normal rows, then normal operation with one episode per kind."""
     rng = random.Random(seed)
-    values = _normal(rows, rng)
+    values = _normal(rows, rng, setpoint_rate)
     labels = [0] * rows
     episodes: list[Episode] = []
     free = rows - train_rows
@@ -185,12 +193,14 @@ def generate(
     return Run(values=values, labels=labels, episodes=episodes)
 
 
-def suite(seed: int = 0, runs_per_kind: int = 2) -> dict[str, Run]:
+def suite(seed: int = 0, runs_per_kind: int = 2, setpoint_rate: float = 0.0) -> dict[str, Run]:
     """The scenario suite: ``runs_per_kind`` runs of each kind (two episodes per run)."""
     out: dict[str, Run] = {}
     for k, kind in enumerate(KINDS):
         for r in range(runs_per_kind):
-            out[f"{kind}_{r + 1}"] = generate([kind, kind], seed=seed * 1000 + k * 10 + r)
+            out[f"{kind}_{r + 1}"] = generate(
+                [kind, kind], seed=seed * 1000 + k * 10 + r, setpoint_rate=setpoint_rate
+            )
     return out
 
 
@@ -217,14 +227,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--normal", type=int, default=0, help="write N anomaly-free runs instead (FAR checks)"
     )
+    parser.add_argument(
+        "--setpoints",
+        type=float,
+        default=0.0,
+        help="per-row chance of an operator set-point change in normal operation (e.g. 0.004)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.normal:
         for i in range(args.normal):
-            write_csv(generate([], seed=args.seed * 1000 + 500 + i), args.out / f"normal_{i}.csv")
+            run = generate([], seed=args.seed * 1000 + 500 + i, setpoint_rate=args.setpoints)
+            write_csv(run, args.out / f"normal_{i}.csv")
         print(f"wrote {args.normal} anomaly-free runs to {args.out}")
         return 0
-    for name, run in suite(args.seed, args.runs_per_kind).items():
+    for name, run in suite(args.seed, args.runs_per_kind, args.setpoints).items():
         write_csv(run, args.out / f"{name}.csv")
     print(f"wrote {len(KINDS) * args.runs_per_kind} runs to {args.out}")
     return 0
