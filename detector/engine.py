@@ -24,12 +24,19 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from factorywatch.contracts import AckCommand, AlertEvent, ClientStatus, Verdict
+from factorywatch.contracts import (
+    DEFAULT_MAX_FUTURE_SKEW_S,
+    AckCommand,
+    AlertEvent,
+    ClientStatus,
+    Verdict,
+)
 from factorywatch.detector.alerting import AlertPolicy, AlertTracker
 from factorywatch.detector.core import Decoder, Received, dead_letter, score
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.drift import DriftChange, DriftFigures, ScoreDrift
 from factorywatch.detector.ingest import Ingest, Ingests, JsonIngest, Reading, StatefulIngest
+from factorywatch.detector.registry import Registry
 from factorywatch.detector.state import MachineRecord, PendingEvent, StateTable
 from factorywatch.errors import PayloadError
 from factorywatch.model.artifact import LoadedModel
@@ -78,6 +85,9 @@ class EngineSettings:
     alert_clear_score: float | None = None
     drift_window: int = 5000
     drift_factor: float = 3.0
+    max_future_skew_s: float = DEFAULT_MAX_FUTURE_SKEW_S
+    #: which accounts may speak for which machines (None: an open broker, no check)
+    registry: Registry | None = None
 
 
 class Engine:
@@ -113,6 +123,8 @@ class Engine:
             self.topics,
             channels=model.card.channels,
             max_clock_skew_s=self.settings.max_clock_skew_s,
+            max_future_skew_s=self.settings.max_future_skew_s,
+            registry=self.settings.registry,
         )
         json_ingest = JsonIngest(self.topics, decoder)
         return Ingests([json_ingest, *self.extra_ingests]) if self.extra_ingests else json_ingest

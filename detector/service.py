@@ -29,6 +29,7 @@ from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcom
 from factorywatch.detector.ingest import StatefulIngest
 from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.mqtt_transport import PahoTransport
+from factorywatch.detector.registry import Registry
 from factorywatch.detector.transport import Transport
 from factorywatch.errors import ModelError
 from factorywatch.model import artifact
@@ -67,8 +68,11 @@ class Counters:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
-def engine_settings(settings: DetectorSettings) -> EngineSettings:
-    """The engine's part of the detector's settings."""
+def engine_settings(
+    settings: DetectorSettings, broker: BrokerSettings | None = None
+) -> EngineSettings:
+    """The engine's part of the detector's settings (the registry found via ``broker``)."""
+    secrets_dir = broker.secrets_dir if broker is not None else None
     return EngineSettings(
         policy=AlertPolicy(
             k=settings.alert_k,
@@ -82,6 +86,8 @@ def engine_settings(settings: DetectorSettings) -> EngineSettings:
         alert_clear_score=settings.alert_clear_score,
         drift_window=settings.drift_window,
         drift_factor=settings.drift_factor,
+        max_future_skew_s=settings.max_future_skew_s,
+        registry=Registry.locate(settings.registry_file, secrets_dir),
     )
 
 
@@ -137,7 +143,9 @@ class DetectorService:
         self.stop = stop if stop is not None else threading.Event()
         extra, spb_filters = _sparkplug(settings)
         self.spb_out = _sparkplug_out(settings, broker)
-        self.engine = Engine(model, self.topics, engine_settings(settings), extra_ingests=extra)
+        self.engine = Engine(
+            model, self.topics, engine_settings(settings, broker), extra_ingests=extra
+        )
         self.checkpoint = FileCheckpoint(
             settings.state_dir, settings.client_id, max(1, settings.dedup_size)
         )

@@ -32,6 +32,9 @@ MAX_PAYLOAD_BYTES: Final = 64 * 1024
 MAX_BATCH_BYTES: Final = 512 * 1024
 MAX_BATCH_READINGS: Final = 1000
 MAX_CHANNELS: Final = 64
+# Readings stamped further ahead of the detector's clock than this are dead-lettered
+# (clock_skew); FACTORYWATCH_DETECTOR_MAX_FUTURE_SKEW_S overrides it.
+DEFAULT_MAX_FUTURE_SKEW_S: Final = 300.0
 # Event time must be Unix seconds: this window rejects milliseconds and nonsense early.
 MIN_TS: Final = 946_684_800.0  # 2000-01-01
 MAX_TS: Final = 4_102_444_800.0  # 2100-01-01

@@ -126,7 +126,8 @@ def cmd_history_record(args: argparse.Namespace) -> int:
         history = history.model_copy(update={"record_readings": False})
     store = HistoryStore.from_settings(history)
     try:
-        recorder = Recorder(_broker(args, "monitor"), store, history, client_id=args.client_id)
+        # Its own account (monitor rights): a login is a client id, one connection each.
+        recorder = Recorder(_broker(args, "history"), store, history, client_id=args.client_id)
         recorder.run(_stop_on_signals())
     finally:
         store.close()
@@ -203,7 +204,7 @@ def cmd_notify(args: argparse.Namespace) -> int:
     settings = NotifySettings.model_validate(
         {**base.model_dump(), **{k: v for k, v in given.items() if v is not None}}
     )
-    Notifier(_broker(args, "viewer"), settings).run(_stop_on_signals())
+    Notifier(_broker(args, "notify"), settings).run(_stop_on_signals())  # viewer rights
     return 0
 
 

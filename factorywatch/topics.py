@@ -121,6 +121,10 @@ class Topics:
         return f"{self.root}/status/{check_id(role, 'role')}/{check_id(client, 'client id')}"
 
     # -- alert lifecycle: events, retained state, acknowledgements --------------------------
+    def lease(self, role: str, client: str) -> str:
+        """Retained lease of the process holding an identity (factorywatch.fencing)."""
+        return f"{self.status(role, client)}/lease"
+
     def event(self, line: str, machine: str) -> str:
         """Topic of one machine's alert transitions (raised, cleared, offline, ...)."""
         return f"{self._alerts(line, machine)}/event"

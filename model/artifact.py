@@ -148,13 +148,46 @@ def save_generic(model_dir: Path, scorer: FittedScorer, card: ModelCard) -> Path
     return target
 
 
-def promote(model_dir: Path, version: str) -> None:
-    """Point ``current`` at ``version`` atomically (the detector picks it up live)."""
+def promote(model_dir: Path, version: str, *, scorer: ScorerKind = "fast") -> None:
+    """Point ``current`` at ``version`` atomically (the detector picks it up live).
+
+    The artifact is first loaded exactly as the detector loads it and scores one row
+    (``validate``): a model the detector could not load is never made current.
+    """
     if not (model_dir / version / CARD_FILE).is_file():
         raise ModelNotFoundError(f"no model {version} in {model_dir}")
+    validate(model_dir, version, scorer=scorer)
     tmp = model_dir / f".{CURRENT}.{os.getpid()}"
     tmp.write_text(version + "\n")
     tmp.replace(model_dir / CURRENT)
+
+
+def validate(model_dir: Path, version: str, *, scorer: ScorerKind = "fast") -> LoadedModel:
+    """Load ``version`` as the detector does and score its training centre; raise
+    ``ModelMismatchError`` when it cannot be used (corrupt card, arrays, or scores)."""
+    model = load(model_dir, version, scorer=scorer)
+    card = model.card
+    numbers = [card.threshold, *card.feature_center, *card.feature_scale]
+    if card.clear_threshold is not None:
+        numbers.append(card.clear_threshold)
+    if not all(np.isfinite(numbers)) or not (model.scale > 0).all():
+        raise ModelMismatchError(f"model {version}: card holds non-finite numbers or scales <= 0")
+    centre = model.center.reshape(1, -1)
+    if model.pipeline is not None:  # a generic model scores the pipeline's projection
+        centre = model.pipeline.project(centre)
+    try:
+        scores = model.scorer.score(centre)
+    except (ValueError, IndexError) as exc:
+        raise ModelMismatchError(f"model {version} cannot score: {exc}") from exc
+    # Isolation Forest scores lie in (0, 1]; PCA residual scores are >= 0, unbounded.
+    ok = bool(np.isfinite(scores).all())
+    if card.scorer_family == "iforest":
+        ok = ok and 0.0 < float(scores[0]) <= 1.0
+    else:
+        ok = ok and float(scores[0]) >= 0.0
+    if not ok:
+        raise ModelMismatchError(f"model {version} scores {scores.tolist()}, out of range")
+    return model
 
 
 def current_version(model_dir: Path) -> str | None:

@@ -72,8 +72,10 @@ class WebSettings(BaseSettings):
     )
     operators: str = Field(default="operator", description="users with the operator role")
     viewers: str = Field(default="viewer", description="users with the viewer role")
-    read_user: str = Field(default="monitor", description="broker account that reads state")
-    command_user: str = Field(default="operator", description="broker account for commands")
+    # Accounts of their own (monitor / operator rights): the broker makes a login the client
+    # id, so the web view must not share one with a person or another component.
+    read_user: str = Field(default="web", description="broker account that reads state")
+    command_user: str = Field(default="web-commands", description="broker account for commands")
     session_secret: SecretStr | None = Field(
         default=None, description="signs session cookies (default: random per start)"
     )

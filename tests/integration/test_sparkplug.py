@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
 from factorywatch.contracts import AlertEvent, DeadLetter, Verdict
-from factorywatch.credentials import init_secrets, read_password
+from factorywatch.credentials import add_user, init_secrets, read_password, register
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
@@ -233,6 +233,10 @@ def test_acl_an_edge_node_writes_only_its_own_node_topics(tmp_path: Path, topic_
     """With the project's ACL an edge node (user = its id) publishes and reads only its own."""
     secrets = tmp_path / "secrets"
     init_secrets(secrets, ("edge1", "edge2"))
+    # A login is a client id (one connection per account): the host listens as a second
+    # detector account while `detector` publishes.
+    register(secrets, "detector-host", "detector")
+    add_user(secrets, "detector-host")
     broker = LocalBroker(tmp_path / "sbroker", secrets_dir=secrets, topic_root=topic_root).start()
     made: list[Collector] = []
 
@@ -259,7 +263,7 @@ def test_acl_an_edge_node_writes_only_its_own_node_topics(tmp_path: Path, topic_
             client.loop_stop()
 
     try:
-        host = subscriber("detector", "spBv1.0/#")
+        host = subscriber("detector-host", "spBv1.0/#")
         own_commands = subscriber("edge2", "spBv1.0/g/NCMD/edge2", "spBv1.0/g/NCMD/edge1")
         publish("edge1", "spBv1.0/g/DDATA/edge1/mill")
         publish("edge1", "spBv1.0/g/NBIRTH/edge1")
