@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary nats-binary docker-prepare ops-tools test faults fuzz demo lint format train evaluate bench profile scale clean
+.PHONY: install broker-binary nats-binary docker-prepare ops-tools test faults fuzz demo lint format train evaluate scenarios bench profile scale clean
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,14 @@ train: install
 ## evaluate: detection figures against the labels -> reports/evaluation.{json,md}
 evaluate: install
 	$(BIN)/factorywatch evaluate $(DATASET_ARG) --out reports
+
+## scenarios: labelled runs of a generic 8-channel machine (step, drift, stuck, noise,
+## oscillation, AI4I failure conditions), trained per run on its first 400 rows, scored
+## point-wise -> reports/streams.{json,md,png}
+scenarios: install
+	$(BIN)/python -m factorywatch.sensors.scenarios data/scenarios
+	$(BIN)/factorywatch evaluate --csv data/scenarios --label-column anomaly \
+		--time-column datetime --train-rows 400 --compare --out reports
 
 ## bench: throughput and latency against the relay ceiling -> reports/bench.{json,md}
 bench: install broker-binary

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import ValidationError
 
 from factorywatch.contracts import (
+    AI4I_CHANNELS,
     DEFAULT_MAX_FUTURE_SKEW_S,
     MAX_BATCH_BYTES,
     MAX_BATCH_READINGS,
     MAX_PAYLOAD_BYTES,
-    SCHEMA_VERSION,
+    PRODUCT_TYPE,
     Contribution,
     DeadLetter,
     Telemetry,
@@ -31,10 +33,13 @@ from factorywatch.detector.registry import Registry
 from factorywatch.errors import DeadLetterReason, PayloadError
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.features import PRODUCT_TYPE_COLUMN, TYPE_CODE, compute_features
+from factorywatch.model.pipeline import State
 from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
 
 Clock = Callable[[], float]
+# The model version a machine's window state was built by (in the state itself).
+MODEL_KEY = "model"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +82,15 @@ class Decoder:
         machines: frozenset[str] | None = None,
         registry: Registry | None = None,
         clock: Clock = time.time,
+        attributes: Sequence[str] | None = None,
     ) -> None:
         self.topics = topics
         self.channels = tuple(channels)
+        # The AI4I preset's strain ratio needs the product type; a model on AI4I channels
+        # therefore requires it unless told otherwise.
+        if attributes is None:
+            attributes = (PRODUCT_TYPE,) if set(self.channels) & set(AI4I_CHANNELS) else ()
+        self.attributes = tuple(attributes)
         self.max_clock_skew_s = max_clock_skew_s  # how far in the past
         self.max_future_skew_s = max_future_skew_s
         self.machines = machines
@@ -155,6 +166,13 @@ class Decoder:
         missing = [c for c in self.channels if c not in reading.readings]
         if missing:
             raise PayloadError("missing_channel", f"reading lacks channels {missing}")
+        absent = [a for a in self.attributes if a not in reading.attributes]
+        if absent:
+            raise PayloadError("missing_channel", f"reading lacks attributes {absent}")
+        if PRODUCT_TYPE in self.attributes and reading.attributes[PRODUCT_TYPE] not in TYPE_CODE:
+            raise PayloadError(
+                "schema", f"attribute product_type must be one of {sorted(TYPE_CODE)}"
+            )
         return reading
 
 
@@ -179,10 +197,9 @@ def _salvage(payload: bytes, exc: ValidationError) -> list[Telemetry | PayloadEr
     if not isinstance(document, dict):
         raise PayloadError("schema", _summary(exc))
     items = document.get("readings")
-    wrapper_ok = (
-        set(document) <= {"schema_version", "readings"}
-        and document.get("schema_version", SCHEMA_VERSION) == SCHEMA_VERSION
-    )
+    wrapper_ok = set(document) <= {"schema_version", "readings"} and document.get(
+        "schema_version", 1
+    ) in (1, 2)
     if not wrapper_ok or not isinstance(items, list) or not 0 < len(items) <= MAX_BATCH_READINGS:
         raise PayloadError("schema", _summary(exc))
     out: list[Telemetry | PayloadError] = []
@@ -223,24 +240,115 @@ def score(
     *,
     explain_top_k: int,
     perf_clock: Clock = time.perf_counter,
+    states: dict[str, State] | None = None,
 ) -> list[Verdict]:
     """Score a batch of readings with one vectorised call; one verdict per reading.
 
     A verdict is ALERT when its score is above the model's threshold, or when a channel is
     outside the training envelope (``outside_training`` names them).
+
+    A generic model (``card.pipeline``) computes each reading's features with the pipeline's
+    streaming ``step`` over its machine's window state, in batch order: ``states`` maps
+    machine id -> state (default: the model's own ``states``, until the engine keeps them).
     """
     if not readings:
         return []
     card = model.card
+    if model.pipeline is not None:
+        return _score_pipeline(
+            model,
+            readings,
+            received_perf,
+            explain_top_k=explain_top_k,
+            perf_clock=perf_clock,
+            states=model.states if states is None else states,
+        )
     columns = {
         ch: np.fromiter((r.readings[ch] for r in readings), np.float64, len(readings))
         for ch in card.channels
     }
+    # A reading without a (known) product type scores with code NaN: the decoder refuses
+    # such readings for models that need it, so this only reaches features that ignore it.
     columns[PRODUCT_TYPE_COLUMN] = np.fromiter(
-        (TYPE_CODE[r.product_type] for r in readings), np.float64, len(readings)
+        (TYPE_CODE.get(r.attributes.get(PRODUCT_TYPE, ""), np.nan) for r in readings),
+        np.float64,
+        len(readings),
     )
     matrix = compute_features(columns, card.features)
     scores = model.scorer.score(matrix)
+    return _verdicts(
+        model,
+        readings,
+        received_perf,
+        columns=columns,
+        matrix=matrix,
+        scores=scores,
+        explain_top_k=explain_top_k,
+        perf_clock=perf_clock,
+    )
+
+
+def _score_pipeline(
+    model: LoadedModel,
+    readings: Sequence[Telemetry],
+    received_perf: Sequence[float],
+    *,
+    explain_top_k: int,
+    perf_clock: Clock,
+    states: dict[str, State],
+) -> list[Verdict]:
+    """Scores of a generic model: streaming features per machine, one scorer call."""
+    pipeline = model.pipeline
+    assert pipeline is not None
+    version = model.card.version
+    keyed = []
+    for r in readings:
+        state = states.setdefault(r.machine_id, {})
+        if state.get(MODEL_KEY) != version:  # windows of another model's pipeline: start over
+            state.clear()
+            state[MODEL_KEY] = version
+        keyed.append(state)
+    named = np.array(
+        [
+            pipeline.step_features(state, r.readings, r.attributes)
+            for state, r in zip(keyed, readings, strict=True)
+        ],
+        dtype=np.float64,
+    )
+    raw = model.scorer.score(pipeline.project(named))
+    scores = np.array(
+        [pipeline.smooth_step(state, v) for state, v in zip(keyed, raw.tolist(), strict=True)],
+        dtype=np.float64,
+    )
+    columns = {
+        ch: np.fromiter((r.readings[ch] for r in readings), np.float64, len(readings))
+        for ch in model.card.channels
+    }
+    return _verdicts(
+        model,
+        readings,
+        received_perf,
+        columns=columns,
+        matrix=named,
+        scores=scores,
+        explain_top_k=explain_top_k,
+        perf_clock=perf_clock,
+    )
+
+
+def _verdicts(
+    model: LoadedModel,
+    readings: Sequence[Telemetry],
+    received_perf: Sequence[float],
+    *,
+    columns: dict[str, npt.NDArray[np.float64]],
+    matrix: npt.NDArray[np.float64],
+    scores: npt.NDArray[np.float64],
+    explain_top_k: int,
+    perf_clock: Clock,
+) -> list[Verdict]:
+    """Thresholds, envelope and explanations -> one verdict per reading."""
+    card = model.card
     threshold = card.threshold
     rows = len(readings)
     outside = card.envelope.outside(columns, rows) if card.envelope else [None] * rows

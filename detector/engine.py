@@ -225,11 +225,22 @@ class Engine:
     def _score(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
         if not items:
             return
+        # A generic model's windows live in each machine's record (``features``): snapshotted
+        # and restored with the rest of its state. New machines get theirs after observe.
+        windows: dict[str, dict[str, Any]] | None = None
+        if self.model.pipeline is not None:
+            windows = {}
+            for reading, _ in items:
+                machine = reading.telemetry.machine_id
+                if machine not in windows:
+                    record = self.states.get(machine)
+                    windows[machine] = record.features if record is not None else {}
         verdicts = score(
             self.model,
             [reading.telemetry for reading, _ in items],
             [outcome.message.received_perf for _, outcome in items],
             explain_top_k=self.settings.explain_top_k,
+            states=windows,
         )
         self.drift.add([v.score for v in verdicts], self.model.card.threshold)
         clear_below = self.settings.alert_clear_score or self.model.card.clear_threshold
@@ -244,6 +255,8 @@ class Engine:
                 verdict, now, clear_below, identity=reading.identity, digest=reading.digest
             )
             record = self.states[verdict.machine_id]
+            if windows is not None:
+                record.features = windows[verdict.machine_id]
             if events or not record.state_published:
                 self._emit(outcome, events, [record])
 

@@ -36,20 +36,18 @@ the same identity and digest, so the engine drops it as a duplicate.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
-import unicodedata
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Final
 
 from esio_spb_builder.core import sparkplug_b_pb2  # Eclipse Tahu's schema, generated
 from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
+from factorywatch.channels import canonical
 from factorywatch.contracts import AI4I_CHANNELS, MAX_BATCH_BYTES, Telemetry
 from factorywatch.detector.core import Received
 from factorywatch.detector.ingest import Command, IngestEffects, Reading
@@ -80,31 +78,15 @@ _STRINGS: Final = frozenset({12, 14})  # String, Text
 _CONTROLS: Final = ("Node Control/", "Device Control/", "Properties/")
 
 # -- names -----------------------------------------------------------------------------------------
-_CAMEL_LOWER_UPPER: Final = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-_CAMEL_ACRONYM_END: Final = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])")
-_OTHER: Final = re.compile(r"[^a-z0-9]+")
 
 
-@lru_cache(maxsize=8192)
 def channel_name(metric: str) -> str:
     """The channel name of a Sparkplug metric name (``Pump/Flow Rate`` -> ``pump_flow_rate``).
 
-    The rules of ``factorywatch/channels.py`` ``canonical`` (branch anysensors, not on main
-    yet; this function gives way to it once merged): fold to ASCII (``%`` -> ``pct``), split
-    CamelCase, lower-case, every run of other characters becomes one ``_``, a leading digit
-    gets ``ch_``, a name over 64 characters keeps 55 and a hash of the original.
+    ``factorywatch.channels.canonical``: the one mapping every ingest and CSV training use
+    (raises ``ChannelNameError``, a ``ValueError``, for a name with no letters or digits).
     """
-    text = metric.replace("%", " pct ").replace("µ", "u").replace("μ", "u")
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    text = _CAMEL_ACRONYM_END.sub("_", _CAMEL_LOWER_UPPER.sub("_", text))
-    name = _OTHER.sub("_", text.lower()).strip("_")
-    if not name:
-        raise ValueError(f"metric name {metric!r} has no letters or digits")
-    if name[0].isdigit():
-        name = f"ch_{name}"
-    if len(name) > 64:
-        name = f"{name[:55]}_{hashlib.sha1(metric.encode()).hexdigest()[:8]}"  # noqa: S324
-    return name
+    return canonical(metric)
 
 
 def machine_id(node: str, device: str | None) -> str:
@@ -469,7 +451,8 @@ class SparkplugIngest:
         known = {**device.values, **update.values}
         product_type = update.product_type or device.product_type
         missing = [c for c in self.channels if known.get(c) is None]
-        if product_type is None:
+        # Only the AI4I preset needs the product type (as the JSON decoder decides it).
+        if product_type is None and set(self.channels) & set(AI4I_CHANNELS):
             missing.append(PRODUCT_TYPE)
         if missing:
             # A node's own metrics (bdSeq, controls) are not a machine; a device that lacks a
@@ -493,8 +476,8 @@ class SparkplugIngest:
                     "line": line_id(topic.group),
                     "seq": seq,
                     "ts": ts,
-                    "product_type": product_type,
                     "readings": values,
+                    **({"product_type": product_type} if product_type is not None else {}),
                 }
             )
         except ValidationError as exc:

@@ -121,7 +121,52 @@ def _add_train(sub: Any) -> None:
         action="store_true",
         help="do nothing when a current model exists (compose's one-shot train service)",
     )
+    _csv_options(p)
+    p.add_argument(
+        "--asset-config",
+        type=Path,
+        help="YAML: channels (with unit, min, max), time_column, machine_column, groups",
+    )
     p.set_defaults(func=cmd_train)
+
+
+def _csv_options(p: argparse.ArgumentParser) -> None:
+    """Options of training (and evaluating) on any machine's own CSV recordings."""
+    from factorywatch.model import generic  # noqa: PLC0415
+    from factorywatch.model.families import DEFAULT_FAMILY, FAMILIES  # noqa: PLC0415
+
+    g = p.add_argument_group("your own data (--csv): any machine, any channels")
+    g.add_argument("--csv", type=Path, help="a CSV recording (evaluate: or a folder, one per run)")
+    g.add_argument("--channels", help="comma-separated channel columns (default: every numeric)")
+    g.add_argument("--time-column", help="time column (dates or numbers)")
+    g.add_argument("--machine-column", help="machine id column: windows and rows per machine")
+    g.add_argument("--train-rows", type=int, help="train on each machine's first N rows")
+    g.add_argument("--train-until", help="train on rows before this time (needs --time-column)")
+    g.add_argument(
+        "--preset",
+        choices=[*generic.PRESETS, "ai4i"],
+        default=generic.DEFAULT_PRESET,
+        help="features: point (channels only), windowed (+ rolling mean and log std, the "
+        "default), full (+ flat-line, deviation from baseline, rate of change), ai4i (the "
+        "AI4I headroom features, for AI4I-shaped CSVs)",
+    )
+    g.add_argument("--window", type=int, default=generic.DEFAULT_WINDOW, help="window (rows)")
+    g.add_argument(
+        "--smooth", type=int, default=generic.DEFAULT_SMOOTH, help="score = mean of last N"
+    )
+    g.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY, help="scorer family")
+    g.add_argument(
+        "--far",
+        type=float,
+        default=generic.DEFAULT_FAR,
+        help="target false-alarm rate on readings after training (default 0.01)",
+    )
+    g.add_argument(
+        "--missing",
+        choices=["error", "ffill", "drop"],
+        default="error",
+        help="missing values: fail (default), carry the last value forward, drop the row",
+    )
 
 
 def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) -> str:
@@ -151,7 +196,7 @@ def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``factorywatch train``."""
+    """``factorywatch train``: the AI4I dataset, or any machine's CSV with ``--csv``."""
     data = _data_settings(args)
     if args.if_missing:
         from factorywatch.model import artifact  # noqa: PLC0415
@@ -161,9 +206,68 @@ def cmd_train(args: argparse.Namespace) -> int:
             _progress(f"model {current} is current in {data.model_dir}: not training")
             print(current)
             return 0
-    version = train_model(args, data, promote=not args.no_promote)
+    if args.asset_config is not None or (args.csv is not None and args.preset != "ai4i"):
+        version = train_csv_model(args, data, promote=not args.no_promote)
+    else:
+        if args.csv is not None:  # an AI4I-shaped CSV of the user's own
+            data = data.with_overrides(dataset=args.csv)
+            args.no_verify = True
+        version = train_model(args, data, promote=not args.no_promote)
     print(version)
     return 0
+
+
+def train_csv_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) -> str:
+    """Fit a generic model on a CSV (``--csv`` or the asset config), save, promote."""
+    from factorywatch.model import artifact, generic  # noqa: PLC0415
+    from factorywatch.model.asset import apply_asset, load_asset  # noqa: PLC0415
+    from factorywatch.model.recording import load_recording, train_mask  # noqa: PLC0415
+
+    asset = load_asset(args.asset_config) if args.asset_config else None
+    csv_path = args.csv or (asset.csv if asset else None)
+    if csv_path is None:
+        raise FactorywatchError("give --csv FILE (or `csv:` in the asset config)")
+    channels = _split_list(args.channels) or (list(asset.channels) if asset else None)
+    rec = load_recording(
+        csv_path,
+        channels=channels,
+        time_column=args.time_column or (asset.time_column if asset else None),
+        machine_column=args.machine_column or (asset.machine_column if asset else None),
+        missing=args.missing,
+    )
+    if rec.renamed:
+        _progress(f"channel names mapped: {rec.renamed}")
+    if rec.excluded:
+        _progress(f"columns not used as channels: {rec.excluded}")
+    mask = train_mask(rec, train_rows=args.train_rows, train_until=args.train_until)
+    if asset is not None:
+        mask = apply_asset(asset, rec, mask, progress=_progress)
+    _progress(f"training on {int(mask.sum())} of {rec.rows} rows, channels {rec.channels}")
+    trained = generic.fit_recording(
+        rec,
+        mask,
+        preset=args.preset,
+        window=args.window,
+        smooth=args.smooth,
+        family=args.family,
+        far=args.far,
+        trees=args.trees,
+        seed=args.seed,
+        progress=_progress,
+    )
+    card = trained.card
+    if asset is not None:
+        card = card.model_copy(update={"params": {**card.params, **asset.card_params()}})
+    path = artifact.save_generic(data.model_dir, trained.scorer, card)
+    _progress(f"saved model {card.version} to {path}")
+    if promote:
+        artifact.promote(data.model_dir, card.version)
+        _progress(f"promoted {card.version}")
+    return card.version
+
+
+def _split_list(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
 def _add_evaluate(sub: Any) -> None:
@@ -171,13 +275,107 @@ def _add_evaluate(sub: Any) -> None:
     _data_options(p)
     p.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
     p.add_argument("--seed", type=int, default=0)
+    _csv_options(p)
+    p.add_argument("--label-column", help="with --csv: the label column (0 = normal)")
+    p.add_argument("--trees", type=int, default=200, help="with --csv: Isolation Forest trees")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="with --csv: also evaluate a global point model, a per-run point model and "
+        "the other scorer family, in the same report",
+    )
     p.set_defaults(func=cmd_evaluate)
 
 
+def cmd_evaluate_csv(args: argparse.Namespace) -> int:
+    """``factorywatch evaluate --csv``: labelled recordings -> reports/streams.{json,md,png}."""
+    from factorywatch.model import streams  # noqa: PLC0415
+
+    if not args.label_column:
+        raise FactorywatchError("--csv needs --label-column (the anomaly labels, 0 = normal)")
+    if args.train_rows is None and args.train_until is None:
+        raise FactorywatchError("give --train-rows N or --train-until TIME: the part to train on")
+    if args.preset == "ai4i":
+        raise FactorywatchError("--preset ai4i is evaluated with `factorywatch evaluate --dataset`")
+    files = streams.csv_files(args.csv)
+    recs = streams.load_runs(
+        files,
+        label_column=args.label_column,
+        time_column=args.time_column,
+        channels=_split_list(args.channels) or None,
+        machine_column=args.machine_column,
+        missing=args.missing,
+    )
+    main = streams.Config(
+        name=f"per-run {args.preset} {args.family}",
+        preset=args.preset,
+        family=args.family,
+        window=args.window,
+        smooth=args.smooth,
+        far=args.far,
+        trees=args.trees,
+    )
+    configs = [main]
+    if args.compare:
+        other = "pca" if args.family == "iforest" else "iforest"
+        configs += [
+            streams.Config(
+                name=f"global point {args.family}",
+                preset="point",
+                family=args.family,
+                mode="global",
+                far=args.far,
+                trees=args.trees,
+            ),
+            streams.Config(
+                name=f"per-run point {args.family}",
+                preset="point",
+                family=args.family,
+                far=args.far,
+                trees=args.trees,
+            ),
+            streams.Config(
+                name=f"per-run {args.preset} {other}",
+                preset=args.preset,
+                family=other,
+                window=args.window,
+                smooth=args.smooth,
+                far=args.far,
+                trees=args.trees,
+            ),
+        ]
+    results = {
+        c.name: streams.evaluate(
+            recs,
+            c,
+            train_rows=args.train_rows,
+            train_until=args.train_until,
+            seed=args.seed,
+            progress=_progress,
+        )
+        for c in configs
+    }
+    command = "factorywatch " + " ".join(sys.argv[1:]) if sys.argv[1:] else "factorywatch evaluate"
+    document = streams.write_report(
+        args.out, results, configs, command=command, source=f"{args.csv} ({len(files)} runs)"
+    )
+    for entry in document["configs"]:
+        s = entry["summary"]
+        print(
+            f"{entry['name']}: precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
+            f"F1 {s['f1']:.3f}  FAR {s['far']:.4f}  MAR {s['mar']:.3f}  "
+            f"events {s['events_detected']}/{s['events']}"
+        )
+    print(f"report: {args.out / streams.REPORT_FILE}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``factorywatch evaluate``."""
+    """``factorywatch evaluate``: the AI4I protocol, or labelled recordings with ``--csv``."""
     from factorywatch.model import dataset, evaluate  # noqa: PLC0415
 
+    if args.csv is not None:
+        return cmd_evaluate_csv(args)
     data = _data_settings(args)
     ds = dataset.obtain(data.dataset, data.data_dir, verify=not args.no_verify, progress=_progress)
     result = evaluate.run(ds, args.out, seed=args.seed, progress=_progress)
@@ -416,13 +614,21 @@ def _add_sensor(sub: Any) -> None:
 
 
 def _add_replay(sub: Any) -> None:
-    p = sub.add_parser("replay", help="publish the rows of an AI4I CSV as one machine")
+    p = sub.add_parser("replay", help="publish the rows of a CSV as one machine's readings")
     _broker_options(p)
-    p.add_argument("--csv", type=Path, required=True, help="CSV in the UCI or Kaggle layout")
+    p.add_argument(
+        "--csv", type=Path, required=True, help="CSV: AI4I (UCI or Kaggle layout) or any machine"
+    )
     p.add_argument("--machine-id", required=True)
     p.add_argument("--line", help="production line (default line1)")
     p.add_argument("--rate", type=float, help="rows per second (default 1)")
     p.add_argument("--count", type=int, help="rows to publish (default all)")
+    p.add_argument(
+        "--channels",
+        help="any machine's CSV: comma-separated channel columns (default: every numeric one "
+        "but time and label-like columns); a CSV not in the AI4I layout is replayed this way",
+    )
+    p.add_argument("--missing", choices=["error", "ffill", "drop"], default="error")
     p.set_defaults(func=cmd_replay)
 
 
@@ -486,14 +692,27 @@ def cmd_sensor(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``factorywatch replay``: a CSV's rows as one machine's readings."""
+    from factorywatch.errors import DatasetError  # noqa: PLC0415
     from factorywatch.model.dataset import load  # noqa: PLC0415
     from factorywatch.sensors import publisher  # noqa: PLC0415
     from factorywatch.sensors.replay import replayer  # noqa: PLC0415
 
     settings = _sensor_settings(args)
     machine = _machine_ids([args.machine_id])[0]
-    frame = load(args.csv, verify=False).frame
-    stream = replayer(frame, machine, settings.line, seq_start=time.time_ns() // 1000)
+    seq_start = time.time_ns() // 1000
+    try:
+        if args.channels:
+            raise DatasetError("channels given: replay as any machine's CSV")
+        frame = load(args.csv, verify=False).frame
+        stream = replayer(frame, machine, settings.line, seq_start=seq_start)
+    except DatasetError:
+        from factorywatch.model.recording import load_recording  # noqa: PLC0415
+        from factorywatch.sensors.replay import channel_replayer  # noqa: PLC0415
+
+        rec = load_recording(args.csv, channels=_split_list(args.channels), missing=args.missing)
+        _progress(f"replaying {rec.rows} rows of channels {rec.channels}")
+        columns = {c: rec.columns[c].tolist() for c in rec.channels}
+        stream = channel_replayer(columns, machine, settings.line, seq_start=seq_start)
     stats = publisher.run(
         _broker_settings(args),
         [stream],

@@ -3,19 +3,31 @@
 Validated only at the edges with ``model_validate_json``; encoded with ``encode`` (no NaN).
 Readings are *named channels* whose names carry their unit (``torque_nm``), so a machine
 with other sensors needs a model trained on those channels, not new detector code.
+
+``Telemetry`` schema version 2 carries any named numeric channels (``readings``; names from
+real systems such as ``Vibration1RMS`` or ``Pump/Flow Rate`` are mapped to channel names by
+``factorywatch.channels.canonical``) and optional string ``attributes`` (the AI4I product
+type is one: ``{"product_type": "L"}``). Version 1 (``product_type`` at the top level,
+channel names already canonical) is still accepted and normalised to the same in-memory
+shape: a version 2 reading.
 Scores have one direction everywhere: higher = more anomalous.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 
+from factorywatch.channels import CHANNEL_PATTERN, ChannelNameError, canonical
 from factorywatch.errors import DeadLetterReason
 from factorywatch.topics import ID_PATTERN
 
 SCHEMA_VERSION: Final = 1
+TELEMETRY_SCHEMA_VERSION: Final = 2
+MAX_ATTRIBUTES: Final = 16
+PRODUCT_TYPE: Final = "product_type"
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
 MAX_BATCH_BYTES: Final = 512 * 1024
 MAX_BATCH_READINGS: Final = 1000
@@ -36,7 +48,10 @@ TOOL_WEAR: Final = "tool_wear_min"
 AI4I_CHANNELS: Final = (AIR_TEMPERATURE, PROCESS_TEMPERATURE, ROTATIONAL_SPEED, TORQUE, TOOL_WEAR)
 
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-ChannelName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+ChannelName = Annotated[str, StringConstraints(pattern=CHANNEL_PATTERN)]
+AttributeValue = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
 ProductType = Literal["L", "M", "H"]
 Status = Literal["NORMAL", "ALERT"]
 AnomalyKind = Literal[
@@ -63,20 +78,85 @@ class _Wire(BaseModel):
 
 
 class Telemetry(_Wire):
-    """One reading of one machine."""
+    """One reading of one machine: named numeric channels plus optional string attributes.
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    In memory every reading is schema version 2. A version 1 message (``product_type`` at
+    the top level, AI4I-era) is normalised on the way in: its product type becomes the
+    attribute ``product_type``. Version 2 channel and attribute names are mapped by
+    ``factorywatch.channels.canonical``; two names mapping to one channel are a schema error.
+    """
+
+    schema_version: Literal[2] = TELEMETRY_SCHEMA_VERSION
     machine_id: Identifier
     line: Identifier
     seq: Annotated[int, Field(ge=0, description="per-machine sequence number, unique")]
     ts: EventTime
-    product_type: ProductType
     readings: Annotated[dict[ChannelName, float], Field(min_length=1, max_length=MAX_CHANNELS)]
+    attributes: Annotated[
+        dict[ChannelName, AttributeValue],
+        Field(max_length=MAX_ATTRIBUTES, description="string context, e.g. product_type"),
+    ] = {}
     injected: AnomalyKind | None = Field(
         default=None,
         description="simulator ground truth: the anomaly injected into this reading. "
         "Ignored by the detector; used to measure detection end to end.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        """Version 1 -> version 2 shape; version 2 names -> channel names."""
+        if not isinstance(data, dict):
+            return data
+        # Version 1 senders could leave the version out; their product_type says which it is.
+        version = data.get("schema_version", 1 if PRODUCT_TYPE in data else 2)
+        if version == 1:
+            return _from_v1(data)
+        if version != TELEMETRY_SCHEMA_VERSION:
+            return data
+        out = dict(data)
+        for key in ("readings", "attributes"):
+            if isinstance(out.get(key), dict):
+                out[key] = _canonical_keys(out[key])
+        return out
+
+    @property
+    def product_type(self) -> str | None:
+        """The AI4I product type (``attributes["product_type"]``), if the reading has one."""
+        return self.attributes.get(PRODUCT_TYPE)
+
+
+def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 message in version 2 shape (names stay as strict as version 1 had them)."""
+    out = dict(data)
+    out["schema_version"] = TELEMETRY_SCHEMA_VERSION
+    if PRODUCT_TYPE not in out:
+        raise PydanticCustomError("missing", "product_type: field required in schema version 1")
+    product = out.pop(PRODUCT_TYPE)
+    if not isinstance(product, str) or product not in ("L", "M", "H"):
+        raise PydanticCustomError(
+            "literal_error", "product_type: must be one of 'L', 'M', 'H' in schema version 1"
+        )
+    if "attributes" in out:
+        raise ValueError("attributes: not part of schema version 1")
+    out["attributes"] = {PRODUCT_TYPE: product}
+    return out
+
+
+def _canonical_keys(values: dict[Any, Any]) -> dict[Any, Any]:
+    """Map every key with ``canonical``; a collision or an unusable name is a ValueError."""
+    out: dict[Any, Any] = {}
+    owner: dict[str, Any] = {}
+    for raw, value in values.items():
+        try:
+            name = canonical(raw)
+        except ChannelNameError as exc:
+            raise ValueError(str(exc)) from None
+        if name in owner:
+            raise ValueError(f"names {owner[name]!r} and {raw!r} both map to channel {name!r}")
+        owner[name] = raw
+        out[name] = value
+    return out
 
 
 class TelemetryBatch(_Wire):
@@ -86,7 +166,7 @@ class TelemetryBatch(_Wire):
     verdict topic, exactly as if it had been published alone.
     """
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = TELEMETRY_SCHEMA_VERSION
     readings: Annotated[list[Telemetry], Field(min_length=1, max_length=MAX_BATCH_READINGS)]
 
 

@@ -403,7 +403,7 @@ class HistoryStore:
                     "line": r.line,
                     "seq": r.seq,
                     "ts": r.ts,
-                    "product_type": r.product_type,
+                    "product_type": r.product_type or "",  # "" = none (any-machine readings)
                     "readings": json.dumps(r.readings, allow_nan=False),
                 }
                 for r in readings

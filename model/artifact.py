@@ -18,7 +18,7 @@ import os
 import platform
 import secrets
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
@@ -29,8 +29,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 import factorywatch
 from factorywatch.errors import ModelMismatchError, ModelNotFoundError
 from factorywatch.model.envelope import Envelope
+from factorywatch.model.families import FittedScorer, load_scorer
 from factorywatch.model.fastforest import FlatForest
 from factorywatch.model.features import DERIVED, required_channels
+from factorywatch.model.pipeline import Pipeline, PipelineSpec, State
 from factorywatch.model.scoring import FloatArray, Scorer, SklearnScorer
 from factorywatch.model.threshold import ThresholdSpec
 
@@ -42,6 +44,8 @@ ScorerKind = Literal["fast", "sklearn"]
 CURRENT: Final = "current"
 MODEL_FILE: Final = "model.joblib"
 FLAT_FILE: Final = "forest.npz"
+PCA_FILE: Final = "pca.npz"
+SCORER_FILES: Final = {"iforest": FLAT_FILE, "pca": PCA_FILE}
 CARD_FILE: Final = "card.json"
 
 
@@ -80,6 +84,10 @@ class ModelCard(BaseModel):
     feature_center: list[float]
     feature_scale: list[float]
     metrics: dict[str, float] = {}
+    # Generic models (``factorywatch train --csv``): the feature pipeline and the scorer
+    # family. AI4I-preset cards have no pipeline and features from model.features.
+    pipeline: PipelineSpec | None = None
+    scorer_family: Literal["iforest", "pca"] = "iforest"
 
 
 def new_version(now: datetime | None = None) -> str:
@@ -108,6 +116,10 @@ class LoadedModel:
     scorer: Scorer
     center: FloatArray
     scale: FloatArray
+    pipeline: Pipeline | None = None
+    # Interim home of each machine's window state (machine id -> state) until the engine
+    # keeps it in its keyed per-machine state; ``detector.core.score`` uses it by default.
+    states: dict[str, State] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -123,6 +135,15 @@ def save(model_dir: Path, forest: IsolationForest, card: ModelCard) -> Path:
     target.mkdir(parents=True, exist_ok=False)
     joblib.dump(forest, target / MODEL_FILE)
     FlatForest.from_sklearn(forest).save(target / FLAT_FILE)
+    (target / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n")
+    return target
+
+
+def save_generic(model_dir: Path, scorer: FittedScorer, card: ModelCard) -> Path:
+    """Write a generic model (pipeline in the card, scorer arrays beside it)."""
+    target = model_dir / card.version
+    target.mkdir(parents=True, exist_ok=False)
+    scorer.save(target / SCORER_FILES[card.scorer_family])
     (target / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n")
     return target
 
@@ -151,12 +172,21 @@ def validate(model_dir: Path, version: str, *, scorer: ScorerKind = "fast") -> L
         numbers.append(card.clear_threshold)
     if not all(np.isfinite(numbers)) or not (model.scale > 0).all():
         raise ModelMismatchError(f"model {version}: card holds non-finite numbers or scales <= 0")
+    centre = model.center.reshape(1, -1)
+    if model.pipeline is not None:  # a generic model scores the pipeline's projection
+        centre = model.pipeline.project(centre)
     try:
-        scores = model.scorer.score(model.center.reshape(1, -1))
+        scores = model.scorer.score(centre)
     except (ValueError, IndexError) as exc:
         raise ModelMismatchError(f"model {version} cannot score: {exc}") from exc
-    if not (np.isfinite(scores).all() and 0.0 < scores[0] <= 1.0):
-        raise ModelMismatchError(f"model {version} scores {scores.tolist()}, not in (0, 1]")
+    # Isolation Forest scores lie in (0, 1]; PCA residual scores are >= 0, unbounded.
+    ok = bool(np.isfinite(scores).all())
+    if card.scorer_family == "iforest":
+        ok = ok and 0.0 < float(scores[0]) <= 1.0
+    else:
+        ok = ok and float(scores[0]) >= 0.0
+    if not ok:
+        raise ModelMismatchError(f"model {version} scores {scores.tolist()}, out of range")
     return model
 
 
@@ -190,6 +220,13 @@ def read_card(path: Path) -> ModelCard:
 
 def _check_card(card: ModelCard, n_features: int) -> None:
     """The card's features fit this code and the scorer's input width."""
+    if card.pipeline is not None:
+        pipeline = Pipeline(card.pipeline)
+        if pipeline.features != card.features or list(pipeline.channels) != card.channels:
+            raise ModelMismatchError(f"model {card.version}: pipeline and features disagree")
+        if n_features != len(card.features) or len(card.feature_center) != n_features:
+            raise ModelMismatchError(f"model {card.version} expects {n_features} features")
+        return
     unknown = [f for f in card.features if f not in DERIVED and f not in card.channels]
     if unknown or list(required_channels(card.features)) != card.channels:
         raise ModelMismatchError(f"model {card.version} features {card.features} do not fit")
@@ -249,6 +286,8 @@ def load(
             f"no promoted model in {model_dir}: run `factorywatch train` first"
         )
     card = read_card(model_dir / chosen / CARD_FILE)
+    if card.pipeline is not None:
+        return _load_generic(card, model_dir / chosen)
     flat_file = model_dir / chosen / FLAT_FILE
     chosen_scorer: Scorer
     if scorer == "fast" and flat_file.is_file():
@@ -262,6 +301,24 @@ def load(
         scorer=chosen_scorer,
         center=np.asarray(card.feature_center, dtype=np.float64),
         scale=np.asarray(card.feature_scale, dtype=np.float64),
+    )
+
+
+def _load_generic(card: ModelCard, folder: Path) -> LoadedModel:
+    path = folder / SCORER_FILES[card.scorer_family]
+    try:
+        scorer = load_scorer(card.scorer_family, path)
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(f"model {card.version} has a card but no {path.name}") from exc
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelMismatchError(f"model {card.version}: unreadable {path.name}: {exc}") from exc
+    _check_card(card, int(getattr(scorer, "n_features", -1)))
+    return LoadedModel(
+        card=card,
+        scorer=scorer,
+        center=np.asarray(card.feature_center, dtype=np.float64),
+        scale=np.asarray(card.feature_scale, dtype=np.float64),
+        pipeline=Pipeline(card.pipeline) if card.pipeline else None,
     )
 
 

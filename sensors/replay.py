@@ -1,13 +1,13 @@
-"""Replay: the rows of an AI4I CSV (either layout) as one machine's readings (pure)."""
+"""Replay: the rows of a CSV (AI4I layout, or any machine's channels) as one machine's readings."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import pandas as pd
 
-from factorywatch.contracts import AI4I_CHANNELS, AnomalyKind, Telemetry
+from factorywatch.contracts import AI4I_CHANNELS, PRODUCT_TYPE, AnomalyKind, Telemetry
 from factorywatch.model.dataset import FAILURE_MODES
 
 # A labelled failure mode maps to the simulator's anomaly kind of the same mechanism.
@@ -27,7 +27,7 @@ def row_reading(row: pd.Series, machine_id: str, line: str, seq: int, ts: float)
         line=line,
         seq=seq,
         ts=ts,
-        product_type=str(row["product_type"]),  # type: ignore[arg-type]
+        attributes={PRODUCT_TYPE: str(row["product_type"])},
         readings={ch: float(row[ch]) for ch in AI4I_CHANNELS},
         injected=_MODE_TO_KIND[modes[0]] if modes else None,
     )
@@ -48,6 +48,31 @@ def replayer(
             return None
         reading = row_reading(row, machine_id, line, seq, ts)
         seq += 1
+        return reading
+
+    return next_reading
+
+
+def channel_replayer(
+    columns: Mapping[str, Sequence[float]], machine_id: str, line: str, *, seq_start: int = 0
+) -> Callable[[float], Telemetry | None]:
+    """A stream of any machine's rows (``{channel: values}``) as version 2 readings."""
+    names = list(columns)
+    rows = len(columns[names[0]]) if names else 0
+    position = 0
+
+    def next_reading(ts: float) -> Telemetry | None:
+        nonlocal position
+        if position >= rows:
+            return None
+        reading = Telemetry(
+            machine_id=machine_id,
+            line=line,
+            seq=seq_start + position,
+            ts=ts,
+            readings={name: float(columns[name][position]) for name in names},
+        )
+        position += 1
         return reading
 
     return next_reading

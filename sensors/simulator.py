@@ -23,6 +23,7 @@ from factorywatch.contracts import (
     AIR_TEMPERATURE,
     ANOMALY_KINDS,
     PROCESS_TEMPERATURE,
+    PRODUCT_TYPE,
     ROTATIONAL_SPEED,
     TOOL_WEAR,
     TORQUE,
@@ -152,7 +153,7 @@ class MachineSimulator:
             line=self.line,
             seq=self.seq,
             ts=ts,
-            product_type=product,
+            attributes={PRODUCT_TYPE: product},
             readings={
                 AIR_TEMPERATURE: round(values.air, 2),
                 PROCESS_TEMPERATURE: round(values.process, 2),

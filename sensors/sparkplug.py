@@ -108,8 +108,9 @@ class EdgeNode:
                 self._metric(
                     payload, METRIC_NAMES[channel], alias, reading.readings[channel], ts_ms
                 )
-            self._metric(payload, PRODUCT_TYPE_METRIC, _PRODUCT_ALIAS, reading.product_type, ts_ms)
-            self._last[device] = {**reading.readings, PRODUCT_TYPE_METRIC: reading.product_type}
+            product = reading.attributes["product_type"]
+            self._metric(payload, PRODUCT_TYPE_METRIC, _PRODUCT_ALIAS, product, ts_ms)
+            self._last[device] = {**reading.readings, PRODUCT_TYPE_METRIC: product}
             topic = sparkplug_topic(self.group, "DBIRTH", self.node, device)
             out.append((topic, payload.SerializeToString()))
         return out
@@ -122,15 +123,16 @@ class EdgeNode:
             for alias, channel in enumerate(AI4I_CHANNELS, start=1)
             if last.get(channel) != reading.readings[channel]
         ]
-        if last.get(PRODUCT_TYPE_METRIC) != reading.product_type:
-            changed.append((_PRODUCT_ALIAS, reading.product_type))
+        product = reading.attributes["product_type"]
+        if last.get(PRODUCT_TYPE_METRIC) != product:
+            changed.append((_PRODUCT_ALIAS, product))
         if not changed:
             return None
         payload = self._payload(ts_ms)
         for alias, value in changed:
             self._metric(payload, None, alias, value, ts_ms)
         last.update(reading.readings)
-        last[PRODUCT_TYPE_METRIC] = reading.product_type
+        last[PRODUCT_TYPE_METRIC] = product
         return sparkplug_topic(self.group, "DDATA", self.node, device), payload.SerializeToString()
 
 

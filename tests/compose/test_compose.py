@@ -316,7 +316,7 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(stack: Stack) -> None:
                     line="line1",
                     seq=seq0 + i,
                     ts=time.time(),
-                    product_type="L",
+                    attributes={"product_type": "L"},
                     readings=ANOMALOUS,
                 )
             )

@@ -515,7 +515,7 @@ def _alert_reading(seq: int, *, anomalous: bool) -> Telemetry:
         line="line1",
         seq=seq,
         ts=time.time(),
-        product_type="M",
+        attributes={"product_type": "M"},
         readings=readings,
     )
 

@@ -95,7 +95,7 @@ def seeds() -> list[bytes]:
         line="line1",
         seq=1,
         ts=NOW,
-        product_type="L",
+        attributes={"product_type": "L"},
         readings=dict.fromkeys(AI4I_CHANNELS, 300.0),
     )
     other = reading.model_copy(update={"machine_id": "m2", "seq": 2, "ts": NOW + 200})

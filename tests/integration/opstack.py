@@ -58,7 +58,7 @@ def reading(machine: str, seq: int, rpm: float, *, ts: float | None = None) -> T
         line="line1",
         seq=seq,
         ts=time.time() if ts is None else ts,
-        product_type="L",
+        attributes={"product_type": "L"},
         readings={**TYPICAL, "rotational_speed_rpm": rpm},
     )
 

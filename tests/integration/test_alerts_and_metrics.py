@@ -38,7 +38,7 @@ def _reading(machine: str, seq: int, rpm: float) -> Telemetry:
         line="line1",
         seq=seq,
         ts=time.time(),
-        product_type="L",
+        attributes={"product_type": "L"},
         readings={**TYPICAL, "rotational_speed_rpm": rpm},
     )
 

@@ -95,7 +95,7 @@ def test_prototype_scenario_normal_then_rpm_spike(
         line="line1",
         seq=10_000,
         ts=now,
-        product_type="L",
+        attributes={"product_type": "L"},
         readings={
             "air_temperature_k": 300.0,
             "process_temperature_k": 310.0,

@@ -25,7 +25,12 @@ READINGS = {
 
 def _reading(seq: int, ts: float) -> Telemetry:
     return Telemetry(
-        machine_id="reuse-1", line="line1", seq=seq, ts=ts, product_type="M", readings=READINGS
+        machine_id="reuse-1",
+        line="line1",
+        seq=seq,
+        ts=ts,
+        attributes={"product_type": "M"},
+        readings=READINGS,
     )
 
 

@@ -46,7 +46,7 @@ def reading(**channels: float) -> Telemetry:
         line="line1",
         seq=1,
         ts=time.time(),
-        product_type="L",
+        attributes={"product_type": "L"},
         readings={**TYPICAL, **channels},
     )
 

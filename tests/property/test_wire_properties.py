@@ -117,7 +117,7 @@ def telemetry(draw: st.DrawFn) -> Telemetry:
         line=draw(identifiers),
         seq=draw(st.integers(min_value=0, max_value=2**63 - 1)),
         ts=draw(st.floats(min_value=NOW - SKEW, max_value=NOW + SKEW)),
-        product_type=draw(st.sampled_from(["L", "M", "H"])),
+        attributes={"product_type": draw(st.sampled_from(["L", "M", "H"]))},
         readings=readings,
         injected=draw(st.none() | st.sampled_from(ANOMALY_KINDS)),
     )

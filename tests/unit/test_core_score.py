@@ -58,7 +58,7 @@ def typical(rpm: float = 1500.0, seq: int = 0, machine: str = "mill-01") -> Tele
         line="line1",
         seq=seq,
         ts=T0 + seq,
-        product_type="L",
+        attributes={"product_type": "L"},
         readings={
             "air_temperature_k": 300.0,
             "process_temperature_k": 310.0,

@@ -66,7 +66,7 @@ class Harness:
             line="line1",
             seq=seq,
             ts=ts,
-            product_type="M",
+            attributes={"product_type": "M"},
             readings=readings,
         ).encode()
         token = self.transport.deliver(TOPICS.telemetry("line1", machine), payload)

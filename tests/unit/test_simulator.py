@@ -136,7 +136,7 @@ def test_speed_falls_with_torque(normal: list[Telemetry]) -> None:
 
 def test_product_type_mix(normal: list[Telemetry]) -> None:
     """Product types come in the data's 60/30/10 mix of L/M/H."""
-    counts: Counter[str] = Counter(r.product_type for r in normal)
+    counts: Counter[str] = Counter(r.attributes["product_type"] for r in normal)
     shares = {t: counts[t] / len(normal) for t in "LMH"}
     assert shares["L"] == pytest.approx(0.6, abs=0.03)
     assert shares["M"] == pytest.approx(0.3, abs=0.03)
@@ -151,7 +151,7 @@ def test_tool_wear_step_follows_previous_product_type(normal: list[Telemetry]) -
         if cur.readings[TOOL_WEAR] == 0.0:
             resets += 1
             continue
-        assert step == WEAR_STEP[prev.product_type], (prev, cur)
+        assert step == WEAR_STEP[prev.attributes["product_type"]], (prev, cur)
     assert resets > 20
 
 
@@ -161,7 +161,7 @@ def test_tool_is_replaced_between_200_and_240_minutes(normal: list[Telemetry]) -
     assert wear.min() == 0.0
     assert wear.max() < 240.0
     replaced_at = [
-        prev.readings[TOOL_WEAR] + WEAR_STEP[prev.product_type]
+        prev.readings[TOOL_WEAR] + WEAR_STEP[prev.attributes["product_type"]]
         for prev, cur in itertools.pairwise(normal)
         if cur.readings[TOOL_WEAR] == 0.0
     ]
@@ -211,7 +211,7 @@ def test_forced_overstrain_meets_the_osf_rule() -> None:
     readings = forced("overstrain")
     for r in readings:
         strain = r.readings[TOOL_WEAR] * r.readings[TORQUE]
-        assert strain > OVERSTRAIN_LIMIT[r.product_type], r
+        assert strain > OVERSTRAIN_LIMIT[r.attributes["product_type"]], r
     assert {r.product_type for r in readings} == {"L", "M", "H"}
 
 

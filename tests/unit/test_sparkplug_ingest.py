@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sparkplub_b_packets.core import sparkplug_b as tahu
+from sparkplub_b_packets.core.sparkplug_b import MetricDataType as T
 
 from factorywatch.contracts import AI4I_CHANNELS, Telemetry
 from factorywatch.detector.checkpoint import FileCheckpoint
@@ -259,7 +261,12 @@ def test_signed_integers_decode_from_twos_complement() -> None:
     tahu.addMetric(payload, "Product Type", 2, tahu.MetricDataType.String, "M", int(T0 * 1000))
     reading = _reading(ingest.decode(_msg(("spBv1.0/g/DBIRTH/n/d", payload.SerializeToString()))))
     assert reading.telemetry == Telemetry(
-        machine_id="n.d", line="g", seq=1, ts=T0, product_type="M", readings={"delta": -5.0}
+        machine_id="n.d",
+        line="g",
+        seq=1,
+        ts=T0,
+        attributes={"product_type": "M"},
+        readings={"delta": -5.0},
     )
 
 
@@ -280,3 +287,18 @@ def test_journaled_changes_restore_the_newest_state(sim: MachineSimulator, tmp_p
     copy.restore_changes(restored.ingest["sparkplug"])
     message = _msg(edge.ddata("mill", {"tool_wear_min": 9.0}, MS + 2))
     assert _reading(copy.decode(message)) == _reading(ingest.decode(message))
+
+
+def test_any_machine_metrics_need_no_product_type() -> None:
+    """A device with plant metric names and no product type is read for a generic model."""
+    ingest = SparkplugIngest(SparkplugSettings(reorder_timeout_s=2.0, rebirth_backoff_s=5.0))
+    ingest.bind(["pump_flow_rate", "vibration1_rms"])
+    edge = TahuEdgeNode("plant1", "edge1", bd_seq=7)
+    assert ingest.decode(_msg(edge.nbirth(MS))) == []
+    payload = edge._payload(MS)
+    tahu.addMetric(payload, "Pump/Flow Rate", 1, T.Double, 32.5, MS)
+    tahu.addMetric(payload, "Vibration1RMS", 2, T.Double, 0.21, MS)
+    topic = edge._topic("DBIRTH", "pump")
+    reading = _reading(ingest.decode(_msg((topic, payload.SerializeToString()))))
+    assert reading.telemetry.readings == {"pump_flow_rate": 32.5, "vibration1_rms": 0.21}
+    assert reading.telemetry.product_type is None

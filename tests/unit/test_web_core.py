@@ -52,8 +52,14 @@ def test_live_model_follows_verdicts_events_states_and_readings() -> None:
         assert model.feed(T.verdict("l1", "m1"), _verdict(seq)) == "l1/m1"
     m = model.machines["l1/m1"]
     assert [p[0] for p in m.points] == [1.8e9 + 2, 1.8e9 + 3, 1.8e9 + 4]
-    reading = Telemetry(machine_id="m1", line="l1", seq=9, ts=1.8e9, product_type="L",
-                        readings={"torque_nm": 40.0})  # fmt: skip
+    reading = Telemetry(
+        machine_id="m1",
+        line="l1",
+        seq=9,
+        ts=1.8e9,
+        attributes={"product_type": "L"},
+        readings={"torque_nm": 40.0},
+    )
     model.feed(T.telemetry("l1", "m1"), reading.encode())
     raised = AlertEvent(machine_id="m1", line="l1", event="ALERT_RAISED", at=1.8e9, alert_id="a1",
                         peak_score=0.8)  # fmt: skip

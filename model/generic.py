@@ -1,0 +1,260 @@
+"""Train on any machine's own recording: pipeline -> scorer family -> held-out threshold.
+
+No labels are used. The model is fitted on the training rows of each machine (its first part,
+in order); the threshold comes from out-of-sample scores of those rows, cross-fitted in
+blocks of time (``model.calibration``). Channels that are constant
+over the fitting rows carry no information for a scorer and are left out (reported in
+``card.params["constant_channels"]``); the training envelope, widened by
+``ENVELOPE_MARGIN`` of each channel's training range on both sides, still makes a reading
+far outside that range an ALERT (it is what catches a constant channel that moves).
+
+Feature presets (``--features``), over every channel c, with window w (``--window``):
+
+* ``point``: z(c) only (a point model: no temporal context);
+* ``windowed`` (default): z(c), mean_w(c), logstd_w(c) = ln(rolling std + 0.001) (a stuck
+  sensor shows as a rolling std of 0, far below any noisy reading; a noise burst or an
+  oscillation as a large one);
+* ``full``: as windowed plus flat_w(c) (share of unchanged readings), dev_w(c) (deviation
+  from the rolling baseline) and roc(c) (rate of change).
+
+For the Isolation Forest the feature rows are whitened first (``Pipeline.with_whitening``):
+on principal axes scaled to unit variance, a reading that breaks the channels' usual
+relationship stands out on one axis, which an axis-parallel forest isolates quickly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from factorywatch.errors import DatasetError
+from factorywatch.model.artifact import DataInfo, ModelCard, library_versions, new_version
+from factorywatch.model.calibration import FOLDS, conformal_quantile, folds, threshold_for
+from factorywatch.model.envelope import Envelope, fit_envelope
+from factorywatch.model.families import DEFAULT_FAMILY, FittedScorer, fit_scorer
+from factorywatch.model.pipeline import Pipeline, Step
+from factorywatch.model.recording import Recording
+from factorywatch.model.scoring import robust_center_scale
+from factorywatch.model.threshold import ThresholdSpec
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+PRESETS: Final = ("point", "windowed", "full")
+DEFAULT_PRESET: Final = "windowed"
+DEFAULT_WINDOW: Final = 5
+DEFAULT_SMOOTH: Final = 1
+DEFAULT_FAR: Final = 0.01
+DEFAULT_TREES: Final = 200
+ENVELOPE_MARGIN: Final = 1.0
+CLEAR_RATE: Final = 0.10
+
+
+def preset_steps(preset: str, channels: Sequence[str], window: int) -> list[Step]:
+    """The pipeline steps of ``preset`` over ``channels``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown feature preset {preset!r}; choose from {list(PRESETS)}")
+    steps: list[Step] = []
+    for c in channels:
+        steps.append(Step(op="raw", channel=c))
+        if preset == "point":
+            continue
+        steps += [
+            Step(op="mean", channel=c, window=window),
+            Step(op="logstd", channel=c, window=window),
+        ]
+        if preset == "full":
+            steps += [
+                Step(op="flat", channel=c, window=window),
+                Step(op="dev", channel=c, window=window),
+                Step(op="roc", channel=c),
+            ]
+    return steps
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A fitted generic model: its scorer and card (save with ``artifact.save_generic``)."""
+
+    scorer: FittedScorer
+    card: ModelCard
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The card's pipeline."""
+        assert self.card.pipeline is not None
+        return Pipeline(self.card.pipeline)
+
+
+def _folds(groups: Sequence[str], n: int) -> npt.NDArray[np.intp]:
+    """Per machine, its rows cut into ``FOLDS`` contiguous blocks in time."""
+    keys = np.asarray(groups) if groups else np.zeros(n, dtype=np.intp)
+    out = np.zeros(n, dtype=np.intp)
+    for key in dict.fromkeys(keys.tolist()):
+        rows = np.flatnonzero(keys == key)
+        out[rows] = folds(len(rows))
+    return out
+
+
+def _fit_scorer(
+    pipeline: Pipeline, named: FloatArray, family: str, seed: int, trees: int
+) -> tuple[Pipeline, FittedScorer]:
+    if family == "iforest":
+        pipeline = pipeline.with_whitening(named)
+    return pipeline, fit_scorer(family, pipeline.project(named), seed=seed, n_estimators=trees)
+
+
+def fit_recording(
+    rec: Recording,
+    train: BoolArray,
+    *,
+    preset: str = DEFAULT_PRESET,
+    window: int = DEFAULT_WINDOW,
+    smooth: int = DEFAULT_SMOOTH,
+    family: str = DEFAULT_FAMILY,
+    far: float = DEFAULT_FAR,
+    trees: int = DEFAULT_TREES,
+    seed: int = 0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> Trained:
+    """Fit a model on the rows ``train`` of ``rec`` (each machine's rows in order)."""
+    rows = np.flatnonzero(train)
+    columns = {c: rec.columns[c][rows] for c in rec.channels}
+    groups = [rec.machines[i] for i in rows.tolist()] if rec.machines else []
+    try:
+        fold = _folds(groups, len(rows))
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
+    constant = [c for c in rec.channels if np.ptp(columns[c]) == 0.0]
+    used = [c for c in rec.channels if c not in constant]
+    if not used:
+        raise DatasetError(f"every channel is constant over the training rows: {constant}")
+    if constant:
+        progress(f"constant over training, watched by the envelope only: {constant}")
+    base = Pipeline.fit(columns, preset_steps(preset, used, window), smooth=smooth)
+    named = base.feature_rows(columns, groups=groups or None)
+    progress(
+        f"fitting {family} on {len(rows)} rows x {len(base.features)} features; "
+        f"out-of-sample calibration scores from {FOLDS} blocks in time"
+    )
+    held_out = np.empty(len(rows), dtype=np.float64)
+    for f in range(FOLDS):
+        inside = fold == f
+        fold_pipeline, fold_scorer = _fit_scorer(base, named[~inside], family, seed, trees)
+        held_out[inside] = fold_scorer.score(fold_pipeline.project(named[inside]))
+    calibration = base.smooth_scores(held_out, groups or None)
+    pipeline, scorer = _fit_scorer(base, named, family, seed, trees)
+    cut = threshold_for(calibration, far)
+    progress(f"threshold {cut:.4f} (false-alarm rate {far} on out-of-sample training scores)")
+    in_sample = base.smooth_scores(scorer.score(pipeline.project(named)), groups or None)
+    center, scale = robust_center_scale(named)
+    envelope = fit_envelope(columns, rec.channels, margin=ENVELOPE_MARGIN)
+    card = ModelCard(
+        version=new_version(),
+        created_at=datetime.now(UTC),
+        feature_set=f"csv:{preset}",
+        features=pipeline.features,
+        channels=list(pipeline.channels),
+        threshold=cut,
+        clear_threshold=min(cut, conformal_quantile(calibration, CLEAR_RATE)),
+        envelope=envelope,
+        threshold_spec=ThresholdSpec(method="far", value=far),
+        params={
+            "family": family,
+            "preset": preset,
+            "window": window,
+            "smooth": smooth,
+            "n_estimators": trees if family == "iforest" else None,
+            "random_state": seed,
+            "calibration_folds": FOLDS,
+            "constant_channels": ",".join(constant) or None,
+            "renamed": ",".join(f"{k}->{v}" for k, v in rec.renamed.items()) or None,
+        },
+        data=DataInfo(
+            file=rec.path.name,
+            sha256=rec.sha256,
+            layout="csv",
+            rows=len(rows),
+            verified=False,
+        ),
+        libraries=library_versions(),
+        feature_center=center.tolist(),
+        feature_scale=scale.tolist(),
+        metrics={
+            "calibration_alert_rate": float(np.mean(calibration > cut)),
+            "train_alert_rate": float(np.mean(in_sample > cut)),
+            "calibration_score_p50": float(np.quantile(calibration, 0.5)),
+        },
+        pipeline=pipeline.spec,
+        scorer_family="pca" if family == "pca" else "iforest",
+    )
+    return Trained(scorer=scorer, card=card)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Batch scores of a recording's rows (each machine in order, from its first row)."""
+
+    score: FloatArray  # smoothed, the one compared with the threshold
+    outside: BoolArray  # outside the training envelope
+    flagged: BoolArray  # ALERT: score above threshold or outside the envelope
+
+
+def score_recording(
+    model: Trained, columns: dict[str, FloatArray], groups: Sequence[str] | None = None
+) -> Scores:
+    """Score every row as the detector would stream it (windows and smoothing per machine)."""
+    pipeline = model.pipeline
+    matrix = pipeline.transform(columns, groups=groups)
+    score = pipeline.smooth_scores(model.scorer.score(matrix), groups)
+    n = len(score)
+    envelope: Envelope | None = model.card.envelope
+    outside = np.array(
+        [o is not None for o in envelope.outside(columns, n)] if envelope else [False] * n,
+        dtype=np.bool_,
+    )
+    return Scores(score=score, outside=outside, flagged=(score > model.card.threshold) | outside)
+
+
+def fit_columns(
+    columns: dict[str, FloatArray],
+    *,
+    name: str = "live",
+    preset: str = DEFAULT_PRESET,
+    window: int = DEFAULT_WINDOW,
+    smooth: int = DEFAULT_SMOOTH,
+    family: str = DEFAULT_FAMILY,
+    far: float = DEFAULT_FAR,
+    trees: int = DEFAULT_TREES,
+    seed: int = 0,
+) -> Trained:
+    """Fit on one machine's readings in order (``{channel: values}``): a calibration window.
+
+    For the engine's live calibration: every row trains. ``family="pca"`` needs numpy only;
+    the Isolation Forest needs scikit-learn (the ``train`` extra) to fit.
+    """
+    channels = list(columns)
+    rows = len(columns[channels[0]]) if channels else 0
+    rec = Recording(
+        path=Path(f"{name}.live"),
+        sha256="-",
+        channels=channels,
+        columns={c: np.asarray(v, dtype=np.float64) for c, v in columns.items()},
+    )
+    return fit_recording(
+        rec,
+        np.ones(rows, dtype=np.bool_),
+        preset=preset,
+        window=window,
+        smooth=smooth,
+        family=family,
+        far=far,
+        trees=trees,
+        seed=seed,
+    )

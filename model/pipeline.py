@@ -1,0 +1,437 @@
+"""The feature pipeline: named steps from a machine's readings to the scorer's feature row.
+
+Saved in the model card (``Pipeline.spec``) and run by the same code offline (``transform``
+over a frame) and online (``step`` over one reading, with the machine's window state).
+
+1. Every channel is standardised with robust statistics of the training rows
+   (``z = (x - median) / scale``, scale = 1.4826 MAD, else the standard deviation, else
+   ``1e-6 * max(1, |median|)``), then clipped to ``[-Z_CLIP, Z_CLIP]``: a huge or absurd
+   value stays finite and extreme instead of overflowing a window sum.
+2. Steps (``Step.op``) turn standardised channels into features:
+
+   ``raw``    z itself                           ``mean``/``std``/``min``/``max``  over the
+   ``logstd`` ln(std + 0.001) over the window   (mean, std, logstd, min, max: window)
+   ``dev``    z minus the mean of the previous    last ``window`` readings (current included)
+              ``window`` readings (baseline)    ``roc``    z minus the previous z
+   ``flat``   share of the last ``window`` steps in which the raw value did not change
+              (1.0 = stuck sensor)
+   ``derived`` a named physical quantity of raw channels (``model.features.DERIVED``, the
+              AI4I preset);  ``encode`` an attribute through a code table (``product_type``)
+
+3. Warm-up: windows hold the readings seen so far, up to ``window``. Before a window is full
+   the statistics are over fewer readings (one reading: std 0, dev 0, roc 0, flat 0), so the
+   first ``window - 1`` verdicts of a machine are computed on partial windows;
+   ``Pipeline.warmup`` says how many.
+4. Score smoothing (``smooth`` > 1): the verdict's score is the mean of the machine's last
+   ``smooth`` raw scores (``smooth_scores`` / ``smooth_step``).
+
+The window state of one machine is a plain JSON-serialisable dict (lists of floats), so the
+engine can snapshot and restore it. The batch ``transform`` treats each machine (``groups``)
+as its own sequence, in row order, and equals ``step`` applied row by row (property test).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from factorywatch.model.features import DERIVED, TYPE_CODE
+
+FloatArray = npt.NDArray[np.float64]
+State = dict[str, Any]  # one machine's window state: JSON-serialisable
+
+Z_CLIP: Final = 1e6
+WHITEN_FLOOR: Final = 1e-3
+WINDOW_OPS: Final = ("mean", "std", "logstd", "min", "max", "dev", "roc", "flat")
+Op = Literal[
+    "raw", "mean", "std", "logstd", "min", "max", "dev", "roc", "flat", "derived", "encode"
+]
+# logstd = ln(std + LOGSTD_FLOOR) of standardised values: a stuck sensor (std 0) lands far
+# below anything noisy, a noise burst far above; both on a scale a forest splits evenly.
+LOGSTD_FLOOR: Final = 1e-3
+
+
+class Step(BaseModel):
+    """One named feature: an operation on a channel (or a derived quantity, an attribute)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: Op
+    channel: str = Field(description="channel, derived quantity name, or attribute")
+    window: int = Field(default=1, ge=1, le=10_000)
+    codes: dict[str, float] | None = None  # encode only
+
+    @property
+    def name(self) -> str:
+        """The feature name (``flow_rate``, ``flow_rate__mean10``, ``product_type_code``)."""
+        if self.op in {"raw", "derived"}:
+            return self.channel
+        if self.op == "encode":
+            return f"{self.channel}_code"
+        if self.op == "roc":
+            return f"{self.channel}__roc"
+        return f"{self.channel}__{self.op}{self.window}"
+
+
+class Whitening(BaseModel):
+    """A fitted linear decorrelation of the feature row (principal axes, unit variance)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: list[float]
+    scale: list[float]
+    rotation: list[list[float]]  # (features, components): columns are principal axes
+    sd: list[float]  # each component's standard deviation over the fitting rows
+
+
+class PipelineSpec(BaseModel):
+    """What the model card stores: channels, their robust scales, steps, smoothing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channels: list[str]
+    center: list[float]
+    scale: list[float]
+    steps: list[Step]
+    smooth: int = Field(default=1, ge=1, le=1000)
+    attributes: list[str] = []
+    whiten: Whitening | None = None
+
+
+def robust_scale(values: FloatArray) -> tuple[float, float]:
+    """Median and a scale that is never zero (MAD, else std, else relative epsilon)."""
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median))) * 1.4826
+    if mad > 0 and math.isfinite(mad):
+        return median, mad
+    std = float(np.std(values))
+    if std > 0 and math.isfinite(std):
+        return median, std
+    return median, 1e-6 * max(1.0, abs(median))
+
+
+class Pipeline:
+    """Fitted pipeline: ``transform`` a frame, or ``step`` one reading with window state."""
+
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.spec = spec
+        self.channels = tuple(spec.channels)
+        self._index = {c: i for i, c in enumerate(self.channels)}
+        self._center = np.asarray(spec.center, dtype=np.float64)
+        self._scale = np.asarray(spec.scale, dtype=np.float64)
+        self.features = [s.name for s in spec.steps]
+        self._whiten: tuple[FloatArray, FloatArray, FloatArray] | None = None
+        if spec.whiten is not None:
+            w = spec.whiten
+            rotation = np.asarray(w.rotation, dtype=np.float64) / np.asarray(w.sd)
+            self._whiten = (np.asarray(w.mean), np.asarray(w.scale), rotation)
+        # Per channel, how many past standardised values the windows need.
+        self._keep: dict[str, int] = {}
+        self._flat_channels = frozenset(s.channel for s in spec.steps if s.op == "flat")
+        self._scales = [
+            (c, float(m), float(sc))
+            for c, m, sc in zip(self.channels, spec.center, spec.scale, strict=True)
+        ]
+        for s in spec.steps:
+            if s.op in WINDOW_OPS:
+                need = s.window + 1 if s.op in ("dev", "flat") else max(s.window, 2)
+                self._keep[s.channel] = max(self._keep.get(s.channel, 0), need)
+
+    @classmethod
+    def fit(
+        cls,
+        columns: Mapping[str, FloatArray],
+        steps: Sequence[Step],
+        *,
+        smooth: int = 1,
+    ) -> Pipeline:
+        """Learn each used channel's robust centre and scale from the training columns."""
+        channels: dict[str, None] = {}
+        attributes: dict[str, None] = {}
+        for s in steps:
+            if s.op == "derived":
+                channels.update(dict.fromkeys(DERIVED[s.channel][1]))
+            elif s.op == "encode":
+                attributes[s.channel] = None
+            else:
+                channels[s.channel] = None
+        center, scale = [], []
+        for c in channels:
+            m, sc = robust_scale(np.asarray(columns[c], dtype=np.float64))
+            center.append(m)
+            scale.append(sc)
+        spec = PipelineSpec(
+            channels=list(channels),
+            center=center,
+            scale=scale,
+            steps=list(steps),
+            smooth=smooth,
+            attributes=list(attributes),
+        )
+        return cls(spec)
+
+    def with_whitening(self, features: FloatArray) -> Pipeline:
+        """This pipeline plus a whitening fitted on the (pre-whitening) ``features`` rows.
+
+        The scorer then sees the features on their principal axes, each scaled to unit
+        variance: a reading that breaks the usual relationship between channels (a pressure
+        that does not follow the flow) stands out on a residual axis, where an
+        axis-parallel scorer such as the Isolation Forest can isolate it. Components with
+        (almost) no variance are floored at ``WHITEN_FLOOR`` of the mean variance.
+        """
+        x = np.asarray(features, dtype=np.float64)
+        mean = x.mean(axis=0)
+        spread = x.std(axis=0)
+        scale = np.where(spread > 1e-12, spread, 1.0)
+        z = (x - mean) / scale
+        cov = np.atleast_2d(np.cov(z, rowvar=False)) if len(z) > 1 else np.eye(z.shape[1])
+        variances, axes = np.linalg.eigh(cov)
+        order = np.argsort(variances)[::-1]
+        variances, axes = variances[order], axes[:, order]
+        floor = max(WHITEN_FLOOR * float(np.mean(np.maximum(variances, 0.0))), 1e-12)
+        sd = np.sqrt(np.maximum(variances, floor))
+        whitening = Whitening(
+            mean=mean.tolist(), scale=scale.tolist(), rotation=axes.tolist(), sd=sd.tolist()
+        )
+        return Pipeline(self.spec.model_copy(update={"whiten": whitening}))
+
+    def project(self, features: FloatArray) -> FloatArray:
+        """Named feature rows -> the scorer's input (whitened when the spec says so)."""
+        if self._whiten is None:
+            return features
+        mean, scale, rotation = self._whiten
+        out: FloatArray = np.clip(((features - mean) / scale) @ rotation, -Z_CLIP, Z_CLIP)
+        return out
+
+    @property
+    def required_channels(self) -> tuple[str, ...]:
+        """Channels a reading must carry."""
+        return self.channels
+
+    @property
+    def warmup(self) -> int:
+        """Readings of a machine before every window (and the score smoothing) is full."""
+        windows = [s.window for s in self.spec.steps if s.op in WINDOW_OPS]
+        return max([*windows, self.spec.smooth, 1]) - 1
+
+    # -- batch -----------------------------------------------------------------------------
+    def standardise(self, columns: Mapping[str, FloatArray]) -> dict[str, FloatArray]:
+        """Robust z of every channel, clipped to ``Z_CLIP``."""
+        out = {}
+        for i, c in enumerate(self.channels):
+            z = (np.asarray(columns[c], dtype=np.float64) - self._center[i]) / self._scale[i]
+            out[c] = np.clip(z, -Z_CLIP, Z_CLIP)
+        return out
+
+    def transform(
+        self,
+        columns: Mapping[str, FloatArray],
+        *,
+        attributes: Mapping[str, Sequence[str]] | None = None,
+        groups: Sequence[str] | None = None,
+    ) -> FloatArray:
+        """The scorer's input for every row: ``project(feature_rows(...))``."""
+        return self.project(self.feature_rows(columns, attributes=attributes, groups=groups))
+
+    def feature_rows(
+        self,
+        columns: Mapping[str, FloatArray],
+        *,
+        attributes: Mapping[str, Sequence[str]] | None = None,
+        groups: Sequence[str] | None = None,
+    ) -> FloatArray:
+        """The ``(n, n_features)`` named features; each group (machine) is its own sequence."""
+        n = len(next(iter(columns.values()))) if columns else 0
+        if groups is None:
+            return self._transform_one(columns, attributes, n)
+        keys = np.asarray(groups)
+        out = np.empty((n, len(self.features)), dtype=np.float64)
+        for key in dict.fromkeys(keys.tolist()):
+            rows = np.flatnonzero(keys == key)
+            cols = {c: np.asarray(v)[rows] for c, v in columns.items()}
+            picked = rows.tolist()
+            attrs = {a: [v[r] for r in picked] for a, v in (attributes or {}).items()}
+            out[rows] = self._transform_one(cols, attrs, len(rows))
+        return out
+
+    def _transform_one(
+        self,
+        columns: Mapping[str, FloatArray],
+        attributes: Mapping[str, Sequence[str]] | None,
+        n: int,
+    ) -> FloatArray:
+        z = self.standardise(columns)
+        out = np.empty((n, len(self.features)), dtype=np.float64)
+        for j, s in enumerate(self.spec.steps):
+            if s.op == "derived":
+                raw = {c: np.asarray(columns[c], dtype=np.float64) for c in DERIVED[s.channel][1]}
+                out[:, j] = DERIVED[s.channel][0](raw)
+            elif s.op == "encode":
+                codes = s.codes or TYPE_CODE
+                values = (attributes or {}).get(s.channel, [""] * n)
+                out[:, j] = [codes.get(v, math.nan) for v in values]
+            elif s.op == "raw":
+                out[:, j] = z[s.channel]
+            elif s.op == "flat":
+                out[:, j] = _flat(np.asarray(columns[s.channel], dtype=np.float64), s.window)
+            else:
+                out[:, j] = _window_op(s.op, z[s.channel], s.window)
+        return out
+
+    # -- streaming -------------------------------------------------------------------------
+    def step(
+        self,
+        state: State,
+        row: Mapping[str, float],
+        attributes: Mapping[str, str] | None = None,
+    ) -> list[float]:
+        """The scorer's input row for one reading; updates ``state`` (the machine's windows)."""
+        features = self.step_features(state, row, attributes)
+        if self._whiten is None:
+            return features
+        projected: list[float] = self.project(np.asarray([features]))[0].tolist()
+        return projected
+
+    def step_features(
+        self,
+        state: State,
+        row: Mapping[str, float],
+        attributes: Mapping[str, str] | None = None,
+    ) -> list[float]:
+        """The named feature row of one reading; updates ``state`` (the machine's windows)."""
+        z: dict[str, float] = {}
+        for c, center, scale in self._scales:
+            value = (float(row[c]) - center) / scale
+            z[c] = min(max(value, -Z_CLIP), Z_CLIP)
+        # Append the current value to each channel's history first (windows include it);
+        # raw values are kept only where a flat-line step compares them.
+        for c, keep in self._keep.items():
+            zs: list[float] = state.setdefault(f"z:{c}", [])
+            zs.append(z[c])
+            del zs[:-keep]
+            if c in self._flat_channels:
+                raws: list[float] = state.setdefault(f"x:{c}", [])
+                raws.append(float(row[c]))
+                del raws[:-keep]
+        features: list[float] = []
+        for s in self.spec.steps:
+            features.append(self._step_one(s, state, row, z, attributes))
+        return features
+
+    def _step_one(  # noqa: PLR0911 - one return per operation reads best
+        self,
+        s: Step,
+        state: State,
+        row: Mapping[str, float],
+        z: Mapping[str, float],
+        attributes: Mapping[str, str] | None,
+    ) -> float:
+        if s.op == "raw":
+            return z[s.channel]
+        if s.op == "derived":
+            func, inputs = DERIVED[s.channel]
+            return float(func({c: np.array([float(row[c])]) for c in inputs})[0])
+        if s.op == "encode":
+            return (s.codes or TYPE_CODE).get((attributes or {}).get(s.channel, ""), math.nan)
+        history = state[f"z:{s.channel}"]
+        if s.op == "flat":
+            return _flat_tail(state[f"x:{s.channel}"], s.window)
+        if s.op == "roc":
+            return history[-1] - history[-2] if len(history) > 1 else 0.0
+        if s.op == "dev":
+            past = history[-s.window - 1 : -1]
+            return history[-1] - _mean(past) if past else 0.0
+        window = history[-s.window :]
+        if s.op == "mean":
+            return _mean(window)
+        if s.op == "std":
+            return _std(window)
+        if s.op == "logstd":
+            return math.log(_std(window) + LOGSTD_FLOOR)
+        if s.op == "min":
+            return float(min(window))
+        return float(max(window))
+
+    # -- score smoothing -------------------------------------------------------------------
+    def smooth_scores(self, scores: FloatArray, groups: Sequence[str] | None = None) -> FloatArray:
+        """Batch score smoothing: mean of each machine's last ``smooth`` scores."""
+        k = self.spec.smooth
+        if k <= 1:
+            return scores
+        if groups is None:
+            return _window_op("mean", scores, k)
+        keys = np.asarray(groups)
+        out = np.empty_like(scores)
+        for key in dict.fromkeys(keys.tolist()):
+            rows = np.flatnonzero(keys == key)
+            out[rows] = _window_op("mean", scores[rows], k)
+        return out
+
+    def smooth_step(self, state: State, score: float) -> float:
+        """Streaming score smoothing over the machine's last ``smooth`` scores."""
+        k = self.spec.smooth
+        if k <= 1:
+            return score
+        recent: list[float] = state.setdefault("scores", [])
+        recent.append(float(score))
+        del recent[:-k]
+        return _mean(recent)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def _std(values: Sequence[float]) -> float:
+    m = _mean(values)
+    return math.sqrt(math.fsum((v - m) ** 2 for v in values) / len(values))
+
+
+def _flat_tail(values: Sequence[float], window: int) -> float:
+    """Share of the last ``window`` changes (at most) that were no change."""
+    recent = values[-window - 1 :]
+    changes = len(recent) - 1
+    if changes <= 0:
+        return 0.0
+    same = sum(1 for a, b in itertools.pairwise(recent) if a == b)
+    return same / window
+
+
+def _flat(values: FloatArray, window: int) -> FloatArray:
+    listed = values.tolist()
+    return np.array(
+        [_flat_tail(listed[max(0, i - window) : i + 1], window) for i in range(len(listed))],
+        dtype=np.float64,
+    )
+
+
+def _window_op(op: str, z: FloatArray, window: int) -> FloatArray:
+    """Batch form of one windowed operation (same arithmetic as the streaming form)."""
+    values = z.tolist()
+    out = np.empty(len(values), dtype=np.float64)
+    for i in range(len(values)):
+        if op == "roc":
+            out[i] = values[i] - values[i - 1] if i else 0.0
+            continue
+        if op == "dev":
+            past = values[max(0, i - window) : i]
+            out[i] = values[i] - _mean(past) if past else 0.0
+            continue
+        win = values[max(0, i - window + 1) : i + 1]
+        if op == "mean":
+            out[i] = _mean(win)
+        elif op == "std":
+            out[i] = _std(win)
+        elif op == "logstd":
+            out[i] = math.log(_std(win) + LOGSTD_FLOOR)
+        elif op == "min":
+            out[i] = min(win)
+        else:
+            out[i] = max(win)
+    return out
