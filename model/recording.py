@@ -19,11 +19,13 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is the `train` extra's: imported where a CSV is read
+    import pandas as pd
 
 from factorywatch.channels import ChannelNameError, canonical, map_names
 from factorywatch.errors import DatasetError
@@ -109,6 +111,8 @@ def load_recording(  # noqa: PLR0912 - one branch per documented rule
     missing: Missing = "error",
 ) -> Recording:
     """Read one CSV as a ``Recording`` (see the module docstring for the rules)."""
+    import pandas as pd  # noqa: PLC0415
+
     if not path.is_file():
         raise DatasetError(f"{path} is not a file")
     sep = sniff_separator(path)
@@ -173,12 +177,16 @@ def _is_counter(column: pd.Series) -> bool:
 
     Every later value would lie outside anything seen in training.
     """
+    import pandas as pd  # noqa: PLC0415
+
     values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
     return len(values) > 2 and bool(np.all(np.diff(values) > 0))
 
 
 def _missing_rows(frame: pd.DataFrame, missing: Missing, path: Path) -> pd.Series:
     """Which rows to keep under the ``missing`` policy."""
+    import pandas as pd  # noqa: PLC0415
+
     holes = frame.isna()
     if not holes.to_numpy().any():
         return pd.Series(True, index=frame.index)
@@ -194,6 +202,8 @@ def _missing_rows(frame: pd.DataFrame, missing: Missing, path: Path) -> pd.Serie
 
 
 def _parse_time(column: pd.Series, path: Path) -> npt.NDArray[np.datetime64] | FloatArray:
+    import pandas as pd  # noqa: PLC0415
+
     if pd.api.types.is_numeric_dtype(column):
         return column.to_numpy(dtype=np.float64)
     try:
@@ -203,6 +213,8 @@ def _parse_time(column: pd.Series, path: Path) -> npt.NDArray[np.datetime64] | F
 
 
 def _labels(column: pd.Series, path: Path) -> npt.NDArray[np.int_]:
+    import pandas as pd  # noqa: PLC0415
+
     values = pd.to_numeric(column, errors="coerce")
     if values.isna().any():
         raise DatasetError(f"{path}: label column must hold numbers (0 = normal) in every row")
@@ -217,6 +229,8 @@ def train_mask(
 
     Neither given: every row (train on a whole anomaly-free recording).
     """
+    import pandas as pd  # noqa: PLC0415
+
     n = rec.rows
     if train_rows is not None and train_until is not None:
         raise DatasetError("give --train-rows or --train-until, not both")

@@ -240,6 +240,26 @@ def test_runtime_image_installs_only_the_core_dependencies() -> None:
             assert tool not in text, f"{tool} in the {target} image"
 
 
+def test_runtime_and_ops_commands_start_without_the_training_libraries() -> None:
+    """The CLI of the runtime and ops images (no `train` extra) builds its parser and loads."""
+    code = (
+        "import sys\n"
+        "for m in ('pandas', 'sklearn', 'matplotlib', 'kagglehub'): sys.modules[m] = None\n"
+        "from factorywatch.cli import build_parser\n"
+        "parser = build_parser()\n"
+        "for argv in (['detect'], ['sensor', '--machine-id', 'm1'], ['watch', '--once'],\n"
+        "             ['web'], ['history', 'record'], ['notify']):\n"
+        "    parser.parse_args(argv)\n"
+        "import factorywatch.detector.service, factorywatch.web.app, factorywatch.recorder\n"
+        "print('loaded')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "loaded"
+
+
 def _localise(
     env: dict[str, str], svc: dict[str, Any], run_secrets: Path, broker: LocalBroker
 ) -> dict[str, str]:
