@@ -1,10 +1,7 @@
-"""Test support: real processes (detector, sensors) and an MQTT collector for assertions."""
+"""Test support: real processes (``factorywatch.launch``) and an MQTT collector for assertions."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -15,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from prometheus_client.parser import text_string_to_metric_families
 
 from factorywatch import mqtt as fwmqtt
+from factorywatch.launch import CLI as _CLI
+from factorywatch.launch import Launched, child_env, cli_command
 from factorywatch.settings import BrokerSettings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "factorywatch.cli", "--log-format", "json"]
+CLI = list(_CLI)
 
 
 @dataclass
@@ -82,49 +82,14 @@ class Collector:
         self.client.loop_stop()
 
 
-class Proc:
-    """A factorywatch CLI process with its output kept in a log file."""
+class Proc(Launched):
+    """A factorywatch CLI process (``factorywatch --log-format json <args>``), run from the repo."""
 
     def __init__(self, args: Sequence[str], log_file: Path, env: dict[str, str] | None = None):
-        self.log_file = log_file
         self.args = list(args)
-        self.metrics_port: int | None = None
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        with log_file.open("ab") as out:
-            self.process = subprocess.Popen(
-                [*CLI, *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=full_env,
-                cwd=PROJECT_DIR,
-            )
-
-    def log(self) -> str:
-        """Everything the process printed so far."""
-        return self.log_file.read_text(errors="replace")
-
-    def wait_log(self, needle: str, timeout: float = 60.0) -> None:
-        """Wait until the log contains ``needle`` (fail with the log otherwise)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.log():
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{needle!r} not in log of {self.args}:\n{self.log()[-3000:]}")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; return the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL (a crash) and reap."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
+        super().__init__(
+            cli_command(*args), log_file, cwd=PROJECT_DIR, env=child_env(env), name=args[0]
+        )
 
 
 def scrape(port: int, path: str) -> tuple[int, str]:
@@ -138,9 +103,8 @@ def scrape(port: int, path: str) -> tuple[int, str]:
 
 def metric_value(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text format (fails when it is absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if head == (f"{name}{{{want}}}" if labels else name):
-            return float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
     raise AssertionError(f"{name} {labels} not in metrics")
