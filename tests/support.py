@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from factorywatch import mqtt as fwmqtt
@@ -20,6 +24,27 @@ from factorywatch.launch import Launched, child_env, cli_command
 from factorywatch.settings import BrokerSettings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+DATASET_ENV = "FACTORYWATCH_TEST_DATASET_DIR"
+
+
+def reference_data_dir() -> Path:
+    """Where the real AI4I files are: ``$FACTORYWATCH_TEST_DATASET_DIR`` or ``../shared/data``."""
+    given = os.environ.get(DATASET_ENV)
+    return Path(given) if given else PROJECT_DIR.parent / "shared" / "data"
+
+
+def reference_file(name: str) -> Path:
+    """A real AI4I file; fails the test loudly (never skips it) when the file is absent."""
+    path = reference_data_dir() / name
+    if not path.is_file():
+        pytest.fail(
+            f"{path} is missing: this test checks the real AI4I dataset. Put {name} there or "
+            f"set {DATASET_ENV} to its folder (`make test` sets it from ../shared/data).",
+            pytrace=False,
+        )
+    return path
+
+
 CLI = list(_CLI)
 
 
@@ -108,3 +133,16 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return float(sample.value)
     raise AssertionError(f"{name} {labels} not in metrics")
+
+
+def verdict_counts(messages: Sequence[Message]) -> Counter[tuple[str, int]]:
+    """How many verdict messages each reading ``(machine_id, seq)`` got."""
+    return Counter(
+        (str(body["machine_id"]), int(body["seq"]))
+        for body in (json.loads(m.payload) for m in messages)
+    )
+
+
+def duplicated(counts: Counter[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """The readings with more than one verdict, and how many each got."""
+    return {key: n for key, n in counts.items() if n > 1}
