@@ -29,8 +29,12 @@ test: install broker-binary
 	FACTORYWATCH_TEST_DATASET_DIR=$(dir $(DATASET)) $(BIN)/pytest
 
 ## faults: fault injection (kill -9, broker restarts and outage, backlog) -> reports/faults.json
+## (DETECTOR_PROTOCOL=3.1.1 runs the detectors on MQTT 3.1.1 instead of 5)
+DETECTOR_PROTOCOL ?=
 faults: install broker-binary
-	FACTORYWATCH_FAULTS_REPORT=reports/faults.json $(BIN)/pytest -m faults -s
+	FACTORYWATCH_TEST_DETECTOR_PROTOCOL=$(DETECTOR_PROTOCOL) \
+	FACTORYWATCH_FAULTS_REPORT=reports/faults$(if $(DETECTOR_PROTOCOL),-mqtt$(DETECTOR_PROTOCOL),).json \
+	$(BIN)/pytest -m faults -s
 
 ## demo: local broker + detector + three sensors, verdicts live (Ctrl-C stops everything)
 demo: install broker-binary
@@ -52,7 +56,8 @@ train: install
 evaluate: install
 	$(BIN)/factorywatch evaluate $(DATASET_ARG) --out reports
 
-## bench: throughput and latency against the relay ceiling -> reports/bench.{json,md}
+## bench: relay ceiling per MQTT client, Mosquitto's own (C clients), detector per transport,
+## latency -> reports/bench.{json,md}
 bench: install broker-binary
 	$(BIN)/python -m bench.run $(DATASET_ARG)
 

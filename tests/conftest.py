@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -117,6 +118,10 @@ def detector(
 ) -> Callable[..., Proc]:
     """Start a real detector process on this test's broker and wait until it subscribed."""
 
+    # `make faults DETECTOR_PROTOCOL=3.1.1` runs the detectors (only them) on paho's MQTT 3.1.1.
+    protocol = os.environ.get("FACTORYWATCH_TEST_DETECTOR_PROTOCOL")
+    chosen = {"FACTORYWATCH_MQTT_PROTOCOL": protocol} if protocol else {}
+
     def start(
         *extra: str, client_id: str = "detector-under-test", env: dict[str, str] | None = None
     ) -> Proc:
@@ -132,7 +137,7 @@ def detector(
             "--metrics-port",
             str(port := free_port()),
             *extra,
-            env=env,
+            env={**chosen, **(env or {})},
         )
         proc.metrics_port = port
         proc.wait_log("telemetry_subscribed")

@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from factorywatch import mqtt as fwmqtt
 from factorywatch.launch import CLI as _CLI
 from factorywatch.launch import Launched, child_env, cli_command
+from factorywatch.sensors.publisher import SensorPublisher
+from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -146,3 +148,32 @@ def verdict_counts(messages: Sequence[Message]) -> Counter[tuple[str, int]]:
 def duplicated(counts: Counter[tuple[str, int]]) -> dict[tuple[str, int], int]:
     """The readings with more than one verdict, and how many each got."""
     return {key: n for key, n in counts.items() if n > 1}
+
+
+END_MARKER = "end-marker"
+
+
+def await_end_marker(
+    settings: BrokerSettings, collector: Collector, line: str = "line1", timeout: float = 30.0
+) -> None:
+    """Send one reading of machine ``end-marker`` on ``line``; wait for its verdict.
+
+    Call it once the readings under test were acknowledged by the broker. The detector
+    answers in the order the broker delivers, so when the marker's verdict has arrived every
+    verdict of an earlier reading (a duplicate included) has arrived too: after this, a test
+    can count verdicts instead of sleeping and hoping nothing else comes.
+    """
+    publisher = SensorPublisher(settings, END_MARKER, buffer_size=10)
+    publisher.start()
+    publisher.publish(MachineSimulator(END_MARKER, line, seed=0).next(time.time()))
+    stats = publisher.close()
+    assert stats.acknowledged == 1, f"end marker not acknowledged: {stats}"
+    found = collector.wait_for(
+        lambda m: m.topic.endswith(f"/{line}/{END_MARKER}/verdict"), timeout=timeout
+    )
+    assert found, f"no verdict for the end marker on {line} within {timeout} s"
+
+
+def not_marker(message: Message) -> bool:
+    """True for any message but the end marker's (see ``await_end_marker``)."""
+    return f"/{END_MARKER}/" not in message.topic
