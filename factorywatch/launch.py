@@ -1,10 +1,9 @@
 """One way to run a role as a subprocess: start it, wait for a log event or /healthz, stop it.
 
 Tests, the benchmark and the demo all start detectors, sensors and relays the same way. The
-child's output (stdout and stderr together) goes through a pipe that a reader thread copies
-line by line into the log file and into memory; ``wait_log`` blocks on a condition that each
-new line (and the end of the output) signals, so a wait ends the moment the line is written,
-without polling the file.
+child writes its output (stdout and stderr together) straight into its log file, so a parent
+that is busy elsewhere can never block it on a full pipe; ``wait_log`` reads only the new
+lines, and waits between looks by waiting for the process's exit, so an exit ends it at once.
 """
 
 from __future__ import annotations
@@ -13,13 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
 
 from factorywatch.errors import FactorywatchError
 
@@ -71,35 +69,28 @@ class Launched:
         self.log_file = log_file
         self.metrics_port: int | None = None
         self._lines: list[str] = []
-        self._cond = threading.Condition()
-        self._ended = False
+        self._partial = b""
+        self._offset = 0
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            self.command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=cwd,
-            env=dict(env) if env is not None else child_env(),
-        )
-        assert self.process.stdout is not None
-        self._reader = threading.Thread(
-            target=self._read, args=(self.process.stdout,), daemon=True, name=f"log-{self.name}"
-        )
-        self._reader.start()
+        with log_file.open("ab") as out:
+            self._offset = out.tell()  # an appended-to log: only what this run writes counts
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env=dict(env) if env is not None else child_env(),
+            )
 
-    def _read(self, stream: IO[bytes]) -> None:
-        with self.log_file.open("ab") as out:
-            for raw in stream:
-                out.write(raw)
-                out.flush()
-                with self._cond:
-                    self._lines.append(raw.decode(errors="replace"))
-                    self._cond.notify_all()
-        stream.close()
-        with self._cond:
-            self._ended = True
-            self._cond.notify_all()
+    def _scan(self) -> None:
+        """Take in the complete lines written since the last scan."""
+        with self.log_file.open("rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read()
+        self._offset += len(data)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        self._lines += [line.decode(errors="replace") + "\n" for line in complete]
 
     @property
     def pid(self) -> int:
@@ -112,28 +103,34 @@ class Launched:
 
     def log(self) -> str:
         """Everything the process printed so far."""
-        with self._cond:
-            return "".join(self._lines)
+        self._scan()
+        return "".join(self._lines) + self._partial.decode(errors="replace")
 
     def wait_log(self, needle: str, timeout: float = 60.0) -> str:
         """Wait until a line containing ``needle`` was printed; return that line.
 
-        Raises ``LaunchError`` with the log's tail when the output ends (the process exited)
-        or ``timeout`` passes first.
+        Raises ``LaunchError`` with the log's tail when the process exits or ``timeout``
+        passes first. The child writes straight into its log file (so a busy parent can never
+        block it); this checks the new lines every 20 ms, each check being a wait for the
+        process to exit, so an exit ends the wait at once.
         """
         deadline = time.monotonic() + timeout
         seen = 0
-        with self._cond:
-            while True:
-                for line in self._lines[seen:]:
-                    if needle in line:
-                        return line
-                seen = len(self._lines)
-                left = deadline - time.monotonic()
-                if self._ended or left <= 0:
-                    break
-                self._cond.wait(left)
-        why = "exited" if self._ended else f"did not print it within {timeout:g} s"
+        while True:
+            exited = self.process.poll() is not None
+            self._scan()
+            for line in self._lines[seen:]:
+                if needle in line:
+                    return line
+            seen = len(self._lines)
+            left = deadline - time.monotonic()
+            if exited or left <= 0:
+                break
+            try:
+                self.process.wait(min(left, 0.02))
+            except subprocess.TimeoutExpired:
+                continue
+        why = "exited" if exited else f"did not print it within {timeout:g} s"
         raise LaunchError(
             f"{self.name} {why} (waiting for {needle!r}); log {self.log_file}:\n"
             f"{self.log()[-3000:]}"
@@ -153,18 +150,18 @@ class Launched:
                 last = f"HTTP {err.code}"
             except OSError as err:
                 last = str(err)
-            # A condition with a deadline: the next probe after a short pause (or new output).
-            with self._cond:
-                self._cond.wait(0.1)
+            # A condition with a deadline: the next probe after 0.1 s (or at once on exit).
+            try:
+                self.process.wait(0.1)
+            except subprocess.TimeoutExpired:
+                continue
         raise LaunchError(
             f"{self.name} not healthy on :{port}{path} ({last}):\n{self.log()[-3000:]}"
         )
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the process to exit on its own; its exit code."""
-        code = self.process.wait(timeout)
-        self._reader.join(5)
-        return code
+        return self.process.wait(timeout)
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait up to ``timeout`` (then SIGKILL); the exit code."""
