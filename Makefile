@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary test faults demo lint format train evaluate bench profile clean
+.PHONY: install broker-binary nats-binary docker-prepare ops-tools test faults fuzz demo lint format train evaluate bench profile scale clean
 
 install: $(VENV)/.installed
 
@@ -21,8 +21,22 @@ $(VENV)/.installed: pyproject.toml
 broker-binary:
 	@scripts/ensure-mosquitto.sh
 
+nats-binary:
+	@scripts/ensure-nats.sh
+
+## docker-prepare: a Docker engine, the debian:bookworm-slim base and wheelhouse/ (the compose
+## test does the same; then `docker compose up -d --build`)
+docker-prepare: install
+	@scripts/ensure-docker.sh >/dev/null
+	@scripts/docker-base-image.sh
+	@PYTHON=$(BIN)/python scripts/docker-wheels.sh
+
+# chromium, prometheus, prometheus-alertmanager for the web/notify/deploy tests
+ops-tools:
+	@scripts/ensure-ops-tools.sh
+
 ## test: lint, types and the whole suite (unit, property, integration, faults) on real brokers
-test: install broker-binary
+test: install broker-binary nats-binary ops-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -35,6 +49,12 @@ faults: install broker-binary
 	FACTORYWATCH_TEST_DETECTOR_PROTOCOL=$(DETECTOR_PROTOCOL) \
 	FACTORYWATCH_FAULTS_REPORT=reports/faults$(if $(DETECTOR_PROTOCOL),-mqtt$(DETECTOR_PROTOCOL),).json \
 	$(BIN)/pytest -m faults -s
+
+## fuzz: coverage-guided fuzzing (atheris) of the decoder for FUZZ_SECONDS (corpus in run/fuzz)
+FUZZ_SECONDS ?= 120
+fuzz: install
+	$(BIN)/python -m tests.fuzz.fuzz_decoder run/fuzz/decoder -max_total_time=$(FUZZ_SECONDS) \
+		-artifact_prefix=run/fuzz/
 
 ## demo: local broker + detector + three sensors, verdicts live (Ctrl-C stops everything)
 demo: install broker-binary
@@ -64,6 +84,10 @@ bench: install broker-binary
 ## profile: py-spy samples of the detector under load -> reports/profile.md
 profile: install broker-binary
 	$(BIN)/python -m bench.profile $(DATASET_ARG)
+
+## scale: 1-3 detectors on a 3-node NATS JetStream cluster and on Mosquitto -> reports/scale.{json,md}
+scale: install broker-binary nats-binary
+	$(BIN)/python -m bench.scale $(DATASET_ARG)
 
 clean:
 	rm -rf run/ .pytest_cache .mypy_cache .ruff_cache

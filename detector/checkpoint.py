@@ -7,7 +7,10 @@ Files in the state directory, per detector identity (``<name>``):
   written to a temporary file and renamed, so it is whole or absent.
 * ``<name>.journal.<generation>`` — appended lines since that snapshot:
   ``S <json>``: a machine's record as it stood (the last one per machine wins);
-  ``A <digest> <identity>``: a reading whose verdict the transport confirmed.
+  ``A <digest> <identity>``: a reading whose verdict the transport confirmed;
+  ``I <json>``: parts of a stateful ingest's decoding state (Sparkplug: one edge node's
+  tables, values and sequence position), written every turn it changed (the last per key
+  wins), so a restarted detector decodes the stream where it stopped.
 
 The generation number ties a journal to its snapshot: a crash between writing a new
 snapshot and starting its journal can never replay an older journal over a newer snapshot.
@@ -43,11 +46,13 @@ class Restored:
     snapshot: dict[str, Any] | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
     answered: list[tuple[str, int]] = field(default_factory=list)
+    #: ingest name -> key -> the newest journaled part
+    ingest: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         """True when there was nothing to restore."""
-        return self.snapshot is None and not self.records and not self.answered
+        return self.snapshot is None and not self.records and not self.answered and not self.ingest
 
 
 class FileCheckpoint:
@@ -72,7 +77,7 @@ class FileCheckpoint:
         return self.directory / f"{self.name}.journal.{generation}"
 
     def load(self) -> Restored:
-        """Read the snapshot and replay its journal; then open the journal for appending.
+        """Read the snapshot and replay its journal (appending goes on in the same journal).
 
         A torn last line (the process died mid-write) is ignored.
         """
@@ -101,13 +106,15 @@ class FileCheckpoint:
                     elif kind == "A":
                         digest, _, identity = rest.partition(" ")
                         restored.answered.append((identity, int(digest)))
+                    elif kind == "I":
+                        part = json.loads(rest)
+                        restored.ingest.setdefault(part["ingest"], {}).update(part["parts"])
                     self.lines += 1
             restored.records = list(records.values())
         self._answered.extend(restored.answered)
         for stale in self.directory.glob(f"{self.name}.journal.*"):
             if stale != journal:
                 stale.unlink()
-        self._file = journal.open("a")
         return restored
 
     def write_records(self, records: Iterable[MachineRecord]) -> None:
@@ -115,6 +122,16 @@ class FileCheckpoint:
         file = self._open()
         for record in records:
             file.write("S " + json.dumps(record.snapshot(), separators=(",", ":")) + "\n")
+            self.lines += 1
+
+    def write_ingest(self, changes: dict[str, dict[str, Any]]) -> None:
+        """Append the changed parts of each stateful ingest's state."""
+        if not changes:
+            return
+        file = self._open()
+        for name, parts in changes.items():
+            line = json.dumps({"ingest": name, "parts": parts}, separators=(",", ":"))
+            file.write(f"I {line}\n")
             self.lines += 1
 
     def answered(self, identity: str, digest: int) -> None:

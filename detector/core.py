@@ -10,11 +10,13 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
 from factorywatch.contracts import (
+    DEFAULT_MAX_FUTURE_SKEW_S,
     MAX_BATCH_BYTES,
     MAX_BATCH_READINGS,
     MAX_PAYLOAD_BYTES,
@@ -25,6 +27,7 @@ from factorywatch.contracts import (
     TelemetryBatch,
     Verdict,
 )
+from factorywatch.detector.registry import Registry
 from factorywatch.errors import DeadLetterReason, PayloadError
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.features import PRODUCT_TYPE_COLUMN, TYPE_CODE, compute_features
@@ -36,20 +39,28 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """A raw message as the shell received it."""
+    """A raw message as a transport received it; ``token`` is the transport's handle to ack."""
 
     topic: str
     payload: bytes
     received_at: float  # wall clock, Unix seconds
     received_perf: float  # perf_counter at receipt, for processing latency
+    token: Any = None
+
+
+_OUT_OF_RANGE = frozenset({"greater_than_equal", "less_than_equal"})
 
 
 def _classify(exc: ValidationError) -> DeadLetterReason:
-    kinds = {err["type"] for err in exc.errors()}
+    errors = exc.errors()
+    kinds = {err["type"] for err in errors}
     if kinds & {"json_invalid", "json_type"}:
         return "invalid_json"
     if "finite_number" in kinds:
         return "non_finite"
+    # Event time outside 2000..2100 is a clock problem (milliseconds, say), not a shape one.
+    if all(err["type"] in _OUT_OF_RANGE and err["loc"][-1:] == ("ts",) for err in errors):
+        return "clock_skew"
     return "schema"
 
 
@@ -62,13 +73,17 @@ class Decoder:
         *,
         channels: Sequence[str],
         max_clock_skew_s: float,
+        max_future_skew_s: float = DEFAULT_MAX_FUTURE_SKEW_S,
         machines: frozenset[str] | None = None,
+        registry: Registry | None = None,
         clock: Clock = time.time,
     ) -> None:
         self.topics = topics
         self.channels = tuple(channels)
-        self.max_clock_skew_s = max_clock_skew_s
+        self.max_clock_skew_s = max_clock_skew_s  # how far in the past
+        self.max_future_skew_s = max_future_skew_s
         self.machines = machines
+        self.registry = registry
         self.clock = clock
 
     def decode(self, msg: Received) -> Telemetry:
@@ -87,7 +102,7 @@ class Decoder:
         A payload that is not a batch at all raises ``PayloadError``; otherwise the result
         has one entry per reading, in order, either the reading or why it was rejected.
         """
-        line, _gateway = self.topics.parse_batch(msg.topic)
+        line, gateway = self.topics.parse_batch(msg.topic)
         _check_bytes(msg.payload, MAX_BATCH_BYTES)
         try:
             readings: list[Telemetry | PayloadError] = list(
@@ -95,16 +110,23 @@ class Decoder:
             )
         except ValidationError as exc:
             readings = _salvage(msg.payload, exc)
-        return [r if isinstance(r, PayloadError) else self._checked(r, line) for r in readings]
+        return [
+            r if isinstance(r, PayloadError) else self._checked(r, line, gateway) for r in readings
+        ]
 
-    def _checked(self, reading: Telemetry, line: str) -> Telemetry | PayloadError:
+    def _checked(self, reading: Telemetry, line: str, gateway: str) -> Telemetry | PayloadError:
         try:
-            return self._check(reading, line, None)
+            return self._check(reading, line, None, sender=gateway)
         except PayloadError as error:
             return error
 
-    def _check(self, reading: Telemetry, line: str, machine: str | None) -> Telemetry:
-        """Checks beyond the schema: topic agreement, registry, clock, channels."""
+    def _check(
+        self, reading: Telemetry, line: str, machine: str | None, sender: str | None = None
+    ) -> Telemetry:
+        """Checks beyond the schema: topic agreement, registry, clock, channels.
+
+        ``sender`` is the topic's last level (the login): the machine, or the gateway.
+        """
         if reading.line != line or (machine is not None and reading.machine_id != machine):
             raise PayloadError(
                 "topic_mismatch",
@@ -115,10 +137,20 @@ class Decoder:
             raise PayloadError(
                 "unknown_machine", f"machine {reading.machine_id!r} is not registered"
             )
+        if self.registry is not None:
+            refused = self.registry.check(sender or reading.machine_id, reading.machine_id, line)
+            if refused is not None:
+                raise PayloadError(
+                    refused,
+                    f"{sender or reading.machine_id!r} may not send for "
+                    f"{reading.line}/{reading.machine_id} (registry)",
+                )
         skew = reading.ts - self.clock()
-        if abs(skew) > self.max_clock_skew_s:
+        if skew > self.max_future_skew_s or -skew > self.max_clock_skew_s:
             raise PayloadError(
-                "clock_skew", f"timestamp is {skew:+.0f} s from now (max {self.max_clock_skew_s})"
+                "clock_skew",
+                f"timestamp is {skew:+.0f} s from now (max {self.max_future_skew_s:g} s ahead, "
+                f"{self.max_clock_skew_s:g} s behind)",
             )
         missing = [c for c in self.channels if c not in reading.readings]
         if missing:

@@ -24,12 +24,19 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from factorywatch.contracts import AckCommand, AlertEvent, ClientStatus, Verdict
+from factorywatch.contracts import (
+    DEFAULT_MAX_FUTURE_SKEW_S,
+    AckCommand,
+    AlertEvent,
+    ClientStatus,
+    Verdict,
+)
 from factorywatch.detector.alerting import AlertPolicy, AlertTracker
 from factorywatch.detector.core import Decoder, Received, dead_letter, score
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.drift import DriftChange, DriftFigures, ScoreDrift
-from factorywatch.detector.ingest import Ingest, JsonIngest, Reading
+from factorywatch.detector.ingest import Ingest, Ingests, JsonIngest, Reading, StatefulIngest
+from factorywatch.detector.registry import Registry
 from factorywatch.detector.state import MachineRecord, PendingEvent, StateTable
 from factorywatch.errors import PayloadError
 from factorywatch.model.artifact import LoadedModel
@@ -38,20 +45,8 @@ from factorywatch.topics import UNKNOWN, Topics
 ENGINE_SNAPSHOT_VERSION: Final = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """A raw message as a transport received it; ``token`` is the transport's handle to ack."""
-
-    topic: str
-    payload: bytes
-    received_at: float  # wall clock, Unix seconds
-    received_perf: float  # perf_counter at receipt, for processing latency
-    token: Any = None
-
-    @property
-    def received(self) -> Received:
-        """The message as the decoder sees it."""
-        return Received(self.topic, self.payload, self.received_at, self.received_perf)
+#: A raw message as a transport received it (``token``: the transport's handle to ack it).
+Inbound = Received
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +85,9 @@ class EngineSettings:
     alert_clear_score: float | None = None
     drift_window: int = 5000
     drift_factor: float = 3.0
+    max_future_skew_s: float = DEFAULT_MAX_FUTURE_SKEW_S
+    #: which accounts may speak for which machines (None: an open broker, no check)
+    registry: Registry | None = None
 
 
 class Engine:
@@ -102,6 +100,7 @@ class Engine:
         settings: EngineSettings | None = None,
         *,
         ingest: Ingest | None = None,
+        extra_ingests: Sequence[StatefulIngest] = (),
     ) -> None:
         self.settings = settings if settings is not None else EngineSettings()
         self.topics = topics
@@ -110,18 +109,25 @@ class Engine:
         self.tracker = AlertTracker(self.settings.policy, self.states)
         self.seen = SeenCache(self.settings.dedup_size)
         self._custom_ingest = ingest
+        #: stateful ingests beside the JSON one (Sparkplug B), kept across model swaps
+        self.extra_ingests = tuple(extra_ingests)
+        for extra in self.extra_ingests:
+            extra.bind(model.card.channels)
         self.ingest: Ingest = ingest if ingest is not None else self._json_ingest(model)
         self.drift = self._make_drift(model)
         self._uids = itertools.count(1)
 
     # -- model ------------------------------------------------------------------------------
-    def _json_ingest(self, model: LoadedModel) -> JsonIngest:
+    def _json_ingest(self, model: LoadedModel) -> Ingest:
         decoder = Decoder(
             self.topics,
             channels=model.card.channels,
             max_clock_skew_s=self.settings.max_clock_skew_s,
+            max_future_skew_s=self.settings.max_future_skew_s,
+            registry=self.settings.registry,
         )
-        return JsonIngest(self.topics, decoder)
+        json_ingest = JsonIngest(self.topics, decoder)
+        return Ingests([json_ingest, *self.extra_ingests]) if self.extra_ingests else json_ingest
 
     def _make_drift(self, model: LoadedModel) -> ScoreDrift:
         metrics = model.card.metrics
@@ -137,6 +143,8 @@ class Engine:
     def swap_model(self, model: LoadedModel) -> None:
         """Serve ``model`` from the next batch on (the drift check starts over against it)."""
         self.model = model
+        for extra in self.extra_ingests:
+            extra.bind(model.card.channels)
         if self._custom_ingest is None:
             self.ingest = self._json_ingest(model)
         self.drift = self._make_drift(model)
@@ -158,7 +166,7 @@ class Engine:
         for outcome in outcomes:
             message = outcome.message
             if self.ingest.accepts(message.topic):
-                self._decode(outcome, pending)
+                self._decode(outcome, pending, now)
             else:
                 self._score(pending, now)
                 pending = []
@@ -166,13 +174,15 @@ class Engine:
         self._score(pending, now)
         return outcomes
 
-    def _decode(self, outcome: Outcome, pending: list[tuple[Reading, Outcome]]) -> None:
+    def _decode(self, outcome: Outcome, pending: list[tuple[Reading, Outcome]], now: float) -> None:
         try:
-            items = self.ingest.decode(outcome.message.received)
+            items = self.ingest.decode(outcome.message)
         except PayloadError as error:
             outcome.readings += 1
             self._reject(outcome, error)
-            return
+            items = []
+        if self.extra_ingests:
+            self._ingest_effects(outcome, pending, now)
         outcome.readings += len(items)
         for item in items:
             if isinstance(item, PayloadError):
@@ -192,6 +202,25 @@ class Engine:
                 self._reject(outcome, _conflict(item))
                 continue
             pending.append((item, outcome))
+
+    def _ingest_effects(
+        self, outcome: Outcome | None, pending: list[tuple[Reading, Outcome]], now: float
+    ) -> list[Publish]:
+        """Publish what stateful ingests ask for; apply the deaths they saw, in order."""
+        publishes: list[Publish] = []
+        for extra in self.extra_ingests:
+            effects = extra.take_effects(now)
+            commands = [Publish(c.topic, c.payload) for c in effects.commands]
+            if outcome is not None:
+                outcome.publishes.extend(commands)
+            publishes += commands
+            if effects.offline:
+                self._score(pending, now)  # readings received before the death come first
+                pending.clear()
+                for machine in effects.offline:
+                    events = self.tracker.sensor_offline(machine, now)
+                    publishes += self._emit(outcome, events, [])
+        return publishes
 
     def _score(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
         if not items:
@@ -286,7 +315,13 @@ class Engine:
                 break
             except PayloadError:
                 continue
-        record = dead_letter(message.received, error)
+        else:
+            for extra in self.extra_ingests:
+                origin = extra.origin(message.topic)
+                if origin is not None:
+                    line, machine = origin
+                    break
+        record = dead_letter(message, error)
         outcome.publishes.append(Publish(self.topics.deadletter(line, machine), record.encode()))
         outcome.rejected.append(error)
 
@@ -294,7 +329,10 @@ class Engine:
     def tick(self, now: float) -> tuple[list[Publish], list[AlertEvent]]:
         """Machines silent for too long go OFFLINE: the publishes and events that says."""
         events = self.tracker.tick(now)
-        return self._emit(None, events, []), events
+        publishes = self._emit(None, events, [])
+        if self.extra_ingests:
+            publishes += self._ingest_effects(None, [], now)
+        return publishes, events
 
     def confirmed(self, publish: Publish) -> None:
         """The transport confirmed ``publish``: an event leaves its machine's outbox."""
@@ -307,7 +345,8 @@ class Engine:
         kept = [p for p in record.outbox if p.uid != uid]
         if len(kept) != len(record.outbox):
             record.outbox = kept
-            self.states.touch(machine_id)
+            # journaled in this turn: a restart then does not send the event a second time
+            self.states.mark_urgent(machine_id)
 
     def answered(self, identity: str, digest: int) -> None:
         """Remember a reading answered before a restart (from the checkpoint's journal)."""
@@ -337,6 +376,7 @@ class Engine:
             "model_version": self.model.version,
             "states": self.states.snapshot(),
             "drift": self.drift.snapshot(),
+            "ingests": {extra.name: extra.snapshot() for extra in self.extra_ingests},
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -344,10 +384,22 @@ class Engine:
         if data.get("version") != ENGINE_SNAPSHOT_VERSION:
             raise ValueError(f"unknown engine snapshot version {data.get('version')!r}")
         self.states.restore(data["states"])
+        for extra in self.extra_ingests:
+            extra.restore(data.get("ingests", {}).get(extra.name, {}))
         if data.get("model_version") == self.model.version and data.get("drift"):
             self.drift.restore(data["drift"])
         uids = [p.uid for r in self.states for p in r.outbox]
         self._uids = itertools.count(max(uids, default=0) + 1)
+
+    def ingest_changes(self) -> dict[str, dict[str, Any]]:
+        """What stateful ingests changed since they were last asked, for the journal."""
+        changes = {extra.name: extra.changes() for extra in self.extra_ingests}
+        return {name: parts for name, parts in changes.items() if parts}
+
+    def restore_ingest_changes(self, changes: dict[str, dict[str, Any]]) -> None:
+        """Replay journaled ingest changes over the restored snapshot."""
+        for extra in self.extra_ingests:
+            extra.restore_changes(changes.get(extra.name, {}))
 
     def restore_records(self, records: Sequence[dict[str, Any]]) -> None:
         """Replace single machines' records (a checkpoint journal replayed after a snapshot)."""

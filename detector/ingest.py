@@ -2,8 +2,9 @@
 
 What identifies a reading belongs here, not to the engine: a JSON reading is
 ``<machine_id>:<seq>``; a Sparkplug B ingest names its readings by edge node, device,
-``bdSeq`` and its wrapping ``seq``. Each reading also carries a content digest, so the engine
-can tell a redelivery (same identity, same content: dropped) from a reused identity with
+``bdSeq`` and its wrapping ``seq``. Each reading also carries a content digest (of the
+message's bytes for a single reading, of the re-encoded reading for a batch item), so the
+engine can tell a redelivery (same identity, same content: dropped) from a reused identity with
 different content (dead-lettered ``duplicate_id``).
 
 Pure: values in, values out (the decoder's clock is injected).
@@ -12,8 +13,9 @@ Pure: values in, values out (the decoder's clock is injected).
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from factorywatch.contracts import Telemetry
 from factorywatch.detector.core import Decoder, Received
@@ -42,9 +44,86 @@ class Ingest(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A message an ingest needs published (QoS 1), e.g. a Sparkplug rebirth request."""
+
+    topic: str
+    payload: bytes
+
+
+@dataclass(slots=True)
+class IngestEffects:
+    """What a stateful ingest asks of the engine since it was last asked."""
+
+    #: messages to publish (Sparkplug ``NCMD`` rebirth requests)
+    commands: list[Command] = field(default_factory=list)
+    #: machines whose source announced their death (Sparkplug ``NDEATH``/``DDEATH``)
+    offline: list[str] = field(default_factory=list)
+
+
+class StatefulIngest(Ingest, Protocol):
+    """An ingest with decoding state of its own (Sparkplug: alias tables, last values, seq).
+
+    The engine binds it to the model's channels, drains its effects after every message it
+    decoded and on every ``tick``, and keeps its state in the engine's snapshot.
+    """
+
+    name: str
+
+    def bind(self, channels: Sequence[str]) -> None:
+        """Build readings with these channels from now on (the serving model's)."""
+        ...
+
+    def origin(self, topic: str) -> tuple[str, str] | None:
+        """``(line, machine)`` a message on ``topic`` is about (its dead letters go there)."""
+        ...
+
+    def take_effects(self, now: float) -> IngestEffects:
+        """Commands and deaths since the last call, and what timers due at ``now`` decided."""
+        ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """The decoding state as one JSON-able value."""
+        ...
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Take over a ``snapshot``'s decoding state."""
+        ...
+
+    def changes(self) -> dict[str, Any]:
+        """Parts of the state changed since the last call or snapshot, by key (a journal's)."""
+        ...
+
+    def restore_changes(self, parts: dict[str, Any]) -> None:
+        """Apply journaled parts over a restored snapshot (the last part per key wins)."""
+        ...
+
+
+class Ingests:
+    """Several ingests behind one: each message goes to the first that accepts its topic."""
+
+    def __init__(self, members: Sequence[Ingest]) -> None:
+        self.members = tuple(members)
+
+    def accepts(self, topic: str) -> bool:
+        """Whether any member accepts ``topic``."""
+        return any(member.accepts(topic) for member in self.members)
+
+    def decode(self, message: Received) -> list[Reading | PayloadError]:
+        """The first accepting member's readings."""
+        for member in self.members:
+            if member.accepts(message.topic):
+                return member.decode(message)
+        raise PayloadError("bad_topic", f"no ingest accepts {message.topic!r}")
+
+
+_SERIALIZER = Telemetry.__pydantic_serializer__
+
+
 def content_digest(telemetry: Telemetry) -> int:
     """A digest of everything a reading says (stable across processes and restarts)."""
-    return zlib.crc32(repr(telemetry.__dict__).encode())
+    return zlib.crc32(_SERIALIZER.to_json(telemetry))
 
 
 def json_identity(telemetry: Telemetry) -> str:
@@ -67,9 +146,10 @@ class JsonIngest:
     def decode(self, message: Received) -> list[Reading | PayloadError]:
         """One reading for a telemetry message, one entry per item for a batch."""
         if message.topic.startswith(self._telemetry_prefix):
-            items: list[Telemetry | PayloadError] = [self.decoder.decode(message)]
-        else:
-            items = self.decoder.decode_batch(message)
+            # One reading per message: its bytes are its content (a redelivery repeats them).
+            reading = self.decoder.decode(message)
+            return [Reading(reading, json_identity(reading), zlib.crc32(message.payload))]
+        items = self.decoder.decode_batch(message)
         return [
             item
             if isinstance(item, PayloadError)

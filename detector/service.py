@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import structlog
@@ -26,14 +26,19 @@ from factorywatch.contracts import AlertEvent, ClientStatus
 from factorywatch.detector.alerting import AlertPolicy
 from factorywatch.detector.checkpoint import FileCheckpoint
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
+from factorywatch.detector.ingest import StatefulIngest
 from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.mqtt_transport import PahoTransport
+from factorywatch.detector.registry import Registry
 from factorywatch.detector.transport import Transport
-from factorywatch.errors import ModelError
+from factorywatch.errors import FactorywatchError, ModelError
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
-from factorywatch.topics import Topics
+from factorywatch.topics import Topics, sparkplug_filters
+
+if TYPE_CHECKING:
+    from factorywatch.detector.sparkplug_out import SparkplugOut
 
 log = structlog.get_logger("detector")
 
@@ -63,8 +68,11 @@ class Counters:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
-def engine_settings(settings: DetectorSettings) -> EngineSettings:
-    """The engine's part of the detector's settings."""
+def engine_settings(
+    settings: DetectorSettings, broker: BrokerSettings | None = None
+) -> EngineSettings:
+    """The engine's part of the detector's settings (the registry found via ``broker``)."""
+    secrets_dir = broker.secrets_dir if broker is not None else None
     return EngineSettings(
         policy=AlertPolicy(
             k=settings.alert_k,
@@ -78,7 +86,46 @@ def engine_settings(settings: DetectorSettings) -> EngineSettings:
         alert_clear_score=settings.alert_clear_score,
         drift_window=settings.drift_window,
         drift_factor=settings.drift_factor,
+        max_future_skew_s=settings.max_future_skew_s,
+        registry=Registry.locate(settings.registry_file, secrets_dir),
     )
+
+
+def _sparkplug(settings: DetectorSettings) -> tuple[list[StatefulIngest], list[str]]:
+    """The Sparkplug B ingest and its subscriptions, when enabled (else none)."""
+    if not settings.sparkplug:
+        return [], []
+    from factorywatch.detector.sparkplug import SparkplugIngest, SparkplugSettings  # noqa: PLC0415
+
+    groups = [g.strip() for g in (settings.sparkplug_groups or "").split(",") if g.strip()]
+    ingest = SparkplugIngest(
+        SparkplugSettings(
+            reorder_timeout_s=settings.sparkplug_reorder_timeout_s,
+            rebirth_backoff_s=settings.sparkplug_rebirth_backoff_s,
+            max_clock_skew_s=settings.max_clock_skew_s,
+        ),
+        groups or None,
+        # the detector's own verdicts (Sparkplug out) are not readings
+        ignore_groups=[settings.sparkplug_out_group] if settings.sparkplug_out else (),
+    )
+    return [ingest], sparkplug_filters(groups or None)
+
+
+def _sparkplug_out(settings: DetectorSettings, broker: BrokerSettings) -> SparkplugOut | None:
+    """The detector's own Sparkplug edge node for verdicts, when enabled (else None)."""
+    if not settings.sparkplug_out:
+        return None
+    if broker.authenticates:
+        # Its second connection would log in with the detector's account, and with client
+        # ids bound to logins (use_username_as_clientid) the two would take each other over.
+        raise FactorywatchError(
+            "Sparkplug out is not supported on an authenticating broker yet: it needs an "
+            "account of its own (run it against an open broker, or leave it off)"
+        )
+    from factorywatch.detector.sparkplug_out import SparkplugOut  # noqa: PLC0415
+
+    node = settings.sparkplug_out_node or settings.client_id
+    return SparkplugOut(broker, settings.client_id, settings.sparkplug_out_group, node)
 
 
 class DetectorService:
@@ -101,7 +148,11 @@ class DetectorService:
         self.metrics = Metrics()
         self.metrics.set_model(model.version)
         self.stop = stop if stop is not None else threading.Event()
-        self.engine = Engine(model, self.topics, engine_settings(settings))
+        extra, spb_filters = _sparkplug(settings)
+        self.spb_out = _sparkplug_out(settings, broker)
+        self.engine = Engine(
+            model, self.topics, engine_settings(settings, broker), extra_ingests=extra
+        )
         self.checkpoint = FileCheckpoint(
             settings.state_dir, settings.client_id, max(1, settings.dedup_size)
         )
@@ -113,7 +164,7 @@ class DetectorService:
         lines = (
             [x.strip() for x in settings.lines.split(",") if x.strip()] if settings.lines else None
         )
-        self.input_filters = self.topics.input_filters(lines)
+        self.input_filters = self.topics.input_filters(lines) + spb_filters
         filters = [*self.input_filters, self.topics.ack_filter, self.topics.sensor_status_filter]
         offline = ClientStatus(role="detector", client_id=settings.client_id, state="offline")
         self.transport: Transport = transport or PahoTransport(
@@ -139,6 +190,7 @@ class DetectorService:
         if restored.snapshot is not None:
             self.engine.restore(restored.snapshot)
         self.engine.restore_records(restored.records)
+        self.engine.restore_ingest_changes(restored.ingest)
         for identity, digest in restored.answered:
             self.engine.answered(identity, digest)
         self.counters.restored_machines = len(self.engine.states)
@@ -178,6 +230,8 @@ class DetectorService:
             except OSError as exc:  # detection matters more than its metrics: keep going
                 log.error("metrics_unavailable", port=self.settings.metrics_port, error=str(exc))
         self.transport.connect()
+        if self.spb_out is not None:
+            self.spb_out.start()
         for publish in self.engine.recover():
             self._send(publish, None)
         log.info("detector_started", model_version=self.model.version)
@@ -199,6 +253,7 @@ class DetectorService:
         now = time.monotonic()
         self._last_loop = now
         self._housekeeping(now)
+        self.checkpoint.write_ingest(self.engine.ingest_changes())
         self.checkpoint.write_records(self.engine.states.take_urgent())
         if now >= self._next_records:
             self.checkpoint.write_records(self.engine.states.take_dirty())
@@ -219,6 +274,10 @@ class DetectorService:
         for publish in publishes:
             self._send(publish, None)
         self._log_events(events)
+        if self.spb_out is not None:
+            for event in events:
+                self.spb_out.observe(self.engine.tracker.state(event.machine_id), None)
+            self.spb_out.flush(time.time())
         if now >= self._next_reload:
             self.maybe_reload()
             self._next_reload = now + self.settings.reload_interval_s
@@ -232,6 +291,13 @@ class DetectorService:
     def _process(self, batch: list[Inbound]) -> None:
         outcomes = self.engine.handle(batch, time.time())
         self._count(outcomes)
+        if self.spb_out is not None:
+            state = self.engine.tracker.state
+            for outcome in outcomes:
+                for verdict in outcome.verdicts:
+                    self.spb_out.observe(state(verdict.machine_id), verdict)
+                for event in outcome.events:
+                    self.spb_out.observe(state(event.machine_id), None)
         for outcome in outcomes:
             target = _AckTarget(outcome.message.token, outcome.answered)
             for publish in outcome.publishes:
@@ -366,6 +432,8 @@ class DetectorService:
         for start in range(0, len(inbox), self.settings.batch_max):
             self._process(inbox[start : start + self.settings.batch_max])
         self._publish_status("offline")
+        if self.spb_out is not None:
+            self.spb_out.close()
         self.transport.close(drain_timeout_s)
         self.checkpoint.save(self.engine.snapshot())
         self.checkpoint.close()

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Final
 
+from factorywatch.accounts import DEFAULT_DETECTOR, AccountRegistry, read_registry, registry_path
 from factorywatch.errors import BrokerError
 
 # The project's broker/ folder, installed as package data (factorywatch/broker_config).
@@ -41,6 +42,50 @@ def render_acl(base: str, topic_root: str) -> str:
         rf"\g<1>{topic_root}/",
         base,
     )
+
+
+def _user_block(base: str, user: str) -> list[str]:
+    """The ``topic`` lines of every ``user`` block of ``user`` in the base ACL."""
+    block: list[str] = []
+    current = None
+    for line in base.splitlines():
+        if line.startswith("user "):
+            current = line.removeprefix("user ").strip()
+        elif line.startswith("pattern "):
+            current = None
+        elif line.startswith("topic ") and current == user:
+            block.append(line)
+    return block
+
+
+def acl_with_accounts(base: str, registry: AccountRegistry) -> str:
+    """The base ACL plus one block per gateway, extra detector and extra service account.
+
+    A gateway may write ``factory/batch/<line>/<its id>`` for the lines of its machines, and
+    nothing else the machines may not; which readings it may carry is checked by the
+    detector (the broker cannot look inside a payload). A detector shard gets exactly the
+    rights of ``detector``.
+    """
+    out = [base.rstrip("\n"), "", "# --- Generated from registry.json by `factorywatch broker`."]
+    detector = _user_block(base, DEFAULT_DETECTOR)
+    for account in registry.detectors:
+        if account != DEFAULT_DETECTOR:
+            out += ["", f"user {account}", *detector]
+    for account, role in sorted(registry.services.items()):
+        out += ["", f"user {account}", *_user_block(base, role)]
+    for gateway in sorted(registry.gateways):
+        out += ["", f"user {gateway}"]
+        out += [
+            f"topic write factory/batch/{line}/{gateway}"
+            for line in registry.gateway_lines(gateway)
+        ]
+    return "\n".join(out) + "\n"
+
+
+def acl_for_secrets(secrets_dir: Path) -> str:
+    """The full ACL (topic root ``factory``) for the accounts registered in ``secrets_dir``."""
+    registry = read_registry(registry_path(secrets_dir), missing_ok=True)
+    return acl_with_accounts(BASE_ACL.read_text(), registry)
 
 
 def render_config(
@@ -78,6 +123,8 @@ def render_config(
         rules += [
             (r"^listener 8883\n(?:(?!listener|\n).*\n)*", ""),
             (r"^allow_anonymous false$", "allow_anonymous true"),
+            # Anonymous clients have no user name to take as their client id.
+            (r"^use_username_as_clientid true$", "use_username_as_clientid false"),
             (r"^password_file .*\n", ""),
             (r"^acl_file .*\n", ""),
         ]
@@ -172,7 +219,9 @@ class LocalBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.touch()
         if self.secrets_dir is not None:
-            self.acl_file.write_text(render_acl(BASE_ACL.read_text(), self.topic_root))
+            acl = acl_for_secrets(self.secrets_dir)
+            self.acl_file.write_text(render_acl(acl, self.topic_root))
+            self._copy_secrets()
         self.config_file.write_text(
             render_config(
                 self.config_source.read_text(),
@@ -180,17 +229,34 @@ class LocalBroker:
                 data_dir=self.data_dir,
                 log_file=self.log_file,
                 tls_port=self.tls_port,
-                secrets_dir=self.secrets_dir,
+                secrets_dir=None if self.secrets_dir is None else self.broker_secrets,
                 acl_file=self.acl_file,
             )
         )
         _give_to_broker_user(self.workdir)
         _make_traversable(self.workdir)
-        if self.secrets_dir is not None:
-            _make_traversable(self.secrets_dir / "certs")
         # The broker user (not the owner when we run as root) must traverse the work dir.
         self.workdir.chmod(0o755)
         return self.config_file
+
+    @property
+    def broker_secrets(self) -> Path:
+        """The broker's own copy of the password file and TLS material."""
+        return self.workdir / "secrets"
+
+    def _copy_secrets(self) -> None:
+        """Copy what the broker reads out of the secrets folder, which stays private (0700).
+
+        Mosquitto started as root drops to its own user, which may not enter that folder.
+        """
+        assert self.secrets_dir is not None
+        certs = self.broker_secrets / "certs"
+        certs.mkdir(parents=True, exist_ok=True)
+        self.broker_secrets.chmod(0o700)
+        shutil.copyfile(self.secrets_dir / "passwd", self.broker_secrets / "passwd")
+        for name in ("ca.crt", "server.crt", "server.key"):
+            shutil.copyfile(self.secrets_dir / "certs" / name, certs / name)
+        _give_to_broker_user(self.broker_secrets)
 
     def start(self) -> LocalBroker:
         """Start (or restart) the broker and wait until it listens."""
@@ -227,8 +293,11 @@ class LocalBroker:
             self.process.wait(timeout_s)
 
     def reload(self) -> None:
-        """SIGHUP: Mosquitto re-reads the password file and ACL (after adding a user)."""
+        """SIGHUP: Mosquitto re-reads the password file and the ACL, regenerated from the
+        registry (after ``broker add-user`` / ``remove-user``)."""
         if self.process is not None and self.process.poll() is None:
+            if self.secrets_dir is not None:
+                self.write_config()  # the ACL from the registry, and fresh copies of secrets
             self.process.send_signal(signal.SIGHUP)
             time.sleep(0.3)
 

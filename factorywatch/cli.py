@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -10,12 +11,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
-from factorywatch import runtime
-from factorywatch.errors import FactorywatchError
+from factorywatch import cluster, runtime
+from factorywatch.errors import FactorywatchError, ModelError
 from factorywatch.logs import configure_logging
 from factorywatch.settings import (
     BrokerSettings,
@@ -23,7 +24,10 @@ from factorywatch.settings import (
     DetectorSettings,
     SensorSettings,
 )
-from factorywatch.topics import check_id
+from factorywatch.topics import Topics, check_id
+
+if TYPE_CHECKING:
+    from factorywatch.model.artifact import ModelCard
 
 log = structlog.get_logger("factorywatch")
 
@@ -112,6 +116,11 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument("--threshold-value", type=float, default=default.value)
     p.add_argument("--no-promote", action="store_true", help="save without making it current")
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when a current model exists (compose's one-shot train service)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -120,7 +129,11 @@ def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) 
     from factorywatch.model import artifact, dataset, train  # noqa: PLC0415
     from factorywatch.model.threshold import ThresholdSpec  # noqa: PLC0415
 
-    ds = dataset.obtain(data.dataset, data.data_dir, verify=not args.no_verify, progress=_progress)
+    explicit = data.dataset
+    if explicit is None and data.dataset_dir is not None:
+        found = [data.dataset_dir / n for n in (dataset.KAGGLE_FILE, dataset.UCI_FILE)]
+        explicit = next((f for f in found if f.is_file()), None)
+    ds = dataset.obtain(explicit, data.data_dir, verify=not args.no_verify, progress=_progress)
     forest, card = train.fit(
         ds,
         feature_set=args.feature_set,
@@ -139,7 +152,16 @@ def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``factorywatch train``."""
-    version = train_model(args, _data_settings(args), promote=not args.no_promote)
+    data = _data_settings(args)
+    if args.if_missing:
+        from factorywatch.model import artifact  # noqa: PLC0415
+
+        current = artifact.current_version(data.model_dir)
+        if current is not None:
+            _progress(f"model {current} is current in {data.model_dir}: not training")
+            print(current)
+            return 0
+    version = train_model(args, data, promote=not args.no_promote)
     print(version)
     return 0
 
@@ -184,16 +206,44 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "promote":
         if not args.version:
             raise FactorywatchError("models promote needs a VERSION (see `models list`)")
-        artifact.promote(data.model_dir, args.version)
+        current = artifact.current_version(data.model_dir)
+        try:
+            artifact.promote(data.model_dir, args.version)
+        except ModelError as exc:
+            raise FactorywatchError(
+                f"refusing to promote {args.version}: the detector could not load it ({exc}); "
+                f"`current` still points at {current or 'nothing'}"
+            ) from exc
         print(f"promoted {args.version}")
         return 0
     current = artifact.current_version(data.model_dir)
     for version in artifact.list_versions(data.model_dir):
-        card = artifact.read_card(data.model_dir / version / artifact.CARD_FILE)
+        try:
+            card = artifact.read_card(data.model_dir / version / artifact.CARD_FILE)
+        except ModelError as exc:
+            print(f"! {version}  unreadable: {str(exc).splitlines()[0][:120]}")
+            continue
         mark = "*" if version == current else " "
         clear = "" if card.clear_threshold is None else f" clear={card.clear_threshold:.4f}"
         print(f"{mark} {version}  {card.feature_set:<10} threshold={card.threshold:.4f}{clear}")
+        print(f"    {model_figures(card)}")
     return 0
+
+
+def model_figures(card: ModelCard) -> str:
+    """When a model was trained, on what data, and its figures, in one line."""
+    trained = card.created_at.strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"trained {trained} on {card.data.file} ({card.data.rows} rows)"]
+    metrics = card.metrics
+    if "train_alert_rate" in metrics:
+        parts.append(f"alarms on {metrics['train_alert_rate']:.1%} of training readings")
+    if "label_roc_auc" in metrics:
+        parts.append(
+            f"vs failure labels: ROC-AUC {metrics['label_roc_auc']:.3f}, "
+            f"precision {metrics['label_precision']:.2f}, "
+            f"recall {metrics['label_recall']:.2f} (in-sample)"
+        )
+    return "; ".join(parts)
 
 
 # -- detect ---------------------------------------------------------------------------------
@@ -211,12 +261,27 @@ def _add_detect(sub: Any) -> None:
     )
     p.add_argument("--train-if-missing", action="store_true", help="train when no model exists")
     p.add_argument("--feature-set", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--sparkplug",
+        action="store_true",
+        default=None,
+        help="also read Sparkplug B edge nodes (spBv1.0/...) as a host application",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("mqtt", "jetstream"),
+        default="mqtt",
+        help="mqtt: one Mosquitto (default); jetstream: partitions of a NATS cluster",
+    )
+    cluster.add_detect_options(p)
     p.set_defaults(func=cmd_detect)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """``factorywatch detect``: serve until SIGTERM/SIGINT."""
+    from factorywatch.detector.mqtt_transport import PahoTransport  # noqa: PLC0415
     from factorywatch.detector.service import DetectorService  # noqa: PLC0415
+    from factorywatch.fencing import Fence  # noqa: PLC0415
     from factorywatch.model import artifact  # noqa: PLC0415
 
     data = _data_settings(args)
@@ -237,17 +302,70 @@ def cmd_detect(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         metrics_port=args.metrics_port,
         lines=args.lines,
+        sparkplug=args.sparkplug,
     )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
+    if args.engine == "jetstream":
+        try:
+            from factorywatch.detector import jetstream  # noqa: PLC0415
+        except ImportError as exc:
+            raise SystemExit(
+                f"--engine jetstream needs nats-py: pip install 'factorywatch[cluster]' ({exc})"
+            ) from None
+        return jetstream.run_cli(
+            args,
+            model,
+            settings,
+            topic_root=_broker_settings(args).topic_root,
+            model_dir=data.model_dir,
+        )
     broker = _broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="detector")
+    settings = _detector_identity(settings, broker)
     stop = _stop_on_signals()
-    service = DetectorService(settings, broker, data.model_dir, model)
+    service = DetectorService(settings, broker, data.model_dir, model, stop=stop)
+    fenced: list[str] = []
+
+    def on_fenced(reason: str) -> None:
+        log.error("detector_fenced", client_id=settings.client_id, reason=reason)
+        fenced.append(reason)
+        stop.set()
+
+    lease = Topics(broker.topic_root).lease("detector", settings.client_id)
+    if isinstance(service.transport, PahoTransport):
+        Fence(service.transport.client, lease, on_fenced)
     service.start()
     runtime.settle_heap()
-    service.run(stop)
+    try:
+        service.run(stop)
+    except RuntimeError:  # paho: a publish while the newer process has the connection
+        if not fenced:
+            raise
+    if fenced:
+        raise FactorywatchError(
+            f"another detector started as {settings.client_id!r} and took over its session "
+            f"({fenced[0]}); this one stopped instead of fighting for it. Give each detector "
+            "its own account: `factorywatch broker add-user detector-<shard> --detector`, "
+            "then `detect --username detector-<shard> --lines ...`"
+        )
     return 0
+
+
+def _detector_identity(settings: DetectorSettings, broker: BrokerSettings) -> DetectorSettings:
+    """A detector that logs in is known by its login: the broker makes it its client id."""
+    if broker.username is None:
+        return settings
+    default = DetectorSettings.model_fields["client_id"].default
+    if settings.client_id not in (default, broker.username):
+        log.warning(
+            "client_id_is_the_login",
+            client_id=settings.client_id,
+            login=broker.username,
+            remedy="the broker uses the login as client id (use_username_as_clientid): give "
+            "each detector its own account (`broker add-user detector-<shard> --detector`)",
+        )
+    return settings.with_overrides(client_id=broker.username)
 
 
 # -- sensors --------------------------------------------------------------------------------
@@ -257,9 +375,10 @@ def _machine_ids(values: Sequence[str]) -> list[str]:
         raise FactorywatchError("give at least one --machine-id")
     if len(set(ids)) != len(ids):
         raise FactorywatchError(f"duplicate machine ids in {ids}")
+    from factorywatch.accounts import COMPONENT_ACCOUNTS  # noqa: PLC0415
     from factorywatch.credentials import SERVICE_USERS  # noqa: PLC0415
 
-    reserved = sorted(set(ids) & set(SERVICE_USERS))
+    reserved = sorted(set(ids) & {*SERVICE_USERS, *COMPONENT_ACCOUNTS})
     if reserved:
         raise FactorywatchError(f"machine ids {reserved} are reserved for service users")
     return [check_id(m, "machine id") for m in ids]
@@ -287,6 +406,12 @@ def _add_sensor(sub: Any) -> None:
         help=f"comma-separated kinds to inject (default all: {','.join(ANOMALY_KINDS)})",
     )
     p.add_argument("--seq-start", type=int, help="first sequence number (default: now in µs)")
+    p.add_argument(
+        "--sparkplug",
+        action="store_true",
+        help="publish as a Sparkplug B edge node (group = --line, devices = --machine-id)",
+    )
+    p.add_argument("--edge-node", default="edge1", help="Sparkplug edge node id (edge1)")
     p.set_defaults(func=cmd_sensor)
 
 
@@ -328,6 +453,20 @@ def cmd_sensor(args: argparse.Namespace) -> int:
         )
         for i, m in enumerate(machines)
     ]
+    if args.sparkplug:
+        from factorywatch.sensors import sparkplug  # noqa: PLC0415
+
+        stats = sparkplug.run(
+            _broker_settings(args),
+            settings.line,
+            check_id(args.edge_node, "edge node id"),
+            sims,
+            rate_hz=settings.rate_hz,
+            count=args.count,
+            stop=_stop_on_signals(),
+        )
+        print(f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}")
+        return 0 if stats.refused == 0 else 1
     streams: list[Callable[[float], Any]] = [sim.next for sim in sims]
     stats = publisher.run(
         _broker_settings(args),
@@ -340,7 +479,7 @@ def cmd_sensor(args: argparse.Namespace) -> int:
     )
     print(
         f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "
-        f"buffer full {stats.buffer_full}"
+        f"buffer full {stats.buffer_full}, rejected by the detector (so far) {stats.rejected}"
     )
     return 0 if stats.refused == 0 and stats.buffer_full == 0 else 1
 
@@ -370,6 +509,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 # -- broker and demo ------------------------------------------------------------------------
 DEFAULT_SECRETS = Path("secrets")
+WATCH_CONNECT_RETRIES = 2  # about 1.5 s of backoff before `watch` says the broker is away
 
 
 def _add_broker(sub: Any) -> None:
@@ -385,10 +525,28 @@ def _add_broker(sub: Any) -> None:
     init = actions.add_parser("init", help="create service users, machine users and TLS certs")
     init.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS)
     init.add_argument("--machines", default="", help="comma-separated machine ids")
+    init.add_argument("--line", default="line1", help="production line of these machines")
     init.add_argument("--force", action="store_true", help="rotate every password and cert")
     init.set_defaults(func=cmd_broker_init)
-    add = actions.add_parser("add-user", help="add a user or rotate its password")
-    add.add_argument("user", help="a machine id, or detector/viewer/operator/monitor")
+    add = actions.add_parser(
+        "add-user",
+        help="add a machine, gateway or detector account (or rotate its password)",
+        description="A machine (default) may publish only its own telemetry. A gateway "
+        "(--gateway --machines m1,m2) may publish batches only for the machines given. A "
+        "detector account (--detector, e.g. detector-line2) serves one shard; its name is "
+        "its MQTT client id. Reload the broker afterwards (SIGHUP).",
+    )
+    add.add_argument("user", help="a machine id, gateway id, detector-<shard>, or a service user")
+    role = add.add_mutually_exclusive_group()
+    role.add_argument("--gateway", action="store_true", help="a gateway (needs --machines)")
+    role.add_argument("--detector", action="store_true", help="a detector shard's account")
+    role.add_argument(
+        "--role",
+        choices=["machine", "gateway", "detector", "viewer", "operator", "monitor"],
+        help="the account's rights (default: machine; one account per connected process)",
+    )
+    add.add_argument("--machines", default="", help="gateway: machines it may speak for")
+    add.add_argument("--line", default="line1", help="production line of the machine(s)")
     add.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS)
     add.set_defaults(func=cmd_broker_add_user)
     remove = actions.add_parser("remove-user", help="remove a user")
@@ -402,14 +560,23 @@ def cmd_broker_serve(args: argparse.Namespace) -> int:
     from factorywatch.broker import LocalBroker  # noqa: PLC0415
 
     stop = _stop_on_signals()
+    # SIGHUP here (after `broker add-user`): regenerate the ACL from the registry, then let
+    # Mosquitto re-read it and the password file.
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
     secrets_dir = args.secrets_dir.resolve() if args.secrets_dir else None
     broker = LocalBroker(args.workdir.resolve(), port=args.port, secrets_dir=secrets_dir).start()
     tls = f", TLS on {broker.tls_port}" if broker.tls_port else ""
     _progress(f"mosquitto listening on 127.0.0.1:{broker.port}{tls} (log: {broker.log_file})")
+    _progress(f"after `broker add-user`: kill -HUP {os.getpid()} reloads users and ACL")
     try:
         while not stop.wait(0.5):
             if broker.process is not None and broker.process.poll() is not None:
                 raise FactorywatchError(f"mosquitto exited: {broker.log_tail()}")
+            if reload.is_set():
+                reload.clear()
+                broker.reload()
+                _progress("reloaded users and ACL")
     finally:
         broker.stop()
     return 0
@@ -420,30 +587,56 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
     from factorywatch.credentials import init_secrets  # noqa: PLC0415
 
     machines = tuple(_machine_ids([args.machines])) if args.machines else ()
-    created = init_secrets(args.secrets_dir, machines, force=args.force)
+    line = check_id(args.line, "line")
+    created = init_secrets(args.secrets_dir, machines, force=args.force, line=line)
     print(f"secrets in {args.secrets_dir}: created {', '.join(created) or 'nothing (all exist)'}")
     return 0
 
 
+_RELOAD_HINT = (
+    "Reload the broker: `docker compose kill -s SIGHUP broker`, or `kill -HUP` the "
+    "`factorywatch broker serve` process."
+)
+
+
 def cmd_broker_add_user(args: argparse.Namespace) -> int:
     """``factorywatch broker add-user NAME``: add or rotate; reload the broker afterwards."""
-    from factorywatch.credentials import add_user, password_path  # noqa: PLC0415
+    from factorywatch.accounts import STATIC_ROLES, ServiceRole  # noqa: PLC0415
+    from factorywatch.credentials import add_user, password_path, register  # noqa: PLC0415
 
-    check_id(args.user, "user")
-    add_user(args.secrets_dir, args.user)
-    print(
-        f"{args.user}: new password in {password_path(args.secrets_dir, args.user)}. "
-        "Reload the broker: `docker compose kill -s SIGHUP broker` (or kill -HUP <pid>)."
-    )
+    user = check_id(args.user, "user")
+    line = check_id(args.line, "line")
+    role = args.role or ("gateway" if args.gateway else "detector" if args.detector else None)
+    if role is None:
+        role = user if user in STATIC_ROLES and user != "healthcheck" else "machine"
+    if args.machines and role != "gateway":
+        raise FactorywatchError("--machines is for a gateway: add --gateway")
+    what = f"{user}"
+    if role == "gateway":
+        machines = tuple(_machine_ids([args.machines])) if args.machines else ()
+        register(args.secrets_dir, user, "gateway", line=line, machines=machines)
+        what = f"gateway {user} (may publish batches for {', '.join(machines)})"
+    elif role == "detector":
+        register(args.secrets_dir, user, "detector")
+        what = f"detector account {user} (its client id; run `detect --username {user}`)"
+    elif role == "machine" and user != "healthcheck":
+        _machine_ids([user])
+        register(args.secrets_dir, user, "machine", line=line)
+        what = f"machine {user} on {line}"
+    elif role in ("viewer", "operator", "monitor"):
+        register(args.secrets_dir, user, cast("ServiceRole", role))
+        what = f"{role} account {user}"
+    add_user(args.secrets_dir, user)
+    print(f"{what}: new password in {password_path(args.secrets_dir, user)}. {_RELOAD_HINT}")
     return 0
 
 
 def cmd_broker_remove_user(args: argparse.Namespace) -> int:
-    """``factorywatch broker remove-user NAME``."""
+    """``factorywatch broker remove-user NAME`` (exit 2 when there is no such user)."""
     from factorywatch.credentials import remove_user  # noqa: PLC0415
 
     remove_user(args.secrets_dir, args.user)
-    print(f"{args.user} removed; reload the broker (SIGHUP) to apply")
+    print(f"{args.user} removed. {_RELOAD_HINT}")
     return 0
 
 
@@ -466,6 +659,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     broker = _broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="viewer")
+    if "FACTORYWATCH_MQTT_CONNECT_RETRIES" not in os.environ:
+        # Someone is looking at the screen: say within seconds that the broker is not there.
+        broker = broker.with_overrides(connect_retries=WATCH_CONNECT_RETRIES)
     run_watch(
         broker,
         _stop_on_signals(),
@@ -516,6 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_watch,
         _add_demo,
     ):
+        add(sub)
+    from factorywatch import opscli  # noqa: PLC0415 - it reuses this module's option groups
+
+    for add in (opscli.add_history, opscli.add_notify, opscli.add_web):
         add(sub)
     return parser
 

@@ -20,6 +20,9 @@ MAX_PAYLOAD_BYTES: Final = 64 * 1024
 MAX_BATCH_BYTES: Final = 512 * 1024
 MAX_BATCH_READINGS: Final = 1000
 MAX_CHANNELS: Final = 64
+# Readings stamped further ahead of the detector's clock than this are dead-lettered
+# (clock_skew); FACTORYWATCH_DETECTOR_MAX_FUTURE_SKEW_S overrides it.
+DEFAULT_MAX_FUTURE_SKEW_S: Final = 300.0
 # Event time must be Unix seconds: this window rejects milliseconds and nonsense early.
 MIN_TS: Final = 946_684_800.0  # 2000-01-01
 MAX_TS: Final = 4_102_444_800.0  # 2100-01-01
@@ -239,3 +242,23 @@ class AckCommand(_Wire):
         description="acknowledge only this alert: a late ack for an alert that has already "
         "cleared then cannot acknowledge a newer one",
     )
+
+
+FeedbackLabel = Literal["false_alarm", "confirmed"]
+FEEDBACK_LABELS: Final[tuple[str, ...]] = FeedbackLabel.__args__  # type: ignore[attr-defined]
+
+
+class FeedbackCommand(_Wire):
+    """An operator labels one alert (``<root>/commands/<line>/<m>/feedback``).
+
+    ``false_alarm``: the readings of that alert were normal operation (they may be used as
+    normal training data); ``confirmed``: a real fault. The latest label of an alert wins.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    machine_id: Identifier
+    alert_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    label: FeedbackLabel
+    by: OperatorName
+    at: EventTime = Field(description="when the operator gave it (Unix seconds)")
+    note: OperatorNote | None = None

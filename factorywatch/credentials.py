@@ -2,13 +2,22 @@
 
 Layout of a secrets directory (never committed; ``secrets/`` is git-ignored)::
 
+    secrets/                     mode 0700: only its owner may enter it
     secrets/passwd               Mosquitto password file (PBKDF2-SHA512 hashes, ``$7$``)
-    secrets/<user>.password      one client's plaintext password (mode 0600)
+    secrets/<user>.password      one client's plaintext password (mode 0644, see below)
+    secrets/registry.json        machines, their lines, gateways, detector and service
+                                 accounts (factorywatch.accounts; the detector reads it)
+    secrets/acl                  broker/acl plus the registry's per-account blocks
     secrets/certs/ca.crt         CA that signed the broker certificate (give it to clients)
     secrets/certs/server.{crt,key}  the broker's certificate and key (TLS listener 8883)
 
 The hashes are the ones ``mosquitto_passwd`` writes (``$7$101$salt$hash``), computed here so
 users can create credentials on a host without Mosquitto installed.
+
+Why the files are 0644 in a 0700 folder, not 0600: Docker Compose mounts a file secret as
+it is (it ignores a file secret's ``uid``/``gid``/``mode``), and the containers run as uid
+10001, not as the host user who ran ``broker init``; a 0600 file is unreadable there (the
+detector died with ``PermissionError``). On the host the folder keeps other users out.
 """
 
 from __future__ import annotations
@@ -22,11 +31,25 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
+from factorywatch.accounts import (
+    COMPONENT_ACCOUNTS,
+    DEFAULT_LINE,
+    AccountRegistry,
+    RegistryError,
+    Role,
+    read_registry,
+    registry_path,
+    write_registry,
+)
+from factorywatch.broker import acl_for_secrets
 from factorywatch.topics import check_id
 
 SERVICE_USERS: Final = ("detector", "viewer", "operator", "monitor", "healthcheck")
 PASSWD_FILE: Final = "passwd"  # noqa: S105 - a file name, not a password
+ACL_FILE: Final = "acl"
 CERTS_DIR: Final = "certs"
+DIR_MODE: Final = 0o700  # only the owner enters the folder ...
+FILE_MODE: Final = 0o644  # ... so its files can be readable by containers' users
 _ITERATIONS: Final = 101  # what mosquitto_passwd 2.0 uses
 
 
@@ -50,7 +73,7 @@ def read_password(secrets_dir: Path, user: str) -> str | None:
 
 def add_user(secrets_dir: Path, user: str, password: str | None = None) -> str:
     """Create or rotate ``user``: new password file entry and plaintext file; return it."""
-    secrets_dir.mkdir(parents=True, exist_ok=True)
+    _make_private_dir(secrets_dir)
     password = password or _random.token_urlsafe(18)
     passwd = secrets_dir / PASSWD_FILE
     entries = {}
@@ -60,18 +83,86 @@ def add_user(secrets_dir: Path, user: str, password: str | None = None) -> str:
             if name and hashed:
                 entries[name] = hashed
     entries[user] = hash_password(password)
-    _write(passwd, "".join(f"{n}:{h}\n" for n, h in entries.items()), 0o644)
-    _write(password_path(secrets_dir, user), password + "\n", 0o600)
+    _write_in_place(passwd, "".join(f"{n}:{h}\n" for n, h in entries.items()))
+    _write(password_path(secrets_dir, user), password + "\n", FILE_MODE)
     return password
 
 
+def _passwd_users(secrets_dir: Path) -> set[str]:
+    passwd = secrets_dir / PASSWD_FILE
+    if not passwd.is_file():
+        return set()
+    return {ln.split(":", 1)[0] for ln in passwd.read_text().splitlines() if ":" in ln}
+
+
 def remove_user(secrets_dir: Path, user: str) -> None:
-    """Delete ``user`` from the password file and its plaintext password."""
+    """Delete ``user``'s password entry, plaintext password and registry entry.
+
+    Raises ``RegistryError`` when no such user exists (nothing is changed then).
+    """
+    registry = read_registry(registry_path(secrets_dir), missing_ok=True)
+    known = user in _passwd_users(secrets_dir) or registry.role_of(user) is not None
+    if not known:
+        raise RegistryError(f"no user {user!r} in {secrets_dir}: nothing removed")
     passwd = secrets_dir / PASSWD_FILE
     if passwd.is_file():
         kept = [ln for ln in passwd.read_text().splitlines() if ln.split(":", 1)[0] != user]
-        _write(passwd, "".join(f"{ln}\n" for ln in kept), 0o644)
+        _write_in_place(passwd, "".join(f"{ln}\n" for ln in kept))
     password_path(secrets_dir, user).unlink(missing_ok=True)
+    save_registry(secrets_dir, registry.without(user))
+
+
+def register(
+    secrets_dir: Path,
+    user: str,
+    role: Role,
+    *,
+    line: str = DEFAULT_LINE,
+    machines: tuple[str, ...] = (),
+) -> AccountRegistry:
+    """Record ``user``'s role in the registry (and the ACL made from it); return the registry."""
+    registry = read_registry(registry_path(secrets_dir), missing_ok=True)
+    if role == "machine":
+        registry = registry.with_machine(user, line)
+    elif role == "gateway":
+        registry = registry.with_gateway(user, list(machines), line)
+    elif role == "detector":
+        registry = registry.with_detector(user)
+    elif user != role:  # the base accounts viewer/operator/monitor need no entry
+        registry = registry.with_service(user, role)
+    save_registry(secrets_dir, registry)
+    return registry
+
+
+def save_registry(secrets_dir: Path, registry: AccountRegistry) -> None:
+    """Write the registry and regenerate ``secrets/acl`` from it (reload the broker after).
+
+    The ACL is rewritten in place: compose bind-mounts it as a single file (as ``passwd``).
+    """
+    _make_private_dir(secrets_dir)
+    write_registry(registry_path(secrets_dir), registry)
+    _write_in_place(secrets_dir / ACL_FILE, acl_for_secrets(secrets_dir))
+
+
+def _make_private_dir(secrets_dir: Path) -> None:
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    secrets_dir.chmod(DIR_MODE)
+
+
+def _write_in_place(path: Path, text: str) -> None:
+    """Rewrite ``path`` keeping its inode (``_write`` replaces the file).
+
+    Compose bind-mounts ``passwd`` into the broker container as a single file: a replaced
+    file would stay invisible there, and the SIGHUP reload after ``add-user`` would re-read
+    the old users.
+    """
+    if not path.is_file():
+        _write(path, text, FILE_MODE)
+        return
+    with path.open("r+") as fh:
+        fh.write(text)
+        fh.truncate()
+    path.chmod(FILE_MODE)
 
 
 def _write(path: Path, text: str, mode: int) -> None:
@@ -151,14 +242,36 @@ def make_certificates(
     )
 
 
-def init_secrets(secrets_dir: Path, machines: tuple[str, ...], *, force: bool = False) -> list[str]:
-    """Create service users, one user per machine and TLS material; return users created."""
+def init_secrets(
+    secrets_dir: Path,
+    machines: tuple[str, ...],
+    *,
+    force: bool = False,
+    line: str = DEFAULT_LINE,
+) -> list[str]:
+    """Create service and component users, one user per machine (on ``line``), the registry,
+    the ACL made from it and TLS material; return the users created."""
     created = []
-    for user in (*SERVICE_USERS, *machines):
+    for user in (*SERVICE_USERS, *COMPONENT_ACCOUNTS, *machines):
         if force or read_password(secrets_dir, user) is None:
             add_user(secrets_dir, user)
             created.append(user)
+    registry = read_registry(registry_path(secrets_dir), missing_ok=True)
+    for account, role in COMPONENT_ACCOUNTS.items():
+        if registry.role_of(account) != role:
+            registry = registry.with_service(account, role)
+    for machine in machines:
+        if registry.role_of(machine) != "machine" or registry.machines[machine].line != line:
+            registry = registry.with_machine(machine, line)
+    save_registry(secrets_dir, registry)
     if force or not (secrets_dir / CERTS_DIR / "server.crt").is_file():
         make_certificates(secrets_dir / CERTS_DIR)
-    secrets_dir.chmod(0o755)
+    repair_modes(secrets_dir)
     return created
+
+
+def repair_modes(secrets_dir: Path) -> None:
+    """Give an existing secrets folder the modes above (folders made by older versions)."""
+    _make_private_dir(secrets_dir)
+    for path in secrets_dir.glob("*.password"):
+        path.chmod(FILE_MODE)

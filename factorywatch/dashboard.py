@@ -103,6 +103,8 @@ class DashboardModel:
     history: int = DEFAULT_HISTORY
     rows: dict[tuple[str, str], MachineRow] = field(default_factory=dict)
     ignored: int = 0  # messages that were not valid verdicts, events or states
+    model_version: str | None = None  # of the newest verdict
+    previous_model: str | None = None  # the version before the last switch, if one was seen
 
     def __post_init__(self) -> None:
         if self.history < 1:
@@ -145,6 +147,10 @@ class DashboardModel:
             row.scores.append((message.score, anomalous))
             row.last_score = message.score
             row.reading_status = message.status
+            if message.model_version != self.model_version:
+                if self.model_version is not None:  # a switch, not the first verdict
+                    self.previous_model = self.model_version
+                self.model_version = message.model_version
             if message.explanation:
                 row.explanation = _explain(message.explanation)
         elif isinstance(message, AlertEvent):
@@ -223,16 +229,23 @@ def render(model: DashboardModel, *, caption: str | None = None) -> Table:
     rows = model.sorted_rows()
     alerting = sum(r.state == "ALERT" for r in rows)
     offline = sum(r.state == "OFFLINE" for r in rows)
+    title = f"factorywatch: {len(rows)} machines, {alerting} in alert, {offline} offline"
+    if model.model_version is not None:
+        title += f"; model {_clean(model.model_version)}"
+    if model.previous_model is not None:
+        title += f" (switched from {_clean(model.previous_model)})"
     table = Table(
-        title=f"factorywatch: {len(rows)} machines, {alerting} in alert, {offline} offline",
+        title=title,
         caption=caption,
         expand=False,
         title_justify="left",
         caption_justify="left",
     )
     table.add_column("Machine", no_wrap=True)
-    table.add_column("State", no_wrap=True)
-    table.add_column("Score", justify="right", no_wrap=True)
+    # Two different things, labelled as such: the machine's alert state (k-of-n raise, m to
+    # clear) and the last single reading's score and verdict, which may disagree with it.
+    table.add_column("Machine state", no_wrap=True)
+    table.add_column("Last reading", justify="right", no_wrap=True)
     # the two wide columns give up width first on a narrow terminal (rich shrinks wrapable ones)
     table.add_column("Trend")
     table.add_column("Alerts", justify="right", no_wrap=True)
@@ -245,6 +258,8 @@ def render(model: DashboardModel, *, caption: str | None = None) -> Table:
             "-" if row.last_score is None else f"{row.last_score:.3f}",
             style="red" if anomalous else "",
         )
+        if row.reading_status is not None:
+            score.append(" ALERT" if anomalous else " normal", style="red" if anomalous else "dim")
         table.add_row(
             Text(f"{row.line}/{row.machine_id}"),
             _state_cell(row),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +37,58 @@ def _data_args(data: DataSettings) -> list[str]:
     return out
 
 
+def verdict_line(v: Verdict) -> str:
+    """One verdict as a demo line (rich markup): the comparison shown is the one that holds."""
+    style = "bold red" if v.status == "ALERT" else "green"
+    relation = ">" if v.score > v.threshold else "<="
+    why = ""
+    if v.outside_training:
+        why += "  outside training: " + ", ".join(v.outside_training)
+    if v.explanation:
+        why += "  " + ", ".join(f"{c.feature} z={c.z:+.1f}" for c in v.explanation)
+    return (
+        f"{v.line}/{v.machine_id:<8} seq={v.seq % 100000:>5} "
+        f"[{style}]{v.status:<6}[/] score {v.score:.3f} {relation} threshold {v.threshold:.3f}"
+        f" {v.latency_ms:6.2f} ms{why}"
+    )
+
+
+def model_switch_line(previous: str | None, current: str) -> str | None:
+    """The line announcing that verdicts now come from another model (None: no switch)."""
+    if previous is None or previous == current:
+        return None
+    return f"[bold cyan]*** model switched: {previous} -> {current}[/]"
+
+
+def mosquitto_sub_command(port: int, secrets_dir: Path, topic_filter: str) -> str:
+    """The command that shows the verdicts, for a shell: one line, nothing to expand."""
+    password = shlex.quote(str(secrets_dir / "viewer.password"))
+    return (
+        f'mosquitto_sub -h 127.0.0.1 -p {port} -u viewer -P "$(cat {password})" '
+        f"-t {shlex.quote(topic_filter)} -v"
+    )
+
+
+def write_hint(workdir: Path, command: str) -> Path:
+    """Save ``command`` as an executable script in the run directory; return its path."""
+    script = workdir / "mosquitto_sub.sh"
+    script.write_text(
+        "#!/bin/sh\n# Watch the demo's verdicts yourself; extra options (-C 5) are passed on.\n"
+        f'exec {command} "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def _print_hint(command: str, script: Path) -> None:
+    # Plain print, not rich: rich wraps long lines at the console width (80 in a pipe),
+    # which broke the command inside $(cat ...). One line each, copy-safe.
+    print(f"watch verdicts yourself:\n  {command}\n  (or: sh {script})", flush=True)
+
+
 def _show(console: Console) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
+    model: dict[str, str] = {}
+
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic.endswith("/event"):
             try:
@@ -55,16 +107,11 @@ def _show(console: Console) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], No
             v = Verdict.model_validate_json(msg.payload)
         except ValueError:
             return
-        style = "bold red" if v.status == "ALERT" else "green"
-        why = ""
-        if v.explanation:
-            why = "  " + ", ".join(f"{c.feature} z={c.z:+.1f}" for c in v.explanation)
-        console.print(
-            f"{v.line}/{v.machine_id:<8} seq={v.seq % 100000:>5} "
-            f"[{style}]{v.status:<6}[/] score={v.score:.3f} (>{v.threshold:.3f})"
-            f" {v.latency_ms:6.2f} ms{why}",
-            highlight=False,
-        )
+        switch = model_switch_line(model.get("version"), v.model_version)
+        model["version"] = v.model_version
+        if switch is not None:
+            console.print(switch, highlight=False)
+        console.print(verdict_line(v), highlight=False, soft_wrap=True)  # one line per verdict
 
     return on_message
 
@@ -112,13 +159,13 @@ def run_demo(
         )
         children.append(sensors)
         topics = Topics(BrokerSettings().topic_root)
-        console.print(
-            f"[bold]watch verdicts yourself:[/] mosquitto_sub -h 127.0.0.1 -p {broker.port} "
-            f'-u viewer -P "$(cat {secrets_dir / "viewer.password"})" '
-            f"-t '{topics.alerts_filter}' -v      (logs in {workdir})"
-        )
+        hint = mosquitto_sub_command(broker.port, secrets_dir, topics.alerts_filter)
+        hint_file = write_hint(workdir, hint)
+        progress(f"logs in {workdir}; the command to watch verdicts is in {hint_file}")
+        # As `monitor`, not `viewer`: a login is a client id (one connection per account), and
+        # `viewer` is left to the mosquitto_sub above or `factorywatch watch`.
         settings = BrokerSettings().with_overrides(
-            port=broker.port, username="viewer", secrets_dir=secrets_dir
+            port=broker.port, username="monitor", secrets_dir=secrets_dir
         )
         viewer = fwmqtt.new_client(settings, f"demo-viewer-{os.getpid()}")
         waiter = fwmqtt.ConnectWaiter()
@@ -130,6 +177,7 @@ def run_demo(
         viewer.on_connect = on_connect
         viewer.on_message = _show(console)
         fwmqtt.connect(viewer, settings, waiter)
+        _print_hint(hint, hint_file)
         deadline = None if args.duration is None else time.monotonic() + args.duration
         while not stop.wait(0.5):
             if deadline is not None and time.monotonic() > deadline:

@@ -25,9 +25,12 @@ DeadLetterReason = Literal[
     "schema",  # wrong shape, types, missing or unknown keys
     "topic_mismatch",  # payload machine/line differs from the (trusted) topic
     "unknown_machine",  # not in the detector's registry, when one is configured
+    "unauthorized_machine",  # registered, but the sender (topic) may not speak for it
     "clock_skew",  # event time too far from the detector's clock
     "missing_channel",  # lacks a channel the model needs
     "duplicate_id",  # a reading id already seen with different content (e.g. a reused seq)
+    "invalid_protobuf",  # not a Sparkplug B protobuf payload
+    "no_birth",  # Sparkplug data before its birth certificate (a rebirth was requested)
 ]
 DEAD_LETTER_REASONS: Final[tuple[str, ...]] = DeadLetterReason.__args__  # type: ignore[attr-defined]
 

@@ -99,20 +99,29 @@ def connect_properties(session_expiry_s: int | None) -> Properties:
     return props
 
 
+# CONNACK reason codes of a refused login: bad user name or password (0x86), not
+# authorised (0x87); paho maps MQTT 3.1.1's return codes 4 and 5 to these.
+LOGIN_REFUSED: Final = frozenset({0x86, 0x87})
+
+
 class ConnectWaiter:
     """Records CONNACK outcomes so start-up can wait for the first successful connect."""
 
     def __init__(self) -> None:
         self.connected = threading.Event()
+        self.answered = threading.Event()  # a CONNACK came back, accepting or refusing
         self.last_reason: str | None = None
+        self.login_refused = False
 
     def record(self, reason_code: ReasonCode) -> None:
         """Call from ``on_connect``."""
         self.last_reason = str(reason_code)
         if reason_code.is_failure:
             self.connected.clear()
+            self.login_refused = reason_code.value in LOGIN_REFUSED
         else:
             self.connected.set()
+        self.answered.set()
 
 
 def connect(
@@ -154,20 +163,36 @@ def connect(
                 ) from exc
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+    # Wait for the first CONNACK: a refused login is final (paho would retry it forever).
     if threaded:
         client.loop_start()
-        accepted = waiter.connected.wait(timeout_s)
+        waiter.answered.wait(timeout_s)
     else:  # the caller runs client.loop() itself; run it here until the CONNACK
         deadline = time.monotonic() + timeout_s
-        while not waiter.connected.is_set() and time.monotonic() < deadline:
+        while not waiter.answered.is_set() and time.monotonic() < deadline:
             client.loop(timeout=0.1)
-        accepted = waiter.connected.is_set()
-    if not accepted:
+    if not waiter.connected.is_set():
         if threaded:
             client.loop_stop()
         client.disconnect()
+        where = f"broker {settings.host}:{settings.port}"
+        if waiter.login_refused and settings.username is None:
+            raise BrokerError(
+                f"{where} did not accept the connection ({waiter.last_reason}): it wants a "
+                "login; set FACTORYWATCH_MQTT_USERNAME and its password "
+                "(FACTORYWATCH_MQTT_PASSWORD[_FILE] or --secrets-dir)"
+            )
+        if waiter.login_refused:
+            user = settings.username
+            raise BrokerError(
+                f"{where} did not accept the login of user {user!r} ({waiter.last_reason}). "
+                f"If {user!r} is new, create it: `factorywatch broker add-user {user}`, "
+                "then reload the broker: `docker compose kill -s SIGHUP broker` (or "
+                "`kill -HUP` the `factorywatch broker serve` process); else check its password "
+                "(FACTORYWATCH_MQTT_PASSWORD[_FILE] or FACTORYWATCH_MQTT_SECRETS_DIR)"
+            )
         raise BrokerError(
-            f"broker {settings.host}:{settings.port} did not accept the connection "
+            f"{where} did not accept the connection "
             f"(last reason: {waiter.last_reason or 'no CONNACK'})"
         )
 
@@ -183,10 +208,12 @@ def connected_client(
     return client
 
 
-def check_size(payload: bytes) -> bytes:
-    """Refuse oversize payloads before ``publish()`` (the broker's refusal kills paho)."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise PayloadError("oversize", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+def check_size(payload: bytes, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """Refuse oversize payloads before ``publish()``: a reading over 64 KiB, or with
+    ``limit=MAX_BATCH_BYTES`` a gateway's batch over 512 KiB (the broker's own limit, whose
+    refusal makes paho drop the connection and resend the same message for ever)."""
+    if len(payload) > limit:
+        raise PayloadError("oversize", f"{len(payload)} bytes > {limit}")
     return payload
 
 

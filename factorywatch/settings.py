@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from factorywatch.contracts import DEFAULT_MAX_FUTURE_SKEW_S
 from factorywatch.topics import DEFAULT_ROOT
 
 # Relative paths: data, models and state live under the working directory (the project
@@ -95,6 +96,11 @@ class DataSettings(_Settings):
     )
     data_dir: Path = DEFAULT_DATA_DIR
     model_dir: Path = DEFAULT_MODEL_DIR
+    dataset_dir: Path | None = Field(
+        default=None,
+        description="a (read-only) folder searched for the dataset before data_dir; compose "
+        "mounts the host's ./data here",
+    )
 
 
 class DetectorSettings(_Settings):
@@ -107,7 +113,19 @@ class DetectorSettings(_Settings):
     client_id: str = "factorywatch-detector"
     session_expiry_s: Annotated[int, Field(ge=0)] = 24 * 3600
     batch_max: Annotated[int, Field(ge=1, le=10_000)] = 256
-    max_clock_skew_s: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
+    max_clock_skew_s: Annotated[float, Field(gt=0)] = Field(
+        default=7 * 24 * 3600.0, description="how far in the PAST a reading's ts may be"
+    )
+    max_future_skew_s: Annotated[float, Field(gt=0)] = Field(
+        default=DEFAULT_MAX_FUTURE_SKEW_S,
+        description="how far AHEAD of the detector's clock a reading's ts may be",
+    )
+    registry_file: Path | None = Field(
+        default=None,
+        description="account registry (default: <secrets dir>/registry.json when logging in "
+        "with a secrets dir); readings of unregistered machines or from senders that may "
+        "not speak for them are dead-lettered",
+    )
     dedup_size: Annotated[int, Field(ge=0)] = 100_000
     explain_top_k: Annotated[int, Field(ge=0, le=16)] = 3
     reload_interval_s: Annotated[float, Field(gt=0)] = 5.0
@@ -150,6 +168,32 @@ class DetectorSettings(_Settings):
     )
     snapshot_every_s: Annotated[float, Field(gt=0)] = Field(
         default=30.0, description="how often the whole state is written as a fresh snapshot"
+    )
+    sparkplug: bool = Field(
+        default=False,
+        description="also read Sparkplug B edge nodes (spBv1.0/...) as a host application",
+    )
+    sparkplug_groups: str | None = Field(
+        default=None, description="comma-separated Sparkplug group ids to read (default: all)"
+    )
+    sparkplug_reorder_timeout_s: Annotated[float, Field(gt=0, le=600)] = Field(
+        default=2.0,
+        description="how long a gap in an edge node's sequence numbers may stay open before "
+        "the detector asks the node for a rebirth",
+    )
+    sparkplug_rebirth_backoff_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=5.0, description="least time between two rebirth requests to one edge node"
+    )
+    sparkplug_out: bool = Field(
+        default=False,
+        description="also publish every machine's verdict and alert state as Sparkplug B "
+        "metrics of the detector's own edge node (the JSON alerts tree stays)",
+    )
+    sparkplug_out_group: str = Field(
+        default="factorywatch", description="Sparkplug group id of the detector's edge node"
+    )
+    sparkplug_out_node: str | None = Field(
+        default=None, description="Sparkplug edge node id of the detector (default: client id)"
     )
 
 

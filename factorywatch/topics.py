@@ -9,6 +9,7 @@ Layout under a configurable root (default ``factory``)::
                                                machine offline / online
     <root>/alerts/<line>/<machine>/state       retained current state (NORMAL / ALERT / OFFLINE)
     <root>/commands/<line>/<machine>/ack       an operator acknowledges the open alert
+    <root>/commands/<line>/<machine>/feedback  an operator labels an alert (e.g. false alarm)
     <root>/deadletter/<line>/<machine>         rejected payloads with a reason
     <root>/status/<role>/<client>              retained online/offline status (last will);
                                                a sensor's client is its machine id
@@ -120,6 +121,10 @@ class Topics:
         return f"{self.root}/status/{check_id(role, 'role')}/{check_id(client, 'client id')}"
 
     # -- alert lifecycle: events, retained state, acknowledgements --------------------------
+    def lease(self, role: str, client: str) -> str:
+        """Retained lease of the process holding an identity (factorywatch.fencing)."""
+        return f"{self.status(role, client)}/lease"
+
     def event(self, line: str, machine: str) -> str:
         """Topic of one machine's alert transitions (raised, cleared, offline, ...)."""
         return f"{self._alerts(line, machine)}/event"
@@ -158,6 +163,23 @@ class Topics:
             raise PayloadError("bad_topic", f"not an ack topic: {topic!r}")
         return parts[0], parts[1]
 
+    def feedback(self, line: str, machine: str) -> str:
+        """Command topic an operator labels one machine's alert on (e.g. a false alarm)."""
+        machine = check_id(machine, "machine id")
+        return f"{self.root}/commands/{check_id(line, 'line')}/{machine}/feedback"
+
+    @property
+    def feedback_filter(self) -> str:
+        """Subscription filter matching every machine's feedback commands."""
+        return f"{self.root}/commands/+/+/feedback"
+
+    def parse_feedback(self, topic: str) -> tuple[str, str]:
+        """Return ``(line, machine)`` of a feedback command topic or raise ``PayloadError``."""
+        parts = self._levels(topic, "commands", 3)
+        if parts is None or parts[2] != "feedback":
+            raise PayloadError("bad_topic", f"not a feedback topic: {topic!r}")
+        return parts[0], parts[1]
+
     @property
     def sensor_status_filter(self) -> str:
         """Filter matching every sensor's retained status (its last will says ``offline``)."""
@@ -191,3 +213,74 @@ def _parse_telemetry(root: str, topic: str) -> tuple[str, str]:
     if len(parts) != 2 or not all(_ID_RE.fullmatch(p) for p in parts):
         raise PayloadError("bad_topic", f"not a telemetry topic: {topic!r}")
     return parts[0], parts[1]
+
+
+# -- Sparkplug B (spBv1.0) ------------------------------------------------------------------
+#: The Sparkplug B topic namespace: ``spBv1.0/<group>/<type>/<edge node>[/<device>]``.
+SPARKPLUG_NAMESPACE = "spBv1.0"
+#: Message types a host application reads (births, deaths, data) and the node commands it
+#: sends (``NCMD``: a rebirth request). ``STATE`` is the host applications' own topic.
+SPARKPLUG_NODE_TYPES = frozenset({"NBIRTH", "NDEATH", "NDATA", "NCMD"})
+SPARKPLUG_DEVICE_TYPES = frozenset({"DBIRTH", "DDEATH", "DDATA", "DCMD"})
+_SPARKPLUG_INPUT_TYPES = ("NBIRTH", "NDEATH", "NDATA", "DBIRTH", "DDEATH", "DDATA")
+
+
+@dataclass(frozen=True, slots=True)
+class SparkplugTopic:
+    """A parsed Sparkplug B topic; ``device`` is None for node-level messages."""
+
+    group: str
+    kind: str
+    node: str
+    device: str | None = None
+
+    def __str__(self) -> str:
+        tail = f"/{self.device}" if self.device is not None else ""
+        return f"{SPARKPLUG_NAMESPACE}/{self.group}/{self.kind}/{self.node}{tail}"
+
+
+def _sparkplug_level(value: str, what: str) -> str:
+    if not value or any(c in value for c in "/+#"):
+        raise ValueError(f"invalid Sparkplug {what} {value!r}: non-empty, without '/', '+', '#'")
+    return value
+
+
+def sparkplug_topic(group: str, kind: str, node: str, device: str | None = None) -> str:
+    """The topic of a Sparkplug message (``kind``: NBIRTH, DDATA, NCMD, ...)."""
+    if kind not in SPARKPLUG_NODE_TYPES | SPARKPLUG_DEVICE_TYPES:
+        raise ValueError(f"unknown Sparkplug message type {kind!r}")
+    if (device is None) != (kind in SPARKPLUG_NODE_TYPES):
+        raise ValueError(f"{kind} is a {'device' if device is None else 'node'} message type")
+    topic = SparkplugTopic(
+        _sparkplug_level(group, "group id"),
+        kind,
+        _sparkplug_level(node, "edge node id"),
+        None if device is None else _sparkplug_level(device, "device id"),
+    )
+    return str(topic)
+
+
+def parse_sparkplug(topic: str) -> SparkplugTopic:
+    """Parse a Sparkplug B node or device topic, or raise ``PayloadError`` (``bad_topic``)."""
+    parts = topic.split("/")
+    if len(parts) in (4, 5) and parts[0] == SPARKPLUG_NAMESPACE and all(parts):
+        kind = parts[2]
+        if len(parts) == 4 and kind in SPARKPLUG_NODE_TYPES:
+            return SparkplugTopic(parts[1], kind, parts[3])
+        if len(parts) == 5 and kind in SPARKPLUG_DEVICE_TYPES:
+            return SparkplugTopic(parts[1], kind, parts[3], parts[4])
+    raise PayloadError("bad_topic", f"not a Sparkplug B node or device topic: {topic!r}")
+
+
+def sparkplug_filters(groups: Sequence[str] | None = None) -> list[str]:
+    """What a Sparkplug host application subscribes to: births, deaths and data.
+
+    Every group, or only ``groups``. Commands (``NCMD``/``DCMD``) are left out, so a host's
+    own rebirth requests do not come back to it.
+    """
+    levels = [_sparkplug_level(g, "group id") for g in groups] if groups else ["+"]
+    return [
+        f"{SPARKPLUG_NAMESPACE}/{g}/{kind}/+" + ("/+" if kind.startswith("D") else "")
+        for g in levels
+        for kind in _SPARKPLUG_INPUT_TYPES
+    ]

@@ -127,13 +127,37 @@ def save(model_dir: Path, forest: IsolationForest, card: ModelCard) -> Path:
     return target
 
 
-def promote(model_dir: Path, version: str) -> None:
-    """Point ``current`` at ``version`` atomically (the detector picks it up live)."""
+def promote(model_dir: Path, version: str, *, scorer: ScorerKind = "fast") -> None:
+    """Point ``current`` at ``version`` atomically (the detector picks it up live).
+
+    The artifact is first loaded exactly as the detector loads it and scores one row
+    (``validate``): a model the detector could not load is never made current.
+    """
     if not (model_dir / version / CARD_FILE).is_file():
         raise ModelNotFoundError(f"no model {version} in {model_dir}")
+    validate(model_dir, version, scorer=scorer)
     tmp = model_dir / f".{CURRENT}.{os.getpid()}"
     tmp.write_text(version + "\n")
     tmp.replace(model_dir / CURRENT)
+
+
+def validate(model_dir: Path, version: str, *, scorer: ScorerKind = "fast") -> LoadedModel:
+    """Load ``version`` as the detector does and score its training centre; raise
+    ``ModelMismatchError`` when it cannot be used (corrupt card, arrays, or scores)."""
+    model = load(model_dir, version, scorer=scorer)
+    card = model.card
+    numbers = [card.threshold, *card.feature_center, *card.feature_scale]
+    if card.clear_threshold is not None:
+        numbers.append(card.clear_threshold)
+    if not all(np.isfinite(numbers)) or not (model.scale > 0).all():
+        raise ModelMismatchError(f"model {version}: card holds non-finite numbers or scales <= 0")
+    try:
+        scores = model.scorer.score(model.center.reshape(1, -1))
+    except (ValueError, IndexError) as exc:
+        raise ModelMismatchError(f"model {version} cannot score: {exc}") from exc
+    if not (np.isfinite(scores).all() and 0.0 < scores[0] <= 1.0):
+        raise ModelMismatchError(f"model {version} scores {scores.tolist()}, not in (0, 1]")
+    return model
 
 
 def current_version(model_dir: Path) -> str | None:

@@ -85,6 +85,7 @@ class FlatForest:
         self.denominator = denominator
         if children.shape[0] >= np.iinfo(np.int32).max:
             raise ValueError(f"forest too large to flatten: {children.shape[0]} slots")
+        _check_structure(n_features, columns, cuts, children, values, roots, levels, denominator)
         # int32 slots: half the memory of intp, so more of the forest stays in cache.
         self._columns: SlotArray = columns.astype(np.int32)
         self._cuts = cuts
@@ -220,6 +221,38 @@ class FlatForest:
         """Rows ``[x, -x]`` (and ``|x|`` when some cut is +inf or NaN), as float32."""
         parts = (x32, -x32, np.abs(x32)) if self._uses_abs else (x32, -x32)
         return np.concatenate(parts, axis=-1)
+
+
+def _check_structure(  # noqa: PLR0917 - the arrays of one forest
+    n_features: int,
+    columns: IndexArray,
+    cuts: Float32Array,
+    children: IndexArray,
+    values: FloatArray,
+    roots: IndexArray,
+    levels: int,
+    denominator: float,
+) -> None:
+    """Refuse arrays the compiled walk would read out of bounds with (a corrupt file).
+
+    The walk has no bounds checks: a bad slot or column index would read (or crash on)
+    memory outside the forest, so every index is checked once, here.
+    """
+    slots = children.shape[0]
+    shapes = {a.shape for a in (columns, cuts, children, values)}
+    if n_features < 1 or len(shapes) != 1 or children.ndim != 1 or roots.ndim != 1:
+        raise ValueError(f"inconsistent forest arrays: {n_features} features, shapes {shapes}")
+    in_range = (
+        (slots == 0 or (children.min() >= 0 and children.max() < slots))
+        and (roots.size == 0 or (roots.min() >= 0 and roots.max() < slots))
+        and (slots == 0 or (columns.min() >= 0 and columns.max() < 3 * n_features))
+    )
+    if not in_range:
+        raise ValueError("forest arrays hold slot or column indices out of range")
+    if not (0 <= levels <= slots and np.isfinite(values).all()):
+        raise ValueError(f"forest has {levels} levels or non-finite path lengths")
+    if not (np.isfinite(denominator) and denominator >= 0.0):
+        raise ValueError(f"forest denominator {denominator} is not a finite number >= 0")
 
 
 @numba.njit(nogil=True, cache=False)

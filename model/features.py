@@ -48,6 +48,9 @@ _LIMITS: Final = np.array([OVERSTRAIN_LIMIT[t] for t in PRODUCT_TYPES])
 _TINY_POWER_W: Final = 1e-9
 
 PRODUCT_TYPE_COLUMN: Final = "product_type_code"
+# Where an overflowing (or huge raw) feature saturates: the largest float32, the precision
+# the forest compares in (scikit-learn's trees and FlatForest cast to float32).
+FEATURE_LIMIT: Final = float(np.finfo(np.float32).max)
 
 
 def _temp_diff(c: Columns) -> FloatArray:
@@ -152,6 +155,19 @@ def compute_features(columns: Columns, features: Sequence[str]) -> FloatArray:
     """Return the ``(n, len(features))`` matrix of ``features`` from channel columns.
 
     ``columns`` maps channel names (and ``product_type_code``) to equal-length float arrays.
+    Every value is finite and fits a float32: a feature that overflows (torque 1e308 times a
+    speed) or is beyond ``FEATURE_LIMIT`` saturates there with its sign (NaN counts as
+    +``FEATURE_LIMIT``: as far from normal as a value can be).
     """
-    out = [DERIVED[name][0](columns) if name in DERIVED else columns[name] for name in features]
-    return np.column_stack(out).astype(np.float64, copy=False)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        out = [DERIVED[name][0](columns) if name in DERIVED else columns[name] for name in features]
+    matrix = np.column_stack(out).astype(np.float64, copy=False)
+    return saturate(matrix)
+
+
+def saturate(values: FloatArray) -> FloatArray:
+    """``values`` clipped to +-``FEATURE_LIMIT``, NaN as +``FEATURE_LIMIT`` (copied if needed)."""
+    with np.errstate(invalid="ignore"):
+        if (np.abs(values) <= FEATURE_LIMIT).all():  # False for NaN and inf too
+            return values
+    return np.clip(np.nan_to_num(values, nan=FEATURE_LIMIT), -FEATURE_LIMIT, FEATURE_LIMIT)

@@ -50,9 +50,15 @@ def explain(
 ) -> list[list[tuple[int, float]]]:
     """Per row: indices and robust z-scores of the ``top_k`` features farthest from training.
 
-    One vectorised call for all rows of a ``(n_rows, n_features)`` matrix.
+    One vectorised call for all rows of a ``(n_rows, n_features)`` matrix. Every z is finite:
+    one that overflows (a saturated feature over a small scale) is saturated at the largest
+    float with its sign, so an explanation never carries ``null``.
     """
-    z = (rows - center) / scale
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = (rows - center) / scale
+    if not np.isfinite(z).all():
+        limit = float(np.finfo(np.float64).max)
+        z = np.nan_to_num(z, nan=limit, posinf=limit, neginf=-limit)
     order = np.argsort(-np.abs(z), axis=1, kind="stable")[:, :top_k]
     picked = np.take_along_axis(z, order, axis=1)
     return [

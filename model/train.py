@@ -93,6 +93,32 @@ def fit(
             "train_alert_rate": float(np.mean(train_scores > cut)),
             "train_score_p50": float(np.quantile(train_scores, 0.5)),
             "train_score_p99": float(np.quantile(train_scores, 0.99)),
+            **_label_figures(dataset, rows, train_scores, cut),
         },
     )
     return forest, card
+
+
+def _label_figures(
+    dataset: Dataset, rows: np.ndarray | None, scores: np.ndarray, cut: float
+) -> dict[str, float]:
+    """How the fitted model's alarms match the failure labels of its own training rows.
+
+    In-sample (labels were not used to fit): `models list` shows them beside each version;
+    `factorywatch evaluate` measures on a hold-out.
+    """
+    from sklearn.metrics import precision_score, recall_score, roc_auc_score  # noqa: PLC0415
+
+    from factorywatch.model.dataset import LABEL  # noqa: PLC0415
+
+    labels = dataset.frame[LABEL].to_numpy(dtype=np.int64)
+    if rows is not None:
+        labels = labels[rows]
+    if len(np.unique(labels)) < 2:  # both classes are needed for these figures
+        return {}
+    alarms = scores > cut
+    return {
+        "label_roc_auc": float(roc_auc_score(labels, scores)),
+        "label_precision": float(precision_score(labels, alarms, zero_division=0)),
+        "label_recall": float(recall_score(labels, alarms, zero_division=0)),
+    }

@@ -15,9 +15,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
+from pydantic import ValidationError
 
 from factorywatch import mqtt as fwmqtt
-from factorywatch.contracts import ClientStatus, Telemetry
+from factorywatch.contracts import ClientStatus, DeadLetter, Telemetry
 from factorywatch.errors import PayloadError
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
@@ -34,6 +35,8 @@ class PublishStats:
     refused: int = 0
     buffer_full: int = 0
     oversize: int = 0
+    #: readings the detector dead-lettered (heard on the machine's own dead-letter topic)
+    rejected: int = 0
 
     def add(self, other: PublishStats) -> None:
         """Accumulate another machine's figures."""
@@ -63,8 +66,11 @@ class SensorPublisher:
         self._waiter = fwmqtt.ConnectWaiter()
         self._lock = threading.Lock()
         self._status_mids: set[int] = set()
+        self._deadletters = f"{self.topics.root}/deadletter/+/{machine_id}"
+        self.rejections: dict[str, int] = {}  # dead-letter reason -> count
         self.client.on_connect = self._on_connect
         self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_deadletter
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._waiter.record(reason)
@@ -78,6 +84,29 @@ class SensorPublisher:
         info = client.publish(self._status_topic, online.encode(), qos=fwmqtt.QOS, retain=True)
         with self._lock:
             self._status_mids.add(info.mid)
+        # The detector's word on this machine's rejected readings (the ACL lets a machine read
+        # only its own dead letters): nothing it refuses goes unnoticed by the sensor.
+        client.subscribe(self._deadletters, qos=0)
+
+    def _on_deadletter(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            letter = DeadLetter.model_validate_json(msg.payload)
+        except ValidationError:
+            return
+        with self._lock:
+            self.stats.rejected += 1
+            self.rejections[letter.reason] = self.rejections.get(letter.reason, 0) + 1
+        remedy = (
+            " (a reused sequence number: restart the sensor with a new --seq-start)"
+            if letter.reason == "duplicate_id"
+            else ""
+        )
+        log.warning(
+            "reading_rejected",
+            machine_id=self.machine_id,
+            reason=letter.reason,
+            detail=letter.detail[:200] + remedy,
+        )
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         with self._lock:

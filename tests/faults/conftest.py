@@ -391,6 +391,7 @@ class DetectorRunner:
         self.first_verdict_s: list[float] = []
         self.subscribed_s: list[float] = []
         self._marker: str | None = None
+        self.env: dict[str, str] | None = None  # detector settings for every start
 
     @property
     def current(self) -> Proc:
@@ -400,7 +401,7 @@ class DetectorRunner:
     def start(self) -> float:
         """Start a detector, wait until it subscribed; return when it was spawned (monotonic)."""
         spawned = time.monotonic()
-        self.procs.append(self._start(client_id=DETECTOR_ID))
+        self.procs.append(self._start(client_id=DETECTOR_ID, env=self.env))
         self.subscribed_s.append(round(time.monotonic() - spawned, 3))
         return spawned
 

@@ -15,8 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
+from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Telemetry
 from factorywatch.detector.checkpoint import FileCheckpoint
+from factorywatch.sensors.publisher import SensorPublisher
+from factorywatch.settings import BrokerSettings
+from factorywatch.topics import Topics
 from tests.faults.conftest import (
     DETECTOR_ID,
     DetectorRunner,
@@ -27,7 +32,7 @@ from tests.faults.conftest import (
     VerdictCollector,
     tally,
 )
-from tests.support import Proc
+from tests.support import Collector, Proc
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -483,3 +488,119 @@ def test_sensor_acknowledged_count_stays_exact_across_a_broker_restart(
     assert tracked == stream.stats.sent == 200
     assert stream.reconnects == 1
     assert stream.stats.acknowledged == tracked  # fails: 201 (one reconnect, one extra status)
+
+
+# -- an open alert across a detector crash -------------------------------------------------------
+ALERT_MACHINE = "crash-1"
+ALERT_ENV = {
+    "FACTORYWATCH_DETECTOR_ALERT_K": "2",
+    "FACTORYWATCH_DETECTOR_ALERT_N": "3",
+    "FACTORYWATCH_DETECTOR_ALERT_M": "3",
+    "FACTORYWATCH_DETECTOR_ALERT_CLEAR_SCORE": "0.99",
+}
+NORMAL_READING = {
+    "air_temperature_k": 300.0,
+    "process_temperature_k": 310.0,
+    "rotational_speed_rpm": 1500.0,
+    "torque_nm": 40.0,
+    "tool_wear_min": 100.0,
+}
+
+
+def _alert_reading(seq: int, *, anomalous: bool) -> Telemetry:
+    """A reading of the crash machine; anomalous ones are far outside the training envelope."""
+    readings = {**NORMAL_READING, "torque_nm": 400.0} if anomalous else NORMAL_READING
+    return Telemetry(
+        machine_id=ALERT_MACHINE,
+        line="line1",
+        seq=seq,
+        ts=time.time(),
+        product_type="M",
+        readings=readings,
+    )
+
+
+def _alert_events(col: Collector) -> list[AlertEvent]:
+    return [
+        AlertEvent.model_validate_json(m.payload)
+        for m in col.matching(lambda m: m.topic.endswith(f"/{ALERT_MACHINE}/event"))
+    ]
+
+
+def test_detector_kill9_with_an_open_acknowledged_alert_clears_it_after_restart(
+    detectors: DetectorRunner,
+    verdicts: VerdictCollector,
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+    broker: LocalBroker,
+    fault_report: FaultReport,
+) -> None:
+    """An alert raised and acknowledged before kill -9 is still open and acknowledged after the
+    restart, and normal readings then clear it with ALERT_CLEARED (same alert id)."""
+    started = time.monotonic()
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter)
+    detectors.env = ALERT_ENV
+    detectors.start()
+    pub = SensorPublisher(settings, ALERT_MACHINE, buffer_size=1000)
+    pub.start()
+    for seq in range(6):
+        pub.publish(_alert_reading(seq, anomalous=seq >= 3))
+    col.wait_for(lambda m: m.topic.endswith(f"/{ALERT_MACHINE}/event"), count=1)
+    raised = [e for e in _alert_events(col) if e.event == "ALERT_RAISED"]
+    assert len(raised) == 1
+    operator = fwmqtt.connected_client(settings, "operator-ana")
+    ack = AckCommand(machine_id=ALERT_MACHINE, by="ana", alert_id=raised[0].alert_id)
+    operator.publish(topics.ack("line1", ALERT_MACHINE), ack.encode(), qos=1).wait_for_publish(10)
+    col.wait_for(lambda m: m.topic.endswith(f"/{ALERT_MACHINE}/event"), count=2)
+    assert [e.event for e in _alert_events(col)] == ["ALERT_RAISED", "ALERT_ACKNOWLEDGED"]
+    verdicts.wait_unique(6, timeout=30)
+
+    detectors.kill()
+    killed_at = time.time()
+    detectors.start()
+    pub.publish(_alert_reading(6, anomalous=True))
+    state_topic = topics.state("line1", ALERT_MACHINE)
+    after = col.wait_for(lambda m: m.topic == state_topic and m.at > killed_at, count=1)
+    assert after, "the restarted detector published no state for the machine"
+    state = MachineState.model_validate_json(after[0].payload)
+    assert (state.state, state.alert_id, state.acknowledged_by) == (
+        "ALERT",
+        raised[0].alert_id,
+        "ana",
+    )
+    for seq in range(7, 12):
+        pub.publish(_alert_reading(seq, anomalous=False))
+    cleared = col.wait_for(
+        lambda m: m.topic.endswith(f"/{ALERT_MACHINE}/event") and b"ALERT_CLEARED" in m.payload
+    )
+    assert cleared, "no ALERT_CLEARED after the restart"
+    events = _alert_events(col)
+    # At-least-once: an event whose confirmation the crash cut off is sent again (same id).
+    distinct = list(dict.fromkeys((e.event, e.alert_id) for e in events))
+    assert distinct == [
+        (kind, raised[0].alert_id)
+        for kind in ("ALERT_RAISED", "ALERT_ACKNOWLEDGED", "ALERT_CLEARED")
+    ]
+    sent: set[Key] = {(ALERT_MACHINE, s) for s in range(12)}
+    verdicts.wait_covering(sent, timeout=60)
+    pub.close()
+    operator.loop_stop()
+    operator.disconnect()
+    detectors.stop()
+    fig = fault_report.add(
+        tally(
+            "detector kill -9 with an open acknowledged alert",
+            sent=sent,
+            acked=sent,
+            collector=verdicts,
+            broker=broker,
+            crashes=detectors.crashes,
+            started=started,
+            first_verdict_s=detectors.first_verdict_s,
+            cleared_after_restart=1,
+            acknowledgement_kept=1,
+            events_sent_again=len(events) - len(distinct),
+        )
+    )
+    _assert_promise_kept(fig)

@@ -1,8 +1,8 @@
-"""docker-compose.yml and the Dockerfile, checked statically and their commands run for real.
+"""docker-compose.yml and the Dockerfiles, checked statically and their commands run locally.
 
-No Docker engine runs here, so every command a container would run is run by these tests as
-a local process against a real Mosquitto with the same config file the broker container
-mounts.
+These need no Docker engine: every command a container runs is run here as a local process
+against a real Mosquitto with the config file the broker container uses. The live
+`docker compose up` is tests/compose/test_compose.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ from tests.conftest import DatasetChoice
 from tests.support import PROJECT_DIR, Collector, Proc
 
 COMPOSE = PROJECT_DIR / "docker-compose.yml"
-DOCKERFILE = PROJECT_DIR / "detector" / "Dockerfile"
+APP_DOCKERFILE = PROJECT_DIR / "docker" / "Dockerfile"
+BROKER_DOCKERFILE = PROJECT_DIR / "docker" / "broker.Dockerfile"
+BASE = "debian:bookworm-slim"
+SECRETS = "${FACTORYWATCH_SECRETS:-./secrets}"
 
 
 def _compose() -> dict[str, Any]:
@@ -36,74 +39,150 @@ def _compose() -> dict[str, Any]:
     return loaded
 
 
-def _dockerfile() -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+def _dockerfile(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
     lines = [
         ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")
     ]
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
 
 
-def test_compose_declares_broker_detector_and_three_sensors() -> None:
-    """The compose file has the secured broker with a healthcheck and the roles waiting for it."""
+def _mount(volume: str) -> tuple[str, str]:
+    """(container path, source) of a short volume spec such as ``./a:/b:ro``."""
+    source, target = volume.removesuffix(":ro").rsplit(":", 1)
+    return target, source
+
+
+def _stages(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Instructions per build stage (a stage without a name is called ``final``)."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for op, arg in _dockerfile(path):
+        if op == "FROM":
+            parts = arg.split()
+            current = [(op, arg)]
+            stages[parts[2] if len(parts) == 3 else "final"] = current
+        else:
+            current.append((op, arg))
+    return stages
+
+
+def test_compose_declares_broker_train_detector_and_three_sensors() -> None:
+    """Broker, one-shot train, detector and three machines, in order, secrets never committed."""
     compose = _compose()
     services = compose["services"]
     broker = services["broker"]
-    assert broker["image"] == "eclipse-mosquitto:2"
+    assert broker["build"]["dockerfile"] == "docker/broker.Dockerfile"
     assert broker["healthcheck"]["test"][0] == "CMD-SHELL"
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in broker["volumes"]}
+    mounts = dict(_mount(v) for v in broker["volumes"])
     assert (PROJECT_DIR / mounts["/mosquitto/config/mosquitto.conf"]).resolve() == (
         PROJECT_DIR / "broker" / "mosquitto.conf"
     )
-    assert (PROJECT_DIR / mounts["/mosquitto/config/acl"]).resolve() == PROJECT_DIR / "broker/acl"
-    assert "/mosquitto/data" in mounts, "broker persistence lives on a volume"
+    # The ACL is broker/acl plus the registry's per-account blocks (broker init).
+    assert mounts["/mosquitto/config/acl"] == "${FACTORYWATCH_SECRETS:-./secrets}/acl"
+    assert mounts["/mosquitto/data"] == "broker-data", "broker persistence lives on a volume"
+    train = services["train"]
+    assert train["build"]["target"] == "train"
+    assert train["command"] == ["factorywatch", "train", "--if-missing"]
+    assert train["restart"] == "no"
+    detector = services["detector"]
+    assert detector["build"]["target"] == "runtime"
+    assert detector["command"] == ["factorywatch", "detect"]
+    assert detector["depends_on"] == {
+        "broker": {"condition": "service_healthy"},
+        "train": {"condition": "service_completed_successfully"},
+    }
     sensors = [name for name in services if name.startswith("sensor-")]
     assert len(sensors) == 3
     declared = compose["secrets"]
     for name in ["detector", *sensors]:
         svc = services[name]
-        depends = svc.get("depends_on", compose["x-factorywatch"]["depends_on"])
-        wanted = "broker" if name == "detector" else "detector"
-        assert depends[wanted]["condition"] == "service_healthy"
         assert svc["environment"]["FACTORYWATCH_MQTT_HOST"] == "broker"
         assert svc["command"][0] == "factorywatch"
+        assert svc["image"] == "factorywatch:latest", "the runtime image, without the train extra"
         for secret in svc["secrets"]:
             assert secret["source"] in declared
-            assert declared[secret["source"]]["file"].startswith("./secrets/"), "never committed"
+            assert declared[secret["source"]]["file"].startswith(f"{SECRETS}/"), "never committed"
     for sensor in sensors:
-        env = services[sensor]["environment"]
-        assert env["FACTORYWATCH_MQTT_PORT"] == "8883", "machines talk TLS"
-    assert services["detector"]["build"]["dockerfile"] == "detector/Dockerfile"
-    assert (
-        PROJECT_DIR / services["detector"]["build"]["context"] / "detector/Dockerfile"
-    ).is_file()
+        assert services[sensor]["depends_on"]["detector"]["condition"] == "service_healthy"
+        assert services[sensor]["environment"]["FACTORYWATCH_MQTT_PORT"] == "8883", "TLS"
     named = set(compose["volumes"])
     used = {
-        v.split(":")[0]
+        _mount(v)[1]
         for svc in services.values()
         for v in svc.get("volumes", [])
-        if not v.startswith(".")
+        if not v.startswith((".", "$"))
     }
     assert used <= named, "every named volume is declared"
     ignored = (PROJECT_DIR / ".gitignore").read_text().splitlines()
     assert "/secrets/" in ignored
 
 
-def test_dockerfile_is_slim_non_root_and_copies_what_exists() -> None:
-    """The image is python:3.11-slim, runs as a non-root user and copies real paths."""
-    instructions = _dockerfile()
-    assert instructions[0] == ("FROM", "python:3.11-slim")
-    users = [arg for op, arg in instructions if op == "USER"]
-    assert users, "the image sets a USER"
-    assert users[-1] not in {"root", "0"}
-    for op, arg in instructions:
-        if op == "COPY":
-            *sources, _dest = arg.split()
-            for src in sources:
-                assert (PROJECT_DIR / src).exists(), f"COPY source {src} is missing"
-    cmd = [arg for op, arg in instructions if op == "CMD"][-1]
-    compose_cmd = _compose()["services"]["detector"]["command"]
-    assert yaml.safe_load(cmd) == compose_cmd
+def test_compose_ports_default_to_loopback_and_avoid_1883() -> None:
+    """Every published port binds ${FACTORYWATCH_BIND:-127.0.0.1}, never the host's 1883."""
+    services = _compose()["services"]
+    published = [p for svc in services.values() for p in svc.get("ports", [])]
+    assert len(published) == 3
+    pattern = re.compile(
+        r"\$\{FACTORYWATCH_BIND:-([0-9.]+)\}:\$\{FACTORYWATCH_\w+_PORT:-(\d+)\}:\d+"
+    )
+    for mapping in published:
+        match = pattern.fullmatch(mapping)
+        assert match is not None, mapping
+        assert match.group(1) == "127.0.0.1", mapping
+        assert match.group(2) not in {"1883", "8883", "9108"}, mapping
+
+
+def test_every_container_is_hardened() -> None:
+    """Read-only root filesystem, no capabilities, no privilege escalation, for every service."""
+    for name, svc in _compose()["services"].items():
+        assert svc["read_only"] is True, name
+        assert svc["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in svc["security_opt"], name
+
+
+def test_dockerfiles_build_on_bookworm_slim_and_run_non_root() -> None:
+    """Every image starts FROM debian:bookworm-slim or an earlier stage and runs as non-root."""
+    for path in (APP_DOCKERFILE, BROKER_DOCKERFILE):
+        stages = _stages(path)
+        args = dict(
+            arg.split("=", 1) for op, arg in _dockerfile(path) if op == "ARG" and "=" in arg
+        )
+        assert args["BASE"] == BASE
+        for name, instructions in stages.items():
+            image = instructions[0][1].split()[0]
+            assert image == "${BASE}" or image in stages, f"{path.name} {name} FROM {image}"
+            for op, arg in instructions:
+                if op == "COPY" and not arg.startswith("--from"):
+                    for src in arg.split()[:-1]:
+                        assert (PROJECT_DIR / src).exists(), f"COPY source {src} is missing"
+    app = _stages(APP_DOCKERFILE)
+    compose = _compose()["services"]
+    for target, service in (("runtime", "detector"), ("train", "train")):
+        instructions = app[target]
+        users = [arg for op, arg in instructions if op == "USER"]
+        assert users, f"{target} sets a USER"
+        assert users[-1].split(":")[0] not in {"root", "0"}
+        cmd = [arg for op, arg in instructions if op == "CMD"][-1]
+        assert yaml.safe_load(cmd) == compose[service]["command"]
+    broker_users = [arg for op, arg in _stages(BROKER_DOCKERFILE)["final"] if op == "USER"]
+    assert broker_users == ["mosquitto"]
+
+
+def test_runtime_image_installs_only_the_core_dependencies() -> None:
+    """The runtime venv gets [project.dependencies]; only the train image gets the extra."""
+    app = _stages(APP_DOCKERFILE)
+    runtime_run = " ".join(arg for op, arg in app["venv-runtime"] if op == "RUN")
+    assert "-r /src/runtime.txt" in runtime_run
+    assert "train" not in runtime_run
+    assert ("COPY", "--from=venv-runtime /opt/venv /opt/venv") in app["runtime"]
+    assert ("COPY", "--from=venv-train /opt/venv /opt/venv") in app["train"]
+    # And the final stage (what a plain `docker build` makes) is the runtime one.
+    assert list(app)[-1] == "runtime"
+    for tool in ("gcc", "build-essential", "python3-pip", "python3-venv"):
+        for target in ("python", "runtime", "train"):
+            text = " ".join(arg for _op, arg in app[target])
+            assert tool not in text, f"{tool} in the {target} image"
 
 
 def _localise(
@@ -126,7 +205,7 @@ def _mount_secrets(
     """Do what compose does with `secrets:`: each source file appears as /run/secrets/<target>."""
     target_dir.mkdir(parents=True, exist_ok=True)
     for secret in svc.get("secrets", []):
-        source = compose["secrets"][secret["source"]]["file"].removeprefix("./secrets/")
+        source = compose["secrets"][secret["source"]]["file"].removeprefix(f"{SECRETS}/")
         (target_dir / secret["target"]).write_bytes((secrets_dir / source).read_bytes())
 
 
@@ -154,7 +233,7 @@ def test_every_container_command_runs_against_the_project_broker(
     test_data: DatasetChoice,
     tmp_path: Path,
 ) -> None:
-    """Detector (training on first start) and the three sensors, as compose runs them, secured."""
+    """Train (one-shot), detector and the three sensors, with compose's commands, secured."""
     compose = _compose()
     services = compose["services"]
     machines = [
@@ -165,6 +244,22 @@ def test_every_container_command_runs_against_the_project_broker(
     secrets_dir = tmp_path / "secrets"
     init_secrets(secrets_dir, tuple(machines))
     metrics_port = free_port()
+    volumes = {
+        "FACTORYWATCH_DATA_DIR": str(tmp_path / "data"),
+        "FACTORYWATCH_MODEL_DIR": str(tmp_path / "models"),
+        "FACTORYWATCH_DETECTOR_STATE_DIR": str(tmp_path / "state"),
+    }
+    train = services["train"]
+    train_env = {**volumes, **train["environment"]}
+    train_env["FACTORYWATCH_DATASET_DIR"] = str(test_data.path.parent)
+    if not test_data.verified:  # the synthetic stand-in is not under a name train looks for
+        train_env["FACTORYWATCH_DATASET"] = str(test_data.path)
+    extra = [] if test_data.verified else ["--no-verify"]
+    for _ in range(2):  # the second run finds the model and does nothing
+        proc = spawn(*train["command"][1:], *extra, env=train_env, name="train")
+        assert proc.process.wait(300) == 0, proc.log()[-2000:]
+    assert (tmp_path / "models" / "current").is_file(), "the one-shot train promoted a model"
+    assert "not training" in proc.log()
     with LocalBroker(tmp_path / "broker", secrets_dir=secrets_dir) as broker:
         viewer = BrokerSettings().with_overrides(
             port=broker.port, username="viewer", secrets_dir=secrets_dir
@@ -178,19 +273,10 @@ def test_every_container_command_runs_against_the_project_broker(
                 _mount_secrets(compose, svc, secrets_dir, run_secrets)
                 env = _localise(svc["environment"], svc, run_secrets, broker)
                 if name == "detector":
-                    env.update(
-                        {
-                            "FACTORYWATCH_DETECTOR_METRICS_PORT": str(metrics_port),
-                            "FACTORYWATCH_DATA_DIR": str(tmp_path / "data"),
-                            "FACTORYWATCH_MODEL_DIR": str(tmp_path / "models"),
-                            "FACTORYWATCH_DETECTOR_STATE_DIR": str(tmp_path / "state"),
-                            "FACTORYWATCH_DATASET": str(test_data.path),
-                        }
-                    )
-                    extra = [] if test_data.verified else ["--no-verify"]
-                    proc = spawn(*svc["command"][1:], *extra, env=env, name=name)
+                    env.update(volumes)
+                    env["FACTORYWATCH_DETECTOR_METRICS_PORT"] = str(metrics_port)
+                    proc = spawn(*svc["command"][1:], env=env, name=name)
                     proc.wait_log("telemetry_subscribed", timeout=180)
-                    assert (tmp_path / "models" / "current").is_file(), "trained on first start"
                     health = [
                         arg.replace("9108", str(metrics_port))
                         for arg in svc["healthcheck"]["test"][1:]

@@ -107,8 +107,9 @@ def test_prototype_scenario_normal_then_rpm_spike(
     spike = typical.model_copy(
         update={"seq": 10_001, "readings": {**typical.readings, "rotational_speed_rpm": 2800.0}}
     )
-    normal = [sim.next(now + i) for i in range(200)]
-    spikes = [sim.next(now + 300 + i, inject="rpm_spike") for i in range(20)]
+    # Event times in the recent past: more than 5 minutes ahead would be clock_skew.
+    normal = [sim.next(now - 400 + i) for i in range(200)]
+    spikes = [sim.next(now - 100 + i, inject="rpm_spike") for i in range(20)]
     _publish_all(settings, [*normal, *spikes, typical, spike], "proto-1")
     col.wait_for(lambda m: m.topic.endswith("/verdict"), count=222, timeout=30)
     by_seq = {v.seq: v for v in _verdicts(col)}

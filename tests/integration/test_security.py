@@ -21,7 +21,7 @@ from pydantic import SecretStr
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
-from factorywatch.credentials import init_secrets, read_password
+from factorywatch.credentials import add_user, init_secrets, read_password, register
 from factorywatch.errors import BrokerError, PayloadError
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
@@ -37,6 +37,9 @@ def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Users for every role and both machines, plus TLS certificates (made at test time)."""
     directory = tmp_path_factory.mktemp("secrets")
     init_secrets(directory, MACHINES)
+    # A login is a client id (one connection per account): the test's own observer.
+    register(directory, "monitor-tests", "monitor")
+    add_user(directory, "monitor-tests")
     return directory
 
 
@@ -117,7 +120,9 @@ def client(as_user: Callable[..., BrokerSettings]) -> Iterator[Callable[..., _Cl
 @pytest.fixture
 def monitor(as_user: Callable[..., BrokerSettings], topic_root: str) -> Iterator[Collector]:
     """A subscriber with read access to everything under the root."""
-    col = Collector(as_user("monitor"), [f"{topic_root}/#"], f"monitor-{uuid.uuid4().hex[:6]}")
+    col = Collector(
+        as_user("monitor-tests"), [f"{topic_root}/#"], f"monitor-{uuid.uuid4().hex[:6]}"
+    )
     yield col
     col.close()
 
@@ -128,7 +133,7 @@ def test_anonymous_clients_are_rejected(as_user: Callable[..., BrokerSettings]) 
     c = fwmqtt.new_client(settings, "anon")
     waiter = fwmqtt.ConnectWaiter()
     c.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
-    with pytest.raises(BrokerError, match="did not accept"):
+    with pytest.raises(BrokerError, match="wants a login"):
         fwmqtt.connect(c, settings, waiter, timeout_s=3)
     assert waiter.last_reason is not None
     assert "authori" in waiter.last_reason.lower()
@@ -140,7 +145,7 @@ def test_wrong_password_is_rejected(as_user: Callable[..., BrokerSettings]) -> N
     c = fwmqtt.new_client(settings, "wrong-pw")
     waiter = fwmqtt.ConnectWaiter()
     c.on_connect = lambda _c, _u, _f, rc, _p: waiter.record(rc)
-    with pytest.raises(BrokerError, match="did not accept"):
+    with pytest.raises(BrokerError, match="broker add-user detector"):
         fwmqtt.connect(c, settings, waiter, timeout_s=3)
 
 
@@ -199,7 +204,7 @@ def test_read_denial_subscribe_publish_nothing_arrives(
 ) -> None:
     """A machine subscribed to the alerts tree and a viewer to telemetry receive nothing."""
     topics = Topics(topic_root)
-    machine_sub = Collector(as_user("machine-a"), [topics.alerts_filter], "sub-machine-a")
+    machine_sub = Collector(as_user("machine-b"), [topics.alerts_filter], "sub-machine-b")
     viewer_sub = Collector(
         as_user("viewer"), [topics.alerts_filter, f"{topic_root}/telemetry/#"], "sub-viewer"
     )
@@ -304,3 +309,20 @@ def test_secure_pipeline_end_to_end_over_tls(
         assert forged.process.wait(60) != 0, "machine-b with machine-a's password must fail"
     finally:
         viewer.close()
+
+
+def test_a_machine_reads_its_own_dead_letters_and_nobody_elses(
+    as_user: Callable[..., BrokerSettings], client: Callable[..., _Client], topic_root: str
+) -> None:
+    """The ACL lets a sensor hear why its readings were refused, not another machine's."""
+    topics = Topics(topic_root)
+    machine_sub = Collector(as_user("machine-a"), [f"{topic_root}/deadletter/#"], "dl-machine-a")
+    try:
+        detector = client("detector")
+        # Published first by the same client: had it been readable, it would arrive first.
+        detector.publish(topics.deadletter("line1", "machine-b"), b"for-b")
+        detector.publish(topics.deadletter("line1", "machine-a"), b"for-a")
+        assert machine_sub.wait_for(lambda m: m.payload == b"for-a", timeout=10)
+        assert [m.payload for m in machine_sub.matching(lambda m: True)] == [b"for-a"]
+    finally:
+        machine_sub.close()

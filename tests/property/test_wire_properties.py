@@ -28,7 +28,13 @@ TOPIC = TOPICS.telemetry("line1", "mill-01")
 REASONS = set(DEAD_LETTER_REASONS) - {"unknown_machine"}
 FAST = settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 
-DECODER = Decoder(TOPICS, channels=AI4I_CHANNELS, max_clock_skew_s=SKEW, clock=lambda: NOW)
+DECODER = Decoder(
+    TOPICS,
+    channels=AI4I_CHANNELS,
+    max_clock_skew_s=SKEW,
+    max_future_skew_s=SKEW,
+    clock=lambda: NOW,
+)
 
 json_values = st.recursive(
     st.none()

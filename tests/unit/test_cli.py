@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import structlog
 
 from factorywatch.cli import build_parser, main
 
 SUBCOMMANDS = ["train", "evaluate", "models", "detect", "sensor", "replay", "watch", "demo"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Put structlog's defaults back after each test that ran main()."""
+    # main() points structlog at this test's captured stderr, which pytest closes afterwards;
+    # later in-process tests (tests/unit/test_engine_shell.py) then failed to log.
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -257,3 +257,29 @@ def test_narrow_terminal_keeps_machine_and_state_visible() -> None:
     assert "0.880" in row
     assert "▇███" in row  # the newest scores survive; the oldest are cropped
     assert all(len(ln) <= 80 for ln in text.splitlines())
+
+
+def test_machine_state_and_last_reading_are_labelled_apart() -> None:
+    """An ALERT reading on a NORMAL machine reads as two labelled facts, not a contradiction."""
+    model = DashboardModel(TOPICS)
+    model.apply(state("press-1", "NORMAL"))
+    model.apply(verdict("press-1", 1, 0.62))
+    text = show(model)
+    header = line_of(text, "Machine state")
+    assert "Last reading" in header
+    row = line_of(text, "line1/press-1")
+    assert "NORMAL" in row
+    assert "0.620 ALERT" in row
+    model.apply(verdict("press-1", 2, 0.41))
+    assert "0.410 normal" in line_of(show(model), "line1/press-1")
+
+
+def test_model_switch_shows_in_the_title() -> None:
+    """The title names the model of the newest verdict and the one it replaced."""
+    model = DashboardModel(TOPICS)
+    model.apply(verdict("press-1", 1, 0.3))
+    assert "model v1" in show(model)
+    assert "switched" not in show(model)
+    switched = verdict("press-1", 2, 0.3).model_copy(update={"model_version": "v2"})
+    model.apply(switched)
+    assert "model v2 (switched from v1)" in show(model)

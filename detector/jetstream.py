@@ -1,0 +1,604 @@
+"""The detector on NATS JetStream: the pure engine driven by durable consumers per partition.
+
+Each detector owns some partitions of the input stream (``factorywatch/cluster.py`` says how
+machines are filed under partitions). Per partition it binds one durable pull consumer and
+loops: fetch a batch -> ``engine.handle`` -> publish every verdict, event and state with
+JetStream (a ``PubAck`` from the output stream; verdicts carry ``Nats-Msg-Id: v:<reading
+identity>``, so a redelivered reading's second verdict is dropped by the stream) -> write the
+state of every machine the batch touched to the key-value bucket (key ``<partition>.<machine>``,
+``MachineRecord.snapshot()``) -> acknowledge the batch's messages. A crash anywhere before the
+acks makes JetStream redeliver the batch after ``ack_wait``; the machine records' ``recent``
+identities keep a redelivered reading from counting twice in the alert window.
+
+On start (or when a partition moves here) the partition's machine records are read back from
+the bucket before its consumer is bound, so alert state, windows and unconfirmed events resume
+where the previous owner left them. Exactly one detector must own a partition at a time: stop
+the old owner before starting the new one (``README`` -> Scale-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+
+from factorywatch.cluster import (
+    DEFAULT_PARTITIONS,
+    ClusterLayout,
+    env_servers,
+    partition_of,
+    partitions_arg,
+)
+from factorywatch.contracts import ClientStatus
+from factorywatch.detector.dedup import SeenCache
+from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
+from factorywatch.detector.metrics import Metrics, serve
+from factorywatch.detector.state import MachineRecord
+from factorywatch.errors import ModelError
+from factorywatch.model import artifact
+from factorywatch.model.artifact import LoadedModel, ScorerKind
+from factorywatch.settings import DetectorSettings
+from factorywatch.topics import Topics
+
+log = structlog.get_logger("detector.jetstream")
+
+#: how long the output stream remembers a verdict's id (redeliveries inside it are dropped)
+DUPLICATE_WINDOW_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class JetStreamOptions:
+    """Where the cluster is, which partitions this detector owns, and its knobs."""
+
+    servers: Sequence[str]
+    layout: ClusterLayout
+    partitions: Sequence[int]
+    client_id: str = "factorywatch-detector"
+    user: str | None = None
+    password: str | None = None
+    tls_ca: Path | None = None
+    batch_max: int = 256
+    ack_wait_s: float = 10.0
+    publish_timeout_s: float = 5.0
+    fetch_timeout_s: float = 0.5
+    #: where promoted models are (a newly promoted one is swapped in); None: never reload
+    model_dir: Path | None = None
+    scorer: ScorerKind = "fast"
+    reload_interval_s: float = 5.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: no /metrics, /healthz
+    provision: bool = True
+
+
+@dataclass
+class JetStreamCounters:
+    """What the runner has done since start."""
+
+    received: int = 0
+    verdicts: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    failed_batches: int = 0
+    restored_machines: int = 0
+    by_partition: dict[int, int] = field(default_factory=dict)
+
+
+def tls_context(ca: Path | None) -> ssl.SSLContext | None:
+    """A client TLS context trusting ``ca`` (None: plain TCP)."""
+    if ca is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+async def connect(
+    servers: Sequence[str],
+    *,
+    name: str,
+    user: str | None = None,
+    password: str | None = None,
+    tls_ca: Path | None = None,
+) -> NatsClient:
+    """A NATS connection that reconnects to any node for ever (it logs its state changes)."""
+
+    async def disconnected() -> None:
+        log.warning("nats_disconnected", client=name)
+
+    async def reconnected() -> None:
+        log.info("nats_reconnected", client=name)
+
+    async def error(exc: Exception) -> None:
+        log.warning("nats_error_reported", client=name, error=str(exc))
+
+    return await nats.connect(
+        servers=list(servers),
+        name=name,
+        user=user,
+        password=password,
+        tls=tls_context(tls_ca),
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        connect_timeout=5,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+        error_cb=error,
+    )
+
+
+def consumer_config(layout: ClusterLayout, partition: int, ack_wait_s: float) -> ConsumerConfig:
+    """The durable pull consumer of one partition."""
+    return ConsumerConfig(
+        durable_name=layout.consumer(partition),
+        filter_subject=layout.partition_filter(partition),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        max_ack_pending=20_000,
+        max_deliver=-1,
+        num_replicas=layout.replicas,
+    )
+
+
+async def provision(
+    js: JetStreamContext,
+    layout: ClusterLayout,
+    *,
+    ack_wait_s: float = 10.0,
+    wait_s: float = 300.0,
+) -> KeyValue:
+    """Every partition's durable consumer, the output stream and the state bucket; the bucket.
+
+    Idempotent. The input stream is the MQTT layer's: it exists once an MQTT client has
+    connected to the cluster, so this waits for it (up to ``wait_s``).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            await js.stream_info(layout.input_stream)
+            break
+        except (nats.js.errors.NotFoundError, nats.errors.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            log.info("waiting_for_mqtt_streams", stream=layout.input_stream)
+            await asyncio.sleep(1.0)  # backoff until the first MQTT client connects
+    for partition in range(layout.partitions):
+        try:
+            await js.consumer_info(layout.input_stream, layout.consumer(partition))
+        except nats.js.errors.NotFoundError:
+            await js.add_consumer(
+                layout.input_stream, consumer_config(layout, partition, ack_wait_s)
+            )
+            log.info("consumer_created", partition=partition, replicas=layout.replicas)
+    output = StreamConfig(
+        name=layout.output_stream,
+        subjects=layout.output_subjects,
+        num_replicas=layout.replicas,
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        max_age=7 * 24 * 3600.0,
+    )
+    try:
+        await js.stream_info(layout.output_stream)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(output)
+        log.info("stream_created", stream=output.name, replicas=output.num_replicas)
+    try:
+        return await js.key_value(layout.state_bucket)
+    except nats.js.errors.BucketNotFoundError:
+        kv = await js.create_key_value(
+            KeyValueConfig(bucket=layout.state_bucket, history=1, replicas=layout.replicas)
+        )
+        log.info("bucket_created", bucket=layout.state_bucket, replicas=layout.replicas)
+        return kv
+
+
+def _verdict_ids(outcome: Outcome) -> list[str | None]:
+    """For each publish of an outcome, the reading identity when it is a verdict."""
+    identities = iter(identity for identity, _ in outcome.answered)
+    return [
+        next(identities, None) if publish.topic.endswith("/verdict") else None
+        for publish in outcome.publishes
+    ]
+
+
+class JetStreamDetector:
+    """Drives an ``Engine`` from the partitions' durable consumers (asyncio, one process)."""
+
+    def __init__(
+        self,
+        options: JetStreamOptions,
+        model: LoadedModel,
+        settings: EngineSettings | None = None,
+    ) -> None:
+        self.options = options
+        self.layout = options.layout
+        self.topics = Topics(options.layout.topic_root)
+        self.engine = Engine(model, self.topics, settings)
+        self.counters = JetStreamCounters()
+        self.metrics = Metrics()
+        self.metrics.set_model(model.version)
+        self._last_turn = time.monotonic()
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._kv: KeyValue | None = None
+        self._lock = asyncio.Lock()
+        #: True once connected, provisioned and restored (a stop then drains in-flight work)
+        self.started = False
+
+    # -- I/O helpers ----------------------------------------------------------------------------
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context (after ``start``)."""
+        if self._js is None:
+            raise RuntimeError("detector not started")
+        return self._js
+
+    @property
+    def kv(self) -> KeyValue:
+        """The state bucket (after ``start``)."""
+        if self._kv is None:
+            raise RuntimeError("detector not started")
+        return self._kv
+
+    async def _publish(self, publish: Publish, msg_id: str | None) -> bool:
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        subject = publish.topic.replace("/", ".")
+        try:
+            await self.js.publish(
+                subject, publish.payload, timeout=self.options.publish_timeout_s, headers=headers
+            )
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            log.warning("publish_failed", subject=subject, error=repr(exc))
+            return False
+        self.engine.confirmed(publish)
+        return True
+
+    async def _save(self, machines: set[str]) -> bool:
+        """Write each machine's record to the bucket; True when every write was acknowledged."""
+        puts = []
+        for machine in sorted(machines):
+            record = self.engine.states.get(machine)
+            if record is None:
+                continue
+            key = self.layout.state_key(partition_of(machine, self.layout.partitions), machine)
+            puts.append(self.kv.put(key, json.dumps(record.snapshot()).encode()))
+        results = await asyncio.gather(*puts, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        for exc in failed[:1]:
+            log.warning("state_write_failed", error=repr(exc))
+        return not failed
+
+    # -- start ----------------------------------------------------------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Healthy while connected and the loop turned within the last 10 s."""
+        connected = self._nc is not None and self._nc.is_connected
+        age = time.monotonic() - self._last_turn
+        detail = {
+            "connected": connected,
+            "loop_age_s": round(age, 3),
+            "model_version": self.engine.model.version,
+            "machines": len(self.engine.states),
+            "partitions": list(self.options.partitions),
+        }
+        return connected and age < 10.0, detail
+
+    async def start(self) -> None:
+        """Connect, provision, restore the owned partitions' state, republish their outbox."""
+        opts = self.options
+        if opts.metrics_port:
+            try:
+                serve(self.metrics, self.health, opts.metrics_host, opts.metrics_port)
+                log.info("metrics_serving", port=opts.metrics_port)
+            except OSError as exc:  # detection matters more than its metrics: keep going
+                log.error("metrics_unavailable", port=opts.metrics_port, error=str(exc))
+        self._nc = await connect(
+            opts.servers,
+            name=opts.client_id,
+            user=opts.user,
+            password=opts.password,
+            tls_ca=opts.tls_ca,
+        )
+        self._js = self._nc.jetstream(timeout=opts.publish_timeout_s)
+        if opts.provision:
+            self._kv = await provision(self._js, self.layout, ack_wait_s=opts.ack_wait_s)
+        else:
+            self._kv = await self._js.key_value(self.layout.state_bucket)
+        for partition in opts.partitions:
+            await self.restore_partition(partition)
+        self.engine.states.take_dirty()
+        for publish in self.engine.recover():
+            await self._publish(publish, None)
+        self.counters.restored_machines = len(self.engine.states)
+        self.started = True
+
+    async def restore_partition(self, partition: int) -> int:
+        """Load every machine record of ``partition`` from the bucket; how many."""
+        watcher = await self.kv.watch(f"{partition}.*", ignore_deletes=True)
+        restored = 0
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break  # the end of the current values
+                if entry.value:
+                    self.engine.states.add(MachineRecord.restore(json.loads(entry.value)))
+                    restored += 1
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        log.info("partition_restored", partition=partition, machines=restored)
+        return restored
+
+    # -- the loop -------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve the owned partitions until ``stop`` is set; then finish batches and close."""
+        await self.start()
+        opts = self.options
+        tasks = [
+            asyncio.create_task(self._serve(partition, stop), name=f"partition-{partition}")
+            for partition in opts.partitions
+        ]
+        tasks.append(asyncio.create_task(self._housekeeping(stop), name="housekeeping"))
+        await self._status("online")
+        log.info(
+            "jetstream_detector_started",
+            partitions=list(opts.partitions),
+            restored_machines=self.counters.restored_machines,
+            model_version=self.engine.model.version,
+        )
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await self._status("offline")
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.flush(timeout=2)  # the last acks leave before we close
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
+            log.info("jetstream_detector_stopped", **self._figures())
+
+    def _figures(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "received": c.received,
+            "verdicts": c.verdicts,
+            "duplicates": c.duplicates,
+            "failed_batches": c.failed_batches,
+        }
+
+    async def _status(self, state: str) -> None:
+        if self._nc is None or self._nc.is_closed:
+            return
+        status = ClientStatus(
+            role="detector",
+            client_id=self.options.client_id,
+            state="online" if state == "online" else "offline",
+            ts=time.time(),
+            model_version=self.engine.model.version,
+        )
+        subject = self.topics.status("detector", self.options.client_id).replace("/", ".")
+        await self._nc.publish(subject, status.encode())
+
+    async def _subscribe(self, partition: int) -> JetStreamContext.PullSubscription:
+        while True:
+            try:
+                return await self.js.pull_subscribe_bind(
+                    durable=self.layout.consumer(partition), stream=self.layout.input_stream
+                )
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("consumer_bind_failed", partition=partition, error=repr(exc))
+                await asyncio.sleep(0.5)  # backoff while the cluster elects a leader
+
+    async def _serve(self, partition: int, stop: asyncio.Event) -> None:
+        sub = await self._subscribe(partition)
+        opts = self.options
+        while not stop.is_set():
+            self._last_turn = time.monotonic()
+            try:
+                msgs = await sub.fetch(opts.batch_max, timeout=opts.fetch_timeout_s)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("fetch_failed", partition=partition, error=repr(exc))
+                await asyncio.sleep(0.2)  # backoff: the cluster is electing or reconnecting
+                continue
+            if msgs:
+                await self._process(partition, msgs)
+
+    async def _process(self, partition: int, msgs: list[Msg]) -> None:
+        now = time.time()
+        perf = time.perf_counter()
+        inbound = []
+        for msg in msgs:
+            try:
+                _, topic = self.layout.unpartition(msg.subject)
+            except ValueError:
+                topic = msg.subject.replace(".", "/")
+            inbound.append(Inbound(topic, msg.data, now, perf, token=msg))
+        async with self._lock:  # the engine's state and seen cache change only here
+            outcomes = self.engine.handle(inbound, now)
+            self._count(partition, outcomes)
+            sends = [
+                self._publish(publish, msg_id)
+                for outcome in outcomes
+                for publish, msg_id in zip(outcome.publishes, _verdict_ids(outcome), strict=True)
+            ]
+            touched = {v.machine_id for o in outcomes for v in o.verdicts} | {
+                e.machine_id for o in outcomes for e in o.events
+            }
+            ok = all(await asyncio.gather(*sends)) and await self._save(touched)
+            if not ok:
+                # Redelivered later: forget these ids so the redelivery is scored again (the
+                # records' recent ids still keep it from counting twice in the alert window).
+                self.engine.seen = SeenCache(self.engine.settings.dedup_size)
+                self.counters.failed_batches += 1
+                self.metrics.publish_failures.inc()
+                for msg in msgs:
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=0.5)
+                return
+        self.counters.batches += 1
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.ack()
+
+    def _count(self, partition: int, outcomes: list[Outcome]) -> None:
+        c = self.counters
+        m = self.metrics
+        for outcome in outcomes:
+            m.readings.inc(outcome.readings)
+            m.duplicates.inc(outcome.duplicates)
+            for verdict in outcome.verdicts:
+                m.latency.observe(verdict.latency_ms / 1000.0)
+                (m.alert_verdicts if verdict.status == "ALERT" else m.normal_verdicts).inc()
+            for error in outcome.rejected:
+                m.dead_letters.labels(reason=error.reason).inc()
+            for event in outcome.events:
+                m.events.labels(event=event.event).inc()
+            c.received += outcome.readings
+            c.verdicts += len(outcome.verdicts)
+            c.duplicates += outcome.duplicates
+            c.dead_letters += len(outcome.rejected)
+            c.by_partition[partition] = c.by_partition.get(partition, 0) + outcome.readings
+            for error in outcome.rejected:
+                log.warning("payload_rejected", reason=error.reason, topic=outcome.message.topic)
+            for event in outcome.events:
+                log.info("alert_event_published", machine_id=event.machine_id, kind=event.event)
+
+    async def _housekeeping(self, stop: asyncio.Event) -> None:
+        """Offline detection every second, model reload, a heartbeat every 15 s."""
+        next_status = time.monotonic() + 15.0
+        next_reload = time.monotonic() + self.options.reload_interval_s
+        while not stop.is_set():
+            self.metrics.connected.set(1 if self._nc is not None and self._nc.is_connected else 0)
+            if time.monotonic() >= next_reload:
+                next_reload = time.monotonic() + self.options.reload_interval_s
+                async with self._lock:
+                    self.maybe_reload()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            async with self._lock:
+                publishes, events = self.engine.tick(time.time())
+                for event in events:
+                    log.info("alert_event_published", machine_id=event.machine_id, kind=event.event)
+                await asyncio.gather(*(self._publish(p, None) for p in publishes))
+                if events:
+                    await self._save({e.machine_id for e in events})
+            if time.monotonic() >= next_status:
+                with contextlib.suppress(Exception):
+                    await self._status("online")
+                next_status = time.monotonic() + 15.0
+
+    def maybe_reload(self) -> bool:
+        """Swap in a newly promoted model between batches (never mid-batch)."""
+        model_dir = self.options.model_dir
+        if model_dir is None:
+            return False
+        version = artifact.current_version(model_dir)
+        if version is None or version == self.engine.model.version:
+            return False
+        try:
+            model = artifact.load(model_dir, version, scorer=self.options.scorer)
+        except (ModelError, OSError) as exc:
+            log.error("model_reload_failed", version=version, error=str(exc))
+            return False
+        previous = self.engine.model.version
+        self.engine.swap_model(model)
+        self.metrics.set_model(version)
+        log.info("model_reloaded", previous=previous, version=version)
+        return True
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def run_cli(
+    args: argparse.Namespace,
+    model: LoadedModel,
+    detector: DetectorSettings,
+    *,
+    topic_root: str,
+    model_dir: Path,
+) -> int:
+    """Serve until SIGTERM/SIGINT (the CLI's ``detect --engine jetstream``)."""
+    from factorywatch.detector.service import engine_settings  # noqa: PLC0415
+
+    count = args.partition_count or DEFAULT_PARTITIONS
+    servers = (
+        [s.strip() for s in args.nats_servers.split(",") if s.strip()]
+        if args.nats_servers
+        else env_servers()
+    )
+    password = args.nats_password_file.read_text().strip() if args.nats_password_file else None
+    try:
+        layout = ClusterLayout(topic_root=topic_root, partitions=count)
+        partitions = partitions_arg(args.partitions, count)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    options = JetStreamOptions(
+        servers=servers,
+        layout=layout,
+        partitions=partitions,
+        client_id=detector.client_id,
+        user=args.nats_user,
+        password=password,
+        tls_ca=args.nats_ca,
+        batch_max=detector.batch_max,
+        ack_wait_s=args.ack_wait,
+        model_dir=model_dir,
+        scorer=detector.scorer,
+        reload_interval_s=detector.reload_interval_s,
+        metrics_host=detector.metrics_host,
+        metrics_port=detector.metrics_port,
+    )
+    settings = engine_settings(detector)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        detector = JetStreamDetector(options, model, settings)
+        running = asyncio.create_task(detector.run(stop))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set() and not detector.started:
+            running.cancel()  # still waiting for the cluster: nothing in flight to finish
+            log.info("jetstream_detector_stopped_before_start")
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        stopping.cancel()
+
+    try:
+        asyncio.run(main())
+    except (nats.errors.NoServersError, OSError) as exc:
+        raise SystemExit(
+            f"error: cannot reach the NATS cluster at {', '.join(servers)}: {exc}"
+        ) from None
+    return 0

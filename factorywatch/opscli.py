@@ -1,0 +1,253 @@
+"""The operator-facing subcommands: ``history``, ``notify`` and ``web`` (wired into the CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from factorywatch.settings import BrokerSettings
+
+
+def _broker(args: argparse.Namespace, default_user: str) -> BrokerSettings:
+    from factorywatch.cli import _broker_settings  # noqa: PLC0415 - cli imports this module
+
+    broker = _broker_settings(args)
+    if broker.secrets_dir is not None and broker.username is None:
+        broker = broker.with_overrides(username=default_user)
+    return broker
+
+
+def _history_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("history database (env FACTORYWATCH_HISTORY_*)")
+    group.add_argument("--db", help="SQLAlchemy URL (default sqlite:///run/history.sqlite)")
+    group.add_argument("--db-schema", help="PostgreSQL schema of the tables")
+
+
+def _history_settings(args: argparse.Namespace) -> Any:
+    from factorywatch.history import HistorySettings  # noqa: PLC0415
+
+    settings = HistorySettings()
+    given = {"url": args.db, "db_schema": args.db_schema}
+    return settings.model_validate(
+        {**settings.model_dump(), **{k: v for k, v in given.items() if v is not None}}
+    )
+
+
+def _open_store(args: argparse.Namespace) -> Any:
+    from factorywatch.history import HistoryStore  # noqa: PLC0415
+
+    return HistoryStore.from_settings(_history_settings(args))
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- history --------------------------------------------------------------------------------
+def add_history(sub: Any) -> None:
+    """``factorywatch history [record|export|prune]``."""
+    from factorywatch.cli import _broker_options  # noqa: PLC0415
+
+    p = sub.add_parser("history", help="alert history: show, record, export, prune")
+    _history_options(p)
+    p.add_argument("--machine", help="only this machine")
+    p.add_argument("--since", default="24h", help="how far back (30m, 24h, 7d; default 24h)")
+    p.add_argument("--json", action="store_true", help="one JSON object per alert")
+    p.set_defaults(func=cmd_history)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    rec = actions.add_parser("record", help="store alert events, ALERT verdicts, feedback")
+    _broker_options(rec)
+    _history_options(rec)
+    rec.add_argument("--client-id", default="factorywatch-recorder", help="durable session id")
+    rec.add_argument("--no-readings", action="store_true", help="do not store readings")
+    rec.set_defaults(func=cmd_history_record)
+    exp = actions.add_parser("export", help="a machine's trainable readings as an AI4I CSV")
+    _history_options(exp)
+    exp.add_argument("--machine", required=True, help="the machine")
+    exp.add_argument("--since", default="7d", help="how far back (default 7d)")
+    exp.add_argument(
+        "--false-alarms-as-normal",
+        action="store_true",
+        help="keep the readings of alerts operators marked false alarms (as normal data)",
+    )
+    exp.add_argument("--csv", type=Path, required=True, help="output file")
+    exp.set_defaults(func=cmd_history_export)
+    prune = actions.add_parser("prune", help="apply the retention now")
+    _history_options(prune)
+    prune.set_defaults(func=cmd_history_prune)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """``factorywatch history --machine M --since 24h``: the alerts, newest first."""
+    from factorywatch.history import parse_since  # noqa: PLC0415
+
+    since = parse_since(args.since, time.time())
+    store = _open_store(args)
+    try:
+        alerts = store.alerts(args.machine, since=since)
+    finally:
+        store.close()
+    if args.json:
+        for ep in alerts:
+            print(json.dumps(ep.as_dict()))
+        return 0
+    what = args.machine or "all machines"
+    print(f"{len(alerts)} alert(s) on {what} since {_when(since)} UTC")
+    if alerts:
+        print(
+            f"{'raised (UTC)':<20} {'cleared':<20} {'machine':<12} {'peak':>6}  "
+            f"{'acknowledged':<14} {'label':<12} alert"
+        )
+    for ep in alerts:
+        peak = f"{ep.peak_score:.3f}" if ep.peak_score is not None else "-"
+        cleared = "open" if ep.open else _when(ep.cleared_at)
+        print(
+            f"{_when(ep.raised_at):<20} {cleared:<20} {ep.machine_id:<12} {peak:>6}  "
+            f"{ep.acknowledged_by or '-':<14} {ep.label or '-':<12} {ep.alert_id}"
+        )
+    return 0
+
+
+def cmd_history_record(args: argparse.Namespace) -> int:
+    """``factorywatch history record``: run the recorder until SIGTERM/SIGINT."""
+    from factorywatch.cli import _stop_on_signals  # noqa: PLC0415
+    from factorywatch.history import HistoryStore  # noqa: PLC0415
+    from factorywatch.recorder import Recorder  # noqa: PLC0415
+
+    history = _history_settings(args)
+    if args.no_readings:
+        history = history.model_copy(update={"record_readings": False})
+    store = HistoryStore.from_settings(history)
+    try:
+        # Its own account (monitor rights): a login is a client id, one connection each.
+        recorder = Recorder(_broker(args, "history"), store, history, client_id=args.client_id)
+        recorder.run(_stop_on_signals())
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_history_export(args: argparse.Namespace) -> int:
+    """``factorywatch history export``: readings to refit a machine's model on."""
+    from factorywatch.history import parse_since  # noqa: PLC0415
+    from factorywatch.settings import DetectorSettings  # noqa: PLC0415
+
+    since = parse_since(args.since, time.time())
+    store = _open_store(args)
+    try:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as out:
+            rows = store.export_training(
+                args.machine,
+                out,
+                since=since,
+                false_alarms_as_normal=args.false_alarms_as_normal,
+                window=DetectorSettings().alert_n,
+            )
+    finally:
+        store.close()
+    print(f"{rows} readings of {args.machine} written to {args.csv}", file=sys.stderr)
+    if rows:
+        print(f"refit with: factorywatch train --dataset {args.csv} --no-verify", file=sys.stderr)
+    return 0 if rows else 1
+
+
+def cmd_history_prune(args: argparse.Namespace) -> int:
+    """``factorywatch history prune``."""
+    history = _history_settings(args)
+    store = _open_store(args)
+    try:
+        gone = store.prune(
+            time.time(),
+            retention_days=history.retention_days,
+            readings_retention_days=history.readings_retention_days,
+        )
+    finally:
+        store.close()
+    print(f"{gone} rows older than the retention deleted")
+    return 0
+
+
+# -- notify ---------------------------------------------------------------------------------
+def add_notify(sub: Any) -> None:
+    """``factorywatch notify``."""
+    from factorywatch.cli import _broker_options  # noqa: PLC0415
+
+    p = sub.add_parser("notify", help="push raised/cleared alerts to Prometheus Alertmanager")
+    _broker_options(p)
+    p.add_argument("--alertmanager-url", help="default http://127.0.0.1:9093")
+    p.add_argument("--resend", type=float, help="re-send open alerts every N s (default 60)")
+    p.add_argument("--web-url", help="link notifications to this factorywatch web address")
+    p.add_argument("--label", action="append", default=[], help="extra label k=v (repeatable)")
+    p.set_defaults(func=cmd_notify)
+
+
+def cmd_notify(args: argparse.Namespace) -> int:
+    """``factorywatch notify``: run until SIGTERM/SIGINT."""
+    from factorywatch.cli import _stop_on_signals  # noqa: PLC0415
+    from factorywatch.notify import Notifier, NotifySettings  # noqa: PLC0415
+
+    base = NotifySettings()
+    given = {
+        "alertmanager_url": args.alertmanager_url,
+        "resend_s": args.resend,
+        "web_url": args.web_url,
+        "labels": ",".join(args.label) or None,
+    }
+    settings = NotifySettings.model_validate(
+        {**base.model_dump(), **{k: v for k, v in given.items() if v is not None}}
+    )
+    Notifier(_broker(args, "notify"), settings).run(_stop_on_signals())  # viewer rights
+    return 0
+
+
+# -- web ------------------------------------------------------------------------------------
+def add_web(sub: Any) -> None:
+    """``factorywatch web``."""
+    from factorywatch.cli import _broker_options  # noqa: PLC0415
+
+    p = sub.add_parser("web", help="web view: live tiles, alerts, machine pages, history")
+    _broker_options(p)
+    _history_options(p)
+    p.add_argument("--bind", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
+    p.add_argument("--passwd-file", type=Path, help="broker password file (<secrets-dir>/passwd)")
+    p.add_argument("--no-history", action="store_true", help="no history store (live only)")
+    p.set_defaults(func=cmd_web)
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    """``factorywatch web``: serve until SIGTERM/SIGINT."""
+    from factorywatch.history import HistoryStore  # noqa: PLC0415
+    from factorywatch.web.app import WebSettings, build_context, serve  # noqa: PLC0415
+
+    base = WebSettings()
+    given = {"host": args.bind, "port": args.http_port, "passwd_file": args.passwd_file}
+    settings = WebSettings.model_validate(
+        {
+            **base.model_dump(),
+            "session_secret": base.session_secret,
+            **{k: v for k, v in given.items() if v is not None},
+        }
+    )
+    from factorywatch.cli import _broker_settings, _stop_on_signals  # noqa: PLC0415
+
+    store = None if args.no_history else HistoryStore.from_settings(_history_settings(args))
+    try:
+        ctx = build_context(settings, _broker_settings(args), store)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    # uvicorn handles SIGTERM/SIGINT itself, then re-raises the signal to the handler it
+    # found: ours, so a clean shutdown exits 0 rather than dying of the signal.
+    _stop_on_signals()
+    serve(ctx)
+    return 0

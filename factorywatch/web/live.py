@@ -1,0 +1,283 @@
+"""What the web view shows live: per-machine tiles fed from the broker, fanned out to browsers.
+
+:class:`LiveModel` is pure (messages in, JSON-ready dicts out). :class:`Hub` runs in the
+event loop: the paho thread hands it messages, a ticker coalesces every change of the last
+``TICK_S`` into one update per browser (a burst of verdicts is one push, not a storm), and a
+browser that cannot keep up is dropped (its EventSource reconnects and gets a snapshot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from factorywatch.contracts import (
+    MAX_PAYLOAD_BYTES,
+    AlertEvent,
+    MachineState,
+    Telemetry,
+    Verdict,
+)
+from factorywatch.errors import PayloadError
+from factorywatch.topics import Topics
+
+TICK_S: Final = 0.5
+CLIENT_QUEUE: Final = 64
+CLOSE: Final = ""  # queued to a browser's stream to end it
+
+
+@dataclass
+class Machine:
+    """Everything the web view knows about one machine right now."""
+
+    machine_id: str
+    line: str
+    points: deque[list[Any]]  # [reading_ts, score, threshold, status]
+    readings: deque[list[Any]]  # [ts, {channel: value}]
+    state: str | None = None
+    since: float | None = None
+    alert_id: str | None = None
+    alert_since: float | None = None
+    acknowledged_by: str | None = None
+    peak_score: float | None = None
+    explanation: list[dict[str, Any]] = field(default_factory=list)
+    outside_training: list[str] = field(default_factory=list)  # of the latest ALERT reading
+    last_score: float | None = None
+    last_status: str | None = None
+    threshold: float | None = None
+    model_version: str | None = None
+    last_seen: float | None = None
+    alerts_raised: int = 0
+    new_points: list[list[Any]] = field(default_factory=list)
+    new_readings: list[list[Any]] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """``line/machine``: how the browser names it."""
+        return f"{self.line}/{self.machine_id}"
+
+    def tile(self) -> dict[str, Any]:
+        """The tile's fields (no series)."""
+        return {
+            "key": self.key,
+            "machine_id": self.machine_id,
+            "line": self.line,
+            "state": self.state,
+            "since": self.since,
+            "alert_id": self.alert_id,
+            "alert_since": self.alert_since,
+            "acknowledged_by": self.acknowledged_by,
+            "peak_score": self.peak_score,
+            "explanation": self.explanation,
+            "outside_training": self.outside_training,
+            "last_score": self.last_score,
+            "last_status": self.last_status,
+            "threshold": self.threshold,
+            "model_version": self.model_version,
+            "last_seen": self.last_seen,
+            "alerts_raised": self.alerts_raised,
+        }
+
+    def full(self) -> dict[str, Any]:
+        """Tile plus every series the browser draws."""
+        return {**self.tile(), "points": list(self.points), "readings": list(self.readings)}
+
+
+@dataclass
+class LiveModel:
+    """Machines fed from the alerts tree and telemetry (pure: no I/O)."""
+
+    topics: Topics
+    history: int = 300
+    machines: dict[str, Machine] = field(default_factory=dict)
+    ignored: int = 0
+
+    def machine(self, line: str, machine_id: str) -> Machine:
+        """The machine's record, created on first sight."""
+        key = f"{line}/{machine_id}"
+        found = self.machines.get(key)
+        if found is None:
+            found = Machine(
+                machine_id, line, deque(maxlen=self.history), deque(maxlen=self.history)
+            )
+            self.machines[key] = found
+        return found
+
+    def feed(self, topic: str, payload: bytes) -> str | None:
+        """Apply one message; return the key of the machine it changed (None: ignored)."""
+        try:
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                raise PayloadError("oversize", topic)
+            if topic.startswith(f"{self.topics.root}/telemetry/"):
+                line, machine_id = self.topics.parse_telemetry(topic)
+                reading = Telemetry.model_validate_json(payload)
+                if (reading.line, reading.machine_id) != (line, machine_id):
+                    raise PayloadError("topic_mismatch", topic)
+                m = self.machine(line, machine_id)
+                row = [reading.ts, reading.readings]
+                m.readings.append(row)
+                m.new_readings.append(row)
+                return m.key
+            line, machine_id, leaf = self.topics.parse_alert(topic)
+            if leaf == "state" and not payload:
+                self.machines.pop(f"{line}/{machine_id}", None)  # retired machine
+                return f"{line}/{machine_id}"
+            message: Verdict | AlertEvent | MachineState
+            if leaf == "verdict":
+                message = Verdict.model_validate_json(payload)
+            elif leaf == "event":
+                message = AlertEvent.model_validate_json(payload)
+            else:
+                message = MachineState.model_validate_json(payload)
+            if (message.line, message.machine_id) != (line, machine_id):
+                raise PayloadError("topic_mismatch", topic)
+        except (PayloadError, ValidationError, ValueError):
+            self.ignored += 1
+            return None
+        m = self.machine(line, machine_id)
+        if isinstance(message, Verdict):
+            self._apply_verdict(m, message)
+        elif isinstance(message, MachineState):
+            self._apply_state(m, message)
+        else:
+            self._apply_event(m, message)
+        return m.key
+
+    @staticmethod
+    def _apply_verdict(m: Machine, v: Verdict) -> None:
+        point = [v.reading_ts, v.score, v.threshold, v.status]
+        m.points.append(point)
+        m.new_points.append(point)
+        m.last_score, m.last_status = v.score, v.status
+        m.threshold, m.model_version = v.threshold, v.model_version
+        if v.status == "ALERT":
+            m.outside_training = list(v.outside_training or [])
+
+    @staticmethod
+    def _apply_state(m: Machine, s: MachineState) -> None:
+        m.state, m.since, m.alert_id, m.alert_since = s.state, s.since, s.alert_id, s.alert_since
+        m.acknowledged_by, m.peak_score = s.acknowledged_by, s.peak_score
+        m.explanation = [c.model_dump() for c in s.explanation or []]
+        m.last_seen, m.alerts_raised = s.last_seen, s.alerts_raised
+        if m.last_score is None:
+            m.last_score = s.last_score
+
+    @staticmethod
+    def _apply_event(m: Machine, e: AlertEvent) -> None:
+        if e.event == "ALERT_RAISED":
+            m.state, m.since, m.alert_id, m.alert_since = "ALERT", e.at, e.alert_id, e.at
+            m.acknowledged_by, m.peak_score = None, e.peak_score
+            m.explanation = [c.model_dump() for c in e.explanation or []]
+        elif e.event == "ALERT_CLEARED":
+            m.state, m.since, m.alert_id, m.acknowledged_by = "NORMAL", e.at, None, None
+            m.outside_training = []
+        elif e.event == "ALERT_ACKNOWLEDGED":
+            m.acknowledged_by = e.acknowledged_by
+        elif e.event == "MACHINE_OFFLINE":
+            m.state, m.since = "OFFLINE", e.at
+        else:
+            m.state, m.since = ("ALERT" if m.alert_id else "NORMAL"), e.at
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every machine with its series, in a stable order."""
+        return [self.machines[k].full() for k in sorted(self.machines)]
+
+    def delta(self, keys: set[str]) -> dict[str, Any]:
+        """Tiles of the changed machines plus the points/readings added since the last delta."""
+        changed, removed = [], []
+        for key in sorted(keys):
+            m = self.machines.get(key)
+            if m is None:
+                removed.append(key)
+                continue
+            changed.append({**m.tile(), "new_points": m.new_points, "new_readings": m.new_readings})
+            m.new_points, m.new_readings = [], []
+        return {"machines": changed, "removed": removed}
+
+
+class Hub:
+    """The live model in the event loop, fanned out to every connected browser."""
+
+    def __init__(self, model: LiveModel) -> None:
+        self.model = model
+        self.connected = False
+        self._dirty: set[str] = set()
+        self._clients: set[asyncio.Queue[str]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._early: list[tuple[str, bytes]] = []
+        self._ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Bind to the running loop, take what arrived before, start the ticker."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._loop = loop
+            early, self._early = self._early, []
+        for topic, payload in early:
+            self._ingest(topic, payload)
+        self._ticker = loop.create_task(self._tick())
+
+    async def stop(self) -> None:
+        """Stop the ticker."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    def submit(self, topic: str, payload: bytes) -> None:
+        """Thread-safe: called from the paho thread (kept until the loop runs, e.g. the
+        retained states that arrive while the server is still starting)."""
+        with self._lock:
+            if self._loop is None:
+                self._early.append((topic, payload))
+                return
+            loop = self._loop
+        loop.call_soon_threadsafe(self._ingest, topic, payload)
+
+    def set_connected(self, connected: bool) -> None:
+        """Thread-safe: the broker link went up or down (a plain flag read by the loop)."""
+        self.connected = connected
+
+    def _ingest(self, topic: str, payload: bytes) -> None:
+        key = self.model.feed(topic, payload)
+        if key is not None:
+            self._dirty.add(key)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)  # the coalescing period, not a synchronisation
+            if not self._dirty:
+                continue
+            keys, self._dirty = self._dirty, set()
+            update = json.dumps({**self.model.delta(keys), "connected": self.connected})
+            for q in list(self._clients):
+                try:
+                    q.put_nowait(update)
+                except asyncio.QueueFull:  # too slow: close its stream; the browser reconnects
+                    self._clients.discard(q)
+                    q.get_nowait()
+                    q.put_nowait(CLOSE)
+
+    def subscribe(self) -> tuple[asyncio.Queue[str], str]:
+        """A queue of updates for one browser, and the snapshot it starts from."""
+        q: asyncio.Queue[str] = asyncio.Queue(maxsize=CLIENT_QUEUE)
+        self._clients.add(q)
+        # pending deltas belong to the next tick; the snapshot already contains their points
+        return q, json.dumps({"machines": self.model.snapshot(), "connected": self.connected})
+
+    def unsubscribe(self, q: asyncio.Queue[str]) -> None:
+        """Forget a browser."""
+        self._clients.discard(q)
+
+    @property
+    def clients(self) -> int:
+        """Browsers connected now."""
+        return len(self._clients)

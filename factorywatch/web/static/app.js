@@ -1,0 +1,235 @@
+// factorywatch web view: one server-sent event stream, inline SVG charts, no libraries.
+"use strict";
+const FW = (() => {
+  const MAX_POINTS = 300;
+  const machines = new Map(); // key "line/machine" -> machine record with series
+  let me = { user: "", role: "viewer" };
+  let onChange = () => {};
+  let afterAction = () => {};
+
+  const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+  const fmt = (v, d = 3) => (v === null || v === undefined ? "–" : Number(v).toFixed(d));
+  const time = (ts) => (ts ? new Date(ts * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }) : "–");
+  const when = (ts) => (ts ? new Date(ts * 1000).toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit" }) : "–");
+  const ago = (ts) => {
+    if (!ts) return "–";
+    const s = Math.max(0, Date.now() / 1000 - ts);
+    if (s < 60) return `${Math.round(s)} s ago`;
+    if (s < 3600) return `${Math.round(s / 60)} min ago`;
+    return `${(s / 3600).toFixed(1)} h ago`;
+  };
+  const features = (ex, outside) => {
+    const beyond = (outside || []).length ? `<b>outside training range:</b> ${outside.map(esc).join(", ")}; ` : "";
+    return beyond + ((ex || []).slice(0, 3).map((c) => `${esc(c.feature)} <span class="muted">z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 1)}</span>`).join(", ") || "–");
+  };
+
+  async function api(path, body) {
+    const opts = body === undefined ? {} : {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-Requested-With": "factorywatch" },
+      body: JSON.stringify(body),
+    };
+    const resp = await fetch(path, { credentials: "same-origin", ...opts });
+    if (resp.status === 401) { location.href = "/login"; throw new Error("not logged in"); }
+    const data = await resp.json();
+    if (!resp.ok) throw new Error(data.error || `HTTP ${resp.status}`);
+    return data;
+  }
+
+  function merge(m) {
+    const old = machines.get(m.key) || { points: [], readings: [] };
+    const rec = { ...old, ...m };
+    if (m.points) rec.points = m.points; // a snapshot replaces the series
+    if (m.readings) rec.readings = m.readings;
+    const lastP = rec.points.length ? rec.points[rec.points.length - 1][0] : -Infinity;
+    for (const p of m.new_points || []) if (p[0] > lastP || !rec.points.length) rec.points.push(p);
+    const lastR = rec.readings.length ? rec.readings[rec.readings.length - 1][0] : -Infinity;
+    for (const r of m.new_readings || []) if (r[0] > lastR || !rec.readings.length) rec.readings.push(r);
+    rec.points = rec.points.slice(-MAX_POINTS);
+    rec.readings = rec.readings.slice(-MAX_POINTS);
+    delete rec.new_points; delete rec.new_readings;
+    machines.set(m.key, rec);
+  }
+
+  function setLink(up) {
+    const el = document.getElementById("link");
+    el.textContent = up ? "live" : "broker unreachable – reconnecting";
+    el.className = `pill ${up ? "up" : "down"}`;
+  }
+
+  function connect() {
+    const source = new EventSource("/api/stream");
+    source.addEventListener("snapshot", (e) => {
+      const data = JSON.parse(e.data);
+      machines.clear();
+      data.machines.forEach(merge);
+      setLink(data.connected);
+      onChange(true);
+    });
+    source.addEventListener("update", (e) => {
+      const data = JSON.parse(e.data);
+      data.machines.forEach(merge);
+      (data.removed || []).forEach((k) => machines.delete(k));
+      setLink(data.connected);
+      onChange(false);
+    });
+    source.onerror = () => setLink(false); // EventSource reconnects by itself
+  }
+
+  async function whoami() {
+    me = await api("/api/me");
+    document.getElementById("who").textContent = `${me.user} · ${me.role}`;
+    document.body.dataset.role = me.role;
+  }
+
+  // -- charts (inline SVG) ------------------------------------------------------------------
+  function spark(points, threshold) {
+    const W = 240, H = 46, P = 3;
+    if (!points.length) return `<svg class="spark" viewBox="0 0 ${W} ${H}"><text x="4" y="28" class="axis">waiting for readings…</text></svg>`;
+    const ys = points.map((p) => p[1]).concat(threshold ? [threshold] : []);
+    const lo = Math.min(...ys) - 0.02, hi = Math.max(...ys) + 0.02;
+    const x = (i) => P + (i * (W - 2 * P)) / Math.max(1, points.length - 1);
+    const y = (v) => H - P - ((v - lo) * (H - 2 * P)) / (hi - lo || 1);
+    const line = points.map((p, i) => `${x(i).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ");
+    const dots = points.map((p, i) => (p[3] === "ALERT" ? `<circle cx="${x(i).toFixed(1)}" cy="${y(p[1]).toFixed(1)}" r="2.2" fill="#d64545"/>` : "")).join("");
+    const thr = threshold ? `<line x1="0" x2="${W}" y1="${y(threshold)}" y2="${y(threshold)}" stroke="#d64545" stroke-dasharray="3 3" stroke-width="1" opacity=".7"/>` : "";
+    return `<svg class="spark" viewBox="0 0 ${W} ${H}" preserveAspectRatio="none">${thr}<polyline points="${line}" fill="none" stroke="#2f6fde" stroke-width="1.5" vector-effect="non-scaling-stroke"/>${dots}</svg>`;
+  }
+
+  function chart(el, series, { height = 220, threshold = null, digits = 2 } = {}) {
+    const W = Math.max(300, el.clientWidth || 600), H = height, L = 52, R = 12, T = 10, B = 24;
+    const all = series.flatMap((s) => s.values);
+    if (!all.length) { el.innerHTML = `<svg viewBox="0 0 ${W} ${H}"><text x="${L}" y="${H / 2}" class="axis">waiting for readings…</text></svg>`; return; }
+    const xs = all.map((v) => v[0]), ys = all.map((v) => v[1]).concat(threshold !== null ? [threshold] : []);
+    const x0 = Math.min(...xs), x1 = Math.max(...xs);
+    let y0 = Math.min(...ys), y1 = Math.max(...ys);
+    const pad = (y1 - y0) * 0.08 || Math.abs(y1) * 0.05 || 1; y0 -= pad; y1 += pad;
+    const x = (v) => L + ((v - x0) * (W - L - R)) / (x1 - x0 || 1);
+    const y = (v) => T + ((y1 - v) * (H - T - B)) / (y1 - y0 || 1);
+    let svg = `<svg viewBox="0 0 ${W} ${H}" width="${W}" height="${H}">`;
+    for (let i = 0; i <= 4; i++) {
+      const v = y0 + ((y1 - y0) * i) / 4;
+      svg += `<line x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}" stroke="#eef1f5"/><text x="${L - 6}" y="${y(v) + 3}" text-anchor="end" class="axis">${v.toFixed(digits)}</text>`;
+    }
+    for (let i = 0; i <= 3; i++) {
+      const v = x0 + ((x1 - x0) * i) / 3;
+      svg += `<text x="${x(v)}" y="${H - 6}" text-anchor="${i === 0 ? "start" : i === 3 ? "end" : "middle"}" class="axis">${time(v)}</text>`;
+    }
+    if (threshold !== null) svg += `<line x1="${L}" x2="${W - R}" y1="${y(threshold)}" y2="${y(threshold)}" stroke="#d64545" stroke-dasharray="5 4"/><text x="${W - R}" y="${y(threshold) - 4}" text-anchor="end" class="axis" fill="#d64545">threshold ${threshold.toFixed(3)}</text>`;
+    for (const s of series) {
+      const pts = s.values.map((v) => `${x(v[0]).toFixed(1)},${y(v[1]).toFixed(1)}`).join(" ");
+      svg += `<polyline points="${pts}" fill="none" stroke="${s.color}" stroke-width="1.6"/>`;
+      if (s.marks) svg += s.values.filter((v) => v[2]).map((v) => `<circle cx="${x(v[0]).toFixed(1)}" cy="${y(v[1]).toFixed(1)}" r="3" fill="#d64545"/>`).join("");
+    }
+    el.innerHTML = svg + "</svg>";
+  }
+
+  // -- actions ------------------------------------------------------------------------------
+  async function act(button, path, body) {
+    button.disabled = true;
+    try { await api(path, body); button.textContent = "sent ✓"; afterAction(); }
+    catch (err) { button.disabled = false; alert(err.message); }
+  }
+  function actionButtons(line, machine, alertId, acknowledged) {
+    if (me.role !== "operator" || !alertId) return "";
+    const data = `data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(alertId)}"`;
+    return (acknowledged === false ? `<button class="ack" ${data}>Acknowledge</button>` : "")
+      + `<button class="danger false-alarm" ${data}>False alarm</button>`;
+  }
+  document.addEventListener("click", (e) => {
+    const b = e.target.closest("button.ack, button.false-alarm, button.confirm");
+    if (!b) return;
+    e.preventDefault();
+    const body = { line: b.dataset.line, machine: b.dataset.machine, alert_id: b.dataset.alert };
+    if (b.classList.contains("ack")) act(b, "/api/ack", body);
+    else act(b, "/api/feedback", { ...body, label: b.classList.contains("confirm") ? "confirmed" : "false_alarm" });
+  });
+
+  // -- overview -----------------------------------------------------------------------------
+  function renderOverview() {
+    const list = [...machines.values()].sort((a, b) => a.key.localeCompare(b.key));
+    const open = list.filter((m) => m.alert_id);
+    const offline = list.filter((m) => m.state === "OFFLINE");
+    document.getElementById("summary").innerHTML = [
+      ["Machines", list.length], ["Open alerts", open.length], ["Offline", offline.length],
+      ["Normal", list.filter((m) => m.state === "NORMAL").length],
+    ].map(([k, v]) => `<div class="card"><div class="muted">${k}</div><div class="num">${v}</div></div>`).join("");
+    const body = document.querySelector("#alerts tbody");
+    body.innerHTML = open.map((m) => `<tr data-machine="${esc(m.machine_id)}">
+      <td><a href="/machine/${encodeURIComponent(m.line)}/${encodeURIComponent(m.machine_id)}"><b>${esc(m.machine_id)}</b></a></td>
+      <td>${esc(m.line)}</td><td>${when(m.alert_since)} <span class="muted">(${ago(m.alert_since)})</span></td>
+      <td>${fmt(m.peak_score)}</td><td>${features(m.explanation, m.outside_training)}</td>
+      <td>${m.acknowledged_by ? `✓ ${esc(m.acknowledged_by)}` : '<span class="muted">not yet</span>'}</td>
+      <td class="actions">${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}</td></tr>`).join("");
+    document.getElementById("no-alerts").hidden = open.length > 0;
+    document.getElementById("alerts").hidden = open.length === 0;
+    document.getElementById("tiles").innerHTML = list.map((m) => {
+      const state = m.state || "UNKNOWN";
+      const reading = m.last_status ? `last reading ${esc(m.last_status)}` : "";
+      return `<a class="tile ${esc(state)}" id="tile-${esc(m.machine_id)}" href="/machine/${encodeURIComponent(m.line)}/${encodeURIComponent(m.machine_id)}">
+        <div class="top"><span class="name">${esc(m.machine_id)}</span><span class="badge ${esc(state)}">${esc(state)}</span></div>
+        <div class="facts"><span>line ${esc(m.line)}</span><span>${reading}</span></div>
+        <div class="facts"><span>score <span class="score">${fmt(m.last_score)}</span></span><span>threshold ${fmt(m.threshold)}</span></div>
+        ${spark(m.points, m.threshold)}
+        <div class="facts"><span>${m.alerts_raised} alert(s) raised</span><span>seen ${ago(m.last_seen || (m.points.length ? m.points[m.points.length - 1][0] : null))}</span></div>
+      </a>`;
+    }).join("") || '<p class="muted">No machine has reported yet.</p>';
+  }
+
+  async function overview() {
+    await whoami();
+    onChange = renderOverview;
+    connect();
+  }
+
+  // -- machine page -------------------------------------------------------------------------
+  async function machinePage() {
+    const [, , line, machine] = location.pathname.split("/").map(decodeURIComponent);
+    const key = `${line}/${machine}`;
+    document.getElementById("title").textContent = machine;
+    document.title = `factorywatch — ${machine}`;
+    await whoami();
+    let lastEpisode = null;
+    const loadHistory = async () => {
+      const data = await api(`/api/history?machine=${encodeURIComponent(machine)}&since=7d`).catch(() => ({ alerts: [] }));
+      const body = document.querySelector("#history tbody");
+      body.innerHTML = data.alerts.map((a) => `<tr data-alert="${esc(a.alert_id)}">
+        <td>${when(a.raised_at)}</td><td>${a.open ? '<span class="badge ALERT">OPEN</span>' : when(a.cleared_at)}</td>
+        <td>${fmt(a.peak_score)}</td><td>${features(a.explanation)}</td>
+        <td>${a.acknowledged_by ? `✓ ${esc(a.acknowledged_by)}` : "–"}</td>
+        <td>${a.label ? `<span class="badge ${esc(a.label)}">${esc(a.label.replace("_", " "))}</span> <span class="muted">${esc(a.labelled_by)}</span>` : "–"}</td>
+        <td class="actions">${me.role === "operator" ? `<button class="danger false-alarm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">False alarm</button><button class="secondary confirm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">Confirm</button>` : ""}</td></tr>`).join("");
+      document.getElementById("no-history").hidden = data.alerts.length > 0;
+    };
+    const render = () => {
+      const m = machines.get(key);
+      if (!m) return;
+      const state = m.state || "UNKNOWN";
+      document.getElementById("status").innerHTML = `<span class="badge ${esc(state)}">${esc(state)}</span>
+        <span>line <b>${esc(m.line)}</b></span><span>last score <b>${fmt(m.last_score)}</b> (reading ${esc(m.last_status || "–")})</span>
+        <span>threshold <b>${fmt(m.threshold)}</b></span><span>model <b>${esc(m.model_version || "–")}</b></span>
+        ${m.alert_id ? `<span>alert open since <b>${when(m.alert_since)}</b>, peak ${fmt(m.peak_score)}, ${features(m.explanation, m.outside_training)}</span>
+        ${m.acknowledged_by ? `<span>acknowledged by <b>${esc(m.acknowledged_by)}</b></span>` : ""} ${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}` : ""}`;
+      chart(document.getElementById("score-chart"), [{ values: m.points.map((p) => [p[0], p[1], p[3] === "ALERT"]), color: "#2f6fde", marks: true }], { threshold: m.threshold, digits: 3 });
+      const names = m.readings.length ? Object.keys(m.readings[m.readings.length - 1][1]) : [];
+      const box = document.getElementById("channels");
+      if (box.dataset.names !== names.join(",")) {
+        box.innerHTML = names.map((n) => `<div class="card"><h3>${esc(n)}</h3><div class="ch" data-name="${esc(n)}"></div></div>`).join("") || '<p class="muted">No readings yet.</p>';
+        box.dataset.names = names.join(",");
+      }
+      for (const el of box.querySelectorAll(".ch")) {
+        const n = el.dataset.name;
+        chart(el, [{ values: m.readings.filter((r) => n in r[1]).map((r) => [r[0], r[1][n]]), color: "#3a4556" }], { height: 120, digits: 1 });
+      }
+      const episode = `${m.alert_id}|${m.acknowledged_by}|${m.state}`;
+      if (episode !== lastEpisode) { lastEpisode = episode; loadHistory(); }
+    };
+    onChange = render;
+    connect();
+    loadHistory();
+    window.addEventListener("resize", render);
+    afterAction = loadHistory;
+  }
+
+  return { overview, machinePage };
+})();

@@ -1,0 +1,254 @@
+"""A simulated Sparkplug B edge node (``factorywatch sensor --sparkplug``) for the demo.
+
+One edge node (``spBv1.0/<group>/.../<edge node>``) whose devices are simulated machines.
+It publishes what a real one does: ``NBIRTH`` (``bdSeq``, ``Node Control/Rebirth``), one
+``DBIRTH`` per device declaring every metric with its name, type and alias, then ``DDATA``
+by alias carrying only the metrics that changed (report by exception), a sequence number
+that wraps at 255, ``NDEATH`` as its last will (and before a clean disconnect), and a new
+set of births when a host application asks with ``NCMD`` ``Node Control/Rebirth``.
+
+The metrics are named as the AI4I dataset's columns (``Air temperature [K]``, ...,
+``Product Type``), so the detector maps them to the default model's channels. Data goes out
+at QoS 1 (the specification allows 0): with the detector's persistent session nothing is
+lost across a detector restart. The pure part (``EdgeNode``) builds the messages; ``run``
+is the MQTT shell.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import paho.mqtt.client as mqtt
+import structlog
+from esio_spb_builder.core import sparkplug_b_pb2  # Eclipse Tahu's schema, generated
+from google.protobuf.message import DecodeError
+
+from factorywatch import mqtt as fwmqtt
+from factorywatch.contracts import AI4I_CHANNELS, Telemetry
+from factorywatch.sensors.publisher import PublishStats
+from factorywatch.sensors.simulator import MachineSimulator
+from factorywatch.settings import BrokerSettings
+from factorywatch.topics import sparkplug_topic
+
+log = structlog.get_logger("sensors")
+
+#: Metric names of the AI4I channels: the dataset's own column names.
+METRIC_NAMES: Final = {
+    "air_temperature_k": "Air temperature [K]",
+    "process_temperature_k": "Process temperature [K]",
+    "rotational_speed_rpm": "Rotational speed [rpm]",
+    "torque_nm": "Torque [Nm]",
+    "tool_wear_min": "Tool wear [min]",
+}
+PRODUCT_TYPE_METRIC: Final = "Product Type"
+_INT64, _DOUBLE, _BOOLEAN, _STRING = 4, 10, 11, 12  # sparkplug_b.proto DataType values
+_PRODUCT_ALIAS: Final = len(AI4I_CHANNELS) + 1
+
+Message = tuple[str, bytes]
+
+
+class EdgeNode:
+    """The messages of one edge node (pure: no I/O; times are given)."""
+
+    def __init__(self, group: str, node: str, devices: Sequence[str], bd_seq: int) -> None:
+        self.group = group
+        self.node = node
+        self.devices = list(devices)
+        self.bd_seq = bd_seq % 256
+        self.seq = 0
+        self._last: dict[str, dict[str, float | str]] = {}
+
+    def _payload(self, ts_ms: int, *, seq: bool = True) -> Any:
+        payload = sparkplug_b_pb2.Payload()
+        payload.timestamp = ts_ms
+        if seq:
+            payload.seq = self.seq
+            self.seq = (self.seq + 1) % 256
+        return payload
+
+    @staticmethod
+    def _metric(
+        payload: Any, name: str | None, alias: int | None, value: float | str | bool, ts_ms: int
+    ) -> None:
+        metric = payload.metrics.add()
+        if name is not None:
+            metric.name = name
+        if alias is not None:
+            metric.alias = alias
+        metric.timestamp = ts_ms
+        if isinstance(value, bool):
+            metric.datatype, metric.boolean_value = _BOOLEAN, value
+        elif isinstance(value, str):
+            metric.datatype, metric.string_value = _STRING, value
+        else:
+            metric.datatype, metric.double_value = _DOUBLE, float(value)
+
+    def ndeath(self) -> Message:
+        """The node's death certificate (its last will): the ``bdSeq`` of this session."""
+        payload = sparkplug_b_pb2.Payload()
+        metric = payload.metrics.add()
+        metric.name, metric.datatype, metric.long_value = "bdSeq", _INT64, self.bd_seq
+        return sparkplug_topic(self.group, "NDEATH", self.node), payload.SerializeToString()
+
+    def births(self, readings: dict[str, Telemetry], ts_ms: int) -> list[Message]:
+        """``NBIRTH`` then one ``DBIRTH`` per device with all its metrics (seq from 0)."""
+        self.seq = 0
+        payload = self._payload(ts_ms)
+        metric = payload.metrics.add()
+        metric.name, metric.datatype, metric.long_value = "bdSeq", _INT64, self.bd_seq
+        self._metric(payload, "Node Control/Rebirth", None, False, ts_ms)
+        out = [(sparkplug_topic(self.group, "NBIRTH", self.node), payload.SerializeToString())]
+        for device in self.devices:
+            reading = readings[device]
+            payload = self._payload(ts_ms)
+            for alias, channel in enumerate(AI4I_CHANNELS, start=1):
+                self._metric(
+                    payload, METRIC_NAMES[channel], alias, reading.readings[channel], ts_ms
+                )
+            self._metric(payload, PRODUCT_TYPE_METRIC, _PRODUCT_ALIAS, reading.product_type, ts_ms)
+            self._last[device] = {**reading.readings, PRODUCT_TYPE_METRIC: reading.product_type}
+            topic = sparkplug_topic(self.group, "DBIRTH", self.node, device)
+            out.append((topic, payload.SerializeToString()))
+        return out
+
+    def data(self, device: str, reading: Telemetry, ts_ms: int) -> Message | None:
+        """``DDATA`` by alias with the metrics that changed since the last; None if none did."""
+        last = self._last.setdefault(device, {})
+        changed: list[tuple[int, float | str]] = [
+            (alias, reading.readings[channel])
+            for alias, channel in enumerate(AI4I_CHANNELS, start=1)
+            if last.get(channel) != reading.readings[channel]
+        ]
+        if last.get(PRODUCT_TYPE_METRIC) != reading.product_type:
+            changed.append((_PRODUCT_ALIAS, reading.product_type))
+        if not changed:
+            return None
+        payload = self._payload(ts_ms)
+        for alias, value in changed:
+            self._metric(payload, None, alias, value, ts_ms)
+        last.update(reading.readings)
+        last[PRODUCT_TYPE_METRIC] = reading.product_type
+        return sparkplug_topic(self.group, "DDATA", self.node, device), payload.SerializeToString()
+
+
+def is_rebirth_request(payload: bytes) -> bool:
+    """Whether an ``NCMD`` payload asks for a rebirth (garbage is not a request)."""
+    try:
+        command = sparkplug_b_pb2.Payload.FromString(payload)
+    except DecodeError:
+        return False
+    return any(
+        m.name == "Node Control/Rebirth"
+        and m.WhichOneof("value") == "boolean_value"
+        and m.boolean_value
+        for m in command.metrics
+    )
+
+
+class EdgeNodeClient:
+    """The MQTT shell of one edge node: its will, births on (re)connect and on request."""
+
+    def __init__(self, broker: BrokerSettings, edge: EdgeNode) -> None:
+        if broker.authenticates:  # an edge node logs in as itself: the ACL scopes it
+            broker = broker.with_overrides(username=edge.node)
+        self.broker = broker
+        self.edge = edge
+        self.stats = PublishStats()
+        self.rebirth = threading.Event()
+        self._lock = threading.Lock()
+        self._waiter = fwmqtt.ConnectWaiter()
+        self._ncmd = sparkplug_topic(edge.group, "NCMD", edge.node)
+        self.client = fwmqtt.new_client(broker, f"spb-{edge.group}-{edge.node}")
+        self.client.will_set(*edge.ndeath(), qos=1, retain=False)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if not reason.is_failure:
+            client.subscribe(self._ncmd, qos=1)
+            self.rebirth.set()  # every (re)connection starts with births (before any data)
+        self._waiter.record(reason)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self._ncmd and is_rebirth_request(bytes(msg.payload)):
+            log.info("rebirth_requested", group=self.edge.group, edge_node=self.edge.node)
+            self.rebirth.set()
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, _mid: int, reason: Any, _p: Any) -> None:
+        with self._lock:
+            if fwmqtt.reason_failed(reason):
+                self.stats.refused += 1
+            else:
+                self.stats.acknowledged += 1
+
+    def start(self) -> None:
+        """Connect (bounded retries); paho reconnects by itself afterwards."""
+        fwmqtt.connect(self.client, self.broker, self._waiter)
+
+    def send(self, message: Message | None) -> None:
+        """Publish at QoS 1 (nothing for None: no metric changed)."""
+        if message is None:
+            return
+        with self._lock:
+            self.stats.sent += 1
+        self.client.publish(message[0], message[1], qos=1)
+
+    def close(self, timeout_s: float = 30.0) -> PublishStats:
+        """Say NDEATH (a clean disconnect sends no will), await the PUBACKs, disconnect."""
+        self.send(self.edge.ndeath())
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.stats.acknowledged + self.stats.refused >= self.stats.sent:
+                    break
+            time.sleep(0.02)  # polling the PUBACK count, bounded by the deadline
+        self.client.disconnect()
+        self.client.loop_stop()
+        with self._lock:
+            return PublishStats(**vars(self.stats))
+
+
+def run(
+    broker: BrokerSettings,
+    group: str,
+    node: str,
+    sims: Sequence[MachineSimulator],
+    *,
+    rate_hz: float,
+    count: int | None,
+    stop: threading.Event,
+) -> PublishStats:
+    """Publish births, then ``count`` data messages per device (forever when None)."""
+    devices = [sim.machine_id for sim in sims]
+    shell = EdgeNodeClient(broker, EdgeNode(group, node, devices, bd_seq=int(time.time())))
+    shell.start()
+    log.info("edge_node_started", group=group, edge_node=node, devices=devices)
+    interval = 1.0 / rate_hz
+    produced, next_tick = 0, time.monotonic()
+    current = {sim.machine_id: sim.next(time.time()) for sim in sims}
+    stats = PublishStats()
+    try:
+        while not stop.is_set() and (count is None or produced < count):
+            now = time.time()
+            if shell.rebirth.is_set():
+                shell.rebirth.clear()
+                for message in shell.edge.births(current, int(now * 1000)):
+                    shell.send(message)
+            for sim in sims:
+                current[sim.machine_id] = reading = sim.next(now)
+                shell.send(shell.edge.data(sim.machine_id, reading, int(now * 1000)))
+            produced += 1
+            next_tick += interval
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                stop.wait(delay)
+            elif delay < -1.0:
+                next_tick = time.monotonic()
+    finally:
+        stats = shell.close()
+        log.info("edge_node_stopped", **vars(stats))
+    return stats

@@ -1,0 +1,1 @@
+"""The live `docker compose up`: a real Docker engine, images built here."""

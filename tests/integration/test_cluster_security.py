@@ -1,0 +1,120 @@
+"""The cluster with users (the Mosquitto ACL's roles, one user per machine) and TLS."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from factorywatch.cluster import (
+    ClusterLayout,
+    LocalNatsCluster,
+    MqttDevice,
+    TlsFiles,
+    generate_passwords,
+)
+from factorywatch.contracts import Verdict
+from factorywatch.credentials import make_certificates
+from factorywatch.errors import BrokerError
+from factorywatch.sensors.simulator import MachineSimulator
+from factorywatch.topics import Topics
+from tests.integration.cluster_helpers import (
+    MosquittoSub,
+    read_subjects,
+    run_js,
+    start_detector,
+    wait_until,
+    wait_verdicts,
+)
+from tests.support import Proc
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MACHINES = ("m1", "m2")
+
+
+@pytest.fixture
+def secure_cluster(tmp_path: Path, topic_root: str) -> Iterator[LocalNatsCluster]:
+    """A 3-node cluster that authenticates every client and speaks only TLS to clients."""
+    make_certificates(tmp_path / "secrets" / "certs")
+    cluster = LocalNatsCluster(
+        tmp_path / "nats",
+        layouts=(ClusterLayout(topic_root, partitions=2),),
+        passwords=generate_passwords(MACHINES),
+        machines=MACHINES,
+        tls=TlsFiles.from_secrets(tmp_path / "secrets"),
+    ).start()
+    yield cluster
+    cluster.stop()
+
+
+def _device(cluster: LocalNatsCluster, user: str, password: str | None = None) -> MqttDevice:
+    assert cluster.passwords is not None
+    assert cluster.tls is not None
+    return MqttDevice(
+        f"dev-{user}",
+        cluster.nodes[1].ports.mqtt,
+        user=user,
+        password=password or cluster.passwords[user],
+        tls_ca=cluster.tls.ca,
+    )
+
+
+def test_machines_publish_only_their_own_readings_over_tls(
+    secure_cluster: LocalNatsCluster,
+    spawn: Callable[..., Proc],
+    model_dir: Path,
+    topic_root: str,
+    tmp_path: Path,
+) -> None:
+    """Over TLS, machine m1 publishes its readings and gets verdicts; its publish to m2's
+    topic is refused and lands nowhere; a wrong password is refused at CONNECT; the viewer
+    reads verdicts with mosquitto_sub; the detector logs in as `detector`."""
+    cluster = secure_cluster
+    assert cluster.passwords is not None
+    assert cluster.tls is not None
+    topics = Topics(topic_root)
+    secret = tmp_path / "detector.password"
+    secret.write_text(cluster.passwords["detector"])
+    start_detector(spawn, cluster, model_dir, user="detector", password_file=secret)
+    sub = MosquittoSub(
+        cluster.nodes[2].ports.mqtt,
+        f"{topic_root}/alerts/+/+/verdict",
+        tmp_path / "viewer.txt",
+        user="viewer",
+        password=cluster.passwords["viewer"],
+        ca=cluster.tls.ca,
+    )
+    with pytest.raises(BrokerError, match="refused"):
+        _device(cluster, "m1", "wrong-password").wait_connected()
+
+    m1 = _device(cluster, "m1")
+    m1.wait_connected()
+    sim = MachineSimulator("m1", "line1", seed=1)
+    for _ in range(10):
+        reading = sim.next(time.time())
+        m1.publish(topics.telemetry("line1", "m1"), reading.encode(), f"m1:{reading.seq}")
+    assert m1.wait_acked(10)
+    assert len(m1.acked) == 10
+    verdicts = wait_verdicts(cluster, 10, timeout_s=30)
+    assert {v.machine_id for v in verdicts} == {"m1"}
+    assert len(verdicts) == 10
+
+    forged = MachineSimulator("m2", "line1", seed=2).next(time.time())
+    m1.publish(topics.telemetry("line1", "m2"), forged.encode(), "forged")
+    m1.wait_acked(11, timeout_s=5)  # NATS may PUBACK a refused publish or drop the link
+
+    async def stored(_nc: NatsClient, js: JetStreamContext) -> list[tuple[str, bytes]]:
+        return await read_subjects(js, cluster.layout.input_stream, "$MQTT.msgs.>")
+
+    assert all(".m2" not in subject for subject, _ in run_js(cluster, stored))
+    assert wait_until(lambda: len(sub.lines("/verdict")) >= 10, 10)
+    seen = [Verdict.model_validate_json(line) for line in sub.lines("/verdict")]
+    assert {v.machine_id for v in seen} == {"m1"}
+    assert len(wait_verdicts(cluster, 11, timeout_s=3)) == 10  # the forged one got none
+    sub.close()
+    m1.close()

@@ -1,0 +1,86 @@
+"""`factorywatch demo` as a newcomer runs it: readable lines, a hint that works, model switches."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from factorywatch.broker import free_port
+from tests.conftest import DatasetChoice
+from tests.support import CLI
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _wait_output(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """Wait until the demo's output matches ``pattern``; return the whole output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if re.search(pattern, text):
+            return text
+        assert proc.poll() is None, f"demo exited {proc.returncode}:\n{text[-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern!r} not in demo output:\n{log.read_text()[-3000:]}")
+
+
+def test_demo_lines_hint_and_model_switch(
+    model_dir: Path, test_data: DatasetChoice, tmp_path: Path
+) -> None:
+    """NORMAL lines read `<=`, the saved hint shows verdicts, a promoted model is announced."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    log = tmp_path / "demo.out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "80"}
+    with log.open("wb") as out:
+        demo = subprocess.Popen(
+            [*CLI, "demo", "--port", str(free_port()), "--rate", "5", "--model-dir", str(models)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
+        )
+    try:
+        text = _wait_output(log, r"NORMAL +score", demo, timeout=120)
+        hint = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("mosquitto_sub")]
+        assert len(hint) == 1, "the hint is one line even at 80 columns in a pipe"
+        assert "(>" not in text
+        for line in text.splitlines():
+            if "NORMAL " in line and "score" in line:
+                assert re.search(r"score \d\.\d{3} <= threshold \d\.\d{3}", line), line
+            if re.search(r"(NORMAL|ALERT) +score", line):
+                assert re.search(r"\d ms", line), f"a verdict wrapped over lines: {line}"
+        script = tmp_path / "run" / "demo" / "mosquitto_sub.sh"
+        assert hint[0] in script.read_text()
+        shown = subprocess.run(
+            ["sh", str(script), "-C", "1"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.startswith("factory/alerts/"), shown.stdout
+
+        trained = subprocess.run(
+            [*CLI, "train", *test_data.args, "--trees", "20", "--model-dir", str(models)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert trained.returncode == 0, trained.stderr
+        new_version = trained.stdout.strip().splitlines()[-1]
+        text = _wait_output(log, rf"model switched: \S+ -> {new_version}", demo, timeout=60)
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 0, log.read_text()[-3000:]

@@ -1,0 +1,163 @@
+"""Notifications for real: detector -> broker -> notifier -> Alertmanager -> webhook receiver."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from factorywatch.settings import BrokerSettings
+from factorywatch.topics import Topics
+from tests.integration.opstack import (
+    POLICY_ENV,
+    Alertmanager,
+    WebhookReceiver,
+    publish_plan,
+    reading,
+    wait_until,
+)
+from tests.support import Collector, Proc
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NORMAL, ANOMALOUS = 1500.0, 3500.0  # 3500 rpm: outside every training envelope
+
+
+@pytest.fixture
+def webhook() -> Iterator[WebhookReceiver]:
+    """A webhook receiver on a free loopback port."""
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path, webhook: WebhookReceiver) -> Iterator[Alertmanager]:
+    """A real Alertmanager routing every alert to the webhook receiver."""
+    am = Alertmanager(tmp_path / "alertmanager", webhook.port)
+    yield am
+    am.stop()
+
+
+def _on(machine: str, status: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda a: a["labels"].get("machine") == machine and a["status"] == status
+
+
+def test_raised_and_cleared_alerts_reach_alertmanager_and_a_silence_suppresses_one(
+    spawn: Callable[..., Proc],
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+    mqtt_args: list[str],
+    alertmanager: Alertmanager,
+    webhook: WebhookReceiver,
+) -> None:
+    """A raise is notified firing and its clear resolved, with labels and annotations; an
+    alert of a machine under a silence (maintenance) reaches Alertmanager but notifies no one
+    until the silence is expired."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter)
+    detector(env=POLICY_ENV)
+    now = datetime.now(UTC)
+    silence = alertmanager.api(
+        "silences",
+        {
+            "matchers": [{"name": "machine", "value": "m2", "isRegex": False, "isEqual": True}],
+            "startsAt": now.isoformat(),
+            "endsAt": (now + timedelta(hours=1)).isoformat(),
+            "createdBy": "factorywatch-test",
+            "comment": "m2 in maintenance until noon",
+        },
+    )
+    notifier = spawn(
+        "notify",
+        *mqtt_args,
+        "--alertmanager-url",
+        alertmanager.url,
+        "--resend",
+        "2",
+        "--label",
+        "site=test-plant",
+        "--web-url",
+        "http://127.0.0.1:8080",
+    )
+    notifier.wait_log("notify_subscribed")
+
+    m2 = publish_plan(settings, "m2", [NORMAL] * 3 + [ANOMALOUS] * 4)
+    col.wait_for(lambda m: m.topic.endswith("/m2/event"), count=1)
+    m1 = publish_plan(settings, "m1", [NORMAL] * 3 + [ANOMALOUS] * 4)
+    firing = webhook.wait_for(_on("m1", "firing"))
+    assert firing, f"no firing notification for m1; notifier log:\n{notifier.log()[-2000:]}"
+    alert = firing[0]
+    assert alert["labels"]["alertname"] == "FactorywatchAnomaly"
+    assert alert["labels"]["line"] == "line1"
+    assert alert["labels"]["site"] == "test-plant"
+    assert float(alert["annotations"]["peak_score"]) > 0
+    assert alert["generatorURL"] == "http://127.0.0.1:8080/machine/line1/m1"
+    for seq in range(10, 15):  # then m1 clears (after its firing was notified: no flap)
+        m1.publish(reading("m1", seq, NORMAL))
+    col.wait_for(lambda m: m.topic.endswith("/m1/event"), count=2)
+    assert webhook.wait_for(_on("m1", "resolved")), "the clear was not notified as resolved"
+
+    # m2's alert is in Alertmanager, suppressed by the silence, and notified no one
+    suppressed = wait_until(
+        lambda: [
+            a
+            for a in alertmanager.api("alerts?filter=machine%3D%22m2%22")
+            if a["status"]["state"] == "suppressed"
+        ],
+        what="m2's alert suppressed in Alertmanager",
+    )
+    assert suppressed[0]["status"]["silencedBy"] == [silence["silenceID"]]
+    assert webhook.alerts(lambda a: a["labels"].get("machine") == "m2") == []
+
+    # expiring the silence releases the notification: the silence was what held it back
+    request = urllib.request.Request(  # noqa: S310 - loopback Alertmanager of this test
+        f"{alertmanager.url}/api/v2/silence/{silence['silenceID']}", method="DELETE"
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
+        assert resp.status == 200
+    assert webhook.wait_for(_on("m2", "firing")), "m2 not notified after the silence expired"
+    m1.close()
+    m2.close()
+    assert notifier.terminate() == 0
+    assert "alertmanager_post_failed" not in notifier.log()
+
+
+def test_a_restarted_notifier_resolves_an_alert_that_cleared_while_it_was_down(
+    spawn: Callable[..., Proc],
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+    mqtt_args: list[str],
+    alertmanager: Alertmanager,
+    webhook: WebhookReceiver,
+) -> None:
+    """The retained state topics tell a new notifier what is open: a clear it missed is
+    still sent to Alertmanager as resolved, and the open alert stays firing."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter)
+    detector(env=POLICY_ENV)
+    args = [*mqtt_args, "--alertmanager-url", alertmanager.url, "--resend", "2"]
+    first = spawn("notify", *args)
+    first.wait_log("notify_subscribed")
+    m3 = publish_plan(settings, "m3", [NORMAL] * 3 + [ANOMALOUS] * 4)
+    assert webhook.wait_for(_on("m3", "firing"))
+    assert first.terminate() == 0
+
+    for seq, rpm in enumerate([NORMAL] * 5, start=100):  # clears while no notifier runs
+        m3.publish(reading("m3", seq, rpm))
+    col.wait_for(lambda m: m.topic.endswith("/m3/event"), count=2)
+    assert webhook.alerts(_on("m3", "resolved")) == []
+
+    second = spawn("notify", *args)
+    second.wait_log("notify_subscribed")
+    # the retained NORMAL state is reconciled against Alertmanager's view on start
+    assert webhook.wait_for(_on("m3", "resolved"), timeout=30), second.log()[-2000:]
+    assert webhook.alerts(_on("m3", "firing")), "fired before the restart"
+    m3.close()
+    assert second.terminate() == 0

@@ -1,0 +1,111 @@
+"""The web view's pure parts: logins against broker hashes, the live model and its deltas,
+the feedback topic and contract."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from factorywatch.contracts import AlertEvent, FeedbackCommand, MachineState, Telemetry, Verdict
+from factorywatch.credentials import add_user, hash_password
+from factorywatch.errors import PayloadError
+from factorywatch.topics import Topics
+from factorywatch.web.auth import Accounts, verify_password
+from factorywatch.web.live import LiveModel
+
+T = Topics("factory")
+
+
+def test_passwords_are_checked_against_mosquitto_hashes(tmp_path: Path) -> None:
+    """The broker's `$7$` hashes verify the right password only; roles come from the
+    configured lists, and a user without a role cannot log in even with its password."""
+    assert verify_password("s3cret", hash_password("s3cret"))
+    assert not verify_password("s3cret ", hash_password("s3cret"))
+    assert not verify_password("x", "$6$not$ours")
+    assert not verify_password("x", "$7$101$%%%$%%%")
+    op, viewer, machine = (add_user(tmp_path, u) for u in ("operator", "viewer", "press-1"))
+    accounts = Accounts(tmp_path / "passwd", frozenset({"operator"}), frozenset({"viewer"}))
+    assert accounts.authenticate("operator", op) == "operator"
+    assert accounts.authenticate("viewer", viewer) == "viewer"
+    assert accounts.authenticate("viewer", op) is None
+    assert accounts.authenticate("press-1", machine) is None
+    assert accounts.authenticate("nobody", "x") is None
+    assert accounts.authenticate("operator", "") is None
+
+
+def _verdict(seq: int, status: str = "NORMAL", score: float = 0.4) -> bytes:
+    return Verdict.model_validate(
+        {"machine_id": "m1", "line": "l1", "seq": seq, "reading_ts": 1.8e9 + seq,
+         "status": status, "score": score, "threshold": 0.6, "model_version": "v1",
+         "latency_ms": 0.3}
+    ).encode()  # fmt: skip
+
+
+def test_live_model_follows_verdicts_events_states_and_readings() -> None:
+    """Verdicts feed the score series, events and states the alert fields, telemetry the
+    channel series; deltas carry only what is new since the last one."""
+    model = LiveModel(T, history=3)
+    for seq in range(5):
+        assert model.feed(T.verdict("l1", "m1"), _verdict(seq)) == "l1/m1"
+    m = model.machines["l1/m1"]
+    assert [p[0] for p in m.points] == [1.8e9 + 2, 1.8e9 + 3, 1.8e9 + 4]
+    reading = Telemetry(machine_id="m1", line="l1", seq=9, ts=1.8e9, product_type="L",
+                        readings={"torque_nm": 40.0})  # fmt: skip
+    model.feed(T.telemetry("l1", "m1"), reading.encode())
+    raised = AlertEvent(machine_id="m1", line="l1", event="ALERT_RAISED", at=1.8e9, alert_id="a1",
+                        peak_score=0.8)  # fmt: skip
+    model.feed(T.event("l1", "m1"), raised.encode())
+    assert (m.state, m.alert_id, m.peak_score) == ("ALERT", "a1", 0.8)
+    delta = model.delta({"l1/m1"})
+    [tile] = delta["machines"]
+    assert len(tile["new_points"]) == 5
+    assert tile["new_readings"] == [[1.8e9, {"torque_nm": 40.0}]]
+    assert model.delta({"l1/m1"})["machines"][0]["new_points"] == []
+    state = MachineState(machine_id="m1", line="l1", state="NORMAL", since=1.8e9, window_size=5)
+    model.feed(T.state("l1", "m1"), state.encode())
+    assert (m.state, m.alert_id) == ("NORMAL", None)
+    assert model.feed(T.state("l1", "m1"), b"") == "l1/m1"
+    assert model.delta({"l1/m1"}) == {"machines": [], "removed": ["l1/m1"]}
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload"),
+    [
+        ("factory/alerts/l1/m1/verdict", b"{not json"),
+        ("factory/alerts/l1/m2/verdict", _verdict(1)),  # payload names another machine
+        ("factory/alerts/l1/m1/other", _verdict(1)),
+        ("factory/elsewhere/l1/m1", _verdict(1)),
+        ("factory/alerts/l1/m1/verdict", b"x" * 70_000),
+    ],
+)
+def test_live_model_ignores_and_counts_bad_messages(topic: str, payload: bytes) -> None:
+    """A message that is not a valid one of ours changes nothing and is counted."""
+    model = LiveModel(T)
+    assert model.feed(topic, payload) is None
+    assert model.machines == {}
+    assert model.ignored == 1
+
+
+def test_feedback_topic_round_trips_and_refuses_others() -> None:
+    """The feedback command topic is built and parsed in topics.py only."""
+    topic = T.feedback("line1", "press-1")
+    assert topic == "factory/commands/line1/press-1/feedback"
+    assert T.parse_feedback(topic) == ("line1", "press-1")
+    assert T.feedback_filter == "factory/commands/+/+/feedback"
+    with pytest.raises(PayloadError):
+        T.parse_feedback(T.ack("line1", "press-1"))
+    with pytest.raises(ValueError, match="machine id"):
+        T.feedback("line1", "bad/id")
+
+
+def test_feedback_command_is_strict() -> None:
+    """Only known labels, a named operator without control characters, finite times."""
+    ok = FeedbackCommand(machine_id="m1", alert_id="m1-3", label="false_alarm", by="ana",
+                         at=time.time())  # fmt: skip
+    assert FeedbackCommand.model_validate_json(ok.encode()) == ok
+    for bad in ({"label": "maybe"}, {"by": "\x1b[31mred"}, {"alert_id": ""}, {"at": 5.0}):
+        with pytest.raises(ValidationError):
+            FeedbackCommand.model_validate({**ok.model_dump(), **bad})
