@@ -39,6 +39,8 @@ def _function(frame: str) -> str:
 
 def _owner(function: str) -> str | None:
     path = function.rpartition(" (")[2].rstrip(")")
+    # py-spy names installed packages relative to sys.path, or from site-packages/ on
+    path = path.removeprefix("site-packages/")
     if path.startswith("paho/"):
         return "paho-mqtt"
     if path.startswith(OWN_PREFIXES):
