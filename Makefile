@@ -43,8 +43,12 @@ test: install broker-binary nats-binary ops-tools
 	FACTORYWATCH_TEST_DATASET_DIR=$(dir $(DATASET)) $(BIN)/pytest
 
 ## faults: fault injection (kill -9, broker restarts and outage, backlog) -> reports/faults.json
+## (DETECTOR_PROTOCOL=3.1.1 runs the detectors on MQTT 3.1.1 instead of 5)
+DETECTOR_PROTOCOL ?=
 faults: install broker-binary
-	FACTORYWATCH_FAULTS_REPORT=reports/faults.json $(BIN)/pytest -m faults -s
+	FACTORYWATCH_TEST_DETECTOR_PROTOCOL=$(DETECTOR_PROTOCOL) \
+	FACTORYWATCH_FAULTS_REPORT=reports/faults$(if $(DETECTOR_PROTOCOL),-mqtt$(DETECTOR_PROTOCOL),).json \
+	$(BIN)/pytest -m faults -s
 
 ## fuzz: coverage-guided fuzzing (atheris) of the decoder for FUZZ_SECONDS (corpus in run/fuzz)
 FUZZ_SECONDS ?= 120
@@ -80,7 +84,8 @@ scenarios: install
 	$(BIN)/factorywatch evaluate --csv data/scenarios --label-column anomaly \
 		--time-column datetime --train-rows 400 --compare --out reports
 
-## bench: throughput and latency against the relay ceiling -> reports/bench.{json,md}
+## bench: relay ceiling per MQTT client, Mosquitto's own (C clients), detector per transport,
+## latency -> reports/bench.{json,md}
 bench: install broker-binary
 	$(BIN)/python -m bench.run $(DATASET_ARG)
 

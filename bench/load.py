@@ -20,7 +20,6 @@ import json
 import math
 import mmap
 import os
-import select
 import signal
 import struct
 import subprocess
@@ -38,6 +37,7 @@ import paho.mqtt.client as mqtt
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.errors import BrokerError
+from factorywatch.launch import Launched, LaunchError, child_env
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
@@ -155,7 +155,7 @@ class Publisher:
             fwmqtt.new_client(settings, f"bench-pub-{tag}-{i}") for i in range(max(1, clients))
         ]
         self._waiters = [fwmqtt.ConnectWaiter() for _ in self.clients]
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self.acknowledged = 0
         self.refused = 0
         self.sent = 0
@@ -176,6 +176,8 @@ class Publisher:
                 self.refused += 1
             else:
                 self.acknowledged += 1
+            if self.acknowledged + self.refused >= self.sent:
+                self._lock.notify_all()
 
     def start(self) -> Publisher:
         """Connect every client (clean sessions)."""
@@ -239,13 +241,10 @@ class Publisher:
 
     def wait_settled(self, timeout_s: float) -> bool:
         """Wait until every published message got its PUBACK (or the timeout)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self.acknowledged + self.refused >= self.sent:
-                    return True
-            time.sleep(0.01)
-        return False
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: self.acknowledged + self.refused >= self.sent, timeout_s
+            )
 
     def close(self) -> None:
         """Disconnect every client."""
@@ -414,43 +413,27 @@ class SubscriberProcess:
             "--counter",
             str(self.counter.path),
         ]
-        with self.log_file.open("wb") as err:
-            self.process = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                cwd=PROJECT_DIR,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        self._await_ready(timeout_s=30.0)
-
-    def _await_ready(self, timeout_s: float) -> None:
-        stdout = self.process.stdout
-        assert stdout is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([stdout], [], [], 0.2)
-            if ready:
-                line = stdout.readline().decode(errors="replace").strip()
-                if line == SUBSCRIBER_READY:
-                    return
-                if not line and self.process.poll() is not None:
-                    break
-        self.process.kill()
-        self.process.wait()
-        raise BrokerError(f"subscriber did not start: {self.log_file.read_text()[-2000:]}")
+        self.process = Launched(
+            command,
+            self.log_file,
+            cwd=PROJECT_DIR,
+            env=child_env({"PYTHONPATH": str(PROJECT_DIR)}),
+            name="subscriber",
+        )
+        try:
+            self.process.wait_log(SUBSCRIBER_READY, 30.0)
+        except LaunchError:
+            self.kill()
+            raise
 
     def result(self, timeout_s: float) -> Received:
         """Wait for the process to finish (SIGTERM it at ``timeout_s``) and load its record."""
         try:
             self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            self.process.terminate()
-            self.process.wait(30)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+            self.process.terminate(30)
         if not self.out.is_file():
-            raise BrokerError(f"subscriber wrote no record: {self.log_file.read_text()[-2000:]}")
+            raise BrokerError(f"subscriber wrote no record: {self.process.log()[-2000:]}")
         data = json.loads(self.out.read_text())
         return Received(
             messages=int(data["messages"]),
@@ -467,9 +450,7 @@ class SubscriberProcess:
 
     def kill(self) -> None:
         """Stop it at once (clean-up after a failure) and release the counter."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        self.process.kill()
         self.counter.close()
 
 

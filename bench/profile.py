@@ -17,14 +17,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from bench import run as bench_run
+from bench import harness as bench_run
+from factorywatch.launch import Launched
 
 OWN_PREFIXES: Final = ("detector/", "factorywatch/", "model/", "sensors/")
 SAMPLE_RATE_HZ: Final = 250
@@ -39,6 +39,8 @@ def _function(frame: str) -> str:
 
 def _owner(function: str) -> str | None:
     path = function.rpartition(" (")[2].rstrip(")")
+    # py-spy names installed packages relative to sys.path, or from site-packages/ on
+    path = path.removeprefix("site-packages/")
     if path.startswith("paho/"):
         return "paho-mqtt"
     if path.startswith(OWN_PREFIXES):
@@ -115,14 +117,14 @@ def record(bench: bench_run.Bench, out_raw: Path, messages: int) -> dict[str, An
     """One detector throughput run with py-spy attached to the detector; the run's row."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     original = bench.start_detector
-    spies: list[subprocess.Popen[bytes]] = []
+    spies: list[Launched] = []
 
     def start_detector(root: str, folder: Path, **kwargs: Any) -> bench_run.Server:
         server = original(root, folder, **kwargs)
         command = [spy, "record", "--pid", str(server.pid), "--format", "raw"]
         command += ["--rate", str(SAMPLE_RATE_HZ), "--nonblocking", "--output", str(out_raw)]
-        spies.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
-        time.sleep(1.0)  # let py-spy attach before the load starts
+        spies.append(Launched(command, folder / "py-spy.log", name="py-spy"))
+        spies[-1].wait_log("Sampling process", 30.0)  # attached: the load may start
         return server
 
     bench.start_detector = start_detector  # type: ignore[method-assign]
@@ -134,7 +136,7 @@ def record(bench: bench_run.Bench, out_raw: Path, messages: int) -> dict[str, An
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGINT)
+                proc.process.send_signal(signal.SIGINT)
                 proc.wait(30)
     return row
 

@@ -1,22 +1,30 @@
-"""A bare paho relay: the ceiling a detector on this broker and machine can hope to reach.
+"""A bare relay: the ceiling a detector on this broker and machine can hope to reach.
 
-``python -m bench.relay --port P --root R`` subscribes ``<R>/telemetry/+/+`` at QoS 1 and
-republishes every payload unchanged to ``<R>/alerts/<line>/<machine>/verdict`` at QoS 1: no
-decoding, no validation, no scoring. ``--lines L1,L2`` subscribes those lines only (a shard,
-like ``factorywatch detect --lines``). It prints ``relay_subscribed`` once the broker granted
-the subscription and its counters when SIGTERM (or SIGINT) stops it.
+``python -m bench.relay --port P --root R --client C`` subscribes ``<R>/telemetry/+/+`` at
+QoS 1 and republishes every payload unchanged to ``<R>/alerts/<line>/<machine>/verdict`` at
+QoS 1: no decoding, no validation, no scoring. ``--client`` picks the Python MQTT client:
+
+* ``paho5``: paho-mqtt speaking MQTT 5 (what the project uses);
+* ``paho311``: paho-mqtt speaking MQTT 3.1.1;
+* ``gmqtt``: gmqtt (asyncio, its own packet codec) speaking MQTT 5.
+
+``--lines L1,L2`` subscribes those lines only (a shard, like ``factorywatch detect --lines``).
+It prints ``relay_subscribed`` once the broker granted the subscription and its counters when
+SIGTERM (or SIGINT) stops it. Every client runs one network thread (paho) or one event loop
+(gmqtt) and acknowledges incoming messages itself, as a relay need not wait for anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
 import threading
 import uuid
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 
@@ -25,23 +33,35 @@ from factorywatch import runtime
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 
-READY: str = "relay_subscribed"
+READY: Final = "relay_subscribed"
+CLIENTS: Final = ("paho5", "paho311", "gmqtt")
 
 
-class Relay:
-    """Republishes each telemetry payload to its machine's verdict topic."""
+class _Routes:
+    """Where a telemetry topic's payload goes: ``.../telemetry/<l>/<m>`` -> ``.../alerts/...``."""
+
+    def __init__(self, settings: BrokerSettings, lines: Sequence[str] | None) -> None:
+        self.filters = Topics(settings.topic_root).input_filters(list(lines) if lines else None)
+        self._prefix = f"{settings.topic_root}/telemetry/"
+        self._out = f"{settings.topic_root}/alerts/"
+
+    def verdict_topic(self, topic: str) -> str | None:
+        """The verdict topic for a telemetry topic (None for anything else)."""
+        if not topic.startswith(self._prefix):
+            return None
+        return f"{self._out}{topic[len(self._prefix) :]}/verdict"
+
+
+class PahoRelay:
+    """Republishes with paho-mqtt (MQTT 5 or 3.1.1, from ``settings.protocol``)."""
 
     def __init__(
         self, settings: BrokerSettings, client_id: str, lines: Sequence[str] | None = None
     ) -> None:
-        self.topics = Topics(settings.topic_root)
-        self.filters = self.topics.input_filters(list(lines) if lines else None)
+        self.routes = _Routes(settings, lines)
         self.settings = settings
-        self._prefix = f"{settings.topic_root}/telemetry/"
-        self._out = f"{settings.topic_root}/alerts/"
         self.relayed = 0
         self.refused = 0
-        self.subscribed = threading.Event()
         self.waiter = fwmqtt.ConnectWaiter()
         self.client = fwmqtt.new_client(settings, client_id)
         self.client.on_connect = self._on_connect
@@ -52,24 +72,19 @@ class Relay:
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.waiter.record(reason)
         if not reason.is_failure:
-            client.subscribe([(f, fwmqtt.QOS) for f in self.filters])
+            client.subscribe([(f, fwmqtt.QOS) for f in self.routes.filters])
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
         if any(fwmqtt.reason_failed(code) for code in codes):
             print(f"relay_subscribe_refused {[str(c) for c in codes]}", flush=True)
             return
-        self.subscribed.set()
         print(READY, flush=True)
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        # <root>/telemetry/<line>/<machine> -> <root>/alerts/<line>/<machine>/verdict
-        topic = msg.topic
-        if not topic.startswith(self._prefix):
-            return
-        client.publish(
-            f"{self._out}{topic[len(self._prefix) :]}/verdict", msg.payload, qos=fwmqtt.QOS
-        )
-        self.relayed += 1
+        out = self.routes.verdict_topic(msg.topic)
+        if out is not None:
+            client.publish(out, msg.payload, qos=fwmqtt.QOS)
+            self.relayed += 1
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, _mid: int, reason: Any, _p: Any) -> None:
         if fwmqtt.reason_failed(reason):
@@ -81,7 +96,66 @@ class Relay:
         stop.wait()
         self.client.disconnect()
         self.client.loop_stop()
-        print(f"relay_stopped relayed={self.relayed} refused={self.refused}", flush=True)
+
+
+class GmqttRelay:
+    """Republishes with gmqtt on one asyncio event loop (MQTT 5)."""
+
+    def __init__(
+        self, settings: BrokerSettings, client_id: str, lines: Sequence[str] | None = None
+    ) -> None:
+        import gmqtt  # noqa: PLC0415  (a dev dependency: only this relay needs it)
+
+        self.routes = _Routes(settings, lines)
+        self.settings = settings
+        self.relayed = 0
+        self.refused = 0  # gmqtt does not parse PUBACK reason codes: refusals are not seen
+        self.client = gmqtt.Client(client_id)
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+
+    def _on_subscribe(self, _client: Any, _mid: int, qos: Any, _props: Any) -> None:
+        if any(code >= 0x80 for code in qos):
+            print(f"relay_subscribe_refused {list(qos)}", flush=True)
+            return
+        print(READY, flush=True)
+
+    def _on_message(self, client: Any, topic: str, payload: bytes, _qos: int, _p: Any) -> int:
+        out = self.routes.verdict_topic(topic)
+        if out is not None:
+            client.publish(out, payload, qos=fwmqtt.QOS)
+            self.relayed += 1
+        return 0
+
+    async def _main(self, stop: asyncio.Event) -> None:
+        await self.client.connect(self.settings.host, self.settings.port, keepalive=30)
+        for topic_filter in self.routes.filters:
+            self.client.subscribe(topic_filter, qos=fwmqtt.QOS)
+        await stop.wait()
+        await self.client.disconnect()
+
+    def run(self, stop: threading.Event) -> None:
+        """Connect, relay until ``stop`` is set (SIGTERM), then disconnect."""
+        del stop  # the event loop's own signal handlers end it
+
+        async def main() -> None:
+            done = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, done.set)
+            await self._main(done)
+
+        asyncio.run(main())
+
+
+def make_relay(
+    client: str, settings: BrokerSettings, client_id: str, lines: Sequence[str] | None
+) -> PahoRelay | GmqttRelay:
+    """The relay for one of ``CLIENTS``."""
+    if client == "gmqtt":
+        return GmqttRelay(settings, client_id, lines)
+    protocol = "3.1.1" if client == "paho311" else "5"
+    return PahoRelay(settings.with_overrides(protocol=protocol), client_id, lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--root", required=True, help="topic root")
+    parser.add_argument("--client", choices=CLIENTS, default="paho5", help="MQTT client")
     parser.add_argument("--client-id", default=None, help="MQTT client id (default: random)")
     parser.add_argument("--lines", default=None, help="comma-separated lines (default: all)")
     args = parser.parse_args(argv)
@@ -103,9 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, handler)
     lines = [x for x in (args.lines or "").split(",") if x]
     client_id = args.client_id or f"bench-relay-{uuid.uuid4().hex[:8]}"
-    relay = Relay(settings, client_id, lines or None)
+    relay = make_relay(args.client, settings, client_id, lines or None)
     runtime.settle_heap()  # as the detector does: the ceiling gets every process-level tuning
     relay.run(stop)
+    print(f"relay_stopped relayed={relay.relayed} refused={relay.refused}", flush=True)
     return 0
 
 

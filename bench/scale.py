@@ -37,7 +37,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from bench.run import _child_env, find_dataset, proc_cpu_s, train
+from bench.harness import bench_env, find_dataset, train
+from bench.system import proc_cpu_s
 from factorywatch.broker import LocalBroker
 from factorywatch.cluster import ClusterLayout, LocalNatsCluster, MqttDevice, assign
 from factorywatch.contracts import Verdict
@@ -94,7 +95,7 @@ def spawn_detector(args: list[str], log: Path) -> Detector:
             [sys.executable, "-m", "factorywatch.cli", "--log-format", "json", "detect", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=_child_env(),
+            env=bench_env(),
         )
     return Detector(process, log)
 

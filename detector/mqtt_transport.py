@@ -57,7 +57,9 @@ class PahoTransport:
         self._inbox: list[Inbound] = []
         self._pending: dict[int, Confirm] = {}
         self._waiter = fwmqtt.ConnectWaiter()
-        self.client = fwmqtt.new_client(broker, client_id, manual_ack=True, will=will)
+        self.client = fwmqtt.new_client(
+            broker, client_id, manual_ack=True, will=will, persistent=session_expiry_s > 0
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,21 +19,15 @@ from factorywatch.broker import LocalBroker
 from factorywatch.contracts import AlertEvent, Verdict
 from factorywatch.credentials import init_secrets
 from factorywatch.errors import FactorywatchError
+from factorywatch.launch import Launched, child_env, cli_command
 from factorywatch.settings import BrokerSettings, DataSettings
 from factorywatch.topics import Topics
 
 DEMO_MACHINES = ("press-1", "lathe-2", "mill-3")
 
 
-def _spawn(args: list[str], log_file: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log_file.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "factorywatch.cli", "--log-format", "json", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+def _spawn(args: list[str], log_file: Path) -> Launched:
+    return Launched(cli_command(*args), log_file, env=child_env(), name=args[0])
 
 
 def _data_args(data: DataSettings) -> list[str]:
@@ -138,7 +130,7 @@ def run_demo(
     secrets_dir = workdir / "secrets"
     init_secrets(secrets_dir, DEMO_MACHINES)
     broker = LocalBroker(workdir / "broker", port=args.port, secrets_dir=secrets_dir)
-    children: list[subprocess.Popen[bytes]] = []
+    children: list[Launched] = []
     try:
         broker.start()
         progress(
@@ -191,21 +183,16 @@ def run_demo(
             if deadline is not None and time.monotonic() > deadline:
                 break
             for child in children:
-                if child.poll() is not None:
+                if not child.running():
                     raise FactorywatchError(
-                        f"a demo process exited with {child.returncode}; see logs in {workdir}"
+                        f"a demo process exited with {child.process.returncode}; "
+                        f"see logs in {workdir}"
                     )
         viewer.disconnect()
         viewer.loop_stop()
     finally:
         for child in reversed(children):
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            child.terminate(15)
         broker.stop()
         progress("demo stopped: broker, detector and sensors are down")
     return 0

@@ -1,4 +1,4 @@
-"""The paho-mqtt set-up every role shares: MQTT 5 client, TLS/credentials, bounded connect.
+"""The paho-mqtt set-up every role shares: MQTT 5 (or 3.1.1), TLS/credentials, bounded connect.
 
 Traps handled here (see the project's MQTT reliability notes): a persistent session needs a
 fixed client id, ``clean_start=False`` AND ``SessionExpiryInterval > 0``; payload size is
@@ -36,15 +36,30 @@ def new_client(
     will: tuple[str, bytes] | None = None,
     max_queued: int = 0,
     max_inflight: int = 0,
+    persistent: bool = False,
 ) -> mqtt.Client:
-    """A configured (not yet connected) MQTT 5 client."""
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=MQTTProtocolVersion.MQTTv5,
-        manual_ack=manual_ack,
-        reconnect_on_failure=True,
-    )
+    """A configured (not yet connected) client speaking ``settings.protocol`` (MQTT 5 default).
+
+    ``persistent`` matters only for MQTT 3.1.1, where the session flag is fixed here
+    (``clean_session=False``); MQTT 5 chooses it at ``connect(persistent_session_s=...)``.
+    """
+    if settings.protocol == "3.1.1":
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            clean_session=not persistent,
+            manual_ack=manual_ack,
+            reconnect_on_failure=True,
+        )
+    else:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=manual_ack,
+            reconnect_on_failure=True,
+        )
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.resolved_password())
     if settings.tls_ca is not None:
@@ -128,13 +143,16 @@ def connect(
     delay, attempt = 0.5, 0
     while True:
         try:
-            client.connect(
-                settings.host,
-                settings.port,
-                keepalive=settings.keepalive_s,
-                clean_start=not persistent_session_s,
-                properties=connect_properties(persistent_session_s),
-            )
+            if settings.protocol == "3.1.1":  # session flag and limits were set in new_client
+                client.connect(settings.host, settings.port, keepalive=settings.keepalive_s)
+            else:
+                client.connect(
+                    settings.host,
+                    settings.port,
+                    keepalive=settings.keepalive_s,
+                    clean_start=not persistent_session_s,
+                    properties=connect_properties(persistent_session_s),
+                )
             break
         except (OSError, ssl.SSLError) as exc:
             attempt += 1

@@ -53,6 +53,10 @@ class BrokerSettings(_Settings):
     tls_key: Path | None = None
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     connect_retries: Annotated[int, Field(ge=0)] = 10
+    protocol: Literal["5", "3.1.1"] = Field(
+        default="5",
+        description="MQTT version: 5 (reason codes: a denied publish is seen) or 3.1.1",
+    )
 
     @property
     def authenticates(self) -> bool:

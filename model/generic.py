@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -39,9 +39,11 @@ from factorywatch.model.calibration import FOLDS, conformal_quantile, folds, thr
 from factorywatch.model.envelope import Envelope, fit_envelope
 from factorywatch.model.families import DEFAULT_FAMILY, FittedScorer, fit_scorer
 from factorywatch.model.pipeline import Pipeline, Step
-from factorywatch.model.recording import Recording
 from factorywatch.model.scoring import robust_center_scale
 from factorywatch.model.threshold import ThresholdSpec
+
+if TYPE_CHECKING:  # pandas (the train extra) only where a recording is read
+    from factorywatch.model.recording import Recording
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -239,6 +241,8 @@ def fit_columns(
     For the engine's live calibration: every row trains. ``family="pca"`` needs numpy only;
     the Isolation Forest needs scikit-learn (the ``train`` extra) to fit.
     """
+    from factorywatch.model.recording import Recording  # noqa: PLC0415 - pandas: train extra
+
     channels = list(columns)
     rows = len(columns[channels[0]]) if channels else 0
     rec = Recording(

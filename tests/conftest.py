@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import uuid
@@ -13,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from factorywatch.broker import LocalBroker, free_port
-from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
-from tests.support import CLI, PROJECT_DIR, Collector, Proc
+from tests.support import CLI, PROJECT_DIR, Collector, Proc, reference_file
 
 
 @dataclass(frozen=True)
@@ -31,66 +29,14 @@ class DatasetChoice:
         return ["--dataset", str(self.path), *([] if self.verified else ["--no-verify"])]
 
 
-def _synthetic_dataset(target: Path, rows: int = 3000) -> Path:
-    """A small AI4I-layout CSV from our own simulator (used when ../shared is absent)."""
-    sim = MachineSimulator("synthetic", "line1", seed=7, anomaly_rate=0.03)
-    header = [
-        "UDI",
-        "Product ID",
-        "Type",
-        "Air temperature [K]",
-        "Process temperature [K]",
-        "Rotational speed [rpm]",
-        "Torque [Nm]",
-        "Tool wear [min]",
-        "Machine failure",
-        "TWF",
-        "HDF",
-        "PWF",
-        "OSF",
-        "RNF",
-    ]
-    with target.open("w", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(header)
-        for i in range(rows):
-            r = sim.next(1.7e9 + i)
-            v = r.readings
-            failed = int(r.injected is not None)
-            out.writerow(
-                [
-                    i + 1,
-                    f"{r.product_type}{i}",
-                    r.product_type,
-                    v["air_temperature_k"],
-                    v["process_temperature_k"],
-                    v["rotational_speed_rpm"],
-                    v["torque_nm"],
-                    v["tool_wear_min"],
-                    failed,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                ]
-            )
-    return target
-
-
 @pytest.fixture(scope="session")
-def test_data(tmp_path_factory: pytest.TempPathFactory) -> DatasetChoice:
-    """The real AI4I CSV from ../shared/data when present, else a synthetic one."""
-    candidates = [
-        os.environ.get("FACTORYWATCH_TEST_DATASET_DIR") or None,
-        str(PROJECT_DIR.parent / "shared" / "data"),
-    ]
-    for folder in filter(None, candidates):
-        path = Path(folder) / "ai4i2020.csv"
-        if path.is_file():
-            return DatasetChoice(path=path, verified=True)
-    target = tmp_path_factory.mktemp("data") / "synthetic_ai4i.csv"
-    return DatasetChoice(path=_synthetic_dataset(target), verified=False)
+def test_data() -> DatasetChoice:
+    """The real AI4I CSV (``$FACTORYWATCH_TEST_DATASET_DIR`` or ../shared/data), else a loud fail.
+
+    Models trained on anything else do not flag the readings these tests inject, so a
+    stand-in would only turn a missing file into misleading failures further on.
+    """
+    return DatasetChoice(path=reference_file("ai4i2020.csv"), verified=True)
 
 
 @pytest.fixture(scope="session")
@@ -172,6 +118,10 @@ def detector(
 ) -> Callable[..., Proc]:
     """Start a real detector process on this test's broker and wait until it subscribed."""
 
+    # `make faults DETECTOR_PROTOCOL=3.1.1` runs the detectors (only them) on paho's MQTT 3.1.1.
+    protocol = os.environ.get("FACTORYWATCH_TEST_DETECTOR_PROTOCOL")
+    chosen = {"FACTORYWATCH_MQTT_PROTOCOL": protocol} if protocol else {}
+
     def start(
         *extra: str, client_id: str = "detector-under-test", env: dict[str, str] | None = None
     ) -> Proc:
@@ -187,7 +137,7 @@ def detector(
             "--metrics-port",
             str(port := free_port()),
             *extra,
-            env=env,
+            env={**chosen, **(env or {})},
         )
         proc.metrics_port = port
         proc.wait_log("telemetry_subscribed")

@@ -1,26 +1,53 @@
-"""Test support: real processes (detector, sensors) and an MQTT collector for assertions."""
+"""Test support: real processes (``factorywatch.launch``) and an MQTT collector for assertions."""
 
 from __future__ import annotations
 
+import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from factorywatch import mqtt as fwmqtt
+from factorywatch.launch import CLI as _CLI
+from factorywatch.launch import Launched, child_env, cli_command
+from factorywatch.sensors.publisher import SensorPublisher
+from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "factorywatch.cli", "--log-format", "json"]
+DATASET_ENV = "FACTORYWATCH_TEST_DATASET_DIR"
+
+
+def reference_data_dir() -> Path:
+    """Where the real AI4I files are: ``$FACTORYWATCH_TEST_DATASET_DIR`` or ``../shared/data``."""
+    given = os.environ.get(DATASET_ENV)
+    return Path(given) if given else PROJECT_DIR.parent / "shared" / "data"
+
+
+def reference_file(name: str) -> Path:
+    """A real AI4I file; fails the test loudly (never skips it) when the file is absent."""
+    path = reference_data_dir() / name
+    if not path.is_file():
+        pytest.fail(
+            f"{path} is missing: this test checks the real AI4I dataset. Put {name} there or "
+            f"set {DATASET_ENV} to its folder (`make test` sets it from ../shared/data).",
+            pytrace=False,
+        )
+    return path
+
+
+CLI = list(_CLI)
 
 
 @dataclass
@@ -82,49 +109,14 @@ class Collector:
         self.client.loop_stop()
 
 
-class Proc:
-    """A factorywatch CLI process with its output kept in a log file."""
+class Proc(Launched):
+    """A factorywatch CLI process (``factorywatch --log-format json <args>``), run from the repo."""
 
     def __init__(self, args: Sequence[str], log_file: Path, env: dict[str, str] | None = None):
-        self.log_file = log_file
         self.args = list(args)
-        self.metrics_port: int | None = None
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        with log_file.open("ab") as out:
-            self.process = subprocess.Popen(
-                [*CLI, *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=full_env,
-                cwd=PROJECT_DIR,
-            )
-
-    def log(self) -> str:
-        """Everything the process printed so far."""
-        return self.log_file.read_text(errors="replace")
-
-    def wait_log(self, needle: str, timeout: float = 60.0) -> None:
-        """Wait until the log contains ``needle`` (fail with the log otherwise)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.log():
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{needle!r} not in log of {self.args}:\n{self.log()[-3000:]}")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; return the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL (a crash) and reap."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
+        super().__init__(
+            cli_command(*args), log_file, cwd=PROJECT_DIR, env=child_env(env), name=args[0]
+        )
 
 
 def scrape(port: int, path: str) -> tuple[int, str]:
@@ -138,9 +130,50 @@ def scrape(port: int, path: str) -> tuple[int, str]:
 
 def metric_value(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text format (fails when it is absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if head == (f"{name}{{{want}}}" if labels else name):
-            return float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
     raise AssertionError(f"{name} {labels} not in metrics")
+
+
+def verdict_counts(messages: Sequence[Message]) -> Counter[tuple[str, int]]:
+    """How many verdict messages each reading ``(machine_id, seq)`` got."""
+    return Counter(
+        (str(body["machine_id"]), int(body["seq"]))
+        for body in (json.loads(m.payload) for m in messages)
+    )
+
+
+def duplicated(counts: Counter[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """The readings with more than one verdict, and how many each got."""
+    return {key: n for key, n in counts.items() if n > 1}
+
+
+END_MARKER = "end-marker"
+
+
+def await_end_marker(
+    settings: BrokerSettings, collector: Collector, line: str = "line1", timeout: float = 30.0
+) -> None:
+    """Send one reading of machine ``end-marker`` on ``line``; wait for its verdict.
+
+    Call it once the readings under test were acknowledged by the broker. The detector
+    answers in the order the broker delivers, so when the marker's verdict has arrived every
+    verdict of an earlier reading (a duplicate included) has arrived too: after this, a test
+    can count verdicts instead of sleeping and hoping nothing else comes.
+    """
+    publisher = SensorPublisher(settings, END_MARKER, buffer_size=10)
+    publisher.start()
+    publisher.publish(MachineSimulator(END_MARKER, line, seed=0).next(time.time()))
+    stats = publisher.close()
+    assert stats.acknowledged == 1, f"end marker not acknowledged: {stats}"
+    found = collector.wait_for(
+        lambda m: m.topic.endswith(f"/{line}/{END_MARKER}/verdict"), timeout=timeout
+    )
+    assert found, f"no verdict for the end marker on {line} within {timeout} s"
+
+
+def not_marker(message: Message) -> bool:
+    """True for any message but the end marker's (see ``await_end_marker``)."""
+    return f"/{END_MARKER}/" not in message.topic

@@ -20,7 +20,11 @@ from tests.support import PROJECT_DIR
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REQUIRED_KEYS = (
-    "relay_msgs_per_s",
+    "relay_msgs_per_s_by_client",
+    "fastest_relay_msgs_per_s",
+    "mosquitto_c_one_hop_msgs_per_s",
+    "mosquitto_c_relay_msgs_per_s",
+    "detector_msgs_per_s_by_client",
     "detector_msgs_per_s",
     "relay_sharded_msgs_per_s",
     "detector_sharded_msgs_per_s",
@@ -58,8 +62,11 @@ def test_quick_bench_report_has_every_figure(quick_report: tuple[dict[str, Any],
     report, _ = quick_report
     missing = [key for key in REQUIRED_KEYS if key not in report]
     assert not missing, missing
+    assert set(report["relay_msgs_per_s_by_client"]) == {"paho5", "paho311", "gmqtt"}
+    assert set(report["detector_msgs_per_s_by_client"]) == {"paho5", "paho311"}
     assert set(report["ratios"]) >= {
-        "detector_vs_relay",
+        "detector_vs_fastest_relay",
+        "detector_vs_c_relay",
         "sharded_detector_vs_best_relay",
         "detector_vs_naive",
         "machines_1000_vs_10",
@@ -74,10 +81,19 @@ def test_quick_bench_report_has_every_figure(quick_report: tuple[dict[str, Any],
 def test_quick_bench_throughputs_are_positive_without_loss(
     quick_report: tuple[dict[str, Any], Path],
 ) -> None:
-    """Every throughput (sharded ones too) is positive and no throughput run lost a reading."""
+    """Every throughput (per client, C clients, sharded) is positive; no run lost a reading."""
     report, _ = quick_report
+    rates = {
+        **{f"relay {c}": v for c, v in report["relay_msgs_per_s_by_client"].items()},
+        **{f"detector {c}": v for c, v in report["detector_msgs_per_s_by_client"].items()},
+    }
+    assert all(v is not None and v > 0 for v in rates.values()), rates
+    assert report["fastest_relay_msgs_per_s"] == max(
+        rates[f"relay {c}"] for c in ("paho5", "paho311", "gmqtt")
+    )
     for key in (
-        "relay_msgs_per_s",
+        "mosquitto_c_one_hop_msgs_per_s",
+        "mosquitto_c_relay_msgs_per_s",
         "detector_msgs_per_s",
         "relay_sharded_msgs_per_s",
         "detector_sharded_msgs_per_s",
@@ -98,4 +114,5 @@ def test_quick_bench_writes_markdown_with_its_command(
     report, out = quick_report
     text = (out / "bench.md").read_text()
     assert report["environment"]["command"] in text.split("\n## ")[0]
-    assert "| relay ceiling" in text
+    assert "Mosquitto's own ceiling" in text
+    assert "| relay, gmqtt" in text

@@ -17,7 +17,7 @@ from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.conftest import DatasetChoice
-from tests.support import CLI, PROJECT_DIR, Collector, Proc
+from tests.support import CLI, PROJECT_DIR, Collector, Proc, await_end_marker, not_marker
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,8 @@ def test_a_promoted_model_is_picked_up_live_without_losing_or_rescoring_a_readin
     sent: list[int] = []
 
     def produce() -> None:
-        while not stop.is_set() and len(sent) < 3000:
+        # Until stopped (the bound only caps a runaway): the stream must outlast the retrain.
+        while not stop.is_set() and len(sent) < 30_000:
             reading = sim.next(time.time())
             pub.publish(reading)
             sent.append(reading.seq)
@@ -65,7 +66,8 @@ def test_a_promoted_model_is_picked_up_live_without_losing_or_rescoring_a_readin
 
     producer = threading.Thread(target=produce)
     producer.start()
-    time.sleep(1.0)
+    # Some readings answered by the old model before the new one exists.
+    assert len(col.wait_for(lambda m: m.topic.endswith("/verdict"), count=50, timeout=30)) >= 50
     # A second model, trained and promoted by the real command while readings flow.
     retrain = [*train[:-2], "--trees", "60", "--seed", "1"]
     subprocess.run(retrain, check=True, capture_output=True, cwd=PROJECT_DIR, timeout=300)
@@ -73,15 +75,18 @@ def test_a_promoted_model_is_picked_up_live_without_losing_or_rescoring_a_readin
     assert new is not None
     assert new != old
     det.wait_log("model_reloaded", timeout=30)
-    time.sleep(1.0)
+    # Some readings answered by the new model before the stream ends.
+    by_new = col.wait_for(
+        lambda m: m.topic.endswith("/verdict") and new.encode() in m.payload, count=20, timeout=30
+    )
+    assert len(by_new) >= 20
     stop.set()
     producer.join()
     pub.close()
-    col.wait_for(lambda m: m.topic.endswith("/verdict"), count=len(sent), timeout=60)
-    time.sleep(0.5)
+    await_end_marker(settings, col)  # every verdict, duplicates included, is in now
     verdicts = [
         Verdict.model_validate_json(m.payload)
-        for m in col.matching(lambda m: m.topic.endswith("/verdict"))
+        for m in col.matching(lambda m: m.topic.endswith("/verdict") and not_marker(m))
     ]
     assert sorted(v.seq for v in verdicts) == sorted(sent), "one verdict per reading"
     versions = [v.model_version for v in sorted(verdicts, key=lambda v: v.seq)]

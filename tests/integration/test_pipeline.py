@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
 from factorywatch.contracts import ClientStatus, DeadLetter, MachineState, Telemetry, Verdict
 from factorywatch.model.dataset import load
@@ -18,7 +19,7 @@ from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.conftest import DatasetChoice
-from tests.support import Collector, Proc
+from tests.support import Collector, Proc, await_end_marker, not_marker
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.integration
 def _verdicts(col: Collector) -> list[Verdict]:
     return [
         Verdict.model_validate_json(m.payload)
-        for m in col.matching(lambda m: m.topic.endswith("/verdict"))
+        for m in col.matching(lambda m: m.topic.endswith("/verdict") and not_marker(m))
     ]
 
 
@@ -56,8 +57,7 @@ def test_n_readings_from_sensor_cli_give_exactly_n_verdicts(
         *mqtt_args,
     )
     assert sensors.process.wait(60) == 0, sensors.log()
-    col.wait_for(lambda m: m.topic.endswith("/verdict"), count=120, timeout=30)
-    time.sleep(1.0)  # anything extra (a duplicate) would arrive now
+    await_end_marker(settings, col)  # every verdict, duplicates included, is in now
     verdicts = _verdicts(col)
     assert len(verdicts) == 120
     keys = {(v.machine_id, v.seq) for v in verdicts}
@@ -277,12 +277,25 @@ def test_mosquitto_sub_shows_the_alerts_tree(
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)
+    # A retained probe under the filter arrives right after the SUBACK: the subscription is in
+    # place once mosquitto_sub prints it (-W bounds this wait).
+    probe = fwmqtt.connected_client(settings, "probe")
+    probe.publish(
+        f"{settings.topic_root}/alerts/probe", b"ready", qos=1, retain=True
+    ).wait_for_publish(5)
+    probe.disconnect()
+    probe.loop_stop()
+    assert watch.stdout is not None
+    for line in watch.stdout:
+        if line.startswith(f"{settings.topic_root}/alerts/probe "):
+            break
     spawn("sensor", "--machine-id", "watched-1", "--count", "5", "--rate", "20", *mqtt_args)
     lines: list[str] = []
     assert watch.stdout is not None
     try:
         for line in watch.stdout:
+            if line.startswith(f"{settings.topic_root}/alerts/probe "):
+                continue
             lines.append(line.strip())
             if sum(" " in ln and ln.split(" ", 1)[0].endswith("/verdict") for ln in lines) == 5:
                 break

@@ -12,7 +12,14 @@ from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.support import Collector, Proc, metric_value, scrape
+from tests.support import (
+    Collector,
+    Proc,
+    await_end_marker,
+    metric_value,
+    not_marker,
+    scrape,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -43,15 +50,15 @@ def test_two_detectors_split_by_line_score_each_reading_exactly_once(
             for i in range(50):
                 pub.publish(sim.next(now + i / 100))
             assert pub.close().acknowledged == 50
-    col.wait_for(lambda m: m.topic.endswith("/verdict"), count=200, timeout=30)
-    time.sleep(0.5)
+    for line in ("line-a", "line-b"):  # one marker through each detector
+        await_end_marker(settings, col, line)
     verdicts = [
         Verdict.model_validate_json(m.payload)
-        for m in col.matching(lambda m: m.topic.endswith("/verdict"))
+        for m in col.matching(lambda m: m.topic.endswith("/verdict") and not_marker(m))
     ]
     assert len(verdicts) == 200
     assert len({(v.machine_id, v.seq) for v in verdicts}) == 200
     assert first.metrics_port is not None
     assert second.metrics_port is not None
-    assert _readings_received(first.metrics_port) == 100
-    assert _readings_received(second.metrics_port) == 100
+    assert _readings_received(first.metrics_port) == 100 + 1  # + its end marker
+    assert _readings_received(second.metrics_port) == 100 + 1

@@ -29,16 +29,13 @@ from factorywatch.model.artifact import (
 from factorywatch.model.dataset import UCI_FILE, load
 from factorywatch.model.threshold import ThresholdSpec
 from factorywatch.model.train import fit
-
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from tests.support import reference_file
 
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[IsolationForest, ModelCard]:
     """A tiny 20-tree model of the default feature set, fitted on the real dataset."""
-    path = SHARED_DATA / UCI_FILE
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    path = reference_file(UCI_FILE)
     return fit(load(path), feature_set="physics", n_estimators=20, seed=0)
 
 

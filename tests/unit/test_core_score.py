@@ -15,17 +15,15 @@ from factorywatch.model.dataset import UCI_FILE, Dataset, load
 from factorywatch.model.features import DEFAULT_FEATURE_SET
 from factorywatch.model.train import fit
 from factorywatch.sensors.simulator import MachineSimulator
+from tests.support import reference_file
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 T0 = 1.7e9
 
 
 @pytest.fixture(scope="module")
 def dataset() -> Dataset:
     """The real AI4I dataset."""
-    path = SHARED_DATA / UCI_FILE
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    path = reference_file(UCI_FILE)
     return load(path)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from factorywatch.broker import free_port
 from factorywatch.contracts import AI4I_CHANNELS
 from factorywatch.errors import DatasetChecksumError, DatasetError
 from factorywatch.model.dataset import (
@@ -24,15 +25,19 @@ from factorywatch.model.dataset import (
     sha256_of,
 )
 from factorywatch.model.features import PRODUCT_TYPE_COLUMN
+from tests.support import reference_data_dir, reference_file
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-UCI_PATH = SHARED_DATA / UCI_FILE
-KAGGLE_PATH = SHARED_DATA / KAGGLE_FILE
+UCI_PATH = reference_data_dir() / UCI_FILE
+KAGGLE_PATH = reference_data_dir() / KAGGLE_FILE
 
-real_data = pytest.mark.skipif(
-    not (UCI_PATH.is_file() and KAGGLE_PATH.is_file()),
-    reason=f"reference AI4I files not present in {SHARED_DATA}",
-)
+
+@pytest.fixture
+def reference_files() -> tuple[Path, Path]:
+    """Both real AI4I files (the test fails loudly when they are absent)."""
+    return reference_file(UCI_FILE), reference_file(KAGGLE_FILE)
+
+
+real_data = pytest.mark.usefixtures("reference_files")
 
 UCI_HEADER = (
     "UDI,Product ID,Type,Air temperature [K],Process temperature [K],Rotational speed [rpm],"
@@ -62,17 +67,13 @@ def with_cell(row: str, index: int, value: str) -> str:
 @pytest.fixture(scope="module")
 def uci() -> Dataset:
     """The real UCI file, verified."""
-    if not UCI_PATH.is_file():
-        pytest.skip(f"{UCI_PATH} not present")
-    return load(UCI_PATH)
+    return load(reference_file(UCI_FILE))
 
 
 @pytest.fixture(scope="module")
 def kaggle() -> Dataset:
     """The real Kaggle file, verified."""
-    if not KAGGLE_PATH.is_file():
-        pytest.skip(f"{KAGGLE_PATH} not present")
-    return load(KAGGLE_PATH)
+    return load(reference_file(KAGGLE_FILE))
 
 
 # -- the real files --------------------------------------------------------------------------
@@ -312,6 +313,13 @@ def test_offline_download_fails_with_guidance(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Offline with an empty data_dir, the real kagglehub fails and we explain the way out."""
+    # Offline whatever this machine can reach: every HTTP(S) request goes to a proxy on a
+    # loopback port where nothing listens, so the connection is refused at once.
+    closed = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(name, closed)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
     # Keep kagglehub away from the user's cache and credentials; our code runs unpatched.
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub-cache"))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))

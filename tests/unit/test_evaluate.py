@@ -17,8 +17,8 @@ from factorywatch.model.evaluate import JSON_FILE, PLOTS, REPORT_FILE, run, spli
 from factorywatch.model.features import DEFAULT_FEATURE_SET, compute_features
 from factorywatch.model.scoring import SklearnScorer
 from factorywatch.model.train import fit
+from tests.support import reference_file
 
-DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 ROC_TARGET = 0.93
 PR_TARGET = 0.55
 REQUIRED_KEYS = {
@@ -40,13 +40,13 @@ REQUIRED_KEYS = {
 @pytest.fixture(scope="module")
 def uci() -> Dataset:
     """The UCI layout (ai4i2020.csv)."""
-    return load(DATA_DIR / "ai4i2020.csv")
+    return load(reference_file("ai4i2020.csv"))
 
 
 @pytest.fixture(scope="module")
 def kaggle() -> Dataset:
     """The Kaggle layout (predictive_maintenance.csv)."""
-    return load(DATA_DIR / "predictive_maintenance.csv")
+    return load(reference_file("predictive_maintenance.csv"))
 
 
 @pytest.fixture(scope="module")
