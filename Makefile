@@ -40,7 +40,7 @@ test: install broker-binary nats-binary ops-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	FACTORYWATCH_TEST_DATASET_DIR=$(dir $(DATASET)) $(BIN)/pytest
+	FACTORYWATCH_TEST_DATASET_DIR=$(abspath $(dir $(DATASET))) $(BIN)/pytest
 
 ## faults: fault injection (kill -9, broker restarts and outage, backlog) -> reports/faults.json
 ## (DETECTOR_PROTOCOL=3.1.1 runs the detectors on MQTT 3.1.1 instead of 5)

@@ -32,7 +32,8 @@ DATASET_ENV = "FACTORYWATCH_TEST_DATASET_DIR"
 def reference_data_dir() -> Path:
     """Where the real AI4I files are: ``$FACTORYWATCH_TEST_DATASET_DIR`` or ``../shared/data``."""
     given = os.environ.get(DATASET_ENV)
-    return Path(given) if given else PROJECT_DIR.parent / "shared" / "data"
+    # Absolute: tests hand the path to processes that run in other directories.
+    return (Path(given) if given else PROJECT_DIR.parent / "shared" / "data").resolve()
 
 
 def reference_file(name: str) -> Path:
