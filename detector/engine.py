@@ -401,6 +401,10 @@ class Engine:
             extra.restore(data.get("ingests", {}).get(extra.name, {}))
         if data.get("model_version") == self.model.version and data.get("drift"):
             self.drift.restore(data["drift"])
+        self._continue_uids()
+
+    def _continue_uids(self) -> None:
+        """Number new outbox entries after every restored one."""
         uids = [p.uid for r in self.states for p in r.outbox]
         self._uids = itertools.count(max(uids, default=0) + 1)
 
@@ -420,8 +424,7 @@ class Engine:
             record = MachineRecord.restore(data)
             self.states.add(record)
         self.states.take_dirty()
-        uids = [p.uid for r in self.states for p in r.outbox]
-        self._uids = itertools.count(max(uids, default=0) + 1)
+        self._continue_uids()
 
 
 def _conflict(reading: Reading) -> PayloadError:

@@ -160,6 +160,9 @@ class DetectorService:
         self._sync_drift_metrics()
         self._http: WSGIServer | None = None
         self._last_loop = time.monotonic()
+        # When each periodic task is next due (monotonic); 0: at the first turn.
+        self._next_records = self._next_snapshot = self._next_reload = 0.0
+        self._next_heartbeat = self._next_drift = 0.0
         self._status_topic = self.topics.status("detector", settings.client_id)
         lines = (
             [x.strip() for x in settings.lines.split(",") if x.strip()] if settings.lines else None
@@ -262,12 +265,6 @@ class DetectorService:
             self.checkpoint.save(self.engine.snapshot())
             self._next_snapshot = now + settings.snapshot_every_s
         self.checkpoint.flush()
-
-    _next_records = 0.0
-    _next_snapshot = 0.0
-    _next_reload = 0.0
-    _next_heartbeat = 0.0
-    _next_drift = 0.0
 
     def _housekeeping(self, now: float) -> None:
         publishes, events = self.engine.tick(time.time())
