@@ -245,7 +245,9 @@ def cluster_users(
                 m,
                 passwords[m],
                 (f"{own}.telemetry.*.{m}", f"{own}.batch.*.{m}", f"{own}.status.sensor.{m}"),
-                (),
+                # Only its own dead letters (the sensor listens for its rejected readings),
+                # as in the Mosquitto ACL; nothing else of anyone's.
+                (f"{r}.deadletter.*.{m}",),
                 ("MQTT",),
             )
         )
@@ -260,14 +262,19 @@ def _list(values: Sequence[str]) -> str:
     return "[" + ", ".join(_quote(v) for v in values) + "]"
 
 
+def _permission(allow: Sequence[str]) -> str:
+    # NATS reads an empty allow list as "no restriction": nothing allowed is a deny of all.
+    return f"{{allow: {_list(allow)}}}" if allow else '{deny: [">"]}'
+
+
 def _render_users(users: Sequence[ClusterUser]) -> str:
     lines = ["authorization {", "  users = ["]
     for user in users:
         lines.append(
             f"    {{user: {_quote(user.name)}, password: {_quote(user.password)}, "
             f"allowed_connection_types: {_list(user.connection_types)}, "
-            f"permissions: {{publish: {{allow: {_list(user.publish)}}}, "
-            f"subscribe: {{allow: {_list(user.subscribe)}}}}}}}"
+            f"permissions: {{publish: {_permission(user.publish)}, "
+            f"subscribe: {_permission(user.subscribe)}}}}}"
         )
     lines += ["  ]", "}"]
     return "\n".join(lines)

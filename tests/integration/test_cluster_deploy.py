@@ -8,12 +8,16 @@ listener refuses MQTT 5, and says so).
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from factorywatch.cluster import ClusterLayout, LocalNatsCluster, partition_of
 from factorywatch.clusterdeploy import cluster_passwords
@@ -106,3 +110,34 @@ def test_bootstrap_then_sensor_cli_publishes_mqtt311_qos1_to_the_cluster(
     assert refused.returncode != 0
     assert "does not speak MQTT 5" in refused.stderr
     assert "--mqtt-protocol 3.1.1" in refused.stderr
+
+
+def test_a_machine_reads_only_its_own_dead_letters(secured: tuple[LocalNatsCluster, Path]) -> None:
+    """As in the Mosquitto ACL, a machine's login may subscribe to its own dead letters only:
+    `#` or another machine's readings are refused in the SUBACK (0x80)."""
+    cluster, secrets = secured
+    root = cluster.layout.topic_root
+    granted: list[list[int]] = []
+    subacked = threading.Condition()
+
+    def on_subscribe(_c: object, _u: object, _mid: int, codes: list[Any], _p: object) -> None:
+        with subacked:
+            granted.append([c.value for c in codes])
+            subacked.notify_all()
+
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id="spy", protocol=MQTTProtocolVersion.MQTTv311
+    )
+    client.username_pw_set("press-1", (secrets / "press-1.password").read_text().strip())
+    client.on_subscribe = on_subscribe
+    client.connect("127.0.0.1", cluster.nodes[0].ports.mqtt)
+    client.loop_start()
+    try:
+        for topic in ("#", f"{root}/telemetry/line1/mill-3", f"{root}/deadletter/+/press-1"):
+            client.subscribe(topic, qos=0)
+        with subacked:
+            assert subacked.wait_for(lambda: len(granted) == 3, 10), granted
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert granted == [[0x80], [0x80], [0]]
