@@ -200,6 +200,8 @@ def cluster_users(
     mqtt_sub = "$MQTT.sub.>"
     # Permissions are checked on the subject after the partition mapping.
     parts = f"{PARTITION_PREFIX}.*.{r}"
+    # An MQTT filter `a/b/#` also matches `a/b` itself: NATS asks for both subjects.
+    alerts, status = (f"{r}.alerts", f"{r}.alerts.>"), (f"{r}.status", f"{r}.status.>")
     users = [
         ClusterUser("admin", passwords["admin"], (">",), (">",), ("STANDARD", "MQTT")),
         ClusterUser(
@@ -219,21 +221,21 @@ def cluster_users(
             "viewer",
             passwords["viewer"],
             (),
-            (f"{r}.alerts.>", f"{r}.status.>", inbox, mqtt_sub),
+            (*alerts, *status, inbox, mqtt_sub),
             ("STANDARD", "MQTT"),
         ),
         ClusterUser(
             "operator",
             passwords["operator"],
             (f"{parts}.commands.>",),
-            (f"{r}.alerts.>", f"{r}.status.>", inbox, mqtt_sub),
+            (*alerts, *status, inbox, mqtt_sub),
             ("STANDARD", "MQTT"),
         ),
         ClusterUser(
             "monitor",
             passwords["monitor"],
             (),
-            (f"{r}.>", f"{parts}.>", inbox, mqtt_sub),
+            (r, f"{r}.>", f"{parts}.>", inbox, mqtt_sub),
             ("STANDARD", "MQTT"),
         ),
     ]

@@ -112,32 +112,43 @@ def test_bootstrap_then_sensor_cli_publishes_mqtt311_qos1_to_the_cluster(
     assert "--mqtt-protocol 3.1.1" in refused.stderr
 
 
-def test_a_machine_reads_only_its_own_dead_letters(secured: tuple[LocalNatsCluster, Path]) -> None:
-    """As in the Mosquitto ACL, a machine's login may subscribe to its own dead letters only:
-    `#` or another machine's readings are refused in the SUBACK (0x80)."""
-    cluster, secrets = secured
-    root = cluster.layout.topic_root
-    granted: list[list[int]] = []
+def _granted(
+    cluster: LocalNatsCluster, secrets: Path, user: str, topics: list[str], qos: int
+) -> list[int]:
+    """The SUBACK return code of each topic filter ``user`` subscribes to (0x80: refused)."""
+    granted: list[int] = []
     subacked = threading.Condition()
 
     def on_subscribe(_c: object, _u: object, _mid: int, codes: list[Any], _p: object) -> None:
         with subacked:
-            granted.append([c.value for c in codes])
+            granted.extend(c.value for c in codes)
             subacked.notify_all()
 
     client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id="spy", protocol=MQTTProtocolVersion.MQTTv311
+        CallbackAPIVersion.VERSION2, client_id=f"spy-{user}", protocol=MQTTProtocolVersion.MQTTv311
     )
-    client.username_pw_set("press-1", (secrets / "press-1.password").read_text().strip())
+    client.username_pw_set(user, (secrets / f"{user}.password").read_text().strip())
     client.on_subscribe = on_subscribe
     client.connect("127.0.0.1", cluster.nodes[0].ports.mqtt)
     client.loop_start()
     try:
-        for topic in ("#", f"{root}/telemetry/line1/mill-3", f"{root}/deadletter/+/press-1"):
-            client.subscribe(topic, qos=0)
+        for topic in topics:
+            client.subscribe(topic, qos=qos)
         with subacked:
-            assert subacked.wait_for(lambda: len(granted) == 3, 10), granted
+            assert subacked.wait_for(lambda: len(granted) == len(topics), 10), granted
     finally:
         client.disconnect()
         client.loop_stop()
-    assert granted == [[0x80], [0x80], [0]]
+    return granted
+
+
+def test_subscriptions_match_the_mosquitto_acl(secured: tuple[LocalNatsCluster, Path]) -> None:
+    """A machine may subscribe to its own dead letters only (`#` and another machine's readings
+    are refused in the SUBACK, 0x80), as in the Mosquitto ACL; `viewer` may subscribe to the
+    README's `<root>/alerts/#` (a filter NATS also checks against `<root>.alerts` itself)."""
+    cluster, secrets = secured
+    root = cluster.layout.topic_root
+    machine = ["#", f"{root}/telemetry/line1/mill-3", f"{root}/deadletter/+/press-1"]
+    assert _granted(cluster, secrets, "press-1", machine, qos=0) == [0x80, 0x80, 0]  # as sensors
+    viewer = [f"{root}/alerts/#", f"{root}/status/#", f"{root}/telemetry/#"]
+    assert _granted(cluster, secrets, "viewer", viewer, qos=1) == [1, 1, 0x80]
