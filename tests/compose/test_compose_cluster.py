@@ -105,10 +105,10 @@ def cluster_stack(
         "COMPOSE_PROJECT_NAME": f"fwcluster-{uuid.uuid4().hex[:8]}",
         "FACTORYWATCH_SECRETS": str(secrets),
         "FACTORYWATCH_DATASET_HOST_DIR": str(test_data.path.parent),
-        "FACTORYWATCH_CLUSTER_MQTT_PORT": str(mqtt_ports["nats-1"]),
-        "FACTORYWATCH_CLUSTER_MQTT_PORT_2": str(mqtt_ports["nats-2"]),
-        "FACTORYWATCH_CLUSTER_MQTT_PORT_3": str(mqtt_ports["nats-3"]),
-        "FACTORYWATCH_CLUSTER_MONITOR_PORT": str(monitor_port),
+        "FACTORYWATCH_NATS_1_MQTT_PORT": str(mqtt_ports["nats-1"]),
+        "FACTORYWATCH_NATS_2_MQTT_PORT": str(mqtt_ports["nats-2"]),
+        "FACTORYWATCH_NATS_3_MQTT_PORT": str(mqtt_ports["nats-3"]),
+        "FACTORYWATCH_NATS_1_MONITOR_PORT": str(monitor_port),
         "FACTORYWATCH_CLUSTER_SENSOR_RATE": str(RATE_HZ),
     }
     stack = ClusterStack(compose_command, env, secrets, mqtt_ports, monitor_port, machines)
