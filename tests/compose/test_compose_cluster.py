@@ -5,7 +5,8 @@ test's stack): the cluster's services only (`up cluster-detector-1 cluster-detec
 sensors), verdicts of every machine seen from the host by a paho MQTT 3.1.1 subscriber on a
 node's published MQTT port, `docker compose kill` of the node leading the MQTT layer's message
 stream mid-stream, verdicts flowing on and every reading the sensors had acknowledged answered
-(the sensors' own count against the verdicts' sequence numbers), `down -v` leaving nothing.
+(the sensors' own count against the verdicts' sequence numbers), the node back and healthy
+(caught up), `down -v` leaving nothing.
 Prints the time from `up` to each machine's first verdict and the verdict gap around the kill.
 """
 
@@ -252,6 +253,13 @@ def test_compose_cluster_up_verdicts_node_kill_and_down(cluster_stack: ClusterSt
     assert len(starts) == 1, f"machines start at different readings: {starts}"
     assert sum(len(set(s)) for s in per_machine.values()) == acknowledged
 
+    # The killed node comes back from its store and catches up (healthy: JetStream current).
+    rejoin = time.time()
+    stack.run("up", "-d", "--no-deps", "--wait", victim, timeout_s=180)
+    rejoined = time.time()
+    state = stack.run("ps", "--format", "{{.Service}} {{.State}} {{.Health}}").stdout
+    assert f"{victim} running healthy" in state, state
+
     gaps = []
     arrivals = sorted(m.at for m, _ in _verdicts(col))
     for a, b in itertools.pairwise(arrivals):
@@ -266,7 +274,8 @@ def test_compose_cluster_up_verdicts_node_kill_and_down(cluster_stack: ClusterSt
     print(
         f"kill {victim} (the $MQTT_msgs leader; subscriber on {listener}): longest gap between "
         f"verdicts {max(gaps, default=0.0):.2f} s; 20 more verdicts per machine "
-        f"{flowing - killed:.1f} s after the kill; {acknowledged} readings, all answered"
+        f"{flowing - killed:.1f} s after the kill; {acknowledged} readings, all answered; "
+        f"{victim} back and healthy {rejoined - rejoin:.1f} s after its `up`"
     )
 
     stack.run("down", "-v", "--timeout", "20", timeout_s=300)
