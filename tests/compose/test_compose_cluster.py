@@ -7,7 +7,7 @@ node's published MQTT port, `docker compose kill` of the node leading the MQTT l
 stream mid-stream, verdicts flowing on and every reading the sensors had acknowledged answered
 (the sensors' own count against the verdicts' sequence numbers), the node back and healthy
 (caught up), `down -v` leaving nothing.
-Prints the time from `up` to each machine's first verdict and the verdict gap around the kill.
+Prints the start-up times, the gap in the verdicts around the kill and the node's return.
 """
 
 from __future__ import annotations
