@@ -57,9 +57,11 @@ from factorywatch.cluster import (
 from factorywatch.contracts import ClientStatus
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
+from factorywatch.detector.lease import LEASE_TTL_S, PartitionLeases, lease_bucket
 from factorywatch.detector.metrics import Metrics, serve
+from factorywatch.detector.retained import RetainedPublisher, parse_endpoints
 from factorywatch.detector.state import MachineRecord
-from factorywatch.errors import ModelError
+from factorywatch.errors import BrokerError, ModelError
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel, ScorerKind
 from factorywatch.settings import DetectorSettings
@@ -69,6 +71,8 @@ log = structlog.get_logger("detector.jetstream")
 
 #: how long the output stream remembers a verdict's id (redeliveries inside it are dropped)
 DUPLICATE_WINDOW_S = 600.0
+#: exit status after losing a partition's lease to another detector (EX_TEMPFAIL: restart me)
+LEASE_LOST_EXIT = 75
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,10 @@ class JetStreamOptions:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no /metrics, /healthz
     provision: bool = True
+    #: lifetime of a partition lease (the bucket keeps the TTL it was created with)
+    lease_ttl_s: float = LEASE_TTL_S
+    #: the cluster's MQTT listeners: retained state goes through them (empty: not retained)
+    mqtt_endpoints: Sequence[tuple[str, int]] = ()
 
 
 @dataclass
@@ -248,9 +256,14 @@ class JetStreamDetector:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
+        self._leases: PartitionLeases | None = None
+        self.retained: RetainedPublisher | None = None
         self._lock = asyncio.Lock()
         #: True once connected, provisioned and restored (a stop then drains in-flight work)
         self.started = False
+        #: the process's exit status: LEASE_LOST_EXIT once another detector took a partition
+        self.exit_code = 0
+        self._stop: asyncio.Event | None = None
 
     # -- I/O helpers ----------------------------------------------------------------------------
     @property
@@ -267,7 +280,23 @@ class JetStreamDetector:
             raise RuntimeError("detector not started")
         return self._kv
 
+    @property
+    def leases(self) -> PartitionLeases:
+        """The partition leases (after ``start``)."""
+        if self._leases is None:
+            raise RuntimeError("detector not started")
+        return self._leases
+
+    @property
+    def owned(self) -> list[int]:
+        """The partitions this detector serves now (it stands by for the others)."""
+        if self._leases is None:
+            return []
+        return sorted(p for p in self.options.partitions if p in self._leases.held)
+
     async def _publish(self, publish: Publish, msg_id: str | None) -> bool:
+        if publish.retain and self.retained is not None:
+            return await self._publish_retained(publish)
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         subject = publish.topic.replace("/", ".")
         try:
@@ -276,6 +305,20 @@ class JetStreamDetector:
             )
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             log.warning("publish_failed", subject=subject, error=repr(exc))
+            return False
+        self.engine.confirmed(publish)
+        return True
+
+    async def _publish_retained(self, publish: Publish) -> bool:
+        """Through the MQTT listener: stored retained (and captured by the output stream)."""
+        assert self.retained is not None
+        future = self.retained.publish(publish.topic, publish.payload)
+        try:
+            ok = await asyncio.wait_for(future, self.options.publish_timeout_s)
+        except TimeoutError:
+            ok = False
+        if not ok:
+            log.warning("retained_publish_failed", topic=publish.topic)
             return False
         self.engine.confirmed(publish)
         return True
@@ -300,17 +343,20 @@ class JetStreamDetector:
         """Healthy while connected and the loop turned within the last 10 s."""
         connected = self._nc is not None and self._nc.is_connected
         age = time.monotonic() - self._last_turn
+        owned = self.owned
         detail = {
             "connected": connected,
             "loop_age_s": round(age, 3),
             "model_version": self.engine.model.version,
             "machines": len(self.engine.states),
-            "partitions": list(self.options.partitions),
+            "partitions": owned,
+            "standby": [p for p in self.options.partitions if p not in owned],
+            "retained_connected": None if self.retained is None else self.retained.is_connected(),
         }
         return connected and age < 10.0, detail
 
     async def start(self) -> None:
-        """Connect, provision, restore the owned partitions' state, republish their outbox."""
+        """Connect, provision, take the free partitions' leases, restore them, republish."""
         opts = self.options
         if opts.metrics_port:
             try:
@@ -330,44 +376,67 @@ class JetStreamDetector:
             self._kv = await provision(self._js, self.layout, ack_wait_s=opts.ack_wait_s)
         else:
             self._kv = await self._js.key_value(self.layout.state_bucket)
+        lease_kv, ttl_s = await lease_bucket(
+            self._js, self.layout.lease_bucket, opts.lease_ttl_s, self.layout.replicas
+        )
+        self._leases = PartitionLeases(lease_kv, ttl_s, opts.client_id)
+        if opts.mqtt_endpoints:
+            offline = self._status_payload("offline")
+            self.retained = RetainedPublisher(
+                opts.mqtt_endpoints,
+                f"{opts.client_id}-retained",
+                user=opts.user,
+                password=opts.password,
+                tls_ca=opts.tls_ca,
+                will=(self.topics.status("detector", opts.client_id), offline),
+            )
+            await self.retained.start()
         for partition in opts.partitions:
-            await self.restore_partition(partition)
+            if await self.leases.acquire(partition):
+                await self.restore_partition(partition)
         self.engine.states.take_dirty()
         for publish in self.engine.recover():
             await self._publish(publish, None)
         self.counters.restored_machines = len(self.engine.states)
         self.started = True
 
-    async def restore_partition(self, partition: int) -> int:
-        """Load every machine record of ``partition`` from the bucket; how many."""
+    async def restore_partition(self, partition: int) -> set[str]:
+        """Load every machine record of ``partition`` from the bucket; their machine ids."""
         watcher = await self.kv.watch(f"{partition}.*", ignore_deletes=True)
-        restored = 0
+        restored: set[str] = set()
         try:
             async for entry in watcher:
                 if entry is None:
                     break  # the end of the current values
                 if entry.value:
-                    self.engine.states.add(MachineRecord.restore(json.loads(entry.value)))
-                    restored += 1
+                    record = MachineRecord.restore(json.loads(entry.value))
+                    self.engine.states.add(record)
+                    restored.add(record.machine_id)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
-        log.info("partition_restored", partition=partition, machines=restored)
+        log.info("partition_restored", partition=partition, machines=len(restored))
         return restored
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Serve the owned partitions until ``stop`` is set; then finish batches and close."""
+        self._stop = stop
         await self.start()
         opts = self.options
         tasks = [
-            asyncio.create_task(self._serve(partition, stop), name=f"partition-{partition}")
+            asyncio.create_task(self._partition(partition, stop), name=f"partition-{partition}")
             for partition in opts.partitions
         ]
         tasks.append(asyncio.create_task(self._housekeeping(stop), name="housekeeping"))
+        tasks.append(asyncio.create_task(self._renew(stop), name="leases"))
         await self._status("online")
+        owned = self.owned
         log.info(
             "jetstream_detector_started",
-            partitions=list(opts.partitions),
+            partitions=owned,
+            standby=[p for p in opts.partitions if p not in owned],
+            lease_ttl_s=self.leases.ttl_s,
+            retained_state=self.retained is not None,
             restored_machines=self.counters.restored_machines,
             model_version=self.engine.model.version,
         )
@@ -376,8 +445,14 @@ class JetStreamDetector:
         finally:
             for task in tasks:
                 task.cancel()
+            if self._leases is not None:
+                for partition in self.owned:  # after the last batch: a standby may go on
+                    with contextlib.suppress(Exception):
+                        await self._leases.release(partition)
             with contextlib.suppress(Exception):
                 await self._status("offline")
+            if self.retained is not None:
+                self.retained.close()
             if self._nc is not None:
                 with contextlib.suppress(Exception):
                     await self._nc.flush(timeout=2)  # the last acks leave before we close
@@ -394,18 +469,73 @@ class JetStreamDetector:
             "failed_batches": c.failed_batches,
         }
 
-    async def _status(self, state: str) -> None:
-        if self._nc is None or self._nc.is_closed:
-            return
-        status = ClientStatus(
+    def _status_payload(self, state: str) -> bytes:
+        return ClientStatus(
             role="detector",
             client_id=self.options.client_id,
             state="online" if state == "online" else "offline",
             ts=time.time(),
             model_version=self.engine.model.version,
+        ).encode()
+
+    async def _status(self, state: str) -> None:
+        topic = self.topics.status("detector", self.options.client_id)
+        if self.retained is not None:  # retained, as on Mosquitto
+            await self._publish_retained(Publish(topic, self._status_payload(state), True))
+            return
+        if self._nc is None or self._nc.is_closed:
+            return
+        await self._nc.publish(topic.replace("/", "."), self._status_payload(state))
+
+    def _lease_lost(self, partition: int) -> None:
+        """Another detector owns the partition now: stop everything, exit non-zero.
+
+        Its machine records here are stale from now on and the engine keeps them all in one
+        table, so the whole process stops (like a leader-election client losing its lease);
+        a supervisor restarts it as a standby.
+        """
+        if self.exit_code == 0:
+            log.error(
+                "partition_lease_lost",
+                partition=partition,
+                action="stopping: another detector owns this partition now; restart me "
+                "(I come back as a standby)",
+            )
+        self.exit_code = LEASE_LOST_EXIT
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _renew(self, stop: asyncio.Event) -> None:
+        """Renew every held lease each ``ttl / 3``."""
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.leases.renew_every_s)
+            if stop.is_set():
+                return
+            for partition in self.owned:
+                if not await self.leases.renew(partition):
+                    self._lease_lost(partition)
+
+    async def _take_over(self, partition: int, stop: asyncio.Event) -> bool:
+        """Stand by until the partition's lease is free, take it, restore its machines."""
+        log.info(
+            "partition_standby",
+            partition=partition,
+            holder=await self.leases.holder(partition),
         )
-        subject = self.topics.status("detector", self.options.client_id).replace("/", ".")
-        await self._nc.publish(subject, status.encode())
+        while not stop.is_set():
+            if await self.leases.acquire(partition):
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.leases.poll_every_s)
+        else:
+            return False
+        async with self._lock:
+            machines = await self.restore_partition(partition)
+            recovered = [p for p in self.engine.recover() if p.topic.rsplit("/", 2)[-2] in machines]
+            await asyncio.gather(*(self._publish(p, None) for p in recovered))
+        log.info("partition_lease_acquired", partition=partition, machines=len(machines))
+        return True
 
     async def _subscribe(self, partition: int) -> JetStreamContext.PullSubscription:
         while True:
@@ -417,11 +547,19 @@ class JetStreamDetector:
                 log.warning("consumer_bind_failed", partition=partition, error=repr(exc))
                 await asyncio.sleep(0.5)  # backoff while the cluster elects a leader
 
+    async def _partition(self, partition: int, stop: asyncio.Event) -> None:
+        if partition not in self.leases.held and not await self._take_over(partition, stop):
+            return
+        await self._serve(partition, stop)
+
     async def _serve(self, partition: int, stop: asyncio.Event) -> None:
         sub = await self._subscribe(partition)
         opts = self.options
         while not stop.is_set():
             self._last_turn = time.monotonic()
+            if not self.leases.valid(partition):
+                self._lease_lost(partition)
+                return
             try:
                 msgs = await sub.fetch(opts.batch_max, timeout=opts.fetch_timeout_s)
             except (TimeoutError, nats.errors.TimeoutError):
@@ -444,6 +582,9 @@ class JetStreamDetector:
                 topic = msg.subject.replace(".", "/")
             inbound.append(Inbound(topic, msg.data, now, perf, token=msg))
         async with self._lock:  # the engine's state and seen cache change only here
+            if not self.leases.valid(partition):
+                self._lease_lost(partition)  # fenced: leave them to the new owner
+                return
             outcomes = self.engine.handle(inbound, now)
             self._count(partition, outcomes)
             sends = [
@@ -465,6 +606,9 @@ class JetStreamDetector:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=0.5)
                 return
+        if not self.leases.valid(partition):
+            self._lease_lost(partition)  # no ack: the new owner gets them again
+            return
         self.counters.batches += 1
         for msg in msgs:
             with contextlib.suppress(Exception):
@@ -559,6 +703,9 @@ def run_cli(
     try:
         layout = ClusterLayout(topic_root=topic_root, partitions=count)
         partitions = partitions_arg(args.partitions, count)
+        mqtt_endpoints = parse_endpoints(args.nats_mqtt) if args.nats_mqtt else []
+        if args.lease_ttl <= 0:
+            raise ValueError(f"--lease-ttl {args.lease_ttl}: must be > 0 seconds")
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     options = JetStreamOptions(
@@ -576,10 +723,19 @@ def run_cli(
         reload_interval_s=detector.reload_interval_s,
         metrics_host=detector.metrics_host,
         metrics_port=detector.metrics_port,
+        lease_ttl_s=args.lease_ttl,
+        mqtt_endpoints=mqtt_endpoints,
     )
     settings = engine_settings(detector)
+    if not mqtt_endpoints:
+        log.warning(
+            "retained_state_off",
+            reason="no --nats-mqtt: MQTT subscribers connecting later get no machine state",
+        )
+    exit_code = 0
 
     async def main() -> None:
+        nonlocal exit_code
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -594,6 +750,7 @@ def run_cli(
         with contextlib.suppress(asyncio.CancelledError):
             await running
         stopping.cancel()
+        exit_code = detector.exit_code
 
     try:
         asyncio.run(main())
@@ -601,4 +758,6 @@ def run_cli(
         raise SystemExit(
             f"error: cannot reach the NATS cluster at {', '.join(servers)}: {exc}"
         ) from None
-    return 0
+    except BrokerError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return exit_code

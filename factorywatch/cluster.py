@@ -49,6 +49,8 @@ PARTITION_PREFIX: Final = "fwpart"
 MQTT_STREAM: Final = "$MQTT_msgs"
 MQTT_SUBJECT_PREFIX: Final = "$MQTT.msgs."
 DEFAULT_PARTITIONS: Final = 6
+#: default partition lease lifetime (s): a killed detector's partitions move after it
+LEASE_TTL_S: Final = 15.0
 _FNV_OFFSET: Final = 0x811C9DC5
 _FNV_PRIME: Final = 0x01000193
 
@@ -115,6 +117,11 @@ class ClusterLayout:
     def state_bucket(self) -> str:
         """The key-value bucket holding each machine's state."""
         return f"fw_state_{_name(self.topic_root)}"
+
+    @property
+    def lease_bucket(self) -> str:
+        """The key-value bucket holding each partition's lease (``detector/lease.py``)."""
+        return f"fw_lease_{_name(self.topic_root)}"
 
     @property
     def input_filter(self) -> str:
@@ -212,8 +219,11 @@ def cluster_users(
                 "$JS.API.>",
                 "$JS.ACK.>",
                 f"$KV.{layout.state_bucket}.>",
+                f"$KV.{layout.lease_bucket}.>",
             ),
             (inbox,),
+            # MQTT: retained state goes through the MQTT listener (detector/retained.py)
+            ("STANDARD", "MQTT"),
         ),
         ClusterUser(
             "viewer",
@@ -607,6 +617,18 @@ def add_detect_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nats-password-file", type=Path, help="file holding the password")
     group.add_argument("--nats-ca", type=Path, help="CA file: connect with TLS")
     group.add_argument("--ack-wait", type=float, default=10.0, help="redelivery after (s)")
+    group.add_argument(
+        "--nats-mqtt",
+        help="comma-separated host:port of the cluster's MQTT listeners: each machine's state "
+        "is published there retained, for MQTT subscribers that connect later",
+    )
+    group.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=LEASE_TTL_S,
+        help="partition lease lifetime (s): a killed detector's partitions move after it "
+        f"({LEASE_TTL_S:g}; the lease bucket keeps the TTL it was created with)",
+    )
 
 
 def partitions_arg(value: str | None, count: int) -> list[int]:

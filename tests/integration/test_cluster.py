@@ -21,7 +21,7 @@ from factorywatch.cluster import (
     assign,
     partition_of,
 )
-from factorywatch.contracts import AckCommand, AlertEvent, Verdict
+from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Verdict
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import (
@@ -29,6 +29,7 @@ from tests.integration.cluster_helpers import (
     Stream,
     provision_layout,
     read_subjects,
+    retained_messages,
     run_js,
     start_detector,
     stored_events,
@@ -71,7 +72,8 @@ def test_mqtt_readings_land_in_r3_stream_and_mqtt_subscribers_see_verdicts(
     tmp_path: Path,
 ) -> None:
     """MQTT 3.1.1 QoS 1 readings land, partitioned by machine, in an R3 stream; a detector
-    scores each once and mosquitto_sub on another node sees every verdict."""
+    scores each once, mosquitto_sub on another node sees every verdict, and an MQTT
+    subscriber connecting afterwards gets each machine's state retained."""
     cluster = nats_cluster
     layout = cluster.layout
     topics = Topics(topic_root)
@@ -116,6 +118,14 @@ def test_mqtt_readings_land_in_r3_stream_and_mqtt_subscribers_see_verdicts(
     status, health = scrape(detector.metrics_port, "/healthz")
     assert status == 200
     assert json.loads(health)["partitions"] == list(range(PARTITIONS))
+    for node in (cluster.nodes[1], cluster.nodes[2]):  # any node serves the retained store
+        retained = retained_messages(node.ports.mqtt, f"{topic_root}/alerts/+/+/state", 5)
+        assert set(retained) == {topics.state("line1", m) for m in machines}
+        states = [MachineState.model_validate_json(p) for p in retained.values()]
+        assert sorted(s.machine_id for s in states) == machines
+    status_topic = topics.status("detector", "detector-a")
+    online = retained_messages(cluster.nodes[2].ports.mqtt, status_topic, 1)
+    assert b'"online"' in online[status_topic]
     sub.close()
     device.close()
 
