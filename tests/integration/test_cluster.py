@@ -294,3 +294,112 @@ def test_partition_move_resumes_machine_alert_state_from_the_bucket(
     assert json.loads(stopped[-1])["received"] == 10  # only its own machine
     moved.terminate()
     device.close()
+
+
+def _per_partition(prefix: str, each: int) -> list[str]:
+    """Machine ids, ``each`` of them filed under every partition."""
+    chosen: dict[int, list[str]] = {p: [] for p in range(PARTITIONS)}
+    i = 0
+    while any(len(ids) < each for ids in chosen.values()):
+        name = f"{prefix}{i}"
+        ids = chosen[partition_of(name, PARTITIONS)]
+        if len(ids) < each:
+            ids.append(name)
+        i += 1
+    return [m for ids in chosen.values() for m in ids]
+
+
+def _acquired(proc: Proc) -> set[int]:
+    """The partitions a detector took over from another one (its log says so)."""
+    return {
+        int(json.loads(line)["partition"])
+        for line in proc.log().splitlines()
+        if "partition_lease_acquired" in line
+    }
+
+
+def _health(proc: Proc) -> dict[str, Any]:
+    assert proc.metrics_port is not None
+    status, body = scrape(proc.metrics_port, "/healthz")
+    assert status == 200
+    health: dict[str, Any] = json.loads(body)
+    return health
+
+
+def test_overlapping_detectors_never_share_a_partition_and_a_standby_takes_over_after_kill9(
+    nats_cluster: LocalNatsCluster,
+    spawn: Callable[..., Proc],
+    model_dir: Path,
+    topic_root: str,
+    tmp_path: Path,
+) -> None:
+    """Detectors started with overlapping --partitions: each partition is served by the one
+    holding its lease (every reading exactly one verdict, even as seen live on MQTT); kill -9
+    of the owner: the standby takes its partitions within the lease TTL and loses nothing."""
+    cluster = nats_cluster
+    topics = Topics(topic_root)
+    ttl = 3.0
+    first = start_detector(
+        spawn,
+        cluster,
+        model_dir,
+        partitions="0,1",
+        client_id="det-a",
+        lease_ttl_s=ttl,
+        metrics_port=free_port(),
+    )
+    second = start_detector(
+        spawn,
+        cluster,
+        model_dir,
+        partitions="all",
+        client_id="det-b",
+        lease_ttl_s=ttl,
+        metrics_port=free_port(),
+    )
+    assert _health(first)["partitions"] == [0, 1]
+    assert _health(second)["partitions"] == [2, 3]
+    assert _health(second)["standby"] == [0, 1]
+    sub = MosquittoSub(
+        cluster.nodes[1].ports.mqtt, f"{topic_root}/alerts/+/+/verdict", tmp_path / "live.txt"
+    )
+    device = MqttDevice("device-1", cluster.nodes[0].ports.mqtt)
+    device.wait_connected()
+    before = Stream(device, topics, _per_partition("a", 2), per_machine=25, rate_hz=400)
+    before.start().join(30)
+    assert device.wait_acked(200)
+    assert len(wait_verdicts(cluster, 200, timeout_s=30)) == 200
+    assert wait_until(lambda: len(sub.lines("/verdict")) >= 200, 10)
+    live = [Verdict.model_validate_json(line) for line in sub.lines("/verdict")]
+    assert len(live) == 200  # no partition served twice: no second verdict even on MQTT
+    assert _keys(live) == set(device.acked)
+    served = {
+        name: metric_value(
+            scrape(p.metrics_port or 0, "/metrics")[1], "factorywatch_readings_received_total"
+        )
+        for name, p in (("a", first), ("b", second))
+    }
+    assert served["a"] > 0
+    assert served["b"] > 0
+    assert served["a"] + served["b"] == 200
+
+    after = Stream(device, topics, _per_partition("b", 2), per_machine=50, rate_hz=100)
+    after.start()
+    assert wait_until(lambda: after.published >= 100, 30)
+    first.kill()  # SIGKILL: its leases are not released, they expire
+    killed_at = time.monotonic()
+    assert wait_until(lambda: _acquired(second) == {0, 1}, ttl + 10, poll_s=0.05)
+    takeover_s = time.monotonic() - killed_at
+    after.join(60)
+    assert device.wait_acked(600)
+    assert len(device.acked) == 600
+    verdicts = wait_verdicts(cluster, 600, timeout_s=60)
+    assert len(verdicts) == 600  # exactly one verdict per acknowledged reading in the stream
+    assert _keys(verdicts) == set(device.acked)
+    assert _health(second)["partitions"] == [0, 1, 2, 3]
+    # within the lease TTL (plus one standby poll) of the kill
+    assert takeover_s < ttl + 1.5, takeover_s
+    print(f"takeover after kill -9: {takeover_s:.2f} s (lease TTL {ttl} s)")
+    second.terminate()
+    sub.close()
+    device.close()
