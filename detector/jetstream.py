@@ -26,7 +26,7 @@ import signal
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +55,21 @@ from factorywatch.cluster import (
     partitions_arg,
 )
 from factorywatch.contracts import ClientStatus
+from factorywatch.detector.bookkeeping import (
+    Counters,
+    log_events,
+    reload_model,
+    report_drift,
+    sync_drift_metrics,
+    tally,
+)
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
 from factorywatch.detector.lease import LEASE_TTL_S, PartitionLeases, lease_bucket
 from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.retained import RetainedPublisher, parse_endpoints
 from factorywatch.detector.state import MachineRecord
-from factorywatch.errors import BrokerError, ModelError
-from factorywatch.model import artifact
+from factorywatch.errors import BrokerError
 from factorywatch.model.artifact import LoadedModel, ScorerKind
 from factorywatch.settings import DetectorSettings
 from factorywatch.topics import Topics
@@ -101,20 +108,6 @@ class JetStreamOptions:
     lease_ttl_s: float = LEASE_TTL_S
     #: the cluster's MQTT listeners: retained state goes through them (empty: not retained)
     mqtt_endpoints: Sequence[tuple[str, int]] = ()
-
-
-@dataclass
-class JetStreamCounters:
-    """What the runner has done since start."""
-
-    received: int = 0
-    verdicts: int = 0
-    duplicates: int = 0
-    dead_letters: int = 0
-    batches: int = 0
-    failed_batches: int = 0
-    restored_machines: int = 0
-    by_partition: dict[int, int] = field(default_factory=dict)
 
 
 def tls_context(ca: Path | None) -> ssl.SSLContext | None:
@@ -249,9 +242,10 @@ class JetStreamDetector:
         self.layout = options.layout
         self.topics = Topics(options.layout.topic_root)
         self.engine = Engine(model, self.topics, settings)
-        self.counters = JetStreamCounters()
+        self.counters = Counters()
         self.metrics = Metrics()
         self.metrics.set_model(model.version)
+        sync_drift_metrics(self.engine, self.metrics)
         self._last_turn = time.monotonic()
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
@@ -586,7 +580,9 @@ class JetStreamDetector:
                 self._lease_lost(partition)  # fenced: leave them to the new owner
                 return
             outcomes = self.engine.handle(inbound, now)
-            self._count(partition, outcomes)
+            readings = tally(outcomes, self.counters, self.metrics)
+            by_partition = self.counters.by_partition
+            by_partition[partition] = by_partition.get(partition, 0) + readings
             sends = [
                 self._publish(publish, msg_id)
                 for outcome in outcomes
@@ -614,31 +610,9 @@ class JetStreamDetector:
             with contextlib.suppress(Exception):
                 await msg.ack()
 
-    def _count(self, partition: int, outcomes: list[Outcome]) -> None:
-        c = self.counters
-        m = self.metrics
-        for outcome in outcomes:
-            m.readings.inc(outcome.readings)
-            m.duplicates.inc(outcome.duplicates)
-            for verdict in outcome.verdicts:
-                m.latency.observe(verdict.latency_ms / 1000.0)
-                (m.alert_verdicts if verdict.status == "ALERT" else m.normal_verdicts).inc()
-            for error in outcome.rejected:
-                m.dead_letters.labels(reason=error.reason).inc()
-            for event in outcome.events:
-                m.events.labels(event=event.event).inc()
-            c.received += outcome.readings
-            c.verdicts += len(outcome.verdicts)
-            c.duplicates += outcome.duplicates
-            c.dead_letters += len(outcome.rejected)
-            c.by_partition[partition] = c.by_partition.get(partition, 0) + outcome.readings
-            for error in outcome.rejected:
-                log.warning("payload_rejected", reason=error.reason, topic=outcome.message.topic)
-            for event in outcome.events:
-                log.info("alert_event_published", machine_id=event.machine_id, kind=event.event)
-
     async def _housekeeping(self, stop: asyncio.Event) -> None:
-        """Offline detection every second, model reload, a heartbeat every 15 s."""
+        """Offline detection and the drift check every second, model reload, a heartbeat
+        every 15 s (as the Mosquitto service does, with the same code)."""
         next_status = time.monotonic() + 15.0
         next_reload = time.monotonic() + self.options.reload_interval_s
         while not stop.is_set():
@@ -651,8 +625,8 @@ class JetStreamDetector:
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             async with self._lock:
                 publishes, events = self.engine.tick(time.time())
-                for event in events:
-                    log.info("alert_event_published", machine_id=event.machine_id, kind=event.event)
+                log_events(events, self.metrics)
+                report_drift(self.engine, self.metrics)
                 await asyncio.gather(*(self._publish(p, None) for p in publishes))
                 if events:
                     await self._save({e.machine_id for e in events})
@@ -666,19 +640,9 @@ class JetStreamDetector:
         model_dir = self.options.model_dir
         if model_dir is None:
             return False
-        version = artifact.current_version(model_dir)
-        if version is None or version == self.engine.model.version:
-            return False
-        try:
-            model = artifact.load(model_dir, version, scorer=self.options.scorer)
-        except (ModelError, OSError) as exc:
-            log.error("model_reload_failed", version=version, error=str(exc))
-            return False
-        previous = self.engine.model.version
-        self.engine.swap_model(model)
-        self.metrics.set_model(version)
-        log.info("model_reloaded", previous=previous, version=version)
-        return True
+        return reload_model(
+            self.engine, model_dir, self.options.scorer, self.counters, self.metrics
+        )
 
 
 # -- CLI ----------------------------------------------------------------------------------------

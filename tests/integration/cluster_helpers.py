@@ -290,6 +290,7 @@ def start_detector(
     password_file: Path | None = None,
     metrics_port: int = 0,
     lease_ttl_s: float | None = None,
+    env: dict[str, str] | None = None,
     wait: bool = True,
 ) -> Proc:
     """A real ``factorywatch detect --engine jetstream`` process serving ``partitions``
@@ -326,7 +327,7 @@ def start_detector(
         args += ["--nats-password-file", str(password_file)]
     if cluster.tls is not None:
         args += ["--nats-ca", str(cluster.tls.ca)]
-    proc = spawn(*args, name=client_id)
+    proc = spawn(*args, name=client_id, env=env)
     proc.metrics_port = metrics_port or None
     if wait:
         proc.wait_log("jetstream_detector_started")

@@ -403,3 +403,37 @@ def test_overlapping_detectors_never_share_a_partition_and_a_standby_takes_over_
     second.terminate()
     sub.close()
     device.close()
+
+
+def test_jetstream_detector_reports_drift_like_the_mosquitto_one(
+    nats_cluster: LocalNatsCluster,
+    spawn: Callable[..., Proc],
+    model_dir: Path,
+    topic_root: str,
+) -> None:
+    """A stream of mostly faulty readings moves the ALERT share away from training: the
+    cluster detector logs drift_started and its metrics say so (the service's drift code)."""
+    cluster = nats_cluster
+    detector = start_detector(
+        spawn,
+        cluster,
+        model_dir,
+        metrics_port=free_port(),
+        env={"FACTORYWATCH_DETECTOR_DRIFT_WINDOW": "20"},
+    )
+    assert detector.metrics_port is not None
+    _, body = scrape(detector.metrics_port, "/metrics")
+    assert metric_value(body, "factorywatch_drifting") == 0
+    device = MqttDevice("device-1", cluster.nodes[0].ports.mqtt)
+    device.wait_connected()
+    machine = _Machine("drifty-1", 5)
+    machine.publish(device, Topics(topic_root), 5, faulty=False)
+    machine.publish(device, Topics(topic_root), 25, faulty=True)
+    assert device.wait_acked(30)
+    detector.wait_log('"drift_started"', timeout=30)
+    _, body = scrape(detector.metrics_port, "/metrics")
+    assert metric_value(body, "factorywatch_drifting") == 1
+    assert metric_value(body, "factorywatch_recent_alert_rate") >= 0.5
+    assert 0 < metric_value(body, "factorywatch_training_alert_rate") < 0.1
+    detector.terminate()
+    device.close()
