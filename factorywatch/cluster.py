@@ -308,10 +308,11 @@ class TlsFiles:
         return cls(certs / "ca.crt", certs / "server.crt", certs / "server.key")
 
 
-def _tls_block(tls: TlsFiles) -> str:
+def _tls_block(tls: TlsFiles, *, verify: bool = False) -> str:
+    extra = ", verify: true" if verify else ""
     return (
         f"  tls {{ cert_file: {_quote(str(tls.cert))}, key_file: {_quote(str(tls.key))}, "
-        f"ca_file: {_quote(str(tls.ca))}, timeout: 5 }}"
+        f"ca_file: {_quote(str(tls.ca))}, timeout: 5{extra} }}"
     )
 
 
@@ -325,12 +326,16 @@ def render_node_config(
     layouts: Sequence[ClusterLayout],
     users: Sequence[ClusterUser] | None = None,
     tls: TlsFiles | None = None,
+    route_tls: TlsFiles | None = None,
     host: str = "127.0.0.1",
 ) -> str:
     """One node's nats-server config: JetStream, cluster routes, MQTT listener, mappings.
 
     ``routes``: the other nodes' route URLs (``nats-route://n2:6222``); ``host``: the address
-    this node listens on (``0.0.0.0`` in a container).
+    this node listens on (``0.0.0.0`` in a container). ``tls``: TLS on the client and MQTT
+    listeners; ``route_tls``: mutual TLS on the routes between nodes (each node presents its
+    certificate and verifies its peer's against the CA; the certificate must name the host in
+    the route URLs; a peer speaking plain TCP is refused).
     """
     mappings = {k: v for layout in layouts for k, v in layout.mappings().items()}
     lines = [
@@ -343,6 +348,10 @@ def render_node_config(
         f"  name: {_quote(cluster_name)}",
         f"  listen: {_quote(f'{host}:{ports.cluster}')}",
         f"  routes: {_list(routes)}",
+    ]
+    if route_tls is not None:
+        lines.append(_tls_block(route_tls, verify=True))
+    lines += [
         "}",
         "mqtt {",
         f"  listen: {_quote(f'{host}:{ports.mqtt}')}",
@@ -421,6 +430,8 @@ class LocalNatsCluster:
     passwords: dict[str, str] | None = None
     machines: tuple[str, ...] = ()
     tls: TlsFiles | None = None
+    #: mutual TLS on the routes between the nodes (None: plain TCP on loopback)
+    route_tls: TlsFiles | None = None
     cluster_name: str = "factorywatch"
     nodes: list[LocalNode] = field(default_factory=list)
 
@@ -472,6 +483,7 @@ class LocalNatsCluster:
                 layouts=self.layouts,
                 users=self.users(),
                 tls=self.tls,
+                route_tls=self.route_tls,
             )
         )
         node.config_file.chmod(0o600)  # it holds the users' passwords
