@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -400,7 +402,30 @@ def test_overlapping_detectors_never_share_a_partition_and_a_standby_takes_over_
     # within the lease TTL (plus one standby poll) of the kill
     assert takeover_s < ttl + 1.5, takeover_s
     print(f"takeover after kill -9: {takeover_s:.2f} s (lease TTL {ttl} s)")
-    second.terminate()
+
+    # A paused owner (SIGSTOP) loses its leases; resumed, it is fenced: it exits 75 without
+    # publishing or acknowledging anything, and the new owner answers every reading once.
+    third = start_detector(
+        spawn, cluster, model_dir, client_id="det-c", lease_ttl_s=ttl, metrics_port=free_port()
+    )
+    assert _health(third)["standby"] == [0, 1, 2, 3]
+    os.kill(second.process.pid, signal.SIGSTOP)
+    assert wait_until(lambda: _acquired(third) == {0, 1, 2, 3}, ttl + 10, poll_s=0.05)
+    late = _per_partition("c", 2)
+    Stream(device, topics, late, per_machine=10, rate_hz=200).start().join(30)
+    assert device.wait_acked(680)
+    assert len(wait_verdicts(cluster, 680, timeout_s=30)) == 680
+    os.kill(second.process.pid, signal.SIGCONT)
+    assert second.process.wait(30) == 75  # fenced: "restart me", it comes back as a standby
+    assert "partition_lease_lost" in second.log()
+
+    def late_verdicts() -> list[Verdict]:
+        seen = (Verdict.model_validate_json(line) for line in sub.lines("/verdict"))
+        return [v for v in seen if v.machine_id in late]
+
+    assert wait_until(lambda: len(late_verdicts()) >= 80, 10)
+    assert len(late_verdicts()) == 80  # the resumed zombie published no second verdict
+    third.terminate()
     sub.close()
     device.close()
 
