@@ -531,6 +531,22 @@ class JetStreamDetector:
         log.info("partition_lease_acquired", partition=partition, machines=len(machines))
         return True
 
+    async def _hold(self, partition: int, stop: asyncio.Event) -> bool:
+        """The lease is no longer trusted (renewals failed, e.g. while the cluster re-elects):
+        serve nothing until a renewal succeeds. A compare-and-set renewal on our own revision
+        proves nobody took the partition meanwhile (True); finding another owner or an
+        expired key means someone may have (False: fenced)."""
+        log.warning("partition_lease_unconfirmed", partition=partition)
+        while not stop.is_set():
+            if not await self.leases.renew(partition):
+                return False
+            if self.leases.valid(partition):
+                log.info("partition_lease_confirmed", partition=partition)
+                return True
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.leases.poll_every_s)
+        return False
+
     async def _subscribe(self, partition: int) -> JetStreamContext.PullSubscription:
         while True:
             try:
@@ -551,8 +567,9 @@ class JetStreamDetector:
         opts = self.options
         while not stop.is_set():
             self._last_turn = time.monotonic()
-            if not self.leases.valid(partition):
-                self._lease_lost(partition)
+            if not self.leases.valid(partition) and not await self._hold(partition, stop):
+                if not stop.is_set():
+                    self._lease_lost(partition)
                 return
             try:
                 msgs = await sub.fetch(opts.batch_max, timeout=opts.fetch_timeout_s)
@@ -577,8 +594,7 @@ class JetStreamDetector:
             inbound.append(Inbound(topic, msg.data, now, perf, token=msg))
         async with self._lock:  # the engine's state and seen cache change only here
             if not self.leases.valid(partition):
-                self._lease_lost(partition)  # fenced: leave them to the new owner
-                return
+                return  # not acknowledged: redelivered to whoever holds the lease (_hold)
             outcomes = self.engine.handle(inbound, now)
             readings = tally(outcomes, self.counters, self.metrics)
             by_partition = self.counters.by_partition
@@ -603,8 +619,7 @@ class JetStreamDetector:
                         await msg.nak(delay=0.5)
                 return
         if not self.leases.valid(partition):
-            self._lease_lost(partition)  # no ack: the new owner gets them again
-            return
+            return  # no ack: redelivered to whoever holds the lease (see _hold)
         self.counters.batches += 1
         for msg in msgs:
             with contextlib.suppress(Exception):

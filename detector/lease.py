@@ -11,8 +11,10 @@ partition moves when its owner is ``kill -9``ed. A stopping owner deletes its ke
 
 The owner counts its lease as valid until ``sent + ttl - margin``, where ``sent`` is when it
 *sent* its last successful renewal: the server stores that renewal after ``sent``, so the
-value cannot expire (and no standby can take it) before the owner stops trusting it. Between
-leases the owner checks ``valid`` before it publishes, writes state and acknowledges. What a
+value cannot expire (and no standby can take it) before the owner stops trusting it. The
+owner checks ``valid`` before it publishes, writes state and acknowledges. An untrusted lease
+is renewed again before serving: success on our own revision proves nobody took it meanwhile;
+another owner or an expired key means fenced (``detector/jetstream.py`` then exits). What a
 lease cannot stop: a process paused (SIGSTOP, a VM freeze) between that check and the write
 that follows; verdicts are still de-duplicated by reading id in the output stream, a state
 write could be stale (see README, Scale-out).
