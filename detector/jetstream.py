@@ -10,10 +10,13 @@ state of every machine the batch touched to the key-value bucket (key ``<partiti
 acks makes JetStream redeliver the batch after ``ack_wait``; the machine records' ``recent``
 identities keep a redelivered reading from counting twice in the alert window.
 
-On start (or when a partition moves here) the partition's machine records are read back from
-the bucket before its consumer is bound, so alert state, windows and unconfirmed events resume
-where the previous owner left them. Exactly one detector must own a partition at a time: stop
-the old owner before starting the new one (``README`` -> Scale-out).
+A detector serves a partition only while it holds the partition's lease
+(``detector/lease.py``); for the partitions of its ``--partitions`` that another detector
+holds it stands by and takes over when that lease is released or expires. On start (or when a
+partition moves here) the partition's machine records are read back from the bucket before its
+consumer is bound, so alert state, windows and unconfirmed events resume where the previous
+owner left them. Each machine's retained state goes through the cluster's MQTT listener
+(``detector/retained.py``): NATS clients cannot publish MQTT-retained messages.
 """
 
 from __future__ import annotations
