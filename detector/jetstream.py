@@ -381,7 +381,9 @@ class JetStreamDetector:
             offline = self._status_payload("offline")
             self.retained = RetainedPublisher(
                 opts.mqtt_endpoints,
-                f"{opts.client_id}-retained",
+                # unique per process: two processes sharing a client id by mistake must not
+                # take this MQTT connection from each other for ever
+                f"{opts.client_id}-retained-{self.leases.token[:8]}",
                 user=opts.user,
                 password=opts.password,
                 tls_ca=opts.tls_ca,
