@@ -337,7 +337,8 @@ def test_overlapping_detectors_never_share_a_partition_and_a_standby_takes_over_
 ) -> None:
     """Detectors started with overlapping --partitions: each partition is served by the one
     holding its lease (every reading exactly one verdict, even as seen live on MQTT); kill -9
-    of the owner: the standby takes its partitions within the lease TTL and loses nothing."""
+    of the owner: its retained status turns offline (last will), the standby takes its
+    partitions within the lease TTL and loses nothing; a paused owner is fenced on resuming."""
     cluster = nats_cluster
     topics = Topics(topic_root)
     ttl = 3.0
@@ -392,6 +393,13 @@ def test_overlapping_detectors_never_share_a_partition_and_a_standby_takes_over_
     killed_at = time.monotonic()
     assert wait_until(lambda: _acquired(second) == {0, 1}, ttl + 10, poll_s=0.05)
     takeover_s = time.monotonic() - killed_at
+    status_topic = topics.status("detector", "det-a")
+
+    def killed_status() -> bytes:  # its MQTT connection's last will, retained
+        found = retained_messages(cluster.nodes[2].ports.mqtt, status_topic, 1, timeout_s=2)
+        return found.get(status_topic, b"")
+
+    assert wait_until(lambda: b'"offline"' in killed_status(), 10)
     after.join(60)
     assert device.wait_acked(600)
     assert len(device.acked) == 600
