@@ -50,6 +50,11 @@ PARTITIONS = 6
 LINES = 6
 
 
+def _mqtt_endpoints(cluster: LocalNatsCluster) -> str:
+    """``--nats-mqtt``: every node's MQTT listener (the detectors' retained state goes there)."""
+    return ",".join(f"127.0.0.1:{n.ports.mqtt}" for n in cluster.nodes)
+
+
 def progress(message: str) -> None:
     """One line of progress on stderr."""
     print(f"[scale] {message}", file=sys.stderr, flush=True)
@@ -300,6 +305,7 @@ def run_cluster(
             args += ["--topic-root", root, "--partition-count", str(PARTITIONS)]
             args += ["--partitions", parts, "--model-dir", str(model_dir)]
             args += ["--client-id", f"det-{i}", "--metrics-port", "0"]
+            args += ["--nats-mqtt", _mqtt_endpoints(cluster)]
             procs.append(spawn_detector(args, work / f"cluster-{detectors}-det-{i}.log"))
         for proc in procs:
             proc.wait_log("jetstream_detector_started")
@@ -430,6 +436,7 @@ def run_node_kill(  # noqa: PLR0915 - one scenario, start to end
         args = ["--engine", "jetstream", "--nats-servers", ",".join(cluster.servers)]
         args += ["--topic-root", root, "--partition-count", str(PARTITIONS)]
         args += ["--model-dir", str(model_dir), "--client-id", "det-kill", "--metrics-port", "0"]
+        args += ["--nats-mqtt", _mqtt_endpoints(cluster)]
         proc = spawn_detector(args, work / "kill-det.log")
         proc.wait_log("jetstream_detector_started")
         devices = [MqttDevice(f"dev-{n.name}", n.ports.mqtt, max_inflight=200) for n in others]

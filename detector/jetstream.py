@@ -10,10 +10,13 @@ state of every machine the batch touched to the key-value bucket (key ``<partiti
 acks makes JetStream redeliver the batch after ``ack_wait``; the machine records' ``recent``
 identities keep a redelivered reading from counting twice in the alert window.
 
-On start (or when a partition moves here) the partition's machine records are read back from
-the bucket before its consumer is bound, so alert state, windows and unconfirmed events resume
-where the previous owner left them. Exactly one detector must own a partition at a time: stop
-the old owner before starting the new one (``README`` -> Scale-out).
+A detector serves a partition only while it holds the partition's lease
+(``detector/lease.py``); for the partitions of its ``--partitions`` that another detector
+holds it stands by and takes over when that lease is released or expires. On start (or when a
+partition moves here) the partition's machine records are read back from the bucket before its
+consumer is bound, so alert state, windows and unconfirmed events resume where the previous
+owner left them. Each machine's retained state goes through the cluster's MQTT listener
+(``detector/retained.py``): NATS clients cannot publish MQTT-retained messages.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import signal
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +58,21 @@ from factorywatch.cluster import (
     partitions_arg,
 )
 from factorywatch.contracts import ClientStatus
+from factorywatch.detector.bookkeeping import (
+    Counters,
+    log_events,
+    reload_model,
+    report_drift,
+    sync_drift_metrics,
+    tally,
+)
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
+from factorywatch.detector.lease import LEASE_TTL_S, PartitionLeases, lease_bucket
 from factorywatch.detector.metrics import Metrics, serve
+from factorywatch.detector.retained import RetainedPublisher, parse_endpoints
 from factorywatch.detector.state import MachineRecord
-from factorywatch.errors import ModelError
-from factorywatch.model import artifact
+from factorywatch.errors import BrokerError
 from factorywatch.model.artifact import LoadedModel, ScorerKind
 from factorywatch.settings import DetectorSettings
 from factorywatch.topics import Topics
@@ -69,6 +81,8 @@ log = structlog.get_logger("detector.jetstream")
 
 #: how long the output stream remembers a verdict's id (redeliveries inside it are dropped)
 DUPLICATE_WINDOW_S = 600.0
+#: exit status after losing a partition's lease to another detector (EX_TEMPFAIL: restart me)
+LEASE_LOST_EXIT = 75
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,20 +107,10 @@ class JetStreamOptions:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no /metrics, /healthz
     provision: bool = True
-
-
-@dataclass
-class JetStreamCounters:
-    """What the runner has done since start."""
-
-    received: int = 0
-    verdicts: int = 0
-    duplicates: int = 0
-    dead_letters: int = 0
-    batches: int = 0
-    failed_batches: int = 0
-    restored_machines: int = 0
-    by_partition: dict[int, int] = field(default_factory=dict)
+    #: lifetime of a partition lease (the bucket keeps the TTL it was created with)
+    lease_ttl_s: float = LEASE_TTL_S
+    #: the cluster's MQTT listeners: retained state goes through them (empty: not retained)
+    mqtt_endpoints: Sequence[tuple[str, int]] = ()
 
 
 def tls_context(ca: Path | None) -> ssl.SSLContext | None:
@@ -241,16 +245,22 @@ class JetStreamDetector:
         self.layout = options.layout
         self.topics = Topics(options.layout.topic_root)
         self.engine = Engine(model, self.topics, settings)
-        self.counters = JetStreamCounters()
+        self.counters = Counters()
         self.metrics = Metrics()
         self.metrics.set_model(model.version)
+        sync_drift_metrics(self.engine, self.metrics)
         self._last_turn = time.monotonic()
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
+        self._leases: PartitionLeases | None = None
+        self.retained: RetainedPublisher | None = None
         self._lock = asyncio.Lock()
         #: True once connected, provisioned and restored (a stop then drains in-flight work)
         self.started = False
+        #: the process's exit status: LEASE_LOST_EXIT once another detector took a partition
+        self.exit_code = 0
+        self._stop: asyncio.Event | None = None
 
     # -- I/O helpers ----------------------------------------------------------------------------
     @property
@@ -267,7 +277,23 @@ class JetStreamDetector:
             raise RuntimeError("detector not started")
         return self._kv
 
+    @property
+    def leases(self) -> PartitionLeases:
+        """The partition leases (after ``start``)."""
+        if self._leases is None:
+            raise RuntimeError("detector not started")
+        return self._leases
+
+    @property
+    def owned(self) -> list[int]:
+        """The partitions this detector serves now (it stands by for the others)."""
+        if self._leases is None:
+            return []
+        return sorted(p for p in self.options.partitions if p in self._leases.held)
+
     async def _publish(self, publish: Publish, msg_id: str | None) -> bool:
+        if publish.retain and self.retained is not None:
+            return await self._publish_retained(publish)
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         subject = publish.topic.replace("/", ".")
         try:
@@ -276,6 +302,20 @@ class JetStreamDetector:
             )
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             log.warning("publish_failed", subject=subject, error=repr(exc))
+            return False
+        self.engine.confirmed(publish)
+        return True
+
+    async def _publish_retained(self, publish: Publish) -> bool:
+        """Through the MQTT listener: stored retained (and captured by the output stream)."""
+        assert self.retained is not None
+        future = self.retained.publish(publish.topic, publish.payload)
+        try:
+            ok = await asyncio.wait_for(future, self.options.publish_timeout_s)
+        except TimeoutError:
+            ok = False
+        if not ok:
+            log.warning("retained_publish_failed", topic=publish.topic)
             return False
         self.engine.confirmed(publish)
         return True
@@ -300,17 +340,20 @@ class JetStreamDetector:
         """Healthy while connected and the loop turned within the last 10 s."""
         connected = self._nc is not None and self._nc.is_connected
         age = time.monotonic() - self._last_turn
+        owned = self.owned
         detail = {
             "connected": connected,
             "loop_age_s": round(age, 3),
             "model_version": self.engine.model.version,
             "machines": len(self.engine.states),
-            "partitions": list(self.options.partitions),
+            "partitions": owned,
+            "standby": [p for p in self.options.partitions if p not in owned],
+            "retained_connected": None if self.retained is None else self.retained.is_connected(),
         }
         return connected and age < 10.0, detail
 
     async def start(self) -> None:
-        """Connect, provision, restore the owned partitions' state, republish their outbox."""
+        """Connect, provision, take the free partitions' leases, restore them, republish."""
         opts = self.options
         if opts.metrics_port:
             try:
@@ -330,44 +373,69 @@ class JetStreamDetector:
             self._kv = await provision(self._js, self.layout, ack_wait_s=opts.ack_wait_s)
         else:
             self._kv = await self._js.key_value(self.layout.state_bucket)
+        lease_kv, ttl_s = await lease_bucket(
+            self._js, self.layout.lease_bucket, opts.lease_ttl_s, self.layout.replicas
+        )
+        self._leases = PartitionLeases(lease_kv, ttl_s, opts.client_id)
+        if opts.mqtt_endpoints:
+            offline = self._status_payload("offline")
+            self.retained = RetainedPublisher(
+                opts.mqtt_endpoints,
+                # unique per process: two processes sharing a client id by mistake must not
+                # take this MQTT connection from each other for ever
+                f"{opts.client_id}-retained-{self.leases.token[:8]}",
+                user=opts.user,
+                password=opts.password,
+                tls_ca=opts.tls_ca,
+                will=(self.topics.status("detector", opts.client_id), offline),
+            )
+            await self.retained.start()
         for partition in opts.partitions:
-            await self.restore_partition(partition)
+            if await self.leases.acquire(partition):
+                await self.restore_partition(partition)
         self.engine.states.take_dirty()
         for publish in self.engine.recover():
             await self._publish(publish, None)
         self.counters.restored_machines = len(self.engine.states)
         self.started = True
 
-    async def restore_partition(self, partition: int) -> int:
-        """Load every machine record of ``partition`` from the bucket; how many."""
+    async def restore_partition(self, partition: int) -> set[str]:
+        """Load every machine record of ``partition`` from the bucket; their machine ids."""
         watcher = await self.kv.watch(f"{partition}.*", ignore_deletes=True)
-        restored = 0
+        restored: set[str] = set()
         try:
             async for entry in watcher:
                 if entry is None:
                     break  # the end of the current values
                 if entry.value:
-                    self.engine.states.add(MachineRecord.restore(json.loads(entry.value)))
-                    restored += 1
+                    record = MachineRecord.restore(json.loads(entry.value))
+                    self.engine.states.add(record)
+                    restored.add(record.machine_id)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
-        log.info("partition_restored", partition=partition, machines=restored)
+        log.info("partition_restored", partition=partition, machines=len(restored))
         return restored
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Serve the owned partitions until ``stop`` is set; then finish batches and close."""
+        self._stop = stop
         await self.start()
         opts = self.options
         tasks = [
-            asyncio.create_task(self._serve(partition, stop), name=f"partition-{partition}")
+            asyncio.create_task(self._partition(partition, stop), name=f"partition-{partition}")
             for partition in opts.partitions
         ]
         tasks.append(asyncio.create_task(self._housekeeping(stop), name="housekeeping"))
+        tasks.append(asyncio.create_task(self._renew(stop), name="leases"))
         await self._status("online")
+        owned = self.owned
         log.info(
             "jetstream_detector_started",
-            partitions=list(opts.partitions),
+            partitions=owned,
+            standby=[p for p in opts.partitions if p not in owned],
+            lease_ttl_s=self.leases.ttl_s,
+            retained_state=self.retained is not None,
             restored_machines=self.counters.restored_machines,
             model_version=self.engine.model.version,
         )
@@ -376,8 +444,14 @@ class JetStreamDetector:
         finally:
             for task in tasks:
                 task.cancel()
+            if self._leases is not None:
+                for partition in self.owned:  # after the last batch: a standby may go on
+                    with contextlib.suppress(Exception):
+                        await self._leases.release(partition)
             with contextlib.suppress(Exception):
                 await self._status("offline")
+            if self.retained is not None:
+                self.retained.close()
             if self._nc is not None:
                 with contextlib.suppress(Exception):
                     await self._nc.flush(timeout=2)  # the last acks leave before we close
@@ -394,18 +468,89 @@ class JetStreamDetector:
             "failed_batches": c.failed_batches,
         }
 
-    async def _status(self, state: str) -> None:
-        if self._nc is None or self._nc.is_closed:
-            return
-        status = ClientStatus(
+    def _status_payload(self, state: str) -> bytes:
+        return ClientStatus(
             role="detector",
             client_id=self.options.client_id,
             state="online" if state == "online" else "offline",
             ts=time.time(),
             model_version=self.engine.model.version,
+        ).encode()
+
+    async def _status(self, state: str) -> None:
+        topic = self.topics.status("detector", self.options.client_id)
+        if self.retained is not None:  # retained, as on Mosquitto
+            await self._publish_retained(Publish(topic, self._status_payload(state), True))
+            return
+        if self._nc is None or self._nc.is_closed:
+            return
+        await self._nc.publish(topic.replace("/", "."), self._status_payload(state))
+
+    def _lease_lost(self, partition: int) -> None:
+        """Another detector owns the partition now: stop everything, exit non-zero.
+
+        Its machine records here are stale from now on and the engine keeps them all in one
+        table, so the whole process stops (like a leader-election client losing its lease);
+        a supervisor restarts it as a standby.
+        """
+        if self.exit_code == 0:
+            log.error(
+                "partition_lease_lost",
+                partition=partition,
+                action="stopping: another detector owns this partition now; restart me "
+                "(I come back as a standby)",
+            )
+        self.exit_code = LEASE_LOST_EXIT
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _renew(self, stop: asyncio.Event) -> None:
+        """Renew every held lease each ``ttl / 3``."""
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.leases.renew_every_s)
+            if stop.is_set():
+                return
+            for partition in self.owned:
+                if not await self.leases.renew(partition):
+                    self._lease_lost(partition)
+
+    async def _take_over(self, partition: int, stop: asyncio.Event) -> bool:
+        """Stand by until the partition's lease is free, take it, restore its machines."""
+        log.info(
+            "partition_standby",
+            partition=partition,
+            holder=await self.leases.holder(partition),
         )
-        subject = self.topics.status("detector", self.options.client_id).replace("/", ".")
-        await self._nc.publish(subject, status.encode())
+        while not stop.is_set():
+            if await self.leases.acquire(partition):
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.leases.poll_every_s)
+        else:
+            return False
+        async with self._lock:
+            machines = await self.restore_partition(partition)
+            recovered = [p for p in self.engine.recover() if p.topic.rsplit("/", 2)[-2] in machines]
+            await asyncio.gather(*(self._publish(p, None) for p in recovered))
+        log.info("partition_lease_acquired", partition=partition, machines=len(machines))
+        return True
+
+    async def _hold(self, partition: int, stop: asyncio.Event) -> bool:
+        """The lease is no longer trusted (renewals failed, e.g. while the cluster re-elects):
+        serve nothing until a renewal succeeds. A compare-and-set renewal on our own revision
+        proves nobody took the partition meanwhile (True); finding another owner or an
+        expired key means someone may have (False: fenced)."""
+        log.warning("partition_lease_unconfirmed", partition=partition)
+        while not stop.is_set():
+            if not await self.leases.renew(partition):
+                return False
+            if self.leases.valid(partition):
+                log.info("partition_lease_confirmed", partition=partition)
+                return True
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.leases.poll_every_s)
+        return False
 
     async def _subscribe(self, partition: int) -> JetStreamContext.PullSubscription:
         while True:
@@ -417,11 +562,20 @@ class JetStreamDetector:
                 log.warning("consumer_bind_failed", partition=partition, error=repr(exc))
                 await asyncio.sleep(0.5)  # backoff while the cluster elects a leader
 
+    async def _partition(self, partition: int, stop: asyncio.Event) -> None:
+        if partition not in self.leases.held and not await self._take_over(partition, stop):
+            return
+        await self._serve(partition, stop)
+
     async def _serve(self, partition: int, stop: asyncio.Event) -> None:
         sub = await self._subscribe(partition)
         opts = self.options
         while not stop.is_set():
             self._last_turn = time.monotonic()
+            if not self.leases.valid(partition) and not await self._hold(partition, stop):
+                if not stop.is_set():
+                    self._lease_lost(partition)
+                return
             try:
                 msgs = await sub.fetch(opts.batch_max, timeout=opts.fetch_timeout_s)
             except (TimeoutError, nats.errors.TimeoutError):
@@ -444,8 +598,12 @@ class JetStreamDetector:
                 topic = msg.subject.replace(".", "/")
             inbound.append(Inbound(topic, msg.data, now, perf, token=msg))
         async with self._lock:  # the engine's state and seen cache change only here
+            if not self.leases.valid(partition):
+                return  # not acknowledged: redelivered to whoever holds the lease (_hold)
             outcomes = self.engine.handle(inbound, now)
-            self._count(partition, outcomes)
+            readings = tally(outcomes, self.counters, self.metrics)
+            by_partition = self.counters.by_partition
+            by_partition[partition] = by_partition.get(partition, 0) + readings
             sends = [
                 self._publish(publish, msg_id)
                 for outcome in outcomes
@@ -465,36 +623,16 @@ class JetStreamDetector:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=0.5)
                 return
+        if not self.leases.valid(partition):
+            return  # no ack: redelivered to whoever holds the lease (see _hold)
         self.counters.batches += 1
         for msg in msgs:
             with contextlib.suppress(Exception):
                 await msg.ack()
 
-    def _count(self, partition: int, outcomes: list[Outcome]) -> None:
-        c = self.counters
-        m = self.metrics
-        for outcome in outcomes:
-            m.readings.inc(outcome.readings)
-            m.duplicates.inc(outcome.duplicates)
-            for verdict in outcome.verdicts:
-                m.latency.observe(verdict.latency_ms / 1000.0)
-                (m.alert_verdicts if verdict.status == "ALERT" else m.normal_verdicts).inc()
-            for error in outcome.rejected:
-                m.dead_letters.labels(reason=error.reason).inc()
-            for event in outcome.events:
-                m.events.labels(event=event.event).inc()
-            c.received += outcome.readings
-            c.verdicts += len(outcome.verdicts)
-            c.duplicates += outcome.duplicates
-            c.dead_letters += len(outcome.rejected)
-            c.by_partition[partition] = c.by_partition.get(partition, 0) + outcome.readings
-            for error in outcome.rejected:
-                log.warning("payload_rejected", reason=error.reason, topic=outcome.message.topic)
-            for event in outcome.events:
-                log.info("alert_event_published", machine_id=event.machine_id, kind=event.event)
-
     async def _housekeeping(self, stop: asyncio.Event) -> None:
-        """Offline detection every second, model reload, a heartbeat every 15 s."""
+        """Offline detection and the drift check every second, model reload, a heartbeat
+        every 15 s (as the Mosquitto service does, with the same code)."""
         next_status = time.monotonic() + 15.0
         next_reload = time.monotonic() + self.options.reload_interval_s
         while not stop.is_set():
@@ -507,8 +645,8 @@ class JetStreamDetector:
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             async with self._lock:
                 publishes, events = self.engine.tick(time.time())
-                for event in events:
-                    log.info("alert_event_published", machine_id=event.machine_id, kind=event.event)
+                log_events(events, self.metrics)
+                report_drift(self.engine, self.metrics)
                 await asyncio.gather(*(self._publish(p, None) for p in publishes))
                 if events:
                     await self._save({e.machine_id for e in events})
@@ -522,19 +660,9 @@ class JetStreamDetector:
         model_dir = self.options.model_dir
         if model_dir is None:
             return False
-        version = artifact.current_version(model_dir)
-        if version is None or version == self.engine.model.version:
-            return False
-        try:
-            model = artifact.load(model_dir, version, scorer=self.options.scorer)
-        except (ModelError, OSError) as exc:
-            log.error("model_reload_failed", version=version, error=str(exc))
-            return False
-        previous = self.engine.model.version
-        self.engine.swap_model(model)
-        self.metrics.set_model(version)
-        log.info("model_reloaded", previous=previous, version=version)
-        return True
+        return reload_model(
+            self.engine, model_dir, self.options.scorer, self.counters, self.metrics
+        )
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -559,6 +687,9 @@ def run_cli(
     try:
         layout = ClusterLayout(topic_root=topic_root, partitions=count)
         partitions = partitions_arg(args.partitions, count)
+        mqtt_endpoints = parse_endpoints(args.nats_mqtt) if args.nats_mqtt else []
+        if args.lease_ttl <= 0:
+            raise ValueError(f"--lease-ttl {args.lease_ttl}: must be > 0 seconds")
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     options = JetStreamOptions(
@@ -576,10 +707,19 @@ def run_cli(
         reload_interval_s=detector.reload_interval_s,
         metrics_host=detector.metrics_host,
         metrics_port=detector.metrics_port,
+        lease_ttl_s=args.lease_ttl,
+        mqtt_endpoints=mqtt_endpoints,
     )
     settings = engine_settings(detector)
+    if not mqtt_endpoints:
+        log.warning(
+            "retained_state_off",
+            reason="no --nats-mqtt: MQTT subscribers connecting later get no machine state",
+        )
+    exit_code = 0
 
     async def main() -> None:
+        nonlocal exit_code
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -594,6 +734,7 @@ def run_cli(
         with contextlib.suppress(asyncio.CancelledError):
             await running
         stopping.cancel()
+        exit_code = detector.exit_code
 
     try:
         asyncio.run(main())
@@ -601,4 +742,6 @@ def run_cli(
         raise SystemExit(
             f"error: cannot reach the NATS cluster at {', '.join(servers)}: {exc}"
         ) from None
-    return 0
+    except BrokerError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return exit_code

@@ -15,24 +15,31 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import structlog
 
-from factorywatch.contracts import AlertEvent, ClientStatus
+from factorywatch.contracts import ClientStatus
 from factorywatch.detector.alerting import AlertPolicy
+from factorywatch.detector.bookkeeping import (
+    Counters,
+    log_events,
+    reload_model,
+    report_drift,
+    sync_drift_metrics,
+    tally,
+)
 from factorywatch.detector.checkpoint import FileCheckpoint
-from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
+from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Publish
 from factorywatch.detector.ingest import StatefulIngest
 from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.mqtt_transport import PahoTransport
 from factorywatch.detector.registry import Registry
 from factorywatch.detector.transport import Transport
-from factorywatch.errors import FactorywatchError, ModelError
-from factorywatch.model import artifact
+from factorywatch.errors import FactorywatchError
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import Topics, sparkplug_filters
@@ -51,21 +58,6 @@ class _AckTarget:
     answered: list[tuple[str, int]]
     remaining: int = 0
     failed: bool = False
-
-
-@dataclass
-class Counters:
-    """What the detector has done since start (also exposed as metrics)."""
-
-    received: int = 0
-    verdicts: int = 0
-    alerts: int = 0
-    dead_letters: int = 0
-    duplicates: int = 0
-    publish_failures: int = 0
-    reloads: int = 0
-    restored_machines: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
 
 
 def engine_settings(
@@ -157,7 +149,7 @@ class DetectorService:
             settings.state_dir, settings.client_id, max(1, settings.dedup_size)
         )
         self._restore()
-        self._sync_drift_metrics()
+        sync_drift_metrics(self.engine, self.metrics)
         self._http: WSGIServer | None = None
         self._last_loop = time.monotonic()
         # When each periodic task is next due (monotonic); 0: at the first turn.
@@ -270,7 +262,7 @@ class DetectorService:
         publishes, events = self.engine.tick(time.time())
         for publish in publishes:
             self._send(publish, None)
-        self._log_events(events)
+        log_events(events, self.metrics)
         if self.spb_out is not None:
             for event in events:
                 self.spb_out.observe(self.engine.tracker.state(event.machine_id), None)
@@ -287,7 +279,7 @@ class DetectorService:
 
     def _process(self, batch: list[Inbound]) -> None:
         outcomes = self.engine.handle(batch, time.time())
-        self._count(outcomes)
+        tally(outcomes, self.counters, self.metrics)
         if self.spb_out is not None:
             state = self.engine.tracker.state
             for outcome in outcomes:
@@ -327,51 +319,6 @@ class DetectorService:
             publish.topic, publish.payload, retain=publish.retain, confirmed=confirmed
         )
 
-    def _count(self, outcomes: list[Outcome]) -> None:
-        counters, metrics = self.counters, self.metrics
-        readings = verdicts = alerts = duplicates = 0
-        observe_latency = metrics.latency.observe
-        for outcome in outcomes:
-            readings += outcome.readings
-            duplicates += outcome.duplicates
-            verdicts += len(outcome.verdicts)
-            for verdict in outcome.verdicts:
-                observe_latency(verdict.latency_ms / 1000.0)
-                if verdict.status == "ALERT":
-                    alerts += 1
-                    metrics.alerts.labels(machine=verdict.machine_id).inc()
-            for error in outcome.rejected:
-                counters.dead_letters += 1
-                metrics.dead_letters.labels(reason=error.reason).inc()
-                counters.by_reason[error.reason] = counters.by_reason.get(error.reason, 0) + 1
-                log.warning(
-                    "payload_rejected",
-                    reason=error.reason,
-                    detail=error.detail[:200],
-                    topic=outcome.message.topic,
-                )
-            self._log_events(outcome.events)
-        counters.received += readings
-        counters.verdicts += verdicts
-        counters.alerts += alerts
-        counters.duplicates += duplicates
-        metrics.readings.inc(readings)
-        metrics.duplicates.inc(duplicates)
-        metrics.normal_verdicts.inc(verdicts - alerts)
-        metrics.alert_verdicts.inc(alerts)
-        if verdicts:
-            metrics.batch_size.observe(verdicts)
-
-    def _log_events(self, events: list[AlertEvent]) -> None:
-        for event in events:
-            self.metrics.events.labels(event=event.event).inc()
-            log.info(
-                "alert_event_published",
-                machine_id=event.machine_id,
-                kind=event.event,
-                peak_score=event.peak_score,
-            )
-
     def _publish_status(self, state: str) -> None:
         status = ClientStatus(
             role="detector",
@@ -383,45 +330,15 @@ class DetectorService:
         self._send(Publish(self._status_topic, status.encode(), retain=True), None)
 
     # -- model and drift ------------------------------------------------------------------------
-    def _sync_drift_metrics(self) -> None:
-        drift = self.engine.drift
-        self.metrics.training_alert_rate.set(drift.training_alert_rate)
-        self.metrics.drifting.set(1 if drift.drifting else 0)
-
     def check_drift(self) -> None:
         """Publish the drift window's figures as metrics; log when drift starts or ends."""
-        change, figures = self.engine.check_drift()
-        self.metrics.recent_alert_rate.set(figures.alert_rate)
-        self.metrics.recent_score_median.set(figures.score_median)
-        self.metrics.drifting.set(1 if self.engine.drift.drifting else 0)
-        if change is not None:
-            (log.warning if change == "drift_started" else log.info)(
-                change,
-                model_version=self.model.version,
-                window_readings=figures.readings,
-                alert_rate=round(figures.alert_rate, 4),
-                training_alert_rate=round(figures.training_alert_rate, 4),
-                score_median=round(figures.score_median, 4),
-                training_score_median=figures.training_score_median,
-            )
+        report_drift(self.engine, self.metrics)
 
     def maybe_reload(self) -> bool:
         """Swap in a newly promoted model between batches (never mid-batch)."""
-        version = artifact.current_version(self.model_dir)
-        if version is None or version == self.model.version:
-            return False
-        try:
-            model = artifact.load(self.model_dir, version, scorer=self.settings.scorer)
-        except (ModelError, OSError) as exc:
-            log.error("model_reload_failed", version=version, error=str(exc))
-            return False
-        previous = self.model.version
-        self.engine.swap_model(model)
-        self._sync_drift_metrics()
-        self.counters.reloads += 1
-        self.metrics.set_model(version)
-        log.info("model_reloaded", previous=previous, version=version)
-        return True
+        return reload_model(
+            self.engine, self.model_dir, self.settings.scorer, self.counters, self.metrics
+        )
 
     def shutdown(self, drain_timeout_s: float = 10.0) -> None:
         """Finish received work, publish offline, wait for confirmations, snapshot, stop."""

@@ -49,6 +49,8 @@ PARTITION_PREFIX: Final = "fwpart"
 MQTT_STREAM: Final = "$MQTT_msgs"
 MQTT_SUBJECT_PREFIX: Final = "$MQTT.msgs."
 DEFAULT_PARTITIONS: Final = 6
+#: default partition lease lifetime (s): a killed detector's partitions move after it
+LEASE_TTL_S: Final = 15.0
 _FNV_OFFSET: Final = 0x811C9DC5
 _FNV_PRIME: Final = 0x01000193
 
@@ -115,6 +117,11 @@ class ClusterLayout:
     def state_bucket(self) -> str:
         """The key-value bucket holding each machine's state."""
         return f"fw_state_{_name(self.topic_root)}"
+
+    @property
+    def lease_bucket(self) -> str:
+        """The key-value bucket holding each partition's lease (``detector/lease.py``)."""
+        return f"fw_lease_{_name(self.topic_root)}"
 
     @property
     def input_filter(self) -> str:
@@ -214,8 +221,11 @@ def cluster_users(
                 "$JS.API.>",
                 "$JS.ACK.>",
                 f"$KV.{layout.state_bucket}.>",
+                f"$KV.{layout.lease_bucket}.>",
             ),
             (inbox,),
+            # MQTT: retained state goes through the MQTT listener (detector/retained.py)
+            ("STANDARD", "MQTT"),
         ),
         ClusterUser(
             "viewer",
@@ -307,10 +317,11 @@ class TlsFiles:
         return cls(certs / "ca.crt", certs / "server.crt", certs / "server.key")
 
 
-def _tls_block(tls: TlsFiles) -> str:
+def _tls_block(tls: TlsFiles, *, verify: bool = False) -> str:
+    extra = ", verify: true" if verify else ""
     return (
         f"  tls {{ cert_file: {_quote(str(tls.cert))}, key_file: {_quote(str(tls.key))}, "
-        f"ca_file: {_quote(str(tls.ca))}, timeout: 5 }}"
+        f"ca_file: {_quote(str(tls.ca))}, timeout: 5{extra} }}"
     )
 
 
@@ -324,12 +335,16 @@ def render_node_config(
     layouts: Sequence[ClusterLayout],
     users: Sequence[ClusterUser] | None = None,
     tls: TlsFiles | None = None,
+    route_tls: TlsFiles | None = None,
     host: str = "127.0.0.1",
 ) -> str:
     """One node's nats-server config: JetStream, cluster routes, MQTT listener, mappings.
 
     ``routes``: the other nodes' route URLs (``nats-route://n2:6222``); ``host``: the address
-    this node listens on (``0.0.0.0`` in a container).
+    this node listens on (``0.0.0.0`` in a container). ``tls``: TLS on the client and MQTT
+    listeners; ``route_tls``: mutual TLS on the routes between nodes (each node presents its
+    certificate and verifies its peer's against the CA; the certificate must name the host in
+    the route URLs; a peer speaking plain TCP is refused).
     """
     mappings = {k: v for layout in layouts for k, v in layout.mappings().items()}
     lines = [
@@ -342,6 +357,10 @@ def render_node_config(
         f"  name: {_quote(cluster_name)}",
         f"  listen: {_quote(f'{host}:{ports.cluster}')}",
         f"  routes: {_list(routes)}",
+    ]
+    if route_tls is not None:
+        lines.append(_tls_block(route_tls, verify=True))
+    lines += [
         "}",
         "mqtt {",
         f"  listen: {_quote(f'{host}:{ports.mqtt}')}",
@@ -420,6 +439,8 @@ class LocalNatsCluster:
     passwords: dict[str, str] | None = None
     machines: tuple[str, ...] = ()
     tls: TlsFiles | None = None
+    #: mutual TLS on the routes between the nodes (None: plain TCP on loopback)
+    route_tls: TlsFiles | None = None
     cluster_name: str = "factorywatch"
     nodes: list[LocalNode] = field(default_factory=list)
 
@@ -471,6 +492,7 @@ class LocalNatsCluster:
                 layouts=self.layouts,
                 users=self.users(),
                 tls=self.tls,
+                route_tls=self.route_tls,
             )
         )
         node.config_file.chmod(0o600)  # it holds the users' passwords
@@ -616,6 +638,18 @@ def add_detect_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nats-password-file", type=Path, help="file holding the password")
     group.add_argument("--nats-ca", type=Path, help="CA file: connect with TLS")
     group.add_argument("--ack-wait", type=float, default=10.0, help="redelivery after (s)")
+    group.add_argument(
+        "--nats-mqtt",
+        help="comma-separated host:port of the cluster's MQTT listeners: each machine's state "
+        "is published there retained, for MQTT subscribers that connect later",
+    )
+    group.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=LEASE_TTL_S,
+        help="partition lease lifetime (s): a killed detector's partitions move after it "
+        f"({LEASE_TTL_S:g}; the lease bucket keeps the TTL it was created with)",
+    )
 
 
 def partitions_arg(value: str | None, count: int) -> list[int]:

@@ -67,7 +67,7 @@ class ClusterStack:
         assert done.returncode == 0, f"compose {args} failed:\n{done.stderr[-4000:]}"
         return done
 
-    def subscriber(self, node: str) -> Collector:
+    def subscriber(self, node: str, topic: str | None = None, name: str = "cv") -> Collector:
         """A paho MQTT 3.1.1 subscriber (user viewer) to every verdict, on ``node``'s port."""
         settings = BrokerSettings().with_overrides(
             host="127.0.0.1",
@@ -76,7 +76,8 @@ class ClusterStack:
             secrets_dir=self.secrets,
             protocol="3.1.1",
         )
-        return Collector(settings, [Topics().verdict("+", "+")], f"cv-{os.getpid()}")
+        topic = topic if topic is not None else Topics().verdict("+", "+")
+        return Collector(settings, [topic], f"{name}-{os.getpid()}")
 
 
 @pytest.fixture
@@ -233,6 +234,15 @@ def test_compose_cluster_up_verdicts_node_kill_and_down(cluster_stack: ClusterSt
             return len({(v.machine_id, v.seq) for _, v in _verdicts(col)})
 
         _wait(col, f"{acknowledged} verdicts", lambda: answered() >= acknowledged, 90)
+        # A subscriber connecting now (another node) gets every machine's retained state:
+        # the detectors publish it through the cluster's MQTT listener (--nats-mqtt).
+        late = stack.subscriber(listener, Topics().state("+", "+"), name="cs")
+        try:
+            states = late.wait_for(lambda m: m.retain, count=len(stack.machines), timeout=30)
+            got = {json.loads(m.payload)["machine_id"] for m in states}
+            assert got >= set(stack.machines), f"retained states of {sorted(got)} only"
+        finally:
+            late.close()
     finally:
         col.close()
 

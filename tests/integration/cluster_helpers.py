@@ -226,6 +226,59 @@ class MosquittoSub:
         self.process.wait(10)
 
 
+def retained_messages(
+    port: int,
+    topic_filter: str,
+    expected: int,
+    *,
+    timeout_s: float = 10.0,
+    user: str | None = None,
+    password: str | None = None,
+    ca: Path | None = None,
+) -> dict[str, bytes]:
+    """What a NEW MQTT 3.1.1 subscriber gets as retained on ``topic_filter``: topic -> payload.
+
+    Waits until ``expected`` retained topics arrived (or the deadline); only messages with the
+    retain flag count (those a late subscriber gets from the server's store).
+    """
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
+
+    got: dict[str, bytes] = {}
+    cond = threading.Condition()
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"late-{time.monotonic_ns()}",
+        protocol=MQTTProtocolVersion.MQTTv311,
+        clean_session=True,
+    )
+    if user is not None:
+        client.username_pw_set(user, password)
+    if ca is not None:
+        client.tls_set(ca_certs=str(ca))
+
+    def on_connect(c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
+        c.subscribe(topic_filter, qos=1)
+
+    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.retain:
+            with cond:
+                got[msg.topic] = bytes(msg.payload)
+                cond.notify_all()
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    client.connect("127.0.0.1", port, keepalive=10)
+    client.loop_start()
+    try:
+        with cond:
+            cond.wait_for(lambda: len(got) >= expected, timeout_s)
+            return dict(got)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def start_detector(
     spawn: Callable[..., Proc],
     cluster: LocalNatsCluster,
@@ -236,9 +289,12 @@ def start_detector(
     user: str | None = None,
     password_file: Path | None = None,
     metrics_port: int = 0,
+    lease_ttl_s: float | None = None,
+    env: dict[str, str] | None = None,
     wait: bool = True,
 ) -> Proc:
-    """A real ``factorywatch detect --engine jetstream`` process serving ``partitions``."""
+    """A real ``factorywatch detect --engine jetstream`` process serving ``partitions``
+    (retained state through every node's MQTT listener)."""
     layout: ClusterLayout = cluster.layout
     args = [
         "detect",
@@ -260,14 +316,18 @@ def start_detector(
         "2",
         "--metrics-port",
         str(metrics_port),
+        "--nats-mqtt",
+        ",".join(f"127.0.0.1:{n.ports.mqtt}" for n in cluster.nodes),
     ]
+    if lease_ttl_s is not None:
+        args += ["--lease-ttl", str(lease_ttl_s)]
     if user is not None:
         args += ["--nats-user", user]
     if password_file is not None:
         args += ["--nats-password-file", str(password_file)]
     if cluster.tls is not None:
         args += ["--nats-ca", str(cluster.tls.ca)]
-    proc = spawn(*args, name=client_id)
+    proc = spawn(*args, name=client_id, env=env)
     proc.metrics_port = metrics_port or None
     if wait:
         proc.wait_log("jetstream_detector_started")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ from factorywatch.cluster import (
     assign,
     partition_of,
 )
-from factorywatch.contracts import AckCommand, AlertEvent, Verdict
+from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Verdict
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import (
@@ -29,6 +31,7 @@ from tests.integration.cluster_helpers import (
     Stream,
     provision_layout,
     read_subjects,
+    retained_messages,
     run_js,
     start_detector,
     stored_events,
@@ -71,7 +74,8 @@ def test_mqtt_readings_land_in_r3_stream_and_mqtt_subscribers_see_verdicts(
     tmp_path: Path,
 ) -> None:
     """MQTT 3.1.1 QoS 1 readings land, partitioned by machine, in an R3 stream; a detector
-    scores each once and mosquitto_sub on another node sees every verdict."""
+    scores each once, mosquitto_sub on another node sees every verdict, and an MQTT
+    subscriber connecting afterwards gets each machine's state retained."""
     cluster = nats_cluster
     layout = cluster.layout
     topics = Topics(topic_root)
@@ -116,6 +120,14 @@ def test_mqtt_readings_land_in_r3_stream_and_mqtt_subscribers_see_verdicts(
     status, health = scrape(detector.metrics_port, "/healthz")
     assert status == 200
     assert json.loads(health)["partitions"] == list(range(PARTITIONS))
+    for node in (cluster.nodes[1], cluster.nodes[2]):  # any node serves the retained store
+        retained = retained_messages(node.ports.mqtt, f"{topic_root}/alerts/+/+/state", 5)
+        assert set(retained) == {topics.state("line1", m) for m in machines}
+        states = [MachineState.model_validate_json(p) for p in retained.values()]
+        assert sorted(s.machine_id for s in states) == machines
+    status_topic = topics.status("detector", "detector-a")
+    online = retained_messages(cluster.nodes[2].ports.mqtt, status_topic, 1)
+    assert b'"online"' in online[status_topic]
     sub.close()
     device.close()
 
@@ -283,4 +295,178 @@ def test_partition_move_resumes_machine_alert_state_from_the_bucket(
     assert stopped
     assert json.loads(stopped[-1])["received"] == 10  # only its own machine
     moved.terminate()
+    device.close()
+
+
+def _per_partition(prefix: str, each: int) -> list[str]:
+    """Machine ids, ``each`` of them filed under every partition."""
+    chosen: dict[int, list[str]] = {p: [] for p in range(PARTITIONS)}
+    i = 0
+    while any(len(ids) < each for ids in chosen.values()):
+        name = f"{prefix}{i}"
+        ids = chosen[partition_of(name, PARTITIONS)]
+        if len(ids) < each:
+            ids.append(name)
+        i += 1
+    return [m for ids in chosen.values() for m in ids]
+
+
+def _acquired(proc: Proc) -> set[int]:
+    """The partitions a detector took over from another one (its log says so)."""
+    return {
+        int(json.loads(line)["partition"])
+        for line in proc.log().splitlines()
+        if "partition_lease_acquired" in line
+    }
+
+
+def _health(proc: Proc) -> dict[str, Any]:
+    assert proc.metrics_port is not None
+    status, body = scrape(proc.metrics_port, "/healthz")
+    assert status == 200
+    health: dict[str, Any] = json.loads(body)
+    return health
+
+
+def test_overlapping_detectors_never_share_a_partition_and_a_standby_takes_over_after_kill9(
+    nats_cluster: LocalNatsCluster,
+    spawn: Callable[..., Proc],
+    model_dir: Path,
+    topic_root: str,
+    tmp_path: Path,
+) -> None:
+    """Detectors started with overlapping --partitions: each partition is served by the one
+    holding its lease (every reading exactly one verdict, even as seen live on MQTT); kill -9
+    of the owner: its retained status turns offline (last will), the standby takes its
+    partitions within the lease TTL and loses nothing; a paused owner is fenced on resuming."""
+    cluster = nats_cluster
+    topics = Topics(topic_root)
+    ttl = 3.0
+    first = start_detector(
+        spawn,
+        cluster,
+        model_dir,
+        partitions="0,1",
+        client_id="det-a",
+        lease_ttl_s=ttl,
+        metrics_port=free_port(),
+    )
+    second = start_detector(
+        spawn,
+        cluster,
+        model_dir,
+        partitions="all",
+        client_id="det-b",
+        lease_ttl_s=ttl,
+        metrics_port=free_port(),
+    )
+    assert _health(first)["partitions"] == [0, 1]
+    assert _health(second)["partitions"] == [2, 3]
+    assert _health(second)["standby"] == [0, 1]
+    sub = MosquittoSub(
+        cluster.nodes[1].ports.mqtt, f"{topic_root}/alerts/+/+/verdict", tmp_path / "live.txt"
+    )
+    device = MqttDevice("device-1", cluster.nodes[0].ports.mqtt)
+    device.wait_connected()
+    before = Stream(device, topics, _per_partition("a", 2), per_machine=25, rate_hz=400)
+    before.start().join(30)
+    assert device.wait_acked(200)
+    assert len(wait_verdicts(cluster, 200, timeout_s=30)) == 200
+    assert wait_until(lambda: len(sub.lines("/verdict")) >= 200, 10)
+    live = [Verdict.model_validate_json(line) for line in sub.lines("/verdict")]
+    assert len(live) == 200  # no partition served twice: no second verdict even on MQTT
+    assert _keys(live) == set(device.acked)
+    served = {
+        name: metric_value(
+            scrape(p.metrics_port or 0, "/metrics")[1], "factorywatch_readings_received_total"
+        )
+        for name, p in (("a", first), ("b", second))
+    }
+    assert served["a"] > 0
+    assert served["b"] > 0
+    assert served["a"] + served["b"] == 200
+
+    after = Stream(device, topics, _per_partition("b", 2), per_machine=50, rate_hz=100)
+    after.start()
+    assert wait_until(lambda: after.published >= 100, 30)
+    first.kill()  # SIGKILL: its leases are not released, they expire
+    killed_at = time.monotonic()
+    assert wait_until(lambda: _acquired(second) == {0, 1}, ttl + 10, poll_s=0.05)
+    takeover_s = time.monotonic() - killed_at
+    status_topic = topics.status("detector", "det-a")
+
+    def killed_status() -> bytes:  # its MQTT connection's last will, retained
+        found = retained_messages(cluster.nodes[2].ports.mqtt, status_topic, 1, timeout_s=2)
+        return found.get(status_topic, b"")
+
+    assert wait_until(lambda: b'"offline"' in killed_status(), 10)
+    after.join(60)
+    assert device.wait_acked(600)
+    assert len(device.acked) == 600
+    verdicts = wait_verdicts(cluster, 600, timeout_s=60)
+    assert len(verdicts) == 600  # exactly one verdict per acknowledged reading in the stream
+    assert _keys(verdicts) == set(device.acked)
+    assert _health(second)["partitions"] == [0, 1, 2, 3]
+    # within the lease TTL (plus one standby poll) of the kill
+    assert takeover_s < ttl + 1.5, takeover_s
+    print(f"takeover after kill -9: {takeover_s:.2f} s (lease TTL {ttl} s)")
+
+    # A paused owner (SIGSTOP) loses its leases; resumed, it is fenced: it exits 75 without
+    # publishing or acknowledging anything, and the new owner answers every reading once.
+    third = start_detector(
+        spawn, cluster, model_dir, client_id="det-c", lease_ttl_s=ttl, metrics_port=free_port()
+    )
+    assert _health(third)["standby"] == [0, 1, 2, 3]
+    os.kill(second.process.pid, signal.SIGSTOP)
+    assert wait_until(lambda: _acquired(third) == {0, 1, 2, 3}, ttl + 10, poll_s=0.05)
+    late = _per_partition("c", 2)
+    Stream(device, topics, late, per_machine=10, rate_hz=200).start().join(30)
+    assert device.wait_acked(680)
+    assert len(wait_verdicts(cluster, 680, timeout_s=30)) == 680
+    os.kill(second.process.pid, signal.SIGCONT)
+    assert second.process.wait(30) == 75  # fenced: "restart me", it comes back as a standby
+    assert "partition_lease_lost" in second.log()
+
+    def late_verdicts() -> list[Verdict]:
+        seen = (Verdict.model_validate_json(line) for line in sub.lines("/verdict"))
+        return [v for v in seen if v.machine_id in late]
+
+    assert wait_until(lambda: len(late_verdicts()) >= 80, 10)
+    assert len(late_verdicts()) == 80  # the resumed zombie published no second verdict
+    third.terminate()
+    sub.close()
+    device.close()
+
+
+def test_jetstream_detector_reports_drift_like_the_mosquitto_one(
+    nats_cluster: LocalNatsCluster,
+    spawn: Callable[..., Proc],
+    model_dir: Path,
+    topic_root: str,
+) -> None:
+    """A stream of mostly faulty readings moves the ALERT share away from training: the
+    cluster detector logs drift_started and its metrics say so (the service's drift code)."""
+    cluster = nats_cluster
+    detector = start_detector(
+        spawn,
+        cluster,
+        model_dir,
+        metrics_port=free_port(),
+        env={"FACTORYWATCH_DETECTOR_DRIFT_WINDOW": "20"},
+    )
+    assert detector.metrics_port is not None
+    _, body = scrape(detector.metrics_port, "/metrics")
+    assert metric_value(body, "factorywatch_drifting") == 0
+    device = MqttDevice("device-1", cluster.nodes[0].ports.mqtt)
+    device.wait_connected()
+    machine = _Machine("drifty-1", 5)
+    machine.publish(device, Topics(topic_root), 5, faulty=False)
+    machine.publish(device, Topics(topic_root), 25, faulty=True)
+    assert device.wait_acked(30)
+    detector.wait_log('"drift_started"', timeout=30)
+    _, body = scrape(detector.metrics_port, "/metrics")
+    assert metric_value(body, "factorywatch_drifting") == 1
+    assert metric_value(body, "factorywatch_recent_alert_rate") >= 0.5
+    assert 0 < metric_value(body, "factorywatch_training_alert_rate") < 0.1
+    detector.terminate()
     device.close()

@@ -77,3 +77,44 @@ def test_node_config_has_jetstream_routes_mqtt_mappings_and_per_machine_permissi
     machine = next(u for u in users if u.name == "m1")
     assert machine.publish[0] == own
     assert machine.connection_types == ("MQTT",)
+
+
+def test_route_tls_is_rendered_inside_the_cluster_block_with_verification() -> None:
+    """`route_tls` puts a verifying tls block among the routes; without it routes are plain."""
+    from factorywatch.cluster import TlsFiles  # noqa: PLC0415
+
+    files = TlsFiles(Path("/c/ca.crt"), Path("/c/server.crt"), Path("/c/server.key"))
+    common = {
+        "name": "n1",
+        "cluster_name": "fw",
+        "ports": NodePorts(4222, 6222, 1883, 8222),
+        "routes": ["nats-route://n2:6222"],
+        "store_dir": Path("/data"),
+        "layouts": [ClusterLayout()],
+    }
+    plain = render_node_config(**common)  # type: ignore[arg-type]
+    secured = render_node_config(**common, route_tls=files)  # type: ignore[arg-type]
+    assert "verify: true" not in plain
+    cluster_block = secured.split("cluster {", 1)[1].split("}\n", 1)[0]
+    assert 'ca_file: "/c/ca.crt"' in cluster_block
+    assert "verify: true" in cluster_block
+
+
+def test_nats_mqtt_endpoints_are_parsed_or_refused_clearly() -> None:
+    """`--nats-mqtt` takes host:port pairs; anything else is a clear error."""
+    from factorywatch.detector.retained import parse_endpoints  # noqa: PLC0415
+
+    assert parse_endpoints("n1:1883, n2:1884") == [("n1", 1883), ("n2", 1884)]
+    for bad in ("n1", "n1:x", ":1883", "n1:0", ","):
+        with pytest.raises(ValueError, match="--nats-mqtt"):
+            parse_endpoints(bad)
+
+
+def test_detector_user_may_write_leases_and_connect_over_mqtt() -> None:
+    """The detector's NATS user can take partition leases and publish retained state (MQTT)."""
+    layout = ClusterLayout("factory", partitions=2)
+    users = {u.name: u for u in cluster_users(layout, generate_passwords(["m1"]), ["m1"])}
+    detector = users["detector"]
+    assert f"$KV.{layout.lease_bucket}.>" in detector.publish
+    assert "MQTT" in detector.connection_types
+    assert "factory.alerts.>" in detector.publish
