@@ -415,7 +415,8 @@ class Engine:
             needed: int = window["needed"]
             # A redelivery already in the window must not count twice.
             counted = record is not None and reading.identity in record.recent
-            if not counted and len(rows) < needed:
+            appended = not counted and len(rows) < needed
+            if appended:
                 rows.append([telemetry.readings[c] for c in window["channels"]])
             full = len(rows) >= needed
             progress = Calibration(seen=len(rows), needed=needed, fitting=full)
@@ -432,6 +433,11 @@ class Engine:
             )
             record = self.states[machine]
             record.calibration = window
+            if appended:
+                # journaled in this turn, before the reading can be acknowledged: a kill -9
+                # never loses a counted reading (costs one record line per reading while
+                # a machine calibrates)
+                self.states.mark_urgent(machine)
             if full and machine not in self._fitting:
                 self._fitting.add(machine)
                 self._fit_requests.append(
