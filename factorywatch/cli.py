@@ -447,6 +447,9 @@ def _add_models(sub: Any) -> None:
     _data_options(p)
     p.add_argument("action", choices=["list", "promote"])
     p.add_argument("version", nargs="?", help="version to promote")
+    route = p.add_mutually_exclusive_group()
+    route.add_argument("--machine", help="the models of this machine's own (models/machines/M)")
+    route.add_argument("--group", help="the models of this group's own (models/groups/G)")
     p.set_defaults(func=cmd_models)
 
 
@@ -455,6 +458,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     from factorywatch.model import artifact  # noqa: PLC0415
 
     data = _data_settings(args)
+    top = data.model_dir
+    if args.machine or args.group:
+        try:
+            folder = artifact.route_dir(
+                data.model_dir, "machine" if args.machine else "group", args.machine or args.group
+            )
+        except ValueError as exc:
+            raise FactorywatchError(str(exc)) from None
+        data = data.with_overrides(model_dir=folder)
     if args.action == "promote":
         if not args.version:
             raise FactorywatchError("models promote needs a VERSION (see `models list`)")
@@ -479,6 +491,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         clear = "" if card.clear_threshold is None else f" clear={card.clear_threshold:.4f}"
         print(f"{mark} {version}  {card.feature_set:<10} threshold={card.threshold:.4f}{clear}")
         print(f"    {model_figures(card)}")
+    if data.model_dir == top:
+        for (kind, name), version in artifact.routed_versions(top).items():
+            print(f"  {kind} {name}: {version} (models {kind}s/{name}; --{kind} {name} lists)")
     return 0
 
 
