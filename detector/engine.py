@@ -330,6 +330,20 @@ class Engine:
         for item in items:
             telemetry = item[0].telemetry
             chosen = route(telemetry.machine_id, telemetry.line)
+            if chosen.model is not None:
+                # The JSON decoder checked this already; a stateful ingest (Sparkplug) builds
+                # readings with the default model's channels only.
+                needs = self._requirements(telemetry.machine_id, telemetry.line)[0]
+                missing = [c for c in needs if c not in telemetry.readings]
+                if missing:
+                    self._reject(
+                        item[1],
+                        PayloadError(
+                            "missing_channel",
+                            f"{telemetry.machine_id}'s model ({chosen.key}) needs {missing}",
+                        ),
+                    )
+                    continue
             part = parts.get(chosen.key)
             if part is None:
                 parts[chosen.key] = (chosen, [item])
