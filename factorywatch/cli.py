@@ -68,6 +68,12 @@ def _broker_options(parser: argparse.ArgumentParser) -> None:
         "--secrets-dir", type=Path, help="directory of <user>.password files (broker init)"
     )
     group.add_argument("--tls-ca", type=Path, help="CA file; turns TLS on")
+    group.add_argument(
+        "--mqtt-protocol",
+        choices=("5", "3.1.1"),
+        help="MQTT version (default 5; 3.1.1 for a NATS cluster's MQTT listener, which "
+        "refuses MQTT 5) [FACTORYWATCH_MQTT_PROTOCOL]",
+    )
 
 
 def _broker_settings(args: argparse.Namespace) -> BrokerSettings:
@@ -79,6 +85,7 @@ def _broker_settings(args: argparse.Namespace) -> BrokerSettings:
         password_file=args.password_file,
         secrets_dir=args.secrets_dir,
         tls_ca=args.tls_ca,
+        protocol=args.mqtt_protocol,
     )
 
 
@@ -1007,9 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_demo,
     ):
         add(sub)
-    from factorywatch import opscli  # noqa: PLC0415 - it reuses this module's option groups
+    from factorywatch import clusterdeploy, opscli  # noqa: PLC0415 - they reuse option groups
 
-    for add in (opscli.add_history, opscli.add_notify, opscli.add_web):
+    for add in (opscli.add_history, opscli.add_notify, opscli.add_web, clusterdeploy.add_cluster):
         add(sub)
     return parser
 

@@ -200,6 +200,8 @@ def cluster_users(
     mqtt_sub = "$MQTT.sub.>"
     # Permissions are checked on the subject after the partition mapping.
     parts = f"{PARTITION_PREFIX}.*.{r}"
+    # An MQTT filter `a/b/#` also matches `a/b` itself: NATS asks for both subjects.
+    alerts, status = (f"{r}.alerts", f"{r}.alerts.>"), (f"{r}.status", f"{r}.status.>")
     users = [
         ClusterUser("admin", passwords["admin"], (">",), (">",), ("STANDARD", "MQTT")),
         ClusterUser(
@@ -219,21 +221,21 @@ def cluster_users(
             "viewer",
             passwords["viewer"],
             (),
-            (f"{r}.alerts.>", f"{r}.status.>", inbox, mqtt_sub),
+            (*alerts, *status, inbox, mqtt_sub),
             ("STANDARD", "MQTT"),
         ),
         ClusterUser(
             "operator",
             passwords["operator"],
             (f"{parts}.commands.>",),
-            (f"{r}.alerts.>", f"{r}.status.>", inbox, mqtt_sub),
+            (*alerts, *status, inbox, mqtt_sub),
             ("STANDARD", "MQTT"),
         ),
         ClusterUser(
             "monitor",
             passwords["monitor"],
             (),
-            (f"{r}.>", f"{parts}.>", inbox, mqtt_sub),
+            (r, f"{r}.>", f"{parts}.>", inbox, mqtt_sub),
             ("STANDARD", "MQTT"),
         ),
     ]
@@ -245,7 +247,9 @@ def cluster_users(
                 m,
                 passwords[m],
                 (f"{own}.telemetry.*.{m}", f"{own}.batch.*.{m}", f"{own}.status.sensor.{m}"),
-                (),
+                # Only its own dead letters (the sensor listens for its rejected readings),
+                # as in the Mosquitto ACL; nothing else of anyone's.
+                (f"{r}.deadletter.*.{m}",),
                 ("MQTT",),
             )
         )
@@ -260,14 +264,19 @@ def _list(values: Sequence[str]) -> str:
     return "[" + ", ".join(_quote(v) for v in values) + "]"
 
 
+def _permission(allow: Sequence[str]) -> str:
+    # NATS reads an empty allow list as "no restriction": nothing allowed is a deny of all.
+    return f"{{allow: {_list(allow)}}}" if allow else '{deny: [">"]}'
+
+
 def _render_users(users: Sequence[ClusterUser]) -> str:
     lines = ["authorization {", "  users = ["]
     for user in users:
         lines.append(
             f"    {{user: {_quote(user.name)}, password: {_quote(user.password)}, "
             f"allowed_connection_types: {_list(user.connection_types)}, "
-            f"permissions: {{publish: {{allow: {_list(user.publish)}}}, "
-            f"subscribe: {{allow: {_list(user.subscribe)}}}}}}}"
+            f"permissions: {{publish: {_permission(user.publish)}, "
+            f"subscribe: {_permission(user.subscribe)}}}}}"
         )
     lines += ["  ]", "}"]
     return "\n".join(lines)

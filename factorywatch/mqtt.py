@@ -102,6 +102,8 @@ def connect_properties(session_expiry_s: int | None) -> Properties:
 # CONNACK reason codes of a refused login: bad user name or password (0x86), not
 # authorised (0x87); paho maps MQTT 3.1.1's return codes 4 and 5 to these.
 LOGIN_REFUSED: Final = frozenset({0x86, 0x87})
+# CONNACK 0x84 (3.1.1: return code 1): the server does not speak this MQTT version.
+PROTOCOL_REFUSED: Final = 0x84
 
 
 class ConnectWaiter:
@@ -112,6 +114,7 @@ class ConnectWaiter:
         self.answered = threading.Event()  # a CONNACK came back, accepting or refusing
         self.last_reason: str | None = None
         self.login_refused = False
+        self.protocol_refused = False
 
     def record(self, reason_code: ReasonCode) -> None:
         """Call from ``on_connect``."""
@@ -119,6 +122,7 @@ class ConnectWaiter:
         if reason_code.is_failure:
             self.connected.clear()
             self.login_refused = reason_code.value in LOGIN_REFUSED
+            self.protocol_refused = reason_code.value == PROTOCOL_REFUSED
         else:
             self.connected.set()
         self.answered.set()
@@ -175,26 +179,36 @@ def connect(
         if threaded:
             client.loop_stop()
         client.disconnect()
-        where = f"broker {settings.host}:{settings.port}"
-        if waiter.login_refused and settings.username is None:
-            raise BrokerError(
-                f"{where} did not accept the connection ({waiter.last_reason}): it wants a "
-                "login; set FACTORYWATCH_MQTT_USERNAME and its password "
-                "(FACTORYWATCH_MQTT_PASSWORD[_FILE] or --secrets-dir)"
-            )
-        if waiter.login_refused:
-            user = settings.username
-            raise BrokerError(
-                f"{where} did not accept the login of user {user!r} ({waiter.last_reason}). "
-                f"If {user!r} is new, create it: `factorywatch broker add-user {user}`, "
-                "then reload the broker: `docker compose kill -s SIGHUP broker` (or "
-                "`kill -HUP` the `factorywatch broker serve` process); else check its password "
-                "(FACTORYWATCH_MQTT_PASSWORD[_FILE] or FACTORYWATCH_MQTT_SECRETS_DIR)"
-            )
-        raise BrokerError(
-            f"{where} did not accept the connection "
-            f"(last reason: {waiter.last_reason or 'no CONNACK'})"
+        raise _refusal(settings, waiter)
+
+
+def _refusal(settings: BrokerSettings, waiter: ConnectWaiter) -> BrokerError:
+    """The error of a connection the broker did not accept, with the remedy where known."""
+    where = f"broker {settings.host}:{settings.port}"
+    if waiter.protocol_refused and settings.protocol == "5":
+        return BrokerError(
+            f"{where} does not speak MQTT 5 ({waiter.last_reason}); a NATS cluster's MQTT "
+            "listener speaks 3.1.1 only: use --mqtt-protocol 3.1.1 "
+            "(FACTORYWATCH_MQTT_PROTOCOL=3.1.1)"
         )
+    if waiter.login_refused and settings.username is None:
+        return BrokerError(
+            f"{where} did not accept the connection ({waiter.last_reason}): it wants a "
+            "login; set FACTORYWATCH_MQTT_USERNAME and its password "
+            "(FACTORYWATCH_MQTT_PASSWORD[_FILE] or --secrets-dir)"
+        )
+    if waiter.login_refused:
+        user = settings.username
+        return BrokerError(
+            f"{where} did not accept the login of user {user!r} ({waiter.last_reason}). "
+            f"If {user!r} is new, create it: `factorywatch broker add-user {user}`, "
+            "then reload the broker: `docker compose kill -s SIGHUP broker` (or "
+            "`kill -HUP` the `factorywatch broker serve` process); else check its password "
+            "(FACTORYWATCH_MQTT_PASSWORD[_FILE] or FACTORYWATCH_MQTT_SECRETS_DIR)"
+        )
+    return BrokerError(
+        f"{where} did not accept the connection (last reason: {waiter.last_reason or 'no CONNACK'})"
+    )
 
 
 def connected_client(

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fill wheelhouse/ with wheels of every dependency (core, `train` and `web` extras) on this host.
+# Fill wheelhouse/ with wheels of every dependency (core, `train`, `web` and `cluster` extras)
+# on this host.
 #
 # The image build then installs from wheelhouse/ with `pip --no-index`: no network for pip
 # inside the build, so it works behind a TLS-inspecting proxy (pip on the host already trusts
@@ -22,7 +23,7 @@ echo "docker-wheels: building $HOUSE/ from pyproject.toml" >&2
 find "$HOUSE" -name '*.whl' -delete 2>/dev/null || true
 mkdir -p "$HOUSE"
 # setuptools: the build backend, so the image can build factorywatch itself with --no-index.
-"$PYTHON" -m pip wheel -q --wheel-dir "$HOUSE" ".[train,web]" "setuptools>=77" \
+"$PYTHON" -m pip wheel -q --wheel-dir "$HOUSE" ".[train,web,cluster]" "setuptools>=77" \
     2> >(grep -v "^WARNING: Location" >&2)
 # factorywatch itself is built from the sources in the image, never from a stale wheel.
 rm -f "$HOUSE"/factorywatch-*.whl

@@ -26,8 +26,8 @@ if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2
     fi
     say "installing docker.io and debootstrap with apt-get"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q docker.io debootstrap >&2 \
-        || { apt-get update -q >&2 && apt-get install -y -q docker.io debootstrap >&2; }
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q docker.io debootstrap >&2 \
+        || { apt-get -o DPkg::Lock::Timeout=600 update -q >&2 && apt-get -o DPkg::Lock::Timeout=600 install -y -q docker.io debootstrap >&2; }
 fi
 
 if [ "$(id -u)" -ne 0 ]; then

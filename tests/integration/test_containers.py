@@ -29,6 +29,7 @@ from tests.support import PROJECT_DIR, Collector, Proc
 COMPOSE = PROJECT_DIR / "docker-compose.yml"
 APP_DOCKERFILE = PROJECT_DIR / "docker" / "Dockerfile"
 BROKER_DOCKERFILE = PROJECT_DIR / "docker" / "broker.Dockerfile"
+NATS_DOCKERFILE = PROJECT_DIR / "docker" / "nats.Dockerfile"
 # Debian's Prometheus and Alertmanager, each running as Debian's `prometheus` user.
 MONITORING_DOCKERFILES = {
     "prometheus": PROJECT_DIR / "docker" / "prometheus.Dockerfile",
@@ -127,8 +128,9 @@ def test_compose_ports_default_to_loopback_and_avoid_1883() -> None:
     """Every published port binds ${FACTORYWATCH_BIND:-127.0.0.1}, never the host's 1883."""
     services = _compose()["services"]
     published = [p for svc in services.values() for p in svc.get("ports", [])]
-    # broker (2), detector metrics, web, prometheus, alertmanager, grafana
-    assert len(published) == 7
+    # broker (2), detector metrics, web, prometheus, alertmanager, grafana; cluster profile:
+    # the three nodes' MQTT listeners and nats-1's monitoring endpoint
+    assert len(published) == 11
     pattern = re.compile(
         r"\$\{FACTORYWATCH_BIND:-([0-9.]+)\}:\$\{(FACTORYWATCH_\w+_PORT):-(\d+)\}:\d+"
     )
@@ -141,7 +143,7 @@ def test_compose_ports_default_to_loopback_and_avoid_1883() -> None:
         assert match.group(3) not in {"1883", "8883", "9108", "8080", "9090", "9093", "3000"}
         variables.add(match.group(2))
         defaults.add(match.group(3))
-    assert len(variables) == len(defaults) == 7, "each port has its own variable and default"
+    assert len(variables) == len(defaults) == 11, "each port has its own variable and default"
 
 
 def test_every_container_is_hardened() -> None:
@@ -187,7 +189,12 @@ def test_operator_services_use_the_ops_image_and_only_their_own_secrets() -> Non
 
 def test_dockerfiles_build_on_bookworm_slim_and_run_non_root() -> None:
     """Every image starts FROM debian:bookworm-slim or an earlier stage and runs as non-root."""
-    for path in (APP_DOCKERFILE, BROKER_DOCKERFILE, *MONITORING_DOCKERFILES.values()):
+    for path in (
+        APP_DOCKERFILE,
+        BROKER_DOCKERFILE,
+        NATS_DOCKERFILE,
+        *MONITORING_DOCKERFILES.values(),
+    ):
         stages = _stages(path)
         args = dict(
             arg.split("=", 1) for op, arg in _dockerfile(path) if op == "ARG" and "=" in arg
@@ -211,6 +218,8 @@ def test_dockerfiles_build_on_bookworm_slim_and_run_non_root() -> None:
         assert yaml.safe_load(cmd) == compose[service]["command"]
     broker_users = [arg for op, arg in _stages(BROKER_DOCKERFILE)["final"] if op == "USER"]
     assert broker_users == ["mosquitto"]
+    nats_users = [arg for op, arg in _stages(NATS_DOCKERFILE)["final"] if op == "USER"]
+    assert nats_users == ["10001:10001"]
     for service, path in MONITORING_DOCKERFILES.items():
         final = _stages(path)["final"]
         assert [arg for op, arg in final if op == "USER"] == ["prometheus"], path.name
@@ -218,8 +227,15 @@ def test_dockerfiles_build_on_bookworm_slim_and_run_non_root() -> None:
 
 
 def test_runtime_image_installs_only_the_core_dependencies() -> None:
-    """The runtime venv gets [project.dependencies]; only the train image gets the extra."""
+    """The runtime venv gets [project.dependencies] and the `cluster` extra (nats-py, for the
+    JetStream detector); only the train image gets the `train` extra."""
     app = _stages(APP_DOCKERFILE)
+    requirements = " ".join(arg for op, arg in app["build"] if op == "RUN")
+    assert "open('/src/runtime.txt', 'w').write(chr(10).join(core + extra['cluster']))" in (
+        requirements
+    )
+    wheels = (PROJECT_DIR / "scripts" / "docker-wheels.sh").read_text()
+    assert '".[train,web,cluster]"' in wheels, "the wheelhouse holds nats-py too"
     runtime_run = " ".join(arg for op, arg in app["venv-runtime"] if op == "RUN")
     assert "-r /src/runtime.txt" in runtime_run
     assert "train" not in runtime_run
@@ -240,6 +256,56 @@ def test_runtime_image_installs_only_the_core_dependencies() -> None:
             assert tool not in text, f"{tool} in the {target} image"
 
 
+def test_cluster_profile_three_nodes_disjoint_partitions_and_311_sensors() -> None:
+    """Profile `cluster`: three nodes routed by name, a bootstrap before the detectors, the
+    detectors' partitions disjoint and covering every partition, sensors on MQTT 3.1.1."""
+    compose = _compose()
+    services = compose["services"]
+    cluster = {n for n, svc in services.items() if svc.get("profiles") == ["cluster"]}
+    nodes = ["nats-1", "nats-2", "nats-3"]
+    detectors = ["cluster-detector-1", "cluster-detector-2"]
+    assert cluster == {"cluster-config", "cluster-bootstrap", "cluster-sensors", *nodes,
+                       *detectors}  # fmt: skip
+    config = services["cluster-config"]["command"]
+    assert config[:3] == ["factorywatch", "cluster", "config"]
+    assert config[config.index("--nodes") + 1] == ",".join(nodes)
+    count = config[config.index("--partition-count") + 1]
+    for node in nodes:
+        svc = services[node]
+        assert svc["build"]["dockerfile"] == "docker/nats.Dockerfile"
+        assert svc["command"] == ["nats-server", "-c", f"/config/{node}.conf"]
+        assert "cluster-config:/config:ro" in svc["volumes"]
+        assert f"{node}-data:/data" in svc["volumes"], "each node's JetStream store"
+        assert svc["networks"]["default"]["aliases"] == ["nats"], "devices reach any node"
+        assert svc["depends_on"]["cluster-config"]["condition"] == "service_completed_successfully"
+    boot = services["cluster-bootstrap"]
+    assert boot["command"][:3] == ["factorywatch", "cluster", "bootstrap"]
+    assert {n: c["condition"] for n, c in boot["depends_on"].items()} == dict.fromkeys(
+        nodes, "service_healthy"
+    )
+    owned: list[int] = []
+    for name in detectors:
+        svc = services[name]
+        cmd = svc["command"]
+        assert cmd[:4] == ["factorywatch", "detect", "--engine", "jetstream"]
+        assert cmd[cmd.index("--partition-count") + 1] == count
+        owned += [int(p) for p in cmd[cmd.index("--partitions") + 1].split(",")]
+        assert cmd[cmd.index("--client-id") + 1] == name
+        assert svc["depends_on"]["cluster-bootstrap"]["condition"] == (
+            "service_completed_successfully"
+        )
+    assert sorted(owned) == list(range(int(count))), "disjoint, and every partition owned"
+    sensors = services["cluster-sensors"]
+    assert sensors["environment"]["FACTORYWATCH_MQTT_PROTOCOL"] == "3.1.1"
+    assert sensors["environment"]["FACTORYWATCH_MQTT_HOST"] == "nats"
+    machines = sensors["command"][sensors["command"].index("--machine-id") + 1]
+    assert config[config.index("--machines") + 1] == machines
+    assert {s["target"] for s in sensors["secrets"]} == {
+        f"{m}.password" for m in machines.split(",")
+    }
+    assert set(sensors["depends_on"]) == set(detectors)
+
+
 def test_runtime_and_ops_commands_start_without_the_training_libraries() -> None:
     """The CLI of the runtime and ops images (no `train` extra) builds its parser and loads."""
     code = (
@@ -248,7 +314,8 @@ def test_runtime_and_ops_commands_start_without_the_training_libraries() -> None
         "from factorywatch.cli import build_parser\n"
         "parser = build_parser()\n"
         "for argv in (['detect'], ['sensor', '--machine-id', 'm1'], ['watch', '--once'],\n"
-        "             ['web'], ['history', 'record'], ['notify']):\n"
+        "             ['web'], ['history', 'record'], ['notify'],\n"
+        "             ['cluster', 'bootstrap', '--nats-servers', 'nats://n:4222']):\n"
         "    parser.parse_args(argv)\n"
         "import factorywatch.detector.service, factorywatch.web.app, factorywatch.recorder\n"
         "print('loaded')\n"
