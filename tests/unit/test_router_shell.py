@@ -94,14 +94,13 @@ def test_calibration_survives_a_crash_is_fitted_off_the_loop_and_rebound(tmp_pat
         _send(first, t1, "new-1", seq, values[seq])
     first.checkpoint.close()  # kill -9: no shutdown, no snapshot
     second, t2 = _shell(models, tmp_path / "state", config)
-    seq = 25
-    deadline = time.monotonic() + 60
+    for seq in range(25, 65):  # the window fills at 60; 5 more while (or after) it fits
+        _send(second, t2, "new-1", seq, values[seq])
+    deadline = time.monotonic() + 120
     while second.engine.router.machine_models.get("new-1") is None:
         assert time.monotonic() < deadline, "the calibration fit did not finish"
-        assert seq < len(values), "readings ran out before the fit finished"
-        _send(second, t2, "new-1", seq, values[seq])
-        seq += 1
-    served = seq
+        second.turn(timeout=0.05)
+    served = 65
     for seq in range(served, served + 3):
         _send(second, t2, "new-1", seq, values[seq])
     verdicts = _verdicts(t1, t2)
