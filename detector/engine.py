@@ -473,7 +473,10 @@ class Engine:
             if window is None:
                 continue
             machine = record.machine_id
-            if machine in self.router.machine_models:  # fitted and saved before the crash
+            # fitted and saved before the crash, or no longer to calibrate (config changed)
+            if machine in self.router.machine_models or not self.router.calibrates(
+                machine, record.line
+            ):
                 record.calibration = None
                 self.states.touch(machine)
                 continue

@@ -202,6 +202,10 @@ def test_a_full_window_restored_asks_for_its_fit_again(models: dict[str, LoadedM
     assert second.states["new-2"].calibration is None
     second.fit_failed("new-1")
     assert [r.machine for r in second.take_fit_requests()] == ["new-1"]
+    plain = Engine(models["default"], TOPICS)  # calibration no longer configured
+    plain.restore(snapshot)
+    assert plain.take_fit_requests() == []
+    assert plain.states["new-1"].calibration is None
 
 
 def test_calibration_channels_from_the_first_reading(models: dict[str, LoadedModel]) -> None:
