@@ -14,7 +14,6 @@ from factorywatch.detector import calibrating
 from factorywatch.detector.core import CALIBRATING_VERSION, Received
 from factorywatch.detector.engine import Engine, EngineSettings, Outcome
 from factorywatch.detector.router import Router
-from factorywatch.errors import FactorywatchError
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.asset import CalibrateSpec, GroupSpec
@@ -236,14 +235,3 @@ def test_drift_is_tracked_per_machine_model(models: dict[str, LoadedModel]) -> N
     restored.bind("pump-9", models["machine"])
     restored.restore(snapshot)
     assert restored.drifts["machine:pump-9"].drifting
-
-
-def test_iforest_calibration_without_scikit_learn_is_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Calibration with the Isolation Forest where scikit-learn is missing stops start-up with
-    what to do; pca needs numpy only and passes."""
-    monkeypatch.setattr(calibrating, "find_spec", lambda name: None)
-    with pytest.raises(FactorywatchError, match="family: pca"):
-        calibrating.check_fittable(CalibrateSpec(readings=100))
-    calibrating.check_fittable(CalibrateSpec(readings=100, family="pca"))
