@@ -26,9 +26,6 @@ from factorywatch.errors import FactorywatchError
 from factorywatch.model.asset import CalibrateSpec
 from factorywatch.model.generic import Trained, fit_columns
 
-#: Trees of a calibrated Isolation Forest (as ``train --csv``).
-TREES = 200
-
 
 @dataclass(frozen=True, slots=True)
 class FitRequest:
@@ -69,7 +66,7 @@ def fit(req: FitRequest, *, seed: int = 0) -> Trained:
         window=spec.window,
         family=spec.family,
         far=spec.far,
-        trees=TREES,
+        trees=spec.trees,
         seed=seed,
     )
 

@@ -78,6 +78,7 @@ class CalibrateSpec(BaseModel):
     far: Annotated[float, Field(gt=0, lt=1)] = 0.01
     preset: Literal["point", "windowed", "full"] = "windowed"
     window: Annotated[int, Field(ge=1)] = 5
+    trees: Annotated[int, Field(ge=10, le=1000)] = 200  # iforest (memory: ~6-10 KB a tree)
 
 
 class Asset(BaseModel):
