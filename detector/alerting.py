@@ -131,6 +131,8 @@ class AlertTracker:
         machine.remember(key, digest)
         machine.line = verdict.line
         machine.last_seq, machine.last_seen, machine.last_score = verdict.seq, now, verdict.score
+        if verdict.status == "CALIBRATING":
+            return events  # no model judged it: the k-of-n window does not count it
         anomalous = verdict.status == "ALERT"
         reading = WindowEntry(anomalous, verdict.score, verdict.explanation if anomalous else None)
         machine.window.append(reading)

@@ -35,6 +35,8 @@ class Counters:
     publish_failures: int = 0
     reloads: int = 0
     restored_machines: int = 0
+    #: machines whose live calibration window was fitted and served
+    calibrated: int = 0
     #: batches acknowledged / given back for redelivery (the JetStream runner)
     batches: int = 0
     failed_batches: int = 0
@@ -45,7 +47,7 @@ class Counters:
 
 def tally(outcomes: Iterable[Outcome], counters: Counters, metrics: Metrics) -> int:
     """Count a batch's outcomes (counters and metrics), log rejects and events; its readings."""
-    readings = verdicts = alerts = duplicates = 0
+    readings = verdicts = alerts = duplicates = calibrating = 0
     observe_latency = metrics.latency.observe
     for outcome in outcomes:
         readings += outcome.readings
@@ -56,6 +58,8 @@ def tally(outcomes: Iterable[Outcome], counters: Counters, metrics: Metrics) -> 
             if verdict.status == "ALERT":
                 alerts += 1
                 metrics.alerts.labels(machine=verdict.machine_id).inc()
+            elif verdict.status == "CALIBRATING":
+                calibrating += 1
         for error in outcome.rejected:
             counters.dead_letters += 1
             metrics.dead_letters.labels(reason=error.reason).inc()
@@ -73,7 +77,8 @@ def tally(outcomes: Iterable[Outcome], counters: Counters, metrics: Metrics) -> 
     counters.duplicates += duplicates
     metrics.readings.inc(readings)
     metrics.duplicates.inc(duplicates)
-    metrics.normal_verdicts.inc(verdicts - alerts)
+    metrics.normal_verdicts.inc(verdicts - alerts - calibrating)
+    metrics.calibrating_verdicts.inc(calibrating)
     metrics.alert_verdicts.inc(alerts)
     if verdicts:
         metrics.batch_size.observe(verdicts)
@@ -100,7 +105,17 @@ def sync_drift_metrics(engine: Engine, metrics: Metrics) -> None:
 
 
 def report_drift(engine: Engine, metrics: Metrics) -> None:
-    """Publish the drift window's figures as metrics; log when drift starts or ends."""
+    """Publish the drift window's figures as metrics; log when drift starts or ends (for the
+    default model, and for each machine's or group's own model: logged only)."""
+    for route, version, route_change, route_figures in engine.check_route_drift():
+        (log.warning if route_change == "drift_started" else log.info)(
+            route_change,
+            route=route,
+            model_version=version,
+            window_readings=route_figures.readings,
+            alert_rate=round(route_figures.alert_rate, 4),
+            training_alert_rate=round(route_figures.training_alert_rate, 4),
+        )
     change, figures = engine.check_drift()
     metrics.recent_alert_rate.set(figures.alert_rate)
     metrics.recent_score_median.set(figures.score_median)

@@ -23,6 +23,7 @@ from factorywatch.contracts import (
     MAX_BATCH_READINGS,
     MAX_PAYLOAD_BYTES,
     PRODUCT_TYPE,
+    Calibration,
     Contribution,
     DeadLetter,
     Telemetry,
@@ -38,6 +39,10 @@ from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
 
 Clock = Callable[[], float]
+#: (machine, line) -> (channels, attributes) a reading of that machine must carry
+Requirements = Callable[[str, str], tuple[Sequence[str], Sequence[str]]]
+#: model_version of a CALIBRATING verdict (no model has judged the reading)
+CALIBRATING_VERSION = "calibrating"
 # The model version a machine's window state was built by (in the state itself).
 MODEL_KEY = "model"
 
@@ -69,6 +74,12 @@ def _classify(exc: ValidationError) -> DeadLetterReason:
     return "schema"
 
 
+def required_attributes(channels: Sequence[str]) -> tuple[str, ...]:
+    """Attributes a model on ``channels`` needs: the AI4I preset's strain ratio needs the
+    product type."""
+    return (PRODUCT_TYPE,) if set(channels) & set(AI4I_CHANNELS) else ()
+
+
 class Decoder:
     """Turns raw messages into validated readings or raises ``PayloadError`` with a reason."""
 
@@ -83,19 +94,21 @@ class Decoder:
         registry: Registry | None = None,
         clock: Clock = time.time,
         attributes: Sequence[str] | None = None,
+        requirements: Requirements | None = None,
     ) -> None:
         self.topics = topics
         self.channels = tuple(channels)
-        # The AI4I preset's strain ratio needs the product type; a model on AI4I channels
-        # therefore requires it unless told otherwise.
         if attributes is None:
-            attributes = (PRODUCT_TYPE,) if set(self.channels) & set(AI4I_CHANNELS) else ()
+            attributes = required_attributes(self.channels)
         self.attributes = tuple(attributes)
         self.max_clock_skew_s = max_clock_skew_s  # how far in the past
         self.max_future_skew_s = max_future_skew_s
         self.machines = machines
         self.registry = registry
         self.clock = clock
+        #: per machine (and line): the channels and attributes its model needs, when machines
+        #: are served by different models (the router); None: ``channels`` for every machine
+        self.requirements = requirements
 
     def decode(self, msg: Received) -> Telemetry:
         """Validate one message; the machine id in the topic is the one trusted."""
@@ -163,13 +176,17 @@ class Decoder:
                 f"timestamp is {skew:+.0f} s from now (max {self.max_future_skew_s:g} s ahead, "
                 f"{self.max_clock_skew_s:g} s behind)",
             )
-        missing = [c for c in self.channels if c not in reading.readings]
+        channels: Sequence[str] = self.channels
+        attributes: Sequence[str] = self.attributes
+        if self.requirements is not None:
+            channels, attributes = self.requirements(reading.machine_id, reading.line)
+        missing = [c for c in channels if c not in reading.readings]
         if missing:
             raise PayloadError("missing_channel", f"reading lacks channels {missing}")
-        absent = [a for a in self.attributes if a not in reading.attributes]
+        absent = [a for a in attributes if a not in reading.attributes]
         if absent:
             raise PayloadError("missing_channel", f"reading lacks attributes {absent}")
-        if PRODUCT_TYPE in self.attributes and reading.attributes[PRODUCT_TYPE] not in TYPE_CODE:
+        if PRODUCT_TYPE in attributes and reading.attributes[PRODUCT_TYPE] not in TYPE_CODE:
             raise PayloadError(
                 "schema", f"attribute product_type must be one of {sorted(TYPE_CODE)}"
             )
@@ -389,3 +406,31 @@ def _verdicts(
             )
         )
     return verdicts
+
+
+def calibrating_verdicts(
+    readings: Sequence[Telemetry],
+    received_perf: Sequence[float],
+    progress: Sequence[Calibration],
+    *,
+    perf_clock: Clock = time.perf_counter,
+) -> list[Verdict]:
+    """CALIBRATING verdicts: no model judged these readings; ``progress`` says how far."""
+    done = perf_clock()
+    return [
+        Verdict.model_validate(
+            {
+                "machine_id": reading.machine_id,
+                "line": reading.line,
+                "seq": reading.seq,
+                "reading_ts": reading.ts,
+                "status": "CALIBRATING",
+                "score": 0.0,
+                "threshold": 0.0,
+                "model_version": CALIBRATING_VERSION,
+                "latency_ms": round((done - perf) * 1000.0, 3),
+                "calibration": calibration,
+            }
+        )
+        for reading, perf, calibration in zip(readings, received_perf, progress, strict=True)
+    ]

@@ -10,9 +10,16 @@ the machine's outbox.
 The engine owns the keyed per-machine state (``detector/state.py``: alert state and its
 k-of-n window, the last reading identities, the outbox of unconfirmed events, the feature
 windows and model binding slots), the de-duplication of readings by the identity their
-ingest gives them, and the drift window. ``snapshot`` / ``restore`` turn all of it into one
+ingest gives them, and the drift windows. ``snapshot`` / ``restore`` turn all of it into one
 JSON-able value for a checkpoint; ``recover`` republishes what a crash may have left
 unconfirmed.
+
+Which model scores a machine is the router's (``detector/router.py``): a batch's readings are
+grouped by route and each group is scored with one vectorised call; when every machine routes
+to the default model (no per-machine or group models, no calibration) the batch is scored
+as one, with no per-reading routing. A machine routed to calibration fills its window
+(``detector/calibrating.py``) and gets CALIBRATING verdicts; a full window becomes a
+``FitRequest`` (``take_fit_requests``); the shell fits off its loop and ``bind``s the model.
 """
 
 from __future__ import annotations
@@ -28,21 +35,34 @@ from factorywatch.contracts import (
     DEFAULT_MAX_FUTURE_SKEW_S,
     AckCommand,
     AlertEvent,
+    Calibration,
     ClientStatus,
     Verdict,
 )
+from factorywatch.detector import calibrating
 from factorywatch.detector.alerting import AlertPolicy, AlertTracker
-from factorywatch.detector.core import Decoder, Received, dead_letter, score
+from factorywatch.detector.calibrating import FitRequest
+from factorywatch.detector.core import (
+    Decoder,
+    Received,
+    calibrating_verdicts,
+    dead_letter,
+    required_attributes,
+    score,
+)
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.drift import DriftChange, DriftFigures, ScoreDrift
 from factorywatch.detector.ingest import Ingest, Ingests, JsonIngest, Reading, StatefulIngest
 from factorywatch.detector.registry import Registry
+from factorywatch.detector.router import DEFAULT_KEY, Route, Router, route_key
 from factorywatch.detector.state import MachineRecord, PendingEvent, StateTable
 from factorywatch.errors import PayloadError
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.topics import UNKNOWN, Topics
 
 ENGINE_SNAPSHOT_VERSION: Final = 1
+#: A machine's or group's drift window holds at most this many readings (memory per route).
+ROUTE_DRIFT_WINDOW: Final = 1000
 
 
 #: A raw message as a transport received it (``token``: the transport's handle to ack it).
@@ -101,10 +121,18 @@ class Engine:
         *,
         ingest: Ingest | None = None,
         extra_ingests: Sequence[StatefulIngest] = (),
+        router: Router | None = None,
     ) -> None:
         self.settings = settings if settings is not None else EngineSettings()
         self.topics = topics
-        self.model = model
+        self.router = router if router is not None else Router(model)
+        self.router.set_default(model)
+        #: drift windows of the routes other than the default (``self.drift``), by route key
+        self.drifts: dict[str, ScoreDrift] = {}
+        self._restored_drifts: dict[str, dict[str, Any]] = {}
+        self._fit_requests: list[FitRequest] = []
+        self._fitting: set[str] = set()
+        self._requirements_cache: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self.states = StateTable()
         self.tracker = AlertTracker(self.settings.policy, self.states)
         self.seen = SeenCache(self.settings.dedup_size)
@@ -118,6 +146,11 @@ class Engine:
         self._uids = itertools.count(1)
 
     # -- model ------------------------------------------------------------------------------
+    @property
+    def model(self) -> LoadedModel:
+        """The default model (the router's; machines without a route of their own)."""
+        return self.router.default
+
     def _json_ingest(self, model: LoadedModel) -> Ingest:
         decoder = Decoder(
             self.topics,
@@ -125,16 +158,29 @@ class Engine:
             max_clock_skew_s=self.settings.max_clock_skew_s,
             max_future_skew_s=self.settings.max_future_skew_s,
             registry=self.settings.registry,
+            requirements=None if self.router.trivial else self._requirements,
         )
         json_ingest = JsonIngest(self.topics, decoder)
         return Ingests([json_ingest, *self.extra_ingests]) if self.extra_ingests else json_ingest
 
-    def _make_drift(self, model: LoadedModel) -> ScoreDrift:
+    def _requirements(self, machine: str, line: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The channels and attributes the model routed to ``machine`` needs."""
+        route = self.router.route(machine, line)
+        if route.model is None:  # calibrating: the configured channels (or any, at first)
+            return self.router.channels, ()
+        version = route.model.version
+        needs = self._requirements_cache.get(version)
+        if needs is None:
+            channels = tuple(route.model.card.channels)
+            needs = self._requirements_cache[version] = (channels, required_attributes(channels))
+        return needs
+
+    def _make_drift(self, model: LoadedModel, window: int | None = None) -> ScoreDrift:
         metrics = model.card.metrics
         spec = model.card.threshold_spec
         budget = spec.value if spec.method in ("far", "contamination") else 0.0
         return ScoreDrift(
-            window=self.settings.drift_window,
+            window=window or self.settings.drift_window,
             factor=self.settings.drift_factor,
             training_alert_rate=metrics.get("train_alert_rate", budget),
             training_score_median=metrics.get("train_score_p50"),
@@ -142,17 +188,68 @@ class Engine:
 
     def swap_model(self, model: LoadedModel) -> None:
         """Serve ``model`` from the next batch on (the drift check starts over against it)."""
-        self.model = model
+        self.router.set_default(model)
         for extra in self.extra_ingests:
             extra.bind(model.card.channels)
-        if self._custom_ingest is None:
-            self.ingest = self._json_ingest(model)
+        self._rebuild_ingest()
         self.drift = self._make_drift(model)
 
+    def _rebuild_ingest(self) -> None:
+        if self._custom_ingest is None:
+            self.ingest = self._json_ingest(self.model)
+
+    def bind(self, machine: str, model: LoadedModel) -> None:
+        """Serve ``machine`` with its own ``model`` from the next batch on (its calibration
+        window, if any, is done with)."""
+        self.router.bind_machine(machine, model)
+        key = route_key("machine", machine)
+        self.drifts[key] = self._route_drift(key, model)
+        self._fitting.discard(machine)
+        record = self.states.get(machine)
+        if record is not None and record.calibration is not None:
+            record.calibration = None
+            self.states.mark_urgent(machine)
+        self._rebuild_ingest()
+
+    def bind_group(self, group: str, model: LoadedModel) -> None:
+        """Serve the machines of ``group`` without a model of their own with ``model``."""
+        self.router.bind_group(group, model)
+        key = route_key("group", group)
+        self.drifts[key] = self._route_drift(key, model)
+        self._rebuild_ingest()
+
+    def take_fit_requests(self) -> list[FitRequest]:
+        """Calibration windows that filled since the last call: the shell fits them."""
+        requests, self._fit_requests = self._fit_requests, []
+        return requests
+
+    def fit_failed(self, machine: str) -> None:
+        """The shell could not fit ``machine``'s window: ask again (it stays CALIBRATING)."""
+        self._fitting.discard(machine)
+        self._queue_full_windows([machine])
+
+    def _route_drift(self, key: str, model: LoadedModel) -> ScoreDrift:
+        drift = self._make_drift(model, min(self.settings.drift_window, ROUTE_DRIFT_WINDOW))
+        saved = self._restored_drifts.pop(key, None)
+        if saved is not None and saved.get("model_version") == model.version:
+            drift.restore(saved)
+        return drift
+
     def check_drift(self) -> tuple[DriftChange | None, DriftFigures]:
-        """A change of the drift state (or None) and the drift window's figures."""
+        """A change of the default model's drift state (or None) and its window's figures."""
         change = self.drift.check()
         return change, self.drift.figures()
+
+    def check_route_drift(self) -> list[tuple[str, str, DriftChange, DriftFigures]]:
+        """Drift changes of the machines' and groups' own models: (route, version, change,
+        figures) for each route whose drift state changed."""
+        changes = []
+        models = self.router.models()
+        for key, drift in self.drifts.items():
+            change = drift.check()
+            if change is not None and key in models:
+                changes.append((key, models[key].version, change, drift.figures()))
+        return changes
 
     # -- messages ---------------------------------------------------------------------------
     def handle(self, batch: Sequence[Inbound], now: float) -> list[Outcome]:
@@ -225,10 +322,47 @@ class Engine:
     def _score(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
         if not items:
             return
+        if self.router.trivial:  # one model for every machine: no routing per reading
+            self._score_with(DEFAULT_KEY, self.model, items, now)
+            return
+        parts: dict[str, tuple[Route, list[tuple[Reading, Outcome]]]] = {}
+        route = self.router.route
+        for item in items:
+            telemetry = item[0].telemetry
+            chosen = route(telemetry.machine_id, telemetry.line)
+            if chosen.model is not None:
+                # The JSON decoder checked this already; a stateful ingest (Sparkplug) builds
+                # readings with the default model's channels only.
+                needs = self._requirements(telemetry.machine_id, telemetry.line)[0]
+                missing = [c for c in needs if c not in telemetry.readings]
+                if missing:
+                    self._reject(
+                        item[1],
+                        PayloadError(
+                            "missing_channel",
+                            f"{telemetry.machine_id}'s model ({chosen.key}) needs {missing}",
+                        ),
+                    )
+                    continue
+            part = parts.get(chosen.key)
+            if part is None:
+                parts[chosen.key] = (chosen, [item])
+            else:
+                part[1].append(item)
+        for chosen, part_items in parts.values():
+            if chosen.model is None:
+                self._calibrate(part_items, now)
+            else:
+                self._score_with(chosen.key, chosen.model, part_items, now)
+
+    def _score_with(
+        self, key: str, model: LoadedModel, items: list[tuple[Reading, Outcome]], now: float
+    ) -> None:
+        """Score readings that all route to ``model`` (route ``key``) in one call."""
         # A generic model's windows live in each machine's record (``features``): snapshotted
         # and restored with the rest of its state. New machines get theirs after observe.
         windows: dict[str, dict[str, Any]] | None = None
-        if self.model.pipeline is not None:
+        if model.pipeline is not None:
             windows = {}
             for reading, _ in items:
                 machine = reading.telemetry.machine_id
@@ -236,14 +370,21 @@ class Engine:
                     record = self.states.get(machine)
                     windows[machine] = record.features if record is not None else {}
         verdicts = score(
-            self.model,
+            model,
             [reading.telemetry for reading, _ in items],
             [outcome.message.received_perf for _, outcome in items],
             explain_top_k=self.settings.explain_top_k,
             states=windows,
         )
-        self.drift.add([v.score for v in verdicts], self.model.card.threshold)
-        clear_below = self.settings.alert_clear_score or self.model.card.clear_threshold
+        if key == DEFAULT_KEY:
+            drift = self.drift
+        else:
+            drift = self.drifts.get(key) or self.drifts.setdefault(
+                key, self._route_drift(key, model)
+            )
+        drift.add([v.score for v in verdicts], model.card.threshold)
+        clear_below = self.settings.alert_clear_score or model.card.clear_threshold
+        version = model.version
         observe = self.tracker.observe
         for verdict, (reading, outcome) in zip(verdicts, items, strict=True):
             outcome.publishes.append(
@@ -255,10 +396,94 @@ class Engine:
                 verdict, now, clear_below, identity=reading.identity, digest=reading.digest
             )
             record = self.states[verdict.machine_id]
+            record.model = version
             if windows is not None:
                 record.features = windows[verdict.machine_id]
             if events or not record.state_published:
                 self._emit(outcome, events, [record])
+
+    def _calibrate(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
+        """Readings of machines without a model yet: fill their windows, CALIBRATING verdicts."""
+        spec = self.router.calibrate
+        assert spec is not None
+        for reading, outcome in items:
+            telemetry = reading.telemetry
+            machine = telemetry.machine_id
+            record = self.states.get(machine)
+            window = record.calibration if record is not None else None
+            if window is None:
+                channels = list(self.router.channels) or sorted(telemetry.readings)
+                window = calibrating.new_window(channels, spec.readings)
+            missing = [c for c in window["channels"] if c not in telemetry.readings]
+            if missing:
+                self._reject(
+                    outcome,
+                    PayloadError(
+                        "missing_channel",
+                        f"{machine} is calibrating on channels {window['channels']}; "
+                        f"this reading lacks {missing}",
+                    ),
+                )
+                continue
+            rows: list[list[float]] = window["rows"]
+            needed: int = window["needed"]
+            # A redelivery already in the window must not count twice.
+            counted = record is not None and reading.identity in record.recent
+            appended = not counted and len(rows) < needed
+            if appended:
+                rows.append([telemetry.readings[c] for c in window["channels"]])
+            full = len(rows) >= needed
+            progress = Calibration(seen=len(rows), needed=needed, fitting=full)
+            (verdict,) = calibrating_verdicts(
+                [telemetry], [outcome.message.received_perf], [progress]
+            )
+            outcome.publishes.append(
+                Publish(self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode())
+            )
+            outcome.verdicts.append(verdict)
+            outcome.answered.append((reading.identity, reading.digest))
+            events = self.tracker.observe(
+                verdict, now, identity=reading.identity, digest=reading.digest
+            )
+            record = self.states[machine]
+            record.calibration = window
+            if appended:
+                # journaled in this turn, before the reading can be acknowledged: a kill -9
+                # never loses a counted reading (costs one record line per reading while
+                # a machine calibrates)
+                self.states.mark_urgent(machine)
+            if full and machine not in self._fitting:
+                self._fitting.add(machine)
+                self._fit_requests.append(
+                    calibrating.request(machine, telemetry.line, window, spec)
+                )
+            if events or not record.state_published:
+                self._emit(outcome, events, [record])
+
+    def _queue_full_windows(self, machines: Sequence[str] | None = None) -> None:
+        """After a restore: ask again for the fits of full windows (a fit the crash cut off)."""
+        spec = self.router.calibrate
+        chosen = (
+            list(self.states)
+            if machines is None
+            else [r for r in (self.states.get(m) for m in machines) if r is not None]
+        )
+        for record in chosen:
+            window = record.calibration
+            if window is None:
+                continue
+            machine = record.machine_id
+            # fitted and saved before the crash, or no longer to calibrate (config changed)
+            if machine in self.router.machine_models or not self.router.calibrates(
+                machine, record.line
+            ):
+                record.calibration = None
+                self.states.touch(machine)
+                continue
+            if spec is None or machine in self._fitting or len(window["rows"]) < window["needed"]:
+                continue
+            self._fitting.add(machine)
+            self._fit_requests.append(calibrating.request(machine, record.line, window, spec))
 
     def _emit(
         self, outcome: Outcome | None, events: list[AlertEvent], records: list[MachineRecord]
@@ -384,11 +609,17 @@ class Engine:
     # -- snapshot ---------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """Everything the engine knows (but the de-duplication cache) as one JSON-able value."""
+        models = self.router.models()
         return {
             "version": ENGINE_SNAPSHOT_VERSION,
             "model_version": self.model.version,
             "states": self.states.snapshot(),
             "drift": self.drift.snapshot(),
+            "drifts": {
+                key: {"model_version": models[key].version, **drift.snapshot()}
+                for key, drift in self.drifts.items()
+                if key in models
+            },
             "ingests": {extra.name: extra.snapshot() for extra in self.extra_ingests},
         }
 
@@ -401,7 +632,13 @@ class Engine:
             extra.restore(data.get("ingests", {}).get(extra.name, {}))
         if data.get("model_version") == self.model.version and data.get("drift"):
             self.drift.restore(data["drift"])
+        self._restored_drifts = dict(data.get("drifts") or {})
+        models = self.router.models()
+        for key in list(self._restored_drifts):
+            if key in models and key != DEFAULT_KEY:
+                self.drifts[key] = self._route_drift(key, models[key])
         self._continue_uids()
+        self._queue_full_windows()
 
     def _continue_uids(self) -> None:
         """Number new outbox entries after every restored one."""
@@ -425,6 +662,7 @@ class Engine:
             self.states.add(record)
         self.states.take_dirty()
         self._continue_uids()
+        self._queue_full_windows([data["machine_id"] for data in records])
 
 
 def _conflict(reading: Reading) -> PayloadError:

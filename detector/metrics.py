@@ -83,6 +83,13 @@ class Metrics:
         # Bound once: labels() costs a dict lookup and locking per call on the hot path.
         self.normal_verdicts = self.verdicts.labels(status="NORMAL")
         self.alert_verdicts = self.verdicts.labels(status="ALERT")
+        self.calibrating_verdicts = self.verdicts.labels(status="CALIBRATING")
+        self.calibrations = Counter(
+            "factorywatch_calibrations",
+            "Live calibration fits by result (served, failed)",
+            ["result"],
+            registry=r,
+        )
 
     def set_model(self, version: str) -> None:
         """Expose ``version`` as the only model in use."""

@@ -3,9 +3,11 @@
 Pure: no I/O. A ``MachineRecord`` holds a machine's alert state (the k-of-n window, the
 clear streak, the open alert, its acknowledgement and peak), the identities of the readings
 last applied to it (so a redelivered reading is not counted twice), the alert events not yet
-confirmed by the transport (an outbox, republished after a crash), and two slots for the
-feature pipeline's window state and the machine's model binding. ``StateTable`` keys the
-records by machine id and tracks which changed since the last checkpoint.
+confirmed by the transport (an outbox, republished after a crash), slots for the feature
+pipeline's window state and the machine's model binding (the version that scored it last),
+and a live calibration window (``detector/calibrating.py``) while it has no model yet.
+``StateTable`` keys the records by machine id and tracks which changed since the last
+checkpoint.
 
 Records and the table convert to and from plain JSON-able dicts (``snapshot`` /
 ``restore``): what a checkpoint writes beside the journal, or a key-value bucket of a
@@ -69,8 +71,10 @@ class MachineRecord:
     outbox: list[PendingEvent] = field(default_factory=list)
     #: the feature pipeline's per-machine window state (JSON-able)
     features: dict[str, Any] = field(default_factory=dict)
-    #: the model version this machine is bound to (None: the router's default)
+    #: the model version that scored this machine last (None: none yet)
     model: str | None = None
+    #: the live calibration window (channels, rows, needed) while the machine has no model
+    calibration: dict[str, Any] | None = None
     #: whether its retained state topic has been published since this record was made
     state_published: bool = False
 
@@ -107,6 +111,7 @@ class MachineRecord:
             "outbox": [[p.uid, p.topic, p.payload.decode()] for p in self.outbox],
             "features": self.features,
             "model": self.model,
+            "calibration": self.calibration,
         }
 
     @classmethod
@@ -132,6 +137,7 @@ class MachineRecord:
             outbox=[PendingEvent(int(u), t, p.encode()) for u, t, p in data["outbox"]],
             features=dict(data.get("features") or {}),
             model=data.get("model"),
+            calibration=data.get("calibration"),
         )
 
 

@@ -27,7 +27,14 @@ from factorywatch.settings import (
 from factorywatch.topics import Topics, check_id
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     from factorywatch.model.artifact import ModelCard
+    from factorywatch.model.asset import Asset
+    from factorywatch.model.recording import Recording
+
+    BoolArray = npt.NDArray[np.bool_]
 
 log = structlog.get_logger("factorywatch")
 
@@ -134,6 +141,17 @@ def _add_train(sub: Any) -> None:
         type=Path,
         help="YAML: channels (with unit, min, max), time_column, machine_column, groups",
     )
+    route = p.add_mutually_exclusive_group()
+    route.add_argument(
+        "--machine",
+        help="a model of this machine's own (models/machines/M; with --machine-column: its "
+        "rows only); the detector routes M to it",
+    )
+    route.add_argument(
+        "--group",
+        help="a model of a group from the asset config (models/groups/G; with "
+        "--machine-column: its machines' rows only)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -205,6 +223,15 @@ def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) 
 def cmd_train(args: argparse.Namespace) -> int:
     """``factorywatch train``: the AI4I dataset, or any machine's CSV with ``--csv``."""
     data = _data_settings(args)
+    if args.machine or args.group:  # a model of one machine's or group's own
+        from factorywatch.model import artifact  # noqa: PLC0415
+
+        kind: artifact.RouteKind = "machine" if args.machine else "group"
+        try:
+            folder = artifact.route_dir(data.model_dir, kind, args.machine or args.group)
+        except ValueError as exc:
+            raise FactorywatchError(str(exc)) from None
+        data = data.with_overrides(model_dir=folder)
     if args.if_missing:
         from factorywatch.model import artifact  # noqa: PLC0415
 
@@ -247,6 +274,7 @@ def train_csv_model(args: argparse.Namespace, data: DataSettings, *, promote: bo
     if rec.excluded:
         _progress(f"columns not used as channels: {rec.excluded}")
     mask = train_mask(rec, train_rows=args.train_rows, train_until=args.train_until)
+    mask &= _route_rows(args, asset, rec)
     if asset is not None:
         mask = apply_asset(asset, rec, mask, progress=_progress)
     _progress(f"training on {int(mask.sum())} of {rec.rows} rows, channels {rec.channels}")
@@ -271,6 +299,32 @@ def train_csv_model(args: argparse.Namespace, data: DataSettings, *, promote: bo
         artifact.promote(data.model_dir, card.version)
         _progress(f"promoted {card.version}")
     return card.version
+
+
+def _route_rows(args: argparse.Namespace, asset: Asset | None, rec: Recording) -> BoolArray:
+    """With ``--machine`` / ``--group`` and a machine column: only that machine's (group's)
+    rows; otherwise every row."""
+    import numpy as np  # noqa: PLC0415
+
+    everything = np.ones(rec.rows, dtype=np.bool_)
+    if rec.machines is None or not (args.machine or args.group):
+        return everything
+    if args.machine:
+        keep = np.array([m == args.machine for m in rec.machines], dtype=np.bool_)
+        what = f"machine {args.machine!r}"
+    else:
+        groups = asset.group_specs() if asset is not None else {}
+        if args.group not in groups:
+            raise FactorywatchError(
+                f"--group {args.group!r}: not a group of the asset config ({sorted(groups)})"
+            )
+        spec = groups[args.group]
+        keep = np.array([spec.matches(m, "") for m in rec.machines], dtype=np.bool_)
+        what = f"group {args.group!r}"
+    if not keep.any():
+        raise FactorywatchError(f"the machine column holds no rows of {what}")
+    _progress(f"training on the rows of {what}: {int(keep.sum())} of {rec.rows}")
+    return keep
 
 
 def _split_list(text: str | None) -> list[str]:
@@ -400,6 +454,9 @@ def _add_models(sub: Any) -> None:
     _data_options(p)
     p.add_argument("action", choices=["list", "promote"])
     p.add_argument("version", nargs="?", help="version to promote")
+    route = p.add_mutually_exclusive_group()
+    route.add_argument("--machine", help="the models of this machine's own (models/machines/M)")
+    route.add_argument("--group", help="the models of this group's own (models/groups/G)")
     p.set_defaults(func=cmd_models)
 
 
@@ -408,6 +465,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     from factorywatch.model import artifact  # noqa: PLC0415
 
     data = _data_settings(args)
+    top = data.model_dir
+    if args.machine or args.group:
+        try:
+            folder = artifact.route_dir(
+                data.model_dir, "machine" if args.machine else "group", args.machine or args.group
+            )
+        except ValueError as exc:
+            raise FactorywatchError(str(exc)) from None
+        data = data.with_overrides(model_dir=folder)
     if args.action == "promote":
         if not args.version:
             raise FactorywatchError("models promote needs a VERSION (see `models list`)")
@@ -432,6 +498,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         clear = "" if card.clear_threshold is None else f" clear={card.clear_threshold:.4f}"
         print(f"{mark} {version}  {card.feature_set:<10} threshold={card.threshold:.4f}{clear}")
         print(f"    {model_figures(card)}")
+    if data.model_dir == top:
+        for (kind, name), version in artifact.routed_versions(top).items():
+            print(f"  {kind} {name}: {version} (models {kind}s/{name}; --{kind} {name} lists)")
     return 0
 
 
@@ -465,6 +534,11 @@ def _add_detect(sub: Any) -> None:
         "--metrics-port", type=int, help="Prometheus /metrics and /healthz (9108; 0 = off)"
     )
     p.add_argument("--train-if-missing", action="store_true", help="train when no model exists")
+    p.add_argument(
+        "--asset-config",
+        type=Path,
+        help="machine groups and live calibration for the router (YAML; JSON without pyyaml)",
+    )
     p.add_argument("--feature-set", default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--sparkplug",
@@ -508,9 +582,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         lines=args.lines,
         sparkplug=args.sparkplug,
+        asset_config=args.asset_config,
     )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     if args.engine == "jetstream":
+        if settings.asset_config is not None:
+            raise FactorywatchError(
+                "--asset-config (models per machine or group, live calibration) works with "
+                "--engine mqtt only for now: the JetStream engine serves one model"
+            )
         try:
             from factorywatch.detector import jetstream  # noqa: PLC0415
         except ImportError as exc:

@@ -53,7 +53,9 @@ AttributeValue = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
 ProductType = Literal["L", "M", "H"]
-Status = Literal["NORMAL", "ALERT"]
+#: CALIBRATING: the machine has no model yet; its readings are collected to fit one (no alert
+#: state counts them). Consumers treat it as "not judged" (neither normal nor anomalous).
+Status = Literal["NORMAL", "ALERT", "CALIBRATING"]
 AnomalyKind = Literal[
     "rpm_spike",
     "heat_dissipation",
@@ -178,6 +180,16 @@ class Contribution(_Wire):
     z: float = Field(description="robust z-score of the value against training data")
 
 
+class Calibration(_Wire):
+    """A calibrating machine's progress: ``seen`` of the ``needed`` readings collected."""
+
+    seen: Annotated[int, Field(ge=0)]
+    needed: Annotated[int, Field(ge=1)]
+    fitting: bool = Field(
+        default=False, description="all readings collected; the model is being fitted"
+    )
+
+
 class Verdict(_Wire):
     """The detector's decision on one reading."""
 
@@ -201,6 +213,11 @@ class Verdict(_Wire):
         description="channels (or temp_diff_k, process minus air temperature) whose value lies "
         "outside the range the model was trained on (model.envelope): an ALERT whatever "
         "the score",
+    )
+    calibration: Calibration | None = Field(
+        default=None,
+        description="set when status is CALIBRATING (score and threshold are then 0 and "
+        "model_version is 'calibrating'): the machine's own model is being calibrated",
     )
 
 

@@ -93,6 +93,7 @@ class MachineRow:
     alerts_raised: int = 0
     acknowledged_by: str | None = None
     explanation: str = ""
+    model_version: str | None = None  # of this machine's newest judged verdict
 
 
 @dataclass
@@ -143,14 +144,20 @@ class DashboardModel:
         """Apply one decoded message."""
         row = self._row(message.line, message.machine_id)
         if isinstance(message, Verdict):
+            progress = message.calibration
+            if message.status == "CALIBRATING":  # no model judged it: no score to show
+                row.reading_status = (
+                    f"calibrating {progress.seen}/{progress.needed}" if progress else "calibrating"
+                )
+                return
             anomalous = message.status == "ALERT"
             row.scores.append((message.score, anomalous))
             row.last_score = message.score
             row.reading_status = message.status
-            if message.model_version != self.model_version:
-                if self.model_version is not None:  # a switch, not the first verdict
-                    self.previous_model = self.model_version
-                self.model_version = message.model_version
+            # A switch is one machine's model changing (machines may have models of their own).
+            if row.model_version is not None and message.model_version != row.model_version:
+                self.previous_model = row.model_version
+            row.model_version = self.model_version = message.model_version
             if message.explanation:
                 row.explanation = _explain(message.explanation)
         elif isinstance(message, AlertEvent):
@@ -199,6 +206,8 @@ def _state_cell(row: MachineRow) -> Text:
     if row.state is None:  # only verdicts so far: show the per-reading status, dimmed
         return Text((row.reading_status or "-").lower(), style="dim")
     text = Text(row.state, style=_STATE_STYLE.get(row.state, ""))
+    if row.reading_status is not None and row.reading_status.startswith("calibrating"):
+        text.append(f" ({row.reading_status})", style="dim")
     if row.state == "OFFLINE" and row.alert_open:
         text.append(" (alert open)", style="red")
     if row.acknowledged_by and row.alert_open:
@@ -230,7 +239,10 @@ def render(model: DashboardModel, *, caption: str | None = None) -> Table:
     alerting = sum(r.state == "ALERT" for r in rows)
     offline = sum(r.state == "OFFLINE" for r in rows)
     title = f"factorywatch: {len(rows)} machines, {alerting} in alert, {offline} offline"
-    if model.model_version is not None:
+    versions = {r.model_version for r in rows if r.model_version is not None}
+    if len(versions) > 1:
+        title += f"; {len(versions)} models (per machine or group)"
+    elif model.model_version is not None:
         title += f"; model {_clean(model.model_version)}"
     if model.previous_model is not None:
         title += f" (switched from {_clean(model.previous_model)})"

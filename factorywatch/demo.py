@@ -39,6 +39,11 @@ def _data_args(data: DataSettings) -> list[str]:
 
 def verdict_line(v: Verdict) -> str:
     """One verdict as a demo line (rich markup): the comparison shown is the one that holds."""
+    if v.status == "CALIBRATING" and v.calibration is not None:
+        return (
+            f"{v.line}/{v.machine_id:<8} seq={v.seq % 100000:>5} [dim]CALIBRATING[/] "
+            f"{v.calibration.seen}/{v.calibration.needed} readings collected"
+        )
     style = "bold red" if v.status == "ALERT" else "green"
     relation = ">" if v.score > v.threshold else "<="
     why = ""

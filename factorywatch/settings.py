@@ -173,6 +173,11 @@ class DetectorSettings(_Settings):
         default=False,
         description="also read Sparkplug B edge nodes (spBv1.0/...) as a host application",
     )
+    asset_config: Path | None = Field(
+        default=None,
+        description="asset config (YAML, or JSON in the detector image): machine groups and "
+        "live calibration for the router (a model per machine or group)",
+    )
     sparkplug_groups: str | None = Field(
         default=None, description="comma-separated Sparkplug group ids to read (default: all)"
     )

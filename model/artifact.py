@@ -5,6 +5,11 @@ threshold and how it was chosen, the training data's sha256, library versions, m
 Loading checks the card against this code and fails with a typed error. ``current`` names
 the promoted version.
 
+Models of one machine or one group (served by the detector's router,
+``detector/router.py``) live in the same layout one level down:
+``<model_dir>/machines/<machine>/<version>`` and ``<model_dir>/groups/<group>/<version>``,
+each folder with its own ``current`` (``route_dir``, ``routed_versions``).
+
 ``model.joblib`` is the fitted scikit-learn forest (pickled); ``forest.npz`` holds the same
 trees flattened into plain arrays. The detector's fast scorer loads only the arrays: no
 unpickling, and neither scikit-learn nor joblib is imported (measured: 308 -> 208 MB
@@ -47,6 +52,8 @@ FLAT_FILE: Final = "forest.npz"
 PCA_FILE: Final = "pca.npz"
 SCORER_FILES: Final = {"iforest": FLAT_FILE, "pca": PCA_FILE}
 CARD_FILE: Final = "card.json"
+RouteKind = Literal["machine", "group"]
+ROUTE_FOLDERS: Final[dict[RouteKind, str]] = {"machine": "machines", "group": "groups"}
 
 
 class DataInfo(BaseModel):
@@ -98,14 +105,16 @@ def new_version(now: datetime | None = None) -> str:
 
 def library_versions() -> dict[str, str]:
     """Versions that decide whether a pickled forest can be trusted."""
-    import sklearn  # noqa: PLC0415 - only training and unpickling need scikit-learn
-
-    return {
+    versions = {
         "python": platform.python_version(),
-        "scikit-learn": sklearn.__version__,
         "numpy": np.__version__,
         "factorywatch": factorywatch.__version__,
     }
+    try:  # a PCA model calibrated live in the detector image is fitted without scikit-learn
+        import sklearn  # noqa: PLC0415 - only training and unpickling need scikit-learn
+    except ImportError:
+        return versions
+    return {**versions, "scikit-learn": sklearn.__version__}
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,27 @@ def current_version(model_dir: Path) -> str | None:
         return pointer.read_text().strip() or None
     except FileNotFoundError:
         return None
+
+
+def route_dir(model_dir: Path, kind: RouteKind, name: str) -> Path:
+    """The model folder of one machine or one group (its versions and its ``current``)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{name!r} cannot name a {kind} model folder")
+    return model_dir / ROUTE_FOLDERS[kind] / name
+
+
+def routed_versions(model_dir: Path) -> dict[tuple[RouteKind, str], str]:
+    """The promoted version of every machine's and group's own model, by (kind, name)."""
+    found: dict[tuple[RouteKind, str], str] = {}
+    for kind, folder in ROUTE_FOLDERS.items():
+        base = model_dir / folder
+        if not base.is_dir():
+            continue
+        for path in sorted(base.iterdir()):
+            version = current_version(path) if path.is_dir() else None
+            if version is not None:
+                found[(kind, path.name)] = version
+    return found
 
 
 def list_versions(model_dir: Path) -> list[str]:

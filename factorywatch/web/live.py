@@ -152,6 +152,12 @@ class LiveModel:
 
     @staticmethod
     def _apply_verdict(m: Machine, v: Verdict) -> None:
+        if v.status == "CALIBRATING":  # no score yet: the machine's model is being calibrated
+            progress = v.calibration
+            m.last_status = (
+                f"CALIBRATING {progress.seen}/{progress.needed}" if progress else "CALIBRATING"
+            )
+            return
         point = [v.reading_ts, v.score, v.threshold, v.status]
         m.points.append(point)
         m.new_points.append(point)

@@ -236,7 +236,7 @@ def test_compose_cluster_up_verdicts_node_kill_and_down(cluster_stack: ClusterSt
         _wait(col, f"{acknowledged} verdicts", lambda: answered() >= acknowledged, 90)
         # A subscriber connecting now (another node) gets every machine's retained state:
         # the detectors publish it through the cluster's MQTT listener (--nats-mqtt).
-        late = stack.subscriber(listener, Topics().state("+", "+"), name="cs")
+        late = stack.subscriber(listener, f"{Topics().root}/alerts/+/+/state", name="cs")
         try:
             states = late.wait_for(lambda m: m.retain, count=len(stack.machines), timeout=30)
             got = {json.loads(m.payload)["machine_id"] for m in states}

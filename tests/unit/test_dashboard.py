@@ -7,7 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from factorywatch.contracts import AlertEvent, Contribution, MachineState, Verdict
+from factorywatch.contracts import AlertEvent, Calibration, Contribution, MachineState, Verdict
 from factorywatch.dashboard import BLOCKS, DashboardModel, render, sparkline
 from factorywatch.topics import Topics
 
@@ -283,3 +283,25 @@ def test_model_switch_shows_in_the_title() -> None:
     switched = verdict("press-1", 2, 0.3).model_copy(update={"model_version": "v2"})
     model.apply(switched)
     assert "model v2 (switched from v1)" in show(model)
+
+
+def test_calibrating_verdicts_show_progress_not_scores() -> None:
+    """A CALIBRATING verdict shows the calibration's progress and adds no score; machines
+    served by different models are named as such, not as a model switch."""
+    model = DashboardModel(TOPICS)
+    calibrating = verdict("new-1", 1, 0.0).model_copy(
+        update={
+            "status": "CALIBRATING",
+            "model_version": "calibrating",
+            "calibration": Calibration(seen=3, needed=60),
+        }
+    )
+    model.apply(calibrating)
+    row = model.rows[("line1", "new-1")]
+    assert (len(row.scores), row.reading_status) == (0, "calibrating 3/60")
+    assert "calibrating 3/60" in line_of(show(model), "new-1")
+    model.apply(verdict("press-1", 1, 0.2))
+    model.apply(verdict("mill-1", 1, 0.2).model_copy(update={"model_version": "v2"}))
+    title = show(model).splitlines()[0]
+    assert "2 models" in title
+    assert model.previous_model is None

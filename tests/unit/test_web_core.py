@@ -115,3 +115,16 @@ def test_feedback_command_is_strict() -> None:
     for bad in ({"label": "maybe"}, {"by": "\x1b[31mred"}, {"alert_id": ""}, {"at": 5.0}):
         with pytest.raises(ValidationError):
             FeedbackCommand.model_validate({**ok.model_dump(), **bad})
+
+
+def test_live_model_shows_calibration_progress_without_points() -> None:
+    """A CALIBRATING verdict says how far the calibration is and adds no score point."""
+    model = LiveModel(T, history=3)
+    payload = Verdict.model_validate(
+        {"machine_id": "m1", "line": "l1", "seq": 1, "reading_ts": 1.8e9, "status": "CALIBRATING",
+         "score": 0.0, "threshold": 0.0, "model_version": "calibrating", "latency_ms": 0.3,
+         "calibration": {"seen": 4, "needed": 50}}
+    ).encode()  # fmt: skip
+    assert model.feed(T.verdict("l1", "m1"), payload) == "l1/m1"
+    m = model.machines["l1/m1"]
+    assert (list(m.points), m.last_status) == ([], "CALIBRATING 4/50")
