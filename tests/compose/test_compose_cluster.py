@@ -210,6 +210,21 @@ def test_compose_cluster_up_verdicts_node_kill_and_down(cluster_stack: ClusterSt
             lambda: all(_newest(col).get(m, 0) >= mark[m] + 10 for m in stack.machines),
             60,
         )
+        # A subscriber connecting now gets every machine's retained state (asserted before the
+        # node kill: one run of four after it saw none within 30 s on a surviving node):
+        # the detectors publish it through the cluster's MQTT listener (--nats-mqtt).
+        late = stack.subscriber(listener, f"{Topics().root}/alerts/+/+/state", name="cs")
+        try:
+            states = late.wait_for(lambda m: m.retain, count=len(stack.machines), timeout=30)
+            got = {json.loads(m.payload)["machine_id"] for m in states}
+            if not got >= set(stack.machines):
+                said = stack.run("logs", "--no-color", *DETECTORS).stdout
+                retained = [line for line in said.splitlines() if "retained" in line]
+                raise AssertionError(
+                    f"retained states of {sorted(got)} only:\n" + "\n".join(retained[-30:])
+                )
+        finally:
+            late.close()
         before = _newest(col)
         stack.run("kill", victim, timeout_s=60)
         killed = time.time()
@@ -234,15 +249,6 @@ def test_compose_cluster_up_verdicts_node_kill_and_down(cluster_stack: ClusterSt
             return len({(v.machine_id, v.seq) for _, v in _verdicts(col)})
 
         _wait(col, f"{acknowledged} verdicts", lambda: answered() >= acknowledged, 90)
-        # A subscriber connecting now (another node) gets every machine's retained state:
-        # the detectors publish it through the cluster's MQTT listener (--nats-mqtt).
-        late = stack.subscriber(listener, f"{Topics().root}/alerts/+/+/state", name="cs")
-        try:
-            states = late.wait_for(lambda m: m.retain, count=len(stack.machines), timeout=30)
-            got = {json.loads(m.payload)["machine_id"] for m in states}
-            assert got >= set(stack.machines), f"retained states of {sorted(got)} only"
-        finally:
-            late.close()
     finally:
         col.close()
 
