@@ -45,7 +45,8 @@ from starlette.staticfiles import StaticFiles
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import AckCommand, FeedbackCommand
 from factorywatch.errors import BrokerError
-from factorywatch.history import HistoryStore, parse_since
+from factorywatch.history import parse_since
+from factorywatch.history_store import HistoryStore
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics, check_id
 from factorywatch.web.auth import Accounts

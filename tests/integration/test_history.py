@@ -13,7 +13,7 @@ import pytest
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import AlertEvent, FeedbackCommand
-from factorywatch.history import HistoryStore
+from factorywatch.history_store import HistoryStore
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.integration.opstack import POLICY_ENV, history_url, publish_plan, reading, wait_until

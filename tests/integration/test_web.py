@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from factorywatch.broker import LocalBroker, free_port
 from factorywatch.contracts import AlertEvent, FeedbackCommand
 from factorywatch.credentials import init_secrets, read_password
-from factorywatch.history import HistoryStore
+from factorywatch.history_store import HistoryStore
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
