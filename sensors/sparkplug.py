@@ -26,7 +26,7 @@ import structlog
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import AI4I_CHANNELS, Telemetry
-from factorywatch.sensors.publisher import PublishStats
+from factorywatch.sensors.publisher import PublishStats, wait_for_pubacks
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.sparkplug_codec import (
@@ -131,10 +131,7 @@ class EdgeNodeClient:
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, _mid: int, reason: Any, _p: Any) -> None:
         with self._lock:
-            if fwmqtt.reason_failed(reason):
-                self.stats.refused += 1
-            else:
-                self.stats.acknowledged += 1
+            self.stats.count_puback(reason)
 
     def start(self) -> None:
         """Connect (bounded retries); paho reconnects by itself afterwards."""
@@ -151,12 +148,7 @@ class EdgeNodeClient:
     def close(self, timeout_s: float = 30.0) -> PublishStats:
         """Say NDEATH (a clean disconnect sends no will), await the PUBACKs, disconnect."""
         self.send(self.edge.ndeath())
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self.stats.acknowledged + self.stats.refused >= self.stats.sent:
-                    break
-            time.sleep(0.02)  # polling the PUBACK count, bounded by the deadline
+        wait_for_pubacks(self.stats, self._lock, timeout_s)
         self.client.disconnect()
         self.client.loop_stop()
         with self._lock:
