@@ -51,6 +51,25 @@ class PublishStats:
             self.acknowledged += 1
 
 
+class Pacer:
+    """Ticks at a fixed rate from its creation: ``wait`` blocks (until ``stop`` is set at the
+    latest) for the next tick; a caller more than a second behind starts again from now rather
+    than bursting to catch up."""
+
+    def __init__(self, rate_hz: float) -> None:
+        self.interval = 1.0 / rate_hz
+        self.next_tick = time.monotonic()
+
+    def wait(self, stop: threading.Event) -> None:
+        """Block until the next tick (or ``stop``)."""
+        self.next_tick += self.interval
+        delay = self.next_tick - time.monotonic()
+        if delay > 0:
+            stop.wait(delay)
+        elif delay < -1.0:
+            self.next_tick = time.monotonic()  # fell behind: do not burst to catch up
+
+
 def wait_for_pubacks(stats: PublishStats, lock: threading.Lock, timeout_s: float) -> None:
     """Return once every message sent has its PUBACK (acknowledged or refused), or after
     ``timeout_s``; ``lock`` guards ``stats`` (paho's thread counts the PUBACKs)."""
@@ -191,8 +210,7 @@ def run(
     for pub in publishers:
         pub.start()
     log.info("sensors_started", machines=list(machine_ids), rate_hz=rate_hz, count=count)
-    interval = 1.0 / rate_hz
-    next_tick = time.monotonic()
+    pacer = Pacer(rate_hz)
     produced = 0
     active = list(range(len(publishers)))
     try:
@@ -205,12 +223,7 @@ def run(
                     continue
                 publishers[i].publish(reading)
             produced += 1
-            next_tick += interval
-            delay = next_tick - time.monotonic()
-            if delay > 0:
-                stop.wait(delay)
-            elif delay < -1.0:
-                next_tick = time.monotonic()  # fell behind: do not burst to catch up
+            pacer.wait(stop)
     finally:
         total = PublishStats()
         for pub in publishers:

@@ -26,7 +26,7 @@ import structlog
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import AI4I_CHANNELS, Telemetry
-from factorywatch.sensors.publisher import PublishStats, wait_for_pubacks
+from factorywatch.sensors.publisher import Pacer, PublishStats, wait_for_pubacks
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.sparkplug_codec import (
@@ -170,8 +170,7 @@ def run(
     shell = EdgeNodeClient(broker, EdgeNode(group, node, devices, bd_seq=int(time.time())))
     shell.start()
     log.info("edge_node_started", group=group, edge_node=node, devices=devices)
-    interval = 1.0 / rate_hz
-    produced, next_tick = 0, time.monotonic()
+    produced, pacer = 0, Pacer(rate_hz)
     current = {sim.machine_id: sim.next(time.time()) for sim in sims}
     stats = PublishStats()
     try:
@@ -185,12 +184,7 @@ def run(
                 current[sim.machine_id] = reading = sim.next(now)
                 shell.send(shell.edge.data(sim.machine_id, reading, int(now * 1000)))
             produced += 1
-            next_tick += interval
-            delay = next_tick - time.monotonic()
-            if delay > 0:
-                stop.wait(delay)
-            elif delay < -1.0:
-                next_tick = time.monotonic()
+            pacer.wait(stop)
     finally:
         stats = shell.close()
         log.info("edge_node_stopped", **vars(stats))
