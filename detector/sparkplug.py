@@ -52,6 +52,7 @@ from factorywatch.contracts import AI4I_CHANNELS, MAX_BATCH_BYTES, Telemetry
 from factorywatch.detector.core import Received
 from factorywatch.detector.ingest import Command, IngestEffects, Reading
 from factorywatch.errors import PayloadError
+from factorywatch.sparkplug_codec import BD_SEQ_METRIC, BOOLEAN, REBIRTH_METRIC, add_metric
 from factorywatch.topics import (
     ID_PATTERN,
     SPARKPLUG_NAMESPACE,
@@ -61,8 +62,6 @@ from factorywatch.topics import (
 )
 
 SNAPSHOT_VERSION: Final = 1
-REBIRTH_METRIC: Final = "Node Control/Rebirth"
-BDSEQ_METRIC: Final = "bdSeq"
 PRODUCT_TYPE: Final = "product_type"
 _SEQ_MODULO: Final = 256
 _MAX_MISSING: Final = 256  # a larger gap is one rebirth anyway
@@ -73,7 +72,6 @@ _NOT_ID_CHAR: Final = re.compile(r"[^A-Za-z0-9_.-]")
 _SIGNED_BITS: Final = {1: 8, 2: 16, 3: 32, 4: 64}  # Int8..Int64, two's complement in uints
 _UNSIGNED: Final = {5: 8, 6: 16, 7: 32, 8: 64}  # UInt8..UInt64
 _FLOATS: Final = frozenset({9, 10})  # Float, Double
-_BOOLEAN: Final = 11
 _STRINGS: Final = frozenset({12, 14})  # String, Text
 _CONTROLS: Final = ("Node Control/", "Device Control/", "Properties/")
 
@@ -138,7 +136,7 @@ def _value(metric: Any) -> float | str | None:
         return float(raw)
     if field_name in ("float_value", "double_value") and datatype in _FLOATS:
         return float(getattr(metric, field_name))
-    if field_name == "boolean_value" and datatype == _BOOLEAN:
+    if field_name == "boolean_value" and datatype == BOOLEAN:
         return 1.0 if metric.boolean_value else 0.0
     if field_name == "string_value" and datatype in _STRINGS:
         return str(metric.string_value)
@@ -149,11 +147,7 @@ def rebirth_request(group: str, node: str, now: float) -> Command:
     """The ``NCMD`` asking an edge node to publish its births again."""
     payload = sparkplug_b_pb2.Payload()
     payload.timestamp = int(now * 1000)
-    metric = payload.metrics.add()
-    metric.name = REBIRTH_METRIC
-    metric.timestamp = payload.timestamp
-    metric.datatype = _BOOLEAN
-    metric.boolean_value = True
+    add_metric(payload, True, payload.timestamp, datatype=BOOLEAN, name=REBIRTH_METRIC)
     return Command(sparkplug_topic(group, "NCMD", node), payload.SerializeToString())
 
 
@@ -311,7 +305,7 @@ class SparkplugIngest:
 
     # -- births, deaths, sequence numbers ----------------------------------------------------------
     def _node_birth(self, node: _Node, payload: Any) -> None:
-        bd_seq = next((int(m.long_value) for m in payload.metrics if m.name == BDSEQ_METRIC), None)
+        bd_seq = next((int(m.long_value) for m in payload.metrics if m.name == BD_SEQ_METRIC), None)
         node.bd_seq = bd_seq
         node.birth_ms = int(payload.timestamp)
         node.born = True
@@ -321,7 +315,7 @@ class SparkplugIngest:
         node.last = int(payload.seq) if payload.HasField("seq") else 0
 
     def _node_death(self, node: _Node, payload: Any) -> None:
-        bd_seq = next((int(m.long_value) for m in payload.metrics if m.name == BDSEQ_METRIC), None)
+        bd_seq = next((int(m.long_value) for m in payload.metrics if m.name == BD_SEQ_METRIC), None)
         if not node.born or (bd_seq is not None and bd_seq != node.bd_seq):
             return  # the will of an older session, delivered late: this session lives on
         node.born = False
@@ -392,7 +386,7 @@ class SparkplugIngest:
             if name is None:
                 update.unknown.append(metric.name or f"alias {metric.alias}")
                 continue
-            if not name or name == BDSEQ_METRIC or name.startswith(_CONTROLS):
+            if not name or name == BD_SEQ_METRIC or name.startswith(_CONTROLS):
                 continue
             try:
                 channel = channel_name(name)

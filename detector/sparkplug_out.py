@@ -26,7 +26,8 @@ has one will, and the detector's is its status), and an ``NCMD`` rebirth request
 with new births. Births and data go out at QoS 0 as the specification says; they are
 derived from verdicts already published at QoS 1, so they do not hold acknowledgements back.
 
-``VerdictNode`` is pure (messages in, bytes out); ``SparkplugOut`` is its MQTT shell.
+``VerdictNode`` is pure (messages in, bytes out; the payloads every edge node shares are
+``factorywatch.sparkplug_codec``'s); ``SparkplugOut`` is its MQTT shell.
 """
 
 from __future__ import annotations
@@ -37,31 +38,37 @@ from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 import structlog
-from esio_spb_builder.core import sparkplug_b_pb2  # Eclipse Tahu's schema, generated
-from google.protobuf.message import DecodeError
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import MachineState, Verdict
 from factorywatch.settings import BrokerSettings
+from factorywatch.sparkplug_codec import (
+    BOOLEAN,
+    DOUBLE,
+    INT64,
+    STRING,
+    Message,
+    SparkplugNode,
+    Value,
+    add_metric,
+    is_rebirth_request,
+)
 from factorywatch.topics import sparkplug_topic
 
 log = structlog.get_logger("detector")
 
-_INT64, _DOUBLE, _BOOLEAN, _STRING = 4, 10, 11, 12  # sparkplug_b.proto DataType values
 #: The metrics of every machine device: name -> (alias, data type).
 METRICS: Final = {
-    "Line": (1, _STRING),
-    "Status": (2, _STRING),
-    "Score": (3, _DOUBLE),
-    "Threshold": (4, _DOUBLE),
-    "Alert State": (5, _STRING),
-    "Alert Active": (6, _BOOLEAN),
-    "Acknowledged": (7, _BOOLEAN),
-    "Alerts Raised": (8, _INT64),
-    "Model Version": (9, _STRING),
+    "Line": (1, STRING),
+    "Status": (2, STRING),
+    "Score": (3, DOUBLE),
+    "Threshold": (4, DOUBLE),
+    "Alert State": (5, STRING),
+    "Alert Active": (6, BOOLEAN),
+    "Acknowledged": (7, BOOLEAN),
+    "Alerts Raised": (8, INT64),
+    "Model Version": (9, STRING),
 }
-Value = float | str | bool | int
-Message = tuple[str, bytes]
 
 
 def tags(state: MachineState, verdict: Verdict | None, last: dict[str, Value]) -> dict[str, Value]:
@@ -88,77 +95,35 @@ def tags(state: MachineState, verdict: Verdict | None, last: dict[str, Value]) -
     return values
 
 
-class VerdictNode:
+class VerdictNode(SparkplugNode):
     """The detector's edge node: births, data and death as bytes (pure)."""
 
     def __init__(self, group: str, node: str, bd_seq: int) -> None:
-        self.group = group
-        self.node = node
-        self.bd_seq = bd_seq % 256
-        self.seq = 0
+        super().__init__(group, node, bd_seq)
         self.born = False
         #: machine -> the values last published (what a birth republishes)
         self.published: dict[str, dict[str, Value]] = {}
 
-    def _payload(self, now_ms: int, *, seq: bool = True) -> Any:
-        payload = sparkplug_b_pb2.Payload()
-        payload.timestamp = now_ms
-        if seq:
-            payload.seq = self.seq
-            self.seq = (self.seq + 1) % 256
-        return payload
-
-    @staticmethod
-    def _metric(payload: Any, name: str, value: Value, now_ms: int, *, birth: bool) -> None:
+    def _add(self, payload: Any, name: str, value: Value, now_ms: int, *, birth: bool) -> None:
         alias, datatype = METRICS[name]
-        metric = payload.metrics.add()
-        if birth:
-            metric.name = name
-        metric.alias = alias
-        metric.timestamp = now_ms
-        metric.datatype = datatype
-        if datatype == _STRING:
-            metric.string_value = str(value)
-        elif datatype == _BOOLEAN:
-            metric.boolean_value = bool(value)
-        elif datatype == _INT64:
-            metric.long_value = int(value)
-        else:
-            metric.double_value = float(value)
-
-    def ndeath(self) -> Message:
-        """The node's death certificate: the will of the connection that carries the births."""
-        payload = self._payload(0, seq=False)
-        payload.ClearField("timestamp")
-        metric = payload.metrics.add()
-        metric.name, metric.datatype, metric.long_value = "bdSeq", _INT64, self.bd_seq
-        return sparkplug_topic(self.group, "NDEATH", self.node), payload.SerializeToString()
+        add_metric(
+            payload, value, now_ms, datatype=datatype, name=name if birth else None, alias=alias
+        )
 
     def births(self, now_ms: int) -> list[Message]:
         """``NBIRTH`` and a ``DBIRTH`` for every machine published so far (``seq`` from 0)."""
-        self.seq = 0
-        payload = self._payload(now_ms)
-        bd_seq = payload.metrics.add()
-        bd_seq.name, bd_seq.datatype, bd_seq.long_value = "bdSeq", _INT64, self.bd_seq
-        rebirth = payload.metrics.add()
-        rebirth.name, rebirth.datatype, rebirth.boolean_value = (
-            "Node Control/Rebirth",
-            _BOOLEAN,
-            False,
-        )
-        out = [(sparkplug_topic(self.group, "NBIRTH", self.node), payload.SerializeToString())]
+        out = [self.nbirth(now_ms)]
         self.born = True
         for machine in sorted(self.published):
             out.append(self._dbirth(machine, self.published[machine], now_ms))
         return out
 
     def _dbirth(self, machine: str, values: dict[str, Value], now_ms: int) -> Message:
-        payload = self._payload(now_ms)
+        payload = self.payload(now_ms)
         for name in METRICS:
             if name in values:
-                self._metric(payload, name, values[name], now_ms, birth=True)
-        topic = sparkplug_topic(self.group, "DBIRTH", self.node, machine)
-        return topic, payload.SerializeToString()
+                self._add(payload, name, values[name], now_ms, birth=True)
+        return self.device_message("DBIRTH", machine, payload)
 
     def update(self, machine: str, values: dict[str, Value], now_ms: int) -> list[Message]:
         """A new machine's ``DBIRTH`` (all its metrics), else ``DDATA`` with what changed."""
@@ -169,25 +134,10 @@ class VerdictNode:
         changed = [name for name in METRICS if name in values and values[name] != last.get(name)]
         if not changed:
             return []
-        payload = self._payload(now_ms)
+        payload = self.payload(now_ms)
         for name in changed:
-            self._metric(payload, name, values[name], now_ms, birth=False)
-        topic = sparkplug_topic(self.group, "DDATA", self.node, machine)
-        return [(topic, payload.SerializeToString())]
-
-
-def is_rebirth_request(payload: bytes) -> bool:
-    """Whether an ``NCMD`` payload asks for a rebirth (garbage is not a request)."""
-    try:
-        command = sparkplug_b_pb2.Payload.FromString(payload)
-    except DecodeError:
-        return False
-    return any(
-        m.name == "Node Control/Rebirth"
-        and m.WhichOneof("value") == "boolean_value"
-        and m.boolean_value
-        for m in command.metrics
-    )
+            self._add(payload, name, values[name], now_ms, birth=False)
+        return [self.device_message("DDATA", machine, payload)]
 
 
 class SparkplugOut:

@@ -29,7 +29,7 @@ def _history_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _history_settings(args: argparse.Namespace) -> Any:
-    from factorywatch.history import HistorySettings  # noqa: PLC0415
+    from factorywatch.history_store import HistorySettings  # noqa: PLC0415
 
     settings = HistorySettings()
     given = {"url": args.db, "db_schema": args.db_schema}
@@ -39,7 +39,7 @@ def _history_settings(args: argparse.Namespace) -> Any:
 
 
 def _open_store(args: argparse.Namespace) -> Any:
-    from factorywatch.history import HistoryStore  # noqa: PLC0415
+    from factorywatch.history_store import HistoryStore  # noqa: PLC0415
 
     return HistoryStore.from_settings(_history_settings(args))
 
@@ -118,7 +118,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_history_record(args: argparse.Namespace) -> int:
     """``factorywatch history record``: run the recorder until SIGTERM/SIGINT."""
     from factorywatch.cli import _stop_on_signals  # noqa: PLC0415
-    from factorywatch.history import HistoryStore  # noqa: PLC0415
+    from factorywatch.history_store import HistoryStore  # noqa: PLC0415
     from factorywatch.recorder import Recorder  # noqa: PLC0415
 
     history = _history_settings(args)
@@ -225,7 +225,7 @@ def add_web(sub: Any) -> None:
 
 def cmd_web(args: argparse.Namespace) -> int:
     """``factorywatch web``: serve until SIGTERM/SIGINT."""
-    from factorywatch.history import HistoryStore  # noqa: PLC0415
+    from factorywatch.history_store import HistoryStore  # noqa: PLC0415
     from factorywatch.web.app import WebSettings, build_context, serve  # noqa: PLC0415
 
     base = WebSettings()

@@ -27,7 +27,7 @@ from factorywatch.contracts import (
     Verdict,
 )
 from factorywatch.errors import BrokerError, PayloadError
-from factorywatch.history import HistorySettings, HistoryStore
+from factorywatch.history_store import HistorySettings, HistoryStore
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 

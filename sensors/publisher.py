@@ -43,6 +43,43 @@ class PublishStats:
         for name, value in vars(other).items():
             setattr(self, name, getattr(self, name) + value)
 
+    def count_puback(self, reason: Any) -> None:
+        """Count one PUBACK: refused when its reason code is a failure, else acknowledged."""
+        if fwmqtt.reason_failed(reason):
+            self.refused += 1
+        else:
+            self.acknowledged += 1
+
+
+class Pacer:
+    """Ticks at a fixed rate from its creation: ``wait`` blocks (until ``stop`` is set at the
+    latest) for the next tick; a caller more than a second behind starts again from now rather
+    than bursting to catch up."""
+
+    def __init__(self, rate_hz: float) -> None:
+        self.interval = 1.0 / rate_hz
+        self.next_tick = time.monotonic()
+
+    def wait(self, stop: threading.Event) -> None:
+        """Block until the next tick (or ``stop``)."""
+        self.next_tick += self.interval
+        delay = self.next_tick - time.monotonic()
+        if delay > 0:
+            stop.wait(delay)
+        elif delay < -1.0:
+            self.next_tick = time.monotonic()  # fell behind: do not burst to catch up
+
+
+def wait_for_pubacks(stats: PublishStats, lock: threading.Lock, timeout_s: float) -> None:
+    """Return once every message sent has its PUBACK (acknowledged or refused), or after
+    ``timeout_s``; ``lock`` guards ``stats`` (paho's thread counts the PUBACKs)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with lock:
+            if stats.acknowledged + stats.refused >= stats.sent:
+                return
+        time.sleep(0.02)  # polling the PUBACK count, bounded by the deadline
+
 
 class SensorPublisher:
     """Publishes one machine's readings; ``close()`` waits for the broker's PUBACKs."""
@@ -113,10 +150,7 @@ class SensorPublisher:
             if mid in self._status_mids:  # a status, not a reading
                 self._status_mids.discard(mid)
                 return
-            if fwmqtt.reason_failed(reason):
-                self.stats.refused += 1
-            else:
-                self.stats.acknowledged += 1
+            self.stats.count_puback(reason)
 
     def start(self) -> None:
         """Connect (bounded retries); afterwards paho reconnects by itself."""
@@ -141,13 +175,7 @@ class SensorPublisher:
 
     def close(self, timeout_s: float = 30.0) -> PublishStats:
         """Wait until every sent reading is acknowledged (or the timeout), then disconnect."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                settled = self.stats.acknowledged + self.stats.refused
-            if settled >= self.stats.sent:
-                break
-            time.sleep(0.02)
+        wait_for_pubacks(self.stats, self._lock, timeout_s)
         with self._lock:  # before the offline status, whose PUBACK is not a reading's
             result = PublishStats(**vars(self.stats))
         offline = ClientStatus(
@@ -182,8 +210,7 @@ def run(
     for pub in publishers:
         pub.start()
     log.info("sensors_started", machines=list(machine_ids), rate_hz=rate_hz, count=count)
-    interval = 1.0 / rate_hz
-    next_tick = time.monotonic()
+    pacer = Pacer(rate_hz)
     produced = 0
     active = list(range(len(publishers)))
     try:
@@ -196,12 +223,7 @@ def run(
                     continue
                 publishers[i].publish(reading)
             produced += 1
-            next_tick += interval
-            delay = next_tick - time.monotonic()
-            if delay > 0:
-                stop.wait(delay)
-            elif delay < -1.0:
-                next_tick = time.monotonic()  # fell behind: do not burst to catch up
+            pacer.wait(stop)
     finally:
         total = PublishStats()
         for pub in publishers:

@@ -10,8 +10,8 @@ set of births when a host application asks with ``NCMD`` ``Node Control/Rebirth`
 The metrics are named as the AI4I dataset's columns (``Air temperature [K]``, ...,
 ``Product Type``), so the detector maps them to the default model's channels. Data goes out
 at QoS 1 (the specification allows 0): with the detector's persistent session nothing is
-lost across a detector restart. The pure part (``EdgeNode``) builds the messages; ``run``
-is the MQTT shell.
+lost across a detector restart. The pure part (``EdgeNode``, on
+``factorywatch.sparkplug_codec``'s payloads) builds the messages; ``run`` is the MQTT shell.
 """
 
 from __future__ import annotations
@@ -23,14 +23,19 @@ from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 import structlog
-from esio_spb_builder.core import sparkplug_b_pb2  # Eclipse Tahu's schema, generated
-from google.protobuf.message import DecodeError
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import AI4I_CHANNELS, Telemetry
-from factorywatch.sensors.publisher import PublishStats
+from factorywatch.sensors.publisher import Pacer, PublishStats, wait_for_pubacks
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
+from factorywatch.sparkplug_codec import (
+    Message,
+    SparkplugNode,
+    add_metric,
+    datatype_of,
+    is_rebirth_request,
+)
 from factorywatch.topics import sparkplug_topic
 
 log = structlog.get_logger("sensors")
@@ -44,75 +49,33 @@ METRIC_NAMES: Final = {
     "tool_wear_min": "Tool wear [min]",
 }
 PRODUCT_TYPE_METRIC: Final = "Product Type"
-_INT64, _DOUBLE, _BOOLEAN, _STRING = 4, 10, 11, 12  # sparkplug_b.proto DataType values
 _PRODUCT_ALIAS: Final = len(AI4I_CHANNELS) + 1
 
-Message = tuple[str, bytes]
 
-
-class EdgeNode:
+class EdgeNode(SparkplugNode):
     """The messages of one edge node (pure: no I/O; times are given)."""
 
     def __init__(self, group: str, node: str, devices: Sequence[str], bd_seq: int) -> None:
-        self.group = group
-        self.node = node
+        super().__init__(group, node, bd_seq)
         self.devices = list(devices)
-        self.bd_seq = bd_seq % 256
-        self.seq = 0
         self._last: dict[str, dict[str, float | str]] = {}
 
-    def _payload(self, ts_ms: int, *, seq: bool = True) -> Any:
-        payload = sparkplug_b_pb2.Payload()
-        payload.timestamp = ts_ms
-        if seq:
-            payload.seq = self.seq
-            self.seq = (self.seq + 1) % 256
-        return payload
-
     @staticmethod
-    def _metric(
-        payload: Any, name: str | None, alias: int | None, value: float | str | bool, ts_ms: int
-    ) -> None:
-        metric = payload.metrics.add()
-        if name is not None:
-            metric.name = name
-        if alias is not None:
-            metric.alias = alias
-        metric.timestamp = ts_ms
-        if isinstance(value, bool):
-            metric.datatype, metric.boolean_value = _BOOLEAN, value
-        elif isinstance(value, str):
-            metric.datatype, metric.string_value = _STRING, value
-        else:
-            metric.datatype, metric.double_value = _DOUBLE, float(value)
-
-    def ndeath(self) -> Message:
-        """The node's death certificate (its last will): the ``bdSeq`` of this session."""
-        payload = sparkplug_b_pb2.Payload()
-        metric = payload.metrics.add()
-        metric.name, metric.datatype, metric.long_value = "bdSeq", _INT64, self.bd_seq
-        return sparkplug_topic(self.group, "NDEATH", self.node), payload.SerializeToString()
+    def _add(payload: Any, name: str | None, alias: int, value: float | str, ts_ms: int) -> None:
+        add_metric(payload, value, ts_ms, datatype=datatype_of(value), name=name, alias=alias)
 
     def births(self, readings: dict[str, Telemetry], ts_ms: int) -> list[Message]:
         """``NBIRTH`` then one ``DBIRTH`` per device with all its metrics (seq from 0)."""
-        self.seq = 0
-        payload = self._payload(ts_ms)
-        metric = payload.metrics.add()
-        metric.name, metric.datatype, metric.long_value = "bdSeq", _INT64, self.bd_seq
-        self._metric(payload, "Node Control/Rebirth", None, False, ts_ms)
-        out = [(sparkplug_topic(self.group, "NBIRTH", self.node), payload.SerializeToString())]
+        out = [self.nbirth(ts_ms)]
         for device in self.devices:
             reading = readings[device]
-            payload = self._payload(ts_ms)
+            payload = self.payload(ts_ms)
             for alias, channel in enumerate(AI4I_CHANNELS, start=1):
-                self._metric(
-                    payload, METRIC_NAMES[channel], alias, reading.readings[channel], ts_ms
-                )
+                self._add(payload, METRIC_NAMES[channel], alias, reading.readings[channel], ts_ms)
             product = reading.attributes["product_type"]
-            self._metric(payload, PRODUCT_TYPE_METRIC, _PRODUCT_ALIAS, product, ts_ms)
+            self._add(payload, PRODUCT_TYPE_METRIC, _PRODUCT_ALIAS, product, ts_ms)
             self._last[device] = {**reading.readings, PRODUCT_TYPE_METRIC: product}
-            topic = sparkplug_topic(self.group, "DBIRTH", self.node, device)
-            out.append((topic, payload.SerializeToString()))
+            out.append(self.device_message("DBIRTH", device, payload))
         return out
 
     def data(self, device: str, reading: Telemetry, ts_ms: int) -> Message | None:
@@ -128,26 +91,12 @@ class EdgeNode:
             changed.append((_PRODUCT_ALIAS, product))
         if not changed:
             return None
-        payload = self._payload(ts_ms)
+        payload = self.payload(ts_ms)
         for alias, value in changed:
-            self._metric(payload, None, alias, value, ts_ms)
+            self._add(payload, None, alias, value, ts_ms)
         last.update(reading.readings)
         last[PRODUCT_TYPE_METRIC] = product
-        return sparkplug_topic(self.group, "DDATA", self.node, device), payload.SerializeToString()
-
-
-def is_rebirth_request(payload: bytes) -> bool:
-    """Whether an ``NCMD`` payload asks for a rebirth (garbage is not a request)."""
-    try:
-        command = sparkplug_b_pb2.Payload.FromString(payload)
-    except DecodeError:
-        return False
-    return any(
-        m.name == "Node Control/Rebirth"
-        and m.WhichOneof("value") == "boolean_value"
-        and m.boolean_value
-        for m in command.metrics
-    )
+        return self.device_message("DDATA", device, payload)
 
 
 class EdgeNodeClient:
@@ -182,10 +131,7 @@ class EdgeNodeClient:
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, _mid: int, reason: Any, _p: Any) -> None:
         with self._lock:
-            if fwmqtt.reason_failed(reason):
-                self.stats.refused += 1
-            else:
-                self.stats.acknowledged += 1
+            self.stats.count_puback(reason)
 
     def start(self) -> None:
         """Connect (bounded retries); paho reconnects by itself afterwards."""
@@ -202,12 +148,7 @@ class EdgeNodeClient:
     def close(self, timeout_s: float = 30.0) -> PublishStats:
         """Say NDEATH (a clean disconnect sends no will), await the PUBACKs, disconnect."""
         self.send(self.edge.ndeath())
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self.stats.acknowledged + self.stats.refused >= self.stats.sent:
-                    break
-            time.sleep(0.02)  # polling the PUBACK count, bounded by the deadline
+        wait_for_pubacks(self.stats, self._lock, timeout_s)
         self.client.disconnect()
         self.client.loop_stop()
         with self._lock:
@@ -229,8 +170,7 @@ def run(
     shell = EdgeNodeClient(broker, EdgeNode(group, node, devices, bd_seq=int(time.time())))
     shell.start()
     log.info("edge_node_started", group=group, edge_node=node, devices=devices)
-    interval = 1.0 / rate_hz
-    produced, next_tick = 0, time.monotonic()
+    produced, pacer = 0, Pacer(rate_hz)
     current = {sim.machine_id: sim.next(time.time()) for sim in sims}
     stats = PublishStats()
     try:
@@ -244,12 +184,7 @@ def run(
                 current[sim.machine_id] = reading = sim.next(now)
                 shell.send(shell.edge.data(sim.machine_id, reading, int(now * 1000)))
             produced += 1
-            next_tick += interval
-            delay = next_tick - time.monotonic()
-            if delay > 0:
-                stop.wait(delay)
-            elif delay < -1.0:
-                next_tick = time.monotonic()
+            pacer.wait(stop)
     finally:
         stats = shell.close()
         log.info("edge_node_stopped", **vars(stats))

@@ -64,6 +64,16 @@ def broker(tmp_path: Path) -> Iterator[LocalBroker]:
 
 
 @pytest.fixture
+def secure_broker(tmp_path: Path, secrets_dir: Path, topic_root: str) -> Iterator[LocalBroker]:
+    """Mosquitto with authentication, the ACL generated from the registry and a TLS listener,
+    all from the requesting module's ``secrets_dir`` fixture."""
+    local = LocalBroker(tmp_path / "sbroker", secrets_dir=secrets_dir, topic_root=topic_root)
+    local.start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture
 def topic_root() -> str:
     """A topic prefix of this test's own."""
     return f"t{uuid.uuid4().hex[:10]}"

@@ -1,4 +1,5 @@
-"""Test support: real processes (``factorywatch.launch``) and an MQTT collector for assertions."""
+"""Test support: real processes (``factorywatch.launch``), an MQTT collector for assertions,
+and the builders tests share (a typical reading, logins from a secrets folder)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from factorywatch import mqtt as fwmqtt
+from factorywatch.accounts import Role
+from factorywatch.contracts import Telemetry
+from factorywatch.credentials import add_user, read_password, register
 from factorywatch.launch import CLI as _CLI
 from factorywatch.launch import Launched, child_env, cli_command
 from factorywatch.sensors.publisher import SensorPublisher
@@ -49,6 +54,60 @@ def reference_file(name: str) -> Path:
 
 
 CLI = list(_CLI)
+
+#: A typical AI4I reading, inside every training envelope (copy it before changing a channel).
+TYPICAL: Final = {
+    "air_temperature_k": 300.0,
+    "process_temperature_k": 310.0,
+    "rotational_speed_rpm": 1500.0,
+    "torque_nm": 40.0,
+    "tool_wear_min": 100.0,
+}
+
+
+def reading(
+    machine: str,
+    seq: int,
+    rpm: float = TYPICAL["rotational_speed_rpm"],
+    *,
+    ts: float | None = None,
+    line: str = "line1",
+    product_type: str = "L",
+    **channels: float,
+) -> Telemetry:
+    """A typical AI4I reading with the given speed (2800 rpm is far outside training) and
+    other ``channels`` changed; ``ts`` defaults to now."""
+    return Telemetry(
+        machine_id=machine,
+        line=line,
+        seq=seq,
+        ts=time.time() if ts is None else ts,
+        attributes={"product_type": product_type},
+        readings={**TYPICAL, "rotational_speed_rpm": rpm, **channels},
+    )
+
+
+def add_account(secrets_dir: Path, user: str, role: Role, **registration: Any) -> None:
+    """Register ``user`` with ``role`` (``line``, ``machines`` for a gateway) and give it a
+    password, as `factorywatch broker add-user` does."""
+    register(secrets_dir, user, role, **registration)
+    add_user(secrets_dir, user)
+
+
+def secure_args(port: int, topic_root: str, secrets_dir: Path) -> list[str]:
+    """CLI arguments that point a role at a broker with logins, its account from ``secrets_dir``."""
+    return ["--port", str(port), "--topic-root", topic_root, "--secrets-dir", str(secrets_dir)]
+
+
+def login_settings(
+    port: int, topic_root: str, secrets_dir: Path, user: str, **overrides: Any
+) -> BrokerSettings:
+    """Broker settings that log in as ``user`` with the password its secrets folder keeps
+    (``overrides``: more fields, e.g. ``connect_retries=0``)."""
+    password = SecretStr(read_password(secrets_dir, user) or "")
+    return BrokerSettings().with_overrides(
+        port=port, topic_root=topic_root, username=user, password=password, **overrides
+    )
 
 
 @dataclass

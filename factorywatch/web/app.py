@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
+import string
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -38,14 +40,21 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import AckCommand, FeedbackCommand
 from factorywatch.errors import BrokerError
-from factorywatch.history import HistoryStore, parse_since
+from factorywatch.history import parse_since
+from factorywatch.history_store import HistoryStore
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics, check_id
 from factorywatch.web.auth import Accounts
@@ -56,6 +65,9 @@ log = structlog.get_logger("factorywatch.web")
 STATIC_DIR: Final = Path(str(resources.files("factorywatch.web") / "static"))
 CSRF_HEADER: Final = "x-requested-with"
 PUBLISH_TIMEOUT_S: Final = 5.0
+# The pages behind the login: static/<name> holds the page's <main>; (title, app.js entry).
+PAGES: Final = {"index.html": ("machines", "overview"), "machine.html": ("machine", "machinePage")}
+_Command = TypeVar("_Command", AckCommand, FeedbackCommand)
 
 
 class WebSettings(BaseSettings):
@@ -166,6 +178,20 @@ def _page(name: str) -> FileResponse:
     return FileResponse(STATIC_DIR / name, headers={"Cache-Control": "no-store"})
 
 
+@functools.cache
+def render_page(name: str) -> str:
+    """One of :data:`PAGES`: its ``<main>`` (``static/<name>``) inside ``static/_layout.html``,
+    the head, header bar and scripts the pages share."""
+    title, entry = PAGES[name]
+    layout = string.Template((STATIC_DIR / "_layout.html").read_text(encoding="utf-8"))
+    main = (STATIC_DIR / name).read_text(encoding="utf-8").rstrip("\n")
+    return layout.substitute(title=title, main=main, entry=entry)
+
+
+def _app_page(name: str) -> HTMLResponse:
+    return HTMLResponse(render_page(name), headers={"Cache-Control": "no-store"})
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -186,6 +212,31 @@ async def _operator_json(request: Request) -> tuple[dict[str, Any], dict[str, st
     if not isinstance(body, dict):
         return _error(400, "body must be a JSON object")
     return body, who
+
+
+async def _publish_command(
+    request: Request,
+    build: Callable[[dict[str, Any], str], _Command],
+    topic_of: Callable[[str, str], str],
+) -> tuple[str, _Command] | Response:
+    """Parse an operator's command (``line`` plus what ``build`` reads from the JSON body, as
+    the logged-in user) and publish it QoS 1 on ``topic_of(line, machine)``.
+
+    Returns the line and the command once the broker has acknowledged it, or the error
+    response to send instead (401/403/400 before anything is published).
+    """
+    got = await _operator_json(request)
+    if isinstance(got, Response):
+        return got
+    body, who = got
+    try:
+        line = check_id(str(body.get("line", "")), "line")
+        cmd = build(body, who["user"])
+        topic = topic_of(line, cmd.machine_id)
+    except (ValidationError, ValueError) as exc:
+        return _error(400, str(exc).splitlines()[0])
+    await _ctx(request).publish(topic, cmd.encode())
+    return line, cmd
 
 
 # -- routes ----------------------------------------------------------------------------------
@@ -219,12 +270,12 @@ async def logout(request: Request) -> Response:
 
 async def overview(request: Request) -> Response:
     """Machine tiles and open alerts."""
-    return _page("index.html") if _user(request) else RedirectResponse("/login", 303)
+    return _app_page("index.html") if _user(request) else RedirectResponse("/login", 303)
 
 
 async def machine_page(request: Request) -> Response:
     """One machine's charts and history."""
-    return _page("machine.html") if _user(request) else RedirectResponse("/login", 303)
+    return _app_page("machine.html") if _user(request) else RedirectResponse("/login", 303)
 
 
 async def me(request: Request) -> Response:
@@ -288,48 +339,41 @@ async def history(request: Request) -> Response:
 
 async def ack(request: Request) -> Response:
     """An operator acknowledges a machine's open alert."""
-    got = await _operator_json(request)
-    if isinstance(got, Response):
-        return got
-    body, who = got
-    ctx = _ctx(request)
-    try:
-        line = check_id(str(body.get("line", "")), "line")
-        cmd = AckCommand(
+
+    def build(body: dict[str, Any], user: str) -> AckCommand:
+        return AckCommand(
             machine_id=str(body.get("machine", "")),
-            by=who["user"],
+            by=user,
             alert_id=body.get("alert_id"),
             note=body.get("note") or None,
         )
-        topic = ctx.topics.ack(line, cmd.machine_id)
-    except (ValidationError, ValueError) as exc:
-        return _error(400, str(exc).splitlines()[0])
-    await ctx.publish(topic, cmd.encode())
+
+    sent = await _publish_command(request, build, _ctx(request).topics.ack)
+    if isinstance(sent, Response):
+        return sent
+    _line, cmd = sent
     log.info("web_ack_published", machine=cmd.machine_id, by=cmd.by, alert_id=cmd.alert_id)
     return JSONResponse({"ok": True})
 
 
 async def feedback(request: Request) -> Response:
     """An operator labels an alert (false alarm / confirmed); published and stored."""
-    got = await _operator_json(request)
-    if isinstance(got, Response):
-        return got
-    body, who = got
-    ctx = _ctx(request)
-    try:
-        line = check_id(str(body.get("line", "")), "line")
-        cmd = FeedbackCommand(
+
+    def build(body: dict[str, Any], user: str) -> FeedbackCommand:
+        return FeedbackCommand(
             machine_id=str(body.get("machine", "")),
             alert_id=str(body.get("alert_id", "")),
             label=body.get("label", ""),
-            by=who["user"],
+            by=user,
             at=time.time(),
             note=body.get("note") or None,
         )
-        topic = ctx.topics.feedback(line, cmd.machine_id)
-    except (ValidationError, ValueError) as exc:
-        return _error(400, str(exc).splitlines()[0])
-    await ctx.publish(topic, cmd.encode())
+
+    ctx = _ctx(request)
+    sent = await _publish_command(request, build, ctx.topics.feedback)
+    if isinstance(sent, Response):
+        return sent
+    line, cmd = sent
     if ctx.store is not None:  # also stored here: the label shows at once, even with no recorder
         await asyncio.to_thread(ctx.store.add_feedback, line, [cmd])
     log.info("web_feedback_published", machine=cmd.machine_id, label=cmd.label, by=cmd.by)

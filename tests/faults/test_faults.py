@@ -32,7 +32,7 @@ from tests.faults.conftest import (
     VerdictCollector,
     tally,
 )
-from tests.support import Collector, Proc
+from tests.support import TYPICAL, Collector, Proc, reading
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -498,26 +498,12 @@ ALERT_ENV = {
     "FACTORYWATCH_DETECTOR_ALERT_M": "3",
     "FACTORYWATCH_DETECTOR_ALERT_CLEAR_SCORE": "0.99",
 }
-NORMAL_READING = {
-    "air_temperature_k": 300.0,
-    "process_temperature_k": 310.0,
-    "rotational_speed_rpm": 1500.0,
-    "torque_nm": 40.0,
-    "tool_wear_min": 100.0,
-}
 
 
 def _alert_reading(seq: int, *, anomalous: bool) -> Telemetry:
     """A reading of the crash machine; anomalous ones are far outside the training envelope."""
-    readings = {**NORMAL_READING, "torque_nm": 400.0} if anomalous else NORMAL_READING
-    return Telemetry(
-        machine_id=ALERT_MACHINE,
-        line="line1",
-        seq=seq,
-        ts=time.time(),
-        attributes={"product_type": "M"},
-        readings=readings,
-    )
+    torque = 400.0 if anomalous else TYPICAL["torque_nm"]
+    return reading(ALERT_MACHINE, seq, product_type="M", torque_nm=torque)
 
 
 def _alert_events(col: Collector) -> list[AlertEvent]:

@@ -19,17 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from factorywatch.broker import free_port
-from factorywatch.contracts import Telemetry
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
+from tests.support import reading
 
-TYPICAL = {
-    "air_temperature_k": 300.0,
-    "process_temperature_k": 310.0,
-    "rotational_speed_rpm": 1500.0,
-    "torque_nm": 40.0,
-    "tool_wear_min": 100.0,
-}
 # Fast alert policy for tests: raise on 3 of 5 anomalous readings, clear after 4 normal ones.
 POLICY_ENV = {
     "FACTORYWATCH_DETECTOR_ALERT_K": "3",
@@ -49,18 +42,6 @@ def require_binary(name: str) -> str:
         "to apt-get install chromium, prometheus and prometheus-alertmanager"
     )
     return path
-
-
-def reading(machine: str, seq: int, rpm: float, *, ts: float | None = None) -> Telemetry:
-    """A typical AI4I reading with the given speed (2800 rpm is far outside training)."""
-    return Telemetry(
-        machine_id=machine,
-        line="line1",
-        seq=seq,
-        ts=time.time() if ts is None else ts,
-        attributes={"product_type": "L"},
-        readings={**TYPICAL, "rotational_speed_rpm": rpm},
-    )
 
 
 def publish_plan(

@@ -3,44 +3,25 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 
 import pytest
 
 from factorywatch import mqtt as fwmqtt
-from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Telemetry
+from factorywatch.contracts import AckCommand, AlertEvent, MachineState
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.support import Collector, Message, Proc, metric_value, scrape
+from tests.support import Collector, Message, Proc, metric_value, reading, scrape
 
 pytestmark = pytest.mark.integration
 
-TYPICAL = {
-    "air_temperature_k": 300.0,
-    "process_temperature_k": 310.0,
-    "rotational_speed_rpm": 1500.0,
-    "torque_nm": 40.0,
-    "tool_wear_min": 100.0,
-}
 POLICY_ENV = {
     "FACTORYWATCH_DETECTOR_ALERT_K": "3",
     "FACTORYWATCH_DETECTOR_ALERT_N": "5",
     "FACTORYWATCH_DETECTOR_ALERT_M": "4",
     "FACTORYWATCH_DETECTOR_OFFLINE_AFTER_S": "3",
 }
-
-
-def _reading(machine: str, seq: int, rpm: float) -> Telemetry:
-    return Telemetry(
-        machine_id=machine,
-        line="line1",
-        seq=seq,
-        ts=time.time(),
-        attributes={"product_type": "L"},
-        readings={**TYPICAL, "rotational_speed_rpm": rpm},
-    )
 
 
 def _stream(
@@ -50,7 +31,7 @@ def _stream(
     pub = SensorPublisher(settings, machine, buffer_size=1000)
     pub.start()
     for seq, rpm in enumerate(plan):
-        pub.publish(_reading(machine, seq, rpm))
+        pub.publish(reading(machine, seq, rpm))
     verdicts = col.wait_for(lambda m: m.topic.endswith(f"/{machine}/verdict"), count=len(plan))
     return pub, verdicts
 
@@ -77,7 +58,7 @@ def test_alert_lifecycle_ack_offline_and_metrics(
     pub.start()
     plan = [1500.0] * 6 + [2800.0] * 4 + [1500.0] * 6
     for seq, rpm in enumerate(plan):
-        pub.publish(_reading("alarm-1", seq, rpm))
+        pub.publish(reading("alarm-1", seq, rpm))
     col.wait_for(lambda m: m.topic.endswith("/alarm-1/event"), count=2, timeout=30)
     kinds = [e.event for e in _events(col, "alarm-1")]
     assert kinds[:2] == ["ALERT_RAISED", "ALERT_CLEARED"]
@@ -87,7 +68,7 @@ def test_alert_lifecycle_ack_offline_and_metrics(
     assert raised.peak_score > 0.5
 
     for seq, rpm in enumerate([2800.0] * 3, start=100):
-        pub.publish(_reading("alarm-1", seq, rpm))
+        pub.publish(reading("alarm-1", seq, rpm))
     col.wait_for(lambda m: m.topic.endswith("/alarm-1/event"), count=3, timeout=30)
     operator = fwmqtt.connected_client(settings, "operator-1")
     ack = AckCommand(machine_id="alarm-1", by="shift-lead", note="inspecting spindle")
@@ -134,9 +115,9 @@ def test_silence_makes_a_machine_offline_and_a_reading_brings_it_back(
     detector(env=POLICY_ENV)
     pub = SensorPublisher(settings, "quiet-1", buffer_size=100)
     pub.start()
-    pub.publish(_reading("quiet-1", 1, 1500.0))
+    pub.publish(reading("quiet-1", 1, 1500.0))
     col.wait_for(lambda m: m.topic.endswith("/quiet-1/event"), count=1, timeout=20)
-    pub.publish(_reading("quiet-1", 2, 1500.0))
+    pub.publish(reading("quiet-1", 2, 1500.0))
     col.wait_for(lambda m: m.topic.endswith("/quiet-1/event"), count=2, timeout=20)
     assert [e.event for e in _events(col, "quiet-1")][:2] == ["MACHINE_OFFLINE", "MACHINE_ONLINE"]
     pub.close()

@@ -38,6 +38,36 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
+def _train_and_serve(
+    tmp_path: Path,
+    spawn: Callable[..., Proc],
+    mqtt_args: list[str],
+    path: Path,
+    client_id: str,
+    *train_args: str,
+) -> tuple[Trained, Proc]:
+    """`train --csv` on ``path`` (50 trees, the first TRAIN_ROWS rows), then a detector serving
+    the model; the model as offline scoring sees it and the subscribed detector."""
+    models = tmp_path / "models"
+    cli("train", "--csv", str(path), *train_args, "--train-rows", str(TRAIN_ROWS),
+        "--trees", "50", "--model-dir", str(models))  # fmt: skip
+    loaded = artifact.load(models)
+    detector = spawn(
+        "detect",
+        *mqtt_args,
+        "--model-dir",
+        str(models),
+        "--client-id",
+        client_id,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--metrics-port",
+        "0",
+    )
+    detector.wait_log("telemetry_subscribed")
+    return Trained(scorer=loaded.scorer, card=loaded.card), detector  # type: ignore[arg-type]
+
+
 def test_train_and_evaluate_any_csv(tmp_path: Path) -> None:
     """train --csv saves a generic model; evaluate --csv writes the streams report."""
     runs = tmp_path / "runs"
@@ -105,40 +135,12 @@ def test_detector_serves_a_csv_model_over_the_broker(
     path = tmp_path / "pump.csv"
     run = generate(["noise_burst"], seed=4, train_rows=TRAIN_ROWS, rows=500)
     write_csv(run, path)
-    models = tmp_path / "models"
-    cli(
-        "train",
-        "--csv",
-        str(path),
-        "--time-column",
-        "datetime",
-        "--train-rows",
-        str(TRAIN_ROWS),
-        "--trees",
-        "50",
-        "--model-dir",
-        str(models),
+    trained, detector = _train_and_serve(
+        tmp_path, spawn, mqtt_args, path, "det-any", "--time-column", "datetime"
     )
-    loaded = artifact.load(models)
     rec = load_recording(path, time_column="datetime")
-    assert loaded.card.pipeline is not None
-    expected = score_recording(
-        Trained(scorer=loaded.scorer, card=loaded.card),  # type: ignore[arg-type]
-        rec.columns,
-    ).score
-    detector = spawn(
-        "detect",
-        *mqtt_args,
-        "--model-dir",
-        str(models),
-        "--client-id",
-        "det-any",
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--metrics-port",
-        "0",
-    )
-    detector.wait_log("telemetry_subscribed")
+    assert trained.card.pipeline is not None
+    expected = score_recording(trained, rec.columns).score
     topics = Topics(topic_root)
     sink = collector(topics.verdict("line1", "pump-1"))
     now = time.time()
@@ -157,7 +159,7 @@ def test_detector_serves_a_csv_model_over_the_broker(
     assert [v.seq for v in verdicts] == list(range(rec.rows)), detector.log()
     scores = np.array([v.score for v in verdicts])
     assert np.allclose(scores, expected, rtol=1e-9)
-    assert {v.model_version for v in verdicts} == {loaded.card.version}
+    assert {v.model_version for v in verdicts} == {trained.card.version}
 
 
 def test_replay_publishes_any_csv_through_the_broker(
@@ -170,37 +172,9 @@ def test_replay_publishes_any_csv_through_the_broker(
     """`factorywatch replay --csv` publishes a plant CSV; the detector scores every row."""
     path = tmp_path / "pump.csv"
     write_csv(generate(["step_change"], seed=9, train_rows=TRAIN_ROWS, rows=450), path)
-    models = tmp_path / "models"
-    cli(
-        "train",
-        "--csv",
-        str(path),
-        "--train-rows",
-        str(TRAIN_ROWS),
-        "--trees",
-        "50",
-        "--model-dir",
-        str(models),
-    )
-    loaded = artifact.load(models)
+    trained, detector = _train_and_serve(tmp_path, spawn, mqtt_args, path, "det-replay")
     rec = load_recording(path, label_column="anomaly")
-    expected = score_recording(
-        Trained(scorer=loaded.scorer, card=loaded.card),  # type: ignore[arg-type]
-        rec.columns,
-    )
-    detector = spawn(
-        "detect",
-        *mqtt_args,
-        "--model-dir",
-        str(models),
-        "--client-id",
-        "det-replay",
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--metrics-port",
-        "0",
-    )
-    detector.wait_log("telemetry_subscribed")
+    expected = score_recording(trained, rec.columns)
     sink = collector(Topics(topic_root).verdict("line1", "pump-9"))
     replay = spawn(
         "replay", *mqtt_args, "--csv", str(path), "--machine-id", "pump-9", "--rate", "200"

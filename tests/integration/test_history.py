@@ -13,11 +13,11 @@ import pytest
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import AlertEvent, FeedbackCommand
-from factorywatch.history import HistoryStore
+from factorywatch.history_store import HistoryStore
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.integration.opstack import POLICY_ENV, history_url, publish_plan, reading, wait_until
-from tests.support import CLI, PROJECT_DIR, Collector, Proc
+from tests.integration.opstack import POLICY_ENV, history_url, publish_plan, wait_until
+from tests.support import CLI, PROJECT_DIR, Collector, Proc, reading
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from factorywatch.contracts import AlertEvent
-from factorywatch.history import HistoryStore
+from factorywatch.history_store import HistoryStore
 
 
 def test_a_store_opens_when_another_creates_the_tables_between_its_check_and_create(

@@ -18,17 +18,24 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from pydantic import SecretStr
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import BASE_CONFIG, LocalBroker, free_port
 from factorywatch.contracts import MAX_BATCH_BYTES, MAX_PAYLOAD_BYTES, TelemetryBatch, Verdict
-from factorywatch.credentials import add_user, init_secrets, read_password, register
+from factorywatch.credentials import init_secrets
 from factorywatch.errors import BrokerError, PayloadError
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.support import CLI, PROJECT_DIR, Collector, Proc
+from tests.support import (
+    CLI,
+    PROJECT_DIR,
+    Collector,
+    Proc,
+    add_account,
+    login_settings,
+    secure_args,
+)
 
 pytestmark = pytest.mark.integration
 NOT_AUTHORIZED = 0x87
@@ -40,20 +47,9 @@ def secrets_dir(tmp_path: Path) -> Path:
     detector account ``detector-line2``, TLS material."""
     directory = tmp_path / "secrets"
     init_secrets(directory, ("ma", "mb"))
-    register(directory, "gw1", "gateway", line="line1", machines=("mc", "md"))
-    add_user(directory, "gw1")
-    register(directory, "detector-line2", "detector")
-    add_user(directory, "detector-line2")
+    add_account(directory, "gw1", "gateway", line="line1", machines=("mc", "md"))
+    add_account(directory, "detector-line2", "detector")
     return directory
-
-
-@pytest.fixture
-def secure_broker(tmp_path: Path, secrets_dir: Path, topic_root: str) -> Iterator[LocalBroker]:
-    """Mosquitto with authentication and the ACL generated from the registry."""
-    local = LocalBroker(tmp_path / "sbroker", secrets_dir=secrets_dir, topic_root=topic_root)
-    local.start()
-    yield local
-    local.stop()
 
 
 @pytest.fixture
@@ -63,13 +59,7 @@ def as_user(
     """Broker settings logging in as one account."""
 
     def make(user: str) -> BrokerSettings:
-        return BrokerSettings().with_overrides(
-            port=secure_broker.port,
-            topic_root=topic_root,
-            connect_retries=0,
-            username=user,
-            password=SecretStr(read_password(secrets_dir, user) or ""),
-        )
+        return login_settings(secure_broker.port, topic_root, secrets_dir, user, connect_retries=0)
 
     return make
 
@@ -286,12 +276,7 @@ def test_refused_sensor_stops_at_once_with_the_remedy(
             "machine-z",
             "--count",
             "3",
-            "--port",
-            str(secure_broker.port),
-            "--topic-root",
-            topic_root,
-            "--secrets-dir",
-            str(secrets_dir),
+            *secure_args(secure_broker.port, topic_root, secrets_dir),
         ],
         capture_output=True,
         text=True,
@@ -335,12 +320,7 @@ def _detect(
 ) -> Proc:
     return spawn(
         "detect",
-        "--port",
-        str(broker.port),
-        "--topic-root",
-        topic_root,
-        "--secrets-dir",
-        str(secrets_dir),
+        *secure_args(broker.port, topic_root, secrets_dir),
         "--model-dir",
         str(model_dir),
         "--state-dir",
@@ -449,13 +429,7 @@ def test_broker_serve_reloads_a_new_gateway_on_sighup(
         capture_output=True, text=True, timeout=60, check=False, cwd=PROJECT_DIR,
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
-    settings = BrokerSettings().with_overrides(
-        port=port,
-        topic_root="factory",
-        connect_retries=0,
-        username="gw2",
-        password=SecretStr(read_password(secrets, "gw2") or ""),
-    )
+    settings = login_settings(port, "factory", secrets, "gw2", connect_retries=0)
     with pytest.raises(BrokerError, match="login of user 'gw2'"):
         _Peer(settings, "gw2")  # not reloaded yet
     serve.process.send_signal(signal.SIGHUP)

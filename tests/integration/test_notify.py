@@ -17,10 +17,9 @@ from tests.integration.opstack import (
     Alertmanager,
     WebhookReceiver,
     publish_plan,
-    reading,
     wait_until,
 )
-from tests.support import Collector, Proc
+from tests.support import Collector, Proc, reading
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -19,7 +19,7 @@ from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.conftest import DatasetChoice
-from tests.support import Collector, Proc, await_end_marker, not_marker
+from tests.support import TYPICAL, Collector, Proc, await_end_marker, not_marker, reading
 
 pytestmark = pytest.mark.integration
 
@@ -90,20 +90,7 @@ def test_prototype_scenario_normal_then_rpm_spike(
     detector()
     sim = MachineSimulator("proto-1", "line1", seed=3)
     now = time.time()
-    typical = Telemetry(
-        machine_id="proto-1",
-        line="line1",
-        seq=10_000,
-        ts=now,
-        attributes={"product_type": "L"},
-        readings={
-            "air_temperature_k": 300.0,
-            "process_temperature_k": 310.0,
-            "rotational_speed_rpm": 1500.0,
-            "torque_nm": 40.0,
-            "tool_wear_min": 100.0,
-        },
-    )
+    typical = reading("proto-1", 10_000, ts=now)
     spike = typical.model_copy(
         update={"seq": 10_001, "readings": {**typical.readings, "rotational_speed_rpm": 2800.0}}
     )
@@ -176,20 +163,13 @@ BAD_PAYLOADS: list[tuple[str, bytes | None]] = [
 
 
 def _reading(machine: str, seq: int, **readings: float) -> dict[str, object]:
-    base = {
-        "air_temperature_k": 300.0,
-        "process_temperature_k": 310.0,
-        "rotational_speed_rpm": 1500.0,
-        "torque_nm": 40.0,
-        "tool_wear_min": 100.0,
-    }
     return {
         "machine_id": machine,
         "line": "line1",
         "seq": seq,
         "ts": time.time(),
         "product_type": "L",
-        "readings": {**base, **readings},
+        "readings": {**TYPICAL, **readings},
     }
 
 

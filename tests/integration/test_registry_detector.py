@@ -8,16 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
 from factorywatch.contracts import DeadLetter, Telemetry, TelemetryBatch, Verdict
-from factorywatch.credentials import add_user, init_secrets, read_password, register
+from factorywatch.credentials import init_secrets
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.support import Collector, Proc
+from tests.support import Collector, Proc, add_account, login_settings, secure_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,30 +35,19 @@ def test_gateway_cannot_speak_for_other_or_invented_machines(
     unauthorized_machine, the invented ones unknown_machine, and no state is created."""
     secrets = tmp_path / "secrets"
     init_secrets(secrets, ("ma",))
-    register(secrets, "gw1", "gateway", line="line1", machines=("mc", "md"))
-    add_user(secrets, "gw1")
+    add_account(secrets, "gw1", "gateway", line="line1", machines=("mc", "md"))
     broker = LocalBroker(tmp_path / "broker", secrets_dir=secrets, topic_root=topic_root).start()
     topics = Topics(topic_root)
 
     def login(user: str) -> BrokerSettings:
-        return BrokerSettings().with_overrides(
-            port=broker.port,
-            topic_root=topic_root,
-            username=user,
-            password=SecretStr(read_password(secrets, user) or ""),
-        )
+        return login_settings(broker.port, topic_root, secrets, user)
 
     filters = [f"{topic_root}/alerts/#", f"{topic_root}/deadletter/#"]
     monitor = Collector(login("monitor"), filters, "mon")
     try:
         det = spawn(
             "detect",
-            "--port",
-            str(broker.port),
-            "--topic-root",
-            topic_root,
-            "--secrets-dir",
-            str(secrets),
+            *secure_args(broker.port, topic_root, secrets),
             "--model-dir",
             str(model_dir),
             "--state-dir",

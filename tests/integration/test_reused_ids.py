@@ -10,28 +10,13 @@ import pytest
 from factorywatch.contracts import Telemetry
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
-from tests.support import Collector, Proc
+from tests.support import Collector, Proc, reading
 
 pytestmark = pytest.mark.integration
 
-READINGS = {
-    "air_temperature_k": 300.0,
-    "process_temperature_k": 310.0,
-    "rotational_speed_rpm": 1500.0,
-    "torque_nm": 40.0,
-    "tool_wear_min": 100.0,
-}
-
 
 def _reading(seq: int, ts: float) -> Telemetry:
-    return Telemetry(
-        machine_id="reuse-1",
-        line="line1",
-        seq=seq,
-        ts=ts,
-        attributes={"product_type": "M"},
-        readings=READINGS,
-    )
+    return reading("reuse-1", seq, ts=ts, product_type="M")
 
 
 def _wait(condition: Callable[[], bool], timeout: float) -> bool:

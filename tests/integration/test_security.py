@@ -21,11 +21,11 @@ from pydantic import SecretStr
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
-from factorywatch.credentials import add_user, init_secrets, read_password, register
+from factorywatch.credentials import init_secrets, read_password
 from factorywatch.errors import BrokerError, PayloadError
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.support import Collector, Proc
+from tests.support import Collector, Proc, add_account
 
 pytestmark = pytest.mark.integration
 MACHINES = ("machine-a", "machine-b")
@@ -38,18 +38,8 @@ def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("secrets")
     init_secrets(directory, MACHINES)
     # A login is a client id (one connection per account): the test's own observer.
-    register(directory, "monitor-tests", "monitor")
-    add_user(directory, "monitor-tests")
+    add_account(directory, "monitor-tests", "monitor")
     return directory
-
-
-@pytest.fixture
-def secure_broker(tmp_path: Path, secrets_dir: Path, topic_root: str) -> Iterator[LocalBroker]:
-    """Mosquitto with authentication, the project's ACL and a TLS listener."""
-    local = LocalBroker(tmp_path / "sbroker", secrets_dir=secrets_dir, topic_root=topic_root)
-    local.start()
-    yield local
-    local.stop()
 
 
 @pytest.fixture

@@ -14,17 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
 from factorywatch.contracts import AlertEvent, DeadLetter, Verdict
-from factorywatch.credentials import add_user, init_secrets, read_password, register
+from factorywatch.credentials import init_secrets
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.sparkplug_edge import LiveEdge, TahuEdgeNode, decode
-from tests.support import Collector, Message, Proc
+from tests.support import Collector, Message, Proc, add_account, login_settings
 
 pytestmark = pytest.mark.integration
 
@@ -235,19 +234,12 @@ def test_acl_an_edge_node_writes_only_its_own_node_topics(tmp_path: Path, topic_
     init_secrets(secrets, ("edge1", "edge2"))
     # A login is a client id (one connection per account): the host listens as a second
     # detector account while `detector` publishes.
-    register(secrets, "detector-host", "detector")
-    add_user(secrets, "detector-host")
+    add_account(secrets, "detector-host", "detector")
     broker = LocalBroker(tmp_path / "sbroker", secrets_dir=secrets, topic_root=topic_root).start()
     made: list[Collector] = []
 
     def login(user: str) -> BrokerSettings:
-        return BrokerSettings().with_overrides(
-            port=broker.port,
-            topic_root=topic_root,
-            connect_retries=0,
-            username=user,
-            password=SecretStr(read_password(secrets, user) or ""),
-        )
+        return login_settings(broker.port, topic_root, secrets, user, connect_retries=0)
 
     def subscriber(user: str, *filters: str) -> Collector:
         made.append(Collector(login(user), filters, f"sub-{user}-{uuid.uuid4().hex[:6]}"))

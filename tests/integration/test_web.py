@@ -15,17 +15,16 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
-from pydantic import SecretStr
 
 from factorywatch.broker import LocalBroker, free_port
 from factorywatch.contracts import AlertEvent, FeedbackCommand
 from factorywatch.credentials import init_secrets, read_password
-from factorywatch.history import HistoryStore
+from factorywatch.history_store import HistoryStore
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.integration.opstack import POLICY_ENV, reading, require_binary, wait_until
-from tests.support import PROJECT_DIR, Collector, Proc
+from tests.integration.opstack import POLICY_ENV, require_binary, wait_until
+from tests.support import PROJECT_DIR, Collector, Proc, login_settings, reading, secure_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,15 +49,6 @@ def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("websecrets")
     init_secrets(directory, MACHINES)
     return directory
-
-
-@pytest.fixture
-def secure_broker(tmp_path: Path, secrets_dir: Path, topic_root: str) -> Iterator[LocalBroker]:
-    """Mosquitto with authentication and the project's ACL."""
-    local = LocalBroker(tmp_path / "sbroker", secrets_dir=secrets_dir, topic_root=topic_root)
-    local.start()
-    yield local
-    local.stop()
 
 
 @pytest.fixture
@@ -101,22 +91,10 @@ def test_web_view_in_chromium(
     and marks a false alarm from the browser, which reach the broker and the history; the
     machine page draws score, threshold and channel charts and lists the alert history."""
     topics = Topics(topic_root)
-    base_mqtt = [
-        "--port",
-        str(secure_broker.port),
-        "--topic-root",
-        topic_root,
-        "--secrets-dir",
-        str(secrets_dir),
-    ]
+    base_mqtt = secure_args(secure_broker.port, topic_root, secrets_dir)
 
     def as_user(user: str) -> BrokerSettings:
-        return BrokerSettings().with_overrides(
-            port=secure_broker.port,
-            topic_root=topic_root,
-            username=user,
-            password=SecretStr(read_password(secrets_dir, user) or ""),
-        )
+        return login_settings(secure_broker.port, topic_root, secrets_dir, user)
 
     db = f"sqlite:///{tmp_path / 'history.sqlite'}"
     spawn(

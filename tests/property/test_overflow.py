@@ -22,14 +22,8 @@ from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.features import FEATURE_LIMIT, FEATURE_SETS, compute_features
 from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
+from tests.support import TYPICAL
 
-TYPICAL = {
-    "air_temperature_k": 300.0,
-    "process_temperature_k": 310.0,
-    "rotational_speed_rpm": 1500.0,
-    "torque_nm": 40.0,
-    "tool_wear_min": 100.0,
-}
 finite = st.floats(allow_nan=False, allow_infinity=False)
 
 

@@ -15,7 +15,7 @@ from factorywatch.model.dataset import UCI_FILE, Dataset, load
 from factorywatch.model.features import DEFAULT_FEATURE_SET
 from factorywatch.model.train import fit
 from factorywatch.sensors.simulator import MachineSimulator
-from tests.support import reference_file
+from tests.support import TYPICAL, reference_file
 
 T0 = 1.7e9
 
@@ -57,13 +57,7 @@ def typical(rpm: float = 1500.0, seq: int = 0, machine: str = "mill-01") -> Tele
         seq=seq,
         ts=T0 + seq,
         attributes={"product_type": "L"},
-        readings={
-            "air_temperature_k": 300.0,
-            "process_temperature_k": 310.0,
-            "rotational_speed_rpm": rpm,
-            "torque_nm": 40.0,
-            "tool_wear_min": 100.0,
-        },
+        readings={**TYPICAL, "rotational_speed_rpm": rpm},
     )
 
 

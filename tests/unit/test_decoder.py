@@ -16,6 +16,7 @@ from factorywatch.contracts import (
 from factorywatch.detector.core import Decoder, Received, dead_letter
 from factorywatch.errors import DEAD_LETTER_REASONS, PayloadError
 from factorywatch.topics import Topics
+from tests.support import TYPICAL
 
 NOW = 1.7e9
 SKEW = 7 * 24 * 3600.0
@@ -32,13 +33,7 @@ def reading(**overrides: Any) -> dict[str, Any]:
         "seq": 3,
         "ts": NOW,
         "product_type": "L",
-        "readings": {
-            "air_temperature_k": 300.0,
-            "process_temperature_k": 310.0,
-            "rotational_speed_rpm": 1500.0,
-            "torque_nm": 40.0,
-            "tool_wear_min": 100.0,
-        },
+        "readings": dict(TYPICAL),
     }
     return {**base, **overrides}
 

@@ -15,16 +15,11 @@ from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import Topics
+from tests.support import TYPICAL
 
 ROOT = "unit"
 TOPICS = Topics(ROOT)
-NORMAL = {
-    "air_temperature_k": 300.0,
-    "process_temperature_k": 310.0,
-    "rotational_speed_rpm": 1500.0,
-    "torque_nm": 40.0,
-    "tool_wear_min": 100.0,
-}
+NORMAL = TYPICAL
 # Far outside the training envelope: an ALERT whatever the forest says.
 ANOMALOUS = {**NORMAL, "torque_nm": 400.0}
 

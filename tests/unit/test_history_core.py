@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from factorywatch.history import AI4I_HEADER, episodes, parse_since, training_rows, write_ai4i_csv
+from tests.support import TYPICAL
 
 
 def _ev(
@@ -18,9 +19,7 @@ def _ev(
 
 
 def _reading(seq: int) -> dict[str, Any]:
-    channels = {"air_temperature_k": 300.0, "process_temperature_k": 310.0,
-                "rotational_speed_rpm": 1500.0, "torque_nm": 40.0,
-                "tool_wear_min": 10.0}  # fmt: skip
+    channels = {**TYPICAL, "tool_wear_min": 10.0}
     return {"seq": seq, "ts": 1000.0 + seq, "product_type": "L", "readings": channels}
 
 

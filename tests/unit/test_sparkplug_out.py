@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from factorywatch.contracts import MachineState, Verdict
-from factorywatch.detector.sparkplug_out import VerdictNode, is_rebirth_request, tags
+from factorywatch.detector.sparkplug_out import VerdictNode, tags
+from factorywatch.sensors.sparkplug import EdgeNode
+from factorywatch.sparkplug_codec import is_rebirth_request
 from tests.sparkplug_edge import decode
 
 T0 = 1_800_000_000.0
@@ -80,3 +82,18 @@ def test_rebirth_republishes_every_machine_and_death_matches_the_birth() -> None
     assert topic == "spBv1.0/factorywatch/NDEATH/det"
     assert _metrics(payload)["bdSeq"] == 9
     assert is_rebirth_request(b"\xff") is False
+
+
+def test_detector_and_simulated_edge_nodes_share_one_birth_and_death() -> None:
+    """The detector's node and `sensor --sparkplug`'s node build NBIRTH and NDEATH alike:
+    same bytes for the same ids, the rebirth control stamped with the birth's time."""
+    detector = VerdictNode("g", "n", bd_seq=260)
+    sensor = EdgeNode("g", "n", [], bd_seq=260)
+    assert detector.births(7) == sensor.births({}, 7)
+    assert detector.ndeath() == sensor.ndeath()
+    rebirth = next(m for m in decode(detector.births(8)[0][1]).metrics if m.name != "bdSeq")
+    assert (rebirth.name, rebirth.timestamp, rebirth.boolean_value) == (
+        "Node Control/Rebirth",
+        8,
+        False,
+    )

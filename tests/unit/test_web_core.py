@@ -1,5 +1,5 @@
 """The web view's pure parts: logins against broker hashes, the live model and its deltas,
-the feedback topic and contract."""
+the feedback topic and contract, the pages around their shared layout."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from factorywatch.contracts import AlertEvent, FeedbackCommand, MachineState, Te
 from factorywatch.credentials import add_user, hash_password
 from factorywatch.errors import PayloadError
 from factorywatch.topics import Topics
+from factorywatch.web.app import PAGES, render_page
 from factorywatch.web.auth import Accounts, verify_password
 from factorywatch.web.live import LiveModel
 
@@ -128,3 +129,20 @@ def test_live_model_shows_calibration_progress_without_points() -> None:
     assert model.feed(T.verdict("l1", "m1"), payload) == "l1/m1"
     m = model.machines["l1/m1"]
     assert (list(m.points), m.last_status) == ([], "CALIBRATING 4/50")
+
+
+def test_pages_share_one_head_and_keep_their_own_title_and_script() -> None:
+    """Each page is one whole document: the layout's head and header bar once, its own title,
+    its own <main> and its own app.js entry point, with no placeholder left."""
+    for name, (title, entry) in PAGES.items():
+        page = render_page(name)
+        assert page.startswith("<!doctype html>\n")
+        assert page.endswith("</html>\n")
+        assert page.count("<head>") == page.count('href="/logout"') == page.count("<main>") == 1
+        assert f"<title>factorywatch — {title}</title>" in page
+        assert page.count("<script>FW.") == 1
+        assert f"<script>FW.{entry}();</script>" in page
+        assert "${" not in page
+    assert 'id="tiles"' in render_page("index.html")
+    assert 'id="score-chart"' in render_page("machine.html")
+    assert 'id="tiles"' not in render_page("machine.html")
