@@ -14,9 +14,16 @@ A detector serves a partition only while it holds the partition's lease
 (``detector/lease.py``); for the partitions of its ``--partitions`` that another detector
 holds it stands by and takes over when that lease is released or expires. On start (or when a
 partition moves here) the partition's machine records are read back from the bucket before its
-consumer is bound, so alert state, windows and unconfirmed events resume where the previous
-owner left them. Each machine's retained state goes through the cluster's MQTT listener
-(``detector/retained.py``): NATS clients cannot publish MQTT-retained messages.
+consumer is bound, so alert state, windows (calibration windows too) and unconfirmed events
+resume where the previous owner left them. Each machine's retained state goes through the
+cluster's MQTT listener (``detector/retained.py``): NATS clients cannot publish MQTT-retained
+messages.
+
+With ``--asset-config`` the engine routes machines to their own or their group's model and
+calibrates new machines live, exactly as on Mosquitto (``detector/calibration_worker.py``,
+polled between batches under the engine's lock; fits run on a worker thread, never on the
+event loop). A fitted model is saved and promoted in the model directory, which every detector
+reads: on one host it is shared; across hosts it must be a shared volume (README).
 """
 
 from __future__ import annotations
@@ -66,12 +73,12 @@ from factorywatch.detector.bookkeeping import (
     sync_drift_metrics,
     tally,
 )
+from factorywatch.detector.calibration_worker import CalibrationWorker, make_router
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
 from factorywatch.detector.lease import LEASE_TTL_S, PartitionLeases, lease_bucket
 from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.retained import RetainedPublisher, parse_endpoints
-from factorywatch.detector.state import MachineRecord
 from factorywatch.errors import BrokerError
 from factorywatch.model.artifact import LoadedModel, ScorerKind
 from factorywatch.settings import DetectorSettings
@@ -111,6 +118,8 @@ class JetStreamOptions:
     lease_ttl_s: float = LEASE_TTL_S
     #: the cluster's MQTT listeners: retained state goes through them (empty: not retained)
     mqtt_endpoints: Sequence[tuple[str, int]] = ()
+    #: machine groups and live calibration (``detector/calibration_worker.py``); None: one model
+    asset_config: Path | None = None
 
 
 def tls_context(ca: Path | None) -> ssl.SSLContext | None:
@@ -244,9 +253,14 @@ class JetStreamDetector:
         self.options = options
         self.layout = options.layout
         self.topics = Topics(options.layout.topic_root)
-        self.engine = Engine(model, self.topics, settings)
+        self.engine = Engine(
+            model, self.topics, settings, router=make_router(options.asset_config, model)
+        )
         self.counters = Counters()
         self.metrics = Metrics()
+        self.calibration = CalibrationWorker(
+            options.model_dir, options.scorer, self.counters, self.metrics
+        )
         self.metrics.set_model(model.version)
         sync_drift_metrics(self.engine, self.metrics)
         self._last_turn = time.monotonic()
@@ -347,6 +361,8 @@ class JetStreamDetector:
             "model_version": self.engine.model.version,
             "machines": len(self.engine.states),
             "partitions": owned,
+            "models_per_route": len(self.engine.router.models()),
+            "fitting": self.calibration.fitting,
             "standby": [p for p in self.options.partitions if p not in owned],
             "retained_connected": None if self.retained is None else self.retained.is_connected(),
         }
@@ -390,6 +406,8 @@ class JetStreamDetector:
                 will=(self.topics.status("detector", opts.client_id), offline),
             )
             await self.retained.start()
+        # before the restore: a window already fitted (by any detector) is not refitted
+        self.calibration.reload_routes(self.engine)
         for partition in opts.partitions:
             if await self.leases.acquire(partition):
                 await self.restore_partition(partition)
@@ -402,17 +420,18 @@ class JetStreamDetector:
     async def restore_partition(self, partition: int) -> set[str]:
         """Load every machine record of ``partition`` from the bucket; their machine ids."""
         watcher = await self.kv.watch(f"{partition}.*", ignore_deletes=True)
-        restored: set[str] = set()
+        records: list[dict[str, Any]] = []
         try:
             async for entry in watcher:
                 if entry is None:
                     break  # the end of the current values
                 if entry.value:
-                    record = MachineRecord.restore(json.loads(entry.value))
-                    self.engine.states.add(record)
-                    restored.add(record.machine_id)
+                    records.append(json.loads(entry.value))
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
+        # a full calibration window (its fit cut short by a crash or a move) is asked for again
+        self.engine.restore_records(records)
+        restored = {record["machine_id"] for record in records}
         log.info("partition_restored", partition=partition, machines=len(restored))
         return restored
 
@@ -444,6 +463,7 @@ class JetStreamDetector:
         finally:
             for task in tasks:
                 task.cancel()
+            self.calibration.close()  # a fit cut short is asked for again by the next owner
             if self._leases is not None:
                 for partition in self.owned:  # after the last batch: a standby may go on
                     with contextlib.suppress(Exception):
@@ -530,6 +550,7 @@ class JetStreamDetector:
         else:
             return False
         async with self._lock:
+            self.calibration.reload_routes(self.engine)  # a model fitted by the previous owner
             machines = await self.restore_partition(partition)
             recovered = [p for p in self.engine.recover() if p.topic.rsplit("/", 2)[-2] in machines]
             await asyncio.gather(*(self._publish(p, None) for p in recovered))
@@ -612,6 +633,7 @@ class JetStreamDetector:
             touched = {v.machine_id for o in outcomes for v in o.verdicts} | {
                 e.machine_id for o in outcomes for e in o.events
             }
+            touched |= self._owned_machines(self.calibration.poll(self.engine))
             ok = all(await asyncio.gather(*sends)) and await self._save(touched)
             if not ok:
                 # Redelivered later: forget these ids so the redelivery is scored again (the
@@ -637,26 +659,36 @@ class JetStreamDetector:
         next_reload = time.monotonic() + self.options.reload_interval_s
         while not stop.is_set():
             self.metrics.connected.set(1 if self._nc is not None and self._nc.is_connected else 0)
+            changed: set[str] = set()
             if time.monotonic() >= next_reload:
                 next_reload = time.monotonic() + self.options.reload_interval_s
                 async with self._lock:
+                    changed |= self.calibration.reload_routes(self.engine)
                     self.maybe_reload()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             async with self._lock:
+                # a fit that finished while no batch came: bind it now
+                changed |= self.calibration.poll(self.engine)
                 publishes, events = self.engine.tick(time.time())
                 log_events(events, self.metrics)
                 report_drift(self.engine, self.metrics)
                 await asyncio.gather(*(self._publish(p, None) for p in publishes))
-                if events:
-                    await self._save({e.machine_id for e in events})
+                touched = self._owned_machines(changed | {e.machine_id for e in events})
+                if touched:
+                    await self._save(touched)
             if time.monotonic() >= next_status:
                 with contextlib.suppress(Exception):
                     await self._status("online")
                 next_status = time.monotonic() + 15.0
 
+    def _owned_machines(self, machines: set[str]) -> set[str]:
+        """Those of ``machines`` in a partition this detector serves (only those are written)."""
+        owned = set(self.owned)
+        return {m for m in machines if partition_of(m, self.layout.partitions) in owned}
+
     def maybe_reload(self) -> bool:
-        """Swap in a newly promoted model between batches (never mid-batch)."""
+        """Swap in a newly promoted default model between batches (never mid-batch)."""
         model_dir = self.options.model_dir
         if model_dir is None:
             return False
@@ -709,6 +741,7 @@ def run_cli(
         metrics_port=detector.metrics_port,
         lease_ttl_s=args.lease_ttl,
         mqtt_endpoints=mqtt_endpoints,
+        asset_config=detector.asset_config,
     )
     settings = engine_settings(detector)
     if not mqtt_endpoints:
