@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -83,21 +84,28 @@ def _calibrate_across_kill9(
     device.wait_connected()
     sims = {m: MachineSimulator(m, "line1", seed=i) for i, m in enumerate(("cal-1", "m1"))}
 
-    def publish(per_machine: int) -> None:
+    def publish(per_machine: int, every_s: float = 0.0) -> None:
         for _ in range(per_machine):
             for machine, sim in sims.items():
                 reading = sim.next(time.time())
                 key = f"{machine}:{reading.seq}"
                 device.publish(topics.telemetry("line1", machine), reading.encode(), key)
+            if every_s:
+                time.sleep(every_s)  # pacing the load, not synchronising
 
     def calibrating_seen() -> int:
         return sum(v.machine_id == "cal-1" for v in stored_verdicts(cluster))
 
-    publish(40)
+    # 70 readings each at 40 a second: the kill lands mid-stream and mid-calibration
+    paced = threading.Thread(target=publish, args=(70, 0.025), daemon=True)
+    paced.start()
     assert wait_until(lambda: calibrating_seen() >= 30, 30)
     first.kill()  # SIGKILL mid-calibration: its leases expire, its unacked batches come back
     before_kill = calibrating_seen()
-    publish(60)  # while no detector serves: the window fills on the next owner
+    assert before_kill < WINDOW
+    paced.join(30)
+    assert not paced.is_alive()
+    publish(30)  # while no detector serves: the window fills on the next owner
     second = detector("det-b")  # the partitions move to another detector
     second.wait_log("calibration_model_served", timeout=60)
     publish(30)  # served by cal-1's own model
