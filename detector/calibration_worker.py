@@ -210,6 +210,12 @@ class CalibrationWorker:
             )
         return served
 
+    def forget(self, machines: set[str]) -> None:
+        """No retry for these machines (another detector serves them now); a fit already
+        running still saves and promotes its model, which the new owner then binds."""
+        for machine in machines:
+            self._retry.pop(machine, None)
+
     def close(self) -> None:
         """Stop the worker (a fit cut short is asked for again after the restart)."""
         if self._fitter is not None:

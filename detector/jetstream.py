@@ -12,7 +12,10 @@ identities keep a redelivered reading from counting twice in the alert window.
 
 A detector serves a partition only while it holds the partition's lease
 (``detector/lease.py``); for the partitions of its ``--partitions`` that another detector
-holds it stands by and takes over when that lease is released or expires. On start (or when a
+holds it stands by and takes over when that lease is released or expires. A fenced owner (its
+lease taken while it was paused or cut off) forgets that partition's machines
+(``engine.forget``: their records here are stale) and stands by for it again; its other
+partitions go on being served. On start (or when a
 partition moves here) the partition's machine records are read back from the bucket before its
 consumer is bound, so alert state, windows (calibration windows too) and unconfirmed events
 resume where the previous owner left them. Each machine's retained state goes through the
@@ -88,8 +91,6 @@ log = structlog.get_logger("detector.jetstream")
 
 #: how long the output stream remembers a verdict's id (redeliveries inside it are dropped)
 DUPLICATE_WINDOW_S = 600.0
-#: exit status after losing a partition's lease to another detector (EX_TEMPFAIL: restart me)
-LEASE_LOST_EXIT = 75
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,9 +273,6 @@ class JetStreamDetector:
         self._lock = asyncio.Lock()
         #: True once connected, provisioned and restored (a stop then drains in-flight work)
         self.started = False
-        #: the process's exit status: LEASE_LOST_EXIT once another detector took a partition
-        self.exit_code = 0
-        self._stop: asyncio.Event | None = None
 
     # -- I/O helpers ----------------------------------------------------------------------------
     @property
@@ -438,7 +436,6 @@ class JetStreamDetector:
     # -- the loop -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Serve the owned partitions until ``stop`` is set; then finish batches and close."""
-        self._stop = stop
         await self.start()
         opts = self.options
         tasks = [
@@ -506,23 +503,29 @@ class JetStreamDetector:
             return
         await self._nc.publish(topic.replace("/", "."), self._status_payload(state))
 
-    def _lease_lost(self, partition: int) -> None:
-        """Another detector owns the partition now: stop everything, exit non-zero.
-
-        Its machine records here are stale from now on and the engine keeps them all in one
-        table, so the whole process stops (like a leader-election client losing its lease);
-        a supervisor restarts it as a standby.
-        """
-        if self.exit_code == 0:
-            log.error(
-                "partition_lease_lost",
-                partition=partition,
-                action="stopping: another detector owns this partition now; restart me "
-                "(I come back as a standby)",
-            )
-        self.exit_code = LEASE_LOST_EXIT
-        if self._stop is not None:
-            self._stop.set()
+    async def _drop(self, partition: int) -> None:
+        """Another detector owns the partition now (this one was fenced): forget its machines,
+        whose records here are stale from now on, and stand by for it again. The other
+        partitions go on being served."""
+        self.leases.held.pop(partition, None)
+        count = self.layout.partitions
+        async with self._lock:
+            machines = {
+                r.machine_id
+                for r in self.engine.states
+                if partition_of(r.machine_id, count) == partition
+            }
+            self.engine.forget(machines)
+            self.calibration.forget(machines)
+            # its ids are not kept per machine: forget them all (as after a failed batch)
+            self.engine.seen = SeenCache(self.engine.settings.dedup_size)
+        log.error(
+            "partition_lease_lost",
+            partition=partition,
+            machines_dropped=len(machines),
+            action="another detector owns this partition now: its machines are dropped "
+            "here and this detector stands by for it",
+        )
 
     async def _renew(self, stop: asyncio.Event) -> None:
         """Renew every held lease each ``ttl / 3``."""
@@ -533,7 +536,8 @@ class JetStreamDetector:
                 return
             for partition in self.owned:
                 if not await self.leases.renew(partition):
-                    self._lease_lost(partition)
+                    # no longer held: its task stops serving it and drops it (_serve)
+                    log.warning("partition_lease_taken", partition=partition)
 
     async def _take_over(self, partition: int, stop: asyncio.Event) -> bool:
         """Stand by until the partition's lease is free, take it, restore its machines."""
@@ -584,18 +588,29 @@ class JetStreamDetector:
                 await asyncio.sleep(0.5)  # backoff while the cluster elects a leader
 
     async def _partition(self, partition: int, stop: asyncio.Event) -> None:
-        if partition not in self.leases.held and not await self._take_over(partition, stop):
-            return
-        await self._serve(partition, stop)
+        """Serve the partition while its lease is ours; stand by for it otherwise."""
+        while not stop.is_set():
+            if partition not in self.leases.held and not await self._take_over(partition, stop):
+                return
+            await self._serve(partition, stop)
 
     async def _serve(self, partition: int, stop: asyncio.Event) -> None:
         sub = await self._subscribe(partition)
+        try:
+            await self._fetch_loop(partition, sub, stop)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _fetch_loop(
+        self, partition: int, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
+    ) -> None:
         opts = self.options
         while not stop.is_set():
             self._last_turn = time.monotonic()
             if not self.leases.valid(partition) and not await self._hold(partition, stop):
                 if not stop.is_set():
-                    self._lease_lost(partition)
+                    await self._drop(partition)
                 return
             try:
                 msgs = await sub.fetch(opts.batch_max, timeout=opts.fetch_timeout_s)
@@ -749,10 +764,8 @@ def run_cli(
             "retained_state_off",
             reason="no --nats-mqtt: MQTT subscribers connecting later get no machine state",
         )
-    exit_code = 0
 
     async def main() -> None:
-        nonlocal exit_code
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -767,7 +780,6 @@ def run_cli(
         with contextlib.suppress(asyncio.CancelledError):
             await running
         stopping.cancel()
-        exit_code = detector.exit_code
 
     try:
         asyncio.run(main())
@@ -777,4 +789,4 @@ def run_cli(
         ) from None
     except BrokerError as exc:
         raise SystemExit(f"error: {exc}") from None
-    return exit_code
+    return 0
