@@ -99,6 +99,7 @@ class CalibrationWorker:
         self._requests: dict[str, FitRequest] = {}
         self._retry: dict[str, tuple[float, FitRequest]] = {}
         self._unknown_groups: set[str] = set()
+        self._fitted: list[tuple[str, str]] = []
 
     @property
     def fitting(self) -> list[str]:
@@ -198,6 +199,7 @@ class CalibrationWorker:
                 continue
             engine.bind(machine, model)
             served.add(machine)
+            self._fitted.append((machine, model.version))
             self.counters.calibrated += 1
             self.metrics.calibrations.labels(result="served").inc()
             log.info(
@@ -209,6 +211,11 @@ class CalibrationWorker:
                 threshold=round(model.card.threshold, 4),
             )
         return served
+
+    def take_fitted(self) -> list[tuple[str, str]]:
+        """(machine, version) of the models fitted and served here since the last call."""
+        fitted, self._fitted = self._fitted, []
+        return fitted
 
     def forget(self, machines: set[str]) -> None:
         """No retry for these machines (another detector serves them now); a fit already

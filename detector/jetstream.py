@@ -81,6 +81,7 @@ from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
 from factorywatch.detector.lease import LEASE_TTL_S, PartitionLeases, lease_bucket
 from factorywatch.detector.metrics import Metrics, serve
+from factorywatch.detector.model_store import STORE_ERRORS, ModelStore, open_store
 from factorywatch.detector.retained import RetainedPublisher, parse_endpoints
 from factorywatch.errors import BrokerError
 from factorywatch.model.artifact import LoadedModel, ScorerKind
@@ -270,6 +271,10 @@ class JetStreamDetector:
         self._kv: KeyValue | None = None
         self._leases: PartitionLeases | None = None
         self.retained: RetainedPublisher | None = None
+        #: fitted route models shared with detectors on other hosts (None: not reachable)
+        self.model_store: ModelStore | None = None
+        self._uploads: list[tuple[str, str]] = []
+        self._sync_lock = asyncio.Lock()
         self._lock = asyncio.Lock()
         #: True once connected, provisioned and restored (a stop then drains in-flight work)
         self.started = False
@@ -404,7 +409,10 @@ class JetStreamDetector:
                 will=(self.topics.status("detector", opts.client_id), offline),
             )
             await self.retained.start()
+        if opts.model_dir is not None:
+            await self._open_model_store(opts.model_dir)
         # before the restore: a window already fitted (by any detector) is not refitted
+        await self._sync_models()
         self.calibration.reload_routes(self.engine)
         for partition in opts.partitions:
             if await self.leases.acquire(partition):
@@ -414,6 +422,31 @@ class JetStreamDetector:
             await self._publish(publish, None)
         self.counters.restored_machines = len(self.engine.states)
         self.started = True
+
+    async def _open_model_store(self, model_dir: Path) -> None:
+        try:
+            store = await open_store(self.js, self.layout.model_bucket, self.layout.replicas)
+        except STORE_ERRORS as exc:  # detection goes on; models stay on this host only
+            log.error("model_store_unavailable", bucket=self.layout.model_bucket, error=repr(exc))
+            return
+        self.model_store = ModelStore(store, model_dir, self.options.scorer)
+
+    async def _sync_models(self) -> None:
+        """Upload the models fitted here (until it worked), fetch those fitted elsewhere."""
+        store = self.model_store
+        self._uploads += self.calibration.take_fitted()
+        if store is None:
+            self._uploads.clear()
+            return
+        async with self._sync_lock:
+            try:
+                while self._uploads:
+                    machine, version = self._uploads[0]
+                    await store.upload("machine", machine, version)
+                    self._uploads.pop(0)
+                await store.download()
+            except STORE_ERRORS as exc:  # tried again at the next reload
+                log.warning("model_store_sync_failed", error=repr(exc), pending=len(self._uploads))
 
     async def restore_partition(self, partition: int) -> set[str]:
         """Load every machine record of ``partition`` from the bucket; their machine ids."""
@@ -461,6 +494,8 @@ class JetStreamDetector:
             for task in tasks:
                 task.cancel()
             self.calibration.close()  # a fit cut short is asked for again by the next owner
+            with contextlib.suppress(Exception):
+                await self._sync_models()  # models fitted since the last reload: upload them
             if self._leases is not None:
                 for partition in self.owned:  # after the last batch: a standby may go on
                     with contextlib.suppress(Exception):
@@ -553,6 +588,7 @@ class JetStreamDetector:
                 await asyncio.wait_for(stop.wait(), timeout=self.leases.poll_every_s)
         else:
             return False
+        await self._sync_models()
         async with self._lock:
             self.calibration.reload_routes(self.engine)  # a model fitted by the previous owner
             machines = await self.restore_partition(partition)
@@ -677,6 +713,7 @@ class JetStreamDetector:
             changed: set[str] = set()
             if time.monotonic() >= next_reload:
                 next_reload = time.monotonic() + self.options.reload_interval_s
+                await self._sync_models()
                 async with self._lock:
                     changed |= self.calibration.reload_routes(self.engine)
                     self.maybe_reload()

@@ -3,7 +3,9 @@
 A new machine calibrates its own model on its first readings while the detector serving it
 is killed with SIGKILL; another detector takes the partition over (lease expiry), reads the
 machine's record (calibration window included) back from the state bucket and continues the
-count where the first one stopped; it fits, saves and serves the machine's own model.
+count where the first one stopped; it fits, saves and serves the machine's own model. Each
+detector has a model directory of its own (three hosts): a third detector taking over gets
+the fitted model from the cluster's object store and serves it without calibrating again.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def test_live_calibration_continues_on_the_detector_that_takes_over_after_kill9(
     """cal-1 gets CALIBRATING verdicts counting 1..80 exactly once each across a kill -9 of
     its detector and the partition's move to another one (state from the KV bucket), then
     verdicts of its own model fitted by the new owner; m1 keeps the default model; every
-    reading gets exactly one verdict."""
+    reading gets exactly one verdict; a third detector with its own model directory downloads
+    that model from the object store and serves it (no second calibration)."""
     cluster = LocalNatsCluster(
         tmp_path / "nats", layouts=(ClusterLayout(topic_root, partitions=PARTITIONS),)
     ).start()
@@ -66,9 +69,11 @@ def _calibrate_across_kill9(
     shared_models: Path,
     topic_root: str,
 ) -> None:
-    models = tmp_path / "models"  # this test's own: the fitted model is promoted into it
-    shutil.copytree(shared_models, models)
-    default = artifact.current_version(models)
+    # each detector has a model directory of its own, as on three hosts (the default model)
+    dirs = {d: tmp_path / f"models-{d}" for d in ("det-a", "det-b", "det-c")}
+    for directory in dirs.values():
+        shutil.copytree(shared_models, directory)
+    default = artifact.current_version(dirs["det-a"])
     config = tmp_path / "assets.yaml"
     config.write_text(f"calibrate:\n  readings: {WINDOW}\n  family: pca\n  machines: [cal-1]\n")
     topics = Topics(topic_root)
@@ -76,8 +81,9 @@ def _calibrate_across_kill9(
 
     def detector(client_id: str) -> Proc:
         return start_detector(
-            spawn, cluster, models, client_id=client_id, lease_ttl_s=3.0, asset_config=config
-        )
+            spawn, cluster, dirs[client_id], client_id=client_id, lease_ttl_s=3.0,
+            asset_config=config,
+        )  # fmt: skip
 
     first = detector("det-a")
     device = MqttDevice("device-1", cluster.nodes[0].ports.mqtt)
@@ -122,7 +128,7 @@ def _calibrate_across_kill9(
     # counted once each across the kill: a restart from zero would count 1..30 twice
     assert {n: seen[n] for n in range(1, WINDOW)} == dict.fromkeys(range(1, WINDOW), 1)
     assert set(seen) == set(range(1, WINDOW + 1))  # WINDOW: the full window while it fits
-    own = artifact.current_version(artifact.route_dir(models, "machine", "cal-1"))
+    own = artifact.current_version(artifact.route_dir(dirs["det-b"], "machine", "cal-1"))
     assert own is not None, second.log()
     served = [v for v in cal if v.calibration is None]
     assert served, second.log()
@@ -131,7 +137,7 @@ def _calibrate_across_kill9(
     assert min(v.seq for v in served) > last_calibrating  # never back to calibrating
     assert len(served) >= 30
     card = artifact.read_card(
-        artifact.route_dir(models, "machine", "cal-1") / own / artifact.CARD_FILE
+        artifact.route_dir(dirs["det-b"], "machine", "cal-1") / own / artifact.CARD_FILE
     )
     assert card.params["calibrated_live"] == WINDOW
     assert {v.model_version for v in verdicts if v.machine_id == "m1"} == {default}
@@ -147,7 +153,20 @@ def _calibrate_across_kill9(
 
     # the window is done with once the model is bound (a third owner would not refit)
     assert wait_until(lambda: run_js(cluster, stored_record).get("calibration") is None, 10)
-    assert second.terminate() == 0
+    assert second.terminate() == 0  # its leases released: a third detector takes over
+
+    # On "another host": the model comes from the object store, it is not fitted again.
+    third = detector("det-c")
+    assert _logged(third, "route_model_downloaded"), third.log()
+    assert artifact.current_version(artifact.route_dir(dirs["det-c"], "machine", "cal-1")) == own
+    publish(10)
+    assert device.wait_acked(total + 20)
+    later = wait_verdicts(cluster, total + 20, timeout_s=30)
+    assert len(later) == total + 20
+    newest = sorted((v for v in later if v.machine_id == "cal-1"), key=lambda v: v.seq)[-10:]
+    assert [(v.status == "CALIBRATING", v.model_version) for v in newest] == [(False, own)] * 10
+    assert not _logged(third, "calibration_fit_started")
+    assert third.terminate() == 0
     device.close()
     print(
         f"calibrating verdicts before the kill: {before_kill}; "
