@@ -25,8 +25,10 @@ messages.
 With ``--asset-config`` the engine routes machines to their own or their group's model and
 calibrates new machines live, exactly as on Mosquitto (``detector/calibration_worker.py``,
 polled between batches under the engine's lock; fits run on a worker thread, never on the
-event loop). A fitted model is saved and promoted in the model directory, which every detector
-reads: on one host it is shared; across hosts it must be a shared volume (README).
+event loop). A fitted model is saved and promoted in the model directory and uploaded to the
+cluster's object store (``detector/model_store.py``), from which every detector downloads the
+promoted route models its own model directory lacks before each route reload: the machine's
+next owner serves the model on any host.
 """
 
 from __future__ import annotations
