@@ -25,7 +25,7 @@ as one, with no per-reading routing. A machine routed to calibration fills its w
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -227,6 +227,19 @@ class Engine:
         """The shell could not fit ``machine``'s window: ask again (it stays CALIBRATING)."""
         self._fitting.discard(machine)
         self._queue_full_windows([machine])
+
+    def forget(self, machines: Iterable[str]) -> int:
+        """Drop these machines' records and pending fit requests (their partition moved to
+        another detector, whose copy is the truth now); how many records were dropped.
+
+        Their route models stay bound (a later ``restore_records`` brings the records back).
+        The de-duplication cache is the shell's to reset: its ids are not kept per machine.
+        """
+        gone = set(machines)
+        dropped = sum(self.states.remove(machine) is not None for machine in gone)
+        self._fitting -= gone
+        self._fit_requests = [r for r in self._fit_requests if r.machine not in gone]
+        return dropped
 
     def _route_drift(self, key: str, model: LoadedModel) -> ScoreDrift:
         drift = self._make_drift(model, min(self.settings.drift_window, ROUTE_DRIFT_WINDOW))

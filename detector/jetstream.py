@@ -12,11 +12,23 @@ identities keep a redelivered reading from counting twice in the alert window.
 
 A detector serves a partition only while it holds the partition's lease
 (``detector/lease.py``); for the partitions of its ``--partitions`` that another detector
-holds it stands by and takes over when that lease is released or expires. On start (or when a
+holds it stands by and takes over when that lease is released or expires. A fenced owner (its
+lease taken while it was paused or cut off) forgets that partition's machines
+(``engine.forget``: their records here are stale) and stands by for it again; its other
+partitions go on being served. On start (or when a
 partition moves here) the partition's machine records are read back from the bucket before its
-consumer is bound, so alert state, windows and unconfirmed events resume where the previous
-owner left them. Each machine's retained state goes through the cluster's MQTT listener
-(``detector/retained.py``): NATS clients cannot publish MQTT-retained messages.
+consumer is bound, so alert state, windows (calibration windows too) and unconfirmed events
+resume where the previous owner left them. Each machine's retained state goes through the
+cluster's MQTT listener (``detector/retained.py``): NATS clients cannot publish MQTT-retained
+messages.
+
+With ``--asset-config`` the engine routes machines to their own or their group's model and
+calibrates new machines live, exactly as on Mosquitto (``detector/calibration_worker.py``,
+polled between batches under the engine's lock; fits run on a worker thread, never on the
+event loop). A fitted model is saved and promoted in the model directory and uploaded to the
+cluster's object store (``detector/model_store.py``), from which every detector downloads the
+promoted route models its own model directory lacks before each route reload: the machine's
+next owner serves the model on any host.
 """
 
 from __future__ import annotations
@@ -66,12 +78,13 @@ from factorywatch.detector.bookkeeping import (
     sync_drift_metrics,
     tally,
 )
+from factorywatch.detector.calibration_worker import CalibrationWorker, make_router
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
 from factorywatch.detector.lease import LEASE_TTL_S, PartitionLeases, lease_bucket
 from factorywatch.detector.metrics import Metrics, serve
+from factorywatch.detector.model_store import STORE_ERRORS, ModelStore, open_store
 from factorywatch.detector.retained import RetainedPublisher, parse_endpoints
-from factorywatch.detector.state import MachineRecord
 from factorywatch.errors import BrokerError
 from factorywatch.model.artifact import LoadedModel, ScorerKind
 from factorywatch.settings import DetectorSettings
@@ -81,8 +94,6 @@ log = structlog.get_logger("detector.jetstream")
 
 #: how long the output stream remembers a verdict's id (redeliveries inside it are dropped)
 DUPLICATE_WINDOW_S = 600.0
-#: exit status after losing a partition's lease to another detector (EX_TEMPFAIL: restart me)
-LEASE_LOST_EXIT = 75
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +122,8 @@ class JetStreamOptions:
     lease_ttl_s: float = LEASE_TTL_S
     #: the cluster's MQTT listeners: retained state goes through them (empty: not retained)
     mqtt_endpoints: Sequence[tuple[str, int]] = ()
+    #: machine groups and live calibration (``detector/calibration_worker.py``); None: one model
+    asset_config: Path | None = None
 
 
 def tls_context(ca: Path | None) -> ssl.SSLContext | None:
@@ -244,9 +257,14 @@ class JetStreamDetector:
         self.options = options
         self.layout = options.layout
         self.topics = Topics(options.layout.topic_root)
-        self.engine = Engine(model, self.topics, settings)
+        self.engine = Engine(
+            model, self.topics, settings, router=make_router(options.asset_config, model)
+        )
         self.counters = Counters()
         self.metrics = Metrics()
+        self.calibration = CalibrationWorker(
+            options.model_dir, options.scorer, self.counters, self.metrics
+        )
         self.metrics.set_model(model.version)
         sync_drift_metrics(self.engine, self.metrics)
         self._last_turn = time.monotonic()
@@ -255,12 +273,13 @@ class JetStreamDetector:
         self._kv: KeyValue | None = None
         self._leases: PartitionLeases | None = None
         self.retained: RetainedPublisher | None = None
+        #: fitted route models shared with detectors on other hosts (None: not reachable)
+        self.model_store: ModelStore | None = None
+        self._uploads: list[tuple[str, str]] = []
+        self._sync_lock = asyncio.Lock()
         self._lock = asyncio.Lock()
         #: True once connected, provisioned and restored (a stop then drains in-flight work)
         self.started = False
-        #: the process's exit status: LEASE_LOST_EXIT once another detector took a partition
-        self.exit_code = 0
-        self._stop: asyncio.Event | None = None
 
     # -- I/O helpers ----------------------------------------------------------------------------
     @property
@@ -347,6 +366,8 @@ class JetStreamDetector:
             "model_version": self.engine.model.version,
             "machines": len(self.engine.states),
             "partitions": owned,
+            "models_per_route": len(self.engine.router.models()),
+            "fitting": self.calibration.fitting,
             "standby": [p for p in self.options.partitions if p not in owned],
             "retained_connected": None if self.retained is None else self.retained.is_connected(),
         }
@@ -390,6 +411,11 @@ class JetStreamDetector:
                 will=(self.topics.status("detector", opts.client_id), offline),
             )
             await self.retained.start()
+        if opts.model_dir is not None:
+            await self._open_model_store(opts.model_dir)
+        # before the restore: a window already fitted (by any detector) is not refitted
+        await self._sync_models()
+        self.calibration.reload_routes(self.engine)
         for partition in opts.partitions:
             if await self.leases.acquire(partition):
                 await self.restore_partition(partition)
@@ -399,27 +425,52 @@ class JetStreamDetector:
         self.counters.restored_machines = len(self.engine.states)
         self.started = True
 
+    async def _open_model_store(self, model_dir: Path) -> None:
+        try:
+            store = await open_store(self.js, self.layout.model_bucket, self.layout.replicas)
+        except STORE_ERRORS as exc:  # detection goes on; models stay on this host only
+            log.error("model_store_unavailable", bucket=self.layout.model_bucket, error=repr(exc))
+            return
+        self.model_store = ModelStore(store, model_dir, self.options.scorer)
+
+    async def _sync_models(self) -> None:
+        """Upload the models fitted here (until it worked), fetch those fitted elsewhere."""
+        store = self.model_store
+        self._uploads += self.calibration.take_fitted()
+        if store is None:
+            self._uploads.clear()
+            return
+        async with self._sync_lock:
+            try:
+                while self._uploads:
+                    machine, version = self._uploads[0]
+                    await store.upload("machine", machine, version)
+                    self._uploads.pop(0)
+                await store.download()
+            except STORE_ERRORS as exc:  # tried again at the next reload
+                log.warning("model_store_sync_failed", error=repr(exc), pending=len(self._uploads))
+
     async def restore_partition(self, partition: int) -> set[str]:
         """Load every machine record of ``partition`` from the bucket; their machine ids."""
         watcher = await self.kv.watch(f"{partition}.*", ignore_deletes=True)
-        restored: set[str] = set()
+        records: list[dict[str, Any]] = []
         try:
             async for entry in watcher:
                 if entry is None:
                     break  # the end of the current values
                 if entry.value:
-                    record = MachineRecord.restore(json.loads(entry.value))
-                    self.engine.states.add(record)
-                    restored.add(record.machine_id)
+                    records.append(json.loads(entry.value))
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
+        # a full calibration window (its fit cut short by a crash or a move) is asked for again
+        self.engine.restore_records(records)
+        restored = {record["machine_id"] for record in records}
         log.info("partition_restored", partition=partition, machines=len(restored))
         return restored
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Serve the owned partitions until ``stop`` is set; then finish batches and close."""
-        self._stop = stop
         await self.start()
         opts = self.options
         tasks = [
@@ -444,6 +495,9 @@ class JetStreamDetector:
         finally:
             for task in tasks:
                 task.cancel()
+            self.calibration.close()  # a fit cut short is asked for again by the next owner
+            with contextlib.suppress(Exception):
+                await self._sync_models()  # models fitted since the last reload: upload them
             if self._leases is not None:
                 for partition in self.owned:  # after the last batch: a standby may go on
                     with contextlib.suppress(Exception):
@@ -486,23 +540,29 @@ class JetStreamDetector:
             return
         await self._nc.publish(topic.replace("/", "."), self._status_payload(state))
 
-    def _lease_lost(self, partition: int) -> None:
-        """Another detector owns the partition now: stop everything, exit non-zero.
-
-        Its machine records here are stale from now on and the engine keeps them all in one
-        table, so the whole process stops (like a leader-election client losing its lease);
-        a supervisor restarts it as a standby.
-        """
-        if self.exit_code == 0:
-            log.error(
-                "partition_lease_lost",
-                partition=partition,
-                action="stopping: another detector owns this partition now; restart me "
-                "(I come back as a standby)",
-            )
-        self.exit_code = LEASE_LOST_EXIT
-        if self._stop is not None:
-            self._stop.set()
+    async def _drop(self, partition: int) -> None:
+        """Another detector owns the partition now (this one was fenced): forget its machines,
+        whose records here are stale from now on, and stand by for it again. The other
+        partitions go on being served."""
+        self.leases.held.pop(partition, None)
+        count = self.layout.partitions
+        async with self._lock:
+            machines = {
+                r.machine_id
+                for r in self.engine.states
+                if partition_of(r.machine_id, count) == partition
+            }
+            self.engine.forget(machines)
+            self.calibration.forget(machines)
+            # its ids are not kept per machine: forget them all (as after a failed batch)
+            self.engine.seen = SeenCache(self.engine.settings.dedup_size)
+        log.error(
+            "partition_lease_lost",
+            partition=partition,
+            machines_dropped=len(machines),
+            action="another detector owns this partition now: its machines are dropped "
+            "here and this detector stands by for it",
+        )
 
     async def _renew(self, stop: asyncio.Event) -> None:
         """Renew every held lease each ``ttl / 3``."""
@@ -513,7 +573,8 @@ class JetStreamDetector:
                 return
             for partition in self.owned:
                 if not await self.leases.renew(partition):
-                    self._lease_lost(partition)
+                    # no longer held: its task stops serving it and drops it (_serve)
+                    log.warning("partition_lease_taken", partition=partition)
 
     async def _take_over(self, partition: int, stop: asyncio.Event) -> bool:
         """Stand by until the partition's lease is free, take it, restore its machines."""
@@ -529,7 +590,9 @@ class JetStreamDetector:
                 await asyncio.wait_for(stop.wait(), timeout=self.leases.poll_every_s)
         else:
             return False
+        await self._sync_models()
         async with self._lock:
+            self.calibration.reload_routes(self.engine)  # a model fitted by the previous owner
             machines = await self.restore_partition(partition)
             recovered = [p for p in self.engine.recover() if p.topic.rsplit("/", 2)[-2] in machines]
             await asyncio.gather(*(self._publish(p, None) for p in recovered))
@@ -563,18 +626,29 @@ class JetStreamDetector:
                 await asyncio.sleep(0.5)  # backoff while the cluster elects a leader
 
     async def _partition(self, partition: int, stop: asyncio.Event) -> None:
-        if partition not in self.leases.held and not await self._take_over(partition, stop):
-            return
-        await self._serve(partition, stop)
+        """Serve the partition while its lease is ours; stand by for it otherwise."""
+        while not stop.is_set():
+            if partition not in self.leases.held and not await self._take_over(partition, stop):
+                return
+            await self._serve(partition, stop)
 
     async def _serve(self, partition: int, stop: asyncio.Event) -> None:
         sub = await self._subscribe(partition)
+        try:
+            await self._fetch_loop(partition, sub, stop)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _fetch_loop(
+        self, partition: int, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
+    ) -> None:
         opts = self.options
         while not stop.is_set():
             self._last_turn = time.monotonic()
             if not self.leases.valid(partition) and not await self._hold(partition, stop):
                 if not stop.is_set():
-                    self._lease_lost(partition)
+                    await self._drop(partition)
                 return
             try:
                 msgs = await sub.fetch(opts.batch_max, timeout=opts.fetch_timeout_s)
@@ -612,6 +686,7 @@ class JetStreamDetector:
             touched = {v.machine_id for o in outcomes for v in o.verdicts} | {
                 e.machine_id for o in outcomes for e in o.events
             }
+            touched |= self._owned_machines(self.calibration.poll(self.engine))
             ok = all(await asyncio.gather(*sends)) and await self._save(touched)
             if not ok:
                 # Redelivered later: forget these ids so the redelivery is scored again (the
@@ -637,26 +712,37 @@ class JetStreamDetector:
         next_reload = time.monotonic() + self.options.reload_interval_s
         while not stop.is_set():
             self.metrics.connected.set(1 if self._nc is not None and self._nc.is_connected else 0)
+            changed: set[str] = set()
             if time.monotonic() >= next_reload:
                 next_reload = time.monotonic() + self.options.reload_interval_s
+                await self._sync_models()
                 async with self._lock:
+                    changed |= self.calibration.reload_routes(self.engine)
                     self.maybe_reload()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             async with self._lock:
+                # a fit that finished while no batch came: bind it now
+                changed |= self.calibration.poll(self.engine)
                 publishes, events = self.engine.tick(time.time())
                 log_events(events, self.metrics)
                 report_drift(self.engine, self.metrics)
                 await asyncio.gather(*(self._publish(p, None) for p in publishes))
-                if events:
-                    await self._save({e.machine_id for e in events})
+                touched = self._owned_machines(changed | {e.machine_id for e in events})
+                if touched:
+                    await self._save(touched)
             if time.monotonic() >= next_status:
                 with contextlib.suppress(Exception):
                     await self._status("online")
                 next_status = time.monotonic() + 15.0
 
+    def _owned_machines(self, machines: set[str]) -> set[str]:
+        """Those of ``machines`` in a partition this detector serves (only those are written)."""
+        owned = set(self.owned)
+        return {m for m in machines if partition_of(m, self.layout.partitions) in owned}
+
     def maybe_reload(self) -> bool:
-        """Swap in a newly promoted model between batches (never mid-batch)."""
+        """Swap in a newly promoted default model between batches (never mid-batch)."""
         model_dir = self.options.model_dir
         if model_dir is None:
             return False
@@ -709,6 +795,7 @@ def run_cli(
         metrics_port=detector.metrics_port,
         lease_ttl_s=args.lease_ttl,
         mqtt_endpoints=mqtt_endpoints,
+        asset_config=detector.asset_config,
     )
     settings = engine_settings(detector)
     if not mqtt_endpoints:
@@ -716,10 +803,8 @@ def run_cli(
             "retained_state_off",
             reason="no --nats-mqtt: MQTT subscribers connecting later get no machine state",
         )
-    exit_code = 0
 
     async def main() -> None:
-        nonlocal exit_code
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -734,7 +819,6 @@ def run_cli(
         with contextlib.suppress(asyncio.CancelledError):
             await running
         stopping.cancel()
-        exit_code = detector.exit_code
 
     try:
         asyncio.run(main())
@@ -744,4 +828,4 @@ def run_cli(
         ) from None
     except BrokerError as exc:
         raise SystemExit(f"error: {exc}") from None
-    return exit_code
+    return 0

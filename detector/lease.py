@@ -14,7 +14,8 @@ The owner counts its lease as valid until ``sent + ttl - margin``, where ``sent`
 value cannot expire (and no standby can take it) before the owner stops trusting it. The
 owner checks ``valid`` before it publishes, writes state and acknowledges. An untrusted lease
 is renewed again before serving: success on our own revision proves nobody took it meanwhile;
-another owner or an expired key means fenced (``detector/jetstream.py`` then exits). What a
+another owner or an expired key means fenced (``detector/jetstream.py`` then forgets the
+partition's machines and stands by for it; its other partitions go on). What a
 lease cannot stop: a process paused (SIGSTOP, a VM freeze) between that check and the write
 that follows; verdicts are still de-duplicated by reading id in the output stream, a state
 write could be stale (see README, Scale-out).

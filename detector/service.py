@@ -11,18 +11,15 @@ Between batches: offline detection (``engine.tick``), model reload (the default 
 and every machine's and group's own, ``models/{machines,groups}/<name>/current``), drift
 check, heartbeat, and a full snapshot every ``snapshot_every_s``.
 
-Live calibration: the engine asks for fits of full calibration windows
-(``engine.take_fit_requests``); one worker thread fits them off the loop (which keeps scoring
-every other machine, and the calibrating machine's readings keep getting CALIBRATING
-verdicts), saves and promotes the artifact as the machine's own model, and the loop binds it
-(``engine.bind``). The artifact's ``current`` is what re-binds it after a restart.
+Routes and live calibration: ``detector/calibration_worker.py`` (shared with the JetStream
+runner) binds promoted route models and fits full calibration windows on a worker thread;
+each turn polls it between batches.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,9 +27,7 @@ from wsgiref.simple_server import WSGIServer
 
 import structlog
 
-from factorywatch.channels import canonical
 from factorywatch.contracts import ClientStatus
-from factorywatch.detector import calibrating
 from factorywatch.detector.alerting import AlertPolicy
 from factorywatch.detector.bookkeeping import (
     Counters,
@@ -42,19 +37,16 @@ from factorywatch.detector.bookkeeping import (
     sync_drift_metrics,
     tally,
 )
-from factorywatch.detector.calibrating import FitRequest
+from factorywatch.detector.calibration_worker import CalibrationWorker, make_router
 from factorywatch.detector.checkpoint import FileCheckpoint
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Publish
 from factorywatch.detector.ingest import StatefulIngest
 from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.mqtt_transport import PahoTransport
 from factorywatch.detector.registry import Registry
-from factorywatch.detector.router import Router
 from factorywatch.detector.transport import Transport
-from factorywatch.errors import FactorywatchError, ModelError
-from factorywatch.model import artifact
-from factorywatch.model.artifact import LoadedModel, RouteKind
-from factorywatch.model.asset import load_asset
+from factorywatch.errors import FactorywatchError
+from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import Topics, sparkplug_filters
 
@@ -62,8 +54,6 @@ if TYPE_CHECKING:
     from factorywatch.detector.sparkplug_out import SparkplugOut
 
 log = structlog.get_logger("detector")
-#: Wait this long before fitting a calibration window again after a failed fit.
-FIT_RETRY_S = 60.0
 
 
 @dataclass(slots=True)
@@ -136,41 +126,6 @@ def _sparkplug_out(settings: DetectorSettings, broker: BrokerSettings) -> Sparkp
     return SparkplugOut(broker, settings.client_id, settings.sparkplug_out_group, node)
 
 
-def make_router(settings: DetectorSettings, model: LoadedModel) -> Router:
-    """The router the asset config describes (groups, calibration); default-only without one.
-
-    Fails at start-up when calibration asks for a family this installation cannot fit.
-    """
-    if settings.asset_config is None:
-        return Router(model)
-    asset = load_asset(settings.asset_config, need_channels=False)
-    calibrating.check_fittable(asset.calibrate)
-    return Router(
-        model,
-        asset.group_specs(),
-        asset.calibrate,
-        channels=[canonical(c) for c in asset.channels],
-    )
-
-
-def _fit_and_save(model_dir: Path, request: FitRequest, scorer: Any) -> LoadedModel:
-    """Fit a calibration window, save and promote it as the machine's model; load it."""
-    trained = calibrating.fit(request)
-    card = trained.card.model_copy(
-        update={
-            "params": {
-                **trained.card.params,
-                "route": f"machine:{request.machine}",
-                "calibrated_live": len(request.rows),
-            }
-        }
-    )
-    folder = artifact.route_dir(model_dir, "machine", request.machine)
-    artifact.save_generic(folder, trained.scorer, card)
-    artifact.promote(folder, card.version, scorer=scorer)
-    return artifact.load(folder, card.version, scorer=scorer)
-
-
 class DetectorService:
     """Runs the detector until ``stop`` is set; then drains in-flight work and stops."""
 
@@ -198,14 +153,13 @@ class DetectorService:
             self.topics,
             engine_settings(settings, broker),
             extra_ingests=extra,
-            router=make_router(settings, model),
+            router=make_router(settings.asset_config, model),
         )
-        self._fitter: ThreadPoolExecutor | None = None
-        self._fits: dict[str, Future[LoadedModel]] = {}
-        self._retry: dict[str, tuple[float, FitRequest]] = {}
-        self._requests: dict[str, FitRequest] = {}
-        self._unknown_groups: set[tuple[str, str]] = set()
-        self._reload_routes()  # before the restore: a window already fitted is not refitted
+        self.calibration = CalibrationWorker(
+            model_dir, settings.scorer, self.counters, self.metrics
+        )
+        # before the restore: a window already fitted is not refitted
+        self.calibration.reload_routes(self.engine)
         self.checkpoint = FileCheckpoint(
             settings.state_dir, settings.client_id, max(1, settings.dedup_size)
         )
@@ -270,7 +224,7 @@ class DetectorService:
             "model_version": self.model.version,
             "machines": len(self.engine.states),
             "models_per_route": len(self.engine.router.models()),
-            "fitting": sorted(self._fits),
+            "fitting": self.calibration.fitting,
         }
         return connected and loop_age < 10.0, detail
 
@@ -308,7 +262,7 @@ class DetectorService:
         inbox = self.transport.receive(timeout)
         for start in range(0, len(inbox), settings.batch_max):
             self._process(inbox[start : start + settings.batch_max])
-        self._calibrate()
+        self.calibration.poll(self.engine)
         now = time.monotonic()
         self._last_loop = now
         self._housekeeping(now)
@@ -398,94 +352,9 @@ class DetectorService:
         """Publish the drift window's figures as metrics; log when drift starts or ends."""
         report_drift(self.engine, self.metrics)
 
-    # -- routes and live calibration ------------------------------------------------------------
-    def _reload_routes(self) -> int:
-        """Bind every machine's and group's newly promoted model; return how many changed."""
-        router = self.engine.router
-        changed = 0
-        for (kind, name), version in artifact.routed_versions(self.model_dir).items():
-            bound = (router.machine_models if kind == "machine" else router.group_models).get(name)
-            if bound is not None and bound.version == version:
-                continue
-            if kind == "group" and name not in router.groups:
-                if bound is None and (kind, name) not in self._unknown_groups:
-                    self._unknown_groups.add((kind, name))
-                    log.warning("group_model_unrouted", group=name, version=version)
-                continue
-            if self._bind_route(kind, name, version):
-                changed += 1
-        return changed
-
-    def _bind_route(self, kind: RouteKind, name: str, version: str) -> bool:
-        folder = artifact.route_dir(self.model_dir, kind, name)
-        try:
-            model = artifact.load(folder, version, scorer=self.settings.scorer)
-        except (ModelError, OSError) as exc:
-            log.error(
-                "model_reload_failed", route=f"{kind}:{name}", version=version, error=str(exc)
-            )
-            return False
-        if kind == "machine":
-            self.engine.bind(name, model)
-        else:
-            self.engine.bind_group(name, model)
-        log.info("route_model_bound", route=f"{kind}:{name}", version=version)
-        return True
-
-    def _calibrate(self) -> None:
-        """Start fits of full windows on the worker; bind the models of finished ones."""
-        now = time.monotonic()
-        requests = self.engine.take_fit_requests()
-        requests += [r for m, (due, r) in list(self._retry.items()) if due <= now]
-        for request in requests:
-            self._retry.pop(request.machine, None)
-            if request.machine in self._fits:
-                continue
-            if self._fitter is None:
-                self._fitter = ThreadPoolExecutor(1, thread_name_prefix="calibration")
-            log.info(
-                "calibration_fit_started",
-                machine_id=request.machine,
-                readings=len(request.rows),
-                family=request.spec.family,
-                channels=list(request.channels),
-            )
-            self._fits[request.machine] = self._fitter.submit(
-                _fit_and_save, self.model_dir, request, self.settings.scorer
-            )
-            self._requests[request.machine] = request
-        for machine, future in list(self._fits.items()):
-            if not future.done():
-                continue
-            del self._fits[machine]
-            request = self._requests.pop(machine)
-            try:
-                model = future.result()
-            except Exception as exc:
-                self.metrics.calibrations.labels(result="failed").inc()
-                self._retry[machine] = (now + FIT_RETRY_S, request)
-                log.error(
-                    "calibration_fit_failed",
-                    machine_id=machine,
-                    error=str(exc),
-                    retry_s=FIT_RETRY_S,
-                )
-                continue
-            self.engine.bind(machine, model)
-            self.counters.calibrated += 1
-            self.metrics.calibrations.labels(result="served").inc()
-            log.info(
-                "calibration_model_served",
-                machine_id=machine,
-                version=model.version,
-                readings=len(request.rows),
-                family=model.card.scorer_family,
-                threshold=round(model.card.threshold, 4),
-            )
-
     def maybe_reload(self) -> bool:
         """Swap in newly promoted models between batches (never mid-batch)."""
-        self._reload_routes()
+        self.calibration.reload_routes(self.engine)
         return reload_model(
             self.engine, self.model_dir, self.settings.scorer, self.counters, self.metrics
         )
@@ -496,8 +365,7 @@ class DetectorService:
         for start in range(0, len(inbox), self.settings.batch_max):
             self._process(inbox[start : start + self.settings.batch_max])
         self._publish_status("offline")
-        if self._fitter is not None:  # a fit cut short is asked for again after the restart
-            self._fitter.shutdown(wait=False, cancel_futures=True)
+        self.calibration.close()  # a fit cut short is asked for again after the restart
         if self.spb_out is not None:
             self.spb_out.close()
         self.transport.close(drain_timeout_s)

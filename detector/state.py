@@ -170,6 +170,12 @@ class StateTable:
         self._records[record.machine_id] = record
         self._dirty.add(record.machine_id)
 
+    def remove(self, machine_id: str) -> MachineRecord | None:
+        """Drop a machine's record (another detector serves it now); the record, if any."""
+        self._dirty.discard(machine_id)
+        self._urgent.discard(machine_id)
+        return self._records.pop(machine_id, None)
+
     def touch(self, machine_id: str) -> None:
         """Mark a machine's record changed (it will be in the next ``take_dirty``)."""
         self._dirty.add(machine_id)

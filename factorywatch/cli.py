@@ -586,11 +586,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
     )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     if args.engine == "jetstream":
-        if settings.asset_config is not None:
-            raise FactorywatchError(
-                "--asset-config (models per machine or group, live calibration) works with "
-                "--engine mqtt only for now: the JetStream engine serves one model"
-            )
         try:
             from factorywatch.detector import jetstream  # noqa: PLC0415
         except ImportError as exc:

@@ -119,6 +119,11 @@ class ClusterLayout:
         return f"fw_state_{_name(self.topic_root)}"
 
     @property
+    def model_bucket(self) -> str:
+        """The object store holding fitted route models (``detector/model_store.py``)."""
+        return f"fw_models_{_name(self.topic_root)}"
+
+    @property
     def lease_bucket(self) -> str:
         """The key-value bucket holding each partition's lease (``detector/lease.py``)."""
         return f"fw_lease_{_name(self.topic_root)}"
@@ -222,6 +227,7 @@ def cluster_users(
                 "$JS.ACK.>",
                 f"$KV.{layout.state_bucket}.>",
                 f"$KV.{layout.lease_bucket}.>",
+                f"$O.{layout.model_bucket}.>",
             ),
             (inbox,),
             # MQTT: retained state goes through the MQTT listener (detector/retained.py)

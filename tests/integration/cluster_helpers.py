@@ -290,6 +290,7 @@ def start_detector(
     password_file: Path | None = None,
     metrics_port: int = 0,
     lease_ttl_s: float | None = None,
+    asset_config: Path | None = None,
     env: dict[str, str] | None = None,
     wait: bool = True,
 ) -> Proc:
@@ -321,6 +322,8 @@ def start_detector(
     ]
     if lease_ttl_s is not None:
         args += ["--lease-ttl", str(lease_ttl_s)]
+    if asset_config is not None:
+        args += ["--asset-config", str(asset_config)]
     if user is not None:
         args += ["--nats-user", user]
     if password_file is not None:

@@ -338,7 +338,8 @@ def test_overlapping_detectors_never_share_a_partition_and_a_standby_takes_over_
     """Detectors started with overlapping --partitions: each partition is served by the one
     holding its lease (every reading exactly one verdict, even as seen live on MQTT); kill -9
     of the owner: its retained status turns offline (last will), the standby takes its
-    partitions within the lease TTL and loses nothing; a paused owner is fenced on resuming."""
+    partitions within the lease TTL and loses nothing; a paused owner is fenced on resuming:
+    it drops the partitions it lost (their machines too) and stands by, still running."""
     cluster = nats_cluster
     topics = Topics(topic_root)
     ttl = 3.0
@@ -411,8 +412,9 @@ def test_overlapping_detectors_never_share_a_partition_and_a_standby_takes_over_
     assert takeover_s < ttl + 1.5, takeover_s
     print(f"takeover after kill -9: {takeover_s:.2f} s (lease TTL {ttl} s)")
 
-    # A paused owner (SIGSTOP) loses its leases; resumed, it is fenced: it exits 75 without
-    # publishing or acknowledging anything, and the new owner answers every reading once.
+    # A paused owner (SIGSTOP) loses its leases; resumed, it is fenced: it drops those
+    # partitions' machines and stands by, without publishing or acknowledging anything, and
+    # the new owner answers every reading once.
     third = start_detector(
         spawn, cluster, model_dir, client_id="det-c", lease_ttl_s=ttl, metrics_port=free_port()
     )
@@ -424,8 +426,16 @@ def test_overlapping_detectors_never_share_a_partition_and_a_standby_takes_over_
     assert device.wait_acked(680)
     assert len(wait_verdicts(cluster, 680, timeout_s=30)) == 680
     os.kill(second.process.pid, signal.SIGCONT)
-    assert second.process.wait(30) == 75  # fenced: "restart me", it comes back as a standby
-    assert "partition_lease_lost" in second.log()
+
+    def lost() -> list[int]:
+        lines = second.log().splitlines()
+        return sorted(json.loads(x)["partition"] for x in lines if "partition_lease_lost" in x)
+
+    assert wait_until(lambda: lost() == [0, 1, 2, 3], 30), second.log()
+    health = _health(second)
+    # fenced: it dropped those partitions' machines and stands by, still running
+    assert (health["partitions"], health["standby"], health["machines"]) == ([], [0, 1, 2, 3], 0)
+    assert second.process.poll() is None
 
     def late_verdicts() -> list[Verdict]:
         seen = (Verdict.model_validate_json(line) for line in sub.lines("/verdict"))
@@ -433,6 +443,7 @@ def test_overlapping_detectors_never_share_a_partition_and_a_standby_takes_over_
 
     assert wait_until(lambda: len(late_verdicts()) >= 80, 10)
     assert len(late_verdicts()) == 80  # the resumed zombie published no second verdict
+    assert second.terminate() == 0
     third.terminate()
     sub.close()
     device.close()

@@ -207,6 +207,30 @@ def test_a_full_window_restored_asks_for_its_fit_again(models: dict[str, LoadedM
     assert plain.states["new-1"].calibration is None
 
 
+def test_forget_drops_machines_and_their_fits_and_records_bring_them_back(
+    models: dict[str, LoadedModel],
+) -> None:
+    """A lost partition's machines are forgotten (records and pending fit requests; the others
+    stay); reading their records back later (the partition returns) restores the window and
+    asks for its fit again."""
+    values = _stream(60)
+    engine = _calibrating_engine(models)
+    engine.handle([_message("new-1", i, values[i]) for i in range(60)], NOW)
+    engine.handle([_message("new-2", i, values[i]) for i in range(30)], NOW)
+    engine.handle([_message("mill-1", 0, {"a": 10.0, "b": 20.0})], NOW)
+    saved = [json.loads(json.dumps(engine.states[m].snapshot())) for m in ("new-1", "new-2")]
+    assert engine.forget(["new-1", "new-2", "never-seen"]) == 2
+    assert sorted(r.machine_id for r in engine.states) == ["mill-1"]
+    assert engine.take_fit_requests() == []  # new-1's full window: not fitted here any more
+    assert [r.machine_id for r in engine.states.take_dirty()] == ["mill-1"]
+    engine.restore_records(saved)
+    assert [r.machine for r in engine.take_fit_requests()] == ["new-1"]
+    out = engine.handle([_message("new-2", 30, values[30])], NOW)
+    progress = _verdicts(out)[0].calibration
+    assert progress is not None
+    assert progress.seen == 31
+
+
 def test_calibration_channels_from_the_first_reading(models: dict[str, LoadedModel]) -> None:
     """Without configured channels a window takes its first reading's; a later reading that
     lacks one is dead-lettered (missing_channel), not counted."""
