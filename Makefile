@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary nats-binary docker-prepare ops-tools test faults fuzz demo lint format train evaluate scenarios bench profile scale clean
+.PHONY: install broker-binary nats-binary docker-prepare ops-tools test faults fuzz demo lint format train evaluate scenarios scenarios-live bench bench-features profile scale clean
 
 install: $(VENV)/.installed
 
@@ -83,6 +83,14 @@ scenarios: install
 	$(BIN)/python -m factorywatch.sensors.scenarios data/scenarios
 	$(BIN)/factorywatch evaluate --csv data/scenarios --label-column anomaly \
 		--time-column datetime --train-rows 400 --compare --out reports
+
+## scenarios-live: the same runs replayed through a real Mosquitto and real detectors (one for
+## the global model, one per run for per-run models), verdicts joined to the labels by
+## (machine, seq), offline and live side by side -> reports/scenarios-live.{json,md}
+scenarios-live: install broker-binary
+	$(BIN)/python -m factorywatch.sensors.scenarios data/scenarios
+	$(BIN)/python -m factorywatch.live_evaluation data/scenarios --label-column anomaly \
+		--time-column datetime --train-rows 400 --out reports
 
 ## bench: relay ceiling per MQTT client, Mosquitto's own (C clients), detector per transport,
 ## latency -> reports/bench.{json,md}
