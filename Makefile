@@ -97,6 +97,12 @@ scenarios-live: install broker-binary
 bench: install broker-binary
 	$(BIN)/python -m bench.run $(DATASET_ARG)
 
+## bench-features: what windowed features cost: detector throughput through the real broker at
+## 1,000 machines, windowed vs point model (goal >= 0.8x), and per-machine state in bytes at
+## 10,000 machines -> reports/bench-features.{json,md}
+bench-features: install broker-binary
+	$(BIN)/python -m bench.features
+
 ## profile: py-spy samples of the detector under load -> reports/profile.md
 profile: install broker-binary
 	$(BIN)/python -m bench.profile $(DATASET_ARG)

@@ -110,12 +110,14 @@ def state_bytes(model_dir: Path, machines: int) -> dict[str, Any]:
     total = len(json.dumps(snapshot, separators=(",", ":")).encode())
     states = len(json.dumps(snapshot["states"], separators=(",", ":")).encode())
     records = snapshot["states"]["machines"]
+    windows = sum(len(json.dumps(r["features"], separators=(",", ":"))) for r in records)
     return {
         "machines": machines,
         "readings_per_machine": rows,
         "snapshot_bytes": total,
         "bytes_per_machine": round(total / machines, 1),
         "state_bytes_per_machine": round(states / machines, 1),
+        "feature_window_bytes_per_machine": round(windows / machines, 1),
         "example_record": records[0] if records else None,
     }
 
@@ -203,14 +205,16 @@ def markdown(report: dict[str, Any]) -> str:
         f"## Per-machine state ({report['state'][PRESETS[0]]['machines']:,} machines, "
         "windows full)",
         "",
-        "| model | snapshot bytes | bytes per machine | of which machine records |",
-        "|---|---|---|---|",
+        "| model | snapshot bytes | bytes per machine | of which machine records | of which "
+        "feature windows |",
+        "|---|---|---|---|---|",
     ]
     for preset in PRESETS:
         s = report["state"][preset]
         lines.append(
             f"| {preset} | {s['snapshot_bytes']:,} | {s['bytes_per_machine']:,.0f} | "
-            f"{s['state_bytes_per_machine']:,.0f} |"
+            f"{s['state_bytes_per_machine']:,.0f} | "
+            f"{s['feature_window_bytes_per_machine']:,.0f} |"
         )
     return "\n".join(lines) + "\n"
 

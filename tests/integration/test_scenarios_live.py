@@ -28,14 +28,14 @@ def test_live_verdicts_equal_offline_flags_exactly_once(tmp_path: Path) -> None:
             generate([kind], seed=seed, train_rows=TRAIN_ROWS, rows=520), runs / f"{kind}.csv"
         )
     configs = [c for c in default_configs(0.01, 50, 5) if c.name != "per-run point"]
-    outcomes = evaluate_live(
+    outcomes, seconds = evaluate_live(
         runs,
         label_column="anomaly",
         time_column="datetime",
         train_rows=TRAIN_ROWS,
         configs=configs,
         workdir=tmp_path / "work",
-        parallel=2,
+        parallel=3,  # all three detectors in one round
     )
     assert [o.config.name for o in outcomes] == ["global point", "per-run windowed"]
     for outcome in outcomes:
@@ -52,7 +52,7 @@ def test_live_verdicts_equal_offline_flags_exactly_once(tmp_path: Path) -> None:
             assert live.delays == offline.delays
     windowed = outcomes[1]
     assert sum(r.counts["tp"] for r in windowed.live) > 0  # the anomalies are caught live
-    doc = document(outcomes, command="test", source=str(runs))
+    doc = document(outcomes, command="test", source=str(runs), live_seconds=seconds)
     assert doc["configs"][1]["live"] == doc["configs"][1]["offline"]
     text = markdown(doc)
     assert "| per-run windowed | live |" in text
