@@ -15,7 +15,7 @@ import pytest
 from factorywatch.live_evaluation import default_configs, document, evaluate_live, markdown
 from factorywatch.sensors.scenarios import generate, write_csv
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TRAIN_ROWS = 300
 
 
