@@ -12,7 +12,9 @@ Per-machine state: an in-process engine (``detector/engine.py``, the detector's 
 each model takes ``window + 1`` readings of each of 10,000 machines; the JSON of its snapshot
 divided by the machine count is the state a machine costs in a checkpoint.
 
-Writes ``<out>/bench-features.{json,md}``; nothing is asserted.
+Writes ``<out>/bench-features.{json,md}``; nothing is asserted. ``--profile`` instead runs one
+throughput measurement per preset with py-spy attached to the detector (``bench.profile``'s
+sampler and summary) and writes ``<out>/profile-features.md``: where the extra CPU goes.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from bench.harness import FULL, QUICK, Bench, Plan, bench_env, progress
+from bench.harness import FULL, QUICK, Bench, Plan, Server, bench_env, progress
 from bench.load import PROJECT_DIR, ChannelSource
+from bench.profile import SAMPLE_RATE_HZ, Profile
 from bench.report import fmt
 from bench.system import environment
 from factorywatch.detector.core import Received
 from factorywatch.detector.engine import Engine
-from factorywatch.launch import cli_command
+from factorywatch.launch import Launched, cli_command
 from factorywatch.model import artifact
 from factorywatch.sensors import scenarios
 from factorywatch.topics import Topics
@@ -181,6 +184,52 @@ def measure(bench: Bench, plan: Plan, dirs: dict[str, Path]) -> dict[str, Any]:
     }
 
 
+def _profiled_run(
+    bench: Bench, model_dir: Path, source: ChannelSource, messages: int, raw: Path
+) -> dict[str, Any]:
+    """One throughput run of the detector serving ``model_dir`` with py-spy attached."""
+    spy = str(Path(sys.executable).parent / "py-spy")
+    original = bench.start_detector
+    spies: list[Launched] = []
+
+    def start_detector(root: str, folder: Path, **kwargs: Any) -> Server:
+        server = original(root, folder, **kwargs)
+        command = [spy, "record", "--pid", str(server.pid), "--format", "raw", "--rate"]
+        command += [str(SAMPLE_RATE_HZ), "--nonblocking", "--output", str(raw)]
+        spies.append(Launched(command, folder / "py-spy.log", name="py-spy"))
+        spies[-1].wait_log("Sampling process", 30.0)
+        return server
+
+    bench.start_detector = start_detector  # type: ignore[method-assign]
+    try:
+        return bench.throughput("detector", MACHINES, messages, source=source, model_dir=model_dir)
+    finally:
+        bench.start_detector = original  # type: ignore[method-assign]
+        for proc in spies:  # the detector has stopped: py-spy writes its file and exits
+            proc.wait(60)
+
+
+def profile(bench: Bench, dirs: dict[str, Path], messages: int, out: Path) -> str:
+    """One throughput run per preset with py-spy on the detector; the summaries as Markdown."""
+    source = ChannelSource(MACHINES, seed=1)
+    source.take(messages)
+    lines = ["# Profile: point vs windowed model in the detector (py-spy)", ""]
+    for preset in PRESETS:
+        raw = out / f"profile-features-{preset}.txt"
+        progress(f"profiling the detector, {preset} features, {messages:,} readings ...")
+        row = _profiled_run(bench, dirs[preset], source, messages, raw)
+        summary = Profile.parse(raw.read_text().splitlines())
+        lines += [
+            f"## {preset}: {fmt(row['msgs_per_s'])} msg/s, "
+            f"{fmt(row.get('server_cpu_us_per_msg'))} µs detector CPU per message, "
+            f"{MACHINES:,} machines, {messages:,} readings",
+            "",
+            *summary.markdown(top=20),
+            "",
+        ]
+    return "\n".join(lines)
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown."""
     t = report["throughput"]
@@ -237,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trees", type=int, default=200)
     parser.add_argument("--state-machines", type=int, default=STATE_MACHINES)
     parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy on the detector per preset instead"
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     command = shlex.join(["python", "-m", "bench.features", *(argv or sys.argv[1:])])
@@ -246,6 +298,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         progress("training a point and a windowed model with `factorywatch train --csv` ...")
         dirs = train_models(workdir, args.trees)
+        if args.profile:
+            bench = Bench(workdir, dirs["point"], plan)
+            bench.broker.start()
+            try:
+                args.out.mkdir(parents=True, exist_ok=True)
+                text = profile(bench, dirs, plan.throughput_msgs, args.out)
+            finally:
+                bench.broker.stop()
+            text = f"Produced by `{command}`.\n\n{text}"
+            (args.out / "profile-features.md").write_text(text)
+            print(text)
+            return 0
         progress(f"measuring per-machine state at {args.state_machines:,} machines ...")
         state = {p: state_bytes(dirs[p], args.state_machines) for p in PRESETS}
         for p in PRESETS:
