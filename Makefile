@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary nats-binary docker-prepare ops-tools test faults fuzz demo lint format train evaluate scenarios bench profile scale clean
+.PHONY: install broker-binary nats-binary docker-prepare ops-tools test faults fuzz demo lint format train evaluate scenarios scenarios-live bench bench-features profile scale clean
 
 install: $(VENV)/.installed
 
@@ -84,10 +84,24 @@ scenarios: install
 	$(BIN)/factorywatch evaluate --csv data/scenarios --label-column anomaly \
 		--time-column datetime --train-rows 400 --compare --out reports
 
+## scenarios-live: the same runs replayed through a real Mosquitto and real detectors (one for
+## the global model, one per run for per-run models), verdicts joined to the labels by
+## (machine, seq), offline and live side by side -> reports/scenarios-live.{json,md}
+scenarios-live: install broker-binary
+	$(BIN)/python -m factorywatch.sensors.scenarios data/scenarios
+	$(BIN)/python -m factorywatch.live_evaluation data/scenarios --label-column anomaly \
+		--time-column datetime --train-rows 400 --out reports
+
 ## bench: relay ceiling per MQTT client, Mosquitto's own (C clients), detector per transport,
 ## latency -> reports/bench.{json,md}
 bench: install broker-binary
 	$(BIN)/python -m bench.run $(DATASET_ARG)
+
+## bench-features: what windowed features cost: detector throughput through the real broker at
+## 1,000 machines, windowed vs point model (goal >= 0.8x), and per-machine state in bytes at
+## 10,000 machines -> reports/bench-features.{json,md}
+bench-features: install broker-binary
+	$(BIN)/python -m bench.features
 
 ## profile: py-spy samples of the detector under load -> reports/profile.md
 profile: install broker-binary

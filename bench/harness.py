@@ -33,6 +33,7 @@ from bench.load import (
     Reading,
     ReadingSource,
     Received,
+    Source,
     SubscriberProcess,
     line_name,
     percentile,
@@ -224,11 +225,13 @@ class Bench:
         client: str = "paho5",
         naive: bool = False,
         lines: str | None = None,
+        model_dir: Path | None = None,
     ) -> Server:
         """A ``factorywatch detect`` process on ``root`` with a fresh client id, subscribed.
 
         ``client`` is ``paho5`` (MQTT 5, the default) or ``paho311`` (MQTT 3.1.1). With
-        ``lines`` it is a shard that subscribes to those production lines only.
+        ``lines`` it is a shard that subscribes to those production lines only. It serves
+        ``model_dir`` (default: the bench's own model).
         """
         # Metrics stay on (as deployed), on a free loopback port: no clash with anything else
         # on the machine, and the run can read the detector's own batch sizes.
@@ -250,7 +253,7 @@ class Bench:
             "--topic-root",
             root,
             "--model-dir",
-            str(self.model_dir),
+            str(model_dir or self.model_dir),
             "--client-id",
             f"bench-detector-{uuid.uuid4().hex[:8]}",
             "--state-dir",
@@ -285,6 +288,7 @@ class Bench:
         deadline_s: float,
         shards: int = 1,
         client: str = "paho5",
+        model_dir: Path | None = None,
     ) -> Iterator[tuple[Shards, SubscriberProcess, Publisher, dict[str, Any]]]:
         """Server(s) under test, subscriber process and publisher; all stopped afterwards.
 
@@ -302,7 +306,12 @@ class Bench:
                     member = self.start_relay(root, folder, client=client, lines=lines)
                 else:
                     member = self.start_detector(
-                        root, folder, client=client, naive=kind == "naive", lines=lines
+                        root,
+                        folder,
+                        client=client,
+                        naive=kind == "naive",
+                        lines=lines,
+                        model_dir=model_dir,
                     )
                 server.members.append(member)
         except BaseException:
@@ -345,14 +354,24 @@ class Bench:
 
     # -- throughput ---------------------------------------------------------------------------
     def throughput(
-        self, kind: str, machines: int, count: int, *, shards: int = 1, client: str = "paho5"
+        self,
+        kind: str,
+        machines: int,
+        count: int,
+        *,
+        shards: int = 1,
+        client: str = "paho5",
+        source: Source | None = None,
+        model_dir: Path | None = None,
     ) -> dict[str, Any]:
         """Publish ``count`` readings as fast as possible; msgs/s to the last verdict.
 
         ``shards`` > 1: the machines are spread over that many lines, one server per line.
+        ``source`` and ``model_dir`` replace the AI4I simulator's readings and the bench's
+        model (``bench.features``: any machine's channels, a generic model).
         """
         root, folder = self.fresh(f"{kind}-{client}-{machines}-x{shards}")
-        source = self.source(machines, shards)
+        source = source or self.source(machines, shards)
         readings, topics = source.take(count), source.topics(root)
         slowest = 30.0 if kind == "naive" else 200.0  # msgs/s, only to bound the wait
         deadline = count / slowest + 60.0
@@ -368,6 +387,7 @@ class Bench:
             deadline_s=deadline,
             shards=shards,
             client=client,
+            model_dir=model_dir,
         ) as (server, subscriber, publisher, figures):
             window = CpuWindow(self._pids(server))
             window.begin()

@@ -31,13 +31,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import paho.mqtt.client as mqtt
 
 from factorywatch import mqtt as fwmqtt
+from factorywatch.channels import map_names
+from factorywatch.contracts import Telemetry
 from factorywatch.errors import BrokerError
 from factorywatch.launch import Launched, LaunchError, child_env
+from factorywatch.sensors import scenarios
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
@@ -109,6 +112,64 @@ class ReadingSource:
         """Telemetry topic of each machine (by index) under ``root``."""
         topics = Topics(root)
         return [topics.telemetry(line, m) for line, m in zip(self.lines, self.ids, strict=True)]
+
+
+class Source(Protocol):
+    """What a throughput run publishes: readings in order, and each machine's topic."""
+
+    def take(self, count: int) -> list[Reading]:
+        """The first ``count`` readings."""
+        ...
+
+    def topics(self, root: str) -> list[str]:
+        """Telemetry topic of each machine (by index) under ``root``."""
+        ...
+
+
+class ChannelSource:
+    """Readings of ``machines`` generic 8-channel machines (``sensors.scenarios``), round robin.
+
+    Version 2 readings with the scenario pump's channels in normal operation, for a model
+    trained with ``factorywatch train --csv`` on the same machine (``bench.features``).
+    """
+
+    def __init__(self, machines: int, *, seed: int = 0) -> None:
+        self.ids = machine_ids(machines)
+        self.line = line_name(0)
+        self.seed = seed
+        self.names = map_names(scenarios.CHANNELS)
+        self._readings: list[Reading] = []
+
+    def take(self, count: int) -> list[Reading]:
+        """The first ``count`` readings (event time: now, so the detector accepts them)."""
+        if len(self._readings) < count:
+            machines = len(self.ids)
+            rows = -(-count // machines)
+            runs = [
+                scenarios.generate([], seed=self.seed + i, train_rows=0, rows=rows)
+                for i in range(machines)
+            ]
+            now = time.time()
+            self._readings = []
+            for n in range(count):
+                index, row = n % machines, n // machines
+                reading = Telemetry(
+                    machine_id=self.ids[index],
+                    line=self.line,
+                    seq=row,
+                    ts=now,
+                    readings={
+                        self.names[c]: round(runs[index].values[c][row], 5)
+                        for c in scenarios.CHANNELS
+                    },
+                )
+                self._readings.append(Reading(index, reading.machine_id, row, reading.encode()))
+        return self._readings[:count]
+
+    def topics(self, root: str) -> list[str]:
+        """Telemetry topic of each machine (by index) under ``root``."""
+        topics = Topics(root)
+        return [topics.telemetry(self.line, m) for m in self.ids]
 
 
 # -- a counter shared between processes ------------------------------------------------------

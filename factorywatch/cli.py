@@ -711,6 +711,9 @@ def _add_replay(sub: Any) -> None:
         "but time and label-like columns); a CSV not in the AI4I layout is replayed this way",
     )
     p.add_argument("--missing", choices=["error", "ffill", "drop"], default="error")
+    p.add_argument(
+        "--seq-start", type=int, help="sequence number of the first row (default: now in µs)"
+    )
     p.set_defaults(func=cmd_replay)
 
 
@@ -781,7 +784,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     settings = _sensor_settings(args)
     machine = _machine_ids([args.machine_id])[0]
-    seq_start = time.time_ns() // 1000
+    seq_start = args.seq_start if args.seq_start is not None else time.time_ns() // 1000
     try:
         if args.channels:
             raise DatasetError("channels given: replay as any machine's CSV")

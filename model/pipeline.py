@@ -142,6 +142,26 @@ class Pipeline:
             if s.op in WINDOW_OPS:
                 need = s.window + 1 if s.op in ("dev", "flat") else max(s.window, 2)
                 self._keep[s.channel] = max(self._keep.get(s.channel, 0), need)
+        # The streaming step's plan, worked out once: (state key of z history, keep, state
+        # key of raw history or None) per windowed channel; (op, step, z key) per step.
+        self._histories = [
+            (f"z:{c}", c, keep, f"x:{c}" if c in self._flat_channels else None)
+            for c, keep in self._keep.items()
+        ]
+        # mean, std and logstd of one channel and window share one pass over the window (a
+        # "moment" slot); the plan says per step where its value comes from.
+        self._moments: list[tuple[str, int]] = []
+        self._plan: list[tuple[int, Any, Step]] = []
+        for s in spec.steps:
+            if s.op == "raw":
+                self._plan.append((_RAW, s.channel, s))
+            elif s.op in _MOMENT_OPS:
+                slot = (f"z:{s.channel}", s.window)
+                if slot not in self._moments:
+                    self._moments.append(slot)
+                self._plan.append((_MOMENT_CODES[s.op], self._moments.index(slot), s))
+            else:
+                self._plan.append((_OTHER, None, s))
 
     @classmethod
     def fit(
@@ -308,20 +328,33 @@ class Pipeline:
         z: dict[str, float] = {}
         for c, center, scale in self._scales:
             value = (float(row[c]) - center) / scale
-            z[c] = min(max(value, -Z_CLIP), Z_CLIP)
+            # clipped as np.clip does (a NaN stays NaN); comparisons beat min/max calls
+            z[c] = Z_CLIP if value > Z_CLIP else -Z_CLIP if value < -Z_CLIP else value
         # Append the current value to each channel's history first (windows include it);
         # raw values are kept only where a flat-line step compares them.
-        for c, keep in self._keep.items():
-            zs: list[float] = state.setdefault(f"z:{c}", [])
+        for zkey, c, keep, xkey in self._histories:
+            zs: list[float] = state.setdefault(zkey, [])
             zs.append(z[c])
-            del zs[:-keep]
-            if c in self._flat_channels:
-                raws: list[float] = state.setdefault(f"x:{c}", [])
+            if len(zs) > keep:
+                del zs[:-keep]
+            if xkey is not None:
+                raws: list[float] = state.setdefault(xkey, [])
                 raws.append(float(row[c]))
-                del raws[:-keep]
+                if len(raws) > keep:
+                    del raws[:-keep]
+        moments = [_mean_std(state[zkey][-window:]) for zkey, window in self._moments]
         features: list[float] = []
-        for s in self.spec.steps:
-            features.append(self._step_one(s, state, row, z, attributes))
+        for code, arg, s in self._plan:
+            if code == _RAW:
+                features.append(z[arg])
+            elif code == _MEAN:
+                features.append(moments[arg][0])
+            elif code == _LOGSTD:
+                features.append(math.log(moments[arg][1] + LOGSTD_FLOOR))
+            elif code == _STD:
+                features.append(moments[arg][1])
+            else:
+                features.append(self._step_one(s, state, row, z, attributes))
         return features
 
     def _step_one(  # noqa: PLR0911 - one return per operation reads best
@@ -348,12 +381,8 @@ class Pipeline:
             past = history[-s.window - 1 : -1]
             return history[-1] - _mean(past) if past else 0.0
         window = history[-s.window :]
-        if s.op == "mean":
-            return _mean(window)
-        if s.op == "std":
-            return _std(window)
-        if s.op == "logstd":
-            return math.log(_std(window) + LOGSTD_FLOOR)
+        if s.op in _MOMENT_OPS:
+            return _from_moments(s.op, _mean_std(window))
         if s.op == "min":
             return float(min(window))
         return float(max(window))
@@ -384,13 +413,30 @@ class Pipeline:
         return _mean(recent)
 
 
+_MOMENT_OPS: Final = frozenset({"mean", "std", "logstd"})
+# The streaming plan's step codes (``Pipeline._plan``).
+_RAW, _MEAN, _STD, _LOGSTD, _OTHER = range(5)
+_MOMENT_CODES: Final = {"mean": _MEAN, "std": _STD, "logstd": _LOGSTD}
+
+
 def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values)
 
 
-def _std(values: Sequence[float]) -> float:
-    m = _mean(values)
-    return math.sqrt(math.fsum((v - m) ** 2 for v in values) / len(values))
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and (population) standard deviation, exactly summed: one helper for both forms."""
+    n = len(values)
+    m = math.fsum(values) / n
+    return m, math.sqrt(math.fsum([(v - m) * (v - m) for v in values]) / n)
+
+
+def _from_moments(op: str, moments: tuple[float, float]) -> float:
+    """``mean``, ``std`` or ``logstd`` from a window's (mean, std)."""
+    if op == "mean":
+        return moments[0]
+    if op == "std":
+        return moments[1]
+    return math.log(moments[1] + LOGSTD_FLOOR)
 
 
 def _flat_tail(values: Sequence[float], window: int) -> float:
@@ -424,12 +470,8 @@ def _window_op(op: str, z: FloatArray, window: int) -> FloatArray:
             out[i] = values[i] - _mean(past) if past else 0.0
             continue
         win = values[max(0, i - window + 1) : i + 1]
-        if op == "mean":
-            out[i] = _mean(win)
-        elif op == "std":
-            out[i] = _std(win)
-        elif op == "logstd":
-            out[i] = math.log(_std(win) + LOGSTD_FLOOR)
+        if op in _MOMENT_OPS:
+            out[i] = _from_moments(op, _mean_std(win))
         elif op == "min":
             out[i] = min(win)
         else:

@@ -168,36 +168,53 @@ def evaluate(
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[RunResult]:
     """Train per run (or once, globally), score every run, count its test rows."""
+    masks = train_masks(recs, train_rows=train_rows, train_until=train_until)
+    models = fit_models(recs, masks, config, seed)
+    results = []
+    for rec, mask, model in zip(recs, masks, models, strict=True):
+        results.append(run_result(rec, mask, score_recording(model, rec.columns), model))
+        progress(f"{config.name}: {rec.path.name} scored")
+    return results
+
+
+def train_masks(
+    recs: Sequence[Recording], *, train_rows: int | None, train_until: str | None
+) -> list[BoolArray]:
+    """Each run's training rows; a run with nothing left to score is an error."""
     masks = [train_mask(r, train_rows=train_rows, train_until=train_until) for r in recs]
     for rec, mask in zip(recs, masks, strict=True):
         if mask.all():
             raise DatasetError(f"{rec.path.name}: every row is a training row; nothing to score")
-    shared: Trained | None = None
+    return masks
+
+
+def fit_models(
+    recs: Sequence[Recording], masks: Sequence[BoolArray], config: Config, seed: int = 0
+) -> list[Trained]:
+    """The model serving each run: its own (``per-run``) or one shared by all (``global``)."""
     if config.mode == "global":
         joined = _concat(recs, masks)
         shared = _fit(joined, np.ones(joined.rows, dtype=np.bool_), config, seed)
-    results = []
-    for rec, mask in zip(recs, masks, strict=True):
-        model = shared or _fit(rec, mask, config, seed)
-        scores = score_recording(model, rec.columns)
-        test = ~mask
-        assert rec.labels is not None
-        labels = rec.labels[test]
-        flagged = scores.flagged[test]
-        results.append(
-            RunResult(
-                name=rec.path.stem,
-                train_rows=int(mask.sum()),
-                labels=rec.labels,
-                scores=scores,
-                threshold=model.card.threshold,
-                seconds_per_row=_seconds_per_row(rec),
-                counts=confusion(labels, flagged),
-                delays=event_delays(labels, flagged),
-            )
-        )
-        progress(f"{config.name}: {rec.path.name} scored")
-    return results
+        return [shared] * len(recs)
+    return [_fit(rec, mask, config, seed) for rec, mask in zip(recs, masks, strict=True)]
+
+
+def run_result(rec: Recording, mask: BoolArray, scores: Scores, model: Trained) -> RunResult:
+    """One run's figures from its per-row scores and ALERT flags (offline or from verdicts)."""
+    test = ~mask
+    assert rec.labels is not None
+    labels = rec.labels[test]
+    flagged = scores.flagged[test]
+    return RunResult(
+        name=rec.path.stem,
+        train_rows=int(mask.sum()),
+        labels=rec.labels,
+        scores=scores,
+        threshold=model.card.threshold,
+        seconds_per_row=_seconds_per_row(rec),
+        counts=confusion(labels, flagged),
+        delays=event_delays(labels, flagged),
+    )
 
 
 def _concat(recs: Sequence[Recording], masks: Sequence[BoolArray]) -> Recording:
