@@ -463,11 +463,17 @@ def score_parts(
     counts = [len(p.readings) for p in parts]
     bounds = np.cumsum([0, *counts]).tolist()
     raw = np.empty(len(named_rows), dtype=np.float64)
-    named_parts: list[npt.NDArray[np.float64]] = []
     widths: dict[int, list[int]] = {}  # features per row -> parts (one forest walk each)
     for k in range(len(parts)):
-        named_parts.append(np.array(named_rows[bounds[k] : bounds[k + 1]], dtype=np.float64))
-        widths.setdefault(named_parts[-1].shape[1], []).append(k)
+        widths.setdefault(len(named_rows[bounds[k]]), []).append(k)
+    if len(widths) == 1:  # as usual: one matrix, each part a view of its rows
+        named = np.array(named_rows, dtype=np.float64)
+        named_parts = [named[bounds[k] : bounds[k + 1]] for k in range(len(parts))]
+    else:
+        named_parts = [
+            np.array(named_rows[bounds[k] : bounds[k + 1]], dtype=np.float64)
+            for k in range(len(parts))
+        ]
     for chosen in widths.values():
         raw_part = _stacked_raw(parts, chosen, named_parts, stack)
         at = 0
