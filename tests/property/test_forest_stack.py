@@ -37,7 +37,7 @@ def stacked_cases(draw: st.DrawFn) -> tuple[list[FlatForest], Matrix, npt.NDArra
         queries.append(_tricky_queries(forest, train, rng))
     rows = np.concatenate(queries)
     rows = rows[rng.permutation(rows.shape[0])[: draw(st.integers(1, rows.shape[0]))]]
-    which = rng.integers(0, len(forests), size=rows.shape[0])
+    which = np.asarray(rng.integers(0, len(forests), size=rows.shape[0]), dtype=np.int64)
     return forests, rows, which
 
 
