@@ -8,9 +8,10 @@ advances (row, tree) cells of every row together. Slot and root indices stay rel
 their forest (the arena adds the forest's base), and each row adds its own forest's path
 lengths in tree order, so a row's score is bit-identical to ``FlatForest.score``.
 
-The arena is a second copy of the forests' slot arrays (about the forest's size again);
-it grows by doubling as forests are added and is compacted when more than half of it
-belongs to forests no longer held (``retain``).
+A forest added walks its slice of the arena from then on (``FlatForest.share``), so its slot
+arrays are held once, not twice; the arena grows by doubling as forests are added (up to
+half of it spare) and is compacted when more than half of it belongs to forests no longer
+held (``retain``).
 """
 
 from __future__ import annotations
@@ -60,15 +61,15 @@ class ForestStack:
         known = self._index.get(id(forest))
         if known is not None:
             return known
-        slots = forest._children.shape[0]
-        trees = forest._roots.shape[0]
-        self._reserve(self._used + slots, self._roots_used + trees)
+        columns, cuts, children, child_values, roots = forest.slot_arrays()
+        slots, trees = children.shape[0], roots.shape[0]
+        grew = self._reserve(self._used + slots, self._roots_used + trees)
         lo, hi = self._used, self._used + slots
-        self._columns[lo:hi] = forest._columns
-        self._cuts[lo:hi] = forest._cuts
-        self._children[lo:hi] = forest._children
-        self._child_values[lo:hi] = forest._child_values
-        self._roots[self._roots_used : self._roots_used + trees] = forest._roots
+        self._columns[lo:hi] = columns
+        self._cuts[lo:hi] = cuts
+        self._children[lo:hi] = children
+        self._child_values[lo:hi] = child_values
+        self._roots[self._roots_used : self._roots_used + trees] = roots
         self._slot_base.append(lo)
         self._root_base.append(self._roots_used)
         self._used = hi
@@ -77,7 +78,25 @@ class ForestStack:
         self._forests.append(forest)
         self._index[id(forest)] = number
         self._meta_cache = None
+        # The forest walks its slice of the arena: its own arrays are freed (held once).
+        # When the arena moved, every held forest follows it, so the old arena is freed.
+        for k in range(len(self._forests)) if grew else (number,):
+            self._share(k)
         return number
+
+    def _share(self, k: int) -> None:
+        forest = self._forests[k]
+        lo, first = self._slot_base[k], self._root_base[k]
+        hi = lo + forest.slot_arrays()[2].shape[0]
+        forest.share(
+            (
+                self._columns[lo:hi],
+                self._cuts[lo:hi],
+                self._children[lo:hi],
+                self._child_values[lo:hi],
+                self._roots[first : first + forest.n_trees],
+            )
+        )
 
     def number(self, forest: FlatForest) -> int:
         """The number ``add`` gave ``forest`` (KeyError if it is not held)."""
@@ -104,7 +123,9 @@ class ForestStack:
             fresh.add(f)
         self.__dict__.update(fresh.__dict__)
 
-    def _reserve(self, slots: int, roots: int) -> None:
+    def _reserve(self, slots: int, roots: int) -> bool:
+        """Room for ``slots`` slots and ``roots`` roots; whether the arena moved."""
+        grew = False
         if slots > self._columns.shape[0]:
             size = max(slots, 2 * self._columns.shape[0], 1024)
             for name in ("_columns", "_cuts", "_children", "_child_values"):
@@ -112,10 +133,13 @@ class ForestStack:
                 grown = np.empty(size, old.dtype)
                 grown[: self._used] = old[: self._used]
                 setattr(self, name, grown)
+            grew = True
         if roots > self._roots.shape[0]:
             grown_roots = np.empty(max(roots, 2 * self._roots.shape[0], 256), np.int32)
             grown_roots[: self._roots_used] = self._roots[: self._roots_used]
             self._roots = grown_roots
+            grew = True
+        return grew
 
     def _meta(self) -> tuple[IndexArray, IndexArray, IndexArray, IndexArray, FloatArray]:
         if self._meta_cache is None:

@@ -96,6 +96,27 @@ def test_retain_forgets_and_compacts_without_changing_scores() -> None:
     )
     again = stack.add(forests[0])
     np.testing.assert_array_equal(stack.score(rows, np.full(40, again)), before[0])
+    # The stacked forests walk slices of one arena (held once) and still score as before.
+    arena = forests[3].slot_arrays()[0].base
+    assert arena is not None
+    assert forests[0].slot_arrays()[0].base is arena
+    for k, forest in enumerate(forests):
+        np.testing.assert_array_equal(forest.score(rows), before[k])
+
+
+def test_many_forests_added_one_by_one_keep_their_scores() -> None:
+    """Adding forests one at a time (the arena moves as it grows) never changes any score."""
+    forests = _forests(12)
+    rows = np.random.default_rng(2).normal(size=(30, 3))
+    before = [f.score(rows) for f in forests]
+    stack = ForestStack()
+    for f in forests:
+        stack.add(f)
+    which = np.arange(30) % 12
+    got = stack.score(rows, which)
+    for k, forest in enumerate(forests):
+        np.testing.assert_array_equal(forest.score(rows), before[k])
+        np.testing.assert_array_equal(got[which == k], before[k][which == k])
 
 
 def test_refuses_rows_it_cannot_score() -> None:
