@@ -522,15 +522,38 @@ def _stacked_raw(
     # gives it; the product runs per part, on the row count of the per-model path.
     z = (named[rows] - mean) / scale
     bounds = np.cumsum([0, *spans]).tolist()
-    turned = np.concatenate(
-        [z[bounds[k] : bounds[k + 1]] @ rotation for k, (_, _, rotation) in enumerate(matrices)]
-    )
+    turned = _turn(z, bounds, [rotation for _, _, rotation in matrices])
     clipped = np.clip(turned, -Z_CLIP, Z_CLIP)
     if every:
         return stack.score(clipped, forests)
     projected = named.copy()
     projected[rows] = clipped
     return stack.score(projected, forests)
+
+
+def _turn(
+    z: npt.NDArray[np.float64], bounds: Sequence[int], rotations: Sequence[npt.NDArray[np.float64]]
+) -> npt.NDArray[np.float64]:
+    """Rows ``bounds[k]:bounds[k + 1]`` of ``z`` times ``rotations[k]``, as one call per part.
+
+    The parts of one row (a model per machine) go in one stacked ``matmul``, whose every
+    item is the same one-row product a call of its own makes; a part of several rows keeps
+    its call (BLAS rounds a product of n rows differently for different n).
+    """
+    widths = {r.shape for r in rotations}
+    if len(widths) != 1:
+        return np.concatenate([z[bounds[k] : bounds[k + 1]] @ r for k, r in enumerate(rotations)])
+    turned = np.empty((z.shape[0], rotations[0].shape[1]), dtype=np.float64)
+    singles = [k for k in range(len(rotations)) if bounds[k + 1] - bounds[k] == 1]
+    if singles:
+        at = np.asarray([bounds[k] for k in singles])
+        stacked = np.array([rotations[k] for k in singles])
+        turned[at] = np.matmul(z[at][:, None, :], stacked)[:, 0, :]
+    if len(singles) < len(rotations):
+        for k, rotation in enumerate(rotations):
+            if bounds[k + 1] - bounds[k] != 1:
+                turned[bounds[k] : bounds[k + 1]] = z[bounds[k] : bounds[k + 1]] @ rotation
+    return turned
 
 
 def _stacked_verdicts(
