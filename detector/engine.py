@@ -112,6 +112,9 @@ class EngineSettings:
     max_future_skew_s: float = DEFAULT_MAX_FUTURE_SKEW_S
     #: which accounts may speak for which machines (None: an open broker, no check)
     registry: Registry | None = None
+    #: score the routes to windowed forests together (``core.score_parts``); False: one
+    #: ``score`` call per route, the same verdicts (for comparison)
+    stack_routes: bool = True
 
 
 class Engine:
@@ -386,7 +389,7 @@ class Engine:
     ) -> dict[str, tuple[list[Verdict], dict[str, dict[str, Any]]]]:
         """Verdicts of the routes to windowed forests, scored together (``score_parts``):
         route key -> (verdicts, windows). Fewer than two such routes: nothing (scored alone)."""
-        if len(parts) < 2:
+        if len(parts) < 2 or not self.settings.stack_routes:
             return {}
         windows = [self._windows(items) for _, items in parts]
         verdicts = score_parts(

@@ -24,7 +24,7 @@ import numpy as np
 
 from factorywatch.contracts import Telemetry
 from factorywatch.detector.core import Received
-from factorywatch.detector.engine import Engine
+from factorywatch.detector.engine import Engine, EngineSettings
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.generic import Trained, fit_columns, score_recording
 from factorywatch.model.pipeline import Pipeline
@@ -102,13 +102,15 @@ def throughput(args: argparse.Namespace) -> None:
 
     def setups() -> dict[str, Engine]:
         plain = Engine(default, TOPICS)
-        grouped = Engine(default, TOPICS, router=Router(default, groups))
+        # --per-call: one score call per route (the engine before routes were stacked)
+        routed = EngineSettings(stack_routes=not args.per_call)
+        grouped = Engine(default, TOPICS, routed, router=Router(default, groups))
         for g in groups:
             grouped.bind_group(g, other)
-        per_machine = Engine(default, TOPICS)
+        per_machine = Engine(default, TOPICS, routed)
         for m in machines:
             per_machine.bind(m, other)
-        distinct = Engine(default, TOPICS)
+        distinct = Engine(default, TOPICS, routed)
         if args.distinct:  # each machine its own copy: 1,000 forests' memory, not one's
             for m in machines:
                 distinct.bind(m, replace(other, scorer=copy.deepcopy(other.scorer), states={}))
@@ -191,6 +193,11 @@ def main() -> None:
     parser.add_argument("--far-runs", type=int, default=10)
     parser.add_argument("--skip-far", action="store_true")
     parser.add_argument("--plain", action="store_true", help="only the one-model fast path")
+    parser.add_argument(
+        "--per-call",
+        action="store_true",
+        help="score each route with a call of its own (routes not stacked), for a before",
+    )
     parser.add_argument(
         "--distinct",
         action="store_true",
