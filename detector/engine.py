@@ -213,6 +213,8 @@ class Engine:
         """Serve ``machine`` with its own ``model`` from the next batch on (its calibration
         window, if any, is done with)."""
         self.router.bind_machine(machine, model)
+        if stackable(model):  # stacked now (and the walk compiled), not in the first batch
+            self._stack.add(model.scorer)  # type: ignore[arg-type] # stackable: a FlatForest
         key = route_key("machine", machine)
         self.drifts[key] = self._route_drift(key, model)
         self._fitting.discard(machine)
@@ -225,6 +227,8 @@ class Engine:
     def bind_group(self, group: str, model: LoadedModel) -> None:
         """Serve the machines of ``group`` without a model of their own with ``model``."""
         self.router.bind_group(group, model)
+        if stackable(model):  # stacked now (and the walk compiled), not in the first batch
+            self._stack.add(model.scorer)  # type: ignore[arg-type] # stackable: a FlatForest
         key = route_key("group", group)
         self.drifts[key] = self._route_drift(key, model)
         self._rebuild_ingest()

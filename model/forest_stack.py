@@ -28,6 +28,7 @@ from factorywatch.model.fastforest import FlatForest
 FloatArray = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.int64]
 _BLOCK_CELLS: Final = 64  # as in model.fastforest: cells advanced together
+_compiled: list[bool] = []  # the walk was compiled in this process
 
 
 class ForestStack:
@@ -82,6 +83,9 @@ class ForestStack:
         # When the arena moved, every held forest follows it, so the old arena is freed.
         for k in range(len(self._forests)) if grew else (number,):
             self._share(k)
+        if not _compiled:  # compile the walk now (once per process), not on a batch
+            self.score(np.zeros((1, forest.n_features)), [number])
+            _compiled.append(True)
         return number
 
     def _share(self, k: int) -> None:
