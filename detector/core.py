@@ -33,8 +33,11 @@ from factorywatch.contracts import (
 from factorywatch.detector.registry import Registry
 from factorywatch.errors import DeadLetterReason, PayloadError
 from factorywatch.model.artifact import LoadedModel
+from factorywatch.model.envelope import outside_parts
+from factorywatch.model.fastforest import FlatForest
 from factorywatch.model.features import PRODUCT_TYPE_COLUMN, TYPE_CODE, compute_features
-from factorywatch.model.pipeline import State
+from factorywatch.model.forest_stack import ForestStack
+from factorywatch.model.pipeline import Z_CLIP, State
 from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
 
@@ -406,6 +409,248 @@ def _verdicts(
             )
         )
     return verdicts
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """Readings that all route to one model, and the window states of their machines."""
+
+    model: LoadedModel
+    readings: Sequence[Telemetry]
+    received_perf: Sequence[float]
+    states: dict[str, State]
+
+
+def stackable(model: LoadedModel) -> bool:
+    """Whether ``score_parts`` can score this model's readings (a windowed flat forest)."""
+    return model.pipeline is not None and isinstance(model.scorer, FlatForest)
+
+
+def score_parts(
+    parts: Sequence[Part],
+    stack: ForestStack,
+    *,
+    explain_top_k: int,
+    perf_clock: Clock = time.perf_counter,
+) -> list[list[Verdict]]:
+    """Score parts routed to different windowed forests together; one verdict list per part.
+
+    Each verdict is what ``score(part.model, part.readings, ...)`` gives (bit-identical
+    scores, statuses and explanations; only ``latency_ms`` differs), but the fixed costs
+    are paid once: one forest walk for every row (``stack``, which learns the forests it
+    lacks), one envelope check and one explanation call. The whitening's matrix product
+    stays one call per part: BLAS rounds a product differently for different row counts.
+    """
+    for part in parts:
+        if not stackable(part.model):
+            raise ValueError(f"model {part.model.version} is not a windowed flat forest")
+    parts = [p for p in parts if p.readings]
+    if not parts:
+        return []
+    named_rows: list[list[float]] = []
+    keyed: list[State] = []
+    for part in parts:
+        pipeline = part.model.pipeline
+        assert pipeline is not None
+        version = part.model.card.version
+        for r in part.readings:
+            state = part.states.setdefault(r.machine_id, {})
+            if state.get(MODEL_KEY) != version:  # another model's windows: start over
+                state.clear()
+                state[MODEL_KEY] = version
+            keyed.append(state)
+            named_rows.append(pipeline.step_features(state, r.readings, r.attributes))
+    counts = [len(p.readings) for p in parts]
+    bounds = np.cumsum([0, *counts]).tolist()
+    raw = np.empty(len(named_rows), dtype=np.float64)
+    widths: dict[int, list[int]] = {}  # features per row -> parts (one forest walk each)
+    for k in range(len(parts)):
+        widths.setdefault(len(named_rows[bounds[k]]), []).append(k)
+    if len(widths) == 1:  # as usual: one matrix, each part a view of its rows
+        named = np.array(named_rows, dtype=np.float64)
+        named_parts = [named[bounds[k] : bounds[k + 1]] for k in range(len(parts))]
+    else:
+        named_parts = [
+            np.array(named_rows[bounds[k] : bounds[k + 1]], dtype=np.float64)
+            for k in range(len(parts))
+        ]
+    for chosen in widths.values():
+        raw_part = _stacked_raw(parts, chosen, named_parts, stack)
+        at = 0
+        for k in chosen:
+            raw[bounds[k] : bounds[k + 1]] = raw_part[at : at + counts[k]]
+            at += counts[k]
+    values = raw.tolist()
+    scores: list[float] = []
+    for k, part in enumerate(parts):
+        smooth = part.model.pipeline.smooth_step  # type: ignore[union-attr]
+        scores += [smooth(keyed[i], values[i]) for i in range(bounds[k], bounds[k + 1])]
+    return _stacked_verdicts(
+        parts, counts, named_parts, scores, explain_top_k=explain_top_k, perf_clock=perf_clock
+    )
+
+
+def _stacked_raw(
+    parts: Sequence[Part],
+    chosen: Sequence[int],
+    named_parts: Sequence[npt.NDArray[np.float64]],
+    stack: ForestStack,
+) -> npt.NDArray[np.float64]:
+    """Raw forest scores of the rows of parts ``chosen`` (same feature width), in order."""
+    named = np.concatenate([named_parts[k] for k in chosen])
+    counts = [named_parts[k].shape[0] for k in chosen]
+    whitenings = [parts[k].model.pipeline.whitening for k in chosen]  # type: ignore[union-attr]
+    forests = np.repeat(
+        [stack.add(parts[k].model.scorer) for k in chosen],  # type: ignore[arg-type]
+        counts,
+    )
+    white = [i for i, w in enumerate(whitenings) if w is not None]
+    if not white:
+        return stack.score(named, forests)
+    offsets = np.cumsum([0, *counts]).tolist()
+    every = len(white) == len(chosen)
+    rows = (
+        np.arange(named.shape[0])
+        if every
+        else np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in white])
+    )
+    spans = [counts[i] for i in white]
+    matrices = [w for w in whitenings if w is not None]
+    mean = np.repeat(np.array([m for m, _, _ in matrices]), spans, axis=0)
+    scale = np.repeat(np.array([s for _, s, _ in matrices]), spans, axis=0)
+    # Elementwise steps on every row at once give each element what ``Pipeline.project``
+    # gives it; the product runs per part, on the row count of the per-model path.
+    z = (named[rows] - mean) / scale
+    bounds = np.cumsum([0, *spans]).tolist()
+    turned = _turn(z, bounds, [rotation for _, _, rotation in matrices])
+    clipped = np.clip(turned, -Z_CLIP, Z_CLIP)
+    if every:
+        return stack.score(clipped, forests)
+    projected = named.copy()
+    projected[rows] = clipped
+    return stack.score(projected, forests)
+
+
+def _turn(
+    z: npt.NDArray[np.float64], bounds: Sequence[int], rotations: Sequence[npt.NDArray[np.float64]]
+) -> npt.NDArray[np.float64]:
+    """Rows ``bounds[k]:bounds[k + 1]`` of ``z`` times ``rotations[k]``, as one call per part.
+
+    The parts of one row (a model per machine) go in one stacked ``matmul``, whose every
+    item is the same one-row product a call of its own makes; a part of several rows keeps
+    its call (BLAS rounds a product of n rows differently for different n).
+    """
+    widths = {r.shape for r in rotations}
+    if len(widths) != 1:
+        return np.concatenate([z[bounds[k] : bounds[k + 1]] @ r for k, r in enumerate(rotations)])
+    turned = np.empty((z.shape[0], rotations[0].shape[1]), dtype=np.float64)
+    singles = [k for k in range(len(rotations)) if bounds[k + 1] - bounds[k] == 1]
+    if singles:
+        at = np.asarray([bounds[k] for k in singles])
+        stacked = np.array([rotations[k] for k in singles])
+        turned[at] = np.matmul(z[at][:, None, :], stacked)[:, 0, :]
+    if len(singles) < len(rotations):
+        for k, rotation in enumerate(rotations):
+            if bounds[k + 1] - bounds[k] != 1:
+                turned[bounds[k] : bounds[k + 1]] = z[bounds[k] : bounds[k + 1]] @ rotation
+    return turned
+
+
+def _stacked_verdicts(
+    parts: Sequence[Part],
+    counts: Sequence[int],
+    named_parts: Sequence[npt.NDArray[np.float64]],
+    scores: Sequence[float],
+    *,
+    explain_top_k: int,
+    perf_clock: Clock,
+) -> list[list[Verdict]]:
+    """``_verdicts`` of several parts at once: thresholds, envelopes, centres per row."""
+    cards = [p.model.card for p in parts]
+    readings = [r for p in parts for r in p.readings]
+    perfs = [t for p in parts for t in p.received_perf]
+    part_of = np.repeat(np.arange(len(parts)), counts)
+    outside = _outside(parts, counts, readings)
+    done = perf_clock()
+    thresholds = [c.threshold for c in cards]
+    owners = part_of.tolist()
+    alerting = [
+        i for i, v in enumerate(scores) if v > thresholds[owners[i]] or outside[i] is not None
+    ]
+    explanations: dict[int, list[Contribution]] = {}
+    if explain_top_k and alerting:
+        starts = np.cumsum([0, *counts]).tolist()
+        by_width: dict[int, list[int]] = {}  # features per row -> alerting rows
+        for i in alerting:
+            by_width.setdefault(named_parts[owners[i]].shape[1], []).append(i)
+        for rows in by_width.values():
+            matrix = np.array([named_parts[owners[i]][i - starts[owners[i]]] for i in rows])
+            center = np.array([parts[owners[i]].model.center for i in rows], dtype=np.float64)
+            scale = np.array([parts[owners[i]].model.scale for i in rows], dtype=np.float64)
+            top = explain(matrix, center, scale, explain_top_k)
+            for row, i, contributions in zip(matrix, rows, top, strict=True):
+                features = cards[owners[i]].features
+                # Not validated: a feature may overflow to inf, which encodes as null.
+                explanations[i] = [
+                    Contribution.model_construct(
+                        feature=features[j], value=float(row[j]), z=round(z, 3)
+                    )
+                    for j, z in contributions
+                ]
+    flagged = set(alerting)
+    validate = Verdict.model_validate
+    out: list[list[Verdict]] = [[] for _ in parts]
+    for i, (reading, value) in enumerate(zip(readings, scores, strict=True)):
+        k = owners[i]
+        out[k].append(
+            validate(
+                {
+                    "machine_id": reading.machine_id,
+                    "line": reading.line,
+                    "seq": reading.seq,
+                    "reading_ts": reading.ts,
+                    "status": "ALERT" if i in flagged else "NORMAL",
+                    "score": value,
+                    "threshold": thresholds[k],
+                    "model_version": cards[k].version,
+                    "latency_ms": round((done - perfs[i]) * 1000.0, 3),
+                    "explanation": explanations.get(i),
+                    "outside_training": outside[i],
+                }
+            )
+        )
+    return out
+
+
+def _outside(
+    parts: Sequence[Part], counts: Sequence[int], readings: Sequence[Telemetry]
+) -> list[list[str] | None]:
+    """Per row, the channels outside its model's training envelope (one check if they agree)."""
+    cards = [p.model.card for p in parts]
+    envelopes = [c.envelope for c in cards]
+    channels = cards[0].channels
+    same = all(e is not None for e in envelopes) and all(
+        c.channels == channels and c.envelope.channels == envelopes[0].channels  # type: ignore[union-attr]
+        for c in cards
+    )
+    if same:
+        columns = {
+            ch: np.fromiter((r.readings[ch] for r in readings), np.float64, len(readings))
+            for ch in channels
+        }
+        return outside_parts(envelopes, counts, columns)  # type: ignore[arg-type]
+    out: list[list[str] | None] = []
+    for part, card in zip(parts, cards, strict=True):
+        n = len(part.readings)
+        if card.envelope is None:
+            out += [None] * n
+            continue
+        columns = {
+            ch: np.fromiter((r.readings[ch] for r in part.readings), np.float64, n)
+            for ch in card.channels
+        }
+        out += card.envelope.outside(columns, n)
+    return out
 
 
 def calibrating_verdicts(

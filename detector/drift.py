@@ -13,12 +13,13 @@ is back under half of that, so a rate sitting on the line does not flap.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 DriftChange = Literal["drift_started", "drift_ended"]
+_FEW: Final = 8  # scores added one by one below this many (numpy's fixed cost dominates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,15 @@ class ScoreDrift:
 
     def add(self, scores: npt.ArrayLike, threshold: float) -> None:
         """Remember a batch of scores (the oldest fall out of the window)."""
+        if isinstance(scores, list) and len(scores) <= _FEW and len(scores) < self.window:
+            # a machine's own model sees a reading or two per batch: numpy costs more here
+            for value in scores:
+                score = float(value)
+                self._scores[self._next] = score
+                self._alerting[self._next] = score > threshold
+                self._next = (self._next + 1) % self.window
+            self._count = min(self.window, self._count + len(scores))
+            return
         values = np.asarray(scores, dtype=np.float64).ravel()[-self.window :]
         n = values.shape[0]
         first = min(n, self.window - self._next)

@@ -44,11 +44,14 @@ from factorywatch.detector.alerting import AlertPolicy, AlertTracker
 from factorywatch.detector.calibrating import FitRequest
 from factorywatch.detector.core import (
     Decoder,
+    Part,
     Received,
     calibrating_verdicts,
     dead_letter,
     required_attributes,
     score,
+    score_parts,
+    stackable,
 )
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.drift import DriftChange, DriftFigures, ScoreDrift
@@ -58,6 +61,7 @@ from factorywatch.detector.router import DEFAULT_KEY, Route, Router, route_key
 from factorywatch.detector.state import MachineRecord, PendingEvent, StateTable
 from factorywatch.errors import PayloadError
 from factorywatch.model.artifact import LoadedModel
+from factorywatch.model.forest_stack import ForestStack
 from factorywatch.topics import UNKNOWN, Topics
 
 ENGINE_SNAPSHOT_VERSION: Final = 1
@@ -108,6 +112,9 @@ class EngineSettings:
     max_future_skew_s: float = DEFAULT_MAX_FUTURE_SKEW_S
     #: which accounts may speak for which machines (None: an open broker, no check)
     registry: Registry | None = None
+    #: score the routes to windowed forests together (``core.score_parts``); False: one
+    #: ``score`` call per route, the same verdicts (for comparison)
+    stack_routes: bool = True
 
 
 class Engine:
@@ -143,6 +150,8 @@ class Engine:
             extra.bind(model.card.channels)
         self.ingest: Ingest = ingest if ingest is not None else self._json_ingest(model)
         self.drift = self._make_drift(model)
+        #: the bound windowed forests end to end, so routes to them are scored in one walk
+        self._stack = ForestStack()
         self._uids = itertools.count(1)
 
     # -- model ------------------------------------------------------------------------------
@@ -195,6 +204,8 @@ class Engine:
         self.drift = self._make_drift(model)
 
     def _rebuild_ingest(self) -> None:
+        # Every binding change comes here: forests no longer bound leave the stack.
+        self._stack.retain(m.scorer for m in self.router.models().values())
         if self._custom_ingest is None:
             self.ingest = self._json_ingest(self.model)
 
@@ -202,6 +213,8 @@ class Engine:
         """Serve ``machine`` with its own ``model`` from the next batch on (its calibration
         window, if any, is done with)."""
         self.router.bind_machine(machine, model)
+        if stackable(model):  # stacked now (and the walk compiled), not in the first batch
+            self._stack.add(model.scorer)  # type: ignore[arg-type] # stackable: a FlatForest
         key = route_key("machine", machine)
         self.drifts[key] = self._route_drift(key, model)
         self._fitting.discard(machine)
@@ -214,6 +227,8 @@ class Engine:
     def bind_group(self, group: str, model: LoadedModel) -> None:
         """Serve the machines of ``group`` without a model of their own with ``model``."""
         self.router.bind_group(group, model)
+        if stackable(model):  # stacked now (and the walk compiled), not in the first batch
+            self._stack.add(model.scorer)  # type: ignore[arg-type] # stackable: a FlatForest
         key = route_key("group", group)
         self.drifts[key] = self._route_drift(key, model)
         self._rebuild_ingest()
@@ -362,26 +377,63 @@ class Engine:
                 parts[chosen.key] = (chosen, [item])
             else:
                 part[1].append(item)
+        stacked = self._score_stacked(
+            [(c, i) for c, i in parts.values() if c.model is not None and stackable(c.model)]
+        )
         for chosen, part_items in parts.values():
             if chosen.model is None:
                 self._calibrate(part_items, now)
+            elif chosen.key in stacked:
+                verdicts, windows = stacked[chosen.key]
+                self._settle(chosen.key, chosen.model, part_items, verdicts, windows, now)
             else:
                 self._score_with(chosen.key, chosen.model, part_items, now)
+
+    def _windows(self, items: list[tuple[Reading, Outcome]]) -> dict[str, dict[str, Any]]:
+        """A generic model's windows live in each machine's record (``features``):
+        snapshotted and restored with the rest of its state. New machines get theirs after
+        observe (``_settle``)."""
+        windows: dict[str, dict[str, Any]] = {}
+        for reading, _ in items:
+            machine = reading.telemetry.machine_id
+            if machine not in windows:
+                record = self.states.get(machine)
+                windows[machine] = record.features if record is not None else {}
+        return windows
+
+    def _score_stacked(
+        self, parts: list[tuple[Route, list[tuple[Reading, Outcome]]]]
+    ) -> dict[str, tuple[list[Verdict], dict[str, dict[str, Any]]]]:
+        """Verdicts of the routes to windowed forests, scored together (``score_parts``):
+        route key -> (verdicts, windows). Fewer than two such routes: nothing (scored alone)."""
+        if len(parts) < 2 or not self.settings.stack_routes:
+            return {}
+        windows = [self._windows(items) for _, items in parts]
+        verdicts = score_parts(
+            [
+                Part(
+                    model=route.model,  # type: ignore[arg-type] # stackable: a model
+                    readings=[reading.telemetry for reading, _ in items],
+                    received_perf=[outcome.message.received_perf for _, outcome in items],
+                    states=part_windows,
+                )
+                for (route, items), part_windows in zip(parts, windows, strict=True)
+            ],
+            self._stack,
+            explain_top_k=self.settings.explain_top_k,
+        )
+        return {
+            route.key: (part_verdicts, part_windows)
+            for (route, _), part_verdicts, part_windows in zip(
+                parts, verdicts, windows, strict=True
+            )
+        }
 
     def _score_with(
         self, key: str, model: LoadedModel, items: list[tuple[Reading, Outcome]], now: float
     ) -> None:
         """Score readings that all route to ``model`` (route ``key``) in one call."""
-        # A generic model's windows live in each machine's record (``features``): snapshotted
-        # and restored with the rest of its state. New machines get theirs after observe.
-        windows: dict[str, dict[str, Any]] | None = None
-        if model.pipeline is not None:
-            windows = {}
-            for reading, _ in items:
-                machine = reading.telemetry.machine_id
-                if machine not in windows:
-                    record = self.states.get(machine)
-                    windows[machine] = record.features if record is not None else {}
+        windows = self._windows(items) if model.pipeline is not None else None
         verdicts = score(
             model,
             [reading.telemetry for reading, _ in items],
@@ -389,6 +441,18 @@ class Engine:
             explain_top_k=self.settings.explain_top_k,
             states=windows,
         )
+        self._settle(key, model, items, verdicts, windows, now)
+
+    def _settle(  # noqa: PLR0917 - one route's verdicts and what they act on
+        self,
+        key: str,
+        model: LoadedModel,
+        items: list[tuple[Reading, Outcome]],
+        verdicts: list[Verdict],
+        windows: dict[str, dict[str, Any]] | None,
+        now: float,
+    ) -> None:
+        """Drift, publishes and alert state of one route's verdicts."""
         if key == DEFAULT_KEY:
             drift = self.drift
         else:

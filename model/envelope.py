@@ -59,6 +59,27 @@ class Envelope(BaseModel):
         return out
 
 
+def outside_parts(
+    envelopes: Sequence[Envelope], counts: Sequence[int], columns: Columns
+) -> list[list[str] | None]:
+    """``Envelope.outside`` of consecutive parts at once: ``counts[i]`` rows of ``columns``
+    judged by ``envelopes[i]``; every envelope must watch the same channels."""
+    rows = sum(counts)
+    out: list[list[str] | None] = [None] * rows
+    names = envelopes[0].channels if envelopes else []
+    if any(e.channels != names for e in envelopes):
+        raise ValueError("outside_parts needs envelopes over the same channels")
+    if not names or not rows:
+        return out
+    values = np.column_stack([_values(columns, name) for name in names])
+    low = np.repeat(np.asarray([e.low for e in envelopes], dtype=np.float64), counts, axis=0)
+    high = np.repeat(np.asarray([e.high for e in envelopes], dtype=np.float64), counts, axis=0)
+    beyond = (values < low) | (values > high)
+    for row in np.flatnonzero(beyond.any(axis=1)).tolist():
+        out[row] = [names[j] for j in np.flatnonzero(beyond[row]).tolist()]
+    return out
+
+
 def _values(columns: Columns, name: str) -> FloatArray:
     if name in columns:
         return np.asarray(columns[name], dtype=np.float64)

@@ -8,7 +8,7 @@ array operations and 9-13 ms for a ``score_samples`` call (``python -m bench.ben
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numba
 import numpy as np
@@ -98,6 +98,22 @@ class FlatForest:
         self._width = (3 if self._uses_abs else 2) * n_features
         # Compile the walk now (about 0.5 s, once per process), not on the first reading.
         self.score(np.zeros((1, n_features)))
+
+    def slot_arrays(self) -> tuple[SlotArray, Float32Array, SlotArray, FloatArray, SlotArray]:
+        """The arrays the walk reads: columns, cuts, children, child values, roots."""
+        return self._columns, self._cuts, self._children, self._child_values, self._roots
+
+    def share(
+        self,
+        arrays: tuple[SlotArray, Float32Array, SlotArray, FloatArray, SlotArray],
+    ) -> None:
+        """Walk ``arrays`` (equal copies of ``slot_arrays``, views of a ``ForestStack``'s
+        arena) from now on, so that a stacked forest's slots are held once."""
+        new: list[npt.NDArray[Any]] = list(arrays)
+        old: list[npt.NDArray[Any]] = list(self.slot_arrays())
+        if any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(new, old, strict=True)):
+            raise ValueError("shared forest arrays differ in shape or type from the forest's")
+        self._columns, self._cuts, self._children, self._child_values, self._roots = arrays
 
     def save(self, path: Path) -> None:
         """Write the flat arrays to ``path`` (``.npz``: plain arrays, nothing pickled)."""

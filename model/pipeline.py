@@ -221,6 +221,11 @@ class Pipeline:
         )
         return Pipeline(self.spec.model_copy(update={"whiten": whitening}))
 
+    @property
+    def whitening(self) -> tuple[FloatArray, FloatArray, FloatArray] | None:
+        """(mean, scale, rotation) of the whitening ``project`` applies, if any."""
+        return self._whiten
+
     def project(self, features: FloatArray) -> FloatArray:
         """Named feature rows -> the scorer's input (whitened when the spec says so)."""
         if self._whiten is None:

@@ -84,3 +84,19 @@ def test_figures_are_those_of_the_last_window_readings(
     if recent:
         assert figures.alert_rate == pytest.approx(np.mean(np.array(recent) > THRESHOLD))
         assert figures.score_median == pytest.approx(float(np.median(recent)))
+
+
+@given(
+    st.lists(st.lists(st.floats(0.0, 1.0), min_size=0, max_size=12), min_size=1, max_size=30),
+    st.integers(1, 20),
+)
+def test_small_lists_and_arrays_fill_the_window_alike(
+    batches: list[list[float]], window: int
+) -> None:
+    """Scores added as short lists (one by one) leave the window exactly as numpy arrays do."""
+    listed, arrays = monitor(window), monitor(window)
+    for batch in batches:
+        listed.add(batch, THRESHOLD)
+        arrays.add(np.asarray(batch, dtype=np.float64), THRESHOLD)
+    assert listed.snapshot() == arrays.snapshot()
+    assert listed.figures() == arrays.figures()

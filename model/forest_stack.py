@@ -1,0 +1,255 @@
+"""Many flat forests in one arena, so rows of different forests are scored in one walk.
+
+A model per machine means a batch's readings belong to as many forests as machines; scoring
+each machine's few rows in a call of its own costs a fixed overhead per call and walks one
+row at a time (no overlap between walks). ``ForestStack`` keeps the slot arrays of every
+forest it holds end to end in one arena; each row names its forest, and one compiled walk
+advances (row, tree) cells of every row together. Slot and root indices stay relative to
+their forest (the arena adds the forest's base), and each row adds its own forest's path
+lengths in tree order, so a row's score is bit-identical to ``FlatForest.score``.
+
+A forest added walks its slice of the arena from then on (``FlatForest.share``), so its slot
+arrays are held once, not twice; the arena grows by doubling as forests are added (up to
+half of it spare) and is compacted when more than half of it belongs to forests no longer
+held (``retain``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+import numba
+import numpy as np
+import numpy.typing as npt
+
+from factorywatch.model.fastforest import FlatForest
+
+FloatArray = npt.NDArray[np.float64]
+IndexArray = npt.NDArray[np.int64]
+_BLOCK_CELLS: Final = 64  # as in model.fastforest: cells advanced together
+_compiled: list[bool] = []  # the walk was compiled in this process
+
+
+class ForestStack:
+    """Forests end to end in one arena; ``score`` takes rows of any of them at once."""
+
+    def __init__(self) -> None:
+        self._index: dict[int, int] = {}  # id(forest) -> its number in the stack
+        self._forests: list[FlatForest] = []
+        self._used = 0  # arena slots in use (live or dead)
+        self._roots_used = 0
+        self._columns = np.empty(0, np.int32)
+        self._cuts = np.empty(0, np.float32)
+        self._children = np.empty(0, np.int32)
+        self._child_values = np.empty(0, np.float64)
+        self._roots = np.empty(0, np.int32)
+        # per forest: slot base, first root, trees, levels, denominator, n_features
+        self._slot_base: list[int] = []
+        self._root_base: list[int] = []
+        self._meta_cache: tuple[IndexArray, IndexArray, IndexArray, IndexArray, FloatArray] | None
+        self._meta_cache = None
+        self._dead_slots = 0
+
+    def __len__(self) -> int:
+        return len(self._forests)
+
+    def __contains__(self, forest: object) -> bool:
+        return id(forest) in self._index
+
+    def add(self, forest: FlatForest) -> int:
+        """Hold ``forest`` (once); its number in the stack."""
+        known = self._index.get(id(forest))
+        if known is not None:
+            return known
+        columns, cuts, children, child_values, roots = forest.slot_arrays()
+        slots, trees = children.shape[0], roots.shape[0]
+        grew = self._reserve(self._used + slots, self._roots_used + trees)
+        lo, hi = self._used, self._used + slots
+        self._columns[lo:hi] = columns
+        self._cuts[lo:hi] = cuts
+        self._children[lo:hi] = children
+        self._child_values[lo:hi] = child_values
+        self._roots[self._roots_used : self._roots_used + trees] = roots
+        self._slot_base.append(lo)
+        self._root_base.append(self._roots_used)
+        self._used = hi
+        self._roots_used += trees
+        number = len(self._forests)
+        self._forests.append(forest)
+        self._index[id(forest)] = number
+        self._meta_cache = None
+        # The forest walks its slice of the arena: its own arrays are freed (held once).
+        # When the arena moved, every held forest follows it, so the old arena is freed.
+        for k in range(len(self._forests)) if grew else (number,):
+            self._share(k)
+        if not _compiled:  # compile the walk now (once per process), not on a batch
+            self.score(np.zeros((1, forest.n_features)), [number])
+            _compiled.append(True)
+        return number
+
+    def _share(self, k: int) -> None:
+        forest = self._forests[k]
+        lo, first = self._slot_base[k], self._root_base[k]
+        hi = lo + forest.slot_arrays()[2].shape[0]
+        forest.share(
+            (
+                self._columns[lo:hi],
+                self._cuts[lo:hi],
+                self._children[lo:hi],
+                self._child_values[lo:hi],
+                self._roots[first : first + forest.n_trees],
+            )
+        )
+
+    def number(self, forest: FlatForest) -> int:
+        """The number ``add`` gave ``forest`` (KeyError if it is not held)."""
+        return self._index[id(forest)]
+
+    def retain(self, forests: Iterable[object]) -> None:
+        """Forget the forests not in ``forests`` (numbers may change); compact when more
+        than half of the arena belongs to forgotten ones. Forests are added by ``add``."""
+        keep = {id(f) for f in forests}
+        dead = [f for f in self._forests if id(f) in self._index and id(f) not in keep]
+        if not dead:
+            return
+        self._dead_slots += sum(f._children.shape[0] for f in dead)
+        if 2 * self._dead_slots > self._used:
+            self._rebuild([f for f in self._forests if id(f) in keep])
+            return
+        # forgotten, their slots left in place until a compaction: no copy per unbinding
+        for f in dead:
+            del self._index[id(f)]
+
+    def _rebuild(self, forests: list[FlatForest]) -> None:
+        fresh = ForestStack()
+        for f in forests:
+            fresh.add(f)
+        self.__dict__.update(fresh.__dict__)
+
+    def _reserve(self, slots: int, roots: int) -> bool:
+        """Room for ``slots`` slots and ``roots`` roots; whether the arena moved."""
+        grew = False
+        if slots > self._columns.shape[0]:
+            size = max(slots, 2 * self._columns.shape[0], 1024)
+            for name in ("_columns", "_cuts", "_children", "_child_values"):
+                old = getattr(self, name)
+                grown = np.empty(size, old.dtype)
+                grown[: self._used] = old[: self._used]
+                setattr(self, name, grown)
+            grew = True
+        if roots > self._roots.shape[0]:
+            grown_roots = np.empty(max(roots, 2 * self._roots.shape[0], 256), np.int32)
+            grown_roots[: self._roots_used] = self._roots[: self._roots_used]
+            self._roots = grown_roots
+            grew = True
+        return grew
+
+    def _meta(self) -> tuple[IndexArray, IndexArray, IndexArray, IndexArray, FloatArray]:
+        if self._meta_cache is None:
+            f = self._forests
+            self._meta_cache = (
+                np.asarray(self._slot_base, np.int64),
+                np.asarray(self._root_base, np.int64),
+                np.asarray([x.n_trees for x in f], np.int64),
+                np.asarray([x.levels for x in f], np.int64),
+                np.asarray([x.denominator for x in f], np.float64),
+            )
+        return self._meta_cache
+
+    def score(self, features: npt.ArrayLike, forest_of_row: npt.ArrayLike) -> FloatArray:
+        """Row ``i`` scored by forest number ``forest_of_row[i]``: ``FlatForest.score``'s value.
+
+        Every row's forest must take ``features.shape[1]`` features.
+        """
+        matrix = np.asarray(features)
+        which = np.asarray(forest_of_row, dtype=np.int64)
+        rows = matrix.shape[0] if matrix.ndim == 2 else -1
+        if rows < 0 or which.shape != (rows,):
+            raise ValueError(f"expected a feature matrix and one forest per row, got "
+                             f"{matrix.shape} and {which.shape}")  # fmt: skip
+        if not rows:
+            return np.empty(0, np.float64)
+        if which.min() < 0 or which.max() >= len(self._forests):
+            raise ValueError(f"forest numbers must be in 0..{len(self._forests) - 1}")
+        width = matrix.shape[1]
+        wrong = {self._forests[k].n_features for k in set(which.tolist())} - {width}
+        if wrong:
+            raise ValueError(f"rows have {width} features; forests of the rows take {wrong}")
+        slot_base, root_base, trees, levels, denominator = self._meta()
+        x32 = matrix.astype(np.float32)
+        aug = np.concatenate((x32, -x32, np.abs(x32)), axis=-1).ravel()
+        totals = np.empty(rows, dtype=np.float64)
+        _walk_stacked(
+            aug,
+            3 * width,
+            slot_base[which],
+            root_base[which],
+            trees[which],
+            int(levels[which].max()),
+            self._roots,
+            self._columns,
+            self._cuts,
+            self._children,
+            self._child_values,
+            totals,
+        )
+        denominators = denominator[which]
+        flat = denominators == 0.0  # one training sample: FlatForest's 0.5
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.asarray(2.0 ** -(totals / denominators), dtype=np.float64)
+        if flat.any():
+            out[flat] = 0.5
+        return out
+
+
+@numba.njit(nogil=True, cache=False)
+def _walk_stacked(  # noqa: PLR0917 - numba compiles positional parameters only
+    aug: npt.NDArray[np.float32],
+    width: int,
+    slot_base: IndexArray,
+    root_base: IndexArray,
+    trees: IndexArray,
+    levels: int,
+    roots: npt.NDArray[np.int32],
+    columns: npt.NDArray[np.int32],
+    cuts: npt.NDArray[np.float32],
+    children: npt.NDArray[np.int32],
+    child_values: FloatArray,
+    totals: FloatArray,
+) -> None:  # pragma: no cover - compiled: covered through ForestStack.score
+    """``model.fastforest._walk`` with a forest per row (slots relative to its base).
+
+    Cells are ordered tree-major, so each row adds its trees' path lengths in tree order
+    (bit-identical to its own forest's walk). A shallower forest walks the deepest one's
+    levels: its leaves point at themselves, so the extra levels change nothing.
+    """
+    rows = totals.shape[0]
+    most = 0
+    for row in range(rows):
+        most = max(most, trees[row])
+    per_block = max(1, _BLOCK_CELLS // rows)
+    slots = np.empty(per_block * rows, np.int64)
+    bases = np.empty(per_block * rows, np.int64)
+    owner = np.empty(per_block * rows, np.int64)
+    totals[:] = 0.0
+    for first in range(0, most, per_block):
+        last = min(most, first + per_block)
+        cells = 0
+        for tree in range(first, last):
+            for row in range(rows):
+                if tree >= trees[row]:
+                    continue
+                base = slot_base[row]
+                root = base + roots[root_base[row] + tree]
+                at = row * width
+                slots[cells] = root + (aug[at + columns[root]] > cuts[root])
+                bases[cells] = base
+                owner[cells] = row
+                cells += 1
+        for _level in range(levels - 1):
+            for cell in range(cells):
+                slot = bases[cell] + children[slots[cell]]
+                slots[cell] = slot + (aug[owner[cell] * width + columns[slot]] > cuts[slot])
+        for cell in range(cells):
+            totals[owner[cell]] += child_values[slots[cell]]
