@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary nats-binary docker-prepare ops-tools test faults fuzz demo lint format train evaluate scenarios scenarios-live bench bench-features profile scale clean
+.PHONY: install broker-binary nats-binary docker-prepare ops-tools test faults fuzz demo lint format train evaluate scenarios scenarios-live bench bench-features bench-warmup profile scale clean
 
 install: $(VENV)/.installed
 
@@ -102,6 +102,10 @@ bench: install broker-binary
 ## 10,000 machines -> reports/bench-features.{json,md}
 bench-features: install broker-binary
 	$(BIN)/python -m bench.features
+
+## bench-warmup: ALERT share of new machines' first 5 verdicts (windows filling), per preset
+bench-warmup: install
+	$(BIN)/python -m bench.warmup
 
 ## profile: py-spy samples of the detector under load -> reports/profile.md
 profile: install broker-binary

@@ -139,7 +139,9 @@ def fit_recording(
         raise DatasetError(f"every channel is constant over the training rows: {constant}")
     if constant:
         progress(f"constant over training, watched by the envelope only: {constant}")
-    base = Pipeline.fit(columns, preset_steps(preset, used, window), smooth=smooth)
+    base = Pipeline.fit(
+        columns, preset_steps(preset, used, window), smooth=smooth, groups=groups or None
+    )
     named = base.feature_rows(columns, groups=groups or None)
     progress(
         f"fitting {family} on {len(rows)} rows x {len(base.features)} features; "

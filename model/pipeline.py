@@ -18,12 +18,22 @@ over a frame) and online (``step`` over one reading, with the machine's window s
    ``derived`` a named physical quantity of raw channels (``model.features.DERIVED``, the
               AI4I preset);  ``encode`` an attribute through a code table (``product_type``)
 
-3. Warm-up: windows hold the readings seen so far, up to ``window``. Before a window is full
-   the statistics are over fewer readings (one reading: std 0, dev 0, roc 0, flat 0), so the
-   first ``window - 1`` verdicts of a machine are computed on partial windows;
-   ``Pipeline.warmup`` says how many.
+3. Warm-up: a windowed feature is valid once its window is full: ``window`` readings for
+   mean/std/logstd/min/max, ``window`` earlier readings for ``dev``, ``window`` changes for
+   ``flat``, one earlier reading for ``roc`` (``min_periods``). Before that it is imputed
+   with its training centre given what is known (``PipelineSpec.fill``, learnt by ``fit``
+   on the training rows where every window was full): a least-squares line on the valid
+   features of the same channel (on the first reading: its z), so the imputed value keeps
+   the usual relationship with them (a rolling mean near z's share of it, a log std at its
+   typical level) and the whitened row looks ordinary. A partial window (one reading: std 0,
+   log std far below anything in training) thus contributes nothing and a new machine does
+   not alarm on its first readings. Batch and streaming apply the same rule, ``fit`` to the
+   first rows of each training machine too. ``Pipeline.warmup`` says how many readings a
+   machine needs before every window is full. A spec without ``fill`` (a card from before
+   the rule) keeps the old partial-window statistics.
 4. Score smoothing (``smooth`` > 1): the verdict's score is the mean of the machine's last
-   ``smooth`` raw scores (``smooth_scores`` / ``smooth_step``).
+   ``smooth`` raw scores (``smooth_scores`` / ``smooth_step``), over the scores so far while
+   fewer than ``smooth`` exist (those scores come from imputed, typical features).
 
 The window state of one machine is a plain JSON-serialisable dict (lists of floats), so the
 engine can snapshot and restore it. The batch ``transform`` treats each machine (``groups``)
@@ -90,6 +100,19 @@ class Whitening(BaseModel):
     sd: list[float]  # each component's standard deviation over the fitting rows
 
 
+class Fill(BaseModel):
+    """Warm-up: while a machine has sent ``readings`` readings, feature ``step`` (not yet
+    valid) is ``intercept + sum(coef[i] * feature[inputs[i]])`` over valid features."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    readings: int = Field(ge=1)
+    step: int = Field(ge=0)
+    intercept: float
+    inputs: list[int] = []
+    coef: list[float] = []
+
+
 class PipelineSpec(BaseModel):
     """What the model card stores: channels, their robust scales, steps, smoothing."""
 
@@ -102,6 +125,19 @@ class PipelineSpec(BaseModel):
     smooth: int = Field(default=1, ge=1, le=1000)
     attributes: list[str] = []
     whiten: Whitening | None = None
+    # Warm-up imputation rules (see ``Fill``); None = none (cards from before the rule).
+    fill: list[Fill] | None = None
+
+
+def min_periods(step: Step) -> int:
+    """Readings of a machine (current included) before ``step``'s value is valid."""
+    if step.op in ("dev", "flat"):
+        return step.window + 1
+    if step.op == "roc":
+        return 2
+    if step.op in WINDOW_OPS:
+        return step.window
+    return 1
 
 
 def robust_scale(values: FloatArray) -> tuple[float, float]:
@@ -162,6 +198,19 @@ class Pipeline:
                 self._plan.append((_MOMENT_CODES[s.op], self._moments.index(slot), s))
             else:
                 self._plan.append((_OTHER, None, s))
+        # Warm-up imputation: readings seen -> [(feature, intercept, ((input, coef), ...))].
+        self._fill: dict[int, list[tuple[int, float, tuple[tuple[int, float], ...]]]] = {}
+        for f in spec.fill or []:
+            if f.step >= len(spec.steps) or any(i >= len(spec.steps) for i in f.inputs):
+                raise ValueError(f"pipeline fill refers to a step that does not exist: {f}")
+            if len(f.inputs) != len(f.coef):
+                raise ValueError(f"pipeline fill needs one coefficient per input: {f}")
+            terms = tuple(zip(f.inputs, f.coef, strict=True))
+            self._fill.setdefault(f.readings, []).append((f.step, f.intercept, terms))
+        # The channel with the longest min periods: readings are counted on its history.
+        needs = [(min_periods(s), s.channel) for s in spec.steps if s.op in WINDOW_OPS]
+        self._full, channel = max(needs, default=(1, ""))
+        self._count_key = f"z:{channel}"
 
     @classmethod
     def fit(
@@ -170,8 +219,11 @@ class Pipeline:
         steps: Sequence[Step],
         *,
         smooth: int = 1,
+        groups: Sequence[str] | None = None,
     ) -> Pipeline:
-        """Learn each used channel's robust centre and scale from the training columns."""
+        """Learn each used channel's robust centre and scale from the training columns, and
+        the warm-up fill (``_fit_fill``) from the rows where every window was full
+        (``groups``: the machine of each row, each in order; none = one sequence)."""
         channels: dict[str, None] = {}
         attributes: dict[str, None] = {}
         for s in steps:
@@ -194,7 +246,10 @@ class Pipeline:
             smooth=smooth,
             attributes=list(attributes),
         )
-        return cls(spec)
+        plain = cls(spec)
+        rows = plain.feature_rows(columns, groups=groups)
+        full = rows[_positions(groups, len(rows)) + 1 >= plain._full]
+        return cls(spec.model_copy(update={"fill": _fit_fill(spec.steps, full)}))
 
     def with_whitening(self, features: FloatArray) -> Pipeline:
         """This pipeline plus a whitening fitted on the (pre-whitening) ``features`` rows.
@@ -241,9 +296,10 @@ class Pipeline:
 
     @property
     def warmup(self) -> int:
-        """Readings of a machine before every window (and the score smoothing) is full."""
-        windows = [s.window for s in self.spec.steps if s.op in WINDOW_OPS]
-        return max([*windows, self.spec.smooth, 1]) - 1
+        """Readings of a machine before every window (and the score smoothing) is full: the
+        verdicts on those readings use imputed (training-centre) windowed features."""
+        needs = [min_periods(s) for s in self.spec.steps]
+        return max([*needs, self.spec.smooth, 1]) - 1
 
     # -- batch -----------------------------------------------------------------------------
     def standardise(self, columns: Mapping[str, FloatArray]) -> dict[str, FloatArray]:
@@ -307,6 +363,9 @@ class Pipeline:
                 out[:, j] = _flat(np.asarray(columns[s.channel], dtype=np.float64), s.window)
             else:
                 out[:, j] = _window_op(s.op, z[s.channel], s.window)
+        if self._fill:  # warm-up: partial windows -> imputed
+            for i in range(min(n, self._full - 1)):
+                self._impute(i + 1, out[i])
         return out
 
     # -- streaming -------------------------------------------------------------------------
@@ -360,7 +419,18 @@ class Pipeline:
                 features.append(moments[arg][1])
             else:
                 features.append(self._step_one(s, state, row, z, attributes))
+        if self._fill and (seen := len(state[self._count_key])) < self._full:
+            self._impute(seen, features)
         return features
+
+    def _impute(self, seen: int, features: Any) -> None:
+        """Warm-up: after ``seen`` readings, each feature whose window is not yet full takes
+        its fitted value given the valid ones (the same arithmetic in batch and streaming)."""
+        for j, intercept, terms in self._fill.get(seen, ()):
+            value = intercept
+            for k, c in terms:
+                value += c * float(features[k])
+            features[j] = value
 
     def _step_one(  # noqa: PLR0911 - one return per operation reads best
         self,
@@ -442,6 +512,51 @@ def _from_moments(op: str, moments: tuple[float, float]) -> float:
     if op == "std":
         return moments[1]
     return math.log(moments[1] + LOGSTD_FLOOR)
+
+
+def _fit_fill(steps: Sequence[Step], full: FloatArray) -> list[Fill]:
+    """Warm-up rules from ``full`` (training feature rows whose windows were all full): for
+    each count of readings seen before every window is full, each windowed feature not yet
+    valid is fitted by least squares on the valid raw/windowed features of its channel (its
+    median alone when none is valid, or too few rows)."""
+    needs = [min_periods(s) for s in steps]
+    rules: list[Fill] = []
+    for seen in range(1, max([*needs, 1])):
+        for j, s in enumerate(steps):
+            if s.op not in WINDOW_OPS or needs[j] <= seen:
+                continue
+            inputs = [
+                k
+                for k, t in enumerate(steps)
+                if t.channel == s.channel and t.op in ("raw", *WINDOW_OPS) and needs[k] <= seen
+            ]
+            target = full[:, j]
+            if len(full) <= 2 * (len(inputs) + 1) or not np.isfinite(full[:, inputs]).all():
+                inputs = []
+            coef: list[float] = []
+            if inputs:
+                design = np.column_stack([np.ones(len(full)), full[:, inputs]])
+                solution = np.linalg.lstsq(design, target, rcond=None)[0]
+                intercept, coef = float(solution[0]), [float(c) for c in solution[1:]]
+            else:
+                intercept = float(np.median(target)) if len(target) else 0.0
+            if not (math.isfinite(intercept) and all(math.isfinite(c) for c in coef)):
+                intercept, coef, inputs = 0.0, [], []
+            rules.append(Fill(readings=seen, step=j, intercept=intercept, inputs=inputs, coef=coef))
+    return rules
+
+
+def _positions(groups: Sequence[str] | None, n: int) -> npt.NDArray[np.intp]:
+    """Each row's index within its group's rows (0 = the machine's first reading)."""
+    if groups is None:
+        return np.arange(n)
+    seen: dict[str, int] = {}
+    out = np.empty(n, dtype=np.intp)
+    for i, key in enumerate(groups):
+        position = seen.get(key, 0)
+        out[i] = position
+        seen[key] = position + 1
+    return out
 
 
 def _flat_tail(values: Sequence[float], window: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,3 +98,19 @@ def test_warmup_is_the_longest_window() -> None:
     )
     assert pipeline.warmup == 6
     assert pipeline.required_channels == ("flow_rate",)
+
+
+def test_a_partial_window_is_imputed_until_the_window_is_full() -> None:
+    """A stuck start (std 0) does not show while the window fills; from the window-th
+    reading on the feature is the window's own statistic again (ln 0.001 for std 0)."""
+    rng = np.random.default_rng(1)
+    pipeline = Pipeline.fit(
+        {"flow_rate": rng.normal(10.0, 2.0, 500)},
+        [Step(op="raw", channel="flow_rate"), Step(op="logstd", channel="flow_rate", window=5)],
+    )
+    assert pipeline.spec.fill is not None
+    state: dict[str, object] = {}
+    logstd = [pipeline.step(state, {"flow_rate": 10.0})[1] for _ in range(6)]
+    assert all(v > -1.0 for v in logstd[:4])  # about the training level (ln 1), not ln 0.001
+    assert logstd[4] == logstd[5] == pytest.approx(np.log(1e-3))
+    assert pipeline.transform({"flow_rate": np.full(6, 10.0)})[:, 1].tolist() == logstd
