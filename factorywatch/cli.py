@@ -157,7 +157,7 @@ def _add_train(sub: Any) -> None:
 
 def _csv_options(p: argparse.ArgumentParser) -> None:
     """Options of training (and evaluating) on any machine's own CSV recordings."""
-    from factorywatch.model import generic  # noqa: PLC0415
+    from factorywatch.model import calibration, generic  # noqa: PLC0415
     from factorywatch.model.families import DEFAULT_FAMILY, FAMILIES  # noqa: PLC0415
 
     g = p.add_argument_group("your own data (--csv): any machine, any channels")
@@ -183,8 +183,8 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--far",
         type=float,
-        default=generic.DEFAULT_FAR,
-        help="target false-alarm rate on readings after training (default 0.01)",
+        default=calibration.DEFAULT_FAR,
+        help="target false-alarm rate on readings after training (default %(default)s)",
     )
     g.add_argument(
         "--missing",

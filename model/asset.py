@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from factorywatch.channels import canonical
 from factorywatch.errors import DatasetError
-from factorywatch.model.calibration import MIN_TRAIN_ROWS
+from factorywatch.model.calibration import DEFAULT_FAR, MIN_TRAIN_ROWS
 from factorywatch.model.recording import Recording
 
 
@@ -75,7 +75,7 @@ class CalibrateSpec(BaseModel):
     machines: list[str] = []  # ids or glob patterns
     groups: list[str] = []
     default: bool = False  # every machine without a model of its own or of its group
-    far: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    far: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_FAR
     preset: Literal["point", "windowed", "full"] = "windowed"
     window: Annotated[int, Field(ge=1)] = 5
     trees: Annotated[int, Field(ge=10, le=1000)] = 200  # iforest (memory: ~6-10 KB a tree)

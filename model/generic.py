@@ -35,7 +35,13 @@ import numpy.typing as npt
 
 from factorywatch.errors import DatasetError
 from factorywatch.model.artifact import DataInfo, ModelCard, library_versions, new_version
-from factorywatch.model.calibration import FOLDS, conformal_quantile, folds, threshold_for
+from factorywatch.model.calibration import (
+    DEFAULT_FAR,
+    FOLDS,
+    conformal_quantile,
+    folds,
+    threshold_for,
+)
 from factorywatch.model.envelope import Envelope, fit_envelope
 from factorywatch.model.families import DEFAULT_FAMILY, FittedScorer, fit_scorer
 from factorywatch.model.pipeline import Pipeline, Step
@@ -52,7 +58,6 @@ PRESETS: Final = ("point", "windowed", "full")
 DEFAULT_PRESET: Final = "windowed"
 DEFAULT_WINDOW: Final = 5
 DEFAULT_SMOOTH: Final = 1
-DEFAULT_FAR: Final = 0.01
 DEFAULT_TREES: Final = 200
 ENVELOPE_MARGIN: Final = 1.0
 CLEAR_RATE: Final = 0.10
