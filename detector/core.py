@@ -321,13 +321,7 @@ def _score_pipeline(
     pipeline = model.pipeline
     assert pipeline is not None
     version = model.card.version
-    keyed = []
-    for r in readings:
-        state = states.setdefault(r.machine_id, {})
-        if state.get(MODEL_KEY) != version:  # windows of another model's pipeline: start over
-            state.clear()
-            state[MODEL_KEY] = version
-        keyed.append(state)
+    keyed = [_window_state(states, r.machine_id, version) for r in readings]
     named = np.array(
         [
             pipeline.step_features(state, r.readings, r.attributes)
@@ -356,6 +350,26 @@ def _score_pipeline(
     )
 
 
+def _window_state(states: dict[str, State], machine: str, version: str) -> State:
+    """``machine``'s window state for the model ``version`` (another model's: started over)."""
+    state = states.setdefault(machine, {})
+    if state.get(MODEL_KEY) != version:
+        state.clear()
+        state[MODEL_KEY] = version
+    return state
+
+
+def _contributions(
+    features: Sequence[str], row: npt.NDArray[np.float64], top: Sequence[tuple[int, float]]
+) -> list[Contribution]:
+    """An alerting row's explanation: its top features' values and z-scores."""
+    # Not validated: a feature may overflow to inf, which encodes as null.
+    return [
+        Contribution.model_construct(feature=features[j], value=float(row[j]), z=round(z, 3))
+        for j, z in top
+    ]
+
+
 def _verdicts(
     model: LoadedModel,
     readings: Sequence[Telemetry],
@@ -379,13 +393,7 @@ def _verdicts(
     if explain_top_k and alerting:
         top = explain(matrix[alerting], model.center, model.scale, explain_top_k)
         for i, contributions in zip(alerting, top, strict=True):
-            # Not validated: a feature may overflow to inf, which encodes as null.
-            explanations[i] = [
-                Contribution.model_construct(
-                    feature=card.features[j], value=float(matrix[i, j]), z=round(z, 3)
-                )
-                for j, z in contributions
-            ]
+            explanations[i] = _contributions(card.features, matrix[i], contributions)
     flagged = set(alerting)
     verdicts = []
     validate = Verdict.model_validate
@@ -454,10 +462,7 @@ def score_parts(
         assert pipeline is not None
         version = part.model.card.version
         for r in part.readings:
-            state = part.states.setdefault(r.machine_id, {})
-            if state.get(MODEL_KEY) != version:  # another model's windows: start over
-                state.clear()
-                state[MODEL_KEY] = version
+            state = _window_state(part.states, r.machine_id, version)
             keyed.append(state)
             named_rows.append(pipeline.step_features(state, r.readings, r.attributes))
     counts = [len(p.readings) for p in parts]
@@ -589,14 +594,7 @@ def _stacked_verdicts(
             scale = np.array([parts[owners[i]].model.scale for i in rows], dtype=np.float64)
             top = explain(matrix, center, scale, explain_top_k)
             for row, i, contributions in zip(matrix, rows, top, strict=True):
-                features = cards[owners[i]].features
-                # Not validated: a feature may overflow to inf, which encodes as null.
-                explanations[i] = [
-                    Contribution.model_construct(
-                        feature=features[j], value=float(row[j]), z=round(z, 3)
-                    )
-                    for j, z in contributions
-                ]
+                explanations[i] = _contributions(cards[owners[i]].features, row, contributions)
     flagged = set(alerting)
     validate = Verdict.model_validate
     out: list[list[Verdict]] = [[] for _ in parts]
