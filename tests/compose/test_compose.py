@@ -37,6 +37,7 @@ from factorywatch.errors import BrokerError
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
+from tests.compose.conftest import compose_down, run_compose
 from tests.conftest import DatasetChoice
 from tests.support import CLI, PROJECT_DIR, Collector, Message
 
@@ -73,17 +74,7 @@ class Stack:
 
     def run(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
         """`docker compose <args>` in the project directory; fails the test on an error."""
-        done = subprocess.run(
-            [*self.command, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-            cwd=PROJECT_DIR,
-            env=self.env,
-        )
-        assert done.returncode == 0, f"compose {args} failed:\n{done.stderr[-4000:]}"
-        return done
+        return run_compose(self.command, self.env, *args, timeout_s=timeout_s)
 
     @property
     def web(self) -> str:
@@ -143,17 +134,7 @@ def stack(compose_command: list[str], test_data: DatasetChoice, tmp_path: Path) 
     try:
         yield stack
     finally:
-        logs = subprocess.run(
-            [*compose_command, "logs", "--no-color", "--tail", "40"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            cwd=PROJECT_DIR,
-            env=env,
-        )
-        (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr)
-        stack.run("down", "-v", "--timeout", "20", timeout_s=300)
+        compose_down(compose_command, env, tmp_path / "compose.log")
 
 
 def _verdicts(col: Collector) -> list[Verdict]:

@@ -32,6 +32,7 @@ from factorywatch.broker import free_port
 from factorywatch.contracts import Verdict
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
+from tests.compose.conftest import compose_down, run_compose
 from tests.conftest import DatasetChoice
 from tests.support import CLI, PROJECT_DIR, Collector, Message
 
@@ -55,17 +56,9 @@ class ClusterStack:
 
     def run(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
         """`docker compose --profile cluster <args>`; fails the test on an error."""
-        done = subprocess.run(
-            [*self.command, "--profile", "cluster", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-            cwd=PROJECT_DIR,
-            env=self.env,
+        return run_compose(
+            self.command, self.env, "--profile", "cluster", *args, timeout_s=timeout_s
         )
-        assert done.returncode == 0, f"compose {args} failed:\n{done.stderr[-4000:]}"
-        return done
 
     def subscriber(self, node: str, topic: str | None = None, name: str = "cv") -> Collector:
         """A paho MQTT 3.1.1 subscriber (user viewer) to every verdict, on ``node``'s port."""
@@ -117,17 +110,7 @@ def cluster_stack(
     try:
         yield stack
     finally:
-        logs = subprocess.run(
-            [*compose_command, "--profile", "cluster", "logs", "--no-color", "--tail", "60"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            cwd=PROJECT_DIR,
-            env=env,
-        )
-        (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr)
-        stack.run("down", "-v", "--timeout", "20", timeout_s=300)
+        compose_down(compose_command, env, tmp_path / "compose.log", "--profile", "cluster")
 
 
 def _stream_leader(stack: ClusterStack, stream: str) -> str:
