@@ -7,6 +7,8 @@ Files in the state directory, per detector identity (``<name>``):
   written to a temporary file and renamed, so it is whole or absent.
 * ``<name>.journal.<generation>`` — appended lines since that snapshot:
   ``S <json>``: a machine's record as it stood (the last one per machine wins);
+  ``C <json>``: a reading counted into a machine's calibration window (machine, reading id,
+  digest, row), counted again on replay when no ``S`` line of that machine follows it;
   ``A <digest> <identity>``: a reading whose verdict the transport confirmed;
   ``I <json>``: parts of a stateful ingest's decoding state (Sparkplug: one edge node's
   tables, values and sequence position), written every turn it changed (the last per key
@@ -22,19 +24,20 @@ streak, peaks) at most every ``records_every_s``. So ``kill -9`` never loses an 
 an acknowledgement or an unconfirmed event, and loses at most that many seconds of window
 history. Lines reach the OS once per loop turn (``flush``): they survive the process, not a
 power cut.
+
+Lines and the snapshot are JSON as ``detector/state.py``'s ``encode`` writes it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, BinaryIO, Final
 
-from factorywatch.detector.state import MachineRecord
+from factorywatch.detector.state import CalibrationRow, MachineRecord, decode, encode
 
 CHECKPOINT_VERSION: Final = 1
 
@@ -46,13 +49,17 @@ class Restored:
     snapshot: dict[str, Any] | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
     answered: list[tuple[str, int]] = field(default_factory=list)
+    #: calibration rows journaled after their machine's newest record, in order
+    rows: list[CalibrationRow] = field(default_factory=list)
     #: ingest name -> key -> the newest journaled part
     ingest: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         """True when there was nothing to restore."""
-        return self.snapshot is None and not self.records and not self.answered and not self.ingest
+        return self.snapshot is None and not (
+            self.records or self.answered or self.ingest or self.rows
+        )
 
 
 class FileCheckpoint:
@@ -65,7 +72,7 @@ class FileCheckpoint:
         self._answered: deque[tuple[str, int]] = deque(maxlen=max(1, capacity))
         directory.mkdir(parents=True, exist_ok=True)
         self.generation = 0
-        self._file: TextIO | None = None
+        self._file: BinaryIO | None = None
         self.lines = 0
 
     @property
@@ -83,7 +90,7 @@ class FileCheckpoint:
         """
         restored = Restored()
         if self.snapshot_path.exists():
-            document = json.loads(self.snapshot_path.read_text())
+            document = decode(self.snapshot_path.read_bytes())
             if document.get("version") != CHECKPOINT_VERSION:
                 raise ValueError(
                     f"{self.snapshot_path}: unknown checkpoint version {document.get('version')!r}"
@@ -94,23 +101,29 @@ class FileCheckpoint:
         journal = self._journal_path(self.generation)
         if journal.exists():
             records: dict[str, dict[str, Any]] = {}
-            with journal.open() as lines:
-                for line in lines:
-                    if not line.endswith("\n"):
+            rows: dict[str, list[CalibrationRow]] = {}
+            with journal.open("rb") as lines:
+                for raw in lines:
+                    if not raw.endswith(b"\n"):
                         break  # torn write
-                    kind, _, rest = line.rstrip("\n").partition(" ")
+                    kind, _, rest = raw.rstrip(b"\n").decode().partition(" ")
                     if kind == "S":
-                        record = json.loads(rest)
+                        record = decode(rest)
                         records.pop(record["machine_id"], None)
                         records[record["machine_id"]] = record
+                        rows.pop(record["machine_id"], None)  # the record holds them
+                    elif kind == "C":
+                        row = CalibrationRow.restore(decode(rest))
+                        rows.setdefault(row.machine_id, []).append(row)
                     elif kind == "A":
                         digest, _, identity = rest.partition(" ")
                         restored.answered.append((identity, int(digest)))
                     elif kind == "I":
-                        part = json.loads(rest)
+                        part = decode(rest)
                         restored.ingest.setdefault(part["ingest"], {}).update(part["parts"])
                     self.lines += 1
             restored.records = list(records.values())
+            restored.rows = [row for machine in rows.values() for row in machine]
         self._answered.extend(restored.answered)
         for stale in self.directory.glob(f"{self.name}.journal.*"):
             if stale != journal:
@@ -121,7 +134,14 @@ class FileCheckpoint:
         """Append the current state of these machines."""
         file = self._open()
         for record in records:
-            file.write("S " + json.dumps(record.snapshot(), separators=(",", ":")) + "\n")
+            file.write(b"S " + encode(record.snapshot()) + b"\n")
+            self.lines += 1
+
+    def write_rows(self, rows: Iterable[CalibrationRow]) -> None:
+        """Append calibration rows (before the records taken in the same turn)."""
+        file = self._open()
+        for row in rows:
+            file.write(b"C " + encode(row.snapshot()) + b"\n")
             self.lines += 1
 
     def write_ingest(self, changes: dict[str, dict[str, Any]]) -> None:
@@ -130,14 +150,13 @@ class FileCheckpoint:
             return
         file = self._open()
         for name, parts in changes.items():
-            line = json.dumps({"ingest": name, "parts": parts}, separators=(",", ":"))
-            file.write(f"I {line}\n")
+            file.write(b"I " + encode({"ingest": name, "parts": parts}) + b"\n")
             self.lines += 1
 
     def answered(self, identity: str, digest: int) -> None:
         """Append one reading whose verdict was confirmed."""
         self._answered.append((identity, digest))
-        self._open().write(f"A {digest} {identity}\n")
+        self._open().write(f"A {digest} {identity}\n".encode())
         self.lines += 1
 
     def flush(self) -> None:
@@ -155,13 +174,13 @@ class FileCheckpoint:
             "answered": [[identity, digest] for identity, digest in self._answered],
         }
         tmp = self.snapshot_path.with_suffix(f".tmp.{os.getpid()}")
-        tmp.write_text(json.dumps(document, separators=(",", ":")))
+        tmp.write_bytes(encode(document))
         tmp.replace(self.snapshot_path)
         if self._file is not None:
             self._file.close()
         old = self._journal_path(self.generation)
         self.generation = generation
-        self._file = self._journal_path(generation).open("a")
+        self._file = self._journal_path(generation).open("ab")
         self.lines = 0
         old.unlink(missing_ok=True)
 
@@ -171,7 +190,7 @@ class FileCheckpoint:
             self._file.close()
             self._file = None
 
-    def _open(self) -> TextIO:
+    def _open(self) -> BinaryIO:
         if self._file is None:
-            self._file = self._journal_path(self.generation).open("a")
+            self._file = self._journal_path(self.generation).open("ab")
         return self._file

@@ -58,7 +58,7 @@ from factorywatch.detector.drift import DriftChange, DriftFigures, ScoreDrift
 from factorywatch.detector.ingest import Ingest, Ingests, JsonIngest, Reading, StatefulIngest
 from factorywatch.detector.registry import Registry
 from factorywatch.detector.router import DEFAULT_KEY, Route, Router, route_key
-from factorywatch.detector.state import MachineRecord, PendingEvent, StateTable
+from factorywatch.detector.state import CalibrationRow, MachineRecord, PendingEvent, StateTable
 from factorywatch.errors import PayloadError
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.forest_stack import ForestStack
@@ -507,8 +507,9 @@ class Engine:
             # A redelivery already in the window must not count twice.
             counted = record is not None and reading.identity in record.recent
             appended = not counted and len(rows) < needed
-            if appended:
-                rows.append([telemetry.readings[c] for c in window["channels"]])
+            row = [telemetry.readings[c] for c in window["channels"]] if appended else None
+            if row is not None:
+                rows.append(row)
             full = len(rows) >= needed
             progress = Calibration(seen=len(rows), needed=needed, fitting=full)
             (verdict,) = calibrating_verdicts(
@@ -524,11 +525,15 @@ class Engine:
             )
             record = self.states[machine]
             record.calibration = window
-            if appended:
-                # journaled in this turn, before the reading can be acknowledged: a kill -9
-                # never loses a counted reading (costs one record line per reading while
-                # a machine calibrates)
+            # Journaled in this turn, before the reading can be acknowledged: a kill -9 never
+            # loses a counted reading. The first row with the whole (small) record; later
+            # ones as rows of their own (a record per reading would grow with the window).
+            if row is not None and len(rows) == 1:
                 self.states.mark_urgent(machine)
+            elif row is not None:
+                self.states.counted_row(
+                    CalibrationRow(machine, reading.identity, reading.digest, row)
+                )
             if full and machine not in self._fitting:
                 self._fitting.add(machine)
                 self._fit_requests.append(
@@ -732,14 +737,23 @@ class Engine:
         for extra in self.extra_ingests:
             extra.restore_changes(changes.get(extra.name, {}))
 
-    def restore_records(self, records: Sequence[dict[str, Any]]) -> None:
-        """Replace single machines' records (a checkpoint journal replayed after a snapshot)."""
+    def restore_records(
+        self, records: Sequence[dict[str, Any]], rows: Sequence[CalibrationRow] = ()
+    ) -> None:
+        """Replace single machines' records (a checkpoint journal replayed after a snapshot),
+        then count the calibration rows journaled after them."""
         for data in records:
             record = MachineRecord.restore(data)
             self.states.add(record)
+        for row in rows:
+            known = self.states.get(row.machine_id)
+            if known is not None:
+                row.append_to(known)
         self.states.take_dirty()
         self._continue_uids()
-        self._queue_full_windows([data["machine_id"] for data in records])
+        machines = dict.fromkeys([data["machine_id"] for data in records])
+        machines.update(dict.fromkeys(row.machine_id for row in rows))
+        self._queue_full_windows(list(machines))
 
 
 def _conflict(reading: Reading) -> PayloadError:

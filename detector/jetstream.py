@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import signal
 import ssl
 import time
@@ -85,6 +84,7 @@ from factorywatch.detector.lease import LEASE_TTL_S, PartitionLeases, lease_buck
 from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.model_store import STORE_ERRORS, ModelStore, open_store
 from factorywatch.detector.retained import RetainedPublisher, parse_endpoints
+from factorywatch.detector.state import decode, encode
 from factorywatch.errors import BrokerError
 from factorywatch.model.artifact import LoadedModel, ScorerKind
 from factorywatch.settings import DetectorSettings
@@ -341,13 +341,14 @@ class JetStreamDetector:
 
     async def _save(self, machines: set[str]) -> bool:
         """Write each machine's record to the bucket; True when every write was acknowledged."""
+        self.engine.states.take_rows()  # the bucket holds whole records: they include the rows
         puts = []
         for machine in sorted(machines):
             record = self.engine.states.get(machine)
             if record is None:
                 continue
             key = self.layout.state_key(partition_of(machine, self.layout.partitions), machine)
-            puts.append(self.kv.put(key, json.dumps(record.snapshot()).encode()))
+            puts.append(self.kv.put(key, encode(record.snapshot())))
         results = await asyncio.gather(*puts, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         for exc in failed[:1]:
@@ -459,7 +460,7 @@ class JetStreamDetector:
                 if entry is None:
                     break  # the end of the current values
                 if entry.value:
-                    records.append(json.loads(entry.value))
+                    records.append(decode(entry.value))
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
         # a full calibration window (its fit cut short by a crash or a move) is asked for again

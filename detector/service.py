@@ -199,7 +199,7 @@ class DetectorService:
         restored = self.checkpoint.load()
         if restored.snapshot is not None:
             self.engine.restore(restored.snapshot)
-        self.engine.restore_records(restored.records)
+        self.engine.restore_records(restored.records, restored.rows)
         self.engine.restore_ingest_changes(restored.ingest)
         for identity, digest in restored.answered:
             self.engine.answered(identity, digest)
@@ -267,6 +267,7 @@ class DetectorService:
         self._last_loop = now
         self._housekeeping(now)
         self.checkpoint.write_ingest(self.engine.ingest_changes())
+        self.checkpoint.write_rows(self.engine.states.take_rows())  # before their records
         self.checkpoint.write_records(self.engine.states.take_urgent())
         if now >= self._next_records:
             self.checkpoint.write_records(self.engine.states.take_dirty())

@@ -6,7 +6,7 @@ from collections import deque
 from pathlib import Path
 
 from factorywatch.detector.checkpoint import FileCheckpoint
-from factorywatch.detector.state import MachineRecord
+from factorywatch.detector.state import CalibrationRow, MachineRecord
 
 
 def _record(machine: str, score: float) -> MachineRecord:
@@ -82,3 +82,34 @@ def test_an_older_journal_is_never_replayed_over_a_newer_snapshot(tmp_path: Path
     restored = FileCheckpoint(tmp_path, "d", capacity=10).load()
     assert restored.records == []
     assert not stale.exists()
+
+
+def test_calibration_rows_replay_after_their_record_and_count_once(tmp_path: Path) -> None:
+    """Rows journaled before their machine's newer record are held by it and dropped; rows
+    after it are counted into its window once (a row already in the record is not)."""
+    record = _record("a", 0.1)
+    record.calibration = {"channels": ["x", "y"], "rows": [[1.0, 2.0]], "needed": 4}
+    record.remember("a:0", 10)
+    first = FileCheckpoint(tmp_path, "d", capacity=10)
+    first.load()
+    first.write_rows([CalibrationRow("a", "a:1", 11, [3.0, 4.0])])  # then held by the record
+    record.calibration["rows"].append([3.0, 4.0])
+    record.remember("a:1", 11)
+    first.write_records([record])
+    first.write_rows(
+        [
+            CalibrationRow("a", "a:2", 12, [5.0, 6.0]),
+            CalibrationRow("a", "a:1", 11, [3.0, 4.0]),  # a redelivery: already counted
+            CalibrationRow("b", "b:0", 13, [7.0, 8.0]),  # no record of b: nothing to count into
+        ]
+    )
+    first.close()
+    restored = FileCheckpoint(tmp_path, "d", capacity=10).load()
+    assert [r.identity for r in restored.rows] == ["a:2", "a:1", "b:0"]
+    (data,) = restored.records
+    back = MachineRecord.restore(data)
+    counted = [row.append_to(back) for row in restored.rows[:2]]
+    assert counted == [True, False]
+    assert back.calibration is not None
+    assert back.calibration["rows"] == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert list(back.recent) == ["a:0", "a:1", "a:2"]

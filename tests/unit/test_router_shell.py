@@ -95,6 +95,12 @@ def test_calibration_survives_a_crash_is_fitted_off_the_loop_and_rebound(tmp_pat
     for seq in range(25):
         _send(first, t1, "new-1", seq, values[seq])
     first.checkpoint.close()  # kill -9: no shutdown, no snapshot
+    # Journaled as it was counted: each reading after the first (whose record the first turn's
+    # snapshot holds) as a row of its own, not the whole growing window again per reading.
+    journal = (tmp_path / "state").glob("det-route.journal.*")
+    kinds = [line.split(b" ", 1)[0] for path in journal for line in path.read_bytes().splitlines()]
+    assert kinds.count(b"C") == 24
+    assert kinds.count(b"S") == 0
     second, t2 = _shell(models, tmp_path / "state", config)
     for seq in range(25, 65):  # the window fills at 60; 5 more while (or after) it fits
         _send(second, t2, "new-1", seq, values[seq])
