@@ -84,8 +84,8 @@ scenarios: install
 	$(BIN)/factorywatch evaluate --csv data/scenarios --label-column anomaly \
 		--time-column datetime --train-rows 400 --compare --out reports
 
-## scenarios-live: the same runs replayed through a real Mosquitto and real detectors (one for
-## the global model, one per run for per-run models), verdicts joined to the labels by
+## scenarios-live: the same runs replayed through a real Mosquitto and real detectors (one per
+## configuration; per-run models served by its router as each machine's own), verdicts joined to the labels by
 ## (machine, seq), offline and live side by side -> reports/scenarios-live.{json,md}
 scenarios-live: install broker-binary
 	$(BIN)/python -m factorywatch.sensors.scenarios data/scenarios

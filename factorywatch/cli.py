@@ -358,14 +358,14 @@ def cmd_evaluate_csv(args: argparse.Namespace) -> int:
         raise FactorywatchError("give --train-rows N or --train-until TIME: the part to train on")
     if args.preset == "ai4i":
         raise FactorywatchError("--preset ai4i is evaluated with `factorywatch evaluate --dataset`")
-    files = streams.csv_files(args.csv)
-    recs = streams.load_runs(
-        files,
+    recs = streams.load_labelled_runs(
+        args.csv,
         label_column=args.label_column,
         time_column=args.time_column,
         channels=_split_list(args.channels) or None,
         machine_column=args.machine_column,
         missing=args.missing,
+        progress=_progress,
     )
     main = streams.Config(
         name=f"per-run {args.preset} {args.family}",
@@ -418,7 +418,7 @@ def cmd_evaluate_csv(args: argparse.Namespace) -> int:
     }
     command = "factorywatch " + " ".join(sys.argv[1:]) if sys.argv[1:] else "factorywatch evaluate"
     document = streams.write_report(
-        args.out, results, configs, command=command, source=f"{args.csv} ({len(files)} runs)"
+        args.out, results, configs, command=command, source=f"{args.csv} ({len(recs)} runs)"
     )
     for entry in document["configs"]:
         s = entry["summary"]

@@ -3,9 +3,11 @@
 ``make scenarios-live`` (``python -m factorywatch.live_evaluation data/scenarios``): for each
 model configuration (global point model, per-run point model, per-run windowed model) the
 models are fitted exactly as ``factorywatch evaluate --csv`` fits them
-(``model.streams.fit_models``), saved as artifacts, and served by ``factorywatch detect``
-processes: one detector for the global model, one detector per run (``--lines``) for the
-per-run models. Every run is replayed as its own machine with ``factorywatch replay --csv``
+(``model.streams.fit_models``), saved as artifacts, and served by one ``factorywatch detect``
+process per configuration: the global model as the detector's default model; per-run models
+as each run's machine's own model (``<model dir>/machines/<machine>/current``), picked per
+reading by the detector's router (``detector/router.py``) exactly as a plant's per-machine
+models are. Every run is replayed as its own machine with ``factorywatch replay --csv``
 (readings stamped at publication, as fast as ``--rate`` allows: windows count readings, not
 seconds). Verdicts are collected from the alerts tree, joined to the labels by
 ``(machine, seq)`` and counted with the offline code (``model.streams.run_result``,
@@ -71,6 +73,7 @@ class Delivery:
     duplicates: int = 0  # verdicts beyond the first for a reading
     unexpected: int = 0  # verdicts for readings that were never sent
     flag_mismatches: int = 0  # readings whose live ALERT flag differs from offline
+    wrong_model: int = 0  # verdicts by another model than the run's (the router's choice)
     max_score_diff: float = 0.0
 
 
@@ -83,6 +86,8 @@ class ConfigOutcome:
     live: list[streams.RunResult]
     delivery: Delivery
     lost_keys: list[Key] = field(default_factory=list)
+    #: the version of the model that scores each run (one for a global model)
+    versions: list[str] = field(default_factory=list)
 
 
 class VerdictSink:
@@ -163,17 +168,24 @@ class _Prepared:
 
 @dataclass
 class _Unit:
-    """One detector: the model it serves, the runs it answers, its lines (None: every line)."""
+    """One detector: the model directory it serves (routes included), the runs it answers."""
 
     item: _Prepared
     model_dir: Path
     runs: list[int]
-    lines: list[str] | None
+
+
+def _save(model_dir: Path, model: Trained) -> None:
+    """Save and promote ``model`` in ``model_dir`` (created if need be)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    artifact.save_generic(model_dir, model.scorer, model.card)
+    artifact.promote(model_dir, model.card.version)
 
 
 def machine_name(rec: Recording) -> str:
-    """The machine id a run is replayed as: its file name, made a valid id."""
-    cleaned = "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in rec.path.stem)
+    """The machine id a run is replayed as: its name (``valve1/1`` -> ``valve1-1``), made a
+    valid id."""
+    cleaned = "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in rec.name)
     return check_id(cleaned.lstrip("_.-")[:64] or "run", "machine id")
 
 
@@ -221,7 +233,7 @@ class LiveEvaluation:
     def _broker_args(self, root: str) -> list[str]:
         return ["--port", str(self.broker.port), "--topic-root", root]
 
-    def _detector(self, root: str, model_dir: Path, lines: list[str] | None) -> Launched:
+    def _detector(self, root: str, model_dir: Path) -> Launched:
         tag = uuid.uuid4().hex[:8]
         args = [
             "detect",
@@ -234,9 +246,8 @@ class LiveEvaluation:
             str(self.workdir / "state" / tag),
             "--metrics-port",
             "0",
-            *(["--lines", ",".join(lines)] if lines else []),
         ]
-        return self._launch(f"detect-{lines[0] if lines else 'all'}", args)
+        return self._launch(f"detect-{root}", args)
 
     def _replay(self, root: str, index: int) -> Launched:
         rec = self.recs[index]
@@ -258,25 +269,24 @@ class LiveEvaluation:
         ]
         return self._launch(f"replay-{self.machines[index]}", args)
 
-    def _serve(self, models: Sequence[Trained], root: str) -> list[tuple[Path, list[int]]]:
-        """Save each distinct model; which runs each serves."""
-        groups: dict[int, tuple[Path, list[int]]] = {}
-        for i, model in enumerate(models):
-            if id(model) not in groups:
-                model_dir = self.workdir / "models" / root / f"m{len(groups):03d}"
-                model_dir.mkdir(parents=True)
-                artifact.save_generic(model_dir, model.scorer, model.card)
-                artifact.promote(model_dir, model.card.version)
-                groups[id(model)] = (model_dir, [])
-            groups[id(model)][1].append(i)
-        return list(groups.values())
+    def _serve(self, models: Sequence[Trained], root: str) -> Path:
+        """One model directory for a configuration's detector: the first run's model as its
+        default and, where runs have models of their own, each as its machine's own model
+        (what ``train --csv ... --machine M`` writes), so the router serves it."""
+        model_dir = self.workdir / "models" / root
+        model_dir.mkdir(parents=True)
+        _save(model_dir, models[0])
+        if any(model is not models[0] for model in models):
+            for machine, model in zip(self.machines, models, strict=True):
+                _save(artifact.route_dir(model_dir, "machine", machine), model)
+        return model_dir
 
     def run(self, configs: Sequence[streams.Config]) -> list[ConfigOutcome]:
         """Fit and score offline; serve, replay, collect, join and count live.
 
-        The detectors of every configuration (one for a global model, one per run for
-        per-run models) are started ``parallel`` at a time, each configuration under its own
-        topic root, so the configurations share the rounds.
+        One detector per configuration (its routes serve per-run models), ``parallel`` at a
+        time, each configuration under its own topic root, so the configurations share the
+        rounds.
         """
         prepared: list[_Prepared] = []
         units: list[_Unit] = []
@@ -284,10 +294,8 @@ class LiveEvaluation:
             for config in configs:
                 item = self._prepare(config)
                 prepared.append(item)
-                for model_dir, runs in self._serve(item.models, item.root):
-                    shared = len(runs) > 1  # a global model: one detector for every run
-                    lines = None if shared else [self.lines[i] for i in runs]
-                    units.append(_Unit(item, model_dir, runs, lines))
+                model_dir = self._serve(item.models, item.root)
+                units.append(_Unit(item, model_dir, list(range(len(self.recs)))))
             began = time.perf_counter()
             for start in range(0, len(units), self.parallel):
                 self._round(units[start : start + self.parallel])
@@ -317,7 +325,7 @@ class LiveEvaluation:
         replays: list[Launched] = []
         try:
             for unit in units:
-                detectors.append(self._detector(unit.item.root, unit.model_dir, unit.lines))
+                detectors.append(self._detector(unit.item.root, unit.model_dir))
             for detector in detectors:
                 detector.wait_log(READY, 120.0)
             replays = [self._replay(unit.item.root, i) for unit in units for i in unit.runs]
@@ -382,6 +390,7 @@ class LiveEvaluation:
                     lost_keys.append((machine, seq))
                     continue
                 first = got[0]
+                delivery.wrong_model += first.model_version != models[i].card.version
                 score[seq] = first.score
                 outside[seq] = bool(first.outside_training)
                 flagged[seq] = first.status == "ALERT"
@@ -403,7 +412,8 @@ class LiveEvaluation:
         delivery.lost = len(lost_keys)
         delivery.duplicates = sum(len(v) - 1 for k, v in sink.verdicts.items() if k in expected)
         delivery.unexpected = sum(len(v) for k, v in sink.verdicts.items() if k not in expected)
-        return ConfigOutcome(item.config, item.offline, live, delivery, lost_keys[:20])
+        versions = [m.card.version for m in models]
+        return ConfigOutcome(item.config, item.offline, live, delivery, lost_keys[:20], versions)
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -465,15 +475,15 @@ def markdown(doc: dict[str, Any]) -> str:
         "from the first detector started to the last verdict, all configurations together.",
         "",
         "| configuration | readings | verdicts | lost | duplicates | unexpected | flags differing "
-        "from offline | max score difference |",
-        "|---|---|---|---|---|---|---|---|",
+        "from offline | verdicts by another model than the run's | max score difference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in doc["configs"]:
         d = entry["delivery"]
         lines.append(
             f"| {entry['name']} | {d['readings']} | {d['verdicts']} | {d['lost']} | "
             f"{d['duplicates']} | {d['unexpected']} | {d['flag_mismatches']} | "
-            f"{d['max_score_diff']:.2e} |"
+            f"{d['wrong_model']} | {d['max_score_diff']:.2e} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -501,8 +511,9 @@ def evaluate_live(
     progress: Callable[[str], None] = lambda _: None,
 ) -> tuple[list[ConfigOutcome], float]:
     """Every configuration, offline and live, on the runs in ``folder``; live seconds."""
-    files = streams.csv_files(folder)
-    recs = streams.load_runs(files, label_column=label_column, time_column=time_column)
+    recs = streams.load_labelled_runs(
+        folder, label_column=label_column, time_column=time_column, progress=progress
+    )
     masks = streams.train_masks(recs, train_rows=train_rows, train_until=None)
     with LiveEvaluation(
         recs, masks, workdir, parallel=parallel, rate=rate, seed=seed, progress=progress

@@ -66,6 +66,15 @@ class Recording:
     labels: npt.NDArray[np.int_] | None = None
     renamed: dict[str, str] = field(default_factory=dict)  # raw -> channel, where different
     excluded: list[str] = field(default_factory=list)
+    #: the run's name in reports and as a replayed machine (default: the file's stem; for a
+    #: folder of runs, its path inside the folder, so ``valve1/1.csv`` and ``valve2/1.csv``
+    #: stay two runs)
+    run: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The run's name (``run``, else the file's stem)."""
+        return self.run or self.path.stem
 
     @property
     def rows(self) -> int:
@@ -85,6 +94,17 @@ def sniff_separator(path: Path) -> str:
     except csv.Error:
         counts = {sep: head.count(sep) for sep in ",;\t|"}
         return max(counts, key=lambda sep: counts[sep])
+
+
+def has_column(path: Path, name: str) -> bool:
+    """Whether the CSV's header names the column ``name`` (raw or mapped)."""
+    with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
+        header = next(csv.reader(fh, delimiter=sniff_separator(path)), [])
+    try:
+        _resolve(name, map_names(h.strip() for h in header), "column", path)
+    except (DatasetError, ChannelNameError):
+        return False
+    return True
 
 
 def _resolve(name: str, mapping: dict[str, str], what: str, path: Path) -> str:

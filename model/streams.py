@@ -28,7 +28,13 @@ import numpy.typing as npt
 
 from factorywatch.errors import DatasetError
 from factorywatch.model.generic import Scores, Trained, fit_recording, score_recording
-from factorywatch.model.recording import Missing, Recording, load_recording, train_mask
+from factorywatch.model.recording import (
+    Missing,
+    Recording,
+    has_column,
+    load_recording,
+    train_mask,
+)
 
 BoolArray = npt.NDArray[np.bool_]
 JSON_FILE: Final = "streams.json"
@@ -66,15 +72,58 @@ class RunResult:
 
 
 def csv_files(path: Path) -> list[Path]:
-    """The CSV itself, or every ``*.csv`` in a folder (sorted)."""
+    """The CSV itself, or every ``*.csv`` under a folder, its subfolders included (sorted)."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".csv")
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() == ".csv" and p.is_file())
         if not files:
-            raise DatasetError(f"no .csv files in {path}")
+            raise DatasetError(f"no .csv files in {path} or its subfolders")
         return files
     if not path.is_file():
         raise DatasetError(f"{path} does not exist")
     return [path]
+
+
+def run_name(file: Path, root: Path) -> str:
+    """A run's name: its path under ``root`` without the suffix (``valve1/1``), or the file's
+    stem for a single file."""
+    if root.is_dir():
+        return file.relative_to(root).with_suffix("").as_posix()
+    return file.stem
+
+
+def load_labelled_runs(
+    path: Path,
+    *,
+    label_column: str,
+    time_column: str | None = None,
+    channels: Sequence[str] | None = None,
+    machine_column: str | None = None,
+    missing: Missing = "error",
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[Recording]:
+    """The labelled runs of a CSV or of every CSV under a folder (``csv_files``), each named
+    by ``run_name``. In a folder, a CSV without the label column (a recording of normal
+    operation only, like SKAB's ``anomaly-free.csv``) is left out with a note through
+    ``progress``; a single file without it is an error."""
+    files = csv_files(path)
+    if path.is_dir():
+        unlabelled = [f for f in files if not has_column(f, label_column)]
+        for file in unlabelled:
+            progress(f"left out {run_name(file, path)}: no label column {label_column!r}")
+        files = [f for f in files if f not in unlabelled]
+        if not files:
+            raise DatasetError(f"no .csv file under {path} has the label column {label_column!r}")
+    recs = load_runs(
+        files,
+        label_column=label_column,
+        time_column=time_column,
+        channels=channels,
+        machine_column=machine_column,
+        missing=missing,
+    )
+    for rec in recs:
+        rec.run = run_name(rec.path, path)
+    return recs
 
 
 def events(labels: npt.NDArray[np.int_]) -> list[tuple[int, int]]:
@@ -152,7 +201,7 @@ def load_runs(
         )
         if recs and rec.channels != recs[0].channels:
             raise DatasetError(
-                f"{path.name} has channels {rec.channels}, {files[0].name} has {recs[0].channels}"
+                f"{path} has channels {rec.channels}, {files[0]} has {recs[0].channels}"
             )
         recs.append(rec)
     return recs
@@ -173,7 +222,7 @@ def evaluate(
     results = []
     for rec, mask, model in zip(recs, masks, models, strict=True):
         results.append(run_result(rec, mask, score_recording(model, rec.columns), model))
-        progress(f"{config.name}: {rec.path.name} scored")
+        progress(f"{config.name}: {rec.name} scored")
     return results
 
 
@@ -184,7 +233,7 @@ def train_masks(
     masks = [train_mask(r, train_rows=train_rows, train_until=train_until) for r in recs]
     for rec, mask in zip(recs, masks, strict=True):
         if mask.all():
-            raise DatasetError(f"{rec.path.name}: every row is a training row; nothing to score")
+            raise DatasetError(f"{rec.name}: every row is a training row; nothing to score")
     return masks
 
 
@@ -206,7 +255,7 @@ def run_result(rec: Recording, mask: BoolArray, scores: Scores, model: Trained) 
     labels = rec.labels[test]
     flagged = scores.flagged[test]
     return RunResult(
-        name=rec.path.stem,
+        name=rec.name,
         train_rows=int(mask.sum()),
         labels=rec.labels,
         scores=scores,
@@ -223,7 +272,7 @@ def _concat(recs: Sequence[Recording], masks: Sequence[BoolArray]) -> Recording:
         c: np.concatenate([r.columns[c][m] for r, m in zip(recs, masks, strict=True)])
         for c in recs[0].channels
     }
-    machines = [r.path.stem for r, m in zip(recs, masks, strict=True) for _ in range(int(m.sum()))]
+    machines = [r.name for r, m in zip(recs, masks, strict=True) for _ in range(int(m.sum()))]
     return Recording(
         path=recs[0].path.parent / "all-runs",
         sha256="-",

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from factorywatch.model.streams import confusion, event_delays, events, rates
+from factorywatch.errors import DatasetError
+from factorywatch.model.streams import (
+    confusion,
+    event_delays,
+    events,
+    load_labelled_runs,
+    rates,
+)
 from tests.support import CLI, PROJECT_DIR
 
 
@@ -74,3 +81,46 @@ def test_train_csv_errors_are_clear(tmp_path: Path) -> None:
     done = run_cli("train", "--csv", str(csv), "--model-dir", str(tmp_path / "m"))
     assert done.returncode == 2
     assert "too few" in done.stderr
+
+
+def _run_csv(path: Path, rows: int, *, labelled: bool = True, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "datetime;Flow Rate;Pressure" + (";anomaly" if labelled else "")
+    lines = [header]
+    for i in range(rows):
+        row = f"2026-03-01 08:{i // 60:02d}:{i % 60:02d};{rng.normal():.5f};{rng.normal():.5f}"
+        lines.append(row + (f";{int(i >= rows - 10)}" if labelled else ""))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_folder_of_runs_is_read_with_its_subfolders_and_names_runs_by_path(
+    tmp_path: Path,
+) -> None:
+    """SKAB's layout: runs in subfolders with the same file names stay distinct runs (named
+    by their path in the folder); a recording without the label column (normal operation
+    only) is left out of an evaluation with a note, and a lone such file is an error."""
+    root = tmp_path / "data"
+    _run_csv(root / "valve1" / "1.csv", 120, seed=1)
+    _run_csv(root / "valve2" / "1.csv", 120, seed=2)
+    _run_csv(root / "anomaly-free" / "anomaly-free.csv", 120, labelled=False)
+    notes: list[str] = []
+    recs = load_labelled_runs(
+        root, label_column="anomaly", time_column="datetime", progress=notes.append
+    )
+    assert [r.name for r in recs] == ["valve1/1", "valve2/1"]
+    assert notes == ["left out anomaly-free/anomaly-free: no label column 'anomaly'"]
+    assert [r.channels for r in recs] == [["flow_rate", "pressure"]] * 2
+    with pytest.raises(DatasetError, match="label column"):
+        load_labelled_runs(root / "anomaly-free" / "anomaly-free.csv", label_column="anomaly")
+    with pytest.raises(DatasetError, match="has the label column"):
+        load_labelled_runs(root / "anomaly-free", label_column="anomaly")
+    done = run_cli(
+        "evaluate", "--csv", str(root), "--label-column", "anomaly",
+        "--time-column", "datetime", "--train-rows", "60", "--trees", "20",
+        "--out", str(tmp_path / "reports"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = (tmp_path / "reports" / "streams.md").read_text()
+    assert "valve1/1" in report
+    assert "valve2/1" in report
