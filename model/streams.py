@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from factorywatch.errors import DatasetError
+from factorywatch.model.calibration import DEFAULT_FAR
 from factorywatch.model.generic import Scores, Trained, fit_recording, score_recording
 from factorywatch.model.recording import (
     Missing,
@@ -53,7 +54,7 @@ class Config:
     mode: str = "per-run"  # or "global"
     window: int = 5
     smooth: int = 1
-    far: float = 0.01
+    far: float = DEFAULT_FAR
     trees: int = 200
 
 
