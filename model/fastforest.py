@@ -27,8 +27,11 @@ _LEAF: Final = -1
 _BLOCK_CELLS: Final = 64  # (row, tree) walks advanced together: enough to overlap, in L1
 _COLUMN_SHIFT: Final = 16  # a node's word: column << 16 | first child (relative to its root)
 _CHILD_MASK: Final = 0xFFFF
-_MAX_TREE_NODES: Final = 1 << 16  # max_samples up to 32,768 (a tree has < 2 x its samples)
+_MAX_TREE_NODES: Final = 1 << 16  # records (with padding) a tree's 16-bit child reaches
 _MAX_COLUMNS: Final = 1 << 16
+_BLOCK_NODES: Final = 8  # records per 64-byte cache line
+_LEAF_NAN: Final = 0x7FC00000  # a quiet float32 NaN; its low 22 bits: a path length's index
+_LEAF_INDEX: Final = 0x3FFFFF
 
 
 def _average_path_length(n_samples: npt.ArrayLike) -> FloatArray:
@@ -72,10 +75,11 @@ class FlatForest:
     ``depth + c(n_node_samples)``, as in ``IsolationForest.score_samples``.
 
     The slots are the constructor's (and ``save``'s) format; the walk reads them packed
-    (``_pack``): one 8-byte record per node, a node's two children adjacent, the path
-    lengths beside. A visit touches one cache line instead of three, which matters when
-    many forests (a model per machine) do not fit in cache; the paths and sums are the
-    slots' own, so the scores are bit-identical.
+    (``_pack``): one 8-byte record per node, in cache-line blocks that hold two or three
+    levels of a tree, a leaf's path length found through its record. A path touches about
+    half the cache lines and a visit one instead of three, which matters when many forests
+    (a model per machine) do not fit in cache; the paths and sums are the slots' own, so
+    the scores are bit-identical.
     """
 
     def __init__(
@@ -97,9 +101,11 @@ class FlatForest:
         if children.shape[0] >= np.iinfo(np.int32).max:
             raise ValueError(f"forest too large to flatten: {children.shape[0]} slots")
         _check_structure(n_features, columns, cuts, children, values, roots, levels, denominator)
-        words, leaf_values, tree_roots = _pack(columns, cuts, children, values, roots, n_features)
+        words, path_lengths, tree_roots = _pack(
+            columns, cuts, children, values, roots, levels, n_features
+        )
         self._words: WordArray = words
-        self._leaf_values: FloatArray = leaf_values
+        self._path_lengths: FloatArray = path_lengths
         self._roots: SlotArray = tree_roots
         self._uses_abs = bool(np.any(columns >= 2 * n_features))
         self._width = (3 if self._uses_abs else 2) * n_features
@@ -107,13 +113,14 @@ class FlatForest:
         self.score(np.zeros((1, n_features)))
 
     @property
-    def n_nodes(self) -> int:
-        """Nodes of all trees (8 bytes of record and 8 of path length each)."""
-        return int(self._leaf_values.shape[0])
+    def n_records(self) -> int:
+        """Node records of all trees, with the padding of their blocks (8 bytes each)."""
+        return int(self._words.shape[0] // 2)
 
     def node_arrays(self) -> tuple[WordArray, FloatArray, SlotArray]:
-        """The arrays the walk reads: node records, path lengths, each tree's root node."""
-        return self._words, self._leaf_values, self._roots
+        """The arrays the walk reads: node records (two words each), the distinct path
+        lengths, each tree's first record."""
+        return self._words, self._path_lengths, self._roots
 
     def share(self, arrays: tuple[WordArray, FloatArray, SlotArray]) -> None:
         """Walk ``arrays`` (equal copies of ``node_arrays``, views of a ``ForestStack``'s
@@ -122,12 +129,12 @@ class FlatForest:
         old: list[npt.NDArray[Any]] = list(self.node_arrays())
         if any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(new, old, strict=True)):
             raise ValueError("shared forest arrays differ in shape or type from the forest's")
-        self._words, self._leaf_values, self._roots = arrays
+        self._words, self._path_lengths, self._roots = arrays
 
     def save(self, path: Path) -> None:
         """Write the flat arrays to ``path`` (``.npz``: plain arrays, nothing pickled)."""
         columns, cuts, children, values, roots = _unpack(
-            self._words, self._leaf_values, self._roots
+            self._words, self._path_lengths, self._roots
         )
         with path.open("wb") as out:
             np.savez(
@@ -238,7 +245,7 @@ class FlatForest:
                 self._roots,
                 self._words,
                 self._words.view(np.float32),
-                self._leaf_values,
+                self._path_lengths,
                 max(self.levels, 1),
                 totals,
             )
@@ -289,7 +296,7 @@ def _walk(  # noqa: PLR0917 - numba compiles positional parameters only
     roots: SlotArray,
     words: WordArray,
     cuts: Float32Array,
-    leaf_values: FloatArray,
+    path_lengths: FloatArray,
     moves: int,
     totals: FloatArray,
 ) -> None:  # pragma: no cover - compiled: covered through FlatForest.score
@@ -299,7 +306,7 @@ def _walk(  # noqa: PLR0917 - numba compiles positional parameters only
     trees, so the CPU overlaps many independent walks and a block's nodes stay in cache;
     each row adds its trees' path lengths in tree order, as scikit-learn does (bit-identical).
     A node is one 8-byte record (``words[2n]`` its cut, read through ``cuts``, a float32 view
-    of ``words``; ``words[2n + 1]`` its first child and column): one cache line per visit.
+    of ``words``; ``words[2n + 1]`` its column and first child); see ``_pack``.
     """
     rows = totals.shape[0]
     n_trees = roots.shape[0]
@@ -330,8 +337,15 @@ def _walk(  # noqa: PLR0917 - numba compiles positional parameters only
         cell = 0
         for _tree in range(first, last):
             for row in range(rows):
-                totals[row] += leaf_values[nodes[cell]]
+                totals[row] += path_lengths[words[2 * nodes[cell]] & _LEAF_INDEX]
                 cell += 1
+
+
+def _aligned_words(count: int) -> WordArray:
+    """``count`` uint32 words starting on a cache line (64 bytes), so blocks stay in one."""
+    raw = np.empty(count + _BLOCK_NODES * 2, np.uint32)
+    skip = (-raw.ctypes.data % 64) // 4
+    return raw[skip : skip + count]
 
 
 def _pack(  # noqa: PLR0917 - the arrays of one forest
@@ -340,115 +354,178 @@ def _pack(  # noqa: PLR0917 - the arrays of one forest
     children: IndexArray,
     values: FloatArray,
     roots: IndexArray,
+    levels: int,
     n_features: int,
 ) -> tuple[WordArray, FloatArray, SlotArray]:
-    """The slot arrays as node records: ``(words, path lengths, each tree's root node)``.
+    """The slot arrays as node records: ``(words, path lengths, each tree's first record)``.
 
-    Each tree's nodes are renumbered breadth first so that the two children of a node are
-    neighbours; a node's record is its float32 cut and one word holding its column (high 16
-    bits) and its first child relative to the tree's root (low 16 bits): the walk goes to
-    ``child + (column > cut)``. A leaf, and a node whose two outcomes lead to the same child,
-    get the cut +inf (nothing, not even NaN, compares greater): a leaf's child is itself.
-    Paths are those of the slot arrays, move for move, so scores are bit-identical.
+    A record is 8 bytes: a float32 cut, then a word holding the column (high 16 bits) and
+    the first child's record relative to the tree's first (low 16 bits); the walk goes to
+    ``child + (column > cut)``, so a node's two children are neighbours. Records come in
+    cache-line blocks of 8: a tree's first block holds its root and the next two levels
+    (7 nodes), every other block a pair of siblings and their children (6): a path from the
+    root to a leaf at depth 9 reads 5 cache lines, not 10. A leaf's cut is a NaN (nothing
+    compares greater, so it stays put) whose payload is its path length's index in the
+    forest's table of distinct path lengths: the last visit needs no other line. A node
+    whose two outcomes lead to one child gets the cut +inf. Paths are those of the slot
+    arrays, move for move, and the lengths are the same float64s: scores are bit-identical.
     """
-    order, first_child, single, tree_start = _renumber(np.asarray(children, np.int64),
-                                                       np.asarray(roots, np.int64))  # fmt: skip
+    order, first_child, single, tree_start, depth = _renumber(
+        np.asarray(children, np.int64), np.asarray(roots, np.int64)
+    )
     if order.shape[0] == 0 and roots.shape[0] > 0:
         raise ValueError("forest arrays are not trees (a node reached twice or a bad child)")
+    if depth > max(levels, 1):
+        raise ValueError(f"a tree is {depth} levels deep; the forest walks {levels}")
     sizes = np.diff(np.append(tree_start, order.shape[0]))
     if sizes.size and sizes.max() > _MAX_TREE_NODES:
-        raise ValueError(f"a tree of {sizes.max()} nodes: at most {_MAX_TREE_NODES} fit a record")
+        raise ValueError(f"a tree of {sizes.max()} records: at most {_MAX_TREE_NODES} fit")
     if 3 * n_features > _MAX_COLUMNS:
         raise ValueError(f"{n_features} features: at most {_MAX_COLUMNS // 3} fit a record")
-    first = 2 * order
-    never = single | (first_child < 0)  # leaves (-1) and single-child nodes: cut +inf
-    node_cuts = np.where(never, np.float32(np.inf), cuts[first]).astype(np.float32)
-    node_columns = np.where(never, 0, columns[first]).astype(np.uint32)
-    own = np.repeat(tree_start, sizes)  # each node's tree root, in new numbers
-    relative = np.where(first_child < 0, np.arange(order.shape[0]), first_child) - own
-    words = np.empty(2 * order.shape[0], np.uint32)
-    words[0::2] = node_cuts.view(np.uint32)
+    node = order >= 0  # the others pad blocks: leaves of length 0, never reached
+    first = 2 * np.where(node, order, 0)
+    leaf = first_child < 0
+    lengths = np.where(node & leaf, values[first], 0.0)
+    table, index = np.unique(lengths[leaf], return_inverse=True)
+    if table.shape[0] > _LEAF_INDEX + 1:
+        raise ValueError(f"{table.shape[0]} distinct path lengths: at most {_LEAF_INDEX + 1}")
+    node_cuts = np.where(single, np.float32(np.inf), cuts[first]).astype(np.float32)
+    cut_bits = node_cuts.view(np.uint32)
+    cut_bits[leaf] = _LEAF_NAN | index.astype(np.uint32)
+    node_columns = np.where(leaf | single, 0, columns[first]).astype(np.uint32)
+    own = np.repeat(tree_start, sizes)  # each record's tree's first record
+    relative = np.where(leaf, np.arange(order.shape[0]), first_child) - own
+    words = _aligned_words(2 * order.shape[0])
+    words[0::2] = cut_bits
     words[1::2] = (node_columns << _COLUMN_SHIFT) | relative.astype(np.uint32)
-    leaf_values = np.ascontiguousarray(values[first], dtype=np.float64)
-    return words, leaf_values, tree_start.astype(np.int32)
+    return words, np.ascontiguousarray(table, dtype=np.float64), tree_start.astype(np.int32)
 
 
 def _unpack(
-    words: WordArray, leaf_values: FloatArray, roots: SlotArray
+    words: WordArray, path_lengths: FloatArray, roots: SlotArray
 ) -> tuple[SlotArray, Float32Array, SlotArray, FloatArray, SlotArray]:
-    """Slot arrays (what ``save`` writes, ``_pack``'s input) of the node records."""
-    n_nodes = leaf_values.shape[0]
-    cuts = words.view(np.float32)[0::2]
+    """Slot arrays (what ``save`` writes, ``_pack``'s input) of the node records.
+
+    Padding records become unreachable leaves; inner nodes get the length 0, never read.
+    """
+    n_nodes = words.shape[0] // 2
+    cuts = words.view(np.float32)[0::2].copy()
+    leaf = np.isnan(cuts)
+    index = np.where(leaf, words[0::2] & _LEAF_INDEX, 0)
+    lengths = np.where(leaf, path_lengths[index], 0.0) if path_lengths.size else cuts * 0.0
     columns = (words[1::2] >> _COLUMN_SHIFT).astype(np.int32)
     sizes = np.diff(np.append(roots.astype(np.int64), n_nodes))
     own = np.repeat(roots.astype(np.int64), sizes)
     child = own + (words[1::2] & _CHILD_MASK).astype(np.int64)
-    # The second outcome of a cut of +inf never happens: it leads where the first does.
-    second = np.where(cuts == np.inf, child, child + 1)
+    # The second outcome of a cut of +inf (or NaN) never happens: it leads where the first does.
+    second = np.where((cuts == np.inf) | leaf, child, child + 1)
+    cuts[leaf] = 0.0
     slot_children = np.empty(2 * n_nodes, np.int32)
     slot_children[0::2], slot_children[1::2] = 2 * child, 2 * second
     return (
         np.repeat(columns, 2),
         np.repeat(cuts, 2),
         slot_children,
-        np.repeat(leaf_values, 2),
+        np.repeat(lengths, 2),
         (2 * roots).astype(np.int32),
     )
+
+
+@numba.njit(cache=False)
+def _place_children(  # noqa: PLR0917 - numba compiles positional parameters only
+    parent: int,
+    count: int,
+    children: npt.NDArray[np.int64],
+    order: npt.NDArray[np.int64],
+    new_of: npt.NDArray[np.int64],
+    first_child: npt.NDArray[np.int64],
+    single: npt.NDArray[np.bool_],
+    depth: npt.NDArray[np.int64],
+) -> int:  # pragma: no cover - compiled: covered through FlatForest
+    """Give record ``parent``'s children the next numbers from ``count``; the next free
+    number, or -1 when the slots are not a tree."""
+    old = order[parent]
+    false_slot, true_slot = children[2 * old], children[2 * old + 1]
+    if false_slot % 2 or true_slot % 2:
+        return -1
+    if false_slot == true_slot == 2 * old:  # a leaf
+        return count
+    first_child[parent] = count
+    single[parent] = false_slot == true_slot
+    for slot in (false_slot, true_slot):
+        kid = slot // 2
+        if new_of[kid] == count - 1 and single[parent]:
+            break  # one child for both outcomes: placed once
+        if new_of[kid] >= 0:
+            return -1
+        new_of[kid], order[count], depth[count] = count, kid, depth[parent] + 1
+        count += 1
+    return count
 
 
 @numba.njit(cache=False)
 def _renumber(
     children: npt.NDArray[np.int64], roots: npt.NDArray[np.int64]
 ) -> tuple[
-    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_], npt.NDArray[np.int64]
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.bool_],
+    npt.NDArray[np.int64],
+    int,
 ]:  # pragma: no cover - compiled: covered through FlatForest
-    """Breadth-first node numbers, tree after tree, the two children of a node adjacent.
+    """Record numbers in cache-line blocks (see ``_pack``), tree after tree.
 
-    Returns, per new node: its old node, its first child's new number (-1: a leaf),
-    whether both outcomes lead to one child; and each tree's first new number. Empty
-    arrays when the slots do not form trees (a node reached twice, an odd child slot).
+    Returns, per record: its old node (-1: padding), its first child's record (-1: a leaf),
+    whether both outcomes lead to one child; each tree's first record; the deepest depth.
+    Empty arrays when the slots do not form trees (a node reached twice, an odd child slot).
     """
     n_old = children.shape[0] // 2
+    cap = _BLOCK_NODES * (n_old + 1)
+    order = np.full(cap, -1, np.int64)
+    first_child = np.full(cap, -1, np.int64)
+    single = np.zeros(cap, np.bool_)
+    depth = np.zeros(cap, np.int64)
     new_of = np.full(n_old, -1, np.int64)
-    order = np.empty(n_old, np.int64)
-    first_child = np.empty(n_old, np.int64)
-    single = np.zeros(n_old, np.bool_)
     tree_start = np.empty(roots.shape[0], np.int64)
-    bad = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.bool_),
-           np.empty(0, np.int64))  # fmt: skip
+    deferred = np.empty(cap, np.int64)  # records whose children start a block of their own
+    bad = (order[:0], first_child[:0], single[:0], tree_start[:0], 0)
     count = 0
     for tree in range(roots.shape[0]):
         root = roots[tree]
         if root % 2 or new_of[root // 2] >= 0:
             return bad
         tree_start[tree] = count
-        new_of[root // 2] = count
-        order[count] = root // 2
+        new_of[root // 2], order[count], depth[count] = count, root // 2, 0
+        lo, hi, below = count, count + 1, 2  # the block's first group, levels under it
         count += 1
-        head = tree_start[tree]
-        while head < count:
-            old = order[head]
-            false_slot, true_slot = children[2 * old], children[2 * old + 1]
-            if false_slot % 2 or true_slot % 2:
-                return bad
-            if false_slot == true_slot == 2 * old:  # a leaf
-                first_child[head] = -1
-            elif false_slot == true_slot:  # both outcomes: one child
-                child = false_slot // 2
-                if new_of[child] >= 0:
-                    return bad
-                new_of[child], order[count] = count, child
-                first_child[head], single[head] = count, True
-                count += 1
-            else:
-                for slot in (false_slot, true_slot):
-                    if new_of[slot // 2] >= 0:
+        head = tail = 0
+        while True:
+            for _level in range(below):
+                start = count
+                for parent in range(lo, hi):
+                    count = _place_children(
+                        parent, count, children, order, new_of, first_child, single, depth
+                    )
+                    if count < 0:
                         return bad
-                    new_of[slot // 2], order[count] = count, slot // 2
-                    count += 1
-                first_child[head] = count - 2
+                lo, hi = start, count
+            for parent in range(lo, hi):  # the block's last level: children go further
+                old = order[parent]
+                if not children[2 * old] == children[2 * old + 1] == 2 * old:
+                    deferred[tail] = parent
+                    tail += 1
+            count = -(-count // _BLOCK_NODES) * _BLOCK_NODES
+            if head == tail:
+                break
+            start = count
+            count = _place_children(
+                deferred[head], count, children, order, new_of, first_child, single, depth
+            )
+            if count < 0:
+                return bad
             head += 1
-    return order[:count], first_child[:count], single[:count], tree_start
+            lo, hi, below = start, count, 1
+    return order[:count], first_child[:count], single[:count], tree_start, depth.max()
 
 
 def _flatten_tree(

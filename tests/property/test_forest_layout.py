@@ -110,7 +110,8 @@ def test_saved_records_load_to_the_same_records(tmp_path: Path) -> None:
     again = FlatForest.load(tmp_path / "forest.npz")
     for mine, theirs in zip(flat.node_arrays(), again.node_arrays(), strict=True):
         np.testing.assert_array_equal(mine, theirs)
-    assert flat.n_nodes == sum(e.tree_.node_count for e in forest.estimators_)
+    assert flat.n_records % 8 == 0
+    assert flat.n_records >= sum(e.tree_.node_count for e in forest.estimators_)
 
 
 def test_slots_that_are_not_trees_are_refused() -> None:
