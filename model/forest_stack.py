@@ -34,6 +34,7 @@ from factorywatch.model.fastforest import (
     _LEAF_INDEX,
     FlatForest,
     _aligned_words,
+    _prefetch,
 )
 
 FloatArray = npt.NDArray[np.float64]
@@ -260,6 +261,7 @@ def _walk_stacked(  # noqa: PLR0917 - numba compiles positional parameters only
                 if tree >= trees[row]:
                     continue
                 root = node_base[row] + roots[root_base[row] + tree]
+                _prefetch(words, 2 * root)
                 nodes[cells] = root
                 bases[cells] = root
                 owner[cells] = row
@@ -268,11 +270,13 @@ def _walk_stacked(  # noqa: PLR0917 - numba compiles positional parameters only
             for cell in range(cells):
                 node = nodes[cell]
                 word = words[2 * node + 1]
-                nodes[cell] = (
+                node = (
                     bases[cell]
                     + (word & _CHILD_MASK)
                     + (aug[owner[cell] * width + (word >> _COLUMN_SHIFT)] > cuts[2 * node])
                 )
+                nodes[cell] = node
+                _prefetch(words, 2 * node)  # read one pass over the cells later
         for cell in range(cells):
             row = owner[cell]
             totals[row] += lengths[length_base[row] + (words[2 * nodes[cell]] & _LEAF_INDEX)]

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from sklearn.ensemble import IsolationForest
 
 from factorywatch.model.fastforest import FlatForest, _unpack
+from factorywatch.model.forest_stack import ForestStack
 from tests.property.test_fastforest import _training_data, _tricky_queries
 
 Matrix = npt.NDArray[np.float64]
@@ -133,3 +134,38 @@ def test_slots_that_are_not_trees_are_refused() -> None:
             levels=int(levels),
             denominator=1.0,
         )
+
+
+def test_stacked_records_stay_on_cache_lines_as_the_arena_grows_and_compacts() -> None:
+    """Every tree's first block starts a cache line, in a forest of its own and in a
+    ForestStack's arena after it grew and was compacted; the scores do not change."""
+    rng = np.random.default_rng(6)
+    forests = [
+        FlatForest.from_sklearn(
+            IsolationForest(n_estimators=3 + k, max_samples=20 + 30 * k, random_state=k).fit(
+                rng.normal(size=(400, 3))
+            )
+        )
+        for k in range(9)
+    ]
+    rows = rng.normal(size=(60, 3))
+    before = [f.score(rows) for f in forests]
+
+    def aligned(forest: FlatForest) -> bool:
+        words, _, roots = forest.node_arrays()
+        return words.ctypes.data % 64 == 0 and bool(np.all(roots % 8 == 0))
+
+    assert all(aligned(f) for f in forests)
+    stack = ForestStack()
+    for forest in forests:  # the arena moves several times
+        stack.add(forest)
+    stack.retain(forests[6:])  # two thirds forgotten: compacted
+    for forest in forests[:3]:
+        stack.add(forest)
+    held = [*forests[6:], *forests[:3]]
+    assert all(aligned(f) for f in held)
+    which = np.arange(60) % len(held)
+    got = stack.score(rows, [stack.number(held[k]) for k in which])
+    for k, forest in enumerate(held):
+        np.testing.assert_array_equal(forest.score(rows), before[forests.index(forest)])
+        np.testing.assert_array_equal(got[which == k], before[forests.index(forest)][which == k])
