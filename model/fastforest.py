@@ -446,7 +446,9 @@ def _unpack(
 ) -> tuple[SlotArray, Float32Array, SlotArray, FloatArray, SlotArray]:
     """Slot arrays (what ``save`` writes, ``_pack``'s input) of the node records.
 
-    Padding records become unreachable leaves; inner nodes get the length 0, never read.
+    The blocks' padding is left out (the file is no larger than the trees); inner nodes get
+    the path length 0, never read (the walk ends on leaves). ``_pack`` makes the same
+    records of them again: it numbers nodes by following children from the roots.
     """
     n_nodes = words.shape[0] // 2
     cuts = words.view(np.float32)[0::2].copy()
@@ -454,20 +456,27 @@ def _unpack(
     index = np.where(leaf, words[0::2] & _LEAF_INDEX, 0)
     lengths = np.where(leaf, path_lengths[index], 0.0) if path_lengths.size else cuts * 0.0
     columns = (words[1::2] >> _COLUMN_SHIFT).astype(np.int32)
-    sizes = np.diff(np.append(roots.astype(np.int64), n_nodes))
-    own = np.repeat(roots.astype(np.int64), sizes)
+    tree_roots = roots.astype(np.int64)
+    sizes = np.diff(np.append(tree_roots, n_nodes))
+    own = np.repeat(tree_roots, sizes)
     child = own + (words[1::2] & _CHILD_MASK).astype(np.int64)
     # The second outcome of a cut of +inf (or NaN) never happens: it leads where the first does.
     second = np.where((cuts == np.inf) | leaf, child, child + 1)
     cuts[leaf] = 0.0
-    slot_children = np.empty(2 * n_nodes, np.int32)
-    slot_children[0::2], slot_children[1::2] = 2 * child, 2 * second
+    kept = np.zeros(n_nodes, dtype=bool)  # roots and every node a record leads to
+    kept[tree_roots] = True
+    kept[child[~leaf]] = True
+    kept[second[~leaf]] = True
+    number = np.cumsum(kept) - 1  # a kept record's node number in the file
+    slot_children = np.empty(2 * int(kept.sum()), np.int32)
+    slot_children[0::2] = 2 * number[child[kept]]
+    slot_children[1::2] = 2 * number[second[kept]]
     return (
-        np.repeat(columns, 2),
-        np.repeat(cuts, 2),
+        np.repeat(columns[kept], 2),
+        np.repeat(cuts[kept], 2),
         slot_children,
-        np.repeat(lengths, 2),
-        (2 * roots).astype(np.int32),
+        np.repeat(lengths[kept], 2),
+        (2 * number[tree_roots]).astype(np.int32),
     )
 
 

@@ -103,7 +103,8 @@ def test_packed_records_score_bit_identically_to_the_slot_arrays(
 
 
 def test_saved_records_load_to_the_same_records(tmp_path: Path) -> None:
-    """save() writes slot arrays; loading them packs exactly the records the forest had."""
+    """save() writes slot arrays, one node each (no padding); loading them packs exactly the
+    records the forest had."""
     rng = np.random.default_rng(4)
     forest = IsolationForest(n_estimators=30, random_state=2).fit(rng.normal(size=(600, 4)))
     flat = FlatForest.from_sklearn(forest)
@@ -111,8 +112,11 @@ def test_saved_records_load_to_the_same_records(tmp_path: Path) -> None:
     again = FlatForest.load(tmp_path / "forest.npz")
     for mine, theirs in zip(flat.node_arrays(), again.node_arrays(), strict=True):
         np.testing.assert_array_equal(mine, theirs)
+    nodes = sum(e.tree_.node_count for e in forest.estimators_)
     assert flat.n_records % 8 == 0
-    assert flat.n_records >= sum(e.tree_.node_count for e in forest.estimators_)
+    assert flat.n_records >= nodes
+    with np.load(tmp_path / "forest.npz") as saved:  # the blocks' padding is not written
+        assert saved["children"].shape == (2 * nodes,)
 
 
 def test_slots_that_are_not_trees_are_refused() -> None:
