@@ -28,6 +28,7 @@ from factorywatch.contracts import Telemetry
 from factorywatch.detector.core import Received
 from factorywatch.detector.engine import Engine, EngineSettings
 from factorywatch.model.artifact import LoadedModel
+from factorywatch.model.fastforest import FlatForest
 from factorywatch.model.generic import Trained, fit_columns, score_recording
 from factorywatch.model.pipeline import Pipeline
 from factorywatch.topics import Topics
@@ -155,6 +156,7 @@ def walk(args: argparse.Namespace) -> None:
 
     rng = np.random.default_rng(1)
     forest = fit_columns(normal(rng, 2000), trees=200).scorer
+    assert isinstance(forest, FlatForest)
     shared, distinct = ForestStack(), ForestStack()
     shared.add(forest)
     numbers = [distinct.add(copy.deepcopy(forest)) for _ in range(args.machines)]
@@ -174,6 +176,25 @@ def walk(args: argparse.Namespace) -> None:
     print(f"ForestStack.score, 200 trees, batches of {args.batch}, {args.readings} rows, "
           f"median of {args.repeat}: rows of one forest {statistics.median(one):.1f} µs/row, "
           f"rows of {args.machines} forests {statistics.median(many):.1f} µs/row")  # fmt: skip
+    print(f"cache lines (64 bytes) a root-to-leaf path reads, mean over 100 rows x "
+          f"{forest.n_trees} trees: {_lines_per_path(forest, rows[:100]):.2f}; "
+          f"{forest.n_records:,} records of 8 bytes")  # fmt: skip
+
+
+def _lines_per_path(forest: FlatForest, rows: np.ndarray) -> float:
+    """Distinct 64-byte lines of node records each (row, tree) path visits, on average."""
+    words, _, roots = forest.node_arrays()
+    cuts, word = words.view(np.float32)[0::2], words[1::2]
+    lines = 0
+    for x in rows.astype(np.float32):
+        aug = np.concatenate((x, -x, np.abs(x)))
+        for root in roots.tolist():
+            node, seen = root, {root // 8}
+            for _ in range(forest.levels):
+                node = root + int(word[node] & 0xFFFF) + int(aug[word[node] >> 16] > cuts[node])
+                seen.add(node // 8)
+            lines += len(seen)
+    return lines / (rows.shape[0] * roots.shape[0])
 
 
 def far(args: argparse.Namespace) -> None:
