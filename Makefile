@@ -96,9 +96,10 @@ scenarios-live: install broker-binary
 bench: install broker-binary
 	$(BIN)/python -m bench.run $(DATASET_ARG)
 
-## bench-features: what windowed features cost: detector throughput through the real broker at
-## 1,000 machines, windowed vs point model (goal >= 0.8x), and per-machine state in bytes at
-## 10,000 machines -> reports/bench-features.{json,md}
+## bench-features: what windowed features and per-machine models cost: detector throughput
+## through the real broker at 1,000 machines, windowed vs point model and a live-calibrated
+## model per machine vs one global model (goals >= 0.8x), and per-machine state in bytes at
+## 10,000 machines -> reports/bench-features.{json,md} (about 6-8 min)
 bench-features: install broker-binary
 	$(BIN)/python -m bench.features
 

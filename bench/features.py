@@ -8,6 +8,18 @@ the bench's Mosquitto and driven with ``Bench.throughput`` (closed-loop publishe
 counted by a subscriber process) at 1,000 machines, alternating the two presets for
 ``repeats`` rounds; the report quotes medians and the ratio windowed / point (goal >= 0.8).
 
+Per-machine models (``per-machine``): the same detector serving a model per machine, each
+fitted by live calibration (``detect --asset-config`` with ``calibrate: {readings: N,
+default: true}``, the windowed preset, 200 trees): a calibration phase publishes N readings
+of each of ``--calibrate-live`` machines to a detector that fits and promotes their models
+(``models/machines/<m>/current``, timed); each other machine of the 1,000 gets a copy of one
+of those artifacts (its own files, so its own forest in memory: 1,000 forests, as 1,000
+calibrations would give; a fit takes about 1 s of scikit-learn here, too long to make 1,000
+of in a bench run; ``--calibrate-live 1000`` does all of them live). Its throughput rounds
+run between the others' (a fresh detector, which binds the 1,000 promoted models at start,
+as after a restart); the report quotes per-machine / windowed (one global model), goal
+>= 0.8.
+
 Per-machine state: an in-process engine (``detector/engine.py``, the detector's own) serving
 each model takes ``window + 1`` readings of each of 10,000 machines; the JSON of its snapshot
 divided by the machine count is the state a machine costs in a checkpoint.
@@ -23,6 +35,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,11 +45,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from bench.harness import FULL, QUICK, Bench, Plan, Server, bench_env, progress
-from bench.load import PROJECT_DIR, ChannelSource
+from bench.harness import (
+    DETECTOR_READY,
+    FULL,
+    QUICK,
+    Bench,
+    Plan,
+    Server,
+    bench_env,
+    progress,
+)
+from bench.load import PROJECT_DIR, ChannelSource, Publisher, SubscriberProcess
 from bench.profile import SAMPLE_RATE_HZ, Profile
 from bench.report import fmt
 from bench.system import environment
+from factorywatch.broker import free_port
 from factorywatch.detector.core import Received
 from factorywatch.detector.engine import Engine
 from factorywatch.launch import Launched, cli_command
@@ -45,7 +68,11 @@ from factorywatch.sensors import scenarios
 from factorywatch.topics import Topics
 
 PRESETS: Final = ("point", "windowed")
+PER_MACHINE: Final = "per-machine"
+SETUPS: Final = (*PRESETS, PER_MACHINE)
 MACHINES: Final = 1000
+CALIBRATE_READINGS: Final = 200  # the README's advice: ``readings: 200`` or more
+CALIBRATE_LIVE: Final = 40  # machines calibrated live (about 1 s of fitting each)
 STATE_MACHINES: Final = 10_000
 GOAL_WINDOWED_VS_POINT: Final = 0.8
 TRAIN_ROWS: Final = 2000
@@ -132,21 +159,114 @@ def state_bytes(model_dir: Path, machines: int) -> dict[str, Any]:
     }
 
 
+def _start_calibrating(
+    bench: Bench, root: str, folder: Path, model_dir: Path, readings: int
+) -> Server:
+    """``factorywatch detect`` with an asset config that calibrates every machine."""
+    asset = folder / "calibrate.json"
+    spec = {"readings": readings, "default": True}
+    asset.write_text(json.dumps({"calibrate": spec}))
+    command = cli_command(
+        "detect",
+        "--port",
+        str(bench.broker.port),
+        "--topic-root",
+        root,
+        "--model-dir",
+        str(model_dir),
+        "--asset-config",
+        str(asset),
+        "--state-dir",
+        str(folder / "state"),
+    )
+    extra = {"FACTORYWATCH_DETECTOR_METRICS_PORT": str(free_port()),
+             "FACTORYWATCH_DETECTOR_METRICS_HOST": "127.0.0.1"}  # fmt: skip
+    server = Server("detector", command, folder / "detector.log", folder, bench_env(extra))
+    server.wait_log(DETECTOR_READY, 60.0)
+    return server
+
+
+def calibrate(
+    bench: Bench, windowed: Path, workdir: Path, *, live: int, needed: int
+) -> tuple[Path, dict[str, Any]]:
+    """A model directory where each of 1,000 machines has its own live-calibrated model.
+
+    ``live`` machines calibrate through a real detector (their first N readings published,
+    the fits timed until every model is promoted); the others get copies of those artifacts.
+    """
+    model_dir = workdir / "model-per-machine"
+    shutil.copytree(windowed, model_dir, symlinks=True)  # the global default: windowed
+    root, folder = bench.fresh("calibration")
+    source = ChannelSource(live, seed=1)  # the first machines of the 1,000-machine source
+    count = live * needed
+    readings, topics = source.take(count), source.topics(root)
+    progress(f"calibrating {live} machines live ({needed} readings each) ...")
+    detector = _start_calibrating(bench, root, folder, model_dir, needed)
+    subscriber = SubscriberProcess(
+        bench.broker.port, root, expect=count, out=folder / "received.json", idle_s=30.0,
+        deadline_s=count / 200.0 + 60.0,
+    )  # fmt: skip
+    publisher = Publisher(bench.settings(root), clients=bench.plan.publishers).start()
+    try:
+        began = time.perf_counter()
+        publisher.blast(readings, topics, window=bench.window, answered=subscriber.answered)
+        received = subscriber.result(count / 200.0 + 90.0)
+        published = time.perf_counter() - began
+        deadline = time.monotonic() + 30.0 + 10.0 * live  # a fit takes about 1-2 s here
+        while len(artifact.routed_versions(model_dir)) < live and time.monotonic() < deadline:
+            if not detector.running():
+                break
+            time.sleep(0.5)  # polling the model directory, not waiting blindly
+        fitted = len(artifact.routed_versions(model_dir))
+        elapsed = time.perf_counter() - began
+    finally:
+        detector.stop()
+        publisher.close()
+        subscriber.kill()
+    if fitted < live or received.messages < count:
+        raise SystemExit(
+            f"error: {fitted}/{live} machines calibrated, {received.messages}/{count} "
+            f"CALIBRATING verdicts:\n{detector.log()[-3000:]}"
+        )
+    ids = ChannelSource(MACHINES).ids
+    machines = model_dir / artifact.ROUTE_FOLDERS["machine"]
+    for index in range(live, MACHINES):
+        source_dir = machines / ids[index % live]
+        shutil.copytree(source_dir, machines / ids[index], symlinks=True)
+    progress(f"  {live} models fitted and promoted in {elapsed:.0f} s; "
+             f"{MACHINES - live} machines given a copy of one")  # fmt: skip
+    return model_dir, {
+        "readings": needed,
+        "machines_live": live,
+        "machines_copied": MACHINES - live,
+        "publish_s": round(published, 1),
+        "calibrated_s": round(elapsed, 1),
+        "fits_per_s": round(live / elapsed, 2),
+        "calibrating_verdicts": received.messages,
+    }
+
+
+def _bound_routes(bench: Bench) -> int:
+    """How many machines' own models the last run's detector bound (its log says)."""
+    log = sorted((bench.workdir / "runs").glob("*-detector-*/detector-*.log"))[-1]
+    return log.read_text().count('"route_model_bound"')
+
+
 def _median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return round(statistics.median(present), 1) if present else None
 
 
 def measure(bench: Bench, plan: Plan, dirs: dict[str, Path]) -> dict[str, Any]:
-    """Throughput rounds (presets alternating) at 1,000 machines; medians and the ratio."""
+    """Throughput rounds (set-ups alternating) at 1,000 machines; medians and the ratios."""
     source = ChannelSource(MACHINES, seed=1)
     count = plan.throughput_msgs
     source.take(count)  # generated before any timing starts
     runs: list[dict[str, Any]] = []
     for round_no in range(1, plan.repeats + 1):
-        for preset in PRESETS:
+        for preset in SETUPS:
             progress(
-                f"measuring detector, {preset} features, {MACHINES:,} machines, "
+                f"measuring detector, {preset}, {MACHINES:,} machines, "
                 f"{count:,} messages, round {round_no}/{plan.repeats} ..."
             )
             row = bench.throughput(
@@ -154,29 +274,49 @@ def measure(bench: Bench, plan: Plan, dirs: dict[str, Path]) -> dict[str, Any]:
             )
             row["target"] = f"detector {preset}"
             row["preset"] = preset
+            if preset == PER_MACHINE:
+                row["machine_models_bound"] = _bound_routes(bench)
+                if row["machine_models_bound"] != MACHINES:
+                    raise SystemExit(f"error: the detector bound {row['machine_models_bound']} "
+                                     f"machines' models, not {MACHINES}")  # fmt: skip
             runs.append(row)
             progress(
                 f"  {fmt(row['msgs_per_s'])} msg/s, {row['unique_verdicts']:,}/"
                 f"{row['acknowledged']:,} verdicts, lost {row['lost']}, "
                 f"duplicates {row['duplicates']}"
             )
-    rates = {p: _median([r["msgs_per_s"] for r in runs if r["preset"] == p]) for p in PRESETS}
+    rates = {p: _median([r["msgs_per_s"] for r in runs if r["preset"] == p]) for p in SETUPS}
     cpu = {
         p: _median([r.get("server_cpu_us_per_msg") for r in runs if r["preset"] == p])
-        for p in PRESETS
+        for p in SETUPS
     }
-    point, windowed = rates["point"], rates["windowed"]
+    point, windowed, own = rates["point"], rates["windowed"], rates[PER_MACHINE]
     ratio = round(windowed / point, 3) if point and windowed else None
+    per_machine = round(own / windowed, 3) if own and windowed else None
+    cpu_ratio = (
+        round(cpu["windowed"] / cpu[PER_MACHINE], 3)
+        if cpu["windowed"] and cpu[PER_MACHINE]
+        else None
+    )
     return {
         "machines": MACHINES,
         "msgs_per_s": rates,
         "detector_cpu_us_per_msg": cpu,
         "windowed_vs_point": ratio,
+        "per_machine_vs_windowed": per_machine,
+        "per_machine_vs_windowed_cpu": cpu_ratio,
         "goal": {
             "goal": "windowed features vs point model throughput, 1,000 machines",
             "target": f">= {GOAL_WINDOWED_VS_POINT}",
             "measured": ratio,
             "met": None if ratio is None else ratio >= GOAL_WINDOWED_VS_POINT,
+        },
+        "goal_per_machine": {
+            "goal": "a live-calibrated model per machine vs one global windowed model, "
+            "throughput at 1,000 machines",
+            "target": f">= {GOAL_WINDOWED_VS_POINT}",
+            "measured": per_machine,
+            "met": None if per_machine is None else per_machine >= GOAL_WINDOWED_VS_POINT,
         },
         "lost": sum(r["lost"] for r in runs),
         "duplicates": sum(r["duplicates"] for r in runs),
@@ -213,11 +353,11 @@ def profile(bench: Bench, dirs: dict[str, Path], messages: int, out: Path) -> st
     """One throughput run per preset with py-spy on the detector; the summaries as Markdown."""
     source = ChannelSource(MACHINES, seed=1)
     source.take(messages)
-    lines = ["# Profile: point vs windowed model in the detector (py-spy)", ""]
-    for preset in PRESETS:
+    lines = ["# Profile: point, windowed and per-machine models in the detector (py-spy)", ""]
+    for preset, model_dir in dirs.items():
         raw = out / f"profile-features-{preset}.txt"
-        progress(f"profiling the detector, {preset} features, {messages:,} readings ...")
-        row = _profiled_run(bench, dirs[preset], source, messages, raw)
+        progress(f"profiling the detector, {preset}, {messages:,} readings ...")
+        row = _profiled_run(bench, model_dir, source, messages, raw)
         summary = Profile.parse(raw.read_text().splitlines())
         lines += [
             f"## {preset}: {fmt(row['msgs_per_s'])} msg/s, "
@@ -234,7 +374,7 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown."""
     t = report["throughput"]
     lines = [
-        "# Cost of windowed features",
+        "# Cost of windowed features and per-machine models",
         "",
         f"Command: `{report['environment']['command']}`  ",
         f"Machine: {report['environment'].get('cpu_model') or '-'}, "
@@ -246,19 +386,31 @@ def markdown(report: dict[str, Any]) -> str:
         "| model | msgs/s | rounds | detector process CPU µs/msg | engine alone CPU µs/reading |",
         "|---|---|---|---|---|",
     ]
-    for preset in PRESETS:
+    for preset in SETUPS:
         rounds = ", ".join(fmt(r["msgs_per_s"]) for r in t["runs"] if r["preset"] == preset)
+        engine = report["state"].get(preset, {}).get("engine_cpu_us_per_reading")
         lines.append(
             f"| {preset} | {fmt(t['msgs_per_s'][preset])} | {rounds} | "
             f"{fmt(t['detector_cpu_us_per_msg'][preset])} | "
-            f"{fmt(report['state'][preset]['engine_cpu_us_per_reading'], 1)} |"
+            f"{'-' if engine is None else fmt(engine, 1)} |"
         )
-    goal = t["goal"]
-    met = {True: "met", False: "NOT met", None: "-"}[goal["met"]]
+    met = {True: "met", False: "NOT met", None: "-"}
+    goal, own = t["goal"], t["goal_per_machine"]
+    c = report["calibration"]
     lines += [
         "",
-        f"windowed / point: **{fmt(t['windowed_vs_point'], 3)}** (goal {goal['target']}: {met}); "
-        f"lost {t['lost']}, duplicates {t['duplicates']} over all runs.",
+        f"windowed / point: **{fmt(t['windowed_vs_point'], 3)}** (goal {goal['target']}: "
+        f"{met[goal['met']]}); per-machine / windowed: **{fmt(t['per_machine_vs_windowed'], 3)}** "
+        f"(goal {own['target']}: {met[own['met']]}; by detector CPU per message "
+        f"{fmt(t['per_machine_vs_windowed_cpu'], 3)}); lost {t['lost']}, duplicates "
+        f"{t['duplicates']} over all runs.",
+        "",
+        f"per-machine: every machine served by a model of its own (windowed preset, 200 trees), "
+        f"fitted by live calibration on {c['readings']} readings: {c['machines_live']} machines "
+        f"calibrated live through the detector ({c['calibrating_verdicts']:,} CALIBRATING "
+        f"verdicts; fitted and promoted in {fmt(c['calibrated_s'], 1)} s, "
+        f"{fmt(c['fits_per_s'], 2)} fits/s), the other {c['machines_copied']:,} given a copy "
+        "of one of their artifacts (a forest of its own in memory each).",
         "",
         f"## Per-machine state ({report['state'][PRESETS[0]]['machines']:,} machines, "
         "windows full)",
@@ -277,8 +429,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m bench.features``."""
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.features", description=__doc__.split("\n")[0]
     )
@@ -287,9 +438,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--state-machines", type=int, default=STATE_MACHINES)
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument(
-        "--profile", action="store_true", help="py-spy on the detector per preset instead"
+        "--calibrate-live",
+        type=int,
+        help=f"machines calibrated live (default {CALIBRATE_LIVE}; the others get copies)",
+    )
+    parser.add_argument("--calibrate-readings", type=int, help="a calibration window's N")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy on the detector per set-up instead"
     )
     args = parser.parse_args(argv)
+    args.calibrate_live = args.calibrate_live or (4 if args.quick else CALIBRATE_LIVE)
+    args.calibrate_readings = args.calibrate_readings or (50 if args.quick else CALIBRATE_READINGS)
+    if not 1 <= args.calibrate_live <= MACHINES:
+        parser.error(f"--calibrate-live must be in 1..{MACHINES}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m bench.features``."""
+    args = _arguments(argv)
+    live, needed = args.calibrate_live, args.calibrate_readings
     plan = QUICK if args.quick else FULL
     command = shlex.join(["python", "-m", "bench.features", *(argv or sys.argv[1:])])
     began = time.perf_counter()
@@ -302,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench = Bench(workdir, dirs["point"], plan)
             bench.broker.start()
             try:
+                dirs[PER_MACHINE], _ = calibrate(
+                    bench, dirs["windowed"], workdir, live=live, needed=needed
+                )
                 args.out.mkdir(parents=True, exist_ok=True)
                 text = profile(bench, dirs, plan.throughput_msgs, args.out)
             finally:
@@ -318,11 +489,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"starting mosquitto on 127.0.0.1:{bench.broker.port} ...")
         bench.broker.start()
         try:
+            dirs[PER_MACHINE], calibration = calibrate(
+                bench, dirs["windowed"], workdir, live=live, needed=needed
+            )
             throughput = measure(bench, plan, dirs)
         finally:
             bench.broker.stop()
     report = {
         "throughput": throughput,
+        "calibration": calibration,
         "state": state,
         "repeats": plan.repeats,
         "quick": bool(args.quick),

@@ -7,12 +7,16 @@ array operations and 9-13 ms for a ``score_samples`` call (``python -m bench.ben
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import numba
 import numpy as np
 import numpy.typing as npt
+from llvmlite import ir  # type: ignore[import-untyped]  # numba's own dependency, untyped
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 if TYPE_CHECKING:  # scoring a saved forest needs no scikit-learn (memory, start-up)
     from sklearn.ensemble import IsolationForest
@@ -21,9 +25,50 @@ FloatArray = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.intp]
 SlotArray = npt.NDArray[np.int32]
 Float32Array = npt.NDArray[np.float32]
+WordArray = npt.NDArray[np.uint32]
 
 _LEAF: Final = -1
 _BLOCK_CELLS: Final = 64  # (row, tree) walks advanced together: enough to overlap, in L1
+_COLUMN_SHIFT: Final = 16  # a node's word: column << 16 | first child (relative to its root)
+_CHILD_MASK: Final = 0xFFFF
+_MAX_TREE_NODES: Final = 1 << 16  # records (with padding) a tree's 16-bit child reaches
+_MAX_COLUMNS: Final = 1 << 16
+_BLOCK_NODES: Final = 8  # records per 64-byte cache line
+_LEAF_NAN: Final = 0x7FC00000  # a quiet float32 NaN; its low 22 bits: a path length's index
+_LEAF_INDEX: Final = 0x3FFFFF
+
+
+@intrinsic
+def _prefetch_line(typingctx: Any, array: Any, index: Any) -> Any:  # pragma: no cover
+    """Ask for ``array[index]``'s cache line now (LLVM's prefetch; no fault, no result).
+
+    The walks know a cell's next record one pass over all cells before they read it: asked
+    for at once, many misses are in flight together instead of the few the CPU's
+    reordering window holds.
+    """
+    del typingctx
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(  # type: ignore[no-untyped-call]
+            context, builder, array_type, view, [args[1]], wraparound=False
+        )
+        bytes_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(  # type: ignore[no-untyped-call]
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [bytes_pointer, i32, i32, i32]),
+            "llvm.prefetch.p0i8",
+        )
+        # read, high temporal locality, data cache
+        builder.call(function, [builder.bitcast(pointer, bytes_pointer), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+_prefetch = cast(Callable[[npt.NDArray[Any], int], None], _prefetch_line)
 
 
 def _average_path_length(n_samples: npt.ArrayLike) -> FloatArray:
@@ -65,6 +110,13 @@ class FlatForest:
     because NaN compares False; leaves point at themselves, so walking a fixed number of
     levels lands every (row, tree) pair on its leaf. A slot's value is its leaf's path length
     ``depth + c(n_node_samples)``, as in ``IsolationForest.score_samples``.
+
+    The slots are the constructor's (and ``save``'s) format; the walk reads them packed
+    (``_pack``): one 8-byte record per node, in cache-line blocks that hold two or three
+    levels of a tree, a leaf's path length found through its record. A path touches about
+    half the cache lines and a visit one instead of three, which matters when many forests
+    (a model per machine) do not fit in cache; the paths and sums are the slots' own, so
+    the scores are bit-identical.
     """
 
     def __init__(
@@ -86,45 +138,49 @@ class FlatForest:
         if children.shape[0] >= np.iinfo(np.int32).max:
             raise ValueError(f"forest too large to flatten: {children.shape[0]} slots")
         _check_structure(n_features, columns, cuts, children, values, roots, levels, denominator)
-        # int32 slots: half the memory of intp, so more of the forest stays in cache.
-        self._columns: SlotArray = columns.astype(np.int32)
-        self._cuts = cuts
-        self._children: SlotArray = children.astype(np.int32)
-        self._values = values  # kept for ``save``
-        # Path length of the leaf a slot leads to: the last level skips one lookup.
-        self._child_values = values[children]
-        self._roots: SlotArray = roots.astype(np.int32)
+        words, path_lengths, tree_roots = _pack(
+            columns, cuts, children, values, roots, levels, n_features
+        )
+        self._words: WordArray = words
+        self._path_lengths: FloatArray = path_lengths
+        self._roots: SlotArray = tree_roots
         self._uses_abs = bool(np.any(columns >= 2 * n_features))
         self._width = (3 if self._uses_abs else 2) * n_features
         # Compile the walk now (about 0.5 s, once per process), not on the first reading.
         self.score(np.zeros((1, n_features)))
 
-    def slot_arrays(self) -> tuple[SlotArray, Float32Array, SlotArray, FloatArray, SlotArray]:
-        """The arrays the walk reads: columns, cuts, children, child values, roots."""
-        return self._columns, self._cuts, self._children, self._child_values, self._roots
+    @property
+    def n_records(self) -> int:
+        """Node records of all trees, with the padding of their blocks (8 bytes each)."""
+        return int(self._words.shape[0] // 2)
 
-    def share(
-        self,
-        arrays: tuple[SlotArray, Float32Array, SlotArray, FloatArray, SlotArray],
-    ) -> None:
-        """Walk ``arrays`` (equal copies of ``slot_arrays``, views of a ``ForestStack``'s
-        arena) from now on, so that a stacked forest's slots are held once."""
+    def node_arrays(self) -> tuple[WordArray, FloatArray, SlotArray]:
+        """The arrays the walk reads: node records (two words each), the distinct path
+        lengths, each tree's first record."""
+        return self._words, self._path_lengths, self._roots
+
+    def share(self, arrays: tuple[WordArray, FloatArray, SlotArray]) -> None:
+        """Walk ``arrays`` (equal copies of ``node_arrays``, views of a ``ForestStack``'s
+        arena) from now on, so that a stacked forest's nodes are held once."""
         new: list[npt.NDArray[Any]] = list(arrays)
-        old: list[npt.NDArray[Any]] = list(self.slot_arrays())
+        old: list[npt.NDArray[Any]] = list(self.node_arrays())
         if any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(new, old, strict=True)):
             raise ValueError("shared forest arrays differ in shape or type from the forest's")
-        self._columns, self._cuts, self._children, self._child_values, self._roots = arrays
+        self._words, self._path_lengths, self._roots = arrays
 
     def save(self, path: Path) -> None:
         """Write the flat arrays to ``path`` (``.npz``: plain arrays, nothing pickled)."""
+        columns, cuts, children, values, roots = _unpack(
+            self._words, self._path_lengths, self._roots
+        )
         with path.open("wb") as out:
             np.savez(
                 out,
-                columns=self._columns,
-                cuts=self._cuts,
-                children=self._children,
-                values=self._values,
-                roots=self._roots,
+                columns=columns,
+                cuts=cuts,
+                children=children,
+                values=values,
+                roots=roots,
                 scalars=np.array([self.n_features, self.levels], dtype=np.int64),
                 denominator=np.array([self.denominator], dtype=np.float64),
             )
@@ -224,11 +280,10 @@ class FlatForest:
                 self._augment(matrix.astype(np.float32)).ravel(),
                 self._width,
                 self._roots,
-                self._columns,
-                self._cuts,
-                self._children,
-                self._child_values,
-                self.levels,
+                self._words,
+                self._words.view(np.float32),
+                self._path_lengths,
+                max(self.levels, 1),
                 totals,
             )
         return np.asarray(2.0 ** -(totals / self.denominator), dtype=np.float64)
@@ -276,11 +331,10 @@ def _walk(  # noqa: PLR0917 - numba compiles positional parameters only
     aug: Float32Array,
     width: int,
     roots: SlotArray,
-    columns: SlotArray,
+    words: WordArray,
     cuts: Float32Array,
-    children: SlotArray,
-    child_values: FloatArray,
-    levels: int,
+    path_lengths: FloatArray,
+    moves: int,
     totals: FloatArray,
 ) -> None:  # pragma: no cover - compiled: covered through FlatForest.score
     """Per-row sums over trees of path lengths, written into ``totals``.
@@ -288,32 +342,240 @@ def _walk(  # noqa: PLR0917 - numba compiles positional parameters only
     Compiled by numba. Cells (one row in one tree) advance level by level in blocks of a few
     trees, so the CPU overlaps many independent walks and a block's nodes stay in cache;
     each row adds its trees' path lengths in tree order, as scikit-learn does (bit-identical).
+    A node is one 8-byte record (``words[2n]`` its cut, read through ``cuts``, a float32 view
+    of ``words``; ``words[2n + 1]`` its column and first child); see ``_pack``.
     """
     rows = totals.shape[0]
     n_trees = roots.shape[0]
     per_block = max(1, _BLOCK_CELLS // rows)
-    slots = np.empty(per_block * rows, np.int32)
-    bases = np.empty(per_block * rows, np.int32)
+    nodes = np.empty(per_block * rows, np.int64)
+    bases = np.empty(per_block * rows, np.int64)
+    at = np.empty(per_block * rows, np.int64)
     for cell in range(per_block * rows):
-        bases[cell] = (cell % rows) * width
+        at[cell] = (cell % rows) * width
     totals[:] = 0.0
     for first in range(0, n_trees, per_block):
         last = min(n_trees, first + per_block)
         cells = 0
         for tree in range(first, last):
-            root = roots[tree]
             for _row in range(rows):
-                slots[cells] = root + (aug[bases[cells] + columns[root]] > cuts[root])
+                bases[cells] = roots[tree]
+                nodes[cells] = roots[tree]
                 cells += 1
-        for _level in range(levels - 1):
+        for _move in range(moves):
             for cell in range(cells):
-                slot = children[slots[cell]]
-                slots[cell] = slot + (aug[bases[cell] + columns[slot]] > cuts[slot])
+                node = nodes[cell]
+                word = words[2 * node + 1]
+                node = (
+                    bases[cell]
+                    + (word & _CHILD_MASK)
+                    + (aug[at[cell] + (word >> _COLUMN_SHIFT)] > cuts[2 * node])
+                )
+                nodes[cell] = node
+                _prefetch(words, 2 * node)
         cell = 0
         for _tree in range(first, last):
             for row in range(rows):
-                totals[row] += child_values[slots[cell]]
+                totals[row] += path_lengths[words[2 * nodes[cell]] & _LEAF_INDEX]
                 cell += 1
+
+
+def _aligned_words(count: int) -> WordArray:
+    """``count`` uint32 words starting on a cache line (64 bytes), so blocks stay in one."""
+    raw = np.empty(count + _BLOCK_NODES * 2, np.uint32)
+    skip = (-raw.ctypes.data % 64) // 4
+    return raw[skip : skip + count]
+
+
+def _pack(  # noqa: PLR0917 - the arrays of one forest
+    columns: IndexArray,
+    cuts: Float32Array,
+    children: IndexArray,
+    values: FloatArray,
+    roots: IndexArray,
+    levels: int,
+    n_features: int,
+) -> tuple[WordArray, FloatArray, SlotArray]:
+    """The slot arrays as node records: ``(words, path lengths, each tree's first record)``.
+
+    A record is 8 bytes: a float32 cut, then a word holding the column (high 16 bits) and
+    the first child's record relative to the tree's first (low 16 bits); the walk goes to
+    ``child + (column > cut)``, so a node's two children are neighbours. Records come in
+    cache-line blocks of 8, filled breadth first while a node's children fit: a tree's
+    first block holds its root and the next two levels, every other block a pair of
+    siblings, their children and more while there is room (a small subtree: all of it), so
+    a root-to-leaf path at depth 9 reads 4-5 cache lines, not 10. A leaf's cut is a NaN (nothing
+    compares greater, so it stays put) whose payload is its path length's index in the
+    forest's table of distinct path lengths: the last visit needs no other line. A node
+    whose two outcomes lead to one child gets the cut +inf. Paths are those of the slot
+    arrays, move for move, and the lengths are the same float64s: scores are bit-identical.
+    """
+    order, first_child, single, tree_start, depth = _renumber(
+        np.asarray(children, np.int64), np.asarray(roots, np.int64)
+    )
+    if order.shape[0] == 0 and roots.shape[0] > 0:
+        raise ValueError("forest arrays are not trees (a node reached twice or a bad child)")
+    if depth > max(levels, 1):
+        raise ValueError(f"a tree is {depth} levels deep; the forest walks {levels}")
+    sizes = np.diff(np.append(tree_start, order.shape[0]))
+    if sizes.size and sizes.max() > _MAX_TREE_NODES:
+        raise ValueError(f"a tree of {sizes.max()} records: at most {_MAX_TREE_NODES} fit")
+    if 3 * n_features > _MAX_COLUMNS:
+        raise ValueError(f"{n_features} features: at most {_MAX_COLUMNS // 3} fit a record")
+    node = order >= 0  # the others pad blocks: leaves of length 0, never reached
+    first = 2 * np.where(node, order, 0)
+    leaf = first_child < 0
+    lengths = np.where(node & leaf, values[first], 0.0)
+    table, index = np.unique(lengths[leaf], return_inverse=True)
+    if table.shape[0] > _LEAF_INDEX + 1:
+        raise ValueError(f"{table.shape[0]} distinct path lengths: at most {_LEAF_INDEX + 1}")
+    node_cuts = np.where(single, np.float32(np.inf), cuts[first]).astype(np.float32)
+    cut_bits = node_cuts.view(np.uint32)
+    cut_bits[leaf] = _LEAF_NAN | index.astype(np.uint32)
+    node_columns = np.where(leaf | single, 0, columns[first]).astype(np.uint32)
+    own = np.repeat(tree_start, sizes)  # each record's tree's first record
+    relative = np.where(leaf, np.arange(order.shape[0]), first_child) - own
+    words = _aligned_words(2 * order.shape[0])
+    words[0::2] = cut_bits
+    words[1::2] = (node_columns << _COLUMN_SHIFT) | relative.astype(np.uint32)
+    return words, np.ascontiguousarray(table, dtype=np.float64), tree_start.astype(np.int32)
+
+
+def _unpack(
+    words: WordArray, path_lengths: FloatArray, roots: SlotArray
+) -> tuple[SlotArray, Float32Array, SlotArray, FloatArray, SlotArray]:
+    """Slot arrays (what ``save`` writes, ``_pack``'s input) of the node records.
+
+    The blocks' padding is left out (the file is no larger than the trees); inner nodes get
+    the path length 0, never read (the walk ends on leaves). ``_pack`` makes the same
+    records of them again: it numbers nodes by following children from the roots.
+    """
+    n_nodes = words.shape[0] // 2
+    cuts = words.view(np.float32)[0::2].copy()
+    leaf = np.isnan(cuts)
+    index = np.where(leaf, words[0::2] & _LEAF_INDEX, 0)
+    lengths = np.where(leaf, path_lengths[index], 0.0) if path_lengths.size else cuts * 0.0
+    columns = (words[1::2] >> _COLUMN_SHIFT).astype(np.int32)
+    tree_roots = roots.astype(np.int64)
+    sizes = np.diff(np.append(tree_roots, n_nodes))
+    own = np.repeat(tree_roots, sizes)
+    child = own + (words[1::2] & _CHILD_MASK).astype(np.int64)
+    # The second outcome of a cut of +inf (or NaN) never happens: it leads where the first does.
+    second = np.where((cuts == np.inf) | leaf, child, child + 1)
+    cuts[leaf] = 0.0
+    kept = np.zeros(n_nodes, dtype=bool)  # roots and every node a record leads to
+    kept[tree_roots] = True
+    kept[child[~leaf]] = True
+    kept[second[~leaf]] = True
+    number = np.cumsum(kept) - 1  # a kept record's node number in the file
+    slot_children = np.empty(2 * int(kept.sum()), np.int32)
+    slot_children[0::2] = 2 * number[child[kept]]
+    slot_children[1::2] = 2 * number[second[kept]]
+    return (
+        np.repeat(columns[kept], 2),
+        np.repeat(cuts[kept], 2),
+        slot_children,
+        np.repeat(lengths[kept], 2),
+        (2 * number[tree_roots]).astype(np.int32),
+    )
+
+
+@numba.njit(cache=False)
+def _place_children(  # noqa: PLR0917 - numba compiles positional parameters only
+    parent: int,
+    count: int,
+    children: npt.NDArray[np.int64],
+    order: npt.NDArray[np.int64],
+    new_of: npt.NDArray[np.int64],
+    first_child: npt.NDArray[np.int64],
+    single: npt.NDArray[np.bool_],
+    depth: npt.NDArray[np.int64],
+) -> int:  # pragma: no cover - compiled: covered through FlatForest
+    """Give record ``parent``'s children the next numbers from ``count``; the next free
+    number, or -1 when the slots are not a tree."""
+    old = order[parent]
+    false_slot, true_slot = children[2 * old], children[2 * old + 1]
+    if false_slot % 2 or true_slot % 2:
+        return -1
+    if false_slot == true_slot == 2 * old:  # a leaf
+        return count
+    first_child[parent] = count
+    single[parent] = false_slot == true_slot
+    for slot in (false_slot, true_slot):
+        kid = slot // 2
+        if new_of[kid] == count - 1 and single[parent]:
+            break  # one child for both outcomes: placed once
+        if new_of[kid] >= 0:
+            return -1
+        new_of[kid], order[count], depth[count] = count, kid, depth[parent] + 1
+        count += 1
+    return count
+
+
+@numba.njit(cache=False)
+def _renumber(
+    children: npt.NDArray[np.int64], roots: npt.NDArray[np.int64]
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.bool_],
+    npt.NDArray[np.int64],
+    int,
+]:  # pragma: no cover - compiled: covered through FlatForest
+    """Record numbers in cache-line blocks (see ``_pack``), tree after tree.
+
+    Returns, per record: its old node (-1: padding), its first child's record (-1: a leaf),
+    whether both outcomes lead to one child; each tree's first record; the deepest depth.
+    Empty arrays when the slots do not form trees (a node reached twice, an odd child slot).
+    """
+    n_old = children.shape[0] // 2
+    cap = _BLOCK_NODES * (n_old + 1)
+    order = np.full(cap, -1, np.int64)
+    first_child = np.full(cap, -1, np.int64)
+    single = np.zeros(cap, np.bool_)
+    depth = np.zeros(cap, np.int64)
+    new_of = np.full(n_old, -1, np.int64)
+    tree_start = np.empty(roots.shape[0], np.int64)
+    deferred = np.empty(cap, np.int64)  # records whose children start a block of their own
+    bad = (order[:0], first_child[:0], single[:0], tree_start[:0], 0)
+    count = 0
+    for tree in range(roots.shape[0]):
+        root = roots[tree]
+        if root % 2 or new_of[root // 2] >= 0:
+            return bad
+        tree_start[tree] = count
+        new_of[root // 2], order[count], depth[count] = count, root // 2, 0
+        block, count = count, count + 1
+        head = tail = 0
+        while True:
+            # Breadth first through the block: a node's children join it while they fit.
+            parent = block
+            while parent < count:
+                old = order[parent]
+                false_slot, true_slot = children[2 * old], children[2 * old + 1]
+                if not false_slot == true_slot == 2 * old:  # not a leaf
+                    need = 1 if false_slot == true_slot else 2
+                    if count + need <= block + _BLOCK_NODES:
+                        count = _place_children(
+                            parent, count, children, order, new_of, first_child, single, depth
+                        )
+                        if count < 0:
+                            return bad
+                    else:
+                        deferred[tail] = parent
+                        tail += 1
+                parent += 1
+            count = -(-count // _BLOCK_NODES) * _BLOCK_NODES
+            if head == tail:
+                break
+            block = count  # the next deferred node's children start a block
+            count = _place_children(
+                deferred[head], count, children, order, new_of, first_child, single, depth
+            )
+            if count < 0:
+                return bad
+            head += 1
+    return order[:count], first_child[:count], single[:count], tree_start, depth.max()
 
 
 def _flatten_tree(

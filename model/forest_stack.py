@@ -2,14 +2,19 @@
 
 A model per machine means a batch's readings belong to as many forests as machines; scoring
 each machine's few rows in a call of its own costs a fixed overhead per call and walks one
-row at a time (no overlap between walks). ``ForestStack`` keeps the slot arrays of every
+row at a time (no overlap between walks). ``ForestStack`` keeps the node arrays of every
 forest it holds end to end in one arena; each row names its forest, and one compiled walk
-advances (row, tree) cells of every row together. Slot and root indices stay relative to
-their forest (the arena adds the forest's base), and each row adds its own forest's path
-lengths in tree order, so a row's score is bit-identical to ``FlatForest.score``.
+advances (row, tree) cells of every row together. The arena holds ``FlatForest``'s node
+records (8 bytes each, in cache-line blocks of two or three tree levels, children relative
+to their tree's first record, so a forest's records are copied as they are) and each
+forest's table of path lengths: 1,000 forests are hundreds of MB, so nearly every block a
+row visits is a cache miss, and the fewer lines per path the cheaper a model per machine.
+Root and table indices stay relative to their forest (the arena adds the forest's bases),
+and each row adds its own forest's path lengths in tree order, so a row's score is
+bit-identical to ``FlatForest.score``.
 
-A forest added walks its slice of the arena from then on (``FlatForest.share``), so its slot
-arrays are held once, not twice; the arena grows by doubling as forests are added (up to
+A forest added walks its slice of the arena from then on (``FlatForest.share``), so its
+nodes are held once, not twice; the arena grows by doubling as forests are added (up to
 half of it spare) and is compacted when more than half of it belongs to forests no longer
 held (``retain``).
 """
@@ -23,12 +28,23 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
-from factorywatch.model.fastforest import FlatForest
+from factorywatch.model.fastforest import (
+    _CHILD_MASK,
+    _COLUMN_SHIFT,
+    _LEAF_INDEX,
+    FlatForest,
+    _aligned_words,
+    _prefetch,
+)
 
 FloatArray = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.int64]
 _BLOCK_CELLS: Final = 64  # as in model.fastforest: cells advanced together
-_compiled: list[bool] = []  # the walk was compiled in this process
+_compiled: list[bool] = []
+# per forest: record base, first root, first path length, trees, levels, denominator
+_Meta = tuple[
+    IndexArray, IndexArray, IndexArray, IndexArray, IndexArray, FloatArray
+]  # the walk was compiled in this process
 
 
 class ForestStack:
@@ -37,19 +53,19 @@ class ForestStack:
     def __init__(self) -> None:
         self._index: dict[int, int] = {}  # id(forest) -> its number in the stack
         self._forests: list[FlatForest] = []
-        self._used = 0  # arena slots in use (live or dead)
+        self._used = 0  # arena records in use (live or dead)
         self._roots_used = 0
-        self._columns = np.empty(0, np.int32)
-        self._cuts = np.empty(0, np.float32)
-        self._children = np.empty(0, np.int32)
-        self._child_values = np.empty(0, np.float64)
+        self._lengths_used = 0
+        self._words = np.empty(0, np.uint32)  # two per record: FlatForest's
+        self._lengths = np.empty(0, np.float64)  # each forest's distinct path lengths
         self._roots = np.empty(0, np.int32)
-        # per forest: slot base, first root, trees, levels, denominator, n_features
-        self._slot_base: list[int] = []
+        # per forest: record base, first root, first path length; trees, levels, denominator
+        self._node_base: list[int] = []
+        self._length_base: list[int] = []
         self._root_base: list[int] = []
-        self._meta_cache: tuple[IndexArray, IndexArray, IndexArray, IndexArray, FloatArray] | None
+        self._meta_cache: _Meta | None
         self._meta_cache = None
-        self._dead_slots = 0
+        self._dead_nodes = 0
 
     def __len__(self) -> int:
         return len(self._forests)
@@ -62,16 +78,17 @@ class ForestStack:
         known = self._index.get(id(forest))
         if known is not None:
             return known
-        columns, cuts, children, child_values, roots = forest.slot_arrays()
-        slots, trees = children.shape[0], roots.shape[0]
-        grew = self._reserve(self._used + slots, self._roots_used + trees)
-        lo, hi = self._used, self._used + slots
-        self._columns[lo:hi] = columns
-        self._cuts[lo:hi] = cuts
-        self._children[lo:hi] = children
-        self._child_values[lo:hi] = child_values
+        words, lengths, roots = forest.node_arrays()
+        records, trees, count = forest.n_records, roots.shape[0], lengths.shape[0]
+        grew = self._reserve(self._used + records, self._roots_used + trees,
+                             self._lengths_used + count)  # fmt: skip
+        lo, hi = self._used, self._used + records
+        self._words[2 * lo : 2 * hi] = words
+        self._lengths[self._lengths_used : self._lengths_used + count] = lengths
         self._roots[self._roots_used : self._roots_used + trees] = roots
-        self._slot_base.append(lo)
+        self._node_base.append(lo)
+        self._length_base.append(self._lengths_used)
+        self._lengths_used += count
         self._root_base.append(self._roots_used)
         self._used = hi
         self._roots_used += trees
@@ -90,14 +107,12 @@ class ForestStack:
 
     def _share(self, k: int) -> None:
         forest = self._forests[k]
-        lo, first = self._slot_base[k], self._root_base[k]
-        hi = lo + forest.slot_arrays()[2].shape[0]
+        lo, first, table = self._node_base[k], self._root_base[k], self._length_base[k]
+        hi = lo + forest.n_records
         forest.share(
             (
-                self._columns[lo:hi],
-                self._cuts[lo:hi],
-                self._children[lo:hi],
-                self._child_values[lo:hi],
+                self._words[2 * lo : 2 * hi],
+                self._lengths[table : table + forest.node_arrays()[1].shape[0]],
                 self._roots[first : first + forest.n_trees],
             )
         )
@@ -113,11 +128,11 @@ class ForestStack:
         dead = [f for f in self._forests if id(f) in self._index and id(f) not in keep]
         if not dead:
             return
-        self._dead_slots += sum(f._children.shape[0] for f in dead)
-        if 2 * self._dead_slots > self._used:
+        self._dead_nodes += sum(f.n_records for f in dead)
+        if 2 * self._dead_nodes > self._used:
             self._rebuild([f for f in self._forests if id(f) in keep])
             return
-        # forgotten, their slots left in place until a compaction: no copy per unbinding
+        # forgotten, their nodes left in place until a compaction: no copy per unbinding
         for f in dead:
             del self._index[id(f)]
 
@@ -127,16 +142,20 @@ class ForestStack:
             fresh.add(f)
         self.__dict__.update(fresh.__dict__)
 
-    def _reserve(self, slots: int, roots: int) -> bool:
-        """Room for ``slots`` slots and ``roots`` roots; whether the arena moved."""
+    def _reserve(self, records: int, roots: int, lengths: int) -> bool:
+        """Room for ``records`` records, ``roots`` roots and ``lengths`` path lengths;
+        whether the arena moved."""
         grew = False
-        if slots > self._columns.shape[0]:
-            size = max(slots, 2 * self._columns.shape[0], 1024)
-            for name in ("_columns", "_cuts", "_children", "_child_values"):
-                old = getattr(self, name)
-                grown = np.empty(size, old.dtype)
-                grown[: self._used] = old[: self._used]
-                setattr(self, name, grown)
+        if 2 * records > self._words.shape[0]:
+            # cache-line aligned: a forest's blocks (multiples of 8 records) stay aligned
+            words = _aligned_words(2 * max(records, self._words.shape[0], 1024))  # doubles
+            words[: 2 * self._used] = self._words[: 2 * self._used]
+            self._words = words
+            grew = True
+        if lengths > self._lengths.shape[0]:
+            grown_lengths = np.empty(max(lengths, 2 * self._lengths.shape[0], 1024), np.float64)
+            grown_lengths[: self._lengths_used] = self._lengths[: self._lengths_used]
+            self._lengths = grown_lengths
             grew = True
         if roots > self._roots.shape[0]:
             grown_roots = np.empty(max(roots, 2 * self._roots.shape[0], 256), np.int32)
@@ -145,12 +164,13 @@ class ForestStack:
             grew = True
         return grew
 
-    def _meta(self) -> tuple[IndexArray, IndexArray, IndexArray, IndexArray, FloatArray]:
+    def _meta(self) -> _Meta:
         if self._meta_cache is None:
             f = self._forests
             self._meta_cache = (
-                np.asarray(self._slot_base, np.int64),
+                np.asarray(self._node_base, np.int64),
                 np.asarray(self._root_base, np.int64),
+                np.asarray(self._length_base, np.int64),
                 np.asarray([x.n_trees for x in f], np.int64),
                 np.asarray([x.levels for x in f], np.int64),
                 np.asarray([x.denominator for x in f], np.float64),
@@ -176,22 +196,22 @@ class ForestStack:
         wrong = {self._forests[k].n_features for k in set(which.tolist())} - {width}
         if wrong:
             raise ValueError(f"rows have {width} features; forests of the rows take {wrong}")
-        slot_base, root_base, trees, levels, denominator = self._meta()
+        node_base, root_base, length_base, trees, levels, denominator = self._meta()
         x32 = matrix.astype(np.float32)
         aug = np.concatenate((x32, -x32, np.abs(x32)), axis=-1).ravel()
         totals = np.empty(rows, dtype=np.float64)
         _walk_stacked(
             aug,
             3 * width,
-            slot_base[which],
+            node_base[which],
             root_base[which],
+            length_base[which],
             trees[which],
-            int(levels[which].max()),
+            max(int(levels[which].max()), 1),
             self._roots,
-            self._columns,
-            self._cuts,
-            self._children,
-            self._child_values,
+            self._words,
+            self._words.view(np.float32),
+            self._lengths,
             totals,
         )
         denominators = denominator[which]
@@ -207,29 +227,29 @@ class ForestStack:
 def _walk_stacked(  # noqa: PLR0917 - numba compiles positional parameters only
     aug: npt.NDArray[np.float32],
     width: int,
-    slot_base: IndexArray,
+    node_base: IndexArray,
     root_base: IndexArray,
+    length_base: IndexArray,
     trees: IndexArray,
-    levels: int,
+    moves: int,
     roots: npt.NDArray[np.int32],
-    columns: npt.NDArray[np.int32],
+    words: npt.NDArray[np.uint32],
     cuts: npt.NDArray[np.float32],
-    children: npt.NDArray[np.int32],
-    child_values: FloatArray,
+    lengths: FloatArray,
     totals: FloatArray,
 ) -> None:  # pragma: no cover - compiled: covered through ForestStack.score
-    """``model.fastforest._walk`` with a forest per row (slots relative to its base).
+    """``model.fastforest._walk`` with a forest per row (roots relative to its base).
 
     Cells are ordered tree-major, so each row adds its trees' path lengths in tree order
     (bit-identical to its own forest's walk). A shallower forest walks the deepest one's
-    levels: its leaves point at themselves, so the extra levels change nothing.
+    levels: its leaves point at themselves, so the extra moves change nothing.
     """
     rows = totals.shape[0]
     most = 0
     for row in range(rows):
         most = max(most, trees[row])
     per_block = max(1, _BLOCK_CELLS // rows)
-    slots = np.empty(per_block * rows, np.int64)
+    nodes = np.empty(per_block * rows, np.int64)
     bases = np.empty(per_block * rows, np.int64)
     owner = np.empty(per_block * rows, np.int64)
     totals[:] = 0.0
@@ -240,16 +260,23 @@ def _walk_stacked(  # noqa: PLR0917 - numba compiles positional parameters only
             for row in range(rows):
                 if tree >= trees[row]:
                     continue
-                base = slot_base[row]
-                root = base + roots[root_base[row] + tree]
-                at = row * width
-                slots[cells] = root + (aug[at + columns[root]] > cuts[root])
-                bases[cells] = base
+                root = node_base[row] + roots[root_base[row] + tree]
+                _prefetch(words, 2 * root)
+                nodes[cells] = root
+                bases[cells] = root
                 owner[cells] = row
                 cells += 1
-        for _level in range(levels - 1):
+        for _move in range(moves):
             for cell in range(cells):
-                slot = bases[cell] + children[slots[cell]]
-                slots[cell] = slot + (aug[owner[cell] * width + columns[slot]] > cuts[slot])
+                node = nodes[cell]
+                word = words[2 * node + 1]
+                node = (
+                    bases[cell]
+                    + (word & _CHILD_MASK)
+                    + (aug[owner[cell] * width + (word >> _COLUMN_SHIFT)] > cuts[2 * node])
+                )
+                nodes[cell] = node
+                _prefetch(words, 2 * node)  # read one pass over the cells later
         for cell in range(cells):
-            totals[owner[cell]] += child_values[slots[cell]]
+            row = owner[cell]
+            totals[row] += lengths[length_base[row] + (words[2 * nodes[cell]] & _LEAF_INDEX)]

@@ -7,8 +7,10 @@ calibrating (and, with ``--distinct``, a model per machine whose forests are 1,0
 memory rather than one shared forest: the cache misses of real per-machine models). Prints
 readings per CPU second (median of ``--repeat`` runs) and the JSON size of the per-machine
 state. Also: the false-alarm rate a live calibration window of N normal
-readings gives on the next 5,000 normal readings (target 1 %). Nothing is asserted: the
-figures depend on the machine.
+readings gives on the next 5,000 normal readings (target 1 %). ``--walk``: only the forest
+walk (``ForestStack.score``), batches of 256 rows each of a random one of ``--machines``
+copies of one forest, against the same rows all of one forest: microseconds per row. Nothing
+is asserted: the figures depend on the machine.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from factorywatch.contracts import Telemetry
 from factorywatch.detector.core import Received
 from factorywatch.detector.engine import Engine, EngineSettings
 from factorywatch.model.artifact import LoadedModel
+from factorywatch.model.fastforest import FlatForest
 from factorywatch.model.generic import Trained, fit_columns, score_recording
 from factorywatch.model.pipeline import Pipeline
 from factorywatch.topics import Topics
@@ -147,6 +150,53 @@ def throughput(args: argparse.Namespace) -> None:
         print(f"| {name} | {median:,.0f} | {median / base:.2f} x | {states[name]:,.0f} |")
 
 
+def walk(args: argparse.Namespace) -> None:
+    """The stacked walk alone: rows of ``args.machines`` distinct forests vs of one."""
+    from factorywatch.model.forest_stack import ForestStack  # noqa: PLC0415
+
+    rng = np.random.default_rng(1)
+    forest = fit_columns(normal(rng, 2000), trees=200).scorer
+    assert isinstance(forest, FlatForest)
+    shared, distinct = ForestStack(), ForestStack()
+    shared.add(forest)
+    numbers = [distinct.add(copy.deepcopy(forest)) for _ in range(args.machines)]
+    rows = rng.normal(size=(args.readings, forest.n_features))
+    which = np.asarray(numbers)[rng.integers(0, args.machines, size=args.readings)]
+
+    def per_row(stack: ForestStack, forests: np.ndarray) -> float:
+        start = time.process_time()
+        for i in range(0, args.readings, args.batch):
+            stack.score(rows[i : i + args.batch], forests[i : i + args.batch])
+        return (time.process_time() - start) / args.readings * 1e6
+
+    one, many = [], []
+    for _ in range(args.repeat):
+        one.append(per_row(shared, np.zeros(args.readings, np.int64)))
+        many.append(per_row(distinct, which))
+    print(f"ForestStack.score, 200 trees, batches of {args.batch}, {args.readings} rows, "
+          f"median of {args.repeat}: rows of one forest {statistics.median(one):.1f} µs/row, "
+          f"rows of {args.machines} forests {statistics.median(many):.1f} µs/row")  # fmt: skip
+    print(f"cache lines (64 bytes) a root-to-leaf path reads, mean over 100 rows x "
+          f"{forest.n_trees} trees: {_lines_per_path(forest, rows[:100]):.2f}; "
+          f"{forest.n_records:,} records of 8 bytes")  # fmt: skip
+
+
+def _lines_per_path(forest: FlatForest, rows: np.ndarray) -> float:
+    """Distinct 64-byte lines of node records each (row, tree) path visits, on average."""
+    words, _, roots = forest.node_arrays()
+    cuts, word = words.view(np.float32)[0::2], words[1::2]
+    lines = 0
+    for x in rows.astype(np.float32):
+        aug = np.concatenate((x, -x, np.abs(x)))
+        for root in roots.tolist():
+            node, seen = root, {root // 8}
+            for _ in range(forest.levels):
+                node = root + int(word[node] & 0xFFFF) + int(aug[word[node] >> 16] > cuts[node])
+                seen.add(node // 8)
+            lines += len(seen)
+    return lines / (rows.shape[0] * roots.shape[0])
+
+
 def far(args: argparse.Namespace) -> None:
     from factorywatch.detector import calibrating  # noqa: PLC0415
     from factorywatch.model.asset import CalibrateSpec  # noqa: PLC0415
@@ -204,7 +254,11 @@ def main() -> None:
         help="also a model per machine with a forest of its own in memory (a copy each)",
     )
     parser.add_argument("--only-far", action="store_true", help="only the calibration figures")
+    parser.add_argument("--walk", action="store_true", help="only the stacked forest walk")
     args = parser.parse_args()
+    if args.walk:
+        walk(args)
+        return
     if not args.only_far:
         throughput(args)
     if not args.skip_far and not args.plain:

@@ -97,9 +97,9 @@ def test_retain_forgets_and_compacts_without_changing_scores() -> None:
     again = stack.add(forests[0])
     np.testing.assert_array_equal(stack.score(rows, np.full(40, again)), before[0])
     # The stacked forests walk slices of one arena (held once) and still score as before.
-    arena = forests[3].slot_arrays()[0].base
+    arena = forests[3].node_arrays()[0].base
     assert arena is not None
-    assert forests[0].slot_arrays()[0].base is arena
+    assert forests[0].node_arrays()[0].base is arena
     for k, forest in enumerate(forests):
         np.testing.assert_array_equal(forest.score(rows), before[k])
 
