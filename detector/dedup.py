@@ -39,6 +39,10 @@ class SeenCache:
         """Return True if ``key`` was seen before; otherwise remember it and return False."""
         return self.check(key) != "new"
 
+    def forget(self, key: Hashable) -> None:
+        """Forget ``key``: its next arrival is new again (its answer was never delivered)."""
+        self._keys.pop(key, None)
+
     def add(self, key: Hashable, digest: int = 0) -> None:
         """Remember ``key`` (the oldest id falls out past ``capacity``)."""
         if self.capacity == 0:

@@ -319,11 +319,15 @@ class DetectorService:
 
         def confirmed(ok: bool) -> None:
             if not ok:
-                # A refused publish leaves its message unacknowledged: redelivered later.
+                # A refused publish leaves its message unacknowledged: redelivered later, and
+                # scored again then (not a duplicate: its verdict never got out). The
+                # machine's record still knows the reading, so its alert window counts it once.
                 self.counters.publish_failures += 1
                 self.metrics.publish_failures.inc()
-                if target is not None:
+                if target is not None and not target.failed:
                     target.failed = True
+                    for identity, _digest in target.answered:
+                        self.engine.seen.forget(identity)
             else:
                 self.engine.confirmed(publish)
             if target is None:

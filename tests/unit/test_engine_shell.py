@@ -124,13 +124,21 @@ def test_redelivery_is_dropped_and_a_reused_id_is_dead_lettered(make: Make, now:
 
 
 def test_a_refused_verdict_leaves_its_reading_unacknowledged(make: Make, now: float) -> None:
-    """When the transport refuses the verdict, the reading is not acked (redelivered later)."""
+    """When the transport refuses the verdict, the reading is not acked, and its redelivery
+    is scored again (not dropped as a duplicate: its verdict was never delivered) without
+    counting twice in the machine's alert window."""
     h = make()
     h.transport.refuse_prefixes = (f"{ROOT}/alerts/",)
     token = h.send("m1", 1, NORMAL, now)
     h.settle()
     assert token not in h.transport.acked
     assert h.service.counters.publish_failures >= 1
+    h.transport.refuse_prefixes = ()
+    again = h.send("m1", 1, NORMAL, now)  # the broker redelivers the unacknowledged reading
+    h.settle()
+    assert again in h.transport.acked
+    assert [v.seq for v in h.verdicts()] == [1, 1]  # refused once, then delivered
+    assert len(h.service.engine.states["m1"].window) == 1
 
 
 def test_an_alert_open_before_a_crash_clears_after_the_restart(make: Make, now: float) -> None:
