@@ -350,9 +350,9 @@ def _walk(  # noqa: PLR0917 - numba compiles positional parameters only
     per_block = max(1, _BLOCK_CELLS // rows)
     nodes = np.empty(per_block * rows, np.int64)
     bases = np.empty(per_block * rows, np.int64)
-    at = np.empty(per_block * rows, np.int64)
+    owner = np.empty(per_block * rows, np.int64)
     for cell in range(per_block * rows):
-        at[cell] = (cell % rows) * width
+        owner[cell] = cell % rows
     totals[:] = 0.0
     for first in range(0, n_trees, per_block):
         last = min(n_trees, first + per_block)
@@ -362,22 +362,42 @@ def _walk(  # noqa: PLR0917 - numba compiles positional parameters only
                 bases[cells] = roots[tree]
                 nodes[cells] = roots[tree]
                 cells += 1
-        for _move in range(moves):
-            for cell in range(cells):
-                node = nodes[cell]
-                word = words[2 * node + 1]
-                node = (
-                    bases[cell]
-                    + (word & _CHILD_MASK)
-                    + (aug[at[cell] + (word >> _COLUMN_SHIFT)] > cuts[2 * node])
-                )
-                nodes[cell] = node
-                _prefetch(words, 2 * node)
+        _advance(aug, width, owner, bases, nodes, cells, moves, words, cuts)
         cell = 0
         for _tree in range(first, last):
             for row in range(rows):
                 totals[row] += path_lengths[words[2 * nodes[cell]] & _LEAF_INDEX]
                 cell += 1
+
+
+@numba.njit(nogil=True, cache=False)
+def _advance(  # noqa: PLR0917 - numba compiles positional parameters only
+    aug: Float32Array,
+    width: int,
+    owner: IndexArray,
+    bases: IndexArray,
+    nodes: IndexArray,
+    cells: int,
+    moves: int,
+    words: WordArray,
+    cuts: Float32Array,
+) -> None:  # pragma: no cover - compiled: covered through the walks
+    """Move the first ``cells`` cells ``moves`` levels down their trees (a leaf points at
+    itself). Cell ``c`` is at record ``nodes[c]`` of the tree rooted at ``bases[c]`` and
+    compares row ``owner[c]`` of ``aug`` (rows ``width`` wide); each record read is asked for
+    one pass over the cells before it is needed (``_prefetch``). Both walks (one forest,
+    ``_walk``; a forest per row, ``model.forest_stack``) advance their cells here."""
+    for _move in range(moves):
+        for cell in range(cells):
+            node = nodes[cell]
+            word = words[2 * node + 1]
+            node = (
+                bases[cell]
+                + (word & _CHILD_MASK)
+                + (aug[owner[cell] * width + (word >> _COLUMN_SHIFT)] > cuts[2 * node])
+            )
+            nodes[cell] = node
+            _prefetch(words, 2 * node)
 
 
 def _aligned_words(count: int) -> WordArray:

@@ -29,10 +29,9 @@ import numpy as np
 import numpy.typing as npt
 
 from factorywatch.model.fastforest import (
-    _CHILD_MASK,
-    _COLUMN_SHIFT,
     _LEAF_INDEX,
     FlatForest,
+    _advance,
     _aligned_words,
     _prefetch,
 )
@@ -266,17 +265,7 @@ def _walk_stacked(  # noqa: PLR0917 - numba compiles positional parameters only
                 bases[cells] = root
                 owner[cells] = row
                 cells += 1
-        for _move in range(moves):
-            for cell in range(cells):
-                node = nodes[cell]
-                word = words[2 * node + 1]
-                node = (
-                    bases[cell]
-                    + (word & _CHILD_MASK)
-                    + (aug[owner[cell] * width + (word >> _COLUMN_SHIFT)] > cuts[2 * node])
-                )
-                nodes[cell] = node
-                _prefetch(words, 2 * node)  # read one pass over the cells later
+        _advance(aug, width, owner, bases, nodes, cells, moves, words, cuts)
         for cell in range(cells):
             row = owner[cell]
             totals[row] += lengths[length_base[row] + (words[2 * nodes[cell]] & _LEAF_INDEX)]
