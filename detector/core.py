@@ -395,28 +395,48 @@ def _verdicts(
         for i, contributions in zip(alerting, top, strict=True):
             explanations[i] = _contributions(card.features, matrix[i], contributions)
     flagged = set(alerting)
-    verdicts = []
-    validate = Verdict.model_validate
-    for i, (reading, value) in enumerate(zip(readings, values, strict=True)):
-        # Validating this dict (pydantic-core) costs a third of model_construct's Python loop.
-        verdicts.append(
-            validate(
-                {
-                    "machine_id": reading.machine_id,
-                    "line": reading.line,
-                    "seq": reading.seq,
-                    "reading_ts": reading.ts,
-                    "status": "ALERT" if i in flagged else "NORMAL",
-                    "score": value,
-                    "threshold": threshold,
-                    "model_version": card.version,
-                    "latency_ms": round((done - received_perf[i]) * 1000.0, 3),
-                    "explanation": explanations.get(i),
-                    "outside_training": outside[i],
-                }
-            )
+    return [
+        _verdict(
+            reading,
+            i in flagged,
+            value,
+            threshold,
+            card.version,
+            round((done - received_perf[i]) * 1000.0, 3),
+            explanations.get(i),
+            outside[i],
         )
-    return verdicts
+        for i, (reading, value) in enumerate(zip(readings, values, strict=True))
+    ]
+
+
+def _verdict(  # noqa: PLR0917 - one verdict's fields
+    reading: Telemetry,
+    alert: bool,
+    score: float,
+    threshold: float,
+    version: str,
+    latency_ms: float,
+    explanation: list[Contribution] | None,
+    outside: list[str] | None,
+) -> Verdict:
+    """One reading's verdict (both scoring paths build theirs here)."""
+    # Validating this dict (pydantic-core) costs a third of model_construct's Python loop.
+    return Verdict.model_validate(
+        {
+            "machine_id": reading.machine_id,
+            "line": reading.line,
+            "seq": reading.seq,
+            "reading_ts": reading.ts,
+            "status": "ALERT" if alert else "NORMAL",
+            "score": score,
+            "threshold": threshold,
+            "model_version": version,
+            "latency_ms": latency_ms,
+            "explanation": explanation,
+            "outside_training": outside,
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -596,25 +616,19 @@ def _stacked_verdicts(
             for row, i, contributions in zip(matrix, rows, top, strict=True):
                 explanations[i] = _contributions(cards[owners[i]].features, row, contributions)
     flagged = set(alerting)
-    validate = Verdict.model_validate
     out: list[list[Verdict]] = [[] for _ in parts]
     for i, (reading, value) in enumerate(zip(readings, scores, strict=True)):
         k = owners[i]
         out[k].append(
-            validate(
-                {
-                    "machine_id": reading.machine_id,
-                    "line": reading.line,
-                    "seq": reading.seq,
-                    "reading_ts": reading.ts,
-                    "status": "ALERT" if i in flagged else "NORMAL",
-                    "score": value,
-                    "threshold": thresholds[k],
-                    "model_version": cards[k].version,
-                    "latency_ms": round((done - perfs[i]) * 1000.0, 3),
-                    "explanation": explanations.get(i),
-                    "outside_training": outside[i],
-                }
+            _verdict(
+                reading,
+                i in flagged,
+                value,
+                thresholds[k],
+                cards[k].version,
+                round((done - perfs[i]) * 1000.0, 3),
+                explanations.get(i),
+                outside[i],
             )
         )
     return out
