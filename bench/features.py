@@ -57,7 +57,7 @@ from bench.harness import (
 )
 from bench.load import PROJECT_DIR, ChannelSource, Publisher, SubscriberProcess
 from bench.profile import SAMPLE_RATE_HZ, Profile
-from bench.report import fmt
+from bench.report import fmt, write_files
 from bench.system import environment
 from factorywatch.broker import free_port
 from factorywatch.detector.core import Received
@@ -504,12 +504,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runtime_s": round(time.perf_counter() - began, 1),
         "environment": environment(command, load_at_start),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench-features.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (args.out / "bench-features.md").write_text(text)
     print(text)
-    progress(f"wrote {args.out / 'bench-features.json'} and {args.out / 'bench-features.md'}")
+    write_files(args.out, "bench-features", report, text, progress)
     return 0
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 from factorywatch.settings import DetectorSettings
@@ -196,3 +199,20 @@ def setup_text(publishers: int, window: int | None, shards: int) -> str:
         "process over the measurement window (100 = one core); the subscriber's includes "
         "its start-up; 'other' is everything else busy on the machine in that window."
     )
+
+
+def write_files(
+    out: Path,
+    name: str,
+    report: dict[str, Any],
+    text: str,
+    progress: Callable[[str], None],
+    *,
+    allow_nan: bool = True,
+) -> None:
+    """A bench's ``<out>/<name>.json`` (the figures as measured) and ``<name>.md`` (``text``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    data, page = out / f"{name}.json", out / f"{name}.md"
+    data.write_text(json.dumps(report, indent=2, allow_nan=allow_nan) + "\n")
+    page.write_text(text)
+    progress(f"wrote {data} and {page}")

@@ -16,7 +16,6 @@ clients), ``relay`` and ``load`` (the processes the harness runs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from bench.ceiling import CeilingProbe
 from bench.harness import FULL, QUICK, Bench, SysWatcher, find_dataset, progress, train
-from bench.report import markdown, setup_text
+from bench.report import markdown, setup_text, write_files
 from bench.scenarios import SHARDS, measure
 from bench.system import environment
 
@@ -73,12 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "setup": setup_text(plan.publishers, plan.window, SHARDS),
         "environment": environment(command, load_at_start),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     text = markdown(report)
-    (args.out / "bench.md").write_text(text)
     print(text)
-    progress(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
+    write_files(args.out, "bench", report, text, progress, allow_nan=False)
     return 0
 
 

@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from bench.harness import bench_env, find_dataset, train
+from bench.report import write_files
 from bench.system import proc_cpu_s
 from factorywatch.broker import LocalBroker
 from factorywatch.cluster import ClusterLayout, LocalNatsCluster, MqttDevice, assign
@@ -579,10 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         "mosquitto_kill": "see reports/faults.json (make faults): broker kill -9 scenarios",
         "caveat": CAVEAT,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "scale.md").write_text(markdown(report))
-    progress(f"wrote {args.out / 'scale.json'} and {args.out / 'scale.md'}")
+    write_files(args.out, "scale", report, markdown(report), progress)
     return 0
 
 
