@@ -506,8 +506,11 @@ class Engine:
             needed: int = window["needed"]
             # A redelivery already in the window must not count twice.
             counted = record is not None and reading.identity in record.recent
-            appended = not counted and len(rows) < needed
-            row = [telemetry.readings[c] for c in window["channels"]] if appended else None
+            row = (
+                [telemetry.readings[c] for c in window["channels"]]
+                if not counted and len(rows) < needed
+                else None
+            )
             if row is not None:
                 rows.append(row)
             full = len(rows) >= needed
