@@ -6,7 +6,6 @@ No paho, no files, no logging: values in, values out. The MQTT shell feeds it ra
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,24 +13,22 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import ValidationError
 
+from factorywatch import contracts
 from factorywatch.contracts import (
     AI4I_CHANNELS,
     DEFAULT_MAX_FUTURE_SKEW_S,
-    MAX_BATCH_BYTES,
-    MAX_BATCH_READINGS,
-    MAX_PAYLOAD_BYTES,
+    MAX_DETAIL,
+    MAX_TOPIC,
     PRODUCT_TYPE,
     Calibration,
     Contribution,
     DeadLetter,
     Telemetry,
-    TelemetryBatch,
     Verdict,
 )
 from factorywatch.detector.registry import Registry
-from factorywatch.errors import DeadLetterReason, PayloadError
+from factorywatch.errors import PayloadError
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.envelope import outside_parts
 from factorywatch.model.fastforest import FlatForest
@@ -61,22 +58,6 @@ class Received:
     token: Any = None
 
 
-_OUT_OF_RANGE = frozenset({"greater_than_equal", "less_than_equal"})
-
-
-def _classify(exc: ValidationError) -> DeadLetterReason:
-    errors = exc.errors()
-    kinds = {err["type"] for err in errors}
-    if kinds & {"json_invalid", "json_type"}:
-        return "invalid_json"
-    if "finite_number" in kinds:
-        return "non_finite"
-    # Event time outside 2000..2100 is a clock problem (milliseconds, say), not a shape one.
-    if all(err["type"] in _OUT_OF_RANGE and err["loc"][-1:] == ("ts",) for err in errors):
-        return "clock_skew"
-    return "schema"
-
-
 def required_attributes(channels: Sequence[str]) -> tuple[str, ...]:
     """Attributes a model on ``channels`` needs: the AI4I preset's strain ratio needs the
     product type."""
@@ -95,7 +76,6 @@ class Decoder:
         max_future_skew_s: float = DEFAULT_MAX_FUTURE_SKEW_S,
         machines: frozenset[str] | None = None,
         registry: Registry | None = None,
-        clock: Clock = time.time,
         attributes: Sequence[str] | None = None,
         requirements: Requirements | None = None,
     ) -> None:
@@ -108,19 +88,23 @@ class Decoder:
         self.max_future_skew_s = max_future_skew_s
         self.machines = machines
         self.registry = registry
-        self.clock = clock
         #: per machine (and line): the channels and attributes its model needs, when machines
         #: are served by different models (the router); None: ``channels`` for every machine
         self.requirements = requirements
 
     def decode(self, msg: Received) -> Telemetry:
-        """Validate one message; the machine id in the topic is the one trusted."""
+        """Validate one message; the machine id in the topic is the one trusted.
+
+        Times are checked against ``msg.received_at`` (the receiver's clock at receipt).
+        """
         line, machine = self.topics.parse_telemetry(msg.topic)
-        _check_bytes(msg.payload, MAX_PAYLOAD_BYTES)
-        try:
-            reading = Telemetry.model_validate_json(msg.payload)
-        except ValidationError as exc:
-            raise PayloadError(_classify(exc), _summary(exc)) from None
+        reading = contracts.decode(
+            Telemetry,
+            msg.payload,
+            now=msg.received_at,
+            max_future_s=self.max_future_skew_s,
+            max_past_s=self.max_clock_skew_s,
+        )
         return self._check(reading, line, machine)
 
     def decode_batch(self, msg: Received) -> list[Telemetry | PayloadError]:
@@ -130,13 +114,12 @@ class Decoder:
         has one entry per reading, in order, either the reading or why it was rejected.
         """
         line, gateway = self.topics.parse_batch(msg.topic)
-        _check_bytes(msg.payload, MAX_BATCH_BYTES)
-        try:
-            readings: list[Telemetry | PayloadError] = list(
-                TelemetryBatch.model_validate_json(msg.payload).readings
-            )
-        except ValidationError as exc:
-            readings = _salvage(msg.payload, exc)
+        readings = contracts.decode_batch(
+            msg.payload,
+            now=msg.received_at,
+            max_future_s=self.max_future_skew_s,
+            max_past_s=self.max_clock_skew_s,
+        )
         return [
             r if isinstance(r, PayloadError) else self._checked(r, line, gateway) for r in readings
         ]
@@ -172,13 +155,6 @@ class Decoder:
                     f"{sender or reading.machine_id!r} may not send for "
                     f"{reading.line}/{reading.machine_id} (registry)",
                 )
-        skew = reading.ts - self.clock()
-        if skew > self.max_future_skew_s or -skew > self.max_clock_skew_s:
-            raise PayloadError(
-                "clock_skew",
-                f"timestamp is {skew:+.0f} s from now (max {self.max_future_skew_s:g} s ahead, "
-                f"{self.max_clock_skew_s:g} s behind)",
-            )
         channels: Sequence[str] = self.channels
         attributes: Sequence[str] = self.attributes
         if self.requirements is not None:
@@ -196,57 +172,12 @@ class Decoder:
         return reading
 
 
-def _check_bytes(payload: bytes, limit: int) -> None:
-    if not payload:
-        raise PayloadError("empty_payload", "zero-length payload")
-    if len(payload) > limit:
-        raise PayloadError("oversize", f"{len(payload)} bytes > {limit}")
-    try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PayloadError("not_utf8", str(exc)) from None
-
-
-def _salvage(payload: bytes, exc: ValidationError) -> list[Telemetry | PayloadError]:
-    """A batch failed validation: keep its good readings, name each bad one's reason."""
-    try:
-        # Plain json (NaN allowed here): a NaN reading is rejected alone, below.
-        document = json.loads(payload)
-    except (ValueError, RecursionError):
-        raise PayloadError(_classify(exc), _summary(exc)) from None
-    if not isinstance(document, dict):
-        raise PayloadError("schema", _summary(exc))
-    items = document.get("readings")
-    wrapper_ok = set(document) <= {"schema_version", "readings"} and document.get(
-        "schema_version", 1
-    ) in (1, 2)
-    if not wrapper_ok or not isinstance(items, list) or not 0 < len(items) <= MAX_BATCH_READINGS:
-        raise PayloadError("schema", _summary(exc))
-    out: list[Telemetry | PayloadError] = []
-    for index, item in enumerate(items):
-        try:
-            out.append(Telemetry.model_validate_json(json.dumps(item, allow_nan=True)))
-        except ValidationError as item_exc:
-            out.append(
-                PayloadError(_classify(item_exc), f"readings[{index}]: " + _summary(item_exc))
-            )
-    return out
-
-
-def _summary(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def dead_letter(msg: Received, error: PayloadError) -> DeadLetter:
     """The dead-letter record for a rejected message."""
     return DeadLetter(
         reason=error.reason,
-        detail=error.detail[:500],
-        topic=msg.topic,
+        detail=error.detail[:MAX_DETAIL],
+        topic=msg.topic[:MAX_TOPIC],
         payload_bytes=len(msg.payload),
         payload_excerpt=msg.payload[:200].decode("utf-8", errors="replace"),
         received_at=msg.received_at,

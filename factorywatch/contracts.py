@@ -11,17 +11,31 @@ type is one: ``{"product_type": "L"}``). Version 1 (``product_type`` at the top 
 channel names already canonical) is still accepted and normalised to the same in-memory
 shape: a version 2 reading.
 Scores have one direction everywhere: higher = more anomalous.
+
+Every field is bounded at the door (integers within signed 63 bits, string lengths, list and
+channel counts, finite floats, timestamps within a window of the receiver's time), and every
+consumer decodes with ``decode`` / ``decode_batch`` here, so no accepted message can break a
+store downstream (SQLite INTEGER, orjson, PostgreSQL BIGINT all stop at 2**63 - 1).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from factorywatch.channels import CHANNEL_PATTERN, ChannelNameError, canonical
-from factorywatch.errors import DeadLetterReason
+from factorywatch.errors import DeadLetterReason, PayloadError
 from factorywatch.topics import ID_PATTERN
 
 SCHEMA_VERSION: Final = 1
@@ -35,6 +49,16 @@ MAX_CHANNELS: Final = 64
 # Readings stamped further ahead of the detector's clock than this are dead-lettered
 # (clock_skew); FACTORYWATCH_DETECTOR_MAX_FUTURE_SKEW_S overrides it.
 DEFAULT_MAX_FUTURE_SKEW_S: Final = 300.0
+# Readings stamped further behind the receiver's clock than this are refused by default (the
+# detector's FACTORYWATCH_DETECTOR_MAX_CLOCK_SKEW_S, a persistent session's expiry).
+DEFAULT_MAX_PAST_SKEW_S: Final = 7 * 24 * 3600.0
+# The largest integer any store takes: SQLite INTEGER, PostgreSQL BIGINT, orjson (signed 64).
+MAX_INT: Final = 2**63 - 1
+MAX_ID_TEXT: Final = 128  # alert ids, model versions, client ids, feature names
+MAX_DETAIL: Final = 500  # a dead letter's detail, an operator's note
+MAX_EXCERPT: Final = 1000  # a dead letter's payload excerpt (200 bytes, each maybe U+FFFD)
+MAX_TOPIC: Final = 1024
+MAX_EXPLANATION: Final = 64
 # Event time must be Unix seconds: this window rejects milliseconds and nonsense early.
 MIN_TS: Final = 946_684_800.0  # 2000-01-01
 MAX_TS: Final = 4_102_444_800.0  # 2100-01-01
@@ -67,12 +91,25 @@ AnomalyKind = Literal[
 ]
 ANOMALY_KINDS: Final[tuple[str, ...]] = AnomalyKind.__args__  # type: ignore[attr-defined]
 EventTime = Annotated[float, Field(ge=MIN_TS, le=MAX_TS, description="Unix seconds")]
+#: A count or sequence number: what a signed 64-bit store column holds, never negative.
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+IdText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_TEXT)]
+W = TypeVar("W", bound="_Wire")
 
 
 class _Wire(BaseModel):
     """Base of every wire model: strict, frozen, no unknown keys, finite numbers only."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+    #: fields holding a time (Unix seconds) that must not lie ahead of the receiver's clock
+    times: ClassVar[tuple[str, ...]] = ()
+
+    def event_times(self) -> Iterator[tuple[str, float]]:
+        """``(field, value)`` of each time the message carries (``None`` ones left out)."""
+        for name in self.times:
+            value = getattr(self, name)
+            if value is not None:
+                yield name, value
 
     def encode(self) -> bytes:
         """Serialise to compact JSON bytes (never NaN or Infinity)."""
@@ -88,10 +125,11 @@ class Telemetry(_Wire):
     ``factorywatch.channels.canonical``; two names mapping to one channel are a schema error.
     """
 
+    times: ClassVar[tuple[str, ...]] = ("ts",)
     schema_version: Literal[2] = TELEMETRY_SCHEMA_VERSION
     machine_id: Identifier
     line: Identifier
-    seq: Annotated[int, Field(ge=0, description="per-machine sequence number, unique")]
+    seq: Annotated[Count, Field(description="per-machine sequence number, unique")]
     ts: EventTime
     readings: Annotated[dict[ChannelName, float], Field(min_length=1, max_length=MAX_CHANNELS)]
     attributes: Annotated[
@@ -175,7 +213,7 @@ class TelemetryBatch(_Wire):
 class Contribution(_Wire):
     """How much one feature pushed a reading away from the training distribution."""
 
-    feature: str
+    feature: IdText
     value: float
     z: float = Field(description="robust z-score of the value against training data")
 
@@ -183,8 +221,8 @@ class Contribution(_Wire):
 class Calibration(_Wire):
     """A calibrating machine's progress: ``seen`` of the ``needed`` readings collected."""
 
-    seen: Annotated[int, Field(ge=0)]
-    needed: Annotated[int, Field(ge=1)]
+    seen: Count
+    needed: Annotated[Count, Field(ge=1)]
     fitting: bool = Field(
         default=False, description="all readings collected; the model is being fitted"
     )
@@ -193,11 +231,12 @@ class Calibration(_Wire):
 class Verdict(_Wire):
     """The detector's decision on one reading."""
 
+    times: ClassVar[tuple[str, ...]] = ("reading_ts",)
     schema_version: Literal[1] = SCHEMA_VERSION
     machine_id: Identifier
     line: Identifier
-    seq: int
-    reading_ts: float
+    seq: Count
+    reading_ts: EventTime
     status: Status
     score: float = Field(
         description="Isolation Forest anomaly score s(x) in (0, 1]; higher = more anomalous"
@@ -205,14 +244,16 @@ class Verdict(_Wire):
     threshold: float = Field(
         description="status is ALERT when score > threshold, or when outside_training is set"
     )
-    model_version: str
+    model_version: IdText
     latency_ms: float = Field(description="receive-to-publish processing time in the detector")
-    explanation: list[Contribution] | None = None
-    outside_training: list[ChannelName] | None = Field(
-        default=None,
-        description="channels (or temp_diff_k, process minus air temperature) whose value lies "
-        "outside the range the model was trained on (model.envelope): an ALERT whatever "
-        "the score",
+    explanation: Annotated[list[Contribution], Field(max_length=MAX_EXPLANATION)] | None = None
+    outside_training: Annotated[list[ChannelName], Field(max_length=MAX_CHANNELS + 1)] | None = (
+        Field(
+            default=None,
+            description="channels (or temp_diff_k, process minus air temperature) whose value lies "
+            "outside the range the model was trained on (model.envelope): an ALERT whatever "
+            "the score",
+        )
     )
     calibration: Calibration | None = Field(
         default=None,
@@ -224,24 +265,26 @@ class Verdict(_Wire):
 class DeadLetter(_Wire):
     """A payload the detector could not accept, with a machine-readable reason."""
 
+    times: ClassVar[tuple[str, ...]] = ("received_at",)
     schema_version: Literal[1] = SCHEMA_VERSION
     reason: DeadLetterReason
-    detail: str
-    topic: str
-    payload_bytes: int
-    payload_excerpt: str
-    received_at: float
+    detail: Annotated[str, StringConstraints(max_length=MAX_DETAIL)]
+    topic: Annotated[str, StringConstraints(max_length=MAX_TOPIC)]
+    payload_bytes: Count
+    payload_excerpt: Annotated[str, StringConstraints(max_length=MAX_EXCERPT)]
+    received_at: EventTime
 
 
 class ClientStatus(_Wire):
     """Retained liveness of a client; the broker publishes ``offline`` as its last will."""
 
+    times: ClassVar[tuple[str, ...]] = ("ts",)
     schema_version: Literal[1] = SCHEMA_VERSION
-    role: str
-    client_id: str
+    role: IdText
+    client_id: IdText
     state: Literal["online", "offline"]
-    ts: float | None = None
-    model_version: str | None = None
+    ts: EventTime | None = None
+    model_version: IdText | None = None
 
 
 # -- the alert lifecycle (detector/alerting.py decides, the detector shell publishes) --------
@@ -255,7 +298,9 @@ OfflineReason = Literal["silence", "last_will"]
 OperatorName = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
-OperatorNote = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00-\x1f\x7f]*$")]
+OperatorNote = Annotated[
+    str, StringConstraints(max_length=MAX_DETAIL, pattern=r"^[^\x00-\x1f\x7f]*$")
+]
 
 
 class AlertEvent(_Wire):
@@ -266,15 +311,16 @@ class AlertEvent(_Wire):
     alert, ``MACHINE_OFFLINE`` / ``MACHINE_ONLINE`` when readings stop / resume.
     """
 
+    times: ClassVar[tuple[str, ...]] = ("at",)
     schema_version: Literal[1] = SCHEMA_VERSION
     machine_id: Identifier
     line: Identifier
     event: AlertEventKind
     at: EventTime = Field(description="when the detector decided it (Unix seconds, its clock)")
-    seq: int | None = Field(
+    seq: Count | None = Field(
         default=None, description="seq of the reading that triggered it; None for ack/offline"
     )
-    alert_id: str | None = Field(
+    alert_id: IdText | None = Field(
         default=None, description="the alert episode this concerns (None when none is open)"
     )
     peak_score: float | None = Field(
@@ -286,10 +332,10 @@ class AlertEvent(_Wire):
         description="RAISED: 0; CLEARED/ACKNOWLEDGED: how long the alert has been open; "
         "MACHINE_OFFLINE: seconds since the last reading; MACHINE_ONLINE: seconds offline",
     )
-    anomalous_in_window: int | None = Field(
-        default=None, ge=0, description="anomalous readings among the last n when it happened"
+    anomalous_in_window: Count | None = Field(
+        default=None, description="anomalous readings among the last n when it happened"
     )
-    explanation: list[Contribution] | None = Field(
+    explanation: Annotated[list[Contribution], Field(max_length=MAX_EXPLANATION)] | None = Field(
         default=None, description="the features that drove the peak-score reading"
     )
     acknowledged_by: OperatorName | None = None
@@ -302,6 +348,7 @@ class AlertEvent(_Wire):
 class MachineState(_Wire):
     """The current alert state of one machine, retained on its ``state`` topic."""
 
+    times: ClassVar[tuple[str, ...]] = ("since", "last_seen", "alert_since")
     schema_version: Literal[1] = SCHEMA_VERSION
     machine_id: Identifier
     line: Identifier
@@ -310,21 +357,21 @@ class MachineState(_Wire):
     last_seen: EventTime | None = Field(
         default=None, description="detector clock at the last accepted reading"
     )
-    last_seq: int | None = None
+    last_seq: Count | None = None
     last_score: float | None = None
-    alert_id: str | None = Field(
+    alert_id: IdText | None = Field(
         default=None, description="the open alert; stays set while the machine is OFFLINE"
     )
     alert_since: EventTime | None = None
     acknowledged: bool = False
     acknowledged_by: OperatorName | None = None
     peak_score: float | None = Field(default=None, description="peak score of the open alert")
-    explanation: list[Contribution] | None = Field(
+    explanation: Annotated[list[Contribution], Field(max_length=MAX_EXPLANATION)] | None = Field(
         default=None, description="the features that drove the open alert's peak reading"
     )
-    anomalous_in_window: int = Field(default=0, ge=0)
-    window_size: int = Field(ge=1, description="n: how many recent readings the window holds")
-    alerts_raised: int = Field(default=0, ge=0, description="alerts raised since detector start")
+    anomalous_in_window: Count = 0
+    window_size: Count = Field(ge=1, description="n: how many recent readings the window holds")
+    alerts_raised: Count = Field(default=0, description="alerts raised since detector start")
 
 
 class AckCommand(_Wire):
@@ -334,7 +381,7 @@ class AckCommand(_Wire):
     machine_id: Identifier
     by: OperatorName
     note: OperatorNote | None = None
-    alert_id: str | None = Field(
+    alert_id: IdText | None = Field(
         default=None,
         description="acknowledge only this alert: a late ack for an alert that has already "
         "cleared then cannot acknowledge a newer one",
@@ -352,10 +399,163 @@ class FeedbackCommand(_Wire):
     normal training data); ``confirmed``: a real fault. The latest label of an alert wins.
     """
 
+    times: ClassVar[tuple[str, ...]] = ("at",)
     schema_version: Literal[1] = SCHEMA_VERSION
     machine_id: Identifier
-    alert_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    alert_id: IdText
     label: FeedbackLabel
     by: OperatorName
     at: EventTime = Field(description="when the operator gave it (Unix seconds)")
     note: OperatorNote | None = None
+
+
+# -- the one decoder every consumer uses ------------------------------------------------------
+_OUT_OF_RANGE: Final = frozenset({"greater_than_equal", "less_than_equal"})
+_TIME_FIELDS: Final = frozenset(
+    {"ts", "at", "reading_ts", "since", "last_seen", "alert_since", "received_at"}
+)
+
+
+def check_bytes(payload: bytes, limit: int) -> None:
+    """Refuse an empty, oversize or non-UTF-8 payload before parsing it."""
+    if not payload:
+        raise PayloadError("empty_payload", "zero-length payload")
+    if len(payload) > limit:
+        raise PayloadError("oversize", f"{len(payload)} bytes > {limit}")
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError("not_utf8", str(exc)) from None
+
+
+def classify(exc: ValidationError) -> DeadLetterReason:
+    """The dead-letter reason of a validation failure."""
+    errors = exc.errors()
+    kinds = {err["type"] for err in errors}
+    if kinds & {"json_invalid", "json_type"}:
+        return "invalid_json"
+    if "finite_number" in kinds:
+        return "non_finite"
+    # A time outside 2000..2100 is a clock problem (milliseconds, say), not a shape one.
+    if all(
+        err["type"] in _OUT_OF_RANGE and (err["loc"] or ("",))[-1] in _TIME_FIELDS for err in errors
+    ):
+        return "clock_skew"
+    return "schema"
+
+
+def summary(exc: ValidationError) -> str:
+    """The first few validation errors on one line."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def check_time(
+    name: str, ts: float, now: float, *, max_future_s: float, max_past_s: float | None
+) -> None:
+    """Refuse a time further than ``max_future_s`` ahead of ``now`` (or ``max_past_s`` behind)."""
+    skew = ts - now
+    if skew > max_future_s or (max_past_s is not None and -skew > max_past_s):
+        behind = "" if max_past_s is None else f", {max_past_s:g} s behind"
+        raise PayloadError(
+            "clock_skew",
+            f"{name} is {skew:+.0f} s from the receiver's clock (max {max_future_s:g} s ahead"
+            f"{behind})",
+        )
+
+
+def check_times(
+    message: _Wire, now: float, *, max_future_s: float, max_past_s: float | None
+) -> None:
+    """``check_time`` on every time ``message`` carries."""
+    for name, value in message.event_times():
+        check_time(name, value, now, max_future_s=max_future_s, max_past_s=max_past_s)
+
+
+def decode(
+    model: type[W],
+    payload: bytes,
+    *,
+    now: float,
+    limit: int = MAX_PAYLOAD_BYTES,
+    max_future_s: float = DEFAULT_MAX_FUTURE_SKEW_S,
+    max_past_s: float | None = None,
+) -> W:
+    """One message as ``model``, every bound checked; ``PayloadError`` with a reason if not.
+
+    ``now`` is the receiver's clock (the caller reads it: this function stays pure). Times
+    may lie at most ``max_future_s`` ahead of it and, if given, ``max_past_s`` behind it.
+    """
+    check_bytes(payload, limit)
+    try:
+        message = model.model_validate_json(payload)
+    except ValidationError as exc:
+        raise PayloadError(classify(exc), summary(exc)) from None
+    except RecursionError:
+        raise PayloadError("invalid_json", "nesting too deep") from None
+    check_times(message, now, max_future_s=max_future_s, max_past_s=max_past_s)
+    return message
+
+
+def decode_batch(
+    payload: bytes,
+    *,
+    now: float,
+    max_future_s: float = DEFAULT_MAX_FUTURE_SKEW_S,
+    max_past_s: float | None = DEFAULT_MAX_PAST_SKEW_S,
+) -> list[Telemetry | PayloadError]:
+    """A gateway's batch: each reading, or why it was refused, in order.
+
+    A payload that is not a batch at all raises ``PayloadError``; one bad reading never
+    costs the others their place.
+    """
+    check_bytes(payload, MAX_BATCH_BYTES)
+    try:
+        items: list[Telemetry | PayloadError] = list(
+            TelemetryBatch.model_validate_json(payload).readings
+        )
+    except ValidationError as exc:
+        items = _salvage(payload, exc)
+    return [
+        _timely(index, item, now, max_future_s, max_past_s) if isinstance(item, Telemetry) else item
+        for index, item in enumerate(items)
+    ]
+
+
+def _timely(
+    index: int, reading: Telemetry, now: float, max_future_s: float, max_past_s: float | None
+) -> Telemetry | PayloadError:
+    try:
+        check_times(reading, now, max_future_s=max_future_s, max_past_s=max_past_s)
+    except PayloadError as error:
+        return PayloadError(error.reason, f"readings[{index}]: {error.detail}")
+    return reading
+
+
+def _salvage(payload: bytes, exc: ValidationError) -> list[Telemetry | PayloadError]:
+    """A batch failed validation: keep its good readings, name each bad one's reason."""
+    try:
+        # Plain json (NaN allowed here): a NaN reading is rejected alone, below.
+        document = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise PayloadError(classify(exc), summary(exc)) from None
+    if not isinstance(document, dict):
+        raise PayloadError("schema", summary(exc))
+    items = document.get("readings")
+    wrapper_ok = set(document) <= {"schema_version", "readings"} and document.get(
+        "schema_version", 1
+    ) in (1, 2)
+    if not wrapper_ok or not isinstance(items, list) or not 0 < len(items) <= MAX_BATCH_READINGS:
+        raise PayloadError("schema", summary(exc))
+    out: list[Telemetry | PayloadError] = []
+    for index, item in enumerate(items):
+        try:
+            out.append(Telemetry.model_validate_json(json.dumps(item, allow_nan=True)))
+        except ValidationError as item_exc:
+            out.append(PayloadError(classify(item_exc), f"readings[{index}]: " + summary(item_exc)))
+        except RecursionError:
+            out.append(PayloadError("invalid_json", f"readings[{index}]: nesting too deep"))
+    return out

@@ -10,7 +10,8 @@ What is done with the rows read (episodes, training rows) is :mod:`factorywatch.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -19,7 +20,13 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.dialects import postgresql, sqlite
 
-from factorywatch.contracts import AlertEvent, FeedbackCommand, Telemetry, Verdict
+from factorywatch.contracts import (
+    DEFAULT_MAX_FUTURE_SKEW_S,
+    AlertEvent,
+    FeedbackCommand,
+    Telemetry,
+    Verdict,
+)
 from factorywatch.errors import FactorywatchError
 from factorywatch.history import Episode, episodes, training_rows, write_ai4i_csv
 
@@ -127,7 +134,9 @@ class HistoryStore:
             )
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url)
+        # pre-ping: a connection the server dropped (a PostgreSQL restart) is replaced before
+        # use instead of failing the next write.
+        self.engine = sa.create_engine(url, pool_pre_ping=True)
         self.dialect = self.engine.dialect.name
         self.schema = schema
         self._metadata = sa.MetaData(schema=schema)
@@ -163,6 +172,42 @@ class HistoryStore:
         """Release the connection pool."""
         self.engine.dispose()
 
+    def check_writable(self) -> None:
+        """Raise ``HistoryError`` unless a row can be written (read-only file or role, a
+        full disk): the recorder asks at start, not at its first flush."""
+        t = self._t["feedback"]
+        probe = {
+            "machine_id": "-",
+            "line": "-",
+            "alert_id": "-",
+            "label": "-",
+            "by": "-",
+            "at": 0.0,
+        }
+        with self._unreachable("not writable"), self.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                conn.execute(sa.insert(t).values(probe))
+            finally:
+                transaction.rollback()
+
+    @contextmanager
+    def _unreachable(self, what: str) -> Iterator[None]:
+        """A lost connection or an unwritable database as ``HistoryError`` (the caller keeps
+        its data and tries again later); any other error is about the data and passes."""
+        try:
+            yield
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            safe = self.engine.url.render_as_string(hide_password=True)
+            raise HistoryError(
+                f"history database {safe} {what}: {getattr(exc, 'orig', None) or exc}"
+            ) from exc
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            safe = self.engine.url.render_as_string(hide_password=True)
+            raise HistoryError(f"history database {safe} {what}: connection lost") from exc
+
     # -- writing (idempotent) ----------------------------------------------------------------
     def _insert(
         self, table: str, rows: list[dict[str, Any]], *, upsert: Sequence[str] = ()
@@ -181,7 +226,7 @@ class HistoryStore:
             )
         else:
             stmt = stmt.on_conflict_do_nothing(index_elements=[c.name for c in unique.columns])
-        with self.engine.begin() as conn:
+        with self._unreachable("unavailable"), self.engine.begin() as conn:
             conn.execute(stmt)
 
     def add_events(self, events: Sequence[AlertEvent]) -> None:
@@ -262,16 +307,22 @@ class HistoryStore:
         )
 
     def prune(self, now: float, *, retention_days: float, readings_retention_days: float) -> int:
-        """Delete what is older than the retention; return how many rows went."""
+        """Delete what is older than the retention, and what is stamped further ahead of
+        ``now`` than the door lets in (rows a clock in the future wrote before the bound
+        existed would otherwise outlive every retention); return how many rows went."""
         cut, rcut = now - retention_days * 86400, now - readings_retention_days * 86400
+        ahead = now + DEFAULT_MAX_FUTURE_SKEW_S
         t = self._t
-        with self.engine.begin() as conn:
-            gone = conn.execute(sa.delete(t["events"]).where(t["events"].c.at < cut)).rowcount
-            gone += conn.execute(
-                sa.delete(t["verdicts"]).where(t["verdicts"].c.reading_ts < cut)
-            ).rowcount
-            gone += conn.execute(sa.delete(t["feedback"]).where(t["feedback"].c.at < cut)).rowcount
-            gone += conn.execute(sa.delete(t["readings"]).where(t["readings"].c.ts < rcut)).rowcount
+        gone = 0
+        with self._unreachable("unavailable"), self.engine.begin() as conn:
+            for table, column, oldest in (
+                ("events", "at", cut),
+                ("verdicts", "reading_ts", cut),
+                ("feedback", "at", cut),
+                ("readings", "ts", rcut),
+            ):
+                c = t[table].c[column]
+                gone += conn.execute(sa.delete(t[table]).where((c < oldest) | (c > ahead))).rowcount
         return int(gone)
 
     # -- reading -----------------------------------------------------------------------------

@@ -27,9 +27,10 @@ from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 import structlog
-from pydantic import Field, ValidationError
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from factorywatch import contracts
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import AlertEvent, MachineState
 from factorywatch.errors import BrokerError, PayloadError
@@ -201,6 +202,7 @@ class Notifier:
         self.book = AlertBook(parse_labels(settings.labels), settings.web_url)
         self.sent = 0
         self.failures = 0
+        self.rejected = 0
         self._inbox: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
         self._subscribed = threading.Event()
         self._refused: str | None = None
@@ -237,15 +239,18 @@ class Notifier:
             if not payload:
                 return []
             if leaf == "event":
-                event = AlertEvent.model_validate_json(payload)
+                event = contracts.decode(AlertEvent, payload, now=now)
                 if (event.line, event.machine_id) == (line, machine):
                     return self.book.on_event(event)
             elif leaf == "state" and retained:
-                state = MachineState.model_validate_json(payload)
+                state = contracts.decode(MachineState, payload, now=now)
                 if (state.line, state.machine_id) == (line, machine):
                     return self.book.on_state(state, now)
-        except (PayloadError, ValidationError) as exc:
-            log.warning("notify_message_rejected", topic=topic, error=str(exc)[:200])
+        except PayloadError as exc:
+            self.rejected += 1
+            log.warning(
+                "notify_message_rejected", topic=topic, reason=exc.reason, error=str(exc)[:200]
+            )
         return []
 
     def _post(self, alerts: list[dict[str, Any]]) -> None:

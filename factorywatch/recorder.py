@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 import structlog
-from pydantic import ValidationError
 
+from factorywatch import contracts
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import (
-    MAX_BATCH_BYTES,
+    DEFAULT_MAX_PAST_SKEW_S,
     AlertEvent,
     FeedbackCommand,
     Telemetry,
-    TelemetryBatch,
     Verdict,
 )
 from factorywatch.errors import BrokerError, PayloadError
-from factorywatch.history_store import HistorySettings, HistoryStore
+from factorywatch.history_store import HistoryError, HistorySettings, HistoryStore
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 
@@ -35,6 +36,8 @@ log = structlog.get_logger("factorywatch.recorder")
 
 FLUSH_EVERY_S: Final = 0.5
 PRUNE_EVERY_S: Final = 3600.0
+RETRY_MIN_S: Final = 1.0
+RETRY_MAX_S: Final = 30.0
 SESSION_EXPIRY_S: Final = 7 * 24 * 3600
 
 
@@ -51,23 +54,40 @@ class Pending:
     def __len__(self) -> int:
         return len(self.acks)
 
+    def extend(self, later: Pending) -> None:
+        """Append ``later``'s messages after this one's."""
+        self.events += later.events
+        self.verdicts += later.verdicts
+        self.readings += later.readings
+        self.feedback += later.feedback
+        self.acks += later.acks
+
+
+def _describe(row: Any) -> str:
+    """Which row it was, for the log (machine and seq or alert id)."""
+    if isinstance(row, (Telemetry, Verdict, AlertEvent)):
+        return f"{row.machine_id}:{row.seq}"
+    if isinstance(row, FeedbackCommand):
+        return f"{row.machine_id}:{row.alert_id}"
+    return type(row).__name__
+
 
 def decode(
-    topics: Topics, topic: str, payload: bytes
-) -> AlertEvent | Verdict | FeedbackCommand | list[Telemetry] | None:
+    topics: Topics, topic: str, payload: bytes, now: float
+) -> AlertEvent | Verdict | FeedbackCommand | list[Telemetry | PayloadError] | None:
     """One message of the subscribed trees as a contract, ``None`` if not one we keep.
 
-    Raises ``PayloadError`` / ``ValidationError`` for what is malformed.
+    Every bound of the wire contracts is checked (``contracts.decode``) against ``now``, the
+    recorder's clock at receipt. A batch gives each reading of the topic's line, or why it
+    was refused. Raises ``PayloadError`` for a message unusable whole.
     """
-    if len(payload) > MAX_BATCH_BYTES:
-        raise PayloadError("oversize", f"{len(payload)} bytes")
     if topic.startswith(f"{topics.root}/alerts/"):
         line, machine, leaf = topics.parse_alert(topic)
         msg: AlertEvent | Verdict
         if leaf == "event":
-            msg = AlertEvent.model_validate_json(payload)
+            msg = contracts.decode(AlertEvent, payload, now=now)
         elif leaf == "verdict":
-            msg = Verdict.model_validate_json(payload)
+            msg = contracts.decode(Verdict, payload, now=now)
             if msg.status != "ALERT":
                 return None
         else:
@@ -77,16 +97,16 @@ def decode(
         return msg
     if topic.startswith(f"{topics.root}/commands/"):
         line, machine = topics.parse_feedback(topic)
-        cmd = FeedbackCommand.model_validate_json(payload)
+        cmd = contracts.decode(FeedbackCommand, payload, now=now)
         if cmd.machine_id != machine:
             raise PayloadError("topic_mismatch", topic)
         return cmd
     if topic.startswith(f"{topics.root}/batch/"):
         line, _gateway = topics.parse_batch(topic)
-        batch = TelemetryBatch.model_validate_json(payload)
-        return [r for r in batch.readings if r.line == line]
+        items = contracts.decode_batch(payload, now=now)
+        return [r for r in items if isinstance(r, PayloadError) or r.line == line]
     line, machine = topics.parse_telemetry(topic)
-    reading = Telemetry.model_validate_json(payload)
+    reading = contracts.decode(Telemetry, payload, now=now, max_past_s=DEFAULT_MAX_PAST_SKEW_S)
     if (reading.line, reading.machine_id) != (line, machine):
         raise PayloadError("topic_mismatch", topic)
     return [reading]
@@ -143,12 +163,15 @@ class Recorder:
         log.info("history_subscribed", filters=self.filters, refused=self._refused)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        ack = (msg.mid, msg.qos)
+        self.receive(msg.topic, bytes(msg.payload), (msg.mid, msg.qos), time.time())
+
+    def receive(self, topic: str, payload: bytes, ack: tuple[int, int], now: float) -> None:
+        """Decode one message into the pending transaction (refused ones are logged, and
+        acknowledged with it: a message that can never be stored must not come back)."""
         try:
-            decoded = decode(self.topics, msg.topic, bytes(msg.payload))
-        except (PayloadError, ValidationError, ValueError) as exc:
-            self.rejected += 1
-            log.warning("history_message_rejected", topic=msg.topic, error=str(exc)[:200])
+            decoded = decode(self.topics, topic, payload, now)
+        except (PayloadError, ValueError) as exc:
+            self._refuse(topic, exc)
             decoded = None
         with self._lock:
             p = self._pending
@@ -157,27 +180,41 @@ class Recorder:
             elif isinstance(decoded, Verdict):
                 p.verdicts.append(decoded)
             elif isinstance(decoded, FeedbackCommand):
-                p.feedback.append((self.topics.parse_feedback(msg.topic)[0], decoded))
+                p.feedback.append((self.topics.parse_feedback(topic)[0], decoded))
             elif isinstance(decoded, list):
-                p.readings.extend(decoded)
+                for item in decoded:
+                    if isinstance(item, PayloadError):
+                        self._refuse(topic, item)
+                    else:
+                        p.readings.append(item)
             p.acks.append(ack)
 
+    def _refuse(self, topic: str, error: Exception) -> None:
+        self.rejected += 1
+        reason = error.reason if isinstance(error, PayloadError) else "schema"
+        log.warning("history_message_rejected", topic=topic, reason=reason, error=str(error)[:200])
+
     def flush(self) -> int:
-        """Commit what is pending in one go, then acknowledge it to the broker."""
+        """Commit what is pending, then acknowledge it to the broker.
+
+        A row the database refuses (any error but a lost connection) is logged and skipped,
+        the rest of its batch stored. A lost or read-only database raises ``HistoryError``
+        with nothing acknowledged: the pending messages wait for the next flush.
+        """
         with self._lock:
             batch, self._pending = self._pending, Pending()
         if not batch:
             return 0
-        self.store.add_events(batch.events)
-        self.store.add_verdicts(batch.verdicts)
-        self.store.add_readings(batch.readings)
-        for line in {line for line, _ in batch.feedback}:
-            self.store.add_feedback(line, [c for ln, c in batch.feedback if ln == line])
+        try:
+            stored = self._store(batch)
+        except HistoryError:
+            with self._lock:
+                later, self._pending = self._pending, batch
+                self._pending.extend(later)
+            raise
         for mid, qos in batch.acks:
             if qos > 0:
                 self._client.ack(mid, qos)
-        stored = len(batch.events) + len(batch.verdicts) + len(batch.readings)
-        stored += len(batch.feedback)
         self.stored += stored
         if batch.events or batch.feedback:
             log.info(
@@ -189,8 +226,46 @@ class Recorder:
             )
         return stored
 
+    def _store(self, batch: Pending) -> int:
+        """Write each kind in one go; a kind the database refuses is written row by row."""
+        stored = 0
+        feedback_lines = sorted({line for line, _ in batch.feedback})
+        writes: list[tuple[str, Callable[[Sequence[Any]], None], Sequence[Any]]] = [
+            ("event", self.store.add_events, batch.events),
+            ("verdict", self.store.add_verdicts, batch.verdicts),
+            ("reading", self.store.add_readings, batch.readings),
+        ]
+        for line in feedback_lines:
+            commands = [c for ln, c in batch.feedback if ln == line]
+            writes.append(("feedback", partial(self.store.add_feedback, line), commands))
+        for kind, write, rows in writes:
+            if not rows:
+                continue
+            try:
+                write(rows)
+                stored += len(rows)
+                continue
+            except HistoryError:
+                raise
+            except Exception as exc:  # any refusal of the data: find the bad row
+                log.warning(
+                    "history_batch_refused", kind=kind, rows=len(rows), error=str(exc)[:200]
+                )
+            for row in rows:
+                try:
+                    write([row])
+                    stored += 1
+                except HistoryError:
+                    raise
+                except Exception as exc:  # the poison-message rule: log it, go on
+                    self.rejected += 1
+                    log.error(
+                        "history_row_refused", kind=kind, row=_describe(row), error=str(exc)[:200]
+                    )
+        return stored
+
     def prune(self) -> int:
-        """Apply the retention now."""
+        """Apply the retention now (a lost database: ``HistoryError``)."""
         gone = self.store.prune(
             time.time(),
             retention_days=self.history.retention_days,
@@ -200,7 +275,14 @@ class Recorder:
         return gone
 
     def run(self, stop: threading.Event) -> None:
-        """Record until ``stop``; raises ``BrokerError`` if the subscription is refused."""
+        """Record until ``stop``.
+
+        Raises ``HistoryError`` if the database cannot be written at start, ``BrokerError``
+        if the subscription is refused. A database lost later is retried with a backoff
+        (``RETRY_MIN_S`` doubling to ``RETRY_MAX_S``); meanwhile nothing is acknowledged, so
+        the broker keeps the readings until they are stored.
+        """
+        self.store.check_writable()
         fwmqtt.connect(
             self._client, self.broker, self._waiter, persistent_session_s=SESSION_EXPIRY_S
         )
@@ -208,13 +290,29 @@ class Recorder:
             if not self._subscribed.wait(10) or self._refused:
                 raise BrokerError(f"history subscription refused ({self._refused or 'no SUBACK'})")
             next_prune = time.monotonic()
-            while not stop.wait(FLUSH_EVERY_S):
-                self.flush()
-                if time.monotonic() >= next_prune:
-                    self.prune()
+            wait = FLUSH_EVERY_S
+            while not stop.wait(wait):
+                wait = self._turn(wait)
+                if wait == FLUSH_EVERY_S and time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_EVERY_S
-            self.flush()
+                    try:
+                        self.prune()
+                    except HistoryError as exc:  # the next flush notices and backs off
+                        log.error("history_prune_failed", error=str(exc)[:300])
+            self._turn(wait)
         finally:
             self._client.disconnect()
             self._client.loop_stop()
             log.info("history_recorder_stopped", stored=self.stored, rejected=self.rejected)
+
+    def _turn(self, wait: float) -> float:
+        """One flush; the wait before the next (backing off while the database is lost)."""
+        try:
+            self.flush()
+        except HistoryError as exc:
+            wait = RETRY_MIN_S if wait == FLUSH_EVERY_S else min(wait * 2, RETRY_MAX_S)
+            log.error("history_write_failed", error=str(exc)[:300], retry_in_s=wait)
+            return wait
+        if wait != FLUSH_EVERY_S:
+            log.info("history_write_resumed")
+        return FLUSH_EVERY_S

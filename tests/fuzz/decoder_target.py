@@ -43,7 +43,6 @@ _DECODERS: Final = tuple(
         max_clock_skew_s=PAST_S,
         max_future_skew_s=FUTURE_S,
         registry=registry,
-        clock=lambda: NOW,
     )
     for registry in (None, REGISTRY)
 )

@@ -33,7 +33,6 @@ DECODER = Decoder(
     channels=AI4I_CHANNELS,
     max_clock_skew_s=SKEW,
     max_future_skew_s=SKEW,
-    clock=lambda: NOW,
 )
 
 json_values = st.recursive(

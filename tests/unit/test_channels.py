@@ -159,9 +159,7 @@ TOPICS = Topics()
 
 def test_decoder_checks_mapped_channel_names() -> None:
     """A model on mapped channels accepts a v2 reading with the raw tag names."""
-    decoder = Decoder(
-        TOPICS, channels=["accelerometer1_rms", "flow_rate"], max_clock_skew_s=60, clock=lambda: TS
-    )
+    decoder = Decoder(TOPICS, channels=["accelerometer1_rms", "flow_rate"], max_clock_skew_s=60)
     assert _decode(decoder, v2()).readings["flow_rate"] == 32.1
     with pytest.raises(PayloadError, match="flow_rate") as info:
         _decode(decoder, v2(readings={"Accelerometer1RMS": 0.2}))
@@ -170,7 +168,7 @@ def test_decoder_checks_mapped_channel_names() -> None:
 
 def test_ai4i_model_needs_the_product_type_attribute() -> None:
     """A v2 reading without product_type is refused by a decoder for an AI4I model."""
-    decoder = Decoder(TOPICS, channels=["torque_nm"], max_clock_skew_s=60, clock=lambda: TS)
+    decoder = Decoder(TOPICS, channels=["torque_nm"], max_clock_skew_s=60)
     with pytest.raises(PayloadError, match="product_type") as info:
         _decode(decoder, v2(readings={"torque_nm": 40.0}))
     assert info.value.reason == "missing_channel"

@@ -51,7 +51,6 @@ def decoder(machines: frozenset[str] | None = None) -> Decoder:
         max_clock_skew_s=SKEW,
         max_future_skew_s=SKEW,
         machines=machines,
-        clock=lambda: NOW,
     )
 
 

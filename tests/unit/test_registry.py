@@ -50,7 +50,6 @@ def decoder(registry: Registry | None = None, **kwargs: Any) -> Decoder:
         channels=AI4I_CHANNELS,
         max_clock_skew_s=7 * 86400.0,
         registry=registry,
-        clock=lambda: NOW,
         **kwargs,
     )
 
