@@ -295,7 +295,10 @@ class Engine:
             else:
                 self._score(pending, now)
                 pending = []
-                self._control(outcome, now)
+                try:
+                    self._control(outcome, now)
+                except Exception as exc:  # the poison-message rule: one message never stops us
+                    self._reject(outcome, _poisoned("handling", exc))
         self._score(pending, now)
         return outcomes
 
@@ -305,6 +308,10 @@ class Engine:
         except PayloadError as error:
             outcome.readings += 1
             self._reject(outcome, error)
+            items = []
+        except Exception as exc:  # the poison-message rule: one message never stops us
+            outcome.readings += 1
+            self._reject(outcome, _poisoned("decoding", exc))
             items = []
         if self.extra_ingests:
             self._ingest_effects(outcome, pending, now)
@@ -382,7 +389,7 @@ class Engine:
         )
         for chosen, part_items in parts.values():
             if chosen.model is None:
-                self._calibrate(part_items, now)
+                self._calibrate_each(part_items, now)
             elif chosen.key in stacked:
                 verdicts, windows = stacked[chosen.key]
                 self._settle(chosen.key, chosen.model, part_items, verdicts, windows, now)
@@ -409,7 +416,23 @@ class Engine:
         if len(parts) < 2 or not self.settings.stack_routes:
             return {}
         windows = [self._windows(items) for _, items in parts]
-        verdicts = score_parts(
+        try:
+            verdicts = self._score_parts(parts, windows)
+        except Exception:  # the poison-message rule: each route is then scored alone
+            return {}
+        return {
+            route.key: (part_verdicts, part_windows)
+            for (route, _), part_verdicts, part_windows in zip(
+                parts, verdicts, windows, strict=True
+            )
+        }
+
+    def _score_parts(
+        self,
+        parts: list[tuple[Route, list[tuple[Reading, Outcome]]]],
+        windows: list[dict[str, dict[str, Any]]],
+    ) -> list[list[Verdict]]:
+        return score_parts(
             [
                 Part(
                     model=route.model,  # type: ignore[arg-type] # stackable: a model
@@ -422,25 +445,27 @@ class Engine:
             self._stack,
             explain_top_k=self.settings.explain_top_k,
         )
-        return {
-            route.key: (part_verdicts, part_windows)
-            for (route, _), part_verdicts, part_windows in zip(
-                parts, verdicts, windows, strict=True
-            )
-        }
 
     def _score_with(
         self, key: str, model: LoadedModel, items: list[tuple[Reading, Outcome]], now: float
     ) -> None:
         """Score readings that all route to ``model`` (route ``key``) in one call."""
         windows = self._windows(items) if model.pipeline is not None else None
-        verdicts = score(
-            model,
-            [reading.telemetry for reading, _ in items],
-            [outcome.message.received_perf for _, outcome in items],
-            explain_top_k=self.settings.explain_top_k,
-            states=windows,
-        )
+        try:
+            verdicts = score(
+                model,
+                [reading.telemetry for reading, _ in items],
+                [outcome.message.received_perf for _, outcome in items],
+                explain_top_k=self.settings.explain_top_k,
+                states=windows,
+            )
+        except Exception as exc:  # the poison-message rule: find the reading, score the rest
+            if len(items) == 1:
+                self._reject(items[0][1], _poisoned("scoring", exc))
+                return
+            for item in items:
+                self._score_with(key, model, [item], now)
+            return
         self._settle(key, model, items, verdicts, windows, now)
 
     def _settle(  # noqa: PLR0917 - one route's verdicts and what they act on
@@ -464,20 +489,34 @@ class Engine:
         version = model.version
         observe = self.tracker.observe
         for verdict, (reading, outcome) in zip(verdicts, items, strict=True):
+            try:
+                payload = verdict.encode()
+                events = observe(
+                    verdict, now, clear_below, identity=reading.identity, digest=reading.digest
+                )
+            except Exception as exc:  # the poison-message rule: this reading alone is refused
+                self._reject(outcome, _poisoned("settling", exc))
+                continue
             outcome.publishes.append(
-                Publish(self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode())
+                Publish(self.topics.verdict(verdict.line, verdict.machine_id), payload)
             )
             outcome.verdicts.append(verdict)
             outcome.answered.append((reading.identity, reading.digest))
-            events = observe(
-                verdict, now, clear_below, identity=reading.identity, digest=reading.digest
-            )
             record = self.states[verdict.machine_id]
             record.model = version
             if windows is not None:
                 record.features = windows[verdict.machine_id]
             if events or not record.state_published:
                 self._emit(outcome, events, [record])
+
+    def _calibrate_each(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
+        """``_calibrate`` one reading at a time (as it takes them anyway): one that fails is
+        dead-lettered alone (the poison-message rule)."""
+        for item in items:
+            try:
+                self._calibrate([item], now)
+            except Exception as exc:
+                self._reject(item[1], _poisoned("calibrating", exc))
 
     def _calibrate(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
         """Readings of machines without a model yet: fill their windows, CALIBRATING verdicts."""
@@ -757,6 +796,11 @@ class Engine:
         machines = dict.fromkeys([data["machine_id"] for data in records])
         machines.update(dict.fromkeys(row.machine_id for row in rows))
         self._queue_full_windows(list(machines))
+
+
+def _poisoned(stage: str, exc: Exception) -> PayloadError:
+    """Why a message that failed after decoding is dead-lettered (and acknowledged)."""
+    return PayloadError("processing_failed", f"{stage} failed: {type(exc).__name__}: {exc}")
 
 
 def _conflict(reading: Reading) -> PayloadError:
