@@ -118,16 +118,20 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_history_record(args: argparse.Namespace) -> int:
     """``factorywatch history record``: run the recorder until SIGTERM/SIGINT."""
     from factorywatch.cli import _stop_on_signals  # noqa: PLC0415
+    from factorywatch.detector.registry import Registry  # noqa: PLC0415
     from factorywatch.history_store import HistoryStore  # noqa: PLC0415
     from factorywatch.recorder import Recorder  # noqa: PLC0415
 
     history = _history_settings(args)
     if args.no_readings:
         history = history.model_copy(update={"record_readings": False})
+    broker = _broker(args, "history")
+    # The detector's registry: readings it would refuse for their sender are not stored.
+    registry = Registry.locate(None, broker.secrets_dir)
     store = HistoryStore.from_settings(history)
     try:
         # Its own account (monitor rights): a login is a client id, one connection each.
-        recorder = Recorder(_broker(args, "history"), store, history, client_id=args.client_id)
+        recorder = Recorder(broker, store, history, client_id=args.client_id, registry=registry)
         recorder.run(_stop_on_signals())
     finally:
         store.close()

@@ -27,6 +27,7 @@ from factorywatch.contracts import (
     Telemetry,
     Verdict,
 )
+from factorywatch.detector.registry import Registry
 from factorywatch.errors import BrokerError, PayloadError
 from factorywatch.history_store import HistoryError, HistorySettings, HistoryStore
 from factorywatch.settings import BrokerSettings
@@ -73,13 +74,16 @@ def _describe(row: Any) -> str:
 
 
 def decode(
-    topics: Topics, topic: str, payload: bytes, now: float
+    topics: Topics, topic: str, payload: bytes, now: float, registry: Registry | None = None
 ) -> AlertEvent | Verdict | FeedbackCommand | list[Telemetry | PayloadError] | None:
     """One message of the subscribed trees as a contract, ``None`` if not one we keep.
 
     Every bound of the wire contracts is checked (``contracts.decode``) against ``now``, the
-    recorder's clock at receipt. A batch gives each reading of the topic's line, or why it
-    was refused. Raises ``PayloadError`` for a message unusable whole.
+    recorder's clock at receipt, and readings pass the detector's identity rule: with a
+    ``registry``, a reading is kept only if its sender (the topic's last level) may speak
+    for its machine, so a gateway's forged reading for another machine (which the detector
+    dead-letters) is not stored and cannot take the real reading's place. A batch gives each
+    reading, or why it was refused. Raises ``PayloadError`` for a message unusable whole.
     """
     if topic.startswith(f"{topics.root}/alerts/"):
         line, machine, leaf = topics.parse_alert(topic)
@@ -102,14 +106,28 @@ def decode(
             raise PayloadError("topic_mismatch", topic)
         return cmd
     if topic.startswith(f"{topics.root}/batch/"):
-        line, _gateway = topics.parse_batch(topic)
+        line, gateway = topics.parse_batch(topic)
         items = contracts.decode_batch(payload, now=now)
-        return [r for r in items if isinstance(r, PayloadError) or r.line == line]
+        return [_admitted(r, line, gateway, registry) for r in items]
     line, machine = topics.parse_telemetry(topic)
     reading = contracts.decode(Telemetry, payload, now=now, max_past_s=DEFAULT_MAX_PAST_SKEW_S)
     if (reading.line, reading.machine_id) != (line, machine):
         raise PayloadError("topic_mismatch", topic)
-    return [reading]
+    return [_admitted(reading, line, machine, registry)]
+
+
+def _admitted(
+    item: Telemetry | PayloadError, line: str, sender: str, registry: Registry | None
+) -> Telemetry | PayloadError:
+    """The reading if ``sender`` may publish it on ``line`` (the detector's rule), else why not."""
+    if isinstance(item, PayloadError):
+        return item
+    if item.line != line:
+        return PayloadError("topic_mismatch", f"{item.machine_id} is on {item.line}, not {line}")
+    refused = registry.check(sender, item.machine_id, line) if registry is not None else None
+    if refused is not None:
+        return PayloadError(refused, f"{sender!r} may not send for {line}/{item.machine_id}")
+    return item
 
 
 class Recorder:
@@ -122,8 +140,11 @@ class Recorder:
         history: HistorySettings,
         *,
         client_id: str = "factorywatch-recorder",
+        registry: Registry | None = None,
     ) -> None:
         self.broker, self.store, self.history = broker, store, history
+        #: who may speak for which machine (the detector's registry); None: an open broker
+        self.registry = registry
         self.topics = Topics(broker.topic_root)
         self.client_id = client_id
         self.stored = 0
@@ -169,7 +190,7 @@ class Recorder:
         """Decode one message into the pending transaction (refused ones are logged, and
         acknowledged with it: a message that can never be stored must not come back)."""
         try:
-            decoded = decode(self.topics, topic, payload, now)
+            decoded = decode(self.topics, topic, payload, now, self.registry)
         except (PayloadError, ValueError) as exc:
             self._refuse(topic, exc)
             decoded = None
