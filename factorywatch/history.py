@@ -16,6 +16,8 @@ from typing import IO, Any, Final
 
 _SINCE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: The longest ``--since`` accepted: further back than any retention (and any datetime).
+MAX_SINCE_S: Final = 100 * 365 * 86400
 # The AI4I layout `factorywatch train --dataset FILE --no-verify` reads.
 AI4I_HEADER: Final = (
     "UDI",
@@ -47,7 +49,10 @@ def parse_since(text: str, now: float) -> float:
     match = _SINCE_RE.fullmatch(text)
     if match is None:
         raise ValueError(f"invalid duration {text!r}: use a number and s, m, h, d or w (24h)")
-    return now - float(match.group(1)) * _UNIT_S[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if seconds > MAX_SINCE_S:
+        raise ValueError(f"duration {text!r} is too long: at most 100 years ({MAX_SINCE_S}s)")
+    return max(now - seconds, 0.0)
 
 
 @dataclass
@@ -71,8 +76,9 @@ class Episode:
 
     @property
     def open(self) -> bool:
-        """True while the alert has not cleared."""
-        return self.cleared_at is None
+        """True while a raised alert has not cleared (a label for an alert whose raise was
+        never recorded, e.g. an unknown alert id, is not an open alert)."""
+        return self.raised_at is not None and self.cleared_at is None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

@@ -37,6 +37,14 @@ class HistoryError(FactorywatchError):
     """The history database cannot be used (unsupported URL, unreachable, refused)."""
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of an ``sqlite:///`` URL (None for PostgreSQL or an in-memory database)."""
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:///:memory:"):
+        return None
+    # a URI form (sqlite:///file:path?mode=ro&uri=true) names the same file
+    return Path(url.removeprefix("sqlite:///").split("?", 1)[0].removeprefix("file:"))
+
+
 class HistorySettings(BaseSettings):
     """Where and how long the alert history is kept (``FACTORYWATCH_HISTORY_*``)."""
 
@@ -132,8 +140,9 @@ class HistoryStore:
                 f"unsupported history database URL {url.split(':', 1)[0]!r}: use "
                 "sqlite:///path or postgresql+psycopg://user@host/db"
             )
-        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        database = sqlite_path(url)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
         # pre-ping: a connection the server dropped (a PostgreSQL restart) is replaced before
         # use instead of failing the next write.
         self.engine = sa.create_engine(url, pool_pre_ping=True)
@@ -402,6 +411,13 @@ class HistoryStore:
     def alerts(self, machine: str | None = None, *, since: float = 0.0) -> list[Episode]:
         """Alert episodes (raise .. clear) with acknowledgement and label, newest first."""
         return episodes(self.events(machine, since=since), self.feedback(machine, since=since))
+
+    def reading_machines(self) -> list[str]:
+        """The machines with recorded readings, sorted."""
+        t = self._t["readings"]
+        with self.engine.connect() as conn:
+            query = sa.select(t.c.machine_id).distinct().order_by(t.c.machine_id)
+            return [str(m) for m in conn.execute(query).scalars()]
 
     def counts(self) -> dict[str, int]:
         """Rows per table (for logs and tests)."""

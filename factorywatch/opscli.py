@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -11,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from factorywatch.settings import BrokerSettings
+
+#: The first bytes of every SQLite database file (export never writes over one).
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def _broker(args: argparse.Namespace, default_user: str) -> BrokerSettings:
@@ -78,6 +82,9 @@ def add_history(sub: Any) -> None:
         help="keep the readings of alerts operators marked false alarms (as normal data)",
     )
     exp.add_argument("--csv", type=Path, required=True, help="output file")
+    exp.add_argument(
+        "--force", action="store_true", help="overwrite an existing CSV (never a database)"
+    )
     exp.set_defaults(func=cmd_history_export)
     prune = actions.add_parser("prune", help="apply the retention now")
     _history_options(prune)
@@ -139,15 +146,23 @@ def cmd_history_record(args: argparse.Namespace) -> int:
 
 
 def cmd_history_export(args: argparse.Namespace) -> int:
-    """``factorywatch history export``: readings to refit a machine's model on."""
+    """``factorywatch history export``: readings to refit a machine's model on.
+
+    The CSV is written beside its target and moved into place only when it holds readings:
+    an existing file is replaced only with ``--force``, and never when it is a database.
+    """
     from factorywatch.history import parse_since  # noqa: PLC0415
+    from factorywatch.history_store import HistoryError  # noqa: PLC0415
     from factorywatch.settings import DetectorSettings  # noqa: PLC0415
 
     since = parse_since(args.since, time.time())
+    settings = _history_settings(args)
+    _check_export_target(args.csv, force=args.force, db_url=settings.url)
     store = _open_store(args)
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.csv.with_name(f".{args.csv.name}.{os.getpid()}.partial")
     try:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("w", newline="") as out:
+        with partial.open("w", newline="") as out:
             rows = store.export_training(
                 args.machine,
                 out,
@@ -155,12 +170,42 @@ def cmd_history_export(args: argparse.Namespace) -> int:
                 false_alarms_as_normal=args.false_alarms_as_normal,
                 window=DetectorSettings().alert_n,
             )
+        if not rows:
+            known = store.reading_machines()
+            raise HistoryError(
+                f"no trainable readings of {args.machine!r} since {_when(since)} UTC: "
+                f"{args.csv} left as it was (machines with readings: "
+                f"{', '.join(known[:20]) or 'none'}{' ...' if len(known) > 20 else ''})"
+            )
+        partial.replace(args.csv)
     finally:
+        partial.unlink(missing_ok=True)
         store.close()
     print(f"{rows} readings of {args.machine} written to {args.csv}", file=sys.stderr)
-    if rows:
-        print(f"refit with: factorywatch train --dataset {args.csv} --no-verify", file=sys.stderr)
-    return 0 if rows else 1
+    print(f"refit with: factorywatch train --dataset {args.csv} --no-verify", file=sys.stderr)
+    return 0
+
+
+def _check_export_target(path: Path, *, force: bool, db_url: str) -> None:
+    """Refuse to write a CSV over a database (ever) or an existing file (without force)."""
+    from factorywatch.history_store import HistoryError, sqlite_path  # noqa: PLC0415
+
+    if path.is_dir():
+        raise HistoryError(f"{path} is a directory: give the CSV file to write")
+    database = sqlite_path(db_url)
+    if database is not None and path.resolve() == database.resolve():
+        raise HistoryError(f"{path} is the history database: refusing to write a CSV over it")
+    if not path.exists():
+        return
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise HistoryError(f"{path} cannot be read: {exc}") from None
+    if head == SQLITE_MAGIC:
+        raise HistoryError(f"{path} is an SQLite database: refusing to write a CSV over it")
+    if not force:
+        raise HistoryError(f"{path} exists: pass --force to overwrite it")
 
 
 def cmd_history_prune(args: argparse.Namespace) -> int:
