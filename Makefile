@@ -49,11 +49,14 @@ faults: install broker-binary
 	FACTORYWATCH_FAULTS_REPORT=reports/faults$(if $(DETECTOR_PROTOCOL),-mqtt$(DETECTOR_PROTOCOL),).json \
 	$(BIN)/pytest -m faults -s
 
-## fuzz: coverage-guided fuzzing (atheris) of the decoder for FUZZ_SECONDS (corpus in run/fuzz)
+## fuzz: coverage-guided fuzzing (atheris) of the detector's JSON decoder, then of every
+## consumer's decoder (detector JSON and Sparkplug, recorder, notifier), FUZZ_SECONDS each
 FUZZ_SECONDS ?= 120
 fuzz: install
 	$(BIN)/python -m tests.fuzz.fuzz_decoder run/fuzz/decoder -max_total_time=$(FUZZ_SECONDS) \
 		-artifact_prefix=run/fuzz/
+	$(BIN)/python -m tests.fuzz.fuzz_consumers run/fuzz/consumers \
+		-max_total_time=$(FUZZ_SECONDS) -artifact_prefix=run/fuzz/
 
 ## demo: local broker + detector + three sensors, verdicts live (Ctrl-C stops everything)
 demo: install broker-binary

@@ -112,9 +112,13 @@ def _parse(payload: bytes) -> Any:
     if len(payload) > MAX_BATCH_BYTES:
         raise PayloadError("oversize", f"{len(payload)} bytes > {MAX_BATCH_BYTES}")
     try:
-        return sparkplug_b_pb2.Payload.FromString(payload)
+        parsed = sparkplug_b_pb2.Payload.FromString(payload)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise PayloadError("invalid_protobuf", f"not a Sparkplug B payload: {exc}") from None
+    # protobuf hands out a name that is not UTF-8 as bytes: it would break the checkpoint
+    if not all(isinstance(metric.name, str) for metric in parsed.metrics):
+        raise PayloadError("invalid_protobuf", "a metric name is not UTF-8")
+    return parsed
 
 
 def _value(metric: Any) -> float | str | None:
