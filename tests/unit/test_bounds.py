@@ -185,3 +185,15 @@ def test_the_notifier_ignores_an_event_with_a_huge_seq() -> None:
     data = {"machine_id": "m1", "line": "line1", "event": "ALERT_RAISED", "at": NOW, "seq": 2**70}
     assert notifier.handle(TOPICS.event("line1", "m1"), raw(data), NOW) == []
     assert notifier.rejected == 1
+
+
+def test_the_web_live_feed_ignores_a_huge_seq_and_a_reading_from_2099() -> None:
+    """The web view's live model refuses what the door refuses: no tile, no chart point."""
+    from factorywatch.web.live import LiveModel  # noqa: PLC0415 - the web view's model
+
+    model = LiveModel(TOPICS)
+    assert model.feed(TOPIC, raw(reading(seq=2**70)), NOW) is None
+    assert model.feed(TOPIC, raw(reading(ts=4_070_908_800.0)), NOW) is None
+    assert model.ignored == 2
+    assert not model.machines
+    assert model.feed(TOPIC, raw(reading()), NOW) == "line1/m1"
