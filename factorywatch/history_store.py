@@ -37,6 +37,11 @@ class HistoryError(FactorywatchError):
     """The history database cannot be used (unsupported URL, unreachable, refused)."""
 
 
+def _why(exc: sa.exc.SQLAlchemyError) -> str:
+    """The driver's message (one line), without SQLAlchemy's statement dump."""
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of an ``sqlite:///`` URL (None for PostgreSQL or an in-memory database)."""
     if not url.startswith("sqlite:///") or url.startswith("sqlite:///:memory:"):
@@ -193,29 +198,33 @@ class HistoryStore:
             "by": "-",
             "at": 0.0,
         }
-        with self._unreachable("not writable"), self.engine.connect() as conn:
-            transaction = conn.begin()
-            try:
-                conn.execute(sa.insert(t).values(probe))
-            finally:
-                transaction.rollback()
+        try:
+            with self.engine.connect() as conn:
+                transaction = conn.begin()
+                try:
+                    conn.execute(sa.insert(t).values(probe))
+                finally:
+                    transaction.rollback()
+        except sa.exc.SQLAlchemyError as exc:
+            raise HistoryError(
+                f"history database {self._safe_url} not writable: {_why(exc)}"
+            ) from exc
+
+    @property
+    def _safe_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
 
     @contextmanager
     def _unreachable(self, what: str) -> Iterator[None]:
-        """A lost connection or an unwritable database as ``HistoryError`` (the caller keeps
-        its data and tries again later); any other error is about the data and passes."""
+        """An error of the database rather than of the rows (lost connection, read-only, no
+        privilege) as ``HistoryError``: the caller keeps its data and tries again later.
+        What is about the rows (a value out of range or too long, a constraint) passes."""
         try:
             yield
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-            safe = self.engine.url.render_as_string(hide_password=True)
-            raise HistoryError(
-                f"history database {safe} {what}: {getattr(exc, 'orig', None) or exc}"
-            ) from exc
+        except (sa.exc.DataError, sa.exc.IntegrityError):
+            raise
         except sa.exc.DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
-            safe = self.engine.url.render_as_string(hide_password=True)
-            raise HistoryError(f"history database {safe} {what}: connection lost") from exc
+            raise HistoryError(f"history database {self._safe_url} {what}: {_why(exc)}") from exc
 
     # -- writing (idempotent) ----------------------------------------------------------------
     def _insert(

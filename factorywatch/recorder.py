@@ -191,7 +191,7 @@ class Recorder:
         acknowledged with it: a message that can never be stored must not come back)."""
         try:
             decoded = decode(self.topics, topic, payload, now, self.registry)
-        except (PayloadError, ValueError) as exc:
+        except Exception as exc:  # the poison-message rule: whatever it is, refuse and go on
             self._refuse(topic, exc)
             decoded = None
         with self._lock:
@@ -212,7 +212,7 @@ class Recorder:
 
     def _refuse(self, topic: str, error: Exception) -> None:
         self.rejected += 1
-        reason = error.reason if isinstance(error, PayloadError) else "schema"
+        reason = error.reason if isinstance(error, PayloadError) else "processing_failed"
         log.warning("history_message_rejected", topic=topic, reason=reason, error=str(error)[:200])
 
     def flush(self) -> int:

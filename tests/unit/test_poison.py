@@ -15,7 +15,7 @@ from factorywatch.detector.ingest import JsonIngest, Reading
 from factorywatch.detector.service import DetectorService
 from factorywatch.detector.transport import MemoryTransport
 from factorywatch.errors import PayloadError
-from factorywatch.history_store import HistorySettings, HistoryStore
+from factorywatch.history_store import HistoryError, HistorySettings, HistoryStore
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.recorder import Recorder
@@ -139,3 +139,22 @@ def test_one_bad_row_does_not_cost_the_recorder_its_batch(tmp_path: Path) -> Non
     assert recorder.rejected == 1
     assert [r["seq"] for r in store.readings("m1")] == [1, 2, 3]
     assert not recorder._pending
+
+
+def test_a_database_that_cannot_be_written_keeps_the_readings_waiting(tmp_path: Path) -> None:
+    """A read-only database is the database's fault, not the rows': flush raises HistoryError,
+    acknowledges nothing and keeps every reading for the next flush, which stores them."""
+    path = tmp_path / "h.db"
+    writable = HistoryStore(f"sqlite:///{path}")
+    read_only = HistoryStore(f"sqlite:///file:{path}?mode=ro&uri=true")
+    recorder = Recorder(BrokerSettings(topic_root=ROOT), read_only, HistorySettings())
+    for seq in (1, 2):
+        payload = reading("m1", seq, ts=T0).encode()
+        recorder.receive(TOPICS.telemetry("line1", "m1"), payload, (seq, 0), T0)
+    with pytest.raises(HistoryError, match="readonly"):
+        recorder.flush()
+    assert len(recorder._pending) == 2
+    assert recorder.rejected == 0
+    recorder.store = writable
+    assert recorder.flush() == 2
+    assert [r["seq"] for r in writable.readings("m1")] == [1, 2]
