@@ -35,6 +35,7 @@ AI4I_HEADER: Final = (
     "OSF",
     "RNF",
 )
+_PRODUCT_TYPES: Final = frozenset({"L", "M", "H"})
 _AI4I_CHANNELS: Final = (
     "air_temperature_k",
     "process_temperature_k",
@@ -161,11 +162,20 @@ def training_rows(
 
 
 def write_ai4i_csv(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
-    """Write readings in the AI4I layout (``Machine failure`` 0); return the row count."""
+    """Write readings in the AI4I layout (``Machine failure`` 0); return the row count.
+
+    A reading without every AI4I channel or product type (another kind of machine, or one
+    the detector refused as ``missing_channel``) has no AI4I row and is left out.
+    """
     writer = csv.writer(out)
     writer.writerow(AI4I_HEADER)
     count = 0
-    for count, r in enumerate(rows, start=1):
+    usable = (
+        r
+        for r in rows
+        if r["product_type"] in _PRODUCT_TYPES and all(c in r["readings"] for c in _AI4I_CHANNELS)
+    )
+    for count, r in enumerate(usable, start=1):
         ch = r["readings"]
         writer.writerow(
             [

@@ -118,3 +118,19 @@ def test_a_label_for_an_unknown_alert_is_not_an_open_alert() -> None:
     (episode,) = episodes([], feedback)
     assert episode.label == "confirmed"
     assert not episode.open
+
+
+def test_export_leaves_out_readings_that_are_no_ai4i_rows(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stored reading lacking an AI4I channel (the detector refused it) is left out of the
+    export instead of stopping it with a traceback."""
+    import time  # noqa: PLC0415 - export looks back from the wall clock
+
+    store = HistoryStore(f"sqlite:///{db}")
+    odd = reading("m1", 4, ts=time.time())
+    store.add_readings([odd.model_copy(update={"readings": {"flow_rate": 1.0}})])
+    store.close()
+    out = tmp_path / "train.csv"
+    assert export(db, out) == 0, capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 4  # header and the three AI4I readings
