@@ -291,7 +291,10 @@ class Engine:
         for outcome in outcomes:
             message = outcome.message
             if self.ingest.accepts(message.topic):
-                self._decode(outcome, pending, now)
+                try:
+                    self._decode(outcome, pending, now)
+                except Exception as exc:  # the poison-message rule (e.g. an ingest's effects)
+                    self._reject(outcome, _poisoned("decoding", exc))
             else:
                 self._score(pending, now)
                 pending = []
