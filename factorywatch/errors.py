@@ -31,6 +31,7 @@ DeadLetterReason = Literal[
     "duplicate_id",  # a reading id already seen with different content (e.g. a reused seq)
     "invalid_protobuf",  # not a Sparkplug B protobuf payload
     "no_birth",  # Sparkplug data before its birth certificate (a rebirth was requested)
+    "type_mismatch",  # a Sparkplug metric's value is not of the data type its birth declared
 ]
 DEAD_LETTER_REASONS: Final[tuple[str, ...]] = DeadLetterReason.__args__  # type: ignore[attr-defined]
 

@@ -62,7 +62,7 @@ def test_births_and_data_become_verdicts_json_still_works(
 def test_death_is_an_offline_event_after_the_readings_before_it(
     model_dir: Path, edge: TahuEdgeNode
 ) -> None:
-    """DDEATH in the same batch as data: the data is scored, then MACHINE_OFFLINE follows."""
+    """DDEATH in the same batch as data: the data is scored, then MACHINE_OFFLINE (ddeath)."""
     engine = _engine(model_dir)
     sim = MachineSimulator("m", "l", seed=1)
     engine.handle([_in(edge.nbirth(MS)), _in(edge.dbirth("mill", sim.next(T0), MS))], T0)
@@ -71,7 +71,7 @@ def test_death_is_an_offline_event_after_the_readings_before_it(
     assert len(outcomes[0].verdicts) == 1
     assert [e.event for e in outcomes[1].events] == ["MACHINE_OFFLINE"]
     event = next(p for p in outcomes[1].publishes if p.topic.endswith("/event"))
-    assert AlertEvent.model_validate_json(event.payload).reason == "last_will"
+    assert AlertEvent.model_validate_json(event.payload).reason == "ddeath"
     assert engine.states["edge1.mill"].offline_since == T0 + 1
 
 
