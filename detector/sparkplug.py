@@ -455,7 +455,8 @@ class SparkplugIngest:
         """The message's extended sequence number (counting on past the wrap at 255).
 
         A message seen before (same seq and CRC-32: a redelivery) gets the number it had; one
-        that fills a gap gets the missing number; anything else is the next message, and the
+        that fills a gap (less than 128 behind the newest) gets the missing number; anything
+        else is the next message, and the
         numbers it skipped (1 to 255 of them; a seq equal to the newest one with other bytes
         skipped 255) are missing until ``reorder_timeout_s``, then a rebirth is requested
         (tck-id-operational-behavior-host-reordering-start/-rebirth/-success).
@@ -470,7 +471,16 @@ class SparkplugIngest:
         if not node.seen and seq == node.last % _SEQ_MODULO:
             node.seen[seq] = (node.last, crc)  # the NBIRTH itself: the session's first number
             return node.last
-        filled = next((s for s in node.missing if s % _SEQ_MODULO == seq), None)
+        # A late message is a little behind the newest; a number that far back is new
+        # again (the edge node wrapped after a gap of more than half the range).
+        filled = next(
+            (
+                s
+                for s in node.missing
+                if s % _SEQ_MODULO == seq and node.last - s < _SEQ_MODULO // 2
+            ),
+            None,
+        )
         if filled is not None:
             node.missing.pop(filled)
             node.seen[seq] = (filled, crc)
