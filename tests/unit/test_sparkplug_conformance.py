@@ -23,7 +23,8 @@ from factorywatch.detector.sparkplug import SparkplugIngest, SparkplugSettings
 from factorywatch.detector.state import MachineRecord
 from factorywatch.errors import FactorywatchError, PayloadError
 from factorywatch.settings import BrokerSettings, DetectorSettings
-from tests.spec_edge import DOUBLE, FLOAT, STRING, SpecEdgeNode
+from tests.sparkplug_edge import decode
+from tests.spec_edge import BOOLEAN, DOUBLE, FLOAT, STRING, SpecEdgeNode
 
 T0 = 1_800_000_000.0
 MS = int(T0 * 1000)
@@ -166,7 +167,8 @@ def test_a_redelivered_message_keeps_its_number_and_a_late_one_fills_its_gap() -
 
 
 def test_rebirth_requests_are_counted_logged_and_owed_through_the_backoff() -> None:
-    """tck-id-operational-behavior-data-commands-rebirth-name/-value: a second request within
+    """tck-id-operational-behavior-data-commands-ncmd-rebirth-verb/-name/-value: an NCMD with
+    Node Control/Rebirth = true; a second request within
     the backoff is suppressed (the dead letter says so, a counter and a log event count it)
     and sent once the backoff ends."""
     ingest = SparkplugIngest(SparkplugSettings(rebirth_backoff_s=5.0))
@@ -188,6 +190,12 @@ def test_rebirth_requests_are_counted_logged_and_owed_through_the_backoff() -> N
     [owed] = ingest.take_effects(T0 + 5.0).commands
     assert owed.topic == "spBv1.0/plant1/NCMD/edge1"
     assert ingest.stats["rebirth_requests_sent"] == 2
+    [request] = decode(owed.payload).metrics
+    assert (request.name, request.datatype, request.boolean_value) == (
+        "Node Control/Rebirth",
+        BOOLEAN,
+        True,
+    )
 
 
 def test_deaths_are_labelled_and_devices_are_not_offline_by_silence() -> None:
