@@ -72,6 +72,8 @@ class StatefulIngest(Ingest, Protocol):
     """
 
     name: str
+    #: counters by event since start (the metrics read them at each scrape)
+    stats: dict[str, int]
 
     def bind(self, channels: Sequence[str]) -> None:
         """Build readings with these channels from now on (the serving model's)."""

@@ -271,6 +271,7 @@ def test_spec_edge_node_without_datatypes_wraps_gaps_and_dies(
         assert col.wait_for(_is_verdict("edge1.mill", 603))
         assert edge.wait_rebirth_requests(1) >= 1
         assert edge.requests[0].metrics[0].name == "Node Control/Rebirth"
+        assert proc.metrics_port is not None
         _, text = scrape(proc.metrics_port, "/metrics")
         counters = {
             event: metric_value(text, "factorywatch_sparkplug_events_total", event=event)
@@ -401,3 +402,74 @@ def test_verdicts_out_as_sparkplug_tags_with_births_rebirth_and_death(
         assert not col.matching(lambda m: "/deadletter/" in m.topic)  # its own tags: no input
     finally:
         edge.close()
+
+
+def test_authenticating_broker_edge_node_accounts_and_sparkplug_out_account(
+    tmp_path: Path, topic_root: str, spawn: Callable[..., Proc], model_dir: Path
+) -> None:
+    """On an authenticating broker: a registered edge node is scored, `sensor --sparkplug`
+    logged in as the viewer is not (issue 25), and Sparkplug out runs with its own
+    edge-node account (it exited 2 before)."""
+    group = f"g{uuid.uuid4().hex[:8]}"
+    secrets = tmp_path / "secrets"
+    init_secrets(secrets, ())
+    add_account(secrets, "press7", "edge-node", line=group, machines=("m1", "m2"))
+    add_account(secrets, "detector-spb", "edge-node", line="factorywatch")
+    add_account(secrets, "detector-host", "detector")  # the test's own Sparkplug observer
+    broker = LocalBroker(tmp_path / "sbroker", secrets_dir=secrets, topic_root=topic_root).start()
+    common = ["--port", str(broker.port), "--topic-root", topic_root, "--secrets-dir", str(secrets)]
+    topics = Topics(topic_root)
+    monitor = Collector(
+        login_settings(broker.port, topic_root, secrets, "monitor"),
+        [topics.alerts_filter, topics.deadletter_filter],
+        "spb-monitor",
+    )
+    host = Collector(
+        login_settings(broker.port, topic_root, secrets, "detector-host"),
+        ["spBv1.0/factorywatch/#"],
+        "spb-host",
+    )
+    try:
+        det = spawn(
+            "detect",
+            *common,
+            "--model-dir",
+            str(model_dir),
+            "--state-dir",
+            str(tmp_path / "st"),
+            env={
+                **SPARKPLUG_ENV,
+                "FACTORYWATCH_DETECTOR_SPARKPLUG_OUT": "true",
+                "FACTORYWATCH_DETECTOR_SPARKPLUG_OUT_USERNAME": "detector-spb",
+            },
+        )
+        det.wait_log("telemetry_subscribed")
+        assert host.wait_for(lambda m: m.topic == "spBv1.0/factorywatch/NBIRTH/detector-spb")
+        for node, machines in (("press7", "m1,m2"), ("viewer", "m1")):
+            sensor = spawn(
+                "sensor",
+                "--sparkplug",
+                "--edge-node",
+                node,
+                "--line",
+                group,
+                "--machine-id",
+                machines,
+                "--count",
+                "10",
+                "--rate",
+                "50",
+                *common,
+                name=f"sensor-{node}",
+            )
+            sensor.process.wait(60)
+        for machine in ("press7.m1", "press7.m2"):
+            assert len(monitor.wait_for(_is_verdict(machine), count=11, timeout=30)) == 11
+            assert host.wait_for(lambda m, d=machine: m.topic.endswith(f"/DBIRTH/detector-spb/{d}"))
+        # The viewer's births and data were refused by the broker: no machine, no verdict.
+        assert not monitor.matching(lambda m: "/viewer" in m.topic)
+        assert not host.matching(lambda m: "viewer" in m.topic)
+    finally:
+        monitor.close()
+        host.close()
+        broker.stop()

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from factorywatch.accounts import AccountRegistry
+from factorywatch.accounts import AccountRegistry, read_registry
+from factorywatch.broker import BASE_ACL, sparkplug_edge_rights
+from factorywatch.cli import main
 from factorywatch.contracts import AI4I_CHANNELS, Verdict
 from factorywatch.detector.alerting import AlertPolicy, AlertTracker
 from factorywatch.detector.core import Received
@@ -317,3 +319,27 @@ def test_a_restored_ingest_reads_data_without_datatypes() -> None:
     message = _msg(edge.ddata("mill", {"torque_nm": 44.0}, MS + 1))
     assert _readings(copy.decode(message)) == _readings(ingest.decode(message))
     assert set(AI4I_CHANNELS) <= set(copy.nodes["plant1/edge1"].devices["mill"].values)
+
+
+def test_add_user_edge_node_registers_it_and_writes_its_acl_block(tmp_path: Path) -> None:
+    """`broker add-user NODE --role edge-node --line GROUP --machines ...` registers the edge
+    node with its devices and gives it one ACL block: its own node's Sparkplug topics in its
+    group; the base ACL has no Sparkplug pattern line any account could use."""
+    secrets = tmp_path / "secrets"
+    argv = ["broker", "add-user", "press7", "--role", "edge-node", "--line", "plant1"]
+    assert main([*argv, "--machines", "m1,m2", "--secrets-dir", str(secrets)]) == 0
+    registry = read_registry(secrets / "registry.json")
+    assert registry.role_of("press7") == "edge-node"
+    assert registry.edge_nodes["press7"].devices == ["m1", "m2"]
+    acl = (secrets / "acl").read_text()
+    block = acl.split("user press7\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert block == sparkplug_edge_rights("press7", "plant1")
+    assert "topic write spBv1.0/plant1/DDATA/press7/+" in block
+    assert not [
+        ln
+        for ln in BASE_ACL.read_text().splitlines()
+        if ln.startswith("pattern ") and "spBv1.0" in ln
+    ]
+    checked = Registry.from_accounts(registry)
+    assert checked.check_sparkplug("plant1", "press7", "m1", "press7.m1") is None
+    assert checked.check_sparkplug("plant1", "press7", "m3", "press7.m3") == "unauthorized_machine"
