@@ -36,8 +36,10 @@ the same identity and digest, so the engine drops it as a duplicate.
 
 from __future__ import annotations
 
+import base64
 import math
 import re
+import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -200,9 +202,10 @@ class _Node:
     born: bool = False
     last: int = 0  # extended seq of the newest message since the birth
     missing: dict[int, float] = field(default_factory=dict)  # extended seq -> deadline
-    #: seq (mod 256) -> [extended seq, CRC-32] of the messages seen since the birth: a
-    #: message seen again is a redelivery, anything else is new (a gap up to 255 is a gap)
-    seen: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: seq (0..255) -> CRC-32 of the newest message seen with it since the birth (a message
+    #: seen again is a redelivery, anything else is new: a gap up to 255 is a gap); its
+    #: extended number is the newest one with that seq up to ``last`` (``_extended``)
+    seen: dict[int, int] = field(default_factory=dict)
     devices: dict[str, _Device] = field(default_factory=dict)  # "" = the node's own metrics
     next_rebirth: float = 0.0
     #: a rebirth is owed but the backoff held it back: sent as soon as the backoff ends
@@ -465,11 +468,10 @@ class SparkplugIngest:
             return node.last
         seq = int(payload.seq) % _SEQ_MODULO
         crc = zlib.crc32(message.payload)
-        seen = node.seen.get(seq)
-        if seen is not None and seen[1] == crc:
-            return seen[0]
+        if node.seen.get(seq) == crc:
+            return _extended(node.last, seq)
         if not node.seen and seq == node.last % _SEQ_MODULO:
-            node.seen[seq] = (node.last, crc)  # the NBIRTH itself: the session's first number
+            node.seen[seq] = crc  # the NBIRTH itself: the session's first number
             return node.last
         # A late message is a little behind the newest; a number that far back is new
         # again (the edge node wrapped after a gap of more than half the range).
@@ -483,7 +485,7 @@ class SparkplugIngest:
         )
         if filled is not None:
             node.missing.pop(filled)
-            node.seen[seq] = (filled, crc)
+            node.seen[seq] = crc
             return filled
         delta = (seq - node.last) % _SEQ_MODULO or _SEQ_MODULO
         extended = node.last + delta
@@ -492,8 +494,9 @@ class SparkplugIngest:
             deadline = message.received_at + self.settings.reorder_timeout_s
             for gap in range(max(node.last + 1, extended - _MAX_MISSING), extended):
                 node.missing.setdefault(gap, deadline)
+                node.seen.pop(gap % _SEQ_MODULO, None)  # a lap ago: not the newest with it
         node.last = extended
-        node.seen[seq] = (extended, crc)
+        node.seen[seq] = crc
         return extended
 
     def gapped(self, key: str) -> None:
@@ -711,6 +714,27 @@ class SparkplugIngest:
                 self._owed.add(key)
 
 
+def _extended(last: int, seq: int) -> int:
+    """The newest extended sequence number up to ``last`` whose 8 bits are ``seq``."""
+    return last - (last - seq) % _SEQ_MODULO
+
+
+def _pack_seen(seen: dict[int, int]) -> str:
+    """The seen table as base64 of 256 little-endian uint32 CRCs (0: none; 1.4 KB where a
+    JSON list took 4 KB in every journaled change of the node)."""
+    table = [0] * _SEQ_MODULO
+    for seq, crc in seen.items():
+        table[seq] = crc
+    return base64.b64encode(struct.pack(f"<{_SEQ_MODULO}I", *table)).decode()
+
+
+def _unpack_seen(text: str) -> dict[int, int]:
+    if not text:
+        return {}
+    table = struct.unpack(f"<{_SEQ_MODULO}I", base64.b64decode(text))
+    return {seq: crc for seq, crc in enumerate(table) if crc}
+
+
 def _node_snapshot(node: _Node) -> dict[str, Any]:
     return {
         "bd_seq": node.bd_seq,
@@ -718,7 +742,7 @@ def _node_snapshot(node: _Node) -> dict[str, Any]:
         "born": node.born,
         "last": node.last,
         "missing": [[s, d] for s, d in node.missing.items()],
-        "seen": [[s, e, c] for s, (e, c) in node.seen.items()],
+        "seen": _pack_seen(node.seen),
         "rebirth_owed": node.rebirth_owed,
         "devices": {
             key: {
@@ -743,7 +767,7 @@ def _node_restore(data: dict[str, Any]) -> _Node:
         born=bool(data["born"]) and "seen" in data,
         last=int(data["last"]),
         missing={int(s): float(d) for s, d in data["missing"]},
-        seen={int(s): (int(e), int(c)) for s, e, c in data.get("seen", [])},
+        seen=_unpack_seen(data.get("seen", "")),
         rebirth_owed=bool(data.get("rebirth_owed", False)),
     )
     for key, d in data["devices"].items():

@@ -78,6 +78,10 @@ def _is_dead_letter(reason: str) -> Callable[[Message], bool]:
     return match
 
 
+def _on_topic(topic: str) -> Callable[[Message], bool]:
+    return lambda m: m.topic == topic
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -465,7 +469,8 @@ def test_authenticating_broker_edge_node_accounts_and_sparkplug_out_account(
             sensor.process.wait(60)
         for machine in ("press7.m1", "press7.m2"):
             assert len(monitor.wait_for(_is_verdict(machine), count=11, timeout=30)) == 11
-            assert host.wait_for(lambda m, d=machine: m.topic.endswith(f"/DBIRTH/detector-spb/{d}"))
+            birth = f"spBv1.0/factorywatch/DBIRTH/detector-spb/{machine}"
+            assert host.wait_for(_on_topic(birth))
         # The viewer's births and data were refused by the broker: no machine, no verdict.
         assert not monitor.matching(lambda m: "/viewer" in m.topic)
         assert not host.matching(lambda m: "viewer" in m.topic)
