@@ -218,6 +218,8 @@ class _Update:
 
     timestamp_ms: int = 0
     values: dict[str, float | None] = field(default_factory=dict)
+    #: each channel's (and the product type's) own timestamp, ms
+    stamps: dict[str, int] = field(default_factory=dict)
     product_type: str | None = None
     unknown: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
@@ -581,7 +583,8 @@ class SparkplugIngest:
                 continue
             historical.append(bool(metric.is_historical))
             if metric.HasField("timestamp"):
-                newest_ms = max(newest_ms, int(metric.timestamp))
+                update.stamps[channel] = int(metric.timestamp)
+                newest_ms = max(newest_ms, update.stamps[channel])
         update.historical = bool(historical) and all(historical)
         if update.historical and newest_ms:
             # store-and-forward data: the reading is of when it was measured, not sent
@@ -594,8 +597,8 @@ class SparkplugIngest:
         never replace the present ones."""
         if update.historical:
             return
-        stamp = update.timestamp_ms
         for channel, value in update.values.items():
+            stamp = update.stamps.get(channel, update.timestamp_ms)
             if stamp < device.stamps.get(channel, 0):
                 continue  # a late message: the newer value stays the last-known one
             device.stamps[channel] = stamp
@@ -603,6 +606,7 @@ class SparkplugIngest:
                 device.values.pop(channel, None)
             else:
                 device.values[channel] = value
+        stamp = update.stamps.get(PRODUCT_TYPE, update.timestamp_ms)
         if update.product_type is not None and stamp >= device.stamps.get(PRODUCT_TYPE, 0):
             device.stamps[PRODUCT_TYPE] = stamp
             device.product_type = update.product_type

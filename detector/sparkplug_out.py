@@ -109,7 +109,13 @@ class VerdictNode(SparkplugNode):
     def _add(self, payload: Any, name: str, value: Value, now_ms: int, *, birth: bool) -> None:
         alias, datatype = METRICS[name]
         add_metric(
-            payload, value, now_ms, datatype=datatype, name=name if birth else None, alias=alias
+            payload,
+            value,
+            now_ms,
+            datatype=datatype,
+            name=name if birth else None,
+            alias=alias,
+            typed=birth,  # DDATA leaves data types out, as the specification says
         )
 
     def births(self, now_ms: int) -> list[Message]:
