@@ -343,3 +343,20 @@ def test_add_user_edge_node_registers_it_and_writes_its_acl_block(tmp_path: Path
     checked = Registry.from_accounts(registry)
     assert checked.check_sparkplug("plant1", "press7", "m1", "press7.m1") is None
     assert checked.check_sparkplug("plant1", "press7", "m3", "press7.m3") == "unauthorized_machine"
+
+
+def test_a_version_1_snapshot_asks_for_births_instead_of_guessing_types() -> None:
+    """A checkpoint written before data types were kept restores its nodes unborn: their
+    next data is dead-lettered no_birth and a rebirth is requested (never read untyped)."""
+    ingest, edge = _born()
+    old = ingest.snapshot()
+    old["version"] = 1
+    for node in old["nodes"].values():
+        del node["seen"], node["rebirth_owed"]
+        for device in node["devices"].values():
+            del device["types"]
+    copy = SparkplugIngest()
+    copy.restore(old)
+    error = _error(copy.decode(_msg(edge.ddata("mill", {"torque_nm": 41.0}, MS + 1))))
+    assert error.reason == "no_birth"
+    assert len(copy.take_effects(T0).commands) == 1
