@@ -5,19 +5,29 @@ Pure: values in, values out (the protobuf codec is esio-spb-builder's generated 
 
 What it keeps per edge node (``<group>/<edge node>``): the ``bdSeq`` of its birth, the
 birth's timestamp (the epoch its sequence numbers count from), the last sequence number as
-an *extended* number that keeps counting past the wrap at 255, and the numbers still missing
-from a gap; per device (and the node's own metrics): the alias table and the last-known
-value and timestamp of every metric, from its birth certificate on.
+an *extended* number that keeps counting past the wrap at 255, the CRC-32 of the newest
+message seen with each of the 256 numbers (a redelivery is told from a wrapped gap by it), and
+the numbers still missing from a gap; per device (and the node's own metrics): the alias and
+data-type tables and the last-known value and timestamp of every metric, from its birth
+certificate on.
 
+* With a registry, only a registered edge node, in its own group, for its devices, is read
+  (``unauthorized_machine`` otherwise, before any state is made).
 * ``NBIRTH``/``DBIRTH`` build the tables (a birth is a reading too, when it carries every
-  channel the model needs); ``NDATA``/``DDATA`` update the values they carry and become one
-  reading of that device with every last-known value.
+  channel the model needs); ``NDATA``/``DDATA`` update the values they carry (each read as
+  the data type its birth declared; a value of another type dead-letters the message
+  ``type_mismatch``) and become one reading of that device with every last-known value;
+  historical values are scored but never become the last-known ones.
 * ``NDEATH`` whose ``bdSeq`` matches the birth's marks the node and all its devices OFFLINE
-  and their values stale (a death of an older session is ignored); ``DDEATH`` one device.
-* A gap in the sequence numbers not filled within ``reorder_timeout_s`` asks the node for a
-  rebirth (``NCMD`` ``Node Control/Rebirth`` = true). So does data before any birth (or after
-  a death, or with an alias no birth declared): it is dead-lettered ``no_birth``, never
-  guessed. Requests to one node are at least ``rebirth_backoff_s`` apart.
+  (reason ``ndeath``) and their values stale (a death of an older session is ignored);
+  ``DDEATH`` one device (``ddeath``). A device is never OFFLINE by silence unless
+  ``silence_timeout_s`` says so: it reports by exception.
+* A gap in the sequence numbers (1 to 255) not filled within ``reorder_timeout_s`` asks the
+  node for a rebirth (``NCMD`` ``Node Control/Rebirth`` = true). So does data before any birth
+  (or after a death, or with an alias no birth declared): it is dead-lettered ``no_birth``,
+  never guessed. Requests to one node are at least ``rebirth_backoff_s`` apart; one the
+  backoff holds back is owed and sent when it ends. Each is counted (``stats``) and noted
+  for the shell's log (``take_notes``).
 * A payload that is not a Sparkplug protobuf is dead-lettered ``invalid_protobuf``; the gap
   it leaves is filled by the rebirth.
 
