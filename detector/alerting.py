@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -170,8 +171,11 @@ class AlertTracker:
             )
         ]
 
-    def sensor_offline(self, machine_id: str, now: float) -> list[AlertEvent]:
-        """The sensor's status turned ``offline`` (its last will or a clean shutdown).
+    def sensor_offline(
+        self, machine_id: str, now: float, reason: OfflineReason = "last_will"
+    ) -> list[AlertEvent]:
+        """The sensor's status turned ``offline`` (its last will or a clean shutdown), or its
+        Sparkplug node or device announced its death (``reason`` ``ndeath`` / ``ddeath``).
 
         A machine no reading has been seen from is ignored: it has no state to change, and
         its status topic carries no production line to publish under.
@@ -179,16 +183,25 @@ class AlertTracker:
         machine = self.table.get(machine_id)
         if machine is None or machine.offline_since is not None:
             return []
-        return [self._offline(machine, now, "last_will")]
+        return [self._offline(machine, now, reason)]
 
-    def tick(self, now: float) -> list[AlertEvent]:
-        """Call periodically: machines silent for more than ``offline_after_s`` go OFFLINE."""
-        limit = self.policy.offline_after_s
-        return [
-            self._offline(machine, now, "silence")
-            for machine in sorted(self.table, key=lambda r: r.machine_id)
-            if machine.offline_since is None and now - machine.last_seen > limit
-        ]
+    def tick(
+        self, now: float, timeout_of: Callable[[str, float], float | None] | None = None
+    ) -> list[AlertEvent]:
+        """Call periodically: machines silent for more than ``offline_after_s`` go OFFLINE.
+
+        ``timeout_of(machine, offline_after_s)`` may set another limit per machine, or None
+        for none (a Sparkplug device reports by exception: it is offline on its death).
+        """
+        default = self.policy.offline_after_s
+        events = []
+        for machine in sorted(self.table, key=lambda r: r.machine_id):
+            if machine.offline_since is not None:
+                continue
+            limit = default if timeout_of is None else timeout_of(machine.machine_id, default)
+            if limit is not None and now - machine.last_seen > limit:
+                events.append(self._offline(machine, now, "silence"))
+        return events
 
     def state(self, machine_id: str) -> MachineState:
         """The current state of one machine (``KeyError`` if no reading was seen from it)."""
@@ -226,7 +239,10 @@ class AlertTracker:
     # -- transitions ------------------------------------------------------------------------
     def _raise(self, machine: MachineRecord, seq: int, now: float) -> AlertEvent:
         peak = max((r for r in machine.window if r.anomalous), key=lambda r: r.score)
-        machine.alert_id = f"{machine.machine_id}-{seq}"
+        # Unique for all time: a sequence number restarts (a Sparkplug rebirth, a sensor
+        # restarted with a new --seq-start), so the id is the machine, when the alert was
+        # raised (ms, detector clock) and the machine's episode count (journaled with it).
+        machine.alert_id = f"{machine.machine_id}-{round(now * 1000)}-{machine.alerts_raised + 1}"
         machine.alert_since = now
         machine.since = now
         machine.peak_score, machine.peak_explanation = peak.score, peak.explanation

@@ -353,7 +353,8 @@ class Engine:
                 self._score(pending, now)  # readings received before the death come first
                 pending.clear()
                 for machine in effects.offline:
-                    events = self.tracker.sensor_offline(machine, now)
+                    reason = effects.reasons.get(machine, "last_will")
+                    events = self.tracker.sensor_offline(machine, now, reason)
                     publishes += self._emit(outcome, events, [])
         return publishes
 
@@ -693,11 +694,19 @@ class Engine:
     # -- time and confirmations ---------------------------------------------------------------
     def tick(self, now: float) -> tuple[list[Publish], list[AlertEvent]]:
         """Machines silent for too long go OFFLINE: the publishes and events that says."""
-        events = self.tracker.tick(now)
+        events = self.tracker.tick(now, self._silence_timeout if self.extra_ingests else None)
         publishes = self._emit(None, events, [])
         if self.extra_ingests:
             publishes += self._ingest_effects(None, [], now)
         return publishes, events
+
+    def _silence_timeout(self, machine: str, default: float) -> float | None:
+        """The stateful ingest feeding ``machine`` decides its silence limit (Sparkplug: none)."""
+        for extra in self.extra_ingests:
+            limit = extra.silence_timeout(machine, default)
+            if limit != default:
+                return limit
+        return default
 
     def confirmed(self, publish: Publish) -> None:
         """The transport confirmed ``publish``: an event leaves its machine's outbox."""

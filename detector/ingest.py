@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from factorywatch.contracts import Telemetry
+from factorywatch.contracts import OfflineReason, Telemetry
 from factorywatch.detector.core import Decoder, Received
 from factorywatch.errors import PayloadError
 from factorywatch.topics import Topics
@@ -60,6 +60,8 @@ class IngestEffects:
     commands: list[Command] = field(default_factory=list)
     #: machines whose source announced their death (Sparkplug ``NDEATH``/``DDEATH``)
     offline: list[str] = field(default_factory=list)
+    #: why each of ``offline`` is offline (an ``OfflineReason``: ``ndeath``, ``ddeath``)
+    reasons: dict[str, OfflineReason] = field(default_factory=dict)
 
 
 class StatefulIngest(Ingest, Protocol):
@@ -70,6 +72,8 @@ class StatefulIngest(Ingest, Protocol):
     """
 
     name: str
+    #: counters by event since start (the metrics read them at each scrape)
+    stats: dict[str, int]
 
     def bind(self, channels: Sequence[str]) -> None:
         """Build readings with these channels from now on (the serving model's)."""
@@ -81,6 +85,15 @@ class StatefulIngest(Ingest, Protocol):
 
     def take_effects(self, now: float) -> IngestEffects:
         """Commands and deaths since the last call, and what timers due at ``now`` decided."""
+        ...
+
+    def take_notes(self) -> list[tuple[str, dict[str, Any]]]:
+        """Log events (name, fields) since the last call, for the shell to log."""
+        ...
+
+    def silence_timeout(self, machine: str, default: float) -> float | None:
+        """Seconds without readings before ``machine`` is OFFLINE: ``default`` for machines
+        this ingest does not feed; None: never by silence (reported by exception)."""
         ...
 
     def snapshot(self) -> dict[str, Any]:

@@ -6,10 +6,12 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 Health = Callable[[], tuple[bool, dict[str, Any]]]
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -91,10 +93,39 @@ class Metrics:
             registry=r,
         )
 
+    def watch_ingest(self, ingest: _CountingIngest) -> None:
+        """Expose a stateful ingest's counters (Sparkplug: births, deaths, gaps, rebirth
+        requests sent/suppressed, historical readings, ...) as
+        ``factorywatch_<name>_events_total{event=...}``, read at each scrape."""
+        self.registry.register(_IngestCollector(ingest))
+
     def set_model(self, version: str) -> None:
         """Expose ``version`` as the only model in use."""
         self.model.clear()
         self.model.labels(version=version).set(1)
+
+
+class _CountingIngest(Protocol):
+    name: str
+    stats: dict[str, int]
+
+
+class _IngestCollector(Collector):
+    """A stateful ingest's own counters, read when scraped (the pure ingest keeps them)."""
+
+    def __init__(self, ingest: _CountingIngest) -> None:
+        self.ingest = ingest
+
+    def collect(self) -> Iterable[Metric]:
+        """One counter family, one sample per event."""
+        family = CounterMetricFamily(
+            f"factorywatch_{self.ingest.name}_events",
+            f"{self.ingest.name} ingest events by kind",
+            labels=["event"],
+        )
+        for event, count in sorted(self.ingest.stats.items()):
+            family.add_metric([event], count)
+        yield family
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -9,11 +9,16 @@ sender may carry is decided here, from the registry ``factorywatch broker`` writ
 the dead-letter reason: ``unknown_machine`` (not registered: never creates state) or
 ``unauthorized_machine`` (registered, but this sender may not speak for it, or it claims
 another line than its registered one).
+
+Sparkplug B topics name the edge node (the login the ACL ties them to), the group and the
+device: ``Registry.check_sparkplug`` lets a registered edge node speak only in its own
+group, only for its registered devices (none registered: any), and never for a machine
+registered otherwise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +34,8 @@ class Registry:
     lines: dict[str, str]
     direct: frozenset[str]
     gateways: dict[str, frozenset[str]]
+    #: Sparkplug edge node -> (its group, its devices; empty: any)
+    edge_nodes: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
 
     @classmethod
     def from_accounts(cls, accounts: AccountRegistry) -> Registry:
@@ -37,6 +44,7 @@ class Registry:
             lines={m: e.line for m, e in accounts.machines.items()},
             direct=frozenset(m for m, e in accounts.machines.items() if e.direct),
             gateways={g: frozenset(e.machines) for g, e in accounts.gateways.items()},
+            edge_nodes={n: (e.line, frozenset(e.devices)) for n, e in accounts.edge_nodes.items()},
         )
 
     @classmethod
@@ -75,6 +83,24 @@ class Registry:
         if machine_id in self.gateways.get(sender, frozenset()):
             return None
         return "unauthorized_machine"
+
+    def check_sparkplug(
+        self, group: str, node: str, device: str | None, machine_id: str
+    ) -> RegistryReason | None:
+        """May edge node ``node`` publish in ``group`` for ``device`` (machine ``machine_id``)?
+
+        Only a registered edge node, in its own group, for its registered devices (or any
+        when it registered none), and never as a machine registered as a JSON sender.
+        """
+        entry = self.edge_nodes.get(node)
+        if entry is None:
+            return "unauthorized_machine"
+        line, devices = entry
+        if group != line or machine_id in self.lines:
+            return "unauthorized_machine"
+        if device is not None and devices and device not in devices:
+            return "unauthorized_machine"
+        return None
 
     def machine_line(self, machine_id: str) -> str | None:
         """The registered line of ``machine_id`` (None when unknown)."""

@@ -45,7 +45,6 @@ from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.mqtt_transport import PahoTransport
 from factorywatch.detector.registry import Registry
 from factorywatch.detector.transport import Transport
-from factorywatch.errors import FactorywatchError
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import Topics, sparkplug_filters
@@ -89,7 +88,9 @@ def engine_settings(
     )
 
 
-def _sparkplug(settings: DetectorSettings) -> tuple[list[StatefulIngest], list[str]]:
+def _sparkplug(
+    settings: DetectorSettings, registry: Registry | None = None
+) -> tuple[list[StatefulIngest], list[str]]:
     """The Sparkplug B ingest and its subscriptions, when enabled (else none)."""
     if not settings.sparkplug:
         return [], []
@@ -101,10 +102,12 @@ def _sparkplug(settings: DetectorSettings) -> tuple[list[StatefulIngest], list[s
             reorder_timeout_s=settings.sparkplug_reorder_timeout_s,
             rebirth_backoff_s=settings.sparkplug_rebirth_backoff_s,
             max_clock_skew_s=settings.max_clock_skew_s,
+            silence_timeout_s=settings.sparkplug_silence_timeout_s,
         ),
         groups or None,
         # the detector's own verdicts (Sparkplug out) are not readings
         ignore_groups=[settings.sparkplug_out_group] if settings.sparkplug_out else (),
+        registry=registry,
     )
     return [ingest], sparkplug_filters(groups or None)
 
@@ -113,17 +116,18 @@ def _sparkplug_out(settings: DetectorSettings, broker: BrokerSettings) -> Sparkp
     """The detector's own Sparkplug edge node for verdicts, when enabled (else None)."""
     if not settings.sparkplug_out:
         return None
-    if broker.authenticates:
-        # Its second connection would log in with the detector's account, and with client
-        # ids bound to logins (use_username_as_clientid) the two would take each other over.
-        raise FactorywatchError(
-            "Sparkplug out is not supported on an authenticating broker yet: it needs an "
-            "account of its own (run it against an open broker, or leave it off)"
-        )
-    from factorywatch.detector.sparkplug_out import SparkplugOut  # noqa: PLC0415
+    from factorywatch.detector.sparkplug_out import SparkplugOut, out_broker  # noqa: PLC0415
 
+    if broker.authenticates:
+        # Its own connection needs its own account: client ids are bound to logins
+        # (use_username_as_clientid), and the ACL ties an edge node's topics to its login.
+        out = out_broker(
+            broker, settings.sparkplug_out_username, settings.sparkplug_out_password_file
+        )
+        node = out.username or ""
+        return SparkplugOut(out, node, settings.sparkplug_out_group, node)
     node = settings.sparkplug_out_node or settings.client_id
-    return SparkplugOut(broker, settings.client_id, settings.sparkplug_out_group, node)
+    return SparkplugOut(broker, f"{settings.client_id}-spb", settings.sparkplug_out_group, node)
 
 
 class DetectorService:
@@ -146,12 +150,15 @@ class DetectorService:
         self.metrics = Metrics()
         self.metrics.set_model(model.version)
         self.stop = stop if stop is not None else threading.Event()
-        extra, spb_filters = _sparkplug(settings)
+        spb_settings = engine_settings(settings, broker)
+        extra, spb_filters = _sparkplug(settings, spb_settings.registry)
+        for ingest in extra:
+            self.metrics.watch_ingest(ingest)
         self.spb_out = _sparkplug_out(settings, broker)
         self.engine = Engine(
             model,
             self.topics,
-            engine_settings(settings, broker),
+            spb_settings,
             extra_ingests=extra,
             router=make_router(settings.asset_config, model),
         )
@@ -282,6 +289,9 @@ class DetectorService:
         for publish in publishes:
             self._send(publish, None)
         log_events(events, self.metrics)
+        for ingest in self.engine.extra_ingests:
+            for name, fields in ingest.take_notes():
+                log.info(name, **fields)
         if self.spb_out is not None:
             for event in events:
                 self.spb_out.observe(self.engine.tracker.state(event.machine_id), None)

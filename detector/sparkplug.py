@@ -5,19 +5,29 @@ Pure: values in, values out (the protobuf codec is esio-spb-builder's generated 
 
 What it keeps per edge node (``<group>/<edge node>``): the ``bdSeq`` of its birth, the
 birth's timestamp (the epoch its sequence numbers count from), the last sequence number as
-an *extended* number that keeps counting past the wrap at 255, and the numbers still missing
-from a gap; per device (and the node's own metrics): the alias table and the last-known
-value and timestamp of every metric, from its birth certificate on.
+an *extended* number that keeps counting past the wrap at 255, the CRC-32 of the newest
+message seen with each of the 256 numbers (a redelivery is told from a wrapped gap by it), and
+the numbers still missing from a gap; per device (and the node's own metrics): the alias and
+data-type tables and the last-known value and timestamp of every metric, from its birth
+certificate on.
 
+* With a registry, only a registered edge node, in its own group, for its devices, is read
+  (``unauthorized_machine`` otherwise, before any state is made).
 * ``NBIRTH``/``DBIRTH`` build the tables (a birth is a reading too, when it carries every
-  channel the model needs); ``NDATA``/``DDATA`` update the values they carry and become one
-  reading of that device with every last-known value.
+  channel the model needs); ``NDATA``/``DDATA`` update the values they carry (each read as
+  the data type its birth declared; a value of another type dead-letters the message
+  ``type_mismatch``) and become one reading of that device with every last-known value;
+  historical values are scored but never become the last-known ones.
 * ``NDEATH`` whose ``bdSeq`` matches the birth's marks the node and all its devices OFFLINE
-  and their values stale (a death of an older session is ignored); ``DDEATH`` one device.
-* A gap in the sequence numbers not filled within ``reorder_timeout_s`` asks the node for a
-  rebirth (``NCMD`` ``Node Control/Rebirth`` = true). So does data before any birth (or after
-  a death, or with an alias no birth declared): it is dead-lettered ``no_birth``, never
-  guessed. Requests to one node are at least ``rebirth_backoff_s`` apart.
+  (reason ``ndeath``) and their values stale (a death of an older session is ignored);
+  ``DDEATH`` one device (``ddeath``). A device is never OFFLINE by silence unless
+  ``silence_timeout_s`` says so: it reports by exception.
+* A gap in the sequence numbers (1 to 255) not filled within ``reorder_timeout_s`` asks the
+  node for a rebirth (``NCMD`` ``Node Control/Rebirth`` = true). So does data before any birth
+  (or after a death, or with an alias no birth declared): it is dead-lettered ``no_birth``,
+  never guessed. Requests to one node are at least ``rebirth_backoff_s`` apart; one the
+  backoff holds back is owed and sent when it ends. Each is counted (``stats``) and noted
+  for the shell's log (``take_notes``).
 * A payload that is not a Sparkplug protobuf is dead-lettered ``invalid_protobuf``; the gap
   it leaves is filled by the rebirth.
 
@@ -36,8 +46,10 @@ the same identity and digest, so the engine drops it as a duplicate.
 
 from __future__ import annotations
 
+import base64
 import math
 import re
+import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,9 +60,10 @@ from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
 from factorywatch.channels import canonical
-from factorywatch.contracts import AI4I_CHANNELS, MAX_BATCH_BYTES, Telemetry
+from factorywatch.contracts import AI4I_CHANNELS, MAX_BATCH_BYTES, OfflineReason, Telemetry
 from factorywatch.detector.core import Received
 from factorywatch.detector.ingest import Command, IngestEffects, Reading
+from factorywatch.detector.registry import Registry
 from factorywatch.errors import PayloadError
 from factorywatch.sparkplug_codec import BD_SEQ_METRIC, BOOLEAN, REBIRTH_METRIC, add_metric
 from factorywatch.topics import (
@@ -61,7 +74,7 @@ from factorywatch.topics import (
     sparkplug_topic,
 )
 
-SNAPSHOT_VERSION: Final = 1
+SNAPSHOT_VERSION: Final = 2  # 2: birth data types, seen seqs, owed rebirths
 PRODUCT_TYPE: Final = "product_type"
 _SEQ_MODULO: Final = 256
 _MAX_MISSING: Final = 256  # a larger gap is one rebirth anyway
@@ -71,7 +84,6 @@ _NOT_ID_CHAR: Final = re.compile(r"[^A-Za-z0-9_.-]")
 # Sparkplug B data types (sparkplug_b.proto's DataType enum) the ingest reads as numbers.
 _SIGNED_BITS: Final = {1: 8, 2: 16, 3: 32, 4: 64}  # Int8..Int64, two's complement in uints
 _UNSIGNED: Final = {5: 8, 6: 16, 7: 32, 8: 64}  # UInt8..UInt64
-_FLOATS: Final = frozenset({9, 10})  # Float, Double
 _STRINGS: Final = frozenset({12, 14})  # String, Text
 _CONTROLS: Final = ("Node Control/", "Device Control/", "Properties/")
 
@@ -121,30 +133,53 @@ def _parse(payload: bytes) -> Any:
     return parsed
 
 
-def _value(metric: Any) -> float | str | None:
-    """A metric's value as a number (or text for String/Text); None when null or unreadable.
+_INTS: Final = frozenset({"int_value", "long_value"})
+#: The value field each data type travels in (sparkplug_b.proto; Tahu sends UInt32 and the
+#: 64-bit types as ``long_value``, the smaller ones as ``int_value``: either is read).
+_FIELDS: Final[dict[int, frozenset[str]]] = {
+    **dict.fromkeys((*_SIGNED_BITS, *_UNSIGNED), _INTS),
+    9: frozenset({"float_value"}),
+    10: frozenset({"double_value"}),
+    BOOLEAN: frozenset({"boolean_value"}),
+    **{t: frozenset({"string_value"}) for t in _STRINGS},
+}
 
-    Signed integers travel as their two's complement in the unsigned ``int_value`` /
-    ``long_value`` fields (Tahu's encoding): the data type says how to read them back.
+
+class _TypeMismatchError(Exception):
+    """A metric's value is not of the data type its birth declared."""
+
+
+def _value(metric: Any, datatype: int) -> float | str | None:
+    """A metric's value as its birth's ``datatype`` says (a number, or text for String/Text).
+
+    None when null, or for a type that is not a channel (DateTime, arrays, datasets, ...).
+    Raises ``_TypeMismatchError`` when the metric carries another data type than its birth or its
+    value in another field (a String "40" for a Float metric is not 40). Signed integers
+    travel as their two's complement in the unsigned ``int_value`` / ``long_value`` fields
+    (Tahu's encoding): the data type says how to read them back.
     """
+    if metric.datatype and metric.datatype != datatype:
+        raise _TypeMismatchError(f"sent as data type {metric.datatype}, born as {datatype}")
     field_name = metric.WhichOneof("value")
     if metric.is_null or field_name is None:
         return None
-    datatype = metric.datatype
-    if field_name in ("int_value", "long_value") and datatype in _SIGNED_BITS | _UNSIGNED:
+    fields = _FIELDS.get(datatype)
+    if fields is None:
+        return None  # DateTime, UUID, bytes, arrays, datasets, templates: not a channel
+    if field_name not in fields:
+        raise _TypeMismatchError(f"a {field_name} for a metric born as data type {datatype}")
+    if field_name in _INTS:
         raw = int(getattr(metric, field_name))
         bits = _SIGNED_BITS.get(datatype)
         if bits is not None:
             raw &= (1 << bits) - 1
             raw = raw - (1 << bits) if raw >= 1 << (bits - 1) else raw
         return float(raw)
-    if field_name in ("float_value", "double_value") and datatype in _FLOATS:
-        return float(getattr(metric, field_name))
-    if field_name == "boolean_value" and datatype == BOOLEAN:
+    if field_name == "boolean_value":
         return 1.0 if metric.boolean_value else 0.0
-    if field_name == "string_value" and datatype in _STRINGS:
+    if field_name == "string_value":
         return str(metric.string_value)
-    return None  # DateTime, arrays, datasets, templates, bytes: not a channel
+    return float(getattr(metric, field_name))
 
 
 def rebirth_request(group: str, node: str, now: float) -> Command:
@@ -158,11 +193,12 @@ def rebirth_request(group: str, node: str, now: float) -> Command:
 # -- state -----------------------------------------------------------------------------------------
 @dataclass(slots=True)
 class _Device:
-    """A device (or a node's own metrics): its alias table and last-known values."""
+    """A device (or a node's own metrics): its birth's tables and last-known values."""
 
     machine_id: str
     aliases: dict[int, str] = field(default_factory=dict)
-    names: set[str] = field(default_factory=set)
+    #: metric name -> data type, as the birth declared it (DATA need not repeat it)
+    types: dict[str, int] = field(default_factory=dict)
     values: dict[str, float] = field(default_factory=dict)
     stamps: dict[str, int] = field(default_factory=dict)
     product_type: str | None = None
@@ -180,8 +216,14 @@ class _Node:
     born: bool = False
     last: int = 0  # extended seq of the newest message since the birth
     missing: dict[int, float] = field(default_factory=dict)  # extended seq -> deadline
+    #: seq (0..255) -> CRC-32 of the newest message seen with it since the birth (a message
+    #: seen again is a redelivery, anything else is new: a gap up to 255 is a gap); its
+    #: extended number is the newest one with that seq up to ``last`` (``_extended``)
+    seen: dict[int, int] = field(default_factory=dict)
     devices: dict[str, _Device] = field(default_factory=dict)  # "" = the node's own metrics
     next_rebirth: float = 0.0
+    #: a rebirth is owed but the backoff held it back: sent as soon as the backoff ends
+    rebirth_owed: bool = False
 
 
 @dataclass(slots=True)
@@ -190,12 +232,30 @@ class _Update:
 
     timestamp_ms: int = 0
     values: dict[str, float | None] = field(default_factory=dict)
+    #: each channel's (and the product type's) own timestamp, ms
+    stamps: dict[str, int] = field(default_factory=dict)
     product_type: str | None = None
     unknown: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    #: every channel it carries is historical (store-and-forward data, not the present)
+    historical: bool = False
 
 
 def _node_key(topic: SparkplugTopic) -> str:
     return f"{topic.group}/{topic.node}"
+
+
+#: The counters the ingest keeps (the detector's metrics show them).
+STAT_NAMES: Final = (
+    "births",
+    "deaths",
+    "gaps",
+    "rebirth_requests_sent",
+    "rebirth_requests_suppressed",
+    "historical_readings",
+    "type_mismatches",
+    "refused",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +265,9 @@ class SparkplugSettings:
     reorder_timeout_s: float = 2.0
     rebirth_backoff_s: float = 5.0
     max_clock_skew_s: float = 7 * 24 * 3600.0
+    #: seconds without data after which a living device counts as OFFLINE (None: never; a
+    #: Sparkplug device reports by exception and is offline on its or its node's death)
+    silence_timeout_s: float | None = None
 
 
 class SparkplugIngest:
@@ -218,18 +281,26 @@ class SparkplugIngest:
         groups: Sequence[str] | None = None,
         *,
         ignore_groups: Sequence[str] = (),
+        registry: Registry | None = None,
     ) -> None:
         self.settings = settings if settings is not None else SparkplugSettings()
         self.groups = frozenset(groups) if groups else None
         #: groups whose messages are consumed silently (the detector's own Sparkplug out)
         self.ignore_groups = frozenset(ignore_groups)
+        #: who may speak for which edge node and device (None: an open broker, no check)
+        self.registry = registry
         self.channels: tuple[str, ...] = AI4I_CHANNELS
         self.nodes: dict[str, _Node] = {}
         self._owners: dict[str, str] = {}  # machine id -> "<group>/<node>/<device>"
         self._gapped: set[str] = set()  # nodes with missing sequence numbers
+        self._owed: set[str] = set()  # nodes owed a rebirth request the backoff held back
         self._dirty: set[str] = set()  # nodes changed since the last ``changes``
         self._effects = IngestEffects()
         self._prefix = f"{SPARKPLUG_NAMESPACE}/"
+        #: counters since start (births, deaths, gaps, rebirth requests sent/suppressed, ...)
+        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        #: what the shell should log (event name, fields), drained by ``take_notes``
+        self._notes: list[tuple[str, dict[str, Any]]] = []
 
     # -- the Ingest protocol ---------------------------------------------------------------------
     def accepts(self, topic: str) -> bool:
@@ -250,6 +321,19 @@ class SparkplugIngest:
         """Build readings with the serving model's channels."""
         self.channels = tuple(channels)
 
+    def silence_timeout(self, machine: str, default: float) -> float | None:
+        """How long ``machine`` may be silent before it is OFFLINE: ``default`` for machines
+        that are not Sparkplug devices; for a device the configured timeout (None: never, it
+        is offline on its death or its node's)."""
+        if machine not in self._owners:
+            return default
+        return self.settings.silence_timeout_s
+
+    def take_notes(self) -> list[tuple[str, dict[str, Any]]]:
+        """Log events (name, fields) since the last call: rebirth requests sent/suppressed."""
+        notes, self._notes = self._notes, []
+        return notes
+
     def take_effects(self, now: float) -> IngestEffects:
         """Rebirth requests and deaths since the last call; gaps past their timeout at ``now``."""
         for key in sorted(self._gapped):
@@ -257,10 +341,18 @@ class SparkplugIngest:
             if not node.missing:
                 self._gapped.discard(key)
             elif min(node.missing.values()) <= now:
+                lost = len(node.missing)
                 node.missing.clear()
                 self._dirty.add(key)
                 self._gapped.discard(key)
-                self._request_rebirth(key, node, now)
+                self._request_rebirth(key, node, now, f"{lost} message(s) missing")
+        for key in sorted(self._owed):
+            node = self.nodes[key]
+            if not node.rebirth_owed:
+                self._owed.discard(key)
+            elif now >= node.next_rebirth:
+                self._owed.discard(key)
+                self._request_rebirth(key, node, now, "owed since the backoff")
         effects, self._effects = self._effects, IngestEffects()
         return effects
 
@@ -269,7 +361,22 @@ class SparkplugIngest:
         topic = parse_sparkplug(message.topic)
         if topic.group in self.ignore_groups:
             return []
+        self._authorize(topic)
         return self._decode(topic, message)
+
+    def _authorize(self, topic: SparkplugTopic) -> None:
+        """The registry decides who may speak for which edge node and device (refused:
+        dead-lettered before any state is made, so it creates no machine)."""
+        if self.registry is None:
+            return
+        machine = machine_id(topic.node, topic.device)
+        refused = self.registry.check_sparkplug(topic.group, topic.node, topic.device, machine)
+        if refused is not None:
+            self.stats["refused"] += 1
+            raise PayloadError(
+                refused,
+                f"edge node {topic.node!r} may not speak for {topic.group}/{machine} (registry)",
+            )
 
     def _decode(self, topic: SparkplugTopic, message: Received) -> list[Reading | PayloadError]:
         payload = _parse(message.payload)
@@ -282,29 +389,52 @@ class SparkplugIngest:
             return []
         if topic.kind == "NBIRTH":
             self._node_birth(node, payload)
-        seq = self._sequence(node, payload, now) if node.born else None
+        seq = self._sequence(node, payload, message) if node.born else None
         self.gapped(key)
         if seq is None:
             why = "no NBIRTH (since a death or start)" if not node.born else "older than NBIRTH"
             return [self._no_birth(key, node, now, why)]
         device_key = topic.device or ""
         if topic.kind in ("NBIRTH", "DBIRTH"):
+            self.stats["births"] += 1
             node.devices[device_key] = _Device(self._claim(topic))
         device = node.devices.get(device_key)
         if topic.kind == "DDEATH":
             if device is not None and device.alive:
-                device.alive = False
-                device.values.clear()
-                self._effects.offline.append(device.machine_id)
+                self._device_death(device, "ddeath")
             return []
         if device is None or not device.alive:
             return [self._no_birth(key, node, now, f"no DBIRTH for device {topic.device!r}")]
-        birth = topic.kind in ("NBIRTH", "DBIRTH")
-        update = self._apply(device, payload, birth=birth)
+        return self._data(topic, node, device, payload, seq=seq, message=message)
+
+    def _data(
+        self,
+        topic: SparkplugTopic,
+        node: _Node,
+        device: _Device,
+        payload: Any,
+        *,
+        seq: int,
+        message: Received,
+    ) -> list[Reading | PayloadError]:
+        """A living device's birth or data: its reading, or why there is none."""
+        update = self._read(device, payload, birth=topic.kind in ("NBIRTH", "DBIRTH"))
         if update.unknown:
             why = f"metrics no birth declared: {update.unknown[:5]}"
-            return [self._no_birth(key, node, now, why)]
+            return [self._no_birth(_node_key(topic), node, message.received_at, why)]
+        if update.mismatched:
+            self.stats["type_mismatches"] += 1
+            return [
+                PayloadError(
+                    "type_mismatch",
+                    f"{device.machine_id}: not the data type of their birth, not read: "
+                    f"{update.mismatched[:5]}",
+                )
+            ]
+        self._keep(device, update)
         reading = self._reading(topic, node, device, update, seq=seq, message=message)
+        if isinstance(reading, Reading) and update.historical:
+            self.stats["historical_readings"] += 1
         return [] if reading is None else [reading]
 
     # -- births, deaths, sequence numbers ----------------------------------------------------------
@@ -314,8 +444,11 @@ class SparkplugIngest:
         node.birth_ms = int(payload.timestamp)
         node.born = True
         node.missing.clear()
+        node.seen.clear()
+        node.rebirth_owed = False  # the births asked for are here
         for device in node.devices.values():
             device.alive = False  # every device must be born again after its node
+        # tck-id-topics-nbirth-seq-num: an NBIRTH's seq is 0 (another value is taken as is)
         node.last = int(payload.seq) if payload.HasField("seq") else 0
 
     def _node_death(self, node: _Node, payload: Any) -> None:
@@ -324,32 +457,62 @@ class SparkplugIngest:
             return  # the will of an older session, delivered late: this session lives on
         node.born = False
         node.missing.clear()
+        node.rebirth_owed = False
         for device in node.devices.values():
             if device.alive:
-                device.alive = False
-                device.values.clear()
-                self._effects.offline.append(device.machine_id)
+                self._device_death(device, "ndeath")
 
-    def _sequence(self, node: _Node, payload: Any, now: float) -> int | None:
-        """The message's extended sequence number; notes gaps and fills them.
+    def _device_death(self, device: _Device, reason: OfflineReason) -> None:
+        """A device dies: OFFLINE, its values stale (data needs a new birth)."""
+        self.stats["deaths"] += 1
+        device.alive = False
+        device.values.clear()
+        self._effects.offline.append(device.machine_id)
+        self._effects.reasons[device.machine_id] = reason
 
-        Serial-number arithmetic on 8 bits: up to 127 ahead of the newest is new (the numbers
-        skipped are missing until ``reorder_timeout_s``), anything else is late or a
-        redelivery of an older message.
+    def _sequence(self, node: _Node, payload: Any, message: Received) -> int | None:
+        """The message's extended sequence number (counting on past the wrap at 255).
+
+        A message seen before (same seq and CRC-32: a redelivery) gets the number it had; one
+        that fills a gap (less than 128 behind the newest) gets the missing number; anything
+        else is the next message, and the
+        numbers it skipped (1 to 255 of them; a seq equal to the newest one with other bytes
+        skipped 255) are missing until ``reorder_timeout_s``, then a rebirth is requested
+        (tck-id-operational-behavior-host-reordering-start/-rebirth/-success).
         """
         if not payload.HasField("seq"):
             return node.last
         seq = int(payload.seq) % _SEQ_MODULO
-        delta = (seq - node.last) % _SEQ_MODULO
-        if delta == 0 or delta >= _SEQ_MODULO // 2:
-            extended = node.last - ((_SEQ_MODULO - delta) % _SEQ_MODULO)
-            node.missing.pop(extended, None)
-            return extended if extended >= 0 else None
+        crc = zlib.crc32(message.payload)
+        if node.seen.get(seq) == crc:
+            return _extended(node.last, seq)
+        if not node.seen and seq == node.last % _SEQ_MODULO:
+            node.seen[seq] = crc  # the NBIRTH itself: the session's first number
+            return node.last
+        # A late message is a little behind the newest; a number that far back is new
+        # again (the edge node wrapped after a gap of more than half the range).
+        filled = next(
+            (
+                s
+                for s in node.missing
+                if s % _SEQ_MODULO == seq and node.last - s < _SEQ_MODULO // 2
+            ),
+            None,
+        )
+        if filled is not None:
+            node.missing.pop(filled)
+            node.seen[seq] = crc
+            return filled
+        delta = (seq - node.last) % _SEQ_MODULO or _SEQ_MODULO
         extended = node.last + delta
-        deadline = now + self.settings.reorder_timeout_s
-        for gap in range(max(node.last + 1, extended - _MAX_MISSING), extended):
-            node.missing.setdefault(gap, deadline)
+        if delta > 1:
+            self.stats["gaps"] += 1
+            deadline = message.received_at + self.settings.reorder_timeout_s
+            for gap in range(max(node.last + 1, extended - _MAX_MISSING), extended):
+                node.missing.setdefault(gap, deadline)
+                node.seen.pop(gap % _SEQ_MODULO, None)  # a lap ago: not the newest with it
         node.last = extended
+        node.seen[seq] = crc
         return extended
 
     def gapped(self, key: str) -> None:
@@ -357,16 +520,38 @@ class SparkplugIngest:
         if self.nodes[key].missing:
             self._gapped.add(key)
 
-    def _request_rebirth(self, key: str, node: _Node, now: float) -> None:
-        if now < node.next_rebirth:
-            return
-        node.next_rebirth = now + self.settings.rebirth_backoff_s
+    def _request_rebirth(self, key: str, node: _Node, now: float, why: str) -> bool:
+        """Ask ``key`` for its births (``NCMD`` ``Node Control/Rebirth``) unless the backoff
+        holds it back; then it is owed and sent when the backoff ends. Whether it was sent."""
         group, _, edge = key.partition("/")
+        if now < node.next_rebirth:
+            self.stats["rebirth_requests_suppressed"] += 1
+            node.rebirth_owed = True
+            self._owed.add(key)
+            self._notes.append(
+                (
+                    "sparkplug_rebirth_suppressed",
+                    {"edge_node": key, "why": why, "retry_in_s": round(node.next_rebirth - now, 3)},
+                )
+            )
+            return False
+        node.next_rebirth = now + self.settings.rebirth_backoff_s
+        node.rebirth_owed = False
+        self.stats["rebirth_requests_sent"] += 1
         self._effects.commands.append(rebirth_request(group, edge, now))
+        self._notes.append(("sparkplug_rebirth_requested", {"edge_node": key, "why": why}))
+        return True
 
     def _no_birth(self, key: str, node: _Node, now: float, why: str) -> PayloadError:
-        self._request_rebirth(key, node, now)
-        return PayloadError("no_birth", f"{why}: a rebirth was requested from {key}")
+        if self._request_rebirth(key, node, now, why):
+            return PayloadError("no_birth", f"{why}: a rebirth was requested from {key}")
+        wait = node.next_rebirth - now
+        return PayloadError(
+            "no_birth",
+            f"{why}: a rebirth request to {key} was held back by the backoff "
+            f"(one was sent less than {self.settings.rebirth_backoff_s:g} s ago; "
+            f"the next goes out in {wait:.1f} s)",
+        )
 
     def _claim(self, topic: SparkplugTopic) -> str:
         """The machine id of a device being born; refused if another device maps to it."""
@@ -381,10 +566,11 @@ class SparkplugIngest:
         return machine
 
     # -- metrics and readings ----------------------------------------------------------------------
-    def _apply(self, device: _Device, payload: Any, *, birth: bool) -> _Update:
-        """The payload's metrics; the device keeps each one's newest value (by timestamp)."""
-        default_ms = int(payload.timestamp)
-        update = _Update(timestamp_ms=default_ms)
+    def _read(self, device: _Device, payload: Any, *, birth: bool) -> _Update:
+        """What the payload's metrics say, each read as the data type its birth declared."""
+        update = _Update(timestamp_ms=int(payload.timestamp))
+        historical: list[bool] = []
+        newest_ms = 0
         for metric in payload.metrics:
             name = self._declare(device, metric) if birth else self._resolve(device, metric)
             if name is None:
@@ -396,7 +582,11 @@ class SparkplugIngest:
                 channel = channel_name(name)
             except ValueError:
                 continue
-            value = _value(metric)
+            try:
+                value = _value(metric, device.types.get(name, 0))
+            except _TypeMismatchError as exc:
+                update.mismatched.append(f"{name}: {exc}")
+                continue
             if channel == PRODUCT_TYPE:
                 if not isinstance(value, str):
                     continue
@@ -405,23 +595,41 @@ class SparkplugIngest:
                 update.values[channel] = value
             else:
                 continue
-            stamp = int(metric.timestamp) if metric.HasField("timestamp") else default_ms
-            if stamp < device.stamps.get(channel, 0):
-                continue  # a late message: the newer value stays the last-known one
-            device.stamps[channel] = stamp
-            if isinstance(value, float):
-                device.values[channel] = value
-            elif value is None:
-                device.values.pop(channel, None)
-            else:
-                device.product_type = value
+            historical.append(bool(metric.is_historical))
+            if metric.HasField("timestamp"):
+                update.stamps[channel] = int(metric.timestamp)
+                newest_ms = max(newest_ms, update.stamps[channel])
+        update.historical = bool(historical) and all(historical)
+        if update.historical and newest_ms:
+            # store-and-forward data: the reading is of when it was measured, not sent
+            update.timestamp_ms = newest_ms
         return update
 
     @staticmethod
+    def _keep(device: _Device, update: _Update) -> None:
+        """The device keeps each channel's newest value (by timestamp); historical values
+        never replace the present ones."""
+        if update.historical:
+            return
+        for channel, value in update.values.items():
+            stamp = update.stamps.get(channel, update.timestamp_ms)
+            if stamp < device.stamps.get(channel, 0):
+                continue  # a late message: the newer value stays the last-known one
+            device.stamps[channel] = stamp
+            if value is None:
+                device.values.pop(channel, None)
+            else:
+                device.values[channel] = value
+        stamp = update.stamps.get(PRODUCT_TYPE, update.timestamp_ms)
+        if update.product_type is not None and stamp >= device.stamps.get(PRODUCT_TYPE, 0):
+            device.stamps[PRODUCT_TYPE] = stamp
+            device.product_type = update.product_type
+
+    @staticmethod
     def _declare(device: _Device, metric: Any) -> str:
-        """A birth's metric: its name goes into the device's tables ("" if it has none)."""
+        """A birth's metric: its name, alias and data type go into the device's tables."""
         if metric.name:
-            device.names.add(metric.name)
+            device.types[metric.name] = int(metric.datatype)
             if metric.HasField("alias"):
                 device.aliases[int(metric.alias)] = metric.name
         return str(metric.name)
@@ -430,7 +638,7 @@ class SparkplugIngest:
     def _resolve(device: _Device, metric: Any) -> str | None:
         """A data message's metric: its name, by name or alias; None if no birth declared it."""
         if metric.name:
-            return str(metric.name) if metric.name in device.names else None
+            return str(metric.name) if metric.name in device.types else None
         if metric.HasField("alias"):
             return device.aliases.get(int(metric.alias))
         return None
@@ -498,10 +706,11 @@ class SparkplugIngest:
         self.nodes.clear()
         self._owners.clear()
         self._gapped.clear()
+        self._owed.clear()
         self._dirty.clear()
         if not data:
             return
-        if data.get("version") != SNAPSHOT_VERSION:
+        if data.get("version") not in (1, SNAPSHOT_VERSION):
             raise ValueError(f"unknown Sparkplug snapshot version {data.get('version')!r}")
         self.restore_changes(data["nodes"])
 
@@ -519,6 +728,29 @@ class SparkplugIngest:
                 self._owners[device.machine_id] = f"{key}/{device_key}"
             self.nodes[key] = node
             self.gapped(key)
+            if node.rebirth_owed:
+                self._owed.add(key)
+
+
+def _extended(last: int, seq: int) -> int:
+    """The newest extended sequence number up to ``last`` whose 8 bits are ``seq``."""
+    return last - (last - seq) % _SEQ_MODULO
+
+
+def _pack_seen(seen: dict[int, int]) -> str:
+    """The seen table as base64 of 256 little-endian uint32 CRCs (0: none; 1.4 KB where a
+    JSON list took 4 KB in every journaled change of the node)."""
+    table = [0] * _SEQ_MODULO
+    for seq, crc in seen.items():
+        table[seq] = crc
+    return base64.b64encode(struct.pack(f"<{_SEQ_MODULO}I", *table)).decode()
+
+
+def _unpack_seen(text: str) -> dict[int, int]:
+    if not text:
+        return {}
+    table = struct.unpack(f"<{_SEQ_MODULO}I", base64.b64decode(text))
+    return {seq: crc for seq, crc in enumerate(table) if crc}
 
 
 def _node_snapshot(node: _Node) -> dict[str, Any]:
@@ -528,11 +760,13 @@ def _node_snapshot(node: _Node) -> dict[str, Any]:
         "born": node.born,
         "last": node.last,
         "missing": [[s, d] for s, d in node.missing.items()],
+        "seen": _pack_seen(node.seen),
+        "rebirth_owed": node.rebirth_owed,
         "devices": {
             key: {
                 "machine_id": d.machine_id,
                 "aliases": [[a, name] for a, name in d.aliases.items()],
-                "names": sorted(d.names),
+                "types": d.types,
                 "values": d.values,
                 "stamps": d.stamps,
                 "product_type": d.product_type,
@@ -547,18 +781,21 @@ def _node_restore(data: dict[str, Any]) -> _Node:
     node = _Node(
         bd_seq=data["bd_seq"],
         birth_ms=int(data["birth_ms"]),
-        born=bool(data["born"]),
+        # a version 1 node kept no data types: it must be born again (a rebirth is asked)
+        born=bool(data["born"]) and "seen" in data,
         last=int(data["last"]),
         missing={int(s): float(d) for s, d in data["missing"]},
+        seen=_unpack_seen(data.get("seen", "")),
+        rebirth_owed=bool(data.get("rebirth_owed", False)),
     )
     for key, d in data["devices"].items():
         node.devices[key] = _Device(
             machine_id=d["machine_id"],
             aliases={int(a): str(name) for a, name in d["aliases"]},
-            names=set(d["names"]),
+            types={str(n): int(t) for n, t in d.get("types", {}).items()},
             values={str(c): float(v) for c, v in d["values"].items()},
             stamps={str(c): int(v) for c, v in d["stamps"].items()},
             product_type=d["product_type"],
-            alive=bool(d["alive"]),
+            alive=bool(d["alive"]) and "types" in d,
         )
     return node

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
@@ -41,6 +42,7 @@ import structlog
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import MachineState, Verdict
+from factorywatch.errors import FactorywatchError
 from factorywatch.settings import BrokerSettings
 from factorywatch.sparkplug_codec import (
     BOOLEAN,
@@ -107,7 +109,13 @@ class VerdictNode(SparkplugNode):
     def _add(self, payload: Any, name: str, value: Value, now_ms: int, *, birth: bool) -> None:
         alias, datatype = METRICS[name]
         add_metric(
-            payload, value, now_ms, datatype=datatype, name=name if birth else None, alias=alias
+            payload,
+            value,
+            now_ms,
+            datatype=datatype,
+            name=name if birth else None,
+            alias=alias,
+            typed=birth,  # DDATA leaves data types out, as the specification says
         )
 
     def births(self, now_ms: int) -> list[Message]:
@@ -140,6 +148,33 @@ class VerdictNode(SparkplugNode):
         return [self.device_message("DDATA", machine, payload)]
 
 
+def out_broker(
+    broker: BrokerSettings, username: str | None, password_file: Path | None
+) -> BrokerSettings:
+    """The broker settings of Sparkplug out's own account on an authenticating broker.
+
+    Its own account (``broker add-user NAME --role edge-node --line factorywatch``): client
+    ids are bound to logins, so it cannot share the detector's, and the ACL lets an edge node
+    write only its own node's topics, so the node id is the account.
+    """
+    if not username:
+        raise FactorywatchError(
+            "Sparkplug out on an authenticating broker needs an account of its own: run "
+            "`factorywatch broker add-user detector-spb --role edge-node --line factorywatch`, "
+            "reload the broker, and set FACTORYWATCH_DETECTOR_SPARKPLUG_OUT_USERNAME=detector-spb"
+        )
+    out = broker.model_copy(
+        update={"username": username, "password": None, "password_file": password_file}
+    )
+    if out.resolved_password() is None:
+        where = password_file or (broker.secrets_dir or Path("<secrets dir>")) / username
+        raise FactorywatchError(
+            f"no password for Sparkplug out's account {username!r}: expected it in {where}"
+            + ("" if password_file else ".password")
+        )
+    return out
+
+
 class SparkplugOut:
     """The MQTT shell: its own connection (will = ``NDEATH``), births, data, rebirths."""
 
@@ -150,7 +185,7 @@ class SparkplugOut:
         self._rebirth = threading.Event()
         self._pending: dict[str, tuple[MachineState, Verdict | None]] = {}
         self._waiter = fwmqtt.ConnectWaiter()
-        self.client = fwmqtt.new_client(broker, f"{client_id}-spb")
+        self.client = fwmqtt.new_client(broker, client_id)
         self.client.will_set(*self.node.ndeath(), qos=1, retain=False)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message

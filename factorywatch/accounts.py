@@ -10,6 +10,10 @@ per-account blocks (gateways, detector shards). Roles:
   machines reached only through gateways have no account of their own;
 - a **detector** account (``detector``, or one per shard such as ``detector-line2``) holds
   the detector's rights; its login is also its MQTT client id (``use_username_as_clientid``);
+- an **edge node** (``edge-node``) is a Sparkplug B edge node (its account is its edge node
+  id): it publishes births, deaths and data in its one Sparkplug group (= its line), for its
+  registered devices (none registered: any device; each device is machine
+  ``<edge node>.<device>``), and reads the commands addressed to it;
 - a **service** account has the rights of ``viewer``, ``operator`` or ``monitor``. The broker
   makes every login its client id, so two processes can never share one account: each
   component that stays connected gets its own (``history``, ``web``, ``web-commands``,
@@ -33,7 +37,7 @@ DEFAULT_DETECTOR: Final = "detector"
 # Accounts whose rights are fixed in broker/acl (no registry entry needed).
 STATIC_ROLES: Final = ("detector", "viewer", "operator", "monitor", "healthcheck")
 ServiceRole = Literal["viewer", "operator", "monitor"]
-Role = Literal["machine", "gateway", "detector", "viewer", "operator", "monitor"]
+Role = Literal["machine", "gateway", "edge-node", "detector", "viewer", "operator", "monitor"]
 # Accounts `broker init` creates for the components that connect at the same time as people
 # do (a login is a client id: one connection per account), with the role each one has.
 COMPONENT_ACCOUNTS: Final[dict[str, ServiceRole]] = {
@@ -69,12 +73,22 @@ class GatewayEntry(_Strict):
     machines: list[AccountId]
 
 
+class EdgeNodeEntry(_Strict):
+    """A Sparkplug B edge node: its group (a line) and the devices it may speak for."""
+
+    line: AccountId
+    devices: list[AccountId] = Field(
+        default=[], description="device ids it may publish (empty: any device of its own)"
+    )
+
+
 class AccountRegistry(_Strict):
     """The whole registry file."""
 
     schema_version: Literal[1] = 1
     machines: dict[AccountId, MachineEntry] = {}
     gateways: dict[AccountId, GatewayEntry] = {}
+    edge_nodes: dict[AccountId, EdgeNodeEntry] = {}
     detectors: list[AccountId] = [DEFAULT_DETECTOR]
     services: dict[AccountId, ServiceRole] = {}
 
@@ -86,6 +100,8 @@ class AccountRegistry(_Strict):
             return self.services[account]
         if account in self.gateways:
             return "gateway"
+        if account in self.edge_nodes:
+            return "edge-node"
         entry = self.machines.get(account)
         return "machine" if entry is not None and entry.direct else None
 
@@ -115,6 +131,12 @@ class AccountRegistry(_Strict):
         gateways = {**self.gateways, gateway: GatewayEntry(machines=sorted(set(machines)))}
         return self.model_copy(update={"machines": known, "gateways": gateways})
 
+    def with_edge_node(self, node: str, line: str, devices: list[str]) -> AccountRegistry:
+        """Register a Sparkplug edge node in group ``line`` for ``devices`` (empty: any)."""
+        self._free_for(node, "edge-node")
+        entry = EdgeNodeEntry(line=line, devices=sorted(set(devices)))
+        return self.model_copy(update={"edge_nodes": {**self.edge_nodes, node: entry}})
+
     def with_detector(self, detector: str) -> AccountRegistry:
         """Register a detector account (one per shard)."""
         self._free_for(detector, "detector")
@@ -142,10 +164,12 @@ class AccountRegistry(_Strict):
             else:
                 del machines[account]
         services = {a: r for a, r in self.services.items() if a != account}
+        edge_nodes = {a: e for a, e in self.edge_nodes.items() if a != account}
         return self.model_copy(
             update={
                 "machines": machines,
                 "gateways": gateways,
+                "edge_nodes": edge_nodes,
                 "detectors": detectors,
                 "services": services,
             }

@@ -59,7 +59,7 @@ def _user_block(base: str, user: str) -> list[str]:
 
 
 def acl_with_accounts(base: str, registry: AccountRegistry) -> str:
-    """The base ACL plus one block per gateway, extra detector and extra service account.
+    """The base ACL plus one block per gateway, edge node, extra detector and service account.
 
     A gateway may write ``factory/batch/<line>/<its id>`` for the lines of its machines, and
     nothing else the machines may not; which readings it may carry is checked by the
@@ -73,6 +73,8 @@ def acl_with_accounts(base: str, registry: AccountRegistry) -> str:
             out += ["", f"user {account}", *detector]
     for account, role in sorted(registry.services.items()):
         out += ["", f"user {account}", *_user_block(base, role)]
+    for node in sorted(registry.edge_nodes):
+        out += ["", f"user {node}", *sparkplug_edge_rights(node, registry.edge_nodes[node].line)]
     for gateway in sorted(registry.gateways):
         out += ["", f"user {gateway}"]
         out += [
@@ -80,6 +82,20 @@ def acl_with_accounts(base: str, registry: AccountRegistry) -> str:
             for line in registry.gateway_lines(gateway)
         ]
     return "\n".join(out) + "\n"
+
+
+def sparkplug_edge_rights(node: str, group: str) -> list[str]:
+    """The ACL lines of Sparkplug edge node ``node`` in ``group``: its own births, deaths and
+    data (devices: any; the detector checks them against the registry), the commands
+    addressed to it, and the primary host's STATE (it may wait for the host to be online)."""
+    base = f"spBv1.0/{group}"
+    return [
+        *(f"topic write {base}/{kind}/{node}" for kind in ("NBIRTH", "NDEATH", "NDATA")),
+        *(f"topic write {base}/{kind}/{node}/+" for kind in ("DBIRTH", "DDEATH", "DDATA")),
+        f"topic read {base}/NCMD/{node}",
+        f"topic read {base}/DCMD/{node}/+",
+        "topic read spBv1.0/STATE/+",
+    ]
 
 
 def acl_for_secrets(secrets_dir: Path) -> str:

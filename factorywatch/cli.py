@@ -838,7 +838,9 @@ def _add_broker(sub: Any) -> None:
         description="A machine (default) may publish only its own telemetry. A gateway "
         "(--gateway --machines m1,m2) may publish batches only for the machines given. A "
         "detector account (--detector, e.g. detector-line2) serves one shard; its name is "
-        "its MQTT client id. Reload the broker afterwards (SIGHUP).",
+        "its MQTT client id. A Sparkplug B edge node (--role edge-node --line GROUP "
+        "[--machines DEV1,DEV2]) publishes in its group for those devices (default any). "
+        "Reload the broker afterwards (SIGHUP).",
     )
     add.add_argument("user", help="a machine id, gateway id, detector-<shard>, or a service user")
     role = add.add_mutually_exclusive_group()
@@ -846,10 +848,14 @@ def _add_broker(sub: Any) -> None:
     role.add_argument("--detector", action="store_true", help="a detector shard's account")
     role.add_argument(
         "--role",
-        choices=["machine", "gateway", "detector", "viewer", "operator", "monitor"],
+        choices=["machine", "gateway", "edge-node", "detector", "viewer", "operator", "monitor"],
         help="the account's rights (default: machine; one account per connected process)",
     )
-    add.add_argument("--machines", default="", help="gateway: machines it may speak for")
+    add.add_argument(
+        "--machines",
+        default="",
+        help="gateway: machines it may speak for; edge node: its device ids (default any)",
+    )
     add.add_argument("--line", default="line1", help="production line of the machine(s)")
     add.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS)
     add.set_defaults(func=cmd_broker_add_user)
@@ -913,13 +919,19 @@ def cmd_broker_add_user(args: argparse.Namespace) -> int:
     role = args.role or ("gateway" if args.gateway else "detector" if args.detector else None)
     if role is None:
         role = user if user in STATIC_ROLES and user != "healthcheck" else "machine"
-    if args.machines and role != "gateway":
+    if args.machines and role not in ("gateway", "edge-node"):
         raise FactorywatchError("--machines is for a gateway: add --gateway")
     what = f"{user}"
     if role == "gateway":
         machines = tuple(_machine_ids([args.machines])) if args.machines else ()
         register(args.secrets_dir, user, "gateway", line=line, machines=machines)
         what = f"gateway {user} (may publish batches for {', '.join(machines)})"
+    elif role == "edge-node":
+        devices = tuple(_machine_ids([args.machines])) if args.machines else ()
+        register(args.secrets_dir, user, "edge-node", line=line, machines=devices)
+        what = (
+            f"Sparkplug edge node {user} in group {line} (devices: {', '.join(devices) or 'any'})"
+        )
     elif role == "detector":
         register(args.secrets_dir, user, "detector")
         what = f"detector account {user} (its client id; run `detect --username {user}`)"

@@ -294,7 +294,9 @@ AlertEventKind = Literal[
 ]
 ALERT_EVENT_KINDS: Final[tuple[str, ...]] = AlertEventKind.__args__  # type: ignore[attr-defined]
 MachineCondition = Literal["NORMAL", "ALERT", "OFFLINE"]
-OfflineReason = Literal["silence", "last_will"]
+# silence: no readings; last_will: a sensor's will; ndeath/ddeath: a Sparkplug node's or
+# device's death certificate
+OfflineReason = Literal["silence", "last_will", "ndeath", "ddeath"]
 # Free text typed by operators ends up on terminals: no control characters (no ANSI escapes).
 OperatorName = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
@@ -342,7 +344,9 @@ class AlertEvent(_Wire):
     acknowledged_by: OperatorName | None = None
     note: OperatorNote | None = None
     reason: OfflineReason | None = Field(
-        default=None, description="MACHINE_OFFLINE only: no readings (silence) or last will"
+        default=None,
+        description="MACHINE_OFFLINE only: no readings (silence), last will, Sparkplug "
+        "NDEATH or DDEATH",
     )
 
 

@@ -126,6 +126,8 @@ def register(
         registry = registry.with_machine(user, line)
     elif role == "gateway":
         registry = registry.with_gateway(user, list(machines), line)
+    elif role == "edge-node":
+        registry = registry.with_edge_node(user, line, list(machines))
     elif role == "detector":
         registry = registry.with_detector(user)
     elif user != role:  # the base accounts viewer/operator/monitor need no entry

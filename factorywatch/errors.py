@@ -32,6 +32,7 @@ DeadLetterReason = Literal[
     "invalid_protobuf",  # not a Sparkplug B protobuf payload
     "no_birth",  # Sparkplug data before its birth certificate (a rebirth was requested)
     "processing_failed",  # accepted, then failed in scoring/settling/encoding (poison message)
+    "type_mismatch",  # a Sparkplug metric's value is not of the data type its birth declared
 ]
 DEAD_LETTER_REASONS: Final[tuple[str, ...]] = DeadLetterReason.__args__  # type: ignore[attr-defined]
 

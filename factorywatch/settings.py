@@ -189,6 +189,11 @@ class DetectorSettings(_Settings):
     sparkplug_rebirth_backoff_s: Annotated[float, Field(ge=0, le=3600)] = Field(
         default=5.0, description="least time between two rebirth requests to one edge node"
     )
+    sparkplug_silence_timeout_s: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="seconds without data after which a living Sparkplug device is OFFLINE "
+        "(default: never; a device reporting by exception is offline on its or its node's death)",
+    )
     sparkplug_out: bool = Field(
         default=False,
         description="also publish every machine's verdict and alert state as Sparkplug B "
@@ -199,6 +204,15 @@ class DetectorSettings(_Settings):
     )
     sparkplug_out_node: str | None = Field(
         default=None, description="Sparkplug edge node id of the detector (default: client id)"
+    )
+    sparkplug_out_username: str | None = Field(
+        default=None,
+        description="on an authenticating broker: the account of the detector's edge node "
+        "(`broker add-user NAME --role edge-node --line factorywatch`); it is also its node id",
+    )
+    sparkplug_out_password_file: Path | None = Field(
+        default=None,
+        description="its password file (default: <secrets dir>/<sparkplug_out_username>.password)",
     )
 
 

@@ -42,15 +42,21 @@ def add_metric(
     datatype: int,
     name: str | None = None,
     alias: int | None = None,
+    typed: bool = True,
 ) -> None:
-    """Append one metric (by name in births, by alias in data) with its value as ``datatype``."""
+    """Append one metric (by name in births, by alias in data) with its value as ``datatype``.
+
+    ``typed=False`` leaves the data type out, as data messages should
+    (tck-id-payloads-metric-datatype-not-req): a host knows it from the birth.
+    """
     metric = payload.metrics.add()
     if name is not None:
         metric.name = name
     if alias is not None:
         metric.alias = alias
     metric.timestamp = ts_ms
-    metric.datatype = datatype
+    if typed:
+        metric.datatype = datatype
     if datatype == STRING:
         metric.string_value = str(value)
     elif datatype == BOOLEAN:

@@ -62,7 +62,16 @@ class EdgeNode(SparkplugNode):
 
     @staticmethod
     def _add(payload: Any, name: str | None, alias: int, value: float | str, ts_ms: int) -> None:
-        add_metric(payload, value, ts_ms, datatype=datatype_of(value), name=name, alias=alias)
+        # births name each metric with its data type; data (by alias) leaves the type out
+        add_metric(
+            payload,
+            value,
+            ts_ms,
+            datatype=datatype_of(value),
+            name=name,
+            alias=alias,
+            typed=name is not None,
+        )
 
     def births(self, readings: dict[str, Telemetry], ts_ms: int) -> list[Message]:
         """``NBIRTH`` then one ``DBIRTH`` per device with all its metrics (seq from 0)."""

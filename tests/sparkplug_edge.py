@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from sparkplub_b_packets.core import sparkplug_b as tahu
@@ -106,6 +106,17 @@ def decode(payload: bytes) -> Any:
     return tahu.sparkplug_b_pb2.Payload.FromString(payload)
 
 
+class EdgeMessages(Protocol):
+    """What ``LiveEdge`` needs of an edge node (Tahu's here, or the spec's in spec_edge)."""
+
+    group: str
+    node: str
+
+    def ndeath(self) -> tuple[str, bytes]:
+        """The node's death certificate (its will)."""
+        ...
+
+
 class LiveEdge:
     """A real MQTT client publishing a ``TahuEdgeNode``'s messages at QoS 1.
 
@@ -113,7 +124,7 @@ class LiveEdge:
     detector sends it, and the test decides when to answer them.
     """
 
-    def __init__(self, settings: BrokerSettings, node: TahuEdgeNode) -> None:
+    def __init__(self, settings: BrokerSettings, node: EdgeMessages) -> None:
         self.node = node
         self.requests: list[Any] = []
         self._cond = threading.Condition()

@@ -23,7 +23,16 @@ from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.sparkplug_edge import LiveEdge, TahuEdgeNode, decode
-from tests.support import Collector, Message, Proc, add_account, login_settings
+from tests.spec_edge import SpecEdgeNode
+from tests.support import (
+    Collector,
+    Message,
+    Proc,
+    add_account,
+    login_settings,
+    metric_value,
+    scrape,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -67,6 +76,10 @@ def _is_dead_letter(reason: str) -> Callable[[Message], bool]:
         )
 
     return match
+
+
+def _on_topic(topic: str) -> Callable[[Message], bool]:
+    return lambda m: m.topic == topic
 
 
 def _now_ms() -> int:
@@ -228,10 +241,64 @@ def test_sensor_cli_simulates_an_edge_node_the_detector_scores(
     assert "refused 0" in sensors.log()
 
 
+def test_spec_edge_node_without_datatypes_wraps_gaps_and_dies(
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+) -> None:
+    """An edge node written from the spec (no data types in DATA, by exception, seq wrapping):
+    2 x 200 DDATA give 400 verdicts; a gap of 200 is one gap (a rebirth, counted), never
+    duplicates; an explicit NDEATH is MACHINE_OFFLINE reason ndeath."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter, topics.deadletter_filter)
+    proc = detector(env=SPARKPLUG_ENV)
+    group = f"g{uuid.uuid4().hex[:8]}"
+    node = SpecEdgeNode(group, "edge1", bd_seq=2)
+    edge = LiveEdge(settings, node)
+    sim = MachineSimulator("mill", group, seed=21)
+    devices = ("mill", "lathe")
+    try:
+        edge.send(node.nbirth(_now_ms()))
+        for device in devices:
+            first = sim.next(time.time())
+            edge.send(node.dbirth(device, dict(first.readings), "L", _now_ms()))
+        for i in range(200):  # seq 3 .. 402: wraps once; one changed metric each
+            for device in devices:
+                channel = "torque_nm" if i % 2 else "tool_wear_min"
+                value = sim.next(time.time()).readings[channel]
+                edge.send(node.ddata(device, {channel: float(round(value))}, _now_ms()))
+        for device in devices:
+            found = col.wait_for(_is_verdict(f"edge1.{device}"), count=201, timeout=60)
+            assert len(found) == 201  # the birth and every DDATA
+        node.skip(200)  # lost while nobody listened: seq 403 .. 602
+        edge.send(node.ddata("mill", {"torque_nm": 50.0}, _now_ms()))
+        assert col.wait_for(_is_verdict("edge1.mill", 603))
+        assert edge.wait_rebirth_requests(1) >= 1
+        assert edge.requests[0].metrics[0].name == "Node Control/Rebirth"
+        assert proc.metrics_port is not None
+        _, text = scrape(proc.metrics_port, "/metrics")
+        counters = {
+            event: metric_value(text, "factorywatch_sparkplug_events_total", event=event)
+            for event in ("births", "gaps", "rebirth_requests_sent")
+        }
+        assert counters == {"births": 3, "gaps": 1, "rebirth_requests_sent": 1}
+        edge.send(node.ndeath())  # an explicit death certificate
+        for device in devices:
+            [offline] = col.wait_for(_is_event(f"edge1.{device}", "MACHINE_OFFLINE"))
+            assert AlertEvent.model_validate_json(offline.payload).reason == "ndeath"
+        assert not col.matching(lambda m: "/deadletter/" in m.topic)  # no duplicate_id
+    finally:
+        edge.close()
+
+
 def test_acl_an_edge_node_writes_only_its_own_node_topics(tmp_path: Path, topic_root: str) -> None:
-    """With the project's ACL an edge node (user = its id) publishes and reads only its own."""
+    """With the project's ACL a registered edge node (user = its id) publishes only its own
+    node's topics in its own group and reads only its own commands; a viewer, a machine and
+    an edge node in another group publish no Sparkplug at all."""
     secrets = tmp_path / "secrets"
-    init_secrets(secrets, ("edge1", "edge2"))
+    init_secrets(secrets, ("press-1",))
+    add_account(secrets, "edge1", "edge-node", line="g")
+    add_account(secrets, "edge2", "edge-node", line="g")
     # A login is a client id (one connection per account): the host listens as a second
     # detector account while `detector` publishes.
     add_account(secrets, "detector-host", "detector")
@@ -264,6 +331,15 @@ def test_acl_an_edge_node_writes_only_its_own_node_topics(tmp_path: Path, topic_
         denied = ["spBv1.0/g/DDATA/edge2/mill", "spBv1.0/g/NDEATH/edge2", "spBv1.0/g/NCMD/edge1"]
         for topic in denied:
             publish("edge1", topic)
+        # Sparkplug write rights are the edge nodes' alone, in their own group (issue 25).
+        refused = [
+            ("viewer", "spBv1.0/g/NBIRTH/viewer"),
+            ("press-1", "spBv1.0/g/NBIRTH/press-1"),
+            ("edge1", "spBv1.0/other/NBIRTH/edge1"),
+        ]
+        for user, topic in refused:
+            publish(user, topic)
+            denied.append(topic)
         # The detector may command a node; a node reads only the commands addressed to it.
         publish("detector", "spBv1.0/g/NCMD/edge1")
         publish("detector", "spBv1.0/g/NCMD/edge2")
@@ -273,7 +349,7 @@ def test_acl_an_edge_node_writes_only_its_own_node_topics(tmp_path: Path, topic_
         assert [m.topic for m in own_commands.messages] == ["spBv1.0/g/NCMD/edge2"]
         seen = [m.topic for m in host.messages]
         assert "spBv1.0/g/DDATA/edge1/mill" in seen
-        assert not set(denied[:2]) & set(seen)
+        assert not {*denied[:2], *denied[3:]} & set(seen)
         assert seen.count("spBv1.0/g/NCMD/edge1") == 1  # the detector's, not edge1's
     finally:
         for col in made:
@@ -330,3 +406,75 @@ def test_verdicts_out_as_sparkplug_tags_with_births_rebirth_and_death(
         assert not col.matching(lambda m: "/deadletter/" in m.topic)  # its own tags: no input
     finally:
         edge.close()
+
+
+def test_authenticating_broker_edge_node_accounts_and_sparkplug_out_account(
+    tmp_path: Path, topic_root: str, spawn: Callable[..., Proc], model_dir: Path
+) -> None:
+    """On an authenticating broker: a registered edge node is scored, `sensor --sparkplug`
+    logged in as the viewer is not (issue 25), and Sparkplug out runs with its own
+    edge-node account (it exited 2 before)."""
+    group = f"g{uuid.uuid4().hex[:8]}"
+    secrets = tmp_path / "secrets"
+    init_secrets(secrets, ())
+    add_account(secrets, "press7", "edge-node", line=group, machines=("m1", "m2"))
+    add_account(secrets, "detector-spb", "edge-node", line="factorywatch")
+    add_account(secrets, "detector-host", "detector")  # the test's own Sparkplug observer
+    broker = LocalBroker(tmp_path / "sbroker", secrets_dir=secrets, topic_root=topic_root).start()
+    common = ["--port", str(broker.port), "--topic-root", topic_root, "--secrets-dir", str(secrets)]
+    topics = Topics(topic_root)
+    monitor = Collector(
+        login_settings(broker.port, topic_root, secrets, "monitor"),
+        [topics.alerts_filter, topics.deadletter_filter],
+        "spb-monitor",
+    )
+    host = Collector(
+        login_settings(broker.port, topic_root, secrets, "detector-host"),
+        ["spBv1.0/factorywatch/#"],
+        "spb-host",
+    )
+    try:
+        det = spawn(
+            "detect",
+            *common,
+            "--model-dir",
+            str(model_dir),
+            "--state-dir",
+            str(tmp_path / "st"),
+            env={
+                **SPARKPLUG_ENV,
+                "FACTORYWATCH_DETECTOR_SPARKPLUG_OUT": "true",
+                "FACTORYWATCH_DETECTOR_SPARKPLUG_OUT_USERNAME": "detector-spb",
+            },
+        )
+        det.wait_log("telemetry_subscribed")
+        assert host.wait_for(lambda m: m.topic == "spBv1.0/factorywatch/NBIRTH/detector-spb")
+        for node, machines in (("press7", "m1,m2"), ("viewer", "m1")):
+            sensor = spawn(
+                "sensor",
+                "--sparkplug",
+                "--edge-node",
+                node,
+                "--line",
+                group,
+                "--machine-id",
+                machines,
+                "--count",
+                "10",
+                "--rate",
+                "50",
+                *common,
+                name=f"sensor-{node}",
+            )
+            sensor.process.wait(60)
+        for machine in ("press7.m1", "press7.m2"):
+            assert len(monitor.wait_for(_is_verdict(machine), count=11, timeout=30)) == 11
+            birth = f"spBv1.0/factorywatch/DBIRTH/detector-spb/{machine}"
+            assert host.wait_for(_on_topic(birth))
+        # The viewer's births and data were refused by the broker: no machine, no verdict.
+        assert not monitor.matching(lambda m: "/viewer" in m.topic)
+        assert not host.matching(lambda m: "viewer" in m.topic)
+    finally:
+        monitor.close()
+        host.close()
+        broker.stop()

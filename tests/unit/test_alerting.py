@@ -21,6 +21,11 @@ T0 = 1_700_000_000.0
 THRESHOLD = 0.6
 
 
+def alert_id(machine: str, raised_at: float, episode: int) -> str:
+    """The id of a machine's ``episode``-th alert, raised at ``raised_at``."""
+    return f"{machine}-{round(raised_at * 1000)}-{episode}"
+
+
 def verdict(
     seq: int,
     *,
@@ -97,7 +102,7 @@ def test_raises_when_three_of_the_last_five_readings_are_anomalous() -> None:
     raised = events[0]
     assert raised.seq == 5
     assert raised.at == T0 + 5
-    assert raised.alert_id == "m1-5"
+    assert raised.alert_id == alert_id("m1", T0 + 5, 1)
     assert raised.peak_score == 0.9
     assert raised.duration_s == 0.0
     assert raised.anomalous_in_window == 3
@@ -145,7 +150,7 @@ def test_clears_after_ten_consecutive_normal_readings() -> None:
     [cleared] = feed(tracker, ".", start=13)
     assert cleared.event == "ALERT_CLEARED"
     assert cleared.seq == 13
-    assert cleared.alert_id == "m1-3"
+    assert cleared.alert_id == alert_id("m1", T0 + 3, 1)
     assert cleared.duration_s == 10.0
     assert cleared.peak_score == 0.8
     assert tracker.state("m1").state == "NORMAL"
@@ -254,7 +259,7 @@ def test_ack_acknowledges_the_open_alert_once() -> None:
     assert ack.event == "ALERT_ACKNOWLEDGED"
     assert ack.acknowledged_by == "alice"
     assert ack.note == "on it"
-    assert ack.alert_id == "m1-3"
+    assert ack.alert_id == alert_id("m1", T0 + 3, 1)
     assert ack.duration_s == 30.0
     assert ack.seq is None
     state = tracker.state("m1")
@@ -277,9 +282,9 @@ def test_ack_naming_another_alert_is_ignored() -> None:
     """An ack for an alert that already cleared cannot acknowledge the next one."""
     tracker = AlertTracker(AlertPolicy(k=1, n=1, m=1))
     feed(tracker, "A.A")
-    stale = AckCommand(machine_id="m1", by="alice", alert_id="m1-1")
+    stale = AckCommand(machine_id="m1", by="alice", alert_id=alert_id("m1", T0 + 1, 1))
     assert tracker.acknowledge(stale, T0 + 4) == []
-    current = AckCommand(machine_id="m1", by="alice", alert_id="m1-3")
+    current = AckCommand(machine_id="m1", by="alice", alert_id=alert_id("m1", T0 + 3, 2))
     assert kinds(tracker.acknowledge(current, T0 + 4)) == ["ALERT_ACKNOWLEDGED"]
 
 
@@ -344,10 +349,10 @@ def test_an_open_alert_survives_an_outage() -> None:
     tracker = AlertTracker()
     feed(tracker, "AAA")
     [offline] = tracker.sensor_offline("m1", T0 + 10)
-    assert offline.alert_id == "m1-3"
+    assert offline.alert_id == alert_id("m1", T0 + 3, 1)
     state = tracker.state("m1")
     assert state.state == "OFFLINE"
-    assert state.alert_id == "m1-3"
+    assert state.alert_id == alert_id("m1", T0 + 3, 1)
     assert kinds(tracker.observe(verdict(4, alert=True), T0 + 20)) == ["MACHINE_ONLINE"]
     assert tracker.state("m1").state == "ALERT"
 

@@ -61,7 +61,7 @@ def test_births_and_data_become_verdicts_json_still_works(
 def test_death_is_an_offline_event_after_the_readings_before_it(
     model_dir: Path, edge: TahuEdgeNode
 ) -> None:
-    """DDEATH in the same batch as data: the data is scored, then MACHINE_OFFLINE follows."""
+    """DDEATH in the same batch as data: the data is scored, then MACHINE_OFFLINE (ddeath)."""
     engine = _engine(model_dir)
     sim = MachineSimulator("m", "l", seed=1)
     engine.handle([_in(edge.nbirth(MS)), _in(edge.dbirth("mill", sim.next(T0), MS))], T0)
@@ -70,7 +70,7 @@ def test_death_is_an_offline_event_after_the_readings_before_it(
     assert len(outcomes[0].verdicts) == 1
     assert [e.event for e in outcomes[1].events] == ["MACHINE_OFFLINE"]
     event = next(p for p in outcomes[1].publishes if p.topic.endswith("/event"))
-    assert AlertEvent.model_validate_json(event.payload).reason == "last_will"
+    assert AlertEvent.model_validate_json(event.payload).reason == "ddeath"
     assert engine.states["edge1.mill"].offline_since == T0 + 1
 
 
@@ -109,3 +109,26 @@ def test_snapshot_carries_the_sparkplug_state(model_dir: Path, edge: TahuEdgeNod
     (b,) = copy.handle([message], T0)
     assert a.answered == b.answered
     assert len(a.verdicts) == len(b.verdicts) == 1
+
+
+def test_a_quiet_sparkplug_device_is_not_offline_by_silence(
+    model_dir: Path, edge: TahuEdgeNode
+) -> None:
+    """Report by exception: 120 s without data leave a living Sparkplug device as it was,
+    while a JSON sensor silent as long goes OFFLINE (reason silence)."""
+    engine = _engine(model_dir)
+    sim = MachineSimulator("m", "l", seed=1)
+    json_reading = MachineSimulator("json-1", "line1", seed=2).next(time.time())  # no skew
+    engine.handle(
+        [
+            _in(edge.nbirth(MS)),
+            _in(edge.dbirth("mill", sim.next(T0), MS)),
+            _in(("t/telemetry/line1/json-1", json_reading.encode())),
+        ],
+        T0,
+    )
+    _, events = engine.tick(T0 + 120)
+    assert [(e.machine_id, e.event, e.reason) for e in events] == [
+        ("json-1", "MACHINE_OFFLINE", "silence")
+    ]
+    assert engine.tracker.state("edge1.mill").state == "NORMAL"

@@ -48,7 +48,8 @@ def _metrics(payload: bytes) -> dict[str, Any]:
 
 
 def test_births_declare_every_metric_and_data_carries_only_changes() -> None:
-    """NBIRTH (bdSeq), DBIRTH with names and aliases, then DDATA by alias with what changed."""
+    """NBIRTH (bdSeq), DBIRTH with names, aliases and data types, then DDATA by alias (no
+    data type) with what changed."""
     node = VerdictNode("factorywatch", "det", bd_seq=300)
     nbirth = node.births(1)
     assert [t for t, _ in nbirth] == ["spBv1.0/factorywatch/NBIRTH/det"]
@@ -65,6 +66,9 @@ def test_births_declare_every_metric_and_data_carries_only_changes() -> None:
     changed = decode(ddata[1])
     assert {m.alias for m in changed.metrics} == {2, 3, 5, 6}  # Status, Score, state, active
     assert all(not m.name for m in changed.metrics)
+    # tck-id-payloads-metric-datatype-req / -not-req: types in births only
+    assert all(m.datatype for m in decode(dbirth[1]).metrics)
+    assert all(m.datatype == 0 for m in changed.metrics)
     assert [decode(p).seq for _, p in (*nbirth, dbirth, ddata)] == [0, 1, 2]
     assert node.update("edge1.mill", values, 4) == []  # nothing changed
 
