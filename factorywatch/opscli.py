@@ -233,7 +233,6 @@ def cmd_web(args: argparse.Namespace) -> int:
     settings = WebSettings.model_validate(
         {
             **base.model_dump(),
-            "session_secret": base.session_secret,
             **{k: v for k, v in given.items() if v is not None},
         }
     )

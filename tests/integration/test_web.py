@@ -1,7 +1,7 @@
 """The web view in a real headless Chromium, on a secured broker with a real detector,
 sensors and recorder: login and roles, live tiles pushed without polling, acknowledge and
 false-alarm from the browser, the machine page with its charts and history. Screenshots go
-to reports/web-overview.png and reports/web-machine.png."""
+to the test's tmp dir (the committed reports/web-*.png are not rewritten by tests)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.integration.opstack import POLICY_ENV, require_binary, wait_until
-from tests.support import PROJECT_DIR, Collector, Proc, login_settings, reading, secure_args
+from tests.support import Collector, Proc, login_settings, reading, secure_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,7 +40,6 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 NORMAL, ANOMALOUS = 1500.0, 3500.0  # 3500 rpm: outside every training envelope
-REPORTS = PROJECT_DIR / "reports"
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +131,8 @@ def test_web_view_in_chromium(
     monitor.wait_for(lambda m: m.topic.endswith("/mill-3/verdict"), count=5)
 
     page = browser.new_page(viewport={"width": 1360, "height": 900})
+    console_errors: list[str] = []
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
     page.goto(base)
     assert page.url.endswith("/login"), "the view needs a login"
     _login(page, base, "viewer", "wrong password")
@@ -172,8 +173,7 @@ def test_web_view_in_chromium(
     row = page.locator('#alerts tr[data-machine="press-1"]')
     row.locator("button.ack").wait_for()
     page.wait_for_timeout(600)  # let a tick of sparkline points arrive before the picture
-    REPORTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(REPORTS / "web-overview.png"), full_page=True)
+    page.screenshot(path=str(tmp_path / "web-overview.png"), full_page=True)
     row.locator("button.ack").click()
     acked = monitor.wait_for(
         lambda m: m.topic == topics.event("line1", "press-1") and b"ACKNOWLEDGED" in m.payload
@@ -213,7 +213,8 @@ def test_web_view_in_chromium(
     )
     assert [a["open"] for a in history["alerts"]] == [True, False]
     page.wait_for_timeout(600)  # one more tick so the charts hold the latest points
-    page.screenshot(path=str(REPORTS / "web-machine.png"), full_page=True)
+    page.screenshot(path=str(tmp_path / "web-machine.png"), full_page=True)
+    assert not [e for e in console_errors if "Content Security Policy" in e], console_errors
 
     status = json.loads(urllib.request.urlopen(f"{base}/healthz", timeout=5).read())  # noqa: S310
     assert status["machines"] == 3

@@ -14,10 +14,11 @@ from factorywatch.credentials import add_user, hash_password
 from factorywatch.errors import PayloadError
 from factorywatch.topics import Topics
 from factorywatch.web.app import PAGES, render_page
-from factorywatch.web.auth import Accounts, verify_password
+from factorywatch.web.auth import Accounts, Identity, verify_password
 from factorywatch.web.live import LiveModel
 
 T = Topics("factory")
+NOBODY = Identity("", "viewer", "")
 
 
 def test_passwords_are_checked_against_mosquitto_hashes(tmp_path: Path) -> None:
@@ -29,8 +30,8 @@ def test_passwords_are_checked_against_mosquitto_hashes(tmp_path: Path) -> None:
     assert not verify_password("x", "$7$101$%%%$%%%")
     op, viewer, machine = (add_user(tmp_path, u) for u in ("operator", "viewer", "press-1"))
     accounts = Accounts(tmp_path / "passwd", frozenset({"operator"}), frozenset({"viewer"}))
-    assert accounts.authenticate("operator", op) == "operator"
-    assert accounts.authenticate("viewer", viewer) == "viewer"
+    assert (accounts.authenticate("operator", op) or NOBODY).role == "operator"
+    assert (accounts.authenticate("viewer", viewer) or NOBODY).role == "viewer"
     assert accounts.authenticate("viewer", op) is None
     assert accounts.authenticate("press-1", machine) is None
     assert accounts.authenticate("nobody", "x") is None
@@ -133,15 +134,16 @@ def test_live_model_shows_calibration_progress_without_points() -> None:
 
 def test_pages_share_one_head_and_keep_their_own_title_and_script() -> None:
     """Each page is one whole document: the layout's head and header bar once, its own title,
-    its own <main> and its own app.js entry point, with no placeholder left."""
+    its own <main> and its own app.js entry point (named on the script tag: no inline code),
+    with no placeholder left."""
     for name, (title, entry) in PAGES.items():
         page = render_page(name)
         assert page.startswith("<!doctype html>\n")
         assert page.endswith("</html>\n")
         assert page.count("<head>") == page.count('href="/logout"') == page.count("<main>") == 1
         assert f"<title>factorywatch — {title}</title>" in page
-        assert page.count("<script>FW.") == 1
-        assert f"<script>FW.{entry}();</script>" in page
+        assert f'<script src="/static/app.js" data-entry="{entry}"></script>' in page
+        assert "<script>" not in page, "inline script: the CSP (script-src 'self') blocks it"
         assert "${" not in page
     assert 'id="tiles"' in render_page("index.html")
     assert 'id="score-chart"' in render_page("machine.html")

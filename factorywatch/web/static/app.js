@@ -233,3 +233,8 @@ const FW = (() => {
 
   return { overview, machinePage };
 })();
+// The page names its entry on the script tag (no inline script: the CSP forbids them).
+{
+  const entry = document.currentScript && document.currentScript.dataset.entry;
+  if (entry === "overview" || entry === "machinePage") FW[entry]();
+}
