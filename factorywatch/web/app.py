@@ -161,7 +161,13 @@ class WebContext:
             waiter.record(rc)
             if not rc.is_failure:
                 self.hub.set_connected(True)
-                client.subscribe([(f"{root}/alerts/#", 1), (self.topics.telemetry_filter, 0)])
+                client.subscribe(
+                    [
+                        (f"{root}/alerts/#", 1),
+                        (self.topics.telemetry_filter, 0),
+                        (self.topics.feedback_filter, 1),  # labels show on the overview
+                    ]
+                )
 
         reader.on_connect = on_connect
         reader.on_disconnect = lambda *_: self.hub.set_connected(False)

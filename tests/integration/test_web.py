@@ -6,6 +6,7 @@ to the test's tmp dir (the committed reports/web-*.png are not rewritten by test
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -199,6 +200,26 @@ def test_web_view_in_chromium(
         assert stored[0].alert_id == open_alert
     finally:
         store.close()
+    # ... and the overview shows it: on the open alert's row and on the machine's tile
+    page.wait_for_selector('#alerts tr[data-machine="press-1"] .badge.false_alarm')
+    page.wait_for_selector("#tile-press-1 .badge.false_alarm")
+
+    # -- what the overview says agrees with itself and with the CLI -----------------------------
+    seen = page.inner_text("#tile-lathe-2 .seen")
+    assert re.fullmatch(r"seen \d+ s ago", seen), f"{seen!r}: lathe-2 reports 4 times a second"
+    assert int(seen.split()[1]) <= 10, seen
+    contradictions = page.evaluate(
+        """() => [...document.querySelectorAll('.tile')].filter((t) =>
+            t.querySelector('.badge').textContent === 'NORMAL'
+            && (t.textContent.includes('last reading anomalous')
+                || t.querySelector('.score.above'))).map((t) => t.id)"""
+    )
+    assert contradictions == [], "a NORMAL badge beside an anomalous last reading"
+    assert page.evaluate("FW.badge({state: 'NORMAL', last_status: 'ALERT'}).text") == (
+        "ANOMALOUS READING"
+    )
+    assert page.evaluate("FW.when(1800000000)") == "2027-01-15 08:00:00", "UTC, as the CLI"
+    assert page.evaluate("FW.time(1800000000.4)") == "08:00:00"
 
     # -- the machine page ----------------------------------------------------------------------
     page.click("#tile-press-1")
@@ -208,6 +229,17 @@ def test_web_view_in_chromium(
     page.wait_for_function("() => document.querySelectorAll('#history tbody tr').length == 2")
     assert page.locator("#history .badge.false_alarm").count() == 1
     assert "threshold" in page.inner_text("#score-chart")
+    overlaps = page.evaluate(
+        """() => [...document.querySelectorAll('#score-chart svg, #channels svg')].map((svg) => {
+            const boxes = [...svg.querySelectorAll('text.axis.x')].map((t) => t.getBBox());
+            return boxes.slice(1).filter((b, i) => b.x < boxes[i].x + boxes[i].width).length;
+        })"""
+    )
+    assert overlaps, "no chart drawn"
+    assert not any(overlaps), f"time labels overlap: {overlaps}"
+    labels_text = page.locator("#channels svg text.axis.x").all_text_contents()
+    assert labels_text
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in labels_text), labels_text
     history: dict[str, Any] = page.evaluate(
         "async () => (await fetch('/api/history?machine=press-1&since=1h')).json()"
     )
