@@ -220,6 +220,10 @@ def add_web(sub: Any) -> None:
     p.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
     p.add_argument("--passwd-file", type=Path, help="broker password file (<secrets-dir>/passwd)")
     p.add_argument("--no-history", action="store_true", help="no history store (live only)")
+    p.add_argument(
+        "--alertmanager-url",
+        help="the Alertmanager notify posts to (the view warns when its receivers are empty)",
+    )
     p.set_defaults(func=cmd_web)
 
 
@@ -229,7 +233,12 @@ def cmd_web(args: argparse.Namespace) -> int:
     from factorywatch.web.app import WebSettings, build_context, serve  # noqa: PLC0415
 
     base = WebSettings()
-    given = {"host": args.bind, "port": args.http_port, "passwd_file": args.passwd_file}
+    given = {
+        "host": args.bind,
+        "port": args.http_port,
+        "passwd_file": args.passwd_file,
+        "alertmanager_url": args.alertmanager_url,
+    }
     settings = WebSettings.model_validate(
         {
             **base.model_dump(),

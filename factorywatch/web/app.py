@@ -7,6 +7,7 @@ Routes (every one but ``/login``, ``/healthz`` and ``/static`` needs a logged-in
     GET  /api/stream                server-sent events: a snapshot, then coalesced updates
     GET  /api/machines              the same snapshot as JSON
     GET  /api/history?machine=M&since=24h   alerts (episodes) and events from the store
+    GET  /api/notifications         whether alerts reach anyone (Alertmanager's receivers)
     POST /api/ack                   operator: acknowledge (publishes the ack command)
     POST /api/feedback              operator: label an alert false_alarm / confirmed
 
@@ -32,6 +33,7 @@ import secrets
 import string
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -40,6 +42,7 @@ from typing import Any, Final, TypeVar
 
 import paho.mqtt.client as mqtt
 import structlog
+import yaml
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sse_starlette import EventSourceResponse
@@ -63,6 +66,7 @@ from factorywatch.contracts import AckCommand, FeedbackCommand
 from factorywatch.errors import BrokerError
 from factorywatch.history import parse_since
 from factorywatch.history_store import HistoryStore
+from factorywatch.notify import receivers_without_channels
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics, check_id
 from factorywatch.web.auth import Accounts
@@ -79,6 +83,7 @@ MAX_BODY_BYTES: Final = 16 * 1024  # an ack or a label with a note; anything big
 MAX_FORM_BYTES: Final = 4 * 1024  # the login form
 MAX_FIELD_CHARS: Final = 2000  # any one string in a command's JSON body
 STREAM_RECHECK_S: Final = 5.0  # an open event stream re-checks its session this often
+RECEIVERS_CHECK_S: Final = 60.0  # how long Alertmanager's answer is reused
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 # Scripts and styles from the view's own files only (no inline code), never framed.
 SECURITY_HEADERS: Final = {
@@ -119,6 +124,11 @@ class WebSettings(BaseSettings):
     )
     secure_cookies: bool = Field(default=False, description="set behind HTTPS")
     history_points: int = Field(default=300, ge=10, le=5000, description="points per chart")
+    alertmanager_url: str | None = Field(
+        default=None,
+        description="Alertmanager that `factorywatch notify` posts to: the view warns when "
+        "none is set or its receivers have no channel",
+    )
 
 
 def _split(text: str) -> frozenset[str]:
@@ -139,6 +149,7 @@ class WebContext:
         self.topics = Topics(broker.topic_root)
         self.hub = Hub(LiveModel(self.topics, settings.history_points))
         self.sessions = SessionBook()
+        self._receivers: tuple[float, dict[str, Any]] | None = None
         self.throttle = LoginThrottle()
         # one login at a time: a burst of guesses cannot slip past the throttle's count
         self.login_lock = asyncio.Lock()
@@ -187,6 +198,30 @@ class WebContext:
                 client.loop_stop()
         if self.store is not None:
             self.store.close()
+
+    async def notifications(self) -> dict[str, Any]:
+        """Whether alerts notify anyone: Alertmanager's receivers, asked at most once a
+        :data:`RECEIVERS_CHECK_S`."""
+        url = self.settings.alertmanager_url
+        if url is None:
+            return {"alertmanager": None}
+        now = time.monotonic()
+        if self._receivers is not None and now - self._receivers[0] < RECEIVERS_CHECK_S:
+            return self._receivers[1]
+
+        def ask() -> dict[str, Any]:
+            status = f"{url.rstrip('/')}/api/v2/status"
+            try:
+                with urllib.request.urlopen(status, timeout=3) as resp:  # noqa: S310
+                    original = json.loads(resp.read())["config"]["original"]
+                empty = receivers_without_channels(original)
+            except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+                return {"alertmanager": url, "reachable": False}
+            return {"alertmanager": url, "reachable": True, "receivers_without_channels": empty}
+
+        answer = await asyncio.to_thread(ask)
+        self._receivers = (now, answer)
+        return answer
 
     async def publish(self, topic: str, payload: bytes) -> None:
         """Publish a command QoS 1 and wait for the broker's acknowledgement."""
@@ -539,6 +574,13 @@ async def feedback(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
+async def notifications(request: Request) -> Response:
+    """Whether alerts reach a notification channel (for the page's banner)."""
+    if _user(request) is None:
+        return _error(401, "log in first")
+    return JSONResponse(await _ctx(request).notifications())
+
+
 async def healthz(request: Request) -> Response:
     """Liveness: 200 while the broker link is up."""
     hub = _ctx(request).hub
@@ -571,6 +613,7 @@ def create_app(ctx: WebContext) -> Starlette:
             Route("/api/machines", machines),
             Route("/api/stream", stream),
             Route("/api/history", history),
+            Route("/api/notifications", notifications),
             Route("/api/ack", ack, methods=["POST"]),
             Route("/api/feedback", feedback, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),

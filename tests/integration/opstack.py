@@ -145,14 +145,16 @@ class WebhookReceiver:
 class Alertmanager:
     """A real prometheus-alertmanager on a free loopback port, routing to a webhook."""
 
-    def __init__(self, workdir: Path, webhook_port: int) -> None:
+    def __init__(self, workdir: Path, webhook_port: int, config_text: str | None = None) -> None:
+        """``config_text``: an alertmanager.yml of its own instead of the webhook route."""
         self.binary = require_binary("prometheus-alertmanager")
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.port = free_port()
         self.config = workdir / "alertmanager.yml"
         self.config.write_text(
-            "route:\n"
+            config_text
+            or "route:\n"
             "  receiver: hook\n"
             "  group_by: [alertname, machine]\n"
             "  group_wait: 200ms\n"

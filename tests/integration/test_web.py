@@ -143,6 +143,9 @@ def test_web_view_in_chromium(
     _login(page, base, "viewer", read_password(secrets_dir, "viewer") or "")
     for machine in MACHINES:
         page.wait_for_selector(f"#tile-{machine}")
+    # started without --alertmanager-url: the view says alerts reach no one else
+    page.wait_for_selector("#notify-banner:not([hidden])")
+    assert "No notification receiver configured" in page.inner_text("#notify-banner")
     page.wait_for_selector("#tile-press-1 .badge.ALERT")
     assert page.inner_text("#who") == "viewer · viewer"
     assert page.locator("button.ack").count() == 0
@@ -244,6 +247,20 @@ def test_web_view_in_chromium(
         "async () => (await fetch('/api/history?machine=press-1&since=1h')).json()"
     )
     assert [a["open"] for a in history["alerts"]] == [True, False]
+
+    # -- alert notes and the time range of the history -----------------------------------------
+    with page.expect_request(lambda r: "/api/history" in r.url and "since=1h" in r.url):
+        page.select_option("#range", "1h")
+    page.wait_for_function("() => document.querySelectorAll('#history tbody tr').length == 2")
+    closed = page.locator("#history tbody tr").nth(1)
+    closed.locator("input.note").fill("bearing replaced, real fault")
+    closed.locator("button.confirm").click()
+    noted = monitor.wait_for(
+        lambda m: m.topic == topics.feedback("line1", "press-1") and b"bearing" in m.payload
+    )
+    assert noted, "no feedback command with the note on the broker"
+    assert FeedbackCommand.model_validate_json(noted[0].payload).label == "confirmed"
+    page.wait_for_selector("#history .note-text:has-text('bearing replaced, real fault')")
     page.wait_for_timeout(600)  # one more tick so the charts hold the latest points
     page.screenshot(path=str(tmp_path / "web-machine.png"), full_page=True)
     assert not [e for e in console_errors if "Content Security Policy" in e], console_errors

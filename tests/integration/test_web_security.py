@@ -5,6 +5,7 @@ the Origin check; bounded command bodies."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import statistics
@@ -14,6 +15,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -31,7 +33,8 @@ from factorywatch.credentials import (
 from factorywatch.settings import BrokerSettings
 from factorywatch.web.app import SESSION_COOKIE, WebSettings, build_context, create_app
 from factorywatch.web.auth import Accounts
-from tests.integration.opstack import wait_until
+from tests.integration.opstack import Alertmanager, wait_until
+from tests.support import PROJECT_DIR
 
 pytestmark = [pytest.mark.integration]
 
@@ -92,10 +95,11 @@ def secrets_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def port(secrets_dir: Path) -> Iterator[int]:
-    """The web app served by uvicorn in a thread on a free loopback port."""
-    settings = WebSettings(port=free_port())
+@contextlib.contextmanager
+def _served(secrets_dir: Path, **options: Any) -> Iterator[int]:
+    """The web app (``options``: more WebSettings) served by uvicorn in a thread on a free
+    loopback port; its port."""
+    settings = WebSettings(port=free_port(), **options)
     ctx = build_context(settings, BrokerSettings(secrets_dir=secrets_dir), None)
     server = uvicorn.Server(
         uvicorn.Config(create_app(ctx), port=settings.port, log_config=None, lifespan="on")
@@ -103,9 +107,18 @@ def port(secrets_dir: Path) -> Iterator[int]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, what="uvicorn to start")
-    yield settings.port
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield settings.port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def port(secrets_dir: Path) -> Iterator[int]:
+    """The web app served on a free loopback port."""
+    with _served(secrets_dir) as served:
+        yield served
 
 
 def test_sessions_end_at_logout_removal_and_role_change(port: int, secrets_dir: Path) -> None:
@@ -204,3 +217,24 @@ def test_headers_origin_check_and_bounded_bodies(port: int) -> None:
     long_id = json.dumps({"line": "line1", "machine": "press-1", "alert_id": "a" * 5000})
     assert op.post_json("/api/ack", long_id.encode()) == 400
     assert op.status() == 200, "the app still serves after the bad bodies"
+
+
+def test_the_view_says_when_alertmanager_notifies_no_one(secrets_dir: Path, tmp_path: Path) -> None:
+    """Against a real Alertmanager running the shipped config (its receiver has no channel)
+    the view names that receiver for its banner; once Alertmanager is down it says so."""
+    shipped = (PROJECT_DIR / "deploy" / "alertmanager" / "alertmanager.yml").read_text()
+    am = Alertmanager(tmp_path / "alertmanager", 0, shipped)
+    try:
+        with _served(secrets_dir, alertmanager_url=am.url) as port:
+            op = Browser(port)
+            op.login("alice", "alice-password")
+            answer = json.loads(_body(op, "/api/notifications"))
+            assert answer["receivers_without_channels"] == ["operators"]
+            assert answer["reachable"] is True
+        am.stop()
+        with _served(secrets_dir, alertmanager_url=am.url) as port:
+            op = Browser(port)
+            op.login("alice", "alice-password")
+            assert json.loads(_body(op, "/api/notifications"))["reachable"] is False
+    finally:
+        am.stop()

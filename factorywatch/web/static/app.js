@@ -93,6 +93,26 @@ const FW = (() => {
     me = await api("/api/me");
     document.getElementById("who").textContent = `${me.user} · ${me.role}`;
     document.body.dataset.role = me.role;
+    banner();
+  }
+
+  // Whether alerts reach anyone beyond this page (Alertmanager's receivers, via the server).
+  async function banner() {
+    const el = document.getElementById("notify-banner");
+    const n = await api("/api/notifications").catch(() => null);
+    if (!n) return;
+    let text = "", cls = "warn";
+    if (!n.alertmanager) {
+      text = "No notification receiver configured for this view: alerts show here and reach no one else unless <code>factorywatch notify</code> sends them to Alertmanager (start the view with <code>--alertmanager-url</code> to check its receivers).";
+      cls = "info";
+    } else if (!n.reachable) {
+      text = `Alertmanager at ${esc(n.alertmanager)} does not answer: notifications may not go out.`;
+    } else if (n.receivers_without_channels.length) {
+      text = `No notification receiver configured: Alertmanager routes alerts to <b>${n.receivers_without_channels.map(esc).join(", ")}</b>, which has no channel (email, Slack, webhook). Alerts show here and in Alertmanager and notify no one.`;
+    }
+    el.innerHTML = text;
+    el.className = `banner ${cls}`;
+    el.hidden = !text;
   }
 
   // -- charts (inline SVG) ------------------------------------------------------------------
@@ -145,17 +165,27 @@ const FW = (() => {
     try { await api(path, body); button.textContent = "sent ✓"; afterAction(); } // the label itself comes back on the stream
     catch (err) { button.disabled = false; alert(err.message); }
   }
+  // Re-render a part holding note inputs, unless the operator is typing a note there and
+  // the alerts it shows are the same ones (live updates come twice a second).
+  function setKeepingNotes(el, html, key) {
+    const typing = el.querySelector("input.note:focus") || [...el.querySelectorAll("input.note")].some((i) => i.value);
+    if (typing && el.dataset.key === key) return;
+    el.innerHTML = html;
+    el.dataset.key = key;
+  }
+  const noteInput = () => '<input class="note" maxlength="500" placeholder="note (optional)">';
   function actionButtons(line, machine, alertId, acknowledged) {
     if (me.role !== "operator" || !alertId) return "";
     const data = `data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(alertId)}"`;
-    return (acknowledged === false ? `<button class="ack" ${data}>Acknowledge</button>` : "")
+    return noteInput() + (acknowledged === false ? `<button class="ack" ${data}>Acknowledge</button>` : "")
       + `<button class="danger false-alarm" ${data}>False alarm</button>`;
   }
   document.addEventListener("click", (e) => {
     const b = e.target.closest("button.ack, button.false-alarm, button.confirm");
     if (!b) return;
     e.preventDefault();
-    const body = { line: b.dataset.line, machine: b.dataset.machine, alert_id: b.dataset.alert };
+    const note = (b.parentElement.querySelector("input.note") || {}).value || undefined;
+    const body = { line: b.dataset.line, machine: b.dataset.machine, alert_id: b.dataset.alert, note };
     if (b.classList.contains("ack")) act(b, "/api/ack", body);
     else act(b, "/api/feedback", { ...body, label: b.classList.contains("confirm") ? "confirmed" : "false_alarm" });
   });
@@ -170,13 +200,14 @@ const FW = (() => {
       ["Normal", list.filter((m) => m.state === "NORMAL").length],
     ].map(([k, v]) => `<div class="card"><div class="muted">${k}</div><div class="num">${v}</div></div>`).join("");
     const body = document.querySelector("#alerts tbody");
-    body.innerHTML = open.map((m) => `<tr data-machine="${esc(m.machine_id)}">
+    setKeepingNotes(body, open.map((m) => `<tr data-machine="${esc(m.machine_id)}">
       <td><a href="/machine/${encodeURIComponent(m.line)}/${encodeURIComponent(m.machine_id)}"><b>${esc(m.machine_id)}</b></a></td>
       <td>${esc(m.line)}</td><td>${when(m.alert_since)} <span class="muted">(${ago(m.alert_since)})</span></td>
       <td>${fmt(m.peak_score)}</td><td>${features(m.explanation, m.outside_training)}</td>
       <td>${m.acknowledged_by ? `✓ ${esc(m.acknowledged_by)}` : '<span class="muted">not yet</span>'}</td>
       <td class="label">${labelBadge(m.label, m.labelled_by) || '<span class="muted">–</span>'}</td>
-      <td class="actions">${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}</td></tr>`).join("");
+      <td class="actions">${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}</td></tr>`).join(""),
+    open.map((m) => `${m.alert_id}|${m.acknowledged_by}|${m.label}`).join(","));
     document.getElementById("no-alerts").hidden = open.length > 0;
     document.getElementById("alerts").hidden = open.length === 0;
     document.getElementById("tiles").innerHTML = list.map((m) => {
@@ -209,25 +240,27 @@ const FW = (() => {
     await whoami();
     let lastEpisode = null;
     const loadHistory = async () => {
-      const data = await api(`/api/history?machine=${encodeURIComponent(machine)}&since=7d`).catch(() => ({ alerts: [] }));
+      const range = document.getElementById("range").value;
+      const data = await api(`/api/history?machine=${encodeURIComponent(machine)}&since=${encodeURIComponent(range)}`).catch(() => ({ alerts: [] }));
       const body = document.querySelector("#history tbody");
       body.innerHTML = data.alerts.map((a) => `<tr data-alert="${esc(a.alert_id)}">
         <td>${when(a.raised_at)}</td><td>${a.open ? '<span class="badge ALERT">OPEN</span>' : when(a.cleared_at)}</td>
         <td>${fmt(a.peak_score)}</td><td>${features(a.explanation)}</td>
         <td>${a.acknowledged_by ? `✓ ${esc(a.acknowledged_by)}` : "–"}</td>
-        <td>${a.label ? `<span class="badge ${esc(a.label)}">${esc(a.label.replace("_", " "))}</span> <span class="muted">${esc(a.labelled_by)}</span>` : "–"}</td>
-        <td class="actions">${me.role === "operator" ? `<button class="danger false-alarm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">False alarm</button><button class="secondary confirm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">Confirm</button>` : ""}</td></tr>`).join("");
+        <td class="label">${a.label ? labelBadge(a.label, a.labelled_by) : "–"}${a.note ? `<div class="note-text">${esc(a.note)}</div>` : ""}</td>
+        <td class="actions">${me.role === "operator" ? `${noteInput()}<button class="danger false-alarm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">False alarm</button><button class="secondary confirm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">Confirm</button>` : ""}</td></tr>`).join("");
       document.getElementById("no-history").hidden = data.alerts.length > 0;
     };
     const render = () => {
       const m = machines.get(key);
       if (!m) return;
       const b = badge(m);
-      document.getElementById("status").innerHTML = `<span class="badge ${esc(b.cls)}" title="${esc(b.title)}">${esc(b.text)}</span>
+      setKeepingNotes(document.getElementById("status"), `<span class="badge ${esc(b.cls)}" title="${esc(b.title)}">${esc(b.text)}</span>
         <span>line <b>${esc(m.line)}</b></span><span>last score <b>${fmt(m.last_score)}</b> (reading ${esc(m.last_status || "–")})</span>
         <span>threshold <b>${fmt(m.threshold)}</b></span><span>model <b>${esc(m.model_version || "–")}</b></span>
         ${m.alert_id ? `<span>alert open since <b>${when(m.alert_since)} UTC</b> ${labelBadge(m.label, m.labelled_by)}, peak ${fmt(m.peak_score)}, ${features(m.explanation, m.outside_training)}</span>
-        ${m.acknowledged_by ? `<span>acknowledged by <b>${esc(m.acknowledged_by)}</b></span>` : ""} ${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}` : ""}`;
+        ${m.acknowledged_by ? `<span>acknowledged by <b>${esc(m.acknowledged_by)}</b></span>` : ""} ${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}` : ""}`,
+      `${m.alert_id}|${m.acknowledged_by}|${m.label}|${m.state}`);
       chart(document.getElementById("score-chart"), [{ values: m.points.map((p) => [p[0], p[1], p[3] === "ALERT"]), color: "#2f6fde", marks: true }], { threshold: m.threshold, digits: 3 });
       const names = m.readings.length ? Object.keys(m.readings[m.readings.length - 1][1]) : [];
       const box = document.getElementById("channels");
@@ -244,6 +277,7 @@ const FW = (() => {
     };
     onChange = render;
     connect();
+    document.getElementById("range").addEventListener("change", loadHistory);
     loadHistory();
     window.addEventListener("resize", render);
     afterAction = loadHistory;
