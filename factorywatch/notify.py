@@ -426,7 +426,8 @@ class Notifier:
     def run(self, stop: threading.Event) -> None:
         """Notify until ``stop``; raises ``BrokerError`` if the subscription is refused."""
         fwmqtt.connect(self._client, self.broker, self._waiter)
-        receivers_checked = self.check_receivers() is not None
+        # asked beside the loop: a hung Alertmanager must not delay the first notifications
+        receivers = self._pool.submit(self.check_receivers)
         try:
             if not self._subscribed.wait(10) or self._refused:
                 raise BrokerError(f"notify subscription refused ({self._refused or 'no SUBACK'})")
@@ -441,8 +442,8 @@ class Notifier:
                 else:
                     continue
                 if ok:
-                    if not receivers_checked:  # Alertmanager is back: read its config now
-                        receivers_checked = self.check_receivers() is not None
+                    if receivers.done() and receivers.result() is None:  # it is back: ask again
+                        receivers = self._pool.submit(self.check_receivers)
                     if time.monotonic() >= next_flush or retry > FIRST_RETRY_S:
                         next_flush, retry = time.monotonic() + resend, FIRST_RETRY_S
                 else:  # try everything again soon, then less and less often
