@@ -19,9 +19,12 @@ Alertmanager costs one timeout per burst, not one per alert. At start the notifi
 Alertmanager's configuration and warns (``alertmanager_receiver_missing``) when the receiver
 it routes to has no channel: such alerts are visible in its UI but notify no one.
 
-Two alert names, labelled ``machine`` and ``line`` (plus any ``--label k=v``):
+Two alert names, labelled ``machine``, ``line`` and ``severity`` (plus any ``--label k=v``):
 ``FactorywatchAnomaly`` (ALERT_RAISED .. ALERT_CLEARED) and ``FactorywatchMachineOffline``
-(MACHINE_OFFLINE .. MACHINE_ONLINE).
+(MACHINE_OFFLINE .. MACHINE_ONLINE). An anomaly is ``critical`` when a driving feature lies
+``critical_z`` (4) or more standard deviations from its training mean, else ``warning``;
+an offline machine is ``warning``. Alertmanager routes on the label (page for critical,
+a ticket or a channel for warning).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from factorywatch import mqtt as fwmqtt
-from factorywatch.contracts import AlertEvent, MachineState
+from factorywatch.contracts import AlertEvent, Contribution, MachineState
 from factorywatch.errors import BrokerError, PayloadError
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
@@ -78,6 +81,12 @@ class NotifySettings(BaseSettings):
         default=None, description="base URL of `factorywatch web` for links in notifications"
     )
     labels: str = Field(default="", description="extra labels k=v,k2=v2 on every alert")
+    critical_z: float = Field(
+        default=4.0,
+        gt=0,
+        description="an anomaly is critical when a driving feature's |z| reaches this, "
+        "else a warning",
+    )
 
 
 def rfc3339(ts: float) -> str:
@@ -114,6 +123,7 @@ class AlertBook:
     web_url: str | None = None
     tracked: dict[_Key, _Tracked] = field(default_factory=dict)
     max_tracked: int = MAX_TRACKED
+    critical_z: float = 4.0
     dropped: int = 0  # resolutions forgotten undelivered because the book was full
 
     @property
@@ -169,6 +179,11 @@ class AlertBook:
             return found.alert
         return {**found.alert, "endsAt": rfc3339(found.resolved_at)}
 
+    def _severity(self, explanation: list[Contribution] | None) -> str:
+        far = max((abs(c.z) for c in explanation or []), default=0.0)
+        # no explanation: nothing says it is mild, so it pages
+        return "critical" if not explanation or far >= self.critical_z else "warning"
+
     def on_event(self, event: AlertEvent) -> list[dict[str, Any]]:
         """Apply one event; return the alerts to post now (resolved ones carry ``endsAt``)."""
         line, machine = event.line, event.machine_id
@@ -176,6 +191,7 @@ class AlertBook:
         if kind == "ALERT_RAISED":
             self.tracked.pop((ANOMALY, line, machine), None)  # a new episode
             alert = self._alert(ANOMALY, line, machine, event.at)
+            alert["labels"]["severity"] = self._severity(event.explanation)
             alert["annotations"] = {
                 "summary": f"{machine} ({line}): anomalous readings",
                 "alert_id": event.alert_id or "",
@@ -216,6 +232,7 @@ class AlertBook:
         out = []
         if state.alert_id is not None:
             alert = self._alert(ANOMALY, line, machine, state.alert_since or state.since)
+            alert["labels"]["severity"] = self._severity(state.explanation)
             alert["annotations"] = {
                 "summary": f"{machine} ({line}): anomalous readings",
                 "alert_id": state.alert_id,
@@ -300,7 +317,9 @@ class Notifier:
     def __init__(self, broker: BrokerSettings, settings: NotifySettings) -> None:
         self.broker, self.settings = broker, settings
         self.topics = Topics(broker.topic_root)
-        self.book = AlertBook(parse_labels(settings.labels), settings.web_url)
+        self.book = AlertBook(
+            parse_labels(settings.labels), settings.web_url, critical_z=settings.critical_z
+        )
         self.sent = 0
         self.failures = 0
         self._inbox: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()

@@ -186,6 +186,12 @@ def add_notify(sub: Any) -> None:
     p.add_argument("--resend", type=float, help="re-send open alerts every N s (default 60)")
     p.add_argument("--web-url", help="link notifications to this factorywatch web address")
     p.add_argument("--label", action="append", default=[], help="extra label k=v (repeatable)")
+    p.add_argument(
+        "--critical-z",
+        type=float,
+        help="an anomaly is critical when a driving feature's |z| reaches this (default 4), "
+        "else a warning",
+    )
     p.set_defaults(func=cmd_notify)
 
 
@@ -200,6 +206,7 @@ def cmd_notify(args: argparse.Namespace) -> int:
         "resend_s": args.resend,
         "web_url": args.web_url,
         "labels": ",".join(args.label) or None,
+        "critical_z": args.critical_z,
     }
     settings = NotifySettings.model_validate(
         {**base.model_dump(), **{k: v for k, v in given.items() if v is not None}}

@@ -163,3 +163,25 @@ receivers:
   - name: pager
 """
     assert receivers_without_channels(hooked) == ["pager"]
+
+
+def test_severity_follows_how_far_the_driving_features_are_from_training() -> None:
+    """An anomaly whose driving features lie within `critical_z` standard deviations is a
+    warning, one beyond it (or without an explanation) is critical, from events and from
+    retained states alike; an offline machine is a warning."""
+    book = AlertBook(critical_z=4.0)
+    mild = [Contribution(feature="torque_nm", value=55.0, z=2.5)]
+    far = [*mild, Contribution(feature="power_w", value=9e3, z=-4.2)]
+    [warning] = book.on_event(_event("ALERT_RAISED", alert_id="a1", explanation=mild))
+    assert warning["labels"]["severity"] == "warning"
+    [critical] = book.on_event(_event("ALERT_RAISED", at=T0 + 9, alert_id="a2", explanation=far))
+    assert critical["labels"]["severity"] == "critical"
+    [unexplained] = book.on_event(_event("ALERT_RAISED", at=T0 + 20, alert_id="a3"))
+    assert unexplained["labels"]["severity"] == "critical"
+    state = MachineState(
+        machine_id="press-2", line="line1", state="ALERT", since=T0, alert_id="b1",
+        window_size=5, explanation=mild,
+    )  # fmt: skip
+    assert book.on_state(state, T0)[0]["labels"]["severity"] == "warning"
+    [offline] = book.on_event(_event("MACHINE_OFFLINE", reason="last_will"))
+    assert offline["labels"]["severity"] == "warning"
