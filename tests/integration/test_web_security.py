@@ -238,3 +238,23 @@ def test_the_view_says_when_alertmanager_notifies_no_one(secrets_dir: Path, tmp_
             assert json.loads(_body(op, "/api/notifications"))["reachable"] is False
     finally:
         am.stop()
+
+
+def test_an_open_live_stream_ends_when_its_session_does(port: int) -> None:
+    """A browser's server-sent-event stream stops (the server ends the response) once its
+    session is logged out elsewhere, instead of streaming to a revoked session."""
+    alice = Browser(port)
+    alice.login("alice", "alice-password")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(
+        "GET",
+        "/api/stream",
+        headers={"Cookie": f"{SESSION_COOKIE}={alice.cookies[SESSION_COOKIE]}"},
+    )
+    stream = conn.getresponse()
+    assert stream.status == 200
+    assert stream.readline().startswith(b"event: snapshot")
+    alice.request("GET", "/logout")
+    rest = stream.read()  # returns at the end of the response: the server closed the stream
+    assert b"event: update" not in rest
+    conn.close()
