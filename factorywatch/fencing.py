@@ -18,6 +18,10 @@ fenced by ours) and is ignored. After losing its connection a fenced-in client w
 ``SETTLE_S`` before reconnecting: at once, it would kick the newer process off before that
 one's lease reached the broker, and the two would fight (measured: > 30 s without the
 pause when both reconnect at once).
+
+Detectors (``<root>/status/detector/<id>/lease``) and sensors
+(``<root>/status/sensor/<machine id>/lease``) are fenced alike. The lease's own PUBACKs and
+SUBACKs are the fence's: the owner's ``on_publish`` / ``on_subscribe`` never see them.
 """
 
 from __future__ import annotations
@@ -56,11 +60,14 @@ class Fence:
         self.echoed = False
         self.fenced = False
         self._sub_mids: set[int] = set()
+        self._pub_mids: set[int] = set()
         self._connect: Any = client.on_connect
         self._message: Any = client.on_message
         self._subscribe: Any = client.on_subscribe
         self._disconnect: Any = client.on_disconnect
+        self._publish: Any = client.on_publish
         client.on_connect = self._on_connect
+        client.on_publish = self._on_publish
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
@@ -88,7 +95,15 @@ class Fence:
         if mid is not None:
             self._sub_mids.add(mid)
         if not self.echoed:  # until the broker has it (we may be kicked off before)
-            c.publish(self.topic, self.lease(), qos=1, retain=True)
+            # paho calls on_publish on this same thread, so the mid is known before its PUBACK
+            self._pub_mids.add(c.publish(self.topic, self.lease(), qos=1, retain=True).mid)
+
+    def _on_publish(self, c: mqtt.Client, u: Any, mid: int, reason: Any, props: Any) -> None:
+        if mid in self._pub_mids:
+            self._pub_mids.discard(mid)
+            return
+        if self._publish is not None:
+            self._publish(c, u, mid, reason, props)
 
     def _on_disconnect(self, c: mqtt.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
         if self._disconnect is not None:

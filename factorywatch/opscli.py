@@ -235,6 +235,12 @@ def add_notify(sub: Any) -> None:
     p.add_argument("--resend", type=float, help="re-send open alerts every N s (default 60)")
     p.add_argument("--web-url", help="link notifications to this factorywatch web address")
     p.add_argument("--label", action="append", default=[], help="extra label k=v (repeatable)")
+    p.add_argument(
+        "--critical-z",
+        type=float,
+        help="an anomaly is critical when a driving feature's |z| reaches this (default 4), "
+        "else a warning",
+    )
     p.set_defaults(func=cmd_notify)
 
 
@@ -249,6 +255,7 @@ def cmd_notify(args: argparse.Namespace) -> int:
         "resend_s": args.resend,
         "web_url": args.web_url,
         "labels": ",".join(args.label) or None,
+        "critical_z": args.critical_z,
     }
     settings = NotifySettings.model_validate(
         {**base.model_dump(), **{k: v for k, v in given.items() if v is not None}}
@@ -269,6 +276,10 @@ def add_web(sub: Any) -> None:
     p.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
     p.add_argument("--passwd-file", type=Path, help="broker password file (<secrets-dir>/passwd)")
     p.add_argument("--no-history", action="store_true", help="no history store (live only)")
+    p.add_argument(
+        "--alertmanager-url",
+        help="the Alertmanager notify posts to (the view warns when its receivers are empty)",
+    )
     p.set_defaults(func=cmd_web)
 
 
@@ -278,11 +289,15 @@ def cmd_web(args: argparse.Namespace) -> int:
     from factorywatch.web.app import WebSettings, build_context, serve  # noqa: PLC0415
 
     base = WebSettings()
-    given = {"host": args.bind, "port": args.http_port, "passwd_file": args.passwd_file}
+    given = {
+        "host": args.bind,
+        "port": args.http_port,
+        "passwd_file": args.passwd_file,
+        "alertmanager_url": args.alertmanager_url,
+    }
     settings = WebSettings.model_validate(
         {
             **base.model_dump(),
-            "session_secret": base.session_secret,
             **{k: v for k, v in given.items() if v is not None},
         }
     )

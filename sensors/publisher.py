@@ -3,6 +3,11 @@
 While the broker is unreachable paho keeps QoS 1 messages in a bounded in-memory buffer
 (``buffer_size`` per machine) and sends them when the connection returns. A reading that
 does not fit is dropped, counted (``buffer_full``) and logged: never silently.
+
+One machine id, one process: each machine's client is fenced (:mod:`factorywatch.fencing`).
+When a second process starts publishing as the same machine, the broker hands it the
+connection; the older process learns from the newer lease and stops with the remedy
+(:class:`SensorFencedError`) instead of reconnecting and kicking the other off every second.
 """
 
 from __future__ import annotations
@@ -19,11 +24,26 @@ from pydantic import ValidationError
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import ClientStatus, DeadLetter, Telemetry
-from factorywatch.errors import PayloadError
+from factorywatch.errors import FactorywatchError, PayloadError
+from factorywatch.fencing import Fence
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 
 log = structlog.get_logger("sensors")
+
+
+class SensorFencedError(FactorywatchError):
+    """Another process publishes as one of this process's machines; this one stopped."""
+
+
+def fenced_remedy(machine_id: str, reason: str) -> str:
+    """What to tell the operator of a sensor process that lost its machine id."""
+    return (
+        f"another sensor process started publishing as machine {machine_id!r} ({reason}); "
+        "this one stopped instead of fighting it for the machine's connection. Run one "
+        "sensor process per machine id: stop the other one, or start this one with its own "
+        "--machine-id (and `factorywatch broker add-user <id>` for it)"
+    )
 
 
 @dataclass
@@ -84,7 +104,14 @@ def wait_for_pubacks(stats: PublishStats, lock: threading.Lock, timeout_s: float
 class SensorPublisher:
     """Publishes one machine's readings; ``close()`` waits for the broker's PUBACKs."""
 
-    def __init__(self, broker: BrokerSettings, machine_id: str, *, buffer_size: int) -> None:
+    def __init__(
+        self,
+        broker: BrokerSettings,
+        machine_id: str,
+        *,
+        buffer_size: int,
+        on_fenced: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.topics = Topics(broker.topic_root)
         self.machine_id = machine_id
         # A machine logs in as itself: the broker's ACL lets it write only its own topic.
@@ -108,6 +135,24 @@ class SensorPublisher:
         self.client.on_connect = self._on_connect
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_deadletter
+        #: why another process took this machine over (None while this one holds it)
+        self.fenced: str | None = None
+        self._on_fenced = on_fenced
+        Fence(self.client, self.topics.lease("sensor", machine_id), self._fence_lost)
+
+    def _fence_lost(self, reason: str) -> None:
+        """Paho's thread: a newer process holds the machine id. Leave at once (reconnecting
+        would kick it off) and tell the owner."""
+        self.fenced = reason
+        log.error(
+            "sensor_fenced",
+            machine_id=self.machine_id,
+            reason=reason[:200],
+            remedy="run one sensor process per machine id",
+        )
+        self.client.disconnect()
+        if self._on_fenced is not None:
+            self._on_fenced(self.machine_id, reason)
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._waiter.record(reason)
@@ -158,6 +203,8 @@ class SensorPublisher:
 
     def publish(self, reading: Telemetry) -> bool:
         """Queue one reading at QoS 1; False (counted, logged) when it cannot be queued."""
+        if self.fenced is not None:
+            return False  # the machine is another process's now
         try:
             payload = fwmqtt.check_size(reading.encode())
         except PayloadError as error:
@@ -175,6 +222,10 @@ class SensorPublisher:
 
     def close(self, timeout_s: float = 30.0) -> PublishStats:
         """Wait until every sent reading is acknowledged (or the timeout), then disconnect."""
+        if self.fenced is not None:  # no offline status: the machine is online, elsewhere
+            self.client.loop_stop()
+            with self._lock:
+                return PublishStats(**vars(self.stats))
         wait_for_pubacks(self.stats, self._lock, timeout_s)
         with self._lock:  # before the offline status, whose PUBACK is not a reading's
             result = PublishStats(**vars(self.stats))
@@ -206,7 +257,16 @@ def run(
     ``streams[i]`` is called with the event time and returns machine i's next reading
     (``None`` when it has no more).
     """
-    publishers = [SensorPublisher(broker, m, buffer_size=buffer_size) for m in machine_ids]
+    fenced: list[tuple[str, str]] = []
+
+    def on_fenced(machine_id: str, reason: str) -> None:
+        fenced.append((machine_id, reason))
+        stop.set()
+
+    publishers = [
+        SensorPublisher(broker, m, buffer_size=buffer_size, on_fenced=on_fenced)
+        for m in machine_ids
+    ]
     for pub in publishers:
         pub.start()
     log.info("sensors_started", machines=list(machine_ids), rate_hz=rate_hz, count=count)
@@ -229,4 +289,6 @@ def run(
         for pub in publishers:
             total.add(pub.close())
         log.info("sensors_stopped", **vars(total))
+    if fenced:
+        raise SensorFencedError(fenced_remedy(*fenced[0]))
     return total

@@ -7,13 +7,20 @@ Routes (every one but ``/login``, ``/healthz`` and ``/static`` needs a logged-in
     GET  /api/stream                server-sent events: a snapshot, then coalesced updates
     GET  /api/machines              the same snapshot as JSON
     GET  /api/history?machine=M&since=24h   alerts (episodes) and events from the store
+    GET  /api/notifications         whether alerts reach anyone (Alertmanager's receivers)
     POST /api/ack                   operator: acknowledge (publishes the ack command)
     POST /api/feedback              operator: label an alert false_alarm / confirmed
 
 Commands go out on the broker as the ``operator`` account; state comes in as ``monitor``
-(the accounts and ACL of ``factorywatch broker init``). POSTs take JSON with an
-``X-Requested-With`` header and the session cookie is ``SameSite=Strict``, so another site
-cannot make a logged-in browser send them.
+(the accounts and ACL of ``factorywatch broker init``).
+
+Sessions live on the server (:mod:`factorywatch.web.sessions`); the ``HttpOnly``,
+``SameSite=Strict`` cookie holds only a random id. Every request re-checks the session's
+user against the broker's accounts, so logout, ``broker remove-user``, a new password or a
+role change end it at once. A request that changes state must come from the view's own
+origin (``Origin``, else ``Referer``; a foreign one is refused), API POSTs also carry an
+``X-Requested-With`` header, and bodies are small and bounded. Every response carries a
+Content-Security-Policy (own scripts and styles only, no framing) and ``nosniff``.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import secrets
 import string
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -33,12 +42,13 @@ from typing import Any, Final, TypeVar
 
 import paho.mqtt.client as mqtt
 import structlog
-from pydantic import Field, SecretStr, ValidationError
+import yaml
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
-from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
@@ -49,22 +59,41 @@ from starlette.responses import (
 )
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.contracts import AckCommand, FeedbackCommand
 from factorywatch.errors import BrokerError
 from factorywatch.history import parse_since
 from factorywatch.history_store import HistoryStore
+from factorywatch.notify import receivers_without_channels
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics, check_id
 from factorywatch.web.auth import Accounts
 from factorywatch.web.live import CLOSE, Hub, LiveModel
+from factorywatch.web.sessions import LoginThrottle, SessionBook
 
 log = structlog.get_logger("factorywatch.web")
 
 STATIC_DIR: Final = Path(str(resources.files("factorywatch.web") / "static"))
 CSRF_HEADER: Final = "x-requested-with"
 PUBLISH_TIMEOUT_S: Final = 5.0
+SESSION_COOKIE: Final = "factorywatch_session"
+MAX_BODY_BYTES: Final = 16 * 1024  # an ack or a label with a note; anything bigger is refused
+MAX_FORM_BYTES: Final = 4 * 1024  # the login form
+MAX_FIELD_CHARS: Final = 2000  # any one string in a command's JSON body
+STREAM_RECHECK_S: Final = 5.0  # an open event stream re-checks its session this often
+RECEIVERS_CHECK_S: Final = 60.0  # how long Alertmanager's answer is reused
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+# Scripts and styles from the view's own files only (no inline code), never framed.
+SECURITY_HEADERS: Final = {
+    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "same-origin",
+}
 # The pages behind the login: static/<name> holds the page's <main>; (title, app.js entry).
 PAGES: Final = {"index.html": ("machines", "overview"), "machine.html": ("machine", "machinePage")}
 _Command = TypeVar("_Command", AckCommand, FeedbackCommand)
@@ -88,11 +117,18 @@ class WebSettings(BaseSettings):
     # id, so the web view must not share one with a person or another component.
     read_user: str = Field(default="web", description="broker account that reads state")
     command_user: str = Field(default="web-commands", description="broker account for commands")
-    session_secret: SecretStr | None = Field(
-        default=None, description="signs session cookies (default: random per start)"
+    allowed_origins: str = Field(
+        default="",
+        description="other origins that may send commands, e.g. https://factory.example "
+        "when a proxy changes the Host header (the view's own origin always may)",
     )
     secure_cookies: bool = Field(default=False, description="set behind HTTPS")
     history_points: int = Field(default=300, ge=10, le=5000, description="points per chart")
+    alertmanager_url: str | None = Field(
+        default=None,
+        description="Alertmanager that `factorywatch notify` posts to: the view warns when "
+        "none is set or its receivers have no channel",
+    )
 
 
 def _split(text: str) -> frozenset[str]:
@@ -112,6 +148,11 @@ class WebContext:
         self.settings, self.broker, self.accounts, self.store = settings, broker, accounts, store
         self.topics = Topics(broker.topic_root)
         self.hub = Hub(LiveModel(self.topics, settings.history_points))
+        self.sessions = SessionBook()
+        self._receivers: tuple[float, dict[str, Any]] | None = None
+        self.throttle = LoginThrottle()
+        # one login at a time: a burst of guesses cannot slip past the throttle's count
+        self.login_lock = asyncio.Lock()
         self._reader: mqtt.Client | None = None
         self._commander: mqtt.Client | None = None
 
@@ -131,7 +172,13 @@ class WebContext:
             waiter.record(rc)
             if not rc.is_failure:
                 self.hub.set_connected(True)
-                client.subscribe([(f"{root}/alerts/#", 1), (self.topics.telemetry_filter, 0)])
+                client.subscribe(
+                    [
+                        (f"{root}/alerts/#", 1),
+                        (self.topics.telemetry_filter, 0),
+                        (self.topics.feedback_filter, 1),  # labels show on the overview
+                    ]
+                )
 
         reader.on_connect = on_connect
         reader.on_disconnect = lambda *_: self.hub.set_connected(False)
@@ -152,6 +199,30 @@ class WebContext:
         if self.store is not None:
             self.store.close()
 
+    async def notifications(self) -> dict[str, Any]:
+        """Whether alerts notify anyone: Alertmanager's receivers, asked at most once a
+        :data:`RECEIVERS_CHECK_S`."""
+        url = self.settings.alertmanager_url
+        if url is None:
+            return {"alertmanager": None}
+        now = time.monotonic()
+        if self._receivers is not None and now - self._receivers[0] < RECEIVERS_CHECK_S:
+            return self._receivers[1]
+
+        def ask() -> dict[str, Any]:
+            status = f"{url.rstrip('/')}/api/v2/status"
+            try:
+                with urllib.request.urlopen(status, timeout=3) as resp:  # noqa: S310
+                    original = json.loads(resp.read())["config"]["original"]
+                empty = receivers_without_channels(original)
+            except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+                return {"alertmanager": url, "reachable": False}
+            return {"alertmanager": url, "reachable": True, "receivers_without_channels": empty}
+
+        answer = await asyncio.to_thread(ask)
+        self._receivers = (now, answer)
+        return answer
+
     async def publish(self, topic: str, payload: bytes) -> None:
         """Publish a command QoS 1 and wait for the broker's acknowledgement."""
         if self._commander is None:
@@ -169,9 +240,91 @@ def _ctx(request: Request) -> WebContext:
 
 
 def _user(request: Request) -> dict[str, str] | None:
-    user = request.session.get("user")
-    role = request.session.get("role")
-    return {"user": user, "role": role} if user and role else None
+    """The logged-in user and role, checked against the accounts as they are now (a session
+    whose user was removed, or whose password or role changed, ends here)."""
+    ctx = _ctx(request)
+    sid = request.cookies.get(SESSION_COOKIE)
+    session = ctx.sessions.get(sid, time.time()) if sid else None
+    if session is None or sid is None:
+        return None
+    now = ctx.accounts.current(session.user)
+    if now is None or (now.role, now.fingerprint) != (session.role, session.fingerprint):
+        ctx.sessions.close(sid)
+        reason = "user removed" if now is None else f"role or password changed (now {now.role})"
+        log.warning("web_session_revoked", user=session.user, reason=reason)
+        return None
+    return {"user": session.user, "role": session.role}
+
+
+def _same_origin(headers: Headers, allowed: frozenset[str]) -> bool:
+    """True unless the request names another site as its source.
+
+    Browsers send ``Origin`` with every POST (``Referer`` as a fallback is checked too); a
+    request with neither comes from a script, not from a page another site controls.
+    """
+    fetch_site = headers.get("sec-fetch-site")
+    if fetch_site in ("cross-site", "same-site"):
+        return False
+    source = headers.get("origin") or headers.get("referer")
+    if source is None:
+        return True
+    parts = urllib.parse.urlsplit(source)
+    if not parts.scheme or not parts.netloc:
+        return False  # "null" (a sandboxed frame, a file:// page) or garbage
+    return parts.netloc == headers.get("host") or f"{parts.scheme}://{parts.netloc}" in allowed
+
+
+class Guard:
+    """ASGI middleware: the security headers on every response, and state-changing requests
+    from another origin refused before any route sees them."""
+
+    def __init__(self, app: ASGIApp, allowed_origins: frozenset[str]) -> None:
+        self.app, self.allowed = app, allowed_origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        if scope["method"] not in SAFE_METHODS and not _same_origin(
+            Headers(scope=scope), self.allowed
+        ):
+            log.warning("web_foreign_origin_refused", path=scope["path"])
+            refusal = _error(403, "this request came from another site")
+            await refusal(scope, receive, send_with_headers)
+            return
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes | Response:
+    """The request body, or a 413 as soon as it grows past ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return _error(413, f"body larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return _error(413, f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_long(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) > MAX_FIELD_CHARS
+    if isinstance(value, dict):
+        return any(_too_long(k) or _too_long(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_too_long(v) for v in value)
+    return False
 
 
 def _page(name: str) -> FileResponse:
@@ -205,13 +358,22 @@ async def _operator_json(request: Request) -> tuple[dict[str, Any], dict[str, st
         return _error(403, "missing X-Requested-With header")
     if who["role"] != "operator":
         return _error(403, "operators only: viewers may look, not act")
+    raw = await _bounded_body(request, MAX_BODY_BYTES)
+    body = raw if isinstance(raw, Response) else _json_object(raw)
+    return body if isinstance(body, Response) else (body, who)
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | Response:
+    """A command's body: one flat JSON object of short values, or the 400 to send instead."""
     try:
-        body = await request.json()
-    except ValueError:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return _error(400, "body must be JSON")
     if not isinstance(body, dict):
         return _error(400, "body must be a JSON object")
-    return body, who
+    if any(isinstance(v, (dict, list)) for v in body.values()) or _too_long(body):
+        return _error(400, f"fields must be plain values of at most {MAX_FIELD_CHARS} characters")
+    return body
 
 
 async def _publish_command(
@@ -248,24 +410,52 @@ async def login_page(request: Request) -> Response:
 
 
 async def login(request: Request) -> Response:
-    """Check the password against the broker's accounts; start a session."""
-    form = urllib.parse.parse_qs((await request.body()).decode(errors="replace"))
+    """Check the password against the broker's accounts (throttled); start a session."""
+    ctx = _ctx(request)
+    raw = await _bounded_body(request, MAX_FORM_BYTES)
+    if isinstance(raw, Response):
+        return raw
+    form = urllib.parse.parse_qs(raw.decode(errors="replace"))
     user = (form.get("username") or [""])[0].strip()
     password = (form.get("password") or [""])[0]
-    role = await asyncio.to_thread(_ctx(request).accounts.authenticate, user, password)
-    if role is None:
-        log.warning("web_login_refused", user=user[:64])
-        return RedirectResponse("/login?error=1", status_code=303)
-    request.session.clear()
-    request.session.update({"user": user, "role": role})
-    log.info("web_logged_in", user=user, role=role)
-    return RedirectResponse("/", status_code=303)
+    client = request.client.host if request.client else "unknown"
+    async with ctx.login_lock:
+        locked = ctx.throttle.locked_for(user, client, time.time())
+        if locked > 0:
+            log.warning("web_login_locked_out", user=user[:64], client=client, for_s=round(locked))
+            return RedirectResponse("/login?error=locked", status_code=303)
+        identity = await asyncio.to_thread(ctx.accounts.authenticate, user, password)
+        if identity is None:
+            ctx.throttle.failed(user, client, time.time())
+            log.warning("web_login_refused", user=user[:64], client=client)
+            return RedirectResponse("/login?error=1", status_code=303)
+        ctx.throttle.succeeded(user)
+    old = request.cookies.get(SESSION_COOKIE)
+    if old:
+        ctx.sessions.close(old)  # a new id at every login: no session fixation
+    sid = secrets.token_urlsafe(32)
+    ctx.sessions.open(sid, identity.user, identity.role, identity.fingerprint, time.time())
+    log.info("web_logged_in", user=identity.user, role=identity.role)
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        sid,
+        httponly=True,
+        samesite="strict",
+        secure=ctx.settings.secure_cookies,
+        path="/",
+    )
+    return response
 
 
 async def logout(request: Request) -> Response:
-    """End the session."""
-    request.session.clear()
-    return RedirectResponse("/login", status_code=303)
+    """End the session on the server (the id is worthless from now on)."""
+    sid = request.cookies.get(SESSION_COOKIE)
+    if sid and _ctx(request).sessions.close(sid):
+        log.info("web_logged_out")
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
 
 
 async def overview(request: Request) -> Response:
@@ -303,10 +493,14 @@ async def stream(request: Request) -> Response:
         try:
             yield {"event": "snapshot", "data": snapshot}
             while True:
-                update = await queue.get()
-                if update == CLOSE:
+                try:
+                    update = await asyncio.wait_for(queue.get(), STREAM_RECHECK_S)
+                except TimeoutError:
+                    update = None
+                if update == CLOSE or _user(request) is None:  # a revoked session stops here
                     return
-                yield {"event": "update", "data": update}
+                if update is not None:
+                    yield {"event": "update", "data": update}
         finally:
             hub.unsubscribe(queue)
 
@@ -380,6 +574,13 @@ async def feedback(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
+async def notifications(request: Request) -> Response:
+    """Whether alerts reach a notification channel (for the page's banner)."""
+    if _user(request) is None:
+        return _error(401, "log in first")
+    return JSONResponse(await _ctx(request).notifications())
+
+
 async def healthz(request: Request) -> Response:
     """Liveness: 200 while the broker link is up."""
     hub = _ctx(request).hub
@@ -400,7 +601,6 @@ def create_app(ctx: WebContext) -> Starlette:
             await ctx.stop()
             log.info("web_stopped")
 
-    secret = ctx.settings.session_secret
     app = Starlette(
         routes=[
             Route("/", overview),
@@ -413,20 +613,12 @@ def create_app(ctx: WebContext) -> Starlette:
             Route("/api/machines", machines),
             Route("/api/stream", stream),
             Route("/api/history", history),
+            Route("/api/notifications", notifications),
             Route("/api/ack", ack, methods=["POST"]),
             Route("/api/feedback", feedback, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
-        middleware=[
-            Middleware(
-                SessionMiddleware,
-                secret_key=secret.get_secret_value() if secret else secrets.token_urlsafe(32),
-                session_cookie="factorywatch_session",
-                same_site="strict",
-                https_only=ctx.settings.secure_cookies,
-                max_age=12 * 3600,
-            )
-        ],
+        middleware=[Middleware(Guard, allowed_origins=_split(ctx.settings.allowed_origins))],
         lifespan=lifespan,
     )
     app.state.ctx = ctx

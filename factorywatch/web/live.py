@@ -20,6 +20,7 @@ from typing import Any, Final
 from factorywatch import contracts
 from factorywatch.contracts import (
     AlertEvent,
+    FeedbackCommand,
     MachineState,
     Telemetry,
     Verdict,
@@ -59,8 +60,10 @@ class Machine:
     last_status: str | None = None
     threshold: float | None = None
     model_version: str | None = None
-    last_seen: float | None = None
+    last_seen: float | None = None  # the latest reading's time, from verdicts and states
     alerts_raised: int = 0
+    label: str | None = None  # an operator's label of the open alert (false_alarm/confirmed)
+    labelled_by: str | None = None
     new_points: list[list[Any]] = field(default_factory=list)
     new_readings: list[list[Any]] = field(default_factory=list)
 
@@ -89,6 +92,8 @@ class Machine:
             "model_version": self.model_version,
             "last_seen": self.last_seen,
             "alerts_raised": self.alerts_raised,
+            "label": self.label,
+            "labelled_by": self.labelled_by,
         }
 
     def full(self) -> dict[str, Any]:
@@ -123,16 +128,10 @@ class LiveModel:
         stamped in the future is ignored too (a 2099 reading would freeze the charts).
         """
         try:
+            if topic.startswith(f"{self.topics.root}/commands/"):
+                return self._feedback(topic, payload, now)
             if topic.startswith(f"{self.topics.root}/telemetry/"):
-                line, machine_id = self.topics.parse_telemetry(topic)
-                reading = _decode(Telemetry, payload, now)
-                if (reading.line, reading.machine_id) != (line, machine_id):
-                    raise PayloadError("topic_mismatch", topic)
-                m = self.machine(line, machine_id)
-                row = [reading.ts, reading.readings]
-                m.readings.append(row)
-                m.new_readings.append(row)
-                return m.key
+                return self._telemetry(topic, payload, now)
             line, machine_id, leaf = self.topics.parse_alert(topic)
             if leaf == "state" and not payload:
                 self.machines.pop(f"{line}/{machine_id}", None)  # retired machine
@@ -158,8 +157,35 @@ class LiveModel:
             self._apply_event(m, message)
         return m.key
 
+    def _telemetry(self, topic: str, payload: bytes, now: float | None) -> str:
+        line, machine_id = self.topics.parse_telemetry(topic)
+        reading = _decode(Telemetry, payload, now)
+        if (reading.line, reading.machine_id) != (line, machine_id):
+            raise PayloadError("topic_mismatch", topic)
+        m = self.machine(line, machine_id)
+        row = [reading.ts, reading.readings]
+        m.readings.append(row)
+        m.new_readings.append(row)
+        return m.key
+
+    def _feedback(self, topic: str, payload: bytes, now: float | None) -> str | None:
+        """An operator's label: shown on the machine while it is about the open alert."""
+        line, machine_id = self.topics.parse_feedback(topic)
+        cmd = _decode(FeedbackCommand, payload, now)
+        m = self.machines.get(f"{line}/{machine_id}")
+        if cmd.machine_id != machine_id or m is None:
+            self.ignored += 1
+            return None
+        if cmd.alert_id != m.alert_id:
+            return None  # about an earlier alert: the machine page's history shows it
+        m.label, m.labelled_by = cmd.label, cmd.by
+        return m.key
+
     @staticmethod
     def _apply_verdict(m: Machine, v: Verdict) -> None:
+        # the retained state is republished only on a change of state: each verdict is a
+        # sign of life of its own
+        m.last_seen = max(m.last_seen or v.reading_ts, v.reading_ts)
         if v.status == "CALIBRATING":  # no score yet: the machine's model is being calibrated
             progress = v.calibration
             m.last_status = (
@@ -176,21 +202,27 @@ class LiveModel:
 
     @staticmethod
     def _apply_state(m: Machine, s: MachineState) -> None:
+        if s.alert_id != m.alert_id:
+            m.label = m.labelled_by = None
         m.state, m.since, m.alert_id, m.alert_since = s.state, s.since, s.alert_id, s.alert_since
         m.acknowledged_by, m.peak_score = s.acknowledged_by, s.peak_score
         m.explanation = [c.model_dump() for c in s.explanation or []]
-        m.last_seen, m.alerts_raised = s.last_seen, s.alerts_raised
+        m.last_seen = max(filter(None, (m.last_seen, s.last_seen)), default=None)
+        m.alerts_raised = s.alerts_raised
         if m.last_score is None:
             m.last_score = s.last_score
 
     @staticmethod
     def _apply_event(m: Machine, e: AlertEvent) -> None:
         if e.event == "ALERT_RAISED":
+            if e.alert_id != m.alert_id:
+                m.label = m.labelled_by = None
             m.state, m.since, m.alert_id, m.alert_since = "ALERT", e.at, e.alert_id, e.at
             m.acknowledged_by, m.peak_score = None, e.peak_score
             m.explanation = [c.model_dump() for c in e.explanation or []]
         elif e.event == "ALERT_CLEARED":
             m.state, m.since, m.alert_id, m.acknowledged_by = "NORMAL", e.at, None, None
+            m.label = m.labelled_by = None
             m.outside_training = []
         elif e.event == "ALERT_ACKNOWLEDGED":
             m.acknowledged_by = e.acknowledged_by

@@ -145,13 +145,16 @@ class WebhookReceiver:
 class Alertmanager:
     """A real prometheus-alertmanager on a free loopback port, routing to a webhook."""
 
-    def __init__(self, workdir: Path, webhook_port: int) -> None:
-        binary = require_binary("prometheus-alertmanager")
+    def __init__(self, workdir: Path, webhook_port: int, config_text: str | None = None) -> None:
+        """``config_text``: an alertmanager.yml of its own instead of the webhook route."""
+        self.binary = require_binary("prometheus-alertmanager")
         workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
         self.port = free_port()
-        config = workdir / "alertmanager.yml"
-        config.write_text(
-            "route:\n"
+        self.config = workdir / "alertmanager.yml"
+        self.config.write_text(
+            config_text
+            or "route:\n"
             "  receiver: hook\n"
             "  group_by: [alertname, machine]\n"
             "  group_wait: 200ms\n"
@@ -164,12 +167,16 @@ class Alertmanager:
             "        send_resolved: true\n"
         )
         self.log = workdir / "alertmanager.log"
-        with self.log.open("wb") as out:
+        self.start()
+
+    def start(self) -> None:
+        """Start (again) on the same port, with the same config and data folder."""
+        with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.path={workdir / 'data'}",
+                    self.binary,
+                    f"--config.file={self.config}",
+                    f"--storage.path={self.workdir / 'data'}",
                     f"--web.listen-address=127.0.0.1:{self.port}",
                     "--cluster.listen-address=",
                 ],
@@ -203,6 +210,7 @@ class Alertmanager:
             return json.loads(resp.read() or b"null")
 
     def stop(self) -> None:
-        """Terminate."""
-        self.process.terminate()
-        self.process.wait(10)
+        """Terminate (idempotent)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)

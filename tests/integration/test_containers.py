@@ -160,7 +160,7 @@ def test_operator_services_use_the_ops_image_and_only_their_own_secrets() -> Non
     services = compose["services"]
     wanted = {
         "recorder": {"history.password"},
-        "web": {"web.password", "web-commands.password", "passwd"},
+        "web": {"web.password", "web-commands.password", "passwd", "registry.json"},
         "notify": {"notify.password"},
     }
     for name, targets in wanted.items():

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -10,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from factorywatch.contracts import AlertEvent
+from factorywatch.mqtt import connected_client
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.integration.opstack import (
@@ -160,3 +167,123 @@ def test_a_restarted_notifier_resolves_an_alert_that_cleared_while_it_was_down(
     assert webhook.alerts(_on("m3", "firing")), "fired before the restart"
     m3.close()
     assert second.terminate() == 0
+
+
+def test_alerts_raised_and_cleared_while_alertmanager_is_down_arrive_when_it_returns(
+    spawn: Callable[..., Proc],
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+    mqtt_args: list[str],
+    alertmanager: Alertmanager,
+    webhook: WebhookReceiver,
+) -> None:
+    """With Alertmanager stopped, one alert is raised and cleared and another raised; once
+    it is started again the notifier's retries deliver both: the first notified firing and
+    then resolved, the second firing (nothing is lost, nothing is only re-sent at shutdown)."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter)
+    detector(env=POLICY_ENV)
+    notifier = spawn("notify", *mqtt_args, "--alertmanager-url", alertmanager.url, "--resend", "2")
+    notifier.wait_log("notify_subscribed")
+    alertmanager.stop()
+
+    m4 = publish_plan(settings, "m4", [NORMAL] * 3 + [ANOMALOUS] * 4 + [NORMAL] * 6)
+    m5 = publish_plan(settings, "m5", [NORMAL] * 3 + [ANOMALOUS] * 4)
+    col.wait_for(lambda m: m.topic.endswith("/m4/event"), count=2)  # raised, cleared
+    col.wait_for(lambda m: m.topic.endswith("/m5/event"), count=1)
+    notifier.wait_log("alertmanager_post_failed")
+    assert webhook.alerts(lambda a: a["labels"].get("machine") in ("m4", "m5")) == []
+
+    alertmanager.start()
+    assert webhook.wait_for(_on("m4", "firing")), notifier.log()[-2000:]
+    assert webhook.wait_for(_on("m4", "resolved")), notifier.log()[-2000:]
+    assert webhook.wait_for(_on("m5", "firing")), notifier.log()[-2000:]
+    assert webhook.alerts(_on("m5", "resolved")) == [], "m5 is still open"
+    m4.close()
+    m5.close()
+    assert notifier.terminate() == 0
+    assert "alertmanager_receiver_missing" not in notifier.log(), "the test's has a webhook"
+
+
+class _HungServer:
+    """A TCP listener that reads requests and never answers (a hung Alertmanager)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.requests: list[bytes] = []  # each request's first bytes (list.append is atomic)
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                self.accepted.append(conn)
+                threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            self.requests.append(conn.recv(5))
+
+    @property
+    def posts(self) -> int:
+        """POST requests received (the notifier's status query is a GET)."""
+        return sum(r.startswith(b"POST") for r in self.requests)
+
+    def close(self) -> None:
+        """Stop listening and drop every held connection."""
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_hung_alertmanager_costs_one_timeout_per_burst_not_one_per_alert(
+    spawn: Callable[..., Proc], settings: BrokerSettings, mqtt_args: list[str]
+) -> None:
+    """Sixty alerts raised at once against an Alertmanager that never answers are posted
+    together: all sixty are in one timed-out post after at most three posts, where posting
+    them one by one in series would take sixty 5 s timeouts."""
+    topics = Topics(settings.topic_root)
+    hung = _HungServer()
+    try:
+        notifier = spawn(
+            "notify", *mqtt_args, "--alertmanager-url", f"http://127.0.0.1:{hung.port}"
+        )
+        notifier.wait_log("notify_subscribed", timeout=60)
+        publisher = connected_client(settings, "test-hung-events")
+        now = time.time()
+        sent = []
+        for i in range(60):
+            event = AlertEvent(
+                machine_id=f"h{i}", line="line1", event="ALERT_RAISED", at=now, alert_id=f"a{i}"
+            )
+            sent.append(publisher.publish(topics.event("line1", f"h{i}"), event.encode(), qos=1))
+        for info in sent:
+            info.wait_for_publish(10)
+        publisher.disconnect()
+        publisher.loop_stop()
+
+        def all_sixty_posted() -> bool:
+            return any(
+                line.get("event") == "alertmanager_post_failed" and line.get("alerts") == 60
+                for line in _json_lines(notifier.log())
+            )
+
+        wait_until(all_sixty_posted, timeout=90, what="one post carrying all 60 alerts")
+        assert hung.posts <= 3, f"{hung.posts} posts for one burst"
+        assert notifier.terminate() == 0
+    finally:
+        hung.close()
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            decoded = json.loads(line)
+            if isinstance(decoded, dict):
+                out.append(decoded)
+    return out

@@ -1,11 +1,12 @@
 """The web view in a real headless Chromium, on a secured broker with a real detector,
 sensors and recorder: login and roles, live tiles pushed without polling, acknowledge and
 false-alarm from the browser, the machine page with its charts and history. Screenshots go
-to reports/web-overview.png and reports/web-machine.png."""
+to the test's tmp dir (the committed reports/web-*.png are not rewritten by tests)."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +25,7 @@ from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.integration.opstack import POLICY_ENV, require_binary, wait_until
-from tests.support import PROJECT_DIR, Collector, Proc, login_settings, reading, secure_args
+from tests.support import Collector, Proc, login_settings, reading, secure_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,7 +41,6 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 NORMAL, ANOMALOUS = 1500.0, 3500.0  # 3500 rpm: outside every training envelope
-REPORTS = PROJECT_DIR / "reports"
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,8 @@ def test_web_view_in_chromium(
     monitor.wait_for(lambda m: m.topic.endswith("/mill-3/verdict"), count=5)
 
     page = browser.new_page(viewport={"width": 1360, "height": 900})
+    console_errors: list[str] = []
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
     page.goto(base)
     assert page.url.endswith("/login"), "the view needs a login"
     _login(page, base, "viewer", "wrong password")
@@ -141,6 +143,9 @@ def test_web_view_in_chromium(
     _login(page, base, "viewer", read_password(secrets_dir, "viewer") or "")
     for machine in MACHINES:
         page.wait_for_selector(f"#tile-{machine}")
+    # started without --alertmanager-url: the view says alerts reach no one else
+    page.wait_for_selector("#notify-banner:not([hidden])")
+    assert "No notification receiver configured" in page.inner_text("#notify-banner")
     page.wait_for_selector("#tile-press-1 .badge.ALERT")
     assert page.inner_text("#who") == "viewer · viewer"
     assert page.locator("button.ack").count() == 0
@@ -172,8 +177,7 @@ def test_web_view_in_chromium(
     row = page.locator('#alerts tr[data-machine="press-1"]')
     row.locator("button.ack").wait_for()
     page.wait_for_timeout(600)  # let a tick of sparkline points arrive before the picture
-    REPORTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(REPORTS / "web-overview.png"), full_page=True)
+    page.screenshot(path=str(tmp_path / "web-overview.png"), full_page=True)
     row.locator("button.ack").click()
     acked = monitor.wait_for(
         lambda m: m.topic == topics.event("line1", "press-1") and b"ACKNOWLEDGED" in m.payload
@@ -199,6 +203,26 @@ def test_web_view_in_chromium(
         assert stored[0].alert_id == open_alert
     finally:
         store.close()
+    # ... and the overview shows it: on the open alert's row and on the machine's tile
+    page.wait_for_selector('#alerts tr[data-machine="press-1"] .badge.false_alarm')
+    page.wait_for_selector("#tile-press-1 .badge.false_alarm")
+
+    # -- what the overview says agrees with itself and with the CLI -----------------------------
+    seen = page.inner_text("#tile-lathe-2 .seen")
+    assert re.fullmatch(r"seen \d+ s ago", seen), f"{seen!r}: lathe-2 reports 4 times a second"
+    assert int(seen.split()[1]) <= 10, seen
+    contradictions = page.evaluate(
+        """() => [...document.querySelectorAll('.tile')].filter((t) =>
+            t.querySelector('.badge').textContent === 'NORMAL'
+            && (t.textContent.includes('last reading anomalous')
+                || t.querySelector('.score.above'))).map((t) => t.id)"""
+    )
+    assert contradictions == [], "a NORMAL badge beside an anomalous last reading"
+    assert page.evaluate("FW.badge({state: 'NORMAL', last_status: 'ALERT'}).text") == (
+        "ANOMALOUS READING"
+    )
+    assert page.evaluate("FW.when(1800000000)") == "2027-01-15 08:00:00", "UTC, as the CLI"
+    assert page.evaluate("FW.time(1800000000.4)") == "08:00:00"
 
     # -- the machine page ----------------------------------------------------------------------
     page.click("#tile-press-1")
@@ -208,12 +232,38 @@ def test_web_view_in_chromium(
     page.wait_for_function("() => document.querySelectorAll('#history tbody tr').length == 2")
     assert page.locator("#history .badge.false_alarm").count() == 1
     assert "threshold" in page.inner_text("#score-chart")
+    overlaps = page.evaluate(
+        """() => [...document.querySelectorAll('#score-chart svg, #channels svg')].map((svg) => {
+            const boxes = [...svg.querySelectorAll('text.axis.x')].map((t) => t.getBBox());
+            return boxes.slice(1).filter((b, i) => b.x < boxes[i].x + boxes[i].width).length;
+        })"""
+    )
+    assert overlaps, "no chart drawn"
+    assert not any(overlaps), f"time labels overlap: {overlaps}"
+    labels_text = page.locator("#channels svg text.axis.x").all_text_contents()
+    assert labels_text
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in labels_text), labels_text
     history: dict[str, Any] = page.evaluate(
         "async () => (await fetch('/api/history?machine=press-1&since=1h')).json()"
     )
     assert [a["open"] for a in history["alerts"]] == [True, False]
+
+    # -- alert notes and the time range of the history -----------------------------------------
+    with page.expect_request(lambda r: "/api/history" in r.url and "since=1h" in r.url):
+        page.select_option("#range", "1h")
+    page.wait_for_function("() => document.querySelectorAll('#history tbody tr').length == 2")
+    closed = page.locator("#history tbody tr").nth(1)
+    closed.locator("input.note").fill("bearing replaced, real fault")
+    closed.locator("button.confirm").click()
+    noted = monitor.wait_for(
+        lambda m: m.topic == topics.feedback("line1", "press-1") and b"bearing" in m.payload
+    )
+    assert noted, "no feedback command with the note on the broker"
+    assert FeedbackCommand.model_validate_json(noted[0].payload).label == "confirmed"
+    page.wait_for_selector("#history .note-text:has-text('bearing replaced, real fault')")
     page.wait_for_timeout(600)  # one more tick so the charts hold the latest points
-    page.screenshot(path=str(REPORTS / "web-machine.png"), full_page=True)
+    page.screenshot(path=str(tmp_path / "web-machine.png"), full_page=True)
+    assert not [e for e in console_errors if "Content Security Policy" in e], console_errors
 
     status = json.loads(urllib.request.urlopen(f"{base}/healthz", timeout=5).read())  # noqa: S310
     assert status["machines"] == 3

@@ -14,10 +14,11 @@ from factorywatch.credentials import add_user, hash_password
 from factorywatch.errors import PayloadError
 from factorywatch.topics import Topics
 from factorywatch.web.app import PAGES, render_page
-from factorywatch.web.auth import Accounts, verify_password
+from factorywatch.web.auth import Accounts, Identity, verify_password
 from factorywatch.web.live import LiveModel
 
 T = Topics("factory")
+NOBODY = Identity("", "viewer", "")
 
 
 def test_passwords_are_checked_against_mosquitto_hashes(tmp_path: Path) -> None:
@@ -29,8 +30,8 @@ def test_passwords_are_checked_against_mosquitto_hashes(tmp_path: Path) -> None:
     assert not verify_password("x", "$7$101$%%%$%%%")
     op, viewer, machine = (add_user(tmp_path, u) for u in ("operator", "viewer", "press-1"))
     accounts = Accounts(tmp_path / "passwd", frozenset({"operator"}), frozenset({"viewer"}))
-    assert accounts.authenticate("operator", op) == "operator"
-    assert accounts.authenticate("viewer", viewer) == "viewer"
+    assert (accounts.authenticate("operator", op) or NOBODY).role == "operator"
+    assert (accounts.authenticate("viewer", viewer) or NOBODY).role == "viewer"
     assert accounts.authenticate("viewer", op) is None
     assert accounts.authenticate("press-1", machine) is None
     assert accounts.authenticate("nobody", "x") is None
@@ -133,16 +134,60 @@ def test_live_model_shows_calibration_progress_without_points() -> None:
 
 def test_pages_share_one_head_and_keep_their_own_title_and_script() -> None:
     """Each page is one whole document: the layout's head and header bar once, its own title,
-    its own <main> and its own app.js entry point, with no placeholder left."""
+    its own <main> and its own app.js entry point (named on the script tag: no inline code),
+    with no placeholder left."""
     for name, (title, entry) in PAGES.items():
         page = render_page(name)
         assert page.startswith("<!doctype html>\n")
         assert page.endswith("</html>\n")
         assert page.count("<head>") == page.count('href="/logout"') == page.count("<main>") == 1
         assert f"<title>factorywatch — {title}</title>" in page
-        assert page.count("<script>FW.") == 1
-        assert f"<script>FW.{entry}();</script>" in page
+        assert f'<script src="/static/app.js" data-entry="{entry}"></script>' in page
+        assert "<script>" not in page, "inline script: the CSP (script-src 'self') blocks it"
         assert "${" not in page
     assert 'id="tiles"' in render_page("index.html")
     assert 'id="score-chart"' in render_page("machine.html")
     assert 'id="tiles"' not in render_page("machine.html")
+
+
+def test_last_seen_follows_verdicts_not_only_the_retained_state() -> None:
+    """A machine's last-seen is its latest verdict's reading time; the retained state,
+    republished only on a change of state, never moves it back."""
+    model = LiveModel(T)
+    state = MachineState(machine_id="m1", line="l1", state="NORMAL", since=1.8e9,
+                         window_size=5, last_seen=1.8e9)  # fmt: skip
+    model.feed(T.state("l1", "m1"), state.encode())
+    for seq in range(1, 121):  # two minutes of verdicts after the state
+        model.feed(T.verdict("l1", "m1"), _verdict(seq))
+    assert model.machines["l1/m1"].tile()["last_seen"] == 1.8e9 + 120
+    model.feed(T.state("l1", "m1"), state.encode())  # e.g. redelivered on a reconnect
+    assert model.machines["l1/m1"].tile()["last_seen"] == 1.8e9 + 120
+
+
+def test_an_operators_label_shows_on_the_open_alert_until_the_next_one() -> None:
+    """A feedback command about the open alert puts its label on the machine's tile; one
+    about an earlier alert does not; a clear or a new alert removes it; feedback for a
+    machine the view does not know, or naming another machine, is ignored and counted."""
+    model = LiveModel(T)
+    raised = AlertEvent(machine_id="m1", line="l1", event="ALERT_RAISED", at=1.8e9,
+                        alert_id="a1")  # fmt: skip
+    model.feed(T.event("l1", "m1"), raised.encode())
+
+    def label(alert_id: str, machine: str = "m1", label: str = "false_alarm") -> bytes:
+        return FeedbackCommand(machine_id=machine, alert_id=alert_id, label=label,  # type: ignore[arg-type]
+                               by="ana", at=1.8e9 + 5).encode()  # fmt: skip
+
+    assert model.feed(T.feedback("l1", "m1"), label("a0")) is None
+    assert model.feed(T.feedback("l1", "m1"), label("a1")) == "l1/m1"
+    tile = model.machines["l1/m1"].tile()
+    assert (tile["label"], tile["labelled_by"]) == ("false_alarm", "ana")
+    again = raised.model_copy(update={"alert_id": "a2", "at": 1.8e9 + 60})
+    model.feed(T.event("l1", "m1"), again.encode())
+    assert model.machines["l1/m1"].tile()["label"] is None
+    model.feed(T.feedback("l1", "m1"), label("a2", label="confirmed"))
+    cleared = raised.model_copy(update={"event": "ALERT_CLEARED", "at": 1.8e9 + 90})
+    model.feed(T.event("l1", "m1"), cleared.encode())
+    assert model.machines["l1/m1"].tile()["label"] is None
+    assert model.feed(T.feedback("l1", "m9"), label("a1", machine="m9")) is None
+    assert model.feed(T.feedback("l1", "m1"), label("a1", machine="m2")) is None
+    assert model.ignored == 2

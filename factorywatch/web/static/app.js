@@ -9,8 +9,10 @@ const FW = (() => {
 
   const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
   const fmt = (v, d = 3) => (v === null || v === undefined ? "–" : Number(v).toFixed(d));
-  const time = (ts) => (ts ? new Date(ts * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }) : "–");
-  const when = (ts) => (ts ? new Date(ts * 1000).toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit" }) : "–");
+  // Every time in UTC, 24-hour, as the CLI prints them (the page says so where times show).
+  const iso = (ts) => new Date(ts * 1000).toISOString();
+  const time = (ts) => (ts ? iso(ts).slice(11, 19) : "–");
+  const when = (ts) => (ts ? `${iso(ts).slice(0, 10)} ${iso(ts).slice(11, 19)}` : "–");
   const ago = (ts) => {
     if (!ts) return "–";
     const s = Math.max(0, Date.now() / 1000 - ts);
@@ -18,6 +20,17 @@ const FW = (() => {
     if (s < 3600) return `${Math.round(s / 60)} min ago`;
     return `${(s / 3600).toFixed(1)} h ago`;
   };
+  // The tile's badge: the alert state, unless the latest reading says more than it does (an
+  // anomalous reading before k of n open an alert is a warning, not "NORMAL").
+  const badge = (m) => {
+    if (m.state === "OFFLINE") return { cls: "OFFLINE", text: "OFFLINE", title: "no readings" };
+    if (m.alert_id) return { cls: "ALERT", text: m.acknowledged_by ? "ALERT ✓" : "ALERT", title: "an alert is open" };
+    if ((m.last_status || "").startsWith("CALIBRATING")) return { cls: "UNKNOWN", text: "CALIBRATING", title: m.last_status };
+    if (m.last_status === "ALERT") return { cls: "WARN", text: "ANOMALOUS READING", title: "the latest reading scored above its threshold; an alert opens when enough of the recent ones do" };
+    const state = m.state || "UNKNOWN";
+    return { cls: state, text: state, title: "" };
+  };
+  const labelBadge = (label, by) => (label ? `<span class="badge ${esc(label)}">${esc(label.replace("_", " "))}</span>${by ? ` <span class="muted">${esc(by)}</span>` : ""}` : "");
   const features = (ex, outside) => {
     const beyond = (outside || []).length ? `<b>outside training range:</b> ${outside.map(esc).join(", ")}; ` : "";
     return beyond + ((ex || []).slice(0, 3).map((c) => `${esc(c.feature)} <span class="muted">z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 1)}</span>`).join(", ") || "–");
@@ -80,6 +93,26 @@ const FW = (() => {
     me = await api("/api/me");
     document.getElementById("who").textContent = `${me.user} · ${me.role}`;
     document.body.dataset.role = me.role;
+    banner();
+  }
+
+  // Whether alerts reach anyone beyond this page (Alertmanager's receivers, via the server).
+  async function banner() {
+    const el = document.getElementById("notify-banner");
+    const n = await api("/api/notifications").catch(() => null);
+    if (!n) return;
+    let text = "", cls = "warn";
+    if (!n.alertmanager) {
+      text = "No notification receiver configured for this view: alerts show here and reach no one else unless <code>factorywatch notify</code> sends them to Alertmanager (start the view with <code>--alertmanager-url</code> to check its receivers).";
+      cls = "info";
+    } else if (!n.reachable) {
+      text = `Alertmanager at ${esc(n.alertmanager)} does not answer: notifications may not go out.`;
+    } else if (n.receivers_without_channels.length) {
+      text = `No notification receiver configured: Alertmanager routes alerts to <b>${n.receivers_without_channels.map(esc).join(", ")}</b>, which has no channel (email, Slack, webhook). Alerts show here and in Alertmanager and notify no one.`;
+    }
+    el.innerHTML = text;
+    el.className = `banner ${cls}`;
+    el.hidden = !text;
   }
 
   // -- charts (inline SVG) ------------------------------------------------------------------
@@ -111,9 +144,11 @@ const FW = (() => {
       const v = y0 + ((y1 - y0) * i) / 4;
       svg += `<line x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}" stroke="#eef1f5"/><text x="${L - 6}" y="${y(v) + 3}" text-anchor="end" class="axis">${v.toFixed(digits)}</text>`;
     }
-    for (let i = 0; i <= 3; i++) {
-      const v = x0 + ((x1 - x0) * i) / 3;
-      svg += `<text x="${x(v)}" y="${H - 6}" text-anchor="${i === 0 ? "start" : i === 3 ? "end" : "middle"}" class="axis">${time(v)}</text>`;
+    // as many time labels as fit without touching (an "HH:MM:SS" label is about 50 px wide)
+    const ticks = Math.max(1, Math.min(4, Math.floor((W - L - R) / 110)));
+    for (let i = 0; i <= ticks; i++) {
+      const v = x0 + ((x1 - x0) * i) / ticks;
+      svg += `<text x="${x(v)}" y="${H - 6}" text-anchor="${i === 0 ? "start" : i === ticks ? "end" : "middle"}" class="axis x">${time(v)}</text>`;
     }
     if (threshold !== null) svg += `<line x1="${L}" x2="${W - R}" y1="${y(threshold)}" y2="${y(threshold)}" stroke="#d64545" stroke-dasharray="5 4"/><text x="${W - R}" y="${y(threshold) - 4}" text-anchor="end" class="axis" fill="#d64545">threshold ${threshold.toFixed(3)}</text>`;
     for (const s of series) {
@@ -127,20 +162,30 @@ const FW = (() => {
   // -- actions ------------------------------------------------------------------------------
   async function act(button, path, body) {
     button.disabled = true;
-    try { await api(path, body); button.textContent = "sent ✓"; afterAction(); }
+    try { await api(path, body); button.textContent = "sent ✓"; afterAction(); } // the label itself comes back on the stream
     catch (err) { button.disabled = false; alert(err.message); }
   }
+  // Re-render a part holding note inputs, unless the operator is typing a note there and
+  // the alerts it shows are the same ones (live updates come twice a second).
+  function setKeepingNotes(el, html, key) {
+    const typing = el.querySelector("input.note:focus") || [...el.querySelectorAll("input.note")].some((i) => i.value);
+    if (typing && el.dataset.key === key) return;
+    el.innerHTML = html;
+    el.dataset.key = key;
+  }
+  const noteInput = () => '<input class="note" maxlength="500" placeholder="note (optional)">';
   function actionButtons(line, machine, alertId, acknowledged) {
     if (me.role !== "operator" || !alertId) return "";
     const data = `data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(alertId)}"`;
-    return (acknowledged === false ? `<button class="ack" ${data}>Acknowledge</button>` : "")
+    return noteInput() + (acknowledged === false ? `<button class="ack" ${data}>Acknowledge</button>` : "")
       + `<button class="danger false-alarm" ${data}>False alarm</button>`;
   }
   document.addEventListener("click", (e) => {
     const b = e.target.closest("button.ack, button.false-alarm, button.confirm");
     if (!b) return;
     e.preventDefault();
-    const body = { line: b.dataset.line, machine: b.dataset.machine, alert_id: b.dataset.alert };
+    const note = (b.parentElement.querySelector("input.note") || {}).value || undefined;
+    const body = { line: b.dataset.line, machine: b.dataset.machine, alert_id: b.dataset.alert, note };
     if (b.classList.contains("ack")) act(b, "/api/ack", body);
     else act(b, "/api/feedback", { ...body, label: b.classList.contains("confirm") ? "confirmed" : "false_alarm" });
   });
@@ -155,23 +200,27 @@ const FW = (() => {
       ["Normal", list.filter((m) => m.state === "NORMAL").length],
     ].map(([k, v]) => `<div class="card"><div class="muted">${k}</div><div class="num">${v}</div></div>`).join("");
     const body = document.querySelector("#alerts tbody");
-    body.innerHTML = open.map((m) => `<tr data-machine="${esc(m.machine_id)}">
+    setKeepingNotes(body, open.map((m) => `<tr data-machine="${esc(m.machine_id)}">
       <td><a href="/machine/${encodeURIComponent(m.line)}/${encodeURIComponent(m.machine_id)}"><b>${esc(m.machine_id)}</b></a></td>
       <td>${esc(m.line)}</td><td>${when(m.alert_since)} <span class="muted">(${ago(m.alert_since)})</span></td>
       <td>${fmt(m.peak_score)}</td><td>${features(m.explanation, m.outside_training)}</td>
       <td>${m.acknowledged_by ? `✓ ${esc(m.acknowledged_by)}` : '<span class="muted">not yet</span>'}</td>
-      <td class="actions">${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}</td></tr>`).join("");
+      <td class="label">${labelBadge(m.label, m.labelled_by) || '<span class="muted">–</span>'}</td>
+      <td class="actions">${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}</td></tr>`).join(""),
+    open.map((m) => `${m.alert_id}|${m.acknowledged_by}|${m.label}`).join(","));
     document.getElementById("no-alerts").hidden = open.length > 0;
     document.getElementById("alerts").hidden = open.length === 0;
     document.getElementById("tiles").innerHTML = list.map((m) => {
-      const state = m.state || "UNKNOWN";
-      const reading = m.last_status ? `last reading ${esc(m.last_status)}` : "";
-      return `<a class="tile ${esc(state)}" id="tile-${esc(m.machine_id)}" href="/machine/${encodeURIComponent(m.line)}/${encodeURIComponent(m.machine_id)}">
-        <div class="top"><span class="name">${esc(m.machine_id)}</span><span class="badge ${esc(state)}">${esc(state)}</span></div>
+      const b = badge(m);
+      const reading = m.last_status ? `last reading ${m.last_status === "ALERT" ? "anomalous" : esc(m.last_status.toLowerCase())}` : "";
+      const above = m.last_score !== null && m.threshold !== null && m.last_score > m.threshold;
+      const seen = m.last_seen || (m.points.length ? m.points[m.points.length - 1][0] : null);
+      return `<a class="tile ${esc(b.cls)}" id="tile-${esc(m.machine_id)}" href="/machine/${encodeURIComponent(m.line)}/${encodeURIComponent(m.machine_id)}">
+        <div class="top"><span class="name">${esc(m.machine_id)}</span><span class="badge ${esc(b.cls)}" title="${esc(b.title)}">${esc(b.text)}</span></div>
         <div class="facts"><span>line ${esc(m.line)}</span><span>${reading}</span></div>
-        <div class="facts"><span>score <span class="score">${fmt(m.last_score)}</span></span><span>threshold ${fmt(m.threshold)}</span></div>
+        <div class="facts"><span>score <span class="score${above ? " above" : ""}">${fmt(m.last_score)}</span></span><span>threshold ${fmt(m.threshold)}</span></div>
         ${spark(m.points, m.threshold)}
-        <div class="facts"><span>${m.alerts_raised} alert(s) raised</span><span>seen ${ago(m.last_seen || (m.points.length ? m.points[m.points.length - 1][0] : null))}</span></div>
+        <div class="facts"><span>${m.alerts_raised} alert(s) raised ${labelBadge(m.label)}</span><span class="seen" title="${when(seen)} UTC">seen ${ago(seen)}</span></div>
       </a>`;
     }).join("") || '<p class="muted">No machine has reported yet.</p>';
   }
@@ -191,25 +240,27 @@ const FW = (() => {
     await whoami();
     let lastEpisode = null;
     const loadHistory = async () => {
-      const data = await api(`/api/history?machine=${encodeURIComponent(machine)}&since=7d`).catch(() => ({ alerts: [] }));
+      const range = document.getElementById("range").value;
+      const data = await api(`/api/history?machine=${encodeURIComponent(machine)}&since=${encodeURIComponent(range)}`).catch(() => ({ alerts: [] }));
       const body = document.querySelector("#history tbody");
       body.innerHTML = data.alerts.map((a) => `<tr data-alert="${esc(a.alert_id)}">
         <td>${when(a.raised_at)}</td><td>${a.open ? '<span class="badge ALERT">OPEN</span>' : when(a.cleared_at)}</td>
         <td>${fmt(a.peak_score)}</td><td>${features(a.explanation)}</td>
         <td>${a.acknowledged_by ? `✓ ${esc(a.acknowledged_by)}` : "–"}</td>
-        <td>${a.label ? `<span class="badge ${esc(a.label)}">${esc(a.label.replace("_", " "))}</span> <span class="muted">${esc(a.labelled_by)}</span>` : "–"}</td>
-        <td class="actions">${me.role === "operator" ? `<button class="danger false-alarm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">False alarm</button><button class="secondary confirm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">Confirm</button>` : ""}</td></tr>`).join("");
+        <td class="label">${a.label ? labelBadge(a.label, a.labelled_by) : "–"}${a.note ? `<div class="note-text">${esc(a.note)}</div>` : ""}</td>
+        <td class="actions">${me.role === "operator" ? `${noteInput()}<button class="danger false-alarm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">False alarm</button><button class="secondary confirm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">Confirm</button>` : ""}</td></tr>`).join("");
       document.getElementById("no-history").hidden = data.alerts.length > 0;
     };
     const render = () => {
       const m = machines.get(key);
       if (!m) return;
-      const state = m.state || "UNKNOWN";
-      document.getElementById("status").innerHTML = `<span class="badge ${esc(state)}">${esc(state)}</span>
+      const b = badge(m);
+      setKeepingNotes(document.getElementById("status"), `<span class="badge ${esc(b.cls)}" title="${esc(b.title)}">${esc(b.text)}</span>
         <span>line <b>${esc(m.line)}</b></span><span>last score <b>${fmt(m.last_score)}</b> (reading ${esc(m.last_status || "–")})</span>
         <span>threshold <b>${fmt(m.threshold)}</b></span><span>model <b>${esc(m.model_version || "–")}</b></span>
-        ${m.alert_id ? `<span>alert open since <b>${when(m.alert_since)}</b>, peak ${fmt(m.peak_score)}, ${features(m.explanation, m.outside_training)}</span>
-        ${m.acknowledged_by ? `<span>acknowledged by <b>${esc(m.acknowledged_by)}</b></span>` : ""} ${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}` : ""}`;
+        ${m.alert_id ? `<span>alert open since <b>${when(m.alert_since)} UTC</b> ${labelBadge(m.label, m.labelled_by)}, peak ${fmt(m.peak_score)}, ${features(m.explanation, m.outside_training)}</span>
+        ${m.acknowledged_by ? `<span>acknowledged by <b>${esc(m.acknowledged_by)}</b></span>` : ""} ${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}` : ""}`,
+      `${m.alert_id}|${m.acknowledged_by}|${m.label}|${m.state}`);
       chart(document.getElementById("score-chart"), [{ values: m.points.map((p) => [p[0], p[1], p[3] === "ALERT"]), color: "#2f6fde", marks: true }], { threshold: m.threshold, digits: 3 });
       const names = m.readings.length ? Object.keys(m.readings[m.readings.length - 1][1]) : [];
       const box = document.getElementById("channels");
@@ -221,15 +272,21 @@ const FW = (() => {
         const n = el.dataset.name;
         chart(el, [{ values: m.readings.filter((r) => n in r[1]).map((r) => [r[0], r[1][n]]), color: "#3a4556" }], { height: 120, digits: 1 });
       }
-      const episode = `${m.alert_id}|${m.acknowledged_by}|${m.state}`;
+      const episode = `${m.alert_id}|${m.acknowledged_by}|${m.state}|${m.label}`;
       if (episode !== lastEpisode) { lastEpisode = episode; loadHistory(); }
     };
     onChange = render;
     connect();
+    document.getElementById("range").addEventListener("change", loadHistory);
     loadHistory();
     window.addEventListener("resize", render);
     afterAction = loadHistory;
   }
 
-  return { overview, machinePage };
+  return { overview, machinePage, badge, time, when };
 })();
+// The page names its entry on the script tag (no inline script: the CSP forbids them).
+{
+  const entry = document.currentScript && document.currentScript.dataset.entry;
+  if (entry === "overview" || entry === "machinePage") FW[entry]();
+}
