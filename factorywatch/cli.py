@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("factorywatch")
 
+# Under run/ like every other local output: the repository's reports/ are the shipped
+# figures, rewritten only when asked (`--out reports`, `make evaluate`).
+DEFAULT_EVALUATE_OUT = Path("run") / "evaluate"
+
 
 def _progress(message: str) -> None:
     print(f"» {message}", file=sys.stderr, flush=True)
@@ -334,7 +338,12 @@ def _split_list(text: str | None) -> list[str]:
 def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="evaluate detection against the dataset's labels")
     _data_options(p)
-    p.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_EVALUATE_OUT,
+        help="report directory (default %(default)s; the shipped figures: --out reports)",
+    )
     p.add_argument("--seed", type=int, default=0)
     _csv_options(p)
     p.add_argument("--label-column", help="with --csv: the label column (0 = normal)")
@@ -1032,7 +1041,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except FactorywatchError as exc:
-        log.error("command_failed", command=args.command, error=str(exc))
+        # Printed once, for a person: a log event as well showed every error twice.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad option values (ids, ranges) from settings validation

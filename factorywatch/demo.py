@@ -37,6 +37,27 @@ def _data_args(data: DataSettings) -> list[str]:
     return out
 
 
+def failure_reason(log_text: str) -> str | None:
+    """The cause a stopped role printed last (its ``error: ...`` line), if any."""
+    reasons = [
+        ln[len("error: ") :].strip() for ln in log_text.splitlines() if ln.startswith("error: ")
+    ]
+    return reasons[-1] if reasons else None
+
+
+def failure_message(name: str, returncode: int | None, log_text: str, log_file: Path) -> str:
+    """What the terminal says when a demo process stopped: its cause and the remedy."""
+    reason = failure_reason(log_text)
+    if reason is None:
+        tail = [ln for ln in log_text.splitlines() if ln.strip()][-5:]
+        reason = "no error line; its last lines:\n    " + "\n    ".join(tail or ["(empty log)"])
+    message = f"the demo's {name} stopped (exit {returncode}): {reason}"
+    if "--dataset" in reason:
+        # The detector's remedy names its own option; through make it is a variable.
+        message += "\n  with make: make demo DATASET=/path/to/ai4i2020.csv"
+    return f"{message}\n  full log: {log_file}"
+
+
 def verdict_line(v: Verdict) -> str:
     """One verdict as a demo line (rich markup): the comparison shown is the one that holds."""
     if v.status == "CALIBRATING" and v.calibration is not None:
@@ -190,8 +211,9 @@ def run_demo(
             for child in children:
                 if not child.running():
                     raise FactorywatchError(
-                        f"a demo process exited with {child.process.returncode}; "
-                        f"see logs in {workdir}"
+                        failure_message(
+                            child.name, child.process.returncode, child.log(), child.log_file
+                        )
                     )
         viewer.disconnect()
         viewer.loop_stop()

@@ -84,3 +84,34 @@ def test_demo_lines_hint_and_model_switch(
     finally:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(60) == 0, log.read_text()[-3000:]
+
+
+def test_demo_offline_without_a_dataset_says_why_in_the_terminal(tmp_path: Path) -> None:
+    """With no model, no dataset and no download, the terminal names the cause and the remedy."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FACTORYWATCH_DATASET") and not k.startswith("KAGGLE")
+    }
+    # An unreachable proxy makes the download fail even on a machine that has the internet.
+    env |= {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    env |= {"PYTHONUNBUFFERED": "1", "KAGGLEHUB_CACHE": str(tmp_path / "kagglehub")}
+    args = ["--data-dir", str(tmp_path / "data"), "--model-dir", str(tmp_path / "models")]
+    demo = subprocess.run(
+        [*CLI, "demo", "--port", str(free_port()), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert demo.returncode == 2, demo.stderr
+    errors = [ln for ln in demo.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, demo.stderr
+    assert "the demo's detect stopped" in errors[0]
+    assert "no dataset" in errors[0]
+    assert "download" in errors[0]
+    assert "--dataset PATH" in errors[0]
+    assert "make demo DATASET=" in demo.stderr
+    assert "detector.log" in demo.stderr

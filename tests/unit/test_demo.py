@@ -6,7 +6,13 @@ import shlex
 from pathlib import Path
 
 from factorywatch.contracts import Contribution, Verdict
-from factorywatch.demo import model_switch_line, mosquitto_sub_command, verdict_line, write_hint
+from factorywatch.demo import (
+    failure_message,
+    model_switch_line,
+    mosquitto_sub_command,
+    verdict_line,
+    write_hint,
+)
 
 
 def _verdict(status: str, score: float, **extra: object) -> Verdict:
@@ -69,3 +75,24 @@ def test_hint_is_one_shell_safe_line_and_a_script(tmp_path: Path) -> None:
     script = write_hint(tmp_path, command)
     assert script.stat().st_mode & 0o111
     assert command in script.read_text()
+
+
+def test_a_stopped_process_names_its_cause_and_the_make_remedy(tmp_path: Path) -> None:
+    """The demo's error repeats the role's own `error:` line, the make variable and the log."""
+    log = tmp_path / "detector.log"
+    text = (
+        '{"event": "training_started"}\n'
+        "error: no dataset in data and the kagglehub download failed (offline). "
+        "Pass a local copy with --dataset PATH or FACTORYWATCH_DATASET=PATH.\n"
+    )
+    message = failure_message("detect", 2, text, log)
+    assert message.startswith("the demo's detect stopped (exit 2): no dataset in data")
+    assert "make demo DATASET=" in message
+    assert str(log) in message
+
+
+def test_a_stopped_process_without_an_error_line_shows_its_last_lines(tmp_path: Path) -> None:
+    """Without an `error:` line the message carries the log's last lines, not only an exit code."""
+    message = failure_message("sensor", 1, "starting\nTraceback: boom\n", tmp_path / "s.log")
+    assert "Traceback: boom" in message
+    assert "DATASET=" not in message
