@@ -16,7 +16,7 @@ from rich.console import Console
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
-from factorywatch.contracts import AlertEvent, Verdict
+from factorywatch.contracts import AlertEvent, DeadLetter, Verdict
 from factorywatch.credentials import init_secrets
 from factorywatch.errors import FactorywatchError
 from factorywatch.launch import Launched, child_env, cli_command
@@ -58,24 +58,48 @@ def failure_message(name: str, returncode: int | None, log_text: str, log_file: 
     return f"{message}\n  full log: {log_file}"
 
 
+LEGEND = (
+    "each line: line/machine, the reading's id (seq), the verdict, its score against the "
+    "model's threshold (higher = more anomalous; ALERT above it), then the latency from the "
+    "reading's timestamp to its verdict; an ALERT at or below the threshold is one whose "
+    "readings lie outside the training envelope (the channels named), and `z=` names the "
+    "features that drove a high score"
+)
+
+
 def verdict_line(v: Verdict) -> str:
     """One verdict as a demo line (rich markup): the comparison shown is the one that holds."""
     if v.status == "CALIBRATING" and v.calibration is not None:
         return (
-            f"{v.line}/{v.machine_id:<8} seq={v.seq % 100000:>5} [dim]CALIBRATING[/] "
+            f"{v.line}/{v.machine_id:<8} seq={v.seq} [dim]CALIBRATING[/] "
             f"{v.calibration.seen}/{v.calibration.needed} readings collected"
         )
     style = "bold red" if v.status == "ALERT" else "green"
-    relation = ">" if v.score > v.threshold else "<="
-    why = ""
+    above = v.score > v.threshold
+    relation = ">" if above else "<="
+    envelope = drivers = ""
     if v.outside_training:
-        why += "  outside training: " + ", ".join(v.outside_training)
+        # An envelope ALERT with a low score is no contradiction: say which rule fired.
+        joint = "  " if above or v.status != "ALERT" else ", but "
+        envelope = f"{joint}outside training envelope: " + ", ".join(v.outside_training)
     if v.explanation:
-        why += "  " + ", ".join(f"{c.feature} z={c.z:+.1f}" for c in v.explanation)
+        drivers = "  " + ", ".join(f"{c.feature} z={c.z:+.1f}" for c in v.explanation)
     return (
-        f"{v.line}/{v.machine_id:<8} seq={v.seq % 100000:>5} "
+        f"{v.line}/{v.machine_id:<8} seq={v.seq} "
         f"[{style}]{v.status:<6}[/] score {v.score:.3f} {relation} threshold {v.threshold:.3f}"
-        f" {v.latency_ms:6.2f} ms{why}"
+        f"{envelope}  latency {v.latency_ms:.2f} ms{drivers}"
+    )
+
+
+def unscorable_line(letter: DeadLetter) -> str | None:
+    """The loud line for readings the detector's model cannot score (None: another reason)."""
+    if letter.reason != "missing_channel":
+        return None
+    return (
+        f"[bold red]*** the detector cannot score these readings: {letter.detail}.[/] "
+        "Its current model was trained on other channels (`train --csv` over the demo's "
+        "model?): `factorywatch models list`, then `factorywatch models promote VERSION` of "
+        "an AI4I model, or retrain with `factorywatch train --promote`"
     )
 
 
@@ -114,8 +138,19 @@ def _print_hint(command: str, script: Path) -> None:
 
 def _show(console: Console) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
     model: dict[str, str] = {}
+    said: set[str] = set()  # dead-letter reasons already shown: once each, not per reading
 
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if "/deadletter/" in msg.topic:
+            try:
+                letter = DeadLetter.model_validate_json(msg.payload)
+            except ValueError:
+                return
+            line = unscorable_line(letter)
+            if line is not None and letter.reason not in said:
+                said.add(letter.reason)
+                console.print(line, highlight=False)
+            return
         if msg.topic.endswith("/event"):
             try:
                 e = AlertEvent.model_validate_json(msg.payload)
@@ -198,12 +233,13 @@ def run_demo(
 
         def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
             waiter.record(rc)
-            c.subscribe(topics.alerts_filter, qos=1)
+            c.subscribe([(topics.alerts_filter, 1), (topics.deadletter_filter, 1)])
 
         viewer.on_connect = on_connect
         viewer.on_message = _show(console)
         fwmqtt.connect(viewer, settings, waiter)
         _print_hint(hint, hint_file)
+        print(LEGEND, flush=True)
         deadline = None if args.duration is None else time.monotonic() + args.duration
         while not stop.wait(0.5):
             if deadline is not None and time.monotonic() > deadline:
