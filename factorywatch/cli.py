@@ -955,7 +955,7 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
 
 _RELOAD_HINT = (
     "Reload the broker: `docker compose kill -s SIGHUP broker`, or `kill -HUP` the "
-    "`factorywatch broker serve` process."
+    "`factorywatch broker serve` or `factorywatch demo` process."
 )
 
 

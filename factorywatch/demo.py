@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -130,6 +131,14 @@ def write_hint(workdir: Path, command: str) -> Path:
     return script
 
 
+def add_machine_hint(secrets_dir: Path, pid: int) -> str:
+    """How to add a machine of one's own to the running demo (the broker reloads on HUP)."""
+    return (
+        f"add a machine: factorywatch broker add-user MACHINE --secrets-dir {secrets_dir}, "
+        f"then kill -HUP {pid} (this demo reloads the broker's users)"
+    )
+
+
 def _print_hint(command: str, script: Path) -> None:
     # Plain print, not rich: rich wraps long lines at the console width (80 in a pipe),
     # which broke the command inside $(cat ...). One line each, copy-safe.
@@ -175,6 +184,38 @@ def _show(console: Console) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], No
         console.print(verdict_line(v), highlight=False, soft_wrap=True)  # one line per verdict
 
     return on_message
+
+
+def _serve(
+    args: argparse.Namespace,
+    broker: LocalBroker,
+    children: list[Launched],
+    *,
+    stop: threading.Event,
+    progress: Callable[[str], None],
+) -> None:
+    """Until Ctrl-C or ``--duration``: reload the broker on SIGHUP, stop if a role stops."""
+    # SIGHUP, as for `broker serve`: the broker reads copies of the password file and an
+    # ACL rendered from the registry, so `broker add-user` needs them rewritten first.
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
+    if broker.secrets_dir is not None:
+        progress(add_machine_hint(broker.secrets_dir, os.getpid()))
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    while not stop.wait(0.5):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        if reload.is_set():
+            reload.clear()
+            broker.reload()
+            progress("broker reloaded its users and ACL")
+        for child in children:
+            if not child.running():
+                raise FactorywatchError(
+                    failure_message(
+                        child.name, child.process.returncode, child.log(), child.log_file
+                    )
+                )
 
 
 def run_demo(
@@ -240,17 +281,7 @@ def run_demo(
         fwmqtt.connect(viewer, settings, waiter)
         _print_hint(hint, hint_file)
         print(LEGEND, flush=True)
-        deadline = None if args.duration is None else time.monotonic() + args.duration
-        while not stop.wait(0.5):
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            for child in children:
-                if not child.running():
-                    raise FactorywatchError(
-                        failure_message(
-                            child.name, child.process.returncode, child.log(), child.log_file
-                        )
-                    )
+        _serve(args, broker, children, stop=stop, progress=progress)
         viewer.disconnect()
         viewer.loop_stop()
     finally:

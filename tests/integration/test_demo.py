@@ -34,14 +34,16 @@ def _wait_output(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout
 def test_demo_lines_hint_and_model_switch(
     model_dir: Path, test_data: DatasetChoice, tmp_path: Path
 ) -> None:
-    """NORMAL lines read `<=`, the saved hint shows verdicts, a promoted model is announced."""
+    """NORMAL lines read `<=`, the saved hint shows verdicts, a promoted model is announced,
+    and a machine added as the demo's hint says (add-user, kill -HUP) gets verdicts."""
+    port = free_port()
     models = tmp_path / "models"
     shutil.copytree(model_dir, models)
     log = tmp_path / "demo.out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "80"}
     with log.open("wb") as out:
         demo = subprocess.Popen(
-            [*CLI, "demo", "--port", str(free_port()), "--rate", "5", "--model-dir", str(models)],
+            [*CLI, "demo", "--port", str(port), "--rate", "5", "--model-dir", str(models)],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
@@ -81,6 +83,32 @@ def test_demo_lines_hint_and_model_switch(
         assert trained.returncode == 0, trained.stderr
         new_version = trained.stdout.strip().splitlines()[-1]
         text = _wait_output(log, rf"model switched: \S+ -> {new_version}", demo, timeout=60)
+
+        hint = re.search(r"add a machine: (factorywatch broker add-user MACHINE [^,]+)", text)
+        assert hint is not None, text[-3000:]
+        secrets = hint.group(1).split("--secrets-dir ")[1].strip()
+        added = subprocess.run(
+            [*CLI, "broker", "add-user", "pump-1", "--secrets-dir", secrets],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert added.returncode == 0, added.stderr
+        demo.send_signal(signal.SIGHUP)
+        _wait_output(log, "broker reloaded its users and ACL", demo, timeout=30)
+        login = ["--port", str(port), "--secrets-dir", secrets]
+        sent = subprocess.run(
+            [*CLI, "sensor", "--machine-id", "pump-1", "--count", "3", "--rate", "5", *login],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert sent.returncode == 0, sent.stderr
+        _wait_output(log, r"line1/pump-1 +seq=\d+ ", demo, timeout=60)
     finally:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(60) == 0, log.read_text()[-3000:]
