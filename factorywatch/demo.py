@@ -135,7 +135,7 @@ def add_machine_hint(secrets_dir: Path, pid: int) -> str:
     """How to add a machine of one's own to the running demo (the broker reloads on HUP)."""
     return (
         f"add a machine: factorywatch broker add-user MACHINE --secrets-dir {secrets_dir}, "
-        f"then kill -HUP {pid} (this demo reloads the broker's users)"
+        f"then kill -HUP {pid} (this demo reloads the broker's users, restarts the detector)"
     )
 
 
@@ -193,10 +193,13 @@ def _serve(
     *,
     stop: threading.Event,
     progress: Callable[[str], None],
+    restart_detector: Callable[[], None],
 ) -> None:
-    """Until Ctrl-C or ``--duration``: reload the broker on SIGHUP, stop if a role stops."""
+    """Until Ctrl-C or ``--duration``: reload on SIGHUP, stop if a role stops."""
     # SIGHUP, as for `broker serve`: the broker reads copies of the password file and an
-    # ACL rendered from the registry, so `broker add-user` needs them rewritten first.
+    # ACL rendered from the registry, so `broker add-user` needs them rewritten first; the
+    # detector reads the registry (who may speak for which machine) at start, so it is
+    # restarted: its persistent session keeps what arrives meanwhile, its state dir the rest.
     reload = threading.Event()
     signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
     if broker.secrets_dir is not None:
@@ -208,7 +211,8 @@ def _serve(
         if reload.is_set():
             reload.clear()
             broker.reload()
-            progress("broker reloaded its users and ACL")
+            restart_detector()
+            progress("broker reloaded its users and ACL; detector restarted with the registry")
         for child in children:
             if not child.running():
                 raise FactorywatchError(
@@ -240,11 +244,13 @@ def run_demo(
             "broker/mosquitto.conf and broker/acl: authentication required"
         )
         port_args = ["--port", str(broker.port), "--secrets-dir", str(secrets_dir)]
-        detector = _spawn(
-            ["detect", "--train-if-missing", *_data_args(data), *port_args],
-            workdir / "detector.log",
-        )
-        children.append(detector)
+        detect_args = ["detect", "--train-if-missing", *_data_args(data), *port_args]
+        children.append(_spawn(detect_args, workdir / "detector.log"))
+
+        def restart_detector() -> None:
+            children[0].terminate(30)  # SIGTERM: it drains, acks and snapshots first
+            children[0] = _spawn(detect_args, workdir / "detector.log")
+
         progress("detector starting (trains a model first if none exists)")
         sensors = _spawn(
             [
@@ -281,7 +287,14 @@ def run_demo(
         fwmqtt.connect(viewer, settings, waiter)
         _print_hint(hint, hint_file)
         print(LEGEND, flush=True)
-        _serve(args, broker, children, stop=stop, progress=progress)
+        _serve(
+            args,
+            broker,
+            children,
+            stop=stop,
+            progress=progress,
+            restart_detector=restart_detector,
+        )
         viewer.disconnect()
         viewer.loop_stop()
     finally:
