@@ -84,9 +84,9 @@ def test_demo_lines_hint_and_model_switch(
         new_version = trained.stdout.strip().splitlines()[-1]
         text = _wait_output(log, rf"model switched: \S+ -> {new_version}", demo, timeout=60)
 
-        hint = re.search(r"add a machine: (factorywatch broker add-user MACHINE [^,]+)", text)
-        assert hint is not None, text[-3000:]
-        secrets = hint.group(1).split("--secrets-dir ")[1].strip()
+        how = re.search(r"add a machine: (factorywatch broker add-user MACHINE [^,]+)", text)
+        assert how is not None, text[-3000:]
+        secrets = how.group(1).split("--secrets-dir ")[1].strip()
         added = subprocess.run(
             [*CLI, "broker", "add-user", "pump-1", "--secrets-dir", secrets],
             capture_output=True,
