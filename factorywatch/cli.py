@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("factorywatch")
 
+# Under run/ like every other local output: the repository's reports/ are the shipped
+# figures, rewritten only when asked (`--out reports`, `make evaluate`).
+DEFAULT_EVALUATE_OUT = Path("run") / "evaluate"
+
 
 def _progress(message: str) -> None:
     print(f"» {message}", file=sys.stderr, flush=True)
@@ -129,7 +133,16 @@ def _add_train(sub: Any) -> None:
         "expected share of anomalies (same cut); quantile: of training scores; fixed: score",
     )
     p.add_argument("--threshold-value", type=float, default=default.value)
-    p.add_argument("--no-promote", action="store_true", help="save without making it current")
+    promotion = p.add_mutually_exclusive_group()
+    promotion.add_argument(
+        "--no-promote", action="store_true", help="save without making it current"
+    )
+    promotion.add_argument(
+        "--promote",
+        action="store_true",
+        help="make it current even over a current model of other channels (by default such a "
+        "model is saved, not promoted: running detectors could not score their readings)",
+    )
     p.add_argument(
         "--if-missing",
         action="store_true",
@@ -215,9 +228,48 @@ def train_model(args: argparse.Namespace, data: DataSettings, *, promote: bool) 
     path = artifact.save(data.model_dir, forest, card)
     _progress(f"saved model {card.version} to {path}")
     if promote:
-        artifact.promote(data.model_dir, card.version)
-        _progress(f"promoted {card.version} (detectors pick it up without a restart)")
+        _promote_unless_reshaped(data.model_dir, card, force=getattr(args, "promote", False))
     return card.version
+
+
+def shape_change(current: ModelCard | None, new: ModelCard) -> str | None:
+    """Why promoting ``new`` over ``current`` would break the detectors it serves, or None.
+
+    A detector scores a reading with the current model only if the reading carries that
+    model's channels; a model of other channels made current turns every reading of the
+    machines it serves into a dead letter.
+    """
+    if current is None or set(new.channels) <= set(current.channels):
+        return None
+    return (
+        f"the current model {current.version} scores channels {sorted(current.channels)}; "
+        f"{new.version} needs {sorted(set(new.channels) - set(current.channels))} as well"
+    )
+
+
+def _promote_unless_reshaped(model_dir: Path, card: ModelCard, *, force: bool) -> bool:
+    """Promote ``card``'s version unless it would break the running default; say which."""
+    from factorywatch.model import artifact  # noqa: PLC0415
+
+    current = artifact.current_version(model_dir)
+    current_card = None
+    if current is not None and not force:
+        try:
+            current_card = artifact.read_card(model_dir / current / artifact.CARD_FILE)
+        except ModelError:  # an unreadable current model protects nothing
+            current_card = None
+    reason = shape_change(current_card, card)
+    if reason is not None:
+        _progress(
+            f"saved, NOT promoted: {reason}, so detectors serving {current} could not score "
+            f"their machines' readings. Promote it anyway with `factorywatch models promote "
+            f"{card.version}` (or train with --promote), or make it one machine's own model "
+            "with --machine M"
+        )
+        return False
+    artifact.promote(model_dir, card.version)
+    _progress(f"promoted {card.version} (detectors pick it up without a restart)")
+    return True
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -296,8 +348,7 @@ def train_csv_model(args: argparse.Namespace, data: DataSettings, *, promote: bo
     path = artifact.save_generic(data.model_dir, trained.scorer, card)
     _progress(f"saved model {card.version} to {path}")
     if promote:
-        artifact.promote(data.model_dir, card.version)
-        _progress(f"promoted {card.version}")
+        _promote_unless_reshaped(data.model_dir, card, force=args.promote)
     return card.version
 
 
@@ -334,7 +385,12 @@ def _split_list(text: str | None) -> list[str]:
 def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="evaluate detection against the dataset's labels")
     _data_options(p)
-    p.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_EVALUATE_OUT,
+        help="report directory (default %(default)s; the shipped figures: --out reports)",
+    )
     p.add_argument("--seed", type=int, default=0)
     _csv_options(p)
     p.add_argument("--label-column", help="with --csv: the label column (0 = normal)")
@@ -905,7 +961,7 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
 
 _RELOAD_HINT = (
     "Reload the broker: `docker compose kill -s SIGHUP broker`, or `kill -HUP` the "
-    "`factorywatch broker serve` process."
+    "`factorywatch broker serve` or `factorywatch demo` process."
 )
 
 
@@ -1044,7 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except FactorywatchError as exc:
-        log.error("command_failed", command=args.command, error=str(exc))
+        # Printed once, for a person: a log event as well showed every error twice.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad option values (ids, ranges) from settings validation

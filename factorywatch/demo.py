@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from rich.console import Console
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
-from factorywatch.contracts import AlertEvent, Verdict
+from factorywatch.contracts import AlertEvent, DeadLetter, Verdict
 from factorywatch.credentials import init_secrets
 from factorywatch.errors import FactorywatchError
 from factorywatch.launch import Launched, child_env, cli_command
@@ -37,24 +38,69 @@ def _data_args(data: DataSettings) -> list[str]:
     return out
 
 
+def failure_reason(log_text: str) -> str | None:
+    """The cause a stopped role printed last (its ``error: ...`` line), if any."""
+    reasons = [
+        ln[len("error: ") :].strip() for ln in log_text.splitlines() if ln.startswith("error: ")
+    ]
+    return reasons[-1] if reasons else None
+
+
+def failure_message(name: str, returncode: int | None, log_text: str, log_file: Path) -> str:
+    """What the terminal says when a demo process stopped: its cause and the remedy."""
+    reason = failure_reason(log_text)
+    if reason is None:
+        tail = [ln for ln in log_text.splitlines() if ln.strip()][-5:]
+        reason = "no error line; its last lines:\n    " + "\n    ".join(tail or ["(empty log)"])
+    message = f"the demo's {name} stopped (exit {returncode}): {reason}"
+    if "--dataset" in reason:
+        # The detector's remedy names its own option; through make it is a variable.
+        message += "\n  with make: make demo DATASET=/path/to/ai4i2020.csv"
+    return f"{message}\n  full log: {log_file}"
+
+
+LEGEND = (
+    "each line: line/machine, the reading's id (seq), the verdict, its score against the "
+    "model's threshold (higher = more anomalous; ALERT above it), then the latency from the "
+    "reading's timestamp to its verdict; an ALERT at or below the threshold is one whose "
+    "readings lie outside the training envelope (the channels named), and `z=` names the "
+    "features that drove a high score"
+)
+
+
 def verdict_line(v: Verdict) -> str:
     """One verdict as a demo line (rich markup): the comparison shown is the one that holds."""
     if v.status == "CALIBRATING" and v.calibration is not None:
         return (
-            f"{v.line}/{v.machine_id:<8} seq={v.seq % 100000:>5} [dim]CALIBRATING[/] "
+            f"{v.line}/{v.machine_id:<8} seq={v.seq} [dim]CALIBRATING[/] "
             f"{v.calibration.seen}/{v.calibration.needed} readings collected"
         )
     style = "bold red" if v.status == "ALERT" else "green"
-    relation = ">" if v.score > v.threshold else "<="
-    why = ""
+    above = v.score > v.threshold
+    relation = ">" if above else "<="
+    envelope = drivers = ""
     if v.outside_training:
-        why += "  outside training: " + ", ".join(v.outside_training)
+        # An envelope ALERT with a low score is no contradiction: say which rule fired.
+        joint = "  " if above or v.status != "ALERT" else ", but "
+        envelope = f"{joint}outside training envelope: " + ", ".join(v.outside_training)
     if v.explanation:
-        why += "  " + ", ".join(f"{c.feature} z={c.z:+.1f}" for c in v.explanation)
+        drivers = "  " + ", ".join(f"{c.feature} z={c.z:+.1f}" for c in v.explanation)
     return (
-        f"{v.line}/{v.machine_id:<8} seq={v.seq % 100000:>5} "
+        f"{v.line}/{v.machine_id:<8} seq={v.seq} "
         f"[{style}]{v.status:<6}[/] score {v.score:.3f} {relation} threshold {v.threshold:.3f}"
-        f" {v.latency_ms:6.2f} ms{why}"
+        f"{envelope}  latency {v.latency_ms:.2f} ms{drivers}"
+    )
+
+
+def unscorable_line(letter: DeadLetter) -> str | None:
+    """The loud line for readings the detector's model cannot score (None: another reason)."""
+    if letter.reason != "missing_channel":
+        return None
+    return (
+        f"[bold red]*** the detector cannot score these readings: {letter.detail}.[/] "
+        "Its current model was trained on other channels (`train --csv` over the demo's "
+        "model?): `factorywatch models list`, then `factorywatch models promote VERSION` of "
+        "an AI4I model, or retrain with `factorywatch train --promote`"
     )
 
 
@@ -85,6 +131,14 @@ def write_hint(workdir: Path, command: str) -> Path:
     return script
 
 
+def add_machine_hint(secrets_dir: Path, pid: int) -> str:
+    """How to add a machine of one's own to the running demo (the broker reloads on HUP)."""
+    return (
+        f"add a machine: factorywatch broker add-user MACHINE --secrets-dir {secrets_dir}, "
+        f"then kill -HUP {pid} (this demo reloads the broker's users, restarts the detector)"
+    )
+
+
 def _print_hint(command: str, script: Path) -> None:
     # Plain print, not rich: rich wraps long lines at the console width (80 in a pipe),
     # which broke the command inside $(cat ...). One line each, copy-safe.
@@ -93,8 +147,19 @@ def _print_hint(command: str, script: Path) -> None:
 
 def _show(console: Console) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
     model: dict[str, str] = {}
+    said: set[str] = set()  # dead-letter reasons already shown: once each, not per reading
 
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if "/deadletter/" in msg.topic:
+            try:
+                letter = DeadLetter.model_validate_json(msg.payload)
+            except ValueError:
+                return
+            line = unscorable_line(letter)
+            if line is not None and letter.reason not in said:
+                said.add(letter.reason)
+                console.print(line, highlight=False)
+            return
         if msg.topic.endswith("/event"):
             try:
                 e = AlertEvent.model_validate_json(msg.payload)
@@ -121,6 +186,42 @@ def _show(console: Console) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], No
     return on_message
 
 
+def _serve(
+    args: argparse.Namespace,
+    broker: LocalBroker,
+    children: list[Launched],
+    *,
+    stop: threading.Event,
+    progress: Callable[[str], None],
+    restart_detector: Callable[[], None],
+) -> None:
+    """Until Ctrl-C or ``--duration``: reload on SIGHUP, stop if a role stops."""
+    # SIGHUP, as for `broker serve`: the broker reads copies of the password file and an
+    # ACL rendered from the registry, so `broker add-user` needs them rewritten first; the
+    # detector reads the registry (who may speak for which machine) at start, so it is
+    # restarted: its persistent session keeps what arrives meanwhile, its state dir the rest.
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
+    if broker.secrets_dir is not None:
+        progress(add_machine_hint(broker.secrets_dir, os.getpid()))
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    while not stop.wait(0.5):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        if reload.is_set():
+            reload.clear()
+            broker.reload()
+            restart_detector()
+            progress("broker reloaded its users and ACL; detector restarted with the registry")
+        for child in children:
+            if not child.running():
+                raise FactorywatchError(
+                    failure_message(
+                        child.name, child.process.returncode, child.log(), child.log_file
+                    )
+                )
+
+
 def run_demo(
     args: argparse.Namespace,
     data: DataSettings,
@@ -143,11 +244,13 @@ def run_demo(
             "broker/mosquitto.conf and broker/acl: authentication required"
         )
         port_args = ["--port", str(broker.port), "--secrets-dir", str(secrets_dir)]
-        detector = _spawn(
-            ["detect", "--train-if-missing", *_data_args(data), *port_args],
-            workdir / "detector.log",
-        )
-        children.append(detector)
+        detect_args = ["detect", "--train-if-missing", *_data_args(data), *port_args]
+        children.append(_spawn(detect_args, workdir / "detector.log"))
+
+        def restart_detector() -> None:
+            children[0].terminate(30)  # SIGTERM: it drains, acks and snapshots first
+            children[0] = _spawn(detect_args, workdir / "detector.log")
+
         progress("detector starting (trains a model first if none exists)")
         sensors = _spawn(
             [
@@ -177,22 +280,21 @@ def run_demo(
 
         def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
             waiter.record(rc)
-            c.subscribe(topics.alerts_filter, qos=1)
+            c.subscribe([(topics.alerts_filter, 1), (topics.deadletter_filter, 1)])
 
         viewer.on_connect = on_connect
         viewer.on_message = _show(console)
         fwmqtt.connect(viewer, settings, waiter)
         _print_hint(hint, hint_file)
-        deadline = None if args.duration is None else time.monotonic() + args.duration
-        while not stop.wait(0.5):
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            for child in children:
-                if not child.running():
-                    raise FactorywatchError(
-                        f"a demo process exited with {child.process.returncode}; "
-                        f"see logs in {workdir}"
-                    )
+        print(LEGEND, flush=True)
+        _serve(
+            args,
+            broker,
+            children,
+            stop=stop,
+            progress=progress,
+            restart_detector=restart_detector,
+        )
         viewer.disconnect()
         viewer.loop_stop()
     finally:

@@ -203,7 +203,8 @@ def _refusal(settings: BrokerSettings, waiter: ConnectWaiter) -> BrokerError:
             f"{where} did not accept the login of user {user!r} ({waiter.last_reason}). "
             f"If {user!r} is new, create it: `factorywatch broker add-user {user}`, "
             "then reload the broker: `docker compose kill -s SIGHUP broker` (or "
-            "`kill -HUP` the `factorywatch broker serve` process); else check its password "
+            "`kill -HUP` the `factorywatch broker serve` or `factorywatch demo` process); else "
+            "check its password "
             "(FACTORYWATCH_MQTT_PASSWORD[_FILE] or FACTORYWATCH_MQTT_SECRETS_DIR)"
         )
     return BrokerError(

@@ -55,8 +55,11 @@ lint_failed=0
 "$BIN/ruff" check . || lint_failed=1
 "$BIN/ruff" format --check . || lint_failed=1
 "$BIN/mypy" || lint_failed=1
+# The documentation site: --strict makes every warning an error, broken links and anchors too
+# (mkdocs.yml `validation:`); site/ is a build product, kept out of the tree's way.
+"$BIN/mkdocs" build --strict --quiet --site-dir "$LOGS/site" || lint_failed=1
 if [ "$lint_failed" -ne 0 ]; then
-    say "lint or types failed: stopping the compose tests"
+    say "lint, types or docs failed: stopping the compose tests"
     stop_compose
     exit 1
 fi

@@ -82,6 +82,11 @@ def compose_command(docker_engine: None) -> list[str]:
     return [found]
 
 
+MAIN_COMPOSE = PROJECT_DIR / "docker-compose.yml"
+# The NATS cluster: a Compose project of its own, so its `down -v` keeps the main stack's data.
+CLUSTER_COMPOSE = PROJECT_DIR / "docker-compose.cluster.yml"
+
+
 def image_builders(compose_file: Path) -> list[str]:
     """One service per distinct image that ``compose_file`` builds, every profile included.
 
@@ -100,14 +105,21 @@ def image_builders(compose_file: Path) -> list[str]:
 def compose_images(compose_command: list[str]) -> float:
     """Every image of both compose stacks, built once for the session; returns its seconds.
 
-    `docker compose --profile cluster build` with one service per image: BuildKit builds the
+    `docker compose build` of each stack with one service per image: BuildKit builds the
     images side by side and the shared stages once. The stack and cluster tests then `up`
     without building again (they share the images, as one engine does for a user).
     """
-    builders = image_builders(PROJECT_DIR / "docker-compose.yml")
     env = {**os.environ, "COMPOSE_PROJECT_NAME": "fwtest-build"}
     started = time.monotonic()
-    run_compose(compose_command, env, "--profile", "cluster", "build", *builders, timeout_s=1500)
+    built: set[str] = set()
+    for compose_file in (MAIN_COMPOSE, CLUSTER_COMPOSE):
+        services = yaml.safe_load(compose_file.read_text())["services"]
+        builders = [b for b in image_builders(compose_file) if services[b]["image"] not in built]
+        built |= {services[b]["image"] for b in builders}
+        if builders:
+            run_compose(
+                compose_command, env, "-f", compose_file.name, "build", *builders, timeout_s=1500
+            )
     return time.monotonic() - started
 
 

@@ -1,4 +1,4 @@
-"""`docker compose --profile cluster up` for real: 3 NATS nodes, 2 detectors, 3.1.1 sensors.
+"""`docker compose -f docker-compose.cluster.yml up` for real: 3 NATS nodes, 2 detectors.
 
 The README's cluster steps with a project name of its own (it does not meet the other compose
 test's stack): the cluster's services only (`up cluster-detector-1 cluster-detector-2`, then the
@@ -32,7 +32,7 @@ from factorywatch.broker import free_port
 from factorywatch.contracts import Verdict
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.compose.conftest import compose_down, run_compose
+from tests.compose.conftest import CLUSTER_COMPOSE, compose_down, run_compose
 from tests.conftest import DatasetChoice
 from tests.support import CLI, PROJECT_DIR, Collector, Message
 
@@ -45,7 +45,7 @@ RATE_HZ = 5  # per machine: enough readings around the kill to show nothing is l
 
 @dataclass
 class ClusterStack:
-    """The cluster profile of a compose project started by the test."""
+    """The cluster stack (docker-compose.cluster.yml), a compose project started by the test."""
 
     command: list[str]
     env: dict[str, str]
@@ -55,9 +55,9 @@ class ClusterStack:
     machines: list[str]
 
     def run(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
-        """`docker compose --profile cluster <args>`; fails the test on an error."""
+        """`docker compose -f docker-compose.cluster.yml <args>`; fails the test on an error."""
         return run_compose(
-            self.command, self.env, "--profile", "cluster", *args, timeout_s=timeout_s
+            self.command, self.env, "-f", CLUSTER_COMPOSE.name, *args, timeout_s=timeout_s
         )
 
     def subscriber(self, node: str, topic: str | None = None, name: str = "cv") -> Collector:
@@ -83,7 +83,7 @@ def cluster_stack(
     """
     if not test_data.verified:
         pytest.fail("the train service needs the real AI4I CSV (FACTORYWATCH_TEST_DATASET_DIR)")
-    services = yaml.safe_load((PROJECT_DIR / "docker-compose.yml").read_text())["services"]
+    services = yaml.safe_load(CLUSTER_COMPOSE.read_text())["services"]
     command = services["cluster-sensors"]["command"]
     machines = command[command.index("--machine-id") + 1].split(",")
     secrets = tmp_path / "secrets"
@@ -113,7 +113,7 @@ def cluster_stack(
     try:
         yield stack
     finally:
-        compose_down(compose_command, env, tmp_path / "compose.log", "--profile", "cluster")
+        compose_down(compose_command, env, tmp_path / "compose.log", "-f", CLUSTER_COMPOSE.name)
 
 
 def _stream_leader(stack: ClusterStack, stream: str) -> str:
@@ -149,7 +149,7 @@ def _wait(col: Collector, what: str, done: Callable[[], bool], timeout_s: float)
 
 
 def test_compose_cluster_up_verdicts_node_kill_and_down(cluster_stack: ClusterStack) -> None:
-    """The cluster profile serves every machine's verdicts over MQTT 3.1.1 and loses no reading
+    """The cluster stack serves every machine's verdicts over MQTT 3.1.1 and loses no reading
     when the node leading the MQTT message stream is killed mid-stream."""
     stack = cluster_stack
     started = time.time()

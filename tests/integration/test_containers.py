@@ -27,6 +27,7 @@ from tests.conftest import DatasetChoice
 from tests.support import PROJECT_DIR, Collector, Proc
 
 COMPOSE = PROJECT_DIR / "docker-compose.yml"
+CLUSTER_COMPOSE = PROJECT_DIR / "docker-compose.cluster.yml"  # the NATS stack, its own project
 APP_DOCKERFILE = PROJECT_DIR / "docker" / "Dockerfile"
 BROKER_DOCKERFILE = PROJECT_DIR / "docker" / "broker.Dockerfile"
 NATS_DOCKERFILE = PROJECT_DIR / "docker" / "nats.Dockerfile"
@@ -39,10 +40,15 @@ BASE = "debian:bookworm-slim"
 SECRETS = "${FACTORYWATCH_SECRETS:-./secrets}"
 
 
-def _compose() -> dict[str, Any]:
-    loaded = yaml.safe_load(COMPOSE.read_text())
+def _compose(path: Path = COMPOSE) -> dict[str, Any]:
+    loaded = yaml.safe_load(path.read_text())
     assert isinstance(loaded, dict)
     return loaded
+
+
+def _every_service() -> dict[str, Any]:
+    """The services of both stacks (main and cluster) by name; only `train` is in both."""
+    return {**_compose(CLUSTER_COMPOSE)["services"], **_compose()["services"]}
 
 
 def _dockerfile(path: Path) -> list[tuple[str, str]]:
@@ -126,9 +132,9 @@ def test_compose_declares_broker_train_detector_and_three_sensors() -> None:
 
 def test_compose_ports_default_to_loopback_and_avoid_1883() -> None:
     """Every published port binds ${FACTORYWATCH_BIND:-127.0.0.1}, never the host's 1883."""
-    services = _compose()["services"]
+    services = _every_service()
     published = [p for svc in services.values() for p in svc.get("ports", [])]
-    # broker (2), detector metrics, web, prometheus, alertmanager, grafana; cluster profile:
+    # broker (2), detector metrics, web, prometheus, alertmanager, grafana; cluster stack:
     # the three nodes' MQTT listeners and nats-1's monitoring endpoint
     assert len(published) == 11
     pattern = re.compile(
@@ -148,7 +154,7 @@ def test_compose_ports_default_to_loopback_and_avoid_1883() -> None:
 
 def test_every_container_is_hardened() -> None:
     """Read-only root filesystem, no capabilities, no privilege escalation, for every service."""
-    for name, svc in _compose()["services"].items():
+    for name, svc in _every_service().items():
         assert svc["read_only"] is True, name
         assert svc["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in svc["security_opt"], name
@@ -256,12 +262,12 @@ def test_runtime_image_installs_only_the_core_dependencies() -> None:
             assert tool not in text, f"{tool} in the {target} image"
 
 
-def test_cluster_profile_three_nodes_disjoint_partitions_and_311_sensors() -> None:
-    """Profile `cluster`: three nodes routed by name, a bootstrap before the detectors, the
+def test_cluster_stack_three_nodes_disjoint_partitions_and_311_sensors() -> None:
+    """The cluster stack: three nodes routed by name, a bootstrap before the detectors, the
     detectors' partitions disjoint and covering every partition, sensors on MQTT 3.1.1."""
-    compose = _compose()
+    compose = _compose(CLUSTER_COMPOSE)
     services = compose["services"]
-    cluster = {n for n, svc in services.items() if svc.get("profiles") == ["cluster"]}
+    cluster = set(services) - {"train"}
     nodes = ["nats-1", "nats-2", "nats-3"]
     detectors = ["cluster-detector-1", "cluster-detector-2"]
     assert cluster == {"cluster-config", "cluster-bootstrap", "cluster-sensors", *nodes,

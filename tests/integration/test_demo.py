@@ -34,14 +34,16 @@ def _wait_output(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout
 def test_demo_lines_hint_and_model_switch(
     model_dir: Path, test_data: DatasetChoice, tmp_path: Path
 ) -> None:
-    """NORMAL lines read `<=`, the saved hint shows verdicts, a promoted model is announced."""
+    """NORMAL lines read `<=`, the saved hint shows verdicts, a promoted model is announced,
+    and a machine added as the demo's hint says (add-user, kill -HUP) gets verdicts."""
+    port = free_port()
     models = tmp_path / "models"
     shutil.copytree(model_dir, models)
     log = tmp_path / "demo.out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "80"}
     with log.open("wb") as out:
         demo = subprocess.Popen(
-            [*CLI, "demo", "--port", str(free_port()), "--rate", "5", "--model-dir", str(models)],
+            [*CLI, "demo", "--port", str(port), "--rate", "5", "--model-dir", str(models)],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
@@ -81,6 +83,63 @@ def test_demo_lines_hint_and_model_switch(
         assert trained.returncode == 0, trained.stderr
         new_version = trained.stdout.strip().splitlines()[-1]
         text = _wait_output(log, rf"model switched: \S+ -> {new_version}", demo, timeout=60)
+
+        how = re.search(r"add a machine: (factorywatch broker add-user MACHINE [^,]+)", text)
+        assert how is not None, text[-3000:]
+        secrets = how.group(1).split("--secrets-dir ")[1].strip()
+        added = subprocess.run(
+            [*CLI, "broker", "add-user", "pump-1", "--secrets-dir", secrets],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert added.returncode == 0, added.stderr
+        demo.send_signal(signal.SIGHUP)
+        _wait_output(log, "detector restarted with the registry", demo, timeout=60)
+        login = ["--port", str(port), "--secrets-dir", secrets]
+        sent = subprocess.run(
+            [*CLI, "sensor", "--machine-id", "pump-1", "--count", "3", "--rate", "5", *login],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert sent.returncode == 0, sent.stderr
+        _wait_output(log, r"line1/pump-1 +seq=\d+ ", demo, timeout=60)
     finally:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(60) == 0, log.read_text()[-3000:]
+
+
+def test_demo_offline_without_a_dataset_says_why_in_the_terminal(tmp_path: Path) -> None:
+    """With no model, no dataset and no download, the terminal names the cause and the remedy."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FACTORYWATCH_DATASET") and not k.startswith("KAGGLE")
+    }
+    # An unreachable proxy makes the download fail even on a machine that has the internet.
+    env |= {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    env |= {"PYTHONUNBUFFERED": "1", "KAGGLEHUB_CACHE": str(tmp_path / "kagglehub")}
+    args = ["--data-dir", str(tmp_path / "data"), "--model-dir", str(tmp_path / "models")]
+    demo = subprocess.run(
+        [*CLI, "demo", "--port", str(free_port()), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert demo.returncode == 2, demo.stderr
+    errors = [ln for ln in demo.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, demo.stderr
+    assert "the demo's detect stopped" in errors[0]
+    assert "no dataset" in errors[0]
+    assert "download" in errors[0]
+    assert "--dataset PATH" in errors[0]
+    assert "make demo DATASET=" in demo.stderr
+    assert "detector.log" in demo.stderr
