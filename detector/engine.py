@@ -129,6 +129,7 @@ class Engine:
         ingest: Ingest | None = None,
         extra_ingests: Sequence[StatefulIngest] = (),
         router: Router | None = None,
+        seen: SeenCache | None = None,
     ) -> None:
         self.settings = settings if settings is not None else EngineSettings()
         self.topics = topics
@@ -142,7 +143,8 @@ class Engine:
         self._requirements_cache: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self.states = StateTable()
         self.tracker = AlertTracker(self.settings.policy, self.states)
-        self.seen = SeenCache(self.settings.dedup_size)
+        #: the de-duplication cache (``seen``: one the caller sized or shares)
+        self.seen = seen if seen is not None else SeenCache(self.settings.dedup_size)
         self._custom_ingest = ingest
         #: stateful ingests beside the JSON one (Sparkplug B), kept across model swaps
         self.extra_ingests = tuple(extra_ingests)
@@ -248,10 +250,11 @@ class Engine:
         another detector, whose copy is the truth now); how many records were dropped.
 
         Their route models stay bound (a later ``restore_records`` brings the records back).
-        The de-duplication cache is the shell's to reset: its ids are not kept per machine.
+        The whole de-duplication cache is forgotten too: its ids are not kept per machine.
         """
         gone = set(machines)
         dropped = sum(self.states.remove(machine) is not None for machine in gone)
+        self.seen = SeenCache(self.settings.dedup_size)
         self._fitting -= gone
         self._fit_requests = [r for r in self._fit_requests if r.machine not in gone]
         return dropped
@@ -671,6 +674,11 @@ class Engine:
             # journaled in this turn: a restart then does not send the event a second time
             self.states.mark_urgent(machine_id)
 
+    def forget_ids(self, identities: Iterable[str]) -> None:
+        """These readings' answers were never delivered: score their redelivery again."""
+        for identity in identities:
+            self.seen.forget(identity)
+
     def answered(self, identity: str, digest: int) -> None:
         """Remember a reading answered before a restart (from the checkpoint's journal)."""
         self.seen.add(identity, digest)
@@ -690,6 +698,41 @@ class Engine:
             ]
             publishes.append(self._state_publish(record))
         return publishes
+
+    # -- what the stores read -------------------------------------------------------------------
+    def machine_count(self) -> int:
+        """How many machines the engine keeps a record of."""
+        return len(self.states)
+
+    def machines(self) -> list[str]:
+        """The machines the engine keeps a record of."""
+        return [record.machine_id for record in self.states]
+
+    def records(self, machines: Iterable[str]) -> list[MachineRecord]:
+        """The records of those of ``machines`` the engine knows, in ``machines``' order."""
+        found = (self.states.get(machine) for machine in machines)
+        return [record for record in found if record is not None]
+
+    def take_rows(self) -> list[CalibrationRow]:
+        """Calibration rows counted since last asked (journaled before their records)."""
+        return self.states.take_rows()
+
+    def take_urgent(self) -> list[MachineRecord]:
+        """Records with a change that must be durable before the next ack (alert transitions,
+        confirmed events)."""
+        return self.states.take_urgent()
+
+    def take_dirty(self) -> list[MachineRecord]:
+        """Every record changed since last asked."""
+        return self.states.take_dirty()
+
+    def summary(self) -> dict[str, int]:
+        """Machines, open alerts and unconfirmed events (logged after a restore)."""
+        return {
+            "machines": len(self.states),
+            "open_alerts": sum(1 for r in self.states if r.alert_id is not None),
+            "unconfirmed_events": sum(len(r.outbox) for r in self.states),
+        }
 
     # -- snapshot ---------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

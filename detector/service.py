@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
@@ -31,20 +30,20 @@ from factorywatch.contracts import ClientStatus
 from factorywatch.detector.alerting import AlertPolicy
 from factorywatch.detector.bookkeeping import (
     Counters,
-    log_events,
     reload_model,
-    report_drift,
+    serve_metrics,
     sync_drift_metrics,
-    tally,
 )
 from factorywatch.detector.calibration_worker import CalibrationWorker, make_router
 from factorywatch.detector.checkpoint import FileCheckpoint
-from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Publish
+from factorywatch.detector.dedup import SeenCache
+from factorywatch.detector.engine import Engine, EngineSettings, Inbound
 from factorywatch.detector.ingest import StatefulIngest
-from factorywatch.detector.metrics import Metrics, serve
+from factorywatch.detector.metrics import Metrics
 from factorywatch.detector.mqtt_transport import PahoTransport
 from factorywatch.detector.registry import Registry
-from factorywatch.detector.transport import Transport
+from factorywatch.detector.runner import Due, Runner, RunnerSettings, Send
+from factorywatch.detector.transport import Driver, commit, send
 from factorywatch.errors import FactorywatchError
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
@@ -54,16 +53,6 @@ if TYPE_CHECKING:
     from factorywatch.detector.sparkplug_out import SparkplugOut
 
 log = structlog.get_logger("detector")
-
-
-@dataclass(slots=True)
-class _AckTarget:
-    """A received message waiting for ``remaining`` confirmations before its own ack."""
-
-    token: Any
-    answered: list[tuple[str, int]]
-    remaining: int = 0
-    failed: bool = False
 
 
 def engine_settings(
@@ -89,7 +78,18 @@ def engine_settings(
     )
 
 
-def _sparkplug(settings: DetectorSettings) -> tuple[list[StatefulIngest], list[str]]:
+def runner_settings(settings: DetectorSettings) -> RunnerSettings:
+    """The runner's periods and identity from the detector's settings."""
+    return RunnerSettings(
+        client_id=settings.client_id,
+        heartbeat_s=settings.heartbeat_s,
+        reload_interval_s=settings.reload_interval_s,
+        records_every_s=settings.checkpoint_records_every_s,
+        snapshot_every_s=settings.snapshot_every_s,
+    )
+
+
+def sparkplug_ingests(settings: DetectorSettings) -> tuple[list[StatefulIngest], list[str]]:
     """The Sparkplug B ingest and its subscriptions, when enabled (else none)."""
     if not settings.sparkplug:
         return [], []
@@ -136,7 +136,7 @@ class DetectorService:
         model_dir: Path,
         model: LoadedModel,
         *,
-        transport: Transport | None = None,
+        transport: Driver | None = None,
         stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
@@ -146,7 +146,7 @@ class DetectorService:
         self.metrics = Metrics()
         self.metrics.set_model(model.version)
         self.stop = stop if stop is not None else threading.Event()
-        extra, spb_filters = _sparkplug(settings)
+        extra, spb_filters = sparkplug_ingests(settings)
         self.spb_out = _sparkplug_out(settings, broker)
         self.engine = Engine(
             model,
@@ -154,6 +154,10 @@ class DetectorService:
             engine_settings(settings, broker),
             extra_ingests=extra,
             router=make_router(settings.asset_config, model),
+            seen=SeenCache(settings.dedup_size),
+        )
+        self.runner = Runner(
+            self.engine, runner_settings(settings), counters=self.counters, metrics=self.metrics
         )
         self.calibration = CalibrationWorker(
             model_dir, settings.scorer, self.counters, self.metrics
@@ -166,10 +170,7 @@ class DetectorService:
         self._restore()
         sync_drift_metrics(self.engine, self.metrics)
         self._http: WSGIServer | None = None
-        self._last_loop = time.monotonic()
-        # When each periodic task is next due (monotonic); 0: at the first turn.
-        self._next_records = self._next_snapshot = self._next_reload = 0.0
-        self._next_heartbeat = self._next_drift = 0.0
+        self.runner.turned(time.monotonic())
         self._status_topic = self.topics.status("detector", settings.client_id)
         lines = (
             [x.strip() for x in settings.lines.split(",") if x.strip()] if settings.lines else None
@@ -177,7 +178,7 @@ class DetectorService:
         self.input_filters = self.topics.input_filters(lines) + spb_filters
         filters = [*self.input_filters, self.topics.ack_filter, self.topics.sensor_status_filter]
         offline = ClientStatus(role="detector", client_id=settings.client_id, state="offline")
-        self.transport: Transport = transport or PahoTransport(
+        self.transport: Driver = transport or PahoTransport(
             broker,
             settings.client_id,
             filters=filters,
@@ -197,55 +198,28 @@ class DetectorService:
     def _restore(self) -> None:
         """Take over what the checkpoint holds (nothing on a first start)."""
         restored = self.checkpoint.load()
-        if restored.snapshot is not None:
-            self.engine.restore(restored.snapshot)
-        self.engine.restore_records(restored.records, restored.rows)
-        self.engine.restore_ingest_changes(restored.ingest)
-        for identity, digest in restored.answered:
-            self.engine.answered(identity, digest)
-        self.counters.restored_machines = len(self.engine.states)
+        self.runner.restore(restored)
         if not restored.empty:
-            log.info(
-                "state_restored",
-                machines=len(self.engine.states),
-                open_alerts=sum(1 for r in self.engine.states if r.alert_id is not None),
-                answered=len(restored.answered),
-                unconfirmed_events=sum(len(r.outbox) for r in self.engine.states),
-            )
+            log.info("state_restored", answered=len(restored.answered), **self.engine.summary())
 
     # -- health -------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Healthy while connected and the loop turned within the last 10 s."""
-        connected = self.transport.is_connected()
-        loop_age = time.monotonic() - self._last_loop
-        detail = {
-            "connected": connected,
-            "loop_age_s": round(loop_age, 3),
-            "model_version": self.model.version,
-            "machines": len(self.engine.states),
-            "models_per_route": len(self.engine.router.models()),
-            "fitting": self.calibration.fitting,
-        }
-        return connected and loop_age < 10.0, detail
+        return self.runner.health(
+            connected=self.transport.is_connected(),
+            now=time.monotonic(),
+            fitting=self.calibration.fitting,
+        )
 
     def start(self) -> None:
         """Serve metrics, connect (bounded retries) and republish unconfirmed events."""
-        if self.settings.metrics_port:
-            try:
-                self._http = serve(
-                    self.metrics,
-                    self.health,
-                    self.settings.metrics_host,
-                    self.settings.metrics_port,
-                )
-                log.info("metrics_serving", port=self.settings.metrics_port)
-            except OSError as exc:  # detection matters more than its metrics: keep going
-                log.error("metrics_unavailable", port=self.settings.metrics_port, error=str(exc))
+        self._http = serve_metrics(
+            self.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port
+        )
         self.transport.connect()
         if self.spb_out is not None:
             self.spb_out.start()
-        for publish in self.engine.recover():
-            self._send(publish, None)
+        send(self.runner, self.transport, self.runner.recover())
         log.info("detector_started", model_version=self.model.version)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -257,105 +231,60 @@ class DetectorService:
         self.shutdown()
 
     def turn(self, timeout: float) -> None:
-        """One turn of the loop: I/O, every batch that arrived, checkpoint, housekeeping."""
-        settings = self.settings
+        """One turn of the loop: I/O, every batch that arrived, housekeeping, then the
+        checkpoint is flushed and only then are the settled messages acknowledged."""
         inbox = self.transport.receive(timeout)
-        for start in range(0, len(inbox), settings.batch_max):
-            self._process(inbox[start : start + settings.batch_max])
+        self._process_all(inbox)
         self.calibration.poll(self.engine)
         now = time.monotonic()
-        self._last_loop = now
-        self._housekeeping(now)
-        self.checkpoint.write_ingest(self.engine.ingest_changes())
-        self.checkpoint.write_rows(self.engine.states.take_rows())  # before their records
-        self.checkpoint.write_records(self.engine.states.take_urgent())
-        if now >= self._next_records:
-            self.checkpoint.write_records(self.engine.states.take_dirty())
-            self._next_records = now + settings.checkpoint_records_every_s
-        if now >= self._next_snapshot:
-            self.checkpoint.save(self.engine.snapshot())
-            self._next_snapshot = now + settings.snapshot_every_s
-        self.checkpoint.flush()
+        self.runner.turned(now)
+        due = self.runner.due(now)
+        self._housekeeping(due)
+        commit(
+            self.runner,
+            self.transport,
+            self.checkpoint,
+            records=due.records,
+            snapshot=due.snapshot,
+        )
 
-    def _housekeeping(self, now: float) -> None:
-        publishes, events = self.engine.tick(time.time())
-        for publish in publishes:
-            self._send(publish, None)
-        log_events(events, self.metrics)
+    def _housekeeping(self, due: Due) -> None:
+        sends, events = self.runner.tick(time.time())
+        send(self.runner, self.transport, sends)
         if self.spb_out is not None:
             for event in events:
                 self.spb_out.observe(self.engine.tracker.state(event.machine_id), None)
             self.spb_out.flush(time.time())
-        if now >= self._next_reload:
+        if due.reload:
             self.maybe_reload()
-            self._next_reload = now + self.settings.reload_interval_s
-        if now >= self._next_drift:
+        if due.drift:
             self.check_drift()
-            self._next_drift = now + 1.0
-        if now >= self._next_heartbeat:
+        if due.heartbeat:
             self._publish_status("online")
-            self._next_heartbeat = now + self.settings.heartbeat_s
+
+    def _process_all(self, inbox: list[Inbound]) -> None:
+        batch_max = self.settings.batch_max
+        for start in range(0, len(inbox), batch_max):
+            self._process(inbox[start : start + batch_max])
 
     def _process(self, batch: list[Inbound]) -> None:
-        outcomes = self.engine.handle(batch, time.time())
-        tally(outcomes, self.counters, self.metrics)
+        handled = self.runner.handle(batch, time.time())
         if self.spb_out is not None:
             state = self.engine.tracker.state
-            for outcome in outcomes:
+            for outcome in handled.outcomes:
                 for verdict in outcome.verdicts:
                     self.spb_out.observe(state(verdict.machine_id), verdict)
                 for event in outcome.events:
                     self.spb_out.observe(state(event.machine_id), None)
-        for outcome in outcomes:
-            target = _AckTarget(outcome.message.token, outcome.answered)
-            for publish in outcome.publishes:
-                self._send(publish, target)
-            if target.remaining == 0:
-                self.transport.ack(target.token)  # nothing to wait for (a duplicate)
-
-    def _send(self, publish: Publish, target: _AckTarget | None) -> None:
-        if target is not None:
-            target.remaining += 1
-
-        def confirmed(ok: bool) -> None:
-            if not ok:
-                # A refused publish leaves its message unacknowledged: redelivered later, and
-                # scored again then (not a duplicate: its verdict never got out). The
-                # machine's record still knows the reading, so its alert window counts it once.
-                self.counters.publish_failures += 1
-                self.metrics.publish_failures.inc()
-                if target is not None and not target.failed:
-                    target.failed = True
-                    for identity, _digest in target.answered:
-                        self.engine.seen.forget(identity)
-            else:
-                self.engine.confirmed(publish)
-            if target is None:
-                return
-            target.remaining -= 1
-            if target.remaining == 0 and not target.failed:
-                for identity, digest in target.answered:
-                    self.checkpoint.answered(identity, digest)
-                self.transport.ack(target.token)
-
-        self.transport.publish(
-            publish.topic, publish.payload, retain=publish.retain, confirmed=confirmed
-        )
+        send(self.runner, self.transport, handled.sends)
 
     def _publish_status(self, state: str) -> None:
-        status = ClientStatus(
-            role="detector",
-            client_id=self.settings.client_id,
-            state="online" if state == "online" else "offline",
-            ts=time.time(),
-            model_version=self.model.version,
-        )
-        self._send(Publish(self._status_topic, status.encode(), retain=True), None)
+        send(self.runner, self.transport, [Send(self.runner.status(state, time.time()))])
 
     # -- model and drift ------------------------------------------------------------------------
     def check_drift(self) -> None:
         """Publish the drift window's figures as metrics; log when drift starts or ends."""
-        report_drift(self.engine, self.metrics)
+        self.runner.check_drift()
 
     def maybe_reload(self) -> bool:
         """Swap in newly promoted models between batches (never mid-batch)."""
@@ -366,15 +295,15 @@ class DetectorService:
 
     def shutdown(self, drain_timeout_s: float = 10.0) -> None:
         """Finish received work, publish offline, wait for confirmations, snapshot, stop."""
-        inbox = self.transport.receive(0.0)
-        for start in range(0, len(inbox), self.settings.batch_max):
-            self._process(inbox[start : start + self.settings.batch_max])
+        self._process_all(self.transport.receive(0.0))
         self._publish_status("offline")
         self.calibration.close()  # a fit cut short is asked for again after the restart
         if self.spb_out is not None:
             self.spb_out.close()
-        self.transport.close(drain_timeout_s)
-        self.checkpoint.save(self.engine.snapshot())
+        self.transport.drain(drain_timeout_s)
+        # what the drain confirmed is durable before its acks leave with the disconnect
+        commit(self.runner, self.transport, self.checkpoint, records=True, snapshot=True)
+        self.transport.close(0.0)
         self.checkpoint.close()
         if self._http is not None:
             self._http.shutdown()
