@@ -593,7 +593,17 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 f"--engine jetstream needs nats-py: pip install 'factorywatch[cluster]' ({exc})"
             ) from None
         return jetstream.run_cli(
-            args,
+            jetstream.ClusterOptions(
+                nats_servers=args.nats_servers,
+                partitions=args.partitions,
+                partition_count=args.partition_count,
+                nats_user=args.nats_user,
+                nats_password_file=args.nats_password_file,
+                nats_ca=args.nats_ca,
+                ack_wait_s=args.ack_wait,
+                nats_mqtt=args.nats_mqtt,
+                lease_ttl_s=args.lease_ttl,
+            ),
             model,
             settings,
             topic_root=_broker_settings(args).topic_root,
