@@ -42,6 +42,8 @@ from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
 
 Clock = Callable[[], float]
+#: the stopwatch a verdict's ``latency_ms`` is measured with (its shell hands it to the engine)
+STOPWATCH: Clock = time.perf_counter
 #: (machine, line) -> (channels, attributes) a reading of that machine must carry
 Requirements = Callable[[str, str], tuple[Sequence[str], Sequence[str]]]
 #: model_version of a CALIBRATING verdict (no model has judged the reading)
@@ -95,7 +97,7 @@ class Decoder:
         max_future_skew_s: float = DEFAULT_MAX_FUTURE_SKEW_S,
         machines: frozenset[str] | None = None,
         registry: Registry | None = None,
-        clock: Clock = time.time,
+        clock: Clock | None = None,
         attributes: Sequence[str] | None = None,
         requirements: Requirements | None = None,
     ) -> None:
@@ -108,6 +110,8 @@ class Decoder:
         self.max_future_skew_s = max_future_skew_s
         self.machines = machines
         self.registry = registry
+        #: what "now" is for the clock check; None: the message's ``received_at`` (the engine
+        #: reads no clock: the transport stamped the message when it arrived)
         self.clock = clock
         #: per machine (and line): the channels and attributes its model needs, when machines
         #: are served by different models (the router); None: ``channels`` for every machine
@@ -121,7 +125,10 @@ class Decoder:
             reading = Telemetry.model_validate_json(msg.payload)
         except ValidationError as exc:
             raise PayloadError(_classify(exc), _summary(exc)) from None
-        return self._check(reading, line, machine)
+        return self._check(reading, line, machine, now=self._now(msg))
+
+    def _now(self, msg: Received) -> float:
+        return msg.received_at if self.clock is None else self.clock()
 
     def decode_batch(self, msg: Received) -> list[Telemetry | PayloadError]:
         """Validate a gateway's batch: each reading is accepted or rejected on its own.
@@ -137,18 +144,28 @@ class Decoder:
             )
         except ValidationError as exc:
             readings = _salvage(msg.payload, exc)
+        now = self._now(msg)
         return [
-            r if isinstance(r, PayloadError) else self._checked(r, line, gateway) for r in readings
+            r if isinstance(r, PayloadError) else self._checked(r, line, gateway, now)
+            for r in readings
         ]
 
-    def _checked(self, reading: Telemetry, line: str, gateway: str) -> Telemetry | PayloadError:
+    def _checked(
+        self, reading: Telemetry, line: str, gateway: str, now: float
+    ) -> Telemetry | PayloadError:
         try:
-            return self._check(reading, line, None, sender=gateway)
+            return self._check(reading, line, None, sender=gateway, now=now)
         except PayloadError as error:
             return error
 
     def _check(
-        self, reading: Telemetry, line: str, machine: str | None, sender: str | None = None
+        self,
+        reading: Telemetry,
+        line: str,
+        machine: str | None,
+        sender: str | None = None,
+        *,
+        now: float,
     ) -> Telemetry:
         """Checks beyond the schema: topic agreement, registry, clock, channels.
 
@@ -172,7 +189,7 @@ class Decoder:
                     f"{sender or reading.machine_id!r} may not send for "
                     f"{reading.line}/{reading.machine_id} (registry)",
                 )
-        skew = reading.ts - self.clock()
+        skew = reading.ts - now
         if skew > self.max_future_skew_s or -skew > self.max_clock_skew_s:
             raise PayloadError(
                 "clock_skew",

@@ -1,11 +1,13 @@
 """The detector's pure engine: messages and the time in, effects out.
 
-No paho, no files, no clock reads: a transport shell (``detector/service.py`` with paho, the
-memory transport in tests, a JetStream shell for the cluster) hands it batches of raw
-messages with ``handle(batch, now)`` and carries out what comes back: one ``Outcome`` per
-message, naming what to publish. The shell acknowledges a message only once every publish of
-its outcome is confirmed, and tells the engine (``confirmed``) so that an alert event leaves
-the machine's outbox.
+No paho, no files, no clock reads (the time of day comes in as ``now`` and each message's
+``received_at``; latency is measured with the stopwatch the shell hands it): a driver shell
+(``detector/service.py`` on paho, ``detector/jetstream.py`` on NATS, the in-memory drivers in
+tests), through ``detector/runner.py``, hands it batches of raw messages with
+``handle(batch, now)`` and carries out what comes back: one ``Outcome`` per message, naming
+what to publish. A message is acknowledged only once every publish of its outcome is
+confirmed (the runner's rule), and ``confirmed`` tells the engine, so that an alert event
+leaves the machine's outbox; ``forget_ids`` un-answers readings whose publish was refused.
 
 The engine owns the keyed per-machine state (``detector/state.py``: alert state and its
 k-of-n window, the last reading identities, the outbox of unconfirmed events, the feature
@@ -43,6 +45,8 @@ from factorywatch.detector import calibrating
 from factorywatch.detector.alerting import AlertPolicy, AlertTracker
 from factorywatch.detector.calibrating import FitRequest
 from factorywatch.detector.core import (
+    STOPWATCH,
+    Clock,
     Decoder,
     Part,
     Received,
@@ -130,6 +134,7 @@ class Engine:
         extra_ingests: Sequence[StatefulIngest] = (),
         router: Router | None = None,
         seen: SeenCache | None = None,
+        perf_clock: Clock = STOPWATCH,
     ) -> None:
         self.settings = settings if settings is not None else EngineSettings()
         self.topics = topics
@@ -145,6 +150,9 @@ class Engine:
         self.tracker = AlertTracker(self.settings.policy, self.states)
         #: the de-duplication cache (``seen``: one the caller sized or shares)
         self.seen = seen if seen is not None else SeenCache(self.settings.dedup_size)
+        #: the one clock the engine is handed: a stopwatch for each verdict's latency (the
+        #: time of day comes in as ``now`` and each message's ``received_at``)
+        self.perf_clock = perf_clock
         self._custom_ingest = ingest
         #: stateful ingests beside the JSON one (Sparkplug B), kept across model swaps
         self.extra_ingests = tuple(extra_ingests)
@@ -424,6 +432,7 @@ class Engine:
             ],
             self._stack,
             explain_top_k=self.settings.explain_top_k,
+            perf_clock=self.perf_clock,
         )
         return {
             route.key: (part_verdicts, part_windows)
@@ -442,6 +451,7 @@ class Engine:
             [reading.telemetry for reading, _ in items],
             [outcome.message.received_perf for _, outcome in items],
             explain_top_k=self.settings.explain_top_k,
+            perf_clock=self.perf_clock,
             states=windows,
         )
         self._settle(key, model, items, verdicts, windows, now)
@@ -519,7 +529,7 @@ class Engine:
             full = len(rows) >= needed
             progress = Calibration(seen=len(rows), needed=needed, fitting=full)
             (verdict,) = calibrating_verdicts(
-                [telemetry], [outcome.message.received_perf], [progress]
+                [telemetry], [outcome.message.received_perf], [progress], perf_clock=self.perf_clock
             )
             outcome.publishes.append(
                 Publish(self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode())

@@ -310,6 +310,7 @@ class JetStreamDetector:
             engine_settings,
             router=make_router(options.asset_config, model),
             seen=SeenCache(engine_settings.dedup_size),
+            perf_clock=time.perf_counter,
         )
         self.counters = Counters()
         self.metrics = Metrics()

@@ -155,6 +155,7 @@ class DetectorService:
             extra_ingests=extra,
             router=make_router(settings.asset_config, model),
             seen=SeenCache(settings.dedup_size),
+            perf_clock=time.perf_counter,
         )
         self.runner = Runner(
             self.engine, runner_settings(settings), counters=self.counters, metrics=self.metrics

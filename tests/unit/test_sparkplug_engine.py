@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,7 @@ def test_births_and_data_become_verdicts_json_still_works(
     """A DBIRTH and a DDATA are scored like JSON readings, on the device's verdict topic."""
     engine = _engine(model_dir)
     sim = MachineSimulator("m", "l", seed=1)
-    json_reading = MachineSimulator("json-1", "line1", seed=2).next(time.time())  # no skew
+    json_reading = MachineSimulator("json-1", "line1", seed=2).next(T0)  # received at T0
     batch = [
         _in(edge.nbirth(MS)),
         _in(edge.dbirth("mill", sim.next(T0), MS)),
