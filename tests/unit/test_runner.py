@@ -26,10 +26,11 @@ from factorywatch.detector.transport import (
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.topics import Topics
-from tests.support import reading
+from tests.support import TYPICAL, reading
 
 TOPICS = Topics("unit-runner")
 TS = 1_700_000_000.0
+NORMAL_TORQUE = TYPICAL["torque_nm"]
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +85,12 @@ class Rig(Protocol):
     """A runner on one in-memory driver and store."""
 
     runner: Runner
-    store: MemoryStore
     #: (token, the ids durable when it was acked)
     acks: list[tuple[Any, frozenset[str]]]
 
-    def deliver(self, machine: str, seq: int, **channels: float) -> int: ...
+    @property
+    def store(self) -> MemoryStore: ...
+    def deliver(self, machine: str, seq: int, torque_nm: float = NORMAL_TORQUE) -> int: ...
     def refuse(self, prefix: str) -> None: ...
     def run(self) -> None: ...
     def published(self) -> list[Sent]: ...
@@ -108,7 +110,7 @@ class SyncRig:
 
     def __init__(self, model: LoadedModel) -> None:
         self.runner = _runner(model)
-        self.store = MemoryStore()
+        self._store = MemoryStore()
         self.acks: list[tuple[Any, frozenset[str]]] = []
         rig = self
 
@@ -118,10 +120,15 @@ class SyncRig:
 
         self.transport = Transport()
 
-    def deliver(self, machine: str, seq: int, **channels: float) -> int:
+    def deliver(self, machine: str, seq: int, torque_nm: float = NORMAL_TORQUE) -> int:
         """A reading arrives."""
-        topic = TOPICS.telemetry("line1", machine)
-        return self.transport.deliver(topic, reading(machine, seq, ts=TS, **channels).encode())
+        payload = reading(machine, seq, ts=TS, torque_nm=torque_nm).encode()
+        return self.transport.deliver(TOPICS.telemetry("line1", machine), payload)
+
+    @property
+    def store(self) -> MemoryStore:
+        """The store the runner writes."""
+        return self._store
 
     def refuse(self, prefix: str) -> None:
         """Refuse publishes whose topic starts with ``prefix`` ('' for none)."""
@@ -144,7 +151,7 @@ class AsyncRig:
 
     def __init__(self, model: LoadedModel) -> None:
         self.runner = _runner(model)
-        self.store = AsyncMemoryStore()
+        self._store = AsyncMemoryStore()
         self.acks: list[tuple[Any, frozenset[str]]] = []
         rig = self
 
@@ -154,10 +161,15 @@ class AsyncRig:
 
         self.transport = Transport()
 
-    def deliver(self, machine: str, seq: int, **channels: float) -> int:
+    def deliver(self, machine: str, seq: int, torque_nm: float = NORMAL_TORQUE) -> int:
         """A reading arrives."""
-        topic = TOPICS.telemetry("line1", machine)
-        return self.transport.deliver(topic, reading(machine, seq, ts=TS, **channels).encode())
+        payload = reading(machine, seq, ts=TS, torque_nm=torque_nm).encode()
+        return self.transport.deliver(TOPICS.telemetry("line1", machine), payload)
+
+    @property
+    def store(self) -> AsyncMemoryStore:
+        """The store the runner writes."""
+        return self._store
 
     def refuse(self, prefix: str) -> None:
         """Refuse publishes whose topic starts with ``prefix`` ('' for none)."""
