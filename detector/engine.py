@@ -718,6 +718,10 @@ class Engine:
         """The machines the engine keeps a record of."""
         return [record.machine_id for record in self.states]
 
+    def record(self, machine: str) -> MachineRecord:
+        """One machine's record (``KeyError`` when the engine keeps none)."""
+        return self.states[machine]
+
     def records(self, machines: Iterable[str]) -> list[MachineRecord]:
         """The records of those of ``machines`` the engine knows, in ``machines``' order."""
         found = (self.states.get(machine) for machine in machines)
