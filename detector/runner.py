@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from factorywatch.contracts import AlertEvent, ClientStatus
 from factorywatch.detector.bookkeeping import Counters, log_events, report_drift, tally
@@ -60,16 +60,18 @@ class Ticket:
     """A received message waiting for ``remaining`` confirmations before its own ack."""
 
     token: Any
-    #: (identity, digest) of each reading it answered
-    answered: list[tuple[str, int]]
-    #: machines whose records its outcome changed (a store writing whole records needs them)
-    machines: set[str]
+    #: what handling it produced (its answered reading ids, the machines it touched)
+    outcome: Outcome
     remaining: int = 0
     refused: bool = False
 
+    @property
+    def answered(self) -> list[tuple[str, int]]:
+        """(identity, digest) of each reading it answered."""
+        return self.outcome.answered
 
-@dataclass(frozen=True, slots=True)
-class Send:
+
+class Send(NamedTuple):
     """One publish to carry out; ``msg_id``: a verdict's reading identity (a transport that
     de-duplicates by message id drops a redelivered reading's second verdict by it)."""
 
@@ -97,7 +99,7 @@ class Settled:
     @property
     def machines(self) -> set[str]:
         """The machines whose records these messages changed."""
-        return {m for t in self.tickets for m in t.machines}
+        return touched(t.outcome for t in self.tickets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,14 +167,20 @@ class Runner:
         readings = tally(outcomes, self.counters, self.metrics)
         sends: list[Send] = []
         for outcome in outcomes:
-            ticket = Ticket(outcome.message.token, outcome.answered, touched([outcome]))
-            ticket.remaining = len(outcome.publishes)
-            if ticket.remaining == 0:
+            publishes = outcome.publishes
+            ticket = Ticket(outcome.message.token, outcome, len(publishes))
+            if not publishes:
                 self._settled.append(ticket)  # nothing to wait for (a duplicate)
-            sends += [
-                Send(publish, msg_id, ticket)
-                for publish, msg_id in zip(outcome.publishes, _verdict_ids(outcome), strict=True)
-            ]
+            elif (
+                len(publishes) == 1 and outcome.answered and publishes[0].topic.endswith("/verdict")
+            ):
+                # the common case: one reading, its verdict alone
+                sends.append(Send(publishes[0], outcome.answered[0][0], ticket))
+            else:
+                sends += [
+                    Send(publish, msg_id, ticket)
+                    for publish, msg_id in zip(publishes, _verdict_ids(outcome), strict=True)
+                ]
         return Handled(outcomes, sends, readings)
 
     def settle(self, send: Send, ok: bool) -> None:
@@ -217,13 +225,14 @@ class Runner:
         machines: set[str] | None = None,
     ) -> Changes:
         """What the store must hold before ``settled`` is acknowledged: answered ids, ingest
-        parts, calibration rows, urgent records (every changed one with ``records``), the
-        whole records of ``machines`` and of the machines ``settled`` touched, a snapshot."""
+        parts, calibration rows, urgent records (every changed one with ``records``), a
+        snapshot; for a store of whole records (``machines`` given, maybe empty) the records
+        of ``machines`` and of the machines ``settled`` touched."""
         engine = self.engine
         changed = engine.take_urgent()
         if records:
             changed += engine.take_dirty()
-        whole = settled.machines | (machines or set())
+        whole = (settled.machines | machines) if machines is not None else set()
         return Changes(
             answered=settled.answered,
             ingest=engine.ingest_changes(),

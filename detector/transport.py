@@ -150,7 +150,7 @@ async def acommit(
     """Write what changed (and ``machines``' records) to the store, flush it, then ack what
     settled (unless ``may_ack()`` says no more); False when the store could not flush."""
     settled = runner.take_settled()
-    store.write(runner.changes(settled, machines=machines))
+    store.write(runner.changes(settled, machines=machines or set()))
     if not await store.flush():
         runner.store_failed(settled)
         for token in settled.acks:

@@ -238,8 +238,9 @@ def test_calibration_channels_from_the_first_reading(models: dict[str, LoadedMod
     engine.handle([_message("new-1", 1, {"x": 1.0, "y": 2.0})], NOW)
     (outcome,) = engine.handle([_message("new-1", 2, {"x": 1.0})], NOW)
     assert [e.reason for e in outcome.rejected] == ["missing_channel"]
-    assert engine.record("new-1").calibration is not None
-    assert len(engine.record("new-1").calibration["rows"]) == 1
+    calibration = engine.record("new-1").calibration
+    assert calibration is not None
+    assert len(calibration["rows"]) == 1
 
 
 def test_drift_is_tracked_per_machine_model(models: dict[str, LoadedModel]) -> None:
