@@ -2,13 +2,17 @@
 
 Each detector owns some partitions of the input stream (``factorywatch/cluster.py`` says how
 machines are filed under partitions). Per partition it binds one durable pull consumer and
-loops: fetch a batch -> ``engine.handle`` -> publish every verdict, event and state with
-JetStream (a ``PubAck`` from the output stream; verdicts carry ``Nats-Msg-Id: v:<reading
-identity>``, so a redelivered reading's second verdict is dropped by the stream) -> write the
-state of every machine the batch touched to the key-value bucket (key ``<partition>.<machine>``,
-``MachineRecord.snapshot()``) -> acknowledge the batch's messages. A crash anywhere before the
-acks makes JetStream redeliver the batch after ``ack_wait``; the machine records' ``recent``
-identities keep a redelivered reading from counting twice in the alert window.
+loops: fetch a batch -> ``runner.handle`` (``detector/runner.py``, the same policy as on
+Mosquitto) -> publish every verdict, event and state through the ``JetStreamDriver`` (a
+``PubAck`` from the output stream; verdicts carry ``Nats-Msg-Id: <reading identity>``, so a
+redelivered reading's second verdict is dropped by the stream) -> write the state of every
+machine the settled messages touched to the key-value bucket (``KvStore``, key
+``<partition>.<machine>``, ``MachineRecord.snapshot()``) -> acknowledge them. A message with
+a refused publish is given back (``nak``) and only its reading ids are forgotten, so its
+redelivery is scored again; a crash anywhere before the acks makes JetStream redeliver after
+``ack_wait``; the machine records' ``recent`` identities keep a redelivered reading from
+counting twice in the alert window. Housekeeping (offline, drift, reload, the heartbeat every
+``heartbeat_s``) is due when the runner says, with the Mosquitto detector's periods.
 
 A detector serves a partition only while it holds the partition's lease
 (``detector/lease.py``); for the partitions of its ``--partitions`` that another detector

@@ -1,18 +1,18 @@
-"""The detector's shell: a transport in, the pure engine, a checkpoint, metrics and health.
+"""The Mosquitto detector's shell: a paho driver, the runner, a checkpoint, metrics and health.
 
-One loop on one thread: ``transport.receive`` (paho's ``loop()`` for Mosquitto) returns what
-arrived; the engine handles it in batches of up to ``batch_max`` messages (one vectorised
-scoring call each) and says what to publish; a message is acknowledged only when every
-publish it caused is confirmed (at-least-once with ack-after-verdict). Each turn then writes
-the checkpoint (``detector/checkpoint.py``) before the next ``receive`` can acknowledge
-anything it reflects.
+One loop on one thread: ``driver.receive`` (paho's ``loop()`` for Mosquitto) returns what
+arrived and runs the confirmations of earlier publishes; the runner (``detector/runner.py``)
+handles it in batches of up to ``batch_max`` messages (one vectorised scoring call each) and
+says what to publish. At the end of each turn the checkpoint (``detector/checkpoint.py``) is
+written and flushed, and only then are the messages whose every publish was confirmed
+acknowledged (``detector/transport.py``'s ``send``/``commit``).
 
-Between batches: offline detection (``engine.tick``), model reload (the default ``current``
-and every machine's and group's own, ``models/{machines,groups}/<name>/current``), drift
-check, heartbeat, and a full snapshot every ``snapshot_every_s``.
+Between batches, when the runner says they are due: offline detection, model reload (the
+default ``current`` and every machine's and group's own, ``models/{machines,groups}/<name>/
+current``), drift check, heartbeat, every changed record and a full snapshot.
 
 Routes and live calibration: ``detector/calibration_worker.py`` (shared with the JetStream
-runner) binds promoted route models and fits full calibration windows on a worker thread;
+shell) binds promoted route models and fits full calibration windows on a worker thread;
 each turn polls it between batches.
 """
 
