@@ -307,13 +307,13 @@ class JetStreamDetector:
         self.options = options
         self.layout = options.layout
         self.topics = Topics(options.layout.topic_root)
-        engine_settings = settings if settings is not None else EngineSettings()
+        knobs = settings if settings is not None else EngineSettings()
         self.engine = Engine(
             model,
             self.topics,
-            engine_settings,
+            knobs,
             router=make_router(options.asset_config, model),
-            seen=SeenCache(engine_settings.dedup_size),
+            seen=SeenCache(knobs.dedup_size),
             perf_clock=time.perf_counter,
         )
         self.counters = Counters()
