@@ -18,13 +18,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
-from nats.js.kv import KeyValue
 
 from factorywatch.detector.checkpoint import Restored
 from factorywatch.detector.state import CalibrationRow, MachineRecord, decode, encode
+
+if TYPE_CHECKING:  # nats-py is the cluster extra's: the Mosquitto detector runs without it
+    from nats.js.kv import KeyValue
 
 log = structlog.get_logger("detector")
 
