@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import structlog
 
 from factorywatch.contracts import AlertEvent
 from factorywatch.detector.engine import Engine, Outcome
-from factorywatch.detector.metrics import Metrics
+from factorywatch.detector.metrics import Health, Metrics, serve
 from factorywatch.errors import ModelError
 from factorywatch.model import artifact
 from factorywatch.model.artifact import ScorerKind
@@ -151,3 +152,17 @@ def reload_model(
     metrics.set_model(version)
     log.info("model_reloaded", previous=previous, version=version)
     return True
+
+
+def serve_metrics(metrics: Metrics, health: Health, host: str, port: int) -> WSGIServer | None:
+    """Serve ``/metrics`` and ``/healthz`` when ``port`` is set; None when off or unavailable
+    (detection matters more than its metrics: the detector keeps going)."""
+    if not port:
+        return None
+    try:
+        server = serve(metrics, health, host, port)
+    except OSError as exc:
+        log.error("metrics_unavailable", port=port, error=str(exc))
+        return None
+    log.info("metrics_serving", port=port)
+    return server

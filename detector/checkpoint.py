@@ -17,7 +17,7 @@ Files in the state directory, per detector identity (``<name>``):
 The generation number ties a journal to its snapshot: a crash between writing a new
 snapshot and starting its journal can never replay an older journal over a newer snapshot.
 
-When lines are written (see ``detector/service.py``): a record whose machine had an alert
+When lines are written (``detector/runner.py``'s cadence): a record whose machine had an alert
 transition or acknowledgement goes into the journal in the same turn of the loop, before any
 message it reflects can be acknowledged; other changed records (the k-of-n window, the clear
 streak, peaks) at most every ``records_every_s``. So ``kill -9`` never loses an open alert,
@@ -35,9 +35,12 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 from factorywatch.detector.state import CalibrationRow, MachineRecord, decode, encode
+
+if TYPE_CHECKING:
+    from factorywatch.detector.store import Changes
 
 CHECKPOINT_VERSION: Final = 1
 
@@ -129,6 +132,16 @@ class FileCheckpoint:
             if stale != journal:
                 stale.unlink()
         return restored
+
+    def write(self, changes: Changes) -> None:
+        """Journal a turn's changes (the ``Store`` protocol); a snapshot when one is due."""
+        for identity, digest in changes.answered:
+            self.answered(identity, digest)
+        self.write_ingest(changes.ingest)
+        self.write_rows(changes.rows)  # before their records
+        self.write_records(changes.records)
+        if changes.snapshot is not None:
+            self.save(changes.snapshot)
 
     def write_records(self, records: Iterable[MachineRecord]) -> None:
         """Append the current state of these machines."""

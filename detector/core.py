@@ -39,6 +39,8 @@ from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
 
 Clock = Callable[[], float]
+#: the stopwatch a verdict's ``latency_ms`` is measured with (its shell hands it to the engine)
+STOPWATCH: Clock = time.perf_counter
 #: (machine, line) -> (channels, attributes) a reading of that machine must carry
 Requirements = Callable[[str, str], tuple[Sequence[str], Sequence[str]]]
 #: model_version of a CALIBRATING verdict (no model has judged the reading)

@@ -1,11 +1,13 @@
 """The detector's pure engine: messages and the time in, effects out.
 
-No paho, no files, no clock reads: a transport shell (``detector/service.py`` with paho, the
-memory transport in tests, a JetStream shell for the cluster) hands it batches of raw
-messages with ``handle(batch, now)`` and carries out what comes back: one ``Outcome`` per
-message, naming what to publish. The shell acknowledges a message only once every publish of
-its outcome is confirmed, and tells the engine (``confirmed``) so that an alert event leaves
-the machine's outbox.
+No paho, no files, no clock reads (the time of day comes in as ``now`` and each message's
+``received_at``; latency is measured with the stopwatch the shell hands it): a driver shell
+(``detector/service.py`` on paho, ``detector/jetstream.py`` on NATS, the in-memory drivers in
+tests), through ``detector/runner.py``, hands it batches of raw messages with
+``handle(batch, now)`` and carries out what comes back: one ``Outcome`` per message, naming
+what to publish. A message is acknowledged only once every publish of its outcome is
+confirmed (the runner's rule), and ``confirmed`` tells the engine, so that an alert event
+leaves the machine's outbox; ``forget_ids`` un-answers readings whose publish was refused.
 
 The engine owns the keyed per-machine state (``detector/state.py``: alert state and its
 k-of-n window, the last reading identities, the outbox of unconfirmed events, the feature
@@ -43,6 +45,8 @@ from factorywatch.detector import calibrating
 from factorywatch.detector.alerting import AlertPolicy, AlertTracker
 from factorywatch.detector.calibrating import FitRequest
 from factorywatch.detector.core import (
+    STOPWATCH,
+    Clock,
     Decoder,
     Part,
     Received,
@@ -129,6 +133,8 @@ class Engine:
         ingest: Ingest | None = None,
         extra_ingests: Sequence[StatefulIngest] = (),
         router: Router | None = None,
+        seen: SeenCache | None = None,
+        perf_clock: Clock = STOPWATCH,
     ) -> None:
         self.settings = settings if settings is not None else EngineSettings()
         self.topics = topics
@@ -142,7 +148,11 @@ class Engine:
         self._requirements_cache: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self.states = StateTable()
         self.tracker = AlertTracker(self.settings.policy, self.states)
-        self.seen = SeenCache(self.settings.dedup_size)
+        #: the de-duplication cache (``seen``: one the caller sized or shares)
+        self.seen = seen if seen is not None else SeenCache(self.settings.dedup_size)
+        #: the one clock the engine is handed: a stopwatch for each verdict's latency (the
+        #: time of day comes in as ``now`` and each message's ``received_at``)
+        self.perf_clock = perf_clock
         self._custom_ingest = ingest
         #: stateful ingests beside the JSON one (Sparkplug B), kept across model swaps
         self.extra_ingests = tuple(extra_ingests)
@@ -248,10 +258,11 @@ class Engine:
         another detector, whose copy is the truth now); how many records were dropped.
 
         Their route models stay bound (a later ``restore_records`` brings the records back).
-        The de-duplication cache is the shell's to reset: its ids are not kept per machine.
+        The whole de-duplication cache is forgotten too: its ids are not kept per machine.
         """
         gone = set(machines)
         dropped = sum(self.states.remove(machine) is not None for machine in gone)
+        self.seen = SeenCache(self.settings.dedup_size)
         self._fitting -= gone
         self._fit_requests = [r for r in self._fit_requests if r.machine not in gone]
         return dropped
@@ -448,6 +459,7 @@ class Engine:
             ],
             self._stack,
             explain_top_k=self.settings.explain_top_k,
+            perf_clock=self.perf_clock,
         )
 
     def _score_with(
@@ -461,6 +473,7 @@ class Engine:
                 [reading.telemetry for reading, _ in items],
                 [outcome.message.received_perf for _, outcome in items],
                 explain_top_k=self.settings.explain_top_k,
+                perf_clock=self.perf_clock,
                 states=windows,
             )
         except Exception as exc:  # the poison-message rule: find the reading, score the rest
@@ -559,7 +572,7 @@ class Engine:
             full = len(rows) >= needed
             progress = Calibration(seen=len(rows), needed=needed, fitting=full)
             (verdict,) = calibrating_verdicts(
-                [telemetry], [outcome.message.received_perf], [progress]
+                [telemetry], [outcome.message.received_perf], [progress], perf_clock=self.perf_clock
             )
             outcome.publishes.append(
                 Publish(self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode())
@@ -722,6 +735,11 @@ class Engine:
             # journaled in this turn: a restart then does not send the event a second time
             self.states.mark_urgent(machine_id)
 
+    def forget_ids(self, identities: Iterable[str]) -> None:
+        """These readings' answers were never delivered: score their redelivery again."""
+        for identity in identities:
+            self.seen.forget(identity)
+
     def answered(self, identity: str, digest: int) -> None:
         """Remember a reading answered before a restart (from the checkpoint's journal)."""
         self.seen.add(identity, digest)
@@ -741,6 +759,45 @@ class Engine:
             ]
             publishes.append(self._state_publish(record))
         return publishes
+
+    # -- what the stores read -------------------------------------------------------------------
+    def machine_count(self) -> int:
+        """How many machines the engine keeps a record of."""
+        return len(self.states)
+
+    def machines(self) -> list[str]:
+        """The machines the engine keeps a record of."""
+        return [record.machine_id for record in self.states]
+
+    def record(self, machine: str) -> MachineRecord:
+        """One machine's record (``KeyError`` when the engine keeps none)."""
+        return self.states[machine]
+
+    def records(self, machines: Iterable[str]) -> list[MachineRecord]:
+        """The records of those of ``machines`` the engine knows, in ``machines``' order."""
+        found = (self.states.get(machine) for machine in machines)
+        return [record for record in found if record is not None]
+
+    def take_rows(self) -> list[CalibrationRow]:
+        """Calibration rows counted since last asked (journaled before their records)."""
+        return self.states.take_rows()
+
+    def take_urgent(self) -> list[MachineRecord]:
+        """Records with a change that must be durable before the next ack (alert transitions,
+        confirmed events)."""
+        return self.states.take_urgent()
+
+    def take_dirty(self) -> list[MachineRecord]:
+        """Every record changed since last asked."""
+        return self.states.take_dirty()
+
+    def summary(self) -> dict[str, int]:
+        """Machines, open alerts and unconfirmed events (logged after a restore)."""
+        return {
+            "machines": len(self.states),
+            "open_alerts": sum(1 for r in self.states if r.alert_id is not None),
+            "unconfirmed_events": sum(len(r.outbox) for r in self.states),
+        }
 
     # -- snapshot ---------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

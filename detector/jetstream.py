@@ -2,13 +2,17 @@
 
 Each detector owns some partitions of the input stream (``factorywatch/cluster.py`` says how
 machines are filed under partitions). Per partition it binds one durable pull consumer and
-loops: fetch a batch -> ``engine.handle`` -> publish every verdict, event and state with
-JetStream (a ``PubAck`` from the output stream; verdicts carry ``Nats-Msg-Id: v:<reading
-identity>``, so a redelivered reading's second verdict is dropped by the stream) -> write the
-state of every machine the batch touched to the key-value bucket (key ``<partition>.<machine>``,
-``MachineRecord.snapshot()``) -> acknowledge the batch's messages. A crash anywhere before the
-acks makes JetStream redeliver the batch after ``ack_wait``; the machine records' ``recent``
-identities keep a redelivered reading from counting twice in the alert window.
+loops: fetch a batch -> ``runner.handle`` (``detector/runner.py``, the same policy as on
+Mosquitto) -> publish every verdict, event and state through the ``JetStreamDriver`` (a
+``PubAck`` from the output stream; verdicts carry ``Nats-Msg-Id: <reading identity>``, so a
+redelivered reading's second verdict is dropped by the stream) -> write the state of every
+machine the settled messages touched to the key-value bucket (``KvStore``, key
+``<partition>.<machine>``, ``MachineRecord.snapshot()``) -> acknowledge them. A message with
+a refused publish is given back (``nak``) and only its reading ids are forgotten, so its
+redelivery is scored again; a crash anywhere before the acks makes JetStream redeliver after
+``ack_wait``; the machine records' ``recent`` identities keep a redelivered reading from
+counting twice in the alert window. Housekeeping (offline, drift, reload, the heartbeat every
+``heartbeat_s``) is due when the runner says, with the Mosquitto detector's periods.
 
 A detector serves a partition only while it holds the partition's lease
 (``detector/lease.py``); for the partitions of its ``--partitions`` that another detector
@@ -33,7 +37,6 @@ next owner serves the model on any host.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import signal
@@ -68,23 +71,22 @@ from factorywatch.cluster import (
     partition_of,
     partitions_arg,
 )
-from factorywatch.contracts import ClientStatus
 from factorywatch.detector.bookkeeping import (
     Counters,
-    log_events,
     reload_model,
-    report_drift,
+    serve_metrics,
     sync_drift_metrics,
-    tally,
 )
 from factorywatch.detector.calibration_worker import CalibrationWorker, make_router
 from factorywatch.detector.dedup import SeenCache
-from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
+from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Publish
 from factorywatch.detector.lease import LEASE_TTL_S, PartitionLeases, lease_bucket
-from factorywatch.detector.metrics import Metrics, serve
+from factorywatch.detector.metrics import Metrics
 from factorywatch.detector.model_store import STORE_ERRORS, ModelStore, open_store
 from factorywatch.detector.retained import RetainedPublisher, parse_endpoints
-from factorywatch.detector.state import decode, encode
+from factorywatch.detector.runner import Runner, RunnerSettings, Send
+from factorywatch.detector.store import KvStore
+from factorywatch.detector.transport import acommit, asend
 from factorywatch.errors import BrokerError
 from factorywatch.model.artifact import LoadedModel, ScorerKind
 from factorywatch.settings import DetectorSettings
@@ -115,6 +117,8 @@ class JetStreamOptions:
     model_dir: Path | None = None
     scorer: ScorerKind = "fast"
     reload_interval_s: float = 5.0
+    #: how often the retained status says "online" (the Mosquitto detector's ``heartbeat_s``)
+    heartbeat_s: float = 15.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no /metrics, /healthz
     provision: bool = True
@@ -236,13 +240,59 @@ async def provision(
         return kv
 
 
-def _verdict_ids(outcome: Outcome) -> list[str | None]:
-    """For each publish of an outcome, the reading identity when it is a verdict."""
-    identities = iter(identity for identity, _ in outcome.answered)
-    return [
-        next(identities, None) if publish.topic.endswith("/verdict") else None
-        for publish in outcome.publishes
-    ]
+class JetStreamDriver:
+    """Publishes and acknowledges for the JetStream detector (the ``AsyncDriver`` protocol).
+
+    A publish is confirmed by the output stream's PubAck (verdicts carry ``Nats-Msg-Id``, so
+    a redelivered reading's second verdict is dropped by the stream); a retained one goes
+    through the cluster's MQTT listener (``detector/retained.py``) when there is one.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        nc: NatsClient,
+        timeout_s: float,
+        retained: RetainedPublisher | None,
+    ) -> None:
+        self.js = js
+        self.nc = nc
+        self.timeout_s = timeout_s
+        self.retained = retained
+
+    async def publish(self, publish: Publish, msg_id: str | None) -> bool:
+        """True once the output stream (or the MQTT listener, for retained) confirmed it."""
+        if publish.retain and self.retained is not None:
+            future = self.retained.publish(publish.topic, publish.payload)
+            try:
+                ok = await asyncio.wait_for(future, self.timeout_s)
+            except TimeoutError:
+                ok = False
+            if not ok:
+                log.warning("retained_publish_failed", topic=publish.topic)
+            return ok
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        subject = publish.topic.replace("/", ".")
+        try:
+            await self.js.publish(subject, publish.payload, timeout=self.timeout_s, headers=headers)
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            log.warning("publish_failed", subject=subject, error=repr(exc))
+            return False
+        return True
+
+    async def ack(self, token: Any) -> None:
+        """Acknowledge the JetStream message (``token``)."""
+        with contextlib.suppress(Exception):
+            await token.ack()
+
+    async def give_back(self, token: Any) -> None:
+        """Ask for the message's redelivery soon (rather than after ``ack_wait``)."""
+        with contextlib.suppress(Exception):
+            await token.nak(delay=0.5)
+
+    def is_connected(self) -> bool:
+        """The NATS connection's state."""
+        return bool(self.nc.is_connected)
 
 
 class JetStreamDetector:
@@ -257,20 +307,37 @@ class JetStreamDetector:
         self.options = options
         self.layout = options.layout
         self.topics = Topics(options.layout.topic_root)
+        knobs = settings if settings is not None else EngineSettings()
         self.engine = Engine(
-            model, self.topics, settings, router=make_router(options.asset_config, model)
+            model,
+            self.topics,
+            knobs,
+            router=make_router(options.asset_config, model),
+            seen=SeenCache(knobs.dedup_size),
+            perf_clock=time.perf_counter,
         )
         self.counters = Counters()
         self.metrics = Metrics()
+        self.runner = Runner(
+            self.engine,
+            RunnerSettings(
+                client_id=options.client_id,
+                heartbeat_s=options.heartbeat_s,
+                reload_interval_s=options.reload_interval_s,
+            ),
+            counters=self.counters,
+            metrics=self.metrics,
+        )
         self.calibration = CalibrationWorker(
             options.model_dir, options.scorer, self.counters, self.metrics
         )
         self.metrics.set_model(model.version)
         sync_drift_metrics(self.engine, self.metrics)
-        self._last_turn = time.monotonic()
+        self.runner.turned(time.monotonic())
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
-        self._kv: KeyValue | None = None
+        self._driver: JetStreamDriver | None = None
+        self._store: KvStore | None = None
         self._leases: PartitionLeases | None = None
         self.retained: RetainedPublisher | None = None
         #: fitted route models shared with detectors on other hosts (None: not reachable)
@@ -290,11 +357,18 @@ class JetStreamDetector:
         return self._js
 
     @property
-    def kv(self) -> KeyValue:
-        """The state bucket (after ``start``)."""
-        if self._kv is None:
+    def driver(self) -> JetStreamDriver:
+        """Publishes and acks (after ``start``)."""
+        if self._driver is None:
             raise RuntimeError("detector not started")
-        return self._kv
+        return self._driver
+
+    @property
+    def store(self) -> KvStore:
+        """The state bucket (after ``start``)."""
+        if self._store is None:
+            raise RuntimeError("detector not started")
+        return self._store
 
     @property
     def leases(self) -> PartitionLeases:
@@ -310,79 +384,23 @@ class JetStreamDetector:
             return []
         return sorted(p for p in self.options.partitions if p in self._leases.held)
 
-    async def _publish(self, publish: Publish, msg_id: str | None) -> bool:
-        if publish.retain and self.retained is not None:
-            return await self._publish_retained(publish)
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        subject = publish.topic.replace("/", ".")
-        try:
-            await self.js.publish(
-                subject, publish.payload, timeout=self.options.publish_timeout_s, headers=headers
-            )
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
-            log.warning("publish_failed", subject=subject, error=repr(exc))
-            return False
-        self.engine.confirmed(publish)
-        return True
-
-    async def _publish_retained(self, publish: Publish) -> bool:
-        """Through the MQTT listener: stored retained (and captured by the output stream)."""
-        assert self.retained is not None
-        future = self.retained.publish(publish.topic, publish.payload)
-        try:
-            ok = await asyncio.wait_for(future, self.options.publish_timeout_s)
-        except TimeoutError:
-            ok = False
-        if not ok:
-            log.warning("retained_publish_failed", topic=publish.topic)
-            return False
-        self.engine.confirmed(publish)
-        return True
-
-    async def _save(self, machines: set[str]) -> bool:
-        """Write each machine's record to the bucket; True when every write was acknowledged."""
-        self.engine.states.take_rows()  # the bucket holds whole records: they include the rows
-        puts = []
-        for machine in sorted(machines):
-            record = self.engine.states.get(machine)
-            if record is None:
-                continue
-            key = self.layout.state_key(partition_of(machine, self.layout.partitions), machine)
-            puts.append(self.kv.put(key, encode(record.snapshot())))
-        results = await asyncio.gather(*puts, return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        for exc in failed[:1]:
-            log.warning("state_write_failed", error=repr(exc))
-        return not failed
-
     # -- start ----------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Healthy while connected and the loop turned within the last 10 s."""
-        connected = self._nc is not None and self._nc.is_connected
-        age = time.monotonic() - self._last_turn
         owned = self.owned
-        detail = {
-            "connected": connected,
-            "loop_age_s": round(age, 3),
-            "model_version": self.engine.model.version,
-            "machines": len(self.engine.states),
-            "partitions": owned,
-            "models_per_route": len(self.engine.router.models()),
-            "fitting": self.calibration.fitting,
-            "standby": [p for p in self.options.partitions if p not in owned],
-            "retained_connected": None if self.retained is None else self.retained.is_connected(),
-        }
-        return connected and age < 10.0, detail
+        return self.runner.health(
+            connected=self._nc is not None and self._nc.is_connected,
+            now=time.monotonic(),
+            fitting=self.calibration.fitting,
+            partitions=owned,
+            standby=[p for p in self.options.partitions if p not in owned],
+            retained_connected=None if self.retained is None else self.retained.is_connected(),
+        )
 
     async def start(self) -> None:
         """Connect, provision, take the free partitions' leases, restore them, republish."""
         opts = self.options
-        if opts.metrics_port:
-            try:
-                serve(self.metrics, self.health, opts.metrics_host, opts.metrics_port)
-                log.info("metrics_serving", port=opts.metrics_port)
-            except OSError as exc:  # detection matters more than its metrics: keep going
-                log.error("metrics_unavailable", port=opts.metrics_port, error=str(exc))
+        serve_metrics(self.metrics, self.health, opts.metrics_host, opts.metrics_port)
         self._nc = await connect(
             opts.servers,
             name=opts.client_id,
@@ -392,9 +410,13 @@ class JetStreamDetector:
         )
         self._js = self._nc.jetstream(timeout=opts.publish_timeout_s)
         if opts.provision:
-            self._kv = await provision(self._js, self.layout, ack_wait_s=opts.ack_wait_s)
+            kv = await provision(self._js, self.layout, ack_wait_s=opts.ack_wait_s)
         else:
-            self._kv = await self._js.key_value(self.layout.state_bucket)
+            kv = await self._js.key_value(self.layout.state_bucket)
+        count = self.layout.partitions
+        self._store = KvStore(
+            kv, lambda machine: self.layout.state_key(partition_of(machine, count), machine)
+        )
         lease_kv, ttl_s = await lease_bucket(
             self._js, self.layout.lease_bucket, opts.lease_ttl_s, self.layout.replicas
         )
@@ -412,6 +434,7 @@ class JetStreamDetector:
                 will=(self.topics.status("detector", opts.client_id), offline),
             )
             await self.retained.start()
+        self._driver = JetStreamDriver(self._js, self._nc, opts.publish_timeout_s, self.retained)
         if opts.model_dir is not None:
             await self._open_model_store(opts.model_dir)
         # before the restore: a window already fitted (by any detector) is not refitted
@@ -420,10 +443,9 @@ class JetStreamDetector:
         for partition in opts.partitions:
             if await self.leases.acquire(partition):
                 await self.restore_partition(partition)
-        self.engine.states.take_dirty()
-        for publish in self.engine.recover():
-            await self._publish(publish, None)
-        self.counters.restored_machines = len(self.engine.states)
+        self.engine.take_dirty()
+        await asend(self.runner, self.driver, self.runner.recover())
+        self.counters.restored_machines = self.engine.machine_count()
         self.started = True
 
     async def _open_model_store(self, model_dir: Path) -> None:
@@ -453,19 +475,10 @@ class JetStreamDetector:
 
     async def restore_partition(self, partition: int) -> set[str]:
         """Load every machine record of ``partition`` from the bucket; their machine ids."""
-        watcher = await self.kv.watch(f"{partition}.*", ignore_deletes=True)
-        records: list[dict[str, Any]] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break  # the end of the current values
-                if entry.value:
-                    records.append(decode(entry.value))
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        loaded = await self.store.load(str(partition))
         # a full calibration window (its fit cut short by a crash or a move) is asked for again
-        self.engine.restore_records(records)
-        restored = {record["machine_id"] for record in records}
+        self.runner.restore(loaded)
+        restored = {record["machine_id"] for record in loaded.records}
         log.info("partition_restored", partition=partition, machines=len(restored))
         return restored
 
@@ -524,22 +537,16 @@ class JetStreamDetector:
         }
 
     def _status_payload(self, state: str) -> bytes:
-        return ClientStatus(
-            role="detector",
-            client_id=self.options.client_id,
-            state="online" if state == "online" else "offline",
-            ts=time.time(),
-            model_version=self.engine.model.version,
-        ).encode()
+        return self.runner.status(state, time.time()).payload
 
     async def _status(self, state: str) -> None:
-        topic = self.topics.status("detector", self.options.client_id)
+        status = self.runner.status(state, time.time())
         if self.retained is not None:  # retained, as on Mosquitto
-            await self._publish_retained(Publish(topic, self._status_payload(state), True))
+            await asend(self.runner, self.driver, [Send(status)])
             return
         if self._nc is None or self._nc.is_closed:
             return
-        await self._nc.publish(topic.replace("/", "."), self._status_payload(state))
+        await self._nc.publish(status.topic.replace("/", "."), status.payload)
 
     async def _drop(self, partition: int) -> None:
         """Another detector owns the partition now (this one was fenced): forget its machines,
@@ -548,15 +555,9 @@ class JetStreamDetector:
         self.leases.held.pop(partition, None)
         count = self.layout.partitions
         async with self._lock:
-            machines = {
-                r.machine_id
-                for r in self.engine.states
-                if partition_of(r.machine_id, count) == partition
-            }
-            self.engine.forget(machines)
+            machines = {m for m in self.engine.machines() if partition_of(m, count) == partition}
+            self.engine.forget(machines)  # and every reading id: they are not kept per machine
             self.calibration.forget(machines)
-            # its ids are not kept per machine: forget them all (as after a failed batch)
-            self.engine.seen = SeenCache(self.engine.settings.dedup_size)
         log.error(
             "partition_lease_lost",
             partition=partition,
@@ -595,8 +596,10 @@ class JetStreamDetector:
         async with self._lock:
             self.calibration.reload_routes(self.engine)  # a model fitted by the previous owner
             machines = await self.restore_partition(partition)
-            recovered = [p for p in self.engine.recover() if p.topic.rsplit("/", 2)[-2] in machines]
-            await asyncio.gather(*(self._publish(p, None) for p in recovered))
+            recovered = [
+                s for s in self.runner.recover() if s.publish.topic.rsplit("/", 2)[-2] in machines
+            ]
+            await asend(self.runner, self.driver, recovered)
         log.info("partition_lease_acquired", partition=partition, machines=len(machines))
         return True
 
@@ -646,7 +649,7 @@ class JetStreamDetector:
     ) -> None:
         opts = self.options
         while not stop.is_set():
-            self._last_turn = time.monotonic()
+            self.runner.turned(time.monotonic())
             if not self.leases.valid(partition) and not await self._hold(partition, stop):
                 if not stop.is_set():
                     await self._drop(partition)
@@ -675,47 +678,32 @@ class JetStreamDetector:
         async with self._lock:  # the engine's state and seen cache change only here
             if not self.leases.valid(partition):
                 return  # not acknowledged: redelivered to whoever holds the lease (_hold)
-            outcomes = self.engine.handle(inbound, now)
-            readings = tally(outcomes, self.counters, self.metrics)
+            handled = self.runner.handle(inbound, now)
             by_partition = self.counters.by_partition
-            by_partition[partition] = by_partition.get(partition, 0) + readings
-            sends = [
-                self._publish(publish, msg_id)
-                for outcome in outcomes
-                for publish, msg_id in zip(outcome.publishes, _verdict_ids(outcome), strict=True)
-            ]
-            touched = {v.machine_id for o in outcomes for v in o.verdicts} | {
-                e.machine_id for o in outcomes for e in o.events
-            }
-            touched |= self._owned_machines(self.calibration.poll(self.engine))
-            ok = all(await asyncio.gather(*sends)) and await self._save(touched)
-            if not ok:
-                # Redelivered later: forget these ids so the redelivery is scored again (the
-                # records' recent ids still keep it from counting twice in the alert window).
-                self.engine.seen = SeenCache(self.engine.settings.dedup_size)
-                self.counters.failed_batches += 1
-                self.metrics.publish_failures.inc()
-                for msg in msgs:
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=0.5)
-                return
-        if not self.leases.valid(partition):
-            return  # no ack: redelivered to whoever holds the lease (see _hold)
-        self.counters.batches += 1
-        for msg in msgs:
-            with contextlib.suppress(Exception):
-                await msg.ack()
+            by_partition[partition] = by_partition.get(partition, 0) + handled.readings
+            refused = await asend(self.runner, self.driver, handled.sends)
+            changed = self._owned_machines(self.calibration.poll(self.engine))
+            # acked only while the lease is ours: otherwise redelivered to its holder (_hold)
+            stored = await acommit(
+                self.runner,
+                self.driver,
+                self.store,
+                machines=changed,
+                may_ack=lambda: self.leases.valid(partition),
+            )
+        if refused or not stored:
+            self.counters.failed_batches += 1
+        else:
+            self.counters.batches += 1
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
-        """Offline detection and the drift check every second, model reload, a heartbeat
-        every 15 s (as the Mosquitto service does, with the same code)."""
-        next_status = time.monotonic() + 15.0
-        next_reload = time.monotonic() + self.options.reload_interval_s
+        """Offline detection every second; the drift check, model reload and heartbeat when
+        the runner says they are due (as on Mosquitto, with the same periods)."""
         while not stop.is_set():
             self.metrics.connected.set(1 if self._nc is not None and self._nc.is_connected else 0)
+            due = self.runner.due(time.monotonic())
             changed: set[str] = set()
-            if time.monotonic() >= next_reload:
-                next_reload = time.monotonic() + self.options.reload_interval_s
+            if due.reload:
                 await self._sync_models()
                 async with self._lock:
                     changed |= self.calibration.reload_routes(self.engine)
@@ -725,17 +713,15 @@ class JetStreamDetector:
             async with self._lock:
                 # a fit that finished while no batch came: bind it now
                 changed |= self.calibration.poll(self.engine)
-                publishes, events = self.engine.tick(time.time())
-                log_events(events, self.metrics)
-                report_drift(self.engine, self.metrics)
-                await asyncio.gather(*(self._publish(p, None) for p in publishes))
+                sends, events = self.runner.tick(time.time())
+                if due.drift:
+                    self.runner.check_drift()
+                await asend(self.runner, self.driver, sends)
                 touched = self._owned_machines(changed | {e.machine_id for e in events})
-                if touched:
-                    await self._save(touched)
-            if time.monotonic() >= next_status:
+                await acommit(self.runner, self.driver, self.store, machines=touched)
+            if due.heartbeat:
                 with contextlib.suppress(Exception):
                     await self._status("online")
-                next_status = time.monotonic() + 15.0
 
     def _owned_machines(self, machines: set[str]) -> set[str]:
         """Those of ``machines`` in a partition this detector serves (only those are written)."""
@@ -752,9 +738,24 @@ class JetStreamDetector:
         )
 
 
-# -- CLI ----------------------------------------------------------------------------------------
+# -- CLI ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ClusterOptions:
+    """What ``detect --engine jetstream`` was told about the cluster (the CLI builds it)."""
+
+    nats_servers: str | None = None
+    partitions: str | None = None
+    partition_count: int | None = None
+    nats_user: str | None = None
+    nats_password_file: Path | None = None
+    nats_ca: Path | None = None
+    ack_wait_s: float = 10.0
+    nats_mqtt: str | None = None
+    lease_ttl_s: float = LEASE_TTL_S
+
+
 def run_cli(
-    args: argparse.Namespace,
+    cluster: ClusterOptions,
     model: LoadedModel,
     detector: DetectorSettings,
     *,
@@ -764,19 +765,21 @@ def run_cli(
     """Serve until SIGTERM/SIGINT (the CLI's ``detect --engine jetstream``)."""
     from factorywatch.detector.service import engine_settings  # noqa: PLC0415
 
-    count = args.partition_count or DEFAULT_PARTITIONS
+    count = cluster.partition_count or DEFAULT_PARTITIONS
     servers = (
-        [s.strip() for s in args.nats_servers.split(",") if s.strip()]
-        if args.nats_servers
+        [s.strip() for s in cluster.nats_servers.split(",") if s.strip()]
+        if cluster.nats_servers
         else env_servers()
     )
-    password = args.nats_password_file.read_text().strip() if args.nats_password_file else None
+    password = (
+        cluster.nats_password_file.read_text().strip() if cluster.nats_password_file else None
+    )
     try:
         layout = ClusterLayout(topic_root=topic_root, partitions=count)
-        partitions = partitions_arg(args.partitions, count)
-        mqtt_endpoints = parse_endpoints(args.nats_mqtt) if args.nats_mqtt else []
-        if args.lease_ttl <= 0:
-            raise ValueError(f"--lease-ttl {args.lease_ttl}: must be > 0 seconds")
+        partitions = partitions_arg(cluster.partitions, count)
+        mqtt_endpoints = parse_endpoints(cluster.nats_mqtt) if cluster.nats_mqtt else []
+        if cluster.lease_ttl_s <= 0:
+            raise ValueError(f"--lease-ttl {cluster.lease_ttl_s}: must be > 0 seconds")
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     options = JetStreamOptions(
@@ -784,17 +787,18 @@ def run_cli(
         layout=layout,
         partitions=partitions,
         client_id=detector.client_id,
-        user=args.nats_user,
+        user=cluster.nats_user,
         password=password,
-        tls_ca=args.nats_ca,
+        tls_ca=cluster.nats_ca,
         batch_max=detector.batch_max,
-        ack_wait_s=args.ack_wait,
+        ack_wait_s=cluster.ack_wait_s,
         model_dir=model_dir,
         scorer=detector.scorer,
         reload_interval_s=detector.reload_interval_s,
+        heartbeat_s=detector.heartbeat_s,
         metrics_host=detector.metrics_host,
         metrics_port=detector.metrics_port,
-        lease_ttl_s=args.lease_ttl,
+        lease_ttl_s=cluster.lease_ttl_s,
         mqtt_endpoints=mqtt_endpoints,
         asset_config=detector.asset_config,
     )

@@ -147,12 +147,16 @@ class PahoTransport:
         """paho's view of the connection."""
         return bool(self.client.is_connected())
 
-    def close(self, drain_timeout_s: float) -> None:
-        """Wait for in-flight PUBACKs (bounded), then disconnect cleanly."""
-        deadline = time.monotonic() + drain_timeout_s
+    def drain(self, timeout_s: float) -> None:
+        """Wait for in-flight PUBACKs (bounded); their confirmations run in here."""
+        deadline = time.monotonic() + timeout_s
         while self._pending and time.monotonic() < deadline:
             if self.client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
                 break
+
+    def close(self, drain_timeout_s: float) -> None:
+        """Wait for in-flight PUBACKs (bounded), then disconnect cleanly."""
+        self.drain(drain_timeout_s)
         # Messages received now are not acknowledged: the broker redelivers them.
         self.client.disconnect()
         self.client.loop_write()  # writes are deferred (see __init__): send the DISCONNECT

@@ -1,18 +1,18 @@
-"""The detector's shell: a transport in, the pure engine, a checkpoint, metrics and health.
+"""The Mosquitto detector's shell: a paho driver, the runner, a checkpoint, metrics and health.
 
-One loop on one thread: ``transport.receive`` (paho's ``loop()`` for Mosquitto) returns what
-arrived; the engine handles it in batches of up to ``batch_max`` messages (one vectorised
-scoring call each) and says what to publish; a message is acknowledged only when every
-publish it caused is confirmed (at-least-once with ack-after-verdict). Each turn then writes
-the checkpoint (``detector/checkpoint.py``) before the next ``receive`` can acknowledge
-anything it reflects.
+One loop on one thread: ``driver.receive`` (paho's ``loop()`` for Mosquitto) returns what
+arrived and runs the confirmations of earlier publishes; the runner (``detector/runner.py``)
+handles it in batches of up to ``batch_max`` messages (one vectorised scoring call each) and
+says what to publish. At the end of each turn the checkpoint (``detector/checkpoint.py``) is
+written and flushed, and only then are the messages whose every publish was confirmed
+acknowledged (``detector/transport.py``'s ``send``/``commit``).
 
-Between batches: offline detection (``engine.tick``), model reload (the default ``current``
-and every machine's and group's own, ``models/{machines,groups}/<name>/current``), drift
-check, heartbeat, and a full snapshot every ``snapshot_every_s``.
+Between batches, when the runner says they are due: offline detection, model reload (the
+default ``current`` and every machine's and group's own, ``models/{machines,groups}/<name>/
+current``), drift check, heartbeat, every changed record and a full snapshot.
 
 Routes and live calibration: ``detector/calibration_worker.py`` (shared with the JetStream
-runner) binds promoted route models and fits full calibration windows on a worker thread;
+shell) binds promoted route models and fits full calibration windows on a worker thread;
 each turn polls it between batches.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
@@ -31,20 +30,20 @@ from factorywatch.contracts import ClientStatus
 from factorywatch.detector.alerting import AlertPolicy
 from factorywatch.detector.bookkeeping import (
     Counters,
-    log_events,
     reload_model,
-    report_drift,
+    serve_metrics,
     sync_drift_metrics,
-    tally,
 )
 from factorywatch.detector.calibration_worker import CalibrationWorker, make_router
 from factorywatch.detector.checkpoint import FileCheckpoint
-from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome, Publish
+from factorywatch.detector.dedup import SeenCache
+from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome
 from factorywatch.detector.ingest import StatefulIngest
-from factorywatch.detector.metrics import Metrics, serve
+from factorywatch.detector.metrics import Metrics
 from factorywatch.detector.mqtt_transport import PahoTransport
 from factorywatch.detector.registry import Registry
-from factorywatch.detector.transport import Transport
+from factorywatch.detector.runner import Due, Runner, RunnerSettings, Send
+from factorywatch.detector.transport import Driver, commit, send
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import Topics, sparkplug_filters
@@ -53,16 +52,6 @@ if TYPE_CHECKING:
     from factorywatch.detector.sparkplug_out import SparkplugOut
 
 log = structlog.get_logger("detector")
-
-
-@dataclass(slots=True)
-class _AckTarget:
-    """A received message waiting for ``remaining`` confirmations before its own ack."""
-
-    token: Any
-    answered: list[tuple[str, int]]
-    remaining: int = 0
-    failed: bool = False
 
 
 def engine_settings(
@@ -88,7 +77,18 @@ def engine_settings(
     )
 
 
-def _sparkplug(
+def runner_settings(settings: DetectorSettings) -> RunnerSettings:
+    """The runner's periods and identity from the detector's settings."""
+    return RunnerSettings(
+        client_id=settings.client_id,
+        heartbeat_s=settings.heartbeat_s,
+        reload_interval_s=settings.reload_interval_s,
+        records_every_s=settings.checkpoint_records_every_s,
+        snapshot_every_s=settings.snapshot_every_s,
+    )
+
+
+def sparkplug_ingests(
     settings: DetectorSettings, registry: Registry | None = None
 ) -> tuple[list[StatefulIngest], list[str]]:
     """The Sparkplug B ingest and its subscriptions, when enabled (else none)."""
@@ -140,7 +140,7 @@ class DetectorService:
         model_dir: Path,
         model: LoadedModel,
         *,
-        transport: Transport | None = None,
+        transport: Driver | None = None,
         stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
@@ -151,7 +151,7 @@ class DetectorService:
         self.metrics.set_model(model.version)
         self.stop = stop if stop is not None else threading.Event()
         spb_settings = engine_settings(settings, broker)
-        extra, spb_filters = _sparkplug(settings, spb_settings.registry)
+        extra, spb_filters = sparkplug_ingests(settings, spb_settings.registry)
         for ingest in extra:
             self.metrics.watch_ingest(ingest)
         self.spb_out = _sparkplug_out(settings, broker)
@@ -161,6 +161,11 @@ class DetectorService:
             spb_settings,
             extra_ingests=extra,
             router=make_router(settings.asset_config, model),
+            seen=SeenCache(settings.dedup_size),
+            perf_clock=time.perf_counter,
+        )
+        self.runner = Runner(
+            self.engine, runner_settings(settings), counters=self.counters, metrics=self.metrics
         )
         self.calibration = CalibrationWorker(
             model_dir, settings.scorer, self.counters, self.metrics
@@ -173,10 +178,7 @@ class DetectorService:
         self._restore()
         sync_drift_metrics(self.engine, self.metrics)
         self._http: WSGIServer | None = None
-        self._last_loop = time.monotonic()
-        # When each periodic task is next due (monotonic); 0: at the first turn.
-        self._next_records = self._next_snapshot = self._next_reload = 0.0
-        self._next_heartbeat = self._next_drift = 0.0
+        self.runner.turned(time.monotonic())
         self._status_topic = self.topics.status("detector", settings.client_id)
         # The first reading of a model version that it cannot score (missing channels): said
         # loudly once (log + /healthz), not only as a stream of dead letters.
@@ -187,7 +189,7 @@ class DetectorService:
         self.input_filters = self.topics.input_filters(lines) + spb_filters
         filters = [*self.input_filters, self.topics.ack_filter, self.topics.sensor_status_filter]
         offline = ClientStatus(role="detector", client_id=settings.client_id, state="offline")
-        self.transport: Transport = transport or PahoTransport(
+        self.transport: Driver = transport or PahoTransport(
             broker,
             settings.client_id,
             filters=filters,
@@ -207,57 +209,31 @@ class DetectorService:
     def _restore(self) -> None:
         """Take over what the checkpoint holds (nothing on a first start)."""
         restored = self.checkpoint.load()
-        if restored.snapshot is not None:
-            self.engine.restore(restored.snapshot)
-        self.engine.restore_records(restored.records, restored.rows)
-        self.engine.restore_ingest_changes(restored.ingest)
-        for identity, digest in restored.answered:
-            self.engine.answered(identity, digest)
-        self.counters.restored_machines = len(self.engine.states)
+        self.runner.restore(restored)
         if not restored.empty:
-            log.info(
-                "state_restored",
-                machines=len(self.engine.states),
-                open_alerts=sum(1 for r in self.engine.states if r.alert_id is not None),
-                answered=len(restored.answered),
-                unconfirmed_events=sum(len(r.outbox) for r in self.engine.states),
-            )
+            log.info("state_restored", answered=len(restored.answered), **self.engine.summary())
 
     # -- health -------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Healthy while connected and the loop turned within the last 10 s."""
-        connected = self.transport.is_connected()
-        loop_age = time.monotonic() - self._last_loop
-        detail = {
-            "connected": connected,
-            "loop_age_s": round(loop_age, 3),
-            "model_version": self.model.version,
-            "machines": len(self.engine.states),
-            "models_per_route": len(self.engine.router.models()),
-            "fitting": self.calibration.fitting,
-        }
+        healthy, detail = self.runner.health(
+            connected=self.transport.is_connected(),
+            now=time.monotonic(),
+            fitting=self.calibration.fitting,
+        )
         if self._unscorable is not None:
             detail["unscorable_readings"] = self._unscorable
-        return connected and loop_age < 10.0, detail
+        return healthy, detail
 
     def start(self) -> None:
         """Serve metrics, connect (bounded retries) and republish unconfirmed events."""
-        if self.settings.metrics_port:
-            try:
-                self._http = serve(
-                    self.metrics,
-                    self.health,
-                    self.settings.metrics_host,
-                    self.settings.metrics_port,
-                )
-                log.info("metrics_serving", port=self.settings.metrics_port)
-            except OSError as exc:  # detection matters more than its metrics: keep going
-                log.error("metrics_unavailable", port=self.settings.metrics_port, error=str(exc))
+        self._http = serve_metrics(
+            self.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port
+        )
         self.transport.connect()
         if self.spb_out is not None:
             self.spb_out.start()
-        for publish in self.engine.recover():
-            self._send(publish, None)
+        send(self.runner, self.transport, self.runner.recover())
         log.info("detector_started", model_version=self.model.version)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -269,31 +245,26 @@ class DetectorService:
         self.shutdown()
 
     def turn(self, timeout: float) -> None:
-        """One turn of the loop: I/O, every batch that arrived, checkpoint, housekeeping."""
-        settings = self.settings
+        """One turn of the loop: I/O, every batch that arrived, housekeeping, then the
+        checkpoint is flushed and only then are the settled messages acknowledged."""
         inbox = self.transport.receive(timeout)
-        for start in range(0, len(inbox), settings.batch_max):
-            self._process(inbox[start : start + settings.batch_max])
+        self._process_all(inbox)
         self.calibration.poll(self.engine)
         now = time.monotonic()
-        self._last_loop = now
-        self._housekeeping(now)
-        self.checkpoint.write_ingest(self.engine.ingest_changes())
-        self.checkpoint.write_rows(self.engine.states.take_rows())  # before their records
-        self.checkpoint.write_records(self.engine.states.take_urgent())
-        if now >= self._next_records:
-            self.checkpoint.write_records(self.engine.states.take_dirty())
-            self._next_records = now + settings.checkpoint_records_every_s
-        if now >= self._next_snapshot:
-            self.checkpoint.save(self.engine.snapshot())
-            self._next_snapshot = now + settings.snapshot_every_s
-        self.checkpoint.flush()
+        self.runner.turned(now)
+        due = self.runner.due(now)
+        self._housekeeping(due)
+        commit(
+            self.runner,
+            self.transport,
+            self.checkpoint,
+            records=due.records,
+            snapshot=due.snapshot,
+        )
 
-    def _housekeeping(self, now: float) -> None:
-        publishes, events = self.engine.tick(time.time())
-        for publish in publishes:
-            self._send(publish, None)
-        log_events(events, self.metrics)
+    def _housekeeping(self, due: Due) -> None:
+        sends, events = self.runner.tick(time.time())
+        send(self.runner, self.transport, sends)
         for ingest in self.engine.extra_ingests:
             for name, fields in ingest.take_notes():
                 log.info(name, **fields)
@@ -301,33 +272,29 @@ class DetectorService:
             for event in events:
                 self.spb_out.observe(self.engine.tracker.state(event.machine_id), None)
             self.spb_out.flush(time.time())
-        if now >= self._next_reload:
+        if due.reload:
             self.maybe_reload()
-            self._next_reload = now + self.settings.reload_interval_s
-        if now >= self._next_drift:
+        if due.drift:
             self.check_drift()
-            self._next_drift = now + 1.0
-        if now >= self._next_heartbeat:
+        if due.heartbeat:
             self._publish_status("online")
-            self._next_heartbeat = now + self.settings.heartbeat_s
+
+    def _process_all(self, inbox: list[Inbound]) -> None:
+        batch_max = self.settings.batch_max
+        for start in range(0, len(inbox), batch_max):
+            self._process(inbox[start : start + batch_max])
 
     def _process(self, batch: list[Inbound]) -> None:
-        outcomes = self.engine.handle(batch, time.time())
-        tally(outcomes, self.counters, self.metrics)
-        self._note_unscorable(outcomes)
+        handled = self.runner.handle(batch, time.time())
+        self._note_unscorable(handled.outcomes)
         if self.spb_out is not None:
             state = self.engine.tracker.state
-            for outcome in outcomes:
+            for outcome in handled.outcomes:
                 for verdict in outcome.verdicts:
                     self.spb_out.observe(state(verdict.machine_id), verdict)
                 for event in outcome.events:
                     self.spb_out.observe(state(event.machine_id), None)
-        for outcome in outcomes:
-            target = _AckTarget(outcome.message.token, outcome.answered)
-            for publish in outcome.publishes:
-                self._send(publish, target)
-            if target.remaining == 0:
-                self.transport.ack(target.token)  # nothing to wait for (a duplicate)
+        send(self.runner, self.transport, handled.sends)
 
     def _note_unscorable(self, outcomes: list[Outcome]) -> None:
         version = self.model.version
@@ -354,49 +321,13 @@ class DetectorService:
                 )
                 return
 
-    def _send(self, publish: Publish, target: _AckTarget | None) -> None:
-        if target is not None:
-            target.remaining += 1
-
-        def confirmed(ok: bool) -> None:
-            if not ok:
-                # A refused publish leaves its message unacknowledged: redelivered later, and
-                # scored again then (not a duplicate: its verdict never got out). The
-                # machine's record still knows the reading, so its alert window counts it once.
-                self.counters.publish_failures += 1
-                self.metrics.publish_failures.inc()
-                if target is not None and not target.failed:
-                    target.failed = True
-                    for identity, _digest in target.answered:
-                        self.engine.seen.forget(identity)
-            else:
-                self.engine.confirmed(publish)
-            if target is None:
-                return
-            target.remaining -= 1
-            if target.remaining == 0 and not target.failed:
-                for identity, digest in target.answered:
-                    self.checkpoint.answered(identity, digest)
-                self.transport.ack(target.token)
-
-        self.transport.publish(
-            publish.topic, publish.payload, retain=publish.retain, confirmed=confirmed
-        )
-
     def _publish_status(self, state: str) -> None:
-        status = ClientStatus(
-            role="detector",
-            client_id=self.settings.client_id,
-            state="online" if state == "online" else "offline",
-            ts=time.time(),
-            model_version=self.model.version,
-        )
-        self._send(Publish(self._status_topic, status.encode(), retain=True), None)
+        send(self.runner, self.transport, [Send(self.runner.status(state, time.time()))])
 
     # -- model and drift ------------------------------------------------------------------------
     def check_drift(self) -> None:
         """Publish the drift window's figures as metrics; log when drift starts or ends."""
-        report_drift(self.engine, self.metrics)
+        self.runner.check_drift()
 
     def maybe_reload(self) -> bool:
         """Swap in newly promoted models between batches (never mid-batch)."""
@@ -407,15 +338,15 @@ class DetectorService:
 
     def shutdown(self, drain_timeout_s: float = 10.0) -> None:
         """Finish received work, publish offline, wait for confirmations, snapshot, stop."""
-        inbox = self.transport.receive(0.0)
-        for start in range(0, len(inbox), self.settings.batch_max):
-            self._process(inbox[start : start + self.settings.batch_max])
+        self._process_all(self.transport.receive(0.0))
         self._publish_status("offline")
         self.calibration.close()  # a fit cut short is asked for again after the restart
         if self.spb_out is not None:
             self.spb_out.close()
-        self.transport.close(drain_timeout_s)
-        self.checkpoint.save(self.engine.snapshot())
+        self.transport.drain(drain_timeout_s)
+        # what the drain confirmed is durable before its acks leave with the disconnect
+        commit(self.runner, self.transport, self.checkpoint, records=True, snapshot=True)
+        self.transport.close(0.0)
         self.checkpoint.close()
         if self._http is not None:
             self._http.shutdown()

@@ -10,12 +10,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
 from factorywatch import cluster, runtime
+from factorywatch.cli_common import broker_options, broker_settings, stop_on_signals
 from factorywatch.errors import FactorywatchError, ModelError
 from factorywatch.logs import configure_logging
 from factorywatch.settings import (
@@ -47,52 +47,7 @@ def _progress(message: str) -> None:
     print(f"» {message}", file=sys.stderr, flush=True)
 
 
-def _stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT (Ctrl-C): the roles shut down cleanly on it."""
-    stop = threading.Event()
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
-
-
 # -- shared option groups -------------------------------------------------------------------
-def _broker_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("broker (env FACTORYWATCH_MQTT_*)")
-    group.add_argument("--host", help="broker host (default 127.0.0.1)")
-    group.add_argument("--port", type=int, help="broker port (default 1883)")
-    group.add_argument("--topic-root", help="topic prefix (default 'factory')")
-    group.add_argument("--username", help="MQTT username")
-    group.add_argument("--password-file", type=Path, help="file holding the MQTT password")
-    group.add_argument(
-        "--secrets-dir", type=Path, help="directory of <user>.password files (broker init)"
-    )
-    group.add_argument("--tls-ca", type=Path, help="CA file; turns TLS on")
-    group.add_argument(
-        "--mqtt-protocol",
-        choices=("5", "3.1.1"),
-        help="MQTT version (default 5; 3.1.1 for a NATS cluster's MQTT listener, which "
-        "refuses MQTT 5) [FACTORYWATCH_MQTT_PROTOCOL]",
-    )
-
-
-def _broker_settings(args: argparse.Namespace) -> BrokerSettings:
-    return BrokerSettings().with_overrides(
-        host=args.host,
-        port=args.port,
-        topic_root=args.topic_root,
-        username=args.username,
-        password_file=args.password_file,
-        secrets_dir=args.secrets_dir,
-        tls_ca=args.tls_ca,
-        protocol=args.mqtt_protocol,
-    )
-
-
 def _data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data and models (env FACTORYWATCH_*)")
     group.add_argument(
@@ -579,7 +534,7 @@ def model_figures(card: ModelCard) -> str:
 # -- detect ---------------------------------------------------------------------------------
 def _add_detect(sub: Any) -> None:
     p = sub.add_parser("detect", help="run the detector service")
-    _broker_options(p)
+    broker_options(p)
     _data_options(p)
     p.add_argument("--client-id", help="fixed MQTT client id (persistent session)")
     p.add_argument("--state-dir", type=Path, help="journal of answered readings (run/detector)")
@@ -649,17 +604,27 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 f"--engine jetstream needs nats-py: pip install 'factorywatch[cluster]' ({exc})"
             ) from None
         return jetstream.run_cli(
-            args,
+            jetstream.ClusterOptions(
+                nats_servers=args.nats_servers,
+                partitions=args.partitions,
+                partition_count=args.partition_count,
+                nats_user=args.nats_user,
+                nats_password_file=args.nats_password_file,
+                nats_ca=args.nats_ca,
+                ack_wait_s=args.ack_wait,
+                nats_mqtt=args.nats_mqtt,
+                lease_ttl_s=args.lease_ttl,
+            ),
             model,
             settings,
-            topic_root=_broker_settings(args).topic_root,
+            topic_root=broker_settings(args).topic_root,
             model_dir=data.model_dir,
         )
-    broker = _broker_settings(args)
+    broker = broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="detector")
     settings = _detector_identity(settings, broker)
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     service = DetectorService(settings, broker, data.model_dir, model, stop=stop)
     fenced: list[str] = []
 
@@ -724,7 +689,7 @@ def _add_sensor(sub: Any) -> None:
     from factorywatch.contracts import ANOMALY_KINDS  # noqa: PLC0415
 
     p = sub.add_parser("sensor", help="simulate and publish machines' readings")
-    _broker_options(p)
+    broker_options(p)
     p.add_argument(
         "--machine-id",
         action="append",
@@ -753,7 +718,7 @@ def _add_sensor(sub: Any) -> None:
 
 def _add_replay(sub: Any) -> None:
     p = sub.add_parser("replay", help="publish the rows of a CSV as one machine's readings")
-    _broker_options(p)
+    broker_options(p)
     p.add_argument(
         "--csv", type=Path, required=True, help="CSV: AI4I (UCI or Kaggle layout) or any machine"
     )
@@ -804,25 +769,25 @@ def cmd_sensor(args: argparse.Namespace) -> int:
         from factorywatch.sensors import sparkplug  # noqa: PLC0415
 
         stats = sparkplug.run(
-            _broker_settings(args),
+            broker_settings(args),
             settings.line,
             check_id(args.edge_node, "edge node id"),
             sims,
             rate_hz=settings.rate_hz,
             count=args.count,
-            stop=_stop_on_signals(),
+            stop=stop_on_signals(),
         )
         print(f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}")
         return 0 if stats.refused == 0 else 1
     streams: list[Callable[[float], Any]] = [sim.next for sim in sims]
     stats = publisher.run(
-        _broker_settings(args),
+        broker_settings(args),
         streams,
         machines,
         rate_hz=settings.rate_hz,
         count=args.count,
         buffer_size=settings.buffer_size,
-        stop=_stop_on_signals(),
+        stop=stop_on_signals(),
     )
     print(
         f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "
@@ -855,13 +820,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         columns = {c: rec.columns[c].tolist() for c in rec.channels}
         stream = channel_replayer(columns, machine, settings.line, seq_start=seq_start)
     stats = publisher.run(
-        _broker_settings(args),
+        broker_settings(args),
         [stream],
         [machine],
         rate_hz=settings.rate_hz,
         count=args.count,
         buffer_size=settings.buffer_size,
-        stop=_stop_on_signals(),
+        stop=stop_on_signals(),
     )
     print(f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}")
     return 0 if stats.refused == 0 else 1
@@ -925,7 +890,7 @@ def cmd_broker_serve(args: argparse.Namespace) -> int:
     """``factorywatch broker serve``: Mosquitto in the foreground until Ctrl-C."""
     from factorywatch.broker import LocalBroker  # noqa: PLC0415
 
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     # SIGHUP here (after `broker add-user`): regenerate the ACL from the registry, then let
     # Mosquitto re-read it and the password file.
     reload = threading.Event()
@@ -1014,7 +979,7 @@ def cmd_broker_remove_user(args: argparse.Namespace) -> int:
 
 def _add_watch(sub: Any) -> None:
     p = sub.add_parser("watch", help="live terminal dashboard of every machine's alert state")
-    _broker_options(p)
+    broker_options(p)
     p.add_argument("--duration", type=float, default=None, help="stop after N seconds")
     p.add_argument("--once", action="store_true", help="print the current table once and exit")
     p.add_argument("--refresh", type=float, default=4.0, help="redraws per second (default 4)")
@@ -1028,7 +993,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     from factorywatch.dashboard import run_watch  # noqa: PLC0415
 
-    broker = _broker_settings(args)
+    broker = broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="viewer")
     if "FACTORYWATCH_MQTT_CONNECT_RETRIES" not in os.environ:
@@ -1036,7 +1001,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         broker = broker.with_overrides(connect_retries=WATCH_CONNECT_RETRIES)
     run_watch(
         broker,
-        _stop_on_signals(),
+        stop_on_signals(),
         Console(),
         duration=args.duration,
         once=args.once,
@@ -1059,7 +1024,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``factorywatch demo`` (``make demo``)."""
     from factorywatch.demo import run_demo  # noqa: PLC0415
 
-    return run_demo(args, _data_settings(args), stop=_stop_on_signals(), progress=_progress)
+    return run_demo(args, _data_settings(args), stop=stop_on_signals(), progress=_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1085,7 +1050,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_demo,
     ):
         add(sub)
-    from factorywatch import clusterdeploy, opscli  # noqa: PLC0415 - they reuse option groups
+    from factorywatch import clusterdeploy, opscli  # noqa: PLC0415 - their subcommands load only when the parser is built
 
     for add in (opscli.add_history, opscli.add_notify, opscli.add_web, clusterdeploy.add_cluster):
         add(sub)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from factorywatch.cli_common import broker_options, broker_settings
 from factorywatch.cluster import (
     DEFAULT_PARTITIONS,
     ClusterLayout,
@@ -130,7 +131,6 @@ def _csv(value: str) -> list[str]:
 # -- CLI ----------------------------------------------------------------------------------------
 def add_cluster(sub: Any) -> None:
     """``factorywatch cluster config|bootstrap``."""
-    from factorywatch.cli import _broker_options  # noqa: PLC0415 - cli imports this module
 
     p = sub.add_parser("cluster", help="NATS cluster deployment: node configs, bootstrap")
     verbs = p.add_subparsers(dest="cluster_command", required=True, metavar="VERB")
@@ -147,7 +147,7 @@ def add_cluster(sub: Any) -> None:
     boot = verbs.add_parser(
         "bootstrap", help="create the MQTT layer's streams, consumers, output stream, bucket"
     )
-    _broker_options(boot)  # the MQTT listener to connect to once (as `monitor`)
+    broker_options(boot)  # the MQTT listener to connect to once (as `monitor`)
     boot.add_argument("--nats-servers", required=True, help="comma-separated NATS URLs")
     boot.add_argument("--partition-count", type=int, default=DEFAULT_PARTITIONS)
     boot.add_argument("--wait", type=float, default=120.0, help="give up after (s)")
@@ -171,9 +171,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """``factorywatch cluster bootstrap``: idempotent, so every ``up`` may run it."""
     from factorywatch import mqtt as fwmqtt  # noqa: PLC0415
-    from factorywatch.cli import _broker_settings  # noqa: PLC0415
 
-    broker = _broker_settings(args).with_overrides(protocol="3.1.1")
+    broker = broker_settings(args).with_overrides(protocol="3.1.1")
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username="monitor")
     # The MQTT layer creates its streams on an account's first MQTT CONNECT.

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from factorywatch.cli_common import broker_options, broker_settings, stop_on_signals
 from factorywatch.settings import BrokerSettings
 
 #: The first bytes of every SQLite database file (export never writes over one).
@@ -18,9 +19,8 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def _broker(args: argparse.Namespace, default_user: str) -> BrokerSettings:
-    from factorywatch.cli import _broker_settings  # noqa: PLC0415 - cli imports this module
 
-    broker = _broker_settings(args)
+    broker = broker_settings(args)
     if broker.secrets_dir is not None and broker.username is None:
         broker = broker.with_overrides(username=default_user)
     return broker
@@ -57,7 +57,6 @@ def _when(ts: float | None) -> str:
 # -- history --------------------------------------------------------------------------------
 def add_history(sub: Any) -> None:
     """``factorywatch history [record|export|prune]``."""
-    from factorywatch.cli import _broker_options  # noqa: PLC0415
 
     p = sub.add_parser("history", help="alert history: show, record, export, prune")
     _history_options(p)
@@ -67,7 +66,7 @@ def add_history(sub: Any) -> None:
     p.set_defaults(func=cmd_history)
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     rec = actions.add_parser("record", help="store alert events, ALERT verdicts, feedback")
-    _broker_options(rec)
+    broker_options(rec)
     _history_options(rec)
     rec.add_argument("--client-id", default="factorywatch-recorder", help="durable session id")
     rec.add_argument("--no-readings", action="store_true", help="do not store readings")
@@ -124,7 +123,6 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_history_record(args: argparse.Namespace) -> int:
     """``factorywatch history record``: run the recorder until SIGTERM/SIGINT."""
-    from factorywatch.cli import _stop_on_signals  # noqa: PLC0415
     from factorywatch.detector.registry import Registry  # noqa: PLC0415
     from factorywatch.history_store import HistoryStore  # noqa: PLC0415
     from factorywatch.recorder import Recorder  # noqa: PLC0415
@@ -139,7 +137,7 @@ def cmd_history_record(args: argparse.Namespace) -> int:
     try:
         # Its own account (monitor rights): a login is a client id, one connection each.
         recorder = Recorder(broker, store, history, client_id=args.client_id, registry=registry)
-        recorder.run(_stop_on_signals())
+        recorder.run(stop_on_signals())
     finally:
         store.close()
     return 0
@@ -227,10 +225,9 @@ def cmd_history_prune(args: argparse.Namespace) -> int:
 # -- notify ---------------------------------------------------------------------------------
 def add_notify(sub: Any) -> None:
     """``factorywatch notify``."""
-    from factorywatch.cli import _broker_options  # noqa: PLC0415
 
     p = sub.add_parser("notify", help="push raised/cleared alerts to Prometheus Alertmanager")
-    _broker_options(p)
+    broker_options(p)
     p.add_argument("--alertmanager-url", help="default http://127.0.0.1:9093")
     p.add_argument("--resend", type=float, help="re-send open alerts every N s (default 60)")
     p.add_argument("--web-url", help="link notifications to this factorywatch web address")
@@ -246,7 +243,6 @@ def add_notify(sub: Any) -> None:
 
 def cmd_notify(args: argparse.Namespace) -> int:
     """``factorywatch notify``: run until SIGTERM/SIGINT."""
-    from factorywatch.cli import _stop_on_signals  # noqa: PLC0415
     from factorywatch.notify import Notifier, NotifySettings  # noqa: PLC0415
 
     base = NotifySettings()
@@ -260,17 +256,16 @@ def cmd_notify(args: argparse.Namespace) -> int:
     settings = NotifySettings.model_validate(
         {**base.model_dump(), **{k: v for k, v in given.items() if v is not None}}
     )
-    Notifier(_broker(args, "notify"), settings).run(_stop_on_signals())  # viewer rights
+    Notifier(_broker(args, "notify"), settings).run(stop_on_signals())  # viewer rights
     return 0
 
 
 # -- web ------------------------------------------------------------------------------------
 def add_web(sub: Any) -> None:
     """``factorywatch web``."""
-    from factorywatch.cli import _broker_options  # noqa: PLC0415
 
     p = sub.add_parser("web", help="web view: live tiles, alerts, machine pages, history")
-    _broker_options(p)
+    broker_options(p)
     _history_options(p)
     p.add_argument("--bind", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, help="HTTP port (default 8080)")
@@ -301,17 +296,16 @@ def cmd_web(args: argparse.Namespace) -> int:
             **{k: v for k, v in given.items() if v is not None},
         }
     )
-    from factorywatch.cli import _broker_settings, _stop_on_signals  # noqa: PLC0415
 
     store = None if args.no_history else HistoryStore.from_settings(_history_settings(args))
     try:
-        ctx = build_context(settings, _broker_settings(args), store)
+        ctx = build_context(settings, broker_settings(args), store)
     except BaseException:
         if store is not None:
             store.close()
         raise
     # uvicorn handles SIGTERM/SIGINT itself, then re-raises the signal to the handler it
     # found: ours, so a clean shutdown exits 0 rather than dying of the signal.
-    _stop_on_signals()
+    stop_on_signals()
     serve(ctx)
     return 0

@@ -139,7 +139,7 @@ def throughput(args: argparse.Namespace) -> None:
             run(engine, warm, args.batch)  # every machine seen, windows full
             batch = messages(args.machines, args.readings, seed=repeat, start=10**6)
             figures.setdefault(name, []).append(run(engine, batch, args.batch))
-            states[name] = len(json.dumps(engine.states.snapshot())) / len(engine.states)
+            states[name] = len(json.dumps(engine.snapshot()["states"])) / engine.machine_count()
     base = statistics.median(figures["one default model (fast path)"])
     print(f"engine.handle, {args.machines} machines, batches of {args.batch}, {args.readings} "
           f"readings, median of {args.repeat}")  # fmt: skip

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -54,6 +54,42 @@ def reference_file(name: str) -> Path:
 
 
 CLI = list(_CLI)
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float = 30.0,
+    what: str = "the condition",
+    *,
+    poll_s: float = 0.05,
+    errors: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Poll ``predicate`` until it returns something truthy and return that; fail (an
+    ``AssertionError`` naming ``what``) after ``timeout`` seconds.
+
+    The one way tests wait: on a condition, never a fixed sleep. An exception in ``errors``
+    raised by ``predicate`` (state read over HTTP that is not there yet) counts as "not yet".
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = predicate()
+        except errors as exc:
+            last = exc
+        else:
+            if value:
+                return value
+            last = value
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(
+                f"timed out after {timeout:g} s waiting for {what} (last: {last!r})"
+            )
+        time.sleep(min(poll_s, left))  # polling a condition with a deadline, not a fixed wait
+
 
 #: A typical AI4I reading, inside every training envelope (copy it before changing a channel).
 TYPICAL: Final = {

@@ -39,7 +39,7 @@ from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.compose.conftest import compose_down, run_compose
 from tests.conftest import DatasetChoice
-from tests.support import CLI, PROJECT_DIR, Collector, Message
+from tests.support import CLI, PROJECT_DIR, Collector, Message, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -187,17 +187,9 @@ def _eventually(what: str, probe: Callable[[], Any], timeout_s: float = 60) -> A
 
     For HTTP state that cannot be subscribed to (a scrape, a database row, a pushed alert).
     """
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except (OSError, urllib.error.URLError, ValueError) as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.5)  # polling state over HTTP, with a deadline
-    pytest.fail(f"{what} within {timeout_s:.0f} s (last: {last!r})")
+    return wait_until(
+        probe, timeout_s, what, poll_s=0.5, errors=(OSError, urllib.error.URLError, ValueError)
+    )
 
 
 def _web_login(stack: Stack, user: str) -> urllib.request.OpenerDirector:

@@ -30,7 +30,7 @@ from factorywatch.sensors.publisher import PublishStats, SensorPublisher
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.support import Proc
+from tests.support import Proc, wait_until
 
 DROPPED_TOPIC: Final = "$SYS/broker/publish/messages/dropped"
 REPORT_ENV: Final = "FACTORYWATCH_FAULTS_REPORT"
@@ -126,15 +126,15 @@ class VerdictCollector:
         thousands of verdicts a second would starve the network thread that records them.
         Arrival times are taken in ``on_message``, so polling does not blur any figure.
         """
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def held() -> bool:
             with self._lock:
-                if condition():
-                    return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(left, 0.05))
+                return condition()
+
+        try:
+            return wait_until(held, timeout, "the verdicts", poll_s=0.05)
+        except AssertionError:
+            return False  # the caller reports what is missing
 
     def wait_unique(self, count: int, timeout: float) -> bool:
         """Wait until ``count`` distinct readings have verdicts."""

@@ -32,17 +32,9 @@ from tests.faults.conftest import (
     VerdictCollector,
     tally,
 )
-from tests.support import TYPICAL, Collector, Proc, reading
+from tests.support import TYPICAL, Collector, Proc, reading, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
-
-
-def _wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
 
 
 def _assert_promise_kept(fig: Figures) -> None:
@@ -190,7 +182,7 @@ def _stream_details(stream: SensorStream) -> dict[str, object]:
 def _wait_mid_stream(stream: SensorStream, verdicts: VerdictCollector) -> None:
     """Wait until a third of the stream is out and verdicts flow: the fault hits mid-stream."""
     total = stream.count * len(stream.machines)
-    _wait_until(lambda: stream.published >= total // 3, timeout=60, what="a third published")
+    wait_until(lambda: stream.published >= total // 3, timeout=60, what="a third published")
     assert verdicts.wait_unique(1, timeout=60), "no verdicts before the fault"
 
 
@@ -292,7 +284,7 @@ def _wait_for_snapshot(broker: LocalBroker, verdicts: VerdictCollector) -> float
             last_poke[0] = time.monotonic()
         return _snapshot_inode(broker) not in (None, before)
 
-    _wait_until(
+    wait_until(
         saved,
         timeout=10,
         what="a new snapshot of the broker's database",
@@ -487,7 +479,7 @@ def test_sensor_acknowledged_count_stays_exact_across_a_broker_restart(
 ) -> None:
     """A sensor's `acknowledged` figure equals the broker's PUBACKs of readings, restart or not."""
     stream = streams(("p1",), count=200, rate_hz=50)
-    _wait_until(lambda: stream.published >= 50, timeout=60, what="50 readings published")
+    wait_until(lambda: stream.published >= 50, timeout=60, what="50 readings published")
     _restart_broker(broker, kill=False)
     stream.join(timeout=90)
     tracked = len(stream.acked())

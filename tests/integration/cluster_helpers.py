@@ -22,7 +22,7 @@ from factorywatch.contracts import AlertEvent, Verdict
 from factorywatch.detector.jetstream import connect, provision
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
-from tests.support import Proc
+from tests.support import Proc, wait_until
 
 T = TypeVar("T")
 
@@ -110,16 +110,6 @@ def stored_events(cluster: LocalNatsCluster) -> list[AlertEvent]:
         return await read_subjects(js, layout.output_stream, f"{layout.root}.alerts.*.*.event")
 
     return [AlertEvent.model_validate_json(data) for _, data in run_js(cluster, action)]
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.2) -> bool:
-    """Poll ``condition`` until true or the deadline (a condition, not a sleep, is awaited)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(poll_s)
-    return condition()
 
 
 def wait_verdicts(cluster: LocalNatsCluster, count: int, timeout_s: float) -> list[Verdict]:

@@ -21,7 +21,7 @@ from typing import Any
 from factorywatch.broker import free_port
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
-from tests.support import reading
+from tests.support import reading, wait_until
 
 # Fast alert policy for tests: raise on 3 of 5 anomalous readings, clear after 4 normal ones.
 POLICY_ENV = {
@@ -53,20 +53,6 @@ def publish_plan(
     for i, rpm in enumerate(plan):
         pub.publish(reading(machine, seq0 + i, rpm))
     return pub
-
-
-def wait_until(
-    condition: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition"
-) -> Any:
-    """Poll ``condition`` until it returns something truthy (or fail after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 @contextmanager

@@ -35,10 +35,9 @@ from tests.integration.cluster_helpers import (
     run_js,
     start_detector,
     stored_events,
-    wait_until,
     wait_verdicts,
 )
-from tests.support import Proc, metric_value, scrape
+from tests.support import Proc, metric_value, scrape, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

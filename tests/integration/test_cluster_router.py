@@ -31,10 +31,9 @@ from tests.integration.cluster_helpers import (
     run_js,
     start_detector,
     stored_verdicts,
-    wait_until,
     wait_verdicts,
 )
-from tests.support import Proc
+from tests.support import Proc, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

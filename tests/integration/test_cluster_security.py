@@ -36,10 +36,9 @@ from tests.integration.cluster_helpers import (
     retained_messages,
     run_js,
     start_detector,
-    wait_until,
     wait_verdicts,
 )
-from tests.support import Proc
+from tests.support import Proc, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

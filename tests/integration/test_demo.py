@@ -7,28 +7,26 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from factorywatch.broker import free_port
 from tests.conftest import DatasetChoice
-from tests.support import CLI
+from tests.support import CLI, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _wait_output(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
     """Wait until the demo's output matches ``pattern``; return the whole output."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def matched() -> str:
         text = log.read_text(errors="replace")
-        if re.search(pattern, text):
-            return text
         assert proc.poll() is None, f"demo exited {proc.returncode}:\n{text[-3000:]}"
-        time.sleep(0.2)
-    raise AssertionError(f"{pattern!r} not in demo output:\n{log.read_text()[-3000:]}")
+        return text if re.search(pattern, text) else ""
+
+    return wait_until(matched, timeout, f"{pattern!r} in the demo output", poll_s=0.2)
 
 
 def test_demo_lines_hint_and_model_switch(

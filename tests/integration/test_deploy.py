@@ -21,8 +21,8 @@ import yaml
 
 from factorywatch.broker import free_port
 from factorywatch.detector.metrics import Metrics
-from tests.integration.opstack import publish_plan, require_binary, wait_until
-from tests.support import PROJECT_DIR, Collector, Proc
+from tests.integration.opstack import publish_plan, require_binary
+from tests.support import PROJECT_DIR, Collector, Proc, wait_until
 
 pytestmark = pytest.mark.integration
 

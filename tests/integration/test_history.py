@@ -16,8 +16,8 @@ from factorywatch.contracts import AlertEvent, FeedbackCommand
 from factorywatch.history_store import HistoryStore
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.integration.opstack import POLICY_ENV, history_url, publish_plan, wait_until
-from tests.support import CLI, PROJECT_DIR, Collector, Proc, reading
+from tests.integration.opstack import POLICY_ENV, history_url, publish_plan
+from tests.support import CLI, PROJECT_DIR, Collector, Proc, reading, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

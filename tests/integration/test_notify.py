@@ -24,9 +24,8 @@ from tests.integration.opstack import (
     Alertmanager,
     WebhookReceiver,
     publish_plan,
-    wait_until,
 )
-from tests.support import Collector, Proc, reading
+from tests.support import Collector, Proc, reading, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

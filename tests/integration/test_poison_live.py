@@ -17,8 +17,8 @@ from factorywatch.contracts import DeadLetter, Verdict
 from factorywatch.history_store import HistoryStore
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.integration.opstack import PG_BASE_URL, history_url, publish_plan, wait_until
-from tests.support import Collector, Proc, reading
+from tests.integration.opstack import PG_BASE_URL, history_url, publish_plan
+from tests.support import Collector, Proc, reading, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

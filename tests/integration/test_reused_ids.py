@@ -10,22 +10,13 @@ import pytest
 from factorywatch.contracts import Telemetry
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
-from tests.support import Collector, Proc, reading
+from tests.support import Collector, Proc, reading, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def _reading(seq: int, ts: float) -> Telemetry:
     return reading("reuse-1", seq, ts=ts, product_type="M")
-
-
-def _wait(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_reused_sequence_numbers_are_dead_lettered_and_the_sensor_hears_it(
@@ -51,7 +42,7 @@ def test_reused_sequence_numbers_are_dead_lettered_and_the_sensor_hears_it(
         again.publish(_reading(seq, now + 10 + seq))  # the restart reused --seq-start 0
     again.publish(_reading(3, now + 13))  # a fresh sequence number still gets its verdict
     assert len(col.wait_for(lambda m: True, count=4)) == 4
-    assert _wait(lambda: again.stats.rejected == 3, timeout=30), again.rejections
+    wait_until(lambda: again.stats.rejected == 3, 30, "the three rejections")
     assert again.rejections == {"duplicate_id": 3}
     again.close()
     assert len(col.messages) == 4

@@ -24,8 +24,8 @@ from factorywatch.history_store import HistoryStore
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.integration.opstack import POLICY_ENV, require_binary, wait_until
-from tests.support import Collector, Proc, login_settings, reading, secure_args
+from tests.integration.opstack import POLICY_ENV, require_binary
+from tests.support import Collector, Proc, login_settings, reading, secure_args, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

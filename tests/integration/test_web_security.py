@@ -33,8 +33,8 @@ from factorywatch.credentials import (
 from factorywatch.settings import BrokerSettings
 from factorywatch.web.app import SESSION_COOKIE, WebSettings, build_context, create_app
 from factorywatch.web.auth import Accounts
-from tests.integration.opstack import Alertmanager, wait_until
-from tests.support import PROJECT_DIR
+from tests.integration.opstack import Alertmanager
+from tests.support import PROJECT_DIR, wait_until
 
 pytestmark = [pytest.mark.integration]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from factorywatch.detector.checkpoint import FileCheckpoint
 from factorywatch.detector.state import CalibrationRow, MachineRecord
+from factorywatch.detector.store import Changes
 
 
 def _record(machine: str, score: float) -> MachineRecord:
@@ -113,3 +114,23 @@ def test_calibration_rows_replay_after_their_record_and_count_once(tmp_path: Pat
     assert back.calibration is not None
     assert back.calibration["rows"] == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
     assert list(back.recent) == ["a:0", "a:1", "a:2"]
+
+
+def test_write_journals_a_turns_changes_as_the_store_protocol_hands_them(tmp_path: Path) -> None:
+    """``write(Changes)``: answered ids, ingest parts, rows and records journaled, and a
+    snapshot when one is given (a new generation that still carries the answered ids)."""
+    first = FileCheckpoint(tmp_path, "d", capacity=10)
+    first.load()
+    first.write(Changes(answered=[("a:1", 11)], records=[_record("a", 0.4)]))
+    first.write(Changes(ingest={"spb": {"edge1": {"seq": 3}}}))
+    first.flush()
+    restored = FileCheckpoint(tmp_path, "d", capacity=10).load()
+    assert restored.answered == [("a:1", 11)]
+    assert [r["last_score"] for r in restored.records] == [0.4]
+    assert restored.ingest == {"spb": {"edge1": {"seq": 3}}}
+    first.write(Changes(answered=[("a:2", 12)], snapshot={"engine": "state"}))
+    first.close()
+    after = FileCheckpoint(tmp_path, "d", capacity=10).load()
+    assert after.snapshot == {"engine": "state"}
+    assert after.answered == [("a:1", 11), ("a:2", 12)]
+    assert after.records == []  # the snapshot holds them now

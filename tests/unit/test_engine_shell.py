@@ -138,7 +138,7 @@ def test_a_refused_verdict_leaves_its_reading_unacknowledged(make: Make, now: fl
     h.settle()
     assert again in h.transport.acked
     assert [v.seq for v in h.verdicts()] == [1, 1]  # refused once, then delivered
-    assert len(h.service.engine.states["m1"].window) == 1
+    assert len(h.service.engine.record("m1").window) == 1
 
 
 def test_an_alert_open_before_a_crash_clears_after_the_restart(make: Make, now: float) -> None:
@@ -155,7 +155,7 @@ def test_an_alert_open_before_a_crash_clears_after_the_restart(make: Make, now: 
     assert [e.event for e in first.events()] == ["ALERT_RAISED", "ALERT_ACKNOWLEDGED"]
     # The process dies here: no shutdown, no final snapshot.
     second = make()
-    assert second.service.engine.states["m1"].alert_id == raised[0].alert_id
+    assert second.service.engine.record("m1").alert_id == raised[0].alert_id
     for seq in range(3, 6):
         second.send("m1", seq, NORMAL, now + seq)
     second.settle()
@@ -219,7 +219,9 @@ def test_a_clean_stop_snapshots_everything(make: Make, now: float, tmp_path: Pat
     journals = list(tmp_path.glob("det-unit.journal.*"))
     assert [p.stat().st_size for p in journals] == [0]
     second = make()
-    assert sorted(r.machine_id for r in second.service.engine.states) == ["a", "b", "c"]
+    assert sorted(
+        r.machine_id for r in second.service.engine.records(second.service.engine.machines())
+    ) == ["a", "b", "c"]
     assert second.service.engine.drift.figures().readings == 3
 
 

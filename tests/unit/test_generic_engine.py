@@ -70,7 +70,7 @@ def test_windows_survive_a_crash_and_scores_match_offline(tmp_path: Path) -> Non
         send(first, first_transport, i)
     first.turn(timeout=0.0)
     first.turn(timeout=0.0)
-    features = first.engine.states["pump-1"].features
+    features = first.engine.record("pump-1").features
     assert features["model"] == model.card.version
     assert features["z:current"]  # the windows are in the machine's keyed record
     first.checkpoint.close()  # kill -9: no shutdown

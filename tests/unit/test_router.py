@@ -87,8 +87,8 @@ def test_machines_route_to_their_own_model_then_group_then_default(
         "pump-9": models["machine"].version,
     }
     assert [e.reason for e in outcomes[3].rejected] == ["missing_channel"]
-    assert engine.states["pump-9"].model == models["machine"].version
-    assert engine.states["mill-1"].model == models["default"].version
+    assert engine.record("pump-9").model == models["machine"].version
+    assert engine.record("mill-1").model == models["default"].version
 
 
 def test_line_and_pattern_groups(models: dict[str, LoadedModel]) -> None:
@@ -142,7 +142,7 @@ def test_calibrating_verdicts_then_the_fitted_model_serves(
             (calibrating_verdict.calibration.seen, calibrating_verdict.calibration.fitting)
         )
     assert progress == [(i, i == 60) for i in range(1, 61)]
-    assert len(engine.states["new-1"].window) == 0  # the k-of-n window counted none
+    assert len(engine.record("new-1").window) == 0  # the k-of-n window counted none
     (request,) = engine.take_fit_requests()
     assert engine.take_fit_requests() == []
     assert request.machine == "new-1"
@@ -157,7 +157,7 @@ def test_calibrating_verdicts_then_the_fitted_model_serves(
     artifact.save_generic(folder, trained.scorer, trained.card)
     fitted = artifact.load(folder, trained.card.version)
     engine.bind("new-1", fitted)
-    assert engine.states["new-1"].calibration is None
+    assert engine.record("new-1").calibration is None
     out = engine.handle([_message("new-1", 65 + i, values[65 + i]) for i in range(5)], NOW)
     verdicts = _verdicts(out)
     assert {v.model_version for v in verdicts} == {fitted.version}
@@ -218,11 +218,11 @@ def test_forget_drops_machines_and_their_fits_and_records_bring_them_back(
     engine.handle([_message("new-1", i, values[i]) for i in range(60)], NOW)
     engine.handle([_message("new-2", i, values[i]) for i in range(30)], NOW)
     engine.handle([_message("mill-1", 0, {"a": 10.0, "b": 20.0})], NOW)
-    saved = [json.loads(json.dumps(engine.states[m].snapshot())) for m in ("new-1", "new-2")]
+    saved = [json.loads(json.dumps(engine.record(m).snapshot())) for m in ("new-1", "new-2")]
     assert engine.forget(["new-1", "new-2", "never-seen"]) == 2
-    assert sorted(r.machine_id for r in engine.states) == ["mill-1"]
+    assert sorted(r.machine_id for r in engine.records(engine.machines())) == ["mill-1"]
     assert engine.take_fit_requests() == []  # new-1's full window: not fitted here any more
-    assert [r.machine_id for r in engine.states.take_dirty()] == ["mill-1"]
+    assert [r.machine_id for r in engine.take_dirty()] == ["mill-1"]
     engine.restore_records(saved)
     assert [r.machine for r in engine.take_fit_requests()] == ["new-1"]
     out = engine.handle([_message("new-2", 30, values[30])], NOW)
@@ -238,8 +238,9 @@ def test_calibration_channels_from_the_first_reading(models: dict[str, LoadedMod
     engine.handle([_message("new-1", 1, {"x": 1.0, "y": 2.0})], NOW)
     (outcome,) = engine.handle([_message("new-1", 2, {"x": 1.0})], NOW)
     assert [e.reason for e in outcome.rejected] == ["missing_channel"]
-    assert engine.states["new-1"].calibration is not None
-    assert len(engine.states["new-1"].calibration["rows"]) == 1
+    calibration = engine.record("new-1").calibration
+    assert calibration is not None
+    assert len(calibration["rows"]) == 1
 
 
 def test_drift_is_tracked_per_machine_model(models: dict[str, LoadedModel]) -> None:

@@ -133,7 +133,7 @@ def test_calibration_survives_a_crash_is_fitted_off_the_loop_and_rebound(tmp_pat
     third, t3 = _shell(models, tmp_path / "state", config)
     _send(third, t3, "new-1", 500, values[0])
     assert _verdicts(t3)[-1].model_version == own
-    assert third.engine.states["new-1"].calibration is None
+    assert third.engine.record("new-1").calibration is None
     third.shutdown(drain_timeout_s=1.0)
 
 

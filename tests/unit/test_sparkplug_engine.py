@@ -71,7 +71,7 @@ def test_death_is_an_offline_event_after_the_readings_before_it(
     assert [e.event for e in outcomes[1].events] == ["MACHINE_OFFLINE"]
     event = next(p for p in outcomes[1].publishes if p.topic.endswith("/event"))
     assert AlertEvent.model_validate_json(event.payload).reason == "ddeath"
-    assert engine.states["edge1.mill"].offline_since == T0 + 1
+    assert engine.record("edge1.mill").offline_since == T0 + 1
 
 
 def test_rebirth_requests_are_published_by_the_message_or_the_tick(
@@ -118,7 +118,7 @@ def test_a_quiet_sparkplug_device_is_not_offline_by_silence(
     while a JSON sensor silent as long goes OFFLINE (reason silence)."""
     engine = _engine(model_dir)
     sim = MachineSimulator("m", "l", seed=1)
-    json_reading = MachineSimulator("json-1", "line1", seed=2).next(time.time())  # no skew
+    json_reading = MachineSimulator("json-1", "line1", seed=2).next(T0)  # received at T0
     engine.handle(
         [
             _in(edge.nbirth(MS)),
