@@ -96,8 +96,13 @@ class AlertTracker:
         *,
         identity: str | None = None,
         digest: int = 0,
+        live: bool = True,
     ) -> list[AlertEvent]:
         """Account one reading's verdict; return the transitions it caused (often none).
+
+        ``live=False`` (store-and-forward data of the past): the reading is remembered (a
+        redelivery stays a duplicate) and shows the machine is reporting, but it is not the
+        present, so it neither counts in the k-of-n window nor raises or clears an alert.
 
         ``identity`` names the reading as its ingest does (default: its ``seq``); a reading
         already applied to the machine (a redelivery) changes nothing.
@@ -131,9 +136,11 @@ class AlertTracker:
         self.table.touch(machine.machine_id)
         machine.remember(key, digest)
         machine.line = verdict.line
-        machine.last_seq, machine.last_seen, machine.last_score = verdict.seq, now, verdict.score
-        if verdict.status == "CALIBRATING":
-            return events  # no model judged it: the k-of-n window does not count it
+        machine.last_seen = now
+        if live:
+            machine.last_seq, machine.last_score = verdict.seq, verdict.score
+        if verdict.status == "CALIBRATING" or not live:
+            return events  # no model judged it, or of the past: the window does not count it
         anomalous = verdict.status == "ALERT"
         reading = WindowEntry(anomalous, verdict.score, verdict.explanation if anomalous else None)
         machine.window.append(reading)

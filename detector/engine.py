@@ -506,10 +506,17 @@ class Engine:
         version = model.version
         observe = self.tracker.observe
         for verdict, (reading, outcome) in zip(verdicts, items, strict=True):
+            if reading.historical:
+                verdict = verdict.model_copy(update={"historical": True})  # noqa: PLW2901
             try:
                 payload = verdict.encode()
                 events = observe(
-                    verdict, now, clear_below, identity=reading.identity, digest=reading.digest
+                    verdict,
+                    now,
+                    clear_below,
+                    identity=reading.identity,
+                    digest=reading.digest,
+                    live=not reading.historical,
                 )
             except Exception as exc:  # the poison-message rule: this reading alone is refused
                 self._reject(outcome, _poisoned("settling", exc))

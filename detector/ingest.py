@@ -30,6 +30,8 @@ class Reading:
     telemetry: Telemetry
     identity: str
     digest: int
+    #: store-and-forward data (Sparkplug ``is_historical``): scored, kept out of live alerts
+    historical: bool = False
 
 
 class Ingest(Protocol):

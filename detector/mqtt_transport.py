@@ -42,23 +42,33 @@ class PahoTransport:
         client_id: str,
         *,
         filters: Sequence[str],
-        will: tuple[str, bytes],
+        will: tuple[str, bytes] | Callable[[], tuple[str, bytes]],
         session_expiry_s: int,
         stop: threading.Event | None = None,
         on_connected: Callable[[], None] | None = None,
         on_connection_change: Callable[[bool], None] | None = None,
+        on_subscribed: Callable[[], None] | None = None,
     ) -> None:
+        """``will``: the will, or a function giving the will of each connection about to be
+        made (a Sparkplug primary host stamps its STATE will with the connect time);
+        ``on_subscribed`` runs once each connection's subscriptions are acknowledged."""
         self.broker = broker
         self.filters = list(filters)
         self.session_expiry_s = session_expiry_s
         self.stop = stop if stop is not None else threading.Event()
         self.on_connected = on_connected
         self.on_connection_change = on_connection_change
+        self.on_subscribed = on_subscribed
+        self._will = will
         self._inbox: list[Inbound] = []
         self._pending: dict[int, Confirm] = {}
         self._waiter = fwmqtt.ConnectWaiter()
         self.client = fwmqtt.new_client(
-            broker, client_id, manual_ack=True, will=will, persistent=session_expiry_s > 0
+            broker,
+            client_id,
+            manual_ack=True,
+            will=will if isinstance(will, tuple) else None,
+            persistent=session_expiry_s > 0,
         )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -92,6 +102,8 @@ class PahoTransport:
             log.error("subscribe_refused", reasons=failed)
         else:
             log.info("telemetry_subscribed", filters=self.filters)
+            if self.on_subscribed is not None:
+                self.on_subscribed()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
         if self.on_connection_change is not None:
@@ -116,6 +128,7 @@ class PahoTransport:
     # -- the Transport protocol ---------------------------------------------------------------
     def connect(self) -> None:
         """Connect (bounded retries) with a persistent session; subscribing follows CONNACK."""
+        self._stamp_will()
         fwmqtt.connect(
             self.client,
             self.broker,
@@ -161,6 +174,12 @@ class PahoTransport:
         self.client.disconnect()
         self.client.loop_write()  # writes are deferred (see __init__): send the DISCONNECT
 
+    def _stamp_will(self) -> None:
+        """Register the will of the connection about to be made (when it is made per connect)."""
+        if not isinstance(self._will, tuple):
+            topic, payload = self._will()
+            self.client.will_set(topic, payload, qos=fwmqtt.QOS, retain=True)
+
     def _reconnect(self) -> None:
         """The connection dropped: reconnect with backoff (the session and its queue wait)."""
         if self.on_connection_change is not None:
@@ -168,6 +187,7 @@ class PahoTransport:
         delay = 0.5
         while not self.stop.is_set():
             try:
+                self._stamp_will()
                 self.client.reconnect()
                 deadline = time.monotonic() + 10.0
                 while not self.client.is_connected() and time.monotonic() < deadline:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
@@ -49,6 +50,7 @@ from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import Topics, sparkplug_filters
 
 if TYPE_CHECKING:
+    from factorywatch.detector.primary_host import PrimaryHost
     from factorywatch.detector.sparkplug_out import SparkplugOut
 
 log = structlog.get_logger("detector")
@@ -130,6 +132,21 @@ def _sparkplug_out(settings: DetectorSettings, broker: BrokerSettings) -> Sparkp
     return SparkplugOut(broker, f"{settings.client_id}-spb", settings.sparkplug_out_group, node)
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _primary_host(settings: DetectorSettings) -> PrimaryHost | None:
+    """The Sparkplug primary host application, when configured (it needs Sparkplug)."""
+    if settings.sparkplug_primary_host_id is None:
+        return None
+    if not settings.sparkplug:
+        raise ValueError("sparkplug_primary_host_id needs sparkplug")
+    from factorywatch.detector.primary_host import PrimaryHost  # noqa: PLC0415
+
+    return PrimaryHost(settings.sparkplug_primary_host_id)
+
+
 class DetectorService:
     """Runs the detector until ``stop`` is set; then drains in-flight work and stops."""
 
@@ -189,15 +206,28 @@ class DetectorService:
         self.input_filters = self.topics.input_filters(lines) + spb_filters
         filters = [*self.input_filters, self.topics.ack_filter, self.topics.sensor_status_filter]
         offline = ClientStatus(role="detector", client_id=settings.client_id, state="offline")
+        will: tuple[str, bytes] | Callable[[], tuple[str, bytes]] = (
+            self._status_topic,
+            offline.encode(),
+        )
+        self.primary = _primary_host(settings)
+        if self.primary is not None:
+            # One connection has one will: the STATE death replaces the status will (the
+            # status heartbeats go on), and edge nodes must see it on the connection that
+            # subscribes (the spec), so a crash tells them to store and forward.
+            primary = self.primary
+            filters.append(primary.topic)
+            will = lambda: primary.will(_now_ms())  # noqa: E731 - stamped at each connect
         self.transport: Driver = transport or PahoTransport(
             broker,
             settings.client_id,
             filters=filters,
-            will=(self._status_topic, offline.encode()),
+            will=will,
             session_expiry_s=settings.session_expiry_s,
             stop=self.stop,
             on_connected=lambda: self._publish_status("online"),
             on_connection_change=lambda up: self.metrics.connected.set(1 if up else 0),
+            on_subscribed=self._publish_state_birth,
         )
 
     @property
@@ -280,6 +310,8 @@ class DetectorService:
             self._publish_status("online")
 
     def _process_all(self, inbox: list[Inbound]) -> None:
+        if self.primary is not None:
+            inbox = self._answer_state(inbox)
         batch_max = self.settings.batch_max
         for start in range(0, len(inbox), batch_max):
             self._process(inbox[start : start + batch_max])
@@ -291,7 +323,8 @@ class DetectorService:
             state = self.engine.tracker.state
             for outcome in handled.outcomes:
                 for verdict in outcome.verdicts:
-                    self.spb_out.observe(state(verdict.machine_id), verdict)
+                    if not verdict.historical:  # tags show the present
+                        self.spb_out.observe(state(verdict.machine_id), verdict)
                 for event in outcome.events:
                     self.spb_out.observe(state(event.machine_id), None)
         send(self.runner, self.transport, handled.sends)
@@ -321,6 +354,28 @@ class DetectorService:
                 )
                 return
 
+    def _publish_state_birth(self) -> None:
+        """Subscriptions acknowledged: say online (tck-id-host-topic-phid-birth-required)."""
+        if self.primary is not None:
+            send(self.runner, self.transport, [Send(self.primary.birth())])
+            log.info("sparkplug_primary_host_online", host_id=self.primary.host_id)
+
+    def _answer_state(self, inbox: list[Inbound]) -> list[Inbound]:
+        """Our own STATE topic's messages are the shell's: an offline one is answered with
+        online at once; each is acknowledged at once (it changes no state to confirm)."""
+        assert self.primary is not None
+        rest: list[Inbound] = []
+        for message in inbox:
+            if message.topic != self.primary.topic:
+                rest.append(message)
+                continue
+            answer = self.primary.answer(message.payload)
+            if answer is not None:
+                send(self.runner, self.transport, [Send(answer)])
+                log.warning("sparkplug_primary_host_offline_answered", host_id=self.primary.host_id)
+            self.transport.ack(message.token)
+        return rest
+
     def _publish_status(self, state: str) -> None:
         send(self.runner, self.transport, [Send(self.runner.status(state, time.time()))])
 
@@ -340,6 +395,8 @@ class DetectorService:
         """Finish received work, publish offline, wait for confirmations, snapshot, stop."""
         self._process_all(self.transport.receive(0.0))
         self._publish_status("offline")
+        if self.primary is not None:  # before the disconnect, which sends no will
+            send(self.runner, self.transport, [Send(self.primary.death(_now_ms()))])
         self.calibration.close()  # a fit cut short is asked for again after the restart
         if self.spb_out is not None:
             self.spb_out.close()

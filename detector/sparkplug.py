@@ -692,7 +692,7 @@ class SparkplugIngest:
             f"spb:{topic.group}/{topic.node}/{topic.device or ''}:"
             f"{node.bd_seq}:{node.birth_ms}:{seq}"
         )
-        return Reading(telemetry, identity, zlib.crc32(message.payload))
+        return Reading(telemetry, identity, zlib.crc32(message.payload), update.historical)
 
     # -- snapshot ----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

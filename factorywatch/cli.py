@@ -558,6 +558,11 @@ def _add_detect(sub: Any) -> None:
         help="also read Sparkplug B edge nodes (spBv1.0/...) as a host application",
     )
     p.add_argument(
+        "--primary-host-id",
+        help="with --sparkplug: be the Sparkplug primary host of this id (retained "
+        "spBv1.0/STATE/<id>), so edge nodes store and forward while the detector is away",
+    )
+    p.add_argument(
         "--engine",
         choices=("mqtt", "jetstream"),
         default="mqtt",
@@ -593,8 +598,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         lines=args.lines,
         sparkplug=args.sparkplug,
+        sparkplug_primary_host_id=args.primary_host_id,
         asset_config=args.asset_config,
     )
+    if settings.sparkplug_primary_host_id is not None and not settings.sparkplug:
+        raise SystemExit("--primary-host-id needs --sparkplug (FACTORYWATCH_DETECTOR_SPARKPLUG)")
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     if args.engine == "jetstream":
         try:

@@ -260,6 +260,12 @@ class Verdict(_Wire):
         description="set when status is CALIBRATING (score and threshold are then 0 and "
         "model_version is 'calibrating'): the machine's own model is being calibrated",
     )
+    historical: bool | None = Field(
+        default=None,
+        description="true for store-and-forward data (a Sparkplug edge node's is_historical "
+        "metrics, replayed after the detector was away): scored, but it neither raises nor "
+        "clears live alerts; absent otherwise",
+    )
 
 
 class DeadLetter(_Wire):

@@ -194,6 +194,14 @@ class DetectorSettings(_Settings):
         description="seconds without data after which a living Sparkplug device is OFFLINE "
         "(default: never; a device reporting by exception is offline on its or its node's death)",
     )
+    sparkplug_primary_host_id: (
+        Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^/+#]+$")] | None
+    ) = Field(
+        default=None,
+        description="be the Sparkplug primary host application of this id: publish the "
+        "retained spBv1.0/STATE/<id> (online; offline as the connection's will), so edge nodes "
+        "configured for it store and forward while the detector is away (needs sparkplug)",
+    )
     sparkplug_out: bool = Field(
         default=False,
         description="also publish every machine's verdict and alert state as Sparkplug B "

@@ -272,6 +272,11 @@ def parse_sparkplug(topic: str) -> SparkplugTopic:
     raise PayloadError("bad_topic", f"not a Sparkplug B node or device topic: {topic!r}")
 
 
+def sparkplug_state_topic(host_id: str) -> str:
+    """A Sparkplug host application's ``STATE`` topic: ``spBv1.0/STATE/<host id>``."""
+    return f"{SPARKPLUG_NAMESPACE}/STATE/{_sparkplug_level(host_id, 'host id')}"
+
+
 def sparkplug_filters(groups: Sequence[str] | None = None) -> list[str]:
     """What a Sparkplug host application subscribes to: births, deaths and data.
 
