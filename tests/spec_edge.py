@@ -14,12 +14,27 @@ reference-client edge node does not:
 * ``seq`` counts 0..255 and wraps (tck-id-payloads-sequence-num-incrementing), NBIRTH is 0
   (tck-id-topics-nbirth-seq-num); the test may skip numbers to make a gap;
 * NDEATH carries only ``bdSeq`` (tck-id-topics-ndeath-payload) and no ``seq``.
+
+``StoreAndForwardEdge`` runs such a node over a real MQTT connection, configured for a
+primary host: it reads the host's retained ``spBv1.0/STATE/<host id>`` (JSON, newest
+timestamp wins), publishes births and data at QoS 0 only while the host is online, stores
+readings while it is offline and replays them, in order and ``is_historical``, as soon as it
+is online again.
 """
 
 from __future__ import annotations
 
+import json
 import struct
+import threading
+import time
 from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from factorywatch import mqtt as fwmqtt
+from factorywatch.settings import BrokerSettings
 
 # sparkplug_b.proto DataType values (Sparkplug 3.0, section 6.4.16)
 INT32, INT64, FLOAT, DOUBLE, BOOLEAN, STRING = 3, 4, 9, 10, 11, 12
@@ -215,3 +230,91 @@ class SpecEdgeNode:
     def ddeath(self, device: str, ts_ms: int) -> tuple[str, bytes]:
         """DDEATH of one device (with the next seq)."""
         return self._topic("DDEATH", device), payload(ts_ms, [], self._next_seq())
+
+
+class StoreAndForwardEdge:
+    """A ``SpecEdgeNode`` on a real connection that waits for, and stores for, a primary host.
+
+    Data goes out at QoS 0 (what Sparkplug edge nodes use) while the host's STATE says online;
+    while it says offline each reading is stored, and on the next online the stored ones are
+    published first, in order, every metric ``is_historical``, then live data goes on. A STATE
+    older than the newest one seen is ignored (an old will delivered late).
+    """
+
+    def __init__(self, settings: BrokerSettings, node: SpecEdgeNode, host_id: str) -> None:
+        self.node = node
+        self.state_topic = f"spBv1.0/STATE/{host_id}"
+        self.online = False
+        self.state_ms = -1
+        self.stored: list[tuple[str, dict[str, float | str | None], int]] = []
+        self.live: list[int] = []  # timestamp (ms) of each live DDATA
+        self.replayed: list[int] = []  # timestamp (ms) of each historical DDATA
+        self._lock = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = fwmqtt.new_client(settings, f"saf-{node.group}-{node.node}")
+        self.client.will_set(*node.ndeath(), qos=1, retain=False)
+        waiter = fwmqtt.ConnectWaiter()
+
+        def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+            c.subscribe(self.state_topic, qos=1)
+            waiter.record(rc)
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._on_state
+        fwmqtt.connect(self.client, settings, waiter)
+        assert self._subscribed.wait(10), "STATE subscription not acknowledged"
+
+    def _on_state(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        data = json.loads(msg.payload)
+        with self._lock:
+            if data["timestamp"] < self.state_ms:
+                return  # older than what we know: a previous session's message
+            self.state_ms = data["timestamp"]
+            came_back = data["online"] and not self.online
+            self.online = bool(data["online"])
+            if came_back:
+                self._replay()
+            self._lock.notify_all()
+
+    def _replay(self) -> None:
+        """Publish what was stored while the host was away (the lock is held)."""
+        for device, values, ts_ms in self.stored:
+            self._publish(self.node.ddata(device, values, ts_ms, historical=True))
+            self.replayed.append(ts_ms)
+        self.stored.clear()
+
+    def _publish(self, message: tuple[str, bytes]) -> None:
+        self.client.publish(message[0], message[1], qos=0)
+
+    def wait_state(self, online: bool, timeout: float = 30.0) -> None:
+        """Wait until the host's STATE says ``online`` (and the replay, if any, is out)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self.online != online:
+                left = deadline - time.monotonic()
+                assert left > 0, f"the primary host never went {'on' if online else 'off'}line"
+                self._lock.wait(left)
+
+    def births(self, devices: dict[str, dict[str, float]], ts_ms: int) -> None:
+        """NBIRTH and a DBIRTH per device (QoS 0; the host must be online)."""
+        with self._lock:
+            assert self.online, "births wait for the primary host"
+            self._publish(self.node.nbirth(ts_ms))
+            for device, values in devices.items():
+                self._publish(self.node.dbirth(device, values, "L", ts_ms))
+
+    def reading(self, device: str, values: dict[str, float | str | None], ts_ms: int) -> bool:
+        """One reading: published live (True) or stored for the host (False)."""
+        with self._lock:
+            if not self.online:
+                self.stored.append((device, values, ts_ms))
+                return False
+            self._publish(self.node.ddata(device, values, ts_ms))
+            self.live.append(ts_ms)
+            return True
+
+    def close(self) -> None:
+        """Disconnect cleanly (no will is sent)."""
+        self.client.disconnect()
+        self.client.loop_stop()
