@@ -69,7 +69,9 @@ def _retained_state(settings: BrokerSettings, topic: str, online: bool) -> tuple
         found = _retained(settings, topic)
         return found if found[0]["online"] is online else None
 
-    return wait_until(probe, what=f"a retained STATE online={online}")
+    found = wait_until(probe, what=f"a retained STATE online={online}")
+    assert found is not None  # wait_until returns only a truthy value
+    return found
 
 
 def _verdicts(col: Collector, machine: str) -> list[Verdict]:
