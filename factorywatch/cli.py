@@ -601,8 +601,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
         sparkplug_primary_host_id=args.primary_host_id,
         asset_config=args.asset_config,
     )
-    if settings.sparkplug_primary_host_id is not None and not settings.sparkplug:
-        raise SystemExit("--primary-host-id needs --sparkplug (FACTORYWATCH_DETECTOR_SPARKPLUG)")
+    if settings.sparkplug_primary_host_id is not None and (
+        not settings.sparkplug or args.engine != "mqtt"
+    ):
+        raise ValueError(
+            "--primary-host-id needs --sparkplug (FACTORYWATCH_DETECTOR_SPARKPLUG) and the "
+            "Mosquitto detector (--engine mqtt)"
+        )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     if args.engine == "jetstream":
         try:

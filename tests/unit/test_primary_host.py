@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from factorywatch.cli import main
 from factorywatch.contracts import Verdict
 from factorywatch.detector.engine import Engine, Inbound
 from factorywatch.detector.primary_host import PrimaryHost, parse_state
@@ -66,6 +67,17 @@ def test_a_host_id_that_is_not_one_topic_level_is_refused(host_id: str) -> None:
         DetectorSettings(sparkplug_primary_host_id=host_id)
     with pytest.raises(ValueError, match=r"host id"):
         PrimaryHost(host_id)
+
+
+@pytest.mark.parametrize("extra", [[], ["--sparkplug", "--engine", "jetstream"]])
+def test_primary_host_id_without_sparkplug_on_mosquitto_is_refused(
+    extra: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`detect --primary-host-id` stops with a clear error unless Sparkplug is on and the
+    detector is the Mosquitto one (edge nodes would wait for a STATE nobody publishes)."""
+    args = ["detect", "--primary-host-id", "scada1", "--model-dir", str(tmp_path), *extra]
+    assert main(args) == 2
+    assert "--primary-host-id needs --sparkplug" in capsys.readouterr().err
 
 
 def _engine(model_dir: Path) -> Engine:
