@@ -581,6 +581,8 @@ class Engine:
             (verdict,) = calibrating_verdicts(
                 [telemetry], [outcome.message.received_perf], [progress], perf_clock=self.perf_clock
             )
+            if reading.historical:  # still real data of the machine: it fills the window
+                verdict = verdict.model_copy(update={"historical": True})
             outcome.publishes.append(
                 Publish(self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode())
             )

@@ -9,10 +9,12 @@ import pytest
 
 from factorywatch.cli import main
 from factorywatch.contracts import Verdict
-from factorywatch.detector.engine import Engine, Inbound
+from factorywatch.detector.engine import Engine, EngineSettings, Inbound
 from factorywatch.detector.primary_host import PrimaryHost, parse_state
+from factorywatch.detector.router import Router
 from factorywatch.detector.sparkplug import SparkplugIngest, SparkplugSettings
 from factorywatch.model import artifact
+from factorywatch.model.asset import CalibrateSpec
 from factorywatch.settings import DetectorSettings
 from factorywatch.topics import Topics
 from tests.spec_edge import SpecEdgeNode
@@ -115,3 +117,26 @@ def test_historical_readings_are_marked_scored_in_order_and_never_raise_alerts(
     payload = next(p for p in outcomes[0].publishes if p.topic.endswith("/verdict")).payload
     assert "historical" not in json.loads(payload)
     assert Verdict.model_validate_json(payload).historical is None
+
+
+def test_a_historical_reading_of_a_calibrating_machine_is_marked_too(model_dir: Path) -> None:
+    """A machine still calibrating its own model: a replayed reading fills the window like any
+    other (it is real data of the machine) and its CALIBRATING verdict says historical."""
+    model = artifact.load(model_dir)
+    spec = CalibrateSpec(readings=60, family="pca", machines=["edge1.*"])
+    ingest = SparkplugIngest(SparkplugSettings(reorder_timeout_s=1.0, rebirth_backoff_s=0.0))
+    engine = Engine(
+        model,
+        Topics("t"),
+        EngineSettings(),
+        extra_ingests=[ingest],
+        router=Router(model, None, spec),
+    )
+    edge = SpecEdgeNode("plant1", "edge1")
+    engine.handle([_in(edge.nbirth(MS)), _in(edge.dbirth("mill", TYPICAL, "L", MS))], T0)
+    old = edge.ddata("mill", {"torque_nm": 41.0}, MS - 5_000, historical=True)
+    [verdict] = engine.handle([_in(old)], T0 + 1)[0].verdicts
+    assert verdict.status == "CALIBRATING"
+    assert verdict.historical is True
+    assert verdict.calibration is not None
+    assert verdict.calibration.seen == 2  # the birth and the replayed reading
