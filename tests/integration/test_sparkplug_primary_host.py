@@ -85,7 +85,8 @@ def test_state_birth_and_will_are_retained_qos1_json_with_the_connect_timestamp(
     detector: Callable[..., Proc], settings: BrokerSettings
 ) -> None:
     """tck-id-host-topic-phid-*: STATE is retained, QoS 1, {online, timestamp}; the will a
-    kill -9 fires repeats the birth's timestamp, a clean stop publishes offline itself."""
+    kill -9 fires repeats the birth's timestamp and the next detector answers it; a clean
+    stop publishes offline itself."""
     host = f"fw{uuid.uuid4().hex[:6]}"
     topic = f"spBv1.0/STATE/{host}"
     env = {**SPARKPLUG_ENV, "FACTORYWATCH_DETECTOR_SPARKPLUG_PRIMARY_HOST_ID": host}
@@ -105,6 +106,8 @@ def test_state_birth_and_will_are_retained_qos1_json_with_the_connect_timestamp(
     assert (retain, qos) == (True, 1)
 
     second = detector(env=env)
+    # the retained will it finds on subscribing is answered with online at once
+    second.wait_log("sparkplug_primary_host_offline_answered")
     rebirth, _, _ = _retained_state(settings, topic, online=True)
     assert rebirth["timestamp"] > birth["timestamp"]  # a new connection, a new timestamp
     assert second.terminate() == 0
