@@ -42,6 +42,7 @@ from factorywatch.detector.checkpoint import FileCheckpoint
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Publish
 from factorywatch.detector.ingest import StatefulIngest
 from factorywatch.detector.metrics import Metrics, serve
+from factorywatch.detector.mqtt5_transport import Mqtt5Transport
 from factorywatch.detector.mqtt_transport import PahoTransport
 from factorywatch.detector.registry import Registry
 from factorywatch.detector.transport import Transport
@@ -177,7 +178,9 @@ class DetectorService:
         self.input_filters = self.topics.input_filters(lines) + spb_filters
         filters = [*self.input_filters, self.topics.ack_filter, self.topics.sensor_status_filter]
         offline = ClientStatus(role="detector", client_id=settings.client_id, state="offline")
-        self.transport: Transport = transport or PahoTransport(
+        # Both drivers take the same arguments (detector/mqtt5_transport.py: the compiled codec).
+        driver = Mqtt5Transport if settings.transport == "mqtt5" else PahoTransport
+        self.transport: Transport = transport or driver(
             broker,
             settings.client_id,
             filters=filters,

@@ -526,6 +526,12 @@ def _add_detect(sub: Any) -> None:
     _broker_options(p)
     _data_options(p)
     p.add_argument("--client-id", help="fixed MQTT client id (persistent session)")
+    p.add_argument(
+        "--transport",
+        choices=("paho", "mqtt5"),
+        default=None,
+        help="MQTT client: paho (default) or mqtt5 (the compiled codec, less CPU per message)",
+    )
     p.add_argument("--state-dir", type=Path, help="journal of answered readings (run/detector)")
     p.add_argument(
         "--lines", help="comma-separated lines to serve (scale out: one detector per group)"
@@ -583,6 +589,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         lines=args.lines,
         sparkplug=args.sparkplug,
         asset_config=args.asset_config,
+        transport=args.transport,
     )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     if args.engine == "jetstream":
