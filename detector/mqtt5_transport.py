@@ -126,6 +126,8 @@ class Mqtt5Transport:
         self._next_id = 1
         self._last_write = self._last_read = 0.0
         self._connack: mqtt5.ConnAckPacket | None = None
+        self.connections = 0  # successful connects so far (a reconnect adds one)
+        self.pings_answered = 0
 
     # -- the Transport protocol ---------------------------------------------------------------
     def connect(self) -> None:
@@ -198,11 +200,20 @@ class Mqtt5Transport:
             pass  # closing anyway; the session keeps what was not confirmed
         self._drop_socket()
 
+    def abort(self) -> None:
+        """Close the socket without a DISCONNECT, as a crash would (the will is published)."""
+        self._drop_socket()
+
     # -- state the shell and tests may read ---------------------------------------------------
     @property
     def connack(self) -> mqtt5.ConnAckPacket | None:
         """The last CONNACK (``session_present``, the broker's limits)."""
         return self._connack
+
+    @property
+    def in_flight(self) -> int:
+        """Publishes sent and not confirmed yet (at most the broker's Receive Maximum)."""
+        return len(self._inflight)
 
     @property
     def unconfirmed(self) -> int:
@@ -243,6 +254,7 @@ class Mqtt5Transport:
             raise self._refusal(code)
         self._send_quota = self._connack.receive_max or 65535
         self._connected = True
+        self.connections += 1
         # What was in flight went unconfirmed: send it again (DUP), the waiting ones behind it.
         resend = list(self._inflight.items())
         self._inflight.clear()
@@ -374,7 +386,8 @@ class Mqtt5Transport:
             self._subscribed = True
         elif isinstance(packet, mqtt5.DisconnectPacket):
             raise ConnectionLostError(f"broker disconnected us ({packet.reason_code!r})")
-        # PINGRESP: reading it already counted as hearing from the broker.
+        elif isinstance(packet, mqtt5.PingRespPacket):
+            self.pings_answered += 1
 
     def _on_puback(self, packet_id: int, code: int) -> None:
         entry = self._inflight.pop(packet_id, None)
