@@ -10,7 +10,8 @@ else is here: one socket (TCP or TLS), one thread, a selector. The Transport con
 * **Manual ack**: a reading's PUBACK is queued only by ``ack`` (the shell calls it once every
   publish the reading caused was confirmed) and written at the start of the NEXT ``receive``,
   i.e. after the shell's turn flushed its state. Acks of a message received on an earlier
-  connection are dropped: the broker redelivers it on the new one.
+  connection are dropped (the broker redelivers it on the new one), and so are acks made
+  while ``close`` drains (the shell saves its state after ``close``).
 * **Publish**: QoS 1; the PUBACK's reason code is read, a failure (>= 0x80, e.g. 0x87 not
   authorised) calls ``confirmed(False)``. At most the broker's Receive Maximum publishes are
   in flight; the rest wait. On reconnect every unconfirmed publish is sent again (DUP).
@@ -115,6 +116,7 @@ class Mqtt5Transport:
         self._generation = 0
         self._connected = False
         self._subscribed = False
+        self._closing = False
         self._inbox: list[Inbound] = []
         self._out = bytearray()  # packets waiting for the next write
         self._buf = bytearray()  # bytes read and not parsed yet
@@ -174,8 +176,11 @@ class Mqtt5Transport:
 
     def ack(self, token: Any) -> None:
         """Queue the PUBACK of a received message (written at the next ``receive``)."""
-        if token is None or token >> _ID_BITS != self._generation or not self._connected:
-            return  # QoS 0, or received on an earlier connection: the broker redelivers it
+        if token is None or token >> _ID_BITS != self._generation or self._closing:
+            # QoS 0; received on an earlier connection (the broker redelivers it); or closing:
+            # the shell saves its checkpoint only after ``close``, so a reading confirmed
+            # while draining stays unacknowledged and is recognised as answered on redelivery.
+            return
         self._out += mqtt5.PubAckPacket(token & _ID_MASK).write()
 
     def is_connected(self) -> bool:
@@ -185,6 +190,7 @@ class Mqtt5Transport:
     def close(self, drain_timeout_s: float) -> None:
         """Wait up to ``drain_timeout_s`` for unconfirmed publishes, then DISCONNECT."""
         deadline = time.monotonic() + drain_timeout_s
+        self._closing = True
         try:
             while (self._inflight or self._waiting) and self._connected:
                 left = deadline - time.monotonic()
@@ -352,6 +358,8 @@ class Mqtt5Transport:
         buf = self._buf
         view = memoryview(buf)
         at = 0
+        # Every message of one read burst arrived together: one clock read for all of them.
+        received_at, received_perf = time.time(), time.perf_counter()
         try:
             while at < len(buf):
                 try:
@@ -359,7 +367,21 @@ class Mqtt5Transport:
                 except IndexError:  # an incomplete packet: the rest comes with the next read
                     break
                 at += size
-                self._handle(packet)
+                if type(packet) is mqtt5.PublishPacket:  # the common case first, inline
+                    packet_id = packet.packet_id
+                    self._inbox.append(
+                        Inbound(
+                            packet.topic,
+                            packet.payload,
+                            received_at,
+                            received_perf,
+                            None
+                            if packet_id is None
+                            else (self._generation << _ID_BITS) | packet_id,
+                        )
+                    )
+                else:
+                    self._handle(packet)
         except ValueError as exc:
             raise ConnectionLostError(f"malformed packet: {exc}") from exc
         finally:
@@ -367,13 +389,7 @@ class Mqtt5Transport:
             del buf[:at]
 
     def _handle(self, packet: mqtt5.Packet) -> None:
-        if isinstance(packet, mqtt5.PublishPacket):
-            packet_id = packet.packet_id
-            token = None if packet_id is None else (self._generation << _ID_BITS) | packet_id
-            self._inbox.append(
-                Inbound(packet.topic, packet.payload, time.time(), time.perf_counter(), token)
-            )
-        elif isinstance(packet, mqtt5.PubAckPacket):
+        if isinstance(packet, mqtt5.PubAckPacket):
             self._on_puback(packet.packet_id, int(packet.reason_code))
         elif isinstance(packet, mqtt5.ConnAckPacket):
             self._connack = packet

@@ -252,3 +252,30 @@ def test_tls_listener_carries_readings_and_publishes(
         assert confirmed == [True]
     finally:
         transport.close(1.0)
+
+
+def test_a_reading_confirmed_while_closing_stays_unacknowledged(
+    settings: BrokerSettings,
+) -> None:
+    """A verdict confirmed during close's drain does not ack its reading: it comes back."""
+    topics = Topics(settings.topic_root)
+    closing = _transport(settings, "det-closing")
+    closing.connect()
+    _publish(settings, topics.telemetry("line1", "m1"), [b"late"])
+    (reading,) = _drive(closing, lambda g: len(g) >= 1)
+    confirmed: list[bool] = []
+
+    def settle(ok: bool) -> None:
+        confirmed.append(ok)
+        closing.ack(reading.token)
+
+    closing.publish(topics.verdict("line1", "m1"), b"{}", confirmed=settle)
+    closing.close(5.0)  # the PUBACK of the verdict is read here
+    assert confirmed == [True]
+    again = _transport(settings, "det-closing")
+    again.connect()
+    try:
+        got = _drive(again, lambda g: len(g) >= 1)
+        assert [m.payload for m in got] == [b"late"]
+    finally:
+        again.close(1.0)
