@@ -127,6 +127,7 @@ class Mqtt5Transport:
         self._send_quota = 65535
         self._next_id = 1
         self._last_write = self._last_read = 0.0
+        self._keepalive_s = broker.keepalive_s
         self._connack: mqtt5.ConnAckPacket | None = None
         self.connections = 0  # successful connects so far (a reconnect adds one)
         self.pings_answered = 0
@@ -231,15 +232,7 @@ class Mqtt5Transport:
         """TCP (+TLS), CONNECT, CONNACK, resend what was in flight, SUBSCRIBE, SUBACK."""
         self._drop_socket()
         timeout = float(self.broker.keepalive_s)
-        raw = socket.create_connection((self.broker.host, self.broker.port), timeout=timeout)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock: socket.socket = raw
-        if self.ssl_context is not None:
-            try:
-                sock = self.ssl_context.wrap_socket(raw, server_hostname=self.broker.host)
-            except (OSError, ssl.SSLError):
-                raw.close()
-                raise
+        sock = self._dial(timeout)
         self._sock = sock
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ)
@@ -259,6 +252,8 @@ class Mqtt5Transport:
             self._drop_socket()
             raise self._refusal(code)
         self._send_quota = self._connack.receive_max or 65535
+        # A broker may impose its own keepalive (CONNACK Server Keep Alive): it wins.
+        self._keepalive_s = self._connack.server_keep_alive or self.broker.keepalive_s
         self._connected = True
         self.connections += 1
         # What was in flight went unconfirmed: send it again (DUP), the waiting ones behind it.
@@ -285,6 +280,18 @@ class Mqtt5Transport:
             self.on_connection_change(True)
         if self.on_connected is not None:
             self.on_connected()
+
+    def _dial(self, timeout: float) -> socket.socket:
+        """A TCP connection to the broker, Nagle off (small packets go at once), TLS if asked."""
+        raw = socket.create_connection((self.broker.host, self.broker.port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is None:
+            return raw
+        try:
+            return self.ssl_context.wrap_socket(raw, server_hostname=self.broker.host)
+        except (OSError, ssl.SSLError):
+            raw.close()
+            raise
 
     def _refusal(self, code: int) -> BrokerError:
         where = f"broker {self.broker.host}:{self.broker.port}"
@@ -418,7 +425,7 @@ class Mqtt5Transport:
 
     def _keepalive(self) -> None:
         now = time.monotonic()
-        keepalive = self.broker.keepalive_s
+        keepalive = self._keepalive_s
         if now - self._last_read > 1.5 * keepalive:
             raise ConnectionLostError("keepalive: nothing from the broker")
         if now - self._last_write >= keepalive:
