@@ -17,6 +17,11 @@ else is here: one socket (TCP or TLS), one thread, a selector. The Transport con
   in flight; the rest wait. On reconnect every unconfirmed publish is sent again (DUP).
 * **Batched writes**: publishes, acks and pings only append to one buffer; each ``receive``
   starts with one ``sendall`` of it.
+* **Fence** (``fence``, as ``factorywatch/fencing.py`` does for paho): a retained lease with a
+  random token, published on every connect until it came back; another token arriving after
+  ours came back means a newer process holds the identity: stop taking messages, call
+  ``on_fenced``, never reconnect. After losing the connection, a fenced-in driver waits
+  ``SETTLE_S`` before reconnecting, so the newer process's lease reaches the broker first.
 * **Keepalive**: a PINGREQ after ``keepalive_s`` without writing; no packet at all for 1.5 x
   keepalive means the connection is dead. A lost connection is reconnected with bounded
   exponential backoff (0.5 s doubling to 10 s) until ``stop`` is set.
@@ -25,11 +30,14 @@ else is here: one socket (TCP or TLS), one thread, a selector. The Transport con
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import selectors
 import socket
 import ssl
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -41,10 +49,12 @@ from factorywatch import mqtt as fwmqtt
 from factorywatch.detector.engine import Inbound
 from factorywatch.detector.transport import Confirm
 from factorywatch.errors import BrokerError
+from factorywatch.fencing import SETTLE_S
 from factorywatch.settings import BrokerSettings
 
 log = structlog.get_logger("detector")
 
+_QOS0: Final = mqtt5.QoS.AT_MOST_ONCE
 _QOS1: Final = mqtt5.QoS.AT_LEAST_ONCE
 _PING: Final = mqtt5.PingReqPacket().write()
 _READ_CHUNK: Final = 256 * 1024
@@ -131,6 +141,31 @@ class Mqtt5Transport:
         self._connack: mqtt5.ConnAckPacket | None = None
         self.connections = 0  # successful connects so far (a reconnect adds one)
         self.pings_answered = 0
+        # The fence (None: off): lease topic, our lease, whether it came back, fenced.
+        self._lease_topic: str | None = None
+        self._lease = b""
+        self._lease_token = ""
+        self._on_fenced: Callable[[str], None] | None = None
+        self._settle_s = SETTLE_S
+        self.lease_echoed = False
+        self.fenced = False
+
+    def fence(
+        self, lease_topic: str, on_fenced: Callable[[str], None], *, settle_s: float = SETTLE_S
+    ) -> None:
+        """Newest process wins this identity (see the module docstring); call before connect."""
+        self._lease_topic = lease_topic
+        self._lease_token = uuid.uuid4().hex
+        self._lease = json.dumps(
+            {
+                "token": self._lease_token,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started_at": time.time(),
+            }
+        ).encode()
+        self._on_fenced = on_fenced
+        self._settle_s = settle_s
 
     # -- the Transport protocol ---------------------------------------------------------------
     def connect(self) -> None:
@@ -264,7 +299,12 @@ class Mqtt5Transport:
         self._release()
         subscribe_id = self._new_id()
         topic_filters = [mqtt5.TopicFilter(f, max_qos=_QOS1) for f in self.filters]
+        if self._lease_topic is not None:
+            # QoS 0: a lease is never redelivered from the shared session to another process.
+            topic_filters.append(mqtt5.TopicFilter(self._lease_topic, max_qos=_QOS0))
         self._out += mqtt5.SubscribePacket(subscribe_id, topic_filters).write()
+        if self._lease_topic is not None and not self.lease_echoed:
+            self._send_publish((self._lease_topic, self._lease, True, None), duplicate=False)
         self._flush()
         while not self._subscribed:
             if time.monotonic() > deadline:
@@ -309,8 +349,13 @@ class Mqtt5Transport:
             log.warning("broker_disconnected", reason=str(cause))
             if self.on_connection_change is not None:
                 self.on_connection_change(False)
+        if self.fenced:
+            return  # a newer process holds the identity: reconnecting would kick it off
+        if self._lease_topic is not None and was_connected:
+            # Maybe a newer process took our identity: let its lease reach the broker first.
+            self.stop.wait(self._settle_s)
         delay = 0.5
-        while not self.stop.is_set():
+        while not self.stop.is_set() and not self.fenced:
             try:
                 self._open()
                 return
@@ -375,6 +420,11 @@ class Mqtt5Transport:
                     break
                 at += size
                 if type(packet) is mqtt5.PublishPacket:  # the common case first, inline
+                    if self._lease_topic is not None and (
+                        self.fenced or packet.topic == self._lease_topic
+                    ):
+                        self._fenced_publish(packet)
+                        continue
                     packet_id = packet.packet_id
                     self._inbox.append(
                         Inbound(
@@ -411,6 +461,23 @@ class Mqtt5Transport:
             raise ConnectionLostError(f"broker disconnected us ({packet.reason_code!r})")
         elif isinstance(packet, mqtt5.PingRespPacket):
             self.pings_answered += 1
+
+    def _fenced_publish(self, packet: mqtt5.PublishPacket) -> None:
+        """A lease arrived, or a message while fenced (left unacknowledged for the newer one)."""
+        if packet.topic != self._lease_topic:
+            return
+        try:
+            token = json.loads(packet.payload).get("token")
+        except (ValueError, AttributeError):
+            return  # not a lease (e.g. a cleared retained message)
+        if token == self._lease_token:
+            self.lease_echoed = True
+        elif self.lease_echoed and not self.fenced:
+            self.fenced = True
+            log.error("identity_fenced", lease_topic=self._lease_topic)
+            if self._on_fenced is not None:
+                lease = packet.payload.decode(errors="replace")[:200]
+                self._on_fenced(f"a newer process holds this identity: {lease}")
 
     def _on_puback(self, packet_id: int, code: int) -> None:
         entry = self._inflight.pop(packet_id, None)

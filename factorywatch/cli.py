@@ -564,6 +564,7 @@ def _add_detect(sub: Any) -> None:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """``factorywatch detect``: serve until SIGTERM/SIGINT."""
+    from factorywatch.detector.mqtt5_transport import Mqtt5Transport  # noqa: PLC0415
     from factorywatch.detector.mqtt_transport import PahoTransport  # noqa: PLC0415
     from factorywatch.detector.service import DetectorService  # noqa: PLC0415
     from factorywatch.fencing import Fence  # noqa: PLC0415
@@ -622,6 +623,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     lease = Topics(broker.topic_root).lease("detector", settings.client_id)
     if isinstance(service.transport, PahoTransport):
         Fence(service.transport.client, lease, on_fenced)
+    elif isinstance(service.transport, Mqtt5Transport):
+        service.transport.fence(lease, on_fenced)
     service.start()
     runtime.settle_heap()
     try:

@@ -279,3 +279,38 @@ def test_a_reading_confirmed_while_closing_stays_unacknowledged(
         assert [m.payload for m in got] == [b"late"]
     finally:
         again.close(1.0)
+
+
+def test_the_newer_process_with_one_identity_fences_the_older_one(
+    settings: BrokerSettings,
+) -> None:
+    """Two drivers with one client id: the older stops for good, the newer keeps the session."""
+    lease = Topics(settings.topic_root).lease("detector", "det-fence")
+    old_fenced: list[str] = []
+    new_fenced: list[str] = []
+    old = _transport(settings, "det-fence")
+    old.fence(lease, old_fenced.append, settle_s=0.2)
+    old.connect()
+    _drive(old, lambda _g: old.lease_echoed)
+    assert old.lease_echoed
+    new = _transport(settings, "det-fence")
+    new.fence(lease, new_fenced.append, settle_s=0.2)
+    new.connect()  # the broker closes the older connection
+    _drive(new, lambda _g: new.lease_echoed)
+    try:
+        # The older one notices, settles, reconnects once and finds the newer lease retained.
+        _drive(old, lambda _g: old.fenced)
+        assert old.fenced
+        assert len(old_fenced) == 1
+        # That reconnect kicked the newer one off once: it comes back and stays.
+        _drive(new, lambda _g: new.connections == 2 and new.is_connected())
+        assert old.receive(0.05) == []  # lost again, and fenced: no reconnect
+        assert not old.is_connected()
+        assert old.connections == 2
+        new.receive(0.2)
+        assert new.is_connected()
+        assert new.connections == 2
+        assert new_fenced == []
+    finally:
+        old.close(0.5)
+        new.close(0.5)
