@@ -40,6 +40,7 @@ from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome
 from factorywatch.detector.ingest import StatefulIngest
 from factorywatch.detector.metrics import Metrics
+from factorywatch.detector.mqtt5_transport import Mqtt5Transport
 from factorywatch.detector.mqtt_transport import PahoTransport
 from factorywatch.detector.registry import Registry
 from factorywatch.detector.runner import Due, Runner, RunnerSettings, Send
@@ -189,7 +190,9 @@ class DetectorService:
         self.input_filters = self.topics.input_filters(lines) + spb_filters
         filters = [*self.input_filters, self.topics.ack_filter, self.topics.sensor_status_filter]
         offline = ClientStatus(role="detector", client_id=settings.client_id, state="offline")
-        self.transport: Driver = transport or PahoTransport(
+        # Both drivers take the same arguments (detector/mqtt5_transport.py: the compiled codec).
+        driver = Mqtt5Transport if settings.transport == "mqtt5" else PahoTransport
+        self.transport: Driver = transport or driver(
             broker,
             settings.client_id,
             filters=filters,

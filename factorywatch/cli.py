@@ -537,6 +537,12 @@ def _add_detect(sub: Any) -> None:
     broker_options(p)
     _data_options(p)
     p.add_argument("--client-id", help="fixed MQTT client id (persistent session)")
+    p.add_argument(
+        "--transport",
+        choices=("paho", "mqtt5"),
+        default=None,
+        help="MQTT client: paho (default) or mqtt5 (the compiled codec, less CPU per message)",
+    )
     p.add_argument("--state-dir", type=Path, help="journal of answered readings (run/detector)")
     p.add_argument(
         "--lines", help="comma-separated lines to serve (scale out: one detector per group)"
@@ -569,6 +575,7 @@ def _add_detect(sub: Any) -> None:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """``factorywatch detect``: serve until SIGTERM/SIGINT."""
+    from factorywatch.detector.mqtt5_transport import Mqtt5Transport  # noqa: PLC0415
     from factorywatch.detector.mqtt_transport import PahoTransport  # noqa: PLC0415
     from factorywatch.detector.service import DetectorService  # noqa: PLC0415
     from factorywatch.fencing import Fence  # noqa: PLC0415
@@ -594,6 +601,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         lines=args.lines,
         sparkplug=args.sparkplug,
         asset_config=args.asset_config,
+        transport=args.transport,
     )
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     if args.engine == "jetstream":
@@ -636,6 +644,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     lease = Topics(broker.topic_root).lease("detector", settings.client_id)
     if isinstance(service.transport, PahoTransport):
         Fence(service.transport.client, lease, on_fenced)
+    elif isinstance(service.transport, Mqtt5Transport):
+        service.transport.fence(lease, on_fenced)
     service.start()
     runtime.settle_heap()
     try:
