@@ -45,11 +45,14 @@ test: install broker-binary nats-binary ops-tools
 	FACTORYWATCH_TEST_DATASET_DIR=$(abspath $(dir $(DATASET))) BIN=$(BIN) scripts/test-suite.sh
 
 ## faults: fault injection (kill -9, broker restarts and outage, backlog) -> reports/faults.json
-## (DETECTOR_PROTOCOL=3.1.1 runs the detectors on MQTT 3.1.1 instead of 5)
+## (DETECTOR_PROTOCOL=3.1.1 runs the detectors on MQTT 3.1.1 instead of 5;
+## DETECTOR_TRANSPORT=mqtt5 on the compiled-codec driver instead of paho)
 DETECTOR_PROTOCOL ?=
+DETECTOR_TRANSPORT ?=
 faults: install broker-binary
 	FACTORYWATCH_TEST_DETECTOR_PROTOCOL=$(DETECTOR_PROTOCOL) \
-	FACTORYWATCH_FAULTS_REPORT=reports/faults$(if $(DETECTOR_PROTOCOL),-mqtt$(DETECTOR_PROTOCOL),).json \
+	FACTORYWATCH_TEST_DETECTOR_TRANSPORT=$(DETECTOR_TRANSPORT) \
+	FACTORYWATCH_FAULTS_REPORT=reports/faults$(if $(DETECTOR_PROTOCOL),-mqtt$(DETECTOR_PROTOCOL),)$(if $(DETECTOR_TRANSPORT),-$(DETECTOR_TRANSPORT),).json \
 	$(BIN)/pytest -m faults -s
 
 ## fuzz: coverage-guided fuzzing (atheris) of the detector's JSON decoder, then of every

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.system import proc_cpu_s
+
 MAX_INFLIGHT = 1000  # as our own publishers (paho's defaults) and the broker's limit
 
 
@@ -34,6 +36,7 @@ class CeilingRun:
     path: str
     messages: int
     seconds: float
+    relay_cpu_s: float | None = None  # the C relay's two processes (None: no relay in the path)
 
     @property
     def msgs_per_s(self) -> float:
@@ -47,7 +50,15 @@ class CeilingRun:
             "messages": self.messages,
             "seconds": round(self.seconds, 3),
             "msgs_per_s": self.msgs_per_s,
+            "relay_cpu_us_per_msg": self.relay_cpu_us_per_msg,
         }
+
+    @property
+    def relay_cpu_us_per_msg(self) -> float | None:
+        """CPU microseconds the C relay (``mosquitto_sub | mosquitto_pub``) spent per message."""
+        if self.relay_cpu_s is None or not self.messages:
+            return None
+        return round(self.relay_cpu_s / self.messages * 1e6, 1)
 
 
 def c_clients() -> tuple[str, str]:
@@ -142,6 +153,7 @@ class CeilingProbe:
     ) -> CeilingRun:
         count = len(payloads)
         source = self._payload_file(payloads)
+        cpu_before = [proc_cpu_s(p.pid) for p in relay]
         with source.open("rb") as stdin:
             started = time.perf_counter()
             receiver = subprocess.Popen(
@@ -161,6 +173,10 @@ class CeilingProbe:
             finally:
                 publisher.wait(30)
             seconds = time.perf_counter() - started
+        cpu_after = [proc_cpu_s(p.pid) for p in relay]
+        relay_cpu: float | None = None
+        if relay and None not in cpu_before and None not in cpu_after:
+            relay_cpu = sum(a or 0.0 for a in cpu_after) - sum(b or 0.0 for b in cpu_before)
         if receiver.returncode != 0 or any(p.poll() not in (None, 0) for p in relay):
             raise RuntimeError(f"{path}: a C client failed (exit {receiver.returncode})")
-        return CeilingRun(path, count, seconds)
+        return CeilingRun(path, count, seconds, relay_cpu)

@@ -47,8 +47,13 @@ from factorywatch.settings import DEFAULT_DATA_DIR, BrokerSettings
 from factorywatch.topics import Topics
 
 DETECTOR_READY: Final = "telemetry_subscribed"
-# The detector's MQTT clients: paho-mqtt speaking MQTT 5 (default) or 3.1.1.
-DETECTOR_PROTOCOLS: Final = {"paho5": "5", "paho311": "3.1.1"}
+# The detector's MQTT clients: paho-mqtt speaking MQTT 5 (default) or 3.1.1, and the
+# compiled-codec driver (`detect --transport mqtt5`), as the environment that selects each.
+DETECTOR_CLIENT_ENV: Final = {
+    "paho5": {"FACTORYWATCH_MQTT_PROTOCOL": "5"},
+    "paho311": {"FACTORYWATCH_MQTT_PROTOCOL": "3.1.1"},
+    "mqtt5": {"FACTORYWATCH_MQTT_PROTOCOL": "5", "FACTORYWATCH_DETECTOR_TRANSPORT": "mqtt5"},
+}
 DATASET_FILES: Final = ("ai4i2020.csv", "predictive_maintenance.csv")
 LATENCY_MACHINES: Final = (10, 100, 1000)
 FIXED_RATES: Final = (100.0, 1000.0)
@@ -229,7 +234,8 @@ class Bench:
     ) -> Server:
         """A ``factorywatch detect`` process on ``root`` with a fresh client id, subscribed.
 
-        ``client`` is ``paho5`` (MQTT 5, the default) or ``paho311`` (MQTT 3.1.1). With
+        ``client`` is ``paho5`` (MQTT 5, the default), ``paho311`` (MQTT 3.1.1) or ``mqtt5``
+        (the compiled-codec transport). With
         ``lines`` it is a shard that subscribes to those production lines only. It serves
         ``model_dir`` (default: the bench's own model).
         """
@@ -239,7 +245,7 @@ class Bench:
         extra = {
             "FACTORYWATCH_DETECTOR_METRICS_HOST": "127.0.0.1",
             "FACTORYWATCH_DETECTOR_METRICS_PORT": str(metrics_port),
-            "FACTORYWATCH_MQTT_PROTOCOL": DETECTOR_PROTOCOLS[client],
+            **DETECTOR_CLIENT_ENV[client],
         }
         if naive:
             extra |= {
@@ -487,6 +493,7 @@ class Bench:
             cpu = window.end(received.cpu_s)
             publisher.wait_settled(30.0)
             acknowledged = publisher.acknowledged
+            figures["server_cpu_us_per_msg"] = window.per_message_us(server.kind, count)
         row = _latency_row(
             rate,
             label=label,
@@ -497,7 +504,7 @@ class Bench:
             acknowledged=acknowledged,
             cpu=cpu,
         )
-        return {"through": kind, **row, **figures}
+        return {"through": kind, "client": client, **row, **figures}
 
 
 def _throughput_row(

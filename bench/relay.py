@@ -6,7 +6,12 @@ QoS 1: no decoding, no validation, no scoring. ``--client`` picks the Python MQT
 
 * ``paho5``: paho-mqtt speaking MQTT 5 (what the project uses);
 * ``paho311``: paho-mqtt speaking MQTT 3.1.1;
-* ``gmqtt``: gmqtt (asyncio, its own packet codec) speaking MQTT 5.
+* ``gmqtt``: gmqtt (asyncio, its own packet codec) speaking MQTT 5;
+* ``paho5tuned``: paho-mqtt MQTT 5 tuned: one thread drives ``loop()`` itself, the packets of
+  a loop are written together (as ``detector/mqtt_transport.py`` does), and a PUBLISH without
+  properties is decoded without a ``Properties`` object;
+* ``mqtt5``: the detector's ``--transport mqtt5`` driver (``detector/mqtt5_transport.py``:
+  the compiled ``mqtt5`` codec, one socket, one ``sendall`` per turn).
 
 ``--lines L1,L2`` subscribes those lines only (a shard, like ``factorywatch detect --lines``).
 It prints ``relay_subscribed`` once the broker granted the subscription and its counters when
@@ -27,14 +32,17 @@ from types import FrameType
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
+from paho.mqtt import _packet as paho_packet
+from paho.mqtt.enums import MQTTProtocolVersion
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch import runtime
+from factorywatch.detector.mqtt5_transport import Mqtt5Transport
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 
 READY: Final = "relay_subscribed"
-CLIENTS: Final = ("paho5", "paho311", "gmqtt")
+CLIENTS: Final = ("paho5", "paho311", "gmqtt", "paho5tuned", "mqtt5")
 
 
 class _Routes:
@@ -148,12 +156,100 @@ class GmqttRelay:
         asyncio.run(main())
 
 
+_paho_decode_publish = paho_packet.decode_publish
+
+
+def _write_in_next_loop(_client: mqtt.Client, _userdata: Any, _sock: Any) -> None:
+    """paho's hook for an external loop: packets wait for the next ``client.loop()``."""
+
+
+def _decode_publish_lean(
+    header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion
+) -> Any:
+    """paho's PUBLISH decoder, without a ``Properties`` object when the packet has none."""
+    if protocol != MQTTProtocolVersion.MQTTv5:
+        return _paho_decode_publish(header, packet, protocol)
+    qos = (header & 0x06) >> 1
+    topic_end = 2 + int.from_bytes(packet[:2], "big")
+    at = topic_end + (2 if qos else 0)
+    if packet[at] != 0:  # properties present: paho's own decoder
+        return _paho_decode_publish(header, packet, protocol)
+    return paho_packet.PublishPacket(
+        dup=bool(header & 0x08),
+        qos=qos,
+        retain=bool(header & 0x01),
+        topic=bytes(packet[2:topic_end]),
+        mid=int.from_bytes(packet[topic_end:at], "big") if qos else 0,
+        properties=None,
+        payload=bytes(packet[at + 1 :]),
+    )
+
+
+class PahoTunedRelay(PahoRelay):
+    """paho MQTT 5, tuned: one thread, batched writes, no per-message ``Properties``."""
+
+    def __init__(
+        self, settings: BrokerSettings, client_id: str, lines: Sequence[str] | None = None
+    ) -> None:
+        super().__init__(settings.with_overrides(protocol="5"), client_id, lines)
+        self.client.on_socket_register_write = _write_in_next_loop
+        # The relay's own process only: paho's client calls the decoder through its module.
+        paho_packet.decode_publish = _decode_publish_lean
+
+    def run(self, stop: threading.Event) -> None:
+        """Connect, drive paho's loop on this thread until ``stop`` is set, disconnect."""
+        fwmqtt.connect(self.client, self.settings, self.waiter, threaded=False)
+        while not stop.is_set():
+            self.client.loop(timeout=0.1)
+        self.client.disconnect()
+        self.client.loop_write()
+
+
+class Mqtt5Relay:
+    """Republishes with the detector's ``--transport mqtt5`` driver (compiled codec)."""
+
+    def __init__(
+        self, settings: BrokerSettings, client_id: str, lines: Sequence[str] | None = None
+    ) -> None:
+        self.routes = _Routes(settings, lines)
+        self.relayed = 0
+        self.refused = 0
+        self.transport = Mqtt5Transport(
+            settings, client_id, filters=self.routes.filters, session_expiry_s=0
+        )
+
+    def _confirmed(self, ok: bool) -> None:
+        if not ok:
+            self.refused += 1
+
+    def run(self, stop: threading.Event) -> None:
+        """Connect (returns after the SUBACK), relay until ``stop`` is set, then disconnect."""
+        transport = self.transport
+        transport.stop = stop
+        transport.connect()
+        print(READY, flush=True)
+        verdict_topic, publish, ack = self.routes.verdict_topic, transport.publish, transport.ack
+        confirmed = self._confirmed
+        while not stop.is_set():
+            for message in transport.receive(0.1):
+                out = verdict_topic(message.topic)
+                if out is not None:
+                    publish(out, message.payload, confirmed=confirmed)
+                    self.relayed += 1
+                ack(message.token)  # a relay waits for nothing
+        transport.close(5.0)
+
+
 def make_relay(
     client: str, settings: BrokerSettings, client_id: str, lines: Sequence[str] | None
-) -> PahoRelay | GmqttRelay:
+) -> PahoRelay | GmqttRelay | Mqtt5Relay:
     """The relay for one of ``CLIENTS``."""
     if client == "gmqtt":
         return GmqttRelay(settings, client_id, lines)
+    if client == "paho5tuned":
+        return PahoTunedRelay(settings, client_id, lines)
+    if client == "mqtt5":
+        return Mqtt5Relay(settings, client_id, lines)
     protocol = "3.1.1" if client == "paho311" else "5"
     return PahoRelay(settings.with_overrides(protocol=protocol), client_id, lines)
 

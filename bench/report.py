@@ -115,6 +115,22 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        "## The detector per transport at fixed rates",
+        "",
+        "What a reading costs at the rates plants run (each run: one detector, "
+        "publish -> verdict received; CPU of the detector process only).",
+        "",
+        "| transport | rate | machines | sent | lost | CPU µs/msg | p50 ms | p99 ms | max ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report.get("transports_at_fixed_rates", []):
+        lines.append(
+            f"| {r['client']} | {r['rate']} | {fmt(r['machines'])} | {fmt(r['sent'])} | "
+            f"{fmt(r['lost'])} | {fmt(r.get('server_cpu_us_per_msg'), 1)} | "
+            f"{fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | {fmt(r['max_ms'], 2)} |"
+        )
+    lines += [
+        "",
         "## Throughput runs (the figures above are the medians of these rounds)",
         "",
         "| C path | messages | seconds | msg/s |",

@@ -7,10 +7,12 @@ all alike) and the report quotes each target's median over the rounds:
   the fastest is the ceiling the goal uses;
 * Mosquitto's own ceiling with Debian's C clients (``bench.ceiling``): one hop, and the same
   two hops as a relay done by ``mosquitto_sub | mosquitto_pub``;
-* the detector with each transport it can use (paho MQTT 5, the default; paho MQTT 3.1.1),
-  sharded by line, and with 1,000 machines; once, the naive per-message scikit-learn path.
+* the detector with each transport it can use (paho MQTT 5, the default; paho MQTT 3.1.1;
+  the compiled-codec ``mqtt5`` driver), sharded by line, and with 1,000 machines; once, the
+  naive per-message scikit-learn path.
 
-Then latency at fixed rates, and batched payloads.
+Then latency at fixed rates (and, per transport, the detector's CPU per message and latency
+at each fixed rate: the cost at the rates plants run), and batched payloads.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ GOAL_P99_MS: Final = 10.0
 GOAL_MACHINES_RATIO: Final = 0.95
 # Scale-out by production line: this many relays / detectors, one per line, on one broker.
 SHARDS: Final = 2
-DETECTOR_CLIENTS: Final = ("paho5", "paho311")
+DETECTOR_CLIENTS: Final = ("paho5", "paho311", "mqtt5")
+# The transports compared at fixed rates (CPU per message, latency), with this many machines.
+TRANSPORT_CLIENTS: Final = ("paho5", "mqtt5")
+TRANSPORT_MACHINES: Final = 100
 DEFAULT_CLIENT: Final = "paho5"
 
 
@@ -139,6 +144,24 @@ def _latencies(bench: Bench, plan: Plan, detector: float | None) -> list[dict[st
     return rows
 
 
+def transport_rows(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
+    """The detector on each transport at each fixed rate: CPU µs per message, p50/p99."""
+    rows = []
+    for rate in plan.fixed_rates:
+        for client in TRANSPORT_CLIENTS:
+            progress(
+                f"measuring the detector on {client} at {rate:,.0f} msg/s, "
+                f"{TRANSPORT_MACHINES} machines, {plan.latency_s:g} s ..."
+            )
+            row = bench.latency(rate, TRANSPORT_MACHINES, f"{rate:,.0f} msg/s", client=client)
+            rows.append(row)
+            progress(
+                f"  {fmt(row.get('server_cpu_us_per_msg'))} CPU µs/msg, p50 "
+                f"{fmt(row['p50_ms'], 2)} ms, p99 {fmt(row['p99_ms'], 2)} ms, lost {row['lost']}"
+            )
+    return rows
+
+
 def measure(bench: Bench, plan: Plan, probe: CeilingProbe) -> dict[str, Any]:
     """Every measurement, in order; returns the report's figures."""
     runs, ceiling_runs = throughput_rounds(bench, plan, probe)
@@ -167,6 +190,7 @@ def measure(bench: Bench, plan: Plan, probe: CeilingProbe) -> dict[str, Any]:
     one_hop, c_relay = c_rate("one hop"), c_rate("C relay")
 
     latency_rows = _latencies(bench, plan, detector)
+    by_transport = transport_rows(bench, plan)
     progress(f"measuring batched payloads ({plan.batch_readings:,} readings, 100 machines) ...")
     batch = bench.batch_throughput(100, plan.batch_readings)
     progress(
@@ -191,6 +215,7 @@ def measure(bench: Bench, plan: Plan, probe: CeilingProbe) -> dict[str, Any]:
         },
         "detector_vs_relay_same_client": _ratio(detector, relays[DEFAULT_CLIENT]),
         "fastest_relay_vs_c_relay": _ratio(fastest, c_relay),
+        **{f"relay_{client}_vs_c_relay": _ratio(rate, c_relay) for client, rate in relays.items()},
         "detector_vs_c_relay": _ratio(detector, c_relay),
         "detector_vs_broker_one_hop": _ratio(detector, one_hop),
         "sharded_detector_vs_best_relay": _ratio(detector_sharded, best_relay_setup),
@@ -222,6 +247,7 @@ def measure(bench: Bench, plan: Plan, probe: CeilingProbe) -> dict[str, Any]:
         "p99_ms_at_1000": p99_at_1000,
         "p99_ms_at_1000_by_machines": at_1000,
         "machines": latency_rows,
+        "transports_at_fixed_rates": by_transport,
         "batch_readings_per_s": batch.get("readings_per_s"),
         "batch": batch,
         "peak_memory_mb": dict(bench.peak_mb),

@@ -41,6 +41,7 @@ from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome
 from factorywatch.detector.ingest import StatefulIngest
 from factorywatch.detector.metrics import Metrics
+from factorywatch.detector.mqtt5_transport import Mqtt5Transport
 from factorywatch.detector.mqtt_transport import PahoTransport
 from factorywatch.detector.registry import Registry
 from factorywatch.detector.runner import Due, Runner, RunnerSettings, Send
@@ -218,17 +219,35 @@ class DetectorService:
             primary = self.primary
             filters.append(primary.topic)
             will = lambda: primary.will(_now_ms())  # noqa: E731 - stamped at each connect
-        self.transport: Driver = transport or PahoTransport(
-            broker,
-            settings.client_id,
-            filters=filters,
-            will=will,
-            session_expiry_s=settings.session_expiry_s,
-            stop=self.stop,
-            on_connected=lambda: self._publish_status("online"),
-            on_connection_change=lambda up: self.metrics.connected.set(1 if up else 0),
-            on_subscribed=self._publish_state_birth,
-        )
+        self.transport: Driver
+        if transport is not None:
+            self.transport = transport
+        elif settings.transport == "mqtt5":
+            if self.primary is not None:
+                raise ValueError("the Sparkplug primary host runs on the paho transport")
+            # detector/mqtt5_transport.py: the compiled codec, the same connection promises
+            self.transport = Mqtt5Transport(
+                broker,
+                settings.client_id,
+                filters=filters,
+                will=(self._status_topic, offline.encode()),
+                session_expiry_s=settings.session_expiry_s,
+                stop=self.stop,
+                on_connected=lambda: self._publish_status("online"),
+                on_connection_change=lambda up: self.metrics.connected.set(1 if up else 0),
+            )
+        else:
+            self.transport = PahoTransport(
+                broker,
+                settings.client_id,
+                filters=filters,
+                will=will,
+                session_expiry_s=settings.session_expiry_s,
+                stop=self.stop,
+                on_connected=lambda: self._publish_status("online"),
+                on_connection_change=lambda up: self.metrics.connected.set(1 if up else 0),
+                on_subscribed=self._publish_state_birth,
+            )
 
     @property
     def model(self) -> LoadedModel:

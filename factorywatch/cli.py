@@ -537,6 +537,12 @@ def _add_detect(sub: Any) -> None:
     broker_options(p)
     _data_options(p)
     p.add_argument("--client-id", help="fixed MQTT client id (persistent session)")
+    p.add_argument(
+        "--transport",
+        choices=("paho", "mqtt5"),
+        default=None,
+        help="MQTT client: paho (default) or mqtt5 (the compiled codec, less CPU per message)",
+    )
     p.add_argument("--state-dir", type=Path, help="journal of answered readings (run/detector)")
     p.add_argument(
         "--lines", help="comma-separated lines to serve (scale out: one detector per group)"
@@ -572,8 +578,21 @@ def _add_detect(sub: Any) -> None:
     p.set_defaults(func=cmd_detect)
 
 
+def _check_primary_host(settings: DetectorSettings, engine: str) -> None:
+    """A Sparkplug primary host needs Sparkplug and the Mosquitto detector on paho (its will
+    is the STATE death, stamped per connect)."""
+    if settings.sparkplug_primary_host_id is not None and (
+        not settings.sparkplug or engine != "mqtt" or settings.transport != "paho"
+    ):
+        raise ValueError(
+            "--primary-host-id needs --sparkplug (FACTORYWATCH_DETECTOR_SPARKPLUG) and the "
+            "Mosquitto detector on its default transport (--engine mqtt --transport paho)"
+        )
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     """``factorywatch detect``: serve until SIGTERM/SIGINT."""
+    from factorywatch.detector.mqtt5_transport import Mqtt5Transport  # noqa: PLC0415
     from factorywatch.detector.mqtt_transport import PahoTransport  # noqa: PLC0415
     from factorywatch.detector.service import DetectorService  # noqa: PLC0415
     from factorywatch.fencing import Fence  # noqa: PLC0415
@@ -600,14 +619,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
         sparkplug=args.sparkplug,
         sparkplug_primary_host_id=args.primary_host_id,
         asset_config=args.asset_config,
+        transport=args.transport,
     )
-    if settings.sparkplug_primary_host_id is not None and (
-        not settings.sparkplug or args.engine != "mqtt"
-    ):
-        raise ValueError(
-            "--primary-host-id needs --sparkplug (FACTORYWATCH_DETECTOR_SPARKPLUG) and the "
-            "Mosquitto detector (--engine mqtt)"
-        )
+    _check_primary_host(settings, args.engine)
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     if args.engine == "jetstream":
         try:
@@ -649,6 +663,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     lease = Topics(broker.topic_root).lease("detector", settings.client_id)
     if isinstance(service.transport, PahoTransport):
         Fence(service.transport.client, lease, on_fenced)
+    elif isinstance(service.transport, Mqtt5Transport):
+        service.transport.fence(lease, on_fenced)
     service.start()
     runtime.settle_heap()
     try:

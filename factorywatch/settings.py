@@ -153,6 +153,11 @@ class DetectorSettings(_Settings):
     )
     metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other containers
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
+    transport: Literal["paho", "mqtt5"] = Field(
+        default="paho",
+        description="MQTT client: paho (paho-mqtt) or mqtt5 (our own driver on the compiled "
+        "mqtt5 codec: less CPU per message); both MQTT 5, QoS 1, ack after the verdict",
+    )
     scorer: Literal["fast", "sklearn"] = Field(
         default="fast", description="sklearn = the prototype's per-call scikit-learn scoring"
     )

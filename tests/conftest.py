@@ -131,6 +131,9 @@ def detector(
     # `make faults DETECTOR_PROTOCOL=3.1.1` runs the detectors (only them) on paho's MQTT 3.1.1.
     protocol = os.environ.get("FACTORYWATCH_TEST_DETECTOR_PROTOCOL")
     chosen = {"FACTORYWATCH_MQTT_PROTOCOL": protocol} if protocol else {}
+    # `make faults DETECTOR_TRANSPORT=mqtt5` runs them on the compiled-codec driver instead.
+    transport = os.environ.get("FACTORYWATCH_TEST_DETECTOR_TRANSPORT")
+    chosen |= {"FACTORYWATCH_DETECTOR_TRANSPORT": transport} if transport else {}
 
     def start(
         *extra: str, client_id: str = "detector-under-test", env: dict[str, str] | None = None

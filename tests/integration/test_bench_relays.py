@@ -31,7 +31,7 @@ def test_each_relay_client_republishes_every_reading_once(
     collector: Callable[..., Collector],
     tmp_path: Path,
 ) -> None:
-    """paho MQTT 5, paho MQTT 3.1.1 and gmqtt relays: 300 readings in, the same 300 out."""
+    """Every relay client (paho 5, 3.1.1, tuned, gmqtt, mqtt5): 300 readings in, 300 out."""
     topics = Topics(settings.topic_root)
     col = collector(f"{settings.topic_root}/alerts/+/+/verdict")
     path = os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")]))

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bench.relay import CLIENTS as RELAY_CLIENTS
 from tests.conftest import DatasetChoice
 from tests.support import PROJECT_DIR
 
@@ -62,8 +63,8 @@ def test_quick_bench_report_has_every_figure(quick_report: tuple[dict[str, Any],
     report, _ = quick_report
     missing = [key for key in REQUIRED_KEYS if key not in report]
     assert not missing, missing
-    assert set(report["relay_msgs_per_s_by_client"]) == {"paho5", "paho311", "gmqtt"}
-    assert set(report["detector_msgs_per_s_by_client"]) == {"paho5", "paho311"}
+    assert set(report["relay_msgs_per_s_by_client"]) == set(RELAY_CLIENTS)
+    assert set(report["detector_msgs_per_s_by_client"]) == {"paho5", "paho311", "mqtt5"}
     assert set(report["ratios"]) >= {
         "detector_vs_fastest_relay",
         "detector_vs_c_relay",
@@ -75,6 +76,12 @@ def test_quick_bench_report_has_every_figure(quick_report: tuple[dict[str, Any],
     assert report["machines"], "no latency rows"
     for row in report["machines"]:
         assert {"machines", "p50_ms", "p99_ms", "max_ms", "lost"} <= set(row)
+    by_transport = report["transports_at_fixed_rates"]
+    assert {r["client"] for r in by_transport} == {"paho5", "mqtt5"}
+    for row in by_transport:
+        assert row["lost"] == 0, row
+        assert row["server_cpu_us_per_msg"] is not None, row
+        assert row["server_cpu_us_per_msg"] > 0, row
 
 
 @pytest.mark.timeout(900)
@@ -88,9 +95,7 @@ def test_quick_bench_throughputs_are_positive_without_loss(
         **{f"detector {c}": v for c, v in report["detector_msgs_per_s_by_client"].items()},
     }
     assert all(v is not None and v > 0 for v in rates.values()), rates
-    assert report["fastest_relay_msgs_per_s"] == max(
-        rates[f"relay {c}"] for c in ("paho5", "paho311", "gmqtt")
-    )
+    assert report["fastest_relay_msgs_per_s"] == max(rates[f"relay {c}"] for c in RELAY_CLIENTS)
     for key in (
         "mosquitto_c_one_hop_msgs_per_s",
         "mosquitto_c_relay_msgs_per_s",

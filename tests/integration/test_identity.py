@@ -338,6 +338,7 @@ def _batch(machine: str, count: int, seed: int) -> bytes:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("transport", ["paho", "mqtt5"])
 def test_two_detectors_with_one_identity_do_not_fight(
     spawn: Callable[..., Proc],
     secure_broker: LocalBroker,
@@ -347,15 +348,22 @@ def test_two_detectors_with_one_identity_do_not_fight(
     as_user: Callable[[str], BrokerSettings],
     peer: Callable[..., _Peer],
     tmp_path: Path,
+    transport: str,
 ) -> None:
     """Finding 2: a second detector logging in as `detector` fences the first (it exits 2
-    naming the remedy, it does not reconnect); readings then get exactly one verdict each."""
+    naming the remedy, it does not reconnect); readings then get exactly one verdict each
+    (on each detector transport)."""
     topics = Topics(topic_root)
     viewer = Collector(as_user("viewer"), [topics.alerts_filter], "viewer-fence")
+    chosen = ("--transport", transport)
     try:
-        first = _detect(spawn, secure_broker, secrets_dir, model_dir, topic_root, tmp_path / "a")
+        first = _detect(
+            spawn, secure_broker, secrets_dir, model_dir, topic_root, tmp_path / "a", *chosen
+        )
         first.wait_log("telemetry_subscribed")
-        second = _detect(spawn, secure_broker, secrets_dir, model_dir, topic_root, tmp_path / "b")
+        second = _detect(
+            spawn, secure_broker, secrets_dir, model_dir, topic_root, tmp_path / "b", *chosen
+        )
         second.wait_log("telemetry_subscribed")
         assert first.process.wait(30) == 2
         assert "detector_fenced" in first.log()

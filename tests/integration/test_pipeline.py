@@ -31,17 +31,20 @@ def _verdicts(col: Collector) -> list[Verdict]:
     ]
 
 
+@pytest.mark.parametrize("transport", ["paho", "mqtt5"])
 def test_n_readings_from_sensor_cli_give_exactly_n_verdicts(
     detector: Callable[..., Proc],
     spawn: Callable[..., Proc],
     collector: Callable[..., Collector],
     settings: BrokerSettings,
     mqtt_args: list[str],
+    transport: str,
 ) -> None:
-    """Three machines x 40 readings from `factorywatch sensor` yield exactly 120 verdicts."""
+    """Three machines x 40 readings from `factorywatch sensor` yield exactly 120 verdicts
+    (on each detector transport)."""
     topics = Topics(settings.topic_root)
     col = collector(topics.alerts_filter)
-    detector()
+    detector("--transport", transport)
     sensors = spawn(
         "sensor",
         "--machine-id",
@@ -214,16 +217,19 @@ def test_invalid_payloads_are_dead_lettered_and_the_detector_keeps_serving(
     assert all(m.topic == topics.deadletter("line1", "bad-1") for m in dead)
 
 
+@pytest.mark.parametrize("transport", ["paho", "mqtt5"])
 def test_detector_sigterm_publishes_offline_and_exits_cleanly(
     detector: Callable[..., Proc],
     collector: Callable[..., Collector],
     settings: BrokerSettings,
+    transport: str,
 ) -> None:
-    """SIGTERM: the retained status goes online -> offline and the process exits 0."""
+    """SIGTERM: the retained status goes online -> offline and the process exits 0 (on each
+    detector transport)."""
     topics = Topics(settings.topic_root)
     status_topic = topics.status("detector", "detector-under-test")
     col = collector(status_topic)
-    proc = detector()
+    proc = detector("--transport", transport)
     col.wait_for(lambda m: b'"online"' in m.payload, timeout=10)
     assert proc.terminate() == 0
     offline = col.wait_for(lambda m: b'"offline"' in m.payload, timeout=10)

@@ -237,7 +237,11 @@ def test_oversize_payloads_are_refused_before_sending() -> None:
     assert fwmqtt.check_size(b"x" * 1024) == b"x" * 1024
 
 
-@pytest.mark.parametrize("detector_tls", [False, True], ids=["detector-plain", "detector-tls"])
+@pytest.mark.parametrize(
+    ("detector_tls", "transport"),
+    [(False, "paho"), (True, "paho"), (True, "mqtt5")],
+    ids=["detector-plain", "detector-tls", "detector-tls-mqtt5"],
+)
 def test_secure_pipeline_end_to_end_over_tls(
     spawn: Callable[..., Proc],
     secure_broker: LocalBroker,
@@ -247,8 +251,10 @@ def test_secure_pipeline_end_to_end_over_tls(
     as_user: Callable[..., BrokerSettings],
     tmp_path: Path,
     detector_tls: bool,
+    transport: str,
 ) -> None:
-    """Detector (as `detector`, plaintext or TLS) and a sensor over TLS produce verdicts."""
+    """Detector (as `detector`, plaintext or TLS, on each transport) and a sensor over TLS
+    produce verdicts."""
     topics = Topics(topic_root)
     viewer = Collector(as_user("viewer"), [topics.alerts_filter], "e2e-viewer")
     try:
@@ -264,6 +270,8 @@ def test_secure_pipeline_end_to_end_over_tls(
             str(model_dir),
             "--state-dir",
             str(tmp_path / "st"),
+            "--transport",
+            transport,
         )
         det.wait_log("telemetry_subscribed")
         sensor = spawn(

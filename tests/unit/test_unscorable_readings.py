@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-from structlog.testing import capture_logs
+import pytest
 
 from factorywatch.contracts import Telemetry
 from factorywatch.detector.service import DetectorService
 from factorywatch.detector.transport import MemoryTransport
+from factorywatch.logs import configure_logging
 from factorywatch.model import artifact
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import Topics
@@ -19,7 +21,7 @@ TOPICS = Topics("unscorable")
 
 
 def test_readings_of_other_channels_are_reported_once_in_the_log_and_health(
-    model_dir: Path, tmp_path: Path
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Readings lacking the model's channels give one error event and a /healthz entry, not
     only dead letters; readings the model can score give neither."""
@@ -31,10 +33,14 @@ def test_readings_of_other_channels_are_reported_once_in_the_log_and_health(
         artifact.load(model_dir),
         transport=transport,
     )
+    # JSON lines on stderr whether or not an earlier test cached the module's logger
+    # (structlog's capture_logs cannot see a logger cached on first use)
+    configure_logging(json=True)
     service.start()
-    other_shape = {"flow_rate": 1.0, "pressure": 2.0}
-    now = time.time()
-    with capture_logs() as logs:
+    try:
+        other_shape = {"flow_rate": 1.0, "pressure": 2.0}
+        now = time.time()
+        capsys.readouterr()
         for seq, readings in enumerate([TYPICAL, other_shape, other_shape, other_shape], 1):
             payload = Telemetry(
                 machine_id="pump-1",
@@ -48,12 +54,18 @@ def test_readings_of_other_channels_are_reported_once_in_the_log_and_health(
             service.turn(timeout=0.0)
             if seq == 1:
                 assert "unscorable_readings" not in service.health()[1]
-    said = [e for e in logs if e["event"] == "model_cannot_score_readings"]
-    assert len(said) == 1
-    assert said[0]["log_level"] == "error"
-    assert said[0]["model_version"] == service.model.version
-    assert "models promote" in said[0]["hint"]
-    unscorable = service.health()[1]["unscorable_readings"]
-    assert "lacks channels" in unscorable["detail"]
-    assert unscorable["model_version"] == service.model.version
-    service.shutdown()
+        logs = [
+            json.loads(line)
+            for line in capsys.readouterr().err.splitlines()
+            if line.startswith("{")
+        ]
+        said = [e for e in logs if e["event"] == "model_cannot_score_readings"]
+        assert len(said) == 1
+        assert said[0]["level"] == "error"
+        assert said[0]["model_version"] == service.model.version
+        assert "models promote" in said[0]["hint"]
+        unscorable = service.health()[1]["unscorable_readings"]
+        assert "lacks channels" in unscorable["detail"]
+        assert unscorable["model_version"] == service.model.version
+    finally:
+        service.shutdown()
