@@ -10,25 +10,18 @@ non-zero exit and writes the input to ``crash-*`` for replay.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import atheris
+
+from tests.fuzz.harness import fuzz
 
 with atheris.instrument_imports(include=["factorywatch"]):
     from tests.fuzz.decoder_target import check, seeds
 
 
 def main(argv: list[str]) -> None:
-    """Seed the corpus directories given, then fuzz until libFuzzer's limits."""
-    for arg in argv[1:]:
-        if not arg.startswith("-"):
-            corpus = Path(arg)
-            corpus.mkdir(parents=True, exist_ok=True)
-            if not any(corpus.iterdir()):
-                for i, seed in enumerate(seeds()):
-                    (corpus / f"seed-{i}").write_bytes(seed)
-    atheris.Setup(argv, check)
-    atheris.Fuzz()
+    """Fuzz this target (see the module docstring)."""
+    fuzz(argv, check, seeds)
 
 
 if __name__ == "__main__":
