@@ -338,6 +338,13 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     _csv_options(p)
     p.add_argument("--label-column", help="with --csv: the label column (0 = normal)")
+    p.add_argument(
+        "--nab",
+        type=Path,
+        help="a folder in the Numenta Anomaly Benchmark's layout (timestamp,value CSVs under "
+        "data/ and combined_windows.json): trains each file on NAB's probationary period and "
+        "scores it with NAB's standard profile -> reports/nab.{json,md,png}",
+    )
     p.add_argument("--trees", type=int, default=200, help="with --csv: Isolation Forest trees")
     p.add_argument(
         "--compare",
@@ -348,25 +355,10 @@ def _add_evaluate(sub: Any) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def cmd_evaluate_csv(args: argparse.Namespace) -> int:
-    """``factorywatch evaluate --csv``: labelled recordings -> reports/streams.{json,md,png}."""
+def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
+    """The configuration the options give, plus the comparison ones with ``--compare``."""
     from factorywatch.model import streams  # noqa: PLC0415
 
-    if not args.label_column:
-        raise FactorywatchError("--csv needs --label-column (the anomaly labels, 0 = normal)")
-    if args.train_rows is None and args.train_until is None:
-        raise FactorywatchError("give --train-rows N or --train-until TIME: the part to train on")
-    if args.preset == "ai4i":
-        raise FactorywatchError("--preset ai4i is evaluated with `factorywatch evaluate --dataset`")
-    recs = streams.load_labelled_runs(
-        args.csv,
-        label_column=args.label_column,
-        time_column=args.time_column,
-        channels=_split_list(args.channels) or None,
-        machine_column=args.machine_column,
-        missing=args.missing,
-        progress=_progress,
-    )
     main = streams.Config(
         name=f"per-run {args.preset} {args.family}",
         preset=args.preset,
@@ -405,6 +397,82 @@ def cmd_evaluate_csv(args: argparse.Namespace) -> int:
                 trees=args.trees,
             ),
         ]
+    return configs
+
+
+def _print_summaries(document: dict[str, Any]) -> None:
+    for entry in document["configs"]:
+        s = entry["summary"]
+        nab_mean = s.get("nab_normalised_mean")
+        print(
+            f"{entry['name']}: precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
+            f"F1 {s['f1']:.3f}  FAR {s['far']:.4f} (target {entry['config']['far']})  "
+            f"MAR {s['mar']:.3f}  events {s['events_detected']}/{s['events']}  "
+            f"alarms {s['alarms']} ({s['false_alarms']} false)"
+            + (f"  NAB {nab_mean:.1f}" if nab_mean is not None else "")
+        )
+    for name, value in document.get("nab_published_normalised_mean", {}).items():
+        print(f"{name} (published): NAB {value:.1f}")
+
+
+def cmd_evaluate_nab(args: argparse.Namespace, root: Path) -> int:
+    """``factorywatch evaluate --nab DIR``: NAB's layout -> reports/nab.{json,md,png}."""
+    from factorywatch.model import nab, streams  # noqa: PLC0415
+
+    if args.preset == "ai4i":
+        raise FactorywatchError("--preset ai4i is evaluated with `factorywatch evaluate --dataset`")
+    files = nab.load_nab(root)
+    recs = [f.recording for f in files]
+    windows = [f.windows for f in files]
+    configs = _evaluation_configs(args)
+    results = {
+        c.name: streams.evaluate(
+            recs,
+            c,
+            train_rows=None,
+            train_until=None,
+            seed=args.seed,
+            windows=windows,
+            progress=_progress,
+        )
+        for c in configs
+    }
+    command = "factorywatch " + " ".join(sys.argv[1:]) if sys.argv[1:] else "factorywatch evaluate"
+    document = streams.write_report(
+        args.out,
+        results,
+        configs,
+        command=command,
+        source=f"{root} ({len(recs)} files, NAB layout: trained on each file's probationary "
+        "period)",
+        stem="nab",
+        references=nab.published_means(root, files),
+    )
+    _print_summaries(document)
+    print(f"report: {args.out / 'nab.md'}")
+    return 0
+
+
+def cmd_evaluate_csv(args: argparse.Namespace) -> int:
+    """``factorywatch evaluate --csv``: labelled recordings -> reports/streams.{json,md,png}."""
+    from factorywatch.model import streams  # noqa: PLC0415
+
+    if not args.label_column:
+        raise FactorywatchError("--csv needs --label-column (the anomaly labels, 0 = normal)")
+    if args.train_rows is None and args.train_until is None:
+        raise FactorywatchError("give --train-rows N or --train-until TIME: the part to train on")
+    if args.preset == "ai4i":
+        raise FactorywatchError("--preset ai4i is evaluated with `factorywatch evaluate --dataset`")
+    recs = streams.load_labelled_runs(
+        args.csv,
+        label_column=args.label_column,
+        time_column=args.time_column,
+        channels=_split_list(args.channels) or None,
+        machine_column=args.machine_column,
+        missing=args.missing,
+        progress=_progress,
+    )
+    configs = _evaluation_configs(args)
     results = {
         c.name: streams.evaluate(
             recs,
@@ -420,22 +488,20 @@ def cmd_evaluate_csv(args: argparse.Namespace) -> int:
     document = streams.write_report(
         args.out, results, configs, command=command, source=f"{args.csv} ({len(recs)} runs)"
     )
-    for entry in document["configs"]:
-        s = entry["summary"]
-        print(
-            f"{entry['name']}: precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
-            f"F1 {s['f1']:.3f}  FAR {s['far']:.4f}  MAR {s['mar']:.3f}  "
-            f"events {s['events_detected']}/{s['events']}"
-        )
+    _print_summaries(document)
     print(f"report: {args.out / streams.REPORT_FILE}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``factorywatch evaluate``: the AI4I protocol, or labelled recordings with ``--csv``."""
-    from factorywatch.model import dataset, evaluate  # noqa: PLC0415
+    from factorywatch.model import dataset, evaluate, nab  # noqa: PLC0415
 
+    if args.nab is not None:
+        return cmd_evaluate_nab(args, args.nab)
     if args.csv is not None:
+        if nab.find_layout(args.csv) is not None and not args.label_column:
+            return cmd_evaluate_nab(args, args.csv)  # a NAB folder given as --csv
         return cmd_evaluate_csv(args)
     data = _data_settings(args)
     ds = dataset.obtain(data.dataset, data.data_dir, verify=not args.no_verify, progress=_progress)
