@@ -278,18 +278,7 @@ def train_csv_model(args: argparse.Namespace, data: DataSettings, *, promote: bo
     if asset is not None:
         mask = apply_asset(asset, rec, mask, progress=_progress)
     _progress(f"training on {int(mask.sum())} of {rec.rows} rows, channels {rec.channels}")
-    trained = generic.fit_recording(
-        rec,
-        mask,
-        preset=args.preset,
-        window=args.window,
-        smooth=args.smooth,
-        family=args.family,
-        far=args.far,
-        trees=args.trees,
-        seed=args.seed,
-        progress=_progress,
-    )
+    trained = generic.fit_recording(rec, mask, _fit_spec(args), progress=_progress)
     card = trained.card
     if asset is not None:
         card = card.model_copy(update={"params": {**card.params, **asset.card_params()}})
@@ -355,47 +344,37 @@ def _add_evaluate(sub: Any) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _fit_spec(args: argparse.Namespace) -> Any:
+    """The ``FitSpec`` the command line gives (train --csv, evaluate --csv/--nab)."""
+    from factorywatch.model.fitspec import FitSpec  # noqa: PLC0415
+
+    try:
+        return FitSpec(
+            preset=args.preset,
+            window=args.window,
+            smooth=args.smooth,
+            family=args.family,
+            far=args.far,
+            trees=args.trees,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise FactorywatchError(str(exc)) from None
+
+
 def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
     """The configuration the options give, plus the comparison ones with ``--compare``."""
     from factorywatch.model import streams  # noqa: PLC0415
 
-    main = streams.Config(
-        name=f"per-run {args.preset} {args.family}",
-        preset=args.preset,
-        family=args.family,
-        window=args.window,
-        smooth=args.smooth,
-        far=args.far,
-        trees=args.trees,
-    )
-    configs = [main]
+    spec = _fit_spec(args)
+    configs = [streams.Config(name=f"per-run {spec.preset} {spec.family}", spec=spec)]
     if args.compare:
-        other = "pca" if args.family == "iforest" else "iforest"
+        other = "pca" if spec.family == "iforest" else "iforest"
+        point = spec.replace(preset="point", smooth=1)
         configs += [
-            streams.Config(
-                name=f"global point {args.family}",
-                preset="point",
-                family=args.family,
-                mode="global",
-                far=args.far,
-                trees=args.trees,
-            ),
-            streams.Config(
-                name=f"per-run point {args.family}",
-                preset="point",
-                family=args.family,
-                far=args.far,
-                trees=args.trees,
-            ),
-            streams.Config(
-                name=f"per-run {args.preset} {other}",
-                preset=args.preset,
-                family=other,
-                window=args.window,
-                smooth=args.smooth,
-                far=args.far,
-                trees=args.trees,
-            ),
+            streams.Config(name=f"global point {spec.family}", spec=point, mode="global"),
+            streams.Config(name=f"per-run point {spec.family}", spec=point),
+            streams.Config(name=f"per-run {spec.preset} {other}", spec=spec.replace(family=other)),
         ]
     return configs
 

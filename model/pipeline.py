@@ -17,6 +17,13 @@ over a frame) and online (``step`` over one reading, with the machine's window s
               (1.0 = stuck sensor)
    ``derived`` a named physical quantity of raw channels (``model.features.DERIVED``, the
               AI4I preset);  ``encode`` an attribute through a code table (``product_type``)
+   ``base``   the mean of the last ``window`` z minus the machine's slow baseline before
+              this reading: an exponentially weighted mean of z with time constant ``span``
+              readings, started at the machine's first z, whose update is bounded
+              (``BASE_STEP / span`` per reading). It survives slow normal drift (warm-up, a
+              load that settles); ``baseline_moves`` says how far a machine's baselines
+              have moved. Kept in the window state (``b:<channel>``), so it is journaled and
+              checkpointed with it.
 
 3. Warm-up: a windowed feature is valid once its window is full: ``window`` readings for
    mean/std/logstd/min/max, ``window`` earlier readings for ``dev``, ``window`` changes for
@@ -58,10 +65,26 @@ State = dict[str, Any]  # one machine's window state: JSON-serialisable
 
 Z_CLIP: Final = 1e6
 WHITEN_FLOOR: Final = 1e-3
-WINDOW_OPS: Final = ("mean", "std", "logstd", "min", "max", "dev", "roc", "flat")
+WINDOW_OPS: Final = ("mean", "std", "logstd", "min", "max", "dev", "roc", "flat", "base")
 Op = Literal[
-    "raw", "mean", "std", "logstd", "min", "max", "dev", "roc", "flat", "derived", "encode"
+    "raw",
+    "mean",
+    "std",
+    "logstd",
+    "min",
+    "max",
+    "dev",
+    "roc",
+    "flat",
+    "derived",
+    "encode",
+    "base",
 ]
+# ``base``: a slow baseline (EWMA of z with time constant ``span`` readings) that moves at
+# most BASE_STEP / span per reading, so one wild reading (or a fault's first readings)
+# barely moves it while a slow drift of normal operation is followed.
+BASE_STEP: Final = 3.0
+DEFAULT_SPAN: Final = 200
 # logstd = ln(std + LOGSTD_FLOOR) of standardised values: a stuck sensor (std 0) lands far
 # below anything noisy, a noise burst far above; both on a scale a forest splits evenly.
 LOGSTD_FLOOR: Final = 1e-3
@@ -76,6 +99,7 @@ class Step(BaseModel):
     channel: str = Field(description="channel, derived quantity name, or attribute")
     window: int = Field(default=1, ge=1, le=10_000)
     codes: dict[str, float] | None = None  # encode only
+    span: int = Field(default=DEFAULT_SPAN, ge=1, le=1_000_000)  # base only
 
     @property
     def name(self) -> str:
@@ -361,6 +385,14 @@ class Pipeline:
                 out[:, j] = z[s.channel]
             elif s.op == "flat":
                 out[:, j] = _flat(np.asarray(columns[s.channel], dtype=np.float64), s.window)
+            elif s.op == "base":
+                state: State = {}
+                key = f"b:{s.channel}"
+                means = _window_op("mean", z[s.channel], s.window).tolist()
+                out[:, j] = [
+                    _base_step(state, key, v, m, s.span)
+                    for v, m in zip(z[s.channel].tolist(), means, strict=True)
+                ]
             else:
                 out[:, j] = _window_op(s.op, z[s.channel], s.window)
         if self._fill:  # warm-up: partial windows -> imputed
@@ -448,6 +480,9 @@ class Pipeline:
         if s.op == "encode":
             return (s.codes or TYPE_CODE).get((attributes or {}).get(s.channel, ""), math.nan)
         history = state[f"z:{s.channel}"]
+        if s.op == "base":
+            window = history[-s.window :]
+            return _base_step(state, f"b:{s.channel}", z[s.channel], _mean(window), s.span)
         if s.op == "flat":
             return _flat_tail(state[f"x:{s.channel}"], s.window)
         if s.op == "roc":
@@ -557,6 +592,19 @@ def _positions(groups: Sequence[str] | None, n: int) -> npt.NDArray[np.intp]:
         out[i] = position
         seen[key] = position + 1
     return out
+
+
+def _base_step(state: State, key: str, z: float, mean: float, span: int) -> float:
+    """``mean`` (of the recent z) minus the slow baseline before this reading; then the
+    baseline moves towards ``z`` by at most ``BASE_STEP / span`` (the same arithmetic in
+    batch and streaming)."""
+    baseline = state.get(key)
+    if baseline is None:
+        baseline = z if math.isfinite(z) else 0.0
+    gap = z - baseline
+    step = BASE_STEP if gap > BASE_STEP else -BASE_STEP if gap < -BASE_STEP else gap
+    state[key] = baseline + step / span if math.isfinite(step) else baseline
+    return mean - baseline
 
 
 def _flat_tail(values: Sequence[float], window: int) -> float:
