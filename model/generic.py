@@ -99,7 +99,7 @@ def preset_steps(
             # slow baseline and its short-term variability are
             steps += [
                 Step(op="base", channel=c, window=window),
-                Step(op="logstd", channel=c, window=window),
+                Step(op="vol", channel=c, window=window),
             ]
             continue
         steps.append(Step(op="raw", channel=c))
@@ -207,7 +207,11 @@ def fit_recording(
     )
     in_sample = base.smooth_scores(scorer.score(pipeline.project(named)), groups or None)
     center, scale = robust_center_scale(named)
-    envelope = fit_envelope(columns, rec.channels, margin=ENVELOPE_MARGIN)
+    # A channel scored by its departure from a slow baseline may leave its training range as
+    # normal drift; its baseline feature, not the fixed range, watches it.
+    followed = {st.channel for st in base.spec.steps if st.op == "base"}
+    watched = [c for c in rec.channels if c not in followed]
+    envelope = fit_envelope(columns, watched, margin=ENVELOPE_MARGIN) if watched else None
     card = ModelCard(
         version=new_version(),
         created_at=datetime.now(UTC),

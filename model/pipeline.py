@@ -17,13 +17,18 @@ over a frame) and online (``step`` over one reading, with the machine's window s
               (1.0 = stuck sensor)
    ``derived`` a named physical quantity of raw channels (``model.features.DERIVED``, the
               AI4I preset);  ``encode`` an attribute through a code table (``product_type``)
-   ``base``   the mean of the last ``window`` z minus the machine's slow baseline before
-              this reading: an exponentially weighted mean of z with time constant ``span``
-              readings, started at the machine's first z, whose update is bounded
-              (``BASE_STEP / span`` per reading). It survives slow normal drift (warm-up, a
-              load that settles); ``baseline_moves`` says how far a machine's baselines
-              have moved. Kept in the window state (``b:<channel>``), so it is journaled and
-              checkpointed with it.
+   ``base``   the mean of the last ``window`` z minus the machine's slow baseline level,
+              in units of its slow baseline spread: an exponentially weighted mean and
+              variance of z with time constant ``span`` readings (level started at the
+              machine's first z, spread at the training scale), updated with the reading's
+              gap clipped to ``BASE_STEP`` spreads, so one wild reading (or a fault's first
+              readings) barely moves them while slow normal drift (warm-up, a load that
+              settles, a busier season) is followed. Kept in the window state
+              (``b<step>:<channel>`` = [level, variance]), journaled and checkpointed with
+              it; ``baseline_moves`` says how far each level has moved, in training scales.
+   ``vol``    logstd over the window minus its own slow baseline (the same bounded
+              exponential mean, ``v<step>:<channel>``, started at the first full window): a
+              change of variability, relative to what the machine has shown lately.
 
 3. Warm-up: a windowed feature is valid once its window is full: ``window`` readings for
    mean/std/logstd/min/max, ``window`` earlier readings for ``dev``, ``window`` changes for
@@ -65,7 +70,18 @@ State = dict[str, Any]  # one machine's window state: JSON-serialisable
 
 Z_CLIP: Final = 1e6
 WHITEN_FLOOR: Final = 1e-3
-WINDOW_OPS: Final = ("mean", "std", "logstd", "min", "max", "dev", "roc", "flat", "base")
+WINDOW_OPS: Final = (
+    "mean",
+    "std",
+    "logstd",
+    "min",
+    "max",
+    "dev",
+    "roc",
+    "flat",
+    "base",
+    "vol",
+)
 Op = Literal[
     "raw",
     "mean",
@@ -79,11 +95,13 @@ Op = Literal[
     "derived",
     "encode",
     "base",
+    "vol",
 ]
 # ``base``: a slow baseline (EWMA of z with time constant ``span`` readings) that moves at
 # most BASE_STEP / span per reading, so one wild reading (or a fault's first readings)
 # barely moves it while a slow drift of normal operation is followed.
 BASE_STEP: Final = 3.0
+BASE_FLOOR: Final = 1e-4  # the baseline variance never falls below (0.01 training scales)²
 DEFAULT_SPAN: Final = 200
 # logstd = ln(std + LOGSTD_FLOOR) of standardised values: a stuck sensor (std 0) lands far
 # below anything noisy, a noise burst far above; both on a scale a forest splits evenly.
@@ -110,6 +128,8 @@ class Step(BaseModel):
             return f"{self.channel}_code"
         if self.op == "roc":
             return f"{self.channel}__roc"
+        if self.op == "base":
+            return f"{self.channel}__base{self.window}_{self.span}"
         return f"{self.channel}__{self.op}{self.window}"
 
 
@@ -157,6 +177,8 @@ def min_periods(step: Step) -> int:
     """Readings of a machine (current included) before ``step``'s value is valid."""
     if step.op in ("dev", "flat"):
         return step.window + 1
+    if step.op == "base":
+        return 1
     if step.op == "roc":
         return 2
     if step.op in WINDOW_OPS:
@@ -212,7 +234,7 @@ class Pipeline:
         # "moment" slot); the plan says per step where its value comes from.
         self._moments: list[tuple[str, int]] = []
         self._plan: list[tuple[int, Any, Step]] = []
-        for s in spec.steps:
+        for j, s in enumerate(spec.steps):
             if s.op == "raw":
                 self._plan.append((_RAW, s.channel, s))
             elif s.op in _MOMENT_OPS:
@@ -221,7 +243,7 @@ class Pipeline:
                     self._moments.append(slot)
                 self._plan.append((_MOMENT_CODES[s.op], self._moments.index(slot), s))
             else:
-                self._plan.append((_OTHER, None, s))
+                self._plan.append((_OTHER, baseline_key(j, s), s))
         # Warm-up imputation: readings seen -> [(feature, intercept, ((input, coef), ...))].
         self._fill: dict[int, list[tuple[int, float, tuple[tuple[int, float], ...]]]] = {}
         for f in spec.fill or []:
@@ -385,9 +407,17 @@ class Pipeline:
                 out[:, j] = z[s.channel]
             elif s.op == "flat":
                 out[:, j] = _flat(np.asarray(columns[s.channel], dtype=np.float64), s.window)
+            elif s.op == "vol":
+                vstate: State = {}
+                vkey = baseline_key(j, s)
+                logstds = _window_op("logstd", z[s.channel], s.window).tolist()
+                out[:, j] = [
+                    _vol_step(vstate, vkey, v, s.span) if i + 1 >= s.window else 0.0
+                    for i, v in enumerate(logstds)
+                ]
             elif s.op == "base":
                 state: State = {}
-                key = f"b:{s.channel}"
+                key = baseline_key(j, s)
                 means = _window_op("mean", z[s.channel], s.window).tolist()
                 out[:, j] = [
                     _base_step(state, key, v, m, s.span)
@@ -450,7 +480,7 @@ class Pipeline:
             elif code == _STD:
                 features.append(moments[arg][1])
             else:
-                features.append(self._step_one(s, state, row, z, attributes))
+                features.append(self._step_one(s, state, row, z, attributes, arg))
         if self._fill and (seen := len(state[self._count_key])) < self._full:
             self._impute(seen, features)
         return features
@@ -471,6 +501,7 @@ class Pipeline:
         row: Mapping[str, float],
         z: Mapping[str, float],
         attributes: Mapping[str, str] | None,
+        key: str,
     ) -> float:
         if s.op == "raw":
             return z[s.channel]
@@ -482,7 +513,12 @@ class Pipeline:
         history = state[f"z:{s.channel}"]
         if s.op == "base":
             window = history[-s.window :]
-            return _base_step(state, f"b:{s.channel}", z[s.channel], _mean(window), s.span)
+            return _base_step(state, key, z[s.channel], _mean(window), s.span)
+        if s.op == "vol":
+            if len(history) < s.window:
+                return 0.0
+            logstd = _from_moments("logstd", _mean_std(history[-s.window :]))
+            return _vol_step(state, key, logstd, s.span)
         if s.op == "flat":
             return _flat_tail(state[f"x:{s.channel}"], s.window)
         if s.op == "roc":
@@ -594,17 +630,55 @@ def _positions(groups: Sequence[str] | None, n: int) -> npt.NDArray[np.intp]:
     return out
 
 
+def baseline_key(index: int, step: Step) -> str:
+    """Where a machine's window state keeps step ``index``'s slow baseline (one per step, so
+    two baseline steps of one channel never share one)."""
+    return f"{'b' if step.op == 'base' else 'v'}{index}:{step.channel}"
+
+
+def baseline_moves(spec: PipelineSpec, state: State) -> dict[str, float]:
+    """How far each ``base`` baseline of a machine has moved from the training centre, in
+    training scales of its channel (empty before its first reading)."""
+    out: dict[str, float] = {}
+    for j, s in enumerate(spec.steps):
+        held = state.get(baseline_key(j, s))
+        if s.op == "base" and held is not None:
+            out[s.name] = round(float(held[0]), 3)
+    return out
+
+
 def _base_step(state: State, key: str, z: float, mean: float, span: int) -> float:
-    """``mean`` (of the recent z) minus the slow baseline before this reading; then the
-    baseline moves towards ``z`` by at most ``BASE_STEP / span`` (the same arithmetic in
-    batch and streaming)."""
+    """``mean`` (of the recent z) minus the slow baseline level before this reading, over its
+    slow spread; then level and variance move with the reading's gap clipped to
+    ``BASE_STEP`` spreads (the same arithmetic in batch and streaming)."""
+    held = state.get(key)
+    if held is None:
+        level, var = (z if math.isfinite(z) else 0.0), 1.0
+    else:
+        level, var = float(held[0]), float(held[1])
+    spread = math.sqrt(var)
+    out = (mean - level) / spread
+    limit = BASE_STEP * spread
+    gap = z - level
+    step = limit if gap > limit else -limit if gap < -limit else gap
+    if math.isfinite(step):
+        level += step / span
+        var += (step * step - var) / span
+        var = max(var, BASE_FLOOR)
+    state[key] = [level, var]
+    return out
+
+
+def _vol_step(state: State, key: str, logstd: float, span: int) -> float:
+    """``logstd`` minus its slow baseline; the baseline then moves by the gap clipped to
+    ``BASE_STEP`` over ``span`` (started at the first full window's value)."""
     baseline = state.get(key)
     if baseline is None:
-        baseline = z if math.isfinite(z) else 0.0
-    gap = z - baseline
+        baseline = logstd if math.isfinite(logstd) else 0.0
+    gap = logstd - baseline
     step = BASE_STEP if gap > BASE_STEP else -BASE_STEP if gap < -BASE_STEP else gap
     state[key] = baseline + step / span if math.isfinite(step) else baseline
-    return mean - baseline
+    return gap
 
 
 def _flat_tail(values: Sequence[float], window: int) -> float:
