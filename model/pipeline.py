@@ -101,6 +101,9 @@ Op = Literal[
 # most BASE_STEP / span per reading, so one wild reading (or a fault's first readings)
 # barely moves it while a slow drift of normal operation is followed.
 BASE_STEP: Final = 3.0
+# The spread follows SPREAD_SPANS times slower than the level: a fault that lasts a while
+# must not teach the baseline that such swings are usual before it is over.
+SPREAD_SPANS: Final = 5
 BASE_FLOOR: Final = 1e-4  # the baseline variance never falls below (0.01 training scales)²
 DEFAULT_SPAN: Final = 200
 # logstd = ln(std + LOGSTD_FLOOR) of standardised values: a stuck sensor (std 0) lands far
@@ -480,7 +483,7 @@ class Pipeline:
             elif code == _STD:
                 features.append(moments[arg][1])
             else:
-                features.append(self._step_one(s, state, row, z, attributes, arg))
+                features.append(self._step_one(s, state, row, z, attributes, key=arg))
         if self._fill and (seen := len(state[self._count_key])) < self._full:
             self._impute(seen, features)
         return features
@@ -501,6 +504,7 @@ class Pipeline:
         row: Mapping[str, float],
         z: Mapping[str, float],
         attributes: Mapping[str, str] | None,
+        *,
         key: str,
     ) -> float:
         if s.op == "raw":
@@ -663,7 +667,7 @@ def _base_step(state: State, key: str, z: float, mean: float, span: int) -> floa
     step = limit if gap > limit else -limit if gap < -limit else gap
     if math.isfinite(step):
         level += step / span
-        var += (step * step - var) / span
+        var += (step * step - var) / (SPREAD_SPANS * span)
         var = max(var, BASE_FLOOR)
     state[key] = [level, var]
     return out

@@ -68,12 +68,15 @@ def test_baseline_follows_slow_drift_but_a_jump_moves_it_by_a_bounded_step() -> 
     assert abs(features[-200:].mean()) < 0.5
     state: dict[str, object] = {}
     pipeline.step_features(state, {"a": pipeline.spec.center[0]})
-    level, var = state["b0:a"]  # type: ignore[misc]
+    held = state["b0:a"]
+    assert isinstance(held, list)
+    level, var = float(held[0]), float(held[1])
     jump = pipeline.spec.center[0] + 100 * pipeline.spec.scale[0]
     deviation = pipeline.step_features(state, {"a": jump})[0]
     assert deviation == pytest.approx((100.0 - level) / math.sqrt(var), rel=1e-9)
-    moved, _ = state["b0:a"]  # type: ignore[misc]
-    assert moved == pytest.approx(level + BASE_STEP * math.sqrt(var) / 50)
+    after = state["b0:a"]
+    assert isinstance(after, list)
+    assert after[0] == pytest.approx(level + BASE_STEP * math.sqrt(var) / 50)
 
 
 def test_vol_is_relative_to_the_machines_recent_variability() -> None:
