@@ -172,8 +172,11 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
         choices=[*generic.PRESETS, "ai4i"],
         default=generic.DEFAULT_PRESET,
         help="features: point (channels only), windowed (+ rolling mean and log std, the "
-        "default), full (+ flat-line, deviation from baseline, rate of change), ai4i (the "
-        "AI4I headroom features, for AI4I-shaped CSVs)",
+        "default), full (+ flat-line, deviation from baseline, rate of change), drift (each "
+        "channel's departure from a slow baseline and its variability against its own slow "
+        "baseline: for channels whose normal level moves), auto (drift for the channels that "
+        "trend or step over the training rows, windowed for the others), ai4i (the AI4I "
+        "headroom features, for AI4I-shaped CSVs)",
     )
     g.add_argument("--window", type=int, default=generic.DEFAULT_WINDOW, help="window (rows)")
     g.add_argument(
@@ -338,8 +341,8 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument(
         "--compare",
         action="store_true",
-        help="with --csv: also evaluate a global point model, a per-run point model and "
-        "the other scorer family, in the same report",
+        help="also evaluate a global point model, a per-run point model, the other scorer "
+        "family and the drift and auto presets, in the same report",
     )
     p.set_defaults(func=cmd_evaluate)
 
@@ -375,6 +378,11 @@ def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
             streams.Config(name=f"global point {spec.family}", spec=point, mode="global"),
             streams.Config(name=f"per-run point {spec.family}", spec=point),
             streams.Config(name=f"per-run {spec.preset} {other}", spec=spec.replace(family=other)),
+        ]
+        configs += [
+            streams.Config(name=f"per-run {preset} {spec.family}", spec=spec.replace(preset=preset))
+            for preset in ("drift", "auto")
+            if preset != spec.preset
         ]
     return configs
 

@@ -20,15 +20,17 @@ over a frame) and online (``step`` over one reading, with the machine's window s
    ``base``   the mean of the last ``window`` z minus the machine's slow baseline level,
               in units of its slow baseline spread: an exponentially weighted mean and
               variance of z with time constant ``span`` readings (level started at the
-              machine's first z, spread at the training scale), updated with the reading's
-              gap clipped to ``BASE_STEP`` spreads, so one wild reading (or a fault's first
-              readings) barely moves them while slow normal drift (warm-up, a load that
-              settles, a busier season) is followed. Kept in the window state
-              (``b<step>:<channel>`` = [level, variance]), journaled and checkpointed with
-              it; ``baseline_moves`` says how far each level has moved, in training scales.
-   ``vol``    logstd over the window minus its own slow baseline (the same bounded
-              exponential mean, ``v<step>:<channel>``, started at the first full window): a
-              change of variability, relative to what the machine has shown lately.
+              machine's first z, spread at the training scale; the spread follows
+              ``SPREAD_SPANS`` times slower), updated only while the reading is within
+              ``BASE_STEP`` spreads of the level: a fault does not become the new normal,
+              while slow normal drift (warm-up, a load that settles) is followed. Kept in
+              the window state (``b<step>:<channel>`` = [level, variance]), journaled and
+              checkpointed with it; ``baseline_moves`` says how far each level has moved
+              (in training scales).
+   ``vol``    logstd over the window minus its own slow baseline (an exponential mean
+              that holds while the gap is beyond ``VOL_GATE``; ``v<step>:<channel>``,
+              started at the first full window): a change of variability, relative to what
+              the machine has shown lately.
 
 3. Warm-up: a windowed feature is valid once its window is full: ``window`` readings for
    mean/std/logstd/min/max, ``window`` earlier readings for ``dev``, ``window`` changes for
@@ -97,15 +99,18 @@ Op = Literal[
     "base",
     "vol",
 ]
-# ``base``: a slow baseline (EWMA of z with time constant ``span`` readings) that moves at
-# most BASE_STEP / span per reading, so one wild reading (or a fault's first readings)
-# barely moves it while a slow drift of normal operation is followed.
+# ``base``: a slow baseline (EWMA of z with time constant ``span`` readings) that a reading
+# more than BASE_STEP spreads away does not move, so a fault never becomes the new normal
+# while a slow drift of normal operation is followed.
 BASE_STEP: Final = 3.0
 # The spread follows SPREAD_SPANS times slower than the level: a fault that lasts a while
 # must not teach the baseline that such swings are usual before it is over.
 SPREAD_SPANS: Final = 5
-BASE_FLOOR: Final = 1e-4  # the baseline variance never falls below (0.01 training scales)²
-DEFAULT_SPAN: Final = 200
+BASE_FLOOR: Final = 1e-4
+# ``vol``: its baseline holds while the window's log std is more than VOL_GATE from it
+# (about three standard deviations of the log std of a five-reading window).
+VOL_GATE: Final = 1.0  # the baseline variance never falls below (0.01 training scales)²
+DEFAULT_SPAN: Final = 50
 # logstd = ln(std + LOGSTD_FLOOR) of standardised values: a stuck sensor (std 0) lands far
 # below anything noisy, a noise burst far above; both on a scale a forest splits evenly.
 LOGSTD_FLOOR: Final = 1e-3
@@ -653,8 +658,8 @@ def baseline_moves(spec: PipelineSpec, state: State) -> dict[str, float]:
 
 def _base_step(state: State, key: str, z: float, mean: float, span: int) -> float:
     """``mean`` (of the recent z) minus the slow baseline level before this reading, over its
-    slow spread; then level and variance move with the reading's gap clipped to
-    ``BASE_STEP`` spreads (the same arithmetic in batch and streaming)."""
+    slow spread; then level and variance follow the reading unless it is more than
+    ``BASE_STEP`` spreads away (the same arithmetic in batch and streaming)."""
     held = state.get(key)
     if held is None:
         level, var = (z if math.isfinite(z) else 0.0), 1.0
@@ -662,26 +667,26 @@ def _base_step(state: State, key: str, z: float, mean: float, span: int) -> floa
         level, var = float(held[0]), float(held[1])
     spread = math.sqrt(var)
     out = (mean - level) / spread
-    limit = BASE_STEP * spread
     gap = z - level
-    step = limit if gap > limit else -limit if gap < -limit else gap
-    if math.isfinite(step):
-        level += step / span
-        var += (step * step - var) / (SPREAD_SPANS * span)
+    # Frozen while the reading is far from it (a fault, not drift): the baseline never
+    # learns an anomaly as the new normal; drift of normal operation stays within reach.
+    if abs(gap) <= BASE_STEP * spread:
+        level += gap / span
+        var += (gap * gap - var) / (SPREAD_SPANS * span)
         var = max(var, BASE_FLOOR)
     state[key] = [level, var]
     return out
 
 
 def _vol_step(state: State, key: str, logstd: float, span: int) -> float:
-    """``logstd`` minus its slow baseline; the baseline then moves by the gap clipped to
-    ``BASE_STEP`` over ``span`` (started at the first full window's value)."""
+    """``logstd`` minus its slow baseline; the baseline then follows with time constant
+    ``span`` unless the gap is beyond ``VOL_GATE`` (started at the first full window)."""
     baseline = state.get(key)
     if baseline is None:
         baseline = logstd if math.isfinite(logstd) else 0.0
     gap = logstd - baseline
-    step = BASE_STEP if gap > BASE_STEP else -BASE_STEP if gap < -BASE_STEP else gap
-    state[key] = baseline + step / span if math.isfinite(step) else baseline
+    # frozen while the variability is far from its baseline (a noise burst, an oscillation)
+    state[key] = baseline + gap / span if abs(gap) <= VOL_GATE else baseline
     return gap
 
 
