@@ -242,16 +242,28 @@ class Pipeline:
         # "moment" slot); the plan says per step where its value comes from.
         self._moments: list[tuple[str, int]] = []
         self._plan: list[tuple[int, Any, Step]] = []
+        self._make_plan(spec)
+        self._init_fill(spec)
+
+    def _make_plan(self, spec: PipelineSpec) -> None:
+        """The streaming step's plan: where each step's value comes from."""
         for j, s in enumerate(spec.steps):
             if s.op == "raw":
                 self._plan.append((_RAW, s.channel, s))
-            elif s.op in _MOMENT_OPS:
+            elif s.op in _MOMENT_OPS or s.op in ("base", "vol"):
                 slot = (f"z:{s.channel}", s.window)
                 if slot not in self._moments:
                     self._moments.append(slot)
-                self._plan.append((_MOMENT_CODES[s.op], self._moments.index(slot), s))
+                if s.op in _MOMENT_OPS:
+                    self._plan.append((_MOMENT_CODES[s.op], self._moments.index(slot), s))
+                else:  # the window's mean or log std from the shared pass, then the baseline
+                    code = _BASE if s.op == "base" else _VOL
+                    self._plan.append((code, (self._moments.index(slot), baseline_key(j, s)), s))
             else:
                 self._plan.append((_OTHER, baseline_key(j, s), s))
+
+    def _init_fill(self, spec: PipelineSpec) -> None:
+        """The warm-up imputation rules and the channel whose history counts readings."""
         # Warm-up imputation: readings seen -> [(feature, intercept, ((input, coef), ...))].
         self._fill: dict[int, list[tuple[int, float, tuple[tuple[int, float], ...]]]] = {}
         for f in spec.fill or []:
@@ -488,7 +500,11 @@ class Pipeline:
             elif code == _STD:
                 features.append(moments[arg][1])
             else:
-                features.append(self._step_one(s, state, row, z, attributes, key=arg))
+                features.append(
+                    _baseline_feature(code, arg, s, state=state, z=z, moments=moments)
+                    if code >= _BASE
+                    else self._step_one(s, state, row, z, attributes, key=arg)
+                )
         if self._fill and (seen := len(state[self._count_key])) < self._full:
             self._impute(seen, features)
         return features
@@ -570,7 +586,7 @@ class Pipeline:
 
 _MOMENT_OPS: Final = frozenset({"mean", "std", "logstd"})
 # The streaming plan's step codes (``Pipeline._plan``).
-_RAW, _MEAN, _STD, _LOGSTD, _OTHER = range(5)
+_RAW, _MEAN, _STD, _LOGSTD, _OTHER, _BASE, _VOL = range(7)
 _MOMENT_CODES: Final = {"mean": _MEAN, "std": _STD, "logstd": _LOGSTD}
 
 
@@ -637,6 +653,24 @@ def _positions(groups: Sequence[str] | None, n: int) -> npt.NDArray[np.intp]:
         out[i] = position
         seen[key] = position + 1
     return out
+
+
+def _baseline_feature(
+    code: int,
+    arg: tuple[int, str],
+    s: Step,
+    *,
+    state: State,
+    z: Mapping[str, float],
+    moments: Sequence[tuple[float, float]],
+) -> float:
+    """A ``base`` or ``vol`` feature from its window's shared (mean, std) pass."""
+    slot, key = arg
+    if code == _BASE:
+        return _base_step(state, key, z[s.channel], moments[slot][0], s.span)
+    if len(state[f"z:{s.channel}"]) < s.window:
+        return 0.0
+    return _vol_step(state, key, math.log(moments[slot][1] + LOGSTD_FLOOR), s.span)
 
 
 def baseline_key(index: int, step: Step) -> str:
