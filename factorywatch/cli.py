@@ -564,6 +564,15 @@ def model_figures(card: ModelCard) -> str:
     metrics = card.metrics
     if "train_alert_rate" in metrics:
         parts.append(f"alarms on {metrics['train_alert_rate']:.1%} of training readings")
+    if "forward_far" in metrics and card.threshold_spec.method == "far":
+        parts.append(
+            f"forward in time {metrics['forward_far']:.2%} false alarms "
+            f"(target {card.threshold_spec.value:.2%})"
+        )
+    moving = [b for b in str(card.params.get("behaviour") or "").split(",") if b]
+    moving = [b for b in moving if not b.endswith(":stationary")]
+    if moving:
+        parts.append("channels moving while normal: " + ", ".join(moving))
     if "label_roc_auc" in metrics:
         parts.append(
             f"vs failure labels: ROC-AUC {metrics['label_roc_auc']:.3f}, "
