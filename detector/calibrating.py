@@ -58,17 +58,7 @@ def fit(req: FitRequest, *, seed: int = 0) -> Trained:
     """Fit the machine's model on its window (CPU-bound: the shell runs it off the loop)."""
     matrix = np.asarray(req.rows, dtype=np.float64).reshape(len(req.rows), len(req.channels))
     columns = {c: matrix[:, i].copy() for i, c in enumerate(req.channels)}
-    spec = req.spec
-    return fit_columns(
-        columns,
-        name=req.machine,
-        preset=spec.preset,
-        window=spec.window,
-        family=spec.family,
-        far=spec.far,
-        trees=spec.trees,
-        seed=seed,
-    )
+    return fit_columns(columns, req.spec.fit_spec(seed=seed), name=req.machine)
 
 
 def check_fittable(spec: CalibrateSpec | None) -> None:

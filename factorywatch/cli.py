@@ -140,8 +140,11 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
         choices=[*generic.PRESETS, "ai4i"],
         default=generic.DEFAULT_PRESET,
         help="features: point (channels only), windowed (+ rolling mean and log std, the "
-        "default), full (+ flat-line, deviation from baseline, rate of change), ai4i (the "
-        "AI4I headroom features, for AI4I-shaped CSVs)",
+        "default), full (+ flat-line, deviation from baseline, rate of change), drift (each "
+        "channel's departure from a slow baseline and its variability against its own slow "
+        "baseline: for channels whose normal level moves), auto (drift for the channels that "
+        "trend or step over the training rows, windowed for the others), ai4i (the AI4I "
+        "headroom features, for AI4I-shaped CSVs)",
     )
     g.add_argument("--window", type=int, default=generic.DEFAULT_WINDOW, help="window (rows)")
     g.add_argument(
@@ -285,18 +288,7 @@ def train_csv_model(args: argparse.Namespace, data: DataSettings, *, promote: bo
     if asset is not None:
         mask = apply_asset(asset, rec, mask, progress=_progress)
     _progress(f"training on {int(mask.sum())} of {rec.rows} rows, channels {rec.channels}")
-    trained = generic.fit_recording(
-        rec,
-        mask,
-        preset=args.preset,
-        window=args.window,
-        smooth=args.smooth,
-        family=args.family,
-        far=args.far,
-        trees=args.trees,
-        seed=args.seed,
-        progress=_progress,
-    )
+    trained = generic.fit_recording(rec, mask, _fit_spec(args), progress=_progress)
     card = trained.card
     if asset is not None:
         card = card.model_copy(update={"params": {**card.params, **asset.card_params()}})
@@ -349,14 +341,114 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     _csv_options(p)
     p.add_argument("--label-column", help="with --csv: the label column (0 = normal)")
+    p.add_argument(
+        "--nab",
+        type=Path,
+        help="a folder in the Numenta Anomaly Benchmark's layout (timestamp,value CSVs under "
+        "data/ and combined_windows.json): trains each file on NAB's probationary period and "
+        "scores it with NAB's standard profile -> reports/nab.{json,md,png}",
+    )
     p.add_argument("--trees", type=int, default=200, help="with --csv: Isolation Forest trees")
     p.add_argument(
         "--compare",
         action="store_true",
-        help="with --csv: also evaluate a global point model, a per-run point model and "
-        "the other scorer family, in the same report",
+        help="also evaluate a global point model, a per-run point model, the other scorer "
+        "family and the drift and auto presets, in the same report",
     )
     p.set_defaults(func=cmd_evaluate)
+
+
+def _fit_spec(args: argparse.Namespace) -> Any:
+    """The ``FitSpec`` the command line gives (train --csv, evaluate --csv/--nab)."""
+    from factorywatch.model.fitspec import FitSpec  # noqa: PLC0415
+
+    try:
+        return FitSpec(
+            preset=args.preset,
+            window=args.window,
+            smooth=args.smooth,
+            family=args.family,
+            far=args.far,
+            trees=args.trees,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise FactorywatchError(str(exc)) from None
+
+
+def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
+    """The configuration the options give, plus the comparison ones with ``--compare``."""
+    from factorywatch.model import streams  # noqa: PLC0415
+
+    spec = _fit_spec(args)
+    configs = [streams.Config(name=f"per-run {spec.preset} {spec.family}", spec=spec)]
+    if args.compare:
+        other = "pca" if spec.family == "iforest" else "iforest"
+        point = spec.replace(preset="point", smooth=1)
+        configs += [
+            streams.Config(name=f"global point {spec.family}", spec=point, mode="global"),
+            streams.Config(name=f"per-run point {spec.family}", spec=point),
+            streams.Config(name=f"per-run {spec.preset} {other}", spec=spec.replace(family=other)),
+        ]
+        configs += [
+            streams.Config(name=f"per-run {preset} {spec.family}", spec=spec.replace(preset=preset))
+            for preset in ("drift", "auto")
+            if preset != spec.preset
+        ]
+    return configs
+
+
+def _print_summaries(document: dict[str, Any]) -> None:
+    for entry in document["configs"]:
+        s = entry["summary"]
+        nab_mean = s.get("nab_normalised_mean")
+        print(
+            f"{entry['name']}: precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
+            f"F1 {s['f1']:.3f}  FAR {s['far']:.4f} (target {entry['config']['far']})  "
+            f"MAR {s['mar']:.3f}  events {s['events_detected']}/{s['events']}  "
+            f"alarms {s['alarms']} ({s['false_alarms']} false)"
+            + (f"  NAB {nab_mean:.1f}" if nab_mean is not None else "")
+        )
+    for name, value in document.get("nab_published_normalised_mean", {}).items():
+        print(f"{name} (published): NAB {value:.1f}")
+
+
+def cmd_evaluate_nab(args: argparse.Namespace, root: Path) -> int:
+    """``factorywatch evaluate --nab DIR``: NAB's layout -> reports/nab.{json,md,png}."""
+    from factorywatch.model import nab, streams  # noqa: PLC0415
+
+    if args.preset == "ai4i":
+        raise FactorywatchError("--preset ai4i is evaluated with `factorywatch evaluate --dataset`")
+    files = nab.load_nab(root)
+    recs = [f.recording for f in files]
+    windows = [f.windows for f in files]
+    configs = _evaluation_configs(args)
+    results = {
+        c.name: streams.evaluate(
+            recs,
+            c,
+            train_rows=None,
+            train_until=None,
+            seed=args.seed,
+            windows=windows,
+            progress=_progress,
+        )
+        for c in configs
+    }
+    command = "factorywatch " + " ".join(sys.argv[1:]) if sys.argv[1:] else "factorywatch evaluate"
+    document = streams.write_report(
+        args.out,
+        results,
+        configs,
+        command=command,
+        source=f"{root} ({len(recs)} files, NAB layout: trained on each file's probationary "
+        "period)",
+        stem="nab",
+        references=nab.published_means(root, files),
+    )
+    _print_summaries(document)
+    print(f"report: {args.out / 'nab.md'}")
+    return 0
 
 
 def cmd_evaluate_csv(args: argparse.Namespace) -> int:
@@ -378,44 +470,7 @@ def cmd_evaluate_csv(args: argparse.Namespace) -> int:
         missing=args.missing,
         progress=_progress,
     )
-    main = streams.Config(
-        name=f"per-run {args.preset} {args.family}",
-        preset=args.preset,
-        family=args.family,
-        window=args.window,
-        smooth=args.smooth,
-        far=args.far,
-        trees=args.trees,
-    )
-    configs = [main]
-    if args.compare:
-        other = "pca" if args.family == "iforest" else "iforest"
-        configs += [
-            streams.Config(
-                name=f"global point {args.family}",
-                preset="point",
-                family=args.family,
-                mode="global",
-                far=args.far,
-                trees=args.trees,
-            ),
-            streams.Config(
-                name=f"per-run point {args.family}",
-                preset="point",
-                family=args.family,
-                far=args.far,
-                trees=args.trees,
-            ),
-            streams.Config(
-                name=f"per-run {args.preset} {other}",
-                preset=args.preset,
-                family=other,
-                window=args.window,
-                smooth=args.smooth,
-                far=args.far,
-                trees=args.trees,
-            ),
-        ]
+    configs = _evaluation_configs(args)
     results = {
         c.name: streams.evaluate(
             recs,
@@ -431,22 +486,20 @@ def cmd_evaluate_csv(args: argparse.Namespace) -> int:
     document = streams.write_report(
         args.out, results, configs, command=command, source=f"{args.csv} ({len(recs)} runs)"
     )
-    for entry in document["configs"]:
-        s = entry["summary"]
-        print(
-            f"{entry['name']}: precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
-            f"F1 {s['f1']:.3f}  FAR {s['far']:.4f}  MAR {s['mar']:.3f}  "
-            f"events {s['events_detected']}/{s['events']}"
-        )
+    _print_summaries(document)
     print(f"report: {args.out / streams.REPORT_FILE}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``factorywatch evaluate``: the AI4I protocol, or labelled recordings with ``--csv``."""
-    from factorywatch.model import dataset, evaluate  # noqa: PLC0415
+    from factorywatch.model import dataset, evaluate, nab  # noqa: PLC0415
 
+    if args.nab is not None:
+        return cmd_evaluate_nab(args, args.nab)
     if args.csv is not None:
+        if nab.find_layout(args.csv) is not None and not args.label_column:
+            return cmd_evaluate_nab(args, args.csv)  # a NAB folder given as --csv
         return cmd_evaluate_csv(args)
     data = _data_settings(args)
     ds = dataset.obtain(data.dataset, data.data_dir, verify=not args.no_verify, progress=_progress)
@@ -522,6 +575,15 @@ def model_figures(card: ModelCard) -> str:
     metrics = card.metrics
     if "train_alert_rate" in metrics:
         parts.append(f"alarms on {metrics['train_alert_rate']:.1%} of training readings")
+    if "forward_far" in metrics and card.threshold_spec.method == "far":
+        parts.append(
+            f"forward in time {metrics['forward_far']:.2%} false alarms "
+            f"(target {card.threshold_spec.value:.2%})"
+        )
+    moving = [b for b in str(card.params.get("behaviour") or "").split(",") if b]
+    moving = [b for b in moving if not b.endswith(":stationary")]
+    if moving:
+        parts.append("channels moving while normal: " + ", ".join(moving))
     if "label_roc_auc" in metrics:
         parts.append(
             f"vs failure labels: ROC-AUC {metrics['label_roc_auc']:.3f}, "

@@ -41,6 +41,7 @@ from factorywatch.contracts import Verdict
 from factorywatch.errors import FactorywatchError
 from factorywatch.launch import Launched, child_env, cli_command
 from factorywatch.model import artifact, streams
+from factorywatch.model.fitspec import DEFAULT_SPEC, FitSpec
 from factorywatch.model.generic import Scores, Trained, score_recording
 from factorywatch.model.recording import Recording
 from factorywatch.settings import BrokerSettings
@@ -56,10 +57,12 @@ Key = tuple[str, int]
 
 def default_configs(far: float, trees: int, window: int) -> list[streams.Config]:
     """What the report compares: global point, per-run point, per-run windowed (default)."""
+    spec = FitSpec(far=far, trees=trees, window=window)
+    point = spec.replace(preset="point")
     return [
-        streams.Config(name="global point", preset="point", mode="global", far=far, trees=trees),
-        streams.Config(name="per-run point", preset="point", far=far, trees=trees),
-        streams.Config(name="per-run windowed", window=window, far=far, trees=trees),
+        streams.Config(name="global point", spec=point, mode="global"),
+        streams.Config(name="per-run point", spec=point),
+        streams.Config(name=f"per-run {spec.preset}", spec=spec),
     ]
 
 
@@ -430,7 +433,7 @@ def document(
         "configs": [
             {
                 "name": o.config.name,
-                "config": o.config.__dict__,
+                "config": o.config.as_dict(),
                 "offline": streams.summary(o.offline),
                 "live": streams.summary(o.live),
                 "delivery": o.delivery.__dict__,
@@ -532,9 +535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--label-column", default="anomaly")
     parser.add_argument("--time-column", default="datetime")
     parser.add_argument("--train-rows", type=int, default=400)
-    parser.add_argument("--far", type=float, default=streams.Config.far)
-    parser.add_argument("--trees", type=int, default=streams.Config.trees)
-    parser.add_argument("--window", type=int, default=streams.Config.window)
+    parser.add_argument("--far", type=float, default=DEFAULT_SPEC.far)
+    parser.add_argument("--trees", type=int, default=DEFAULT_SPEC.trees)
+    parser.add_argument("--window", type=int, default=DEFAULT_SPEC.window)
     parser.add_argument(
         "--parallel",
         type=int,

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from factorywatch.channels import canonical
 from factorywatch.errors import DatasetError
 from factorywatch.model.calibration import DEFAULT_FAR, MIN_TRAIN_ROWS
+from factorywatch.model.fitspec import FitSpec
 from factorywatch.model.recording import Recording
 
 
@@ -76,9 +77,20 @@ class CalibrateSpec(BaseModel):
     groups: list[str] = []
     default: bool = False  # every machine without a model of its own or of its group
     far: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_FAR
-    preset: Literal["point", "windowed", "full"] = "windowed"
+    preset: Literal["point", "windowed", "full", "drift", "auto"] = "windowed"
     window: Annotated[int, Field(ge=1)] = 5
     trees: Annotated[int, Field(ge=10, le=1000)] = 200  # iforest (memory: ~6-10 KB a tree)
+
+    def fit_spec(self, *, seed: int = 0) -> FitSpec:
+        """The ``FitSpec`` a machine's calibration window is fitted with."""
+        return FitSpec(
+            preset=self.preset,
+            window=self.window,
+            family=self.family,
+            far=self.far,
+            trees=self.trees,
+            seed=seed,
+        )
 
 
 class Asset(BaseModel):

@@ -24,26 +24,35 @@ relationship stands out on one axis, which an axis-parallel forest isolates quic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from factorywatch.errors import DatasetError
 from factorywatch.model.artifact import DataInfo, ModelCard, library_versions, new_version
+from factorywatch.model.behaviour import Behaviour, characterise_all
 from factorywatch.model.calibration import (
-    DEFAULT_FAR,
     FOLDS,
     conformal_quantile,
     folds,
     threshold_for,
 )
 from factorywatch.model.envelope import Envelope, fit_envelope
-from factorywatch.model.families import DEFAULT_FAMILY, FittedScorer, fit_scorer
+from factorywatch.model.families import FittedScorer, fit_scorer
+from factorywatch.model.fitspec import (
+    DEFAULT_PRESET,
+    DEFAULT_SMOOTH,
+    DEFAULT_SPEC,
+    DEFAULT_TREES,
+    DEFAULT_WINDOW,
+    PRESETS,
+    FitSpec,
+)
 from factorywatch.model.pipeline import Pipeline, Step
 from factorywatch.model.scoring import robust_center_scale
 from factorywatch.model.threshold import ThresholdSpec
@@ -54,21 +63,45 @@ if TYPE_CHECKING:  # pandas (the train extra) only where a recording is read
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
-PRESETS: Final = ("point", "windowed", "full")
-DEFAULT_PRESET: Final = "windowed"
-DEFAULT_WINDOW: Final = 5
-DEFAULT_SMOOTH: Final = 1
-DEFAULT_TREES: Final = 200
+__all__ = [
+    "DEFAULT_PRESET",
+    "DEFAULT_SMOOTH",
+    "DEFAULT_TREES",
+    "DEFAULT_WINDOW",
+    "PRESETS",
+    "Scores",
+    "Trained",
+    "fit_columns",
+    "fit_recording",
+    "preset_steps",
+    "score_recording",
+]
 ENVELOPE_MARGIN: Final = 1.0
 CLEAR_RATE: Final = 0.10
 
 
-def preset_steps(preset: str, channels: Sequence[str], window: int) -> list[Step]:
-    """The pipeline steps of ``preset`` over ``channels``."""
+def preset_steps(
+    preset: str,
+    channels: Sequence[str],
+    window: int,
+    behaviour: Mapping[str, Behaviour] | None = None,
+) -> list[Step]:
+    """The pipeline steps of ``preset`` over ``channels`` (``auto``: ``drift`` steps for the
+    channels whose ``behaviour`` over the training rows is trending or stepping, ``windowed``
+    steps for the others)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown feature preset {preset!r}; choose from {list(PRESETS)}")
     steps: list[Step] = []
     for c in channels:
+        moving = (behaviour or {}).get(c) in ("trending", "stepping")
+        if preset == "drift" or (preset == "auto" and moving):
+            # the level a drifting channel holds is not a fault; its departure from its
+            # slow baseline and its short-term variability are
+            steps += [
+                Step(op="base", channel=c, window=window),
+                Step(op="vol", channel=c, window=window),
+            ]
+            continue
         steps.append(Step(op="raw", channel=c))
         if preset == "point":
             continue
@@ -120,17 +153,16 @@ def _fit_scorer(
 def fit_recording(
     rec: Recording,
     train: BoolArray,
+    spec: FitSpec = DEFAULT_SPEC,
     *,
-    preset: str = DEFAULT_PRESET,
-    window: int = DEFAULT_WINDOW,
-    smooth: int = DEFAULT_SMOOTH,
-    family: str = DEFAULT_FAMILY,
-    far: float = DEFAULT_FAR,
-    trees: int = DEFAULT_TREES,
-    seed: int = 0,
     progress: Callable[[str], None] = lambda _: None,
+    **changes: Any,
 ) -> Trained:
-    """Fit a model on the rows ``train`` of ``rec`` (each machine's rows in order)."""
+    """Fit a model on the rows ``train`` of ``rec`` (each machine's rows in order) as
+    ``spec`` says (``changes``: fields of ``spec`` replaced, ``family="pca"``)."""
+    spec = spec.replace(**changes) if changes else spec
+    preset, window, smooth, family = spec.preset, spec.window, spec.smooth, spec.family
+    far, trees, seed = spec.far, spec.trees, spec.seed
     rows = np.flatnonzero(train)
     columns = {c: rec.columns[c][rows] for c in rec.channels}
     groups = [rec.machines[i] for i in rows.tolist()] if rec.machines else []
@@ -144,8 +176,15 @@ def fit_recording(
         raise DatasetError(f"every channel is constant over the training rows: {constant}")
     if constant:
         progress(f"constant over training, watched by the envelope only: {constant}")
+    behaviour = characterise_all({c: columns[c] for c in used})
+    moving = {c: b for c, b in behaviour.items() if b != "stationary"}
+    if moving:
+        progress(f"channels that move while normal over the training rows: {moving}")
     base = Pipeline.fit(
-        columns, preset_steps(preset, used, window), smooth=smooth, groups=groups or None
+        columns,
+        preset_steps(preset, used, window, behaviour),
+        smooth=smooth,
+        groups=groups or None,
     )
     named = base.feature_rows(columns, groups=groups or None)
     progress(
@@ -161,9 +200,18 @@ def fit_recording(
     pipeline, scorer = _fit_scorer(base, named, family, seed, trees)
     cut = threshold_for(calibration, far)
     progress(f"threshold {cut:.4f} (false-alarm rate {far} on out-of-sample training scores)")
+    forward = forward_far(calibration, fold, far)
+    progress(
+        f"forward in time: a threshold set on the earlier {FOLDS - 1} blocks raised "
+        f"{forward:.2%} false alarms on the last block (target {far:.2%})"
+    )
     in_sample = base.smooth_scores(scorer.score(pipeline.project(named)), groups or None)
     center, scale = robust_center_scale(named)
-    envelope = fit_envelope(columns, rec.channels, margin=ENVELOPE_MARGIN)
+    # A channel scored by its departure from a slow baseline may leave its training range as
+    # normal drift; its baseline feature, not the fixed range, watches it.
+    followed = {st.channel for st in base.spec.steps if st.op == "base"}
+    watched = [c for c in rec.channels if c not in followed]
+    envelope = fit_envelope(columns, watched, margin=ENVELOPE_MARGIN) if watched else None
     card = ModelCard(
         version=new_version(),
         created_at=datetime.now(UTC),
@@ -183,6 +231,7 @@ def fit_recording(
             "random_state": seed,
             "calibration_folds": FOLDS,
             "constant_channels": ",".join(constant) or None,
+            "behaviour": ",".join(f"{c}:{b}" for c, b in behaviour.items()) or None,
             "renamed": ",".join(f"{k}->{v}" for k, v in rec.renamed.items()) or None,
         },
         data=DataInfo(
@@ -196,6 +245,7 @@ def fit_recording(
         feature_center=center.tolist(),
         feature_scale=scale.tolist(),
         metrics={
+            "forward_far": forward,
             "calibration_alert_rate": float(np.mean(calibration > cut)),
             "train_alert_rate": float(np.mean(in_sample > cut)),
             "calibration_score_p50": float(np.quantile(calibration, 0.5)),
@@ -204,6 +254,16 @@ def fit_recording(
         scorer_family="pca" if family == "pca" else "iforest",
     )
     return Trained(scorer=scorer, card=card)
+
+
+def forward_far(calibration: FloatArray, fold: npt.NDArray[np.intp], far: float) -> float:
+    """The realized false-alarm rate forward in time: the threshold for ``far`` set on the
+    out-of-sample scores of every block but the last (of each machine), measured on the
+    last block's scores (the training rows are normal, so every alert there is false)."""
+    last = fold == FOLDS - 1
+    if last.all() or not last.any():
+        return float("nan")
+    return float(np.mean(calibration[last] > threshold_for(calibration[~last], far)))
 
 
 @dataclass(frozen=True)
@@ -233,15 +293,10 @@ def score_recording(
 
 def fit_columns(
     columns: dict[str, FloatArray],
+    spec: FitSpec = DEFAULT_SPEC,
     *,
     name: str = "live",
-    preset: str = DEFAULT_PRESET,
-    window: int = DEFAULT_WINDOW,
-    smooth: int = DEFAULT_SMOOTH,
-    family: str = DEFAULT_FAMILY,
-    far: float = DEFAULT_FAR,
-    trees: int = DEFAULT_TREES,
-    seed: int = 0,
+    **changes: Any,
 ) -> Trained:
     """Fit on one machine's readings in order (``{channel: values}``): a calibration window.
 
@@ -258,14 +313,4 @@ def fit_columns(
         channels=channels,
         columns={c: np.asarray(v, dtype=np.float64) for c, v in columns.items()},
     )
-    return fit_recording(
-        rec,
-        np.ones(rows, dtype=np.bool_),
-        preset=preset,
-        window=window,
-        smooth=smooth,
-        family=family,
-        far=far,
-        trees=trees,
-        seed=seed,
-    )
+    return fit_recording(rec, np.ones(rows, dtype=np.bool_), spec, **changes)

@@ -17,6 +17,20 @@ over a frame) and online (``step`` over one reading, with the machine's window s
               (1.0 = stuck sensor)
    ``derived`` a named physical quantity of raw channels (``model.features.DERIVED``, the
               AI4I preset);  ``encode`` an attribute through a code table (``product_type``)
+   ``base``   the mean of the last ``window`` z minus the machine's slow baseline level,
+              in units of its slow baseline spread: an exponentially weighted mean and
+              variance of z with time constant ``span`` readings (level started at the
+              machine's first z, spread at the training scale; the spread follows
+              ``SPREAD_SPANS`` times slower), updated only while the reading is within
+              ``BASE_STEP`` spreads of the level: a fault does not become the new normal,
+              while slow normal drift (warm-up, a load that settles) is followed. Kept in
+              the window state (``b<step>:<channel>`` = [level, variance]), journaled and
+              checkpointed with it; ``baseline_moves`` says how far each level has moved
+              (in training scales).
+   ``vol``    logstd over the window minus its own slow baseline (an exponential mean
+              that holds while the gap is beyond ``VOL_GATE``; ``v<step>:<channel>``,
+              started at the first full window): a change of variability, relative to what
+              the machine has shown lately.
 
 3. Warm-up: a windowed feature is valid once its window is full: ``window`` readings for
    mean/std/logstd/min/max, ``window`` earlier readings for ``dev``, ``window`` changes for
@@ -58,10 +72,45 @@ State = dict[str, Any]  # one machine's window state: JSON-serialisable
 
 Z_CLIP: Final = 1e6
 WHITEN_FLOOR: Final = 1e-3
-WINDOW_OPS: Final = ("mean", "std", "logstd", "min", "max", "dev", "roc", "flat")
+WINDOW_OPS: Final = (
+    "mean",
+    "std",
+    "logstd",
+    "min",
+    "max",
+    "dev",
+    "roc",
+    "flat",
+    "base",
+    "vol",
+)
 Op = Literal[
-    "raw", "mean", "std", "logstd", "min", "max", "dev", "roc", "flat", "derived", "encode"
+    "raw",
+    "mean",
+    "std",
+    "logstd",
+    "min",
+    "max",
+    "dev",
+    "roc",
+    "flat",
+    "derived",
+    "encode",
+    "base",
+    "vol",
 ]
+# ``base``: a slow baseline (EWMA of z with time constant ``span`` readings) that a reading
+# more than BASE_STEP spreads away does not move, so a fault never becomes the new normal
+# while a slow drift of normal operation is followed.
+BASE_STEP: Final = 3.0
+# The spread follows SPREAD_SPANS times slower than the level: a fault that lasts a while
+# must not teach the baseline that such swings are usual before it is over.
+SPREAD_SPANS: Final = 5
+BASE_FLOOR: Final = 1e-4
+# ``vol``: its baseline holds while the window's log std is more than VOL_GATE from it
+# (about three standard deviations of the log std of a five-reading window).
+VOL_GATE: Final = 1.0  # the baseline variance never falls below (0.01 training scales)²
+DEFAULT_SPAN: Final = 50
 # logstd = ln(std + LOGSTD_FLOOR) of standardised values: a stuck sensor (std 0) lands far
 # below anything noisy, a noise burst far above; both on a scale a forest splits evenly.
 LOGSTD_FLOOR: Final = 1e-3
@@ -76,6 +125,7 @@ class Step(BaseModel):
     channel: str = Field(description="channel, derived quantity name, or attribute")
     window: int = Field(default=1, ge=1, le=10_000)
     codes: dict[str, float] | None = None  # encode only
+    span: int = Field(default=DEFAULT_SPAN, ge=1, le=1_000_000)  # base only
 
     @property
     def name(self) -> str:
@@ -86,6 +136,8 @@ class Step(BaseModel):
             return f"{self.channel}_code"
         if self.op == "roc":
             return f"{self.channel}__roc"
+        if self.op == "base":
+            return f"{self.channel}__base{self.window}_{self.span}"
         return f"{self.channel}__{self.op}{self.window}"
 
 
@@ -133,6 +185,8 @@ def min_periods(step: Step) -> int:
     """Readings of a machine (current included) before ``step``'s value is valid."""
     if step.op in ("dev", "flat"):
         return step.window + 1
+    if step.op == "base":
+        return 1
     if step.op == "roc":
         return 2
     if step.op in WINDOW_OPS:
@@ -188,16 +242,28 @@ class Pipeline:
         # "moment" slot); the plan says per step where its value comes from.
         self._moments: list[tuple[str, int]] = []
         self._plan: list[tuple[int, Any, Step]] = []
-        for s in spec.steps:
+        self._make_plan(spec)
+        self._init_fill(spec)
+
+    def _make_plan(self, spec: PipelineSpec) -> None:
+        """The streaming step's plan: where each step's value comes from."""
+        for j, s in enumerate(spec.steps):
             if s.op == "raw":
                 self._plan.append((_RAW, s.channel, s))
-            elif s.op in _MOMENT_OPS:
+            elif s.op in _MOMENT_OPS or s.op in ("base", "vol"):
                 slot = (f"z:{s.channel}", s.window)
                 if slot not in self._moments:
                     self._moments.append(slot)
-                self._plan.append((_MOMENT_CODES[s.op], self._moments.index(slot), s))
+                if s.op in _MOMENT_OPS:
+                    self._plan.append((_MOMENT_CODES[s.op], self._moments.index(slot), s))
+                else:  # the window's mean or log std from the shared pass, then the baseline
+                    code = _BASE if s.op == "base" else _VOL
+                    self._plan.append((code, (self._moments.index(slot), baseline_key(j, s)), s))
             else:
-                self._plan.append((_OTHER, None, s))
+                self._plan.append((_OTHER, baseline_key(j, s), s))
+
+    def _init_fill(self, spec: PipelineSpec) -> None:
+        """The warm-up imputation rules and the channel whose history counts readings."""
         # Warm-up imputation: readings seen -> [(feature, intercept, ((input, coef), ...))].
         self._fill: dict[int, list[tuple[int, float, tuple[tuple[int, float], ...]]]] = {}
         for f in spec.fill or []:
@@ -361,6 +427,22 @@ class Pipeline:
                 out[:, j] = z[s.channel]
             elif s.op == "flat":
                 out[:, j] = _flat(np.asarray(columns[s.channel], dtype=np.float64), s.window)
+            elif s.op == "vol":
+                vstate: State = {}
+                vkey = baseline_key(j, s)
+                logstds = _window_op("logstd", z[s.channel], s.window).tolist()
+                out[:, j] = [
+                    _vol_step(vstate, vkey, v, s.span) if i + 1 >= s.window else 0.0
+                    for i, v in enumerate(logstds)
+                ]
+            elif s.op == "base":
+                state: State = {}
+                key = baseline_key(j, s)
+                means = _window_op("mean", z[s.channel], s.window).tolist()
+                out[:, j] = [
+                    _base_step(state, key, v, m, s.span)
+                    for v, m in zip(z[s.channel].tolist(), means, strict=True)
+                ]
             else:
                 out[:, j] = _window_op(s.op, z[s.channel], s.window)
         if self._fill:  # warm-up: partial windows -> imputed
@@ -418,7 +500,11 @@ class Pipeline:
             elif code == _STD:
                 features.append(moments[arg][1])
             else:
-                features.append(self._step_one(s, state, row, z, attributes))
+                features.append(
+                    _baseline_feature(code, arg, s, state=state, z=z, moments=moments)
+                    if code >= _BASE
+                    else self._step_one(s, state, row, z, attributes, key=arg)
+                )
         if self._fill and (seen := len(state[self._count_key])) < self._full:
             self._impute(seen, features)
         return features
@@ -439,6 +525,8 @@ class Pipeline:
         row: Mapping[str, float],
         z: Mapping[str, float],
         attributes: Mapping[str, str] | None,
+        *,
+        key: str,
     ) -> float:
         if s.op == "raw":
             return z[s.channel]
@@ -448,6 +536,14 @@ class Pipeline:
         if s.op == "encode":
             return (s.codes or TYPE_CODE).get((attributes or {}).get(s.channel, ""), math.nan)
         history = state[f"z:{s.channel}"]
+        if s.op == "base":
+            window = history[-s.window :]
+            return _base_step(state, key, z[s.channel], _mean(window), s.span)
+        if s.op == "vol":
+            if len(history) < s.window:
+                return 0.0
+            logstd = _from_moments("logstd", _mean_std(history[-s.window :]))
+            return _vol_step(state, key, logstd, s.span)
         if s.op == "flat":
             return _flat_tail(state[f"x:{s.channel}"], s.window)
         if s.op == "roc":
@@ -490,7 +586,7 @@ class Pipeline:
 
 _MOMENT_OPS: Final = frozenset({"mean", "std", "logstd"})
 # The streaming plan's step codes (``Pipeline._plan``).
-_RAW, _MEAN, _STD, _LOGSTD, _OTHER = range(5)
+_RAW, _MEAN, _STD, _LOGSTD, _OTHER, _BASE, _VOL = range(7)
 _MOMENT_CODES: Final = {"mean": _MEAN, "std": _STD, "logstd": _LOGSTD}
 
 
@@ -557,6 +653,75 @@ def _positions(groups: Sequence[str] | None, n: int) -> npt.NDArray[np.intp]:
         out[i] = position
         seen[key] = position + 1
     return out
+
+
+def _baseline_feature(
+    code: int,
+    arg: tuple[int, str],
+    s: Step,
+    *,
+    state: State,
+    z: Mapping[str, float],
+    moments: Sequence[tuple[float, float]],
+) -> float:
+    """A ``base`` or ``vol`` feature from its window's shared (mean, std) pass."""
+    slot, key = arg
+    if code == _BASE:
+        return _base_step(state, key, z[s.channel], moments[slot][0], s.span)
+    if len(state[f"z:{s.channel}"]) < s.window:
+        return 0.0
+    return _vol_step(state, key, math.log(moments[slot][1] + LOGSTD_FLOOR), s.span)
+
+
+def baseline_key(index: int, step: Step) -> str:
+    """Where a machine's window state keeps step ``index``'s slow baseline (one per step, so
+    two baseline steps of one channel never share one)."""
+    return f"{'b' if step.op == 'base' else 'v'}{index}:{step.channel}"
+
+
+def baseline_moves(spec: PipelineSpec, state: State) -> dict[str, float]:
+    """How far each ``base`` baseline of a machine has moved from the training centre, in
+    training scales of its channel (empty before its first reading)."""
+    out: dict[str, float] = {}
+    for j, s in enumerate(spec.steps):
+        held = state.get(baseline_key(j, s))
+        if s.op == "base" and held is not None:
+            out[s.name] = round(float(held[0]), 3)
+    return out
+
+
+def _base_step(state: State, key: str, z: float, mean: float, span: int) -> float:
+    """``mean`` (of the recent z) minus the slow baseline level before this reading, over its
+    slow spread; then level and variance follow the reading unless it is more than
+    ``BASE_STEP`` spreads away (the same arithmetic in batch and streaming)."""
+    held = state.get(key)
+    if held is None:
+        level, var = (z if math.isfinite(z) else 0.0), 1.0
+    else:
+        level, var = float(held[0]), float(held[1])
+    spread = math.sqrt(var)
+    out = (mean - level) / spread
+    gap = z - level
+    # Frozen while the reading is far from it (a fault, not drift): the baseline never
+    # learns an anomaly as the new normal; drift of normal operation stays within reach.
+    if abs(gap) <= BASE_STEP * spread:
+        level += gap / span
+        var += (gap * gap - var) / (SPREAD_SPANS * span)
+        var = max(var, BASE_FLOOR)
+    state[key] = [level, var]
+    return out
+
+
+def _vol_step(state: State, key: str, logstd: float, span: int) -> float:
+    """``logstd`` minus its slow baseline; the baseline then follows with time constant
+    ``span`` unless the gap is beyond ``VOL_GATE`` (started at the first full window)."""
+    baseline = state.get(key)
+    if baseline is None:
+        baseline = logstd if math.isfinite(logstd) else 0.0
+    gap = logstd - baseline
+    # frozen while the variability is far from its baseline (a noise burst, an oscillation)
+    state[key] = baseline + gap / span if abs(gap) <= VOL_GATE else baseline
+    return gap
 
 
 def _flat_tail(values: Sequence[float], window: int) -> float:

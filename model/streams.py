@@ -11,6 +11,17 @@ rows AFTER the training part are counted. Counts are summed over runs (micro ave
   with a time column) from its first row to its first ALERT, and an event with no ALERT in
   it is missed.
 
+Alert level (what an operator sees): the ALERT rows go through the detector's alert rule
+(``alarms``: raised when ``ALARM_K`` of the last ``ALARM_N`` readings are ALERT, cleared
+after ``ALARM_M`` non-ALERT readings in a row, as ``detector/alerting.py``'s defaults). An
+event is found when an alarm is raised inside it; the time to detect is from the event's
+first row to that raise; a false alarm is one raised outside every event; alarms per day
+count raised alarms over the scored span (per 1,000 rows without a time column).
+
+A run in NAB's layout (``model.nab``) carries its windows: its labelled events are the
+windows, its training part is NAB's probationary period, and the alarms raised are its
+detections for NAB's standard-profile score (``model.nab``), normalised per file.
+
 ``mode="per-run"`` trains a model per run (a model per machine); ``mode="global"`` trains
 one model on every run's training part (one model for all machines).
 """
@@ -27,7 +38,8 @@ import numpy as np
 import numpy.typing as npt
 
 from factorywatch.errors import DatasetError
-from factorywatch.model.calibration import DEFAULT_FAR
+from factorywatch.model import nab
+from factorywatch.model.fitspec import DEFAULT_SPEC, FitSpec
 from factorywatch.model.generic import Scores, Trained, fit_recording, score_recording
 from factorywatch.model.recording import (
     Missing,
@@ -42,20 +54,24 @@ JSON_FILE: Final = "streams.json"
 REPORT_FILE: Final = "streams.md"
 PLOT_FILE: Final = "streams.png"
 MAX_PLOTS: Final = 16
+#: The alert rule applied to ALERT rows (the defaults of ``detector/alerting.py``).
+ALARM_K: Final = 3
+ALARM_N: Final = 5
+ALARM_M: Final = 10
+SECONDS_PER_DAY: Final = 86_400.0
 
 
 @dataclass(frozen=True)
 class Config:
-    """One model configuration to evaluate."""
+    """One model configuration to evaluate: a name, how it is fitted, per run or global."""
 
     name: str
-    preset: str = "windowed"
-    family: str = "iforest"
+    spec: FitSpec = DEFAULT_SPEC
     mode: str = "per-run"  # or "global"
-    window: int = 5
-    smooth: int = 1
-    far: float = DEFAULT_FAR
-    trees: int = 200
+
+    def as_dict(self) -> dict[str, Any]:
+        """Name, mode and the fit parameters, flat (the report's ``config``)."""
+        return {"name": self.name, "mode": self.mode, **self.spec.as_dict()}
 
 
 @dataclass
@@ -70,6 +86,9 @@ class RunResult:
     seconds_per_row: float | None
     counts: dict[str, int] = field(default_factory=dict)
     delays: list[int | None] = field(default_factory=list)
+    alert_level: dict[str, Any] = field(default_factory=dict)
+    forward_far: float | None = None  # the training's forward-in-time estimate
+    nab: dict[str, float | None] | None = None  # NAB scores when the run has windows
 
 
 def csv_files(path: Path) -> list[Path]:
@@ -215,16 +234,85 @@ def evaluate(
     train_rows: int | None,
     train_until: str | None,
     seed: int = 0,
+    windows: Sequence[Sequence[tuple[int, int]]] | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[RunResult]:
-    """Train per run (or once, globally), score every run, count its test rows."""
-    masks = train_masks(recs, train_rows=train_rows, train_until=train_until)
+    """Train per run (or once, globally), score every run, count its test rows.
+
+    ``windows`` (NAB's layout, one list per run): each run trains on NAB's probationary
+    period instead of ``train_rows``/``train_until`` and is scored with NAB's profile too.
+    """
+    if windows is None:
+        masks = train_masks(recs, train_rows=train_rows, train_until=train_until)
+    else:
+        masks = [nab_mask(rec.rows) for rec in recs]
     models = fit_models(recs, masks, config, seed)
     results = []
-    for rec, mask, model in zip(recs, masks, models, strict=True):
-        results.append(run_result(rec, mask, score_recording(model, rec.columns), model))
+    for i, (rec, mask, model) in enumerate(zip(recs, masks, models, strict=True)):
+        run_windows = None if windows is None else windows[i]
+        scores = score_recording(model, rec.columns)
+        results.append(run_result(rec, mask, scores, model, windows=run_windows))
         progress(f"{config.name}: {rec.name} scored")
     return results
+
+
+def nab_mask(rows: int) -> BoolArray:
+    """NAB's probationary period of a run as its training rows."""
+    mask = np.zeros(rows, dtype=np.bool_)
+    mask[: nab.probation_rows(rows)] = True
+    return mask
+
+
+def alarms(
+    flagged: BoolArray, *, k: int = ALARM_K, n: int = ALARM_N, m: int = ALARM_M
+) -> list[int]:
+    """Rows where an alarm is raised: ``k`` of the last ``n`` rows ALERT while none is open;
+    it stays open until ``m`` non-ALERT rows in a row clear it."""
+    raised: list[int] = []
+    open_alarm = False
+    recent = 0  # ALERT rows among the last n
+    calm = 0
+    values = flagged.tolist()
+    for i, hit in enumerate(values):
+        recent += int(hit)
+        if i >= n:
+            recent -= int(values[i - n])
+        if open_alarm:
+            calm = 0 if hit else calm + 1
+            if calm >= m:
+                open_alarm = False
+        elif recent >= k:
+            open_alarm, calm = True, 0
+            raised.append(i)
+    return raised
+
+
+def alert_figures(
+    labels: npt.NDArray[np.int_], raised: Sequence[int], start: int, seconds_per_row: float | None
+) -> dict[str, Any]:
+    """Alert-level figures over rows ``start ..`` (the scored part): events found by a raised
+    alarm, time to detect, false alarms, alarms per day (per 1,000 rows without times)."""
+    scored = [r for r in raised if r >= start]
+    spans = [(a + start, b + start) for a, b in events(labels[start:])]
+    inside = np.zeros(len(labels), dtype=np.bool_)
+    for a, b in spans:
+        inside[a:b] = True
+    ttd: list[int | None] = []
+    for a, b in spans:
+        hits = [r for r in scored if a <= r < b]
+        ttd.append(hits[0] - a if hits else None)
+    rows = len(labels) - start
+    days = rows * seconds_per_row / SECONDS_PER_DAY if seconds_per_row else None
+    return {
+        "alarms": len(scored),
+        "false_alarms": sum(1 for r in scored if not inside[r]),
+        "alarm_events": len(spans),
+        "alarm_events_found": sum(1 for t in ttd if t is not None),
+        "ttd_rows": ttd,
+        "scored_days": days,
+        "alarms_per_day": len(scored) / days if days else None,
+        "alarms_per_1000_rows": 1000.0 * len(scored) / rows if rows else 0.0,
+    }
 
 
 def train_masks(
@@ -242,28 +330,50 @@ def fit_models(
     recs: Sequence[Recording], masks: Sequence[BoolArray], config: Config, seed: int = 0
 ) -> list[Trained]:
     """The model serving each run: its own (``per-run``) or one shared by all (``global``)."""
+    spec = config.spec.replace(seed=seed)
     if config.mode == "global":
         joined = _concat(recs, masks)
-        shared = _fit(joined, np.ones(joined.rows, dtype=np.bool_), config, seed)
+        shared = fit_recording(joined, np.ones(joined.rows, dtype=np.bool_), spec)
         return [shared] * len(recs)
-    return [_fit(rec, mask, config, seed) for rec, mask in zip(recs, masks, strict=True)]
+    return [fit_recording(rec, mask, spec) for rec, mask in zip(recs, masks, strict=True)]
 
 
-def run_result(rec: Recording, mask: BoolArray, scores: Scores, model: Trained) -> RunResult:
-    """One run's figures from its per-row scores and ALERT flags (offline or from verdicts)."""
+def run_result(
+    rec: Recording,
+    mask: BoolArray,
+    scores: Scores,
+    model: Trained,
+    *,
+    windows: Sequence[tuple[int, int]] | None = None,
+) -> RunResult:
+    """One run's figures from its per-row scores and ALERT flags (offline or from verdicts).
+
+    The training rows are the run's first rows (``alert_figures`` counts from the first
+    row after them)."""
     test = ~mask
     assert rec.labels is not None
     labels = rec.labels[test]
     flagged = scores.flagged[test]
+    raised = alarms(scores.flagged)
+    start = int(np.argmin(mask)) if test.any() else rec.rows
+    nab_scores = None
+    if windows is not None:
+        detected = np.zeros(rec.rows, dtype=np.bool_)
+        detected[raised] = True
+        nab_scores = nab.normalised_score(detected, windows, probation=nab.probation_rows(rec.rows))
+    seconds_per_row = _seconds_per_row(rec)
     return RunResult(
         name=rec.name,
         train_rows=int(mask.sum()),
         labels=rec.labels,
         scores=scores,
         threshold=model.card.threshold,
-        seconds_per_row=_seconds_per_row(rec),
+        seconds_per_row=seconds_per_row,
         counts=confusion(labels, flagged),
         delays=event_delays(labels, flagged),
+        alert_level=alert_figures(rec.labels, raised, start, seconds_per_row),
+        nab=nab_scores,
+        forward_far=model.card.metrics.get("forward_far"),
     )
 
 
@@ -283,20 +393,6 @@ def _concat(recs: Sequence[Recording], masks: Sequence[BoolArray]) -> Recording:
     )
 
 
-def _fit(rec: Recording, mask: BoolArray, config: Config, seed: int) -> Trained:
-    return fit_recording(
-        rec,
-        mask,
-        preset=config.preset,
-        window=config.window,
-        smooth=config.smooth,
-        family=config.family,
-        far=config.far,
-        trees=config.trees,
-        seed=seed,
-    )
-
-
 def summary(results: Sequence[RunResult]) -> dict[str, Any]:
     """Summed counts, rates and event figures over runs."""
     counts = {k: sum(r.counts[k] for r in results) for k in ("tp", "fp", "fn", "tn")}
@@ -308,6 +404,19 @@ def summary(results: Sequence[RunResult]) -> dict[str, Any]:
         for d in r.delays
         if d is not None and r.seconds_per_row is not None
     ]
+    ttd = [t for r in results for t in r.alert_level["ttd_rows"] if t is not None]
+    ttd_seconds = [
+        t * r.seconds_per_row
+        for r in results
+        for t in r.alert_level["ttd_rows"]
+        if t is not None and r.seconds_per_row is not None
+    ]
+    timed = [r.alert_level for r in results if r.alert_level.get("scored_days")]
+    alarms_total = sum(r.alert_level["alarms"] for r in results)
+    forward = [
+        r.forward_far for r in results if r.forward_far is not None and np.isfinite(r.forward_far)
+    ]
+    normalised = [r.nab["normalised"] for r in results if r.nab and r.nab["normalised"] is not None]
     return {
         **counts,
         **rates(counts),
@@ -317,6 +426,21 @@ def summary(results: Sequence[RunResult]) -> dict[str, Any]:
         "delay_rows_median": float(np.median(found)) if found else None,
         "delay_rows_mean": float(np.mean(found)) if found else None,
         "delay_seconds_median": float(np.median(seconds)) if seconds else None,
+        "alarms": alarms_total,
+        "false_alarms": sum(r.alert_level["false_alarms"] for r in results),
+        "alarm_events": sum(r.alert_level["alarm_events"] for r in results),
+        "alarm_events_found": sum(r.alert_level["alarm_events_found"] for r in results),
+        "ttd_rows_median": float(np.median(ttd)) if ttd else None,
+        "ttd_seconds_median": float(np.median(ttd_seconds)) if ttd_seconds else None,
+        # over the runs with times only: alarms of those runs / their scored days
+        "alarms_per_day": (
+            sum(a["alarms"] for a in timed) / sum(a["scored_days"] for a in timed)
+            if timed
+            else None
+        ),
+        "forward_far_mean": float(np.mean(forward)) if forward else None,
+        "nab_files": len(normalised),
+        "nab_normalised_mean": float(np.mean(normalised)) if normalised else None,
     }
 
 
@@ -335,16 +459,22 @@ def write_report(
     *,
     command: str,
     source: str,
+    stem: str = "streams",
+    references: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Write ``streams.json``, ``streams.md`` and ``streams.png`` into ``out``; return the JSON."""
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out``; return the JSON.
+
+    ``references``: published mean normalised NAB scores of other detectors, shown beside."""
     out.mkdir(parents=True, exist_ok=True)
     document: dict[str, Any] = {"command": command, "source": source, "configs": []}
+    if references:
+        document["nab_published_normalised_mean"] = references
     for config in configs:
         runs = results[config.name]
         document["configs"].append(
             {
                 "name": config.name,
-                "config": config.__dict__,
+                "config": config.as_dict(),
                 "summary": summary(runs),
                 "runs": [
                     {
@@ -354,12 +484,16 @@ def write_report(
                         **r.counts,
                         **rates(r.counts),
                         "event_delays_rows": r.delays,
+                        **r.alert_level,
+                        "nab": r.nab,
+                        "forward_far": r.forward_far,
                     }
                     for r in runs
                 ],
             }
         )
-    (out / JSON_FILE).write_text(json.dumps(document, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
+    plot_file = f"{stem}.png"
     lines = [
         "# Streams evaluation",
         "",
@@ -368,34 +502,63 @@ def write_report(
         "summed over runs. FAR = false alarms among normal rows, MAR = missed anomalous rows; "
         "delay = rows from an event's first row to its first ALERT.",
         "",
-        "| configuration | precision | recall | F1 | FAR | MAR | events found | median delay "
-        "(rows) |",
-        "|---|---|---|---|---|---|---|---|",
+        "FAR (target) is the realized rate beside the target; forward FAR is what training "
+        "predicted forward in time (threshold set on the earlier training blocks, measured on "
+        "the last one; mean over runs).",
+        "",
+        "| configuration | precision | recall | F1 | FAR (target) | forward FAR | MAR | "
+        "events found | median delay (rows) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in document["configs"]:
         s = entry["summary"]
         lines.append(
             f"| {entry['name']} | {_fmt(s['precision'])} | {_fmt(s['recall'])} | "
-            f"{_fmt(s['f1'])} | {_fmt(s['far'], 4)} | {_fmt(s['mar'])} | "
+            f"{_fmt(s['f1'])} | {_fmt(s['far'], 4)} ({_fmt(entry['config']['far'], 4)}) | "
+            f"{_fmt(s['forward_far_mean'], 4)} | {_fmt(s['mar'])} | "
             f"{s['events_detected']}/{s['events']} | {_fmt(s['delay_rows_median'], 1)} |"
         )
+    lines += [
+        "",
+        "Alert level: an alarm is raised when "
+        f"{ALARM_K} of the last {ALARM_N} readings are ALERT and clears after {ALARM_M} "
+        "normal ones (the detector's alert rule); an event is found when an alarm is raised "
+        "inside it, time to detect (TTD) is from its first row to that raise; a false alarm is "
+        "raised outside every event. NAB = mean per-file normalised NAB standard-profile score "
+        "(null = 0, perfect = 100) of the raised alarms, over files with a window.",
+        "",
+        "| configuration | alarms | false alarms | alarms per day | events found by an alarm | "
+        "median TTD (rows) | NAB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in document["configs"]:
+        s = entry["summary"]
+        lines.append(
+            f"| {entry['name']} | {s['alarms']} | {s['false_alarms']} | "
+            f"{_fmt(s['alarms_per_day'], 2)} | {s['alarm_events_found']}/{s['alarm_events']} | "
+            f"{_fmt(s['ttd_rows_median'], 1)} | {_fmt(s['nab_normalised_mean'], 1)} |"
+        )
+    for name, value in (references or {}).items():
+        lines.append(f"| {name} (published) | | | | | | {value:.1f} |")
     first = document["configs"][0]
     lines += [
         "",
         f"## Per run ({first['name']})",
         "",
-        "| run | F1 | FAR | MAR | event delays (rows) |",
-        "|---|---|---|---|---|",
+        "| run | F1 | FAR | MAR | event delays (rows) | alarms (false) | NAB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in first["runs"]:
         delays = ", ".join("missed" if d is None else str(d) for d in run["event_delays_rows"])
+        nab_score = run["nab"]["normalised"] if run["nab"] else None
         lines.append(
             f"| {run['name']} | {_fmt(run['f1'])} | {_fmt(run['far'], 4)} | "
-            f"{_fmt(run['mar'])} | {delays or '-'} |"
+            f"{_fmt(run['mar'])} | {delays or '-'} | {run['alarms']} ({run['false_alarms']}) | "
+            f"{_fmt(nab_score, 1)} |"
         )
-    lines += ["", f"![score, threshold and labels over time]({PLOT_FILE})", ""]
-    (out / REPORT_FILE).write_text("\n".join(lines))
-    _plot(out / PLOT_FILE, results[configs[0].name])
+    lines += ["", f"![score, threshold and labels over time]({plot_file})", ""]
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    _plot(out / plot_file, results[configs[0].name])
     return document
 
 

@@ -14,6 +14,14 @@ conditions on this machine: ``overstrain`` (vibration and current rise together)
 ``power_failure`` (electrical power leaves its window: current and voltage sag), and
 ``heat_dissipation`` (temperatures rise while the coolant flow drops).
 
+Normal drifts (``DRIFTS``), runs without any anomaly whose normal behaviour moves after the
+training part, as real plants do: ``warm_up`` (the machine starts cold: both temperatures
+rise towards their working level with a time constant of a few hundred readings),
+``load_settles`` (the load moves to a new working point after training and settles there:
+every load-driven channel moves together, keeping their relationship) and
+``seasonal`` (a slow cycle, longer than the run, on the temperatures: the ambient day). A
+detector must stay quiet on them.
+
 ``write_csv`` writes a run as a ``;``-separated CSV with a ``datetime`` column and an
 ``anomaly`` label column, like public benchmark recordings.
 """
@@ -49,6 +57,7 @@ KINDS: Final = (
     "power_failure",
     "heat_dissipation",
 )
+DRIFTS: Final = ("warm_up", "load_settles", "seasonal")
 # name: (mean, load gain, noise sd); the load process has unit variance.
 _BASE: Final = {
     "Accelerometer1RMS": (0.21, 0.012, 0.004),
@@ -89,23 +98,45 @@ class Run:
         return len(self.labels)
 
 
-def _normal(rows: int, rng: random.Random, setpoint_rate: float = 0.0) -> dict[str, list[float]]:
-    """Anomaly-free operation: correlated channels, slow warming, optional set-point changes.
+def _normal(
+    rows: int,
+    rng: random.Random,
+    setpoint_rate: float = 0.0,
+    drift: str | None = None,
+    train_rows: int = 400,
+) -> dict[str, list[float]]:
+    """Anomaly-free operation: correlated channels, slow warming, optional set-point changes
+    and one of the normal ``DRIFTS``.
 
     ``setpoint_rate``: per-row chance that an operator moves the load set-point to a new level
     (normal, but possibly a level the training part never saw).
     """
+    if drift is not None and drift not in DRIFTS:
+        raise ValueError(f"unknown normal drift {drift!r}; choose from {list(DRIFTS)}")
     load, setpoint = 0.0, 0.0
     warm = rng.uniform(-0.1, 0.3)  # temperature change over the run (degrees)
+    # warm-up: degrees still to gain at row 0, and its time constant (rows)
+    cold, tau = rng.uniform(1.0, 1.6), rng.uniform(250.0, 400.0)
+    # the load's new working point, reached over ``settle`` rows after training
+    target, settle = rng.choice((-1.0, 1.0)) * rng.uniform(0.8, 1.2), rng.uniform(150, 300)
+    period, phase = rng.uniform(1500.0, 2500.0), rng.uniform(0.0, 2 * math.pi)
     values: dict[str, list[float]] = {c: [] for c in CHANNELS}
     for i in range(rows):
         if setpoint_rate and rng.random() < setpoint_rate:
             setpoint = rng.uniform(-0.8, 0.8)
-        load = 0.95 * load + 0.05 * setpoint + rng.gauss(0.0, 0.3)
+        shift = 0.0
+        if drift == "load_settles" and i >= train_rows:
+            shift = target * min(1.0, (i - train_rows) / settle)
+        load = 0.95 * load + 0.05 * (setpoint + shift) + rng.gauss(0.0, 0.3)
+        heat = 0.0
+        if drift == "warm_up":
+            heat = -cold * math.exp(-i / tau)
+        elif drift == "seasonal":
+            heat = 0.8 * math.sin(2 * math.pi * i / period + phase)
         for c in CHANNELS:
             mean, gain, sd = _BASE[c]
-            drift = warm * i / rows if c in ("Temperature", "Thermocouple") else 0.0
-            values[c].append(mean + gain * load + drift + rng.gauss(0.0, sd))
+            drift_c = warm * i / rows + heat if c in ("Temperature", "Thermocouple") else 0.0
+            values[c].append(mean + gain * load + drift_c + rng.gauss(0.0, sd))
     return values
 
 
@@ -173,10 +204,12 @@ def generate(
     rows: int = 1200,
     episode_rows: tuple[int, int] = (60, 140),
     setpoint_rate: float = 0.0,
+    drift: str | None = None,
 ) -> Run:
-    """A run: ``train_rows`` normal rows, then normal operation with one episode per kind."""
+    """A run: ``train_rows`` normal rows, then normal operation with one episode per kind
+    (none: a normal run), with the normal ``drift`` if given."""
     rng = random.Random(seed)
-    values = _normal(rows, rng, setpoint_rate)
+    values = _normal(rows, rng, setpoint_rate, drift, train_rows)
     labels = [0] * rows
     episodes: list[Episode] = []
     free = rows - train_rows
@@ -194,12 +227,18 @@ def generate(
 
 
 def suite(seed: int = 0, runs_per_kind: int = 2, setpoint_rate: float = 0.0) -> dict[str, Run]:
-    """The scenario suite: ``runs_per_kind`` runs of each kind (two episodes per run)."""
+    """The scenario suite: ``runs_per_kind`` runs of each kind (two episodes per run), and
+    as many anomaly-free runs of each normal drift (``normal_<drift>_<n>``)."""
     out: dict[str, Run] = {}
     for k, kind in enumerate(KINDS):
         for r in range(runs_per_kind):
             out[f"{kind}_{r + 1}"] = generate(
                 [kind, kind], seed=seed * 1000 + k * 10 + r, setpoint_rate=setpoint_rate
+            )
+    for d, drift in enumerate(DRIFTS):
+        for r in range(runs_per_kind):
+            out[f"normal_{drift}_{r + 1}"] = generate(
+                [], seed=seed * 1000 + 700 + d * 10 + r, setpoint_rate=setpoint_rate, drift=drift
             )
     return out
 
@@ -243,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     for name, run in suite(args.seed, args.runs_per_kind, args.setpoints).items():
         write_csv(run, args.out / f"{name}.csv")
-    print(f"wrote {len(KINDS) * args.runs_per_kind} runs to {args.out}")
+    print(f"wrote {(len(KINDS) + len(DRIFTS)) * args.runs_per_kind} runs to {args.out}")
     return 0
 
 

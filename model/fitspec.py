@@ -1,0 +1,57 @@
+"""``FitSpec``: the parameters of fitting a generic model, in one frozen value.
+
+The CLI (``train --csv`` / ``evaluate --csv`` / ``--nab``), the evaluation
+(``model.streams``) and live calibration (``detector/calibrating.py``) all build one and
+hand it to ``model.generic.fit_recording`` / ``fit_columns``, so a default or a new
+parameter is written once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Final
+
+from factorywatch.model.calibration import DEFAULT_FAR
+from factorywatch.model.families import DEFAULT_FAMILY, FAMILIES
+
+PRESETS: Final = ("point", "windowed", "full", "drift", "auto")
+DEFAULT_PRESET: Final = "windowed"
+DEFAULT_WINDOW: Final = 5
+DEFAULT_SMOOTH: Final = 1
+DEFAULT_TREES: Final = 200
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """How to fit: feature preset and window, score smoothing, scorer family, target
+    false-alarm rate, forest size and seed."""
+
+    preset: str = DEFAULT_PRESET
+    window: int = DEFAULT_WINDOW
+    smooth: int = DEFAULT_SMOOTH
+    family: str = DEFAULT_FAMILY
+    far: float = DEFAULT_FAR
+    trees: int = DEFAULT_TREES
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown feature preset {self.preset!r}; choose from {PRESETS}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown scorer family {self.family!r}; choose from {FAMILIES}")
+        if not 0.0 < self.far < 1.0:
+            raise ValueError(f"false-alarm rate must be in (0, 1), got {self.far}")
+        if self.window < 1 or self.smooth < 1 or self.trees < 1:
+            raise ValueError("window, smooth and trees must be at least 1")
+
+    def replace(self, **changes: Any) -> FitSpec:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (reports, model cards)."""
+        return dataclasses.asdict(self)
+
+
+DEFAULT_SPEC: Final = FitSpec()
