@@ -184,6 +184,13 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY, help="scorer family")
     g.add_argument(
+        "--likelihood",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="score = anomaly likelihood: -log10 of the tail probability of the mean of the "
+        "last 10 scores against the machine's last 1000 (started with the training scores)",
+    )
+    g.add_argument(
         "--far",
         type=float,
         default=calibration.DEFAULT_FAR,
@@ -360,6 +367,7 @@ def _fit_spec(args: argparse.Namespace) -> Any:
             far=args.far,
             trees=args.trees,
             seed=args.seed,
+            likelihood=args.likelihood,
         )
     except ValueError as exc:
         raise FactorywatchError(str(exc)) from None
@@ -383,6 +391,21 @@ def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
             streams.Config(name=f"per-run {preset} {spec.family}", spec=spec.replace(preset=preset))
             for preset in ("drift", "auto")
             if preset != spec.preset
+        ]
+        # the same configurations with (or without) the anomaly likelihood
+        flip, label = not spec.likelihood, "likelihood" if not spec.likelihood else "raw score"
+        configs += [
+            streams.Config(
+                name=f"per-run {spec.preset} {spec.family} {label}",
+                spec=spec.replace(likelihood=flip),
+            ),
+            streams.Config(
+                name=f"per-run point {spec.family} {label}", spec=point.replace(likelihood=flip)
+            ),
+            streams.Config(
+                name=f"per-run {spec.preset} {other} {label}",
+                spec=spec.replace(family=other, likelihood=flip),
+            ),
         ]
     return configs
 
