@@ -349,7 +349,8 @@ def _add_evaluate(sub: Any) -> None:
         "--compare",
         action="store_true",
         help="also evaluate a global point model, a per-run point model, the other scorer "
-        "family and the drift and auto presets, in the same report",
+        "family and the drift and auto presets, and the per-run ones with (without) "
+        "--likelihood, in the same report",
     )
     p.set_defaults(func=cmd_evaluate)
 
@@ -378,7 +379,8 @@ def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
     from factorywatch.model import streams  # noqa: PLC0415
 
     spec = _fit_spec(args)
-    configs = [streams.Config(name=f"per-run {spec.preset} {spec.family}", spec=spec)]
+    mark = " likelihood" if spec.likelihood else ""
+    configs = [streams.Config(name=f"per-run {spec.preset} {spec.family}{mark}", spec=spec)]
     if args.compare:
         other = "pca" if spec.family == "iforest" else "iforest"
         point = spec.replace(preset="point", smooth=1)

@@ -47,3 +47,18 @@ def test_the_prior_is_bounded_and_starts_the_distribution() -> None:
     assert len(spec.prior) == LIKELIHOOD_LONG
     assert spec.prior[0] < 10.0
     assert spec.prior[-1] > 4990.0
+
+
+def test_evaluate_compare_pairs_each_per_run_configuration_with_the_likelihood() -> None:
+    """``evaluate --compare`` adds the per-run configurations with the likelihood flipped,
+    each under its own name, and ``--likelihood`` reaches the main configuration's spec."""
+    from factorywatch.cli import _evaluation_configs, build_parser  # noqa: PLC0415
+
+    for flag, main in (("--no-likelihood", False), ("--likelihood", True)):
+        args = build_parser().parse_args(["evaluate", "--nab", "x", "--compare", flag])
+        configs = _evaluation_configs(args)
+        assert configs[0].spec.likelihood is main
+        assert len({c.name for c in configs}) == len(configs)
+        flipped = [c for c in configs if c.spec.likelihood is not main]
+        assert {c.spec.preset for c in flipped} == {"windowed", "point"}
+        assert {c.spec.family for c in flipped} == {"iforest", "pca"}
