@@ -62,7 +62,14 @@ def test_streaming_equals_batch(
     for i, machine in enumerate(groups):
         row = {c: float(columns[c][i]) for c in CHANNELS}
         streamed.append(pipeline.step(states.setdefault(machine, {}), row))
-    assert np.allclose(np.array(streamed), batch, rtol=1e-9, atol=1e-9, equal_nan=True)
+    # whitening is a matrix product, summed in another order for one row than for many:
+    # equal up to rounding relative to the row's largest value
+    scale = np.maximum(1.0, np.abs(batch).max(axis=1, initial=0.0, where=np.isfinite(batch)))
+    tolerance = 1e-9 * scale[:, None]
+    assert (
+        np.isclose(np.array(streamed), batch, rtol=1e-9, atol=0.0, equal_nan=True)
+        | (np.abs(np.array(streamed) - batch) <= tolerance)
+    ).all()
     assert np.isfinite(batch).all()
     scores = np.arange(len(groups), dtype=np.float64)
     smoothed = [
