@@ -152,6 +152,13 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--family", choices=FAMILIES, default=DEFAULT_FAMILY, help="scorer family")
     g.add_argument(
+        "--likelihood",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="score = anomaly likelihood: -log10 of the tail probability of the mean of the "
+        "last 10 scores against the machine's last 1000 (started with the training scores)",
+    )
+    g.add_argument(
         "--far",
         type=float,
         default=calibration.DEFAULT_FAR,
@@ -353,7 +360,8 @@ def _add_evaluate(sub: Any) -> None:
         "--compare",
         action="store_true",
         help="also evaluate a global point model, a per-run point model, the other scorer "
-        "family and the drift and auto presets, in the same report",
+        "family and the drift and auto presets, and the per-run ones with (without) "
+        "--likelihood, in the same report",
     )
     p.set_defaults(func=cmd_evaluate)
 
@@ -371,6 +379,7 @@ def _fit_spec(args: argparse.Namespace) -> Any:
             far=args.far,
             trees=args.trees,
             seed=args.seed,
+            likelihood=args.likelihood,
         )
     except ValueError as exc:
         raise FactorywatchError(str(exc)) from None
@@ -381,7 +390,8 @@ def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
     from factorywatch.model import streams  # noqa: PLC0415
 
     spec = _fit_spec(args)
-    configs = [streams.Config(name=f"per-run {spec.preset} {spec.family}", spec=spec)]
+    mark = " likelihood" if spec.likelihood else ""
+    configs = [streams.Config(name=f"per-run {spec.preset} {spec.family}{mark}", spec=spec)]
     if args.compare:
         other = "pca" if spec.family == "iforest" else "iforest"
         point = spec.replace(preset="point", smooth=1)
@@ -394,6 +404,21 @@ def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
             streams.Config(name=f"per-run {preset} {spec.family}", spec=spec.replace(preset=preset))
             for preset in ("drift", "auto")
             if preset != spec.preset
+        ]
+        # the same configurations with (or without) the anomaly likelihood
+        flip, label = not spec.likelihood, "likelihood" if not spec.likelihood else "raw score"
+        configs += [
+            streams.Config(
+                name=f"per-run {spec.preset} {spec.family} {label}",
+                spec=spec.replace(likelihood=flip),
+            ),
+            streams.Config(
+                name=f"per-run point {spec.family} {label}", spec=point.replace(likelihood=flip)
+            ),
+            streams.Config(
+                name=f"per-run {spec.preset} {other} {label}",
+                spec=spec.replace(family=other, likelihood=flip),
+            ),
         ]
     return configs
 

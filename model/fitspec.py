@@ -25,7 +25,7 @@ DEFAULT_TREES: Final = 200
 @dataclass(frozen=True)
 class FitSpec:
     """How to fit: feature preset and window, score smoothing, scorer family, target
-    false-alarm rate, forest size and seed."""
+    false-alarm rate, forest size and seed, and whether the score is the anomaly likelihood."""
 
     preset: str = DEFAULT_PRESET
     window: int = DEFAULT_WINDOW
@@ -34,6 +34,8 @@ class FitSpec:
     far: float = DEFAULT_FAR
     trees: int = DEFAULT_TREES
     seed: int = 0
+    # score = anomaly likelihood of the smoothed scores (``model.pipeline``, step 5)
+    likelihood: bool = False
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:

@@ -53,7 +53,7 @@ from factorywatch.model.fitspec import (
     PRESETS,
     FitSpec,
 )
-from factorywatch.model.pipeline import Pipeline, Step
+from factorywatch.model.pipeline import Pipeline, Step, likelihood_for
 from factorywatch.model.scoring import robust_center_scale
 from factorywatch.model.threshold import ThresholdSpec
 
@@ -197,6 +197,12 @@ def fit_recording(
         fold_pipeline, fold_scorer = _fit_scorer(base, named[~inside], family, seed, trees)
         held_out[inside] = fold_scorer.score(fold_pipeline.project(named[inside]))
     calibration = base.smooth_scores(held_out, groups or None)
+    if spec.likelihood:
+        # the likelihood's long window starts with these out-of-sample scores, and the
+        # threshold is set on their likelihood as a live machine's would be computed
+        likelihood = likelihood_for(calibration, groups or None)
+        base = Pipeline(base.spec.model_copy(update={"likelihood": likelihood}))
+        calibration = base.smooth_scores(held_out, groups or None)
     pipeline, scorer = _fit_scorer(base, named, family, seed, trees)
     cut = threshold_for(calibration, far)
     progress(f"threshold {cut:.4f} (false-alarm rate {far} on out-of-sample training scores)")
@@ -227,6 +233,7 @@ def fit_recording(
             "preset": preset,
             "window": window,
             "smooth": smooth,
+            "likelihood": spec.likelihood,
             "n_estimators": trees if family == "iforest" else None,
             "random_state": seed,
             "calibration_folds": FOLDS,

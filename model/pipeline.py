@@ -48,6 +48,15 @@ over a frame) and online (``step`` over one reading, with the machine's window s
 4. Score smoothing (``smooth`` > 1): the verdict's score is the mean of the machine's last
    ``smooth`` raw scores (``smooth_scores`` / ``smooth_step``), over the scores so far while
    fewer than ``smooth`` exist (those scores come from imputed, typical features).
+5. Anomaly likelihood (``likelihood``, after smoothing; the rule of Numenta's HTM anomaly
+   likelihood, Ahmad et al. 2017): the mean of the machine's last ``short`` scores is compared
+   with the distribution of such means over its last ``long`` readings (median and 1.4826 MAD,
+   re-estimated every ``every`` readings), and the output is ``-log10`` of its Gaussian tail
+   probability: 2 = a recent level seen once in a hundred, 3 = once in a thousand. A score
+   level that moves with the process (drift) is thus judged against the machine's recent
+   scores, not against training's. The long window starts with the training scores
+   (``Likelihood.prior``, in the card), so a machine is never judged blind; it is kept in
+   the window state (``lk:*``), journaled and checkpointed with it.
 
 The window state of one machine is a plain JSON-serialisable dict (lists of floats), so the
 engine can snapshot and restore it. The batch ``transform`` treats each machine (``groups``)
@@ -165,6 +174,31 @@ class Fill(BaseModel):
     coef: list[float] = []
 
 
+# Anomaly likelihood (Numenta's AnomalyLikelihood defaults: an averaging window of 10 raw
+# scores, the distribution re-estimated every 100 readings; its historic window, 8640, is
+# bounded here to 1000 readings so a machine's journaled state stays small).
+LIKELIHOOD_SHORT: Final = 10
+LIKELIHOOD_LONG: Final = 1000
+LIKELIHOOD_EVERY: Final = 100
+# The spread never falls below this share of the training spread: a machine whose recent
+# scores are all alike must not turn a small wobble into a certain anomaly.
+LIKELIHOOD_FLOOR: Final = 0.1
+# -log10 of the smallest tail probability reported (a finite ceiling for an extreme level).
+LIKELIHOOD_CAP: Final = 300.0
+
+
+class Likelihood(BaseModel):
+    """Anomaly likelihood of the smoothed scores (step 5 of the module doc)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    short: int = Field(default=LIKELIHOOD_SHORT, ge=1, le=1000)
+    long: int = Field(default=LIKELIHOOD_LONG, ge=2, le=10_000)
+    every: int = Field(default=LIKELIHOOD_EVERY, ge=1, le=10_000)
+    # the training scores' short means, in time order: the long window's first contents
+    prior: list[float] = Field(min_length=2)
+
+
 class PipelineSpec(BaseModel):
     """What the model card stores: channels, their robust scales, steps, smoothing."""
 
@@ -179,6 +213,8 @@ class PipelineSpec(BaseModel):
     whiten: Whitening | None = None
     # Warm-up imputation rules (see ``Fill``); None = none (cards from before the rule).
     fill: list[Fill] | None = None
+    # Anomaly likelihood of the scores (module doc, step 5); None = the smoothed score itself.
+    likelihood: Likelihood | None = None
 
 
 def min_periods(step: Step) -> int:
@@ -558,30 +594,121 @@ class Pipeline:
             return float(min(window))
         return float(max(window))
 
-    # -- score smoothing -------------------------------------------------------------------
+    # -- score smoothing and likelihood ----------------------------------------------------
     def smooth_scores(self, scores: FloatArray, groups: Sequence[str] | None = None) -> FloatArray:
-        """Batch score smoothing: mean of each machine's last ``smooth`` scores."""
+        """Batch score post-processing per machine: the mean of its last ``smooth`` scores,
+        then its anomaly likelihood when the spec has one (equals ``smooth_step``)."""
         k = self.spec.smooth
-        if k <= 1:
+        if k <= 1 and self.spec.likelihood is None:
             return scores
-        if groups is None:
-            return _window_op("mean", scores, k)
-        keys = np.asarray(groups)
+        keys = np.zeros(len(scores), dtype=np.intp) if groups is None else np.asarray(groups)
         out = np.empty_like(scores)
         for key in dict.fromkeys(keys.tolist()):
             rows = np.flatnonzero(keys == key)
-            out[rows] = _window_op("mean", scores[rows], k)
+            values = _window_op("mean", scores[rows], k) if k > 1 else scores[rows]
+            if self.spec.likelihood is not None:
+                values = likelihood_scores(self.spec.likelihood, values)
+            out[rows] = values
         return out
 
     def smooth_step(self, state: State, score: float) -> float:
-        """Streaming score smoothing over the machine's last ``smooth`` scores."""
+        """Streaming score post-processing over the machine's state (``smooth_scores``)."""
         k = self.spec.smooth
-        if k <= 1:
-            return score
-        recent: list[float] = state.setdefault("scores", [])
-        recent.append(float(score))
-        del recent[:-k]
-        return _mean(recent)
+        value = float(score)
+        if k > 1:
+            recent: list[float] = state.setdefault("scores", [])
+            recent.append(value)
+            del recent[:-k]
+            value = _mean(recent)
+        if self.spec.likelihood is not None:
+            value = likelihood_step(self.spec.likelihood, state, value)
+        return value
+
+
+def likelihood_start(spec: Likelihood) -> State:
+    """A machine's likelihood state before its first score: the long window holds the
+    training scores' short means, the distribution is theirs."""
+    history = spec.prior[-spec.long :]
+    return {
+        "lk:r": [],
+        "lk:h": list(history),
+        "lk:p": list(_robust_normal(history, _prior_spread(spec))),
+        "lk:n": 0,
+    }
+
+
+def likelihood_step(spec: Likelihood, state: State, score: float) -> float:
+    """``-log10`` of the Gaussian tail probability of the mean of the last ``short`` scores
+    under the distribution estimated before this reading; then the long window takes the
+    mean and, every ``every`` readings, the distribution is estimated again (Numenta's
+    order: a reading is judged by what came before it)."""
+    if "lk:h" not in state:
+        state.update(likelihood_start(spec))
+    recent: list[float] = state["lk:r"]
+    recent.append(float(score))
+    del recent[: -spec.short]
+    level = _mean(recent)
+    centre, spread = state["lk:p"]
+    out = _tail_score((level - centre) / spread)
+    history: list[float] = state["lk:h"]
+    history.append(level)
+    del history[: -spec.long]
+    state["lk:n"] = int(state["lk:n"]) + 1
+    if state["lk:n"] % spec.every == 0:
+        state["lk:p"] = list(_robust_normal(history, _prior_spread(spec)))
+    return out
+
+
+def likelihood_scores(spec: Likelihood, scores: FloatArray) -> FloatArray:
+    """Batch form of ``likelihood_step`` over one machine's scores in order."""
+    state = likelihood_start(spec)
+    return np.array([likelihood_step(spec, state, v) for v in scores.tolist()], dtype=np.float64)
+
+
+def likelihood_for(scores: FloatArray, groups: Sequence[str] | None = None) -> Likelihood:
+    """The likelihood step whose long window starts with the training ``scores`` (smoothed,
+    out of sample): each machine's short means in time order, machines one after another,
+    at most ``long`` of them, evenly spaced."""
+    short, long = LIKELIHOOD_SHORT, LIKELIHOOD_LONG
+    keys = np.zeros(len(scores), dtype=np.intp) if groups is None else np.asarray(groups)
+    means: list[float] = []
+    for key in dict.fromkeys(keys.tolist()):
+        rows = np.flatnonzero(keys == key)
+        means += _window_op("mean", scores[rows], short).tolist()
+    if len(means) > long:
+        picks = np.linspace(0, len(means) - 1, long).round().astype(np.intp)
+        means = [means[i] for i in picks.tolist()]
+    return Likelihood(short=short, long=long, prior=[float(v) for v in means])
+
+
+def _prior_spread(spec: Likelihood) -> float:
+    """The spread floor: ``LIKELIHOOD_FLOOR`` of the training scores' robust spread."""
+    return LIKELIHOOD_FLOOR * _robust_normal(spec.prior, 0.0)[1]
+
+
+def _robust_normal(values: Sequence[float], floor: float) -> tuple[float, float]:
+    """Median and 1.4826 MAD of ``values`` (standard deviation when the MAD is 0), never
+    below ``floor`` nor a tiny positive value."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return 0.0, max(floor, 1e-12)
+    centre = float(np.median(x))
+    spread = 1.4826 * float(np.median(np.abs(x - centre)))
+    if not spread > 0.0:
+        spread = float(np.std(x))
+    return centre, max(spread, floor, 1e-12 * max(1.0, abs(centre)))
+
+
+def _tail_score(z: float) -> float:
+    """``-log10 Q(z)`` (Q the standard normal tail), capped at ``LIKELIHOOD_CAP``; NaN in,
+    the cap out (an unreadable score is not a reassuring one)."""
+    if not math.isfinite(z):
+        return 0.0 if z < 0 else LIKELIHOOD_CAP
+    tail = 0.5 * math.erfc(z / math.sqrt(2.0))
+    if tail <= 0.0:
+        return LIKELIHOOD_CAP
+    return min(-math.log10(tail), LIKELIHOOD_CAP)
 
 
 _MOMENT_OPS: Final = frozenset({"mean", "std", "logstd"})

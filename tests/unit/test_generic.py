@@ -95,12 +95,17 @@ def test_too_little_training_data_is_a_clear_error() -> None:
         fit_recording(rec, first(10, rec.rows))
 
 
-@pytest.mark.parametrize("family", ["iforest", "pca"])
-def test_detector_core_streams_the_same_scores(tmp_path: Path, family: str) -> None:
+@pytest.mark.parametrize(
+    ("family", "likelihood"), [("iforest", False), ("pca", False), ("iforest", True)]
+)
+def test_detector_core_streams_the_same_scores(
+    tmp_path: Path, family: str, likelihood: bool
+) -> None:
     """Saved, loaded and fed v2 readings with the CSV's raw names, the detector's core
-    gives each machine exactly the batch evaluation's scores (windows kept per machine)."""
+    gives each machine exactly the batch evaluation's scores (windows and the anomaly
+    likelihood's state kept per machine)."""
     rec = recording(["noise_burst"], seed=8, rows=700)
-    model = fit_recording(rec, first(400, rec.rows), family=family, trees=50)
+    model = fit_recording(rec, first(400, rec.rows), family=family, trees=50, likelihood=likelihood)
     artifact.save_generic(tmp_path, model.scorer, model.card)
     loaded = artifact.load(tmp_path, model.card.version)
     expected = score_recording(model, rec.columns)
