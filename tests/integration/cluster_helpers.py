@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import threading
 import time
@@ -124,7 +125,9 @@ def wait_verdicts(cluster: LocalNatsCluster, count: int, timeout_s: float) -> li
             return False  # the cluster is still electing a leader after a node was killed
         return len(found) >= count
 
-    wait_until(enough, timeout_s, poll_s=0.5)
+    # fewer may arrive (a forged reading must get none): the caller counts them
+    with contextlib.suppress(AssertionError):
+        wait_until(enough, timeout_s, poll_s=0.5)
     return found
 
 
@@ -211,8 +214,9 @@ class MosquittoSub:
         ]
 
     def close(self) -> None:
-        """Stop it."""
+        """Stop it (and reap it)."""
         self.process.terminate()
+        self.process.wait(10)
         self.process.wait(10)
 
 
