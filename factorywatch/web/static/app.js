@@ -243,12 +243,15 @@ const FW = (() => {
       const range = document.getElementById("range").value;
       const data = await api(`/api/history?machine=${encodeURIComponent(machine)}&since=${encodeURIComponent(range)}`).catch(() => ({ alerts: [] }));
       const body = document.querySelector("#history tbody");
-      body.innerHTML = data.alerts.map((a) => `<tr data-alert="${esc(a.alert_id)}">
+      // a refresh (live updates, a range change) that shows the same alerts keeps a note
+      // the operator is typing in a row
+      const key = `${range}|` + data.alerts.map((a) => `${a.alert_id}:${a.open}:${a.label}:${a.note}:${a.acknowledged_by}`).join(",");
+      setKeepingNotes(body, data.alerts.map((a) => `<tr data-alert="${esc(a.alert_id)}">
         <td>${when(a.raised_at)}</td><td>${a.open ? '<span class="badge ALERT">OPEN</span>' : when(a.cleared_at)}</td>
         <td>${fmt(a.peak_score)}</td><td>${features(a.explanation)}</td>
         <td>${a.acknowledged_by ? `✓ ${esc(a.acknowledged_by)}` : "–"}</td>
         <td class="label">${a.label ? labelBadge(a.label, a.labelled_by) : "–"}${a.note ? `<div class="note-text">${esc(a.note)}</div>` : ""}</td>
-        <td class="actions">${me.role === "operator" ? `${noteInput()}<button class="danger false-alarm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">False alarm</button><button class="secondary confirm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">Confirm</button>` : ""}</td></tr>`).join("");
+        <td class="actions">${me.role === "operator" ? `${noteInput()}<button class="danger false-alarm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">False alarm</button><button class="secondary confirm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">Confirm</button>` : ""}</td></tr>`).join(""), key);
       document.getElementById("no-history").hidden = data.alerts.length > 0;
     };
     const render = () => {
