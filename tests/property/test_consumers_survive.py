@@ -116,7 +116,7 @@ def test_no_batch_stops_the_detector_engine(engine: Engine, batch: list[tuple[st
     outcomes = engine.handle([Inbound(t, p, NOW, 0.0) for t, p in batch], NOW)
     assert len(outcomes) == len(batch)
     state.encode(engine.snapshot())
-    for record in engine.states.take_dirty():
+    for record in engine.take_dirty():
         state.encode(record.snapshot())
 
 
