@@ -1007,7 +1007,7 @@ def _add_broker(sub: Any) -> None:
 
 def cmd_broker_serve(args: argparse.Namespace) -> int:
     """``factorywatch broker serve``: Mosquitto in the foreground until Ctrl-C."""
-    from factorywatch.broker import LocalBroker  # noqa: PLC0415
+    from factorywatch.broker import LocalBroker, announce_reload_pid  # noqa: PLC0415
 
     stop = stop_on_signals()
     # SIGHUP here (after `broker add-user`): regenerate the ACL from the registry, then let
@@ -1016,9 +1016,13 @@ def cmd_broker_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
     secrets_dir = args.secrets_dir.resolve() if args.secrets_dir else None
     broker = LocalBroker(args.workdir.resolve(), port=args.port, secrets_dir=secrets_dir).start()
+    pid_file = announce_reload_pid(broker.workdir)
     tls = f", TLS on {broker.tls_port}" if broker.tls_port else ""
     _progress(f"mosquitto listening on 127.0.0.1:{broker.port}{tls} (log: {broker.log_file})")
-    _progress(f"after `broker add-user`: kill -HUP {os.getpid()} reloads users and ACL")
+    _progress(
+        f"after `broker add-user`: kill -HUP {os.getpid()} reloads users and ACL "
+        f"(`factorywatch web --broker-pid-file {pid_file}` sends it after its own changes)"
+    )
     try:
         while not stop.wait(0.5):
             if broker.process is not None and broker.process.poll() is not None:
@@ -1029,6 +1033,7 @@ def cmd_broker_serve(args: argparse.Namespace) -> int:
                 _progress("reloaded users and ACL")
     finally:
         broker.stop()
+        pid_file.unlink(missing_ok=True)
     return 0
 
 

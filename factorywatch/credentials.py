@@ -96,7 +96,8 @@ def add_user(secrets_dir: Path, user: str, password: str | None = None) -> str:
     return password
 
 
-def _passwd_users(secrets_dir: Path) -> set[str]:
+def passwd_users(secrets_dir: Path) -> set[str]:
+    """The user names of the password file (none when there is none)."""
     passwd = secrets_dir / PASSWD_FILE
     if not passwd.is_file():
         return set()
@@ -109,7 +110,7 @@ def remove_user(secrets_dir: Path, user: str) -> None:
     Raises ``RegistryError`` when no such user exists (nothing is changed then).
     """
     registry = read_registry(registry_path(secrets_dir), missing_ok=True)
-    known = user in _passwd_users(secrets_dir) or registry.role_of(user) is not None
+    known = user in passwd_users(secrets_dir) or registry.role_of(user) is not None
     if not known:
         raise RegistryError(f"no user {user!r} in {secrets_dir}: nothing removed")
     passwd = secrets_dir / PASSWD_FILE
