@@ -64,9 +64,10 @@ def stack(tmp_path: Path, spawn: Callable[..., Proc], model_dir: Path, topic_roo
     viewer, `operator` a plain operator."""
     secrets = tmp_path / "secrets"
     init_secrets(secrets, ("press-1",))
-    for user, role in (("alice", "operator"), ("bob", "viewer")):
-        add_user(secrets, user, f"{user}-password")
-        register(secrets, user, role)
+    add_user(secrets, "alice", "alice-password")
+    register(secrets, "alice", "operator")
+    add_user(secrets, "bob", "bob-password")
+    register(secrets, "bob", "viewer")
     port, workdir = free_port(), tmp_path / "broker"
     serve = spawn(
         "broker", "serve", "--port", str(port), "--workdir", str(workdir),
