@@ -47,6 +47,11 @@ log = structlog.get_logger("factorywatch.web")
 # What an admin may create from the view; detector shards and monitor accounts are a
 # deployment's, made with the CLI.
 UI_ROLES: Final = ("machine", "gateway", "edge-node", "viewer", "operator")
+# The detector reads the registry (who may speak for which machine) when it starts.
+DETECTOR_NOTE: Final = (
+    "A detector started with --secrets-dir reads the registry at start: restart it so it "
+    "accepts this account's readings (make demo restarts its own on the reload)."
+)
 MAX_VERSIONS: Final = 50  # newest first; older ones stay reachable with `models list`
 MAX_LOG: Final = 20
 
@@ -179,6 +184,8 @@ async def add_account(request: Request) -> Response:
             return _error(400, str(exc).splitlines()[0])
         reloaded = await _reload(ctx)
     log.info("web_account_added", account=made.user, role=made.role, by=who["user"])
+    if made.role in ("machine", "gateway", "edge-node"):
+        reloaded["message"] += f" {DETECTOR_NOTE}"
     return JSONResponse(
         {"account": made.user, "what": made.what, "password": made.password, **reloaded},
         headers={"Cache-Control": "no-store"},
