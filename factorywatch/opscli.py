@@ -279,7 +279,7 @@ def add_web(sub: Any) -> None:
         "--model-dir",
         type=Path,
         help="model versions shown, promoted and rolled back per machine "
-        "(default FACTORYWATCH_MODEL_DIR or models/)",
+        "(default FACTORYWATCH_MODEL_DIR, else model/artifacts)",
     )
     p.add_argument(
         "--broker-pid-file",

@@ -115,7 +115,7 @@ async def _reload(ctx: WebContext) -> dict[str, Any]:
         pid = await asyncio.to_thread(send_reload, pid_file)
     except BrokerError as exc:
         return {"reloaded": False, "message": f"{exc}. {RELOAD_HINT}"}
-    return {"reloaded": True, "message": f"broker reloaded (SIGHUP to process {pid})"}
+    return {"reloaded": True, "message": f"Broker reloaded (SIGHUP to process {pid})."}
 
 
 # -- accounts --------------------------------------------------------------------------------

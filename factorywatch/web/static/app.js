@@ -335,6 +335,7 @@ const FW = (() => {
   // -- accounts page ------------------------------------------------------------------------
   async function accountsPage() {
     await whoami();
+    connect(); // the header's broker-link pill, as on the other pages
     const error = document.getElementById("accounts-error");
     const notice = document.getElementById("accounts-notice");
     const show = (el, text) => { el.textContent = text; el.hidden = !text; };
