@@ -26,6 +26,32 @@ BROKER_DIR: Final = Path(str(resources.files("factorywatch") / "broker_config"))
 BASE_CONFIG: Final = BROKER_DIR / "mosquitto.conf"
 BASE_ACL: Final = BROKER_DIR / "acl"
 BROKER_USER: Final = "mosquitto"
+# Written by `broker serve` and `demo` in their work directory: the process that reloads the
+# broker on SIGHUP (a new ACL from the registry, fresh copies of the password file).
+RELOAD_PID_FILE: Final = "reload.pid"
+
+
+def announce_reload_pid(workdir: Path) -> Path:
+    """Write this process's id to ``<workdir>/reload.pid``: SIGHUP it to reload the broker."""
+    path = workdir / RELOAD_PID_FILE
+    path.write_text(f"{os.getpid()}\n")
+    return path
+
+
+def send_reload(pid_file: Path) -> int:
+    """SIGHUP the process named in ``pid_file`` (see :func:`announce_reload_pid`); its id.
+
+    Raises ``BrokerError`` when the file is missing or unreadable or names no process.
+    """
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise BrokerError(f"no broker process to reload in {pid_file} ({exc})") from None
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise BrokerError(f"cannot signal the broker process {pid} ({exc})") from None
+    return pid
 
 
 def free_port(host: str = "127.0.0.1") -> int:

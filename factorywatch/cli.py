@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -539,9 +539,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_models(sub: Any) -> None:
-    p = sub.add_parser("models", help="list model versions or promote one")
+    p = sub.add_parser(
+        "models",
+        help="list model versions, promote one, or roll back to the one before",
+        description="Every promotion and roll-back is recorded in the folder's "
+        "promotions.jsonl (who, when, what it replaced); `rollback` returns to the version "
+        "promoted before the current one.",
+    )
     _data_options(p)
-    p.add_argument("action", choices=["list", "promote"])
+    p.add_argument("action", choices=["list", "promote", "rollback"])
     p.add_argument("version", nargs="?", help="version to promote")
     route = p.add_mutually_exclusive_group()
     route.add_argument("--machine", help="the models of this machine's own (models/machines/M)")
@@ -549,8 +555,18 @@ def _add_models(sub: Any) -> None:
     p.set_defaults(func=cmd_models)
 
 
+def _os_user() -> str:
+    """Who runs this command, for the promotion log."""
+    import getpass  # noqa: PLC0415
+
+    try:
+        return getpass.getuser()[:64] or "cli"
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        return "cli"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    """``factorywatch models list|promote VERSION``."""
+    """``factorywatch models list|promote VERSION|rollback``."""
     from factorywatch.model import artifact  # noqa: PLC0415
 
     data = _data_settings(args)
@@ -568,13 +584,18 @@ def cmd_models(args: argparse.Namespace) -> int:
             raise FactorywatchError("models promote needs a VERSION (see `models list`)")
         current = artifact.current_version(data.model_dir)
         try:
-            artifact.promote(data.model_dir, args.version)
+            artifact.promote(data.model_dir, args.version, by=_os_user())
         except ModelError as exc:
             raise FactorywatchError(
                 f"refusing to promote {args.version}: the detector could not load it ({exc}); "
                 f"`current` still points at {current or 'nothing'}"
             ) from exc
         print(f"promoted {args.version}")
+        return 0
+    if args.action == "rollback":
+        current = artifact.current_version(data.model_dir)
+        back = artifact.rollback(data.model_dir, by=_os_user())
+        print(f"rolled back from {current} to {back}")
         return 0
     current = artifact.current_version(data.model_dir)
     for version in artifact.list_versions(data.model_dir):
@@ -595,27 +616,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def model_figures(card: ModelCard) -> str:
     """When a model was trained, on what data, and its figures, in one line."""
-    trained = card.created_at.strftime("%Y-%m-%d %H:%M UTC")
-    parts = [f"trained {trained} on {card.data.file} ({card.data.rows} rows)"]
-    metrics = card.metrics
-    if "train_alert_rate" in metrics:
-        parts.append(f"alarms on {metrics['train_alert_rate']:.1%} of training readings")
-    if "forward_far" in metrics and card.threshold_spec.method == "far":
-        parts.append(
-            f"forward in time {metrics['forward_far']:.2%} false alarms "
-            f"(target {card.threshold_spec.value:.2%})"
-        )
-    moving = [b for b in str(card.params.get("behaviour") or "").split(",") if b]
-    moving = [b for b in moving if not b.endswith(":stationary")]
-    if moving:
-        parts.append("channels moving while normal: " + ", ".join(moving))
-    if "label_roc_auc" in metrics:
-        parts.append(
-            f"vs failure labels: ROC-AUC {metrics['label_roc_auc']:.3f}, "
-            f"precision {metrics['label_precision']:.2f}, "
-            f"recall {metrics['label_recall']:.2f} (in-sample)"
-        )
-    return "; ".join(parts)
+    from factorywatch.model.artifact import card_summary  # noqa: PLC0415
+
+    return card_summary(card)
 
 
 # -- detect ---------------------------------------------------------------------------------
@@ -1004,7 +1007,7 @@ def _add_broker(sub: Any) -> None:
 
 def cmd_broker_serve(args: argparse.Namespace) -> int:
     """``factorywatch broker serve``: Mosquitto in the foreground until Ctrl-C."""
-    from factorywatch.broker import LocalBroker  # noqa: PLC0415
+    from factorywatch.broker import LocalBroker, announce_reload_pid  # noqa: PLC0415
 
     stop = stop_on_signals()
     # SIGHUP here (after `broker add-user`): regenerate the ACL from the registry, then let
@@ -1013,9 +1016,13 @@ def cmd_broker_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
     secrets_dir = args.secrets_dir.resolve() if args.secrets_dir else None
     broker = LocalBroker(args.workdir.resolve(), port=args.port, secrets_dir=secrets_dir).start()
+    pid_file = announce_reload_pid(broker.workdir)
     tls = f", TLS on {broker.tls_port}" if broker.tls_port else ""
     _progress(f"mosquitto listening on 127.0.0.1:{broker.port}{tls} (log: {broker.log_file})")
-    _progress(f"after `broker add-user`: kill -HUP {os.getpid()} reloads users and ACL")
+    _progress(
+        f"after `broker add-user`: kill -HUP {os.getpid()} reloads users and ACL "
+        f"(`factorywatch web --broker-pid-file {pid_file}` sends it after its own changes)"
+    )
     try:
         while not stop.wait(0.5):
             if broker.process is not None and broker.process.poll() is not None:
@@ -1026,6 +1033,7 @@ def cmd_broker_serve(args: argparse.Namespace) -> int:
                 _progress("reloaded users and ACL")
     finally:
         broker.stop()
+        pid_file.unlink(missing_ok=True)
     return 0
 
 
@@ -1040,56 +1048,25 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
     return 0
 
 
-_RELOAD_HINT = (
-    "Reload the broker: `docker compose kill -s SIGHUP broker`, or `kill -HUP` the "
-    "`factorywatch broker serve` or `factorywatch demo` process."
-)
-
-
 def cmd_broker_add_user(args: argparse.Namespace) -> int:
     """``factorywatch broker add-user NAME``: add or rotate; reload the broker afterwards."""
-    from factorywatch.accounts import STATIC_ROLES, ServiceRole  # noqa: PLC0415
-    from factorywatch.credentials import add_user, password_path, register  # noqa: PLC0415
+    from factorywatch.credentials import RELOAD_HINT, create_account, password_path  # noqa: PLC0415
 
-    user = check_id(args.user, "user")
-    line = check_id(args.line, "line")
     role = args.role or ("gateway" if args.gateway else "detector" if args.detector else None)
-    if role is None:
-        role = user if user in STATIC_ROLES and user != "healthcheck" else "machine"
-    if args.machines and role not in ("gateway", "edge-node"):
-        raise FactorywatchError("--machines is for a gateway: add --gateway")
-    what = f"{user}"
-    if role == "gateway":
-        machines = tuple(_machine_ids([args.machines])) if args.machines else ()
-        register(args.secrets_dir, user, "gateway", line=line, machines=machines)
-        what = f"gateway {user} (may publish batches for {', '.join(machines)})"
-    elif role == "edge-node":
-        devices = tuple(_machine_ids([args.machines])) if args.machines else ()
-        register(args.secrets_dir, user, "edge-node", line=line, machines=devices)
-        what = (
-            f"Sparkplug edge node {user} in group {line} (devices: {', '.join(devices) or 'any'})"
-        )
-    elif role == "detector":
-        register(args.secrets_dir, user, "detector")
-        what = f"detector account {user} (its client id; run `detect --username {user}`)"
-    elif role == "machine" and user != "healthcheck":
-        _machine_ids([user])
-        register(args.secrets_dir, user, "machine", line=line)
-        what = f"machine {user} on {line}"
-    elif role in ("viewer", "operator", "monitor"):
-        register(args.secrets_dir, user, cast("ServiceRole", role))
-        what = f"{role} account {user}"
-    add_user(args.secrets_dir, user)
-    print(f"{what}: new password in {password_path(args.secrets_dir, user)}. {_RELOAD_HINT}")
+    machines = [m.strip() for m in args.machines.split(",") if m.strip()]
+    made = create_account(args.secrets_dir, args.user, role, line=args.line, machines=machines)
+    print(
+        f"{made.what}: new password in {password_path(args.secrets_dir, made.user)}. {RELOAD_HINT}"
+    )
     return 0
 
 
 def cmd_broker_remove_user(args: argparse.Namespace) -> int:
     """``factorywatch broker remove-user NAME`` (exit 2 when there is no such user)."""
-    from factorywatch.credentials import remove_user  # noqa: PLC0415
+    from factorywatch.credentials import RELOAD_HINT, remove_user  # noqa: PLC0415
 
     remove_user(args.secrets_dir, args.user)
-    print(f"{args.user} removed. {_RELOAD_HINT}")
+    print(f"{args.user} removed. {RELOAD_HINT}")
     return 0
 
 

@@ -27,6 +27,8 @@ import hashlib
 import ipaddress
 import os
 import secrets as _random
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -34,6 +36,7 @@ from typing import Final
 from factorywatch.accounts import (
     COMPONENT_ACCOUNTS,
     DEFAULT_LINE,
+    STATIC_ROLES,
     AccountRegistry,
     RegistryError,
     Role,
@@ -51,6 +54,11 @@ CERTS_DIR: Final = "certs"
 DIR_MODE: Final = 0o700  # only the owner enters the folder ...
 FILE_MODE: Final = 0o644  # ... so its files can be readable by containers' users
 _ITERATIONS: Final = 101  # what mosquitto_passwd 2.0 uses
+ROLES: Final[tuple[Role, ...]] = Role.__args__  # type: ignore[attr-defined]
+RELOAD_HINT: Final = (
+    "Reload the broker: `docker compose kill -s SIGHUP broker`, or `kill -HUP` the "
+    "`factorywatch broker serve` or `factorywatch demo` process."
+)
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -88,7 +96,8 @@ def add_user(secrets_dir: Path, user: str, password: str | None = None) -> str:
     return password
 
 
-def _passwd_users(secrets_dir: Path) -> set[str]:
+def passwd_users(secrets_dir: Path) -> set[str]:
+    """The user names of the password file (none when there is none)."""
     passwd = secrets_dir / PASSWD_FILE
     if not passwd.is_file():
         return set()
@@ -101,7 +110,7 @@ def remove_user(secrets_dir: Path, user: str) -> None:
     Raises ``RegistryError`` when no such user exists (nothing is changed then).
     """
     registry = read_registry(registry_path(secrets_dir), missing_ok=True)
-    known = user in _passwd_users(secrets_dir) or registry.role_of(user) is not None
+    known = user in passwd_users(secrets_dir) or registry.role_of(user) is not None
     if not known:
         raise RegistryError(f"no user {user!r} in {secrets_dir}: nothing removed")
     passwd = secrets_dir / PASSWD_FILE
@@ -110,6 +119,83 @@ def remove_user(secrets_dir: Path, user: str) -> None:
         _write_in_place(passwd, "".join(f"{ln}\n" for ln in kept))
     password_path(secrets_dir, user).unlink(missing_ok=True)
     save_registry(secrets_dir, registry.without(user))
+
+
+@dataclass(frozen=True)
+class NewAccount:
+    """What :func:`create_account` made: the account, its role, a description, its password."""
+
+    user: str
+    role: str
+    what: str
+    password: str
+
+
+def check_machine_ids(ids: Sequence[str]) -> tuple[str, ...]:
+    """Valid, distinct machine ids that are not service accounts (else ``RegistryError``)."""
+    try:
+        checked = tuple(check_id(m, "machine id") for m in ids)
+    except ValueError as exc:
+        raise RegistryError(str(exc)) from None
+    if len(set(checked)) != len(checked):
+        raise RegistryError(f"duplicate machine ids in {list(checked)}")
+    reserved = sorted(set(checked) & {*SERVICE_USERS, *COMPONENT_ACCOUNTS})
+    if reserved:
+        raise RegistryError(f"machine ids {reserved} are reserved for service users")
+    return checked
+
+
+def create_account(
+    secrets_dir: Path,
+    user: str,
+    role: str | None = None,
+    *,
+    line: str = DEFAULT_LINE,
+    machines: Sequence[str] = (),
+) -> NewAccount:
+    """Register ``user`` (``broker add-user``): a machine by default, or ``role``; give it
+    a new password (an existing account's is rotated). Reload the broker afterwards.
+
+    ``machines``: a gateway's machines (at least one), an edge node's devices (none: any).
+    Raises ``RegistryError`` for a bad id or a role the name cannot have; nothing is
+    written then.
+    """
+    try:
+        user = check_id(user, "user")
+        line = check_id(line, "line")
+    except ValueError as exc:
+        raise RegistryError(str(exc)) from None
+    if role is None:
+        role = user if user in STATIC_ROLES and user != "healthcheck" else "machine"
+    if role not in ROLES:
+        raise RegistryError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+    if machines and role not in ("gateway", "edge-node"):
+        raise RegistryError("--machines is for a gateway: add --gateway")
+    what = user
+    if role == "gateway":
+        if not machines:
+            raise RegistryError(f"gateway {user!r} needs --machines (who it speaks for)")
+        listed = check_machine_ids(machines)
+        register(secrets_dir, user, "gateway", line=line, machines=listed)
+        what = f"gateway {user} (may publish batches for {', '.join(listed)})"
+    elif role == "edge-node":
+        devices = check_machine_ids(machines) if machines else ()
+        register(secrets_dir, user, "edge-node", line=line, machines=devices)
+        what = (
+            f"Sparkplug edge node {user} in group {line} (devices: {', '.join(devices) or 'any'})"
+        )
+    elif role == "detector":
+        register(secrets_dir, user, "detector")
+        what = f"detector account {user} (its client id; run `detect --username {user}`)"
+    elif role == "machine" and user != "healthcheck":
+        check_machine_ids([user])
+        register(secrets_dir, user, "machine", line=line)
+        what = f"machine {user} on {line}"
+    elif role in ("viewer", "operator", "monitor"):
+        register(secrets_dir, user, role)
+        what = f"{role} account {user}"
+    password = add_user(secrets_dir, user)
+    return NewAccount(user, str(role), what, password)
 
 
 def register(

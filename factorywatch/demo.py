@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 from rich.console import Console
 
 from factorywatch import mqtt as fwmqtt
-from factorywatch.broker import LocalBroker
+from factorywatch.broker import RELOAD_PID_FILE, LocalBroker, announce_reload_pid
 from factorywatch.contracts import AlertEvent, DeadLetter, Verdict
 from factorywatch.credentials import init_secrets
 from factorywatch.errors import FactorywatchError
@@ -202,6 +202,7 @@ def _serve(
     # restarted: its persistent session keeps what arrives meanwhile, its state dir the rest.
     reload = threading.Event()
     signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
+    announce_reload_pid(broker.workdir)  # `factorywatch web --broker-pid-file` signals it
     if broker.secrets_dir is not None:
         progress(add_machine_hint(broker.secrets_dir, os.getpid()))
     deadline = None if args.duration is None else time.monotonic() + args.duration
@@ -301,5 +302,6 @@ def run_demo(
         for child in reversed(children):
             child.terminate(15)
         broker.stop()
+        (broker.workdir / RELOAD_PID_FILE).unlink(missing_ok=True)
         progress("demo stopped: broker, detector and sensors are down")
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from factorywatch.cli_common import broker_options, broker_settings, stop_on_signals
-from factorywatch.settings import BrokerSettings
+from factorywatch.settings import BrokerSettings, DataSettings
 
 #: The first bytes of every SQLite database file (export never writes over one).
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -272,6 +272,22 @@ def add_web(sub: Any) -> None:
     p.add_argument("--passwd-file", type=Path, help="broker password file (<secrets-dir>/passwd)")
     p.add_argument("--no-history", action="store_true", help="no history store (live only)")
     p.add_argument(
+        "--admins",
+        help="operators who may also add and remove broker accounts in the view (comma-separated)",
+    )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        help="model versions shown, promoted and rolled back per machine "
+        "(default FACTORYWATCH_MODEL_DIR, else model/artifacts)",
+    )
+    p.add_argument(
+        "--broker-pid-file",
+        type=Path,
+        help="reload.pid of `broker serve` / `demo` (run/broker/reload.pid): SIGHUP it after "
+        "an account change",
+    )
+    p.add_argument(
         "--alertmanager-url",
         help="the Alertmanager notify posts to (the view warns when its receivers are empty)",
     )
@@ -289,6 +305,9 @@ def cmd_web(args: argparse.Namespace) -> int:
         "port": args.http_port,
         "passwd_file": args.passwd_file,
         "alertmanager_url": args.alertmanager_url,
+        "admins": args.admins,
+        "model_dir": args.model_dir or base.model_dir or DataSettings().model_dir,
+        "broker_reload_pid_file": args.broker_pid_file,
     }
     settings = WebSettings.model_validate(
         {

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import platform
 import secrets
+import time
 import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from factorywatch.model.families import FittedScorer, load_scorer
 from factorywatch.model.fastforest import FlatForest
 from factorywatch.model.features import DERIVED, required_channels
 from factorywatch.model.pipeline import Pipeline, PipelineSpec, State
+from factorywatch.model.promotions import Action, Promotion, read_log, record, rollback_target
 from factorywatch.model.scoring import FloatArray, Scorer, SklearnScorer
 from factorywatch.model.threshold import ThresholdSpec
 
@@ -157,18 +159,76 @@ def save_generic(model_dir: Path, scorer: FittedScorer, card: ModelCard) -> Path
     return target
 
 
-def promote(model_dir: Path, version: str, *, scorer: ScorerKind = "fast") -> None:
-    """Point ``current`` at ``version`` atomically (the detector picks it up live).
+def promote(
+    model_dir: Path,
+    version: str,
+    *,
+    scorer: ScorerKind = "fast",
+    by: str = "factorywatch",
+    action: Action = "promote",
+) -> None:
+    """Point ``current`` at ``version`` atomically (the detector picks it up live) and
+    record who did it in the folder's promotion log (``model.promotions``).
 
     The artifact is first loaded exactly as the detector loads it and scores one row
     (``validate``): a model the detector could not load is never made current.
     """
-    if not (model_dir / version / CARD_FILE).is_file():
+    if not _is_version_name(version) or not (model_dir / version / CARD_FILE).is_file():
         raise ModelNotFoundError(f"no model {version} in {model_dir}")
     validate(model_dir, version, scorer=scorer)
+    previous = current_version(model_dir)
     tmp = model_dir / f".{CURRENT}.{os.getpid()}"
     tmp.write_text(version + "\n")
     tmp.replace(model_dir / CURRENT)
+    entry = Promotion(at=time.time(), by=by, action=action, version=version, previous=previous)
+    record(model_dir, entry)
+
+
+def rollback(model_dir: Path, *, scorer: ScorerKind = "fast", by: str = "factorywatch") -> str:
+    """Make the version promoted before the current one current again; return it.
+
+    Raises ``ModelNotFoundError`` when there is nothing to return to.
+    """
+    current = current_version(model_dir)
+    target = rollback_target(read_log(model_dir), current, list_versions(model_dir))
+    if target is None:
+        raise ModelNotFoundError(
+            f"nothing to roll back to in {model_dir}: "
+            + (f"no version was current before {current}" if current else "no current model")
+        )
+    promote(model_dir, target, scorer=scorer, by=by, action="rollback")
+    return target
+
+
+def _is_version_name(version: str) -> bool:
+    return (
+        bool(version) and version not in (".", "..") and "/" not in version and "\\" not in version
+    )
+
+
+def card_summary(card: ModelCard) -> str:
+    """When a model was trained, on what data, and its figures, in one line."""
+    trained = card.created_at.strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"trained {trained} on {card.data.file} ({card.data.rows} rows)"]
+    metrics = card.metrics
+    if "train_alert_rate" in metrics:
+        parts.append(f"alarms on {metrics['train_alert_rate']:.1%} of training readings")
+    if "forward_far" in metrics and card.threshold_spec.method == "far":
+        parts.append(
+            f"forward in time {metrics['forward_far']:.2%} false alarms "
+            f"(target {card.threshold_spec.value:.2%})"
+        )
+    moving = [b for b in str(card.params.get("behaviour") or "").split(",") if b]
+    moving = [b for b in moving if not b.endswith(":stationary")]
+    if moving:
+        parts.append("channels moving while normal: " + ", ".join(moving))
+    if "label_roc_auc" in metrics:
+        parts.append(
+            f"vs failure labels: ROC-AUC {metrics['label_roc_auc']:.3f}, "
+            f"precision {metrics['label_precision']:.2f}, "
+            f"recall {metrics['label_recall']:.2f} (in-sample)"
+        )
+    return "; ".join(parts)
 
 
 def validate(model_dir: Path, version: str, *, scorer: ScorerKind = "fast") -> LoadedModel:

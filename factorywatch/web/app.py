@@ -10,6 +10,13 @@ Routes (every one but ``/login``, ``/healthz`` and ``/static`` needs a logged-in
     GET  /api/notifications         whether alerts reach anyone (Alertmanager's receivers)
     POST /api/ack                   operator: acknowledge (publishes the ack command)
     POST /api/feedback              operator: label an alert false_alarm / confirmed
+    GET  /accounts                  the broker's accounts (page)
+    GET  /api/accounts              admin: the registry's accounts, whether the view may write
+    POST /api/accounts              admin: add one (``broker add-user``); its password once
+    POST /api/accounts/remove       admin: remove one (``broker remove-user``)
+    GET  /api/models?machine=M      the model versions serving M (its own, the default)
+    POST /api/models/promote        operator: make a version current (``models promote``)
+    POST /api/models/rollback       operator: back to the one before (``models rollback``)
 
 Commands go out on the broker as the ``operator`` account; state comes in as ``monitor``
 (the accounts and ACL of ``factorywatch broker init``).
@@ -95,7 +102,12 @@ SECURITY_HEADERS: Final = {
     "referrer-policy": "same-origin",
 }
 # The pages behind the login: static/<name> holds the page's <main>; (title, app.js entry).
-PAGES: Final = {"index.html": ("machines", "overview"), "machine.html": ("machine", "machinePage")}
+PAGES: Final = {
+    "index.html": ("machines", "overview"),
+    "machine.html": ("machine", "machinePage"),
+    "accounts.html": ("accounts", "accountsPage"),
+}
+ACTING_ROLES: Final = ("operator", "admin")
 _Command = TypeVar("_Command", AckCommand, FeedbackCommand)
 
 
@@ -113,6 +125,18 @@ class WebSettings(BaseSettings):
     )
     operators: str = Field(default="operator", description="users with the operator role")
     viewers: str = Field(default="viewer", description="users with the viewer role")
+    admins: str = Field(
+        default="",
+        description="operators who may also add and remove the broker's accounts in the view",
+    )
+    model_dir: Path | None = Field(
+        default=None, description="model versions shown and promoted (FACTORYWATCH_MODEL_DIR)"
+    )
+    broker_reload_pid_file: Path | None = Field(
+        default=None,
+        description="reload.pid of `factorywatch broker serve` / `demo`: the view sends it "
+        "SIGHUP after an account change (else it shows the command to run)",
+    )
     # Accounts of their own (monitor / operator rights): the broker makes a login the client
     # id, so the web view must not share one with a person or another component.
     read_user: str = Field(default="web", description="broker account that reads state")
@@ -146,6 +170,10 @@ class WebContext:
         store: HistoryStore | None,
     ) -> None:
         self.settings, self.broker, self.accounts, self.store = settings, broker, accounts, store
+        self.secrets_dir = accounts.passwd_file.parent  # passwd, registry.json, acl
+        self.model_dir = settings.model_dir
+        # one account or model change at a time (the files have one writer per process)
+        self.admin_lock = asyncio.Lock()
         self.topics = Topics(broker.topic_root)
         self.hub = Hub(LiveModel(self.topics, settings.history_points))
         self.sessions = SessionBook()
@@ -349,14 +377,19 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _operator_json(request: Request) -> tuple[dict[str, Any], dict[str, str]] | Response:
-    """The JSON body of an operator's POST, or the error response to send instead."""
+async def _operator_json(
+    request: Request, roles: tuple[str, ...] = ACTING_ROLES
+) -> tuple[dict[str, Any], dict[str, str]] | Response:
+    """The JSON body of a POST by a user with one of ``roles`` (operators and admins by
+    default), or the error response to send instead."""
     who = _user(request)
     if who is None:
         return _error(401, "log in first")
     if request.headers.get(CSRF_HEADER) != "factorywatch":
         return _error(403, "missing X-Requested-With header")
-    if who["role"] != "operator":
+    if who["role"] not in roles:
+        if roles == ("admin",):
+            return _error(403, "admins only (FACTORYWATCH_WEB_ADMINS)")
         return _error(403, "operators only: viewers may look, not act")
     raw = await _bounded_body(request, MAX_BODY_BYTES)
     body = raw if isinstance(raw, Response) else _json_object(raw)
@@ -590,6 +623,7 @@ async def healthz(request: Request) -> Response:
 
 def create_app(ctx: WebContext) -> Starlette:
     """The ASGI app around a connected context (the hub starts in the app's lifespan)."""
+    from factorywatch.web import admin  # noqa: PLC0415 - admin imports this module's helpers
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -616,6 +650,7 @@ def create_app(ctx: WebContext) -> Starlette:
             Route("/api/notifications", notifications),
             Route("/api/ack", ack, methods=["POST"]),
             Route("/api/feedback", feedback, methods=["POST"]),
+            *admin.ROUTES,
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         middleware=[Middleware(Guard, allowed_origins=_split(ctx.settings.allowed_origins))],
@@ -637,7 +672,9 @@ def build_context(
             f"no broker password file ({passwd or 'give --secrets-dir or --passwd-file'}): "
             "the web view logs users in with the broker's accounts (factorywatch broker init)"
         )
-    accounts = Accounts(passwd, _split(settings.operators), _split(settings.viewers))
+    accounts = Accounts(
+        passwd, _split(settings.operators), _split(settings.viewers), _split(settings.admins)
+    )
     return WebContext(settings, broker, accounts, store)
 
 

@@ -3,7 +3,9 @@
 The web view checks a user's password against the same ``passwd`` file the broker uses
 (``$7$`` PBKDF2-SHA512 hashes, written by ``factorywatch broker init/add-user``), so there
 is one set of accounts. Roles mirror the broker ACL: viewers read; operators may also
-acknowledge alerts and label them (the ACL lets ``operator`` write the command topics).
+acknowledge alerts and label them (the ACL lets ``operator`` write the command topics);
+admins are operators named in ``FACTORYWATCH_WEB_ADMINS`` who may also add and remove the
+broker's accounts from the view.
 
 A user's role is the registry's (``broker add-user alice --role operator``, written to
 ``registry.json`` beside the password file) or, for accounts without a registry entry, the
@@ -25,7 +27,7 @@ from typing import Final, Literal
 from factorywatch.accounts import COMPONENT_ACCOUNTS, REGISTRY_FILE, RegistryError, read_registry
 from factorywatch.credentials import hash_password
 
-Role = Literal["viewer", "operator"]
+Role = Literal["viewer", "operator", "admin"]
 _SCHEME: Final = "7"
 _MAX_ITERATIONS: Final = 1_000_000  # a corrupt entry must not stall a login for minutes
 
@@ -62,6 +64,7 @@ class Accounts:
     passwd_file: Path
     operators: frozenset[str]
     viewers: frozenset[str]
+    admins: frozenset[str] = frozenset()  # operators who may also manage accounts
     _hashes: _Cached = field(default_factory=_Cached, repr=False)
     _roles: _Cached = field(default_factory=_Cached, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -73,7 +76,12 @@ class Accounts:
 
     def role_of(self, user: str) -> Role | None:
         """The web role of ``user``: the registry's when it has an entry, else the configured
-        lists (operator wins); None when it may not log in."""
+        lists (operator wins); an operator in ``admins`` is an admin; None when it may not
+        log in."""
+        role = self._base_role(user)
+        return "admin" if role == "operator" and user in self.admins else role
+
+    def _base_role(self, user: str) -> Role | None:
         if user in COMPONENT_ACCOUNTS:  # components' accounts, never people's
             return None
         registered = self._registry_roles().get(user)

@@ -109,3 +109,29 @@ def test_promote_exit_code_of_the_real_command(model_dir: Path, tmp_path: Path) 
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "refusing to promote bad" in done.stderr
+
+
+def test_models_rollback_returns_to_the_version_before(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`models promote` of a second version then `models rollback` makes the first current
+    again, both recorded in promotions.jsonl; with nothing before it, rollback exits 2 and
+    says so, leaving `current` where it was."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    (models / "promotions.jsonl").unlink(missing_ok=True)
+    first = artifact.current_version(models)
+    assert first is not None
+    second = "20990101T000000Z-two0"
+    shutil.copytree(models / first, models / second)
+    assert _cli(capsys, "models", "promote", second, "--model-dir", str(models))[0] == 0
+    code, out, err = _cli(capsys, "models", "rollback", "--model-dir", str(models))
+    assert code == 0, err
+    assert f"rolled back from {second} to {first}" in out
+    assert artifact.current_version(models) == first
+    log = (models / "promotions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["action"] for line in log] == ["promote", "rollback"]
+    code, _out, err = _cli(capsys, "models", "rollback", "--model-dir", str(models))
+    assert code == 2
+    assert "nothing to roll back to" in err
+    assert artifact.current_version(models) == first

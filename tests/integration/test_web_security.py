@@ -258,3 +258,33 @@ def test_an_open_live_stream_ends_when_its_session_does(port: int) -> None:
     rest = stream.read()  # returns at the end of the response: the server closed the stream
     assert b"event: update" not in rest
     conn.close()
+
+
+def _post_body(browser: Browser, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", browser.port, timeout=10)
+    cookie = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+    conn.request("POST", path, json.dumps(body).encode(), {**JSON_POST, "Cookie": cookie})
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    conn.close()
+    return resp.status, answer
+
+
+def test_a_view_that_cannot_signal_the_broker_says_what_to_run(
+    secrets_dir: Path, tmp_path: Path
+) -> None:
+    """Without --broker-pid-file, or with one naming no process, an admin's new account is
+    written as `broker add-user` writes it, and the answer gives the exact reload command."""
+    stale = tmp_path / "reload.pid"
+    stale.write_text("999999999\n")
+    for pid_file, name in ((None, "weld-4"), (stale, "weld-5")):
+        with _served(secrets_dir, admins="alice", broker_reload_pid_file=pid_file) as port:
+            alice = Browser(port)
+            alice.login("alice", "alice-password")
+            status, answer = _post_body(alice, "/api/accounts", {"name": name, "line": "line2"})
+            assert status == 200, answer
+            assert answer["reloaded"] is False
+            assert "docker compose kill -s SIGHUP broker" in answer["message"]
+            assert answer["password"] == read_password(secrets_dir, name)
+            assert read_registry(registry_path(secrets_dir)).machines[name].line == "line2"
+    assert "999999999" in answer["message"], "the stale pid file is named"

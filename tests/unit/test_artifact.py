@@ -27,6 +27,7 @@ from factorywatch.model.artifact import (
     ModelCard,
 )
 from factorywatch.model.dataset import UCI_FILE, load
+from factorywatch.model.promotions import read_log
 from factorywatch.model.threshold import ThresholdSpec
 from factorywatch.model.train import fit
 from tests.support import reference_file
@@ -387,3 +388,44 @@ def test_card_that_does_not_fit_the_forest_is_a_mismatch(
     edit_card(saved, trained[1].version, change)
     with pytest.raises(ModelMismatchError):
         artifact.load(saved, scorer=scorer)
+
+
+def test_rollback_returns_through_the_promotions_and_records_who(
+    tmp_path: Path, trained: tuple[IsolationForest, ModelCard]
+) -> None:
+    """Promotions A, B, C then two roll-backs return to B, then A; each change is in the
+    folder's log with who made it and what it replaced; a third roll-back is refused."""
+    forest, card = trained
+    a, b, c = (with_version(card, datetime(2026, month, 1, tzinfo=UTC)) for month in (1, 2, 3))
+    for version in (a, b, c):
+        artifact.save(tmp_path, forest, version)
+        artifact.promote(tmp_path, version.version, by="alice")
+    assert artifact.rollback(tmp_path, by="bob") == b.version
+    assert artifact.current_version(tmp_path) == b.version
+    assert artifact.rollback(tmp_path, by="bob") == a.version
+    with pytest.raises(ModelNotFoundError, match="nothing to roll back to"):
+        artifact.rollback(tmp_path, by="bob")
+    assert artifact.current_version(tmp_path) == a.version
+    log = read_log(tmp_path)
+    assert [(e.by, e.action, e.version, e.previous) for e in log] == [
+        ("alice", "promote", a.version, None),
+        ("alice", "promote", b.version, a.version),
+        ("alice", "promote", c.version, b.version),
+        ("bob", "rollback", b.version, c.version),
+        ("bob", "rollback", a.version, b.version),
+    ]
+
+
+def test_rollback_without_a_log_returns_to_the_next_older_version(
+    tmp_path: Path, trained: tuple[IsolationForest, ModelCard]
+) -> None:
+    """A folder promoted before the log existed rolls back to the newest older version; a
+    path-like version name is no version at all."""
+    forest, card = trained
+    old, new = (with_version(card, datetime(2026, month, 1, tzinfo=UTC)) for month in (1, 2))
+    for version in (old, new):
+        artifact.save(tmp_path, forest, version)
+    (tmp_path / CURRENT).write_text(new.version + "\n")
+    assert artifact.rollback(tmp_path) == old.version
+    with pytest.raises(ModelNotFoundError):
+        artifact.promote(tmp_path, "../" + new.version)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from factorywatch.accounts import read_registry, registry_path
 from factorywatch.contracts import AlertEvent, FeedbackCommand, MachineState, Telemetry, Verdict
-from factorywatch.credentials import add_user, hash_password
+from factorywatch.credentials import add_user, hash_password, register, save_registry
 from factorywatch.errors import PayloadError
 from factorywatch.topics import Topics
 from factorywatch.web.app import PAGES, render_page
@@ -36,6 +37,24 @@ def test_passwords_are_checked_against_mosquitto_hashes(tmp_path: Path) -> None:
     assert accounts.authenticate("press-1", machine) is None
     assert accounts.authenticate("nobody", "x") is None
     assert accounts.authenticate("operator", "") is None
+
+
+def test_admins_are_operators_named_as_such(tmp_path: Path) -> None:
+    """An operator in the admins list logs in as admin; a viewer or an unknown user in that
+    list gains nothing; an admin demoted to viewer in the registry is a viewer."""
+    passwords = {u: add_user(tmp_path, u) for u in ("alice", "bob", "carol")}
+    register(tmp_path, "alice", "operator")
+    register(tmp_path, "bob", "viewer")
+    accounts = Accounts(
+        tmp_path / "passwd", frozenset({"carol"}), frozenset(), frozenset({"alice", "bob", "zed"})
+    )
+    assert (accounts.authenticate("alice", passwords["alice"]) or NOBODY).role == "admin"
+    assert (accounts.authenticate("bob", passwords["bob"]) or NOBODY).role == "viewer"
+    assert (accounts.authenticate("carol", passwords["carol"]) or NOBODY).role == "operator"
+    assert accounts.role_of("zed") is None
+    registry = read_registry(registry_path(tmp_path))
+    save_registry(tmp_path, registry.without("alice").with_service("alice", "viewer"))
+    assert (accounts.current("alice") or NOBODY).role == "viewer"
 
 
 def _verdict(seq: int, status: str = "NORMAL", score: float = 0.4) -> bytes:

@@ -4,6 +4,8 @@ const FW = (() => {
   const MAX_POINTS = 300;
   const machines = new Map(); // key "line/machine" -> machine record with series
   let me = { user: "", role: "viewer" };
+  // operators act on alerts and models; admins are operators who also manage accounts
+  const canAct = () => me.role === "operator" || me.role === "admin";
   let onChange = () => {};
   let afterAction = () => {};
 
@@ -93,6 +95,7 @@ const FW = (() => {
     me = await api("/api/me");
     document.getElementById("who").textContent = `${me.user} · ${me.role}`;
     document.body.dataset.role = me.role;
+    document.getElementById("accounts-link").hidden = me.role !== "admin";
     banner();
   }
 
@@ -175,7 +178,7 @@ const FW = (() => {
   }
   const noteInput = () => '<input class="note" maxlength="500" placeholder="note (optional)">';
   function actionButtons(line, machine, alertId, acknowledged) {
-    if (me.role !== "operator" || !alertId) return "";
+    if (!canAct() || !alertId) return "";
     const data = `data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(alertId)}"`;
     return noteInput() + (acknowledged === false ? `<button class="ack" ${data}>Acknowledge</button>` : "")
       + `<button class="danger false-alarm" ${data}>False alarm</button>`;
@@ -251,7 +254,7 @@ const FW = (() => {
         <td>${fmt(a.peak_score)}</td><td>${features(a.explanation)}</td>
         <td>${a.acknowledged_by ? `✓ ${esc(a.acknowledged_by)}` : "–"}</td>
         <td class="label">${a.label ? labelBadge(a.label, a.labelled_by) : "–"}${a.note ? `<div class="note-text">${esc(a.note)}</div>` : ""}</td>
-        <td class="actions">${me.role === "operator" ? `${noteInput()}<button class="danger false-alarm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">False alarm</button><button class="secondary confirm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">Confirm</button>` : ""}</td></tr>`).join(""), key);
+        <td class="actions">${canAct() ? `${noteInput()}<button class="danger false-alarm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">False alarm</button><button class="secondary confirm" data-line="${esc(line)}" data-machine="${esc(machine)}" data-alert="${esc(a.alert_id)}">Confirm</button>` : ""}</td></tr>`).join(""), key);
       document.getElementById("no-history").hidden = data.alerts.length > 0;
     };
     const render = () => {
@@ -282,14 +285,110 @@ const FW = (() => {
     connect();
     document.getElementById("range").addEventListener("change", loadHistory);
     loadHistory();
+    loadModels(machine);
     window.addEventListener("resize", render);
     afterAction = loadHistory;
   }
 
-  return { overview, machinePage, badge, time, when };
+  // -- model versions (machine page) --------------------------------------------------------
+  const SCOPE_TITLES = { machine: "its own model", default: "the default model" };
+  async function loadModels(machine) {
+    const box = document.getElementById("models");
+    const msg = document.getElementById("models-message");
+    let data;
+    try { data = await api(`/api/models?machine=${encodeURIComponent(machine)}`); }
+    catch (err) { msg.textContent = err.message; msg.className = "error"; msg.hidden = false; return; }
+    box.innerHTML = Object.entries(data.scopes).map(([scope, f]) => {
+      const title = SCOPE_TITLES[scope] || esc(scope);
+      if (!f.versions.length) return `<div class="model-scope" data-scope="${esc(scope)}"><h3>${title}</h3><p class="muted">no versions${scope === "machine" ? " (train one with <code>factorywatch train --machine</code>)" : ""}</p></div>`;
+      const serving = data.serving === scope ? ' <span class="badge NORMAL">serves this machine</span>' : "";
+      const back = canAct() && f.rollback_to ? `<button class="secondary rollback" data-machine="${esc(machine)}" data-scope="${esc(scope)}">Roll back to ${esc(f.rollback_to)}</button>` : "";
+      const rows = f.versions.map((v) => v.error
+        ? `<tr data-version="${esc(v.version)}"><td>${esc(v.version)}</td><td colspan="5" class="error">${esc(v.error)}</td></tr>`
+        : `<tr data-version="${esc(v.version)}" class="${v.current ? "current" : ""}"><td><b>${esc(v.version)}</b>${v.current ? ' <span class="badge NORMAL">current</span>' : ""}</td>
+          <td>${when(v.trained_at)}</td><td>${esc(v.family)} · ${esc(v.feature_set)}</td>
+          <td>${v.forward_far === null || v.forward_far === undefined ? "–" : `${(v.forward_far * 100).toFixed(2)} %`}</td>
+          <td class="muted small">${esc(v.summary)}</td>
+          <td class="actions">${canAct() && !v.current ? `<button class="promote" data-machine="${esc(machine)}" data-scope="${esc(scope)}" data-version="${esc(v.version)}">Promote</button>` : ""}</td></tr>`).join("");
+      const changes = f.log.slice(0, 5).map((e) => `<li>${when(e.at)} UTC: <b>${esc(e.by)}</b> ${e.action === "rollback" ? "rolled back to" : "promoted"} ${esc(e.version)}${e.previous ? ` (was ${esc(e.previous)})` : ""}</li>`).join("");
+      return `<div class="model-scope card" data-scope="${esc(scope)}"><h3>${title}${serving} ${back}</h3>
+        <table class="alerts"><thead><tr><th>Version</th><th>Trained (UTC)</th><th>Family · features</th><th>Forward false alarms</th><th>Card</th><th></th></tr></thead><tbody>${rows}</tbody></table>
+        ${changes ? `<ul class="changes muted small">${changes}</ul>` : ""}</div>`;
+    }).join("");
+  }
+  document.addEventListener("click", async (e) => {
+    const b = e.target.closest("button.promote, button.rollback");
+    if (!b) return;
+    e.preventDefault();
+    const msg = document.getElementById("models-message");
+    b.disabled = true;
+    try {
+      const path = b.classList.contains("rollback") ? "/api/models/rollback" : "/api/models/promote";
+      const done = await api(path, { machine: b.dataset.machine, scope: b.dataset.scope, version: b.dataset.version });
+      msg.textContent = `${done.version} is now current (was ${done.previous || "none"}).`;
+      msg.className = "muted";
+    } catch (err) { msg.textContent = err.message; msg.className = "error"; }
+    msg.hidden = false;
+    loadModels(b.dataset.machine);
+  });
+
+  // -- accounts page ------------------------------------------------------------------------
+  async function accountsPage() {
+    await whoami();
+    connect(); // the header's broker-link pill, as on the other pages
+    const error = document.getElementById("accounts-error");
+    const notice = document.getElementById("accounts-notice");
+    const show = (el, text) => { el.textContent = text; el.hidden = !text; };
+    const load = async () => {
+      let data;
+      try { data = await api("/api/accounts"); }
+      catch (err) { show(error, err.message); return; }
+      const select = document.getElementById("new-role");
+      if (!select.options.length) select.innerHTML = data.roles.map((r) => `<option value="${esc(r)}">${esc(r)}</option>`).join("");
+      document.getElementById("add-section").hidden = Boolean(data.read_only);
+      if (data.read_only) show(notice, `Read-only here: ${data.read_only}. Add and remove accounts with factorywatch broker add-user / remove-user where the secrets folder is, then reload the broker (docker compose kill -s SIGHUP broker).`);
+      else if (data.reload !== "signal") show(notice, `After a change, reload the broker yourself. ${data.reload}`);
+      document.querySelector("#accounts tbody").innerHTML = data.accounts.map((a) => `<tr data-account="${esc(a.name)}">
+        <td><b>${esc(a.name)}</b>${a.login ? "" : ' <span class="muted">(no login)</span>'}</td><td class="role">${esc(a.role)}</td><td>${esc(a.line || "–")}</td>
+        <td>${esc((a.machines || []).join(", ") || "–")}</td><td>${esc(a.web_role || "–")}</td>
+        <td class="actions">${a.protected || a.name === me.user || data.read_only ? "" : `<button class="danger remove-account" data-account="${esc(a.name)}">Remove</button>`}</td></tr>`).join("");
+    };
+    document.getElementById("add-account").addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const button = document.getElementById("add-submit");
+      const secret = document.getElementById("new-password");
+      button.disabled = true;
+      try {
+        const made = await api("/api/accounts", {
+          name: document.getElementById("new-name").value.trim(), role: document.getElementById("new-role").value,
+          line: document.getElementById("new-line").value.trim(), machines: document.getElementById("new-machines").value.trim(),
+        });
+        secret.innerHTML = `<b>${esc(made.what)}</b>: password <code id="shown-password">${esc(made.password)}</code> (shown once: copy it now). <span id="reload-message">${esc(made.message)}</span>`;
+        secret.hidden = false;
+        show(error, "");
+        document.getElementById("new-name").value = "";
+      } catch (err) { show(error, err.message); }
+      button.disabled = false;
+      load();
+    });
+    document.addEventListener("click", async (e) => {
+      const b = e.target.closest("button.remove-account");
+      if (!b) return;
+      e.preventDefault();
+      if (!confirm(`Remove ${b.dataset.account}? It can no longer log in to the broker or this view.`)) return;
+      b.disabled = true;
+      try { const done = await api("/api/accounts/remove", { name: b.dataset.account }); show(notice, `${done.account} removed. ${done.message}`); show(error, ""); }
+      catch (err) { show(error, err.message); b.disabled = false; }
+      load();
+    });
+    load();
+  }
+
+  return { overview, machinePage, accountsPage, badge, time, when };
+
 })();
 // The page names its entry on the script tag (no inline script: the CSP forbids them).
 {
   const entry = document.currentScript && document.currentScript.dataset.entry;
-  if (entry === "overview" || entry === "machinePage") FW[entry]();
+  if (entry === "overview" || entry === "machinePage" || entry === "accountsPage") FW[entry]();
 }
