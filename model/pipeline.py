@@ -183,6 +183,10 @@ LIKELIHOOD_EVERY: Final = 100
 # The spread never falls below this share of the training spread: a machine whose recent
 # scores are all alike must not turn a small wobble into a certain anomaly.
 LIKELIHOOD_FLOOR: Final = 0.1
+# What new cards' likelihood keeps in its long window and how it estimates its distribution
+# (``Likelihood.of`` / ``Likelihood.estimate``).
+LIKELIHOOD_OF: Final = "means"
+LIKELIHOOD_ESTIMATE: Final = "normal"
 # -log10 of the smallest tail probability reported (a finite ceiling for an extreme level).
 LIKELIHOOD_CAP: Final = 300.0
 
@@ -195,8 +199,16 @@ class Likelihood(BaseModel):
     short: int = Field(default=LIKELIHOOD_SHORT, ge=1, le=1000)
     long: int = Field(default=LIKELIHOOD_LONG, ge=2, le=10_000)
     every: int = Field(default=LIKELIHOOD_EVERY, ge=1, le=10_000)
-    # the training scores' short means, in time order: the long window's first contents
+    # the long window's first contents, in time order: the training scores' short means
+    # (``of="means"``) or the training scores themselves (``of="scores"``)
     prior: list[float] = Field(min_length=2)
+    # What the long window holds: the short means (cards before ``of``) or the scores.
+    of: Literal["means", "scores"] = "means"
+    # How its distribution is estimated: median and 1.4826 MAD (cards before ``estimate``)
+    # or mean and standard deviation (Numenta's ``estimateNormal``): a heavy tail of normal
+    # scores widens the spread instead of being ignored, so a machine whose scores are often
+    # spiky is not judged against its quietest half.
+    estimate: Literal["robust", "normal"] = "robust"
 
 
 class PipelineSpec(BaseModel):
@@ -632,7 +644,7 @@ def likelihood_start(spec: Likelihood) -> State:
     return {
         "lk:r": [],
         "lk:h": list(history),
-        "lk:p": list(_robust_normal(history, _prior_spread(spec))),
+        "lk:p": list(_distribution(spec, history, _prior_spread(spec))),
         "lk:n": 0,
     }
 
@@ -651,11 +663,11 @@ def likelihood_step(spec: Likelihood, state: State, score: float) -> float:
     centre, spread = state["lk:p"]
     out = _tail_score((level - centre) / spread)
     history: list[float] = state["lk:h"]
-    history.append(level)
+    history.append(level if spec.of == "means" else float(score))
     del history[: -spec.long]
     state["lk:n"] = int(state["lk:n"]) + 1
     if state["lk:n"] % spec.every == 0:
-        state["lk:p"] = list(_robust_normal(history, _prior_spread(spec)))
+        state["lk:p"] = list(_distribution(spec, history, _prior_spread(spec)))
     return out
 
 
@@ -665,25 +677,58 @@ def likelihood_scores(spec: Likelihood, scores: FloatArray) -> FloatArray:
     return np.array([likelihood_step(spec, state, v) for v in scores.tolist()], dtype=np.float64)
 
 
-def likelihood_for(scores: FloatArray, groups: Sequence[str] | None = None) -> Likelihood:
+def likelihood_for(
+    scores: FloatArray,
+    groups: Sequence[str] | None = None,
+    *,
+    of: Literal["means", "scores"] = LIKELIHOOD_OF,
+    estimate: Literal["robust", "normal"] = LIKELIHOOD_ESTIMATE,
+) -> Likelihood:
     """The likelihood step whose long window starts with the training ``scores`` (smoothed,
-    out of sample): each machine's short means in time order, machines one after another,
-    at most ``long`` of them, evenly spaced."""
+    out of sample): each machine's short means (or scores, ``of``) in time order, machines
+    one after another, at most ``long`` of them, evenly spaced."""
     short, long = LIKELIHOOD_SHORT, LIKELIHOOD_LONG
     keys = np.zeros(len(scores), dtype=np.intp) if groups is None else np.asarray(groups)
-    means: list[float] = []
+    values: list[float] = []
     for key in dict.fromkeys(keys.tolist()):
         rows = np.flatnonzero(keys == key)
-        means += _window_op("mean", scores[rows], short).tolist()
-    if len(means) > long:
-        picks = np.linspace(0, len(means) - 1, long).round().astype(np.intp)
-        means = [means[i] for i in picks.tolist()]
-    return Likelihood(short=short, long=long, prior=[float(v) for v in means])
+        own = scores[rows] if of == "scores" else _window_op("mean", scores[rows], short)
+        values += own.tolist()
+    if len(values) > long:
+        picks = np.linspace(0, len(values) - 1, long).round().astype(np.intp)
+        values = [values[i] for i in picks.tolist()]
+    return Likelihood(
+        short=short, long=long, prior=[float(v) for v in values], of=of, estimate=estimate
+    )
+
+
+def likelihood_threshold(far: float) -> float:
+    """The likelihood's alarm threshold for a target false-alarm rate: ``-log10(far)``, the
+    level of a recent score mean seen once in ``1 / far`` readings."""
+    return -math.log10(far)
 
 
 def _prior_spread(spec: Likelihood) -> float:
-    """The spread floor: ``LIKELIHOOD_FLOOR`` of the training scores' robust spread."""
-    return LIKELIHOOD_FLOOR * _robust_normal(spec.prior, 0.0)[1]
+    """The spread floor: ``LIKELIHOOD_FLOOR`` of the training scores' spread."""
+    return LIKELIHOOD_FLOOR * _distribution(spec, spec.prior, 0.0)[1]
+
+
+def _distribution(spec: Likelihood, values: Sequence[float], floor: float) -> tuple[float, float]:
+    """Centre and spread of the long window as ``spec.estimate`` says."""
+    if spec.estimate == "robust":
+        return _robust_normal(values, floor)
+    return _normal(values, floor)
+
+
+def _normal(values: Sequence[float], floor: float) -> tuple[float, float]:
+    """Mean and standard deviation of the finite ``values``, the spread never below
+    ``floor`` nor a tiny positive value."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return 0.0, max(floor, 1e-12)
+    centre = float(np.mean(x))
+    return centre, max(float(np.std(x)), floor, 1e-12 * max(1.0, abs(centre)))
 
 
 def _robust_normal(values: Sequence[float], floor: float) -> tuple[float, float]:
