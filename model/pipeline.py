@@ -185,7 +185,6 @@ LIKELIHOOD_EVERY: Final = 100
 LIKELIHOOD_FLOOR: Final = 0.1
 # What new cards' likelihood keeps in its long window and how it estimates its distribution
 # (``Likelihood.of`` / ``Likelihood.estimate``).
-LIKELIHOOD_OF: Final = "means"
 LIKELIHOOD_ESTIMATE: Final = "normal"
 # -log10 of the smallest tail probability reported (a finite ceiling for an extreme level).
 LIKELIHOOD_CAP: Final = 300.0
@@ -199,15 +198,15 @@ class Likelihood(BaseModel):
     short: int = Field(default=LIKELIHOOD_SHORT, ge=1, le=1000)
     long: int = Field(default=LIKELIHOOD_LONG, ge=2, le=10_000)
     every: int = Field(default=LIKELIHOOD_EVERY, ge=1, le=10_000)
-    # the long window's first contents, in time order: the training scores' short means
-    # (``of="means"``) or the training scores themselves (``of="scores"``)
+    # the training scores' short means, in time order: the long window's first contents
     prior: list[float] = Field(min_length=2)
-    # What the long window holds: the short means (cards before ``of``) or the scores.
-    of: Literal["means", "scores"] = "means"
-    # How its distribution is estimated: median and 1.4826 MAD (cards before ``estimate``)
-    # or mean and standard deviation (Numenta's ``estimateNormal``): a heavy tail of normal
-    # scores widens the spread instead of being ignored, so a machine whose scores are often
-    # spiky is not judged against its quietest half.
+    # How the long window's distribution is estimated: median and 1.4826 MAD of its values
+    # (cards before ``estimate``; the state keeps the values), or their mean and standard
+    # deviation (Numenta's ``estimateNormal``), kept as the count, mean and squared
+    # deviations of each block of ``every`` values (``long / every`` blocks and the open
+    # one: a few dozen numbers per machine instead of ``long``). With "normal" a heavy tail
+    # of normal scores widens the spread instead of being ignored, so a machine whose
+    # scores are often spiky is not judged against its quietest half.
     estimate: Literal["robust", "normal"] = "robust"
 
 
@@ -641,12 +640,22 @@ def likelihood_start(spec: Likelihood) -> State:
     """A machine's likelihood state before its first score: the long window holds the
     training scores' short means, the distribution is theirs."""
     history = spec.prior[-spec.long :]
-    return {
+    state: State = {
         "lk:r": [],
-        "lk:h": list(history),
         "lk:p": list(_distribution(spec, history, _prior_spread(spec))),
         "lk:n": 0,
     }
+    if spec.estimate == "robust":
+        state["lk:h"] = list(history)
+        return state
+    # the prior in blocks of ``every`` counted from its end: the window the list form would
+    # hold at each re-estimation is then a whole number of blocks
+    cut = len(history) % spec.every
+    chunks = [history[:cut]] if cut else []
+    chunks += [history[i : i + spec.every] for i in range(cut, len(history), spec.every)]
+    state["lk:b"] = [list(_moments(chunk)) for chunk in chunks][-_blocks(spec) :]
+    state["lk:c"] = [0, 0.0, 0.0]
+    return state
 
 
 def likelihood_step(spec: Likelihood, state: State, score: float) -> float:
@@ -654,7 +663,7 @@ def likelihood_step(spec: Likelihood, state: State, score: float) -> float:
     under the distribution estimated before this reading; then the long window takes the
     mean and, every ``every`` readings, the distribution is estimated again (Numenta's
     order: a reading is judged by what came before it)."""
-    if "lk:h" not in state:
+    if "lk:p" not in state:
         state.update(likelihood_start(spec))
     recent: list[float] = state["lk:r"]
     recent.append(float(score))
@@ -662,13 +671,61 @@ def likelihood_step(spec: Likelihood, state: State, score: float) -> float:
     level = _mean(recent)
     centre, spread = state["lk:p"]
     out = _tail_score((level - centre) / spread)
-    history: list[float] = state["lk:h"]
-    history.append(level if spec.of == "means" else float(score))
-    del history[: -spec.long]
     state["lk:n"] = int(state["lk:n"]) + 1
-    if state["lk:n"] % spec.every == 0:
-        state["lk:p"] = list(_distribution(spec, history, _prior_spread(spec)))
+    due = state["lk:n"] % spec.every == 0
+    if spec.estimate == "robust":
+        history: list[float] = state["lk:h"]
+        history.append(level)
+        del history[: -spec.long]
+        if due:
+            state["lk:p"] = list(_robust_normal(history, _prior_spread(spec)))
+        return out
+    if math.isfinite(level):  # Welford: the open block's count, mean, squared deviations
+        block = state["lk:c"]
+        block[0] = n = int(block[0]) + 1
+        delta = level - block[1]
+        block[1] += delta / n
+        block[2] += delta * (level - block[1])
+    if due:
+        blocks: list[list[float]] = state["lk:b"]
+        blocks.append(state["lk:c"])
+        del blocks[: -_blocks(spec)]
+        state["lk:c"] = [0, 0.0, 0.0]
+        state["lk:p"] = list(_pooled(blocks, _prior_spread(spec)))
     return out
+
+
+def _blocks(spec: Likelihood) -> int:
+    """How many closed blocks of ``every`` values make the long window."""
+    return max(1, math.ceil(spec.long / spec.every))
+
+
+def _moments(values: Sequence[float]) -> tuple[int, float, float]:
+    """Count, mean and sum of squared deviations of the finite ``values``."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return 0, 0.0, 0.0
+    mean = float(np.mean(x))
+    return len(x), mean, float(np.sum((x - mean) ** 2))
+
+
+def _pooled(blocks: Sequence[Sequence[float]], floor: float) -> tuple[float, float]:
+    """Mean and standard deviation of the values the ``blocks`` (count, mean, squared
+    deviations) summarise (Chan et al.'s pairwise combination), the spread never below
+    ``floor`` nor a tiny positive value."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for count, block_mean, block_m2 in blocks:
+        if not count:
+            continue
+        total = n + int(count)
+        delta = block_mean - mean
+        mean += delta * count / total
+        m2 += block_m2 + delta * delta * n * count / total
+        n = total
+    if n == 0:
+        return 0.0, max(floor, 1e-12)
+    return mean, max(math.sqrt(max(m2, 0.0) / n), floor, 1e-12 * max(1.0, abs(mean)))
 
 
 def likelihood_scores(spec: Likelihood, scores: FloatArray) -> FloatArray:
@@ -681,25 +738,21 @@ def likelihood_for(
     scores: FloatArray,
     groups: Sequence[str] | None = None,
     *,
-    of: Literal["means", "scores"] = LIKELIHOOD_OF,
     estimate: Literal["robust", "normal"] = LIKELIHOOD_ESTIMATE,
 ) -> Likelihood:
     """The likelihood step whose long window starts with the training ``scores`` (smoothed,
-    out of sample): each machine's short means (or scores, ``of``) in time order, machines
-    one after another, at most ``long`` of them, evenly spaced."""
+    out of sample): each machine's short means in time order, machines one after another,
+    at most ``long`` of them, evenly spaced."""
     short, long = LIKELIHOOD_SHORT, LIKELIHOOD_LONG
     keys = np.zeros(len(scores), dtype=np.intp) if groups is None else np.asarray(groups)
-    values: list[float] = []
+    means: list[float] = []
     for key in dict.fromkeys(keys.tolist()):
         rows = np.flatnonzero(keys == key)
-        own = scores[rows] if of == "scores" else _window_op("mean", scores[rows], short)
-        values += own.tolist()
-    if len(values) > long:
-        picks = np.linspace(0, len(values) - 1, long).round().astype(np.intp)
-        values = [values[i] for i in picks.tolist()]
-    return Likelihood(
-        short=short, long=long, prior=[float(v) for v in values], of=of, estimate=estimate
-    )
+        means += _window_op("mean", scores[rows], short).tolist()
+    if len(means) > long:
+        picks = np.linspace(0, len(means) - 1, long).round().astype(np.intp)
+        means = [means[i] for i in picks.tolist()]
+    return Likelihood(short=short, long=long, prior=[float(v) for v in means], estimate=estimate)
 
 
 def likelihood_threshold(far: float) -> float:
