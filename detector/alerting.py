@@ -237,6 +237,7 @@ class AlertTracker:
             anomalous_in_window=machine.anomalous_in_window(),
             window_size=self.policy.n,
             alerts_raised=machine.alerts_raised,
+            **machine.tuning.state_fields(),
         )
 
     def states(self) -> list[MachineState]:

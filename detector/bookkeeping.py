@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import structlog
@@ -72,6 +73,8 @@ def tally(outcomes: Iterable[Outcome], counters: Counters, metrics: Metrics) -> 
                 topic=outcome.message.topic,
             )
         log_events(outcome.events, metrics)
+        for notice in outcome.notices:
+            log_notice(notice, metrics)
     counters.received += readings
     counters.verdicts += verdicts
     counters.alerts += alerts
@@ -96,6 +99,24 @@ def log_events(events: Iterable[AlertEvent], metrics: Metrics) -> None:
             kind=event.event,
             peak_score=event.peak_score,
         )
+
+
+def log_notice(notice: dict[str, Any], metrics: Metrics) -> None:
+    """Log (and count) a machine's threshold change or alarm-rate bound change."""
+    fields = {k: v for k, v in notice.items() if k != "event"}
+    kind = str(notice["event"])
+    machine = str(notice["machine_id"])
+    if kind == "threshold_changed":
+        metrics.threshold_changes.labels(action=str(notice["action"])).inc()
+        log.info(kind, **fields)
+        return
+    metrics.alarm_rate_out_of_bound.labels(machine=machine).set(
+        1 if kind == "alarm_rate_out_of_bound" else 0
+    )
+    if kind == "alarm_rate_out_of_bound":
+        log.warning(kind, **fields)
+    else:
+        log.info(kind, **fields)
 
 
 def sync_drift_metrics(engine: Engine, metrics: Metrics) -> None:

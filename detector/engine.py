@@ -39,6 +39,8 @@ from factorywatch.contracts import (
     AlertEvent,
     Calibration,
     ClientStatus,
+    FeedbackCommand,
+    ThresholdCommand,
     Verdict,
 )
 from factorywatch.detector import calibrating
@@ -63,6 +65,7 @@ from factorywatch.detector.ingest import Ingest, Ingests, JsonIngest, Reading, S
 from factorywatch.detector.registry import Registry
 from factorywatch.detector.router import DEFAULT_KEY, Route, Router, route_key
 from factorywatch.detector.state import CalibrationRow, MachineRecord, PendingEvent, StateTable
+from factorywatch.detector.tuning import Action, rate_notice, rejudge, scale_of
 from factorywatch.errors import PayloadError
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.forest_stack import ForestStack
@@ -100,6 +103,9 @@ class Outcome:
     verdicts: list[Verdict] = field(default_factory=list)
     events: list[AlertEvent] = field(default_factory=list)
     rejected: list[PayloadError] = field(default_factory=list)
+    #: what the shell should log beyond events: a realized alarm rate leaving or re-entering
+    #: its bound, an operator's threshold change (``detector/tuning.py``)
+    notices: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,9 +511,14 @@ class Engine:
         clear_below = self.settings.alert_clear_score or model.card.clear_threshold
         version = model.version
         observe = self.tracker.observe
+        scale = scale_of(model.card)
+        states = self.states
         for verdict, (reading, outcome) in zip(verdicts, items, strict=True):
             if reading.historical:
                 verdict = verdict.model_copy(update={"historical": True})  # noqa: PLW2901
+            known = states.get(verdict.machine_id)
+            if known is not None and known.tuning.threshold is not None:
+                verdict = rejudge(verdict, known.tuning.threshold)  # noqa: PLW2901
             try:
                 payload = verdict.encode()
                 events = observe(
@@ -526,11 +537,21 @@ class Engine:
             )
             outcome.verdicts.append(verdict)
             outcome.answered.append((reading.identity, reading.digest))
-            record = self.states[verdict.machine_id]
+            record = states[verdict.machine_id]
             record.model = version
             if windows is not None:
                 record.features = windows[verdict.machine_id]
-            if events or not record.state_published:
+            rate_change = None
+            if not reading.historical:
+                tuning = record.tuning
+                rate_change = tuning.count(verdict.status == "ALERT", scale)
+                if record.alert_id is not None and record.peak_score is not None:
+                    tuning.remember_peak(record.alert_id, record.peak_score)
+                if rate_change is not None:
+                    outcome.notices.append(
+                        rate_notice(record.machine_id, record.line, tuning, rate_change, scale)
+                    )
+            if events or rate_change is not None or not record.state_published:
                 self._emit(outcome, events, [record])
 
     def _calibrate_each(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
@@ -669,7 +690,10 @@ class Engine:
         message = outcome.message
         try:
             if "/commands/" in message.topic:
-                _, machine = self.topics.parse_ack(message.topic)
+                _, machine, leaf = self.topics.parse_command(message.topic)
+                if leaf != "ack":
+                    self._tune(outcome, machine, leaf)
+                    return
                 try:
                     command = AckCommand.model_validate_json(message.payload)
                 except ValidationError as exc:
@@ -693,6 +717,54 @@ class Engine:
             self._reject(outcome, error)
             return
         self._emit(outcome, events, [])
+
+    def _tune(self, outcome: Outcome, machine: str, leaf: str) -> None:
+        """An operator's feedback or threshold command: change the machine's own threshold
+        (``detector/tuning.py``), record who did, publish its state. ``PayloadError`` when
+        it cannot apply (the caller dead-letters it)."""
+        payload = outcome.message.payload
+        command: FeedbackCommand | ThresholdCommand
+        try:
+            if leaf == "feedback":
+                command = FeedbackCommand.model_validate_json(payload)
+            else:
+                command = ThresholdCommand.model_validate_json(payload)
+        except ValidationError as exc:
+            raise PayloadError("schema", str(exc).splitlines()[0]) from None
+        if command.machine_id != machine:
+            raise PayloadError("topic_mismatch", f"{leaf} for another machine")
+        record = self.states.get(machine)
+        if record is None:
+            raise PayloadError("unknown_machine", f"{machine} has sent this detector no reading")
+        action: Action
+        alert_id = None
+        if isinstance(command, FeedbackCommand):
+            if command.label != "false_alarm":
+                return  # a confirmed fault changes no threshold
+            action, alert_id = "false_alarm", command.alert_id
+        else:
+            action = command.action
+        model = self.router.route(machine, record.line).model or self.model
+        try:
+            change = record.tuning.adjust(
+                action,
+                scale_of(model.card),
+                by=command.by,
+                at=command.at,
+                alert_id=alert_id,
+                note=command.note,
+            )
+        except KeyError:
+            raise PayloadError(
+                "unknown_alert", f"{machine} has no recent alert {alert_id!r}"
+            ) from None
+        if change is None:
+            return  # the same command again (a redelivery): already applied
+        outcome.notices.append(
+            {"event": "threshold_changed", "machine_id": machine, "line": record.line, **change}
+        )
+        self.states.mark_urgent(machine)
+        self._emit(outcome, [], [record])
 
     def _reject(self, outcome: Outcome, error: PayloadError) -> None:
         message = outcome.message

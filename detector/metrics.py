@@ -46,6 +46,18 @@ class Metrics:
         self.publish_failures = Counter(
             "factorywatch_publish_failures", "Publishes the broker refused", registry=r
         )
+        self.threshold_changes = Counter(
+            "factorywatch_threshold_changes",
+            "Changes of a machine's own threshold (false-alarm feedback, widen, reset)",
+            ["action"],
+            registry=r,
+        )
+        self.alarm_rate_out_of_bound = Gauge(
+            "factorywatch_alarm_rate_out_of_bound",
+            "1 while a machine's realized alarm rate is above 3 x its target",
+            ["machine"],
+            registry=r,
+        )
         self.latency = Histogram(
             "factorywatch_processing_seconds",
             "Receive-to-verdict processing time per reading",

@@ -205,7 +205,11 @@ class DetectorService:
             [x.strip() for x in settings.lines.split(",") if x.strip()] if settings.lines else None
         )
         self.input_filters = self.topics.input_filters(lines) + spb_filters
-        filters = [*self.input_filters, self.topics.ack_filter, self.topics.sensor_status_filter]
+        filters = [
+            *self.input_filters,
+            *self.topics.command_filters,
+            self.topics.sensor_status_filter,
+        ]
         offline = ClientStatus(role="detector", client_id=settings.client_id, state="offline")
         will: tuple[str, bytes] | Callable[[], tuple[str, bytes]] = (
             self._status_topic,

@@ -5,7 +5,8 @@ clear streak, the open alert, its acknowledgement and peak), the identities of t
 last applied to it (so a redelivered reading is not counted twice), the alert events not yet
 confirmed by the transport (an outbox, republished after a crash), slots for the feature
 pipeline's window state and the machine's model binding (the version that scored it last),
-and a live calibration window (``detector/calibrating.py``) while it has no model yet.
+its own threshold and realized alarm rate (``detector/tuning.py``), and a live calibration
+window (``detector/calibrating.py``) while it has no model yet.
 ``StateTable`` keys the records by machine id and tracks which changed since the last
 checkpoint.
 
@@ -28,6 +29,7 @@ from typing import Any, Final
 import orjson
 
 from factorywatch.contracts import Contribution
+from factorywatch.detector.tuning import Tuning
 
 #: Identities of the last readings applied to a machine's state (see ``MachineRecord.recent``).
 RECENT_IDENTITIES: Final = 32
@@ -95,6 +97,8 @@ class MachineRecord:
     calibration: dict[str, Any] | None = None
     #: whether its retained state topic has been published since this record was made
     state_published: bool = False
+    #: its own threshold and realized alarm rate (``detector/tuning.py``)
+    tuning: Tuning = field(default_factory=Tuning)
 
     def anomalous_in_window(self) -> int:
         """How many readings in the window were anomalous."""
@@ -130,6 +134,7 @@ class MachineRecord:
             "features": self.features,
             "model": self.model,
             "calibration": self.calibration,
+            "tuning": self.tuning.snapshot(),
         }
 
     @classmethod
@@ -156,6 +161,7 @@ class MachineRecord:
             features=dict(data.get("features") or {}),
             model=data.get("model"),
             calibration=data.get("calibration"),
+            tuning=Tuning.restore(data.get("tuning")),
         )
 
 

@@ -1145,7 +1145,13 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     from factorywatch import clusterdeploy, opscli  # noqa: PLC0415 - their subcommands load only when the parser is built
 
-    for add in (opscli.add_history, opscli.add_notify, opscli.add_web, clusterdeploy.add_cluster):
+    for add in (
+        opscli.add_history,
+        opscli.add_notify,
+        opscli.add_web,
+        opscli.add_threshold,
+        clusterdeploy.add_cluster,
+    ):
         add(sub)
     return parser
 

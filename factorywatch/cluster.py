@@ -164,6 +164,12 @@ class ClusterLayout:
                 f"{pre}.{{{{partition({n},2)}}}}.{r}.commands.{{{{wildcard(1)}}}}"
                 ".{{wildcard(2)}}.ack"
             ),
+            # feedback stays unmapped: the recorder and the web view read it where it was
+            # published (a mapping would move it); a cluster's detectors do not act on it
+            f"{r}.commands.*.*.threshold": (
+                f"{pre}.{{{{partition({n},2)}}}}.{r}.commands.{{{{wildcard(1)}}}}"
+                ".{{wildcard(2)}}.threshold"
+            ),
             f"{r}.status.sensor.*": (
                 f"{pre}.{{{{partition({n},1)}}}}.{r}.status.sensor.{{{{wildcard(1)}}}}"
             ),

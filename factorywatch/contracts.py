@@ -59,6 +59,7 @@ MAX_DETAIL: Final = 500  # a dead letter's detail, an operator's note
 MAX_EXCERPT: Final = 1000  # a dead letter's payload excerpt (200 bytes, each maybe U+FFFD)
 MAX_TOPIC: Final = 1024
 MAX_EXPLANATION: Final = 64
+MAX_THRESHOLD_CHANGES: Final = 5  # a machine state shows its latest threshold changes
 # Event time must be Unix seconds: this window rejects milliseconds and nonsense early.
 MIN_TS: Final = 946_684_800.0  # 2000-01-01
 MAX_TS: Final = 4_102_444_800.0  # 2100-01-01
@@ -356,6 +357,22 @@ class AlertEvent(_Wire):
     )
 
 
+ThresholdChangeAction = Literal["false_alarm", "widen", "reset"]
+
+
+class ThresholdChange(_Wire):
+    """One change of a machine's own threshold: who, when, why, before and after."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    at: EventTime
+    by: OperatorName
+    action: ThresholdChangeAction
+    alert_id: IdText | None = None
+    note: OperatorNote | None = None
+    before: float
+    after: float
+
+
 class MachineState(_Wire):
     """The current alert state of one machine, retained on its ``state`` topic."""
 
@@ -383,6 +400,22 @@ class MachineState(_Wire):
     anomalous_in_window: Count = 0
     window_size: Count = Field(ge=1, description="n: how many recent readings the window holds")
     alerts_raised: Count = Field(default=0, description="alerts raised since detector start")
+    threshold: float | None = Field(
+        default=None,
+        description="the machine's own threshold, set by false-alarm feedback or an operator; "
+        "absent: its model's",
+    )
+    threshold_changes: (
+        Annotated[list[ThresholdChange], Field(max_length=MAX_THRESHOLD_CHANGES)] | None
+    ) = Field(default=None, description="the latest changes of its threshold, oldest first")
+    alarm_rate: float | None = Field(
+        default=None,
+        description="realized share of ALERT verdicts (exponentially weighted, live readings)",
+    )
+    alarm_rate_bound: float | None = Field(
+        default=None, description="the rate above which it is out of bound (3 x its target)"
+    )
+    alarm_rate_out_of_bound: bool = False
 
 
 class AckCommand(_Wire):
@@ -415,6 +448,23 @@ class FeedbackCommand(_Wire):
     machine_id: Identifier
     alert_id: IdText
     label: FeedbackLabel
+    by: OperatorName
+    at: EventTime = Field(description="when the operator gave it (Unix seconds)")
+    note: OperatorNote | None = None
+
+
+ThresholdAction = Literal["widen", "reset"]
+
+
+class ThresholdCommand(_Wire):
+    """An operator changes one machine's own threshold
+    (``<root>/commands/<line>/<m>/threshold``): ``widen`` raises it one step, ``reset`` puts
+    back its model's (``detector/tuning.py``). The detector records who and when."""
+
+    times: ClassVar[tuple[str, ...]] = ("at",)
+    schema_version: Literal[1] = SCHEMA_VERSION
+    machine_id: Identifier
+    action: ThresholdAction
     by: OperatorName
     at: EventTime = Field(description="when the operator gave it (Unix seconds)")
     note: OperatorNote | None = None

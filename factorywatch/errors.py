@@ -33,6 +33,7 @@ DeadLetterReason = Literal[
     "no_birth",  # Sparkplug data before its birth certificate (a rebirth was requested)
     "processing_failed",  # accepted, then failed in scoring/settling/encoding (poison message)
     "type_mismatch",  # a Sparkplug metric's value is not of the data type its birth declared
+    "unknown_alert",  # feedback names an alert the detector does not know for that machine
 ]
 DEAD_LETTER_REASONS: Final[tuple[str, ...]] = DeadLetterReason.__args__  # type: ignore[attr-defined]
 

@@ -1,4 +1,5 @@
-"""The operator-facing subcommands: ``history``, ``notify`` and ``web`` (wired into the CLI)."""
+"""The operator-facing subcommands: ``history``, ``notify``, ``web`` and ``threshold`` (wired
+into the CLI)."""
 
 from __future__ import annotations
 
@@ -327,4 +328,59 @@ def cmd_web(args: argparse.Namespace) -> int:
     # found: ours, so a clean shutdown exits 0 rather than dying of the signal.
     stop_on_signals()
     serve(ctx)
+    return 0
+
+
+# -- threshold ------------------------------------------------------------------------------
+def add_threshold(sub: Any) -> None:
+    """``factorywatch threshold MACHINE --line L --widen|--reset --by NAME``."""
+    p = sub.add_parser(
+        "threshold",
+        help="widen or reset one machine's own threshold (the detector records who and when)",
+    )
+    p.add_argument("machine", help="machine id")
+    p.add_argument("--line", required=True, help="the machine's line")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--widen", action="store_true", help="raise it one step (a machine alarming too often)"
+    )
+    what.add_argument("--reset", action="store_true", help="back to its model's threshold")
+    p.add_argument("--by", required=True, help="who makes the change (recorded)")
+    p.add_argument("--note", help="why (recorded)")
+    broker_options(p)
+    p.set_defaults(func=cmd_threshold)
+
+
+def cmd_threshold(args: argparse.Namespace) -> int:
+    """Publish one ``ThresholdCommand`` (QoS 1) and wait for the broker to take it."""
+    from factorywatch.contracts import ThresholdCommand  # noqa: PLC0415
+    from factorywatch.errors import BrokerError  # noqa: PLC0415
+    from factorywatch.mqtt import connected_client, reason_failed  # noqa: PLC0415
+    from factorywatch.topics import Topics  # noqa: PLC0415
+
+    broker = _broker(args, "operator")
+    topics = Topics(broker.topic_root)
+    command = ThresholdCommand(
+        machine_id=args.machine,
+        action="widen" if args.widen else "reset",
+        by=args.by,
+        at=time.time(),
+        note=args.note,
+    )
+    topic = topics.threshold(args.line, args.machine)
+    client = connected_client(broker, f"threshold-{os.getpid()}")
+    refused: list[Any] = []
+    client.on_publish = lambda _c, _u, _mid, reason, _p: (
+        refused.append(reason) if reason_failed(reason) else None
+    )
+    try:
+        info = client.publish(topic, command.encode(), qos=1)
+        info.wait_for_publish(timeout=10.0)
+        if not info.is_published() or refused:
+            why = f" ({refused[0]})" if refused else ""
+            raise BrokerError(f"the broker did not take the command on {topic}{why}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    print(f"{command.action} sent for {args.machine} on {topic}; its state topic shows the change")
     return 0

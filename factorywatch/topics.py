@@ -9,7 +9,9 @@ Layout under a configurable root (default ``factory``)::
                                                machine offline / online
     <root>/alerts/<line>/<machine>/state       retained current state (NORMAL / ALERT / OFFLINE)
     <root>/commands/<line>/<machine>/ack       an operator acknowledges the open alert
-    <root>/commands/<line>/<machine>/feedback  an operator labels an alert (e.g. false alarm)
+    <root>/commands/<line>/<machine>/feedback  an operator labels an alert (e.g. false alarm;
+                                               the detector raises that machine's threshold)
+    <root>/commands/<line>/<machine>/threshold an operator widens or resets its threshold
     <root>/deadletter/<line>/<machine>         rejected payloads with a reason
     <root>/status/<role>/<client>              retained online/offline status (last will);
                                                a sensor's client is its machine id
@@ -31,6 +33,8 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _ID_RE = re.compile(ID_PATTERN)
 UNKNOWN = "_unknown"
 _ALERT_LEAVES = frozenset({"verdict", "event", "state"})
+#: the command leaves the detector acts on (``Topics.command_filters``)
+COMMANDS = ("ack", "feedback", "threshold")
 
 
 def check_id(value: str, what: str = "id") -> str:
@@ -179,6 +183,24 @@ class Topics:
         if parts is None or parts[2] != "feedback":
             raise PayloadError("bad_topic", f"not a feedback topic: {topic!r}")
         return parts[0], parts[1]
+
+    def threshold(self, line: str, machine: str) -> str:
+        """Command topic an operator changes one machine's own threshold on."""
+        machine = check_id(machine, "machine id")
+        return f"{self.root}/commands/{check_id(line, 'line')}/{machine}/threshold"
+
+    @property
+    def command_filters(self) -> tuple[str, ...]:
+        """The commands the detector acts on: acknowledgements, feedback, thresholds."""
+        return tuple(f"{self.root}/commands/+/+/{leaf}" for leaf in COMMANDS)
+
+    def parse_command(self, topic: str) -> tuple[str, str, str]:
+        """Return ``(line, machine, command)`` of a command topic (``COMMANDS``) or raise
+        ``PayloadError``."""
+        parts = self._levels(topic, "commands", 3)
+        if parts is None or parts[2] not in COMMANDS:
+            raise PayloadError("bad_topic", f"not a command topic: {topic!r}")
+        return parts[0], parts[1], parts[2]
 
     @property
     def sensor_status_filter(self) -> str:

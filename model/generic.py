@@ -53,7 +53,7 @@ from factorywatch.model.fitspec import (
     PRESETS,
     FitSpec,
 )
-from factorywatch.model.pipeline import Pipeline, Step, likelihood_for
+from factorywatch.model.pipeline import Pipeline, Step, likelihood_for, likelihood_threshold
 from factorywatch.model.scoring import robust_center_scale
 from factorywatch.model.threshold import ThresholdSpec
 
@@ -204,9 +204,17 @@ def fit_recording(
         base = Pipeline(base.spec.model_copy(update={"likelihood": likelihood}))
         calibration = base.smooth_scores(held_out, groups or None)
     pipeline, scorer = _fit_scorer(base, named, family, seed, trees)
-    cut = threshold_for(calibration, far)
-    progress(f"threshold {cut:.4f} (false-alarm rate {far} on out-of-sample training scores)")
-    forward = forward_far(calibration, fold, far)
+    if spec.likelihood:
+        # The likelihood is already a tail probability (-log10): the target rate is its
+        # threshold, judged against the machine's recent scores rather than training's.
+        cut = likelihood_threshold(far)
+        progress(f"threshold {cut:.4f} = -log10 of the false-alarm rate {far}")
+        last = fold == FOLDS - 1
+        forward = float(np.mean(calibration[last] > cut)) if last.any() else float("nan")
+    else:
+        cut = threshold_for(calibration, far)
+        progress(f"threshold {cut:.4f} (false-alarm rate {far} on out-of-sample training scores)")
+        forward = forward_far(calibration, fold, far)
     progress(
         f"forward in time: a threshold set on the earlier {FOLDS - 1} blocks raised "
         f"{forward:.2%} false alarms on the last block (target {far:.2%})"

@@ -183,6 +183,9 @@ LIKELIHOOD_EVERY: Final = 100
 # The spread never falls below this share of the training spread: a machine whose recent
 # scores are all alike must not turn a small wobble into a certain anomaly.
 LIKELIHOOD_FLOOR: Final = 0.1
+# What new cards' likelihood keeps in its long window and how it estimates its distribution
+# (``Likelihood.of`` / ``Likelihood.estimate``).
+LIKELIHOOD_ESTIMATE: Final = "normal"
 # -log10 of the smallest tail probability reported (a finite ceiling for an extreme level).
 LIKELIHOOD_CAP: Final = 300.0
 
@@ -197,6 +200,14 @@ class Likelihood(BaseModel):
     every: int = Field(default=LIKELIHOOD_EVERY, ge=1, le=10_000)
     # the training scores' short means, in time order: the long window's first contents
     prior: list[float] = Field(min_length=2)
+    # How the long window's distribution is estimated: median and 1.4826 MAD of its values
+    # (cards before ``estimate``; the state keeps the values), or their mean and standard
+    # deviation (Numenta's ``estimateNormal``), kept as the count, mean and squared
+    # deviations of each block of ``every`` values (``long / every`` blocks and the open
+    # one: a few dozen numbers per machine instead of ``long``). With "normal" a heavy tail
+    # of normal scores widens the spread instead of being ignored, so a machine whose
+    # scores are often spiky is not judged against its quietest half.
+    estimate: Literal["robust", "normal"] = "robust"
 
 
 class PipelineSpec(BaseModel):
@@ -629,12 +640,22 @@ def likelihood_start(spec: Likelihood) -> State:
     """A machine's likelihood state before its first score: the long window holds the
     training scores' short means, the distribution is theirs."""
     history = spec.prior[-spec.long :]
-    return {
+    state: State = {
         "lk:r": [],
-        "lk:h": list(history),
-        "lk:p": list(_robust_normal(history, _prior_spread(spec))),
+        "lk:p": list(_distribution(spec, history, _prior_spread(spec))),
         "lk:n": 0,
     }
+    if spec.estimate == "robust":
+        state["lk:h"] = list(history)
+        return state
+    # the prior in blocks of ``every`` counted from its end: the window the list form would
+    # hold at each re-estimation is then a whole number of blocks
+    cut = len(history) % spec.every
+    chunks = [history[:cut]] if cut else []
+    chunks += [history[i : i + spec.every] for i in range(cut, len(history), spec.every)]
+    state["lk:b"] = [list(_moments(chunk)) for chunk in chunks][-_blocks(spec) :]
+    state["lk:c"] = [0, 0.0, 0.0]
+    return state
 
 
 def likelihood_step(spec: Likelihood, state: State, score: float) -> float:
@@ -642,7 +663,7 @@ def likelihood_step(spec: Likelihood, state: State, score: float) -> float:
     under the distribution estimated before this reading; then the long window takes the
     mean and, every ``every`` readings, the distribution is estimated again (Numenta's
     order: a reading is judged by what came before it)."""
-    if "lk:h" not in state:
+    if "lk:p" not in state:
         state.update(likelihood_start(spec))
     recent: list[float] = state["lk:r"]
     recent.append(float(score))
@@ -650,13 +671,61 @@ def likelihood_step(spec: Likelihood, state: State, score: float) -> float:
     level = _mean(recent)
     centre, spread = state["lk:p"]
     out = _tail_score((level - centre) / spread)
-    history: list[float] = state["lk:h"]
-    history.append(level)
-    del history[: -spec.long]
     state["lk:n"] = int(state["lk:n"]) + 1
-    if state["lk:n"] % spec.every == 0:
-        state["lk:p"] = list(_robust_normal(history, _prior_spread(spec)))
+    due = state["lk:n"] % spec.every == 0
+    if spec.estimate == "robust":
+        history: list[float] = state["lk:h"]
+        history.append(level)
+        del history[: -spec.long]
+        if due:
+            state["lk:p"] = list(_robust_normal(history, _prior_spread(spec)))
+        return out
+    if math.isfinite(level):  # Welford: the open block's count, mean, squared deviations
+        block = state["lk:c"]
+        block[0] = n = int(block[0]) + 1
+        delta = level - block[1]
+        block[1] += delta / n
+        block[2] += delta * (level - block[1])
+    if due:
+        blocks: list[list[float]] = state["lk:b"]
+        blocks.append(state["lk:c"])
+        del blocks[: -_blocks(spec)]
+        state["lk:c"] = [0, 0.0, 0.0]
+        state["lk:p"] = list(_pooled(blocks, _prior_spread(spec)))
     return out
+
+
+def _blocks(spec: Likelihood) -> int:
+    """How many closed blocks of ``every`` values make the long window."""
+    return max(1, math.ceil(spec.long / spec.every))
+
+
+def _moments(values: Sequence[float]) -> tuple[int, float, float]:
+    """Count, mean and sum of squared deviations of the finite ``values``."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return 0, 0.0, 0.0
+    mean = float(np.mean(x))
+    return len(x), mean, float(np.sum((x - mean) ** 2))
+
+
+def _pooled(blocks: Sequence[Sequence[float]], floor: float) -> tuple[float, float]:
+    """Mean and standard deviation of the values the ``blocks`` (count, mean, squared
+    deviations) summarise (Chan et al.'s pairwise combination), the spread never below
+    ``floor`` nor a tiny positive value."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for count, block_mean, block_m2 in blocks:
+        if not count:
+            continue
+        total = n + int(count)
+        delta = block_mean - mean
+        mean += delta * count / total
+        m2 += block_m2 + delta * delta * n * count / total
+        n = total
+    if n == 0:
+        return 0.0, max(floor, 1e-12)
+    return mean, max(math.sqrt(max(m2, 0.0) / n), floor, 1e-12 * max(1.0, abs(mean)))
 
 
 def likelihood_scores(spec: Likelihood, scores: FloatArray) -> FloatArray:
@@ -665,7 +734,12 @@ def likelihood_scores(spec: Likelihood, scores: FloatArray) -> FloatArray:
     return np.array([likelihood_step(spec, state, v) for v in scores.tolist()], dtype=np.float64)
 
 
-def likelihood_for(scores: FloatArray, groups: Sequence[str] | None = None) -> Likelihood:
+def likelihood_for(
+    scores: FloatArray,
+    groups: Sequence[str] | None = None,
+    *,
+    estimate: Literal["robust", "normal"] = LIKELIHOOD_ESTIMATE,
+) -> Likelihood:
     """The likelihood step whose long window starts with the training ``scores`` (smoothed,
     out of sample): each machine's short means in time order, machines one after another,
     at most ``long`` of them, evenly spaced."""
@@ -678,12 +752,36 @@ def likelihood_for(scores: FloatArray, groups: Sequence[str] | None = None) -> L
     if len(means) > long:
         picks = np.linspace(0, len(means) - 1, long).round().astype(np.intp)
         means = [means[i] for i in picks.tolist()]
-    return Likelihood(short=short, long=long, prior=[float(v) for v in means])
+    return Likelihood(short=short, long=long, prior=[float(v) for v in means], estimate=estimate)
+
+
+def likelihood_threshold(far: float) -> float:
+    """The likelihood's alarm threshold for a target false-alarm rate: ``-log10(far)``, the
+    level of a recent score mean seen once in ``1 / far`` readings."""
+    return -math.log10(far)
 
 
 def _prior_spread(spec: Likelihood) -> float:
-    """The spread floor: ``LIKELIHOOD_FLOOR`` of the training scores' robust spread."""
-    return LIKELIHOOD_FLOOR * _robust_normal(spec.prior, 0.0)[1]
+    """The spread floor: ``LIKELIHOOD_FLOOR`` of the training scores' spread."""
+    return LIKELIHOOD_FLOOR * _distribution(spec, spec.prior, 0.0)[1]
+
+
+def _distribution(spec: Likelihood, values: Sequence[float], floor: float) -> tuple[float, float]:
+    """Centre and spread of the long window as ``spec.estimate`` says."""
+    if spec.estimate == "robust":
+        return _robust_normal(values, floor)
+    return _normal(values, floor)
+
+
+def _normal(values: Sequence[float], floor: float) -> tuple[float, float]:
+    """Mean and standard deviation of the finite ``values``, the spread never below
+    ``floor`` nor a tiny positive value."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return 0.0, max(floor, 1e-12)
+    centre = float(np.mean(x))
+    return centre, max(float(np.std(x)), floor, 1e-12 * max(1.0, abs(centre)))
 
 
 def _robust_normal(values: Sequence[float], floor: float) -> tuple[float, float]:

@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from collections.abc import Callable
 
 import pytest
 
 from factorywatch import mqtt as fwmqtt
-from factorywatch.contracts import AckCommand, AlertEvent, MachineState
+from factorywatch.contracts import (
+    AckCommand,
+    AlertEvent,
+    FeedbackCommand,
+    MachineState,
+    Verdict,
+)
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.support import Collector, Message, Proc, metric_value, reading, scrape
+from tests.support import (
+    CLI,
+    PROJECT_DIR,
+    Collector,
+    Message,
+    Proc,
+    metric_value,
+    reading,
+    scrape,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -158,4 +175,66 @@ def test_a_stream_far_from_training_is_reported_as_drift(
     assert metric_value(body, "factorywatch_drifting") == 1
     assert metric_value(body, "factorywatch_recent_alert_rate") >= 0.5
     assert 0 < metric_value(body, "factorywatch_training_alert_rate") < 0.1
+    pub.close()
+
+
+def test_false_alarm_feedback_and_the_threshold_command_change_one_machines_threshold(
+    detector: Callable[..., Proc],
+    collector: Callable[..., Collector],
+    settings: BrokerSettings,
+    mqtt_args: list[str],
+) -> None:
+    """A false-alarm label on a raised alert (as the web view sends it) raises that machine's
+    threshold, shown on its retained state with who did it; `factorywatch threshold --reset`
+    puts the model's back; the change is counted in the metrics (#21 item 4)."""
+    topics = Topics(settings.topic_root)
+    col = collector(topics.alerts_filter)
+    proc = detector(env=POLICY_ENV)
+    assert proc.metrics_port is not None
+    pub, verdicts = _stream(settings, col, "fb-1", [1500.0] * 3 + [2800.0] * 4)
+    card_threshold = Verdict.model_validate_json(verdicts[0].payload).threshold
+    col.wait_for(lambda m: m.topic.endswith("/fb-1/event"), count=1, timeout=30)
+    raised = _events(col, "fb-1")[0]
+    assert raised.event == "ALERT_RAISED"
+    assert raised.peak_score is not None
+    assert raised.alert_id is not None
+
+    operator = fwmqtt.connected_client(settings, "operator-fb")
+    label = FeedbackCommand(
+        machine_id="fb-1", alert_id=raised.alert_id, label="false_alarm", by="ann", at=time.time()
+    )
+    operator.publish(topics.feedback("line1", "fb-1"), label.encode(), qos=1).wait_for_publish(5)
+    operator.disconnect()
+    operator.loop_stop()
+    (raised_state,) = col.wait_for(
+        lambda m: m.topic == topics.state("line1", "fb-1") and b'"threshold":' in m.payload
+    )
+    state = MachineState.model_validate_json(raised_state.payload)
+    assert state.threshold is not None
+    assert state.threshold > card_threshold
+    assert state.threshold_changes is not None
+    assert (state.threshold_changes[-1].by, state.threshold_changes[-1].action) == (
+        "ann",
+        "false_alarm",
+    )
+
+    done = subprocess.run(
+        [*CLI, "threshold", "fb-1", "--line", "line1", "--reset", "--by", "lead", *mqtt_args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=PROJECT_DIR,
+    )
+    assert done.returncode == 0, done.stderr
+    reset = col.wait_for(
+        lambda m: m.topic == topics.state("line1", "fb-1") and b'"action":"reset"' in m.payload
+    )
+    state = MachineState.model_validate_json(reset[-1].payload)
+    assert state.threshold is None
+    assert state.threshold_changes is not None
+    assert state.threshold_changes[-1].by == "lead"
+    _, body = scrape(proc.metrics_port, "/metrics")
+    assert metric_value(body, "factorywatch_threshold_changes_total", action="false_alarm") == 1
+    assert metric_value(body, "factorywatch_threshold_changes_total", action="reset") == 1
     pub.close()

@@ -62,3 +62,29 @@ def test_evaluate_compare_pairs_each_per_run_configuration_with_the_likelihood()
         flipped = [c for c in configs if c.spec.likelihood is not main]
         assert {c.spec.preset for c in flipped} == {"windowed", "point"}
         assert {c.spec.family for c in flipped} == {"iforest", "pca"}
+
+
+def test_block_moments_give_the_long_windows_mean_and_spread() -> None:
+    """The "normal" estimate keeps block moments, not values, yet judges each reading by the
+    mean and standard deviation of the last ``long`` short means, as a list would (a direct
+    computation over the values, re-estimated every ``every`` readings)."""
+    rng = np.random.default_rng(2)
+    spec = likelihood_for(rng.normal(0.5, 0.02, 640), estimate="normal")
+    scores = np.concatenate([rng.normal(0.5, 0.02, 700), rng.normal(0.6, 0.05, 900)])
+    out = likelihood_scores(spec, scores)
+    history = list(spec.prior)
+    centre, spread = float(np.mean(history)), float(np.std(history))
+    expected = []
+    recent: list[float] = []
+    for n, score in enumerate(scores.tolist(), start=1):
+        recent = [*recent, score][-spec.short :]
+        level = float(np.mean(recent))
+        z = (level - centre) / max(spread, 0.1 * float(np.std(spec.prior)))
+        expected.append(z)
+        history.append(level)
+        if n % spec.every == 0:
+            window = history[-spec.long :]
+            centre, spread = float(np.mean(window)), float(np.std(window))
+    from factorywatch.model.pipeline import _tail_score  # noqa: PLC0415 - the one scale
+
+    assert np.allclose(out, [_tail_score(z) for z in expected], rtol=1e-9, atol=1e-9)
