@@ -88,6 +88,14 @@ def load_scorer(family: str, path: Path) -> FittedScorer:
     raise ValueError(f"unknown scorer family {family!r}")
 
 
+def _standardised(features: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """The training matrix, its column means and scales, and its standardised rows."""
+    x = np.asarray(features, dtype=np.float64)
+    mean = x.mean(axis=0)
+    scale = np.maximum(x.std(axis=0), _MIN_SCALE)
+    return x, mean, scale, (x - mean) / scale
+
+
 class PcaScorer:
     """Hotelling T² and Q (SPE) residuals of a principal component model."""
 
@@ -111,10 +119,7 @@ class PcaScorer:
     @classmethod
     def fit(cls, features: FloatArray) -> PcaScorer:
         """Fit on a training matrix (rows = readings)."""
-        x = np.asarray(features, dtype=np.float64)
-        mean = x.mean(axis=0)
-        scale = np.maximum(x.std(axis=0), _MIN_SCALE)
-        z = (x - mean) / scale
+        x, mean, scale, z = _standardised(features)
         _, singular, vt = np.linalg.svd(z, full_matrices=False)
         variances = singular**2 / max(len(z) - 1, 1)
         share = np.cumsum(variances) / max(float(variances.sum()), _MIN_SCALE)
@@ -198,10 +203,7 @@ class MahalanobisScorer:
         """Fit on a training matrix (rows = readings)."""
         from sklearn.covariance import LedoitWolf  # noqa: PLC0415 - training only
 
-        x = np.asarray(features, dtype=np.float64)
-        mean = x.mean(axis=0)
-        scale = np.maximum(x.std(axis=0), _MIN_SCALE)
-        z = (x - mean) / scale
+        x, mean, scale, z = _standardised(features)
         covariance = LedoitWolf(assume_centered=True).fit(z).covariance_
         model = cls(mean=mean, scale=scale, precision=np.linalg.pinv(covariance), ref=1.0)
         model.ref = max(float(np.quantile(model.distances(x), REFERENCE_QUANTILE)), _MIN_SCALE)
