@@ -96,6 +96,12 @@ def _standardised(features: FloatArray) -> tuple[FloatArray, FloatArray, FloatAr
     return x, mean, scale, (x - mean) / scale
 
 
+def _save_arrays(path: Path, **arrays: FloatArray) -> None:
+    """Plain arrays into one ``.npz`` file (no pickle)."""
+    with path.open("wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+
+
 class PcaScorer:
     """Hotelling T² and Q (SPE) residuals of a principal component model."""
 
@@ -162,15 +168,14 @@ class PcaScorer:
 
     def save(self, path: Path) -> None:
         """Write the arrays to ``path`` (``.npz``)."""
-        with path.open("wb") as fh:
-            np.savez(
-                fh,
-                mean=self.mean,
-                scale=self.scale,
-                components=self.components,
-                variances=self.variances,
-                refs=np.array([self.t2_ref, self.q_ref]),
-            )
+        _save_arrays(
+            path,
+            mean=self.mean,
+            scale=self.scale,
+            components=self.components,
+            variances=self.variances,
+            refs=np.array([self.t2_ref, self.q_ref]),
+        )
 
     @classmethod
     def load(cls, path: Path) -> PcaScorer:
@@ -228,14 +233,13 @@ class MahalanobisScorer:
 
     def save(self, path: Path) -> None:
         """Write the arrays to ``path`` (``.npz``)."""
-        with path.open("wb") as fh:
-            np.savez(
-                fh,
-                mean=self.mean,
-                scale=self.scale,
-                precision=self.precision,
-                ref=np.array([self.ref]),
-            )
+        _save_arrays(
+            path,
+            mean=self.mean,
+            scale=self.scale,
+            precision=self.precision,
+            ref=np.array([self.ref]),
+        )
 
     @classmethod
     def load(cls, path: Path) -> MahalanobisScorer:
