@@ -52,7 +52,8 @@ CURRENT: Final = "current"
 MODEL_FILE: Final = "model.joblib"
 FLAT_FILE: Final = "forest.npz"
 PCA_FILE: Final = "pca.npz"
-SCORER_FILES: Final = {"iforest": FLAT_FILE, "pca": PCA_FILE}
+MAHALANOBIS_FILE: Final = "mahalanobis.npz"
+SCORER_FILES: Final = {"iforest": FLAT_FILE, "pca": PCA_FILE, "mahalanobis": MAHALANOBIS_FILE}
 CARD_FILE: Final = "card.json"
 RouteKind = Literal["machine", "group"]
 ROUTE_FOLDERS: Final[dict[RouteKind, str]] = {"machine": "machines", "group": "groups"}
@@ -96,7 +97,7 @@ class ModelCard(BaseModel):
     # Generic models (``factorywatch train --csv``): the feature pipeline and the scorer
     # family. AI4I-preset cards have no pipeline and features from model.features.
     pipeline: PipelineSpec | None = None
-    scorer_family: Literal["iforest", "pca"] = "iforest"
+    scorer_family: Literal["iforest", "pca", "mahalanobis"] = "iforest"
 
 
 def new_version(now: datetime | None = None) -> str:
@@ -248,7 +249,7 @@ def validate(model_dir: Path, version: str, *, scorer: ScorerKind = "fast") -> L
         scores = model.scorer.score(centre)
     except (ValueError, IndexError) as exc:
         raise ModelMismatchError(f"model {version} cannot score: {exc}") from exc
-    # Isolation Forest scores lie in (0, 1]; PCA residual scores are >= 0, unbounded.
+    # Isolation Forest scores lie in (0, 1]; PCA and Mahalanobis scores are >= 0, unbounded.
     ok = bool(np.isfinite(scores).all())
     if card.scorer_family == "iforest":
         ok = ok and 0.0 < float(scores[0]) <= 1.0

@@ -266,7 +266,7 @@ def fit_recording(
             "calibration_score_p50": float(np.quantile(calibration, 0.5)),
         },
         pipeline=pipeline.spec,
-        scorer_family="pca" if family == "pca" else "iforest",
+        scorer_family=family if family in {"pca", "mahalanobis"} else "iforest",
     )
     return Trained(scorer=scorer, card=card)
 

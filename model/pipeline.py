@@ -50,13 +50,15 @@ over a frame) and online (``step`` over one reading, with the machine's window s
    fewer than ``smooth`` exist (those scores come from imputed, typical features).
 5. Anomaly likelihood (``likelihood``, after smoothing; the rule of Numenta's HTM anomaly
    likelihood, Ahmad et al. 2017): the mean of the machine's last ``short`` scores is compared
-   with the distribution of such means over its last ``long`` readings (median and 1.4826 MAD,
-   re-estimated every ``every`` readings), and the output is ``-log10`` of its Gaussian tail
-   probability: 2 = a recent level seen once in a hundred, 3 = once in a thousand. A score
-   level that moves with the process (drift) is thus judged against the machine's recent
-   scores, not against training's. The long window starts with the training scores
-   (``Likelihood.prior``, in the card), so a machine is never judged blind; it is kept in
-   the window state (``lk:*``), journaled and checkpointed with it.
+   with the distribution of such means over its last ``long`` readings (their mean and
+   standard deviation, Numenta's ``estimateNormal``, kept as per-block moments; cards from
+   before ``Likelihood.estimate``: median and 1.4826 MAD of the values), re-estimated every
+   ``every`` readings, and the output is ``-log10`` of its Gaussian tail probability: 2 = a
+   recent level seen once in a hundred, 3 = once in a thousand (the threshold for a target
+   rate is ``likelihood_threshold``). A score level that moves with the process (drift) is
+   thus judged against the machine's recent scores, not against training's. The long window
+   starts with the training scores (``Likelihood.prior``, in the card), so a machine is never
+   judged blind; it is kept in the window state (``lk:*``), journaled and checkpointed with it.
 
 The window state of one machine is a plain JSON-serialisable dict (lists of floats), so the
 engine can snapshot and restore it. The batch ``transform`` treats each machine (``groups``)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 import urllib.error
@@ -99,6 +100,15 @@ TYPICAL: Final = {
     "torque_nm": 40.0,
     "tool_wear_min": 100.0,
 }
+
+
+def run_cli(
+    *args: str, timeout: float = 60.0, cwd: Path = PROJECT_DIR
+) -> subprocess.CompletedProcess[str]:
+    """Run ``factorywatch ARGS`` to its end (output captured, exit code not checked)."""
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd
+    )
 
 
 def reading(

@@ -69,7 +69,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from factorywatch import mqtt as fwmqtt
-from factorywatch.contracts import AckCommand, FeedbackCommand
+from factorywatch.contracts import AckCommand, FeedbackCommand, ThresholdCommand
 from factorywatch.errors import BrokerError
 from factorywatch.history import parse_since
 from factorywatch.history_store import HistoryStore
@@ -108,7 +108,7 @@ PAGES: Final = {
     "accounts.html": ("accounts", "accountsPage"),
 }
 ACTING_ROLES: Final = ("operator", "admin")
-_Command = TypeVar("_Command", AckCommand, FeedbackCommand)
+_Command = TypeVar("_Command", AckCommand, FeedbackCommand, ThresholdCommand)
 
 
 class WebSettings(BaseSettings):
@@ -607,6 +607,27 @@ async def feedback(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
+async def threshold(request: Request) -> Response:
+    """An operator widens or resets one machine's own threshold (the detector applies and
+    records it; the machine's state shows the change)."""
+
+    def build(body: dict[str, Any], user: str) -> ThresholdCommand:
+        return ThresholdCommand(
+            machine_id=str(body.get("machine", "")),
+            action=body.get("action", ""),
+            by=user,
+            at=time.time(),
+            note=body.get("note") or None,
+        )
+
+    sent = await _publish_command(request, build, _ctx(request).topics.threshold)
+    if isinstance(sent, Response):
+        return sent
+    _, cmd = sent
+    log.info("web_threshold_published", machine=cmd.machine_id, action=cmd.action, by=cmd.by)
+    return JSONResponse({"ok": True})
+
+
 async def notifications(request: Request) -> Response:
     """Whether alerts reach a notification channel (for the page's banner)."""
     if _user(request) is None:
@@ -650,6 +671,7 @@ def create_app(ctx: WebContext) -> Starlette:
             Route("/api/notifications", notifications),
             Route("/api/ack", ack, methods=["POST"]),
             Route("/api/feedback", feedback, methods=["POST"]),
+            Route("/api/threshold", threshold, methods=["POST"]),
             *admin.ROUTES,
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],

@@ -64,6 +64,12 @@ class Machine:
     alerts_raised: int = 0
     label: str | None = None  # an operator's label of the open alert (false_alarm/confirmed)
     labelled_by: str | None = None
+    # its own threshold (feedback / an operator changed it), latest changes, alarm rate
+    own_threshold: float | None = None
+    threshold_changes: list[dict[str, Any]] = field(default_factory=list)
+    alarm_rate: float | None = None
+    alarm_rate_bound: float | None = None
+    alarm_rate_out_of_bound: bool = False
     new_points: list[list[Any]] = field(default_factory=list)
     new_readings: list[list[Any]] = field(default_factory=list)
 
@@ -94,6 +100,11 @@ class Machine:
             "alerts_raised": self.alerts_raised,
             "label": self.label,
             "labelled_by": self.labelled_by,
+            "own_threshold": self.own_threshold,
+            "threshold_changes": self.threshold_changes,
+            "alarm_rate": self.alarm_rate,
+            "alarm_rate_bound": self.alarm_rate_bound,
+            "alarm_rate_out_of_bound": self.alarm_rate_out_of_bound,
         }
 
     def full(self) -> dict[str, Any]:
@@ -209,6 +220,10 @@ class LiveModel:
         m.explanation = [c.model_dump() for c in s.explanation or []]
         m.last_seen = max(filter(None, (m.last_seen, s.last_seen)), default=None)
         m.alerts_raised = s.alerts_raised
+        m.own_threshold = s.threshold
+        m.threshold_changes = [c.model_dump() for c in s.threshold_changes or []]
+        m.alarm_rate, m.alarm_rate_bound = s.alarm_rate, s.alarm_rate_bound
+        m.alarm_rate_out_of_bound = s.alarm_rate_out_of_bound
         if m.last_score is None:
             m.last_score = s.last_score
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Callable
 
@@ -21,13 +20,12 @@ from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.support import (
-    CLI,
-    PROJECT_DIR,
     Collector,
     Message,
     Proc,
     metric_value,
     reading,
+    run_cli,
     scrape,
 )
 
@@ -218,14 +216,7 @@ def test_false_alarm_feedback_and_the_threshold_command_change_one_machines_thre
         "false_alarm",
     )
 
-    done = subprocess.run(
-        [*CLI, "threshold", "fb-1", "--line", "line1", "--reset", "--by", "lead", *mqtt_args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=PROJECT_DIR,
-    )
+    done = run_cli("threshold", "fb-1", "--line", "line1", "--reset", "--by", "lead", *mqtt_args)
     assert done.returncode == 0, done.stderr
     reset = col.wait_for(
         lambda m: m.topic == topics.state("line1", "fb-1") and b'"action":"reset"' in m.payload

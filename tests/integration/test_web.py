@@ -18,7 +18,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from factorywatch.broker import LocalBroker, free_port
-from factorywatch.contracts import AlertEvent, FeedbackCommand
+from factorywatch.contracts import AlertEvent, FeedbackCommand, ThresholdCommand
 from factorywatch.credentials import init_secrets, read_password
 from factorywatch.history_store import HistoryStore
 from factorywatch.sensors.publisher import SensorPublisher
@@ -206,6 +206,8 @@ def test_web_view_in_chromium(
     # ... and the overview shows it: on the open alert's row and on the machine's tile
     page.wait_for_selector('#alerts tr[data-machine="press-1"] .badge.false_alarm')
     page.wait_for_selector("#tile-press-1 .badge.false_alarm")
+    # the detector raised press-1's own threshold above that alert (#21): its tile says so
+    page.wait_for_selector("#tile-press-1 .own-threshold")
 
     # -- what the overview says agrees with itself and with the CLI -----------------------------
     seen = page.inner_text("#tile-lathe-2 .seen")
@@ -261,6 +263,16 @@ def test_web_view_in_chromium(
     assert noted, "no feedback command with the note on the broker"
     assert FeedbackCommand.model_validate_json(noted[0].payload).label == "confirmed"
     page.wait_for_selector("#history .note-text:has-text('bearing replaced, real fault')")
+
+    # -- the machine's own threshold: who changed it, and a reset from the page ----------------
+    page.wait_for_selector("#tuning li:has-text('false alarm')")
+    assert "operator" in page.inner_text("#tuning li")
+    page.click("#tuning button.threshold-action[data-action='reset']")
+    reset = monitor.wait_for(lambda m: m.topic == topics.threshold("line1", "press-1"))
+    command = ThresholdCommand.model_validate_json(reset[0].payload)
+    assert (command.action, command.by) == ("reset", "operator")
+    page.wait_for_selector("#tuning li:has-text('reset')")
+    assert page.locator("#tuning button.threshold-action[data-action='reset']").count() == 0
     page.wait_for_timeout(600)  # one more tick so the charts hold the latest points
     page.screenshot(path=str(tmp_path / "web-machine.png"), full_page=True)
     assert not [e for e in console_errors if "Content Security Policy" in e], console_errors

@@ -96,7 +96,8 @@ def test_too_little_training_data_is_a_clear_error() -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "likelihood"), [("iforest", False), ("pca", False), ("iforest", True)]
+    ("family", "likelihood"),
+    [("iforest", False), ("pca", False), ("mahalanobis", False), ("iforest", True)],
 )
 def test_detector_core_streams_the_same_scores(
     tmp_path: Path, family: str, likelihood: bool
@@ -142,3 +143,17 @@ def test_calibration_window_fits_on_live_columns() -> None:
     assert model.card.data.rows == 300
     assert model.card.scorer_family == "pca"
     assert score_recording(model, rec.columns).flagged.mean() < 0.05
+
+
+def test_the_mahalanobis_family_sees_a_broken_relationship() -> None:
+    """Two channels that move together in training: a reading that keeps each within its
+    own range but breaks their relationship scores far above every training row."""
+    rng = np.random.default_rng(4)
+    base = rng.normal(0.0, 1.0, 500)
+    columns = {"a": base + rng.normal(0, 0.05, 500), "b": base + rng.normal(0, 0.05, 500)}
+    model = fit_columns(columns, family="mahalanobis", preset="point", name="m1")
+    assert model.card.scorer_family == "mahalanobis"
+    broken = {"a": np.array([1.5]), "b": np.array([-1.5])}
+    together = {"a": np.array([1.5]), "b": np.array([1.5])}
+    assert score_recording(model, broken).score[0] > 10 * model.card.threshold
+    assert score_recording(model, together).score[0] < model.card.threshold

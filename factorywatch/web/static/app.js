@@ -192,6 +192,12 @@ const FW = (() => {
     if (b.classList.contains("ack")) act(b, "/api/ack", body);
     else act(b, "/api/feedback", { ...body, label: b.classList.contains("confirm") ? "confirmed" : "false_alarm" });
   });
+  document.addEventListener("click", (e) => {
+    const b = e.target.closest("button.threshold-action");
+    if (!b) return;
+    e.preventDefault();
+    act(b, "/api/threshold", { line: b.dataset.line, machine: b.dataset.machine, action: b.dataset.action });
+  });
 
   // -- overview -----------------------------------------------------------------------------
   function renderOverview() {
@@ -224,8 +230,29 @@ const FW = (() => {
         <div class="facts"><span>score <span class="score${above ? " above" : ""}">${fmt(m.last_score)}</span></span><span>threshold ${fmt(m.threshold)}</span></div>
         ${spark(m.points, m.threshold)}
         <div class="facts"><span>${m.alerts_raised} alert(s) raised ${labelBadge(m.label)}</span><span class="seen" title="${when(seen)} UTC">seen ${ago(seen)}</span></div>
+        ${rateFact(m)}
       </a>`;
     }).join("") || '<p class="muted">No machine has reported yet.</p>';
+  }
+
+  // a machine's realized alarm rate against its bound, and its own threshold when changed
+  function rateFact(m) {
+    const parts = [];
+    if (m.alarm_rate !== null && m.alarm_rate !== undefined) {
+      const cls = m.alarm_rate_out_of_bound ? "badge ALERT" : "muted";
+      const title = m.alarm_rate_out_of_bound ? "above 3 x its target: label its false alarms, widen its threshold or refit it" : "share of ALERT verdicts (recent readings)";
+      parts.push(`<span class="alarm-rate ${cls}" title="${esc(title)}">alarm rate ${(100 * m.alarm_rate).toFixed(2)} % (bound ${(100 * m.alarm_rate_bound).toFixed(2)} %)</span>`);
+    }
+    if (m.own_threshold !== null && m.own_threshold !== undefined) {
+      parts.push(`<span class="own-threshold">own threshold ${fmt(m.own_threshold)}</span>`);
+    }
+    return parts.length ? `<div class="facts">${parts.join("")}</div>` : "";
+  }
+
+  function thresholdChanges(m) {
+    const rows = (m.threshold_changes || []).map((c) => `<li>${when(c.at)} UTC <b>${esc(c.by)}</b> ${esc(c.action.replace("_", " "))}: ${fmt(c.before)} → ${fmt(c.after)}${c.note ? ` — ${esc(c.note)}` : ""}</li>`).join("");
+    const buttons = canAct() ? `<button class="secondary threshold-action" data-line="${esc(m.line)}" data-machine="${esc(m.machine_id)}" data-action="widen">Widen threshold</button>${m.own_threshold !== null && m.own_threshold !== undefined ? `<button class="secondary threshold-action" data-line="${esc(m.line)}" data-machine="${esc(m.machine_id)}" data-action="reset">Reset threshold</button>` : ""}` : "";
+    return `${rateFact(m)}${rows ? `<ul class="threshold-changes">${rows}</ul>` : ""}${buttons}`;
   }
 
   async function overview() {
@@ -265,8 +292,9 @@ const FW = (() => {
         <span>line <b>${esc(m.line)}</b></span><span>last score <b>${fmt(m.last_score)}</b> (reading ${esc(m.last_status || "–")})</span>
         <span>threshold <b>${fmt(m.threshold)}</b></span><span>model <b>${esc(m.model_version || "–")}</b></span>
         ${m.alert_id ? `<span>alert open since <b>${when(m.alert_since)} UTC</b> ${labelBadge(m.label, m.labelled_by)}, peak ${fmt(m.peak_score)}, ${features(m.explanation, m.outside_training)}</span>
-        ${m.acknowledged_by ? `<span>acknowledged by <b>${esc(m.acknowledged_by)}</b></span>` : ""} ${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}` : ""}`,
-      `${m.alert_id}|${m.acknowledged_by}|${m.label}|${m.state}`);
+        ${m.acknowledged_by ? `<span>acknowledged by <b>${esc(m.acknowledged_by)}</b></span>` : ""} ${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}` : ""}
+        <div id="tuning">${thresholdChanges(m)}</div>`,
+      `${m.alert_id}|${m.acknowledged_by}|${m.label}|${m.state}|${m.own_threshold}|${(m.threshold_changes || []).length}|${m.alarm_rate_out_of_bound}|${m.alarm_rate === null ? "" : m.alarm_rate.toFixed(4)}`);
       chart(document.getElementById("score-chart"), [{ values: m.points.map((p) => [p[0], p[1], p[3] === "ALERT"]), color: "#2f6fde", marks: true }], { threshold: m.threshold, digits: 3 });
       const names = m.readings.length ? Object.keys(m.readings[m.readings.length - 1][1]) : [];
       const box = document.getElementById("channels");
