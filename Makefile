@@ -46,7 +46,7 @@ test: install broker-binary nats-binary ops-tools
 
 ## faults: fault injection (kill -9, broker restarts and outage, backlog) -> reports/faults.json
 ## (DETECTOR_PROTOCOL=3.1.1 runs the detectors on MQTT 3.1.1 instead of 5;
-## DETECTOR_TRANSPORT=mqtt5 on the compiled-codec driver instead of paho)
+## DETECTOR_TRANSPORT=paho on paho-mqtt instead of the default compiled-codec driver, mqtt5)
 DETECTOR_PROTOCOL ?=
 DETECTOR_TRANSPORT ?=
 faults: install broker-binary

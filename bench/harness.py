@@ -47,13 +47,25 @@ from factorywatch.settings import DEFAULT_DATA_DIR, BrokerSettings
 from factorywatch.topics import Topics
 
 DETECTOR_READY: Final = "telemetry_subscribed"
-# The detector's MQTT clients: paho-mqtt speaking MQTT 5 (default) or 3.1.1, and the
-# compiled-codec driver (`detect --transport mqtt5`), as the environment that selects each.
+# The detector's MQTT clients: the compiled-codec driver (`detect --transport mqtt5`, the
+# default) and paho-mqtt speaking MQTT 5 or 3.1.1, as the environment that selects each.
 DETECTOR_CLIENT_ENV: Final = {
-    "paho5": {"FACTORYWATCH_MQTT_PROTOCOL": "5"},
-    "paho311": {"FACTORYWATCH_MQTT_PROTOCOL": "3.1.1"},
+    "paho5": {"FACTORYWATCH_MQTT_PROTOCOL": "5", "FACTORYWATCH_DETECTOR_TRANSPORT": "paho"},
+    "paho311": {"FACTORYWATCH_MQTT_PROTOCOL": "3.1.1", "FACTORYWATCH_DETECTOR_TRANSPORT": "paho"},
     "mqtt5": {"FACTORYWATCH_MQTT_PROTOCOL": "5", "FACTORYWATCH_DETECTOR_TRANSPORT": "mqtt5"},
 }
+DETECTOR_DEFAULT_CLIENT: Final = "mqtt5"  # the detector's default transport
+RELAY_DEFAULT_CLIENT: Final = "paho5"
+DEFAULT: Final = "default"  # a measurement's client: the default of its kind
+
+
+def resolve_client(kind: str, client: str) -> str:
+    """``client``, or for ``DEFAULT`` the default client of a relay or a detector."""
+    if client != DEFAULT:
+        return client
+    return RELAY_DEFAULT_CLIENT if kind == "relay" else DETECTOR_DEFAULT_CLIENT
+
+
 DATASET_FILES: Final = ("ai4i2020.csv", "predictive_maintenance.csv")
 LATENCY_MACHINES: Final = (10, 100, 1000)
 FIXED_RATES: Final = (100.0, 1000.0)
@@ -205,7 +217,12 @@ class Bench:
         return self._sources[machines, lines]
 
     def start_relay(
-        self, root: str, folder: Path, *, client: str = "paho5", lines: str | None = None
+        self,
+        root: str,
+        folder: Path,
+        *,
+        client: str = RELAY_DEFAULT_CLIENT,
+        lines: str | None = None,
     ) -> Server:
         """A ``bench.relay`` process of ``client`` on ``root`` (only ``lines``), subscribed."""
         command = module_command(
@@ -227,15 +244,15 @@ class Bench:
         root: str,
         folder: Path,
         *,
-        client: str = "paho5",
+        client: str = DETECTOR_DEFAULT_CLIENT,
         naive: bool = False,
         lines: str | None = None,
         model_dir: Path | None = None,
     ) -> Server:
         """A ``factorywatch detect`` process on ``root`` with a fresh client id, subscribed.
 
-        ``client`` is ``paho5`` (MQTT 5, the default), ``paho311`` (MQTT 3.1.1) or ``mqtt5``
-        (the compiled-codec transport). With
+        ``client`` is ``mqtt5`` (the compiled-codec transport, the default), ``paho5``
+        (paho-mqtt, MQTT 5) or ``paho311`` (paho-mqtt, MQTT 3.1.1). With
         ``lines`` it is a shard that subscribes to those production lines only. It serves
         ``model_dir`` (default: the bench's own model).
         """
@@ -293,17 +310,19 @@ class Bench:
         idle_s: float,
         deadline_s: float,
         shards: int = 1,
-        client: str = "paho5",
+        client: str = DEFAULT,
         model_dir: Path | None = None,
     ) -> Iterator[tuple[Shards, SubscriberProcess, Publisher, dict[str, Any]]]:
         """Server(s) under test, subscriber process and publisher; all stopped afterwards.
 
-        ``client`` picks the relay's MQTT client or the detector's MQTT version (see
-        ``start_relay`` and ``start_detector``). ``shards`` > 1 starts one server per
+        ``client`` picks the relay's MQTT client or the detector's transport (see
+        ``start_relay`` and ``start_detector``; ``DEFAULT``: each one's default). ``shards`` > 1
+        starts one server per
         production line (``line1``, ``line2``, ...).
         The dict yielded last is filled when the measurement ends: the servers' peak memory
         and, for a detector, what its own metrics say (mean batch size, processing time).
         """
+        client = resolve_client(kind, client)
         server = Shards(kind)
         try:
             for shard in range(shards):
@@ -339,7 +358,9 @@ class Bench:
             yield server, subscriber, publisher, figures
         finally:
             peak = server.peak_mb()
-            name = f"{kind} {client}" if kind == "relay" or client != "paho5" else kind
+            name = (
+                f"{kind} {client}" if kind == "relay" or client != DETECTOR_DEFAULT_CLIENT else kind
+            )
             self.note_peak(name if shards == 1 else f"{name} x{shards}", peak)
             figures["server_peak_mb"] = None if peak is None else round(peak, 1)
             if kind != "relay":
@@ -366,7 +387,7 @@ class Bench:
         count: int,
         *,
         shards: int = 1,
-        client: str = "paho5",
+        client: str = DEFAULT,
         source: Source | None = None,
         model_dir: Path | None = None,
     ) -> dict[str, Any]:
@@ -470,7 +491,7 @@ class Bench:
         label: str,
         *,
         kind: str = "detector",
-        client: str = "paho5",
+        client: str = DEFAULT,
     ) -> dict[str, Any]:
         """Publish at a fixed ``rate``; latency from publish to verdict received."""
         count = max(50, round(rate * self.plan.latency_s))

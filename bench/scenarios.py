@@ -7,8 +7,8 @@ all alike) and the report quotes each target's median over the rounds:
   the fastest is the ceiling the goal uses;
 * Mosquitto's own ceiling with Debian's C clients (``bench.ceiling``): one hop, and the same
   two hops as a relay done by ``mosquitto_sub | mosquitto_pub``;
-* the detector with each transport it can use (paho MQTT 5, the default; paho MQTT 3.1.1;
-  the compiled-codec ``mqtt5`` driver), sharded by line, and with 1,000 machines; once, the
+* the detector with each transport it can use (the compiled-codec ``mqtt5`` driver, the
+  default; paho MQTT 5; paho MQTT 3.1.1), sharded by line, and with 1,000 machines; once, the
   naive per-message scikit-learn path.
 
 Then latency at fixed rates (and, per transport, the detector's CPU per message and latency
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from bench.ceiling import CeilingProbe
-from bench.harness import Bench, Plan, progress
+from bench.harness import DEFAULT, DETECTOR_DEFAULT_CLIENT, Bench, Plan, progress
 from bench.relay import CLIENTS as RELAY_CLIENTS
 from bench.report import fmt
 from bench.system import proc_status_mb
@@ -39,7 +39,7 @@ DETECTOR_CLIENTS: Final = ("paho5", "paho311", "mqtt5")
 # The transports compared at fixed rates (CPU per message, latency), with this many machines.
 TRANSPORT_CLIENTS: Final = ("paho5", "mqtt5")
 TRANSPORT_MACHINES: Final = 100
-DEFAULT_CLIENT: Final = "paho5"
+DEFAULT_CLIENT: Final = DETECTOR_DEFAULT_CLIENT
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -80,7 +80,7 @@ def throughput_rounds(
     payloads = [r.payload for r in bench.source(10).take(count)]
 
     def run(
-        label: str, what: str, kind: str, machines: int, *, shards: int = 1, client: str = "paho5"
+        label: str, what: str, kind: str, machines: int, *, shards: int = 1, client: str = DEFAULT
     ) -> None:
         progress(f"measuring {what} ({machines:,} machines, {count:,} messages) ...")
         runs.append(bench.throughput(kind, machines, count, shards=shards, client=client))

@@ -1,10 +1,10 @@
 """``python -m bench.transports``: the detector on each MQTT transport, in one run.
 
-The part of ``make bench`` that compares the detector's transports (``paho5``, the default,
-and ``mqtt5``, the compiled codec), alone and quicker: its own Mosquitto and a model trained
-on the dataset, then per round a relay and a detector on each transport at saturation
-(msg/s, CPU µs per message of the process under test), then the detector on each transport
-at the fixed rates (100 and 1,000 msg/s, 100 machines: CPU µs per message, p50/p99
+The part of ``make bench`` that compares the detector's transports (``mqtt5``, the compiled
+codec and the default, and ``paho5``, paho-mqtt), alone and quicker: its own Mosquitto and a
+model trained on the dataset, then per round a relay and a detector on each transport at
+saturation (msg/s, CPU µs per message of the process under test), then the detector on each
+transport at the fixed rates (100 and 1,000 msg/s, 100 machines: CPU µs per message, p50/p99
 publish -> verdict). Writes ``<out>/transports.json`` and ``<out>/transports.md``; nothing is
 asserted.
 """

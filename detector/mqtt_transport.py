@@ -94,6 +94,7 @@ class PahoTransport:
             "broker_connected",
             session_present=bool(getattr(flags, "session_present", False)),
             subscribed=self.filters,
+            transport="paho",
         )
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:

@@ -224,11 +224,12 @@ class DetectorService:
             filters.append(primary.topic)
             will = lambda: primary.will(_now_ms())  # noqa: E731 - stamped at each connect
         self.transport: Driver
+        chosen, why_paho = settings.transport_for(broker.protocol)
+        if transport is None and why_paho is not None:
+            log.info("transport_chosen", transport=chosen, reason=why_paho)
         if transport is not None:
             self.transport = transport
-        elif settings.transport == "mqtt5":
-            if self.primary is not None:
-                raise ValueError("the Sparkplug primary host runs on the paho transport")
+        elif chosen == "mqtt5":
             # detector/mqtt5_transport.py: the compiled codec, the same connection promises
             self.transport = Mqtt5Transport(
                 broker,

@@ -631,7 +631,8 @@ def _add_detect(sub: Any) -> None:
         "--transport",
         choices=("paho", "mqtt5"),
         default=None,
-        help="MQTT client: paho (default) or mqtt5 (the compiled codec, less CPU per message)",
+        help="MQTT client: mqtt5 (default: the compiled codec, less CPU per message) or paho "
+        "(paho-mqtt; chosen by itself for --primary-host-id and MQTT 3.1.1)",
     )
     p.add_argument("--state-dir", type=Path, help="journal of answered readings (run/detector)")
     p.add_argument(
@@ -668,16 +669,19 @@ def _add_detect(sub: Any) -> None:
     p.set_defaults(func=cmd_detect)
 
 
-def _check_primary_host(settings: DetectorSettings, engine: str) -> None:
-    """A Sparkplug primary host needs Sparkplug and the Mosquitto detector on paho (its will
-    is the STATE death, stamped per connect)."""
+def _check_transport(settings: DetectorSettings, args: argparse.Namespace) -> None:
+    """Refuse, before the model loads, what no transport serves. A Sparkplug primary host
+    needs Sparkplug and the Mosquitto detector on paho (its will is the STATE death, stamped
+    per connect; paho is chosen by itself unless told mqtt5), as MQTT 3.1.1 does."""
     if settings.sparkplug_primary_host_id is not None and (
-        not settings.sparkplug or engine != "mqtt" or settings.transport != "paho"
+        not settings.sparkplug or args.engine != "mqtt" or settings.transport == "mqtt5"
     ):
         raise ValueError(
             "--primary-host-id needs --sparkplug (FACTORYWATCH_DETECTOR_SPARKPLUG) and the "
-            "Mosquitto detector on its default transport (--engine mqtt --transport paho)"
+            "Mosquitto detector on paho (--engine mqtt; --transport paho, or leave it unset)"
         )
+    if args.engine == "mqtt":
+        settings.transport_for(broker_settings(args).protocol)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -711,7 +715,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         asset_config=args.asset_config,
         transport=args.transport,
     )
-    _check_primary_host(settings, args.engine)
+    _check_transport(settings, args)
     model = artifact.load(data.model_dir, scorer=settings.scorer)
     if args.engine == "jetstream":
         try:

@@ -153,10 +153,11 @@ class DetectorSettings(_Settings):
     )
     metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other containers
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
-    transport: Literal["paho", "mqtt5"] = Field(
-        default="paho",
-        description="MQTT client: paho (paho-mqtt) or mqtt5 (our own driver on the compiled "
-        "mqtt5 codec: less CPU per message); both MQTT 5, QoS 1, ack after the verdict",
+    transport: Literal["paho", "mqtt5"] | None = Field(
+        default=None,
+        description="MQTT client: mqtt5 (our own driver on the compiled mqtt5 codec: less CPU "
+        "per message) or paho (paho-mqtt); both QoS 1, ack after the verdict. Unset: mqtt5, "
+        "except paho where only paho serves (see transport_for)",
     )
     scorer: Literal["fast", "sklearn"] = Field(
         default="fast", description="sklearn = the prototype's per-call scikit-learn scoring"
@@ -227,6 +228,26 @@ class DetectorSettings(_Settings):
         default=None,
         description="its password file (default: <secrets dir>/<sparkplug_out_username>.password)",
     )
+
+    def transport_for(self, protocol: str) -> tuple[Literal["paho", "mqtt5"], str | None]:
+        """The MQTT client the Mosquitto detector runs on, and why it is not mqtt5 (or None).
+
+        Unset, it is mqtt5, except paho where only paho serves: a Sparkplug primary host (its
+        will, the STATE death, is stamped at each connect) and MQTT 3.1.1 (the mqtt5 driver
+        speaks MQTT 5 only). Asking for mqtt5 there is refused (``ValueError``).
+        """
+        needs_paho = (
+            "sparkplug_primary_host_id is set (its will is stamped at each connect)"
+            if self.sparkplug_primary_host_id is not None
+            else "MQTT 3.1.1 (the mqtt5 transport speaks MQTT 5 only)"
+            if protocol == "3.1.1"
+            else None
+        )
+        if self.transport == "mqtt5" and needs_paho is not None:
+            raise ValueError(f"transport mqtt5 cannot serve here: {needs_paho}; use paho")
+        if self.transport is not None:
+            return self.transport, None
+        return ("paho", needs_paho) if needs_paho is not None else ("mqtt5", None)
 
 
 class SensorSettings(_Settings):

@@ -131,7 +131,7 @@ def detector(
     # `make faults DETECTOR_PROTOCOL=3.1.1` runs the detectors (only them) on paho's MQTT 3.1.1.
     protocol = os.environ.get("FACTORYWATCH_TEST_DETECTOR_PROTOCOL")
     chosen = {"FACTORYWATCH_MQTT_PROTOCOL": protocol} if protocol else {}
-    # `make faults DETECTOR_TRANSPORT=mqtt5` runs them on the compiled-codec driver instead.
+    # `make faults DETECTOR_TRANSPORT=paho` runs them on paho-mqtt instead of the default mqtt5.
     transport = os.environ.get("FACTORYWATCH_TEST_DETECTOR_TRANSPORT")
     chosen |= {"FACTORYWATCH_DETECTOR_TRANSPORT": transport} if transport else {}
 

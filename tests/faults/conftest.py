@@ -389,6 +389,9 @@ class DetectorRunner:
         self.kills = 0
         self.unexpected_exits = 0
         self.first_verdict_s: list[float] = []
+        # CPU seconds each restarted process used until its first verdict arrived: what a
+        # restart costs, whatever else the machine runs (the wall figure above depends on it)
+        self.first_verdict_cpu_s: list[float] = []
         self.subscribed_s: list[float] = []
         self._marker: str | None = None
         self.env: dict[str, str] | None = None  # detector settings for every start
@@ -413,6 +416,7 @@ class DetectorRunner:
         delay = self._collector.first_verdict_after(marker, spawned, timeout)
         assert delay is not None, f"no verdict within {timeout} s of a detector (re)start"
         self.first_verdict_s.append(round(delay, 3))
+        self.first_verdict_cpu_s.append(round(process_cpu_s(self.current.pid), 2))
         return delay
 
     def kill(self) -> None:
@@ -449,6 +453,13 @@ class DetectorRunner:
                 if '"detector_stopped"' in line:
                     total += int(json.loads(line).get("duplicates", 0))
         return total
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a running process has used (``/proc/<pid>/stat``)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -530,10 +541,13 @@ class FaultReport:
         head = (
             f"{'scenario':<50}{'sent':>7}{'acked':>7}{'unique':>7}{'dups':>6}{'lost':>6}"
             f"{'dead':>6}{'crash':>6}{'drops':>6}{'wall s':>8}  first verdict after restart (s)"
+            " [its CPU s]"
         )
         lines = [head, "-" * len(head)]
         for f in self.rows:
             firsts = ", ".join(f"{s:.2f}" for s in f.first_verdict_after_restart_s) or "-"
+            cpu = f.details.get("first_verdict_cpu_s")
+            firsts += f" [{', '.join(f'{c:.2f}' for c in cpu)}]" if cpu else ""
             lines.append(
                 f"{f.scenario:<50}{f.sent:>7}{f.acked:>7}{f.unique_verdicts:>7}{f.duplicates:>6}"
                 f"{f.lost:>6}{f.dead_lettered:>6}{f.crashes:>6}{f.broker_dropped:>6}"

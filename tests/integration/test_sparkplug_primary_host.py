@@ -99,6 +99,8 @@ def test_state_birth_and_will_are_retained_qos1_json_with_the_connect_timestamp(
     assert before <= birth["timestamp"] <= int(time.time() * 1000)
     log = first.log()
     assert log.index("telemetry_subscribed") < log.index("sparkplug_primary_host_online")
+    # mqtt5 is the default transport; a primary host runs on paho (its will is per connect)
+    assert json.loads(first.wait_log('"broker_connected"'))["transport"] == "paho"
 
     first.kill()  # the broker publishes the will registered at connect
     will, retain, qos = _retained_state(settings, topic, online=False)
