@@ -904,6 +904,8 @@ def cmd_sensor(args: argparse.Namespace) -> int:
         count=args.count,
         buffer_size=settings.buffer_size,
         stop=stop_on_signals(),
+        pending_size=settings.pending_size,
+        republish_after_s=settings.republish_after_s,
     )
     print(
         f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "
@@ -943,6 +945,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         count=args.count,
         buffer_size=settings.buffer_size,
         stop=stop_on_signals(),
+        pending_size=settings.pending_size,
+        republish_after_s=settings.republish_after_s,
     )
     print(f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}")
     return 0 if stats.refused == 0 else 1
