@@ -168,9 +168,9 @@ class SensorPublisher:
         self._waiter = fwmqtt.ConnectWaiter()
         self._lock = threading.Lock()
         self._status_mids: set[int] = set()
-        # The detector's answers about this machine's readings (the ACL lets a machine read
-        # only its own verdicts and dead letters).
-        self._answer_filters = self.topics.answers_filters(machine_id)
+        #: the detector's answers about this machine's readings (the ACL lets a machine read
+        #: only its own verdicts and dead letters)
+        self.answer_filters = self.topics.answers_filters(machine_id)
         self.pending = PendingReadings(pending_size)
         self.republish_after_s = republish_after_s
         self._seq_of_mid: dict[int, int] = {}  # readings' packet ids awaiting their PUBACK
@@ -216,7 +216,7 @@ class SensorPublisher:
             self._connects += 1
             reconnect = self._connects > 1
         # QoS 0: a missed answer costs one more send of its reading, nothing else.
-        client.subscribe([(f, 0) for f in self._answer_filters])
+        client.subscribe([(f, 0) for f in self.answer_filters])
         if reconnect:
             # The broker may be a new one that lost what the old one acknowledged: send every
             # acknowledged, unanswered reading again (after the SUBSCRIBE, so its answer is
