@@ -173,7 +173,7 @@ class SensorPublisher:
         self.answer_filters = self.topics.answers_filters(machine_id)
         self.pending = PendingReadings(pending_size)
         self.republish_after_s = republish_after_s
-        self._seq_of_mid: dict[int, int] = {}  # readings' packet ids awaiting their PUBACK
+        self._reading_of_mid: dict[int, int] = {}  # readings' packet ids awaiting their PUBACK
         self._resend_mids: set[int] = set()  # ... of which sends again (not in ``stats.sent``)
         self._early: dict[int, bool] = {}  # PUBACKs that beat their packet id's registration
         self._next_overdue_check = 0.0
@@ -253,7 +253,7 @@ class SensorPublisher:
         """Tie a packet id to its reading (under the lock); apply a PUBACK that came first."""
         early = self._early.pop(mid, None)
         if early is None:
-            self._seq_of_mid[mid] = seq
+            self._reading_of_mid[mid] = seq
             return
         self._puback(mid, seq, ok=early, resend=resend)
 
@@ -312,7 +312,7 @@ class SensorPublisher:
             if mid in self._status_mids:  # a status, not a reading
                 self._status_mids.discard(mid)
                 return
-            seq = self._seq_of_mid.pop(mid, None)
+            seq = self._reading_of_mid.pop(mid, None)
             if seq is None:
                 self._early[mid] = ok  # its publish() has not registered the packet id yet
                 return

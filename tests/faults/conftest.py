@@ -441,6 +441,15 @@ class DetectorRunner:
         """Detector exits we did not cause, non-zero clean-stop exits and tracebacks."""
         return self.unexpected_exits + self.tracebacks
 
+    def reanswered(self) -> int:
+        """Duplicates the detectors answered with the verdict already given (clean stops)."""
+        total = 0
+        for proc in self.procs:
+            for line in proc.log().splitlines():
+                if '"detector_stopped"' in line:
+                    total += int(json.loads(line).get("reanswered", 0))
+        return total
+
     def journal_duplicates(self) -> int:
         """Redelivered readings the detectors recognised (from clean-stop counters)."""
         total = 0
