@@ -136,8 +136,10 @@ def test_a_reading_whose_verdict_was_lost_gets_the_same_verdict_again(
     secure_broker.stop()
     secure_broker.start()
     wait_until(lambda: len(sensor.pending) == 0, 60, "every reading answered")
+    wait_until(
+        lambda: all(len(_verdict_payloads(verdicts, s)) == 2 for s in range(3)), 30, "answers"
+    )
     for seq in range(3):
-        wait_until(lambda s=seq: len(_verdict_payloads(verdicts, s)) == 2, 30, "the answer")
         first, again = _verdict_payloads(verdicts, seq)
         assert first == again, "a duplicate must get the verdict it already got"
     assert detector.terminate() == 0
