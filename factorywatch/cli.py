@@ -909,7 +909,9 @@ def cmd_sensor(args: argparse.Namespace) -> int:
     )
     print(
         f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "
-        f"buffer full {stats.buffer_full}, rejected by the detector (so far) {stats.rejected}"
+        f"buffer full {stats.buffer_full}, rejected by the detector (so far) {stats.rejected}, "
+        f"answered {stats.answered}, sent again {stats.resent}, "
+        f"unanswered at exit {stats.unanswered_at_close}, given up {stats.unanswered_dropped}"
     )
     return 0 if stats.refused == 0 and stats.buffer_full == 0 else 1
 
@@ -948,7 +950,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         pending_size=settings.pending_size,
         republish_after_s=settings.republish_after_s,
     )
-    print(f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}")
+    print(
+        f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "
+        f"answered {stats.answered}, sent again {stats.resent}, "
+        f"unanswered at exit {stats.unanswered_at_close}, given up {stats.unanswered_dropped}"
+    )
     return 0 if stats.refused == 0 else 1
 
 

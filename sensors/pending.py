@@ -6,7 +6,10 @@ letter) is the end-to-end acknowledgement, so a publisher keeps each reading her
 answer is heard, and sends again what has none:
 
 - after a reconnect, every reading the (maybe new) broker had acknowledged but nobody answered
-  (``after_reconnect``); the ones without a PUBACK are still paho's to resend;
+  (``after_reconnect``); the ones without a PUBACK are still paho's to resend. Also, once,
+  the readings answered in the last moments before the connection was lost: a broker killed
+  then may have lost their verdicts on the way to other consumers (a recorder, a notifier)
+  after delivering them to us; sent again, they get the same verdict again;
 - while connected, a reading acknowledged more than ``after_s`` ago and still unanswered once
   a reading sent after it was answered (``overdue``): the detector is alive and answering,
   this one's answer was lost. A detector that is away answers nothing, so its backlog is not
@@ -38,6 +41,7 @@ class Unanswered:
     seq: int
     topic: str
     payload: bytes
+    #: when it was last sent (until answered), then when it was answered
     sent_at: float
     order: int
     sends: int = 1
@@ -64,6 +68,8 @@ class PendingReadings:
         self.capacity = capacity
         self.max_sends = max_sends
         self._entries: OrderedDict[int, Unanswered] = OrderedDict()
+        #: answered readings, oldest answer first (at most ``capacity``; see ``after_reconnect``)
+        self._recent: OrderedDict[int, Unanswered] = OrderedDict()
         self._orders = itertools.count()
         #: send order of the latest send that was answered (-1: none yet)
         self._answered_order = -1
@@ -94,12 +100,16 @@ class PendingReadings:
         if entry is not None:
             entry.acknowledged = True
 
-    def answered(self, seq: int) -> bool:
+    def answered(self, seq: int, now: float) -> bool:
         """The detector answered the reading (a verdict or a dead letter); True if it was held."""
         entry = self._entries.pop(seq, None)
         if entry is None:
             return False
         self._answered_order = max(self._answered_order, entry.order)
+        entry.sent_at = now
+        self._recent[seq] = entry
+        if len(self._recent) > self.capacity:
+            self._recent.popitem(last=False)
         return True
 
     def discard(self, seq: int) -> None:
@@ -107,9 +117,19 @@ class PendingReadings:
         it: no answer will come)."""
         self._entries.pop(seq, None)
 
-    def after_reconnect(self, now: float) -> tuple[list[Unanswered], Released]:
-        """The readings to send again on a new connection: every acknowledged, unanswered one."""
-        return self._resend([e for e in self._entries.values() if e.acknowledged], now)
+    def after_reconnect(
+        self, now: float, answered_since: float | None = None
+    ) -> tuple[list[Unanswered], Released]:
+        """The readings to send again on a new connection: every acknowledged, unanswered one,
+        then (once, not waited for again) those answered at or after ``answered_since``."""
+        again, released = self._resend([e for e in self._entries.values() if e.acknowledged], now)
+        if answered_since is not None:
+            recent = [e for e in self._recent.values() if e.sent_at >= answered_since]
+            for entry in recent:
+                del self._recent[entry.seq]
+            self.resent += len(recent)
+            again += recent
+        return again, released
 
     def overdue(self, now: float, after_s: float) -> tuple[list[Unanswered], Released]:
         """Acknowledged readings unanswered for ``after_s`` while a later one was answered."""

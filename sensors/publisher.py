@@ -8,8 +8,10 @@ End-to-end acknowledgement: a broker's PUBACK is not the end of a reading's way 
 killed before its next save loses what it acknowledged since). Each machine's publisher keeps
 every reading until the detector's answer about it — its verdict or its dead letter, both
 read on the machine's own topics — is heard (:mod:`factorywatch.sensors.pending`), and sends
-the unanswered ones again after a reconnect, and while connected when a later reading was
-answered first. The detector answers a repeated reading with the verdict it already gave.
+the unanswered ones again after a reconnect (with those answered in the last
+``RECENTLY_ANSWERED_S`` before the connection was lost, whose verdicts a killed broker may have
+lost on the way to other consumers), and while connected when a later reading was answered
+first. The detector answers a repeated reading with the verdict it already gave.
 
 One machine id, one process: each machine's client is fenced (:mod:`factorywatch.fencing`).
 When a second process starts publishing as the same machine, the broker hands it the
@@ -47,6 +49,10 @@ _EXCERPT_SEQ = re.compile(rb'"seq"\s*:\s*(\d{1,19})')
 _OVERDUE_EVERY_S = 1.0
 #: default: a reading acknowledged this long ago, unanswered while a later one was, goes again
 DEFAULT_REPUBLISH_AFTER_S = 10.0
+#: readings answered this long before a lost connection are sent again after the reconnect
+#: (their verdicts may have been lost on the way to other consumers): a few of the broker's
+#: 1 s autosave intervals
+RECENTLY_ANSWERED_S = 5.0
 
 
 class SensorFencedError(FactorywatchError):
@@ -178,10 +184,12 @@ class SensorPublisher:
         self._early: dict[int, bool] = {}  # PUBACKs that beat their packet id's registration
         self._next_overdue_check = 0.0
         self._connects = 0
+        self._lost_at: float | None = None  # monotonic time the connection was last lost
         self.rejections: dict[str, int] = {}  # dead-letter reason -> count
         self.client.on_connect = self._on_connect
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_answer
+        self.client.on_disconnect = self._on_disconnect
         #: why another process took this machine over (None while this one holds it)
         self.fenced: str | None = None
         self._on_fenced = on_fenced
@@ -220,10 +228,18 @@ class SensorPublisher:
         if reconnect:
             # The broker may be a new one that lost what the old one acknowledged: send every
             # acknowledged, unanswered reading again (after the SUBSCRIBE, so its answer is
-            # heard). Readings without a PUBACK are paho's to resend.
+            # heard), and those answered just before the connection was lost (their verdicts
+            # may not have reached other consumers). Readings without a PUBACK are paho's.
             with self._lock:
-                again, released = self.pending.after_reconnect(time.monotonic())
+                lost_at = self._lost_at if self._lost_at is not None else time.monotonic()
+                again, released = self.pending.after_reconnect(
+                    time.monotonic(), answered_since=lost_at - RECENTLY_ANSWERED_S
+                )
             self._send_again(again, released, "reconnect")
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, _r: Any, _p: Any) -> None:
+        with self._lock:
+            self._lost_at = time.monotonic()
 
     def _send_again(self, again: list[Unanswered], released: Released, why: str) -> None:
         """Publish ``again`` once more (not under our lock: paho calls ``on_publish`` under
@@ -278,7 +294,7 @@ class SensorPublisher:
             except (ValueError, KeyError, TypeError):
                 return
             with self._lock:
-                if self.pending.answered(seq):
+                if self.pending.answered(seq, time.monotonic()):
                     self.stats.answered += 1
             return
         self._on_deadletter(msg)
@@ -292,7 +308,7 @@ class SensorPublisher:
         with self._lock:
             self.stats.rejected += 1
             self.rejections[letter.reason] = self.rejections.get(letter.reason, 0) + 1
-            if found is not None and self.pending.answered(int(found[1])):
+            if found is not None and self.pending.answered(int(found[1]), time.monotonic()):
                 self.stats.answered += 1
         remedy = (
             " (a reused sequence number: restart the sensor with a new --seq-start)"

@@ -20,9 +20,9 @@ def test_an_answered_reading_is_no_longer_pending() -> None:
     """A verdict (or dead letter) ends a reading's wait; an unknown answer changes nothing."""
     pending = PendingReadings(10)
     _sent(pending, 1, 2)
-    assert pending.answered(1) is True
-    assert pending.answered(1) is False
-    assert pending.answered(99) is False
+    assert pending.answered(1, now=1.0) is True
+    assert pending.answered(1, now=1.0) is False
+    assert pending.answered(99, now=1.0) is False
     assert pending.seqs() == [2]
 
 
@@ -31,7 +31,7 @@ def test_after_a_reconnect_only_acknowledged_unanswered_readings_go_again() -> N
     pending = PendingReadings(10)
     _sent(pending, 1, 2, 3)
     _sent(pending, 4, acked=False)
-    pending.answered(2)
+    pending.answered(2, now=1.0)
     again, released = pending.after_reconnect(now=5.0)
     assert [(e.seq, e.topic, e.payload, e.sends) for e in again] == [
         (1, TOPIC, b"r1", 2),
@@ -72,14 +72,14 @@ def test_overdue_needs_a_later_answer_and_the_delay() -> None:
     pending = PendingReadings(10)
     _sent(pending, 1, 2, 3, now=0.0)
     assert pending.overdue(now=100.0, after_s=10.0)[0] == []  # nothing answered yet
-    pending.answered(2)
+    pending.answered(2, now=1.0)
     assert pending.overdue(now=5.0, after_s=10.0)[0] == []  # answered, but not long enough
     again, _ = pending.overdue(now=10.0, after_s=10.0)
     assert [e.seq for e in again] == [1]  # 3 was sent after the last answer: still in time
     pending.acknowledged(1)
     # sent again after every answer so far: not overdue until a later one is answered
     assert pending.overdue(now=50.0, after_s=10.0)[0] == []
-    pending.answered(3)
+    pending.answered(3, now=1.0)
     assert pending.overdue(now=50.0, after_s=10.0)[0] == []  # 3 went before 1's second send
 
 
@@ -106,3 +106,17 @@ def test_limits_must_be_positive() -> None:
     """A set that can hold nothing is a configuration error."""
     with pytest.raises(ValueError, match="at least 1"):
         PendingReadings(0)
+
+
+def test_readings_answered_just_before_the_connection_was_lost_go_again_once() -> None:
+    """A killed broker may have lost a verdict on its way to other consumers after we heard
+    it: readings answered since ``answered_since`` go again after the reconnect, once."""
+    pending = PendingReadings(10)
+    _sent(pending, 1, 2, 3)
+    pending.answered(1, now=10.0)
+    pending.answered(2, now=20.0)
+    again, _ = pending.after_reconnect(now=30.0, answered_since=15.0)
+    assert [e.seq for e in again] == [3, 2]  # the unanswered one, then the recent answer
+    assert pending.seqs() == [3]  # the recent answer is not waited for again
+    again, _ = pending.after_reconnect(now=31.0, answered_since=15.0)
+    assert again == []
