@@ -906,6 +906,7 @@ def cmd_sensor(args: argparse.Namespace) -> int:
         stop=stop_on_signals(),
         pending_size=settings.pending_size,
         republish_after_s=settings.republish_after_s,
+        resend_answered_s=settings.resend_answered_s,
     )
     print(
         f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "
@@ -949,6 +950,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         stop=stop_on_signals(),
         pending_size=settings.pending_size,
         republish_after_s=settings.republish_after_s,
+        resend_answered_s=settings.resend_answered_s,
     )
     print(
         f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "

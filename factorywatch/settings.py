@@ -255,3 +255,9 @@ class SensorSettings(_Settings):
         description="a reading acknowledged this long ago and still unanswered while a later "
         "one was answered is sent again (0: only after a reconnect)",
     )
+    resend_answered_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=5.0,
+        description="after a reconnect, readings answered this long before the connection was "
+        "lost are sent again once (a killed broker may have lost their verdicts on the way to "
+        "other consumers; 0: never, e.g. with a broker saving on every change)",
+    )

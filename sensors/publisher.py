@@ -9,7 +9,7 @@ killed before its next save loses what it acknowledged since). Each machine's pu
 every reading until the detector's answer about it — its verdict or its dead letter, both
 read on the machine's own topics — is heard (:mod:`factorywatch.sensors.pending`), and sends
 the unanswered ones again after a reconnect (with those answered in the last
-``RECENTLY_ANSWERED_S`` before the connection was lost, whose verdicts a killed broker may have
+``resend_answered_s`` before the connection was lost, whose verdicts a killed broker may have
 lost on the way to other consumers), and while connected when a later reading was answered
 first. The detector answers a repeated reading with the verdict it already gave.
 
@@ -49,10 +49,10 @@ _EXCERPT_SEQ = re.compile(rb'"seq"\s*:\s*(\d{1,19})')
 _OVERDUE_EVERY_S = 1.0
 #: default: a reading acknowledged this long ago, unanswered while a later one was, goes again
 DEFAULT_REPUBLISH_AFTER_S = 10.0
-#: readings answered this long before a lost connection are sent again after the reconnect
-#: (their verdicts may have been lost on the way to other consumers): a few of the broker's
-#: 1 s autosave intervals
-RECENTLY_ANSWERED_S = 5.0
+#: default: readings answered this long before a lost connection are sent again after the
+#: reconnect (their verdicts may have been lost on the way to other consumers): a few of the
+#: broker's 1 s autosave intervals
+DEFAULT_RESEND_ANSWERED_S = 5.0
 
 
 class SensorFencedError(FactorywatchError):
@@ -143,7 +143,8 @@ class SensorPublisher:
 
     ``pending_size`` bounds the readings kept until their answer; ``republish_after_s`` is
     how long an acknowledged reading may stay unanswered, while a later one was answered,
-    before it is sent again (0: only after a reconnect).
+    before it is sent again (0: only after a reconnect); readings answered less than
+    ``resend_answered_s`` before a lost connection are sent again, once, after the reconnect.
     """
 
     def __init__(
@@ -155,6 +156,7 @@ class SensorPublisher:
         on_fenced: Callable[[str, str], None] | None = None,
         pending_size: int = DEFAULT_CAPACITY,
         republish_after_s: float = DEFAULT_REPUBLISH_AFTER_S,
+        resend_answered_s: float = DEFAULT_RESEND_ANSWERED_S,
     ) -> None:
         self.topics = Topics(broker.topic_root)
         self.machine_id = machine_id
@@ -179,6 +181,7 @@ class SensorPublisher:
         self.answer_filters = self.topics.answers_filters(machine_id)
         self.pending = PendingReadings(pending_size)
         self.republish_after_s = republish_after_s
+        self.resend_answered_s = resend_answered_s
         self._reading_of_mid: dict[int, int] = {}  # readings' packet ids awaiting their PUBACK
         self._resend_mids: set[int] = set()  # ... of which sends again (not in ``stats.sent``)
         self._early: dict[int, bool] = {}  # PUBACKs that beat their packet id's registration
@@ -233,7 +236,10 @@ class SensorPublisher:
             with self._lock:
                 lost_at = self._lost_at if self._lost_at is not None else time.monotonic()
                 again, released = self.pending.after_reconnect(
-                    time.monotonic(), answered_since=lost_at - RECENTLY_ANSWERED_S
+                    time.monotonic(),
+                    answered_since=(
+                        lost_at - self.resend_answered_s if self.resend_answered_s > 0 else None
+                    ),
                 )
             self._send_again(again, released, "reconnect")
 
@@ -419,6 +425,7 @@ def run(
     stop: threading.Event,
     pending_size: int = DEFAULT_CAPACITY,
     republish_after_s: float = DEFAULT_REPUBLISH_AFTER_S,
+    resend_answered_s: float = DEFAULT_RESEND_ANSWERED_S,
 ) -> PublishStats:
     """Publish ``count`` readings per machine (forever when None) at ``rate_hz`` each.
 
@@ -439,6 +446,7 @@ def run(
             on_fenced=on_fenced,
             pending_size=pending_size,
             republish_after_s=republish_after_s,
+            resend_answered_s=resend_answered_s,
         )
         for m in machine_ids
     ]
