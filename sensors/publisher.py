@@ -272,8 +272,13 @@ class SensorPublisher:
             )
 
     def _register(self, mid: int, seq: int, *, resend: bool) -> None:
-        """Tie a packet id to its reading (under the lock); apply a PUBACK that came first."""
+        """Tie a packet id to its reading (under the lock); apply a PUBACK that came first.
+
+        One registration at a time can race its PUBACK (the publishing thread's); any other
+        early PUBACK is of a message that is no reading (the fence's lease): forget those.
+        """
         early = self._early.pop(mid, None)
+        self._early.clear()
         if early is None:
             self._reading_of_mid[mid] = seq
             return
