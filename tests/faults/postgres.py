@@ -8,6 +8,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -24,23 +25,21 @@ def _bin_dir() -> Path:
 
 
 class PrivatePostgres:
-    """``initdb`` into ``workdir`` (trust auth, user ``postgres``), on a free loopback port."""
+    """``initdb`` into a folder of its own (trust auth, user ``postgres``), on a free loopback
+    port. The folder is not under pytest's temporary root: every pytest session resets that
+    root to mode 0700, which would lock the ``postgres`` user out of a running server's data."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self) -> None:
         self.bin = _bin_dir()
+        workdir = Path(tempfile.mkdtemp(prefix="factorywatch-pg-"))
         self.workdir = workdir
         self.data = workdir / "data"
         self.log = workdir / "postgres.log"
         self.port = free_port()
-        workdir.mkdir(parents=True, exist_ok=True)
         self._as: list[str] = []
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
             shutil.chown(workdir, user.pw_uid, user.pw_gid)
-            for parent in workdir.parents:  # the server must reach its folder
-                if parent == Path("/"):
-                    break
-                parent.chmod(parent.stat().st_mode | 0o011)
             self._as = [shutil.which("runuser") or "runuser", "-u", "postgres", "--"]
         self._run(
             "initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
@@ -85,6 +84,7 @@ class PrivatePostgres:
             engine.dispose()
 
     def close(self) -> None:
-        """Stop the server if it runs (idempotent)."""
+        """Stop the server if it runs and remove its folder (idempotent)."""
         if (self.data / "postmaster.pid").exists():
             self.stop("immediate")
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -171,9 +171,9 @@ PG_DOWN_S = 15.0
 
 
 @pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
+def postgres() -> Iterator[PrivatePostgres]:
     """A private PostgreSQL server of this test (never the machine's shared one)."""
-    server = PrivatePostgres(tmp_path / "pg")
+    server = PrivatePostgres()
     server.start()
     yield server
     server.close()
