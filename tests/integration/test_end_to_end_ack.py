@@ -100,7 +100,6 @@ def test_readings_the_broker_acknowledged_and_lost_are_sent_again_after_a_reconn
     sensor: SensorPublisher,
     secure_broker: LocalBroker,
     start_detector: Callable[[], Proc],
-    verdicts: Collector,
 ) -> None:
     """Readings acknowledged while nobody could take them (gone, as after a broker kill -9)
     are sent again once the sensor reconnects, and each then gets its verdict."""
@@ -108,15 +107,16 @@ def test_readings_the_broker_acknowledged_and_lost_are_sent_again_after_a_reconn
         assert sensor.publish(reading(MACHINE, seq))
     wait_until(lambda: sensor.stats.acknowledged == 5, 10, "the PUBACKs")
     assert len(sensor.pending) == 5  # acknowledged by the broker, answered by nobody
-    start_detector()
+    detector = start_detector()
     secure_broker.stop()
     secure_broker.start()
     wait_until(lambda: len(sensor.pending) == 0, 60, "every reading answered")
     assert sensor.stats.resent == 5
     assert sensor.stats.answered == 5
     assert sensor.stats.sent == sensor.stats.acknowledged == 5  # sends again are not readings
-    verdicts.wait_for(lambda m: m.topic.endswith("/verdict"), count=5)
-    assert all(_verdict_payloads(verdicts, seq) for seq in range(5))
+    assert detector.terminate() == 0
+    stopped = [json.loads(x) for x in detector.log().splitlines() if '"detector_stopped"' in x]
+    assert stopped[-1]["verdicts"] == 5, "each reading scored once, after it was sent again"
 
 
 def test_a_reading_whose_verdict_was_lost_gets_the_same_verdict_again(
@@ -136,15 +136,18 @@ def test_a_reading_whose_verdict_was_lost_gets_the_same_verdict_again(
     secure_broker.stop()
     secure_broker.start()
     wait_until(lambda: len(sensor.pending) == 0, 60, "every reading answered")
-    wait_until(
-        lambda: all(len(_verdict_payloads(verdicts, s)) == 2 for s in range(3)), 30, "answers"
-    )
-    for seq in range(3):
-        first, again = _verdict_payloads(verdicts, seq)
-        assert first == again, "a duplicate must get the verdict it already got"
+    assert sensor.stats.answered == 3  # heard only now: the first verdicts went unheard
     assert detector.terminate() == 0
     stopped = [json.loads(x) for x in detector.log().splitlines() if '"detector_stopped"' in x]
-    assert stopped[-1]["reanswered"] == 3
+    assert stopped[-1]["verdicts"] == 3, "each reading is scored once"
+    # the broker may also redeliver a reading whose ack the restart cut off: answered again too
+    assert stopped[-1]["reanswered"] >= 3
+    # The monitor (a clean session, away while the broker restarts) may miss a copy, but every
+    # copy it got of a reading's verdict is the same bytes.
+    for seq in range(3):
+        payloads = _verdict_payloads(verdicts, seq)
+        assert payloads, f"no verdict for {seq}"
+        assert len(set(payloads)) == 1, "a duplicate must get the verdict it already got"
 
 
 def test_an_overdue_reading_is_sent_again_without_a_reconnect(
