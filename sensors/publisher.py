@@ -274,11 +274,14 @@ class SensorPublisher:
     def _register(self, mid: int, seq: int, *, resend: bool) -> None:
         """Tie a packet id to its reading (under the lock); apply a PUBACK that came first.
 
-        One registration at a time can race its PUBACK (the publishing thread's); any other
-        early PUBACK is of a message that is no reading (the fence's lease): forget those.
+        Only the publishing thread's registrations can race their PUBACK, one at a time (a
+        resend from ``on_connect`` runs on paho's thread, which reads the PUBACK later); at a
+        reading's registration any other early PUBACK is of a message that is no reading (the
+        fence's lease): forget those.
         """
         early = self._early.pop(mid, None)
-        self._early.clear()
+        if not resend:
+            self._early.clear()
         if early is None:
             self._reading_of_mid[mid] = seq
             return
