@@ -34,6 +34,8 @@ class Counters:
     alerts: int = 0
     dead_letters: int = 0
     duplicates: int = 0
+    #: duplicates answered again with the verdict they already got (a sensor's resend)
+    reanswered: int = 0
     publish_failures: int = 0
     reloads: int = 0
     restored_machines: int = 0
@@ -54,6 +56,7 @@ def tally(outcomes: Iterable[Outcome], counters: Counters, metrics: Metrics) -> 
     for outcome in outcomes:
         readings += outcome.readings
         duplicates += outcome.duplicates
+        counters.reanswered += outcome.reanswered
         verdicts += len(outcome.verdicts)
         for verdict in outcome.verdicts:
             observe_latency(verdict.latency_ms / 1000.0)

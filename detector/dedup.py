@@ -1,4 +1,5 @@
-"""A bounded cache of seen reading ids, so redelivered readings are not scored twice."""
+"""Bounded caches of seen reading ids and their verdicts: a redelivered reading is not scored
+twice, and a reading sent again is answered with the verdict it already got."""
 
 from __future__ import annotations
 
@@ -58,3 +59,40 @@ class SeenCache:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+class AnswerCache:
+    """The verdicts last given, by reading id: ``capacity`` of them, the oldest forgotten.
+
+    A reading sent again by its sensor (which never heard the verdict: the broker may have lost
+    it after the detector's publish was confirmed) is a duplicate, not scored twice; the
+    engine answers it with the verdict's exact bytes from here. ``capacity == 0`` keeps none.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._answers: OrderedDict[Hashable, tuple[str, bytes]] = OrderedDict()
+
+    def put(self, key: Hashable, topic: str, payload: bytes) -> None:
+        """Remember the verdict published for ``key``."""
+        if self.capacity == 0:
+            return
+        self._answers[key] = (topic, payload)
+        self._answers.move_to_end(key)
+        if len(self._answers) > self.capacity:
+            self._answers.popitem(last=False)
+
+    def get(self, key: Hashable) -> tuple[str, bytes] | None:
+        """The verdict given for ``key`` (topic, payload), if still remembered."""
+        return self._answers.get(key)
+
+    def forget(self, key: Hashable) -> None:
+        """Forget ``key``'s verdict (its publish was refused: the reading is scored again)."""
+        self._answers.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget every verdict."""
+        self._answers.clear()
+
+    def __len__(self) -> int:
+        return len(self._answers)

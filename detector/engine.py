@@ -59,7 +59,7 @@ from factorywatch.detector.core import (
     score_parts,
     stackable,
 )
-from factorywatch.detector.dedup import SeenCache
+from factorywatch.detector.dedup import AnswerCache, SeenCache
 from factorywatch.detector.drift import DriftChange, DriftFigures, ScoreDrift
 from factorywatch.detector.ingest import Ingest, Ingests, JsonIngest, Reading, StatefulIngest
 from factorywatch.detector.registry import Registry
@@ -100,6 +100,8 @@ class Outcome:
     answered: list[tuple[str, int]] = field(default_factory=list)
     readings: int = 0
     duplicates: int = 0
+    #: duplicates answered again with the verdict they got (from the answer cache)
+    reanswered: int = 0
     verdicts: list[Verdict] = field(default_factory=list)
     events: list[AlertEvent] = field(default_factory=list)
     rejected: list[PayloadError] = field(default_factory=list)
@@ -115,6 +117,8 @@ class EngineSettings:
     policy: AlertPolicy = field(default_factory=AlertPolicy)
     max_clock_skew_s: float = 7 * 24 * 3600.0
     dedup_size: int = 100_000
+    #: verdicts kept (bytes, by reading id) to answer a reading its sensor sends again
+    answer_cache_size: int = 10_000
     explain_top_k: int = 3
     alert_clear_score: float | None = None
     drift_window: int = 5000
@@ -156,6 +160,8 @@ class Engine:
         self.tracker = AlertTracker(self.settings.policy, self.states)
         #: the de-duplication cache (``seen``: one the caller sized or shares)
         self.seen = seen if seen is not None else SeenCache(self.settings.dedup_size)
+        #: the verdicts last given, to answer a duplicate whose verdict its sensor never heard
+        self.answers = AnswerCache(self.settings.answer_cache_size)
         #: the one clock the engine is handed: a stopwatch for each verdict's latency (the
         #: time of day comes in as ``now`` and each message's ``received_at``)
         self.perf_clock = perf_clock
@@ -269,6 +275,7 @@ class Engine:
         gone = set(machines)
         dropped = sum(self.states.remove(machine) is not None for machine in gone)
         self.seen = SeenCache(self.settings.dedup_size)
+        self.answers.clear()
         self._fitting -= gone
         self._fit_requests = [r for r in self._fit_requests if r.machine not in gone]
         return dropped
@@ -349,6 +356,13 @@ class Engine:
             seen = self.seen.check(item.identity, item.digest)
             if seen == "duplicate":
                 outcome.duplicates += 1
+                # Same id, same content: its sensor sends it again because it never heard the
+                # verdict (maybe lost by a broker after our publish was confirmed). Answer with
+                # the verdict already given; acked once that publish is confirmed.
+                answer = self.answers.get(item.identity)
+                if answer is not None:
+                    outcome.publishes.append(Publish(*answer))
+                    outcome.reanswered += 1
                 continue
             if seen == "conflict":
                 self._reject(outcome, _conflict(item))
@@ -532,9 +546,9 @@ class Engine:
             except Exception as exc:  # the poison-message rule: this reading alone is refused
                 self._reject(outcome, _poisoned("settling", exc))
                 continue
-            outcome.publishes.append(
-                Publish(self.topics.verdict(verdict.line, verdict.machine_id), payload)
-            )
+            topic = self.topics.verdict(verdict.line, verdict.machine_id)
+            outcome.publishes.append(Publish(topic, payload))
+            self.answers.put(reading.identity, topic, payload)
             outcome.verdicts.append(verdict)
             outcome.answered.append((reading.identity, reading.digest))
             record = states[verdict.machine_id]
@@ -604,9 +618,10 @@ class Engine:
             )
             if reading.historical:  # still real data of the machine: it fills the window
                 verdict = verdict.model_copy(update={"historical": True})
-            outcome.publishes.append(
-                Publish(self.topics.verdict(verdict.line, verdict.machine_id), verdict.encode())
-            )
+            topic = self.topics.verdict(verdict.line, verdict.machine_id)
+            payload = verdict.encode()
+            outcome.publishes.append(Publish(topic, payload))
+            self.answers.put(reading.identity, topic, payload)
             outcome.verdicts.append(verdict)
             outcome.answered.append((reading.identity, reading.digest))
             events = self.tracker.observe(
@@ -820,6 +835,7 @@ class Engine:
         """These readings' answers were never delivered: score their redelivery again."""
         for identity in identities:
             self.seen.forget(identity)
+            self.answers.forget(identity)
 
     def answered(self, identity: str, digest: int) -> None:
         """Remember a reading answered before a restart (from the checkpoint's journal)."""

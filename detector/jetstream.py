@@ -533,6 +533,7 @@ class JetStreamDetector:
             "received": c.received,
             "verdicts": c.verdicts,
             "duplicates": c.duplicates,
+            "reanswered": c.reanswered,
             "failed_batches": c.failed_batches,
         }
 

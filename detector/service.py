@@ -71,6 +71,7 @@ def engine_settings(
         ),
         max_clock_skew_s=settings.max_clock_skew_s,
         dedup_size=settings.dedup_size,
+        answer_cache_size=settings.answer_cache_size,
         explain_top_k=settings.explain_top_k,
         alert_clear_score=settings.alert_clear_score,
         drift_window=settings.drift_window,

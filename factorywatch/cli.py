@@ -911,10 +911,15 @@ def cmd_sensor(args: argparse.Namespace) -> int:
         count=args.count,
         buffer_size=settings.buffer_size,
         stop=stop_on_signals(),
+        pending_size=settings.pending_size,
+        republish_after_s=settings.republish_after_s,
+        resend_answered_s=settings.resend_answered_s,
     )
     print(
         f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "
-        f"buffer full {stats.buffer_full}, rejected by the detector (so far) {stats.rejected}"
+        f"buffer full {stats.buffer_full}, rejected by the detector (so far) {stats.rejected}, "
+        f"answered {stats.answered}, sent again {stats.resent}, "
+        f"unanswered at exit {stats.unanswered_at_close}, given up {stats.unanswered_dropped}"
     )
     return 0 if stats.refused == 0 and stats.buffer_full == 0 else 1
 
@@ -950,8 +955,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         count=args.count,
         buffer_size=settings.buffer_size,
         stop=stop_on_signals(),
+        pending_size=settings.pending_size,
+        republish_after_s=settings.republish_after_s,
+        resend_answered_s=settings.resend_answered_s,
     )
-    print(f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}")
+    print(
+        f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "
+        f"answered {stats.answered}, sent again {stats.resent}, "
+        f"unanswered at exit {stats.unanswered_at_close}, given up {stats.unanswered_dropped}"
+    )
     return 0 if stats.refused == 0 else 1
 
 

@@ -269,9 +269,9 @@ def cluster_users(
                 m,
                 passwords[m],
                 (f"{own}.telemetry.*.{m}", f"{own}.batch.*.{m}", f"{own}.status.sensor.{m}"),
-                # Only its own dead letters (the sensor listens for its rejected readings),
-                # as in the Mosquitto ACL; nothing else of anyone's.
-                (f"{r}.deadletter.*.{m}",),
+                # Only its own dead letters and verdicts (the sensor listens for the answers
+                # to its readings), as in the Mosquitto ACL; nothing else of anyone's.
+                (f"{r}.deadletter.*.{m}", f"{r}.alerts.*.{m}.verdict"),
                 ("MQTT",),
             )
         )

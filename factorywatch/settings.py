@@ -127,6 +127,11 @@ class DetectorSettings(_Settings):
         "not speak for them are dead-lettered",
     )
     dedup_size: Annotated[int, Field(ge=0)] = 100_000
+    answer_cache_size: Annotated[int, Field(ge=0, le=10_000_000)] = Field(
+        default=10_000,
+        description="verdicts kept (by reading id) to answer a reading its sensor sends again "
+        "because it never heard the verdict (0: such a duplicate gets no answer)",
+    )
     explain_top_k: Annotated[int, Field(ge=0, le=16)] = 3
     reload_interval_s: Annotated[float, Field(gt=0)] = 5.0
     heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
@@ -261,3 +266,19 @@ class SensorSettings(_Settings):
     rate_hz: Annotated[float, Field(gt=0, le=100_000)] = 1.0
     anomaly_rate: Annotated[float, Field(ge=0, le=1)] = 0.02
     buffer_size: Annotated[int, Field(ge=1)] = 100_000
+    pending_size: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        default=10_000,
+        description="readings per machine kept until the detector's answer (verdict or dead "
+        "letter) is heard, to send again after a reconnect; the oldest is dropped beyond it",
+    )
+    republish_after_s: Annotated[float, Field(ge=0, le=86_400)] = Field(
+        default=10.0,
+        description="a reading acknowledged this long ago and still unanswered while a later "
+        "one was answered is sent again (0: only after a reconnect)",
+    )
+    resend_answered_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=5.0,
+        description="after a reconnect, readings answered this long before the connection was "
+        "lost are sent again once (a killed broker may have lost their verdicts on the way to "
+        "other consumers; 0: never, e.g. with a broker saving on every change)",
+    )

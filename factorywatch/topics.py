@@ -110,6 +110,12 @@ class Topics:
         """Filter that shows the whole alerts tree (``mosquitto_sub -t`` this)."""
         return f"{self.root}/alerts/#"
 
+    def answers_filters(self, machine: str) -> tuple[str, str]:
+        """The detector's answers about one machine's readings, on any line: its verdicts and
+        its dead letters (the filters a sensor subscribes to; the ACL lets it read no other)."""
+        m = check_id(machine, "machine id")
+        return f"{self.root}/alerts/+/{m}/verdict", f"{self.root}/deadletter/+/{m}"
+
     # -- dead letters and status -------------------------------------------------------------
     def deadletter(self, line: str = UNKNOWN, machine: str = UNKNOWN) -> str:
         """Topic for rejected payloads of one machine (or ``_unknown`` when unparseable)."""

@@ -215,8 +215,10 @@ class TrackedPublisher(SensorPublisher):
     numbers. Packet ids do not wrap: a test publishes far fewer than 65,535 per machine.
     """
 
-    def __init__(self, broker: BrokerSettings, machine_id: str, *, buffer_size: int) -> None:
-        super().__init__(broker, machine_id, buffer_size=buffer_size)
+    def __init__(
+        self, broker: BrokerSettings, machine_id: str, *, buffer_size: int, **options: Any
+    ) -> None:
+        super().__init__(broker, machine_id, buffer_size=buffer_size, **options)
         self._track = threading.Lock()
         self._seq_of_mid: dict[int, int] = {}
         self._acked_at: dict[int, float] = {}
@@ -288,12 +290,16 @@ class SensorStream:
         seed: int = 1,
         buffer_size: int = 100_000,
         close_timeout_s: float = 90.0,
+        **options: Any,
     ) -> None:
+        """``options``: the publisher's delivery settings (``SensorPublisher``'s keywords)."""
         self.machines = list(machines)
         self.count = count
         self.rate_hz = rate_hz
         self.close_timeout_s = close_timeout_s
-        self.publishers = [TrackedPublisher(settings, m, buffer_size=buffer_size) for m in machines]
+        self.publishers = [
+            TrackedPublisher(settings, m, buffer_size=buffer_size, **options) for m in machines
+        ]
         self._sims = [
             MachineSimulator(m, "line1", seed=seed + i, anomaly_rate=0.0)
             for i, m in enumerate(machines)
@@ -444,6 +450,15 @@ class DetectorRunner:
     def crashes(self) -> int:
         """Detector exits we did not cause, non-zero clean-stop exits and tracebacks."""
         return self.unexpected_exits + self.tracebacks
+
+    def reanswered(self) -> int:
+        """Duplicates the detectors answered with the verdict already given (clean stops)."""
+        total = 0
+        for proc in self.procs:
+            for line in proc.log().splitlines():
+                if '"detector_stopped"' in line:
+                    total += int(json.loads(line).get("reanswered", 0))
+        return total
 
     def journal_duplicates(self) -> int:
         """Redelivered readings the detectors recognised (from clean-stop counters)."""

@@ -143,12 +143,20 @@ def _granted(
 
 
 def test_subscriptions_match_the_mosquitto_acl(secured: tuple[LocalNatsCluster, Path]) -> None:
-    """A machine may subscribe to its own dead letters only (`#` and another machine's readings
-    are refused in the SUBACK, 0x80), as in the Mosquitto ACL; `viewer` may subscribe to the
-    README's `<root>/alerts/#` (a filter NATS also checks against `<root>.alerts` itself)."""
+    """A machine may subscribe to its own dead letters and verdicts only (`#`, another
+    machine's readings or verdicts are refused in the SUBACK, 0x80), as in the Mosquitto ACL;
+    `viewer` may subscribe to the README's `<root>/alerts/#` (a filter NATS also checks
+    against `<root>.alerts` itself)."""
     cluster, secrets = secured
     root = cluster.layout.topic_root
-    machine = ["#", f"{root}/telemetry/line1/mill-3", f"{root}/deadletter/+/press-1"]
-    assert _granted(cluster, secrets, "press-1", machine, qos=0) == [0x80, 0x80, 0]  # as sensors
+    machine = [
+        "#",
+        f"{root}/telemetry/line1/mill-3",
+        f"{root}/deadletter/+/press-1",
+        f"{root}/alerts/+/press-1/verdict",
+        f"{root}/alerts/+/mill-3/verdict",
+    ]
+    granted = _granted(cluster, secrets, "press-1", machine, qos=0)  # at QoS 0, as sensors
+    assert granted == [0x80, 0x80, 0, 0, 0x80]
     viewer = [f"{root}/alerts/#", f"{root}/status/#", f"{root}/telemetry/#"]
     assert _granted(cluster, secrets, "viewer", viewer, qos=1) == [1, 1, 0x80]

@@ -324,3 +324,23 @@ def test_a_machine_reads_its_own_dead_letters_and_nobody_elses(
         assert [m.payload for m in machine_sub.matching(lambda m: True)] == [b"for-a"]
     finally:
         machine_sub.close()
+
+
+def test_a_machine_reads_its_own_verdicts_and_nothing_else_of_the_alerts(
+    as_user: Callable[..., BrokerSettings], client: Callable[..., _Client], topic_root: str
+) -> None:
+    """The ACL lets a sensor hear the verdicts on its own readings (its end-to-end
+    acknowledgement), not another machine's verdicts nor its own alert events or state."""
+    topics = Topics(topic_root)
+    machine_sub = Collector(as_user("machine-a"), [f"{topic_root}/alerts/#"], "v-machine-a")
+    try:
+        detector = client("detector")
+        # Published first by the same client: had they been readable, they would arrive first.
+        detector.publish(topics.verdict("line1", "machine-b"), b"for-b")
+        detector.publish(topics.event("line1", "machine-a"), b"event-a")
+        detector.publish(topics.state("line1", "machine-a"), b"state-a")
+        detector.publish(topics.verdict("line1", "machine-a"), b"for-a")
+        assert machine_sub.wait_for(lambda m: m.payload == b"for-a", timeout=10)
+        assert [m.payload for m in machine_sub.matching(lambda m: True)] == [b"for-a"]
+    finally:
+        machine_sub.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from factorywatch.detector.dedup import SeenCache
+from factorywatch.detector.dedup import AnswerCache, SeenCache
 
 
 def test_first_sighting_is_new_and_second_is_a_duplicate() -> None:
@@ -63,3 +63,17 @@ def test_many_distinct_keys_never_exceed_capacity(capacity: int) -> None:
         cache.seen(key)
     assert len(cache) == capacity
     assert all(cache.seen(k) for k in range(1000 - capacity, 1000))
+
+
+def test_answer_cache_keeps_the_last_verdicts_and_forgets_the_oldest() -> None:
+    """The cache returns the exact verdict bytes by id, bounded by its capacity."""
+    answers = AnswerCache(2)
+    answers.put("m1:1", "t/v", b"one")
+    answers.put("m1:2", "t/v", b"two")
+    answers.put("m1:3", "t/v", b"three")
+    assert answers.get("m1:1") is None
+    assert answers.get("m1:2") == ("t/v", b"two")
+    answers.forget("m1:2")
+    assert answers.get("m1:2") is None
+    assert len(answers) == 1
+    assert AnswerCache(0).get("x") is None

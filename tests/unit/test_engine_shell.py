@@ -108,15 +108,22 @@ def test_every_reading_gets_a_verdict_and_is_acked_after_it(make: Make, now: flo
     assert token in h.transport.acked
 
 
-def test_redelivery_is_dropped_and_a_reused_id_is_dead_lettered(make: Make, now: float) -> None:
-    """Same id and content: acked without a verdict; same id, new content: duplicate_id."""
+def test_redelivery_gets_its_first_verdict_again_and_a_reused_id_is_dead_lettered(
+    make: Make, now: float
+) -> None:
+    """Same id and content: not scored again, answered with the very verdict it got (its
+    sensor may never have heard it); same id, new content: duplicate_id."""
     h = make()
     h.send("m1", 5, NORMAL, now)
     h.settle()
     again = h.send("m1", 5, NORMAL, now)
     reused = h.send("m1", 5, NORMAL, now + 1.0)
     h.settle()
-    assert [v.seq for v in h.verdicts()] == [5]
+    verdicts = [s.payload for s in h.transport.published if s.topic.endswith("/verdict")]
+    assert len(verdicts) == 2
+    assert verdicts[0] == verdicts[1]
+    assert len(h.service.engine.record("m1").window) == 1  # counted once
+    assert h.service.counters.reanswered == 1
     letters = [json.loads(s.payload) for s in h.transport.published if "/deadletter/" in s.topic]
     assert [d["reason"] for d in letters] == ["duplicate_id"]
     assert again in h.transport.acked
@@ -197,7 +204,8 @@ def test_an_event_unconfirmed_at_the_crash_is_republished(make: Make, now: float
 
 
 def test_a_redelivered_reading_after_restart_gets_no_second_verdict(make: Make, now: float) -> None:
-    """Readings answered before the crash are recognised by their id after the restart."""
+    """Readings answered before the crash are recognised by their id after the restart (the
+    verdicts themselves are not kept across it: such a duplicate is not answered again)."""
     first = make()
     for seq in range(1, 4):
         first.send("m1", seq, NORMAL, now + seq)

@@ -229,8 +229,50 @@ def test_a_refused_verdict_leaves_its_message_unacked_and_the_redelivery_is_scor
     again = rig.deliver("m1", 1)  # the transport's redelivery
     duplicate = rig.deliver("m1", 0)  # an answered reading redelivered: not scored again
     rig.run()
-    assert [(v.machine_id, v.seq) for v in _verdicts(rig)] == [("m1", 0), ("m1", 1), ("m1", 1)]
+    # m1:1 refused, then its redelivery scored; m1:0's duplicate gets its first verdict again
+    assert [(v.machine_id, v.seq) for v in _verdicts(rig)] == [
+        ("m1", 0),
+        ("m1", 1),
+        ("m1", 1),
+        ("m1", 0),
+    ]
     assert {again, duplicate} <= {token for token, _ in rig.acks}
+
+
+def test_a_duplicate_is_answered_with_its_verdict_and_acked_only_once_that_confirmed(
+    rig: Rig,
+) -> None:
+    """A reading sent again (same id, same content) is not scored twice: the same verdict
+    bytes go out again, and the message is acked only after that publish is confirmed; a
+    refused answer leaves it unacknowledged, and its next arrival is answered again."""
+    rig.deliver("m1", 0)
+    rig.run()
+    first = [s.payload for s in rig.published() if "/verdict" in s.topic]
+    rig.refuse(TOPICS.root)
+    refused = rig.deliver("m1", 0)
+    rig.run()
+    assert refused not in [token for token, _ in rig.acks]
+    rig.refuse("")
+    again = rig.deliver("m1", 0)
+    rig.run()
+    answers = [s.payload for s in rig.published() if "/verdict" in s.topic]
+    assert answers == first * 3  # the first, the refused answer, the confirmed answer
+    assert again in [token for token, _ in rig.acks]
+    assert rig.runner.counters.verdicts == 1  # scored once
+    assert rig.runner.counters.reanswered == 2  # answered twice from the cache (once refused)
+    assert len(rig.runner.engine.record("m1").window) == 1
+
+
+def test_a_duplicate_with_other_content_is_still_a_dead_letter(rig: Rig) -> None:
+    """A reused id with new content is refused (duplicate_id), never answered from the cache."""
+    rig.deliver("m1", 0)
+    rig.run()
+    rig.deliver("m1", 0, torque_nm=NORMAL_TORQUE + 1.0)
+    rig.run()
+    assert len(_verdicts(rig)) == 1
+    letters = [s for s in rig.published() if "/deadletter/" in s.topic]
+    assert len(letters) == 1
+    assert b"duplicate_id" in letters[0].payload
 
 
 def test_an_anomaly_raises_an_alert_on_either_driver(rig: Rig) -> None:
