@@ -3,14 +3,17 @@
 The trees become flat arrays once (numpy); walking them is one small loop compiled by numba,
 about 5 µs per reading with 300 trees against about 12 µs for the same walk as numpy
 array operations and 9-13 ms for a ``score_samples`` call (``python -m bench.bench_scorer``).
-The compiled walk is cached on disk (numba ``cache=True``: ``__pycache__`` beside this file,
-else numba's per-user cache directory), so only the first process after an install or an
-upgrade compiles it; every later detector start loads it, which takes a restarted detector's
-model load from about 5 to about 1 CPU-second.
+The compiled walk is cached on disk (numba ``cache=True``; ``NUMBA_CACHE_DIR`` when set, else
+``__pycache__`` beside this file, else a private folder in the temporary directory, as in a
+container whose installed package is read-only; no cache when none is writable), so only the
+first process after an install or an upgrade compiles it; every later detector start loads
+it, which takes a restarted detector's model load from about 5 to about 1 CPU-second.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -25,6 +28,30 @@ from numba.extending import intrinsic
 if TYPE_CHECKING:  # scoring a saved forest needs no scikit-learn (memory, start-up)
     from sklearn.ensemble import IsolationForest
 
+
+def _compile_cache() -> bool:
+    """Whether numba may cache the compiled walk, and where (see the module doc): numba
+    refuses to import a cached function when no cache folder is writable."""
+    config: Any = numba.config  # its settings are set at import, untyped
+    if config.CACHE_DIR:
+        return True
+    for folder, own in ((Path(__file__).parent / "__pycache__", False), (_private_tmp(), True)):
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK | os.X_OK):
+            if own:
+                config.CACHE_DIR = str(folder)
+            return True
+    return False
+
+
+def _private_tmp() -> Path:
+    return Path(tempfile.gettempdir()) / f"factorywatch-numba-{os.getuid()}"
+
+
+_CACHE: Final = _compile_cache()
 FloatArray = npt.NDArray[np.float64]
 IndexArray = npt.NDArray[np.intp]
 SlotArray = npt.NDArray[np.int32]
@@ -330,7 +357,7 @@ def _check_structure(  # noqa: PLR0917 - the arrays of one forest
         raise ValueError(f"forest denominator {denominator} is not a finite number >= 0")
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=_CACHE)
 def _walk(  # noqa: PLR0917 - numba compiles positional parameters only
     aug: Float32Array,
     width: int,
@@ -374,7 +401,7 @@ def _walk(  # noqa: PLR0917 - numba compiles positional parameters only
                 cell += 1
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=_CACHE)
 def _advance(  # noqa: PLR0917 - numba compiles positional parameters only
     aug: Float32Array,
     width: int,
@@ -504,7 +531,7 @@ def _unpack(
     )
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=_CACHE)
 def _place_children(  # noqa: PLR0917 - numba compiles positional parameters only
     parent: int,
     count: int,
@@ -536,7 +563,7 @@ def _place_children(  # noqa: PLR0917 - numba compiles positional parameters onl
     return count
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=_CACHE)
 def _renumber(
     children: npt.NDArray[np.int64], roots: npt.NDArray[np.int64]
 ) -> tuple[
