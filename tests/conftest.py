@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +16,27 @@ import pytest
 from factorywatch.broker import LocalBroker, free_port
 from factorywatch.settings import BrokerSettings
 from tests.support import CLI, PROJECT_DIR, Collector, Proc, reference_file
+
+
+def _module_scoped(item: pytest.Item) -> bool:
+    """Whether ``item`` uses a fixture built once per module (or package)."""
+    info = getattr(item, "_fixtureinfo", None)  # pytest.Function's; other items have none
+    if info is None:
+        return False
+    return any(
+        d.scope in ("module", "package") for defs in info.name2fixturedefs.values() for d in defs
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n N --dist loadgroup`` (make test) the tests of a module with a
+    module-scoped fixture (a wheel's virtualenv, a secrets folder) stay on one worker, so the
+    fixture is built once; every other test goes to whichever worker is free. Runs before
+    xdist reads the groups; a test that names its own ``xdist_group`` keeps it."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and _module_scoped(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
 
 
 @dataclass(frozen=True)
@@ -41,10 +64,26 @@ def test_data() -> DatasetChoice:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, test_data: DatasetChoice) -> Path:
-    """A model trained and promoted by the real `factorywatch train` command."""
-    directory = tmp_path_factory.mktemp("models")
+    """A model trained and promoted by the real `factorywatch train` command.
+
+    Under pytest-xdist the workers share one: the first trains it in the session's common
+    temporary directory while the others wait on its lock (tests only read it)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return _train(tmp_path_factory.mktemp("models"), test_data)
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, above each popen-gwN/
+    directory = shared / "models"
+    with (shared / "models.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "models.trained").exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a worker that failed half-way
+            _train(directory, test_data)
+            (shared / "models.trained").touch()
+    return directory
+
+
+def _train(directory: Path, data: DatasetChoice) -> Path:
     done = subprocess.run(
-        [*CLI, "train", *test_data.args, "--model-dir", str(directory)],
+        [*CLI, "train", *data.args, "--model-dir", str(directory)],
         capture_output=True,
         text=True,
         timeout=300,

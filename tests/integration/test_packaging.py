@@ -11,7 +11,8 @@ import pytest
 
 from tests.support import PROJECT_DIR
 
-pytestmark = pytest.mark.slow
+# `pip wheel .` builds in the source tree: never beside test_wheel's build (one worker)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pip-wheel")]
 
 
 def test_wheel_builds_without_a_license_deprecation_warning(tmp_path: Path) -> None:

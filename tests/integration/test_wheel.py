@@ -16,7 +16,8 @@ from factorywatch.broker import free_port, wait_for_port
 from factorywatch.settings import BrokerSettings
 from tests.support import PROJECT_DIR
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# `pip wheel .` builds in the source tree: never beside test_packaging's build (one worker)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("pip-wheel")]
 
 
 @pytest.fixture(scope="module")
