@@ -4,10 +4,11 @@
 #   phase 1  the compose tests (tests/compose: Docker engine, base image, wheelhouse, one image
 #            build, both stacks) in the background, while the foreground runs ruff, mypy and
 #            the pure tests (tests/unit, tests/property: no process, broker or clock to race);
-#   phase 2  the integration and fault tests that bound no wall-clock time, on $TEST_WORKERS
+#   phase 2  the integration tests that bound no wall-clock time, on $TEST_WORKERS
 #            pytest-xdist workers (default 3): each test starts its own brokers on free ports,
 #            under its own topic root, tmp dir and PostgreSQL schema, so they do not meet; a
-#            module with a module-scoped fixture stays on one worker (tests/conftest.py);
+#            module's tests stay on one worker (--dist loadfile: its module fixtures are built
+#            once), and the workers share one trained model (tests/conftest.py);
 #   phase 3  the tests marked `timing` (fault injection, benchmarks, kill-9 recovery bounds,
 #            "stops within seconds") alone on the machine, one at a time, as before.
 # The compose tests spend most of their time waiting on containers, so overlapping them with
@@ -78,9 +79,9 @@ cat "$LOGS/compose.log"
 say "phase 1 done at $((SECONDS - started)) s"
 
 INTEGRATION=(--ignore=tests/compose --ignore=tests/unit --ignore=tests/property)
-say "phase 2: integration and fault tests, $TEST_WORKERS at a time"
+say "phase 2: integration tests, $TEST_WORKERS at a time"
 "$BIN/pytest" "$DURATIONS" "${INTEGRATION[@]}" -m "not timing" \
-    -n "$TEST_WORKERS" --dist loadgroup 2>&1 | tee "$LOGS/parallel.log"
+    -n "$TEST_WORKERS" --dist loadfile 2>&1 | tee "$LOGS/parallel.log"
 parallel_rc=${PIPESTATUS[0]}
 say "phase 2 done at $((SECONDS - started)) s"
 

@@ -18,27 +18,6 @@ from factorywatch.settings import BrokerSettings
 from tests.support import CLI, PROJECT_DIR, Collector, Proc, reference_file
 
 
-def _module_scoped(item: pytest.Item) -> bool:
-    """Whether ``item`` uses a fixture built once per module (or package)."""
-    info = getattr(item, "_fixtureinfo", None)  # pytest.Function's; other items have none
-    if info is None:
-        return False
-    return any(
-        d.scope in ("module", "package") for defs in info.name2fixturedefs.values() for d in defs
-    )
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n N --dist loadgroup`` (make test) the tests of a module with a
-    module-scoped fixture (a wheel's virtualenv, a secrets folder) stay on one worker, so the
-    fixture is built once; every other test goes to whichever worker is free. Runs before
-    xdist reads the groups; a test that names its own ``xdist_group`` keeps it."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None and _module_scoped(item):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
-
-
 @dataclass(frozen=True)
 class DatasetChoice:
     """The dataset the tests train on and the CLI arguments that select it."""
