@@ -10,7 +10,7 @@
 #            module's tests stay on one worker (--dist loadfile: its module fixtures are built
 #            once), and the workers share one trained model (tests/conftest.py);
 #   phase 3  the tests marked `timing` (fault injection, benchmarks, kill-9 recovery bounds,
-#            "stops within seconds") alone on the machine, one at a time, as before.
+#            "stops within seconds", sensor fencing) alone on the machine, one at a time.
 # The compose tests spend most of their time waiting on containers, so overlapping them with
 # CPU-bound pure tests costs neither phase its robustness; the timing-sensitive tests never
 # share the machine with anything. Every phase runs even when an earlier one failed (one CI
