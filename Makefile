@@ -39,8 +39,9 @@ ops-tools:
 	@scripts/ensure-ops-tools.sh
 
 ## test: lint, types and the whole suite (unit, property, integration, faults, compose) on real
-## brokers; the compose tests overlap lint and the pure tests, the rest runs alone
-## (scripts/test-suite.sh), each phase listing its slowest tests
+## brokers; the compose tests overlap lint and the pure tests, the integration tests run on
+## TEST_WORKERS (3) pytest-xdist workers, the timing-bound ones (marked timing) alone after
+## them (scripts/test-suite.sh), each phase listing its slowest tests
 test: install broker-binary nats-binary ops-tools
 	FACTORYWATCH_TEST_DATASET_DIR=$(abspath $(dir $(DATASET))) BIN=$(BIN) scripts/test-suite.sh
 

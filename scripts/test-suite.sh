@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# `make test` after its installs: lint, types and the whole suite, in two phases.
+# `make test` after its installs: lint, types and the whole suite, in three phases.
 #
 #   phase 1  the compose tests (tests/compose: Docker engine, base image, wheelhouse, one image
 #            build, both stacks) in the background, while the foreground runs ruff, mypy and
 #            the pure tests (tests/unit, tests/property: no process, broker or clock to race);
-#   phase 2  everything else (integration and fault tests with real brokers, processes and
-#            timeouts) alone on the machine, as before.
+#   phase 2  the integration tests that bound no wall-clock time, on $TEST_WORKERS
+#            pytest-xdist workers (default 3): each test starts its own brokers on free ports,
+#            under its own topic root, tmp dir and PostgreSQL schema, so they do not meet; a
+#            module's tests stay on one worker (--dist loadfile: its module fixtures are built
+#            once), and the workers share one trained model (tests/conftest.py);
+#   phase 3  the tests marked `timing` (fault injection, benchmarks, kill-9 recovery bounds,
+#            "stops within seconds", sensor fencing) alone on the machine, one at a time.
 # The compose tests spend most of their time waiting on containers, so overlapping them with
 # CPU-bound pure tests costs neither phase its robustness; the timing-sensitive tests never
-# share the machine with them. Every phase runs even when an earlier one failed (one CI log
-# shows all failures); a lint or type error stops at once. The last line sums the phases.
+# share the machine with anything. Every phase runs even when an earlier one failed (one CI
+# log shows all failures); a lint or type error stops at once. The last line sums the phases.
 # Each phase prints its slowest tests (--durations). Extra pytest options: PYTEST_ADDOPTS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +23,7 @@ BIN=${BIN:-.venv/bin}
 LOGS=$(mktemp -d /tmp/factorywatch-tests.XXXXXX)
 trap 'rm -rf "$LOGS"' EXIT
 DURATIONS=--durations=25
+TEST_WORKERS=${TEST_WORKERS:-3}
 
 say() { echo "test-suite: $*"; }
 
@@ -72,17 +78,23 @@ compose_rc=$?
 cat "$LOGS/compose.log"
 say "phase 1 done at $((SECONDS - started)) s"
 
-say "phase 2: integration and fault tests, alone"
-"$BIN/pytest" "$DURATIONS" --ignore=tests/compose --ignore=tests/unit --ignore=tests/property \
-    2>&1 | tee "$LOGS/rest.log"
-rest_rc=${PIPESTATUS[0]}
+INTEGRATION=(--ignore=tests/compose --ignore=tests/unit --ignore=tests/property)
+say "phase 2: integration tests, $TEST_WORKERS at a time"
+"$BIN/pytest" "$DURATIONS" "${INTEGRATION[@]}" -m "not timing" \
+    -n "$TEST_WORKERS" --dist loadfile 2>&1 | tee "$LOGS/parallel.log"
+parallel_rc=${PIPESTATUS[0]}
 say "phase 2 done at $((SECONDS - started)) s"
 
+say "phase 3: timing-sensitive tests (marked timing), alone"
+"$BIN/pytest" "$DURATIONS" "${INTEGRATION[@]}" -m timing 2>&1 | tee "$LOGS/timing.log"
+timing_rc=${PIPESTATUS[0]}
+say "phase 3 done at $((SECONDS - started)) s"
+
 passed=0 failed=0 skipped=0
-for phase in pure compose rest; do
+for phase in pure compose parallel timing; do
     read -r p f s < <(counts "$LOGS/$phase.log")
     passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
 done
-say "exit codes: pure $pure_rc, compose $compose_rc, integration and faults $rest_rc"
+say "exit codes: pure $pure_rc, compose $compose_rc, parallel $parallel_rc, timing $timing_rc"
 echo "suite: $passed passed, $failed failed, $skipped skipped"
-[ "$pure_rc" -eq 0 ] && [ "$compose_rc" -eq 0 ] && [ "$rest_rc" -eq 0 ]
+[ "$pure_rc" -eq 0 ] && [ "$compose_rc" -eq 0 ] && [ "$parallel_rc" -eq 0 ] && [ "$timing_rc" -eq 0 ]

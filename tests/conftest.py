@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,10 +43,26 @@ def test_data() -> DatasetChoice:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, test_data: DatasetChoice) -> Path:
-    """A model trained and promoted by the real `factorywatch train` command."""
-    directory = tmp_path_factory.mktemp("models")
+    """A model trained and promoted by the real `factorywatch train` command.
+
+    Under pytest-xdist the workers share one: the first trains it in the session's common
+    temporary directory while the others wait on its lock (tests only read it)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return _train(tmp_path_factory.mktemp("models"), test_data)
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, above each popen-gwN/
+    directory = shared / "models"
+    with (shared / "models.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "models.trained").exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a worker that failed half-way
+            _train(directory, test_data)
+            (shared / "models.trained").touch()
+    return directory
+
+
+def _train(directory: Path, data: DatasetChoice) -> Path:
     done = subprocess.run(
-        [*CLI, "train", *test_data.args, "--model-dir", str(directory)],
+        [*CLI, "train", *data.args, "--model-dir", str(directory)],
         capture_output=True,
         text=True,
         timeout=300,

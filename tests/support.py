@@ -3,6 +3,7 @@ and the builders tests share (a typical reading, logins from a secrets folder)."
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -32,6 +34,19 @@ from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def source_tree_build() -> Iterator[None]:
+    """Held around `pip wheel .`: setuptools builds in the source tree (build/, *.egg-info),
+    so two builds at once (tests on different pytest-xdist workers) would mix their files."""
+    lock_file = PROJECT_DIR / "build" / "tests-pip-wheel.lock"  # build/ is git-ignored
+    lock_file.parent.mkdir(exist_ok=True)
+    with lock_file.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 DATASET_ENV = "FACTORYWATCH_TEST_DATASET_DIR"
 
 

@@ -34,7 +34,7 @@ from tests.faults.conftest import (
 )
 from tests.support import TYPICAL, Collector, Proc, reading, wait_until
 
-pytestmark = [pytest.mark.faults, pytest.mark.integration]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timing]
 
 
 def _assert_promise_kept(fig: Figures) -> None:

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import DatasetChoice
 from tests.support import PROJECT_DIR
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timing]
 
 
 @pytest.mark.timeout(600)

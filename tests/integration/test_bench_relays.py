@@ -18,7 +18,7 @@ from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.support import PROJECT_DIR, Collector
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timing]
 
 COUNT = 300
 

@@ -18,7 +18,7 @@ from bench.relay import CLIENTS as RELAY_CLIENTS
 from tests.conftest import DatasetChoice
 from tests.support import PROJECT_DIR
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timing]
 
 REQUIRED_KEYS = (
     "relay_msgs_per_s_by_client",

@@ -161,6 +161,7 @@ def test_detector_kill9_and_restart_loses_no_reading(
     device.close()
 
 
+@pytest.mark.timing
 def test_node_kill9_mid_stream_loses_no_reading(
     nats_cluster: LocalNatsCluster,
     spawn: Callable[..., Proc],
@@ -327,6 +328,7 @@ def _health(proc: Proc) -> dict[str, Any]:
     return health
 
 
+@pytest.mark.timing
 def test_overlapping_detectors_never_share_a_partition_and_a_standby_takes_over_after_kill9(
     nats_cluster: LocalNatsCluster,
     spawn: Callable[..., Proc],

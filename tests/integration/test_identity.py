@@ -262,6 +262,7 @@ def test_broker_refuses_oversize_payloads(
     assert [len(m) for m in got] == [MAX_BATCH_BYTES - 1], "the 10 MB payload never arrived"
 
 
+@pytest.mark.timing
 def test_refused_sensor_stops_at_once_with_the_remedy(
     secure_broker: LocalBroker, secrets_dir: Path, topic_root: str, tmp_path: Path
 ) -> None:

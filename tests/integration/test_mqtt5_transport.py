@@ -94,7 +94,12 @@ def test_unacknowledged_readings_are_redelivered_after_a_crash(
     assert [m.payload for m in got] == payloads
     for message in got[:4]:
         crashed.ack(message.token)
-    crashed.receive(0.0)  # acks are written at the start of the next turn
+    # The broker reads a connection's packets in order: once it confirms a publish queued
+    # after the four PUBACKs, it has taken them, and the crash cannot overtake them.
+    confirmed: list[bool] = []
+    crashed.publish(f"{settings.topic_root}/sync", b"sync", confirmed=confirmed.append)
+    crashed.drain(10.0)
+    assert confirmed == [True]
     crashed.abort()
     assert not crashed.is_connected()
     again = _transport(settings, "det-crash")

@@ -24,6 +24,7 @@ def _run(*args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess[s
     return done, time.monotonic() - started
 
 
+@pytest.mark.timing
 def test_refused_sensor_login_names_the_remedy_and_stops(tmp_path: Path) -> None:
     """A machine the broker does not know is told to `broker add-user` it and reload, at once."""
     secrets = tmp_path / "secrets"
@@ -47,6 +48,7 @@ def test_refused_sensor_login_names_the_remedy_and_stops(tmp_path: Path) -> None
     assert took < 8, f"stopped after {took:.1f} s instead of retrying"
 
 
+@pytest.mark.timing
 def test_wrong_password_is_refused_with_the_same_advice(tmp_path: Path) -> None:
     """A known machine with a stale password stops at once too, pointing at its password."""
     secrets = tmp_path / "secrets"
@@ -62,6 +64,7 @@ def test_wrong_password_is_refused_with_the_same_advice(tmp_path: Path) -> None:
     assert took < 8
 
 
+@pytest.mark.timing
 def test_watch_against_an_unreachable_broker_says_so_within_seconds() -> None:
     """`factorywatch watch` with nothing listening exits 2 naming the address, in seconds."""
     port = free_port()

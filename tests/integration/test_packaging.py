@@ -9,21 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import PROJECT_DIR
+from tests.support import PROJECT_DIR, source_tree_build
 
 pytestmark = pytest.mark.slow
 
 
 def test_wheel_builds_without_a_license_deprecation_warning(tmp_path: Path) -> None:
     """`pip wheel .` (isolated build, setuptools >= 77) warns about nothing and says Apache-2.0."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), "."],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=PROJECT_DIR,
-    )
+    with source_tree_build():
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), "."],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            cwd=PROJECT_DIR,
+        )
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     for needle in ("SetuptoolsDeprecationWarning", "License classifiers", "project.license"):

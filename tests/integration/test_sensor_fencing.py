@@ -32,6 +32,9 @@ def _from_second(m: Message) -> bool:
     return "/telemetry/" in m.topic and Telemetry.model_validate_json(m.payload).seq >= SECOND_SEQ
 
 
+# timing: how many takeovers happen before the first process gives up depends on how fast
+# both processes react; under a loaded machine a third offline status was seen.
+@pytest.mark.timing
 def test_a_second_sensor_with_one_machine_id_fences_the_first(
     spawn: Callable[..., Proc], secure_broker: LocalBroker, secrets_dir: Path, topic_root: str
 ) -> None:

@@ -168,6 +168,7 @@ def test_logins_are_throttled_then_locked_out(port: int, secrets_dir: Path) -> N
     assert Browser(port).login("operator", operator) == "/"
 
 
+@pytest.mark.timing
 def test_unknown_users_cost_a_full_password_check(secrets_dir: Path) -> None:
     """Refusing an unknown user, or one without a web role, takes as long as refusing a
     known user's wrong password (a dummy hash is verified): no timing oracle for accounts."""

@@ -14,7 +14,7 @@ import pytest
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import free_port, wait_for_port
 from factorywatch.settings import BrokerSettings
-from tests.support import PROJECT_DIR
+from tests.support import PROJECT_DIR, source_tree_build
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,12 +24,13 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A new virtualenv with the project's wheel (base dependencies only) installed."""
     root = tmp_path_factory.mktemp("wheel")
     dist = root / "dist"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), "."],
-        check=True,
-        cwd=PROJECT_DIR,
-        timeout=300,
-    )
+    with source_tree_build():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), "."],
+            check=True,
+            cwd=PROJECT_DIR,
+            timeout=300,
+        )
     (wheel,) = dist.glob("factorywatch-*.whl")
     env_dir = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=120)
