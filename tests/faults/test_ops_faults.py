@@ -21,7 +21,7 @@ from tests.faults.postgres import PrivatePostgres
 from tests.integration.opstack import POLICY_ENV, Alertmanager, WebhookReceiver, publish_plan
 from tests.support import Collector, Proc, wait_until
 
-pytestmark = [pytest.mark.faults, pytest.mark.integration]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timing]
 
 NORMAL, ANOMALOUS = 1500.0, 3500.0  # 3500 rpm: outside every training envelope
 #: raised on the 3rd anomalous reading, cleared on the 4th normal one (POLICY_ENV)
