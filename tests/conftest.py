@@ -15,6 +15,7 @@ import pytest
 
 from factorywatch.broker import LocalBroker, free_port
 from factorywatch.settings import BrokerSettings
+from tests.integration.opstack import Alertmanager, WebhookReceiver
 from tests.support import CLI, PROJECT_DIR, Collector, Proc, reference_file
 
 
@@ -175,3 +176,20 @@ def detector(
         return proc
 
     return start
+
+
+# -- Alertmanager and a receiver behind it (the notifier's tests and fault rows) ---------
+@pytest.fixture
+def webhook() -> Iterator[WebhookReceiver]:
+    """A webhook receiver on a free loopback port."""
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path, webhook: WebhookReceiver) -> Iterator[Alertmanager]:
+    """A real Alertmanager routing every alert to the webhook receiver."""
+    am = Alertmanager(tmp_path / "alertmanager", webhook.port)
+    yield am
+    am.stop()

@@ -156,8 +156,12 @@ def _taken(ctx: WebContext, name: str) -> str | None:
     return None
 
 
-async def add_account(request: Request) -> Response:
-    """An admin adds an account; its password is in the answer, and only there."""
+async def _admin_request(
+    request: Request, command: str
+) -> tuple[dict[str, Any], dict[str, str], WebContext] | Response:
+    """An admin's JSON body, who they are and the view's context; or the answer to send
+    instead (not an admin, or the accounts are read-only here: ``broker COMMAND`` names
+    where to do it)."""
     got = await _operator_json(request, ("admin",))
     if isinstance(got, Response):
         return got
@@ -165,7 +169,16 @@ async def add_account(request: Request) -> Response:
     ctx = _ctx(request)
     reason = read_only_reason(ctx.secrets_dir)
     if reason is not None:
-        return _error(409, f"{reason}: run `factorywatch broker add-user` where it is writable")
+        return _error(409, f"{reason}: run `factorywatch broker {command}` where it is writable")
+    return body, who, ctx
+
+
+async def add_account(request: Request) -> Response:
+    """An admin adds an account; its password is in the answer, and only there."""
+    got = await _admin_request(request, "add-user")
+    if isinstance(got, Response):
+        return got
+    body, who, ctx = got
     role = str(body.get("role") or "machine")
     if role not in UI_ROLES:
         return _error(400, f"role must be one of {', '.join(UI_ROLES)}, not {role[:40]!r}")
@@ -194,14 +207,10 @@ async def add_account(request: Request) -> Response:
 
 async def remove_account(request: Request) -> Response:
     """An admin removes an account; its web sessions end at once."""
-    got = await _operator_json(request, ("admin",))
+    got = await _admin_request(request, "remove-user")
     if isinstance(got, Response):
         return got
-    body, who = got
-    ctx = _ctx(request)
-    reason = read_only_reason(ctx.secrets_dir)
-    if reason is not None:
-        return _error(409, f"{reason}: run `factorywatch broker remove-user` where it is writable")
+    body, who, ctx = got
     async with ctx.admin_lock:
         try:
             name = check_id(str(body.get("name", "")), "account name")

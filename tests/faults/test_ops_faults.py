@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -54,22 +53,6 @@ def _crashes(*procs: Proc) -> int:
 AM_DOWN_S = 60.0  # the outage of the issue's goal
 AM_CLEARED = ("am1", "am2", "am3", "am4")  # raise and clear while Alertmanager is down
 AM_OPEN = ("am5", "am6")  # raise while it is down, still open when it returns
-
-
-@pytest.fixture
-def webhook() -> Iterator[WebhookReceiver]:
-    """A webhook receiver on a free loopback port."""
-    receiver = WebhookReceiver()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture
-def alertmanager(tmp_path: Path, webhook: WebhookReceiver) -> Iterator[Alertmanager]:
-    """A real Alertmanager routing every alert to the webhook receiver."""
-    am = Alertmanager(tmp_path / "alertmanager", webhook.port)
-    yield am
-    am.stop()
 
 
 def test_alertmanager_down_60s_while_alerts_fire_and_clear_loses_no_notification(

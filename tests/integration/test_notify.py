@@ -8,9 +8,8 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,22 +29,6 @@ from tests.support import Collector, Proc, reading, wait_until
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NORMAL, ANOMALOUS = 1500.0, 3500.0  # 3500 rpm: outside every training envelope
-
-
-@pytest.fixture
-def webhook() -> Iterator[WebhookReceiver]:
-    """A webhook receiver on a free loopback port."""
-    receiver = WebhookReceiver()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture
-def alertmanager(tmp_path: Path, webhook: WebhookReceiver) -> Iterator[Alertmanager]:
-    """A real Alertmanager routing every alert to the webhook receiver."""
-    am = Alertmanager(tmp_path / "alertmanager", webhook.port)
-    yield am
-    am.stop()
 
 
 def _on(machine: str, status: str) -> Callable[[dict[str, Any]], bool]:

@@ -10,12 +10,12 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from factorywatch.broker import LocalBroker, free_port
 from factorywatch.contracts import AlertEvent, FeedbackCommand, ThresholdCommand
@@ -24,22 +24,12 @@ from factorywatch.history_store import HistoryStore
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
-from tests.integration.opstack import POLICY_ENV, require_binary
+from tests.integration.opstack import POLICY_ENV
 from tests.support import Collector, Proc, login_settings, reading, secure_args, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MACHINES = ("press-1", "lathe-2", "mill-3")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 NORMAL, ANOMALOUS = 1500.0, 3500.0  # 3500 rpm: outside every training envelope
 
 
@@ -49,16 +39,6 @@ def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("websecrets")
     init_secrets(directory, MACHINES)
     return directory
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    """Debian's Chromium driven by Playwright (no browser download)."""
-    executable = require_binary("chromium")
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
-        yield launched
-        launched.close()
 
 
 def _login(page: Page, base: str, user: str, password: str) -> None:

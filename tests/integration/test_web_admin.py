@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page
 from pydantic import SecretStr
 
 from factorywatch import mqtt as fwmqtt
@@ -25,8 +25,6 @@ from factorywatch.errors import BrokerError
 from factorywatch.model import artifact
 from factorywatch.model.promotions import read_log
 from factorywatch.settings import BrokerSettings
-from tests.integration.opstack import require_binary
-from tests.integration.test_web import CHROMIUM_FLAGS
 from tests.support import Proc, secure_args, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -45,16 +43,6 @@ class Stack:
     models: Path
     serve: Proc
     versions: tuple[str, str]  # (current at start, an older one)
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    """Debian's Chromium driven by Playwright (no browser download)."""
-    executable = require_binary("chromium")
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
