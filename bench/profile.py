@@ -2,7 +2,8 @@
 
 Starts its own Mosquitto and a model as ``bench.run`` does, runs one detector throughput
 measurement (10 machines, QoS 1, the same load generator) with ``py-spy record`` attached to
-the detector, and summarises the samples: how many fall in paho, in our code and elsewhere,
+the detector, and summarises the samples: how many fall in the transport (the mqtt5 driver by
+default, paho-mqtt with ``--transport paho``), in our code and elsewhere,
 and the heaviest functions (inclusive and self). Writes ``<out>/profile.md`` and the raw
 collapsed stacks ``<out>/profile-detector.txt`` (for flamegraph tools). Figures depend on the
 machine: nothing is asserted.
@@ -43,13 +44,16 @@ def _owner(function: str) -> str | None:
     path = path.removeprefix("site-packages/")
     if path.startswith("paho/"):
         return "paho-mqtt"
+    # the default transport: the compiled codec's package and our driver around it
+    if path.startswith("mqtt5/") or path.endswith("detector/mqtt5_transport.py"):
+        return "mqtt5 driver"
     if path.startswith(OWN_PREFIXES):
         return "factorywatch"
     return None
 
 
 def _where(frames: Sequence[str]) -> str:
-    """Whose work a sample is: the innermost frame that is paho's or ours decides.
+    """Whose work a sample is: the innermost frame that is the transport's or ours decides.
 
     pydantic called by the decoder counts as ours; ``threading.Condition`` made inside
     paho's ``publish`` counts as paho's.
@@ -98,7 +102,7 @@ class Profile:
         out = [
             f"{self.samples:,} samples at {SAMPLE_RATE_HZ} Hz (idle time not sampled).",
             "",
-            "| whose work (innermost paho or project frame) | samples | share |",
+            "| whose work (innermost transport or project frame) | samples | share |",
             "|---|---:|---:|",
         ]
         out += [

@@ -82,12 +82,15 @@ Inbound = Received
 
 @dataclass(frozen=True, slots=True)
 class Publish:
-    """One message to publish (QoS 1). ``event``: its machine and outbox entry, if an event."""
+    """One message to publish (QoS 1). ``event``: its machine and outbox entry, if an event;
+    ``identity``: the reading it answers, if a verdict (a transport that de-duplicates by
+    message id drops a second verdict of one reading by it)."""
 
     topic: str
     payload: bytes
     retain: bool = False
     event: tuple[str, int] | None = None
+    identity: str | None = None
 
 
 @dataclass(slots=True)
@@ -361,7 +364,8 @@ class Engine:
                 # the verdict already given; acked once that publish is confirmed.
                 answer = self.answers.get(item.identity)
                 if answer is not None:
-                    outcome.publishes.append(Publish(*answer))
+                    topic, payload = answer
+                    outcome.publishes.append(Publish(topic, payload, identity=item.identity))
                     outcome.reanswered += 1
                 continue
             if seen == "conflict":
@@ -547,7 +551,7 @@ class Engine:
                 self._reject(outcome, _poisoned("settling", exc))
                 continue
             topic = self.topics.verdict(verdict.line, verdict.machine_id)
-            outcome.publishes.append(Publish(topic, payload))
+            outcome.publishes.append(Publish(topic, payload, identity=reading.identity))
             self.answers.put(reading.identity, topic, payload)
             outcome.verdicts.append(verdict)
             outcome.answered.append((reading.identity, reading.digest))
@@ -620,7 +624,7 @@ class Engine:
                 verdict = verdict.model_copy(update={"historical": True})
             topic = self.topics.verdict(verdict.line, verdict.machine_id)
             payload = verdict.encode()
-            outcome.publishes.append(Publish(topic, payload))
+            outcome.publishes.append(Publish(topic, payload, identity=reading.identity))
             self.answers.put(reading.identity, topic, payload)
             outcome.verdicts.append(verdict)
             outcome.answered.append((reading.identity, reading.digest))

@@ -123,12 +123,9 @@ class Due:
 
 
 def _verdict_ids(outcome: Outcome) -> list[str | None]:
-    """For each publish of an outcome, the reading identity when it is a verdict."""
-    identities = iter(identity for identity, _ in outcome.answered)
-    return [
-        next(identities, None) if publish.topic.endswith("/verdict") else None
-        for publish in outcome.publishes
-    ]
+    """For each publish of an outcome, the reading identity when it is a verdict (a
+    re-answered duplicate's included: it carries its own, not the next scored reading's)."""
+    return [publish.identity for publish in outcome.publishes]
 
 
 def touched(outcomes: Iterable[Outcome]) -> set[str]:

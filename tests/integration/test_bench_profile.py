@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timing]
 def test_profile_reports_where_the_detector_spends_its_time(
     tmp_path: Path, test_data: DatasetChoice
 ) -> None:
-    """The report splits real samples between paho and our code and names our functions."""
+    """The report splits real samples between the transport (the default mqtt5 driver) and
+    our code and names our functions."""
     done = subprocess.run(
         [
             sys.executable,
@@ -39,7 +40,7 @@ def test_profile_reports_where_the_detector_spends_its_time(
     assert done.returncode == 0, done.stderr[-4000:]
     text = (tmp_path / "profile.md").read_text()
     assert "lost 0" in text
-    assert "| paho-mqtt |" in text
+    assert "| mqtt5 driver |" in text
     assert "| factorywatch |" in text
     assert "(factorywatch/detector/" in text  # a row for one of the detector's functions
     assert (tmp_path / "profile-detector.txt").stat().st_size > 0

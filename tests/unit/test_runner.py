@@ -319,3 +319,22 @@ def test_status_and_health_are_the_runners(model: LoadedModel) -> None:
     assert runner.health(connected=True, now=55.0)[0]
     assert not runner.health(connected=True, now=61.0)[0]
     assert not runner.health(connected=False, now=50.0)[0]
+
+
+def test_each_verdict_of_a_batch_carries_its_own_readings_id(model: LoadedModel) -> None:
+    """A gateway batch holding a reading sent again (answered from the cache) before a new
+    one: each verdict's message id is its own reading's (a transport that de-duplicates by
+    message id, as JetStream does, then drops only a true second verdict)."""
+    from factorywatch.contracts import TelemetryBatch  # noqa: PLC0415
+    from factorywatch.detector.engine import Inbound  # noqa: PLC0415
+
+    runner = _runner(model)
+    first = reading("m1", 0, ts=TS)
+    topic = TOPICS.batch("line1", "gw1")
+    runner.handle([Inbound(topic, TelemetryBatch(readings=[first]).encode(), TS, 0.0)], TS)
+    batch = TelemetryBatch(readings=[first, reading("m1", 1, ts=TS + 1)])
+    handled = runner.handle([Inbound(topic, batch.encode(), TS + 1, 0.0)], TS + 1)
+    verdicts = [s for s in handled.sends if s.publish.topic.endswith("/verdict")]
+    ids = [s.msg_id for s in verdicts]
+    seqs = [Verdict.model_validate_json(s.publish.payload).seq for s in verdicts]
+    assert list(zip(seqs, ids, strict=True)) == [(0, "m1:0"), (1, "m1:1")]
