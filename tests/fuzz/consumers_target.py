@@ -7,11 +7,14 @@ bound of the wire contracts, or refused with a documented reason; nothing else e
 - the detector's JSON decoder (``tests/fuzz/decoder_target.py``: readings and batches);
 - the detector's Sparkplug B ingest (births and data of one edge node, any protobuf bytes);
 - the recorder's decoder (readings, batches, alert events, verdicts, feedback);
-- the notifier's decoder (alert events and retained states).
+- the notifier's decoder (alert events and retained states);
+- the web view's live model (verdicts, events, states, readings, feedback), then its tiles
+  and series serialised as the browser gets them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Final
 
@@ -37,6 +40,7 @@ from factorywatch.notify import Notifier, NotifySettings
 from factorywatch.recorder import decode as recorder_decode
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
+from factorywatch.web.live import LiveModel
 from tests.fuzz import decoder_target
 from tests.sparkplug_edge import TahuEdgeNode
 
@@ -69,6 +73,15 @@ _RECORDER_TOPICS: Final = (
     TOPICS.feedback("line1", "m1"),
 )
 _NOTIFIER_TOPICS: Final = (TOPICS.event("line1", "m1"), TOPICS.state("line1", "m1"))
+_WEB_TOPICS: Final = (
+    TOPICS.verdict("line1", "m1"),
+    TOPICS.event("line1", "m1"),
+    TOPICS.state("line1", "m1"),
+    TOPICS.telemetry("line1", "m1"),
+    TOPICS.feedback("line1", "m1"),
+)
+_WEB: Final = LiveModel(TOPICS)
+CONSUMERS: Final = 5
 _INGEST: Final = SparkplugIngest()
 _NOTIFIER: Final = Notifier(BrokerSettings(topic_root="fz"), NotifySettings())
 
@@ -133,18 +146,29 @@ def _notifier(selector: int, payload: bytes) -> None:
     assert isinstance(alerts, list)
 
 
+def _web(selector: int, payload: bytes) -> None:
+    topic = _WEB_TOPICS[selector % len(_WEB_TOPICS)]
+    key = _WEB.feed(topic, payload, NOW)
+    if key is not None:
+        machine = _WEB.machines.get(key)
+        if machine is not None:
+            json.dumps(machine.full(), allow_nan=False)  # what the browser is sent
+
+
 def check(data: bytes) -> None:
     """Run one fuzz input through the consumer its first byte picks; check the invariants."""
     selector, payload = (data[0], data[1:]) if data else (0, b"")
-    consumer, rest = selector % 4, selector >> 2
+    consumer, rest = selector % CONSUMERS, selector // CONSUMERS
     if consumer == 0:  # the payload starts with the JSON decoder target's own selector
         decoder_target.check(payload)
     elif consumer == 1:
         _sparkplug(rest, payload)
     elif consumer == 2:
         _recorder(rest, payload)
-    else:
+    elif consumer == 3:
         _notifier(rest, payload)
+    else:
+        _web(rest, payload)
 
 
 def seeds() -> list[bytes]:
@@ -167,14 +191,20 @@ def seeds() -> list[bytes]:
     ).encode()
     huge = reading.encode().replace(b'"seq":1', b'"seq":1180591620717411303424')
     seeds = [bytes([0]) + s for s in decoder_target.seeds()]
+    n = CONSUMERS
     seeds += [
         bytes([1]) + _EDGE.nbirth(MS)[1],
-        bytes([1 + 4]) + _EDGE.dbirth("mill", reading, MS)[1],
-        bytes([1 + 8]) + _EDGE.reading_data("mill", reading, MS + 1)[1],
+        bytes([1 + n]) + _EDGE.dbirth("mill", reading, MS)[1],
+        bytes([1 + 2 * n]) + _EDGE.reading_data("mill", reading, MS + 1)[1],
     ]
     seeds += [
-        bytes([2 + 4 * i]) + s
+        bytes([2 + n * i]) + s
         for i, s in enumerate([reading.encode(), batch, event, verdict, feedback])
     ]
-    seeds += [bytes([2]) + huge, bytes([3]) + event, bytes([3 + 4]) + state, bytes([3]) + huge]
+    seeds += [bytes([2]) + huge, bytes([3]) + event, bytes([3 + n]) + state, bytes([3]) + huge]
+    seeds += [
+        bytes([4 + n * i]) + s
+        for i, s in enumerate([verdict, event, state, reading.encode(), feedback])
+    ]
+    seeds += [bytes([4 + 3 * n]) + huge]
     return seeds
