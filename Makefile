@@ -57,7 +57,7 @@ faults: install broker-binary
 	$(BIN)/pytest -m faults -s
 
 ## fuzz: coverage-guided fuzzing (atheris) of the detector's JSON decoder, then of every
-## consumer's decoder (detector JSON and Sparkplug, recorder, notifier), FUZZ_SECONDS each
+## consumer's decoder (detector JSON and Sparkplug, recorder, notifier, web view), FUZZ_SECONDS each
 FUZZ_SECONDS ?= 120
 fuzz: install
 	$(BIN)/python -m tests.fuzz.fuzz_decoder run/fuzz/decoder -max_total_time=$(FUZZ_SECONDS) \
