@@ -168,12 +168,18 @@ class LiveModel:
             self._apply_event(m, message)
         return m.key
 
-    def _telemetry(self, topic: str, payload: bytes, now: float | None) -> str:
+    def _telemetry(self, topic: str, payload: bytes, now: float | None) -> str | None:
+        """A reading for the channel charts of a machine the detector has answered for (a
+        verdict, event or state came): raw telemetry of a name the detector never accepted
+        (an account publishing on its own login, a forged line) makes no tile."""
         line, machine_id = self.topics.parse_telemetry(topic)
         reading = _decode(Telemetry, payload, now)
         if (reading.line, reading.machine_id) != (line, machine_id):
             raise PayloadError("topic_mismatch", topic)
-        m = self.machine(line, machine_id)
+        m = self.machines.get(f"{line}/{machine_id}")
+        if m is None:
+            self.ignored += 1
+            return None
         row = [reading.ts, reading.readings]
         m.readings.append(row)
         m.new_readings.append(row)

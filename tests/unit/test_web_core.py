@@ -210,3 +210,23 @@ def test_an_operators_label_shows_on_the_open_alert_until_the_next_one() -> None
     assert model.feed(T.feedback("l1", "m9"), label("a1", machine="m9")) is None
     assert model.feed(T.feedback("l1", "m1"), label("a1", machine="m2")) is None
     assert model.ignored == 2
+
+
+def test_telemetry_of_a_machine_the_detector_never_answered_for_makes_no_tile() -> None:
+    """Readings published under a name the detector gave no verdict for (a viewer's own
+    login, an invented line) are ignored; once a verdict came, its readings are charted."""
+    model = LiveModel(T, history=3)
+    reading = Telemetry(
+        machine_id="viewer",
+        line="l9",
+        seq=1,
+        ts=1.8e9,
+        attributes={"product_type": "L"},
+        readings={"torque_nm": 40.0},
+    )
+    assert model.feed(T.telemetry("l9", "viewer"), reading.encode()) is None
+    assert model.machines == {}
+    assert model.feed(T.verdict("l1", "m1"), _verdict(1)) == "l1/m1"
+    mine = reading.model_copy(update={"machine_id": "m1", "line": "l1"})
+    assert model.feed(T.telemetry("l1", "m1"), mine.encode()) == "l1/m1"
+    assert len(model.machines["l1/m1"].readings) == 1
