@@ -85,12 +85,14 @@ def _user_block(base: str, user: str) -> list[str]:
 
 
 def acl_with_accounts(base: str, registry: AccountRegistry) -> str:
-    """The base ACL plus one block per gateway, edge node, extra detector and service account.
+    """The base ACL plus one block per machine, gateway, edge node, extra detector and service
+    account.
 
-    A gateway may write ``factory/batch/<line>/<its id>`` for the lines of its machines, and
-    nothing else the machines may not; which readings it may carry is checked by the
-    detector (the broker cannot look inside a payload). A detector shard gets exactly the
-    rights of ``detector``.
+    A machine may publish its own readings and sensor status (``sensor_rights``). A gateway
+    may do the same on its own id and write ``factory/batch/<line>/<its id>`` for the lines
+    of its machines, and nothing else the machines may not; which readings it may carry is
+    checked by the detector (the broker cannot look inside a payload). A detector shard gets
+    exactly the rights of ``detector``.
     """
     out = [base.rstrip("\n"), "", "# --- Generated from registry.json by `factorywatch broker`."]
     detector = _user_block(base, DEFAULT_DETECTOR)
@@ -101,13 +103,27 @@ def acl_with_accounts(base: str, registry: AccountRegistry) -> str:
         out += ["", f"user {account}", *_user_block(base, role)]
     for node in sorted(registry.edge_nodes):
         out += ["", f"user {node}", *sparkplug_edge_rights(node, registry.edge_nodes[node].line)]
+    for machine in sorted(m for m, entry in registry.machines.items() if entry.direct):
+        out += ["", f"user {machine}", *sensor_rights(machine)]
     for gateway in sorted(registry.gateways):
-        out += ["", f"user {gateway}"]
+        out += ["", f"user {gateway}", *sensor_rights(gateway)]
         out += [
             f"topic write factory/batch/{line}/{gateway}"
             for line in registry.gateway_lines(gateway)
         ]
     return "\n".join(out) + "\n"
+
+
+def sensor_rights(account: str) -> list[str]:
+    """The ACL lines of a machine's (or gateway's) publisher: its own telemetry and sensor
+    status, its identity's lease, and the detector's answers about its own readings."""
+    return [
+        f"topic write factory/telemetry/+/{account}",
+        f"topic write factory/status/sensor/{account}",
+        f"topic readwrite factory/status/sensor/{account}/lease",
+        f"topic read factory/deadletter/+/{account}",
+        f"topic read factory/alerts/+/{account}/verdict",
+    ]
 
 
 def sparkplug_edge_rights(node: str, group: str) -> list[str]:

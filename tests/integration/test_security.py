@@ -153,6 +153,22 @@ def test_machine_cannot_publish_as_another_machine_mqtt5(
     assert monitor.matching(lambda m: b"forged" in m.payload) == []
 
 
+@pytest.mark.parametrize("person", ["viewer", "operator"])
+def test_people_publish_no_readings_even_under_their_own_login(
+    client: Callable[..., _Client], monitor: Collector, topic_root: str, person: str
+) -> None:
+    """Telemetry rights come from a machine's registry block, not a pattern for every
+    account: a viewer's or operator's reading on its own login gets PUBACK 0x87 (no tile,
+    no row, no verdict for an invented machine), while a machine's own goes through."""
+    topics = Topics(topic_root)
+    denied = client(person).publish(topics.telemetry("line9", person), b'{"invented": true}')
+    assert denied.value == NOT_AUTHORIZED
+    allowed = client("machine-a").publish(topics.telemetry("line1", "machine-a"), b'{"own": 1}')
+    assert not allowed.is_failure
+    monitor.wait_for(lambda m: m.payload == b'{"own": 1}', timeout=5)
+    assert monitor.matching(lambda m: b"invented" in m.payload) == []
+
+
 def test_machine_cannot_publish_as_another_machine_mqtt311(
     secure_broker: LocalBroker, secrets_dir: Path, monitor: Collector, topic_root: str
 ) -> None:

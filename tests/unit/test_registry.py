@@ -157,8 +157,15 @@ def test_acl_grants_gateways_only_their_batch_topics() -> None:
     reg = accounts().with_machine("me", "line2").with_gateway("gw2", ["me"], "line2")
     acl = acl_with_accounts(BASE_ACL.read_text(), reg.with_detector("detector-line2"))
     assert "pattern write factory/batch" not in acl
-    assert "user gw1\ntopic write factory/batch/line1/gw1\n" in acl
-    assert "user gw2\ntopic write factory/batch/line2/gw2" in acl
+    assert "pattern write factory/telemetry" not in acl, "a pattern would cover every account"
+    gw1 = acl.split("user gw1\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert "topic write factory/batch/line1/gw1" in gw1
+    assert "topic write factory/telemetry/+/gw1" in gw1
+    assert "topic write factory/batch/line2/gw2" in acl.split("user gw2\n", 1)[1]
+    me = acl.split("user me\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert "topic write factory/telemetry/+/me" in me
+    assert "topic read factory/alerts/+/me/verdict" in me
+    assert not any(ln.startswith("topic write factory/batch") for ln in me)
     assert "user detector-line2\ntopic read factory/telemetry/#" in acl
     shard = acl.split("user detector-line2\n", 1)[1].split("\n\n", 1)[0].splitlines()
     detector = [ln for ln in BASE_ACL.read_text().splitlines() if ln.startswith("topic ")]
