@@ -190,8 +190,10 @@ def test_the_web_live_feed_ignores_a_huge_seq_and_a_reading_from_2099() -> None:
     from factorywatch.web.live import LiveModel  # noqa: PLC0415 - the web view's model
 
     model = LiveModel(TOPICS)
+    state = MachineState(machine_id="m1", line="line1", state="NORMAL", since=NOW, window_size=5)
+    assert model.feed(TOPICS.state("line1", "m1"), state.encode(), NOW) == "line1/m1"
     assert model.feed(TOPIC, raw(reading(seq=2**70)), NOW) is None
     assert model.feed(TOPIC, raw(reading(ts=4_070_908_800.0)), NOW) is None
     assert model.ignored == 2
-    assert not model.machines
+    assert not model.machines["line1/m1"].readings
     assert model.feed(TOPIC, raw(reading()), NOW) == "line1/m1"
