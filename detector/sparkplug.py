@@ -39,16 +39,30 @@ to one machine id are refused (``bad_topic``). Metric names become channel names
 ``air_temperature_k``); a String metric named ``Product Type`` (any spelling that maps to
 ``product_type``) gives the reading's product type.
 
-A reading's identity is ``spb:<group>/<node>/<device>:<bdSeq>:<birth ms>:<extended seq>``
-and its digest is the payload's CRC-32: a message the broker redelivers after a restart has
-the same identity and digest, so the engine drops it as a duplicate.
+One identity rule (``_identity``). A reading is who sent it plus where it stands:
+
+* a message carrying ``factorywatch/Reading Seq`` (``READING_SEQ_METRIC``: the reading's own
+  sequence number, as factorywatch's edge node sends it, declared Int64 in the birth) is the
+  reading ``spb:<group>/<node>/<device>:r:<reading seq>``, its verdict's ``seq`` is that number
+  and its digest the CRC-32 of what its metrics say (names, values, timestamps; not the
+  Sparkplug ``seq``, not names vs aliases). Such an edge node keeps each reading until its
+  verdict is seen and sends it again, in a later session (after a new ``NBIRTH``, with a new
+  Sparkplug ``seq``), as ``DDATA`` with the same metrics: the same identity and digest, so the
+  engine drops it as a duplicate and answers it with the verdict already given. A metric
+  older than the last-known value never replaces it, so a late resend leaves the device's
+  present values alone;
+* any other message is ``spb:<group>/<node>/<device>:<bdSeq>:<birth ms>:<extended seq>``, its
+  verdict's ``seq`` the extended number and its digest the payload's CRC-32 (as before:
+  Sparkplug implementations that never resend are read exactly as they always were).
+
+Either way a message the broker redelivers after a restart has the same identity and digest,
+so the engine drops it as a duplicate.
 """
 
 from __future__ import annotations
 
 import base64
 import math
-import re
 import struct
 import zlib
 from collections.abc import Sequence
@@ -65,9 +79,16 @@ from factorywatch.detector.core import Received
 from factorywatch.detector.ingest import Command, IngestEffects, Reading
 from factorywatch.detector.registry import Registry
 from factorywatch.errors import PayloadError
-from factorywatch.sparkplug_codec import BD_SEQ_METRIC, BOOLEAN, REBIRTH_METRIC, add_metric
+from factorywatch.sparkplug_codec import (
+    BD_SEQ_METRIC,
+    BOOLEAN,
+    READING_SEQ_METRIC,
+    REBIRTH_METRIC,
+    add_metric,
+    line_id,
+    machine_id,
+)
 from factorywatch.topics import (
-    ID_PATTERN,
     SPARKPLUG_NAMESPACE,
     SparkplugTopic,
     parse_sparkplug,
@@ -78,8 +99,6 @@ SNAPSHOT_VERSION: Final = 2  # 2: birth data types, seen seqs, owed rebirths
 PRODUCT_TYPE: Final = "product_type"
 _SEQ_MODULO: Final = 256
 _MAX_MISSING: Final = 256  # a larger gap is one rebirth anyway
-_ID_RE: Final = re.compile(ID_PATTERN)
-_NOT_ID_CHAR: Final = re.compile(r"[^A-Za-z0-9_.-]")
 
 # Sparkplug B data types (sparkplug_b.proto's DataType enum) the ingest reads as numbers.
 _SIGNED_BITS: Final = {1: 8, 2: 16, 3: 32, 4: 64}  # Int8..Int64, two's complement in uints
@@ -97,26 +116,6 @@ def channel_name(metric: str) -> str:
     (raises ``ChannelNameError``, a ``ValueError``, for a name with no letters or digits).
     """
     return canonical(metric)
-
-
-def machine_id(node: str, device: str | None) -> str:
-    """The machine id of a Sparkplug device (``<node>.<device>``) or of a node's own metrics."""
-    raw = node if device is None else f"{node}.{device}"
-    return _valid_id(raw, "machine id")
-
-
-def line_id(group: str) -> str:
-    """The production line of a Sparkplug group."""
-    return _valid_id(group, "line")
-
-
-def _valid_id(raw: str, what: str) -> str:
-    mapped = _NOT_ID_CHAR.sub("_", raw)
-    if not _ID_RE.fullmatch(mapped):
-        raise PayloadError(
-            "bad_topic", f"Sparkplug {raw!r} does not map to a valid {what} (got {mapped!r})"
-        )
-    return mapped
 
 
 # -- the protobuf ----------------------------------------------------------------------------------
@@ -182,6 +181,40 @@ def _value(metric: Any, datatype: int) -> float | str | None:
     return float(getattr(metric, field_name))
 
 
+def _integer(metric: Any, datatype: int) -> int | None:
+    """An integer metric's exact value (not through a float: 63-bit sequence numbers);
+    None when null. Raises ``_TypeMismatchError`` for a type that is not an integer."""
+    if datatype not in _SIGNED_BITS and datatype not in _UNSIGNED:
+        raise _TypeMismatchError(f"born as data type {datatype}, not an integer")
+    if metric.datatype and metric.datatype != datatype:
+        raise _TypeMismatchError(f"sent as data type {metric.datatype}, born as {datatype}")
+    field_name = metric.WhichOneof("value")
+    if metric.is_null or field_name is None:
+        return None
+    if field_name not in _INTS:
+        raise _TypeMismatchError(f"a {field_name} for a metric born as data type {datatype}")
+    raw = int(getattr(metric, field_name))
+    bits = _SIGNED_BITS.get(datatype)
+    if bits is not None:
+        raw &= (1 << bits) - 1
+        raw = raw - (1 << bits) if raw >= 1 << (bits - 1) else raw
+    return raw
+
+
+def _content_digest(update: _Update) -> int:
+    """CRC-32 of what a message's metrics say, however they were encoded (by name or alias,
+    with any Sparkplug ``seq``): a reading sent again in another session digests alike."""
+    said = (
+        update.reading_seq,
+        update.timestamp_ms,
+        sorted(update.values.items()),
+        sorted(update.stamps.items()),
+        update.product_type,
+        update.historical,
+    )
+    return zlib.crc32(repr(said).encode())
+
+
 def rebirth_request(group: str, node: str, now: float) -> Command:
     """The ``NCMD`` asking an edge node to publish its births again."""
     payload = sparkplug_b_pb2.Payload()
@@ -239,6 +272,8 @@ class _Update:
     mismatched: list[str] = field(default_factory=list)
     #: every channel it carries is historical (store-and-forward data, not the present)
     historical: bool = False
+    #: the reading's own sequence number (``READING_SEQ_METRIC``), when the message says it
+    reading_seq: int | None = None
 
 
 def _node_key(topic: SparkplugTopic) -> str:
@@ -576,7 +611,7 @@ class SparkplugIngest:
             if name is None:
                 update.unknown.append(metric.name or f"alias {metric.alias}")
                 continue
-            if not name or name == BD_SEQ_METRIC or name.startswith(_CONTROLS):
+            if self._not_a_channel(device, update, name, metric):
                 continue
             try:
                 channel = channel_name(name)
@@ -604,6 +639,18 @@ class SparkplugIngest:
             # store-and-forward data: the reading is of when it was measured, not sent
             update.timestamp_ms = newest_ms
         return update
+
+    @staticmethod
+    def _not_a_channel(device: _Device, update: _Update, name: str, metric: Any) -> bool:
+        """Whether metric ``name`` is no channel: none, ``bdSeq``, a control or property, or
+        the reading's own sequence number (taken into ``update`` here)."""
+        if name == READING_SEQ_METRIC:
+            try:
+                update.reading_seq = _integer(metric, device.types.get(name, 0))
+            except _TypeMismatchError as exc:
+                update.mismatched.append(f"{name}: {exc}")
+            return True
+        return not name or name == BD_SEQ_METRIC or name.startswith(_CONTROLS)
 
     @staticmethod
     def _keep(device: _Device, update: _Update) -> None:
@@ -675,12 +722,13 @@ class SparkplugIngest:
         values = {c: float(known[c] or 0.0) for c in self.channels}
         if not all(math.isfinite(v) for v in values.values()):
             return PayloadError("non_finite", f"{device.machine_id}: a channel is not finite")
+        identity, verdict_seq, digest = _identity(topic, node, update, seq, message)
         try:
             telemetry = Telemetry.model_validate(
                 {
                     "machine_id": device.machine_id,
                     "line": line_id(topic.group),
-                    "seq": seq,
+                    "seq": verdict_seq,
                     "ts": ts,
                     "readings": values,
                     **({"product_type": product_type} if product_type is not None else {}),
@@ -688,11 +736,7 @@ class SparkplugIngest:
             )
         except ValidationError as exc:
             return PayloadError("schema", str(exc).splitlines()[0])
-        identity = (
-            f"spb:{topic.group}/{topic.node}/{topic.device or ''}:"
-            f"{node.bd_seq}:{node.birth_ms}:{seq}"
-        )
-        return Reading(telemetry, identity, zlib.crc32(message.payload), update.historical)
+        return Reading(telemetry, identity, digest, update.historical)
 
     # -- snapshot ----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -730,6 +774,19 @@ class SparkplugIngest:
             self.gapped(key)
             if node.rebirth_owed:
                 self._owed.add(key)
+
+
+def _identity(
+    topic: SparkplugTopic, node: _Node, update: _Update, seq: int, message: Received
+) -> tuple[str, int, int]:
+    """A reading's identity, its verdict's ``seq`` and its digest (the module docstring's one
+    rule): by the reading's own sequence number when the message carries it, else by the
+    session (``bdSeq``, birth time) and the extended Sparkplug ``seq``."""
+    source = f"spb:{topic.group}/{topic.node}/{topic.device or ''}"
+    if update.reading_seq is not None:
+        number = update.reading_seq
+        return f"{source}:r:{number}", number, _content_digest(update)
+    return f"{source}:{node.bd_seq}:{node.birth_ms}:{seq}", seq, zlib.crc32(message.payload)
 
 
 def _extended(last: int, seq: int) -> int:
