@@ -85,8 +85,6 @@ from factorywatch.sparkplug_codec import (
     READING_SEQ_METRIC,
     REBIRTH_METRIC,
     add_metric,
-    line_id,
-    machine_id,
 )
 from factorywatch.topics import (
     SPARKPLUG_NAMESPACE,
@@ -94,6 +92,18 @@ from factorywatch.topics import (
     parse_sparkplug,
     sparkplug_topic,
 )
+from factorywatch.topics import sparkplug_line as line_id
+from factorywatch.topics import sparkplug_machine_id as machine_id
+
+__all__ = [
+    "STAT_NAMES",
+    "SparkplugIngest",
+    "SparkplugSettings",
+    "channel_name",
+    "line_id",
+    "machine_id",
+    "rebirth_request",
+]
 
 SNAPSHOT_VERSION: Final = 2  # 2: birth data types, seen seqs, owed rebirths
 PRODUCT_TYPE: Final = "product_type"

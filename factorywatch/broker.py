@@ -14,12 +14,14 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Final
 
 from factorywatch.accounts import DEFAULT_DETECTOR, AccountRegistry, read_registry, registry_path
 from factorywatch.errors import BrokerError
+from factorywatch.topics import sparkplug_line, sparkplug_machine_id
 
 # The project's broker/ folder, installed as package data (factorywatch/broker_config).
 BROKER_DIR: Final = Path(str(resources.files("factorywatch") / "broker_config"))
@@ -102,7 +104,8 @@ def acl_with_accounts(base: str, registry: AccountRegistry) -> str:
     for account, role in sorted(registry.services.items()):
         out += ["", f"user {account}", *_user_block(base, role)]
     for node in sorted(registry.edge_nodes):
-        out += ["", f"user {node}", *sparkplug_edge_rights(node, registry.edge_nodes[node].line)]
+        entry = registry.edge_nodes[node]
+        out += ["", f"user {node}", *sparkplug_edge_rights(node, entry.line, entry.devices)]
     for machine in sorted(m for m, entry in registry.machines.items() if entry.direct):
         out += ["", f"user {machine}", *sensor_rights(machine)]
     for gateway in sorted(registry.gateways):
@@ -126,17 +129,24 @@ def sensor_rights(account: str) -> list[str]:
     ]
 
 
-def sparkplug_edge_rights(node: str, group: str) -> list[str]:
+def sparkplug_edge_rights(node: str, group: str, devices: Sequence[str] = ()) -> list[str]:
     """The ACL lines of Sparkplug edge node ``node`` in ``group``: its own births, deaths and
     data (devices: any; the detector checks them against the registry), the commands
-    addressed to it, and the primary host's STATE (it may wait for the host to be online)."""
+    addressed to it, the primary host's STATE (it may wait for the host to be online), and the
+    detector's answers about each registered device's readings (its verdicts and dead letters
+    on the group's line: the edge node keeps a reading until it hears one). A node registered
+    without devices reads no answers: no pattern could name its devices' machines only."""
     base = f"spBv1.0/{group}"
+    line = sparkplug_line(group)
+    machines = [sparkplug_machine_id(node, device) for device in devices]
     return [
         *(f"topic write {base}/{kind}/{node}" for kind in ("NBIRTH", "NDEATH", "NDATA")),
         *(f"topic write {base}/{kind}/{node}/+" for kind in ("DBIRTH", "DDEATH", "DDATA")),
         f"topic read {base}/NCMD/{node}",
         f"topic read {base}/DCMD/{node}/+",
         "topic read spBv1.0/STATE/+",
+        *(f"topic read factory/alerts/{line}/{m}/verdict" for m in machines),
+        *(f"topic read factory/deadletter/{line}/{m}" for m in machines),
     ]
 
 

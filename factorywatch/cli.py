@@ -899,8 +899,16 @@ def cmd_sensor(args: argparse.Namespace) -> int:
             rate_hz=settings.rate_hz,
             count=args.count,
             stop=stop_on_signals(),
+            pending_size=settings.pending_size,
+            republish_after_s=settings.republish_after_s,
+            resend_answered_s=settings.resend_answered_s,
         )
-        print(f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}")
+        print(
+            f"sent {stats.sent}, acknowledged {stats.acknowledged}, refused {stats.refused}, "
+            f"rejected by the detector (so far) {stats.rejected}, answered {stats.answered}, "
+            f"sent again {stats.resent}, unanswered at exit {stats.unanswered_at_close}, "
+            f"given up {stats.unanswered_dropped}"
+        )
         return 0 if stats.refused == 0 else 1
     streams: list[Callable[[float], Any]] = [sim.next for sim in sims]
     stats = publisher.run(

@@ -300,6 +300,32 @@ def parse_sparkplug(topic: str) -> SparkplugTopic:
     raise PayloadError("bad_topic", f"not a Sparkplug B node or device topic: {topic!r}")
 
 
+_NOT_ID_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def sparkplug_machine_id(node: str, device: str | None) -> str:
+    """The machine id of a Sparkplug device (``<node>.<device>``) or of a node's own metrics;
+    characters outside ``A-Z a-z 0-9 _ . -`` become ``_`` (``PayloadError`` ``bad_topic`` when
+    the result is no valid id). The one mapping the ingest, the edge node (which reads its
+    devices' verdicts) and the broker's ACL share."""
+    raw = node if device is None else f"{node}.{device}"
+    return _sparkplug_id(raw, "machine id")
+
+
+def sparkplug_line(group: str) -> str:
+    """The production line of a Sparkplug group (mapped as ``sparkplug_machine_id``)."""
+    return _sparkplug_id(group, "line")
+
+
+def _sparkplug_id(raw: str, what: str) -> str:
+    mapped = _NOT_ID_CHAR.sub("_", raw)
+    if not _ID_RE.fullmatch(mapped):
+        raise PayloadError(
+            "bad_topic", f"Sparkplug {raw!r} does not map to a valid {what} (got {mapped!r})"
+        )
+    return mapped
+
+
 def sparkplug_state_topic(host_id: str) -> str:
     """A Sparkplug host application's ``STATE`` topic: ``spBv1.0/STATE/<host id>``."""
     return f"{SPARKPLUG_NAMESPACE}/STATE/{_sparkplug_level(host_id, 'host id')}"

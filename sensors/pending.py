@@ -159,6 +159,10 @@ class PendingReadings:
         self.resent += len(again)
         return again, released
 
+    def get(self, seq: int) -> Unanswered | None:
+        """The outstanding reading ``seq`` (None when answered, let go or never sent)."""
+        return self._entries.get(seq)
+
     def seqs(self) -> list[int]:
         """The outstanding sequence numbers, oldest send first."""
         return list(self._entries)

@@ -324,7 +324,8 @@ def test_a_restored_ingest_reads_data_without_datatypes() -> None:
 def test_add_user_edge_node_registers_it_and_writes_its_acl_block(tmp_path: Path) -> None:
     """`broker add-user NODE --role edge-node --line GROUP --machines ...` registers the edge
     node with its devices and gives it one ACL block: its own node's Sparkplug topics in its
-    group; the base ACL has no Sparkplug pattern line any account could use."""
+    group and its devices' verdicts and dead letters; the base ACL has no Sparkplug pattern
+    line any account could use."""
     secrets = tmp_path / "secrets"
     argv = ["broker", "add-user", "press7", "--role", "edge-node", "--line", "plant1"]
     assert main([*argv, "--machines", "m1,m2", "--secrets-dir", str(secrets)]) == 0
@@ -333,8 +334,15 @@ def test_add_user_edge_node_registers_it_and_writes_its_acl_block(tmp_path: Path
     assert registry.edge_nodes["press7"].devices == ["m1", "m2"]
     acl = (secrets / "acl").read_text()
     block = acl.split("user press7\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert block == sparkplug_edge_rights("press7", "plant1")
+    assert block == sparkplug_edge_rights("press7", "plant1", ["m1", "m2"])
     assert "topic write spBv1.0/plant1/DDATA/press7/+" in block
+    # the detector's answers about its own devices' readings, and no other machine's
+    assert [ln for ln in block if ln.startswith("topic read factory/")] == [
+        "topic read factory/alerts/plant1/press7.m1/verdict",
+        "topic read factory/alerts/plant1/press7.m2/verdict",
+        "topic read factory/deadletter/plant1/press7.m1",
+        "topic read factory/deadletter/plant1/press7.m2",
+    ]
     assert not [
         ln
         for ln in BASE_ACL.read_text().splitlines()
