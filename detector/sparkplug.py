@@ -19,7 +19,10 @@ certificate on.
   ``type_mismatch``) and become one reading of that device with every last-known value;
   historical values are scored but never become the last-known ones.
 * ``NDEATH`` whose ``bdSeq`` matches the birth's marks the node and all its devices OFFLINE
-  (reason ``ndeath``) and their values stale (a death of an older session is ignored);
+  (reason ``ndeath``) and their values stale (a death of an older session is ignored). A
+  message of the dead session that was read before (same seq and CRC-32) and comes again
+  after the death (a restarted broker redelivers what we had not acknowledged, after the
+  will it published on its way down) is a redelivery: consumed, neither read nor refused;
   ``DDEATH`` one device (``ddeath``). A device is never OFFLINE by silence unless
   ``silence_timeout_s`` says so: it reports by exception.
 * A gap in the sequence numbers (1 to 255) not filled within ``reorder_timeout_s`` asks the
@@ -434,6 +437,10 @@ class SparkplugIngest:
             return []
         if topic.kind == "NBIRTH":
             self._node_birth(node, payload)
+        if not node.born and _seen_before(node, payload, message):
+            # A message of the session that died, redelivered after its death (a broker that
+            # restarted before our acknowledgement; the will overtook it): it was read then.
+            return []
         seq = self._sequence(node, payload, message) if node.born else None
         self.gapped(key)
         if seq is None:
@@ -797,6 +804,13 @@ def _identity(
         number = update.reading_seq
         return f"{source}:r:{number}", number, _content_digest(update)
     return f"{source}:{node.bd_seq}:{node.birth_ms}:{seq}", seq, zlib.crc32(message.payload)
+
+
+def _seen_before(node: _Node, payload: Any, message: Received) -> bool:
+    """Whether this very message (its seq and CRC-32) was read since the node's last birth."""
+    if not payload.HasField("seq"):
+        return False
+    return node.seen.get(int(payload.seq) % _SEQ_MODULO) == zlib.crc32(message.payload)
 
 
 def _extended(last: int, seq: int) -> int:

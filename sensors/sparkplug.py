@@ -235,7 +235,8 @@ class EdgeNodeClient:
         self._resend_mids: set[int] = set()  # ... of which sends again (not in ``stats.sent``)
         self._early: dict[int, bool] = {}  # PUBACKs that beat their packet id's registration
         self._connects = 0
-        self._reconnected = False  # a reconnect whose sends again are still to do
+        #: per device, what a reconnect owes to send again after the births
+        self._owed: list[tuple[str, list[Unanswered], Released]] = []
         self._lost_at: float | None = None  # monotonic time the connection was last lost
         self._next_overdue_check = 0.0
         self.rejections: dict[str, int] = {}  # dead-letter reason -> count
@@ -254,13 +255,28 @@ class EdgeNodeClient:
             with self._lock:
                 self._connects += 1
                 if self._connects > 1:
-                    self._reconnected = True
+                    self._owe_again()
             self.rebirth.set()  # every (re)connection starts with births (before any data)
         self._waiter.record(reason)
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, _r: Any, _p: Any) -> None:
+    def _owe_again(self) -> None:
+        """Under the lock, at a reconnect: what to send again once the births are out (the
+        broker may be a new one that lost what the old one acknowledged): every acknowledged,
+        unanswered reading, and those answered just before the connection was lost (their
+        verdicts may not have reached other consumers). Readings without a PUBACK are paho's."""
+        lost_at = self._lost_at if self._lost_at is not None else time.monotonic()
+        since = lost_at - self.resend_answered_s if self.resend_answered_s > 0 else None
+        for device, pending in self.pending.items():
+            again, released = pending.after_reconnect(time.monotonic(), answered_since=since)
+            self._owed.append((device, again, released))
+
+    def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, _r: Any, _p: Any) -> None:
         with self._lock:
             self._lost_at = time.monotonic()
+        # Each connection is a new session with the next bdSeq (its will, then its NBIRTH
+        # carry it): the old session's will, delivered late, cannot end the new one.
+        self.edge.bd_seq = (self.edge.bd_seq + 1) % 256
+        client.will_set(*self.edge.ndeath(), qos=1, retain=False)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self._ncmd:
@@ -367,14 +383,8 @@ class EdgeNodeClient:
             device = parse_sparkplug(message[0]).device
             self.send(message, None if device is None else (device, readings[device].seq))
         with self._lock:
-            reconnected, self._reconnected = self._reconnected, False
-            lost_at = self._lost_at if self._lost_at is not None else time.monotonic()
-        if not reconnected:
-            return
-        since = lost_at - self.resend_answered_s if self.resend_answered_s > 0 else None
-        for device, pending in self.pending.items():
-            with self._lock:
-                again, released = pending.after_reconnect(time.monotonic(), answered_since=since)
+            owed, self._owed = self._owed, []
+        for device, again, released in owed:
             self._send_again(device, again, released, "reconnect")
 
     def data(self, device: str, reading: Telemetry, ts_ms: int) -> None:

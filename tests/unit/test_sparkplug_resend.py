@@ -205,3 +205,25 @@ def test_reading_seq_metric_is_declared_in_the_birth_and_sent_in_data() -> None:
     assert data is not None
     carried = [m for m in decode(data[1]).metrics if m.alias == declared.alias]
     assert [(m.name, m.long_value) for m in carried] == [("", 78)]
+
+
+def test_a_message_redelivered_after_its_sessions_death_is_consumed_not_refused() -> None:
+    """A DDATA read, then the node's NDEATH (a restarting broker's will), then the same DDATA
+    again (the broker's redelivery): consumed silently, no rebirth asked; new data after the
+    death is still refused no_birth with a rebirth request, as before."""
+    ingest, edge = SparkplugIngest(), TahuEdgeNode("plant1", "edge1", bd_seq=4)
+    sim = MachineSimulator("m", "l", seed=3)
+    ingest.decode(Received(*edge.nbirth(MS), T0, 0.0))
+    ingest.decode(Received(*edge.dbirth("mill", sim.next(T0), MS), T0, 0.0))
+    data = edge.reading_data("mill", sim.next(T0), MS + 1)
+    (first,) = ingest.decode(Received(*data, T0, 0.0))
+    assert isinstance(first, Reading)
+    assert ingest.decode(Received(*edge.ndeath(), T0 + 1, 0.0)) == []
+    ingest.take_effects(T0 + 1)
+    assert ingest.decode(Received(*data, T0 + 2, 0.0)) == []
+    assert ingest.take_effects(T0 + 2).commands == []
+    later = edge.reading_data("mill", sim.next(T0), MS + 2)
+    (error,) = ingest.decode(Received(*later, T0 + 3, 0.0))
+    assert isinstance(error, PayloadError)
+    assert error.reason == "no_birth"
+    assert len(ingest.take_effects(T0 + 3).commands) == 1
