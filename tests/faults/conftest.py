@@ -26,10 +26,12 @@ from paho.mqtt.properties import Properties
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
+from factorywatch.sensors import sparkplug
 from factorywatch.sensors.publisher import PublishStats, SensorPublisher
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
-from factorywatch.topics import Topics
+from factorywatch.topics import Topics, parse_sparkplug, sparkplug_machine_id
+from tests.sparkplug_edge import decode
 from tests.support import Proc, wait_until
 
 DROPPED_TOPIC: Final = "$SYS/broker/publish/messages/dropped"
@@ -54,6 +56,7 @@ class VerdictCollector:
         self._keys: list[Key] = []
         self._arrivals: list[float] = []  # time.monotonic() of each verdict, in arrival order
         self._unique: set[Key] = set()
+        self._payloads: dict[Key, set[bytes]] = {}  # each reading's distinct verdicts
         self._markers: dict[str, int] = {}  # marker id -> verdicts received before it
         self.dead_letters = 0
         self.dropped_values: list[int] = []
@@ -94,6 +97,7 @@ class VerdictCollector:
                 self._keys.append(key)
                 self._arrivals.append(now)
                 self._unique.add(key)
+                self._payloads.setdefault(key, set()).add(bytes(msg.payload))
             elif msg.topic.startswith(self._marker_prefix):
                 self._markers[msg.topic[len(self._marker_prefix) :]] = len(self._keys)
             elif msg.topic.startswith(self._dead_prefix):
@@ -112,6 +116,13 @@ class VerdictCollector:
         """A copy of the distinct readings with at least one verdict."""
         with self._lock:
             return set(self._unique)
+
+    @property
+    def rescored(self) -> int:
+        """Readings with two different verdicts: scored twice (a copy of the one verdict, a
+        redelivery or an answer from the detector's cache, is the same bytes)."""
+        with self._lock:
+            return sum(len(p) > 1 for p in self._payloads.values())
 
     @property
     def duplicates(self) -> int:
@@ -384,6 +395,134 @@ class SensorStream:
         return sum(p.mid_reuses for p in self.publishers)
 
 
+class SparkplugStream:
+    """The product's Sparkplug edge node (``sensors.sparkplug.publish``, its run loop) with
+    several devices in a background thread, recording from the wire which readings (device,
+    ``factorywatch/Reading Seq``) went out and which the broker acknowledged, when."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        devices: Sequence[str],
+        *,
+        count: int,
+        rate_hz: float,
+        group: str = "plant1",
+        node: str = "edge1",
+        seed: int = 1,
+        close_timeout_s: float = 90.0,
+        **options: Any,
+    ) -> None:
+        """``options``: the edge node's delivery settings (``EdgeNodeClient``'s keywords)."""
+        self.machines = [sparkplug_machine_id(node, d) for d in devices]
+        self.count = count
+        self.rate_hz = rate_hz
+        self.close_timeout_s = close_timeout_s
+        edge = sparkplug.EdgeNode(group, node, list(devices), bd_seq=0)
+        self.shell = sparkplug.EdgeNodeClient(settings, edge, **options)
+        self._sims = [
+            MachineSimulator(d, group, seed=seed + i, anomaly_rate=0.0, seq_start=1_000_000)
+            for i, d in enumerate(devices)
+        ]
+        self._track = threading.Lock()
+        self._key_of_mid: dict[int, Key] = {}
+        self._sent: set[Key] = set()
+        self._acked_at: dict[Key, float] = {}
+        self.connected_at: list[float] = []
+        self.stats = PublishStats()
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        client = self.shell.client
+        self._raw_publish = client.publish
+        client.publish = self._tracked_publish  # type: ignore[method-assign]
+        self._raw_on_connect: Any = client.on_connect
+        self._raw_on_publish: Any = client.on_publish
+        client.on_connect = self._on_connect
+        client.on_publish = self._on_publish
+        self._thread = threading.Thread(target=self._run, name="edge-node", daemon=True)
+
+    def _tracked_publish(
+        self,
+        topic: str,
+        payload: mqtt.PayloadType = None,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> mqtt.MQTTMessageInfo:
+        info = self._raw_publish(topic, payload, qos, retain, properties)
+        parsed = parse_sparkplug(topic)
+        if parsed.kind in ("DBIRTH", "DDATA") and parsed.device is not None:
+            assert isinstance(payload, bytes)
+            seqs = [m.long_value for m in decode(payload).metrics if m.HasField("long_value")]
+            key = (sparkplug_machine_id(parsed.node, parsed.device), int(seqs[0]))
+            with self._track:
+                self._key_of_mid[info.mid] = key
+                self._sent.add(key)
+        return info
+
+    def _on_connect(self, client: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+        if not reason.is_failure:
+            with self._track:
+                self.connected_at.append(time.monotonic())
+        self._raw_on_connect(client, u, f, reason, p)
+
+    def _on_publish(self, client: mqtt.Client, u: Any, mid: int, reason: Any, p: Any) -> None:
+        if not fwmqtt.reason_failed(reason):
+            with self._track:
+                key = self._key_of_mid.get(mid)
+                if key is not None:
+                    self._acked_at.setdefault(key, time.monotonic())
+        self._raw_on_publish(client, u, mid, reason, p)
+
+    def start(self) -> SparkplugStream:
+        """Publish in the background (the run loop connects first)."""
+        self._thread.start()
+        wait_until(lambda: self.connected_at, 30, "the edge node's connection")
+        return self
+
+    def _run(self) -> None:
+        try:
+            self.stats = sparkplug.publish(
+                self.shell, self._sims, rate_hz=self.rate_hz, count=self.count, stop=self.stop
+            )
+        except BaseException as exc:  # reported by join(), not lost in a thread
+            self.error = exc
+
+    @property
+    def published(self) -> int:
+        """Readings handed to paho so far (births and data, all devices)."""
+        with self._track:
+            return len(self._sent)
+
+    def shutdown(self) -> None:
+        """Stop publishing and wait (bounded by the close timeout) without raising."""
+        self.stop.set()
+        self._thread.join(self.close_timeout_s + 10)
+
+    def join(self, timeout: float) -> None:
+        """Wait until every reading is published and acknowledged (or the close timeout)."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"edge node still running after {timeout} s"
+        if self.error is not None:
+            raise self.error
+
+    def sent(self) -> set[Key]:
+        """Every reading handed to paho."""
+        with self._track:
+            return set(self._sent)
+
+    def acked(self) -> dict[Key, float]:
+        """Every reading the broker acknowledged (a send or a send again), with the time."""
+        with self._track:
+            return dict(self._acked_at)
+
+    @property
+    def reconnects(self) -> int:
+        """Successful reconnects of the edge node."""
+        with self._track:
+            return max(0, len(self.connected_at) - 1)
+
+
 # -- detectors ----------------------------------------------------------------------------------
 class DetectorRunner:
     """Starts, kills and stops detector processes sharing one client id (one session)."""
@@ -620,6 +759,21 @@ def streams(settings: BrokerSettings) -> Iterator[Callable[..., SensorStream]]:
     yield make
     for stream in made:
         stream.stop.set()
+    for stream in made:
+        stream.shutdown()
+
+
+@pytest.fixture
+def sparkplug_streams(settings: BrokerSettings) -> Iterator[Callable[..., SparkplugStream]]:
+    """Factory of started Sparkplug edge-node streams; any still running stop at the end."""
+    made: list[SparkplugStream] = []
+
+    def make(devices: Sequence[str], **kwargs: Any) -> SparkplugStream:
+        stream = SparkplugStream(settings, devices, **kwargs)
+        made.append(stream)
+        return stream.start()
+
+    yield make
     for stream in made:
         stream.shutdown()
 

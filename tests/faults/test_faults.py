@@ -21,7 +21,7 @@ from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Telemet
 from factorywatch.detector.checkpoint import FileCheckpoint
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
-from factorywatch.topics import Topics
+from factorywatch.topics import Topics, sparkplug_machine_id
 from tests.faults.conftest import (
     DETECTOR_ID,
     DetectorRunner,
@@ -29,6 +29,7 @@ from tests.faults.conftest import (
     Figures,
     Key,
     SensorStream,
+    SparkplugStream,
     VerdictCollector,
     tally,
 )
@@ -326,6 +327,11 @@ def _journaled(tmp_path: Path) -> set[Key] | None:
     checkpoint.close()
     keys: set[Key] = set()
     for identity, _digest in answered:
+        if identity.startswith("spb:") and ":r:" in identity:  # our edge node's readings
+            source, _, seq = identity.rpartition(":r:")
+            _group, node, device = source[len("spb:") :].split("/")
+            keys.add((sparkplug_machine_id(node, device), int(seq)))
+            continue
         machine, _, seq = identity.rpartition(":")
         keys.add((machine, int(seq)))
     return keys
@@ -441,6 +447,72 @@ def test_broker_kill9_mid_stream_loses_nothing_end_to_end(
     _assert_promise_kept(fig)
     assert restart["broker_exit_code"] == -9
     assert stream.reconnects == len(stream.machines), "each sensor reconnects once"
+
+
+SPARKPLUG_ENV = {"FACTORYWATCH_DETECTOR_SPARKPLUG": "true"}
+
+
+def test_broker_kill9_mid_stream_sparkplug_edge_node_loses_nothing_end_to_end(
+    detectors: DetectorRunner,
+    verdicts: VerdictCollector,
+    sparkplug_streams: Callable[..., SparkplugStream],
+    broker: LocalBroker,
+    tmp_path: Path,
+    fault_report: FaultReport,
+) -> None:
+    """The JSON row above with our Sparkplug edge node (4 devices) on the project's broker
+    config: every reading the killed broker acknowledged gets its verdict, none is scored
+    twice. What the broker lost (or whose verdict it lost) the edge node still holds and
+    sends again, after the new session's births, as DDATA the detector knows by its reading
+    seq."""
+    started = time.monotonic()
+    persistence = _persistence_config(broker, tmp_path, "project-config")
+    detectors.env = SPARKPLUG_ENV
+    detectors.start()
+    _wait_for_snapshot(broker, verdicts)  # the detector's session is in a save (as above)
+    stream = sparkplug_streams(("m1", "m2", "m3", "m4"), count=750, rate_hz=200)
+    total = stream.count * len(stream.machines)
+    wait_until(lambda: stream.published >= total // 3, timeout=60, what="a third published")
+    assert verdicts.wait_unique(1, timeout=60), "no verdicts before the fault"
+    restart = _restart_broker(broker, kill=True)
+    restarted = time.monotonic()
+    first = verdicts.first_verdict_after(verdicts.mark(), restarted, timeout=90)
+    stream.join(timeout=150)
+    acked = set(stream.acked())
+    missing = verdicts.wait_covering(acked, timeout=150)
+    detectors.stop()
+    journaled = _journaled(tmp_path)
+    fig = fault_report.add(
+        tally(
+            "broker kill -9 mid-stream, Sparkplug edge node [project-config]",
+            sent=stream.sent(),
+            acked=acked,
+            collector=verdicts,
+            broker=broker,
+            crashes=detectors.crashes,
+            started=started,
+            first_verdict_s=[round(first, 3)] if first is not None else [],
+            scored_twice=verdicts.rescored,
+            sent_again=stream.stats.resent,
+            answered_again_by_detector=detectors.reanswered(),
+            unanswered_at_close=stream.stats.unanswered_at_close,
+            rejected_heard_by_edge_node=stream.stats.rejected,
+            lost_verdict_after_detector_puback=(
+                None if journaled is None else len(missing & journaled)
+            ),
+            persistence=persistence,
+            edge_node_reconnects=stream.reconnects,
+            publisher_stats_sent=stream.stats.sent,
+            publisher_stats_acknowledged=stream.stats.acknowledged,
+            **restart,
+        )
+    )
+    _assert_promise_kept(fig)
+    assert fig.details["scored_twice"] == 0, "a reading sent again was scored again"
+    assert fig.acked == fig.sent, fig  # the run ends with every reading acknowledged
+    assert fig.unique_verdicts == fig.sent, fig
+    assert restart["broker_exit_code"] == -9
+    assert stream.reconnects == 1, "the edge node reconnects once"
 
 
 DOWN_S = 30.0
