@@ -230,3 +230,42 @@ def test_a_reading_whose_verdict_was_lost_gets_the_same_verdict_again(
         verdict = Verdict.model_validate_json(m.payload)
         by_key.setdefault((verdict.machine_id, verdict.seq), set()).add(m.payload)
     assert all(len(p) == 1 for p in by_key.values()), "a duplicate gets the verdict it got"
+
+
+def test_an_overdue_reading_is_sent_again_without_a_reconnect(
+    secure_broker: LocalBroker,
+    secrets_dir: Path,
+    topic_root: str,
+    start_detector: Callable[[], Proc],
+    sims: dict[str, MachineSimulator],
+    verdicts: Collector,
+) -> None:
+    """While connected, a reading unanswered for longer than ``republish_after_s`` after a
+    later reading of its device was answered is sent again (a DDATA of the same session), and
+    answered with the verdict it got."""
+    start_detector()
+    settings = login_settings(secure_broker.port, topic_root, secrets_dir, NODE)
+    edge = EdgeNodeClient(
+        settings, EdgeNode(GROUP, NODE, list(DEVICES), bd_seq=1), republish_after_s=0.5
+    )
+    edge.start()
+    try:
+        wait_until(edge.rebirth.is_set, 30, "the edge node's connection")
+        _deaf(edge)
+        _births(edge, sims)
+        _data(edge, sims, 2)
+        verdicts.wait_for(lambda m: m.topic.endswith("/verdict"), count=6)
+        early = {device: set(p.seqs()) for device, p in edge.pending.items()}
+        assert sum(map(len, early.values())) == 6
+        edge.client.subscribe([(d.verdict_topic, 0) for d in edge.devices.values()])
+
+        def overdue_ones_answered() -> bool:
+            _data(edge, sims, 1)  # later readings, answered now
+            edge.resend_overdue(time.monotonic())  # as the run loop does every round
+            return not any(early[d] & set(edge.pending[d].seqs()) for d in early)
+
+        wait_until(overdue_ones_answered, 30, "the overdue readings answered", poll_s=0.3)
+        assert edge.stats.resent >= 6
+        assert not verdicts.matching(lambda m: "/deadletter/" in m.topic)
+    finally:
+        edge.close(timeout_s=10)
