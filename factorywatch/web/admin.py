@@ -10,7 +10,10 @@ Accounts are an admin's (an operator named in ``FACTORYWATCH_WEB_ADMINS``) and o
 the view may write the secrets folder (in Compose it is mounted read-only: the page says
 so and shows the command). After a change the broker must re-read its files: the view
 sends SIGHUP to the process in ``--broker-pid-file`` (``broker serve`` and ``demo`` write
-one), or shows the command to run. Promoting and rolling back are operators'.
+one), or shows the command to run. A running detector follows the registry itself
+(``Runner.reload_registry``): the answer says when it acts on the change, and each machine's
+row says whether the detector has answered for it yet (``scored``: the time of its latest
+scored reading, from the live feed). Promoting and rolling back are operators'.
 """
 
 from __future__ import annotations
