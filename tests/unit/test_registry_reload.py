@@ -16,9 +16,12 @@ from factorywatch.detector.core import Received
 from factorywatch.detector.engine import Engine, EngineSettings, Outcome
 from factorywatch.detector.registry import Registry, RegistryFile
 from factorywatch.detector.runner import Runner, RunnerSettings
+from factorywatch.detector.sparkplug import SparkplugIngest
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
+from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
+from tests.sparkplug_edge import TahuEdgeNode
 from tests.support import reading
 
 TOPICS = Topics("unit-registry")
@@ -148,6 +151,36 @@ def test_a_broken_registry_file_keeps_the_one_in_use(model: LoadedModel, tmp_pat
     write_registry(path, BASE.with_machine("mz", "line1"))
     assert runner.reload_registry() is True
     assert send(runner, "mz", 1).verdicts
+
+
+def test_an_edge_node_added_while_running_speaks_after_the_reload(
+    model: LoadedModel, tmp_path: Path
+) -> None:
+    """The Sparkplug ingest is handed the new registry too: edge1's device, refused before,
+    is scored once the reload read the file (edge nodes wait for the reload cadence)."""
+    path = tmp_path / "registry.json"
+    write_registry(path, BASE)
+    source = RegistryFile(path)
+    registry = source.read()
+    ingest = SparkplugIngest(registry=registry)
+    settings = EngineSettings(max_clock_skew_s=10 * 365 * 86400.0, registry=registry)
+    engine = Engine(model, TOPICS, settings, extra_ingests=[ingest])
+    runner = Runner(engine, RunnerSettings(client_id="det-spb"), registry_file=source)
+    edge = TahuEdgeNode("plant1", "edge1", bd_seq=1)
+    sim = MachineSimulator("x", "y", seed=3)
+
+    def births() -> list[Outcome]:
+        ms = int(TS * 1000)
+        messages = [edge.nbirth(ms), edge.dbirth("mill", sim.next(TS), ms)]
+        return runner.handle([Received(t, p, TS, 0.0) for t, p in messages], TS).outcomes
+
+    before = births()
+    assert [e.reason for o in before for e in o.rejected] == ["unauthorized_machine"] * 2
+    write_registry(path, BASE.with_edge_node("edge1", "plant1", []))
+    assert runner.reload_registry()
+    after = births()
+    assert [e.reason for o in after for e in o.rejected] == []
+    assert [v.machine_id for o in after for v in o.verdicts] == ["edge1.mill"]
 
 
 def test_registry_changes_say_what_changed() -> None:
