@@ -74,7 +74,7 @@ def _refuse_subprocesses(event: str, args: tuple[Any, ...]) -> None:
 
 @contextmanager
 def pure_test_guard(item: pytest.Item) -> Iterator[None]:
-    """Around one test (its fixtures' setup and teardown too): a test under
+    """Around one test's setup (its fixtures' included) and call: a test under
     ``PURE_TEST_DIRS`` that reaches for the AI4I dataset (``reference_data_dir``, hence the
     ``test_data`` and ``model_dir`` fixtures) or starts a subprocess fails, saying so."""
     global _running_pure_test  # noqa: PLW0603 - one test runs at a time in a process
