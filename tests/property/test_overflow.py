@@ -28,9 +28,9 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
 
 
 @pytest.fixture(scope="module")
-def model(model_dir: Path) -> LoadedModel:
-    """The model the real `factorywatch train` made, loaded as the detector loads it."""
-    return artifact.load(model_dir)
+def model(small_model_dir: Path) -> LoadedModel:
+    """The small fixture model, loaded as the detector loads it."""
+    return artifact.load(small_model_dir)
 
 
 def reading(**channels: float) -> Telemetry:
