@@ -18,7 +18,8 @@ import structlog
 from factorywatch.contracts import AlertEvent
 from factorywatch.detector.engine import Engine, Outcome
 from factorywatch.detector.metrics import Health, Metrics, serve
-from factorywatch.errors import ModelError
+from factorywatch.detector.registry import RegistryFile
+from factorywatch.errors import FactorywatchError, ModelError
 from factorywatch.model import artifact
 from factorywatch.model.artifact import ScorerKind
 
@@ -38,6 +39,8 @@ class Counters:
     reanswered: int = 0
     publish_failures: int = 0
     reloads: int = 0
+    #: times the account registry was read again because its file changed
+    registry_reloads: int = 0
     restored_machines: int = 0
     #: machines whose live calibration window was fitted and served
     calibrated: int = 0
@@ -175,6 +178,32 @@ def reload_model(
     counters.reloads += 1
     metrics.set_model(version)
     log.info("model_reloaded", previous=previous, version=version)
+    return True
+
+
+def reload_registry(engine: Engine, source: RegistryFile, counters: Counters) -> bool:
+    """Check readings against the registry file as it is now, if it changed since it was
+    last read (between batches, never mid-batch); True when the engine's registry changed.
+
+    A missing or invalid file keeps the registry in use (logged once per change of file)."""
+    if not source.changed():
+        return False
+    previous = engine.registry
+    try:
+        registry = source.read().succeeding(previous)
+    except (FactorywatchError, OSError) as exc:
+        log.error(
+            "registry_reload_failed",
+            path=str(source.path),
+            error=str(exc).splitlines()[0],
+            hint="the registry in use stays; fix the file (`factorywatch broker` writes it)",
+        )
+        return False
+    if registry == previous:
+        return False
+    engine.set_registry(registry)
+    counters.registry_reloads += 1
+    log.info("registry_reloaded", path=str(source.path), **registry.changes(previous))
     return True
 
 

@@ -152,11 +152,9 @@ class Decoder:
         if self.registry is not None:
             refused = self.registry.check(sender or reading.machine_id, reading.machine_id, line)
             if refused is not None:
-                raise PayloadError(
-                    refused,
-                    f"{sender or reading.machine_id!r} may not send for "
-                    f"{reading.line}/{reading.machine_id} (registry)",
-                )
+                who = sender or reading.machine_id
+                detail = self.registry.refusal(who, reading.machine_id, reading.line, refused)
+                raise PayloadError(refused, detail)
         channels: Sequence[str] = self.channels
         attributes: Sequence[str] = self.attributes
         if self.requirements is not None:

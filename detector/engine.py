@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from pydantic import ValidationError
@@ -227,6 +227,20 @@ class Engine:
             extra.bind(model.card.channels)
         self._rebuild_ingest()
         self.drift = self._make_drift(model)
+
+    @property
+    def registry(self) -> Registry | None:
+        """Who may speak for which machine (None: an open broker, nothing checked)."""
+        return self.settings.registry
+
+    def set_registry(self, registry: Registry) -> None:
+        """Check readings against ``registry`` from the next batch on (the account registry
+        changed while the detector ran). Machines' records stay: a removed machine's
+        readings are refused from now on, and it goes OFFLINE as any silent machine does."""
+        self.settings = replace(self.settings, registry=registry)
+        for extra in self.extra_ingests:
+            extra.set_registry(registry)
+        self._rebuild_ingest()
 
     def _rebuild_ingest(self) -> None:
         # Every binding change comes here: forests no longer bound leave the stack.

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from factorywatch.contracts import OfflineReason, Telemetry
 from factorywatch.detector.core import Decoder, Received
+from factorywatch.detector.registry import Registry
 from factorywatch.errors import PayloadError
 from factorywatch.topics import Topics
 
@@ -83,6 +84,10 @@ class StatefulIngest(Ingest, Protocol):
 
     def origin(self, topic: str) -> tuple[str, str] | None:
         """``(line, machine)`` a message on ``topic`` is about (its dead letters go there)."""
+        ...
+
+    def set_registry(self, registry: Registry) -> None:
+        """Check senders against ``registry`` from now on (it changed while running)."""
         ...
 
     def take_effects(self, now: float) -> IngestEffects:

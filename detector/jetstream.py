@@ -11,8 +11,9 @@ machine the settled messages touched to the key-value bucket (``KvStore``, key
 a refused publish is given back (``nak``) and only its reading ids are forgotten, so its
 redelivery is scored again; a crash anywhere before the acks makes JetStream redeliver after
 ``ack_wait``; the machine records' ``recent`` identities keep a redelivered reading from
-counting twice in the alert window. Housekeeping (offline, drift, reload, the heartbeat every
-``heartbeat_s``) is due when the runner says, with the Mosquitto detector's periods.
+counting twice in the alert window. Housekeeping (offline, drift, reload of models and of the
+account registry, the heartbeat every ``heartbeat_s``) is due when the runner says, with the
+Mosquitto detector's periods.
 
 A detector serves a partition only while it holds the partition's lease
 (``detector/lease.py``); for the partitions of its ``--partitions`` that another detector
@@ -83,6 +84,7 @@ from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Publis
 from factorywatch.detector.lease import LEASE_TTL_S, PartitionLeases, lease_bucket
 from factorywatch.detector.metrics import Metrics
 from factorywatch.detector.model_store import STORE_ERRORS, ModelStore, open_store
+from factorywatch.detector.registry import RegistryFile
 from factorywatch.detector.retained import RetainedPublisher, parse_endpoints
 from factorywatch.detector.runner import Runner, RunnerSettings, Send
 from factorywatch.detector.store import KvStore
@@ -303,6 +305,8 @@ class JetStreamDetector:
         options: JetStreamOptions,
         model: LoadedModel,
         settings: EngineSettings | None = None,
+        *,
+        registry_file: RegistryFile | None = None,
     ) -> None:
         self.options = options
         self.layout = options.layout
@@ -327,6 +331,7 @@ class JetStreamDetector:
             ),
             counters=self.counters,
             metrics=self.metrics,
+            registry_file=registry_file,
         )
         self.calibration = CalibrationWorker(
             options.model_dir, options.scorer, self.counters, self.metrics
@@ -707,6 +712,7 @@ class JetStreamDetector:
             if due.reload:
                 await self._sync_models()
                 async with self._lock:
+                    self.runner.reload_registry()
                     changed |= self.calibration.reload_routes(self.engine)
                     self.maybe_reload()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -764,7 +770,7 @@ def run_cli(
     model_dir: Path,
 ) -> int:
     """Serve until SIGTERM/SIGINT (the CLI's ``detect --engine jetstream``)."""
-    from factorywatch.detector.service import engine_settings  # noqa: PLC0415
+    from factorywatch.detector.service import engine_settings, registry_file  # noqa: PLC0415
 
     count = cluster.partition_count or DEFAULT_PARTITIONS
     servers = (
@@ -803,7 +809,8 @@ def run_cli(
         mqtt_endpoints=mqtt_endpoints,
         asset_config=detector.asset_config,
     )
-    settings = engine_settings(detector)
+    registry = registry_file(detector)
+    settings = engine_settings(detector, registry=registry)
     if not mqtt_endpoints:
         log.warning(
             "retained_state_off",
@@ -815,7 +822,7 @@ def run_cli(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        detector = JetStreamDetector(options, model, settings)
+        detector = JetStreamDetector(options, model, settings, registry_file=registry)
         running = asyncio.create_task(detector.run(stop))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)

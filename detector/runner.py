@@ -20,6 +20,13 @@ back the same way (``store_failed``).
 
 ``due(now)`` says which periodic work is due (drift check, model reload, heartbeat), each
 period from the settings; ``health`` and ``status`` are the same on every transport.
+
+The account registry (who may speak for which machine) is followed here, once for both
+transports: ``reload_registry`` (the shells call it on the reload cadence, beside the model
+reload) reads the registry file again when it changed, and ``handle`` does so before a batch
+holding a reading from a sender the registry in use does not know, so a machine added while
+the detector runs is scored from its first reading. The only I/O besides counting: one
+``stat`` of the file then (``RegistryFile``).
 """
 
 from __future__ import annotations
@@ -29,10 +36,17 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from factorywatch.contracts import AlertEvent, ClientStatus
-from factorywatch.detector.bookkeeping import Counters, log_events, report_drift, tally
+from factorywatch.detector.bookkeeping import (
+    Counters,
+    log_events,
+    reload_registry,
+    report_drift,
+    tally,
+)
 from factorywatch.detector.checkpoint import Restored
 from factorywatch.detector.engine import Engine, Inbound, Outcome, Publish
 from factorywatch.detector.metrics import Metrics
+from factorywatch.detector.registry import RegistryFile
 from factorywatch.detector.store import Changes
 
 #: a loop that has not turned for this long is unhealthy
@@ -147,11 +161,16 @@ class Runner:
         *,
         counters: Counters | None = None,
         metrics: Metrics | None = None,
+        registry_file: RegistryFile | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.counters = counters if counters is not None else Counters()
         self.metrics = metrics if metrics is not None else Metrics()
+        #: the account registry's file to follow (None: the engine's registry never changes)
+        self.registry_file = registry_file
+        root = engine.topics.root
+        self._sender_topics = (f"{root}/telemetry/", f"{root}/batch/")
         self._settled: list[Ticket] = []
         self._last_turn: float | None = None
         # When each periodic task is next due; None: at the first ``due``.
@@ -160,6 +179,8 @@ class Runner:
     # -- messages -------------------------------------------------------------------------------
     def handle(self, batch: Sequence[Inbound], now: float) -> Handled:
         """Score a batch (wall-clock ``now``); what to publish, each tied to its message."""
+        if self.registry_file is not None and self._stranger_in(batch):
+            self.reload_registry()  # an account added since the registry was read
         outcomes = self.engine.handle(batch, now)
         readings = tally(outcomes, self.counters, self.metrics)
         sends: list[Send] = []
@@ -179,6 +200,27 @@ class Runner:
                     for publish, msg_id in zip(publishes, _verdict_ids(outcome), strict=True)
                 ]
         return Handled(outcomes, sends, readings)
+
+    def _stranger_in(self, batch: Sequence[Inbound]) -> bool:
+        """Whether a reading or batch in ``batch`` comes from a login the registry in use
+        does not know (the topic's last level)."""
+        registry = self.engine.registry
+        if registry is None:
+            return False
+        senders, prefixes = registry.senders, self._sender_topics
+        return any(
+            m.topic.startswith(prefixes) and m.topic.rpartition("/")[2] not in senders
+            for m in batch
+        )
+
+    # -- the account registry -------------------------------------------------------------------
+    def reload_registry(self) -> bool:
+        """Read the registry file again if it changed (added, removed or moved machines,
+        gateways' and edge nodes' rights): the next batch is checked against it. False when
+        unchanged, not followed, or unreadable (the registry in use stays)."""
+        if self.registry_file is None:
+            return False
+        return reload_registry(self.engine, self.registry_file, self.counters)
 
     def settle(self, send: Send, ok: bool) -> None:
         """The transport confirmed (``ok``) or refused ``send``'s publish."""
@@ -292,6 +334,7 @@ class Runner:
     ) -> tuple[bool, dict[str, Any]]:
         """Healthy while connected and the loop turned within the last ``LOOP_STALE_S``."""
         age = 0.0 if self._last_turn is None else now - self._last_turn
+        registry = self.engine.registry
         detail = {
             "connected": connected,
             "loop_age_s": round(age, 3),
@@ -299,6 +342,8 @@ class Runner:
             "machines": self.engine.machine_count(),
             "models_per_route": len(self.engine.router.models()),
             "fitting": list(fitting),
+            "registry_machines": None if registry is None else len(registry.lines),
+            "registry_reloads": self.counters.registry_reloads,
             **extra,
         }
         return connected and age < LOOP_STALE_S, detail

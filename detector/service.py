@@ -9,7 +9,8 @@ acknowledged (``detector/transport.py``'s ``send``/``commit``).
 
 Between batches, when the runner says they are due: offline detection, model reload (the
 default ``current`` and every machine's and group's own, ``models/{machines,groups}/<name>/
-current``), drift check, heartbeat, every changed record and a full snapshot.
+current``) and account registry reload (``Runner.reload_registry``), drift check, heartbeat,
+every changed record and a full snapshot.
 
 Routes and live calibration: ``detector/calibration_worker.py`` (shared with the JetStream
 shell) binds promoted route models and fits full calibration windows on a worker thread;
@@ -43,7 +44,7 @@ from factorywatch.detector.ingest import StatefulIngest
 from factorywatch.detector.metrics import Metrics
 from factorywatch.detector.mqtt5_transport import Mqtt5Transport
 from factorywatch.detector.mqtt_transport import PahoTransport
-from factorywatch.detector.registry import Registry
+from factorywatch.detector.registry import Registry, RegistryFile
 from factorywatch.detector.runner import Due, Runner, RunnerSettings, Send
 from factorywatch.detector.transport import Driver, commit, send
 from factorywatch.model.artifact import LoadedModel
@@ -57,11 +58,23 @@ if TYPE_CHECKING:
 log = structlog.get_logger("detector")
 
 
-def engine_settings(
+def registry_file(
     settings: DetectorSettings, broker: BrokerSettings | None = None
-) -> EngineSettings:
-    """The engine's part of the detector's settings (the registry found via ``broker``)."""
+) -> RegistryFile | None:
+    """The account registry's file the detector follows: ``registry_file`` in the settings,
+    else ``<secrets dir>/registry.json`` (found via ``broker``); None: an open broker."""
     secrets_dir = broker.secrets_dir if broker is not None else None
+    return RegistryFile.locate(settings.registry_file, secrets_dir)
+
+
+def engine_settings(
+    settings: DetectorSettings,
+    broker: BrokerSettings | None = None,
+    registry: RegistryFile | None = None,
+) -> EngineSettings:
+    """The engine's part of the detector's settings, with the registry read from
+    ``registry`` (else the file ``registry_file`` finds via ``broker``)."""
+    source = registry if registry is not None else registry_file(settings, broker)
     return EngineSettings(
         policy=AlertPolicy(
             k=settings.alert_k,
@@ -77,7 +90,7 @@ def engine_settings(
         drift_window=settings.drift_window,
         drift_factor=settings.drift_factor,
         max_future_skew_s=settings.max_future_skew_s,
-        registry=Registry.locate(settings.registry_file, secrets_dir),
+        registry=source.read() if source is not None else None,
     )
 
 
@@ -169,7 +182,9 @@ class DetectorService:
         self.metrics = Metrics()
         self.metrics.set_model(model.version)
         self.stop = stop if stop is not None else threading.Event()
-        spb_settings = engine_settings(settings, broker)
+        #: the account registry's file, followed while running (``Runner.reload_registry``)
+        self.registry_file = registry_file(settings, broker)
+        spb_settings = engine_settings(settings, broker, self.registry_file)
         extra, spb_filters = sparkplug_ingests(settings, spb_settings.registry)
         for ingest in extra:
             self.metrics.watch_ingest(ingest)
@@ -184,7 +199,11 @@ class DetectorService:
             perf_clock=time.perf_counter,
         )
         self.runner = Runner(
-            self.engine, runner_settings(settings), counters=self.counters, metrics=self.metrics
+            self.engine,
+            runner_settings(settings),
+            counters=self.counters,
+            metrics=self.metrics,
+            registry_file=self.registry_file,
         )
         self.calibration = CalibrationWorker(
             model_dir, settings.scorer, self.counters, self.metrics
@@ -410,7 +429,9 @@ class DetectorService:
         self.runner.check_drift()
 
     def maybe_reload(self) -> bool:
-        """Swap in newly promoted models between batches (never mid-batch)."""
+        """Swap in newly promoted models and a changed account registry between batches
+        (never mid-batch)."""
+        self.runner.reload_registry()
         self.calibration.reload_routes(self.engine)
         return reload_model(
             self.engine, self.model_dir, self.settings.scorer, self.counters, self.metrics

@@ -412,6 +412,10 @@ class SparkplugIngest:
         self._authorize(topic)
         return self._decode(topic, message)
 
+    def set_registry(self, registry: Registry) -> None:
+        """Check edge nodes and devices against ``registry`` from the next message on."""
+        self.registry = registry
+
     def _authorize(self, topic: SparkplugTopic) -> None:
         """The registry decides who may speak for which edge node and device (refused:
         dead-lettered before any state is made, so it creates no machine)."""

@@ -135,7 +135,8 @@ def add_machine_hint(secrets_dir: Path, pid: int) -> str:
     """How to add a machine of one's own to the running demo (the broker reloads on HUP)."""
     return (
         f"add a machine: factorywatch broker add-user MACHINE --secrets-dir {secrets_dir}, "
-        f"then kill -HUP {pid} (this demo reloads the broker's users, restarts the detector)"
+        f"then kill -HUP {pid} (this demo reloads the broker's users; the detector follows "
+        "the registry and scores the machine from its first reading)"
     )
 
 
@@ -193,13 +194,11 @@ def _serve(
     *,
     stop: threading.Event,
     progress: Callable[[str], None],
-    restart_detector: Callable[[], None],
 ) -> None:
     """Until Ctrl-C or ``--duration``: reload on SIGHUP, stop if a role stops."""
     # SIGHUP, as for `broker serve`: the broker reads copies of the password file and an
     # ACL rendered from the registry, so `broker add-user` needs them rewritten first; the
-    # detector reads the registry (who may speak for which machine) at start, so it is
-    # restarted: its persistent session keeps what arrives meanwhile, its state dir the rest.
+    # detector follows the registry file itself (``Runner.reload_registry``): no restart.
     reload = threading.Event()
     signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
     announce_reload_pid(broker.workdir)  # `factorywatch web --broker-pid-file` signals it
@@ -212,8 +211,10 @@ def _serve(
         if reload.is_set():
             reload.clear()
             broker.reload()
-            restart_detector()
-            progress("broker reloaded its users and ACL; detector restarted with the registry")
+            progress(
+                "broker reloaded its users and ACL; the detector follows the registry "
+                "(a new machine is scored from its first reading)"
+            )
         for child in children:
             if not child.running():
                 raise FactorywatchError(
@@ -247,10 +248,6 @@ def run_demo(
         port_args = ["--port", str(broker.port), "--secrets-dir", str(secrets_dir)]
         detect_args = ["detect", "--train-if-missing", *_data_args(data), *port_args]
         children.append(_spawn(detect_args, workdir / "detector.log"))
-
-        def restart_detector() -> None:
-            children[0].terminate(30)  # SIGTERM: it drains, acks and snapshots first
-            children[0] = _spawn(detect_args, workdir / "detector.log")
 
         progress("detector starting (trains a model first if none exists)")
         sensors = _spawn(
@@ -294,7 +291,6 @@ def run_demo(
             children,
             stop=stop,
             progress=progress,
-            restart_detector=restart_detector,
         )
         viewer.disconnect()
         viewer.loop_stop()

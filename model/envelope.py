@@ -83,7 +83,9 @@ def outside_parts(
 def _values(columns: Columns, name: str) -> FloatArray:
     if name in columns:
         return np.asarray(columns[name], dtype=np.float64)
-    return DERIVED[name][0](columns)
+    # a derived quantity of two finite extremes may overflow to +-inf: outside, as it should be
+    with np.errstate(over="ignore"):
+        return DERIVED[name][0](columns)
 
 
 def watched(channels: Sequence[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the dataset, a trained model, real Mosquitto brokers, real processes."""
+"""Shared fixtures: the dataset, a trained model, real Mosquitto brokers, real processes; the
+small fixture model of the pure tests and the guard that keeps them pure."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,32 @@ import pytest
 from factorywatch.broker import LocalBroker, free_port
 from factorywatch.settings import BrokerSettings
 from tests.integration.opstack import Alertmanager, WebhookReceiver
-from tests.support import CLI, PROJECT_DIR, Collector, Proc, reference_file
+from tests.support import (
+    CLI,
+    PROJECT_DIR,
+    Collector,
+    Proc,
+    pure_test_guard,
+    reference_file,
+    train_small_model,
+)
+
+
+# A test in tests/unit or tests/property fails when it, or a fixture it asks for, reads the
+# AI4I dataset or starts a subprocess (tests.support.pure_test_guard). Setup and call only:
+# a session fixture of other tests may end (a subprocess) in the last pure test's teardown.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None]:
+    """Set the test up under the pure-test guard."""
+    with pure_test_guard(item):
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None]:
+    """Run the test under the pure-test guard."""
+    with pure_test_guard(item):
+        yield
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, test_data: DatasetChoice
             _train(directory, test_data)
             (shared / "models.trained").touch()
     return directory
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A promoted 25-tree model of 600 simulated AI4I-shaped readings, fitted in-process in
+    well under a second (``tests.support.train_small_model``): for the tests that need *a*
+    model as the detector loads it, not the AI4I figures. Tests only read it."""
+    return train_small_model(tmp_path_factory.mktemp("small") / "models")
 
 
 def _train(directory: Path, data: DatasetChoice) -> Path:

@@ -4,22 +4,25 @@ and the builders tests share (a typical reading, logins from a secrets folder)."
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import paho.mqtt.client as mqtt
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
@@ -50,8 +53,56 @@ def source_tree_build() -> Iterator[None]:
 DATASET_ENV = "FACTORYWATCH_TEST_DATASET_DIR"
 
 
+#: The pure tests: no dataset, no subprocess, no broker (`make test` runs them in phase 1).
+PURE_TEST_DIRS: Final = (PROJECT_DIR / "tests" / "unit", PROJECT_DIR / "tests" / "property")
+_running_pure_test: str | None = None  # the node id of the pure test running now, if any
+
+
+def _pure_test_may_not(what: str) -> NoReturn:
+    pytest.fail(
+        f"{_running_pure_test} is a pure test (tests/unit, tests/property) and {what}. Use "
+        "the small_model_dir fixture (a small model fitted in-process) or a CSV written to "
+        "tmp_path, call the CLI with cli_in_process, or move the test to tests/integration.",
+        pytrace=False,
+    )
+
+
+def _refuse_subprocesses(event: str, args: tuple[Any, ...]) -> None:
+    if event == "subprocess.Popen" and _running_pure_test is not None:
+        _pure_test_may_not(f"started a subprocess ({args[1]!r})")
+
+
+@contextmanager
+def pure_test_guard(item: pytest.Item) -> Iterator[None]:
+    """Around one test's setup (its fixtures' included) and call: a test under
+    ``PURE_TEST_DIRS`` that reaches for the AI4I dataset (``reference_data_dir``, hence the
+    ``test_data`` and ``model_dir`` fixtures) or starts a subprocess fails, saying so."""
+    global _running_pure_test  # noqa: PLW0603 - one test runs at a time in a process
+    if not any(item.path.is_relative_to(d) for d in PURE_TEST_DIRS):
+        yield
+        return
+    _install_subprocess_audit()
+    _running_pure_test = item.nodeid
+    try:
+        yield
+    finally:
+        _running_pure_test = None
+
+
+_audit_installed = False
+
+
+def _install_subprocess_audit() -> None:
+    global _audit_installed  # noqa: PLW0603 - an audit hook cannot be removed: add it once
+    if not _audit_installed:
+        sys.addaudithook(_refuse_subprocesses)
+        _audit_installed = True
+
+
 def reference_data_dir() -> Path:
     """Where the real AI4I files are: ``$FACTORYWATCH_TEST_DATASET_DIR`` or ``../shared/data``."""
+    if _running_pure_test is not None:
+        _pure_test_may_not("reached for the AI4I dataset")
     given = os.environ.get(DATASET_ENV)
     # Absolute: tests hand the path to processes that run in other directories.
     return (Path(given) if given else PROJECT_DIR.parent / "shared" / "data").resolve()
@@ -124,6 +175,80 @@ def run_cli(
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd
     )
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """What an in-process ``factorywatch`` command returned and printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(*args: str) -> CliRun:
+    """Run ``factorywatch ARGS`` through ``cli.main`` in this process, its stdout and stderr
+    captured; structlog's defaults are put back afterwards (main() configures it for the
+    process, pointing it at the captured stderr).
+
+    For a test of what a command does and says; ``run_cli`` (a real process) for one of how
+    the process behaves (its logging setup, signals, exit)."""
+    from factorywatch.cli import main  # noqa: PLC0415 - the CLI's imports are heavy
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse: a usage error, or --help
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        structlog.reset_defaults()
+    return CliRun(code, out.getvalue(), err.getvalue())
+
+
+#: The small fixture model: AI4I-shaped readings of simulated machines, a few trees.
+SMALL_MODEL_MACHINES: Final = 40
+SMALL_MODEL_READINGS: Final = 15  # kept per machine: 600 rows
+SMALL_MODEL_STRIDE: Final = 10  # one reading kept in ten: the tool wears through its cycle
+SMALL_MODEL_TREES: Final = 25
+
+
+def small_ai4i_csv(path: Path) -> Path:
+    """Write 600 normal readings of 40 simulated machines in the AI4I (UCI) layout, as
+    `factorywatch history export` writes them (every label 0); deterministic."""
+    from factorywatch.history import write_ai4i_csv  # noqa: PLC0415
+
+    rows = []
+    for i in range(SMALL_MODEL_MACHINES):
+        sim = MachineSimulator(f"sim-{i}", "line1", seed=i)
+        for step in range(SMALL_MODEL_READINGS * SMALL_MODEL_STRIDE):
+            r = sim.next(1_700_000_000.0 + step)
+            if step % SMALL_MODEL_STRIDE == SMALL_MODEL_STRIDE - 1:
+                product = r.attributes["product_type"]
+                rows.append({"seq": r.seq, "product_type": product, "readings": r.readings})
+    with path.open("w", newline="") as out:
+        write_ai4i_csv(rows, out)
+    return path
+
+
+def train_small_model(model_dir: Path, *, feature_set: str | None = None) -> Path:
+    """Fit, save and promote a 25-tree model on ``small_ai4i_csv`` (what `factorywatch train
+    --csv FILE --trees 25` does, in-process, in well under a second); return ``model_dir``.
+
+    For tests that need *a* model the detector loads; a test of the AI4I figures trains on
+    the real dataset in tests/integration."""
+    from factorywatch.model import artifact, dataset, train  # noqa: PLC0415
+    from factorywatch.model.features import DEFAULT_FEATURE_SET  # noqa: PLC0415
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    data = dataset.load(small_ai4i_csv(model_dir.parent / f"{model_dir.name}.csv"), verify=False)
+    forest, card = train.fit(
+        data, feature_set=feature_set or DEFAULT_FEATURE_SET, n_estimators=SMALL_MODEL_TREES
+    )
+    artifact.save(model_dir, forest, card)
+    artifact.promote(model_dir, card.version)
+    return model_dir
 
 
 def reading(

@@ -10,7 +10,10 @@ Accounts are an admin's (an operator named in ``FACTORYWATCH_WEB_ADMINS``) and o
 the view may write the secrets folder (in Compose it is mounted read-only: the page says
 so and shows the command). After a change the broker must re-read its files: the view
 sends SIGHUP to the process in ``--broker-pid-file`` (``broker serve`` and ``demo`` write
-one), or shows the command to run. Promoting and rolling back are operators'.
+one), or shows the command to run. A running detector follows the registry itself
+(``Runner.reload_registry``): the answer says when it acts on the change, and each machine's
+row says whether the detector has answered for it yet (``scored``: the time of its latest
+scored reading, from the live feed). Promoting and rolling back are operators'.
 """
 
 from __future__ import annotations
@@ -47,10 +50,22 @@ log = structlog.get_logger("factorywatch.web")
 # What an admin may create from the view; detector shards and monitor accounts are a
 # deployment's, made with the CLI.
 UI_ROLES: Final = ("machine", "gateway", "edge-node", "viewer", "operator")
-# The detector reads the registry (who may speak for which machine) when it starts.
-DETECTOR_NOTE: Final = (
-    "A detector started with --secrets-dir reads the registry at start: restart it so it "
-    "accepts this account's readings (make demo restarts its own on the reload)."
+# When a running detector (started with --secrets-dir) acts on a change of the registry (who
+# may speak for which machine): ``detector/runner.py``'s ``reload_registry``, no restart.
+DETECTOR_NOTES: Final = {
+    "machine": "The detector re-reads the registry at the first reading from a login it does "
+    "not know: this machine is scored from its first reading, no restart (the Scored column "
+    "shows its first verdict).",
+    "gateway": "The detector re-reads the registry at the first batch from a login it does "
+    "not know: this gateway's machines are scored from its first batch, no restart.",
+    "edge-node": "The detector re-reads the registry on its reload cadence (every 5 s unless "
+    "FACTORYWATCH_DETECTOR_RELOAD_INTERVAL_S says otherwise): this edge node's devices are "
+    "scored from then on, no restart.",
+}
+REMOVED_NOTE: Final = (
+    "The detector re-reads the registry on its reload cadence (every 5 s unless "
+    "FACTORYWATCH_DETECTOR_RELOAD_INTERVAL_S says otherwise): from then on its readings are "
+    "dead-lettered (unknown_machine, 'removed from the registry'), no restart."
 )
 MAX_VERSIONS: Final = 50  # newest first; older ones stay reachable with `models list`
 MAX_LOG: Final = 20
@@ -79,6 +94,7 @@ def list_accounts(ctx: WebContext) -> list[dict[str, Any]]:
     protected = _protected(registry)
     names = users | set(registry.machines) | set(registry.gateways) | set(registry.edge_nodes)
     names |= set(registry.services) | set(registry.detectors)
+    live = ctx.hub.model.machines
     rows = []
     for name in sorted(names):
         role: str | None = registry.role_of(name)
@@ -92,6 +108,11 @@ def list_accounts(ctx: WebContext) -> list[dict[str, Any]]:
             line, machines = registry.edge_nodes[name].line, registry.edge_nodes[name].devices
         if role is None:
             role = name if name in SERVICE_USERS else "account"
+        scored: float | bool | None = None  # not a machine
+        if name in registry.machines:
+            seen = live.get(f"{line}/{name}")
+            # the time of the latest reading the detector gave a verdict for; False: none yet
+            scored = seen.last_seen or False if seen is not None else False
         rows.append(
             {
                 "name": name,
@@ -101,6 +122,7 @@ def list_accounts(ctx: WebContext) -> list[dict[str, Any]]:
                 "web_role": ctx.accounts.role_of(name),
                 "login": name in users,
                 "protected": name in protected,
+                "scored": scored,
             }
         )
     return rows
@@ -197,8 +219,9 @@ async def add_account(request: Request) -> Response:
             return _error(400, str(exc).splitlines()[0])
         reloaded = await _reload(ctx)
     log.info("web_account_added", account=made.user, role=made.role, by=who["user"])
-    if made.role in ("machine", "gateway", "edge-node"):
-        reloaded["message"] += f" {DETECTOR_NOTE}"
+    note = DETECTOR_NOTES.get(made.role)
+    if note is not None:
+        reloaded["message"] += f" {note}"
     return JSONResponse(
         {"account": made.user, "what": made.what, "password": made.password, **reloaded},
         headers={"Cache-Control": "no-store"},
@@ -218,11 +241,15 @@ async def remove_account(request: Request) -> Response:
             if name in _protected(registry) or name == who["user"]:
                 what = "your own account" if name == who["user"] else "a service account"
                 return _error(400, f"{name!r} is {what}: not removed from the view")
+            speaks = name in registry.machines or name in registry.gateways
+            speaks = speaks or name in registry.edge_nodes
             await asyncio.to_thread(remove_user, ctx.secrets_dir, name)
         except (ValueError, FactorywatchError) as exc:
             return _error(400, str(exc).splitlines()[0])
         ended = ctx.sessions.revoke_user(name)
         reloaded = await _reload(ctx)
+    if speaks:
+        reloaded["message"] += f" {REMOVED_NOTE}"
     log.info("web_account_removed", account=name, by=who["user"], sessions_ended=ended)
     return JSONResponse({"account": name, "sessions_ended": ended, **reloaded})
 

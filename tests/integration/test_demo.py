@@ -95,7 +95,7 @@ def test_demo_lines_hint_and_model_switch(
         )
         assert added.returncode == 0, added.stderr
         demo.send_signal(signal.SIGHUP)
-        _wait_output(log, "detector restarted with the registry", demo, timeout=60)
+        _wait_output(log, "the detector follows the registry", demo, timeout=60)
         login = ["--port", str(port), "--secrets-dir", secrets]
         sent = subprocess.run(
             [*CLI, "sensor", "--machine-id", "pump-1", "--count", "3", "--rate", "5", *login],

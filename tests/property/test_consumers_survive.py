@@ -101,9 +101,9 @@ def test_every_consumers_decoder_refuses_or_accepts_within_bounds(data: bytes) -
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir: Path) -> Engine:
+def engine(small_model_dir: Path) -> Engine:
     """One engine (JSON and Sparkplug ingests) for every example: state accumulates."""
-    model: LoadedModel = artifact.load(model_dir)
+    model: LoadedModel = artifact.load(small_model_dir)
     ingest = SparkplugIngest(SparkplugSettings(reorder_timeout_s=1.0, rebirth_backoff_s=0.0))
     return Engine(model, TOPICS, extra_ingests=[ingest])
 

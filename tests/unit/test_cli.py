@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import pytest
 import structlog
 
 from factorywatch.cli import build_parser, main
-from tests.support import CLI
 
 SUBCOMMANDS = ["train", "evaluate", "models", "detect", "sensor", "replay", "watch", "demo"]
 
@@ -52,21 +50,6 @@ def test_bad_machine_id_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> 
     """An id with a topic wildcard is refused before anything connects."""
     assert main(["sensor", "--machine-id", "bad/id", "--count", "1", "--port", "1"]) == 2
     assert "invalid machine id" in capsys.readouterr().err
-
-
-def test_an_error_is_printed_once(tmp_path: Path) -> None:
-    """A failing command prints one `error:` line and no log event repeating it."""
-    done = subprocess.run(
-        [*CLI, "--log-format", "json", "train", "--csv", str(tmp_path / "nope.csv")],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-    assert done.returncode == 2
-    mentions = [ln for ln in done.stderr.splitlines() if "nope.csv" in ln]
-    assert len(mentions) == 1, done.stderr
-    assert mentions[0].startswith("error: ")
 
 
 def test_evaluate_writes_under_run_unless_asked_for_reports() -> None:

@@ -25,9 +25,9 @@ ANOMALOUS = {**NORMAL, "torque_nm": 400.0}
 
 
 @pytest.fixture(scope="module")
-def model(model_dir: Path) -> LoadedModel:
-    """The test session's model, as the detector loads it."""
-    return artifact.load(model_dir)
+def model(small_model_dir: Path) -> LoadedModel:
+    """The small fixture model, as the detector loads it."""
+    return artifact.load(small_model_dir)
 
 
 class Harness:
@@ -237,14 +237,14 @@ Make = Callable[[], Harness]
 
 
 @pytest.fixture
-def make(model_dir: Path, model: LoadedModel, tmp_path: Path) -> Iterator[Make]:
+def make(small_model_dir: Path, model: LoadedModel, tmp_path: Path) -> Iterator[Make]:
     """Shells on one state directory; each one not stopped is "killed" at teardown."""
     made: list[Harness] = []
 
     def build() -> Harness:
         for previous in made:
             previous.crash()
-        made.append(Harness(model_dir, model, tmp_path))
+        made.append(Harness(small_model_dir, model, tmp_path))
         return made[-1]
 
     yield build

@@ -29,9 +29,9 @@ T0 = 1_800_000_000.0
 
 
 @pytest.fixture(scope="module")
-def model(model_dir: Path) -> LoadedModel:
-    """The test session's model, as the detector loads it."""
-    return artifact.load(model_dir)
+def model(small_model_dir: Path) -> LoadedModel:
+    """The small fixture model, as the detector loads it."""
+    return artifact.load(small_model_dir)
 
 
 class LeakyIngest:
@@ -83,7 +83,11 @@ class Shell:
         settings = DetectorSettings(client_id="det-poison", state_dir=state_dir, metrics_port=0)
         self.transport = MemoryTransport()
         self.service = DetectorService(
-            settings, BrokerSettings(topic_root=ROOT), model_dir, model, transport=self.transport
+            settings,
+            BrokerSettings(topic_root=ROOT),
+            model_dir,
+            model,
+            transport=self.transport,
         )
         self.service.start()
 
@@ -96,7 +100,7 @@ class Shell:
 
 
 @pytest.fixture
-def shells(model_dir: Path, model: LoadedModel, tmp_path: Path) -> Iterator[list[Shell]]:
+def shells(small_model_dir: Path, model: LoadedModel, tmp_path: Path) -> Iterator[list[Shell]]:
     """Detector shells on one state directory (each new one after the last "crashed")."""
     made: list[Shell] = []
     yield made
@@ -106,21 +110,21 @@ def shells(model_dir: Path, model: LoadedModel, tmp_path: Path) -> Iterator[list
 
 @pytest.mark.parametrize("seq", [2**63, 2**70])
 def test_a_huge_seq_is_dead_lettered_acknowledged_and_survives_a_restart(
-    model_dir: Path, model: LoadedModel, tmp_path: Path, shells: list[Shell], seq: int
+    small_model_dir: Path, model: LoadedModel, tmp_path: Path, shells: list[Shell], seq: int
 ) -> None:
     """The #25 crash loop: a 2**70 seq is dead-lettered and acknowledged, the checkpoint is
     written, and a restarted detector on the same state scores the next reading."""
     import time  # noqa: PLC0415 - readings must be near the detector's clock
 
     now = time.time()
-    shells.append(Shell(model_dir, model, tmp_path))
+    shells.append(Shell(small_model_dir, model, tmp_path))
     data = json.loads(reading("m1", 1, ts=now).encode())
     token = shells[0].deliver(json.dumps({**data, "seq": seq}).encode())
     assert token in shells[0].transport.acked
     letters = [p for p in shells[0].transport.published if "/deadletter/" in p.topic]
     assert [DeadLetter.model_validate_json(p.payload).reason for p in letters] == ["schema"]
     shells[0].service.checkpoint.close()
-    shells.append(Shell(model_dir, model, tmp_path))
+    shells.append(Shell(small_model_dir, model, tmp_path))
     token = shells[1].deliver(reading("m1", 2, ts=now).encode())
     assert token in shells[1].transport.acked
     assert any(p.topic.endswith("/m1/verdict") for p in shells[1].transport.published)

@@ -92,12 +92,12 @@ def _in(message: tuple[str, bytes]) -> Inbound:
 
 
 def test_historical_readings_are_marked_scored_in_order_and_never_raise_alerts(
-    model_dir: Path,
+    small_model_dir: Path,
 ) -> None:
     """Replayed is_historical readings get verdicts marked historical, in order, ALERT when
     anomalous, but raise no live alert; live anomalies then do; live verdicts carry no
     historical field at all (older consumers read them unchanged)."""
-    engine = _engine(model_dir)
+    engine = _engine(small_model_dir)
     edge = SpecEdgeNode("plant1", "edge1")
     engine.handle([_in(edge.nbirth(MS)), _in(edge.dbirth("mill", TYPICAL, "L", MS))], T0)
     replay = [
@@ -119,10 +119,10 @@ def test_historical_readings_are_marked_scored_in_order_and_never_raise_alerts(
     assert Verdict.model_validate_json(payload).historical is None
 
 
-def test_a_historical_reading_of_a_calibrating_machine_is_marked_too(model_dir: Path) -> None:
+def test_a_historical_reading_of_a_calibrating_machine_is_marked_too(small_model_dir: Path) -> None:
     """A machine still calibrating its own model: a replayed reading fills the window like any
     other (it is real data of the machine) and its CALIBRATING verdict says historical."""
-    model = artifact.load(model_dir)
+    model = artifact.load(small_model_dir)
     spec = CalibrateSpec(readings=60, family="pca", machines=["edge1.*"])
     ingest = SparkplugIngest(SparkplugSettings(reorder_timeout_s=1.0, rebirth_backoff_s=0.0))
     engine = Engine(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -150,46 +148,3 @@ def test_asset_config_errors_name_the_problem(tmp_path: Path) -> None:
     good.write_text('{"groups": {"pumps": ["pump-*"]}, "calibrate": {"readings": 50}}')
     asset = load_asset(good, need_channels=False)
     assert asset.group_specs()["pumps"].matches("pump-3", "line9")
-
-
-def test_detector_image_calibrates_pca_and_refuses_iforest_without_training_libraries(
-    tmp_path: Path,
-) -> None:
-    """Without scikit-learn, pandas and pyyaml (the detector image): a JSON asset config is
-    read, a PCA window is fitted and saved, and an iforest calibration stops start-up with
-    what to do."""
-    config = tmp_path / "assets.json"
-    config.write_text('{"calibrate": {"readings": 60, "family": "pca", "default": true}}')
-    code = f"""
-import sys
-for m in ('pandas', 'sklearn', 'matplotlib', 'kagglehub', 'yaml'): sys.modules[m] = None
-from pathlib import Path
-import numpy as np
-from factorywatch.detector import calibrating
-from factorywatch.errors import FactorywatchError
-from factorywatch.model import artifact
-from factorywatch.model.asset import CalibrateSpec, load_asset
-asset = load_asset(Path({str(config)!r}), need_channels=False)
-calibrating.check_fittable(asset.calibrate)
-rng = np.random.default_rng(0)
-rows = tuple(tuple(float(v) for v in rng.normal(size=2)) for _ in range(60))
-request = calibrating.FitRequest("m1", "l1", ("a", "b"), rows, asset.calibrate)
-trained = calibrating.fit(request)
-folder = artifact.route_dir(Path({str(tmp_path)!r}), "machine", "m1")
-artifact.save_generic(folder, trained.scorer, trained.card)
-artifact.promote(folder, trained.card.version)
-try:
-    calibrating.check_fittable(CalibrateSpec(readings=60))
-except FactorywatchError as exc:
-    print("refused:", exc)
-print("fitted", trained.card.scorer_family, trained.card.data.rows)
-"""
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "refused: calibrate.family is iforest, which needs scikit-learn" in done.stdout
-    assert done.stdout.strip().endswith("fitted pca 60")
-    assert artifact.routed_versions(tmp_path) == {
-        ("machine", "m1"): artifact.current_version(tmp_path / "machines" / "m1")
-    }

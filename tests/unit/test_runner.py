@@ -34,9 +34,9 @@ NORMAL_TORQUE = TYPICAL["torque_nm"]
 
 
 @pytest.fixture(scope="module")
-def model(model_dir: Path) -> LoadedModel:
-    """The test session's model."""
-    return artifact.load(model_dir)
+def model(small_model_dir: Path) -> LoadedModel:
+    """The small fixture model."""
+    return artifact.load(small_model_dir)
 
 
 class MemoryStore:

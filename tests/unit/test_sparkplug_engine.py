@@ -35,10 +35,10 @@ def edge() -> TahuEdgeNode:
 
 
 def test_births_and_data_become_verdicts_json_still_works(
-    model_dir: Path, edge: TahuEdgeNode
+    small_model_dir: Path, edge: TahuEdgeNode
 ) -> None:
     """A DBIRTH and a DDATA are scored like JSON readings, on the device's verdict topic."""
-    engine = _engine(model_dir)
+    engine = _engine(small_model_dir)
     sim = MachineSimulator("m", "l", seed=1)
     json_reading = MachineSimulator("json-1", "line1", seed=2).next(T0)  # received at T0
     batch = [
@@ -59,10 +59,10 @@ def test_births_and_data_become_verdicts_json_still_works(
 
 
 def test_death_is_an_offline_event_after_the_readings_before_it(
-    model_dir: Path, edge: TahuEdgeNode
+    small_model_dir: Path, edge: TahuEdgeNode
 ) -> None:
     """DDEATH in the same batch as data: the data is scored, then MACHINE_OFFLINE (ddeath)."""
-    engine = _engine(model_dir)
+    engine = _engine(small_model_dir)
     sim = MachineSimulator("m", "l", seed=1)
     engine.handle([_in(edge.nbirth(MS)), _in(edge.dbirth("mill", sim.next(T0), MS))], T0)
     data, death = _in(edge.reading_data("mill", sim.next(T0), MS + 1)), _in(edge.ddeath("mill", 2))
@@ -75,10 +75,10 @@ def test_death_is_an_offline_event_after_the_readings_before_it(
 
 
 def test_rebirth_requests_are_published_by_the_message_or_the_tick(
-    model_dir: Path, edge: TahuEdgeNode
+    small_model_dir: Path, edge: TahuEdgeNode
 ) -> None:
     """Data before birth: dead letter + NCMD in its outcome; an unfilled gap: NCMD at tick."""
-    engine = _engine(model_dir)
+    engine = _engine(small_model_dir)
     sim = MachineSimulator("m", "l", seed=1)
     edge.aliases["mill/Torque [Nm]"] = 4
     (early,) = engine.handle([_in(edge.ddata("mill", {"torque_nm": 1.0}, MS))], T0)
@@ -95,14 +95,14 @@ def test_rebirth_requests_are_published_by_the_message_or_the_tick(
     assert [p.topic for p in publishes if "NCMD" in p.topic] == ["spBv1.0/plant1/NCMD/edge1"]
 
 
-def test_snapshot_carries_the_sparkplug_state(model_dir: Path, edge: TahuEdgeNode) -> None:
+def test_snapshot_carries_the_sparkplug_state(small_model_dir: Path, edge: TahuEdgeNode) -> None:
     """A restored engine continues the edge node's stream (no rebirth, same reading)."""
-    engine = _engine(model_dir)
+    engine = _engine(small_model_dir)
     sim = MachineSimulator("m", "l", seed=1)
     engine.handle([_in(edge.nbirth(MS)), _in(edge.dbirth("mill", sim.next(T0), MS))], T0)
     snapshot = json.loads(json.dumps(engine.snapshot()))
     assert "plant1/edge1" in snapshot["ingests"]["sparkplug"]["nodes"]
-    copy = _engine(model_dir)
+    copy = _engine(small_model_dir)
     copy.restore(snapshot)
     message = _in(edge.ddata("mill", {"torque_nm": 33.0}, MS + 1))
     (a,) = engine.handle([message], T0)
@@ -112,11 +112,11 @@ def test_snapshot_carries_the_sparkplug_state(model_dir: Path, edge: TahuEdgeNod
 
 
 def test_a_quiet_sparkplug_device_is_not_offline_by_silence(
-    model_dir: Path, edge: TahuEdgeNode
+    small_model_dir: Path, edge: TahuEdgeNode
 ) -> None:
     """Report by exception: 120 s without data leave a living Sparkplug device as it was,
     while a JSON sensor silent as long goes OFFLINE (reason silence)."""
-    engine = _engine(model_dir)
+    engine = _engine(small_model_dir)
     sim = MachineSimulator("m", "l", seed=1)
     json_reading = MachineSimulator("json-1", "line1", seed=2).next(T0)  # received at T0
     engine.handle(

@@ -1,8 +1,8 @@
-"""Point-wise evaluation figures (model.streams) and the evaluate --csv command's errors."""
+"""Point-wise evaluation figures (model.streams) and the evaluate --csv command's errors (the
+command run in-process)."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from factorywatch.model.streams import (
     load_labelled_runs,
     rates,
 )
-from tests.support import CLI, PROJECT_DIR
+from tests.support import cli_in_process
 
 
 def test_events_are_maximal_runs_of_ones() -> None:
@@ -52,33 +52,26 @@ def test_delay_is_rows_to_the_first_alert_or_missed() -> None:
     assert event_delays(labels, flagged) == [2, None]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real factorywatch command (a subprocess: its logging is its own)."""
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, cwd=PROJECT_DIR, check=False, timeout=120
-    )
-
-
 def test_evaluate_csv_needs_labels_and_a_training_part(tmp_path: Path) -> None:
     """Without --label-column or a training part, evaluate --csv says what is missing."""
     csv = tmp_path / "run.csv"
     csv.write_text("a,b,anomaly\n1,2,0\n")
-    done = run_cli("evaluate", "--csv", str(csv), "--train-rows", "5")
+    done = cli_in_process("evaluate", "--csv", str(csv), "--train-rows", "5")
     assert done.returncode == 2
     assert "--label-column" in done.stderr
-    done = run_cli("evaluate", "--csv", str(csv), "--label-column", "anomaly")
+    done = cli_in_process("evaluate", "--csv", str(csv), "--label-column", "anomaly")
     assert done.returncode == 2
     assert "--train-rows" in done.stderr
 
 
 def test_train_csv_errors_are_clear(tmp_path: Path) -> None:
     """A missing file or too few training rows end with a message and exit code 2."""
-    done = run_cli("train", "--csv", str(tmp_path / "nope.csv"))
+    done = cli_in_process("train", "--csv", str(tmp_path / "nope.csv"))
     assert done.returncode == 2
     assert "nope.csv is not a file" in done.stderr
     csv = tmp_path / "short.csv"
     csv.write_text("a;b\n" + "".join(f"{i};{i * 2 % 7}\n" for i in range(20)))
-    done = run_cli("train", "--csv", str(csv), "--model-dir", str(tmp_path / "m"))
+    done = cli_in_process("train", "--csv", str(csv), "--model-dir", str(tmp_path / "m"))
     assert done.returncode == 2
     assert "too few" in done.stderr
 
@@ -115,7 +108,7 @@ def test_a_folder_of_runs_is_read_with_its_subfolders_and_names_runs_by_path(
         load_labelled_runs(root / "anomaly-free" / "anomaly-free.csv", label_column="anomaly")
     with pytest.raises(DatasetError, match="has the label column"):
         load_labelled_runs(root / "anomaly-free", label_column="anomaly")
-    done = run_cli(
+    done = cli_in_process(
         "evaluate", "--csv", str(root), "--label-column", "anomaly",
         "--time-column", "datetime", "--train-rows", "60", "--trees", "20",
         "--out", str(tmp_path / "reports"),

@@ -133,10 +133,10 @@ def test_any_sequence_of_changes_stays_between_the_card_and_the_ceiling(
 
 # -- through the engine ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def touchy(model_dir: Path) -> LoadedModel:
-    """The session's model with its threshold just below a typical reading's score, so a
+def touchy(small_model_dir: Path) -> LoadedModel:
+    """The small fixture model with its threshold just below a typical reading's score, so a
     typical reading is an ALERT: a false alarm by construction."""
-    model = artifact.load(model_dir)
+    model = artifact.load(small_model_dir)
     probe = Engine(model, TOPICS)
     (outcome,) = probe.handle([telemetry("probe", 1)], T0)
     score = outcome.verdicts[0].score

@@ -21,7 +21,7 @@ TOPICS = Topics("unscorable")
 
 
 def test_readings_of_other_channels_are_reported_once_in_the_log_and_health(
-    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    small_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Readings lacking the model's channels give one error event and a /healthz entry, not
     only dead letters; readings the model can score give neither."""
@@ -29,8 +29,8 @@ def test_readings_of_other_channels_are_reported_once_in_the_log_and_health(
     service = DetectorService(
         DetectorSettings(client_id="det-unscorable", state_dir=tmp_path, metrics_port=0),
         BrokerSettings(topic_root="unscorable"),
-        model_dir,
-        artifact.load(model_dir),
+        small_model_dir,
+        artifact.load(small_model_dir),
         transport=transport,
     )
     # JSON lines on stderr whether or not an earlier test cached the module's logger

@@ -379,8 +379,13 @@ const FW = (() => {
       document.querySelector("#accounts tbody").innerHTML = data.accounts.map((a) => `<tr data-account="${esc(a.name)}">
         <td><b>${esc(a.name)}</b>${a.login ? "" : ' <span class="muted">(no login)</span>'}</td><td class="role">${esc(a.role)}</td><td>${esc(a.line || "–")}</td>
         <td>${esc((a.machines || []).join(", ") || "–")}</td><td>${esc(a.web_role || "–")}</td>
+        <td class="scored">${a.scored === null ? "–" : a.scored ? `yes, last reading ${esc(time(a.scored))}` : '<span class="muted">no verdict yet</span>'}</td>
         <td class="actions">${a.protected || a.name === me.user || data.read_only ? "" : `<button class="danger remove-account" data-account="${esc(a.name)}">Remove</button>`}</td></tr>`).join("");
+      // a machine with no verdict yet: look again until the detector has scored it
+      clearTimeout(again);
+      if (data.accounts.some((a) => a.scored === false)) again = setTimeout(load, 3000);
     };
+    let again;
     document.getElementById("add-account").addEventListener("submit", async (e) => {
       e.preventDefault();
       const button = document.getElementById("add-submit");

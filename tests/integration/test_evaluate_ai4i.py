@@ -1,4 +1,5 @@
-"""Unit tests of the evaluation protocol on the real AI4I data, in both CSV layouts."""
+"""The evaluation protocol on the real AI4I data, in both CSV layouts: the ROC-AUC and PR-AUC
+targets hold. A check of the real dataset, so it runs with the integration tests."""
 
 from __future__ import annotations
 
