@@ -29,9 +29,9 @@ TS = 1_700_000_000.0
 
 
 @pytest.fixture(scope="module")
-def model(model_dir: Path) -> LoadedModel:
+def model(small_model_dir: Path) -> LoadedModel:
     """The test session's model."""
-    return artifact.load(model_dir)
+    return artifact.load(small_model_dir)
 
 
 def start(model: LoadedModel, path: Path, accounts: AccountRegistry) -> Runner:
