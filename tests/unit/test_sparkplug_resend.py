@@ -54,11 +54,11 @@ def _sims() -> dict[str, MachineSimulator]:
 
 
 def test_a_reading_scored_then_sent_again_after_a_new_birth_is_answered_not_rescored(
-    model_dir: Path,
+    small_model_dir: Path,
 ) -> None:
     """A DDATA scored in session 1 and sent again (other Sparkplug seq, after a new NBIRTH
     with another bdSeq) is a duplicate: no second verdict, the first one's bytes again."""
-    engine, sims = _engine(model_dir), _sims()
+    engine, sims = _engine(small_model_dir), _sims()
     edge, births = _session(1, sims, MS)
     reading = sims["m1"].next(T0 + 1)
     data = edge.data("m1", reading, MS + 1000)
@@ -80,10 +80,10 @@ def test_a_reading_scored_then_sent_again_after_a_new_birth_is_answered_not_resc
     assert not later[-1].rejected
 
 
-def test_a_reading_lost_in_session_1_is_scored_once_in_session_2(model_dir: Path) -> None:
+def test_a_reading_lost_in_session_1_is_scored_once_in_session_2(small_model_dir: Path) -> None:
     """A reading the detector never saw, sent again as DDATA of a later session, gets one
     verdict carrying its own seq; sent once more, it is answered with that verdict."""
-    engine, sims = _engine(model_dir), _sims()
+    engine, sims = _engine(small_model_dir), _sims()
     edge, births = _session(1, sims, MS)
     reading = sims["m2"].next(T0 + 1)
     lost = edge.data("m2", reading, MS + 1000)
