@@ -41,9 +41,10 @@ from bench.harness import bench_env, find_dataset, train
 from bench.report import write_files
 from bench.system import proc_cpu_s
 from factorywatch.broker import LocalBroker
-from factorywatch.cluster import ClusterLayout, LocalNatsCluster, MqttDevice, assign
+from factorywatch.cluster import LocalNatsCluster, MqttDevice
 from factorywatch.contracts import Verdict
 from factorywatch.detector.jetstream import connect, provision
+from factorywatch.partitions import ClusterLayout, assign
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
 

@@ -33,36 +33,13 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 from factorywatch.detector.state import CalibrationRow, MachineRecord, decode, encode
-
-if TYPE_CHECKING:
-    from factorywatch.detector.store import Changes
+from factorywatch.detector.store import Changes, Restored
 
 CHECKPOINT_VERSION: Final = 1
-
-
-@dataclass
-class Restored:
-    """What a checkpoint held: the snapshot, records written since, and answered ids."""
-
-    snapshot: dict[str, Any] | None = None
-    records: list[dict[str, Any]] = field(default_factory=list)
-    answered: list[tuple[str, int]] = field(default_factory=list)
-    #: calibration rows journaled after their machine's newest record, in order
-    rows: list[CalibrationRow] = field(default_factory=list)
-    #: ingest name -> key -> the newest journaled part
-    ingest: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def empty(self) -> bool:
-        """True when there was nothing to restore."""
-        return self.snapshot is None and not (
-            self.records or self.answered or self.ingest or self.rows
-        )
 
 
 class FileCheckpoint:

@@ -65,13 +65,6 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from factorywatch.cluster import (
-    DEFAULT_PARTITIONS,
-    ClusterLayout,
-    env_servers,
-    partition_of,
-    partitions_arg,
-)
 from factorywatch.detector.bookkeeping import (
     Counters,
     reload_model,
@@ -91,7 +84,8 @@ from factorywatch.detector.store import KvStore
 from factorywatch.detector.transport import acommit, asend
 from factorywatch.errors import BrokerError
 from factorywatch.model.artifact import LoadedModel, ScorerKind
-from factorywatch.settings import DetectorSettings
+from factorywatch.partitions import DEFAULT_PARTITIONS, ClusterLayout, partition_of, partitions_arg
+from factorywatch.settings import DetectorSettings, env_servers
 from factorywatch.topics import Topics
 
 log = structlog.get_logger("detector.jetstream")

@@ -37,7 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from factorywatch.cluster import LEASE_TTL_S
+from factorywatch.partitions import LEASE_TTL_S
 
 __all__ = ["LEASE_TTL_S", "Held", "PartitionLeases", "lease_bucket"]
 

@@ -43,11 +43,10 @@ from factorywatch.detector.bookkeeping import (
     report_drift,
     tally,
 )
-from factorywatch.detector.checkpoint import Restored
 from factorywatch.detector.engine import Engine, Inbound, Outcome, Publish
 from factorywatch.detector.metrics import Metrics
 from factorywatch.detector.registry import RegistryFile
-from factorywatch.detector.store import Changes
+from factorywatch.detector.store import Changes, Restored
 
 #: a loop that has not turned for this long is unhealthy
 LOOP_STALE_S = 10.0

@@ -22,13 +22,32 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from factorywatch.detector.checkpoint import Restored
 from factorywatch.detector.state import CalibrationRow, MachineRecord, decode, encode
 
 if TYPE_CHECKING:  # nats-py is the cluster extra's: the Mosquitto detector runs without it
     from nats.js.kv import KeyValue
 
 log = structlog.get_logger("detector")
+
+
+@dataclass
+class Restored:
+    """What a checkpoint held: the snapshot, records written since, and answered ids."""
+
+    snapshot: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    answered: list[tuple[str, int]] = field(default_factory=list)
+    #: calibration rows journaled after their machine's newest record, in order
+    rows: list[CalibrationRow] = field(default_factory=list)
+    #: ingest name -> key -> the newest journaled part
+    ingest: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        """True when there was nothing to restore."""
+        return self.snapshot is None and not (
+            self.records or self.answered or self.ingest or self.rows
+        )
 
 
 @dataclass(slots=True)

@@ -20,15 +20,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from factorywatch.cli_common import broker_options, broker_settings
-from factorywatch.cluster import (
-    DEFAULT_PARTITIONS,
-    ClusterLayout,
-    NodePorts,
-    cluster_users,
-    render_node_config,
-)
+from factorywatch.cluster import NodePorts, cluster_users, render_node_config
 from factorywatch.credentials import read_password
 from factorywatch.errors import FactorywatchError
+from factorywatch.partitions import DEFAULT_PARTITIONS, ClusterLayout
 from factorywatch.topics import DEFAULT_ROOT, check_id
 
 #: The ports every node listens on inside its container (the compose file publishes some).

@@ -5,6 +5,7 @@ Each is built once in the role's ``main`` and passed down; CLI flags override fi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -282,3 +283,9 @@ class SensorSettings(_Settings):
         "lost are sent again once (a killed broker may have lost their verdicts on the way to "
         "other consumers; 0: never, e.g. with a broker saving on every change)",
     )
+
+
+def env_servers() -> list[str]:
+    """``FACTORYWATCH_NATS_SERVERS`` (comma-separated URLs), default the local 4222."""
+    value = os.environ.get("FACTORYWATCH_NATS_SERVERS", "nats://127.0.0.1:4222")
+    return [s.strip() for s in value.split(",") if s.strip()]

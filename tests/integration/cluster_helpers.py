@@ -18,9 +18,10 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from factorywatch.cluster import ClusterLayout, LocalNatsCluster, MqttDevice
+from factorywatch.cluster import LocalNatsCluster, MqttDevice
 from factorywatch.contracts import AlertEvent, Verdict
 from factorywatch.detector.jetstream import connect, provision
+from factorywatch.partitions import ClusterLayout
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
 from tests.support import Proc, wait_until

@@ -16,14 +16,9 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
 
 from factorywatch.broker import free_port
-from factorywatch.cluster import (
-    ClusterLayout,
-    LocalNatsCluster,
-    MqttDevice,
-    assign,
-    partition_of,
-)
+from factorywatch.cluster import LocalNatsCluster, MqttDevice
 from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Verdict
+from factorywatch.partitions import ClusterLayout, assign, partition_of
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import (

@@ -19,10 +19,11 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from factorywatch.cluster import ClusterLayout, LocalNatsCluster, partition_of
+from factorywatch.cluster import LocalNatsCluster
 from factorywatch.clusterdeploy import cluster_passwords
 from factorywatch.contracts import Telemetry
 from factorywatch.credentials import init_secrets
+from factorywatch.partitions import ClusterLayout, partition_of
 from tests.integration.cluster_helpers import read_subjects, run_js
 from tests.support import CLI, PROJECT_DIR
 

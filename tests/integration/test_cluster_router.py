@@ -23,8 +23,9 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from factorywatch.cluster import ClusterLayout, LocalNatsCluster, MqttDevice, partition_of
+from factorywatch.cluster import LocalNatsCluster, MqttDevice
 from factorywatch.model import artifact
+from factorywatch.partitions import ClusterLayout, partition_of
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import (

@@ -15,7 +15,6 @@ from nats.js import JetStreamContext
 
 from factorywatch.broker import free_port
 from factorywatch.cluster import (
-    ClusterLayout,
     LocalNatsCluster,
     MqttDevice,
     NodePorts,
@@ -28,6 +27,7 @@ from factorywatch.contracts import Verdict
 from factorywatch.credentials import make_certificates
 from factorywatch.errors import BrokerError
 from factorywatch.launch import Launched
+from factorywatch.partitions import ClusterLayout
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import (

@@ -18,10 +18,11 @@ from nats.js import JetStreamContext
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import LocalBroker
-from factorywatch.cluster import ClusterLayout, LocalNatsCluster, MqttDevice
+from factorywatch.cluster import LocalNatsCluster, MqttDevice
 from factorywatch.contracts import DeadLetter, Verdict
 from factorywatch.credentials import init_secrets, remove_user
 from factorywatch.errors import BrokerError
+from factorywatch.partitions import ClusterLayout
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import (

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from factorywatch.broker import LocalBroker
-from factorywatch.cluster import ClusterLayout, LocalNatsCluster, MqttDevice
+from factorywatch.cluster import LocalNatsCluster, MqttDevice
 from factorywatch.contracts import AlertEvent, Telemetry, Verdict
+from factorywatch.partitions import ClusterLayout
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import (

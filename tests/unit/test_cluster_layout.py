@@ -6,16 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from factorywatch.cluster import (
-    ClusterLayout,
-    NodePorts,
-    assign,
-    cluster_users,
-    generate_passwords,
-    partition_of,
-    partitions_arg,
-    render_node_config,
-)
+from factorywatch.cluster import NodePorts, cluster_users, generate_passwords, render_node_config
+from factorywatch.partitions import ClusterLayout, assign, partition_of, partitions_arg
 
 
 def test_partition_hash_matches_what_nats_server_computed() -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from factorywatch.cluster import ClusterLayout
 from factorywatch.clusterdeploy import cluster_passwords, node_configs
 from factorywatch.credentials import init_secrets
 from factorywatch.errors import FactorywatchError
+from factorywatch.partitions import ClusterLayout
 
 NODES = ("nats-1", "nats-2", "nats-3")
 MACHINES = ("press-1", "lathe-2", "mill-3")

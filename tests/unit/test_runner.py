@@ -10,10 +10,9 @@ import pytest
 
 from factorywatch.contracts import ClientStatus, Verdict
 from factorywatch.detector.alerting import AlertPolicy
-from factorywatch.detector.checkpoint import Restored
 from factorywatch.detector.engine import Engine, EngineSettings
 from factorywatch.detector.runner import Runner, RunnerSettings
-from factorywatch.detector.store import Changes
+from factorywatch.detector.store import Changes, Restored
 from factorywatch.detector.transport import (
     AsyncMemoryTransport,
     MemoryTransport,
