@@ -61,6 +61,7 @@ lint_failed=0
 "$BIN/ruff" check . || lint_failed=1
 "$BIN/ruff" format --check . || lint_failed=1
 "$BIN/mypy" || lint_failed=1
+"$BIN/lint-imports" || lint_failed=1
 # The documentation site: --strict makes every warning an error, broken links and anchors too
 # (mkdocs.yml `validation:`); site/ is a build product, kept out of the tree's way.
 "$BIN/mkdocs" build --strict --quiet --site-dir "$LOGS/site" || lint_failed=1
