@@ -2,7 +2,8 @@
 
 Two generic models are trained with the real CLI (``factorywatch train --csv``) on a normal
 run of the scenario pump (``sensors/scenarios.py``, eight channels): the ``point`` preset
-(channels only) and the ``windowed`` preset (the default: + rolling mean and log std per
+(channels only) and the ``windowed`` preset (what the default, ``auto``, gives every channel whose
+level holds: + rolling mean and log std per
 channel, the windows in each machine's keyed state). Each is served by a real detector behind
 the bench's Mosquitto and driven with ``Bench.throughput`` (closed-loop publisher, verdicts
 counted by a subscriber process) at 1,000 machines, alternating the two presets for

@@ -139,12 +139,13 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
         "--preset",
         choices=[*generic.PRESETS, "ai4i"],
         default=generic.DEFAULT_PRESET,
-        help="features: point (channels only), windowed (+ rolling mean and log std, the "
-        "default), full (+ flat-line, deviation from baseline, rate of change), drift (each "
-        "channel's departure from a slow baseline and its variability against its own slow "
-        "baseline: for channels whose normal level moves), auto (drift for the channels that "
-        "trend or step over the training rows, windowed for the others), ai4i (the AI4I "
-        "headroom features, for AI4I-shaped CSVs)",
+        help="features: auto (the default: windowed for the channels whose level holds over "
+        "the training rows; for a channel that trends or steps while normal, only its "
+        "variability against its own slow baseline), point (channels only), windowed (+ "
+        "rolling mean and log std), full (+ flat-line, deviation from baseline, rate of "
+        "change), drift (each channel's departure from a slow baseline and its variability "
+        "against its own slow baseline: for channels whose normal level moves), ai4i (the "
+        "AI4I headroom features, for AI4I-shaped CSVs)",
     )
     g.add_argument("--window", type=int, default=generic.DEFAULT_WINDOW, help="window (rows)")
     g.add_argument(
@@ -402,7 +403,7 @@ def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
         ]
         configs += [
             streams.Config(name=f"per-run {preset} {spec.family}", spec=spec.replace(preset=preset))
-            for preset in ("drift", "auto")
+            for preset in ("windowed", "drift", "auto")
             if preset != spec.preset
         ]
         # the same configurations with (or without) the anomaly likelihood

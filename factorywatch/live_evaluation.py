@@ -56,7 +56,7 @@ Key = tuple[str, int]
 
 
 def default_configs(far: float, trees: int, window: int) -> list[streams.Config]:
-    """What the report compares: global point, per-run point, per-run windowed (default)."""
+    """What the report compares: global point, per-run point, per-run with the default preset."""
     spec = FitSpec(far=far, trees=trees, window=window)
     point = spec.replace(preset="point")
     return [

@@ -16,7 +16,7 @@ from factorywatch.model.calibration import DEFAULT_FAR
 from factorywatch.model.families import DEFAULT_FAMILY, FAMILIES
 
 PRESETS: Final = ("point", "windowed", "full", "drift", "auto")
-DEFAULT_PRESET: Final = "windowed"
+DEFAULT_PRESET: Final = "auto"
 DEFAULT_WINDOW: Final = 5
 DEFAULT_SMOOTH: Final = 1
 DEFAULT_TREES: Final = 200

@@ -11,11 +11,15 @@ far outside that range an ALERT (it is what catches a constant channel that move
 Feature presets (``--features``), over every channel c, with window w (``--window``):
 
 * ``point``: z(c) only (a point model: no temporal context);
-* ``windowed`` (default): z(c), mean_w(c), logstd_w(c) = ln(rolling std + 0.001) (a stuck
+* ``windowed``: z(c), mean_w(c), logstd_w(c) = ln(rolling std + 0.001) (a stuck
   sensor shows as a rolling std of 0, far below any noisy reading; a noise burst or an
   oscillation as a large one);
 * ``full``: as windowed plus flat_w(c) (share of unchanged readings), dev_w(c) (deviation
-  from the rolling baseline) and roc(c) (rate of change).
+  from the rolling baseline) and roc(c) (rate of change);
+* ``drift``: base(c) (the recent mean's departure from a slow baseline that holds while a
+  reading is far from it) and vol(c) (log std against its own slow baseline);
+* ``auto`` (default): ``windowed`` for the channels whose level holds over the training
+  rows, vol(c) only for the ones that trend or step (``model.behaviour``, stored in the card).
 
 For the Isolation Forest the feature rows are whitened first (``Pipeline.with_whitening``):
 on principal axes scaled to unit variance, a reading that breaks the channels' usual
@@ -86,15 +90,22 @@ def preset_steps(
     window: int,
     behaviour: Mapping[str, Behaviour] | None = None,
 ) -> list[Step]:
-    """The pipeline steps of ``preset`` over ``channels`` (``auto``: ``drift`` steps for the
-    channels whose ``behaviour`` over the training rows is trending or stepping, ``windowed``
-    steps for the others)."""
+    """The pipeline steps of ``preset`` over ``channels``.
+
+    ``auto`` (the default): ``windowed`` steps for the channels whose ``behaviour`` over the
+    training rows is stationary or seasonal; a channel that trends or steps while the machine
+    is normal keeps only its variability against its own slow baseline (``vol``): its level
+    moved while normal, so where it goes next says nothing about a fault (a fault shows in
+    the other channels' levels, in their relationship, and in this one's variability)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown feature preset {preset!r}; choose from {list(PRESETS)}")
     steps: list[Step] = []
     for c in channels:
         moving = (behaviour or {}).get(c) in ("trending", "stepping")
-        if preset == "drift" or (preset == "auto" and moving):
+        if preset == "auto" and moving:
+            steps.append(Step(op="vol", channel=c, window=window))
+            continue
+        if preset == "drift":
             # the level a drifting channel holds is not a fault; its departure from its
             # slow baseline and its short-term variability are
             steps += [
@@ -221,9 +232,10 @@ def fit_recording(
     )
     in_sample = base.smooth_scores(scorer.score(pipeline.project(named)), groups or None)
     center, scale = robust_center_scale(named)
-    # A channel scored by its departure from a slow baseline may leave its training range as
-    # normal drift; its baseline feature, not the fixed range, watches it.
-    followed = {st.channel for st in base.spec.steps if st.op == "base"}
+    # A channel scored by its departure from a slow baseline (or, moving while normal, by its
+    # variability only) may leave its training range as normal drift: not the fixed range but
+    # its baseline features watch it.
+    followed = {st.channel for st in base.spec.steps if st.op in ("base", "vol")}
     watched = [c for c in rec.channels if c not in followed]
     envelope = fit_envelope(columns, watched, margin=ENVELOPE_MARGIN) if watched else None
     card = ModelCard(

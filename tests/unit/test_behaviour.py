@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from factorywatch.model.behaviour import characterise
+from factorywatch.model.behaviour import Behaviour, characterise
 from factorywatch.model.fitspec import FitSpec
 from factorywatch.model.generic import fit_columns, forward_far, preset_steps
 from factorywatch.model.pipeline import BASE_STEP, Pipeline, Step
@@ -40,16 +40,25 @@ def test_a_cycle_shorter_than_the_training_part_is_seasonal() -> None:
     assert characterise(3 * np.sin(2 * np.pi * np.arange(n) / 50) + 0.3 * _noise(n)) == "seasonal"
 
 
-def test_auto_preset_gives_moving_channels_the_baseline_feature() -> None:
-    """With the auto preset, a trending channel gets base+vol and a stationary one the
-    windowed features."""
-    steps = preset_steps("auto", ["a", "b"], 5, {"a": "trending", "b": "stationary"})
+def test_auto_preset_leaves_a_moving_channels_level_out() -> None:
+    """With the auto preset, a trending or stepping channel keeps only its variability
+    against its slow baseline; stationary and seasonal ones get the windowed features."""
+    behaviour: dict[str, Behaviour] = {
+        "a": "trending",
+        "b": "stationary",
+        "c": "stepping",
+        "d": "seasonal",
+    }
+    steps = preset_steps("auto", ["a", "b", "c", "d"], 5, behaviour)
     assert [(s.op, s.channel) for s in steps] == [
-        ("base", "a"),
         ("vol", "a"),
         ("raw", "b"),
         ("mean", "b"),
         ("logstd", "b"),
+        ("vol", "c"),
+        ("raw", "d"),
+        ("mean", "d"),
+        ("logstd", "d"),
     ]
 
 
@@ -129,10 +138,15 @@ def test_fit_records_forward_far_and_behaviour_in_the_card() -> None:
     """A fitted card carries the forward-in-time estimate and each channel's behaviour."""
     n = 300
     columns = {"a": _noise(n, 1), "b": _noise(n, 2) + np.linspace(0, 20, n)}
-    card = fit_columns(columns, FitSpec(family="pca", preset="auto")).card
+    card = fit_columns(columns, FitSpec(family="pca")).card  # auto: the default preset
     assert math.isfinite(card.metrics["forward_far"])
     assert card.params["behaviour"] == "a:stationary,b:trending"
-    assert "b__base5_50" in card.features
+    assert "b__vol5" in card.features
+    assert "b" not in card.features  # its level moved while normal: left out
+    # ... and out of the envelope, which would otherwise flood once the drift goes on
+    assert card.envelope is not None
+    assert card.envelope.channels[0] == "a"
+    assert "b" not in card.envelope.channels
 
 
 def test_fitspec_refuses_what_cannot_be_fitted() -> None:
@@ -143,3 +157,20 @@ def test_fitspec_refuses_what_cannot_be_fitted() -> None:
         FitSpec(family="nope")
     with pytest.raises(ValueError, match="false-alarm"):
         FitSpec().replace(far=1.5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-50, 50), min_size=2, max_size=80), st.integers(1, 6))
+def test_a_vol_only_channel_batch_equals_streaming(values: list[float], window: int) -> None:
+    """The auto preset's steps for a moving channel (vol alone, no level step keeping the
+    channel's history) beside a stationary one: batch transform equals the streaming step."""
+    columns = {"a": np.asarray(values, dtype=np.float64), "b": np.asarray(values[::-1])}
+    steps = preset_steps("auto", ["a", "b"], window, {"a": "trending", "b": "stationary"})
+    pipeline = Pipeline.fit(columns, steps)
+    batch = pipeline.feature_rows(columns)
+    state: dict[str, object] = {}
+    online = [
+        pipeline.step_features(state, {"a": a, "b": b})
+        for a, b in zip(columns["a"].tolist(), columns["b"].tolist(), strict=True)
+    ]
+    assert np.allclose(batch, online, rtol=1e-12, atol=1e-12, equal_nan=True)

@@ -53,6 +53,7 @@ def test_evaluate_compare_pairs_each_per_run_configuration_with_the_likelihood()
     """``evaluate --compare`` adds the per-run configurations with the likelihood flipped,
     each under its own name, and ``--likelihood`` reaches the main configuration's spec."""
     from factorywatch.cli import _evaluation_configs, build_parser  # noqa: PLC0415
+    from factorywatch.model.fitspec import DEFAULT_PRESET  # noqa: PLC0415
 
     for flag, main in (("--no-likelihood", False), ("--likelihood", True)):
         args = build_parser().parse_args(["evaluate", "--nab", "x", "--compare", flag])
@@ -60,7 +61,7 @@ def test_evaluate_compare_pairs_each_per_run_configuration_with_the_likelihood()
         assert configs[0].spec.likelihood is main
         assert len({c.name for c in configs}) == len(configs)
         flipped = [c for c in configs if c.spec.likelihood is not main]
-        assert {c.spec.preset for c in flipped} == {"windowed", "point"}
+        assert {c.spec.preset for c in flipped} == {DEFAULT_PRESET, "point"}
         assert {c.spec.family for c in flipped} == {"iforest", "pca"}
 
 
