@@ -28,6 +28,7 @@ from pydantic import SecretStr
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.accounts import Role
+from factorywatch.broker import free_port
 from factorywatch.contracts import Telemetry
 from factorywatch.credentials import add_user, read_password, register
 from factorywatch.launch import CLI as _CLI
@@ -283,6 +284,30 @@ def add_account(secrets_dir: Path, user: str, role: Role, **registration: Any) -
 def secure_args(port: int, topic_root: str, secrets_dir: Path) -> list[str]:
     """CLI arguments that point a role at a broker with logins, its account from ``secrets_dir``."""
     return ["--port", str(port), "--topic-root", topic_root, "--secrets-dir", str(secrets_dir)]
+
+
+def start_secure_detector(
+    spawn: Callable[..., Proc],
+    port: int,
+    topic_root: str,
+    secrets_dir: Path,
+    model_dir: Path,
+    state_dir: Path,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """A real detector (persistent session, its state in ``state_dir``) logged in to a broker
+    with logins, once it has subscribed to telemetry."""
+    proc = spawn(
+        "detect",
+        *secure_args(port, topic_root, secrets_dir),
+        "--model-dir", str(model_dir),
+        "--state-dir", str(state_dir),
+        "--metrics-port", str(free_port()),
+        name="detector",
+        env=env,
+    )  # fmt: skip
+    proc.wait_log("telemetry_subscribed")
+    return proc
 
 
 def login_settings(

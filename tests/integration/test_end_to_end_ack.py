@@ -11,12 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from factorywatch.broker import LocalBroker, free_port
+from factorywatch.broker import LocalBroker
 from factorywatch.contracts import Verdict
 from factorywatch.credentials import init_secrets
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.topics import Topics
-from tests.support import Collector, Proc, login_settings, reading, secure_args, wait_until
+from tests.support import (
+    Collector,
+    Proc,
+    login_settings,
+    reading,
+    start_secure_detector,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,16 +50,14 @@ def start_detector(
     """Start a real detector (persistent session) on the secure broker, wait until subscribed."""
 
     def start() -> Proc:
-        proc = spawn(
-            "detect",
-            *secure_args(secure_broker.port, topic_root, secrets_dir),
-            "--model-dir", str(model_dir),
-            "--state-dir", str(tmp_path / "detector-state"),
-            "--metrics-port", str(free_port()),
-            name="detector",
-        )  # fmt: skip
-        proc.wait_log("telemetry_subscribed")
-        return proc
+        return start_secure_detector(
+            spawn,
+            secure_broker.port,
+            topic_root,
+            secrets_dir,
+            model_dir,
+            tmp_path / "detector-state",
+        )
 
     return start
 

@@ -12,13 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from factorywatch.broker import LocalBroker, free_port
+from factorywatch.broker import LocalBroker
 from factorywatch.contracts import Verdict
 from factorywatch.credentials import init_secrets
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.sensors.sparkplug import EdgeNode, EdgeNodeClient
 from factorywatch.topics import Topics
-from tests.support import Collector, Proc, add_account, login_settings, secure_args, wait_until
+from tests.support import (
+    Collector,
+    Proc,
+    add_account,
+    login_settings,
+    start_secure_detector,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,17 +59,15 @@ def start_detector(
     """Start a real detector with Sparkplug (persistent session) on the secure broker."""
 
     def start() -> Proc:
-        proc = spawn(
-            "detect",
-            *secure_args(secure_broker.port, topic_root, secrets_dir),
-            "--model-dir", str(model_dir),
-            "--state-dir", str(tmp_path / "detector-state"),
-            "--metrics-port", str(free_port()),
-            name="detector",
+        return start_secure_detector(
+            spawn,
+            secure_broker.port,
+            topic_root,
+            secrets_dir,
+            model_dir,
+            tmp_path / "detector-state",
             env=SPARKPLUG_ENV,
-        )  # fmt: skip
-        proc.wait_log("telemetry_subscribed")
-        return proc
+        )
 
     return start
 
