@@ -37,6 +37,7 @@ from factorywatch.model.forest_stack import ForestStack
 from factorywatch.model.pipeline import Z_CLIP, State
 from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
+from factorywatch.verdict_codec import build_verdict
 
 Clock = Callable[[], float]
 #: the stopwatch a verdict's ``latency_ms`` is measured with (its shell hands it to the engine)
@@ -352,21 +353,20 @@ def _verdict(  # noqa: PLR0917 - one verdict's fields
     outside: list[str] | None,
 ) -> Verdict:
     """One reading's verdict (both scoring paths build theirs here)."""
-    # Validating this dict (pydantic-core) costs a third of model_construct's Python loop.
-    return Verdict.model_validate(
-        {
-            "machine_id": reading.machine_id,
-            "line": reading.line,
-            "seq": reading.seq,
-            "reading_ts": reading.ts,
-            "status": "ALERT" if alert else "NORMAL",
-            "score": score,
-            "threshold": threshold,
-            "model_version": version,
-            "latency_ms": latency_ms,
-            "explanation": explanation,
-            "outside_training": outside,
-        }
+    # Unvalidated (``verdict_codec``): model_validate of a dict was 9 % of the engine's CPU;
+    # the reading's fields were validated at the door, the rest is checked there.
+    return build_verdict(
+        reading.machine_id,
+        reading.line,
+        reading.seq,
+        reading.ts,
+        "ALERT" if alert else "NORMAL",
+        score,
+        threshold,
+        version,
+        latency_ms,
+        explanation,
+        outside,
     )
 
 
