@@ -38,8 +38,8 @@ VERDICT_WORK: Final = (
     ("detector/core.py", "_contributions"),
     ("detector/core.py", "calibrating_verdicts"),
     ("factorywatch/contracts.py", "encode"),
-    ("factorywatch/verdicts.py", "encode_verdict"),
-    ("factorywatch/verdicts.py", "verdict_values"),
+    ("factorywatch/verdict_codec.py", "encode_verdict"),
+    ("factorywatch/verdict_codec.py", "build_verdict"),
 )
 
 
@@ -91,8 +91,16 @@ def _compare(args: argparse.Namespace, before: Path) -> None:
     here = Path(__file__).resolve().parents[1]
     trees = {"before": before.resolve(), "after": here}
     runs: dict[str, list[float]] = {name: [] for name in trees}
+    # run_path, not the file as a script: the script's folder first on sys.path would let
+    # bench/profile.py shadow the standard library's profile (which cProfile imports)
+    runner = (
+        "import runpy, sys; sys.argv[0] = sys.argv[1]; "
+        "runpy.run_path(sys.argv.pop(1), run_name='__main__')"
+    )
     command = [
         sys.executable,
+        "-c",
+        runner,
         str(Path(__file__).resolve()),
         "--model-dir",
         str(args.model_dir),
