@@ -124,10 +124,42 @@ def _compare(args: argparse.Namespace, before: Path) -> None:
             runs[name].append(json.loads(done.stdout.splitlines()[-1])["cpu_us_per_reading"])
             print(f"round {i + 1} {name}: {runs[name][-1]:.1f} µs/reading", flush=True)
     medians = {name: statistics.median(values) for name, values in runs.items()}
+    ratio = medians["after"] / medians["before"]
     print(
         f"median CPU µs/reading: before {medians['before']:.1f}, after {medians['after']:.1f}; "
-        f"after / before {medians['after'] / medians['before']:.3f}"
+        f"after / before {ratio:.3f}"
     )
+    if args.out is not None:
+        _write_report(args, runs, medians, ratio)
+
+
+def _write_report(
+    args: argparse.Namespace,
+    runs: dict[str, list[float]],
+    medians: dict[str, float],
+    ratio: float,
+) -> None:
+    """``<out>/engine-cpu.md``: the comparison's rounds, medians and ratio."""
+    command = " ".join(["python -m bench.engine_cpu", *sys.argv[1:]])
+    lines = [
+        "# The engine's CPU per reading, before / after (in-process, no broker)",
+        "",
+        f"`{command}`: {args.machines} AI4I machines, {args.readings} readings in batches "
+        f"of {args.batch}, a fresh engine per round (best of {args.rounds_each} per "
+        "subprocess), the two trees alternating; `time.process_time` per reading.",
+        "",
+        "| tree | median CPU µs/reading | rounds |",
+        "|---|---:|---|",
+        *(
+            f"| {name} | {medians[name]:.1f} | {', '.join(f'{v:.1f}' for v in values)} |"
+            for name, values in runs.items()
+        ),
+        "",
+        f"after / before: **{ratio:.3f}**",
+        "",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engine-cpu.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--compare", type=Path, metavar="TREE")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, help="with --compare: write <out>/engine-cpu.md")
     args = parser.parse_args(argv)
     if args.compare is not None:
         _compare(args, args.compare)

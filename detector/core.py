@@ -328,9 +328,12 @@ def _verdicts(
             explanations[i] = _contributions(card.features, matrix[i], contributions)
     flagged = set(alerting)
     return [
-        _verdict(
-            reading,
-            i in flagged,
+        build_verdict(
+            reading.machine_id,
+            reading.line,
+            reading.seq,
+            reading.ts,
+            "ALERT" if i in flagged else "NORMAL",
             value,
             threshold,
             card.version,
@@ -340,34 +343,6 @@ def _verdicts(
         )
         for i, (reading, value) in enumerate(zip(readings, values, strict=True))
     ]
-
-
-def _verdict(  # noqa: PLR0917 - one verdict's fields
-    reading: Telemetry,
-    alert: bool,
-    score: float,
-    threshold: float,
-    version: str,
-    latency_ms: float,
-    explanation: list[Contribution] | None,
-    outside: list[str] | None,
-) -> Verdict:
-    """One reading's verdict (both scoring paths build theirs here)."""
-    # Unvalidated (``verdict_codec``): model_validate of a dict was 9 % of the engine's CPU;
-    # the reading's fields were validated at the door, the rest is checked there.
-    return build_verdict(
-        reading.machine_id,
-        reading.line,
-        reading.seq,
-        reading.ts,
-        "ALERT" if alert else "NORMAL",
-        score,
-        threshold,
-        version,
-        latency_ms,
-        explanation,
-        outside,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,9 +526,12 @@ def _stacked_verdicts(
     for i, (reading, value) in enumerate(zip(readings, scores, strict=True)):
         k = owners[i]
         out[k].append(
-            _verdict(
-                reading,
-                i in flagged,
+            build_verdict(
+                reading.machine_id,
+                reading.line,
+                reading.seq,
+                reading.ts,
+                "ALERT" if i in flagged else "NORMAL",
                 value,
                 thresholds[k],
                 cards[k].version,

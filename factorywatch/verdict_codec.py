@@ -12,6 +12,7 @@ threshold or latency: pydantic refused those) is refused here with a ``ValueErro
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -105,6 +106,13 @@ def build_verdict(  # noqa: PLR0917 - one verdict's fields
     return verdict
 
 
+def _number(value: Any) -> float:
+    """orjson's fallback: a numpy scalar (a float subclass orjson refuses) as a float."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"verdict field of type {type(value).__name__} is not JSON")
+
+
 def _contributions(explanation: Sequence[Contribution]) -> list[dict[str, Any]]:
     return [{"feature": c.feature, "value": c.value, "z": c.z} for c in explanation]
 
@@ -140,4 +148,4 @@ def encode_verdict(verdict: Verdict) -> bytes:
     historical = v["historical"]
     if historical is not None:
         out["historical"] = historical
-    return orjson.dumps(out)
+    return orjson.dumps(out, default=_number)

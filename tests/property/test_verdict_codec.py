@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -116,3 +117,18 @@ def test_non_finite_figures_are_refused(values: dict[str, Any], bad: float) -> N
         except ValueError:
             continue
         raise AssertionError(f"{field}={bad} was accepted")
+
+
+@FAST
+@given(values=verdict_values(contributions(finite)))
+def test_numpy_scalars_encode_as_pydantic_does(values: dict[str, Any]) -> None:
+    """A score or z-score left as a numpy scalar (a float subclass orjson refuses on its own)
+    encodes to the schema's bytes."""
+    explanation = values["explanation"]
+    if explanation:
+        c = explanation[0]
+        explanation[0] = Contribution.model_construct(
+            feature=c.feature, value=np.float64(c.value), z=np.float64(c.z)
+        )
+    verdict = build_verdict(**{**values, "score": np.float64(values["score"])})
+    assert encode_verdict(verdict) == verdict.encode()
