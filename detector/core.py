@@ -37,6 +37,7 @@ from factorywatch.model.forest_stack import ForestStack
 from factorywatch.model.pipeline import Z_CLIP, State
 from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
+from factorywatch.verdict_codec import build_verdict
 
 Clock = Callable[[], float]
 #: the stopwatch a verdict's ``latency_ms`` is measured with (its shell hands it to the engine)
@@ -327,9 +328,12 @@ def _verdicts(
             explanations[i] = _contributions(card.features, matrix[i], contributions)
     flagged = set(alerting)
     return [
-        _verdict(
-            reading,
-            i in flagged,
+        build_verdict(
+            reading.machine_id,
+            reading.line,
+            reading.seq,
+            reading.ts,
+            "ALERT" if i in flagged else "NORMAL",
             value,
             threshold,
             card.version,
@@ -339,35 +343,6 @@ def _verdicts(
         )
         for i, (reading, value) in enumerate(zip(readings, values, strict=True))
     ]
-
-
-def _verdict(  # noqa: PLR0917 - one verdict's fields
-    reading: Telemetry,
-    alert: bool,
-    score: float,
-    threshold: float,
-    version: str,
-    latency_ms: float,
-    explanation: list[Contribution] | None,
-    outside: list[str] | None,
-) -> Verdict:
-    """One reading's verdict (both scoring paths build theirs here)."""
-    # Validating this dict (pydantic-core) costs a third of model_construct's Python loop.
-    return Verdict.model_validate(
-        {
-            "machine_id": reading.machine_id,
-            "line": reading.line,
-            "seq": reading.seq,
-            "reading_ts": reading.ts,
-            "status": "ALERT" if alert else "NORMAL",
-            "score": score,
-            "threshold": threshold,
-            "model_version": version,
-            "latency_ms": latency_ms,
-            "explanation": explanation,
-            "outside_training": outside,
-        }
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,9 +526,12 @@ def _stacked_verdicts(
     for i, (reading, value) in enumerate(zip(readings, scores, strict=True)):
         k = owners[i]
         out[k].append(
-            _verdict(
-                reading,
-                i in flagged,
+            build_verdict(
+                reading.machine_id,
+                reading.line,
+                reading.seq,
+                reading.ts,
+                "ALERT" if i in flagged else "NORMAL",
                 value,
                 thresholds[k],
                 cards[k].version,

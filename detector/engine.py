@@ -70,6 +70,7 @@ from factorywatch.errors import PayloadError
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.forest_stack import ForestStack
 from factorywatch.topics import UNKNOWN, Topics
+from factorywatch.verdict_codec import encode_verdict
 
 ENGINE_SNAPSHOT_VERSION: Final = 1
 #: A machine's or group's drift window holds at most this many readings (memory per route).
@@ -552,7 +553,7 @@ class Engine:
             if known is not None and known.tuning.threshold is not None:
                 verdict = rejudge(verdict, known.tuning.threshold)  # noqa: PLW2901
             try:
-                payload = verdict.encode()
+                payload = encode_verdict(verdict)
                 events = observe(
                     verdict,
                     now,
@@ -637,7 +638,7 @@ class Engine:
             if reading.historical:  # still real data of the machine: it fills the window
                 verdict = verdict.model_copy(update={"historical": True})
             topic = self.topics.verdict(verdict.line, verdict.machine_id)
-            payload = verdict.encode()
+            payload = encode_verdict(verdict)
             outcome.publishes.append(Publish(topic, payload, identity=reading.identity))
             self.answers.put(reading.identity, topic, payload)
             outcome.verdicts.append(verdict)
