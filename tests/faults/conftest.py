@@ -288,7 +288,45 @@ class TrackedPublisher(SensorPublisher):
             }
 
 
-class SensorStream:
+class _Stream:
+    """What a fault test's background publisher shares: its machines, pace, closing bound,
+    stop flag, first error and thread."""
+
+    def __init__(
+        self,
+        machines: Sequence[str],
+        *,
+        count: int,
+        rate_hz: float,
+        close_timeout_s: float,
+        thread_name: str,
+    ) -> None:
+        self.machines = list(machines)
+        self.count = count
+        self.rate_hz = rate_hz
+        self.close_timeout_s = close_timeout_s
+        self.stats = PublishStats()
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Stop publishing and wait (bounded by the close timeout) without raising."""
+        self.stop.set()
+        self._thread.join(self.close_timeout_s + 10)
+
+    def join(self, timeout: float) -> None:
+        """Wait until every reading is published and acknowledged (or the close timeout)."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"{self._thread.name} still running after {timeout} s"
+        if self.error is not None:
+            raise self.error
+
+
+class SensorStream(_Stream):
     """Several machines publishing simulated readings at QoS 1 from a background thread."""
 
     def __init__(
@@ -304,10 +342,13 @@ class SensorStream:
         **options: Any,
     ) -> None:
         """``options``: the publisher's delivery settings (``SensorPublisher``'s keywords)."""
-        self.machines = list(machines)
-        self.count = count
-        self.rate_hz = rate_hz
-        self.close_timeout_s = close_timeout_s
+        super().__init__(
+            machines,
+            count=count,
+            rate_hz=rate_hz,
+            close_timeout_s=close_timeout_s,
+            thread_name="sensor stream",
+        )
         self.publishers = [
             TrackedPublisher(settings, m, buffer_size=buffer_size, **options) for m in machines
         ]
@@ -316,10 +357,6 @@ class SensorStream:
             for i, m in enumerate(machines)
         ]
         self.tick_times: list[float] = []  # monotonic time of each round (one per machine)
-        self.stats = PublishStats()
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sensor-stream", daemon=True)
 
     def start(self) -> SensorStream:
         """Connect every machine, then publish in the background."""
@@ -357,18 +394,6 @@ class SensorStream:
         """Readings published so far (all machines)."""
         return len(self.tick_times) * len(self.machines)
 
-    def shutdown(self) -> None:
-        """Stop publishing and wait (bounded by the close timeout) without raising."""
-        self.stop.set()
-        self._thread.join(self.close_timeout_s + 10)
-
-    def join(self, timeout: float) -> None:
-        """Wait until every reading is published and acknowledged (or the close timeout)."""
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), f"sensor stream still running after {timeout} s"
-        if self.error is not None:
-            raise self.error
-
     def sent(self) -> set[Key]:
         """Every reading handed to paho."""
         return set().union(*(p.sent() for p in self.publishers))
@@ -395,7 +420,7 @@ class SensorStream:
         return sum(p.mid_reuses for p in self.publishers)
 
 
-class SparkplugStream:
+class SparkplugStream(_Stream):
     """The product's Sparkplug edge node (``sensors.sparkplug.publish``, its run loop) with
     several devices in a background thread, recording from the wire which readings (device,
     ``factorywatch/Reading Seq``) went out and which the broker acknowledged, when."""
@@ -414,10 +439,13 @@ class SparkplugStream:
         **options: Any,
     ) -> None:
         """``options``: the edge node's delivery settings (``EdgeNodeClient``'s keywords)."""
-        self.machines = [sparkplug_machine_id(node, d) for d in devices]
-        self.count = count
-        self.rate_hz = rate_hz
-        self.close_timeout_s = close_timeout_s
+        super().__init__(
+            [sparkplug_machine_id(node, d) for d in devices],
+            count=count,
+            rate_hz=rate_hz,
+            close_timeout_s=close_timeout_s,
+            thread_name="edge node",
+        )
         edge = sparkplug.EdgeNode(group, node, list(devices), bd_seq=0)
         self.shell = sparkplug.EdgeNodeClient(settings, edge, **options)
         self._sims = [
@@ -429,9 +457,6 @@ class SparkplugStream:
         self._sent: set[Key] = set()
         self._acked_at: dict[Key, float] = {}
         self.connected_at: list[float] = []
-        self.stats = PublishStats()
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
         client = self.shell.client
         self._raw_publish = client.publish
         client.publish = self._tracked_publish  # type: ignore[method-assign]
@@ -439,7 +464,6 @@ class SparkplugStream:
         self._raw_on_publish: Any = client.on_publish
         client.on_connect = self._on_connect
         client.on_publish = self._on_publish
-        self._thread = threading.Thread(target=self._run, name="edge-node", daemon=True)
 
     def _tracked_publish(
         self,
@@ -493,18 +517,6 @@ class SparkplugStream:
         """Readings handed to paho so far (births and data, all devices)."""
         with self._track:
             return len(self._sent)
-
-    def shutdown(self) -> None:
-        """Stop publishing and wait (bounded by the close timeout) without raising."""
-        self.stop.set()
-        self._thread.join(self.close_timeout_s + 10)
-
-    def join(self, timeout: float) -> None:
-        """Wait until every reading is published and acknowledged (or the close timeout)."""
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), f"edge node still running after {timeout} s"
-        if self.error is not None:
-            raise self.error
 
     def sent(self) -> set[Key]:
         """Every reading handed to paho."""
