@@ -43,7 +43,7 @@ from factorywatch.errors import BrokerError, FactorywatchError, ModelError
 from factorywatch.model import artifact
 from factorywatch.model.promotions import read_log, rollback_target
 from factorywatch.topics import check_id
-from factorywatch.web.app import WebContext, _app_page, _ctx, _error, _operator_json, _user
+from factorywatch.web.context import WebContext, _app_page, _ctx, _error, _operator_json, _user
 
 log = structlog.get_logger("factorywatch.web")
 
