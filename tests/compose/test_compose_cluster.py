@@ -145,6 +145,28 @@ def _wait(col: Collector, what: str, done: Callable[[], bool], timeout_s: float)
     wait_until(done, timeout_s, what, poll_s=0.2)
 
 
+def _unanswered(col: Collector, said: str, acknowledged: int) -> str:
+    """Which readings went unanswered (gaps in each machine's verdict seqs) and what the
+    sensors said of their unanswered readings: a failure's diagnosis."""
+    seen: dict[str, set[int]] = defaultdict(set)
+    for _, v in _verdicts(col):
+        seen[v.machine_id].add(v.seq)
+    gaps = {m: sorted(set(range(min(q), max(q) + 1)) - q)[:20] for m, q in seen.items() if q}
+    unanswered = [line for line in said.splitlines() if "unanswered" in line]
+    answered = sum(len(q) for q in seen.values())
+    return f"{answered} answered of {acknowledged}; missing seqs {gaps}; sensors: {unanswered[-5:]}"
+
+
+def _wait_answered(
+    col: Collector, said: str, acknowledged: int, answered: Callable[[], int]
+) -> None:
+    """Wait until every acknowledged reading has a verdict; else fail saying which not."""
+    try:
+        _wait(col, f"{acknowledged} verdicts", lambda: answered() >= acknowledged, 90)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {_unanswered(col, said, acknowledged)}") from exc
+
+
 def test_compose_cluster_up_verdicts_node_kill_and_down(cluster_stack: ClusterStack) -> None:
     """The cluster stack serves every machine's verdicts over MQTT 3.1.1 and loses no reading
     when the node leading the MQTT message stream is killed mid-stream."""
@@ -229,7 +251,7 @@ def test_compose_cluster_up_verdicts_node_kill_and_down(cluster_stack: ClusterSt
         def answered() -> int:
             return len({(v.machine_id, v.seq) for _, v in _verdicts(col)})
 
-        _wait(col, f"{acknowledged} verdicts", lambda: answered() >= acknowledged, 90)
+        _wait_answered(col, said, acknowledged, answered)
     finally:
         col.close()
 
