@@ -317,6 +317,27 @@ def _wait_for_snapshot(broker: LocalBroker, verdicts: VerdictCollector) -> float
     return round(time.monotonic() - begin, 2)
 
 
+def _kill_broker_mid_stream(
+    broker: LocalBroker,
+    stream: SensorStream | SparkplugStream,
+    verdicts: VerdictCollector,
+    detectors: DetectorRunner,
+    tmp_path: Path,
+) -> tuple[dict[str, object], float | None, set[Key], set[Key], set[Key] | None]:
+    """``kill -9`` the broker and restart it, let ``stream`` finish, wait for a verdict per
+    acknowledged reading, stop the detectors: (restart figures, seconds to the first verdict
+    after the restart, acknowledged readings, those without a verdict, the detector's
+    journaled ones)."""
+    restart = _restart_broker(broker, kill=True)
+    restarted = time.monotonic()
+    first = verdicts.first_verdict_after(verdicts.mark(), restarted, timeout=90)
+    stream.join(timeout=150)
+    acked = set(stream.acked())
+    missing = verdicts.wait_covering(acked, timeout=150)
+    detectors.stop()
+    return restart, first, acked, missing, _journaled(tmp_path)
+
+
 def _journaled(tmp_path: Path) -> set[Key] | None:
     """Readings whose verdict the broker acknowledged to a detector (its checkpoint)."""
     state_dir = tmp_path / "detector-state"
@@ -410,14 +431,9 @@ def test_broker_kill9_mid_stream_loses_nothing_end_to_end(
     options = {"resend_answered_s": 0.0} if autosave == "autosave-on-changes" else {}
     stream = streams(("l1", "l2", "l3", "l4"), count=750, rate_hz=200, **options)
     _wait_mid_stream(stream, verdicts)
-    restart = _restart_broker(broker, kill=True)
-    restarted = time.monotonic()
-    first = verdicts.first_verdict_after(verdicts.mark(), restarted, timeout=90)
-    stream.join(timeout=150)
-    acked = set(stream.acked())
-    missing = verdicts.wait_covering(acked, timeout=150)
-    detectors.stop()
-    journaled = _journaled(tmp_path)
+    restart, first, acked, missing, journaled = _kill_broker_mid_stream(
+        broker, stream, verdicts, detectors, tmp_path
+    )
     fig = fault_report.add(
         tally(
             f"broker kill -9 mid-stream [{autosave}]",
@@ -474,14 +490,9 @@ def test_broker_kill9_mid_stream_sparkplug_edge_node_loses_nothing_end_to_end(
     total = stream.count * len(stream.machines)
     wait_until(lambda: stream.published >= total // 3, timeout=60, what="a third published")
     assert verdicts.wait_unique(1, timeout=60), "no verdicts before the fault"
-    restart = _restart_broker(broker, kill=True)
-    restarted = time.monotonic()
-    first = verdicts.first_verdict_after(verdicts.mark(), restarted, timeout=90)
-    stream.join(timeout=150)
-    acked = set(stream.acked())
-    missing = verdicts.wait_covering(acked, timeout=150)
-    detectors.stop()
-    journaled = _journaled(tmp_path)
+    restart, first, acked, missing, journaled = _kill_broker_mid_stream(
+        broker, stream, verdicts, detectors, tmp_path
+    )
     fig = fault_report.add(
         tally(
             "broker kill -9 mid-stream, Sparkplug edge node [project-config]",
