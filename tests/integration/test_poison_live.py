@@ -114,15 +114,26 @@ def test_the_recorder_loses_nothing_when_postgresql_drops_its_connections(
             wait_until(lambda: len(store.readings("m1")) == 20, what="the first 20 readings")
             killer = threading.Thread(target=terminate_recorder_backends, daemon=True)
             killer.start()
-            for seq in range(20, 220):
-                publisher.publish(reading("m1", seq))
-            wait_until(lambda: sum(killed) >= 3, what="three terminated recorder connections")
+            sent = 20
+
+            def publish_one_more() -> bool:
+                # keep the recorder writing until three of its connections were terminated:
+                # an idle recorder holds at most one connection to terminate
+                nonlocal sent
+                publisher.publish(reading("m1", sent))
+                sent += 1
+                return sent >= 220 and sum(killed) >= 3
+
+            wait_until(
+                publish_one_more, timeout=60, poll_s=0.01,
+                what="three terminated recorder connections while readings arrive",
+            )  # fmt: skip
             stop.set()
             killer.join(10)
             wait_until(
-                lambda: len(store.readings("m1")) == 220, timeout=90, what="all 220 readings"
+                lambda: len(store.readings("m1")) == sent, timeout=90, what=f"all {sent} readings"
             )
-            assert [r["seq"] for r in store.readings("m1")] == list(range(220))
+            assert [r["seq"] for r in store.readings("m1")] == list(range(sent))
             publisher.close()
         finally:
             stop.set()
@@ -132,5 +143,5 @@ def test_the_recorder_loses_nothing_when_postgresql_drops_its_connections(
         assert "Traceback" not in recorder.log()
         print(
             f"recorder connections terminated: {sum(killed)}, write retries: "
-            f"{recorder.log().count('history_write_failed')}, readings lost: 0 of 220"
+            f"{recorder.log().count('history_write_failed')}, readings lost: 0 of {sent}"
         )
