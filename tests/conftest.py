@@ -28,6 +28,12 @@ from tests.support import (
 )
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build matplotlib's font cache before any test runs: on a fresh machine its first
+    import runs ``fc-list``, which the pure-test guard would take for the test's subprocess."""
+    import matplotlib.font_manager  # noqa: F401, PLC0415
+
+
 # A test in tests/unit or tests/property fails when it, or a fixture it asks for, reads the
 # AI4I dataset or starts a subprocess (tests.support.pure_test_guard). Setup and call only:
 # a session fixture of other tests may end (a subprocess) in the last pure test's teardown.
