@@ -8,7 +8,8 @@ saves the artifact as the machine's own model and binds it (``Engine.bind``).
 
 Thresholds for small windows: ``fit`` calls ``model.generic.fit_columns``, which scores every
 window reading out of sample (5 contiguous blocks in time, each scored by a model fitted on
-the other four) and sets the threshold at the larger of the conformal quantile
+the blocks before it, forward in time as the model will be used; the first block by one
+fitted on the others) and sets the threshold at the larger of the conformal quantile
 ``ceil((n + 1)(1 - r))`` and a generalised-Pareto tail fit over the top 10 % of those scores
 (``model.calibration``): with n = 200 readings and r = 1 % the conformal rank is the 2nd
 largest score, and the tail fit extrapolates beyond the few values a short window has.

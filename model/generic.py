@@ -1,8 +1,8 @@
 """Train on any machine's own recording: pipeline -> scorer family -> held-out threshold.
 
 No labels are used. The model is fitted on the training rows of each machine (its first part,
-in order); the threshold comes from out-of-sample scores of those rows, cross-fitted in
-blocks of time (``model.calibration``). Channels that are constant
+in order); the threshold comes from out-of-sample scores of those rows, each block of time scored by
+a model of the blocks before it (``model.calibration``). Channels that are constant
 over the fitting rows carry no information for a scorer and are left out (reported in
 ``card.params["constant_channels"]``); the training envelope, widened by
 ``ENVELOPE_MARGIN`` of each channel's training range on both sides, still makes a reading
@@ -161,6 +161,27 @@ def _fit_scorer(
     return pipeline, fit_scorer(family, pipeline.project(named), seed=seed, n_estimators=trees)
 
 
+def forward_scores(
+    base: Pipeline,
+    named: FloatArray,
+    fold: npt.NDArray[np.intp],
+    *,
+    family: str,
+    seed: int,
+    trees: int,
+) -> FloatArray:
+    """Every training row's out-of-sample score, forward in time as the model will be used:
+    each block of ``fold`` scored by a model of the blocks before it (the first block, which
+    has none, by a model of the blocks after it)."""
+    held_out = np.empty(len(named), dtype=np.float64)
+    for f in range(FOLDS):
+        inside = fold == f
+        fit_rows = fold < f if f > 0 else ~inside
+        fold_pipeline, fold_scorer = _fit_scorer(base, named[fit_rows], family, seed, trees)
+        held_out[inside] = fold_scorer.score(fold_pipeline.project(named[inside]))
+    return held_out
+
+
 def fit_recording(
     rec: Recording,
     train: BoolArray,
@@ -200,13 +221,9 @@ def fit_recording(
     named = base.feature_rows(columns, groups=groups or None)
     progress(
         f"fitting {family} on {len(rows)} rows x {len(base.features)} features; "
-        f"out-of-sample calibration scores from {FOLDS} blocks in time"
+        f"calibration scores forward in time over {FOLDS} blocks"
     )
-    held_out = np.empty(len(rows), dtype=np.float64)
-    for f in range(FOLDS):
-        inside = fold == f
-        fold_pipeline, fold_scorer = _fit_scorer(base, named[~inside], family, seed, trees)
-        held_out[inside] = fold_scorer.score(fold_pipeline.project(named[inside]))
+    held_out = forward_scores(base, named, fold, family=family, seed=seed, trees=trees)
     calibration = base.smooth_scores(held_out, groups or None)
     if spec.likelihood:
         # the likelihood's long window starts with these out-of-sample scores, and the

@@ -13,7 +13,8 @@ rows AFTER the training part are counted. Counts are summed over runs (micro ave
 
 Alert level (what an operator sees): the ALERT rows go through the detector's alert rule
 (``alarms``: raised when ``ALARM_K`` of the last ``ALARM_N`` readings are ALERT, cleared
-after ``ALARM_M`` non-ALERT readings in a row, as ``detector/alerting.py``'s defaults). An
+after ``ALARM_M`` readings in a row that are NORMAL and score at or below the model's clear
+threshold, as ``detector/alerting.py`` does with its defaults). An
 event is found when an alarm is raised inside it; the time to detect is from the event's
 first row to that raise; a false alarm is one raised outside every event; alarms per day
 count raised alarms over the scored span (per 1,000 rows without a time column).
@@ -264,21 +265,29 @@ def nab_mask(rows: int) -> BoolArray:
 
 
 def alarms(
-    flagged: BoolArray, *, k: int = ALARM_K, n: int = ALARM_N, m: int = ALARM_M
+    flagged: BoolArray,
+    *,
+    clear: BoolArray | None = None,
+    k: int = ALARM_K,
+    n: int = ALARM_N,
+    m: int = ALARM_M,
 ) -> list[int]:
     """Rows where an alarm is raised: ``k`` of the last ``n`` rows ALERT while none is open;
-    it stays open until ``m`` non-ALERT rows in a row clear it."""
+    it stays open until ``m`` clear rows in a row clear it. A row is clear when it is not
+    ALERT and, given ``clear``, marked there (the detector's rule: the score at or below the
+    model's lower clear threshold)."""
     raised: list[int] = []
     open_alarm = False
     recent = 0  # ALERT rows among the last n
     calm = 0
     values = flagged.tolist()
+    calm_rows = (~flagged if clear is None else clear & ~flagged).tolist()
     for i, hit in enumerate(values):
         recent += int(hit)
         if i >= n:
             recent -= int(values[i - n])
         if open_alarm:
-            calm = 0 if hit else calm + 1
+            calm = calm + 1 if calm_rows[i] else 0
             if calm >= m:
                 open_alarm = False
         elif recent >= k:
@@ -354,7 +363,11 @@ def run_result(
     assert rec.labels is not None
     labels = rec.labels[test]
     flagged = scores.flagged[test]
-    raised = alarms(scores.flagged)
+    clear_threshold = model.card.clear_threshold
+    raised = alarms(
+        scores.flagged,
+        clear=None if clear_threshold is None else scores.score <= clear_threshold,
+    )
     start = int(np.argmin(mask)) if test.any() else rec.rows
     nab_scores = None
     if windows is not None:
@@ -522,7 +535,8 @@ def write_report(
         "",
         "Alert level: an alarm is raised when "
         f"{ALARM_K} of the last {ALARM_N} readings are ALERT and clears after {ALARM_M} "
-        "normal ones (the detector's alert rule); an event is found when an alarm is raised "
+        "in a row that are NORMAL with a score at or below the model's clear threshold (the "
+        "detector's alert rule); an event is found when an alarm is raised "
         "inside it, time to detect (TTD) is from its first row to that raise; a false alarm is "
         "raised outside every event. NAB = mean per-file normalised NAB standard-profile score "
         "(null = 0, perfect = 100) of the raised alarms, over files with a window.",

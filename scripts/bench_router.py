@@ -202,7 +202,8 @@ def far(args: argparse.Namespace) -> None:
     from factorywatch.model.asset import CalibrateSpec  # noqa: PLC0415
 
     print(
-        "\nlive calibration: false-alarm rate on the next 5,000 normal readings (target 1 %), "
+        "\nlive calibration: false-alarm rate on the next 5,000 normal readings "
+        f"(target {CalibrateSpec(readings=60).far:.1%}, the default), "
         f"and recall on {SHIFTED} readings after them with one channel shifted by "
         f"{SHIFT:g} standard deviations (its noise in the window)"
     )

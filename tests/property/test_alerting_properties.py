@@ -317,3 +317,36 @@ def test_lifecycle_under_readings_silence_wills_and_acks(
         assert state.alert_id == life.open_alert
         assert state.acknowledged == (life.acked and life.open_alert is not None)
         assert state.anomalous_in_window <= policy.n
+
+
+@PROPS
+@given(
+    st.lists(  # stretches of readings: ALERT or not, how many, a score for each
+        st.tuples(
+            st.booleans(),
+            st.integers(min_value=1, max_value=15),
+            st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=15, max_size=15),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    st.floats(min_value=0.0, max_value=1.0),
+)
+def test_the_evaluation_raises_alarms_where_the_detector_raises_alerts(
+    stretches: list[tuple[bool, int, list[float]]], clear_threshold: float
+) -> None:
+    """``model.streams.alarms`` (evaluate's alert level) raises exactly where the detector's
+    alert tracker raises, clear threshold included: the reports count what operators see."""
+    import numpy as np  # noqa: PLC0415
+
+    from factorywatch.model.streams import alarms  # noqa: PLC0415
+
+    rows = [(alert, scores[i]) for alert, n, scores in stretches for i in range(n)]
+    tracker = AlertTracker(AlertPolicy())
+    raised = []
+    for i, (anomalous, score) in enumerate(rows):
+        events = tracker.observe(verdict(Reading(i, anomalous, score)), T0 + i, clear_threshold)
+        raised += [i for e in events if e.event == "ALERT_RAISED"]
+    flagged = np.array([a for a, _ in rows], dtype=np.bool_)
+    scores = np.array([s for _, s in rows])
+    assert alarms(flagged, clear=scores <= clear_threshold) == raised
