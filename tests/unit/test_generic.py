@@ -71,11 +71,8 @@ def test_calibration_scores_look_forward_in_time_only(family: str) -> None:
     fold = folds(400)
     wild = named.copy()
     wild[fold == 4] += 50.0
-    kw = {"family": family, "seed": 0, "trees": 50}
-    calm, later_wild = (
-        forward_scores(pipeline, named, fold, **kw),
-        forward_scores(pipeline, wild, fold, **kw),
-    )
+    calm = forward_scores(pipeline, named, fold, family=family, seed=0, trees=50)
+    later_wild = forward_scores(pipeline, wild, fold, family=family, seed=0, trees=50)
     middle = (fold >= 1) & (fold <= 3)
     assert np.array_equal(calm[middle], later_wild[middle])
     assert not np.array_equal(calm[fold == 0], later_wild[fold == 0])  # scored by later blocks
