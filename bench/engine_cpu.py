@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.load import ReadingSource
-from factorywatch.detector.core import Received
+from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.engine import Engine
 from factorywatch.model import artifact
 from factorywatch.topics import Topics
@@ -34,9 +34,9 @@ from factorywatch.topics import Topics
 BATCH: Final = 256
 #: functions (file suffix, name) counted as building or encoding verdicts in a profile
 VERDICT_WORK: Final = (
-    ("detector/core.py", "_verdict"),
-    ("detector/core.py", "_contributions"),
-    ("detector/core.py", "calibrating_verdicts"),
+    ("detector/batch_scoring.py", "_verdict"),
+    ("detector/batch_scoring.py", "_contributions"),
+    ("detector/batch_scoring.py", "calibrating_verdicts"),
     ("factorywatch/contracts.py", "encode"),
     ("factorywatch/verdict_codec.py", "encode_verdict"),
     ("factorywatch/verdict_codec.py", "build_verdict"),

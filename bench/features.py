@@ -61,7 +61,7 @@ from bench.profile import SAMPLE_RATE_HZ, Profile
 from bench.report import fmt, write_files
 from bench.system import environment
 from factorywatch.broker import free_port
-from factorywatch.detector.core import Received
+from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.engine import Engine
 from factorywatch.launch import Launched, cli_command
 from factorywatch.model import artifact

@@ -4,9 +4,9 @@ A model per preset (``point``, ``windowed``, ``full``; window 5) is fitted on a 
 the scenario pump (``sensors/scenarios.py``, the bench-features training run: seed 7, 2,000
 rows) and saved and loaded as the detector does. Then ``machines`` never-seen machines each
 send their first ``readings`` readings, taken from later normal rows of the same run, through
-``detector.core.score`` (the detector's scoring path, each machine's windows in its own state,
-starting empty). Prints the ALERT share over those verdicts and the ALERT count per reading
-index. ``tests/unit/test_warmup.py`` holds the bound; nothing is asserted here.
+``detector.batch_scoring.score`` (the detector's scoring path, each machine's windows in its
+own state, starting empty). Prints the ALERT share over those verdicts and the ALERT count
+per reading index. ``tests/unit/test_warmup.py`` holds the bound; nothing is asserted here.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from factorywatch.channels import canonical
 from factorywatch.contracts import Telemetry
-from factorywatch.detector.core import score
+from factorywatch.detector.batch_scoring import score
 from factorywatch.model import artifact
 from factorywatch.model.generic import PRESETS, fit_columns
 from factorywatch.sensors.scenarios import generate

@@ -2,8 +2,8 @@
 
 No paho, no files, no clock reads (the time of day comes in as ``now`` and each message's
 ``received_at``; latency is measured with the stopwatch the shell hands it): a driver shell
-(``detector/service.py`` on paho, ``detector/jetstream.py`` on NATS, the in-memory drivers in
-tests), through ``detector/runner.py``, hands it batches of raw messages with
+(``detector/mosquitto_shell.py`` on paho, ``detector/jetstream.py`` on NATS, the in-memory
+drivers in tests), through ``detector/runner.py``, hands it batches of raw messages with
 ``handle(batch, now)`` and carries out what comes back: one ``Outcome`` per message, naming
 what to publish. A message is acknowledged only once every publish of its outcome is
 confirmed (the runner's rule), and ``confirmed`` tells the engine, so that an alert event
@@ -20,7 +20,7 @@ Which model scores a machine is the router's (``detector/router.py``): a batch's
 grouped by route and each group is scored with one vectorised call; when every machine routes
 to the default model (no per-machine or group models, no calibration) the batch is scored
 as one, with no per-reading routing. A machine routed to calibration fills its window
-(``detector/calibrating.py``) and gets CALIBRATING verdicts; a full window becomes a
+(``detector/calibration_window.py``) and gets CALIBRATING verdicts; a full window becomes a
 ``FitRequest`` (``take_fit_requests``); the shell fits off its loop and ``bind``s the model.
 """
 
@@ -43,10 +43,9 @@ from factorywatch.contracts import (
     ThresholdCommand,
     Verdict,
 )
-from factorywatch.detector import calibrating
+from factorywatch.detector import calibration_window
 from factorywatch.detector.alerting import AlertPolicy, AlertTracker
-from factorywatch.detector.calibrating import FitRequest
-from factorywatch.detector.core import (
+from factorywatch.detector.batch_scoring import (
     STOPWATCH,
     Clock,
     Decoder,
@@ -59,6 +58,7 @@ from factorywatch.detector.core import (
     score_parts,
     stackable,
 )
+from factorywatch.detector.calibration_window import FitRequest
 from factorywatch.detector.dedup import AnswerCache, SeenCache
 from factorywatch.detector.drift import DriftChange, DriftFigures, ScoreDrift
 from factorywatch.detector.ingest import Ingest, Ingests, JsonIngest, Reading, StatefulIngest
@@ -130,7 +130,7 @@ class EngineSettings:
     max_future_skew_s: float = DEFAULT_MAX_FUTURE_SKEW_S
     #: which accounts may speak for which machines (None: an open broker, no check)
     registry: Registry | None = None
-    #: score the routes to windowed forests together (``core.score_parts``); False: one
+    #: score the routes to windowed forests together (``batch_scoring.score_parts``); False: one
     #: ``score`` call per route, the same verdicts (for comparison)
     stack_routes: bool = True
 
@@ -607,7 +607,7 @@ class Engine:
             window = record.calibration if record is not None else None
             if window is None:
                 channels = list(self.router.channels) or sorted(telemetry.readings)
-                window = calibrating.new_window(channels, spec.readings)
+                window = calibration_window.new_window(channels, spec.readings)
             missing = [c for c in window["channels"] if c not in telemetry.readings]
             if missing:
                 self._reject(
@@ -660,7 +660,7 @@ class Engine:
             if full and machine not in self._fitting:
                 self._fitting.add(machine)
                 self._fit_requests.append(
-                    calibrating.request(machine, telemetry.line, window, spec)
+                    calibration_window.request(machine, telemetry.line, window, spec)
                 )
             if events or not record.state_published:
                 self._emit(outcome, events, [record])
@@ -688,7 +688,9 @@ class Engine:
             if spec is None or machine in self._fitting or len(window["rows"]) < window["needed"]:
                 continue
             self._fitting.add(machine)
-            self._fit_requests.append(calibrating.request(machine, record.line, window, spec))
+            self._fit_requests.append(
+                calibration_window.request(machine, record.line, window, spec)
+            )
 
     def _emit(
         self, outcome: Outcome | None, events: list[AlertEvent], records: list[MachineRecord]

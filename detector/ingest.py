@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from factorywatch.contracts import OfflineReason, Telemetry
-from factorywatch.detector.core import Decoder, Received
+from factorywatch.detector.batch_scoring import Decoder, Received
 from factorywatch.detector.registry import Registry
 from factorywatch.errors import PayloadError
 from factorywatch.topics import Topics

@@ -28,7 +28,7 @@ cluster's MQTT listener (``detector/retained.py``): NATS clients cannot publish 
 messages.
 
 With ``--asset-config`` the engine routes machines to their own or their group's model and
-calibrates new machines live, exactly as on Mosquitto (``detector/calibration_worker.py``,
+calibrates new machines live, exactly as on Mosquitto (``detector/route_models.py``,
 polled between batches under the engine's lock; fits run on a worker thread, never on the
 event loop). A fitted model is saved and promoted in the model directory and uploaded to the
 cluster's object store (``detector/model_store.py``), from which every detector downloads the
@@ -65,13 +65,6 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from factorywatch.detector.bookkeeping import (
-    Counters,
-    reload_model,
-    serve_metrics,
-    sync_drift_metrics,
-)
-from factorywatch.detector.calibration_worker import CalibrationWorker, make_router
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Publish
 from factorywatch.detector.lease import LEASE_TTL_S, PartitionLeases, lease_bucket
@@ -79,7 +72,14 @@ from factorywatch.detector.metrics import Metrics
 from factorywatch.detector.model_store import STORE_ERRORS, ModelStore, open_store
 from factorywatch.detector.registry import RegistryFile
 from factorywatch.detector.retained import RetainedPublisher, parse_endpoints
+from factorywatch.detector.route_models import CalibrationWorker, make_router
 from factorywatch.detector.runner import Runner, RunnerSettings, Send
+from factorywatch.detector.shell_common import (
+    Counters,
+    reload_model,
+    serve_metrics,
+    sync_drift_metrics,
+)
 from factorywatch.detector.store import KvStore
 from factorywatch.detector.transport import acommit, asend
 from factorywatch.errors import BrokerError
@@ -122,7 +122,7 @@ class JetStreamOptions:
     lease_ttl_s: float = LEASE_TTL_S
     #: the cluster's MQTT listeners: retained state goes through them (empty: not retained)
     mqtt_endpoints: Sequence[tuple[str, int]] = ()
-    #: machine groups and live calibration (``detector/calibration_worker.py``); None: one model
+    #: machine groups and live calibration (``detector/route_models.py``); None: one model
     asset_config: Path | None = None
 
 
@@ -764,7 +764,7 @@ def run_cli(
     model_dir: Path,
 ) -> int:
     """Serve until SIGTERM/SIGINT (the CLI's ``detect --engine jetstream``)."""
-    from factorywatch.detector.service import engine_settings, registry_file  # noqa: PLC0415
+    from factorywatch.detector.mosquitto_shell import engine_settings, registry_file  # noqa: PLC0415
 
     count = cluster.partition_count or DEFAULT_PARTITIONS
     servers = (

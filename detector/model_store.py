@@ -1,7 +1,7 @@
 """Route models in a JetStream object store: how detectors on other hosts get a fitted model.
 
 A live calibration saves and promotes the machine's model in the detector's own model
-directory (``detector/calibration_worker.py``). The JetStream runner then uploads it to the
+directory (``detector/route_models.py``). The JetStream runner then uploads it to the
 object store ``fw_models_<root>`` (R3): every file of the version as
 ``<folder>/<name>/<version>/<file>`` (``folder``: ``machines`` or ``groups``), then the
 pointer ``<folder>/<name>/current`` holding the version, last, so a reader never follows a

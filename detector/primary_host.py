@@ -3,8 +3,8 @@
 Pure: times come in as arguments. Edge nodes configured for a primary host watch the retained
 ``spBv1.0/STATE/<host id>`` (JSON ``{"online": bool, "timestamp": ms}``, QoS 1): while it says
 offline they store their data, and once it says online again they replay it with
-``is_historical``. The shell (``detector/service.py``) registers ``will`` as the MQTT will of
-the connection it subscribes with, publishes ``birth`` once that connection's subscriptions
+``is_historical``. The shell (``detector/mosquitto_shell.py``) registers ``will`` as the MQTT
+will of the connection it subscribes with, publishes ``birth`` once that connection's subscriptions
 are acknowledged, ``answer``s its own STATE topic and publishes ``death`` before a clean
 disconnect.
 """

@@ -11,7 +11,7 @@ Resolution, first match wins (``Router.route``):
 4. the global default (``models/current``).
 
 Calibration ranks above a group's model because naming a machine for calibration asks for a
-model of its own; once fitted, that model is rule 1. The shell (``detector/service.py``)
+model of its own; once fitted, that model is rule 1. The shell (``detector/mosquitto_shell.py``)
 loads the artifacts and binds them here; routes are cached per (machine, line) and the cache
 is dropped whenever a binding changes (between batches, never within one).
 """

@@ -1,8 +1,8 @@
 """The policy every transport shares around the engine: batches in, sends and acks out.
 
-Pure apart from counting (``detector/bookkeeping.py``'s counters, metrics and the events it
+Pure apart from counting (``detector/shell_common.py``'s counters, metrics and the events it
 logs): no transport, no store, no clock reads — the time comes in as ``now``. A driver shell
-(``detector/service.py`` on Mosquitto, ``detector/jetstream.py`` on NATS JetStream, the
+(``detector/mosquitto_shell.py`` on Mosquitto, ``detector/jetstream.py`` on NATS JetStream, the
 in-memory drivers in tests) does only the I/O:
 
     sends = runner.handle(batch, now)          one Ticket per message, one Send per publish
@@ -36,16 +36,16 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from factorywatch.contracts import AlertEvent, ClientStatus
-from factorywatch.detector.bookkeeping import (
+from factorywatch.detector.engine import Engine, Inbound, Outcome, Publish
+from factorywatch.detector.metrics import Metrics
+from factorywatch.detector.registry import RegistryFile
+from factorywatch.detector.shell_common import (
     Counters,
     log_events,
     reload_registry,
     report_drift,
     tally,
 )
-from factorywatch.detector.engine import Engine, Inbound, Outcome, Publish
-from factorywatch.detector.metrics import Metrics
-from factorywatch.detector.registry import RegistryFile
 from factorywatch.detector.store import Changes, Restored
 
 #: a loop that has not turned for this long is unhealthy

@@ -78,7 +78,7 @@ from pydantic import ValidationError
 
 from factorywatch.channels import canonical
 from factorywatch.contracts import AI4I_CHANNELS, MAX_BATCH_BYTES, OfflineReason, Telemetry
-from factorywatch.detector.core import Received
+from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.ingest import Command, IngestEffects, Reading
 from factorywatch.detector.registry import Registry
 from factorywatch.errors import PayloadError

@@ -6,7 +6,7 @@ last applied to it (so a redelivered reading is not counted twice), the alert ev
 confirmed by the transport (an outbox, republished after a crash), slots for the feature
 pipeline's window state and the machine's model binding (the version that scored it last),
 its own threshold and realized alarm rate (``detector/tuning.py``), and a live calibration
-window (``detector/calibrating.py``) while it has no model yet.
+window (``detector/calibration_window.py``) while it has no model yet.
 ``StateTable`` keys the records by machine id and tracks which changed since the last
 checkpoint.
 

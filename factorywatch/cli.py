@@ -687,9 +687,9 @@ def _check_transport(settings: DetectorSettings, args: argparse.Namespace) -> No
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """``factorywatch detect``: serve until SIGTERM/SIGINT."""
+    from factorywatch.detector.mosquitto_shell import DetectorService  # noqa: PLC0415
     from factorywatch.detector.mqtt5_transport import Mqtt5Transport  # noqa: PLC0415
     from factorywatch.detector.mqtt_transport import PahoTransport  # noqa: PLC0415
-    from factorywatch.detector.service import DetectorService  # noqa: PLC0415
     from factorywatch.fencing import Fence  # noqa: PLC0415
     from factorywatch.model import artifact  # noqa: PLC0415
 

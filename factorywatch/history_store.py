@@ -4,7 +4,7 @@ SQLite is the embedded default (``run/history.sqlite``); PostgreSQL when a URL i
 configured (``FACTORYWATCH_HISTORY_URL=postgresql+psycopg://...``). SQLAlchemy Core speaks
 both dialects; every insert is idempotent (a redelivered message is stored once), so several
 recorders, or the recorder and the web view, may write the same fact. Times are Unix seconds.
-What is done with the rows read (episodes, training rows) is :mod:`factorywatch.history`.
+What is done with the rows read (episodes, training rows) is :mod:`factorywatch.history_episodes`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from factorywatch.contracts import (
     Verdict,
 )
 from factorywatch.errors import FactorywatchError
-from factorywatch.history import Episode, episodes, training_rows, write_ai4i_csv
+from factorywatch.history_episodes import Episode, episodes, training_rows, write_ai4i_csv
 
 DEFAULT_URL: Final = "sqlite:///run/history.sqlite"
 

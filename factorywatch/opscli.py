@@ -93,7 +93,7 @@ def add_history(sub: Any) -> None:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """``factorywatch history --machine M --since 24h``: the alerts, newest first."""
-    from factorywatch.history import parse_since  # noqa: PLC0415
+    from factorywatch.history_episodes import parse_since  # noqa: PLC0415
 
     since = parse_since(args.since, time.time())
     store = _open_store(args)
@@ -125,8 +125,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_history_record(args: argparse.Namespace) -> int:
     """``factorywatch history record``: run the recorder until SIGTERM/SIGINT."""
     from factorywatch.detector.registry import Registry  # noqa: PLC0415
+    from factorywatch.history_recorder import Recorder  # noqa: PLC0415
     from factorywatch.history_store import HistoryStore  # noqa: PLC0415
-    from factorywatch.recorder import Recorder  # noqa: PLC0415
 
     history = _history_settings(args)
     if args.no_readings:
@@ -150,7 +150,7 @@ def cmd_history_export(args: argparse.Namespace) -> int:
     The CSV is written beside its target and moved into place only when it holds readings:
     an existing file is replaced only with ``--force``, and never when it is a database.
     """
-    from factorywatch.history import parse_since  # noqa: PLC0415
+    from factorywatch.history_episodes import parse_since  # noqa: PLC0415
     from factorywatch.history_store import HistoryError  # noqa: PLC0415
     from factorywatch.settings import DetectorSettings  # noqa: PLC0415
 

@@ -50,7 +50,8 @@ if tuple(Contribution.model_fields) != ("feature", "value", "z") or tuple(
 ) != ("seen", "needed", "fitting"):  # pragma: no cover
     raise ImportError("factorywatch.verdict_codec: a verdict's nested model changed")
 
-#: the fields a verdict built by ``core._verdict`` was given (``model_validate``'s fields_set)
+#: the fields a verdict built by ``batch_scoring._verdicts`` was given (``model_validate``'s
+#: fields_set)
 _GIVEN: Final = frozenset(_ORDER[1:12])
 _new = object.__new__
 _set = object.__setattr__

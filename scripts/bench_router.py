@@ -25,7 +25,7 @@ from dataclasses import replace
 import numpy as np
 
 from factorywatch.contracts import Telemetry
-from factorywatch.detector.core import Received
+from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.engine import Engine, EngineSettings
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.fastforest import FlatForest
@@ -198,7 +198,7 @@ def _lines_per_path(forest: FlatForest, rows: np.ndarray) -> float:
 
 
 def far(args: argparse.Namespace) -> None:
-    from factorywatch.detector import calibrating  # noqa: PLC0415
+    from factorywatch.detector import calibration_window  # noqa: PLC0415
     from factorywatch.model.asset import CalibrateSpec  # noqa: PLC0415
 
     print(
@@ -217,14 +217,14 @@ def far(args: argparse.Namespace) -> None:
                 stream = normal(rng, n + 5000 + SHIFTED)
                 step = SHIFT * float(np.std(stream["pressure_bar"][:n]))
                 stream["pressure_bar"][n + 5000 :] += step
-                request = calibrating.FitRequest(
+                request = calibration_window.FitRequest(
                     machine="m",
                     line="l",
                     channels=CHANNELS,
                     rows=tuple(zip(*(stream[c][:n].tolist() for c in CHANNELS), strict=True)),
                     spec=CalibrateSpec(readings=n, family=family),
                 )
-                model = calibrating.fit(request, seed=seed)
+                model = calibration_window.fit(request, seed=seed)
                 after = score_recording(model, {c: stream[c][n:] for c in CHANNELS})
                 rates.append(float(after.flagged[:5000].mean()))
                 recalls.append(float(after.flagged[5000:].mean()))

@@ -218,7 +218,7 @@ SMALL_MODEL_TREES: Final = 25
 def small_ai4i_csv(path: Path) -> Path:
     """Write 600 normal readings of 40 simulated machines in the AI4I (UCI) layout, as
     `factorywatch history export` writes them (every label 0); deterministic."""
-    from factorywatch.history import write_ai4i_csv  # noqa: PLC0415
+    from factorywatch.history_episodes import write_ai4i_csv  # noqa: PLC0415
 
     rows = []
     for i in range(SMALL_MODEL_MACHINES):

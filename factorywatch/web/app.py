@@ -56,7 +56,7 @@ from starlette.staticfiles import StaticFiles
 
 from factorywatch.contracts import AckCommand, FeedbackCommand, ThresholdCommand
 from factorywatch.errors import BrokerError
-from factorywatch.history import parse_since
+from factorywatch.history_episodes import parse_since
 from factorywatch.history_store import HistoryStore
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import check_id

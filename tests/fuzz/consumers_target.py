@@ -31,13 +31,13 @@ from factorywatch.contracts import (
     TelemetryBatch,
     Verdict,
 )
-from factorywatch.detector.core import Received
+from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.ingest import Reading
 from factorywatch.detector.registry import Registry
 from factorywatch.detector.sparkplug import SparkplugIngest
 from factorywatch.errors import DEAD_LETTER_REASONS, PayloadError
+from factorywatch.history_recorder import decode as recorder_decode
 from factorywatch.notify import Notifier, NotifySettings
-from factorywatch.recorder import decode as recorder_decode
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from factorywatch.web.live import LiveModel

@@ -18,7 +18,7 @@ from typing import Final
 
 from factorywatch.accounts import AccountRegistry
 from factorywatch.contracts import AI4I_CHANNELS, MAX_BATCH_READINGS, Telemetry, TelemetryBatch
-from factorywatch.detector.core import Decoder, Received
+from factorywatch.detector.batch_scoring import Decoder, Received
 from factorywatch.detector.registry import Registry
 from factorywatch.errors import DEAD_LETTER_REASONS, PayloadError
 from factorywatch.topics import Topics

@@ -1,6 +1,6 @@
 """Models trained on the real AI4I dataset: what the card records of it, and that the model
 every default makes flags the prototype's 2800 rpm reading only. (The same code on a small
-fixture model: tests/unit/test_artifact.py, tests/unit/test_core_score.py.)"""
+fixture model: tests/unit/test_artifact.py, tests/unit/test_batch_scoring.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import sklearn
 
 from factorywatch.contracts import Telemetry
-from factorywatch.detector.core import score
+from factorywatch.detector.batch_scoring import score
 from factorywatch.model import artifact
 from factorywatch.model.dataset import UCI_FILE, Dataset, load
 from factorywatch.model.features import DEFAULT_FEATURE_SET

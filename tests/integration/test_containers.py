@@ -323,7 +323,8 @@ def test_runtime_and_ops_commands_start_without_the_training_libraries() -> None
         "             ['web'], ['history', 'record'], ['notify'],\n"
         "             ['cluster', 'bootstrap', '--nats-servers', 'nats://n:4222']):\n"
         "    parser.parse_args(argv)\n"
-        "import factorywatch.detector.service, factorywatch.web.app, factorywatch.recorder\n"
+        "import factorywatch.detector.mosquitto_shell, factorywatch.web.app\n"
+        "import factorywatch.history_recorder\n"
         "print('loaded')\n"
     )
     done = subprocess.run(

@@ -13,7 +13,7 @@ from typing import get_args
 import pytest
 
 from factorywatch.contracts import AnomalyKind
-from factorywatch.detector.core import score
+from factorywatch.detector.batch_scoring import score
 from factorywatch.model import artifact
 from factorywatch.sensors.simulator import MachineSimulator
 

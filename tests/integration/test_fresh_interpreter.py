@@ -37,21 +37,21 @@ import sys
 for m in ('pandas', 'sklearn', 'matplotlib', 'kagglehub', 'yaml'): sys.modules[m] = None
 from pathlib import Path
 import numpy as np
-from factorywatch.detector import calibrating
+from factorywatch.detector import calibration_window
 from factorywatch.errors import FactorywatchError
 from factorywatch.model import artifact
 from factorywatch.model.asset import CalibrateSpec, load_asset
 asset = load_asset(Path({str(config)!r}), need_channels=False)
-calibrating.check_fittable(asset.calibrate)
+calibration_window.check_fittable(asset.calibrate)
 rng = np.random.default_rng(0)
 rows = tuple(tuple(float(v) for v in rng.normal(size=2)) for _ in range(60))
-request = calibrating.FitRequest("m1", "l1", ("a", "b"), rows, asset.calibrate)
-trained = calibrating.fit(request)
+request = calibration_window.FitRequest("m1", "l1", ("a", "b"), rows, asset.calibrate)
+trained = calibration_window.fit(request)
 folder = artifact.route_dir(Path({str(tmp_path)!r}), "machine", "m1")
 artifact.save_generic(folder, trained.scorer, trained.card)
 artifact.promote(folder, trained.card.version)
 try:
-    calibrating.check_fittable(CalibrateSpec(readings=60))
+    calibration_window.check_fittable(CalibrateSpec(readings=60))
 except FactorywatchError as exc:
     print("refused:", exc)
 print("fitted", trained.card.scorer_family, trained.card.data.rows)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from factorywatch.contracts import Verdict
-from factorywatch.detector import calibrating
+from factorywatch.detector import calibration_window
 from factorywatch.model import artifact
 from factorywatch.model.asset import CalibrateSpec
 from factorywatch.model.generic import fit_columns, score_recording
@@ -187,8 +187,8 @@ def test_per_machine_model_and_live_calibration_survive_kill9(
     assert {v.model_version for v in served} == {own_b}
     assert [v.seq for v in b] == list(range(120))
     # The saved model is the one an offline fit on exactly the first 60 readings gives.
-    offline = calibrating.fit(
-        calibrating.FitRequest(
+    offline = calibration_window.fit(
+        calibration_window.FitRequest(
             machine="pump-b",
             line="line1",
             channels=CHANNELS,

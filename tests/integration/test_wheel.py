@@ -76,7 +76,7 @@ def test_the_detector_runs_without_the_training_libraries(venv: Path, tmp_path: 
     """The base install has no scikit-learn, pandas, matplotlib or kagglehub; detect still loads."""
     for heavy in ("sklearn", "pandas", "matplotlib", "kagglehub"):
         assert _run(venv, tmp_path, "python", "-c", f"import {heavy}").returncode != 0, heavy
-    done = _run(venv, tmp_path, "python", "-c", "import factorywatch.detector.service")
+    done = _run(venv, tmp_path, "python", "-c", "import factorywatch.detector.mosquitto_shell")
     assert done.returncode == 0, done.stderr
 
 

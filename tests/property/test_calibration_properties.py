@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from factorywatch.contracts import Telemetry
-from factorywatch.detector.core import Received
+from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.engine import Engine
 from factorywatch.detector.router import Router
 from factorywatch.model.artifact import LoadedModel

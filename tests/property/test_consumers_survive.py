@@ -15,10 +15,10 @@ from factorywatch.contracts import AI4I_CHANNELS
 from factorywatch.detector import state
 from factorywatch.detector.engine import Engine, Inbound
 from factorywatch.detector.sparkplug import SparkplugIngest, SparkplugSettings
+from factorywatch.history_recorder import Recorder
 from factorywatch.history_store import HistorySettings, HistoryStore
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
-from factorywatch.recorder import Recorder
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.fuzz.consumers_target import NOW, TOPICS, check, seeds

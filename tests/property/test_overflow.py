@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from factorywatch.contracts import AI4I_CHANNELS, TORQUE, Telemetry, Verdict
 from factorywatch.dashboard import DashboardModel
-from factorywatch.detector.core import score
+from factorywatch.detector.batch_scoring import score
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.features import FEATURE_LIMIT, FEATURE_SETS, compute_features

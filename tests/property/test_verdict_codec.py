@@ -33,7 +33,7 @@ channels = st.from_regex(CHANNEL_PATTERN, fullmatch=True)
 
 
 def contributions(values: st.SearchStrategy[float]) -> st.SearchStrategy[list[Contribution]]:
-    """Explanations as ``core._contributions`` builds them (``model_construct``)."""
+    """Explanations as ``batch_scoring._contributions`` builds them (``model_construct``)."""
     one = st.builds(
         lambda f, v, z: Contribution.model_construct(feature=f, value=v, z=round(z, 3)),
         id_text,
@@ -44,7 +44,8 @@ def contributions(values: st.SearchStrategy[float]) -> st.SearchStrategy[list[Co
 
 
 def verdict_values(explained: st.SearchStrategy[list[Contribution]]) -> st.SearchStrategy[Any]:
-    """The values ``core._verdict`` passes on: a reading's identity and the engine's figures."""
+    """The values ``batch_scoring._verdicts`` passes on: a reading's identity and the engine's
+    figures."""
     return st.fixed_dictionaries(
         {
             "machine_id": ids,

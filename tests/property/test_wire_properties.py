@@ -15,7 +15,7 @@ from factorywatch.contracts import (
     MAX_CHANNELS,
     Telemetry,
 )
-from factorywatch.detector.core import Decoder, Received
+from factorywatch.detector.batch_scoring import Decoder, Received
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.errors import DEAD_LETTER_REASONS, PayloadError
 from factorywatch.model.features import DERIVED, FEATURE_SETS, PRODUCT_TYPE_COLUMN, compute_features

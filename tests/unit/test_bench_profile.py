@@ -5,11 +5,11 @@ from __future__ import annotations
 from bench.profile import Profile
 
 RAW = [
-    "<module> (factorywatch/cli.py:535);DetectorService.run (detector/service.py:244);"
+    "<module> (factorywatch/cli.py:535);DetectorService.run (detector/mosquitto_shell.py:244);"
     "Client.loop (paho/mqtt/client.py:1625) 6",
-    "<module> (factorywatch/cli.py:535);DetectorService.run (detector/service.py:249);"
-    "score (detector/core.py:207);FlatForest.score (model/fastforest.py:171) 3",
-    "<module> (factorywatch/cli.py:535);DetectorService.run (detector/service.py:250);"
+    "<module> (factorywatch/cli.py:535);DetectorService.run (detector/mosquitto_shell.py:249);"
+    "score (detector/batch_scoring.py:207);FlatForest.score (model/fastforest.py:171) 3",
+    "<module> (factorywatch/cli.py:535);DetectorService.run (detector/mosquitto_shell.py:250);"
     "BaseModel.model_validate_json (pydantic/main.py:847) 1",
     "Thread.run (threading.py:982);BaseServer.serve_forever (socketserver.py:233) 2",
     "garbage line without a count",
@@ -22,8 +22,8 @@ def test_samples_are_split_by_where_the_innermost_frame_is() -> None:
     profile = Profile.parse(RAW)
     assert profile.samples == 12
     assert profile.by_where == {"paho-mqtt": 6, "factorywatch": 4, "other": 2}
-    assert profile.inclusive["DetectorService.run (detector/service.py)"] == 10
-    assert profile.inclusive["score (detector/core.py)"] == 3
+    assert profile.inclusive["DetectorService.run (detector/mosquitto_shell.py)"] == 10
+    assert profile.inclusive["score (detector/batch_scoring.py)"] == 3
     assert profile.self_time["Client.loop (paho/mqtt/client.py)"] == 6
 
 
@@ -31,4 +31,4 @@ def test_markdown_shows_shares() -> None:
     """The tables give each share in percent of all samples."""
     text = "\n".join(Profile.parse(RAW).markdown(top=3))
     assert "| paho-mqtt | 6 | 50.0 % |" in text
-    assert "| `DetectorService.run (detector/service.py)` | 83.3 % |" in text
+    assert "| `DetectorService.run (detector/mosquitto_shell.py)` | 83.3 % |" in text

@@ -17,11 +17,11 @@ from factorywatch.contracts import (
     Telemetry,
     Verdict,
 )
-from factorywatch.detector.core import Decoder, Received
+from factorywatch.detector.batch_scoring import Decoder, Received
 from factorywatch.errors import PayloadError
+from factorywatch.history_recorder import decode as recorder_decode
 from factorywatch.history_store import HistoryStore
 from factorywatch.notify import Notifier, NotifySettings
-from factorywatch.recorder import decode as recorder_decode
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.support import TYPICAL

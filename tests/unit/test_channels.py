@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from factorywatch.channels import ChannelNameError, canonical, is_canonical, map_names
 from factorywatch.contracts import Telemetry
-from factorywatch.detector.core import Decoder, Received
+from factorywatch.detector.batch_scoring import Decoder, Received
 from factorywatch.errors import PayloadError
 from factorywatch.topics import Topics
 

@@ -13,7 +13,7 @@ from factorywatch.contracts import (
     DeadLetter,
     Telemetry,
 )
-from factorywatch.detector.core import Decoder, Received, dead_letter
+from factorywatch.detector.batch_scoring import Decoder, Received, dead_letter
 from factorywatch.errors import DEAD_LETTER_REASONS, PayloadError
 from factorywatch.topics import Topics
 from tests.support import TYPICAL

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Telemetry, Verdict
-from factorywatch.detector.service import DetectorService
+from factorywatch.detector.mosquitto_shell import DetectorService
 from factorywatch.detector.transport import MemoryTransport
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel

@@ -9,7 +9,7 @@ import pytest
 
 from factorywatch.channels import canonical
 from factorywatch.contracts import Telemetry
-from factorywatch.detector.core import score
+from factorywatch.detector.batch_scoring import score
 from factorywatch.errors import DatasetError
 from factorywatch.model import artifact
 from factorywatch.model.calibration import folds

@@ -9,7 +9,7 @@ import numpy as np
 
 from factorywatch.channels import canonical
 from factorywatch.contracts import Telemetry, Verdict
-from factorywatch.detector.service import DetectorService
+from factorywatch.detector.mosquitto_shell import DetectorService
 from factorywatch.detector.transport import MemoryTransport
 from factorywatch.model import artifact
 from factorywatch.model.generic import fit_columns, score_recording

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from factorywatch.cli import main
-from factorywatch.history import episodes, parse_since
+from factorywatch.history_episodes import episodes, parse_since
 from factorywatch.history_store import HistoryStore
 from tests.support import reading
 

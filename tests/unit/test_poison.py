@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 
 from factorywatch.contracts import DeadLetter, Telemetry
-from factorywatch.detector.core import Decoder, Received
+from factorywatch.detector.batch_scoring import Decoder, Received
 from factorywatch.detector.engine import Engine, Inbound
 from factorywatch.detector.ingest import JsonIngest, Reading
-from factorywatch.detector.service import DetectorService
+from factorywatch.detector.mosquitto_shell import DetectorService
 from factorywatch.detector.transport import MemoryTransport
 from factorywatch.errors import PayloadError
+from factorywatch.history_recorder import Recorder
 from factorywatch.history_store import HistoryError, HistorySettings, HistoryStore
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
-from factorywatch.recorder import Recorder
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import Topics
 from tests.support import reading

@@ -8,8 +8,8 @@ from factorywatch.accounts import AccountRegistry
 from factorywatch.contracts import Telemetry, TelemetryBatch
 from factorywatch.detector.registry import Registry
 from factorywatch.errors import PayloadError
+from factorywatch.history_recorder import decode
 from factorywatch.history_store import HistoryStore
-from factorywatch.recorder import decode
 from factorywatch.topics import Topics
 from tests.support import reading
 

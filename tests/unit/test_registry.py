@@ -12,7 +12,7 @@ from factorywatch.accounts import AccountRegistry, RegistryError, read_registry,
 from factorywatch.broker import BASE_ACL, acl_with_accounts
 from factorywatch.contracts import AI4I_CHANNELS, DEFAULT_MAX_FUTURE_SKEW_S
 from factorywatch.credentials import add_user, init_secrets, register, remove_user
-from factorywatch.detector.core import Decoder, Received
+from factorywatch.detector.batch_scoring import Decoder, Received
 from factorywatch.detector.registry import Registry
 from factorywatch.errors import PayloadError
 from factorywatch.topics import Topics

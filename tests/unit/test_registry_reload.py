@@ -12,7 +12,7 @@ import pytest
 from factorywatch.accounts import AccountRegistry, write_registry
 from factorywatch.contracts import DeadLetter, TelemetryBatch
 from factorywatch.detector.alerting import AlertPolicy
-from factorywatch.detector.core import Received
+from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.engine import Engine, EngineSettings, Outcome
 from factorywatch.detector.registry import Registry, RegistryFile
 from factorywatch.detector.runner import Runner, RunnerSettings

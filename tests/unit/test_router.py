@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from factorywatch.contracts import Telemetry, Verdict
-from factorywatch.detector import calibrating
-from factorywatch.detector.core import CALIBRATING_VERSION, Received
+from factorywatch.detector import calibration_window
+from factorywatch.detector.batch_scoring import CALIBRATING_VERSION, Received
 from factorywatch.detector.engine import Engine, EngineSettings, Outcome
 from factorywatch.detector.router import Router
 from factorywatch.model import artifact
@@ -152,7 +152,7 @@ def test_calibrating_verdicts_then_the_fitted_model_serves(
         ("CALIBRATING", 60)
     ] * 5
     assert engine.take_fit_requests() == []  # one fit per window
-    trained = calibrating.fit(request)
+    trained = calibration_window.fit(request)
     folder = artifact.route_dir(tmp_path, "machine", "new-1")
     artifact.save_generic(folder, trained.scorer, trained.card)
     fitted = artifact.load(folder, trained.card.version)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from factorywatch.contracts import Telemetry, Verdict
-from factorywatch.detector.service import DetectorService
+from factorywatch.detector.mosquitto_shell import DetectorService
 from factorywatch.detector.transport import MemoryTransport
 from factorywatch.errors import DatasetError
 from factorywatch.model import artifact

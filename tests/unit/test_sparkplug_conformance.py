@@ -17,10 +17,10 @@ from factorywatch.broker import BASE_ACL, sparkplug_edge_rights
 from factorywatch.cli import main
 from factorywatch.contracts import AI4I_CHANNELS, Verdict
 from factorywatch.detector.alerting import AlertPolicy, AlertTracker
-from factorywatch.detector.core import Received
+from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.ingest import Reading
+from factorywatch.detector.mosquitto_shell import _sparkplug_out
 from factorywatch.detector.registry import Registry
-from factorywatch.detector.service import _sparkplug_out
 from factorywatch.detector.sparkplug import SparkplugIngest, SparkplugSettings
 from factorywatch.detector.state import MachineRecord
 from factorywatch.errors import FactorywatchError, PayloadError

@@ -9,8 +9,8 @@ from sparkplub_b_packets.core import sparkplug_b as tahu
 from sparkplub_b_packets.core.sparkplug_b import MetricDataType as T
 
 from factorywatch.contracts import AI4I_CHANNELS, Telemetry
+from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.checkpoint import FileCheckpoint
-from factorywatch.detector.core import Received
 from factorywatch.detector.ingest import Reading
 from factorywatch.detector.sparkplug import (
     SparkplugIngest,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from factorywatch.contracts import DeadLetter, Verdict
-from factorywatch.detector.core import Received
+from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.engine import Engine, Inbound, Outcome
 from factorywatch.detector.ingest import Reading
 from factorywatch.detector.sparkplug import SparkplugIngest, SparkplugSettings

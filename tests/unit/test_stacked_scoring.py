@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from factorywatch.contracts import Telemetry, Verdict
-from factorywatch.detector.core import Part, Received, score, score_parts
+from factorywatch.detector.batch_scoring import Part, Received, score, score_parts
 from factorywatch.detector.engine import Engine, EngineSettings
 from factorywatch.detector.router import Router
 from factorywatch.model import artifact

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from factorywatch.contracts import Telemetry
-from factorywatch.detector.service import DetectorService
+from factorywatch.detector.mosquitto_shell import DetectorService
 from factorywatch.detector.transport import MemoryTransport
 from factorywatch.logs import configure_logging
 from factorywatch.model import artifact

@@ -20,7 +20,7 @@ MARGIN = 0.02  # sampling slack over 1,000 verdicts (the target rate is an avera
 @pytest.mark.parametrize("preset", ["windowed", "full"])
 def test_a_new_machine_does_not_alarm_while_its_windows_fill(preset: str) -> None:
     """200 never-seen machines send their first ``window`` readings, drawn from the training
-    distribution, through ``detector.core.score``: the ALERT share stays within the model's
+    distribution, through ``detector.batch_scoring.score``: the ALERT share stays within the model's
     target false-alarm rate plus sampling slack (without the warm-up rule: 37 %, and every
     machine's first verdict an ALERT)."""
     counts = warmup_alerts(preset, machines=MACHINES, readings=WINDOW, far=FAR)

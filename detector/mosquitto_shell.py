@@ -12,7 +12,7 @@ default ``current`` and every machine's and group's own, ``models/{machines,grou
 current``) and account registry reload (``Runner.reload_registry``), drift check, heartbeat,
 every changed record and a full snapshot.
 
-Routes and live calibration: ``detector/calibration_worker.py`` (shared with the JetStream
+Routes and live calibration: ``detector/route_models.py`` (shared with the JetStream
 shell) binds promoted route models and fits full calibration windows on a worker thread;
 each turn polls it between batches.
 """
@@ -30,13 +30,6 @@ import structlog
 
 from factorywatch.contracts import ClientStatus
 from factorywatch.detector.alerting import AlertPolicy
-from factorywatch.detector.bookkeeping import (
-    Counters,
-    reload_model,
-    serve_metrics,
-    sync_drift_metrics,
-)
-from factorywatch.detector.calibration_worker import CalibrationWorker, make_router
 from factorywatch.detector.checkpoint import FileCheckpoint
 from factorywatch.detector.dedup import SeenCache
 from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome
@@ -45,7 +38,14 @@ from factorywatch.detector.metrics import Metrics
 from factorywatch.detector.mqtt5_transport import Mqtt5Transport
 from factorywatch.detector.mqtt_transport import PahoTransport
 from factorywatch.detector.registry import Registry, RegistryFile
+from factorywatch.detector.route_models import CalibrationWorker, make_router
 from factorywatch.detector.runner import Due, Runner, RunnerSettings, Send
+from factorywatch.detector.shell_common import (
+    Counters,
+    reload_model,
+    serve_metrics,
+    sync_drift_metrics,
+)
 from factorywatch.detector.transport import Driver, commit, send
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings

@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from factorywatch.history import AI4I_HEADER, episodes, parse_since, training_rows, write_ai4i_csv
+from factorywatch.history_episodes import (
+    AI4I_HEADER,
+    episodes,
+    parse_since,
+    training_rows,
+    write_ai4i_csv,
+)
 from tests.support import TYPICAL
 
 

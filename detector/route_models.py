@@ -1,6 +1,6 @@
 """Routes and live calibration around the engine, driven by either shell between batches.
 
-Both shells (Mosquitto: ``detector/service.py``; JetStream: ``detector/jetstream.py``) call
+Both shells (Mosquitto: ``detector/mosquitto_shell.py``; JetStream: ``detector/jetstream.py``) call
 ``poll(engine)`` between batches, never mid-batch. A poll
 
 1. binds every machine's and group's newly promoted model (``models/{machines,groups}/<name>/
@@ -26,12 +26,12 @@ from pathlib import Path
 import structlog
 
 from factorywatch.channels import canonical
-from factorywatch.detector import calibrating
-from factorywatch.detector.bookkeeping import Counters
-from factorywatch.detector.calibrating import FitRequest
+from factorywatch.detector import calibration_window
+from factorywatch.detector.calibration_window import FitRequest
 from factorywatch.detector.engine import Engine
 from factorywatch.detector.metrics import Metrics
 from factorywatch.detector.router import Router
+from factorywatch.detector.shell_common import Counters
 from factorywatch.errors import FactorywatchError, ModelError
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel, RouteKind, ScorerKind
@@ -50,7 +50,7 @@ def make_router(asset_config: Path | None, model: LoadedModel) -> Router:
     if asset_config is None:
         return Router(model)
     asset = load_asset(asset_config, need_channels=False)
-    calibrating.check_fittable(asset.calibrate)
+    calibration_window.check_fittable(asset.calibrate)
     return Router(
         model,
         asset.group_specs(),
@@ -61,7 +61,7 @@ def make_router(asset_config: Path | None, model: LoadedModel) -> Router:
 
 def fit_and_save(model_dir: Path, request: FitRequest, scorer: ScorerKind) -> LoadedModel:
     """Fit a calibration window, save and promote it as the machine's model; load it."""
-    trained = calibrating.fit(request)
+    trained = calibration_window.fit(request)
     card = trained.card.model_copy(
         update={
             "params": {

@@ -1,4 +1,4 @@
-"""detector.core.score: one verdict per reading, ALERT iff score > threshold, explanations."""
+"""batch_scoring.score: one verdict per reading, ALERT iff score > threshold, explanations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from factorywatch.contracts import Telemetry
-from factorywatch.detector.core import score
+from factorywatch.detector.batch_scoring import score
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.dataset import Dataset, load
