@@ -1,4 +1,4 @@
-"""The detector's pure core: decode -> validate -> features -> score -> verdicts.
+"""The detector's pure scoring of a batch: decode -> validate -> features -> score -> verdicts.
 
 No paho, no files, no logging: values in, values out. The MQTT shell feeds it raw
 ``(topic, payload, received_at)`` triples and publishes what comes back.

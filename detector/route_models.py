@@ -1,4 +1,4 @@
-"""Routes and live calibration around the engine, driven by either shell between batches.
+"""The models the routes serve, kept current between batches by either shell.
 
 Both shells (Mosquitto: ``detector/mosquitto_shell.py``; JetStream: ``detector/jetstream.py``) call
 ``poll(engine)`` between batches, never mid-batch. A poll

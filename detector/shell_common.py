@@ -1,6 +1,6 @@
-"""What both detector shells do around the engine: counters, metrics, drift reports, reloads.
+"""What both detector shells share around the engine: counters, metrics, drift reports, reloads.
 
-The Mosquitto service (``detector/mosquitto_shell.py``) and the JetStream runner
+The Mosquitto shell (``detector/mosquitto_shell.py``) and the JetStream runner
 (``detector/jetstream.py``) drive the same engine; counting its outcomes, reporting drift and
 swapping in a newly promoted model are the same for both, so they live here once.
 """

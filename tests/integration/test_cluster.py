@@ -452,7 +452,8 @@ def test_jetstream_detector_reports_drift_like_the_mosquitto_one(
     topic_root: str,
 ) -> None:
     """A stream of mostly faulty readings moves the ALERT share away from training: the
-    cluster detector logs drift_started and its metrics say so (the service's drift code)."""
+    cluster detector logs drift_started and its metrics say so (the Mosquitto shell's drift
+    code)."""
     cluster = nats_cluster
     detector = start_detector(
         spawn,
