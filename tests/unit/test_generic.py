@@ -121,10 +121,10 @@ def test_too_little_training_data_is_a_clear_error() -> None:
     ("family", "likelihood"),
     [("iforest", False), ("pca", False), ("mahalanobis", False), ("iforest", True)],
 )
-def test_detector_core_streams_the_same_scores(
+def test_batch_scoring_streams_the_same_scores(
     tmp_path: Path, family: str, likelihood: bool
 ) -> None:
-    """Saved, loaded and fed v2 readings with the CSV's raw names, the detector's core
+    """Saved, loaded and fed v2 readings with the CSV's raw names, the detector's batch scoring
     gives each machine exactly the batch evaluation's scores (windows and the anomaly
     likelihood's state kept per machine)."""
     rec = recording(["noise_burst"], seed=8, rows=700)
