@@ -545,13 +545,16 @@ class Engine:
         version = model.version
         observe = self.tracker.observe
         scale = scale_of(model.card)
+        follow = model.card.follow()
         states = self.states
         for verdict, (reading, outcome) in zip(verdicts, items, strict=True):
             if reading.historical:
                 verdict = verdict.model_copy(update={"historical": True})  # noqa: PLW2901
             known = states.get(verdict.machine_id)
-            if known is not None and known.tuning.threshold is not None:
-                verdict = rejudge(verdict, known.tuning.threshold)  # noqa: PLW2901
+            if known is not None:
+                cut = known.tuning.judged_by(scale, follow, version)
+                if cut != scale.threshold:
+                    verdict = rejudge(verdict, cut)  # noqa: PLW2901
             try:
                 payload = encode_verdict(verdict)
                 events = observe(
@@ -577,6 +580,7 @@ class Engine:
             rate_change = None
             if not reading.historical:
                 tuning = record.tuning
+                tuning.follow_normal(follow, verdict, version)
                 rate_change = tuning.count(verdict.status == "ALERT", scale)
                 if record.alert_id is not None and record.peak_score is not None:
                     tuning.remember_peak(record.alert_id, record.peak_score)

@@ -14,6 +14,11 @@ shown on its retained state topic):
   ``<root>/commands/<line>/<m>/threshold``. The threshold never rises above the card's plus
   ``RAISE_CAP`` spreads: feedback can quieten a machine, never silence it. Every change is
   recorded (who, when, why, before, after; the last ``ADJUSTMENTS_KEPT``).
+* **Following.** A card with a following threshold (``model.threshold.Follow``) judges each
+  machine by that threshold plus how far the machine's normal score level (an exponential
+  mean of its live NORMAL verdicts' scores, kept here) has risen above the card's median
+  calibration score, at most ``Follow.cap`` spreads; the verdict carries the threshold it
+  was judged by.
 * **Realized alarm rate.** Each live verdict updates an exponentially weighted share of ALERT
   verdicts (time constant ``max(RATE_MIN_READINGS, RATE_SPAN_TARGETS / target)`` readings).
   Once that many readings were counted, a rate above ``RATE_BOUND`` x the card's target is
@@ -29,6 +34,7 @@ from typing import Any, Final, Literal
 
 from factorywatch.contracts import MAX_THRESHOLD_CHANGES, ThresholdChange, Verdict
 from factorywatch.model.artifact import ModelCard
+from factorywatch.model.threshold import Follow
 
 #: a false alarm's threshold goes this many spreads above the alert's peak score
 FEEDBACK_MARGIN: Final = 0.1
@@ -93,10 +99,31 @@ class Tuning:
     peaks: dict[str, float] = field(default_factory=dict)
     #: the changes, oldest first: {at, by, action, alert_id, note, before, after}
     adjustments: list[dict[str, Any]] = field(default_factory=list)
+    #: its normal score level for a following threshold (``model.threshold.Follow``) and
+    #: the model version that level is of (another model's scores start it over)
+    level: float | None = None
+    level_model: str | None = None
 
     def effective(self, scale: Scale) -> float:
-        """The threshold this machine's verdicts are judged by."""
+        """The threshold an operator's adjustments leave (before any following)."""
         return scale.threshold if self.threshold is None else self.threshold
+
+    def judged_by(self, scale: Scale, follow: Follow | None, model: str) -> float:
+        """The threshold this machine's next verdict is judged by: ``effective`` plus how far
+        its normal score level has risen under the card's following rule."""
+        if follow is None:
+            return self.effective(scale)
+        if self.level is None or self.level_model != model:
+            self.level, self.level_model = follow.median, model
+        return self.effective(scale) + follow.offset(self.level)
+
+    def follow_normal(self, follow: Follow | None, verdict: Verdict, model: str) -> None:
+        """Move the normal score level by one live verdict's score, if it is NORMAL."""
+        if follow is None or verdict.status != "NORMAL":
+            return
+        if self.level is None or self.level_model != model:
+            self.level, self.level_model = follow.median, model
+        self.level = follow.update(self.level, verdict.score)
 
     def remember_peak(self, alert_id: str, peak: float) -> None:
         """Keep an alert's (latest) peak score for a later false-alarm label."""
@@ -195,6 +222,8 @@ class Tuning:
             "target": self.target,
             "peaks": dict(self.peaks),
             "adjustments": list(self.adjustments),
+            "level": self.level,
+            "level_model": self.level_model,
         }
 
     @classmethod
@@ -211,6 +240,8 @@ class Tuning:
             target=None if data.get("target") is None else float(data["target"]),
             peaks={str(k): float(v) for k, v in (data.get("peaks") or {}).items()},
             adjustments=list(data.get("adjustments") or []),
+            level=None if data.get("level") is None else float(data["level"]),
+            level_model=data.get("level_model"),
         )
 
 

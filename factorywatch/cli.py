@@ -160,6 +160,13 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
         "last 10 scores against the machine's last 1000 (started with the training scores)",
     )
     g.add_argument(
+        "--follow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each machine's threshold follows its normal score level up, by at most one "
+        "spread (--no-follow: a fixed threshold)",
+    )
+    g.add_argument(
         "--far",
         type=float,
         default=calibration.DEFAULT_FAR,
@@ -381,6 +388,7 @@ def _fit_spec(args: argparse.Namespace) -> Any:
             trees=args.trees,
             seed=args.seed,
             likelihood=args.likelihood,
+            follow=args.follow,
         )
     except ValueError as exc:
         raise FactorywatchError(str(exc)) from None

@@ -41,7 +41,7 @@ from factorywatch.model.features import DERIVED, required_channels
 from factorywatch.model.pipeline import Pipeline, PipelineSpec, State
 from factorywatch.model.promotions import Action, Promotion, read_log, record, rollback_target
 from factorywatch.model.scoring import FloatArray, Scorer, SklearnScorer
-from factorywatch.model.threshold import ThresholdSpec
+from factorywatch.model.threshold import Follow, ThresholdSpec
 
 if TYPE_CHECKING:
     from sklearn.ensemble import IsolationForest
@@ -99,6 +99,19 @@ class ModelCard(BaseModel):
     pipeline: PipelineSpec | None = None
     scorer_family: Literal["iforest", "pca", "mahalanobis"] = "iforest"
 
+    def follow(self) -> Follow | None:
+        """The card's following threshold (``model.threshold.Follow``): cards that name its
+        span and cap in ``params`` and carry their median calibration score; None for the
+        others (their threshold stays fixed)."""
+        span, cap = self.params.get("follow_span"), self.params.get("follow_cap")
+        median = self.metrics.get("calibration_score_p50")
+        if span is None or cap is None or median is None:
+            return None
+        spread = self.threshold - median
+        if not (np.isfinite(spread) and spread > 0.0):
+            return None
+        return Follow(median=median, spread=spread, span=float(span), cap=float(cap))
+
 
 def new_version(now: datetime | None = None) -> str:
     """A sortable, unique version id such as ``20261124T204400Z-3f9a``."""
@@ -130,7 +143,7 @@ class LoadedModel:
     scale: FloatArray
     pipeline: Pipeline | None = None
     # Interim home of each machine's window state (machine id -> state) until the engine
-    # keeps it in its keyed per-machine state; ``detector.core.score`` uses it by default.
+    # keeps it in its keyed per-machine state; ``detector.batch_scoring.score`` uses it by default.
     states: dict[str, State] = field(default_factory=dict)
 
     @property

@@ -1,7 +1,7 @@
 """``FitSpec``: the parameters of fitting a generic model, in one frozen value.
 
 The CLI (``train --csv`` / ``evaluate --csv`` / ``--nab``), the evaluation
-(``model.streams``) and live calibration (``detector/calibrating.py``) all build one and
+(``model.streams``) and live calibration (``detector/calibration_window.py``) all build one and
 hand it to ``model.generic.fit_recording`` / ``fit_columns``, so a default or a new
 parameter is written once, here.
 """
@@ -25,7 +25,8 @@ DEFAULT_TREES: Final = 200
 @dataclass(frozen=True)
 class FitSpec:
     """How to fit: feature preset and window, score smoothing, scorer family, target
-    false-alarm rate, forest size and seed, and whether the score is the anomaly likelihood."""
+    false-alarm rate, forest size and seed, whether the score is the anomaly likelihood and
+    whether each machine's threshold follows its normal score level."""
 
     preset: str = DEFAULT_PRESET
     window: int = DEFAULT_WINDOW
@@ -36,6 +37,8 @@ class FitSpec:
     seed: int = 0
     # score = anomaly likelihood of the smoothed scores (``model.pipeline``, step 5)
     likelihood: bool = False
+    # each machine's threshold follows its normal score level up (``model.threshold.Follow``)
+    follow: bool = True
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:

@@ -59,7 +59,7 @@ from factorywatch.model.fitspec import (
 )
 from factorywatch.model.pipeline import Pipeline, Step, likelihood_for, likelihood_threshold
 from factorywatch.model.scoring import robust_center_scale
-from factorywatch.model.threshold import ThresholdSpec
+from factorywatch.model.threshold import FOLLOW_CAP, FOLLOW_SPAN, ThresholdSpec
 
 if TYPE_CHECKING:  # pandas (the train extra) only where a recording is read
     from factorywatch.model.recording import Recording
@@ -271,6 +271,8 @@ def fit_recording(
             "window": window,
             "smooth": smooth,
             "likelihood": spec.likelihood,
+            "follow_span": FOLLOW_SPAN if spec.follow else None,
+            "follow_cap": FOLLOW_CAP if spec.follow else None,
             "n_estimators": trees if family == "iforest" else None,
             "random_state": seed,
             "calibration_folds": FOLDS,
@@ -332,7 +334,18 @@ def score_recording(
         [o is not None for o in envelope.outside(columns, n)] if envelope else [False] * n,
         dtype=np.bool_,
     )
-    return Scores(score=score, outside=outside, flagged=(score > model.card.threshold) | outside)
+    threshold = model.card.threshold
+    follow = model.card.follow()
+    if follow is None:
+        return Scores(score=score, outside=outside, flagged=(score > threshold) | outside)
+    # each machine's threshold follows its normal score level, reading by reading
+    flagged = np.empty(n, dtype=np.bool_)
+    keys = np.asarray(groups) if groups else np.zeros(n, dtype=np.intp)
+    for key in dict.fromkeys(keys.tolist()):
+        rows = np.flatnonzero(keys == key)
+        flags, _ = follow.flags(score[rows].tolist(), outside[rows].tolist(), threshold)
+        flagged[rows] = flags
+    return Scores(score=score, outside=outside, flagged=flagged)
 
 
 def fit_columns(

@@ -17,11 +17,23 @@ The *clear* threshold is the lower edge of the alert hysteresis: an open alert c
 after readings at or below it (``detector.alerting``). It is the score that
 ``CLEAR_FALSE_ALARM_RATE`` of the training readings exceed, never above the threshold, so a
 machine hovering just under the alarm line keeps its alert open.
+
+A *following* threshold (``Follow``, cards trained by ``train --csv`` and live calibration):
+a machine's threshold rises with its own normal score level, the way DSPOT (Siffer et al.
+2017) moves its threshold with a moving average. Each machine keeps ``level``, an exponential
+mean (time constant ``FOLLOW_SPAN`` readings) of its scores, updated only by NORMAL verdicts
+and started at the median calibration score. The threshold is the card's plus how far that
+level has risen above the median, at most ``FOLLOW_CAP`` spreads (the card's threshold minus
+its median calibration score). A machine whose normal operation scores a little higher than
+training did (a season, a load, wear) so stops alarming on it, while a fault, which moves the
+score at once and is not NORMAL, does not move the level; the threshold never falls below the
+card's, so following never makes a machine more sensitive than it was trained to be.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +42,46 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Method = Literal["far", "contamination", "quantile", "fixed"]
 DEFAULT_FALSE_ALARM_RATE = 0.03
 CLEAR_FALSE_ALARM_RATE = 0.10
+#: the following threshold's time constant (readings) and its cap (spreads above the card's)
+FOLLOW_SPAN: Final = 300.0
+FOLLOW_CAP: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """A card's following threshold (module doc): where a machine's level starts, the score
+    scale, the time constant and the cap."""
+
+    median: float
+    spread: float
+    span: float = FOLLOW_SPAN
+    cap: float = FOLLOW_CAP
+
+    def offset(self, level: float) -> float:
+        """How far the threshold has risen above the card's at this ``level``."""
+        return min(self.cap * self.spread, max(0.0, level - self.median))
+
+    def update(self, level: float, score: float) -> float:
+        """The level after one NORMAL verdict's ``score``."""
+        return level + (score - level) / self.span
+
+    def flags(
+        self, scores: list[float], outside: list[bool], threshold: float
+    ) -> tuple[list[bool], list[float]]:
+        """One machine's ALERT flags and thresholds, reading by reading, from its first: a
+        reading is ALERT when its score is above the followed threshold or it is outside
+        the training envelope; a NORMAL one moves the level."""
+        level = self.median
+        flagged: list[bool] = []
+        thresholds: list[float] = []
+        for value, out in zip(scores, outside, strict=True):
+            cut = threshold + self.offset(level)
+            alert = out or value > cut
+            flagged.append(alert)
+            thresholds.append(cut)
+            if not alert:
+                level = self.update(level, value)
+        return flagged, thresholds
 
 
 class ThresholdSpec(BaseModel):

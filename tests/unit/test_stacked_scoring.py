@@ -32,9 +32,12 @@ def _normal(rng: np.random.Generator, n: int, channels: tuple[str, ...]) -> dict
 
 
 def _model(tmp: Path, seed: int, family: str = "iforest", **kwargs: Any) -> LoadedModel:
-    """A windowed model fitted on normal readings and loaded as the detector does."""
+    """A windowed model fitted on normal readings and loaded as the detector does (a fixed
+    threshold: these tests are about routing; ``test_threshold_follow`` follows)."""
     columns = _normal(np.random.default_rng(seed), 400, CHANNELS)
-    trained = fit_columns(columns, family=family, trees=10 + seed, seed=seed, **kwargs)
+    trained = fit_columns(
+        columns, family=family, trees=10 + seed, seed=seed, follow=False, **kwargs
+    )
     folder = tmp / f"m{seed}"
     artifact.save_generic(folder, trained.scorer, trained.card)
     return artifact.load(folder, trained.card.version)
