@@ -414,6 +414,14 @@ def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
             for preset in ("windowed", "drift", "auto")
             if preset != spec.preset
         ]
+        # the default with the other threshold rule (following or fixed)
+        rule = "fixed threshold" if spec.follow else "following threshold"
+        configs.append(
+            streams.Config(
+                name=f"per-run {spec.preset} {spec.family} {rule}",
+                spec=spec.replace(follow=not spec.follow),
+            )
+        )
         # the same configurations with (or without) the anomaly likelihood
         flip, label = not spec.likelihood, "likelihood" if not spec.likelihood else "raw score"
         configs += [
