@@ -247,6 +247,13 @@ def fit_recording(
         f"forward in time: a threshold set on the earlier {FOLDS - 1} blocks raised "
         f"{forward:.2%} false alarms on the last block (target {far:.2%})"
     )
+    median = float(np.quantile(calibration, 0.5))
+    if spec.follow and cut > median:
+        progress(
+            f"each machine's threshold follows its normal score level up, by at most "
+            f"{FOLLOW_CAP * (cut - median):.4f} (to {cut + FOLLOW_CAP * (cut - median):.4f}; "
+            "--no-follow: fixed)"
+        )
     in_sample = base.smooth_scores(scorer.score(pipeline.project(named)), groups or None)
     center, scale = robust_center_scale(named)
     # A channel scored by its departure from a slow baseline (or, moving while normal, by its
@@ -294,7 +301,7 @@ def fit_recording(
             "forward_far": forward,
             "calibration_alert_rate": float(np.mean(calibration > cut)),
             "train_alert_rate": float(np.mean(in_sample > cut)),
-            "calibration_score_p50": float(np.quantile(calibration, 0.5)),
+            "calibration_score_p50": median,
         },
         pipeline=pipeline.spec,
         scorer_family=family if family in {"pca", "mahalanobis"} else "iforest",
