@@ -82,21 +82,23 @@ def test_primary_host_id_without_sparkplug_on_mosquitto_is_refused(
     assert "--primary-host-id needs --sparkplug" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("how", ["flag", "env"])
+@pytest.mark.parametrize("how", ["flag", "env", "out"])
 def test_sparkplug_on_the_jetstream_engine_is_refused_not_ignored(
     how: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`detect --engine jetstream` with Sparkplug on (flag or environment) stops before the
-    model loads and says why (NATS 2.9's MQTT layer refuses `spBv1.0/...`), instead of
-    serving JSON only while the user believes Sparkplug is read."""
+    """`detect --engine jetstream` with Sparkplug on (flag or environment, in or out) stops
+    before the model loads and says why (NATS 2.9's MQTT layer refuses `spBv1.0/...`),
+    instead of serving JSON only while the user believes Sparkplug is read or published."""
     args = ["detect", "--engine", "jetstream", "--model-dir", str(tmp_path)]
     if how == "flag":
         args.append("--sparkplug")
-    else:
+    elif how == "env":
         monkeypatch.setenv("FACTORYWATCH_DETECTOR_SPARKPLUG", "true")
+    else:  # the detector's own Sparkplug edge node would publish spBv1.0/... too
+        monkeypatch.setenv("FACTORYWATCH_DETECTOR_SPARKPLUG_OUT", "true")
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "needs the Mosquitto detector (--engine mqtt)" in err
