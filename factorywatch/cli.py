@@ -686,10 +686,20 @@ def _add_detect(sub: Any) -> None:
     p.set_defaults(func=cmd_detect)
 
 
+#: why ``detect --engine jetstream`` refuses Sparkplug (docs/guides/scale-out.md, "Limits")
+SPARKPLUG_ON_CLUSTER = (
+    "Sparkplug (--sparkplug, FACTORYWATCH_DETECTOR_SPARKPLUG, FACTORYWATCH_DETECTOR_SPARKPLUG_OUT)"
+    " needs the Mosquitto detector (--engine mqtt): the NATS cluster's MQTT layer (nats-server "
+    "2.9) refuses a topic with '.', and every Sparkplug topic starts with spBv1.0/, so it "
+    "disconnects an edge node instead of storing its message"
+)
+
+
 def _check_transport(settings: DetectorSettings, args: argparse.Namespace) -> None:
     """Refuse, before the model loads, what no transport serves. A Sparkplug primary host
     needs Sparkplug and the Mosquitto detector on paho (its will is the STATE death, stamped
-    per connect; paho is chosen by itself unless told mqtt5), as MQTT 3.1.1 does."""
+    per connect; paho is chosen by itself unless told mqtt5), as MQTT 3.1.1 does. Sparkplug, in
+    or out, needs the Mosquitto detector: no Sparkplug topic passes a NATS 2.9 cluster."""
     if settings.sparkplug_primary_host_id is not None and (
         not settings.sparkplug or args.engine != "mqtt" or settings.transport == "mqtt5"
     ):
@@ -697,6 +707,8 @@ def _check_transport(settings: DetectorSettings, args: argparse.Namespace) -> No
             "--primary-host-id needs --sparkplug (FACTORYWATCH_DETECTOR_SPARKPLUG) and the "
             "Mosquitto detector on paho (--engine mqtt; --transport paho, or leave it unset)"
         )
+    if (settings.sparkplug or settings.sparkplug_out) and args.engine == "jetstream":
+        raise ValueError(SPARKPLUG_ON_CLUSTER)
     if args.engine == "mqtt":
         settings.transport_for(broker_settings(args).protocol)
 

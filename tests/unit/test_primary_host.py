@@ -82,6 +82,29 @@ def test_primary_host_id_without_sparkplug_on_mosquitto_is_refused(
     assert "--primary-host-id needs --sparkplug" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("how", ["flag", "env", "out"])
+def test_sparkplug_on_the_jetstream_engine_is_refused_not_ignored(
+    how: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`detect --engine jetstream` with Sparkplug on (flag or environment, in or out) stops
+    before the model loads and says why (NATS 2.9's MQTT layer refuses `spBv1.0/...`),
+    instead of serving JSON only while the user believes Sparkplug is read or published."""
+    args = ["detect", "--engine", "jetstream", "--model-dir", str(tmp_path)]
+    if how == "flag":
+        args.append("--sparkplug")
+    elif how == "env":
+        monkeypatch.setenv("FACTORYWATCH_DETECTOR_SPARKPLUG", "true")
+    else:  # the detector's own Sparkplug edge node would publish spBv1.0/... too
+        monkeypatch.setenv("FACTORYWATCH_DETECTOR_SPARKPLUG_OUT", "true")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "needs the Mosquitto detector (--engine mqtt)" in err
+    assert "spBv1.0/" in err
+
+
 def _engine(model_dir: Path) -> Engine:
     ingest = SparkplugIngest(SparkplugSettings(reorder_timeout_s=1.0, rebirth_backoff_s=0.0))
     return Engine(artifact.load(model_dir), Topics("t"), extra_ingests=[ingest])
