@@ -78,6 +78,7 @@ class Delivery:
     flag_mismatches: int = 0  # readings whose live ALERT flag differs from offline
     wrong_model: int = 0  # verdicts by another model than the run's (the router's choice)
     max_score_diff: float = 0.0
+    max_score_diff_at: str | None = None  # "machine seq" of the largest difference
 
 
 @dataclass
@@ -404,8 +405,11 @@ class LiveEvaluation:
             answered = ~np.isnan(score)
             delivery.flag_mismatches += int(np.sum(flagged[answered] != ref.flagged[answered]))
             if answered.any():
-                diff = float(np.max(np.abs(score[answered] - ref.score[answered])))
-                delivery.max_score_diff = max(delivery.max_score_diff, diff)
+                gaps = np.where(answered, np.abs(score - ref.score), 0.0)
+                worst = int(np.argmax(gaps))
+                if gaps[worst] > delivery.max_score_diff:
+                    delivery.max_score_diff = float(gaps[worst])
+                    delivery.max_score_diff_at = f"{machine} {worst}"
             live.append(
                 streams.run_result(
                     rec,
