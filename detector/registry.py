@@ -165,13 +165,15 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
-#: what identifies one version of the file: replaced atomically, a new inode each time
+#: what identifies one version of the file: its modification time (which every rewrite moves
+#: forward, ``accounts.write_registry``), size and inode
 Stamp = tuple[int, int, int]
 
 
 class RegistryFile:
     """The registry file a running detector follows (``broker add-user`` / ``remove-user``
-    and the web view replace it atomically): ``read`` it, ask whether it ``changed`` since."""
+    and the web view rewrite it in place, so a single-file bind mount in Docker Compose sees
+    each change): ``read`` it, ask whether it ``changed`` since."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

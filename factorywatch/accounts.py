@@ -23,6 +23,8 @@ per-account blocks (gateways, detector shards). Roles:
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Annotated, Final, Literal
 
@@ -210,8 +212,27 @@ def read_registry(path: Path, *, missing_ok: bool = False) -> AccountRegistry:
 
 
 def write_registry(path: Path, registry: AccountRegistry) -> None:
-    """Write atomically (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(registry.model_dump(mode="json"), indent=2) + "\n")
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    """Write ``path``; an existing file is rewritten in place, keeping its inode.
+
+    Docker Compose mounts the registry into the detector and the web view as a single file
+    (a file secret is a bind mount of the file): a file replaced by a rename would stay
+    invisible there until the container restarts, so a machine added with ``broker
+    add-user`` would be dead-lettered meanwhile. In place, a reader may for an instant meet
+    a half-written file (it then fails to parse, and the detector and the web view keep the
+    registry they had). The modification time is set last, to strictly after every time the
+    file had while it was written: a reader that stamped a half-written file
+    (``RegistryFile``: time, size, inode) always sees it change and reads it again.
+    """
+    text = json.dumps(registry.model_dump(mode="json"), indent=2) + "\n"
+    if not path.is_file():  # a new registry: created whole, readers never see half of it
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+        return
+    with path.open("r+") as fh:
+        fh.write(text)
+        fh.truncate()
+    written = path.stat()
+    os.utime(path, ns=(written.st_atime_ns, max(time.time_ns(), written.st_mtime_ns + 1)))
+    path.chmod(0o644)

@@ -32,7 +32,14 @@ import yaml
 
 from factorywatch import mqtt as fwmqtt
 from factorywatch.broker import free_port
-from factorywatch.contracts import AckCommand, AlertEvent, Telemetry, Verdict
+from factorywatch.contracts import (
+    AckCommand,
+    AlertEvent,
+    DeadLetter,
+    Telemetry,
+    TelemetryBatch,
+    Verdict,
+)
 from factorywatch.errors import BrokerError
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.settings import BrokerSettings
@@ -52,6 +59,9 @@ IMAGES = (
     "factorywatch-alertmanager:latest",
 )
 PROBE = "probe-9"  # a machine added while the stack runs: `broker add-user` + reload
+GATEWAY = "gw-9"  # a gateway added with it, registered for GATEWAY_MACHINE only
+GATEWAY_MACHINE = "ghost-8"
+UNREGISTERED = "ghost-9"  # a machine the registry does not hold
 ANOMALOUS = {  # far outside the power window: an ALERT for any AI4I model
     "air_temperature_k": 300.0,
     "process_temperature_k": 310.0,
@@ -246,7 +256,11 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(
     up_done = time.time()
     topics = Topics()  # subscribed at once: the first verdicts' arrival times are measured
     # As `monitor`: the broker makes the login the client id, and `watch` below is `viewer`.
-    col = Collector(stack.settings("monitor"), [topics.alerts_filter], f"cv-{os.getpid()}")
+    col = Collector(
+        stack.settings("monitor"),
+        [topics.alerts_filter, topics.deadletter_filter],
+        f"cv-{os.getpid()}",
+    )
     try:
         ps = stack.run("ps", "--all", "--format", "{{.Service}} {{.State}} {{.Health}}").stdout
         assert "detector running healthy" in ps, ps
@@ -284,8 +298,17 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(
             assert f"line1/{machine}" in shown, shown
         _web_checks(stack)
 
-        # An alert: a machine added while the stack runs, then raised and acknowledged.
+        # The stack's own machines are in the registry the detector follows: none of their
+        # readings so far was refused by it.
+        refused_early = [d.detail for d in _dead_letters(col) if d.reason.endswith("_machine")]
+        assert refused_early == [], refused_early
+
+        # An alert: a machine added while the stack runs (no detector restart: the detector
+        # reads the registry again at the first reading of a login it does not know), then
+        # raised and acknowledged. A gateway is added beside it.
         _cli("broker", "add-user", PROBE, "--secrets-dir", str(stack.secrets))
+        _cli("broker", "add-user", GATEWAY, "--gateway", "--machines", GATEWAY_MACHINE,
+             "--secrets-dir", str(stack.secrets))  # fmt: skip
         stack.run("kill", "-s", "SIGHUP", "broker")
         probe = _connect_when_reloaded(stack.settings(PROBE), PROBE)
         seq0 = time.time_ns() // 1000
@@ -314,6 +337,45 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(
         assert AlertEvent.model_validate_json(acked[0].payload).acknowledged_by == "compose-test"
         operator.disconnect()
         operator.loop_stop()
+
+        # What only the registry refuses (the broker's ACL lets both through): the probe
+        # claiming another line than its registered one, and the gateway speaking for a
+        # machine the registry does not hold.
+        probe.publish(
+            Telemetry(
+                machine_id=PROBE,
+                line="line2",
+                seq=seq0 + 100,
+                ts=time.time(),
+                attributes={"product_type": "L"},
+                readings=ANOMALOUS,
+            )
+        )
+        gateway = fwmqtt.connected_client(stack.settings(GATEWAY), GATEWAY)
+        batch = TelemetryBatch(
+            readings=[
+                Telemetry(
+                    machine_id=UNREGISTERED,
+                    line="line1",
+                    seq=1,
+                    ts=time.time(),
+                    attributes={"product_type": "L"},
+                    readings=ANOMALOUS,
+                )
+            ]
+        )
+        sent = gateway.publish(topics.batch("line1", GATEWAY), batch.encode(), qos=1)
+        sent.wait_for_publish(10)
+        gateway.disconnect()
+        gateway.loop_stop()
+        refused = {
+            (d.reason, d.detail)
+            for d in _wait_dead_letters(col, lambda d: d.reason.endswith("_machine"), count=2)
+        }
+        assert refused == {
+            ("unauthorized_machine", f"{PROBE!r} may not send for line2/{PROBE} (registry)"),
+            ("unknown_machine", f"machine {UNREGISTERED!r} is not in the registry"),
+        }, refused
         probe.close()
 
         # The operator services saw it: notify pushed it to Alertmanager, the recorder stored
@@ -430,6 +492,28 @@ def test_compose_up_verdicts_alert_ack_restart_and_down(
             check=True,
         ).stdout.split()
         assert left == [], f"{kind}s left after down -v: {left}"
+
+
+def _dead_letters(col: Collector) -> list[DeadLetter]:
+    return [
+        DeadLetter.model_validate_json(m.payload)
+        for m in col.matching(lambda m: "/deadletter/" in m.topic)
+    ]
+
+
+def _wait_dead_letters(
+    col: Collector, accept: Callable[[DeadLetter], bool], count: int
+) -> list[DeadLetter]:
+    """The first ``count`` dead letters that ``accept`` (fails after the collector's timeout)."""
+
+    def matches(message: Message) -> bool:
+        return "/deadletter/" in message.topic and accept(
+            DeadLetter.model_validate_json(message.payload)
+        )
+
+    got = col.wait_for(matches, count=count)
+    assert len(got) >= count, f"dead letters: {[d.detail for d in _dead_letters(col)]}"
+    return [DeadLetter.model_validate_json(m.payload) for m in got[:count]]
 
 
 def _verdict_of(machine: str, min_seq: int = 0) -> Callable[[Message], bool]:

@@ -104,6 +104,11 @@ def test_compose_declares_broker_train_detector_and_three_sensors() -> None:
         "broker": {"condition": "service_healthy"},
         "train": {"condition": "service_completed_successfully"},
     }
+    # The detector follows the account registry (who may speak for which machine), mounted
+    # as the file `broker add-user` rewrites in place.
+    assert {s["target"] for s in detector["secrets"]} == {"detector.password", "registry.json"}
+    registry_file = detector["environment"]["FACTORYWATCH_DETECTOR_REGISTRY_FILE"]
+    assert registry_file == "/run/secrets/registry.json"
     sensors = [name for name in services if name.startswith("sensor-")]
     assert len(sensors) == 3
     declared = compose["secrets"]
@@ -297,6 +302,9 @@ def test_cluster_stack_three_nodes_disjoint_partitions_and_311_sensors() -> None
         assert cmd[cmd.index("--partition-count") + 1] == count
         owned += [int(p) for p in cmd[cmd.index("--partitions") + 1].split(",")]
         assert cmd[cmd.index("--client-id") + 1] == name
+        registry_file = svc["environment"]["FACTORYWATCH_DETECTOR_REGISTRY_FILE"]
+        assert registry_file == "/run/secrets/registry.json", "it follows the registry"
+        assert {s["target"] for s in svc["secrets"]} == {"detector.password", "registry.json"}
         assert svc["depends_on"]["cluster-bootstrap"]["condition"] == (
             "service_completed_successfully"
         )

@@ -153,6 +153,42 @@ def test_a_broken_registry_file_keeps_the_one_in_use(model: LoadedModel, tmp_pat
     assert send(runner, "mz", 1).verdicts
 
 
+def test_the_registry_is_rewritten_in_place_and_every_rewrite_is_seen(
+    model: LoadedModel, tmp_path: Path
+) -> None:
+    """Docker Compose mounts the file itself into the detector: a rewrite keeps the inode (a
+    replaced file would stay invisible there), and each rewrite moves the modification time
+    forward, even one of the same size within one clock tick (ma's line1 -> line2)."""
+    path = tmp_path / "registry.json"
+    runner = start(model, path, BASE)
+    inode, size = path.stat().st_ino, path.stat().st_size
+    moved = AccountRegistry().with_machine("ma", "line2").with_gateway("gw1", ["mc", "md"], "line1")
+    for accounts in (moved, BASE, moved):
+        before = path.stat().st_mtime_ns
+        write_registry(path, accounts)
+        assert (path.stat().st_ino, path.stat().st_size) == (inode, size)
+        assert path.stat().st_mtime_ns > before
+        assert runner.reload_registry() is True
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+    assert send(runner, "ma", 1, line="line2").verdicts
+
+
+def test_a_half_written_registry_is_read_again_once_complete(
+    model: LoadedModel, tmp_path: Path
+) -> None:
+    """A reload that meets the file mid-rewrite (new text over the old, not yet truncated)
+    keeps the registry in use; the finished rewrite is read at the next reload."""
+    path = tmp_path / "registry.json"
+    runner = start(model, path, BASE.with_machine("mlong-name-machine", "line1"))
+    with path.open("r+") as fh:
+        fh.write(BASE.with_machine("mz", "line1").model_dump_json(indent=2)[:-3])
+    assert runner.reload_registry() is False  # it does not parse: the registry in use stays
+    assert send(runner, "ma", 1).verdicts
+    write_registry(path, BASE.with_machine("mz", "line1"))
+    assert runner.reload_registry() is True
+    assert send(runner, "mz", 1).verdicts
+
+
 def test_an_edge_node_added_while_running_speaks_after_the_reload(
     model: LoadedModel, tmp_path: Path
 ) -> None:
