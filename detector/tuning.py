@@ -280,6 +280,7 @@ def rate_notice(
             f"label its false alarms in the web view (each raises its threshold above that "
             f"alarm), or `factorywatch models threshold {machine_id} --line {line} --widen`; "
             "if its normal operation has changed, refit it on recent normal readings "
-            "(`factorywatch history export --false-alarms-as-normal`, then `train --csv`)"
+            f"(`factorywatch history export --machine {machine_id} --false-alarms-as-normal "
+            f"--csv {machine_id}.csv`, then the `train` command it prints)"
         )
     return notice

@@ -12,6 +12,7 @@ import csv
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import IO, Any, Final
 
 _SINCE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -192,3 +193,28 @@ def write_ai4i_csv(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
             ]
         )
     return count
+
+
+def is_ai4i(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether these are an AI4I machine's readings: most of them have the AI4I channels and
+    product type (the AI4I layout; ``write_ai4i_csv`` leaves the others out)."""
+    shaped = sum(
+        r["product_type"] in _PRODUCT_TYPES and all(c in r["readings"] for c in _AI4I_CHANNELS)
+        for r in rows
+    )
+    return bool(rows) and 2 * shaped >= len(rows)
+
+
+def write_channels_csv(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
+    """Write readings of any machine as ``ts`` (ISO 8601, UTC), ``seq`` and one column per
+    channel (every channel any reading has, in first-seen order; blank where a reading lacks
+    one): the layout ``train --csv FILE --time-column ts`` reads. Returns the row count."""
+    kept = list(rows)
+    channels = list(dict.fromkeys(c for r in kept for c in r["readings"]))
+    writer = csv.writer(out)
+    writer.writerow(["ts", "seq", *channels])
+    for r in kept:
+        ch = r["readings"]
+        stamp = datetime.fromtimestamp(float(r["ts"]), UTC).isoformat(timespec="milliseconds")
+        writer.writerow([stamp, r["seq"], *(ch.get(c, "") for c in channels)])
+    return len(kept)

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, Literal
 
 import sqlalchemy as sa
 from pydantic import Field
@@ -28,9 +28,20 @@ from factorywatch.contracts import (
     Verdict,
 )
 from factorywatch.errors import FactorywatchError
-from factorywatch.history_episodes import Episode, episodes, training_rows, write_ai4i_csv
+from factorywatch.history_episodes import (
+    Episode,
+    episodes,
+    is_ai4i,
+    training_rows,
+    write_ai4i_csv,
+    write_channels_csv,
+)
 
 DEFAULT_URL: Final = "sqlite:///run/history.sqlite"
+
+
+#: how ``export_training`` wrote a machine's readings
+Layout = Literal["ai4i", "channels"]
 
 
 class HistoryError(FactorywatchError):
@@ -444,10 +455,13 @@ class HistoryStore:
         since: float,
         false_alarms_as_normal: bool,
         window: int,
-    ) -> int:
-        """Write the machine's trainable readings as an AI4I CSV; return the row count.
+    ) -> tuple[int, Layout]:
+        """Write the machine's trainable readings as a CSV; return the row count and layout.
 
-        ``window``: the detector's n (readings its k-of-n raise looks back over).
+        An AI4I machine's (every reading with the AI4I channels and product type) in the AI4I
+        layout ``train --dataset`` reads, any other machine's as its channels over time
+        (``write_channels_csv``, for ``train --csv``). ``window``: the detector's n (readings
+        its k-of-n raise looks back over).
         """
         alert_seqs = {int(v["seq"]) for v in self.alert_verdicts(machine, limit=10_000_000)}
         rows = training_rows(
@@ -457,4 +471,6 @@ class HistoryStore:
             window=window,
             false_alarms_as_normal=false_alarms_as_normal,
         )
-        return write_ai4i_csv(rows, out)
+        if is_ai4i(rows):
+            return write_ai4i_csv(rows, out), "ai4i"
+        return write_channels_csv(rows, out), "channels"

@@ -162,7 +162,7 @@ def cmd_history_export(args: argparse.Namespace) -> int:
     partial = args.csv.with_name(f".{args.csv.name}.{os.getpid()}.partial")
     try:
         with partial.open("w", newline="") as out:
-            rows = store.export_training(
+            rows, layout = store.export_training(
                 args.machine,
                 out,
                 since=since,
@@ -181,7 +181,14 @@ def cmd_history_export(args: argparse.Namespace) -> int:
         partial.unlink(missing_ok=True)
         store.close()
     print(f"{rows} readings of {args.machine} written to {args.csv}", file=sys.stderr)
-    print(f"refit with: factorywatch train --dataset {args.csv} --no-verify", file=sys.stderr)
+    if layout == "ai4i":
+        refit = f"factorywatch train --dataset {args.csv} --no-verify"
+    else:  # any other machine: its channels over time, refit as its own model
+        refit = (
+            f"factorywatch train --csv {args.csv} --time-column ts --missing ffill "
+            f"--machine {args.machine}"
+        )
+    print(f"refit with: {refit}", file=sys.stderr)
     return 0
 
 

@@ -9,11 +9,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from factorywatch import mqtt as fwmqtt
-from factorywatch.contracts import AlertEvent, FeedbackCommand
+from factorywatch.contracts import AlertEvent, FeedbackCommand, Telemetry
 from factorywatch.history_store import HistoryStore
+from factorywatch.model import artifact
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.integration.opstack import POLICY_ENV, history_url, publish_plan
@@ -209,3 +211,54 @@ def test_a_recorder_that_crashed_catches_up_on_what_happened_meanwhile(
     finally:
         store.close()
     pub.close()
+
+
+def test_a_machine_of_any_channels_is_exported_for_train_csv_and_refits_as_its_own(
+    tmp_path: Path,
+) -> None:
+    """A machine that is not AI4I-shaped is exported as its channels over time, its alert's
+    readings left out unless marked a false alarm, and the printed refit command fits it."""
+    url = f"sqlite:///{tmp_path / 'history.sqlite'}"
+    now = time.time() - 3600
+    rng = np.random.default_rng(7)
+    store = HistoryStore(url)
+    try:
+        store.add_readings(
+            [
+                Telemetry(
+                    machine_id="pump-7", line="line2", seq=seq, ts=now + seq,
+                    readings={
+                        "flow": 30.0 + rng.normal(), "pressure": 2.0 + 0.1 * rng.normal(),
+                        **({"vibration": 0.2 + 0.01 * rng.normal()} if seq != 5 else {}),
+                    },
+                )
+                for seq in range(300)
+            ]
+        )  # fmt: skip
+        raised = AlertEvent(
+            machine_id="pump-7", line="line2", event="ALERT_RAISED", at=now + 102,
+            alert_id="a-1", seq=102,
+        )  # fmt: skip
+        cleared = raised.model_copy(update={"event": "ALERT_CLEARED", "at": now + 120, "seq": 120})
+        store.add_events([raised, cleared])
+    finally:
+        store.close()
+    db = ["--db", url]
+    out = tmp_path / "pump-7.csv"
+    done = _cli("history", "export", *db, "--machine", "pump-7", "--since", "1d", "--csv", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert list(rows[0]) == ["ts", "seq", "flow", "pressure", "vibration"]
+    seqs = [int(r["seq"]) for r in rows]
+    assert 110 not in seqs  # the alert's readings are left out
+    assert {0, 299} <= set(seqs)
+    assert [r["vibration"] for r in rows if r["seq"] == "5"] == [""]  # a reading without it
+    refit = done.stderr.strip().splitlines()[-1]
+    assert refit.startswith("refit with: factorywatch train --csv ")
+    command = refit.removeprefix("refit with: factorywatch ").split()
+    trained = _cli(*command, "--model-dir", str(tmp_path / "models"), "--trees", "20")
+    assert trained.returncode == 0, trained.stderr
+    own = tmp_path / "models" / "machines" / "pump-7"
+    card = artifact.load(own).card  # the promoted one: the detector routes pump-7 to it
+    assert card.channels == ["flow", "pressure", "vibration"]  # no ts, no seq
+    assert card.follow() is not None

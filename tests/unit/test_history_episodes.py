@@ -10,9 +10,11 @@ import pytest
 from factorywatch.history_episodes import (
     AI4I_HEADER,
     episodes,
+    is_ai4i,
     parse_since,
     training_rows,
     write_ai4i_csv,
+    write_channels_csv,
 )
 from tests.support import TYPICAL
 
@@ -138,3 +140,20 @@ def test_ai4i_csv_has_the_layout_train_reads() -> None:
     lines = out.getvalue().splitlines()
     assert lines[0] == ",".join(AI4I_HEADER)
     assert lines[1] == "1,L1,L,300.0,310.0,1500.0,40.0,10.0,0,0,0,0,0,0"
+
+
+def test_a_machine_of_other_channels_is_written_as_its_channels_over_time() -> None:
+    """Not AI4I-shaped: ``ts`` in UTC, ``seq`` and every channel, blank where one is missing."""
+    rows = [
+        {"seq": 1, "ts": 0.5, "product_type": None, "readings": {"flow": 1.0, "level": 2.0}},
+        {"seq": 2, "ts": 1.5, "product_type": None, "readings": {"flow": 3.0}},
+    ]
+    assert not is_ai4i(rows)
+    assert is_ai4i([_reading(1)])
+    out = io.StringIO()
+    assert write_channels_csv(rows, out) == 2
+    assert out.getvalue().splitlines() == [
+        "ts,seq,flow,level",
+        "1970-01-01T00:00:00.500+00:00,1,1.0,2.0",
+        "1970-01-01T00:00:01.500+00:00,2,3.0,",
+    ]
