@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
+from factorywatch.cluster import LocalNatsCluster
+from factorywatch.partitions import ClusterLayout
 from tests.integration.opstack import require_binary
 
 CHROMIUM_FLAGS = [
@@ -29,3 +32,17 @@ def browser() -> Iterator[Browser]:
         launched = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
         yield launched
         launched.close()
+
+
+@pytest.fixture
+def nats_cluster(
+    request: pytest.FixtureRequest, tmp_path: Path, topic_root: str
+) -> Iterator[LocalNatsCluster]:
+    """A fresh 3-node JetStream cluster with the MQTT listener, open (no auth), with the
+    test module's ``PARTITIONS`` (default 4) partitions."""
+    partitions = getattr(request.module, "PARTITIONS", 4)
+    cluster = LocalNatsCluster(
+        tmp_path / "nats", layouts=(ClusterLayout(topic_root, partitions=partitions),)
+    ).start()
+    yield cluster
+    cluster.stop()

@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from nats.js.api import StreamInfo
 from factorywatch.broker import free_port
 from factorywatch.cluster import LocalNatsCluster, MqttDevice
 from factorywatch.contracts import AckCommand, AlertEvent, MachineState, Verdict
-from factorywatch.partitions import ClusterLayout, assign, partition_of
+from factorywatch.partitions import assign, partition_of
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import (
@@ -37,16 +37,6 @@ from tests.support import Proc, metric_value, scrape, wait_until
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PARTITIONS = 4
-
-
-@pytest.fixture
-def nats_cluster(tmp_path: Path, topic_root: str) -> Iterator[LocalNatsCluster]:
-    """A fresh 3-node JetStream cluster with the MQTT listener, open (no auth)."""
-    cluster = LocalNatsCluster(
-        tmp_path / "nats", layouts=(ClusterLayout(topic_root, partitions=PARTITIONS),)
-    ).start()
-    yield cluster
-    cluster.stop()
 
 
 def _stream_info(cluster: LocalNatsCluster, name: str) -> StreamInfo:

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from factorywatch.cluster import LocalNatsCluster, MqttDevice, nats_server_binary
-from factorywatch.partitions import MQTT_STREAM, ClusterLayout, partition_of
+from factorywatch.partitions import MQTT_STREAM, partition_of
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import provision_layout, read_subjects, run_js
@@ -33,16 +31,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PARTITIONS = 4
 REFUSAL = "characters ' ' and '.' not supported for MQTT topics"
-
-
-@pytest.fixture
-def nats_cluster(tmp_path: Path, topic_root: str) -> Iterator[LocalNatsCluster]:
-    """A fresh 3-node JetStream cluster with the MQTT listener, open (no auth)."""
-    cluster = LocalNatsCluster(
-        tmp_path / "nats", layouts=(ClusterLayout(topic_root, partitions=PARTITIONS),)
-    ).start()
-    yield cluster
-    cluster.stop()
 
 
 def _stored_subjects(cluster: LocalNatsCluster) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -22,7 +22,6 @@ from factorywatch.cluster import LocalNatsCluster, MqttDevice
 from factorywatch.contracts import DeadLetter, Verdict
 from factorywatch.credentials import init_secrets, remove_user
 from factorywatch.errors import BrokerError
-from factorywatch.partitions import ClusterLayout
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics
 from tests.integration.cluster_helpers import (
@@ -46,6 +45,8 @@ from tests.support import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PARTITIONS = 2  # the cluster fixture's (tests/integration/conftest.py)
 
 #: the detector's reload cadence here (seconds): a removal applies within it
 RELOAD_S = 1.0
@@ -138,17 +139,6 @@ def test_an_added_machine_is_scored_and_a_removed_one_dead_lettered_without_a_re
             weld.loop_stop()
         monitor.close()
         broker.stop()
-
-
-@pytest.fixture
-def nats_cluster(tmp_path: Path, topic_root: str) -> Iterator[LocalNatsCluster]:
-    """A fresh 3-node JetStream cluster with the MQTT listener, open (no auth): the
-    detector's registry file is what decides who may speak for which machine."""
-    cluster = LocalNatsCluster(
-        tmp_path / "nats", layouts=(ClusterLayout(topic_root, partitions=2),)
-    ).start()
-    yield cluster
-    cluster.stop()
 
 
 def _dead_letters(cluster: LocalNatsCluster) -> list[DeadLetter]:
