@@ -580,7 +580,9 @@ class Engine:
             rate_change = None
             if not reading.historical:
                 tuning = record.tuning
-                tuning.follow_normal(follow, verdict, version)
+                tuning.follow_normal(
+                    follow, verdict, version, alert_open=record.alert_id is not None
+                )
                 rate_change = tuning.count(verdict.status == "ALERT", scale)
                 if record.alert_id is not None and record.peak_score is not None:
                     tuning.remember_peak(record.alert_id, record.peak_score)

@@ -16,9 +16,9 @@ shown on its retained state topic):
   recorded (who, when, why, before, after; the last ``ADJUSTMENTS_KEPT``).
 * **Following.** A card with a following threshold (``model.threshold.Follow``) judges each
   machine by that threshold plus how far the machine's normal score level (an exponential
-  mean of its live NORMAL verdicts' scores, kept here) has risen above the card's median
-  calibration score, at most ``Follow.cap`` spreads; the verdict carries the threshold it
-  was judged by.
+  mean of its live NORMAL verdicts' scores while no alert is open, kept here) has risen
+  above the card's median calibration score, at most ``Follow.cap`` spreads; the verdict
+  carries the threshold it was judged by.
 * **Realized alarm rate.** Each live verdict updates an exponentially weighted share of ALERT
   verdicts (time constant ``max(RATE_MIN_READINGS, RATE_SPAN_TARGETS / target)`` readings).
   Once that many readings were counted, a rate above ``RATE_BOUND`` x the card's target is
@@ -117,9 +117,12 @@ class Tuning:
             self.level, self.level_model = follow.median, model
         return self.effective(scale) + follow.offset(self.level)
 
-    def follow_normal(self, follow: Follow | None, verdict: Verdict, model: str) -> None:
-        """Move the normal score level by one live verdict's score, if it is NORMAL."""
-        if follow is None or verdict.status != "NORMAL":
+    def follow_normal(
+        self, follow: Follow | None, verdict: Verdict, model: str, *, alert_open: bool
+    ) -> None:
+        """Move the normal score level by one live verdict's score, if it is NORMAL and no
+        alert of the machine is open after it."""
+        if follow is None or verdict.status != "NORMAL" or alert_open:
             return
         if self.level is None or self.level_model != model:
             self.level, self.level_model = follow.median, model

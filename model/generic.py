@@ -350,7 +350,9 @@ def score_recording(
     keys = np.asarray(groups) if groups else np.zeros(n, dtype=np.intp)
     for key in dict.fromkeys(keys.tolist()):
         rows = np.flatnonzero(keys == key)
-        flags, _ = follow.flags(score[rows].tolist(), outside[rows].tolist(), threshold)
+        flags, _ = follow.flags(
+            score[rows].tolist(), outside[rows].tolist(), threshold, model.card.clear_threshold
+        )
         flagged[rows] = flags
     return Scores(score=score, outside=outside, flagged=flagged)
 

@@ -40,6 +40,7 @@ import numpy.typing as npt
 
 from factorywatch.errors import DatasetError
 from factorywatch.model import nab
+from factorywatch.model.alert_rule import ALARM_K, ALARM_M, ALARM_N, AlertRule
 from factorywatch.model.fitspec import DEFAULT_SPEC, FitSpec
 from factorywatch.model.generic import Scores, Trained, fit_recording, score_recording
 from factorywatch.model.recording import (
@@ -55,10 +56,6 @@ JSON_FILE: Final = "streams.json"
 REPORT_FILE: Final = "streams.md"
 PLOT_FILE: Final = "streams.png"
 MAX_PLOTS: Final = 16
-#: The alert rule applied to ALERT rows (the defaults of ``detector/alerting.py``).
-ALARM_K: Final = 3
-ALARM_N: Final = 5
-ALARM_M: Final = 10
 SECONDS_PER_DAY: Final = 86_400.0
 
 
@@ -272,28 +269,16 @@ def alarms(
     n: int = ALARM_N,
     m: int = ALARM_M,
 ) -> list[int]:
-    """Rows where an alarm is raised: ``k`` of the last ``n`` rows ALERT while none is open;
-    it stays open until ``m`` clear rows in a row clear it. A row is clear when it is not
-    ALERT and, given ``clear``, marked there (the detector's rule: the score at or below the
-    model's lower clear threshold)."""
-    raised: list[int] = []
-    open_alarm = False
-    recent = 0  # ALERT rows among the last n
-    calm = 0
-    values = flagged.tolist()
-    calm_rows = (~flagged if clear is None else clear & ~flagged).tolist()
-    for i, hit in enumerate(values):
-        recent += int(hit)
-        if i >= n:
-            recent -= int(values[i - n])
-        if open_alarm:
-            calm = calm + 1 if calm_rows[i] else 0
-            if calm >= m:
-                open_alarm = False
-        elif recent >= k:
-            open_alarm, calm = True, 0
-            raised.append(i)
-    return raised
+    """Rows where an alarm is raised under the detector's alert rule (``AlertRule``): ``k``
+    of the last ``n`` rows ALERT while none is open; it stays open until ``m`` clear rows in
+    a row clear it. A row is clear when it is not ALERT and, given ``clear``, marked there
+    (the detector's rule: the score at or below the model's lower clear threshold)."""
+    rule = AlertRule(k=k, n=n, m=m)
+    calm_rows = (np.ones_like(flagged) if clear is None else clear).tolist()
+    return [
+        i for i, (hit, calm) in enumerate(zip(flagged.tolist(), calm_rows, strict=True))
+        if rule.step(hit, calm)
+    ]  # fmt: skip
 
 
 def alert_figures(

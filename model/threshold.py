@@ -22,12 +22,13 @@ A *following* threshold (``Follow``, cards trained by ``train --csv`` and live c
 a machine's threshold rises with its own normal score level, the way DSPOT (Siffer et al.
 2017) moves its threshold with a moving average. Each machine keeps ``level``, an exponential
 mean (time constant ``FOLLOW_SPAN`` readings) of its scores, updated only by NORMAL verdicts
-and started at the median calibration score. The threshold is the card's plus how far that
-level has risen above the median, at most ``FOLLOW_CAP`` spreads (the card's threshold minus
-its median calibration score). A machine whose normal operation scores a little higher than
-training did (a season, a load, wear) so stops alarming on it, while a fault, which moves the
-score at once and is not NORMAL, does not move the level; the threshold never falls below the
-card's, so following never makes a machine more sensitive than it was trained to be.
+while no alert is open, and started at the median calibration score. The threshold is the
+card's plus how far that level has risen above the median, at most ``FOLLOW_CAP`` spreads
+(the card's threshold minus its median calibration score). A machine whose normal operation
+scores a little higher than training did (a season, a load, wear) so stops alarming on it,
+while a fault, which moves the score at once and is not NORMAL, does not move the level; the
+threshold never falls below the card's, so following never makes a machine more sensitive
+than it was trained to be.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from typing import Final, Literal
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from factorywatch.model.alert_rule import AlertRule
 
 Method = Literal["far", "contamination", "quantile", "fixed"]
 DEFAULT_FALSE_ALARM_RATE = 0.03
@@ -66,12 +69,18 @@ class Follow:
         return level + (score - level) / self.span
 
     def flags(
-        self, scores: list[float], outside: list[bool], threshold: float
+        self,
+        scores: list[float],
+        outside: list[bool],
+        threshold: float,
+        clear_threshold: float | None = None,
     ) -> tuple[list[bool], list[float]]:
         """One machine's ALERT flags and thresholds, reading by reading, from its first: a
         reading is ALERT when its score is above the followed threshold or it is outside
-        the training envelope; a NORMAL one moves the level."""
+        the training envelope; a NORMAL one moves the level unless an alert is open after
+        it (the detector's alert rule, ``AlertRule``, with ``clear_threshold``)."""
         level = self.median
+        rule = AlertRule()
         flagged: list[bool] = []
         thresholds: list[float] = []
         for value, out in zip(scores, outside, strict=True):
@@ -79,7 +88,8 @@ class Follow:
             alert = out or value > cut
             flagged.append(alert)
             thresholds.append(cut)
-            if not alert:
+            rule.step(alert, clear_threshold is None or value <= clear_threshold)
+            if not alert and not rule.open:
                 level = self.update(level, value)
         return flagged, thresholds
 

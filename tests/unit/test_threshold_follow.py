@@ -14,6 +14,7 @@ from factorywatch.contracts import Telemetry, Verdict
 from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.engine import Engine, EngineSettings
 from factorywatch.model import artifact
+from factorywatch.model.alert_rule import AlertRule
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.generic import Trained, fit_columns, score_recording
 from factorywatch.model.threshold import Follow
@@ -79,7 +80,10 @@ def test_engine_follows_exactly_as_the_offline_scoring_and_across_a_restore(
     follow = model.card.follow()
     assert follow is not None
     flags, thresholds = follow.flags(
-        offline.score.tolist(), offline.outside.tolist(), model.card.threshold
+        offline.score.tolist(),
+        offline.outside.tolist(),
+        model.card.threshold,
+        model.card.clear_threshold,
     )
     assert flags == offline.flagged.tolist()
 
@@ -114,15 +118,18 @@ def test_the_threshold_never_falls_below_the_cards_nor_rises_past_its_cap(
     rows: list[tuple[float, bool]], spread: float, span: float
 ) -> None:
     """Following never makes a machine more sensitive than trained, nor deaf: the threshold
-    stays within [card, card + cap x spread], and ALERT readings never move the level."""
+    stays within [card, card + cap x spread], and neither ALERT readings nor NORMAL ones
+    during an open alert move the level."""
     threshold = 1.0
     follow = Follow(median=threshold - spread, spread=spread, span=span)
     scores = [s for s, _ in rows]
     outside = [o for _, o in rows]
     flags, thresholds = follow.flags(scores, outside, threshold)
     assert all(threshold <= t <= threshold + follow.cap * spread + 1e-12 for t in thresholds)
+    rule = AlertRule()
     for i in range(1, len(rows)):
-        if flags[i - 1]:
+        rule.step(flags[i - 1], True)
+        if flags[i - 1] or rule.open:  # never on an ALERT, never while an alert is open
             assert thresholds[i] == thresholds[i - 1]
 
 
