@@ -112,6 +112,10 @@ class Machine:
         return {**self.tile(), "points": list(self.points), "readings": list(self.readings)}
 
 
+#: names whose readings are held before the detector answers for them (``LiveModel.pending``)
+PENDING_MACHINES: Final = 1000
+
+
 @dataclass
 class LiveModel:
     """Machines fed from the alerts tree and telemetry (pure: no I/O)."""
@@ -120,15 +124,21 @@ class LiveModel:
     history: int = 300
     machines: dict[str, Machine] = field(default_factory=dict)
     ignored: int = 0
+    #: readings of machines the detector has not answered for yet (a reading reaches the
+    #: view before its verdict): held, at most ``history`` each for ``PENDING_MACHINES``
+    #: names, until a verdict, event or state makes the machine's tile; never a tile
+    pending: dict[str, deque[list[Any]]] = field(default_factory=dict)
 
     def machine(self, line: str, machine_id: str) -> Machine:
-        """The machine's record, created on first sight."""
+        """The machine's record, created on first sight (with its held readings)."""
         key = f"{line}/{machine_id}"
         found = self.machines.get(key)
         if found is None:
+            held = self.pending.pop(key, deque())
             found = Machine(
-                machine_id, line, deque(maxlen=self.history), deque(maxlen=self.history)
+                machine_id, line, deque(maxlen=self.history), deque(held, maxlen=self.history)
             )
+            found.new_readings = list(held)
             self.machines[key] = found
         return found
 
@@ -176,11 +186,17 @@ class LiveModel:
         reading = _decode(Telemetry, payload, now)
         if (reading.line, reading.machine_id) != (line, machine_id):
             raise PayloadError("topic_mismatch", topic)
-        m = self.machines.get(f"{line}/{machine_id}")
+        key = f"{line}/{machine_id}"
+        m = self.machines.get(key)
+        row = [reading.ts, reading.readings]
         if m is None:
             self.ignored += 1
+            held = self.pending.pop(key, None) or deque(maxlen=self.history)
+            held.append(row)
+            self.pending[key] = held  # the most recently heard name last
+            while len(self.pending) > PENDING_MACHINES:
+                del self.pending[next(iter(self.pending))]
             return None
-        row = [reading.ts, reading.readings]
         m.readings.append(row)
         m.new_readings.append(row)
         return m.key

@@ -14,6 +14,7 @@ from factorywatch.contracts import AlertEvent, FeedbackCommand, MachineState, Te
 from factorywatch.credentials import add_user, hash_password, register, save_registry
 from factorywatch.errors import PayloadError
 from factorywatch.topics import Topics
+from factorywatch.web import live
 from factorywatch.web.app import PAGES, render_page
 from factorywatch.web.auth import Accounts, Identity, verify_password
 from factorywatch.web.live import LiveModel
@@ -230,3 +231,26 @@ def test_telemetry_of_a_machine_the_detector_never_answered_for_makes_no_tile() 
     mine = reading.model_copy(update={"machine_id": "m1", "line": "l1"})
     assert model.feed(T.telemetry("l1", "m1"), mine.encode()) == "l1/m1"
     assert len(model.machines["l1/m1"].readings) == 1
+
+
+def test_readings_that_arrive_before_the_first_verdict_are_charted_once_it_comes() -> None:
+    """A reading reaches the view before the detector's verdict on it: it is held (no tile)
+    and charted when the verdict makes the machine's tile; held names are bounded."""
+    model = LiveModel(T, history=3)
+
+    def telemetry(seq: int, machine: str = "m1") -> bytes:
+        return Telemetry(machine_id=machine, line="l1", seq=seq, ts=1.8e9 + seq,
+                         readings={"torque_nm": 40.0 + seq}).encode()  # fmt: skip
+
+    for seq in range(5):
+        assert model.feed(T.telemetry("l1", "m1"), telemetry(seq)) is None
+    assert model.machines == {}
+    assert model.feed(T.verdict("l1", "m1"), _verdict(1)) == "l1/m1"
+    m = model.machines["l1/m1"]
+    assert [row[1]["torque_nm"] for row in m.readings] == [42.0, 43.0, 44.0]  # the last 3
+    assert [row[1]["torque_nm"] for row in m.new_readings] == [42.0, 43.0, 44.0]
+    assert model.pending == {}
+    for i in range(live.PENDING_MACHINES + 5):
+        model.feed(T.telemetry("l1", f"x{i}"), telemetry(0, f"x{i}"))
+    assert len(model.pending) == live.PENDING_MACHINES
+    assert "l1/x0" not in model.pending
