@@ -16,7 +16,8 @@ from factorywatch.model.dataset import UCI_FILE, Dataset, load
 from factorywatch.model.features import DEFAULT_FEATURE_SET
 from factorywatch.model.threshold import ThresholdSpec
 from factorywatch.model.train import fit
-from tests.support import TYPICAL, reference_file
+from tests.support import reading as ai4i_reading
+from tests.support import reference_file
 
 T0 = 1.7e9
 
@@ -29,14 +30,7 @@ def dataset() -> Dataset:
 
 def typical(rpm: float = 1500.0, seq: int = 0, machine: str = "mill-01") -> Telemetry:
     """An L-type reading with typical values (air 300 K, process 310 K, 40 Nm, 100 min)."""
-    return Telemetry(
-        machine_id=machine,
-        line="line1",
-        seq=seq,
-        ts=T0 + seq,
-        attributes={"product_type": "L"},
-        readings={**TYPICAL, "rotational_speed_rpm": rpm},
-    )
+    return ai4i_reading(machine, seq, rpm, ts=T0 + seq)
 
 
 def test_card_records_training_facts(dataset: Dataset) -> None:

@@ -14,7 +14,8 @@ from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.dataset import Dataset, load
 from factorywatch.model.train import fit
 from factorywatch.sensors.simulator import MachineSimulator
-from tests.support import TYPICAL, small_ai4i_csv
+from tests.support import reading as ai4i_reading
+from tests.support import small_ai4i_csv
 
 T0 = 1.7e9
 
@@ -49,14 +50,7 @@ def physics(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Loade
 
 def typical(rpm: float = 1500.0, seq: int = 0, machine: str = "mill-01") -> Telemetry:
     """An L-type reading with typical values (air 300 K, process 310 K, 40 Nm, 100 min)."""
-    return Telemetry(
-        machine_id=machine,
-        line="line1",
-        seq=seq,
-        ts=T0 + seq,
-        attributes={"product_type": "L"},
-        readings={**TYPICAL, "rotational_speed_rpm": rpm},
-    )
+    return ai4i_reading(machine, seq, rpm, ts=T0 + seq)
 
 
 def mixed_batch(n: int = 400) -> list[Telemetry]:
