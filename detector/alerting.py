@@ -36,10 +36,11 @@ from factorywatch.contracts import (
     Verdict,
 )
 from factorywatch.detector.state import MachineRecord, StateTable, WindowEntry
+from factorywatch.model.alert_rule import ALARM_K, ALARM_M, ALARM_N
 
-DEFAULT_K: Final = 3
-DEFAULT_N: Final = 5
-DEFAULT_M: Final = 10
+DEFAULT_K: Final = ALARM_K
+DEFAULT_N: Final = ALARM_N
+DEFAULT_M: Final = ALARM_M
 DEFAULT_OFFLINE_AFTER_S: Final = 60.0
 
 

@@ -113,9 +113,7 @@ class Tuning:
         its normal score level has risen under the card's following rule."""
         if follow is None:
             return self.effective(scale)
-        if self.level is None or self.level_model != model:
-            self.level, self.level_model = follow.median, model
-        return self.effective(scale) + follow.offset(self.level)
+        return self.effective(scale) + follow.offset(self._level(follow, model))
 
     def follow_normal(
         self, follow: Follow | None, verdict: Verdict, model: str, *, alert_open: bool
@@ -124,9 +122,14 @@ class Tuning:
         alert of the machine is open after it."""
         if follow is None or verdict.status != "NORMAL" or alert_open:
             return
+        self.level = follow.update(self._level(follow, model), verdict.score)
+
+    def _level(self, follow: Follow, model: str) -> float:
+        """The level for ``model``'s scores: started at its median calibration score when
+        there is none yet or it was of another model."""
         if self.level is None or self.level_model != model:
             self.level, self.level_model = follow.median, model
-        self.level = follow.update(self.level, verdict.score)
+        return self.level
 
     def remember_peak(self, alert_id: str, peak: float) -> None:
         """Keep an alert's (latest) peak score for a later false-alarm label."""

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
-#: the detector's defaults (``detector/alerting.py``: DEFAULT_K, DEFAULT_N, DEFAULT_M)
+#: the alert rule's defaults (``detector/alerting.py``'s DEFAULT_K, DEFAULT_N, DEFAULT_M are these)
 ALARM_K: Final = 3
 ALARM_N: Final = 5
 ALARM_M: Final = 10
