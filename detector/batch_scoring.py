@@ -34,7 +34,7 @@ from factorywatch.model.envelope import outside_parts
 from factorywatch.model.fastforest import FlatForest
 from factorywatch.model.features import PRODUCT_TYPE_COLUMN, TYPE_CODE, compute_features
 from factorywatch.model.forest_stack import ForestStack
-from factorywatch.model.pipeline import Z_CLIP, State
+from factorywatch.model.pipeline import Z_CLIP, Pipeline, State
 from factorywatch.model.scoring import explain
 from factorywatch.topics import Topics
 from factorywatch.verdict_codec import build_verdict
@@ -196,8 +196,9 @@ def score(
 ) -> list[Verdict]:
     """Score a batch of readings with one vectorised call; one verdict per reading.
 
-    A verdict is ALERT when its score is above the model's threshold, or when a channel is
-    outside the training envelope (``outside_training`` names them).
+    A verdict is ALERT when its score is above the model's threshold, when a channel is
+    outside the training envelope (``outside_training`` names them) or when the machine's
+    recent scores are unusual for it (``surprise``, generic models with the rule).
 
     A generic model (``card.pipeline``) computes each reading's features with the pipeline's
     streaming ``step`` over its machine's window state, in batch order: ``states`` maps
@@ -235,6 +236,7 @@ def score(
         columns=columns,
         matrix=matrix,
         scores=scores,
+        surprises=[None] * len(readings),
         explain_top_k=explain_top_k,
         perf_clock=perf_clock,
     )
@@ -266,6 +268,7 @@ def _score_pipeline(
         [pipeline.smooth_step(state, v) for state, v in zip(keyed, raw.tolist(), strict=True)],
         dtype=np.float64,
     )
+    surprises = _surprises(pipeline, keyed, scores.tolist())
     columns = {
         ch: np.fromiter((r.readings[ch] for r in readings), np.float64, len(readings))
         for ch in model.card.channels
@@ -277,9 +280,21 @@ def _score_pipeline(
         columns=columns,
         matrix=named,
         scores=scores,
+        surprises=surprises,
         explain_top_k=explain_top_k,
         perf_clock=perf_clock,
     )
+
+
+def _surprises(
+    pipeline: Pipeline, keyed: Sequence[State], scores: Sequence[float]
+) -> list[float | None]:
+    """Per reading, its surprise when the rule makes it an ALERT (``Pipeline.surprise_step``
+    over its machine's state, after ``smooth_step``), else None."""
+    if pipeline.spec.surprise is None:
+        return [None] * len(scores)
+    step = pipeline.surprise_step
+    return [step(state, v) for state, v in zip(keyed, scores, strict=True)]
 
 
 def _window_state(states: dict[str, State], machine: str, version: str) -> State:
@@ -310,17 +325,22 @@ def _verdicts(
     columns: dict[str, npt.NDArray[np.float64]],
     matrix: npt.NDArray[np.float64],
     scores: npt.NDArray[np.float64],
+    surprises: Sequence[float | None],
     explain_top_k: int,
     perf_clock: Clock,
 ) -> list[Verdict]:
-    """Thresholds, envelope and explanations -> one verdict per reading."""
+    """Thresholds, envelope, surprise and explanations -> one verdict per reading."""
     card = model.card
     threshold = card.threshold
     rows = len(readings)
     outside = card.envelope.outside(columns, rows) if card.envelope else [None] * rows
     done = perf_clock()
     values = scores.tolist()
-    alerting = [i for i, v in enumerate(values) if v > threshold or outside[i] is not None]
+    alerting = [
+        i
+        for i, v in enumerate(values)
+        if v > threshold or outside[i] is not None or surprises[i] is not None
+    ]
     explanations: dict[int, list[Contribution]] = {}
     if explain_top_k and alerting:
         top = explain(matrix[alerting], model.center, model.scale, explain_top_k)
@@ -340,6 +360,7 @@ def _verdicts(
             round((done - received_perf[i]) * 1000.0, 3),
             explanations.get(i),
             outside[i],
+            surprises[i],
         )
         for i, (reading, value) in enumerate(zip(readings, values, strict=True))
     ]
@@ -413,11 +434,22 @@ def score_parts(
             at += counts[k]
     values = raw.tolist()
     scores: list[float] = []
+    surprises: list[float | None] = []
     for k, part in enumerate(parts):
-        smooth = part.model.pipeline.smooth_step  # type: ignore[union-attr]
-        scores += [smooth(keyed[i], values[i]) for i in range(bounds[k], bounds[k + 1])]
+        pipeline = part.model.pipeline
+        assert pipeline is not None
+        smooth = pipeline.smooth_step
+        part_scores = [smooth(keyed[i], values[i]) for i in range(bounds[k], bounds[k + 1])]
+        scores += part_scores
+        surprises += _surprises(pipeline, keyed[bounds[k] : bounds[k + 1]], part_scores)
     return _stacked_verdicts(
-        parts, counts, named_parts, scores, explain_top_k=explain_top_k, perf_clock=perf_clock
+        parts,
+        counts,
+        named_parts,
+        scores,
+        surprises,
+        explain_top_k=explain_top_k,
+        perf_clock=perf_clock,
     )
 
 
@@ -492,6 +524,7 @@ def _stacked_verdicts(
     counts: Sequence[int],
     named_parts: Sequence[npt.NDArray[np.float64]],
     scores: Sequence[float],
+    surprises: Sequence[float | None],
     *,
     explain_top_k: int,
     perf_clock: Clock,
@@ -506,7 +539,9 @@ def _stacked_verdicts(
     thresholds = [c.threshold for c in cards]
     owners = part_of.tolist()
     alerting = [
-        i for i, v in enumerate(scores) if v > thresholds[owners[i]] or outside[i] is not None
+        i
+        for i, v in enumerate(scores)
+        if v > thresholds[owners[i]] or outside[i] is not None or surprises[i] is not None
     ]
     explanations: dict[int, list[Contribution]] = {}
     if explain_top_k and alerting:
@@ -538,6 +573,7 @@ def _stacked_verdicts(
                 round((done - perfs[i]) * 1000.0, 3),
                 explanations.get(i),
                 outside[i],
+                surprises[i],
             )
         )
     return out

@@ -253,10 +253,13 @@ class Tuning:
 
 def rejudge(verdict: Verdict, threshold: float) -> Verdict:
     """A verdict judged by a machine's own ``threshold`` instead of its card's: ALERT when the
-    score is above it or a channel is outside the training range (that rule stays)."""
+    score is above it, a channel is outside the training range or the reading is surprising
+    (those rules stay)."""
     if verdict.status == "CALIBRATING":
         return verdict
-    alert = verdict.score > threshold or bool(verdict.outside_training)
+    alert = (
+        verdict.score > threshold or bool(verdict.outside_training) or verdict.surprise is not None
+    )
     return verdict.model_copy(
         update={
             "status": "ALERT" if alert else "NORMAL",

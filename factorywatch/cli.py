@@ -167,6 +167,14 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
         "spread (--no-follow: a fixed threshold)",
     )
     g.add_argument(
+        "--surprise",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a reading whose recent score level (mean of the last 10) is seen less than once "
+        "in a thousand of the machine's own recent levels is an ALERT whatever its score "
+        "(--no-surprise: the threshold and the training envelope only)",
+    )
+    g.add_argument(
         "--far",
         type=float,
         default=calibration.DEFAULT_FAR,
@@ -389,6 +397,7 @@ def _fit_spec(args: argparse.Namespace) -> Any:
             seed=args.seed,
             likelihood=args.likelihood,
             follow=args.follow,
+            surprise=args.surprise,
         )
     except ValueError as exc:
         raise FactorywatchError(str(exc)) from None
@@ -422,6 +431,15 @@ def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
                 spec=spec.replace(follow=not spec.follow),
             )
         )
+        # the default with (or without) the surprise rule
+        if not spec.likelihood:
+            which = "without surprise" if spec.surprise else "with surprise"
+            configs.append(
+                streams.Config(
+                    name=f"per-run {spec.preset} {spec.family} {which}",
+                    spec=spec.replace(surprise=not spec.surprise),
+                )
+            )
         # the same configurations with (or without) the anomaly likelihood
         flip, label = not spec.likelihood, "likelihood" if not spec.likelihood else "raw score"
         configs += [

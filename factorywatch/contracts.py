@@ -243,7 +243,8 @@ class Verdict(_Wire):
         description="Isolation Forest anomaly score s(x) in (0, 1]; higher = more anomalous"
     )
     threshold: float = Field(
-        description="status is ALERT when score > threshold, or when outside_training is set"
+        description="status is ALERT when score > threshold, or when outside_training or "
+        "surprise is set"
     )
     model_version: IdText
     latency_ms: float = Field(description="receive-to-publish processing time in the detector")
@@ -255,6 +256,13 @@ class Verdict(_Wire):
             "outside the range the model was trained on (model.envelope): an ALERT whatever "
             "the score",
         )
+    )
+    surprise: float | None = Field(
+        default=None,
+        description="set when the machine's recent scores (the mean of its last 10) lie so far "
+        "above its own recent score levels that such a level is seen less than once in a "
+        "thousand readings: -log10 of that tail probability (3 = one in a thousand), above "
+        "the model's surprise threshold; an ALERT whatever the score",
     )
     calibration: Calibration | None = Field(
         default=None,

@@ -83,6 +83,10 @@ def verdict_line(v: Verdict) -> str:
         # An envelope ALERT with a low score is no contradiction: say which rule fired.
         joint = "  " if above or v.status != "ALERT" else ", but "
         envelope = f"{joint}outside training envelope: " + ", ".join(v.outside_training)
+    if v.surprise is not None and not v.outside_training:
+        # a surprise ALERT with a low score: the machine's recent scores, not the threshold
+        joint = "  " if above else ", but "
+        envelope = f"{joint}unusual for this machine lately (surprise {v.surprise:.1f})"
     if v.explanation:
         drivers = "  " + ", ".join(f"{c.feature} z={c.z:+.1f}" for c in v.explanation)
     return (

@@ -40,6 +40,7 @@ _ORDER: Final = (
     "latency_ms",
     "explanation",
     "outside_training",
+    "surprise",
     "calibration",
     "historical",
 )
@@ -52,7 +53,7 @@ if tuple(Contribution.model_fields) != ("feature", "value", "z") or tuple(
 
 #: the fields a verdict built by ``batch_scoring._verdicts`` was given (``model_validate``'s
 #: fields_set)
-_GIVEN: Final = frozenset(_ORDER[1:12])
+_GIVEN: Final = frozenset(_ORDER[1:13])
 _new = object.__new__
 _set = object.__setattr__
 _isfinite = math.isfinite
@@ -70,6 +71,7 @@ def build_verdict(  # noqa: PLR0917 - one verdict's fields
     latency_ms: float,
     explanation: list[Contribution] | None,
     outside_training: list[str] | None,
+    surprise: float | None = None,
 ) -> Verdict:
     """The ``Verdict`` ``Verdict.model_validate`` gives for these values, built unvalidated.
 
@@ -78,6 +80,8 @@ def build_verdict(  # noqa: PLR0917 - one verdict's fields
     """
     if not (_isfinite(score) and _isfinite(threshold) and _isfinite(latency_ms)):
         raise ValueError(f"verdict of {machine_id}: non-finite score, threshold or latency")
+    if surprise is not None and not _isfinite(surprise):
+        raise ValueError(f"verdict of {machine_id}: non-finite surprise")
     if not 0 < len(model_version) <= MAX_ID_TEXT:
         raise ValueError(f"verdict of {machine_id}: model version of {len(model_version)} chars")
     verdict = _new(Verdict)
@@ -97,6 +101,7 @@ def build_verdict(  # noqa: PLR0917 - one verdict's fields
             "latency_ms": latency_ms,
             "explanation": explanation,
             "outside_training": outside_training,
+            "surprise": surprise,
             "calibration": None,
             "historical": None,
         },
@@ -139,6 +144,9 @@ def encode_verdict(verdict: Verdict) -> bytes:
     outside = v["outside_training"]
     if outside is not None:
         out["outside_training"] = outside
+    surprise = v["surprise"]
+    if surprise is not None:
+        out["surprise"] = surprise
     calibration = v["calibration"]
     if calibration is not None:
         out["calibration"] = {

@@ -25,8 +25,9 @@ DEFAULT_TREES: Final = 200
 @dataclass(frozen=True)
 class FitSpec:
     """How to fit: feature preset and window, score smoothing, scorer family, target
-    false-alarm rate, forest size and seed, whether the score is the anomaly likelihood and
-    whether each machine's threshold follows its normal score level."""
+    false-alarm rate, forest size and seed, whether the score is the anomaly likelihood,
+    whether each machine's threshold follows its normal score level and whether a recent
+    score level unusual for the machine is an ALERT (the surprise rule)."""
 
     preset: str = DEFAULT_PRESET
     window: int = DEFAULT_WINDOW
@@ -39,6 +40,8 @@ class FitSpec:
     likelihood: bool = False
     # each machine's threshold follows its normal score level up (``model.threshold.Follow``)
     follow: bool = True
+    # a recent score level unusual for the machine is an ALERT (``model.pipeline``, step 6)
+    surprise: bool = True
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -49,6 +52,12 @@ class FitSpec:
             raise ValueError(f"false-alarm rate must be in (0, 1), got {self.far}")
         if self.window < 1 or self.smooth < 1 or self.trees < 1:
             raise ValueError("window, smooth and trees must be at least 1")
+
+    @property
+    def surprise_rule(self) -> bool:
+        """Whether a fitted model has the surprise rule (not when its score is already the
+        likelihood)."""
+        return self.surprise and not self.likelihood
 
     def replace(self, **changes: Any) -> FitSpec:
         """A copy with ``changes`` (validated again)."""

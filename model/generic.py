@@ -57,7 +57,14 @@ from factorywatch.model.fitspec import (
     PRESETS,
     FitSpec,
 )
-from factorywatch.model.pipeline import Pipeline, Step, likelihood_for, likelihood_threshold
+from factorywatch.model.pipeline import (
+    SURPRISE_RATE,
+    Pipeline,
+    Step,
+    Surprise,
+    likelihood_for,
+    likelihood_threshold,
+)
 from factorywatch.model.scoring import robust_center_scale
 from factorywatch.model.threshold import FOLLOW_CAP, FOLLOW_SPAN, ThresholdSpec
 
@@ -231,6 +238,7 @@ def fit_recording(
         likelihood = likelihood_for(calibration, groups or None)
         base = Pipeline(base.spec.model_copy(update={"likelihood": likelihood}))
         calibration = base.smooth_scores(held_out, groups or None)
+    base = _with_surprise(base, calibration, groups, progress) if spec.surprise_rule else base
     pipeline, scorer = _fit_scorer(base, named, family, seed, trees)
     if spec.likelihood:
         # The likelihood is already a tail probability (-log10): the target rate is its
@@ -248,12 +256,7 @@ def fit_recording(
         f"{forward:.2%} false alarms on the last block (target {far:.2%})"
     )
     median = float(np.quantile(calibration, 0.5))
-    if spec.follow and cut > median:
-        progress(
-            f"each machine's threshold follows its normal score level up, by at most "
-            f"{FOLLOW_CAP * (cut - median):.4f} (to {cut + FOLLOW_CAP * (cut - median):.4f}; "
-            "--no-follow: fixed)"
-        )
+    _say_follow(progress, spec.follow, cut, median)
     in_sample = base.smooth_scores(scorer.score(pipeline.project(named)), groups or None)
     center, scale = robust_center_scale(named)
     # A channel scored by its departure from a slow baseline (or, moving while normal, by its
@@ -278,6 +281,7 @@ def fit_recording(
             "window": window,
             "smooth": smooth,
             "likelihood": spec.likelihood,
+            "surprise": spec.surprise_rule,
             "follow_span": FOLLOW_SPAN if spec.follow else None,
             "follow_cap": FOLLOW_CAP if spec.follow else None,
             "n_estimators": trees if family == "iforest" else None,
@@ -309,6 +313,35 @@ def fit_recording(
     return Trained(scorer=scorer, card=card)
 
 
+def _say_follow(progress: Callable[[str], None], follow: bool, cut: float, median: float) -> None:
+    """Tell how far a machine's following threshold may rise (when it follows)."""
+    if follow and cut > median:
+        progress(
+            f"each machine's threshold follows its normal score level up, by at most "
+            f"{FOLLOW_CAP * (cut - median):.4f} (to {cut + FOLLOW_CAP * (cut - median):.4f}; "
+            "--no-follow: fixed)"
+        )
+
+
+def _with_surprise(
+    base: Pipeline,
+    calibration: FloatArray,
+    groups: Sequence[str],
+    progress: Callable[[str], None],
+) -> Pipeline:
+    """``base`` with the surprise rule (``model.pipeline``, step 6), its long window started
+    with the out-of-sample ``calibration`` scores, as the likelihood's is."""
+    surprise = Surprise(
+        likelihood=likelihood_for(calibration, groups or None),
+        threshold=likelihood_threshold(SURPRISE_RATE),
+    )
+    progress(
+        f"a recent score level seen once in {1 / SURPRISE_RATE:,.0f} readings of the "
+        "machine's own is an ALERT too (--no-surprise: off)"
+    )
+    return Pipeline(base.spec.model_copy(update={"surprise": surprise}))
+
+
 def forward_far(calibration: FloatArray, fold: npt.NDArray[np.intp], far: float) -> float:
     """The realized false-alarm rate forward in time: the threshold for ``far`` set on the
     out-of-sample scores of every block but the last (of each machine), measured on the
@@ -325,7 +358,9 @@ class Scores:
 
     score: FloatArray  # smoothed, the one compared with the threshold
     outside: BoolArray  # outside the training envelope
-    flagged: BoolArray  # ALERT: score above threshold or outside the envelope
+    flagged: BoolArray  # ALERT: score above threshold, outside the envelope or surprising
+    # the surprise rule made it an ALERT (``model.pipeline``, step 6); None: not known
+    surprise: BoolArray | None = None
 
 
 def score_recording(
@@ -341,20 +376,23 @@ def score_recording(
         [o is not None for o in envelope.outside(columns, n)] if envelope else [False] * n,
         dtype=np.bool_,
     )
+    surprise = pipeline.surprises(score, groups)
+    always = outside | surprise  # ALERT whatever the score
     threshold = model.card.threshold
     follow = model.card.follow()
     if follow is None:
-        return Scores(score=score, outside=outside, flagged=(score > threshold) | outside)
+        direct = (score > threshold) | always
+        return Scores(score=score, outside=outside, flagged=direct, surprise=surprise)
     # each machine's threshold follows its normal score level, reading by reading
     flagged = np.empty(n, dtype=np.bool_)
     keys = np.asarray(groups) if groups else np.zeros(n, dtype=np.intp)
     for key in dict.fromkeys(keys.tolist()):
         rows = np.flatnonzero(keys == key)
         flags, _ = follow.flags(
-            score[rows].tolist(), outside[rows].tolist(), threshold, model.card.clear_threshold
+            score[rows].tolist(), always[rows].tolist(), threshold, model.card.clear_threshold
         )
         flagged[rows] = flags
-    return Scores(score=score, outside=outside, flagged=flagged)
+    return Scores(score=score, outside=outside, flagged=flagged, surprise=surprise)
 
 
 def fit_columns(

@@ -59,6 +59,13 @@ over a frame) and online (``step`` over one reading, with the machine's window s
    thus judged against the machine's recent scores, not against training's. The long window
    starts with the training scores (``Likelihood.prior``, in the card), so a machine is never
    judged blind; it is kept in the window state (``lk:*``), journaled and checkpointed with it.
+6. Surprise (``surprise``, new cards by default): the same likelihood of the smoothed scores,
+   kept beside the score instead of replacing it (state ``sp:*``), with its own threshold
+   (``Surprise.threshold``, -log10 of ``SURPRISE_RATE``). A reading whose recent score level
+   is that unusual for the machine's own recent scores is an ALERT whatever the score, as a
+   reading outside the training envelope is: a spike in a calm stretch stands out against
+   the machine's recent scores long before it reaches a threshold set on training's tail,
+   which a bounded score (the Isolation Forest's saturates near 1) may never cross.
 
 The window state of one machine is a plain JSON-serialisable dict (lists of floats), so the
 engine can snapshot and restore it. The batch ``transform`` treats each machine (``groups``)
@@ -67,6 +74,7 @@ as its own sequence, in row order, and equals ``step`` applied row by row (prope
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -79,6 +87,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from factorywatch.model.features import DERIVED, TYPE_CODE
 
 FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
 State = dict[str, Any]  # one machine's window state: JSON-serialisable
 
 Z_CLIP: Final = 1e6
@@ -212,6 +221,19 @@ class Likelihood(BaseModel):
     estimate: Literal["robust", "normal"] = "robust"
 
 
+# The surprise's rate: a recent score level seen once in a thousand readings (step 6).
+SURPRISE_RATE: Final = 0.001
+
+
+class Surprise(BaseModel):
+    """The surprise rule of step 6: a likelihood of the smoothed scores and its threshold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    likelihood: Likelihood
+    threshold: float = Field(gt=0.0)
+
+
 class PipelineSpec(BaseModel):
     """What the model card stores: channels, their robust scales, steps, smoothing."""
 
@@ -228,6 +250,8 @@ class PipelineSpec(BaseModel):
     fill: list[Fill] | None = None
     # Anomaly likelihood of the scores (module doc, step 5); None = the smoothed score itself.
     likelihood: Likelihood | None = None
+    # The surprise rule (module doc, step 6); None = none (cards from before the rule).
+    surprise: Surprise | None = None
 
 
 def min_periods(step: Step) -> int:
@@ -637,64 +661,106 @@ class Pipeline:
             value = likelihood_step(self.spec.likelihood, state, value)
         return value
 
+    def surprises(self, scores: FloatArray, groups: Sequence[str] | None = None) -> BoolArray:
+        """Per row, whether the surprise rule makes it an ALERT (equals ``surprise_step``);
+        all False without the rule. ``scores`` are smoothed (``smooth_scores``)."""
+        rule = self.spec.surprise
+        if rule is None:
+            return np.zeros(len(scores), dtype=np.bool_)
+        keys = np.zeros(len(scores), dtype=np.intp) if groups is None else np.asarray(groups)
+        out = np.zeros(len(scores), dtype=np.bool_)
+        for key in dict.fromkeys(keys.tolist()):
+            rows = np.flatnonzero(keys == key)
+            state: State = {}
+            values = [
+                likelihood_step(rule.likelihood, state, v, prefix=SURPRISE_PREFIX)
+                for v in scores[rows].tolist()
+            ]
+            out[rows] = np.asarray(values, dtype=np.float64) > rule.threshold
+        return out
 
-def likelihood_start(spec: Likelihood) -> State:
+    def surprise_step(self, state: State, score: float) -> float | None:
+        """Streaming surprise of one smoothed ``score`` over the machine's state: its value
+        (-log10 tail probability) when above the rule's threshold, else None."""
+        rule = self.spec.surprise
+        if rule is None:
+            return None
+        value = likelihood_step(rule.likelihood, state, score, prefix=SURPRISE_PREFIX)
+        return value if value > rule.threshold else None
+
+
+#: the state keys' prefix of the likelihood (step 5) and of the surprise (step 6)
+LIKELIHOOD_PREFIX: Final = "lk"
+SURPRISE_PREFIX: Final = "sp"
+
+
+def likelihood_start(spec: Likelihood, prefix: str = LIKELIHOOD_PREFIX) -> State:
     """A machine's likelihood state before its first score: the long window holds the
     training scores' short means, the distribution is theirs."""
     history = spec.prior[-spec.long :]
     state: State = {
-        "lk:r": [],
-        "lk:p": list(_distribution(spec, history, _prior_spread(spec))),
-        "lk:n": 0,
+        f"{prefix}:r": [],
+        f"{prefix}:p": list(_distribution(spec, history, _prior_spread(spec))),
+        f"{prefix}:n": 0,
     }
     if spec.estimate == "robust":
-        state["lk:h"] = list(history)
+        state[f"{prefix}:h"] = list(history)
         return state
     # the prior in blocks of ``every`` counted from its end: the window the list form would
     # hold at each re-estimation is then a whole number of blocks
     cut = len(history) % spec.every
     chunks = [history[:cut]] if cut else []
     chunks += [history[i : i + spec.every] for i in range(cut, len(history), spec.every)]
-    state["lk:b"] = [list(_moments(chunk)) for chunk in chunks][-_blocks(spec) :]
-    state["lk:c"] = [0, 0.0, 0.0]
+    state[f"{prefix}:b"] = [list(_moments(chunk)) for chunk in chunks][-_blocks(spec) :]
+    state[f"{prefix}:c"] = [0, 0.0, 0.0]
     return state
 
 
-def likelihood_step(spec: Likelihood, state: State, score: float) -> float:
+def likelihood_step(
+    spec: Likelihood, state: State, score: float, *, prefix: str = LIKELIHOOD_PREFIX
+) -> float:
     """``-log10`` of the Gaussian tail probability of the mean of the last ``short`` scores
     under the distribution estimated before this reading; then the long window takes the
     mean and, every ``every`` readings, the distribution is estimated again (Numenta's
     order: a reading is judged by what came before it)."""
-    if "lk:p" not in state:
-        state.update(likelihood_start(spec))
-    recent: list[float] = state["lk:r"]
+    r_key, p_key, n_key, h_key, b_key, c_key = _state_keys(prefix)
+    if p_key not in state:
+        state.update(likelihood_start(spec, prefix))
+    recent: list[float] = state[r_key]
     recent.append(float(score))
     del recent[: -spec.short]
     level = _mean(recent)
-    centre, spread = state["lk:p"]
+    centre, spread = state[p_key]
     out = _tail_score((level - centre) / spread)
-    state["lk:n"] = int(state["lk:n"]) + 1
-    due = state["lk:n"] % spec.every == 0
+    state[n_key] = int(state[n_key]) + 1
+    due = state[n_key] % spec.every == 0
     if spec.estimate == "robust":
-        history: list[float] = state["lk:h"]
+        history: list[float] = state[h_key]
         history.append(level)
         del history[: -spec.long]
         if due:
-            state["lk:p"] = list(_robust_normal(history, _prior_spread(spec)))
+            state[p_key] = list(_robust_normal(history, _prior_spread(spec)))
         return out
     if math.isfinite(level):  # Welford: the open block's count, mean, squared deviations
-        block = state["lk:c"]
+        block = state[c_key]
         block[0] = n = int(block[0]) + 1
         delta = level - block[1]
         block[1] += delta / n
         block[2] += delta * (level - block[1])
     if due:
-        blocks: list[list[float]] = state["lk:b"]
-        blocks.append(state["lk:c"])
+        blocks: list[list[float]] = state[b_key]
+        blocks.append(state[c_key])
         del blocks[: -_blocks(spec)]
-        state["lk:c"] = [0, 0.0, 0.0]
-        state["lk:p"] = list(_pooled(blocks, _prior_spread(spec)))
+        state[c_key] = [0, 0.0, 0.0]
+        state[p_key] = list(_pooled(blocks, _prior_spread(spec)))
     return out
+
+
+@functools.cache
+def _state_keys(prefix: str) -> tuple[str, str, str, str, str, str]:
+    """The likelihood state's keys under ``prefix`` (recent, distribution, count, history,
+    blocks, open block)."""
+    return tuple(f"{prefix}:{k}" for k in "rpnhbc")  # type: ignore[return-value]
 
 
 def _blocks(spec: Likelihood) -> int:

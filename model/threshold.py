@@ -71,19 +71,20 @@ class Follow:
     def flags(
         self,
         scores: list[float],
-        outside: list[bool],
+        always: list[bool],
         threshold: float,
         clear_threshold: float | None = None,
     ) -> tuple[list[bool], list[float]]:
         """One machine's ALERT flags and thresholds, reading by reading, from its first: a
-        reading is ALERT when its score is above the followed threshold or it is outside
-        the training envelope; a NORMAL one moves the level unless an alert is open after
-        it (the detector's alert rule, ``AlertRule``, with ``clear_threshold``)."""
+        reading is ALERT when its score is above the followed threshold or ``always`` says
+        so (outside the training envelope, or surprising); a NORMAL one moves the level
+        unless an alert is open after it (the detector's alert rule, ``AlertRule``, with
+        ``clear_threshold``)."""
         level = self.median
         rule = AlertRule()
         flagged: list[bool] = []
         thresholds: list[float] = []
-        for value, out in zip(scores, outside, strict=True):
+        for value, out in zip(scores, always, strict=True):
             cut = threshold + self.offset(level)
             alert = out or value > cut
             flagged.append(alert)

@@ -59,6 +59,7 @@ def verdict_values(explained: st.SearchStrategy[list[Contribution]]) -> st.Searc
             "latency_ms": finite,
             "explanation": st.none() | explained,
             "outside_training": st.none() | st.lists(channels, max_size=MAX_CHANNELS + 1),
+            "surprise": st.none() | finite,
         }
     )
 

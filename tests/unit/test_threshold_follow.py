@@ -79,9 +79,10 @@ def test_engine_follows_exactly_as_the_offline_scoring_and_across_a_restore(
     offline = score_recording(trained, columns)
     follow = model.card.follow()
     assert follow is not None
+    assert offline.surprise is not None
     flags, thresholds = follow.flags(
         offline.score.tolist(),
-        offline.outside.tolist(),
+        (offline.outside | offline.surprise).tolist(),
         model.card.threshold,
         model.card.clear_threshold,
     )
@@ -140,7 +141,8 @@ def test_cards_without_following_keep_a_fixed_threshold(tmp_path: Path) -> None:
     assert trained.card.follow() is None
     later = _stream(np.random.default_rng(4), 1200, shift=2.5)
     scores = score_recording(trained, later)
+    assert scores.surprise is not None
     assert (
         scores.flagged.tolist()
-        == ((scores.score > trained.card.threshold) | scores.outside).tolist()
+        == ((scores.score > trained.card.threshold) | scores.outside | scores.surprise).tolist()
     )
