@@ -127,6 +127,7 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
     """Options of training (and evaluating) on any machine's own CSV recordings."""
     from factorywatch.model import calibration, generic  # noqa: PLC0415
     from factorywatch.model.families import DEFAULT_FAMILY, FAMILIES  # noqa: PLC0415
+    from factorywatch.model.pipeline import SURPRISE_RATE  # noqa: PLC0415
 
     g = p.add_argument_group("your own data (--csv): any machine, any channels")
     g.add_argument("--csv", type=Path, help="a CSV recording (evaluate: or a folder, one per run)")
@@ -167,12 +168,19 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
         "spread (--no-follow: a fixed threshold)",
     )
     g.add_argument(
-        "--surprise",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="a reading whose recent score level (mean of the last 10) is seen less than once "
-        "in a thousand of the machine's own recent levels is an ALERT whatever its score "
-        "(--no-surprise: the threshold and the training envelope only)",
+        "--surprise-rate",
+        type=float,
+        default=SURPRISE_RATE,
+        metavar="RATE",
+        help="a reading whose recent score level (mean of the last 10) the machine's own "
+        "recent levels reach less often than RATE is an ALERT whatever its score (default "
+        f"{SURPRISE_RATE}: once in a thousand readings; lower: fewer alarms in normal "
+        "operation, fewer short events found)",
+    )
+    g.add_argument(
+        "--no-surprise",
+        action="store_true",
+        help="no surprise rule: the threshold and the training envelope only",
     )
     g.add_argument(
         "--far",
@@ -397,7 +405,7 @@ def _fit_spec(args: argparse.Namespace) -> Any:
             seed=args.seed,
             likelihood=args.likelihood,
             follow=args.follow,
-            surprise=args.surprise,
+            surprise=None if args.no_surprise else args.surprise_rate,
         )
     except ValueError as exc:
         raise FactorywatchError(str(exc)) from None
@@ -406,6 +414,7 @@ def _fit_spec(args: argparse.Namespace) -> Any:
 def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
     """The configuration the options give, plus the comparison ones with ``--compare``."""
     from factorywatch.model import streams  # noqa: PLC0415
+    from factorywatch.model.pipeline import SURPRISE_RATE  # noqa: PLC0415
 
     spec = _fit_spec(args)
     mark = " likelihood" if spec.likelihood else ""
@@ -437,7 +446,7 @@ def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
             configs.append(
                 streams.Config(
                     name=f"per-run {spec.preset} {spec.family} {which}",
-                    spec=spec.replace(surprise=not spec.surprise),
+                    spec=spec.replace(surprise=None if spec.surprise else SURPRISE_RATE),
                 )
             )
         # the same configurations with (or without) the anomaly likelihood

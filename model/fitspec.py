@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from factorywatch.model.calibration import DEFAULT_FAR
 from factorywatch.model.families import DEFAULT_FAMILY, FAMILIES
+from factorywatch.model.pipeline import SURPRISE_RATE
 
 PRESETS: Final = ("point", "windowed", "full", "drift", "auto")
 DEFAULT_PRESET: Final = "auto"
@@ -41,7 +42,8 @@ class FitSpec:
     # each machine's threshold follows its normal score level up (``model.threshold.Follow``)
     follow: bool = True
     # a recent score level unusual for the machine is an ALERT (``model.pipeline``, step 6)
-    surprise: bool = True
+    # the surprise rule's rate (None: no rule); ``model.pipeline``, step 6
+    surprise: float | None = SURPRISE_RATE
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -50,6 +52,8 @@ class FitSpec:
             raise ValueError(f"unknown scorer family {self.family!r}; choose from {FAMILIES}")
         if not 0.0 < self.far < 1.0:
             raise ValueError(f"false-alarm rate must be in (0, 1), got {self.far}")
+        if self.surprise is not None and not 0.0 < self.surprise < 1.0:
+            raise ValueError(f"surprise rate must be in (0, 1), got {self.surprise}")
         if self.window < 1 or self.smooth < 1 or self.trees < 1:
             raise ValueError("window, smooth and trees must be at least 1")
 
@@ -57,7 +61,7 @@ class FitSpec:
     def surprise_rule(self) -> bool:
         """Whether a fitted model has the surprise rule (not when its score is already the
         likelihood)."""
-        return self.surprise and not self.likelihood
+        return self.surprise is not None and not self.likelihood
 
     def replace(self, **changes: Any) -> FitSpec:
         """A copy with ``changes`` (validated again)."""

@@ -58,7 +58,6 @@ from factorywatch.model.fitspec import (
     FitSpec,
 )
 from factorywatch.model.pipeline import (
-    SURPRISE_RATE,
     Pipeline,
     Step,
     Surprise,
@@ -238,7 +237,7 @@ def fit_recording(
         likelihood = likelihood_for(calibration, groups or None)
         base = Pipeline(base.spec.model_copy(update={"likelihood": likelihood}))
         calibration = base.smooth_scores(held_out, groups or None)
-    base = _with_surprise(base, calibration, groups, progress) if spec.surprise_rule else base
+    base = _with_surprise(base, calibration, groups, spec, progress)
     pipeline, scorer = _fit_scorer(base, named, family, seed, trees)
     if spec.likelihood:
         # The likelihood is already a tail probability (-log10): the target rate is its
@@ -281,7 +280,7 @@ def fit_recording(
             "window": window,
             "smooth": smooth,
             "likelihood": spec.likelihood,
-            "surprise": spec.surprise_rule,
+            "surprise_rate": spec.surprise if spec.surprise_rule else None,
             "follow_span": FOLLOW_SPAN if spec.follow else None,
             "follow_cap": FOLLOW_CAP if spec.follow else None,
             "n_estimators": trees if family == "iforest" else None,
@@ -327,17 +326,22 @@ def _with_surprise(
     base: Pipeline,
     calibration: FloatArray,
     groups: Sequence[str],
+    spec: FitSpec,
     progress: Callable[[str], None],
 ) -> Pipeline:
-    """``base`` with the surprise rule (``model.pipeline``, step 6), its long window started
-    with the out-of-sample ``calibration`` scores, as the likelihood's is."""
+    """``base`` with the surprise rule (``model.pipeline``, step 6) when ``spec`` asks for
+    it, its long window started with the out-of-sample ``calibration`` scores, as the
+    likelihood's is."""
+    rate = spec.surprise
+    if rate is None or spec.likelihood:
+        return base
     surprise = Surprise(
         likelihood=likelihood_for(calibration, groups or None),
-        threshold=likelihood_threshold(SURPRISE_RATE),
+        threshold=likelihood_threshold(rate),
     )
     progress(
-        f"a recent score level seen once in {1 / SURPRISE_RATE:,.0f} readings of the "
-        "machine's own is an ALERT too (--no-surprise: off)"
+        f"a recent score level seen once in {1 / rate:,.0f} readings of the machine's own "
+        "is an ALERT too (--surprise-rate R to change, --no-surprise: off)"
     )
     return Pipeline(base.spec.model_copy(update={"surprise": surprise}))
 

@@ -58,7 +58,7 @@ def test_the_rule_finds_labelled_spikes_the_threshold_alone_misses(stream: NabFi
     scores = score_recording(default, rec.columns)
     assert scores.surprise is not None
     assert any(scores.surprise[r] and scores.score[r] <= default.card.threshold for r in hits)
-    assert found(_fit(stream, surprise=False)) == []
+    assert found(_fit(stream, surprise=None)) == []
 
 
 def test_the_engine_carries_the_surprise_as_evaluate_scores_it(

@@ -33,14 +33,14 @@ def test_new_cards_have_the_rule_and_no_surprise_leaves_it_out(trained: Trained)
     rule = trained.card.pipeline.surprise if trained.card.pipeline else None
     assert rule is not None
     assert rule.threshold == pytest.approx(3.0)
-    assert trained.card.params["surprise"]
+    assert trained.card.params["surprise_rate"] == pytest.approx(0.001)
     columns = _calm(np.random.default_rng(6), TRAIN)
-    without = fit_columns(columns, trees=10, seed=6, surprise=False)
+    without = fit_columns(columns, trees=10, seed=6, surprise=None)
     likelihood = fit_columns(columns, trees=10, seed=6, likelihood=True)
     for card in (without.card, likelihood.card):
         assert card.pipeline is not None
         assert card.pipeline.surprise is None
-        assert not card.params["surprise"]
+        assert card.params["surprise_rate"] is None
 
 
 @settings(max_examples=60, deadline=None)
@@ -75,7 +75,7 @@ def test_a_spike_in_a_calm_stretch_is_an_alert_below_the_threshold(trained: Trai
     assert scores.surprise is not None
     assert scores.surprise[1200:1230].any()
     assert not scores.surprise[:1200].any() or scores.surprise[:1200].mean() < 0.01
-    quiet = fit_columns(_calm(np.random.default_rng(5), TRAIN), trees=30, seed=5, surprise=False)
+    quiet = fit_columns(_calm(np.random.default_rng(5), TRAIN), trees=30, seed=5, surprise=None)
     plain = score_recording(quiet, later)
     assert plain.surprise is not None
     assert not plain.surprise.any()
