@@ -56,6 +56,7 @@ class Machine:
     peak_score: float | None = None
     explanation: list[dict[str, Any]] = field(default_factory=list)
     outside_training: list[str] = field(default_factory=list)  # of the latest ALERT reading
+    surprise: float | None = None  # of the latest ALERT reading
     last_score: float | None = None
     last_status: str | None = None
     threshold: float | None = None
@@ -92,6 +93,7 @@ class Machine:
             "peak_score": self.peak_score,
             "explanation": self.explanation,
             "outside_training": self.outside_training,
+            "surprise": self.surprise,
             "last_score": self.last_score,
             "last_status": self.last_status,
             "threshold": self.threshold,
@@ -232,6 +234,7 @@ class LiveModel:
         m.threshold, m.model_version = v.threshold, v.model_version
         if v.status == "ALERT":
             m.outside_training = list(v.outside_training or [])
+            m.surprise = v.surprise
 
     @staticmethod
     def _apply_state(m: Machine, s: MachineState) -> None:
@@ -261,6 +264,7 @@ class LiveModel:
             m.state, m.since, m.alert_id, m.acknowledged_by = "NORMAL", e.at, None, None
             m.label = m.labelled_by = None
             m.outside_training = []
+            m.surprise = None
         elif e.event == "ALERT_ACKNOWLEDGED":
             m.acknowledged_by = e.acknowledged_by
         elif e.event == "MACHINE_OFFLINE":

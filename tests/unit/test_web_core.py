@@ -254,3 +254,22 @@ def test_readings_that_arrive_before_the_first_verdict_are_charted_once_it_comes
         model.feed(T.telemetry("l1", f"x{i}"), telemetry(0, f"x{i}"))
     assert len(model.pending) == live.PENDING_MACHINES
     assert "l1/x0" not in model.pending
+
+
+def test_a_surprise_alert_says_why_until_the_alert_clears() -> None:
+    """An ALERT the surprise rule raised (score under the threshold) carries its surprise to
+    the tile, so the view does not show an alert beside a score below the line unexplained;
+    the clear removes it."""
+    model = LiveModel(T)
+    model.feed(T.verdict("l1", "m1"), _verdict(1))
+    surprising = Verdict.model_validate(
+        {"machine_id": "m1", "line": "l1", "seq": 2, "reading_ts": 1.8e9 + 2,
+         "status": "ALERT", "score": 0.5, "threshold": 0.6, "model_version": "v1",
+         "latency_ms": 0.3, "surprise": 3.7}
+    ).encode()  # fmt: skip
+    model.feed(T.verdict("l1", "m1"), surprising)
+    assert model.machines["l1/m1"].tile()["surprise"] == 3.7
+    cleared = AlertEvent(machine_id="m1", line="l1", event="ALERT_CLEARED", at=1.8e9 + 9,
+                         alert_id="a1")  # fmt: skip
+    model.feed(T.event("l1", "m1"), cleared.encode())
+    assert model.machines["l1/m1"].tile()["surprise"] is None

@@ -33,9 +33,10 @@ const FW = (() => {
     return { cls: state, text: state, title: "" };
   };
   const labelBadge = (label, by) => (label ? `<span class="badge ${esc(label)}">${esc(label.replace("_", " "))}</span>${by ? ` <span class="muted">${esc(by)}</span>` : ""}` : "");
-  const features = (ex, outside) => {
+  const features = (ex, outside, surprise) => {
     const beyond = (outside || []).length ? `<b>outside training range:</b> ${outside.map(esc).join(", ")}; ` : "";
-    return beyond + ((ex || []).slice(0, 3).map((c) => `${esc(c.feature)} <span class="muted">z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 1)}</span>`).join(", ") || "–");
+    const unusual = surprise != null ? `<b>unusual for this machine lately</b> (surprise ${fmt(surprise, 1)}); ` : "";
+    return beyond + unusual + ((ex || []).slice(0, 3).map((c) => `${esc(c.feature)} <span class="muted">z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 1)}</span>`).join(", ") || "–");
   };
 
   async function api(path, body) {
@@ -212,7 +213,7 @@ const FW = (() => {
     setKeepingNotes(body, open.map((m) => `<tr data-machine="${esc(m.machine_id)}">
       <td><a href="/machine/${encodeURIComponent(m.line)}/${encodeURIComponent(m.machine_id)}"><b>${esc(m.machine_id)}</b></a></td>
       <td>${esc(m.line)}</td><td>${when(m.alert_since)} <span class="muted">(${ago(m.alert_since)})</span></td>
-      <td>${fmt(m.peak_score)}</td><td>${features(m.explanation, m.outside_training)}</td>
+      <td>${fmt(m.peak_score)}</td><td>${features(m.explanation, m.outside_training, m.surprise)}</td>
       <td>${m.acknowledged_by ? `✓ ${esc(m.acknowledged_by)}` : '<span class="muted">not yet</span>'}</td>
       <td class="label">${labelBadge(m.label, m.labelled_by) || '<span class="muted">–</span>'}</td>
       <td class="actions">${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}</td></tr>`).join(""),
@@ -291,7 +292,7 @@ const FW = (() => {
       setKeepingNotes(document.getElementById("status"), `<span class="badge ${esc(b.cls)}" title="${esc(b.title)}">${esc(b.text)}</span>
         <span>line <b>${esc(m.line)}</b></span><span>last score <b>${fmt(m.last_score)}</b> (reading ${esc(m.last_status || "–")})</span>
         <span>threshold <b>${fmt(m.threshold)}</b></span><span>model <b>${esc(m.model_version || "–")}</b></span>
-        ${m.alert_id ? `<span>alert open since <b>${when(m.alert_since)} UTC</b> ${labelBadge(m.label, m.labelled_by)}, peak ${fmt(m.peak_score)}, ${features(m.explanation, m.outside_training)}</span>
+        ${m.alert_id ? `<span>alert open since <b>${when(m.alert_since)} UTC</b> ${labelBadge(m.label, m.labelled_by)}, peak ${fmt(m.peak_score)}, ${features(m.explanation, m.outside_training, m.surprise)}</span>
         ${m.acknowledged_by ? `<span>acknowledged by <b>${esc(m.acknowledged_by)}</b></span>` : ""} ${actionButtons(m.line, m.machine_id, m.alert_id, Boolean(m.acknowledged_by))}` : ""}
         <div id="tuning">${thresholdChanges(m)}</div>`,
       `${m.alert_id}|${m.acknowledged_by}|${m.label}|${m.state}|${m.own_threshold}|${(m.threshold_changes || []).length}|${m.alarm_rate_out_of_bound}|${m.alarm_rate === null ? "" : m.alarm_rate.toFixed(4)}`);
