@@ -63,6 +63,7 @@ from factorywatch.model.pipeline import (
     Surprise,
     likelihood_for,
     likelihood_threshold,
+    surprise_flags,
 )
 from factorywatch.model.scoring import robust_center_scale
 from factorywatch.model.threshold import FOLLOW_CAP, FOLLOW_SPAN, ThresholdSpec
@@ -249,7 +250,13 @@ def fit_recording(
     else:
         cut = threshold_for(calibration, far)
         progress(f"threshold {cut:.4f} (false-alarm rate {far} on out-of-sample training scores)")
-        forward = forward_far(calibration, fold, far)
+        forward = forward_far(
+            calibration,
+            fold,
+            far,
+            surprise=spec.surprise if spec.surprise_rule else None,
+            groups=groups or None,
+        )
     progress(
         f"forward in time: a threshold set on the earlier {FOLDS - 1} blocks raised "
         f"{forward:.2%} false alarms on the last block (target {far:.2%})"
@@ -346,14 +353,35 @@ def _with_surprise(
     return Pipeline(base.spec.model_copy(update={"surprise": surprise}))
 
 
-def forward_far(calibration: FloatArray, fold: npt.NDArray[np.intp], far: float) -> float:
+def forward_far(
+    calibration: FloatArray,
+    fold: npt.NDArray[np.intp],
+    far: float,
+    *,
+    surprise: float | None = None,
+    groups: Sequence[str] | None = None,
+) -> float:
     """The realized false-alarm rate forward in time: the threshold for ``far`` set on the
     out-of-sample scores of every block but the last (of each machine), measured on the
-    last block's scores (the training rows are normal, so every alert there is false)."""
+    last block's scores (the training rows are normal, so every alert there is false).
+    With a ``surprise`` rate, a row the surprise rule (its long window started with the
+    earlier blocks' scores) makes an ALERT counts too."""
     last = fold == FOLDS - 1
     if last.all() or not last.any():
         return float("nan")
-    return float(np.mean(calibration[last] > threshold_for(calibration[~last], far)))
+    alerts = calibration[last] > threshold_for(calibration[~last], far)
+    if surprise is not None:
+        keys = None if groups is None else np.asarray(groups)
+        rule = Surprise(
+            likelihood=likelihood_for(
+                calibration[~last], None if keys is None else keys[~last].tolist()
+            ),
+            threshold=likelihood_threshold(surprise),
+        )
+        alerts |= surprise_flags(
+            rule, calibration[last], None if keys is None else keys[last].tolist()
+        )
+    return float(np.mean(alerts))
 
 
 @dataclass(frozen=True)

@@ -667,17 +667,7 @@ class Pipeline:
         rule = self.spec.surprise
         if rule is None:
             return np.zeros(len(scores), dtype=np.bool_)
-        keys = np.zeros(len(scores), dtype=np.intp) if groups is None else np.asarray(groups)
-        out = np.zeros(len(scores), dtype=np.bool_)
-        for key in dict.fromkeys(keys.tolist()):
-            rows = np.flatnonzero(keys == key)
-            state: State = {}
-            values = [
-                likelihood_step(rule.likelihood, state, v, prefix=SURPRISE_PREFIX)
-                for v in scores[rows].tolist()
-            ]
-            out[rows] = np.asarray(values, dtype=np.float64) > rule.threshold
-        return out
+        return surprise_flags(rule, scores, groups)
 
     def surprise_step(self, state: State, score: float) -> float | None:
         """Streaming surprise of one smoothed ``score`` over the machine's state: its value
@@ -687,6 +677,24 @@ class Pipeline:
             return None
         value = likelihood_step(rule.likelihood, state, score, prefix=SURPRISE_PREFIX)
         return value if value > rule.threshold else None
+
+
+def surprise_flags(
+    rule: Surprise, scores: FloatArray, groups: Sequence[str] | None = None
+) -> BoolArray:
+    """Per row, whether ``rule`` makes it an ALERT: each machine's (``groups``) smoothed
+    ``scores`` in order, from a fresh state (``Pipeline.surprise_step`` row by row)."""
+    keys = np.zeros(len(scores), dtype=np.intp) if groups is None else np.asarray(groups)
+    out = np.zeros(len(scores), dtype=np.bool_)
+    for key in dict.fromkeys(keys.tolist()):
+        rows = np.flatnonzero(keys == key)
+        state: State = {}
+        values = [
+            likelihood_step(rule.likelihood, state, v, prefix=SURPRISE_PREFIX)
+            for v in scores[rows].tolist()
+        ]
+        out[rows] = np.asarray(values, dtype=np.float64) > rule.threshold
+    return out
 
 
 #: the state keys' prefix of the likelihood (step 5) and of the surprise (step 6)

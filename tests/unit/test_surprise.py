@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from factorywatch.model.generic import Trained, fit_columns, score_recording
+from factorywatch.model.generic import Trained, fit_columns, forward_far, score_recording
 from factorywatch.model.pipeline import State
 
 TRAIN = 400
@@ -80,3 +80,18 @@ def test_a_spike_in_a_calm_stretch_is_an_alert_below_the_threshold(trained: Trai
     assert plain.surprise is not None
     assert not plain.surprise.any()
     assert (scores.flagged | ~plain.flagged).all(), "the rule only adds ALERTs"
+
+
+def test_the_forward_estimate_counts_the_rules_alerts_too() -> None:
+    """``train``'s forward-in-time false-alarm rate counts what the deployed rules would
+    raise on the last training block: a burst there under the threshold but unusual for the
+    earlier blocks' scores raises the estimate only when the surprise rule is on."""
+    rng = np.random.default_rng(9)
+    n, folds = 1000, 5
+    scores = 0.45 + 0.01 * rng.normal(size=n)
+    scores[900:915] += 0.015  # under a threshold set on the tail, far above the level
+    fold = np.minimum(np.arange(n) * folds // n, folds - 1).astype(np.intp)
+    plain = forward_far(scores, fold, 0.01)
+    with_rule = forward_far(scores, fold, 0.01, surprise=0.001)
+    assert with_rule > plain
+    assert with_rule - plain >= 5 / 200  # a third of the burst at least
