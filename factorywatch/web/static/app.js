@@ -275,8 +275,9 @@ const FW = (() => {
       const data = await api(`/api/history?machine=${encodeURIComponent(machine)}&since=${encodeURIComponent(range)}`).catch(() => ({ alerts: [] }));
       const body = document.querySelector("#history tbody");
       // a refresh (live updates, a range change) that shows the same alerts keeps a note
-      // the operator is typing in a row
-      const key = `${range}|` + data.alerts.map((a) => `${a.alert_id}:${a.open}:${a.label}:${a.note}:${a.acknowledged_by}`).join(",");
+      // the operator is typing in a row (the range is not part of the key: a wider range
+      // that answers after the operator started typing shows the same rows)
+      const key = data.alerts.map((a) => `${a.alert_id}:${a.open}:${a.label}:${a.note}:${a.acknowledged_by}`).join(",");
       setKeepingNotes(body, data.alerts.map((a) => `<tr data-alert="${esc(a.alert_id)}">
         <td>${when(a.raised_at)}</td><td>${a.open ? '<span class="badge ALERT">OPEN</span>' : when(a.cleared_at)}</td>
         <td>${fmt(a.peak_score)}</td><td>${features(a.explanation)}</td>
