@@ -70,7 +70,11 @@ def test_a_second_sensor_with_one_machine_id_fences_the_first(
             if m.topic == topics.status("sensor", "press-1")
             and ClientStatus.model_validate_json(m.payload).state == "offline"
         ]
-        assert len(offline) <= 2, f"{len(offline)} offline statuses: the two fought"
+        # One takeover gives one or two (the older's will, and the newer's if the older's
+        # reconnect beat its lease); on a loaded machine the newer's lease may take longer
+        # than the older's settle pause once more. Two processes that fight give one per
+        # second for as long as the newer one publishes (5 s of readings here).
+        assert len(offline) <= 3, f"{len(offline)} offline statuses: the two fought"
         second.terminate()
     finally:
         monitor.close()
