@@ -240,7 +240,7 @@ const FW = (() => {
     const parts = [];
     if (m.alarm_rate !== null && m.alarm_rate !== undefined) {
       const cls = m.alarm_rate_out_of_bound ? "badge ALERT" : "muted";
-      const title = m.alarm_rate_out_of_bound ? "above 3 x its target: label its false alarms, widen its threshold or refit it" : "share of ALERT verdicts (recent readings)";
+      const title = m.alarm_rate_out_of_bound ? "above 3 x its target: label its false alarms, widen its threshold or refit it" : "share of ALERT verdicts over its recent readings (1,000 or more), as of its latest state change";
       parts.push(`<span class="alarm-rate ${cls}" title="${esc(title)}">alarm rate ${(100 * m.alarm_rate).toFixed(2)} % (bound ${(100 * m.alarm_rate_bound).toFixed(2)} %)</span>`);
     }
     if (m.own_threshold !== null && m.own_threshold !== undefined) {
