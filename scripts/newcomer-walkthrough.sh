@@ -19,20 +19,24 @@
 # provides it (--keep-docker-config: use yours). It refuses to run beside a `factorywatch`
 # Compose project that already has containers or volumes (the ports and volumes are shared),
 # and removes the stack it started, volumes included, at the end (--keep: leave them).
+# --no-cache builds the images from scratch (the first build on a new machine; the base
+# image and wheelhouse/ are make docker-prepare's, timed with it).
 # Prints a table: step, command, seconds.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 
 keep=0
+build_flags=
 keep_docker_config=0
 list=0
 args=()
 for arg in "$@"; do
     case "$arg" in
         --keep) keep=1 ;;
+        --no-cache) build_flags=--no-cache ;;
         --keep-docker-config) keep_docker_config=1 ;;
         --list) list=1 ;;
-        -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$arg") ;;
     esac
 done
@@ -95,6 +99,8 @@ cleanup() {
         kill -INT -- "-$demo_pid" 2>/dev/null || true
     fi
     if [ "$started_stack" = 1 ] && [ "$keep" = 0 ] && [ -d "$dir" ]; then
+        # The volumes it created (it refused to start beside existing ones): the model,
+        # history, broker and detector state of this walkthrough.
         say "removing the stack it started (docker compose down -v, untimed)"
         (cd "$dir" && docker compose down -v >/dev/null 2>&1) || true
     fi
@@ -111,11 +117,18 @@ log=$(dirname "$dir")/walkthrough-logs
 mkdir -p "$log"
 
 # Run one step in the clone, timed; its output goes to its log, the log's end on failure.
+# $3, if given, is a check on that output (grep -q PATTERN) that must hold too.
 step() {
-    local name=$1 command=$2 file="$log/$(echo "$1" | tr -c 'a-zA-Z0-9\n' '-').log" t
+    local name=$1 command=$2 check=${3:-} file t
+    file="$log/$(echo "$1" | tr -c 'a-zA-Z0-9\n' '-').log"
     t=$(now)
     if ! (cd "$dir" && bash -c "$command") >"$file" 2>&1; then
         say "FAILED as printed: $command"
+        tail -n 30 "$file" >&2
+        exit 1
+    fi
+    if [ -n "$check" ] && ! grep -q -- "$check" "$file"; then
+        say "FAILED: $command printed no \"$check\":"
         tail -n 30 "$file" >&2
         exit 1
     fi
@@ -203,7 +216,7 @@ for command in "${commands[@]}"; do
             step "$command" "$command"
             ;;
         "docker compose up -d --build"*)
-            step "image builds (apart)" "docker compose build"
+            step "image builds (apart)" "docker compose build${build_flags:+ $build_flags}"
             started_stack=1
             step "start the stack" "$command"
             t=$(now)
@@ -219,7 +232,7 @@ for command in "${commands[@]}"; do
             ;;
         *"sensor --machine-id weld-4"*)
             count=$(echo "$command" | sed -nE 's/.*--count ([0-9]+).*/\1/p')
-            step "its readings scored" "$command 2>&1 | grep -q 'answered ${count:-?},'"
+            step "its readings scored" "$command" "answered ${count:-?},"
             ;;
         "docker compose restart detector"*)
             step "restart the detector" "$command"
@@ -230,7 +243,6 @@ for command in "${commands[@]}"; do
         "#"*) ;;
         *)
             step "$(echo "$command" | cut -c1-34)" "$command"
-            [ "$command" = "docker compose down" ] && started_stack=0
             ;;
     esac
 done
