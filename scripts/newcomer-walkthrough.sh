@@ -219,6 +219,11 @@ for command in "${commands[@]}"; do
             step "image builds (apart)" "docker compose build${build_flags:+ $build_flags}"
             started_stack=1
             step "start the stack" "$command"
+            # A pull attempt of an image the stack builds: offline, one Error line each.
+            if grep -E '^ *[a-z0-9-]+ +Error' "$log/start-the-stack.log" >&2; then
+                say "FAILED: \`$command\` printed errors (above)"
+                exit 1
+            fi
             t=$(now)
             ;;
         "# web view"*)

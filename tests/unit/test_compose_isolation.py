@@ -72,3 +72,18 @@ def test_each_image_of_the_main_stack_is_built_by_one_service() -> None:
     images = {s["image"] for s in _load(MAIN)["services"].values() if "image" in s}
     local = {i for i in images if i.startswith("factorywatch")}
     assert local <= set(builders), "every factorywatch image is built by some service"
+
+
+def test_a_service_running_an_image_another_builds_never_pulls_it() -> None:
+    """Offline, or with Docker Hub unreachable, Compose tried to pull the images another
+    service builds (sensors, web, notify) before building them, and printed an `Error ...
+    registry-1.docker.io` line per service on the README's first `up -d --build`."""
+    for path in (MAIN, CLUSTER):
+        services = _load(path)["services"]
+        built = {s["image"] for s in services.values() if "build" in s}
+        pulling = [
+            name
+            for name, s in services.items()
+            if "build" not in s and s.get("image") in built and s.get("pull_policy") != "never"
+        ]
+        assert pulling == [], path.name
