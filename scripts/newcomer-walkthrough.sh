@@ -112,7 +112,8 @@ trap cleanup EXIT
 
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-row() { rows+=("$1|$2|$3"); say "$(printf '%-34s %7s s  %s' "$1" "$3" "$2")"; }
+sep=$'\x1f'   # between a row's fields: a command may hold any printable character
+row() { rows+=("$1$sep$2$sep$3"); say "$(printf '%-34s %7s s  %s' "$1" "$3" "$2")"; }
 log=$(dirname "$dir")/walkthrough-logs
 mkdir -p "$log"
 
@@ -257,6 +258,6 @@ echo
 echo "| step | command | seconds |"
 echo "|---|---|---:|"
 for r in "${rows[@]}"; do
-    IFS='|' read -r name command secs <<<"$r"
-    echo "| $name | \`$command\` | $secs |"
+    IFS=$sep read -r name command secs <<<"$r"
+    echo "| $name | \`${command//|/\\|}\` | $secs |"
 done
