@@ -56,6 +56,11 @@ Action = Literal["false_alarm", "widen", "reset"]
 RateChange = Literal["out_of_bound", "within_bound"]
 
 
+def rate_span(target: float) -> float:
+    """How many readings the realized rate averages over, and counts before it is judged."""
+    return max(RATE_MIN_READINGS, RATE_SPAN_TARGETS / target)
+
+
 @dataclass(frozen=True, slots=True)
 class Scale:
     """What a model card says about its threshold: the value, the score scale around it
@@ -143,7 +148,7 @@ class Tuning:
         self.target = scale.target
         if scale.target is None:
             return None
-        span = max(RATE_MIN_READINGS, RATE_SPAN_TARGETS / scale.target)
+        span = rate_span(scale.target)
         self.rated += 1
         weight = max(1.0 / self.rated, 1.0 / span)  # a plain mean until span readings
         self.rate += weight * ((1.0 if alert else 0.0) - self.rate)
@@ -212,7 +217,9 @@ class Tuning:
                 ThresholdChange.model_validate(change)
                 for change in self.adjustments[-MAX_THRESHOLD_CHANGES:]
             ]
-        if self.rated and self.target is not None:
+        # Only a rate judged against its bound: before span readings it is the share of a
+        # handful (a first reading's ALERT showed as "alarm rate 100 %" on a quiet machine).
+        if self.target is not None and self.rated >= rate_span(self.target):
             fields["alarm_rate"] = self.rate
             fields["alarm_rate_bound"] = RATE_BOUND * self.target
             fields["alarm_rate_out_of_bound"] = self.out_of_bound

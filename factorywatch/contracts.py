@@ -418,7 +418,8 @@ class MachineState(_Wire):
     ) = Field(default=None, description="the latest changes of its threshold, oldest first")
     alarm_rate: float | None = Field(
         default=None,
-        description="realized share of ALERT verdicts (exponentially weighted, live readings)",
+        description="realized share of ALERT verdicts (exponentially weighted, live readings); "
+        "absent until it has counted the readings its bound is judged on",
     )
     alarm_rate_bound: float | None = Field(
         default=None, description="the rate above which it is out of bound (3 x its target)"

@@ -64,7 +64,8 @@ LEGEND = (
     "model's threshold (higher = more anomalous; ALERT above it), then the latency from the "
     "reading's timestamp to its verdict; an ALERT at or below the threshold is one whose "
     "readings lie outside the training envelope (the channels named), and `z=` names the "
-    "features that drove a high score"
+    "features that drove a high score; a reading left unanswered (sent while the detector "
+    "was still starting) is sent again, so a few early seqs come late"
 )
 
 

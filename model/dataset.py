@@ -117,8 +117,9 @@ def locate(explicit: Path | None, data_dir: Path, *, progress: Progress = _no_pr
     except Exception as exc:  # kagglehub raises many types: network, auth, HTTP
         raise DatasetError(
             f"no dataset in {data_dir} and the kagglehub download of {KAGGLE_HANDLE} failed "
-            f"({type(exc).__name__}: {exc}). Offline? Pass a local copy of "
-            f"{KAGGLE_FILE} or {UCI_FILE} with --dataset PATH or FACTORYWATCH_DATASET=PATH."
+            f"({type(exc).__name__}: {exc}). Offline? Copy {KAGGLE_FILE} or {UCI_FILE} "
+            f"into {data_dir}/, or pass a local copy with --dataset PATH or "
+            "FACTORYWATCH_DATASET=PATH."
         ) from exc
 
 

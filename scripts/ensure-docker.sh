@@ -14,8 +14,15 @@ WAIT_S=${FACTORYWATCH_DOCKER_WAIT_S:-60}
 
 say() { echo "ensure-docker: $*" >&2; }
 
-if docker info >/dev/null 2>&1; then
+if refused=$(docker info 2>&1 >/dev/null); then
     exit 0
+fi
+# An engine that runs but refuses this user (Debian: the socket is root:docker 0660) is no
+# engine to start or install: say what to do instead of "start Docker yourself".
+if [[ "$refused" == *"permission denied"* ]]; then
+    say "a Docker engine runs, but $(id -un) may not use its socket: add yourself to the docker"
+    say "group (sudo usermod -aG docker $(id -un), then log in again) or run as root"
+    exit 1
 fi
 
 if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1 \

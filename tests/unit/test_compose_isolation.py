@@ -58,3 +58,32 @@ def test_docs_give_the_cluster_commands_with_its_own_file() -> None:
     assert "docker compose -f docker-compose.cluster.yml down -v" in "".join(
         p.read_text() for p in pages
     )
+
+
+def test_each_image_of_the_main_stack_is_built_by_one_service() -> None:
+    """`docker compose up -d --build` builds each image once: a `build` on every service of
+    a shared image (recorder, web, notify: `factorywatch-ops`) built and exported it once per
+    service, each time leaving untagged copies behind; the other services only run it."""
+    builders: dict[str, list[str]] = {}
+    for name, service in _load(MAIN)["services"].items():
+        if "build" in service:
+            builders.setdefault(service["image"], []).append(name)
+    assert {image: names for image, names in builders.items() if len(names) > 1} == {}
+    images = {s["image"] for s in _load(MAIN)["services"].values() if "image" in s}
+    local = {i for i in images if i.startswith("factorywatch")}
+    assert local <= set(builders), "every factorywatch image is built by some service"
+
+
+def test_a_service_running_an_image_another_builds_never_pulls_it() -> None:
+    """Offline, or with Docker Hub unreachable, Compose tried to pull the images another
+    service builds (sensors, web, notify) before building them, and printed an `Error ...
+    registry-1.docker.io` line per service on the README's first `up -d --build`."""
+    for path in (MAIN, CLUSTER):
+        services = _load(path)["services"]
+        built = {s["image"] for s in services.values() if "build" in s}
+        pulling = [
+            name
+            for name, s in services.items()
+            if "build" not in s and s.get("image") in built and s.get("pull_policy") != "never"
+        ]
+        assert pulling == [], path.name

@@ -12,6 +12,7 @@ import pytest
 from factorywatch.broker import free_port
 from factorywatch.contracts import AI4I_CHANNELS
 from factorywatch.errors import DatasetChecksumError, DatasetError
+from factorywatch.model import dataset
 from factorywatch.model.dataset import (
     KAGGLE_FILE,
     LABEL,
@@ -229,3 +230,22 @@ def test_offline_download_fails_with_guidance(
     assert "--dataset" in message
     assert "FACTORYWATCH_DATASET" in message
     assert list(data_dir.iterdir()) == []
+
+
+def test_offline_without_a_copy_the_error_names_both_remedies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No CSV in the data folder and no network: the error says to copy it there (what the
+    README says for an offline machine) or to pass a copy, and why the download failed."""
+
+    def offline(_data_dir: Path, _progress: object) -> Path:
+        raise ConnectionError("Failed to resolve 'api.kaggle.com'")
+
+    monkeypatch.setattr(dataset, "_download", offline)
+    with pytest.raises(DatasetError) as raised:
+        locate(None, tmp_path / "data")
+    message = str(raised.value)
+    assert f"into {tmp_path / 'data'}/" in message
+    assert "ai4i2020.csv" in message
+    assert "--dataset PATH" in message
+    assert "api.kaggle.com" in message

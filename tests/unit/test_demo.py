@@ -7,6 +7,7 @@ from pathlib import Path
 
 from factorywatch.contracts import Contribution, DeadLetter, Verdict
 from factorywatch.demo import (
+    LEGEND,
     failure_message,
     model_switch_line,
     mosquitto_sub_command,
@@ -121,3 +122,10 @@ def test_a_stopped_process_without_an_error_line_shows_its_last_lines(tmp_path: 
     message = failure_message("sensor", 1, "starting\nTraceback: boom\n", tmp_path / "s.log")
     assert "Traceback: boom" in message
     assert "DATASET=" not in message
+
+
+def test_the_legend_explains_what_a_newcomer_sees() -> None:
+    """Every field of a verdict line, and why a few early seqs arrive after later ones (the
+    sensors start with the detector and send again what it had not answered yet)."""
+    for words in ("seq", "threshold", "latency", "training envelope", "z=", "sent again"):
+        assert words in LEGEND

@@ -36,3 +36,22 @@ def test_every_docs_link_of_the_readme_names_an_existing_page() -> None:
     assert links
     missing = [link for link in links if not (PROJECT_DIR / link).is_file()]
     assert missing == []
+
+
+def docker_commands() -> list[str]:
+    """The commands of the first bash block of "With Docker", continuations joined."""
+    block = re.search(r"```bash\n(.*?)```", _section("With Docker"), re.S)
+    assert block is not None
+    joined = re.sub(r" *\\\n +", " ", block.group(1))
+    return [re.sub(r"\s+# .*$", "", line).rstrip() for line in joined.splitlines() if line]
+
+
+def test_the_added_machine_is_seen_scored() -> None:
+    """After `add-user weld-4` the Docker block sends weld-4's readings with an end (--count),
+    so its verdicts show and the command returns, instead of a machine nobody hears from."""
+    commands = docker_commands()
+    added = next(i for i, c in enumerate(commands) if "add-user weld-4" in c)
+    sensor = commands[added + 1]
+    assert sensor.startswith(".venv/bin/factorywatch sensor --machine-id weld-4 ")
+    assert "--count " in sensor
+    assert "--tls-ca secrets/certs/ca.crt" in sensor

@@ -25,6 +25,7 @@ from factorywatch.detector.tuning import (
     WIDEN_STEP,
     Scale,
     Tuning,
+    rate_span,
 )
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
@@ -102,6 +103,23 @@ def test_the_realized_rate_leaves_and_reenters_its_bound_once_each() -> None:
     changes = [tuning.count(False, SCALE) for _ in range(20_000)]
     assert changes.count("within_bound") == 1
     assert tuning.out_of_bound is False
+
+
+def test_the_state_shows_a_rate_only_once_it_is_judged() -> None:
+    """A machine whose first verdict was an ALERT has a "rate" of 100 % of one reading: its
+    retained state (and so the web view's tile) shows no alarm rate until the estimate has
+    counted the readings its bound is judged on."""
+    tuning = Tuning()
+    tuning.count(True, SCALE)
+    assert "alarm_rate" not in tuning.state_fields()
+    span = round(rate_span(0.005))
+    for _ in range(span - 2):
+        tuning.count(False, SCALE)
+    assert "alarm_rate" not in tuning.state_fields()
+    tuning.count(False, SCALE)
+    fields = tuning.state_fields()
+    assert fields["alarm_rate"] == pytest.approx(1 / span)
+    assert fields["alarm_rate_out_of_bound"] is False
 
 
 def test_a_rate_at_its_target_stays_within_bound() -> None:

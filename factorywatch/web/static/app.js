@@ -133,14 +133,23 @@ const FW = (() => {
     return `<svg class="spark" viewBox="0 0 ${W} ${H}" preserveAspectRatio="none">${thr}<polyline points="${line}" fill="none" stroke="#2f6fde" stroke-width="1.5" vector-effect="non-scaling-stroke"/>${dots}</svg>`;
   }
 
+  // A chart's value range with a margin; a series that never goes below zero (tool wear,
+  // speeds, torque) keeps its axis at zero or above instead of showing "-11.4".
+  function axisRange(ys) {
+    let y0 = Math.min(...ys), y1 = Math.max(...ys);
+    const pad = (y1 - y0) * 0.08 || Math.abs(y1) * 0.05 || 1;
+    const floor = y0 >= 0 ? 0 : -Infinity;
+    y0 = Math.max(y0 - pad, floor); y1 += pad;
+    return [y0, y1];
+  }
+
   function chart(el, series, { height = 220, threshold = null, digits = 2 } = {}) {
     const W = Math.max(300, el.clientWidth || 600), H = height, L = 52, R = 12, T = 10, B = 24;
     const all = series.flatMap((s) => s.values);
     if (!all.length) { el.innerHTML = `<svg viewBox="0 0 ${W} ${H}"><text x="${L}" y="${H / 2}" class="axis">waiting for readings…</text></svg>`; return; }
     const xs = all.map((v) => v[0]), ys = all.map((v) => v[1]).concat(threshold !== null ? [threshold] : []);
     const x0 = Math.min(...xs), x1 = Math.max(...xs);
-    let y0 = Math.min(...ys), y1 = Math.max(...ys);
-    const pad = (y1 - y0) * 0.08 || Math.abs(y1) * 0.05 || 1; y0 -= pad; y1 += pad;
+    const [y0, y1] = axisRange(ys);
     const x = (v) => L + ((v - x0) * (W - L - R)) / (x1 - x0 || 1);
     const y = (v) => T + ((y1 - v) * (H - T - B)) / (y1 - y0 || 1);
     let svg = `<svg viewBox="0 0 ${W} ${H}" width="${W}" height="${H}">`;
@@ -241,7 +250,7 @@ const FW = (() => {
     const parts = [];
     if (m.alarm_rate !== null && m.alarm_rate !== undefined) {
       const cls = m.alarm_rate_out_of_bound ? "badge ALERT" : "muted";
-      const title = m.alarm_rate_out_of_bound ? "above 3 x its target: label its false alarms, widen its threshold or refit it" : "share of ALERT verdicts (recent readings)";
+      const title = m.alarm_rate_out_of_bound ? "above 3 x its target: label its false alarms, widen its threshold or refit it" : "share of ALERT verdicts over its recent readings (1,000 or more), as of its latest state change";
       parts.push(`<span class="alarm-rate ${cls}" title="${esc(title)}">alarm rate ${(100 * m.alarm_rate).toFixed(2)} % (bound ${(100 * m.alarm_rate_bound).toFixed(2)} %)</span>`);
     }
     if (m.own_threshold !== null && m.own_threshold !== undefined) {
@@ -419,7 +428,7 @@ const FW = (() => {
     load();
   }
 
-  return { overview, machinePage, accountsPage, badge, time, when };
+  return { overview, machinePage, accountsPage, badge, time, when, axisRange };
 
 })();
 // The page names its entry on the script tag (no inline script: the CSP forbids them).
