@@ -232,6 +232,14 @@ def card_summary(card: ModelCard) -> str:
             f"forward in time {metrics['forward_far']:.2%} false alarms "
             f"(target {card.threshold_spec.value:.2%})"
         )
+    follow = card.follow()
+    if follow is not None:
+        parts.append(
+            f"threshold follows normal drift up by at most {follow.cap * follow.spread:.4f}"
+        )
+    rate = card.params.get("surprise_rate")
+    if isinstance(rate, int | float) and rate > 0:
+        parts.append(f"surprise rule: a recent score level rarer than 1 in {1 / rate:,.0f}")
     moving = [b for b in str(card.params.get("behaviour") or "").split(",") if b]
     moving = [b for b in moving if not b.endswith(":stationary")]
     if moving:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from factorywatch.model.artifact import card_summary
 from factorywatch.model.generic import Trained, fit_columns, forward_far, score_recording
 from factorywatch.model.pipeline import State
 
@@ -95,3 +96,15 @@ def test_the_forward_estimate_counts_the_rules_alerts_too() -> None:
     with_rule = forward_far(scores, fold, 0.01, surprise=0.001)
     assert with_rule > plain
     assert with_rule - plain >= 5 / 200  # a third of the burst at least
+
+
+def test_models_list_names_the_threshold_rules(trained: Trained) -> None:
+    """`models list` (``card_summary``) says that a model's threshold follows and at what
+    rarity its surprise rule fires; a model without the rules says neither."""
+    summary = card_summary(trained.card)
+    assert "threshold follows normal drift up by at most" in summary
+    assert "surprise rule: a recent score level rarer than 1 in 1,000" in summary
+    columns = _calm(np.random.default_rng(8), TRAIN)
+    bare = card_summary(fit_columns(columns, trees=10, seed=8, surprise=None, follow=False).card)
+    assert "surprise" not in bare
+    assert "follows" not in bare
