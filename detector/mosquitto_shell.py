@@ -337,8 +337,9 @@ class DetectorService:
         )
 
     def _housekeeping(self, due: Due) -> None:
-        sends, events = self.runner.tick(time.time())
-        send(self.runner, self.transport, sends)
+        sends, events = self.runner.tick(time.time(), silence=due.silence)
+        if sends:
+            send(self.runner, self.transport, sends)
         for ingest in self.engine.extra_ingests:
             for name, fields in ingest.take_notes():
                 log.info(name, **fields)
