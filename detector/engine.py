@@ -921,6 +921,14 @@ class Engine:
         """Every record changed since last asked."""
         return self.states.take_dirty()
 
+    def dirty_ids(self) -> list[str]:
+        """The machines whose records changed since they were last taken, sorted."""
+        return self.states.dirty_ids()
+
+    def take_dirty_of(self, machines: Iterable[str]) -> list[MachineRecord]:
+        """Those of ``machines`` whose records changed since last taken (then no longer)."""
+        return self.states.take_dirty_of(machines)
+
     def summary(self) -> dict[str, int]:
         """Machines, open alerts and unconfirmed events (logged after a restore)."""
         return {

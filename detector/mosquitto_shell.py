@@ -315,7 +315,8 @@ class DetectorService:
         """Receive, handle and publish until ``stop`` is set, then drain and stop."""
         stop = stop if stop is not None else self.stop
         while not stop.is_set():
-            self.turn(timeout=0.1)
+            # changed records still to be journaled (a slice per turn): no waiting meanwhile
+            self.turn(timeout=0.0 if self.runner.journaling else 0.1)
         self.shutdown()
 
     def turn(self, timeout: float) -> None:

@@ -54,6 +54,9 @@ LOOP_STALE_S = 10.0
 DRIFT_EVERY_S = 1.0
 #: how often machines are checked for silence (offline detection), as on the JetStream shell
 SILENCE_EVERY_S = 1.0
+#: changed records a journaling store takes per turn once their cadence came (urgent ones
+#: are not counted): a thousand machines' records are spread over some turns, not one stall
+RECORDS_PER_TURN = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +186,8 @@ class Runner:
         # When each periodic task is next due; None: at the first ``due``.
         self._next: dict[str, float] = {}
         self._soonest = float("-inf")  # the earliest of them
+        # Machines whose changed records are still to be written, RECORDS_PER_TURN a turn.
+        self._backlog: list[str] = []
 
     # -- messages -------------------------------------------------------------------------------
     def handle(self, batch: Sequence[Inbound], now: float) -> Handled:
@@ -272,13 +277,23 @@ class Runner:
         machines: set[str] | None = None,
     ) -> Changes:
         """What the store must hold before ``settled`` is acknowledged: answered ids, ingest
-        parts, calibration rows, urgent records (every changed one with ``records``), a
-        snapshot; for a store of whole records (``machines`` given, maybe empty) the records
-        of ``machines`` and of the machines ``settled`` touched."""
+        parts, calibration rows, urgent records, a snapshot; with ``records``, every record
+        changed until now, ``RECORDS_PER_TURN`` of them in this call and as many in each
+        next one until all are taken (all at once with ``snapshot`` too); for a store of
+        whole records (``machines`` given, maybe empty) the records of ``machines`` and of
+        the machines ``settled`` touched."""
         engine = self.engine
         changed = engine.take_urgent()
-        if records:
+        if records and snapshot:
             changed += engine.take_dirty()
+            self._backlog = []
+        else:
+            if records:  # every record changed until now, a slice per turn from now on
+                self._backlog = engine.dirty_ids()
+            if self._backlog:
+                part = self._backlog[:RECORDS_PER_TURN]
+                del self._backlog[:RECORDS_PER_TURN]
+                changed += engine.take_dirty_of(part)
         whole = (settled.machines | machines) if machines is not None else set()
         return Changes(
             answered=settled.answered,
@@ -288,6 +303,12 @@ class Runner:
             touched=engine.records(sorted(whole)),
             snapshot=engine.snapshot() if snapshot else None,
         )
+
+    @property
+    def journaling(self) -> bool:
+        """Whether changed records are still to be written (``changes``, a slice per turn):
+        a shell then turns again at once instead of waiting for messages."""
+        return bool(self._backlog)
 
     def restore(self, restored: Restored) -> None:
         """Take over what a store held: snapshot, records since, ingest parts, answered ids."""
