@@ -370,9 +370,7 @@ def test_changed_records_are_journaled_a_slice_per_turn_once_their_cadence_came(
         written += [r.machine_id for r in runner.changes(Settled()).records]
     assert written == machines  # each once, in order
     assert runner.changes(Settled()).records == []
-    assert [r.machine_id for r in runner.changes(Settled(), records=True).records] == [
-        machines[0]
-    ]
+    assert [r.machine_id for r in runner.changes(Settled(), records=True).records] == [machines[0]]
     readings(2, machines)
     everything = runner.changes(Settled(), records=True, snapshot=True)
     assert [r.machine_id for r in everything.records] == machines
