@@ -38,6 +38,8 @@ GRID_RATES: Final = (100.0, 1000.0)
 GRID_MACHINES: Final = (10, 100, 1000)
 #: the run py-spy is attached to for the CPU split (rate, machines): the latency goal's
 PROFILED: Final = (1000.0, 1000)
+#: that run lasts this many times as long as a fixed-rate run
+PROFILED_LONGER: Final = 3
 #: the issue's goals for the default transport
 GOAL_SATURATION_US: Final = 80.0
 GOAL_CPU_PCT: Final = {100.0: 3.0, 1000.0: 15.0}
@@ -127,8 +129,13 @@ def cpu_split(bench: Bench, raw: Path) -> dict[str, Any]:
     """One more run at ``PROFILED`` with py-spy attached (GIL samples only: the CPU the
     detector's Python spends, not its waits); samples per part of the detector."""
     rate, machines = PROFILED
-    with spied(bench, raw, gil=True):
-        row = _latency(bench, rate, machines, f"{rate:,.0f} msg/s, profiled", DEFAULT_CLIENT)
+    plan = bench.plan
+    bench.plan = replace(plan, latency_s=plan.latency_s * PROFILED_LONGER)  # more samples
+    try:
+        with spied(bench, raw, gil=True):
+            row = _latency(bench, rate, machines, f"{rate:,.0f} msg/s, profiled", DEFAULT_CLIENT)
+    finally:
+        bench.plan = plan
     profile = Profile.parse(raw.read_text().splitlines()) if raw.exists() else Profile()
     total = max(1, profile.samples)
     return {
@@ -264,7 +271,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"## Where the detector's CPU goes ({DEFAULT_CLIENT}, {fmt(split['rate'])} msg/s, "
         f"{fmt(split['machines'])} machines)",
         "",
-        f"py-spy attached to one more run of the detector ({fmt(split['samples'])} samples at "
+        f"py-spy attached to one more run of the detector, {PROFILED_LONGER} times as long "
+        f"as the others ({fmt(split['samples'])} samples at "
         f"{SAMPLE_RATE_HZ} Hz, `--gil`: only while it runs Python, not while it waits; that run: "
         f"{fmt(run['cpu_pct_of_core'], 1)} % of a core, {fmt(run['server_cpu_us_per_msg'])} "
         "µs/msg). A sample belongs to the innermost frame that names a part "
