@@ -585,6 +585,7 @@ def _latency_row(
         "duplicates": received.duplicates,
         "p50_ms": _round(percentile(latencies, 50)),
         "p99_ms": _round(percentile(latencies, 99)),
+        "p999_ms": _round(percentile(latencies, 99.9)),
         "max_ms": _round(max(latencies, default=math.nan)),
         "cpu_pct": cpu,
     }

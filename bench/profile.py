@@ -19,7 +19,8 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -65,12 +66,63 @@ def _where(frames: Sequence[str]) -> str:
     return "other"
 
 
+#: the detector's CPU split (``split_of``): per part, (file suffix, function names or None for
+#: every function of the file); the innermost frame that matches decides
+SPLIT_PARTS: Final = ("transport", "decode", "engine", "scoring", "publish")
+_SPLIT_RULES: Final[tuple[tuple[str, str, frozenset[str] | None], ...]] = (
+    # building a verdict's bytes and queuing its PUBLISH
+    ("publish", "factorywatch/verdict_codec.py", None),
+    ("publish", "detector/mqtt5_transport.py", frozenset({"publish", "_send_publish", "_release"})),
+    ("publish", "detector/transport.py", frozenset({"send"})),
+    ("publish", "detector/mqtt_transport.py", frozenset({"publish"})),
+    # features, the forest, thresholds, envelope and explanations
+    (
+        "scoring",
+        "detector/batch_scoring.py",
+        frozenset({"score", "_score_pipeline", "_verdicts", "_contributions", "score_parts"}),
+    ),
+    ("scoring", "model/", None),
+    # payload -> validated reading
+    ("decode", "detector/ingest.py", None),
+    ("decode", "detector/batch_scoring.py", None),
+    ("decode", "factorywatch/contracts.py", None),
+    ("decode", "detector/sparkplug.py", None),
+    # socket, packets, acks, the wait for them
+    ("transport", "detector/mqtt5_transport.py", None),
+    ("transport", "mqtt5/", None),
+    ("transport", "paho/", None),
+    ("transport", "detector/mqtt_transport.py", None),
+    ("transport", "selectors.py", None),
+    # the rest of the detector: engine, alert state, runner, loop, checkpoint, metrics
+    ("engine", "detector/", None),
+    ("engine", "factorywatch/", None),
+)
+
+
+def split_of(frames: Sequence[str]) -> str:
+    """Which part of the detector a sample is (``SPLIT_PARTS``, else ``other``): the innermost
+    frame a rule of ``_SPLIT_RULES`` matches decides (numpy under the features is scoring,
+    pydantic under the decoder is decoding, orjson under the verdict codec is publishing)."""
+    for frame in reversed(frames):
+        name, _, location = frame.partition(" (")
+        path = location.rstrip(")").removeprefix("site-packages/")
+        for part, suffix, names in _SPLIT_RULES:
+            matches = path.startswith(suffix) if suffix.endswith("/") else path.endswith(suffix)
+            if suffix.endswith("/") and not matches:
+                matches = f"/{suffix}" in path
+            if matches and (names is None or name.rpartition(".")[2] in names):
+                return part
+    return "other"
+
+
 @dataclass
 class Profile:
     """Collapsed stacks summed up: samples by where the innermost frame is, and by function."""
 
     samples: int = 0
     by_where: Counter[str] = field(default_factory=Counter)
+    #: samples by part of the detector (``split_of``)
+    split: Counter[str] = field(default_factory=Counter)
     inclusive: Counter[str] = field(default_factory=Counter)
     self_time: Counter[str] = field(default_factory=Counter)
 
@@ -91,6 +143,7 @@ class Profile:
                 continue
             profile.samples += n
             profile.by_where[_where(frames)] += n
+            profile.split[split_of(frames)] += n
             profile.self_time[frames[-1]] += n
             for frame in set(frames):
                 profile.inclusive[frame] += n
@@ -117,8 +170,11 @@ class Profile:
         return out
 
 
-def record(bench: bench_run.Bench, out_raw: Path, messages: int) -> dict[str, Any]:
-    """One detector throughput run with py-spy attached to the detector; the run's row."""
+@contextmanager
+def spied(bench: bench_run.Bench, out_raw: Path, *, gil: bool = False) -> Iterator[None]:
+    """Every detector ``bench`` starts inside runs with ``py-spy record`` attached, its raw
+    samples written to ``out_raw`` when it stops (``gil``: only samples holding the GIL,
+    so time in system calls that release it — waiting for the socket — is not counted)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     original = bench.start_detector
     spies: list[Launched] = []
@@ -127,13 +183,14 @@ def record(bench: bench_run.Bench, out_raw: Path, messages: int) -> dict[str, An
         server = original(root, folder, **kwargs)
         command = [spy, "record", "--pid", str(server.pid), "--format", "raw"]
         command += ["--rate", str(SAMPLE_RATE_HZ), "--nonblocking", "--output", str(out_raw)]
+        command += ["--gil"] if gil else []
         spies.append(Launched(command, folder / "py-spy.log", name="py-spy"))
         spies[-1].wait_log("Sampling process", 30.0)  # attached: the load may start
         return server
 
     bench.start_detector = start_detector  # type: ignore[method-assign]
     try:
-        row = bench.throughput("detector", 10, messages)
+        yield
     finally:
         bench.start_detector = original  # type: ignore[method-assign]
         for proc in spies:  # the detector has stopped: py-spy writes its file and exits
@@ -142,7 +199,12 @@ def record(bench: bench_run.Bench, out_raw: Path, messages: int) -> dict[str, An
             except subprocess.TimeoutExpired:
                 proc.process.send_signal(signal.SIGINT)
                 proc.wait(30)
-    return row
+
+
+def record(bench: bench_run.Bench, out_raw: Path, messages: int) -> dict[str, Any]:
+    """One detector throughput run with py-spy attached to the detector; the run's row."""
+    with spied(bench, out_raw):
+        return bench.throughput("detector", 10, messages)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -216,10 +216,10 @@ def score(
             perf_clock=perf_clock,
             states=model.states if states is None else states,
         )
-    columns = {
-        ch: np.fromiter((r.readings[ch] for r in readings), np.float64, len(readings))
-        for ch in card.channels
-    }
+    channels = card.channels
+    # One array for every channel (its columns are views): one numpy call, not one per channel
+    values = np.array([[r.readings[ch] for ch in channels] for r in readings], dtype=np.float64)
+    columns = {ch: values[:, j] for j, ch in enumerate(channels)}
     # A reading without a (known) product type scores with code NaN: the decoder refuses
     # such readings for models that need it, so this only reaches features that ignore it.
     columns[PRODUCT_TYPE_COLUMN] = np.fromiter(

@@ -20,9 +20,10 @@ snapshot and starting its journal can never replay an older journal over a newer
 When lines are written (``detector/runner.py``'s cadence): a record whose machine had an alert
 transition or acknowledgement goes into the journal in the same turn of the loop, before any
 message it reflects can be acknowledged; other changed records (the k-of-n window, the clear
-streak, peaks) at most every ``records_every_s``. So ``kill -9`` never loses an open alert,
-an acknowledgement or an unconfirmed event, and loses at most that many seconds of window
-history. Lines reach the OS once per loop turn (``flush``): they survive the process, not a
+streak, peaks) at most every ``records_every_s``, ``RECORDS_PER_TURN`` of them a turn from
+then on (the loop turns at once until all are written). So ``kill -9`` never loses an open
+alert, an acknowledgement or an unconfirmed event, and loses about that many seconds of
+window history. Lines reach the OS once per loop turn (``flush``): they survive the process, not a
 power cut.
 
 Lines and the snapshot are JSON as ``detector/state.py``'s ``encode`` writes it.

@@ -828,10 +828,16 @@ class Engine:
         outcome.rejected.append(error)
 
     # -- time and confirmations ---------------------------------------------------------------
-    def tick(self, now: float) -> tuple[list[Publish], list[AlertEvent]]:
-        """Machines silent for too long go OFFLINE: the publishes and events that says."""
-        events = self.tracker.tick(now, self._silence_timeout if self.extra_ingests else None)
-        publishes = self._emit(None, events, [])
+    def tick(self, now: float, *, silence: bool = True) -> tuple[list[Publish], list[AlertEvent]]:
+        """Stateful ingests' effects (every call) and, with ``silence``, machines silent for
+        too long go OFFLINE (a scan of every machine: a shell asks on a cadence): the
+        publishes and events that says."""
+        events = (
+            self.tracker.tick(now, self._silence_timeout if self.extra_ingests else None)
+            if silence
+            else []
+        )
+        publishes = self._emit(None, events, []) if events else []
         if self.extra_ingests:
             publishes += self._ingest_effects(None, [], now)
         return publishes, events
@@ -914,6 +920,14 @@ class Engine:
     def take_dirty(self) -> list[MachineRecord]:
         """Every record changed since last asked."""
         return self.states.take_dirty()
+
+    def dirty_ids(self) -> list[str]:
+        """The machines whose records changed since they were last taken, sorted."""
+        return self.states.dirty_ids()
+
+    def take_dirty_of(self, machines: Iterable[str]) -> list[MachineRecord]:
+        """Those of ``machines`` whose records changed since last taken (then no longer)."""
+        return self.states.take_dirty_of(machines)
 
     def summary(self) -> dict[str, int]:
         """Machines, open alerts and unconfirmed events (logged after a restore)."""

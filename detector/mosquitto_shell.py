@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("detector")
 
+#: a turn that received this many messages scores them at once, without lingering for more
+LINGER_BELOW = 32
+
 
 def registry_file(
     settings: DetectorSettings, broker: BrokerSettings | None = None
@@ -217,6 +220,7 @@ class DetectorService:
         sync_drift_metrics(self.engine, self.metrics)
         self._http: WSGIServer | None = None
         self.runner.turned(time.monotonic())
+        self._last_arrival = float("-inf")  # when the last turn's messages arrived (_linger)
         self._status_topic = self.topics.status("detector", settings.client_id)
         # The first reading of a model version that it cannot score (missing channels): said
         # loudly once (log + /healthz), not only as a stream of dead letters.
@@ -315,13 +319,16 @@ class DetectorService:
         """Receive, handle and publish until ``stop`` is set, then drain and stop."""
         stop = stop if stop is not None else self.stop
         while not stop.is_set():
-            self.turn(timeout=0.1)
+            # changed records still to be journaled (a slice per turn): no waiting meanwhile
+            self.turn(timeout=0.0 if self.runner.journaling else 0.1)
         self.shutdown()
 
     def turn(self, timeout: float) -> None:
         """One turn of the loop: I/O, every batch that arrived, housekeeping, then the
         checkpoint is flushed and only then are the settled messages acknowledged."""
         inbox = self.transport.receive(timeout)
+        if inbox:
+            inbox = self._linger(inbox)
         self._process_all(inbox)
         self.calibration.poll(self.engine)
         now = time.monotonic()
@@ -336,9 +343,23 @@ class DetectorService:
             snapshot=due.snapshot,
         )
 
+    def _linger(self, inbox: list[Inbound]) -> list[Inbound]:
+        """While messages come faster than one per two ``batch_linger_ms`` (the previous ones
+        arrived that recently), wait ``batch_linger_ms`` once for more to join the few that
+        arrived: one batch, one turn and one scoring call for several readings instead of
+        one each (less CPU per reading at a steady rate, up to that much more latency)."""
+        now = time.monotonic()
+        previous, self._last_arrival = self._last_arrival, now
+        linger = self.settings.batch_linger_ms / 1000.0
+        if not linger or len(inbox) >= LINGER_BELOW or now - previous > 2 * linger:
+            return inbox
+        time.sleep(linger)
+        return inbox + self.transport.receive(0.0)
+
     def _housekeeping(self, due: Due) -> None:
-        sends, events = self.runner.tick(time.time())
-        send(self.runner, self.transport, sends)
+        sends, events = self.runner.tick(time.time(), silence=due.silence)
+        if sends:
+            send(self.runner, self.transport, sends)
         for ingest in self.engine.extra_ingests:
             for name, fields in ingest.take_notes():
                 log.info(name, **fields)

@@ -35,6 +35,7 @@ import os
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -63,6 +64,22 @@ _READ_CHUNK: Final = 256 * 1024
 _ID_BITS: Final = 16
 _ID_MASK: Final = (1 << _ID_BITS) - 1
 _MAX_BACKOFF_S: Final = 10.0
+
+
+def _kernel_timeouts(sock: socket.socket, timeout: float) -> None:
+    """Bound blocking sends and receives in the kernel (``SO_SNDTIMEO`` / ``SO_RCVTIMEO``)
+    instead of in Python, where a socket with a timeout polls before every ``send`` and
+    ``recv`` (two system calls each, every turn). A send the broker does not take within
+    ``timeout`` fails with ``OSError`` (the connection is then lost and reconnected), as
+    with Python's timeout. Where the options cannot be set, Python's timeout stays."""
+    seconds = int(timeout)
+    limit = struct.pack("ll", seconds, int((timeout - seconds) * 1e6))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+    except (OSError, AttributeError):
+        return
+    sock.settimeout(None)
 
 
 class ConnectionLostError(Exception):
@@ -329,16 +346,20 @@ class Mqtt5Transport:
             self.on_connected()
 
     def _dial(self, timeout: float) -> socket.socket:
-        """A TCP connection to the broker, Nagle off (small packets go at once), TLS if asked."""
+        """A TCP connection to the broker, Nagle off (small packets go at once), TLS if asked;
+        connected, its send and receive limits are the kernel's (``_kernel_timeouts``)."""
         raw = socket.create_connection((self.broker.host, self.broker.port), timeout=timeout)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context is None:
+            _kernel_timeouts(raw, timeout)
             return raw
         try:
-            return self.ssl_context.wrap_socket(raw, server_hostname=self.broker.host)
+            sock = self.ssl_context.wrap_socket(raw, server_hostname=self.broker.host)
         except (OSError, ssl.SSLError):
             raw.close()
             raise
+        _kernel_timeouts(sock, timeout)
+        return sock
 
     def _refusal(self, code: int) -> BrokerError:
         where = f"broker {self.broker.host}:{self.broker.port}"

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from factorywatch.contracts import AlertEvent, ClientStatus
 from factorywatch.detector.engine import Engine, Inbound, Outcome, Publish
@@ -52,6 +52,11 @@ from factorywatch.detector.store import Changes, Restored
 LOOP_STALE_S = 10.0
 #: how often the drift window is checked
 DRIFT_EVERY_S = 1.0
+#: how often machines are checked for silence (offline detection), as on the JetStream shell
+SILENCE_EVERY_S = 1.0
+#: changed records a journaling store takes per turn once their cadence came (urgent ones
+#: are not counted): a thousand machines' records are spread over some turns, not one stall
+RECORDS_PER_TURN = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,8 @@ class RunnerSettings:
     heartbeat_s: float = 15.0
     reload_interval_s: float = 5.0
     drift_every_s: float = DRIFT_EVERY_S
+    #: machines silent past their limit go OFFLINE at the next check, this often
+    silence_every_s: float = SILENCE_EVERY_S
     #: a journaling store takes every changed record this often (urgent ones every turn)
     records_every_s: float = 1.0
     #: and a full snapshot this often
@@ -133,6 +140,10 @@ class Due:
     heartbeat: bool = False
     records: bool = False
     snapshot: bool = False
+    silence: bool = False
+
+
+_NOTHING_DUE: Final = Due()
 
 
 def _verdict_ids(outcome: Outcome) -> list[str | None]:
@@ -174,6 +185,9 @@ class Runner:
         self._last_turn: float | None = None
         # When each periodic task is next due; None: at the first ``due``.
         self._next: dict[str, float] = {}
+        self._soonest = float("-inf")  # the earliest of them
+        # Machines whose changed records are still to be written, RECORDS_PER_TURN a turn.
+        self._backlog: list[str] = []
 
     # -- messages -------------------------------------------------------------------------------
     def handle(self, batch: Sequence[Inbound], now: float) -> Handled:
@@ -263,13 +277,23 @@ class Runner:
         machines: set[str] | None = None,
     ) -> Changes:
         """What the store must hold before ``settled`` is acknowledged: answered ids, ingest
-        parts, calibration rows, urgent records (every changed one with ``records``), a
-        snapshot; for a store of whole records (``machines`` given, maybe empty) the records
-        of ``machines`` and of the machines ``settled`` touched."""
+        parts, calibration rows, urgent records, a snapshot; with ``records``, every record
+        changed until now, ``RECORDS_PER_TURN`` of them in this call and as many in each
+        next one until all are taken (all at once with ``snapshot`` too); for a store of
+        whole records (``machines`` given, maybe empty) the records of ``machines`` and of
+        the machines ``settled`` touched."""
         engine = self.engine
         changed = engine.take_urgent()
-        if records:
+        if records and snapshot:
             changed += engine.take_dirty()
+            self._backlog = []
+        else:
+            if records:  # every record changed until now, a slice per turn from now on
+                self._backlog = engine.dirty_ids()
+            if self._backlog:
+                part = self._backlog[:RECORDS_PER_TURN]
+                del self._backlog[:RECORDS_PER_TURN]
+                changed += engine.take_dirty_of(part)
         whole = (settled.machines | machines) if machines is not None else set()
         return Changes(
             answered=settled.answered,
@@ -279,6 +303,12 @@ class Runner:
             touched=engine.records(sorted(whole)),
             snapshot=engine.snapshot() if snapshot else None,
         )
+
+    @property
+    def journaling(self) -> bool:
+        """Whether changed records are still to be written (``changes``, a slice per turn):
+        a shell then turns again at once instead of waiting for messages."""
+        return bool(self._backlog)
 
     def restore(self, restored: Restored) -> None:
         """Take over what a store held: snapshot, records since, ingest parts, answered ids."""
@@ -298,14 +328,19 @@ class Runner:
 
     def due(self, now: float) -> Due:
         """Which periodic work is due at ``now`` (monotonic seconds); each is then rescheduled."""
+        if now < self._soonest:
+            return _NOTHING_DUE  # most turns: nothing is
         s = self.settings
-        return Due(
+        due = Due(
             drift=self._is_due("drift", now, s.drift_every_s),
             reload=self._is_due("reload", now, s.reload_interval_s),
             heartbeat=self._is_due("heartbeat", now, s.heartbeat_s),
             records=self._is_due("records", now, s.records_every_s),
             snapshot=self._is_due("snapshot", now, s.snapshot_every_s),
+            silence=self._is_due("silence", now, s.silence_every_s),
         )
+        self._soonest = min(self._next.values())
+        return due
 
     def _is_due(self, name: str, now: float, period: float) -> bool:
         if now < self._next.get(name, now):
@@ -313,9 +348,10 @@ class Runner:
         self._next[name] = now + period
         return True
 
-    def tick(self, now: float) -> tuple[list[Send], list[AlertEvent]]:
-        """Machines silent too long go OFFLINE (wall-clock ``now``): what to publish."""
-        publishes, events = self.engine.tick(now)
+    def tick(self, now: float, *, silence: bool = True) -> tuple[list[Send], list[AlertEvent]]:
+        """Stateful ingests' effects and, with ``silence`` (a shell passes ``due.silence``),
+        machines silent too long go OFFLINE (wall-clock ``now``): what to publish."""
+        publishes, events = self.engine.tick(now, silence=silence)
         log_events(events, self.metrics)
         return [Send(p) for p in publishes], events
 

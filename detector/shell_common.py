@@ -85,11 +85,17 @@ def tally(outcomes: Iterable[Outcome], counters: Counters, metrics: Metrics) -> 
     counters.verdicts += verdicts
     counters.alerts += alerts
     counters.duplicates += duplicates
-    metrics.readings.inc(readings)
-    metrics.duplicates.inc(duplicates)
-    metrics.normal_verdicts.inc(verdicts - alerts - calibrating)
-    metrics.calibrating_verdicts.inc(calibrating)
-    metrics.alert_verdicts.inc(alerts)
+    # each inc takes a lock: counters that did not move are left alone
+    if readings:
+        metrics.readings.inc(readings)
+    if duplicates:
+        metrics.duplicates.inc(duplicates)
+    if verdicts - alerts - calibrating:
+        metrics.normal_verdicts.inc(verdicts - alerts - calibrating)
+    if calibrating:
+        metrics.calibrating_verdicts.inc(calibrating)
+    if alerts:
+        metrics.alert_verdicts.inc(alerts)
     if verdicts:
         metrics.batch_size.observe(verdicts)
     return readings

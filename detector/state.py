@@ -22,7 +22,7 @@ clipped (orjson would write a NaN as null).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -263,6 +263,19 @@ class StateTable:
         self._dirty -= self._urgent
         self._urgent.clear()
         return urgent
+
+    def dirty_ids(self) -> list[str]:
+        """The machines whose records changed since they were last taken, sorted."""
+        return sorted(m for m in self._dirty if m in self._records)
+
+    def take_dirty_of(self, machines: Iterable[str]) -> list[MachineRecord]:
+        """Those of ``machines`` whose records are still changed, in ``machines``' order; they
+        are no longer dirty (the rest stay so; rows stay to be taken: written before these
+        records, they are replayed only if no later record holds them)."""
+        taken = [m for m in machines if m in self._dirty and m in self._records]
+        self._dirty.difference_update(taken)
+        self._urgent.difference_update(taken)
+        return [self._records[m] for m in taken]
 
     def take_dirty(self) -> list[MachineRecord]:
         """The records changed since the last call, sorted by machine id; resets the set

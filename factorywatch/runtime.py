@@ -6,7 +6,7 @@ import gc
 
 
 def settle_heap() -> None:
-    """Keep the garbage collector off what start-up built; call once, before ``run``.
+    """Keep the garbage collector off what start-up built; call once, before subscribing.
 
     Imports and a model leave some 100,000 objects behind (pydantic, numba, paho, ...) that
     live as long as the process, and every full collection walked all of them again, every

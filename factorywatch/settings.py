@@ -114,6 +114,11 @@ class DetectorSettings(_Settings):
     client_id: str = "factorywatch-detector"
     session_expiry_s: Annotated[int, Field(ge=0)] = 24 * 3600
     batch_max: Annotated[int, Field(ge=1, le=10_000)] = 256
+    batch_linger_ms: Annotated[float, Field(ge=0, le=100)] = Field(
+        default=2.0,
+        description="while readings come faster than one per 2 x this, wait this long after "
+        "a turn's first ones for more to score with them (0: never wait)",
+    )
     max_clock_skew_s: Annotated[float, Field(gt=0)] = Field(
         default=7 * 24 * 3600.0, description="how far in the PAST a reading's ts may be"
     )

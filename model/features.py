@@ -161,7 +161,15 @@ def compute_features(columns: Columns, features: Sequence[str]) -> FloatArray:
     """
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         out = [DERIVED[name][0](columns) if name in DERIVED else columns[name] for name in features]
-    matrix = np.column_stack(out).astype(np.float64, copy=False)
+    rows = len(out[0]) if out else 0
+    if all(isinstance(c, np.ndarray) and c.shape == (rows,) for c in out):
+        # the usual case, columns of one length: filled in place (np.column_stack's checks
+        # and copies cost more than the arithmetic for a few rows); the same float64 values
+        matrix = np.empty((rows, len(out)), dtype=np.float64)
+        for j, column in enumerate(out):
+            matrix[:, j] = column
+    else:
+        matrix = np.column_stack(out).astype(np.float64, copy=False)
     return saturate(matrix)
 
 

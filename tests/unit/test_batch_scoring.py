@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from factorywatch.contracts import Telemetry
+from factorywatch.contracts import Telemetry, Verdict
 from factorywatch.detector.batch_scoring import score
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
@@ -112,12 +112,30 @@ def test_score_equal_to_threshold_is_normal(prototype: LoadedModel) -> None:
     assert verdict.status == "NORMAL"
 
 
-def test_batch_scores_equal_single_scores(physics: LoadedModel) -> None:
-    """Scoring a batch gives each reading the score it gets on its own."""
-    batch = mixed_batch(60)
-    together = [v.score for v in score(physics, batch, [0.0] * len(batch), explain_top_k=0)]
-    alone = [score(physics, [r], [0.0], explain_top_k=0)[0].score for r in batch]
+@pytest.fixture(scope="module")
+def headroom(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """A tiny model on the default feature set (``headroom``)."""
+    return trained(dataset, tmp_path_factory.mktemp("headroom"), "headroom")
+
+
+@pytest.mark.parametrize("model_name", ["physics", "headroom"])
+def test_batch_verdicts_equal_single_verdicts(
+    model_name: str, request: pytest.FixtureRequest
+) -> None:
+    """A batch of one (what a low rate gives: the envelope's one-row path) judges each
+    reading exactly as a batch does: the same score bits, status, channels outside the
+    training envelope and explanation."""
+    model: LoadedModel = request.getfixturevalue(model_name)
+    batch = mixed_batch(120)
+
+    def judged(verdicts: list[Verdict]) -> list[dict[str, object]]:
+        return [v.model_dump(exclude={"latency_ms"}) for v in verdicts]
+
+    together = judged(score(model, batch, [0.0] * len(batch), explain_top_k=3))
+    alone = [judged(score(model, [r], [0.0], explain_top_k=3))[0] for r in batch]
     assert together == alone
+    assert [v["score"] for v in together] == [v["score"] for v in alone]  # bit for bit
+    assert any(v["outside_training"] for v in together)  # both envelope paths were taken
 
 
 @pytest.mark.parametrize("top_k", [0, 1, 2, 3, 16])

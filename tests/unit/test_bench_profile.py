@@ -32,3 +32,36 @@ def test_markdown_shows_shares() -> None:
     text = "\n".join(Profile.parse(RAW).markdown(top=3))
     assert "| paho-mqtt | 6 | 50.0 % |" in text
     assert "| `DetectorService.run (detector/mosquitto_shell.py)` | 83.3 % |" in text
+
+
+def test_the_cpu_split_names_the_part_of_the_innermost_frame_that_has_one() -> None:
+    """numpy under the features is scoring, pydantic under the decoder is decoding, the
+    verdict codec is publishing, the socket wait is the transport's, the rest is the
+    engine's; a thread with no detector frame is other."""
+    loop = (
+        "DetectorService.turn (factorywatch/detector/mosquitto_shell.py:325);"
+        "Runner.handle (factorywatch/detector/runner.py:183);"
+        "Engine.handle (factorywatch/detector/engine.py:347)"
+    )
+    raw = [
+        f"{loop};score (factorywatch/detector/batch_scoring.py:240);"
+        "compute_features (factorywatch/model/features.py:160);column_stack (numpy/x.py:1) 4",
+        f"{loop};Engine._decode (factorywatch/detector/engine.py:360);"
+        "JsonIngest.decode (factorywatch/detector/ingest.py:170);"
+        "BaseModel.model_validate_json (pydantic/main.py:847) 3",
+        f"{loop};Engine._settle (factorywatch/detector/engine.py:559);"
+        "encode_verdict (factorywatch/verdict_codec.py:121) 2",
+        "DetectorService.turn (factorywatch/detector/mosquitto_shell.py:323);"
+        "Mqtt5Transport.receive (factorywatch/detector/mqtt5_transport.py:200);"
+        "EpollSelector.select (/usr/lib/python3.11/selectors.py:468) 5",
+        f"{loop};AlertTracker.observe (factorywatch/detector/alerting.py:92) 1",
+        "Thread.run (threading.py:982);BaseServer.serve_forever (socketserver.py:233) 1",
+    ]
+    assert Profile.parse(raw).split == {
+        "scoring": 4,
+        "decode": 3,
+        "publish": 2,
+        "transport": 5,
+        "engine": 1,
+        "other": 1,
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -257,3 +258,40 @@ def now() -> float:
     import time  # noqa: PLC0415 - only the fixture reads the clock
 
     return time.time()
+
+
+@pytest.mark.parametrize("linger_ms", [100.0, 0.0])
+def test_a_busy_stream_lingers_once_for_more_readings_to_score_together(
+    make: Make, now: float, linger_ms: float
+) -> None:
+    """While readings come back to back, a turn that received some waits ``batch_linger_ms``
+    once and scores what arrived meanwhile in the same batch; with 0 it never waits."""
+    h = make()
+    h.service.settings = h.settings.model_copy(update={"batch_linger_ms": linger_ms})
+    reads: list[float] = []
+    receive = h.transport.receive
+    late = Telemetry(
+        machine_id="m3",
+        line="line1",
+        seq=1,
+        ts=now,
+        attributes={"product_type": "M"},
+        readings=NORMAL,
+    ).encode()
+
+    def reading_arrives_while_lingering(timeout: float) -> list[Any]:
+        reads.append(timeout)
+        if len(reads) == 3:  # the second turn's second read: m3 came in meanwhile
+            h.transport.deliver(TOPICS.telemetry("line1", "m3"), late)
+        return receive(timeout)
+
+    h.transport.receive = reading_arrives_while_lingering  # type: ignore[method-assign]
+    h.send("m1", 1, NORMAL, now)  # the first arrival: nothing to go by, no wait
+    h.send("m2", 1, NORMAL, now)  # right after it: a busy stream
+    scored = {v.machine_id for v in h.verdicts()}
+    if linger_ms:
+        assert scored == {"m1", "m2", "m3"}  # m3 joined m2's batch
+        assert len(reads) == 3
+    else:
+        assert scored == {"m1", "m2"}
+        assert len(reads) == 2

@@ -337,3 +337,41 @@ def test_each_verdict_of_a_batch_carries_its_own_readings_id(model: LoadedModel)
     ids = [s.msg_id for s in verdicts]
     seqs = [Verdict.model_validate_json(s.publish.payload).seq for s in verdicts]
     assert list(zip(seqs, ids, strict=True)) == [(0, "m1:0"), (1, "m1:1")]
+
+
+def test_changed_records_are_journaled_a_slice_per_turn_once_their_cadence_came(
+    model: LoadedModel,
+) -> None:
+    """``records``: every record changed until then, RECORDS_PER_TURN per call, until all
+    are written (``journaling`` meanwhile); a record changed again after its slice waits for
+    the next cadence; with a snapshot too, all at once."""
+    from factorywatch.detector.engine import Inbound  # noqa: PLC0415
+    from factorywatch.detector.runner import RECORDS_PER_TURN, Settled  # noqa: PLC0415
+
+    runner = _runner(model)
+    machines = [f"m{i:03d}" for i in range(2 * RECORDS_PER_TURN + 10)]
+
+    def readings(seq: int, of: list[str]) -> None:
+        batch = [
+            Inbound(TOPICS.telemetry("line1", m), reading(m, seq, ts=TS).encode(), TS, 0.0)
+            for m in of
+        ]
+        runner.handle(batch, TS)
+
+    readings(0, machines)
+    runner.engine.take_urgent()  # the first verdicts' own turn (alerts would be urgent)
+    written: list[str] = []
+    first = runner.changes(Settled(), records=True)
+    written += [r.machine_id for r in first.records]
+    assert len(first.records) == RECORDS_PER_TURN
+    assert runner.journaling
+    readings(1, [machines[0]])  # written in the first slice, changed again
+    while runner.journaling:
+        written += [r.machine_id for r in runner.changes(Settled()).records]
+    assert written == machines  # each once, in order
+    assert runner.changes(Settled()).records == []
+    assert [r.machine_id for r in runner.changes(Settled(), records=True).records] == [machines[0]]
+    readings(2, machines)
+    everything = runner.changes(Settled(), records=True, snapshot=True)
+    assert [r.machine_id for r in everything.records] == machines
+    assert not runner.journaling
