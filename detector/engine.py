@@ -553,8 +553,9 @@ class Engine:
             known = states.get(verdict.machine_id)
             if known is not None:
                 cut = known.tuning.judged_by(scale, follow, version)
-                if cut != scale.threshold:
-                    verdict = rejudge(verdict, cut)  # noqa: PLW2901
+                surprise_cut = known.tuning.surprise_cut(scale)
+                if cut != scale.threshold or surprise_cut != scale.surprise:
+                    verdict = rejudge(verdict, cut, surprise_cut)  # noqa: PLW2901
             try:
                 payload = encode_verdict(verdict)
                 events = observe(

@@ -13,7 +13,11 @@ shown on its retained state topic):
   ``widen`` (raise by ``WIDEN_STEP`` spreads) or ``reset`` (back to the card's threshold) on
   ``<root>/commands/<line>/<m>/threshold``. The threshold never rises above the card's plus
   ``RAISE_CAP`` spreads: feedback can quieten a machine, never silence it. Every change is
-  recorded (who, when, why, before, after; the last ``ADJUSTMENTS_KEPT``).
+  recorded (who, when, why, before, after; the last ``ADJUSTMENTS_KEPT``). A model with the
+  surprise rule (``model.pipeline``, step 6) has a second cut, on the verdict's
+  ``surprise``: a false alarm and a widen also raise it by ``SURPRISE_STEP`` (a recent score
+  level ten times rarer), at most ``SURPRISE_CAP`` above the card's, and reset restores it,
+  so the button quietens an alert the surprise rule raised too.
 * **Following.** A card with a following threshold (``model.threshold.Follow``) judges each
   machine by that threshold plus how far the machine's normal score level (an exponential
   mean of its live NORMAL verdicts' scores while no alert is open, kept here) has risen
@@ -42,6 +46,10 @@ FEEDBACK_MARGIN: Final = 0.1
 WIDEN_STEP: Final = 0.5
 #: the threshold never rises more than this many spreads above the card's
 RAISE_CAP: Final = 3.0
+#: a false alarm or a widen raises the machine's surprise cut by this (-log10: ten times
+#: rarer), at most ``SURPRISE_CAP`` above the card's
+SURPRISE_STEP: Final = 1.0
+SURPRISE_CAP: Final = 3.0
 #: recent alerts whose peak is remembered (feedback usually comes soon after an alert)
 PEAKS_KEPT: Final = 16
 #: changes kept in the record (and shown on the state topic)
@@ -69,6 +77,8 @@ class Scale:
     threshold: float
     spread: float
     target: float | None
+    #: the card's surprise threshold (None: no surprise rule)
+    surprise: float | None = None
 
     @property
     def ceiling(self) -> float:
@@ -85,7 +95,13 @@ def scale_of(card: ModelCard) -> Scale:
         spread = 0.1 * max(abs(card.threshold), 1e-6)
     spec = card.threshold_spec
     target = spec.value if spec.method == "far" else None
-    return Scale(threshold=card.threshold, spread=spread, target=target)
+    rule = card.pipeline.surprise if card.pipeline is not None else None
+    return Scale(
+        threshold=card.threshold,
+        spread=spread,
+        target=target,
+        surprise=None if rule is None else rule.threshold,
+    )
 
 
 @dataclass(slots=True)
@@ -108,6 +124,13 @@ class Tuning:
     #: the model version that level is of (another model's scores start it over)
     level: float | None = None
     level_model: str | None = None
+    #: how far above the card's surprise threshold this machine's is (``SURPRISE_STEP``s)
+    surprise_shift: float = 0.0
+
+    def surprise_cut(self, scale: Scale) -> float | None:
+        """The surprise a verdict must exceed to be an ALERT by the surprise rule (None: the
+        model has no such rule)."""
+        return None if scale.surprise is None else scale.surprise + self.surprise_shift
 
     def effective(self, scale: Scale) -> float:
         """The threshold an operator's adjustments leave (before any following)."""
@@ -184,8 +207,10 @@ class Tuning:
             ):
                 return None
         before = self.effective(scale)
+        surprise_before = self.surprise_cut(scale)
         if action == "reset":
             after = scale.threshold
+            self.surprise_shift = 0.0
         elif action == "widen":
             after = min(before + WIDEN_STEP * scale.spread, scale.ceiling)
         else:
@@ -193,6 +218,8 @@ class Tuning:
                 raise KeyError(alert_id)
             wanted = self.peaks[alert_id] + FEEDBACK_MARGIN * scale.spread
             after = min(max(before, wanted), scale.ceiling)
+        if action != "reset" and scale.surprise is not None:
+            self.surprise_shift = min(self.surprise_shift + SURPRISE_STEP, SURPRISE_CAP)
         self.threshold = None if after == scale.threshold else after
         change = {
             "at": at,
@@ -203,6 +230,9 @@ class Tuning:
             "before": before,
             "after": after,
         }
+        if surprise_before is not None:
+            change["surprise_before"] = surprise_before
+            change["surprise_after"] = self.surprise_cut(scale)
         self.adjustments.append(change)
         del self.adjustments[:-ADJUSTMENTS_KEPT]
         return change
@@ -237,6 +267,7 @@ class Tuning:
             "adjustments": list(self.adjustments),
             "level": self.level,
             "level_model": self.level_model,
+            "surprise_shift": self.surprise_shift,
         }
 
     @classmethod
@@ -255,23 +286,26 @@ class Tuning:
             adjustments=list(data.get("adjustments") or []),
             level=None if data.get("level") is None else float(data["level"]),
             level_model=data.get("level_model"),
+            surprise_shift=float(data.get("surprise_shift", 0.0)),
         )
 
 
-def rejudge(verdict: Verdict, threshold: float) -> Verdict:
-    """A verdict judged by a machine's own ``threshold`` instead of its card's: ALERT when the
-    score is above it, a channel is outside the training range or the reading is surprising
-    (those rules stay)."""
+def rejudge(verdict: Verdict, threshold: float, surprise_cut: float | None = None) -> Verdict:
+    """A verdict judged by a machine's own ``threshold`` (and ``surprise_cut``) instead of its
+    card's: ALERT when the score is above it, a channel is outside the training range (that
+    rule stays) or its surprise is above the cut (a surprise at or below it is dropped)."""
     if verdict.status == "CALIBRATING":
         return verdict
-    alert = (
-        verdict.score > threshold or bool(verdict.outside_training) or verdict.surprise is not None
-    )
+    surprise = verdict.surprise
+    if surprise is not None and surprise_cut is not None and surprise <= surprise_cut:
+        surprise = None
+    alert = verdict.score > threshold or bool(verdict.outside_training) or surprise is not None
     return verdict.model_copy(
         update={
             "status": "ALERT" if alert else "NORMAL",
             "threshold": threshold,
             "explanation": verdict.explanation if alert else None,
+            "surprise": surprise,
         }
     )
 

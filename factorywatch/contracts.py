@@ -379,6 +379,9 @@ class ThresholdChange(_Wire):
     note: OperatorNote | None = None
     before: float
     after: float
+    # the machine's surprise threshold before and after (models with the surprise rule)
+    surprise_before: float | None = None
+    surprise_after: float | None = None
 
 
 class MachineState(_Wire):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from factorywatch.contracts import Telemetry, Verdict
+from factorywatch.contracts import FeedbackCommand, Telemetry, Verdict
 from factorywatch.detector.batch_scoring import Received
 from factorywatch.detector.engine import Engine, EngineSettings
 from factorywatch.model import artifact, nab, streams
@@ -94,3 +94,47 @@ def test_the_engine_carries_the_surprise_as_evaluate_scores_it(
     assert offline.surprise.any()
     assert [v.surprise is not None for v in got] == offline.surprise.tolist()
     assert all(v.surprise > 3.0 for v in got if v.surprise is not None)
+
+
+def test_a_false_alarm_label_quietens_one_machines_surprise_rule(
+    stream: NabFile, tmp_path: Path
+) -> None:
+    """Two machines send the same stream; the first alert of one is labelled a false alarm.
+    From then on that machine's surprise verdicts all lie above its raised cut (the card's
+    plus a decade) and are fewer than the other machine's, which keeps the card's cut."""
+    trained = _fit(stream)
+    artifact.save_generic(tmp_path, trained.scorer, trained.card)
+    model = artifact.load(tmp_path, trained.card.version)
+    rule = trained.card.pipeline.surprise if trained.card.pipeline else None
+    assert rule is not None
+    values = stream.recording.columns["value"].tolist()
+
+    def message(machine: str, seq: int) -> Received:
+        reading = Telemetry(
+            machine_id=machine, line="aws", seq=seq, ts=NOW, readings={"value": values[seq]}
+        )
+        return Received(TOPICS.telemetry("aws", machine), reading.encode(), NOW, 0.0, seq)
+
+    engine = Engine(model, TOPICS, EngineSettings(explain_top_k=0))
+    engine.handle([message(m, 0) for m in ("ec2-1", "ec2-2")], NOW)
+    seq = 1
+    while engine.record("ec2-1").alert_id is None:
+        engine.handle([message(m, seq) for m in ("ec2-1", "ec2-2")], NOW)
+        seq += 1
+    alert_id = engine.record("ec2-1").alert_id
+    assert alert_id is not None
+    label = FeedbackCommand(
+        machine_id="ec2-1", alert_id=alert_id, label="false_alarm", by="ann", at=NOW
+    )
+    topic = f"{TOPICS.root}/commands/aws/ec2-1/feedback"
+    engine.handle([Received(topic, label.encode(), NOW, 0.0, 10**6)], NOW)
+    later: list[Verdict] = []
+    for start in range(seq, len(values), 200):
+        batch = [message(m, s) for s in range(start, min(start + 200, len(values)))
+                 for m in ("ec2-1", "ec2-2")]  # fmt: skip
+        later += [v for o in engine.handle(batch, NOW) for v in o.verdicts]
+    quiet = [v.surprise for v in later if v.machine_id == "ec2-1" and v.surprise is not None]
+    loud = [v.surprise for v in later if v.machine_id == "ec2-2" and v.surprise is not None]
+    assert all(s > rule.threshold + 1.0 for s in quiet)
+    assert any(s <= rule.threshold + 1.0 for s in loud)
+    assert len(quiet) < len(loud)

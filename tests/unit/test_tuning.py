@@ -22,10 +22,13 @@ from factorywatch.detector.tuning import (
     FEEDBACK_MARGIN,
     RAISE_CAP,
     RATE_MIN_READINGS,
+    SURPRISE_CAP,
+    SURPRISE_STEP,
     WIDEN_STEP,
     Scale,
     Tuning,
     rate_span,
+    rejudge,
 )
 from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
@@ -90,6 +93,50 @@ def test_feedback_for_an_unknown_alert_is_refused() -> None:
     """Only an alert whose peak the machine remembers can move its threshold."""
     with pytest.raises(KeyError):
         Tuning().adjust("false_alarm", SCALE, by="ann", at=T0, alert_id="nope")
+
+
+def test_a_false_alarm_quietens_the_surprise_rule_too_within_its_cap() -> None:
+    """With the surprise rule, a false alarm (and a widen) also raises the machine's surprise
+    cut a decade, at most SURPRISE_CAP above the card's; reset restores it; the change
+    records both cuts; a model without the rule keeps none."""
+    scale = dataclasses.replace(SCALE, surprise=3.0)
+    tuning = Tuning()
+    tuning.remember_peak("a1", 0.5)  # under the threshold: the surprise rule raised it
+    change = tuning.adjust("false_alarm", scale, by="ann", at=T0, alert_id="a1")
+    assert change is not None
+    assert (change["surprise_before"], change["surprise_after"]) == (3.0, 3.0 + SURPRISE_STEP)
+    assert tuning.effective(scale) == 0.6, "a peak under the threshold leaves it"
+    for k in range(10):
+        tuning.adjust("widen", scale, by="ann", at=T0 + 1 + k)
+    assert tuning.surprise_cut(scale) == 3.0 + SURPRISE_CAP
+    restored = Tuning.restore(tuning.snapshot())
+    assert restored.surprise_cut(scale) == 3.0 + SURPRISE_CAP
+    tuning.adjust("reset", scale, by="bob", at=T0 + 20)
+    assert tuning.surprise_cut(scale) == 3.0
+    plain = Tuning()
+    plain.remember_peak("a1", 0.7)
+    change = plain.adjust("false_alarm", SCALE, by="ann", at=T0, alert_id="a1")
+    assert change is not None
+    assert "surprise_before" not in change
+    assert plain.surprise_cut(SCALE) is None
+    state = MachineState(machine_id="m1", line="l1", state="NORMAL", since=T0, window_size=5,
+                         **Tuning.restore(tuning.snapshot()).state_fields())  # fmt: skip
+    assert state.threshold_changes is not None
+    assert [c.surprise_after for c in state.threshold_changes][-3:] == [6.0, 6.0, 3.0]
+
+
+def test_rejudge_drops_a_surprise_at_or_under_the_machines_cut() -> None:
+    """A verdict the surprise rule made an ALERT is NORMAL (and carries no surprise) under a
+    machine's higher cut; above it, it stays an ALERT with its surprise."""
+    verdict = Verdict.model_validate(
+        {"machine_id": "m1", "line": "l1", "seq": 1, "reading_ts": T0, "status": "ALERT",
+         "score": 0.5, "threshold": 0.6, "model_version": "v1", "latency_ms": 0.1,
+         "surprise": 3.6}
+    )  # fmt: skip
+    quiet = rejudge(verdict, 0.6, 4.0)
+    assert (quiet.status, quiet.surprise) == ("NORMAL", None)
+    loud = rejudge(verdict, 0.6, 3.0)
+    assert (loud.status, loud.surprise) == ("ALERT", 3.6)
 
 
 def test_the_realized_rate_leaves_and_reenters_its_bound_once_each() -> None:

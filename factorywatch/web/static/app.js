@@ -260,7 +260,7 @@ const FW = (() => {
   }
 
   function thresholdChanges(m) {
-    const rows = (m.threshold_changes || []).map((c) => `<li>${when(c.at)} UTC <b>${esc(c.by)}</b> ${esc(c.action.replace("_", " "))}: ${fmt(c.before)} → ${fmt(c.after)}${c.note ? ` — ${esc(c.note)}` : ""}</li>`).join("");
+    const rows = (m.threshold_changes || []).map((c) => `<li>${when(c.at)} UTC <b>${esc(c.by)}</b> ${esc(c.action.replace("_", " "))}: ${fmt(c.before)} → ${fmt(c.after)}${c.surprise_after != null && c.surprise_after !== c.surprise_before ? `, surprise cut ${fmt(c.surprise_before, 1)} → ${fmt(c.surprise_after, 1)}` : ""}${c.note ? ` — ${esc(c.note)}` : ""}</li>`).join("");
     const buttons = canAct() ? `<button class="secondary threshold-action" data-line="${esc(m.line)}" data-machine="${esc(m.machine_id)}" data-action="widen">Widen threshold</button>${m.own_threshold !== null && m.own_threshold !== undefined ? `<button class="secondary threshold-action" data-line="${esc(m.line)}" data-machine="${esc(m.machine_id)}" data-action="reset">Reset threshold</button>` : ""}` : "";
     return `${rateFact(m)}${rows ? `<ul class="threshold-changes">${rows}</ul>` : ""}${buttons}`;
   }
