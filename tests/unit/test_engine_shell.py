@@ -16,7 +16,7 @@ from factorywatch.model import artifact
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.settings import BrokerSettings, DetectorSettings
 from factorywatch.topics import Topics
-from tests.support import TYPICAL
+from tests.support import TYPICAL, reading
 
 ROOT = "unit"
 TOPICS = Topics(ROOT)
@@ -270,14 +270,7 @@ def test_a_busy_stream_lingers_once_for_more_readings_to_score_together(
     h.service.settings = h.settings.model_copy(update={"batch_linger_ms": linger_ms})
     reads: list[float] = []
     receive = h.transport.receive
-    late = Telemetry(
-        machine_id="m3",
-        line="line1",
-        seq=1,
-        ts=now,
-        attributes={"product_type": "M"},
-        readings=NORMAL,
-    ).encode()
+    late = reading("m3", 1, ts=now, product_type="M").encode()
 
     def reading_arrives_while_lingering(timeout: float) -> list[Any]:
         reads.append(timeout)
