@@ -290,6 +290,13 @@ class Pipeline:
         self._scale = np.asarray(spec.scale, dtype=np.float64)
         self.features = [s.name for s in spec.steps]
         self._whiten: tuple[FloatArray, FloatArray, FloatArray] | None = None
+        # A new machine's surprise state, worked out once (its long window's blocks come
+        # from the card's prior: a thousand values), copied for each machine.
+        self._surprise_start: State | None = (
+            None
+            if spec.surprise is None
+            else likelihood_start(spec.surprise.likelihood, SURPRISE_PREFIX)
+        )
         if spec.whiten is not None:
             w = spec.whiten
             rotation = np.asarray(w.rotation, dtype=np.float64) / np.asarray(w.sd)
@@ -675,6 +682,8 @@ class Pipeline:
         rule = self.spec.surprise
         if rule is None:
             return None
+        if self._surprise_start is not None and _SURPRISE_P not in state:
+            state.update(_fresh_copy(self._surprise_start))
         value = likelihood_step(rule.likelihood, state, score, prefix=SURPRISE_PREFIX)
         return value if value > rule.threshold else None
 
@@ -700,6 +709,15 @@ def surprise_flags(
 #: the state keys' prefix of the likelihood (step 5) and of the surprise (step 6)
 LIKELIHOOD_PREFIX: Final = "lk"
 SURPRISE_PREFIX: Final = "sp"
+_SURPRISE_P: Final = f"{SURPRISE_PREFIX}:p"
+
+
+def _fresh_copy(state: State) -> State:
+    """A copy of a likelihood start state whose lists (and lists of lists) are new."""
+    return {
+        k: [list(x) if isinstance(x, list) else x for x in v] if isinstance(v, list) else v
+        for k, v in state.items()
+    }
 
 
 def likelihood_start(spec: Likelihood, prefix: str = LIKELIHOOD_PREFIX) -> State:
