@@ -65,16 +65,19 @@ from factorywatch.detector.ingest import Ingest, Ingests, JsonIngest, Reading, S
 from factorywatch.detector.registry import Registry
 from factorywatch.detector.router import DEFAULT_KEY, Route, Router, route_key
 from factorywatch.detector.state import CalibrationRow, MachineRecord, PendingEvent, StateTable
-from factorywatch.detector.tuning import Action, rate_notice, rejudge, scale_of
+from factorywatch.detector.tuning import Action, Scale, rate_notice, rejudge, scale_of
 from factorywatch.errors import PayloadError
-from factorywatch.model.artifact import LoadedModel
+from factorywatch.model.artifact import LoadedModel, ModelCard
 from factorywatch.model.forest_stack import ForestStack
+from factorywatch.model.threshold import Follow
 from factorywatch.topics import UNKNOWN, Topics
 from factorywatch.verdict_codec import encode_verdict
 
 ENGINE_SNAPSHOT_VERSION: Final = 1
 #: A machine's or group's drift window holds at most this many readings (memory per route).
 ROUTE_DRIFT_WINDOW: Final = 1000
+#: model cards whose scale and following rule are kept (``Engine._judged_by``)
+JUDGING_KEPT: Final = 4096
 
 
 #: A raw message as a transport received it (``token``: the transport's handle to ack it).
@@ -160,6 +163,9 @@ class Engine:
         self._fit_requests: list[FitRequest] = []
         self._fitting: set[str] = set()
         self._requirements_cache: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        # per model card: its threshold scale and following rule (worked out once, not per
+        # batch part: with a model per machine a batch has a part per machine)
+        self._judging: dict[str, tuple[ModelCard, Scale, Follow | None]] = {}
         self.states = StateTable()
         self.tracker = AlertTracker(self.settings.policy, self.states)
         #: the de-duplication cache (``seen``: one the caller sized or shares)
@@ -544,8 +550,7 @@ class Engine:
         clear_below = self.settings.alert_clear_score or model.card.clear_threshold
         version = model.version
         observe = self.tracker.observe
-        scale = scale_of(model.card)
-        follow = model.card.follow()
+        scale, follow = self._judged_by(model)
         states = self.states
         for verdict, (reading, outcome) in zip(verdicts, items, strict=True):
             if reading.historical:
@@ -593,6 +598,17 @@ class Engine:
                     )
             if events or rate_change is not None or not record.state_published:
                 self._emit(outcome, events, [record])
+
+    def _judged_by(self, model: LoadedModel) -> tuple[Scale, Follow | None]:
+        """``model``'s card's ``Scale`` and following rule, kept per card (a card replaced
+        under the same version is worked out again)."""
+        card = model.card
+        kept = self._judging.get(card.version)
+        if kept is None or kept[0] is not card:
+            if len(self._judging) >= JUDGING_KEPT:
+                self._judging.clear()
+            kept = self._judging[card.version] = (card, scale_of(card), card.follow())
+        return kept[1], kept[2]
 
     def _calibrate_each(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
         """``_calibrate`` one reading at a time (as it takes them anyway): one that fails is
