@@ -41,8 +41,8 @@ class FitSpec:
     likelihood: bool = False
     # each machine's threshold follows its normal score level up (``model.threshold.Follow``)
     follow: bool = True
-    # a recent score level unusual for the machine is an ALERT (``model.pipeline``, step 6)
-    # the surprise rule's rate (None: no rule); ``model.pipeline``, step 6
+    # a recent score level rarer than this for the machine is an ALERT (None: no such rule;
+    # ``model.pipeline``, step 6)
     surprise: float | None = SURPRISE_RATE
 
     def __post_init__(self) -> None:
@@ -58,10 +58,10 @@ class FitSpec:
             raise ValueError("window, smooth and trees must be at least 1")
 
     @property
-    def surprise_rule(self) -> bool:
-        """Whether a fitted model has the surprise rule (not when its score is already the
-        likelihood)."""
-        return self.surprise is not None and not self.likelihood
+    def surprise_rate(self) -> float | None:
+        """The surprise rule's rate in a fitted model: None without the rule, and when its
+        score is already the likelihood."""
+        return None if self.likelihood else self.surprise
 
     def replace(self, **changes: Any) -> FitSpec:
         """A copy with ``changes`` (validated again)."""

@@ -254,7 +254,7 @@ def fit_recording(
             calibration,
             fold,
             far,
-            surprise=spec.surprise if spec.surprise_rule else None,
+            surprise=spec.surprise_rate,
             groups=groups or None,
         )
     progress(
@@ -287,7 +287,7 @@ def fit_recording(
             "window": window,
             "smooth": smooth,
             "likelihood": spec.likelihood,
-            "surprise_rate": spec.surprise if spec.surprise_rule else None,
+            "surprise_rate": spec.surprise_rate,
             "follow_span": FOLLOW_SPAN if spec.follow else None,
             "follow_cap": FOLLOW_CAP if spec.follow else None,
             "n_estimators": trees if family == "iforest" else None,
@@ -339,8 +339,8 @@ def _with_surprise(
     """``base`` with the surprise rule (``model.pipeline``, step 6) when ``spec`` asks for
     it, its long window started with the out-of-sample ``calibration`` scores, as the
     likelihood's is."""
-    rate = spec.surprise
-    if rate is None or spec.likelihood:
+    rate = spec.surprise_rate
+    if rate is None:
         return base
     surprise = Surprise(
         likelihood=likelihood_for(calibration, groups or None),
