@@ -290,13 +290,16 @@ class Pipeline:
         self._scale = np.asarray(spec.scale, dtype=np.float64)
         self.features = [s.name for s in spec.steps]
         self._whiten: tuple[FloatArray, FloatArray, FloatArray] | None = None
-        # A new machine's surprise state, worked out once (its long window's blocks come
-        # from the card's prior: a thousand values), copied for each machine.
-        self._surprise_start: State | None = (
-            None
-            if spec.surprise is None
-            else likelihood_start(spec.surprise.likelihood, SURPRISE_PREFIX)
-        )
+        # A new machine's likelihood states (step 5, step 6), worked out once per model (the
+        # long window's blocks come from the card's prior: up to a thousand values) and
+        # copied for each machine; key: the state keys' prefix.
+        self._starts: dict[str, State] = {}
+        if spec.likelihood is not None:
+            self._starts[LIKELIHOOD_PREFIX] = likelihood_start(spec.likelihood)
+        if spec.surprise is not None:
+            self._starts[SURPRISE_PREFIX] = likelihood_start(
+                spec.surprise.likelihood, SURPRISE_PREFIX
+            )
         if spec.whiten is not None:
             w = spec.whiten
             rotation = np.asarray(w.rotation, dtype=np.float64) / np.asarray(w.sd)
@@ -665,8 +668,15 @@ class Pipeline:
             del recent[:-k]
             value = _mean(recent)
         if self.spec.likelihood is not None:
+            self._start(state, LIKELIHOOD_PREFIX)
             value = likelihood_step(self.spec.likelihood, state, value)
         return value
+
+    def _start(self, state: State, prefix: str) -> None:
+        """Give a machine's state its likelihood part under ``prefix`` when it has none (a
+        copy of the model's start: what ``likelihood_step`` would work out from the prior)."""
+        if _state_keys(prefix)[1] not in state:
+            state.update(_fresh_copy(self._starts[prefix]))
 
     def surprises(self, scores: FloatArray, groups: Sequence[str] | None = None) -> BoolArray:
         """Per row, whether the surprise rule makes it an ALERT (equals ``surprise_step``);
@@ -682,8 +692,7 @@ class Pipeline:
         rule = self.spec.surprise
         if rule is None:
             return None
-        if self._surprise_start is not None and _SURPRISE_P not in state:
-            state.update(_fresh_copy(self._surprise_start))
+        self._start(state, SURPRISE_PREFIX)
         value = likelihood_step(rule.likelihood, state, score, prefix=SURPRISE_PREFIX)
         return value if value > rule.threshold else None
 
@@ -709,7 +718,6 @@ def surprise_flags(
 #: the state keys' prefix of the likelihood (step 5) and of the surprise (step 6)
 LIKELIHOOD_PREFIX: Final = "lk"
 SURPRISE_PREFIX: Final = "sp"
-_SURPRISE_P: Final = f"{SURPRISE_PREFIX}:p"
 
 
 def _fresh_copy(state: State) -> State:
