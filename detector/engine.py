@@ -807,7 +807,7 @@ class Engine:
         try:
             change = record.tuning.adjust(
                 action,
-                scale_of(model.card),
+                self._judged_by(model)[0],
                 by=command.by,
                 at=command.at,
                 alert_id=alert_id,
