@@ -391,18 +391,15 @@ class LocalNatsCluster:
         """Connect one MQTT client: the MQTT layer creates its streams on the first CONNECT."""
         user = "monitor" if self.passwords is not None else None
         password = self.passwords[user] if self.passwords is not None and user else None
-        device = MqttDevice(
+        with MqttDevice(
             "fw-provision",
             self.nodes[0].ports.mqtt,
             user=user,
             password=password,
             tls_ca=self.tls.ca if self.tls is not None else None,
             clean_session=True,
-        )
-        try:
+        ) as device:
             device.wait_connected(30.0)
-        finally:
-            device.close()
 
     def wait_ready(self, node: LocalNode, timeout_s: float = 30.0) -> None:
         """Wait until ``node`` listens (client, MQTT) and reports healthy JetStream."""
@@ -610,6 +607,12 @@ class MqttDevice:
             )
 
     def close(self) -> None:
-        """Disconnect."""
+        """Disconnect and stop the network thread (a device left open keeps reconnecting)."""
         self.client.disconnect()
         self.client.loop_stop()
+
+    def __enter__(self) -> MqttDevice:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

@@ -101,44 +101,47 @@ def test_machines_publish_only_their_own_readings_over_tls(
         password=cluster.passwords["viewer"],
         ca=cluster.tls.ca,
     )
-    with pytest.raises(BrokerError, match="refused"):
-        _device(cluster, "m1", "wrong-password").wait_connected()
+    # a refused device is closed too: left open, its TLS reconnects go on for the worker's life
+    with (
+        _device(cluster, "m1", "wrong-password") as refused,
+        pytest.raises(BrokerError, match="refused"),
+    ):
+        refused.wait_connected()
 
-    m1 = _device(cluster, "m1")
-    m1.wait_connected()
-    sim = MachineSimulator("m1", "line1", seed=1)
-    for _ in range(10):
-        reading = sim.next(time.time())
-        m1.publish(topics.telemetry("line1", "m1"), reading.encode(), f"m1:{reading.seq}")
-    assert m1.wait_acked(10)
-    assert len(m1.acked) == 10
-    verdicts = wait_verdicts(cluster, 10, timeout_s=30)
-    assert {v.machine_id for v in verdicts} == {"m1"}
-    assert len(verdicts) == 10
+    with _device(cluster, "m1") as m1:
+        m1.wait_connected()
+        sim = MachineSimulator("m1", "line1", seed=1)
+        for _ in range(10):
+            reading = sim.next(time.time())
+            m1.publish(topics.telemetry("line1", "m1"), reading.encode(), f"m1:{reading.seq}")
+        assert m1.wait_acked(10)
+        assert len(m1.acked) == 10
+        verdicts = wait_verdicts(cluster, 10, timeout_s=30)
+        assert {v.machine_id for v in verdicts} == {"m1"}
+        assert len(verdicts) == 10
 
-    forged = MachineSimulator("m2", "line1", seed=2).next(time.time())
-    m1.publish(topics.telemetry("line1", "m2"), forged.encode(), "forged")
-    m1.wait_acked(11, timeout_s=5)  # NATS may PUBACK a refused publish or drop the link
+        forged = MachineSimulator("m2", "line1", seed=2).next(time.time())
+        m1.publish(topics.telemetry("line1", "m2"), forged.encode(), "forged")
+        m1.wait_acked(11, timeout_s=5)  # NATS may PUBACK a refused publish or drop the link
 
-    async def stored(_nc: NatsClient, js: JetStreamContext) -> list[tuple[str, bytes]]:
-        return await read_subjects(js, cluster.layout.input_stream, "$MQTT.msgs.>")
+        async def stored(_nc: NatsClient, js: JetStreamContext) -> list[tuple[str, bytes]]:
+            return await read_subjects(js, cluster.layout.input_stream, "$MQTT.msgs.>")
 
-    assert all(".m2" not in subject for subject, _ in run_js(cluster, stored))
-    assert wait_until(lambda: len(sub.lines("/verdict")) >= 10, 10)
-    seen = [Verdict.model_validate_json(line) for line in sub.lines("/verdict")]
-    assert {v.machine_id for v in seen} == {"m1"}
-    assert len(wait_verdicts(cluster, 11, timeout_s=3)) == 10  # the forged one got none
-    late = retained_messages(
-        cluster.nodes[0].ports.mqtt,
-        f"{topic_root}/alerts/+/+/state",
-        1,
-        user="viewer",
-        password=cluster.passwords["viewer"],
-        ca=cluster.tls.ca,
-    )
-    assert list(late) == [topics.state("line1", "m1")]  # the detector's retained state, TLS
+        assert all(".m2" not in subject for subject, _ in run_js(cluster, stored))
+        assert wait_until(lambda: len(sub.lines("/verdict")) >= 10, 10)
+        seen = [Verdict.model_validate_json(line) for line in sub.lines("/verdict")]
+        assert {v.machine_id for v in seen} == {"m1"}
+        assert len(wait_verdicts(cluster, 11, timeout_s=3)) == 10  # the forged one got none
+        late = retained_messages(
+            cluster.nodes[0].ports.mqtt,
+            f"{topic_root}/alerts/+/+/state",
+            1,
+            user="viewer",
+            password=cluster.passwords["viewer"],
+            ca=cluster.tls.ca,
+        )
+        assert list(late) == [topics.state("line1", "m1")]  # the detector's retained state, TLS
     sub.close()
-    m1.close()
 
 
 def _monitor(port: int, path: str) -> dict[str, Any]:
