@@ -581,12 +581,15 @@ class MqttDevice:
             self._lock.notify_all()
 
     def wait_connected(self, timeout_s: float = 10.0) -> None:
-        """Wait for the first CONNACK (raise ``BrokerError`` otherwise)."""
+        """Wait for the first CONNACK (raise ``BrokerError`` otherwise). A refusal is final,
+        as in ``factorywatch.mqtt.connect``: the device stops (paho would retry it forever)."""
         with self._lock:
             if not self._lock.wait_for(lambda: self.connects or self.refusals, timeout_s):
                 raise BrokerError("MQTT device not connected")
-            if not self.connects:
-                raise BrokerError("MQTT device refused by the server (CONNACK)")
+            refused = not self.connects
+        if refused:
+            self.close()
+            raise BrokerError("MQTT device refused by the server (CONNACK)")
 
     def publish(self, topic: str, payload: bytes, key: str) -> None:
         """Queue one QoS 1 message; ``key`` is what ``acked`` will hold once PUBACKed."""
