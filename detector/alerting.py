@@ -179,6 +179,16 @@ class AlertTracker:
             )
         ]
 
+    def rebaselined(self, machine_id: str, now: float, seq: int, note: str) -> list[AlertEvent]:
+        """The machine re-baselines (``model.rebaseline``): its open alert clears, ``note``
+        saying why, and its k-of-n window starts over."""
+        machine = self.table.get(machine_id)
+        if machine is None or machine.alert_id is None:
+            return []
+        self.table.touch(machine_id)
+        event = self._clear(machine, seq, now)
+        return [event.model_copy(update={"note": note})]
+
     def sensor_offline(
         self, machine_id: str, now: float, reason: OfflineReason = "last_will"
     ) -> list[AlertEvent]:

@@ -25,18 +25,23 @@ import numpy as np
 
 from factorywatch.errors import FactorywatchError
 from factorywatch.model.asset import CalibrateSpec
+from factorywatch.model.fitspec import FitSpec
 from factorywatch.model.generic import Trained, fit_columns
 
 
 @dataclass(frozen=True, slots=True)
 class FitRequest:
-    """A full calibration window: fit ``machine``'s model on ``rows`` (one per reading)."""
+    """A full calibration window: fit ``machine``'s model on ``rows`` (one per reading) as
+    ``spec`` says (a calibrating machine's: ``CalibrateSpec.fit_spec``; a re-baselining
+    one's: its card's, ``model.rebaseline.spec_of``)."""
 
     machine: str
     line: str
     channels: tuple[str, ...]
     rows: tuple[tuple[float, ...], ...]
-    spec: CalibrateSpec
+    spec: FitSpec
+    #: the model version a re-baselining machine leaves (None: a first calibration)
+    leaving: str | None = None
 
 
 def new_window(channels: list[str], needed: int) -> dict[str, Any]:
@@ -44,7 +49,18 @@ def new_window(channels: list[str], needed: int) -> dict[str, Any]:
     return {"channels": channels, "rows": [], "needed": needed}
 
 
-def request(machine: str, line: str, window: dict[str, Any], spec: CalibrateSpec) -> FitRequest:
+def new_rebaseline(channels: list[str], needed: int, leaving: str, spec: FitSpec) -> dict[str, Any]:
+    """An empty re-baselining window (``model.rebaseline``): it names the model version the
+    machine leaves and the ``FitSpec`` its next model is fitted with."""
+    return {**new_window(channels, needed), "rebaseline": leaving, "fit": spec.as_dict()}
+
+
+def rebaselining(window: dict[str, Any] | None) -> bool:
+    """Whether ``window`` is a re-baselining window (else a first calibration, or none)."""
+    return window is not None and "rebaseline" in window
+
+
+def request(machine: str, line: str, window: dict[str, Any], spec: FitSpec) -> FitRequest:
     """The fit request for a full window."""
     return FitRequest(
         machine=machine,
@@ -52,14 +68,21 @@ def request(machine: str, line: str, window: dict[str, Any], spec: CalibrateSpec
         channels=tuple(window["channels"]),
         rows=tuple(tuple(float(v) for v in row) for row in window["rows"]),
         spec=spec,
+        leaving=window.get("rebaseline"),
     )
 
 
-def fit(req: FitRequest, *, seed: int = 0) -> Trained:
+def fit(req: FitRequest) -> Trained:
     """Fit the machine's model on its window (CPU-bound: the shell runs it off the loop)."""
     matrix = np.asarray(req.rows, dtype=np.float64).reshape(len(req.rows), len(req.channels))
     columns = {c: matrix[:, i].copy() for i, c in enumerate(req.channels)}
-    return fit_columns(columns, req.spec.fit_spec(seed=seed), name=req.machine)
+    return fit_columns(columns, req.spec, name=req.machine)
+
+
+def can_fit(family: str) -> bool:
+    """Whether a model of ``family`` can be fitted here: the Isolation Forest needs
+    scikit-learn (the ``train`` extra)."""
+    return family != "iforest" or find_spec("sklearn") is not None
 
 
 def check_fittable(spec: CalibrateSpec | None) -> None:
@@ -68,7 +91,7 @@ def check_fittable(spec: CalibrateSpec | None) -> None:
     The Isolation Forest is fitted by scikit-learn (the ``train`` extra), which the detector
     image does not carry: rather than silently fitting another family, say what to do.
     """
-    if spec is None or spec.family != "iforest" or find_spec("sklearn") is not None:
+    if spec is None or can_fit(spec.family):
         return
     raise FactorywatchError(
         "calibrate.family is iforest, which needs scikit-learn to fit: install "

@@ -65,9 +65,18 @@ from factorywatch.detector.ingest import Ingest, Ingests, JsonIngest, Reading, S
 from factorywatch.detector.registry import Registry
 from factorywatch.detector.router import DEFAULT_KEY, Route, Router, route_key
 from factorywatch.detector.state import CalibrationRow, MachineRecord, PendingEvent, StateTable
-from factorywatch.detector.tuning import Action, Scale, rate_notice, rejudge, scale_of
+from factorywatch.detector.tuning import (
+    Action,
+    RateChange,
+    Scale,
+    rate_notice,
+    rejudge,
+    scale_of,
+)
 from factorywatch.errors import PayloadError
+from factorywatch.model import rebaseline
 from factorywatch.model.artifact import LoadedModel, ModelCard
+from factorywatch.model.fitspec import FitSpec
 from factorywatch.model.forest_stack import ForestStack
 from factorywatch.model.threshold import Follow
 from factorywatch.topics import UNKNOWN, Topics
@@ -136,6 +145,9 @@ class EngineSettings:
     #: score the routes to windowed forests together (``batch_scoring.score_parts``); False: one
     #: ``score`` call per route, the same verdicts (for comparison)
     stack_routes: bool = True
+    #: a machine whose alert stays open as long as its card says re-baselines
+    #: (``model.rebaseline``); off without a model directory to save its new model in
+    rebaseline: bool = True
 
 
 class Engine:
@@ -162,6 +174,8 @@ class Engine:
         self._restored_drifts: dict[str, dict[str, Any]] = {}
         self._fit_requests: list[FitRequest] = []
         self._fitting: set[str] = set()
+        #: machines recalibrating after a sustained alarm (``model.rebaseline``)
+        self._rebaselining: set[str] = set()
         self._requirements_cache: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         # per model card: its threshold scale and following rule (worked out once, not per
         # batch part: with a model per machine a batch has a part per machine)
@@ -264,6 +278,7 @@ class Engine:
         key = route_key("machine", machine)
         self.drifts[key] = self._route_drift(key, model)
         self._fitting.discard(machine)
+        self._rebaselining.discard(machine)
         record = self.states.get(machine)
         if record is not None and record.calibration is not None:
             record.calibration = None
@@ -301,6 +316,7 @@ class Engine:
         self.seen = SeenCache(self.settings.dedup_size)
         self.answers.clear()
         self._fitting -= gone
+        self._rebaselining -= gone
         self._fit_requests = [r for r in self._fit_requests if r.machine not in gone]
         return dropped
 
@@ -415,6 +431,8 @@ class Engine:
         return publishes
 
     def _score(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
+        if self._rebaselining:
+            items = self._recalibrate(items, now)
         if not items:
             return
         if self.router.trivial:  # one model for every machine: no routing per reading
@@ -455,6 +473,18 @@ class Engine:
                 self._settle(chosen.key, chosen.model, part_items, verdicts, windows, now)
             else:
                 self._score_with(chosen.key, chosen.model, part_items, now)
+
+    def _recalibrate(
+        self, items: list[tuple[Reading, Outcome]], now: float
+    ) -> list[tuple[Reading, Outcome]]:
+        """Readings of re-baselining machines fill their windows (their models wait for
+        them); the others, to score."""
+        rebaselining = self._rebaselining
+        held = [i for i in items if i[0].telemetry.machine_id in rebaselining]
+        if not held:
+            return items
+        self._calibrate_each(held, now)
+        return [i for i in items if i[0].telemetry.machine_id not in rebaselining]
 
     def _windows(self, items: list[tuple[Reading, Outcome]]) -> dict[str, dict[str, Any]]:
         """A generic model's windows live in each machine's record (``features``):
@@ -551,16 +581,15 @@ class Engine:
         version = model.version
         observe = self.tracker.observe
         scale, follow = self._judged_by(model)
+        rebase = rebaseline.readings_of(model.card) if self.settings.rebaseline else None
         states = self.states
+        rebaselining = self._rebaselining
         for verdict, (reading, outcome) in zip(verdicts, items, strict=True):
-            if reading.historical:
-                verdict = verdict.model_copy(update={"historical": True})  # noqa: PLW2901
-            known = states.get(verdict.machine_id)
-            if known is not None:
-                cut = known.tuning.judged_by(scale, follow, version)
-                surprise_cut = known.tuning.surprise_cut(scale)
-                if cut != scale.threshold or surprise_cut != scale.surprise:
-                    verdict = rejudge(verdict, cut, surprise_cut)  # noqa: PLW2901
+            if rebaselining and verdict.machine_id in rebaselining:
+                # it began to re-baseline earlier in this batch: the rest fill its window
+                self._calibrate_each([(reading, outcome)], now)
+                continue
+            verdict = self._as_judged(verdict, reading, scale, follow, version)  # noqa: PLW2901
             try:
                 payload = encode_verdict(verdict)
                 events = observe(
@@ -585,19 +614,26 @@ class Engine:
                 record.features = windows[verdict.machine_id]
             rate_change = None
             if not reading.historical:
-                tuning = record.tuning
-                tuning.follow_normal(
-                    follow, verdict, version, alert_open=record.alert_id is not None
-                )
-                rate_change = tuning.count(verdict.status == "ALERT", scale)
-                if record.alert_id is not None and record.peak_score is not None:
-                    tuning.remember_peak(record.alert_id, record.peak_score)
-                if rate_change is not None:
-                    outcome.notices.append(
-                        rate_notice(record.machine_id, record.line, tuning, rate_change, scale)
-                    )
+                rate_change = _tune_live(record, verdict, scale, follow, version, outcome)
+                if rebase is not None:
+                    events += self._count_open(record, model, rebase, now, verdict.seq, outcome)
             if events or rate_change is not None or not record.state_published:
                 self._emit(outcome, events, [record])
+
+    def _as_judged(
+        self, verdict: Verdict, reading: Reading, scale: Scale, follow: Follow | None, version: str
+    ) -> Verdict:
+        """``verdict`` as its machine's own threshold and surprise cut judge it (marked
+        historical for data of the past)."""
+        if reading.historical:
+            verdict = verdict.model_copy(update={"historical": True})
+        known = self.states.get(verdict.machine_id)
+        if known is not None:
+            cut = known.tuning.judged_by(scale, follow, version)
+            surprise_cut = known.tuning.surprise_cut(scale)
+            if cut != scale.threshold or surprise_cut != scale.surprise:
+                verdict = rejudge(verdict, cut, surprise_cut)
+        return verdict
 
     def _judged_by(self, model: LoadedModel) -> tuple[Scale, Follow | None]:
         """``model``'s card's ``Scale`` and following rule, kept per card (a card replaced
@@ -620,15 +656,16 @@ class Engine:
                 self._reject(item[1], _poisoned("calibrating", exc))
 
     def _calibrate(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
-        """Readings of machines without a model yet: fill their windows, CALIBRATING verdicts."""
-        spec = self.router.calibrate
-        assert spec is not None
+        """Readings of machines without a model yet, or re-baselining: fill their windows,
+        CALIBRATING verdicts."""
         for reading, outcome in items:
             telemetry = reading.telemetry
             machine = telemetry.machine_id
             record = self.states.get(machine)
             window = record.calibration if record is not None else None
             if window is None:
+                spec = self.router.calibrate
+                assert spec is not None
                 channels = list(self.router.channels) or sorted(telemetry.readings)
                 window = calibration_window.new_window(channels, spec.readings)
             missing = [c for c in window["channels"] if c not in telemetry.readings]
@@ -682,15 +719,12 @@ class Engine:
                 )
             if full and machine not in self._fitting:
                 self._fitting.add(machine)
-                self._fit_requests.append(
-                    calibration_window.request(machine, telemetry.line, window, spec)
-                )
+                self._fit_requests.append(self._fit_request(machine, telemetry.line, window))
             if events or not record.state_published:
                 self._emit(outcome, events, [record])
 
     def _queue_full_windows(self, machines: Sequence[str] | None = None) -> None:
         """After a restore: ask again for the fits of full windows (a fit the crash cut off)."""
-        spec = self.router.calibrate
         chosen = (
             list(self.states)
             if machines is None
@@ -701,19 +735,95 @@ class Engine:
             if window is None:
                 continue
             machine = record.machine_id
+            bound = self.router.machine_models.get(machine)
+            if calibration_window.rebaselining(window):
+                if bound is not None and bound.version != window["rebaseline"]:
+                    record.calibration = None  # its new model was saved before the crash
+                    self.states.touch(machine)
+                    continue
+                self._rebaselining.add(machine)
             # fitted and saved before the crash, or no longer to calibrate (config changed)
-            if machine in self.router.machine_models or not self.router.calibrates(
-                machine, record.line
-            ):
+            elif bound is not None or not self.router.calibrates(machine, record.line):
                 record.calibration = None
                 self.states.touch(machine)
                 continue
-            if spec is None or machine in self._fitting or len(window["rows"]) < window["needed"]:
+            elif self.router.calibrate is None:
+                continue
+            if machine in self._fitting or len(window["rows"]) < window["needed"]:
                 continue
             self._fitting.add(machine)
-            self._fit_requests.append(
-                calibration_window.request(machine, record.line, window, spec)
-            )
+            self._fit_requests.append(self._fit_request(machine, record.line, window))
+
+    def _fit_request(self, machine: str, line: str, window: dict[str, Any]) -> FitRequest:
+        """The fit of a full window: a re-baselining window names its ``FitSpec``, a first
+        calibration's is the configured one."""
+        if calibration_window.rebaselining(window):
+            spec = FitSpec(**window["fit"])
+        else:
+            assert self.router.calibrate is not None
+            spec = self.router.calibrate.fit_spec()
+        return calibration_window.request(machine, line, window, spec)
+
+    def _count_open(  # noqa: PLR0917 - the machine, its model and the verdict counted
+        self,
+        record: MachineRecord,
+        model: LoadedModel,
+        readings: int,
+        now: float,
+        seq: int,
+        outcome: Outcome,
+    ) -> list[AlertEvent]:
+        """Count one live verdict after which ``record``'s alert is open; re-baseline once
+        ``readings`` came in a row."""
+        record.open_readings = record.open_readings + 1 if record.alert_id else 0
+        if record.open_readings < readings:
+            return []
+        return self._rebaseline(record, model, readings, now, seq, outcome)
+
+    def _rebaseline(  # noqa: PLR0917 - the machine, its model and the verdict that did it
+        self,
+        record: MachineRecord,
+        model: LoadedModel,
+        readings: int,
+        now: float,
+        seq: int,
+        outcome: Outcome,
+    ) -> list[AlertEvent]:
+        """``record``'s alert has been open ``readings`` verdicts in a row: clear it (a new
+        operating point, ``model.rebaseline``) and recalibrate on its next ``readings``.
+        Where its family cannot be fitted (no scikit-learn), say so once and leave it."""
+        machine = record.machine_id
+        notice: dict[str, Any] = {
+            "machine_id": machine,
+            "line": record.line,
+            "model_version": model.version,
+            "readings": readings,
+        }
+        family = model.card.scorer_family
+        if not calibration_window.can_fit(family):
+            if record.open_readings == readings:  # once per alert
+                outcome.notices.append(
+                    {
+                        "event": "rebaseline_unavailable",
+                        **notice,
+                        "remedy": f"a {family} model is fitted with scikit-learn: install "
+                        "'factorywatch[train]' where the detector runs, or refit the machine "
+                        "on recent readings with `factorywatch train --csv`",
+                    }
+                )
+            return []
+        outcome.notices.append({"event": "rebaseline_started", **notice})
+        record.calibration = calibration_window.new_rebaseline(
+            list(model.card.channels), readings, model.version, rebaseline.spec_of(model.card)
+        )
+        record.open_readings = 0
+        # the new model starts at the card's threshold and surprise cut: an operator's
+        # adjustments were of the model it leaves
+        record.tuning.threshold = None
+        record.tuning.surprise_shift = 0.0
+        self._rebaselining.add(machine)
+        self.states.mark_urgent(machine)
+        return self.tracker.rebaselined(machine, now, seq, rebaseline.NOTE.format(n=readings))
 
     def _emit(
         self, outcome: Outcome | None, events: list[AlertEvent], records: list[MachineRecord]
@@ -1033,3 +1143,25 @@ def _conflict(reading: Reading) -> PayloadError:
         f"reading {reading.identity} was already received with different content "
         "(a reused sequence number? restart the sensor with a new --seq-start)",
     )
+
+
+def _tune_live(  # noqa: PLR0917 - one live verdict and what judges it
+    record: MachineRecord,
+    verdict: Verdict,
+    scale: Scale,
+    follow: Follow | None,
+    version: str,
+    outcome: Outcome,
+) -> RateChange | None:
+    """One live verdict moves ``record``'s following level and realized alarm rate (a
+    notice when the rate leaves or re-enters its bound) and keeps its open alert's peak."""
+    tuning = record.tuning
+    tuning.follow_normal(follow, verdict, version, alert_open=record.alert_id is not None)
+    rate_change = tuning.count(verdict.status == "ALERT", scale)
+    if record.alert_id is not None and record.peak_score is not None:
+        tuning.remember_peak(record.alert_id, record.peak_score)
+    if rate_change is not None:
+        outcome.notices.append(
+            rate_notice(record.machine_id, record.line, tuning, rate_change, scale)
+        )
+    return rate_change

@@ -44,7 +44,7 @@ import signal
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +306,8 @@ class JetStreamDetector:
         self.layout = options.layout
         self.topics = Topics(options.layout.topic_root)
         knobs = settings if settings is not None else EngineSettings()
+        if options.model_dir is None:  # nowhere to save a re-baselined machine's model
+            knobs = replace(knobs, rebaseline=False)
         self.engine = Engine(
             model,
             self.topics,

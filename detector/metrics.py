@@ -52,6 +52,13 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        self.rebaselines = Counter(
+            "factorywatch_rebaselines",
+            "Machines that re-baselined after a sustained alarm (started), or could not "
+            "(unavailable: no scikit-learn to fit their family)",
+            ["result"],
+            registry=r,
+        )
         self.alarm_rate_out_of_bound = Gauge(
             "factorywatch_alarm_rate_out_of_bound",
             "1 while a machine's realized alarm rate is above 3 x its target",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
@@ -94,6 +95,7 @@ def engine_settings(
         drift_factor=settings.drift_factor,
         max_future_skew_s=settings.max_future_skew_s,
         registry=source.read() if source is not None else None,
+        rebaseline=settings.rebaseline,
     )
 
 
@@ -188,6 +190,8 @@ class DetectorService:
         #: the account registry's file, followed while running (``Runner.reload_registry``)
         self.registry_file = registry_file(settings, broker)
         spb_settings = engine_settings(settings, broker, self.registry_file)
+        if model_dir is None:  # nowhere to save a re-baselined machine's model
+            spb_settings = replace(spb_settings, rebaseline=False)
         extra, spb_filters = sparkplug_ingests(settings, spb_settings.registry)
         for ingest in extra:
             self.metrics.watch_ingest(ingest)

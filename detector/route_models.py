@@ -68,6 +68,7 @@ def fit_and_save(model_dir: Path, request: FitRequest, scorer: ScorerKind) -> Lo
                 **trained.card.params,
                 "route": f"machine:{request.machine}",
                 "calibrated_live": len(request.rows),
+                "rebaselined_from": request.leaving,
             }
         }
     )

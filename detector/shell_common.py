@@ -114,13 +114,18 @@ def log_events(events: Iterable[AlertEvent], metrics: Metrics) -> None:
 
 
 def log_notice(notice: dict[str, Any], metrics: Metrics) -> None:
-    """Log (and count) a machine's threshold change or alarm-rate bound change."""
+    """Log (and count) a machine's threshold change, alarm-rate bound change or
+    re-baseline."""
     fields = {k: v for k, v in notice.items() if k != "event"}
     kind = str(notice["event"])
     machine = str(notice["machine_id"])
     if kind == "threshold_changed":
         metrics.threshold_changes.labels(action=str(notice["action"])).inc()
         log.info(kind, **fields)
+        return
+    if kind in ("rebaseline_started", "rebaseline_unavailable"):
+        metrics.rebaselines.labels(result=kind.removeprefix("rebaseline_")).inc()
+        (log.info if kind == "rebaseline_started" else log.warning)(kind, **fields)
         return
     metrics.alarm_rate_out_of_bound.labels(machine=machine).set(
         1 if kind == "alarm_rate_out_of_bound" else 0

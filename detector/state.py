@@ -6,7 +6,7 @@ last applied to it (so a redelivered reading is not counted twice), the alert ev
 confirmed by the transport (an outbox, republished after a crash), slots for the feature
 pipeline's window state and the machine's model binding (the version that scored it last),
 its own threshold and realized alarm rate (``detector/tuning.py``), and a live calibration
-window (``detector/calibration_window.py``) while it has no model yet.
+window (``detector/calibration_window.py``) while it has no model yet or re-baselines.
 ``StateTable`` keys the records by machine id and tracks which changed since the last
 checkpoint.
 
@@ -93,8 +93,12 @@ class MachineRecord:
     features: dict[str, Any] = field(default_factory=dict)
     #: the model version that scored this machine last (None: none yet)
     model: str | None = None
-    #: the live calibration window (channels, rows, needed) while the machine has no model
+    #: the live calibration window (channels, rows, needed) while the machine has no model,
+    #: or while it re-baselines (then with ``rebaseline``: the version it leaves, ``fit``:
+    #: the ``FitSpec`` fields to fit it with)
     calibration: dict[str, Any] | None = None
+    #: live verdicts in a row its alert has been open after (re-baselining, ``model.rebaseline``)
+    open_readings: int = 0
     #: whether its retained state topic has been published since this record was made
     state_published: bool = False
     #: its own threshold and realized alarm rate (``detector/tuning.py``)
@@ -134,6 +138,7 @@ class MachineRecord:
             "features": self.features,
             "model": self.model,
             "calibration": self.calibration,
+            "open_readings": self.open_readings,
             "tuning": self.tuning.snapshot(),
         }
 
@@ -161,6 +166,7 @@ class MachineRecord:
             features=dict(data.get("features") or {}),
             model=data.get("model"),
             calibration=data.get("calibration"),
+            open_readings=int(data.get("open_readings", 0)),
             tuning=Tuning.restore(data.get("tuning")),
         )
 

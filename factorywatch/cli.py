@@ -183,6 +183,15 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
         help="no surprise rule: the threshold and the training envelope only",
     )
     g.add_argument(
+        "--rebaseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a machine whose alarm stays open for as many readings as it was trained on "
+        "takes the move for a new operating point: its alert clears and it recalibrates on "
+        "its next as many readings (--no-rebaseline: the alarm stays open until an operator "
+        "acts)",
+    )
+    g.add_argument(
         "--far",
         type=float,
         default=calibration.DEFAULT_FAR,
@@ -406,6 +415,7 @@ def _fit_spec(args: argparse.Namespace) -> Any:
             likelihood=args.likelihood,
             follow=args.follow,
             surprise=None if args.no_surprise else args.surprise_rate,
+            rebaseline=args.rebaseline,
         )
     except ValueError as exc:
         raise FactorywatchError(str(exc)) from None
@@ -449,6 +459,14 @@ def _evaluation_configs(args: argparse.Namespace) -> list[Any]:
                     spec=spec.replace(surprise=None if spec.surprise else SURPRISE_RATE),
                 )
             )
+        # the default without (or with) re-baselining after a sustained alarm
+        which = "without re-baseline" if spec.rebaseline else "with re-baseline"
+        configs.append(
+            streams.Config(
+                name=f"per-run {spec.preset} {spec.family} {which}",
+                spec=spec.replace(rebaseline=not spec.rebaseline),
+            )
+        )
         # the same configurations with (or without) the anomaly likelihood
         flip, label = not spec.likelihood, "likelihood" if not spec.likelihood else "raw score"
         configs += [

@@ -40,9 +40,9 @@ from factorywatch.broker import LocalBroker
 from factorywatch.contracts import Verdict
 from factorywatch.errors import FactorywatchError
 from factorywatch.launch import Launched, child_env, cli_command
-from factorywatch.model import artifact, streams
+from factorywatch.model import artifact, rebaseline, streams
 from factorywatch.model.fitspec import DEFAULT_SPEC, FitSpec
-from factorywatch.model.generic import Scores, Trained, score_recording
+from factorywatch.model.generic import Scores, Trained
 from factorywatch.model.recording import Recording
 from factorywatch.settings import BrokerSettings
 from factorywatch.topics import Topics, check_id
@@ -76,6 +76,9 @@ class Delivery:
     duplicates: int = 0  # verdicts beyond the first for a reading
     unexpected: int = 0  # verdicts for readings that were never sent
     flag_mismatches: int = 0  # readings whose live ALERT flag differs from offline
+    #: readings CALIBRATING live while offline scored them: a re-baselined machine's fit
+    #: runs off the detector's loop (offline it takes no time; ``model.rebaseline``)
+    fitting: int = 0
     wrong_model: int = 0  # verdicts by another model than the run's (the router's choice)
     max_score_diff: float = 0.0
     max_score_diff_at: str | None = None  # "machine seq" of the largest difference
@@ -315,7 +318,9 @@ class LiveEvaluation:
 
     def _prepare(self, config: streams.Config) -> _Prepared:
         models = streams.fit_models(self.recs, self.masks, config, self.seed)
-        scores = [score_recording(m, r.columns) for m, r in zip(models, self.recs, strict=True)]
+        scores = [
+            rebaseline.replay(m, r.columns).scores for m, r in zip(models, self.recs, strict=True)
+        ]
         offline = [
             streams.run_result(r, mask, s, m)
             for r, mask, s, m in zip(self.recs, self.masks, scores, models, strict=True)
@@ -389,6 +394,12 @@ class LiveEvaluation:
             score = np.full(rec.rows, np.nan)
             outside = np.zeros(rec.rows, dtype=np.bool_)
             flagged = np.zeros(rec.rows, dtype=np.bool_)
+            calibrating = np.zeros(rec.rows, dtype=np.bool_)
+            ref = offline_scores[i]
+            # the run's model serves it until its first re-baseline (then its own refits)
+            own = np.ones(rec.rows, dtype=np.bool_)
+            if ref.calibrating is not None and ref.calibrating.any():
+                own[int(np.argmax(ref.calibrating)) :] = False
             for seq in range(rec.rows):
                 expected.add((machine, seq))
                 got = sink.verdicts.get((machine, seq))
@@ -396,13 +407,21 @@ class LiveEvaluation:
                     lost_keys.append((machine, seq))
                     continue
                 first = got[0]
-                delivery.wrong_model += first.model_version != models[i].card.version
+                delivery.wrong_model += bool(own[seq]) and (
+                    first.model_version != models[i].card.version
+                )
+                if first.status == "CALIBRATING":
+                    calibrating[seq] = True
+                    continue
                 score[seq] = first.score
                 outside[seq] = bool(first.outside_training)
                 flagged[seq] = first.status == "ALERT"
             delivery.readings += rec.rows
-            ref = offline_scores[i]
-            answered = ~np.isnan(score)
+            offline_calibrating = (
+                ref.calibrating if ref.calibrating is not None else np.zeros_like(calibrating)
+            )
+            delivery.fitting += int(np.sum(calibrating & ~offline_calibrating))
+            answered = ~np.isnan(score) & ~offline_calibrating
             delivery.flag_mismatches += int(np.sum(flagged[answered] != ref.flagged[answered]))
             if answered.any():
                 gaps = np.where(answered, np.abs(score - ref.score), 0.0)
@@ -414,7 +433,12 @@ class LiveEvaluation:
                 streams.run_result(
                     rec,
                     self.masks[i],
-                    Scores(score=score, outside=outside, flagged=flagged),
+                    Scores(
+                        score=np.nan_to_num(score),
+                        outside=outside,
+                        flagged=flagged,
+                        calibrating=calibrating,
+                    ),
                     models[i],
                 )
             )
@@ -484,15 +508,16 @@ def markdown(doc: dict[str, Any]) -> str:
         "from the first detector started to the last verdict, all configurations together.",
         "",
         "| configuration | readings | verdicts | lost | duplicates | unexpected | flags differing "
-        "from offline | verdicts by another model than the run's | max score difference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "from offline | verdicts by another model than the run's | CALIBRATING while a "
+        "re-baseline's fit ran | max score difference |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in doc["configs"]:
         d = entry["delivery"]
         lines.append(
             f"| {entry['name']} | {d['readings']} | {d['verdicts']} | {d['lost']} | "
             f"{d['duplicates']} | {d['unexpected']} | {d['flag_mismatches']} | "
-            f"{d['wrong_model']} | {d['max_score_diff']:.2e} |"
+            f"{d['wrong_model']} | {d.get('fitting', 0)} | {d['max_score_diff']:.2e} |"
         )
     return "\n".join(lines) + "\n"
 

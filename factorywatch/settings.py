@@ -114,6 +114,12 @@ class DetectorSettings(_Settings):
     client_id: str = "factorywatch-detector"
     session_expiry_s: Annotated[int, Field(ge=0)] = 24 * 3600
     batch_max: Annotated[int, Field(ge=1, le=10_000)] = 256
+    rebaseline: bool = Field(
+        default=True,
+        description="a machine whose alarm stays open as long as its model was trained "
+        "(readings) re-baselines: its alert clears and it recalibrates on its next readings "
+        "(models that name it: train --csv, live calibration)",
+    )
     batch_linger_ms: Annotated[float, Field(ge=0, le=100)] = Field(
         default=2.0,
         description="while readings come faster than one per 2 x this, wait this long after "

@@ -15,6 +15,7 @@ calibrate:                          # machines that fit their own model on live 
   readings: 500                     # N: the first N valid readings train (>= 50)
   family: iforest                   # or pca (numpy only: the detector image has no sklearn)
   machines: [new-*]                 # and/or groups: [pumps], and/or default: true
+  rebaseline: true                  # an alarm open N readings: recalibrate (model.rebaseline)
 ```
 
 Valid ranges are physical limits of the sensor: training rows with a value outside them are
@@ -80,6 +81,7 @@ class CalibrateSpec(BaseModel):
     preset: Literal["point", "windowed", "full", "drift", "auto"] = "windowed"
     window: Annotated[int, Field(ge=1)] = 5
     trees: Annotated[int, Field(ge=10, le=1000)] = 200  # iforest (memory: ~6-10 KB a tree)
+    rebaseline: bool = True  # recalibrate after an alarm open for ``readings`` (model.rebaseline)
 
     def fit_spec(self, *, seed: int = 0) -> FitSpec:
         """The ``FitSpec`` a machine's calibration window is fitted with."""
@@ -90,6 +92,7 @@ class CalibrateSpec(BaseModel):
             far=self.far,
             trees=self.trees,
             seed=seed,
+            rebaseline=self.rebaseline,
         )
 
 

@@ -27,8 +27,9 @@ DEFAULT_TREES: Final = 200
 class FitSpec:
     """How to fit: feature preset and window, score smoothing, scorer family, target
     false-alarm rate, forest size and seed, whether the score is the anomaly likelihood,
-    whether each machine's threshold follows its normal score level and whether a recent
-    score level unusual for the machine is an ALERT (the surprise rule)."""
+    whether each machine's threshold follows its normal score level, whether a recent
+    score level unusual for the machine is an ALERT (the surprise rule) and whether a machine
+    recalibrates after a sustained alarm (re-baselining)."""
 
     preset: str = DEFAULT_PRESET
     window: int = DEFAULT_WINDOW
@@ -44,6 +45,10 @@ class FitSpec:
     # a recent score level rarer than this for the machine is an ALERT (None: no such rule;
     # ``model.pipeline``, step 6)
     surprise: float | None = SURPRISE_RATE
+    # a machine whose alarm stays open as long as the model was trained (readings per machine)
+    # recalibrates on its next readings: a sustained move is its new operating point
+    # (``model.rebaseline``)
+    rebaseline: bool = True
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:

@@ -42,6 +42,7 @@ from factorywatch.model.artifact import DataInfo, ModelCard, library_versions, n
 from factorywatch.model.behaviour import Behaviour, characterise_all
 from factorywatch.model.calibration import (
     FOLDS,
+    MIN_TRAIN_ROWS,
     conformal_quantile,
     folds,
     threshold_for,
@@ -158,6 +159,13 @@ def _folds(groups: Sequence[str], n: int) -> npt.NDArray[np.intp]:
         rows = np.flatnonzero(keys == key)
         out[rows] = folds(len(rows))
     return out
+
+
+def _per_machine(rows: int, groups: Sequence[str]) -> int:
+    """Training rows per machine (at least ``MIN_TRAIN_ROWS``): how long a machine's alarm
+    stays open before it re-baselines, and how many readings it then recalibrates on."""
+    machines = len(set(groups)) if groups else 1
+    return max(MIN_TRAIN_ROWS, rows // machines)
 
 
 def _fit_scorer(
@@ -290,6 +298,7 @@ def fit_recording(
             "surprise_rate": spec.surprise_rate,
             "follow_span": FOLLOW_SPAN if spec.follow else None,
             "follow_cap": FOLLOW_CAP if spec.follow else None,
+            "rebaseline_readings": _per_machine(len(rows), groups) if spec.rebaseline else None,
             "n_estimators": trees if family == "iforest" else None,
             "random_state": seed,
             "calibration_folds": FOLDS,
@@ -393,6 +402,11 @@ class Scores:
     flagged: BoolArray  # ALERT: score above threshold, outside the envelope or surprising
     # the surprise rule made it an ALERT (``model.pipeline``, step 6); None: not known
     surprise: BoolArray | None = None
+    # the score may count toward clearing an open alert (at or below the clear threshold of
+    # the model that scored it); None: the one model's ``clear_threshold`` says
+    calm: BoolArray | None = None
+    # the machine was recalibrating (CALIBRATING: neither ALERT nor NORMAL; ``model.rebaseline``)
+    calibrating: BoolArray | None = None
 
 
 def score_recording(

@@ -42,7 +42,8 @@ from factorywatch.errors import DatasetError
 from factorywatch.model import nab
 from factorywatch.model.alert_rule import ALARM_K, ALARM_M, ALARM_N, AlertRule
 from factorywatch.model.fitspec import DEFAULT_SPEC, FitSpec
-from factorywatch.model.generic import Scores, Trained, fit_recording, score_recording
+from factorywatch.model.generic import Scores, Trained, fit_recording
+from factorywatch.model.rebaseline import replay
 from factorywatch.model.recording import (
     Missing,
     Recording,
@@ -248,7 +249,7 @@ def evaluate(
     results = []
     for i, (rec, mask, model) in enumerate(zip(recs, masks, models, strict=True)):
         run_windows = None if windows is None else windows[i]
-        scores = score_recording(model, rec.columns)
+        scores = replay(model, rec.columns).scores
         results.append(run_result(rec, mask, scores, model, windows=run_windows))
         progress(f"{config.name}: {rec.name} scored")
     return results
@@ -265,6 +266,7 @@ def alarms(
     flagged: BoolArray,
     *,
     clear: BoolArray | None = None,
+    calibrating: BoolArray | None = None,
     k: int = ALARM_K,
     n: int = ALARM_N,
     m: int = ALARM_M,
@@ -272,13 +274,19 @@ def alarms(
     """Rows where an alarm is raised under the detector's alert rule (``AlertRule``): ``k``
     of the last ``n`` rows ALERT while none is open; it stays open until ``m`` clear rows in
     a row clear it. A row is clear when it is not ALERT and, given ``clear``, marked there
-    (the detector's rule: the score at or below the model's lower clear threshold)."""
-    rule = AlertRule(k=k, n=n, m=m)
+    (the detector's rule: the score at or below the model's lower clear threshold). A row
+    marked in ``calibrating`` counts for nothing and starts the rule over (a re-baseline
+    clears the open alert; ``model.rebaseline``)."""
     calm_rows = (np.ones_like(flagged) if clear is None else clear).tolist()
-    return [
-        i for i, (hit, calm) in enumerate(zip(flagged.tolist(), calm_rows, strict=True))
-        if rule.step(hit, calm)
-    ]  # fmt: skip
+    skipped = (np.zeros_like(flagged) if calibrating is None else calibrating).tolist()
+    rule = AlertRule(k=k, n=n, m=m)
+    raised = []
+    for i, (hit, calm, skip) in enumerate(zip(flagged.tolist(), calm_rows, skipped, strict=True)):
+        if skip:
+            rule = AlertRule(k=k, n=n, m=m)
+        elif rule.step(hit, calm):
+            raised.append(i)
+    return raised
 
 
 def alert_figures(
@@ -349,10 +357,12 @@ def run_result(
     labels = rec.labels[test]
     flagged = scores.flagged[test]
     clear_threshold = model.card.clear_threshold
-    raised = alarms(
-        scores.flagged,
-        clear=None if clear_threshold is None else scores.score <= clear_threshold,
-    )
+    calm: BoolArray | None
+    if scores.calm is not None:
+        calm = scores.calm
+    else:
+        calm = None if clear_threshold is None else scores.score <= clear_threshold
+    raised = alarms(scores.flagged, clear=calm, calibrating=scores.calibrating)
     start = int(np.argmin(mask)) if test.any() else rec.rows
     nab_scores = None
     if windows is not None:

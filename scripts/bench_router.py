@@ -222,9 +222,9 @@ def far(args: argparse.Namespace) -> None:
                     line="l",
                     channels=CHANNELS,
                     rows=tuple(zip(*(stream[c][:n].tolist() for c in CHANNELS), strict=True)),
-                    spec=CalibrateSpec(readings=n, family=family),
+                    spec=CalibrateSpec(readings=n, family=family).fit_spec(seed=seed),
                 )
-                model = calibration_window.fit(request, seed=seed)
+                model = calibration_window.fit(request)
                 after = score_recording(model, {c: stream[c][n:] for c in CHANNELS})
                 rates.append(float(after.flagged[:5000].mean()))
                 recalls.append(float(after.flagged[5000:].mean()))

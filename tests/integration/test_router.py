@@ -193,7 +193,7 @@ def test_per_machine_model_and_live_calibration_survive_kill9(
             line="line1",
             channels=CHANNELS,
             rows=tuple(tuple(r[c] for c in CHANNELS) for r in readings_b[:WINDOW]),
-            spec=CalibrateSpec(readings=WINDOW, family="pca"),
+            spec=CalibrateSpec(readings=WINDOW, family="pca").fit_spec(),
         )
     )
     folder = artifact.route_dir(models, "machine", "pump-b")

@@ -41,9 +41,10 @@ def _stream(rng: np.random.Generator, n: int, shift: float) -> dict[str, np.ndar
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trained, LoadedModel]:
     """A windowed forest with the default (following) threshold, as fitted and as loaded by
-    the detector."""
+    the detector; without re-baselining (``test_rebaseline.py``), so that a drift's long
+    alarm stays one."""
     columns = _stream(np.random.default_rng(1), TRAIN, 0.0)
-    trained = fit_columns(columns, trees=40, seed=1)
+    trained = fit_columns(columns, trees=40, seed=1, rebaseline=False)
     assert trained.card.follow() is not None
     folder = tmp_path_factory.mktemp("follow")
     artifact.save_generic(folder, trained.scorer, trained.card)
