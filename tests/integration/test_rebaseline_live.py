@@ -1,0 +1,168 @@
+"""Re-baselining on a real stream we did not record, through a real Mosquitto and the real
+detector process: NAB's CPU utilisation of an AWS RDS instance (labelled by NAB) settles at a
+new level after its labelled anomaly and stays there. Trained as ``evaluate --nab`` trains
+(on NAB's probationary period), the default model would hold that alarm open to the end of
+the file. The detector clears it after as many readings as the model was trained on,
+recalibrates on the next as many, saves the machine's new model and scores the rest with it:
+every verdict as ``model.rebaseline.replay`` (what ``evaluate`` counts) says.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from factorywatch.contracts import AlertEvent, Verdict
+from factorywatch.model import artifact, nab, rebaseline, streams
+from factorywatch.model.fitspec import DEFAULT_SPEC
+from factorywatch.model.generic import fit_recording
+from factorywatch.model.nab import NabFile
+from factorywatch.topics import Topics
+from tests.support import Collector, Proc, reference_data_dir, verdict_counts, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FILE = "realAWSCloudwatch/rds_cpu_utilization_e47b3b.csv"
+MACHINE = "rds-1"
+
+
+@pytest.fixture(scope="module")
+def stream() -> NabFile:
+    """The NAB file (fails loudly when the corpus is missing)."""
+    root = reference_data_dir() / "nab-dev"
+    if not root.is_dir():
+        pytest.fail(f"{root} is missing: the NAB development corpus ships in ../shared/data")
+    return next(f for f in nab.load_nab(root) if f.key == FILE)
+
+
+def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
+    stream: NabFile,
+    tmp_path: Path,
+    spawn: Callable[..., Proc],
+    mqtt_args: list[str],
+    collector: Callable[..., Collector],
+    topic_root: str,
+) -> None:
+    """Every reading gets one verdict: the default model's until the re-baseline (the same
+    statuses and scores as offline), the alert cleared with a note that says why, N
+    CALIBRATING verdicts, then the machine's own new model (saved, naming the model it
+    replaced) with the statuses and scores ``replay`` gives; the alarm that stood to the
+    end of the file without the policy is gone."""
+    rec = stream.recording
+    mask = streams.nab_mask(rec.rows)
+    trained = fit_recording(rec, mask, DEFAULT_SPEC)
+    values = rec.columns["value"]
+    fixed = rebaseline.replay(
+        fit_recording(rec, mask, DEFAULT_SPEC.replace(rebaseline=False)), rec.columns
+    ).scores
+    assert fixed.flagged[-500:].all()  # without the policy: ALERT to the end of the file
+    replayed = rebaseline.replay(trained, rec.columns)
+    offline = replayed.scores
+    assert offline.calibrating is not None
+    # each re-baseline: its window (start, end); the part after it starts at ``end``
+    windows = []
+    for (_, before), (end, _) in zip(replayed.parts, replayed.parts[1:], strict=False):
+        n = rebaseline.readings_of(before.card)
+        assert n is not None
+        windows.append((end - n, end))
+    assert windows, "no re-baseline in this file"
+    assert np.flatnonzero(offline.calibrating).tolist() == [
+        i for a, b in windows for i in range(a, b)
+    ]
+    start, end = windows[0]
+    assert end - start == rebaseline.readings_of(trained.card)
+    assert offline.flagged[windows[-1][1] :].mean() < 0.1
+
+    models = tmp_path / "models"
+    artifact.save_generic(models, trained.scorer, trained.card)
+    artifact.promote(models, trained.card.version)
+    topics = Topics(topic_root)
+    sink = collector(topics.alerts_filter)
+    detector = spawn(
+        "detect",
+        *mqtt_args,
+        "--model-dir",
+        str(models),
+        "--client-id",
+        "det-rebaseline",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--metrics-port",
+        "0",
+    )
+    detector.wait_log("telemetry_subscribed")
+    now = time.time()
+
+    def send(seq: int) -> None:
+        wire = {
+            "schema_version": 2,
+            "machine_id": MACHINE,
+            "line": "aws",
+            "seq": seq,
+            "ts": now + seq * 0.001,
+            "readings": {"value": float(values[seq])},
+        }
+        info = sink.client.publish(topics.telemetry("aws", MACHINE), json.dumps(wire), qos=1)
+        info.wait_for_publish(10)
+
+    def verdicts() -> list[Verdict]:
+        return [
+            Verdict.model_validate_json(m.payload)
+            for m in sink.matching(lambda m: m.topic.endswith("/verdict"))
+        ]
+
+    def fitted(fits: int) -> bool:
+        return detector.log().count("calibration_model_served") >= fits
+
+    sent = 0
+    for k, (_, stop) in enumerate(windows, start=1):
+        for seq in range(sent, stop):
+            send(seq)
+        sent = stop
+        # the window is full: no reading arrives while its fit runs (offline it takes no
+        # time); then the machine's new model serves
+        assert wait_until(partial(fitted, k), 120), detector.log()[-3000:]
+    for seq in range(sent, rec.rows):
+        send(seq)
+    sink.wait_for(lambda m: m.topic.endswith("/verdict"), count=rec.rows, timeout=120)
+
+    got = sorted(verdicts(), key=lambda v: v.seq)
+    counts = verdict_counts(sink.matching(lambda m: m.topic.endswith("/verdict")))
+    assert sorted(counts) == [(MACHINE, s) for s in range(rec.rows)]
+    assert set(counts.values()) == {1}, "a reading answered twice"
+    own = artifact.current_version(artifact.route_dir(models, "machine", MACHINE))
+    assert own is not None, detector.log()
+    card = artifact.read_card(
+        artifact.route_dir(models, "machine", MACHINE) / own / artifact.CARD_FILE
+    )
+    assert card.params["calibrated_live"] == windows[-1][1] - windows[-1][0]
+    assert {v.model_version for v in got[:start]} == {trained.card.version}
+    leaving = [trained.card.version]
+    for k, (a, b) in enumerate(windows):
+        assert {v.status for v in got[a:b]} == {"CALIBRATING"}
+        upto = windows[k + 1][0] if k + 1 < len(windows) else rec.rows
+        served = {v.model_version for v in got[b:upto]}
+        assert len(served) == 1
+        leaving += served
+    assert leaving[-1] == own
+    assert card.params["rebaselined_from"] == leaving[-2]
+    scored = [v for v in got if v.status != "CALIBRATING"]
+    rows = [v.seq for v in scored]
+    assert [v.status == "ALERT" for v in scored] == offline.flagged[rows].tolist()
+    assert [v.score for v in scored] == offline.score[rows].tolist()
+
+    events = [
+        AlertEvent.model_validate_json(m.payload)
+        for m in sink.matching(lambda m: m.topic.endswith("/event"))
+    ]
+    cleared = [e for e in events if e.note is not None and "re-baselined" in e.note]
+    assert [(e.event, e.seq) for e in cleared] == [("ALERT_CLEARED", a - 1) for a, _ in windows]
+    raised = streams.alarms(offline.flagged, clear=offline.calm, calibrating=offline.calibrating)
+    assert [e.seq for e in events if e.event == "ALERT_RAISED"] == raised
+    assert detector.running(), detector.log()
