@@ -240,6 +240,12 @@ def card_summary(card: ModelCard) -> str:
     rate = card.params.get("surprise_rate")
     if isinstance(rate, int | float) and rate > 0:
         parts.append(f"surprise rule: a recent score level rarer than 1 in {1 / rate:,.0f}")
+    readings = card.params.get("rebaseline_readings")
+    if isinstance(readings, int):
+        parts.append(f"re-baselines after an alarm open {readings:,} readings")
+    leaving = card.params.get("rebaselined_from")
+    if leaving:
+        parts.append(f"re-baselined from {leaving}")
     moving = [b for b in str(card.params.get("behaviour") or "").split(",") if b]
     moving = [b for b in moving if not b.endswith(":stationary")]
     if moving:

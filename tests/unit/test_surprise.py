@@ -99,12 +99,17 @@ def test_the_forward_estimate_counts_the_rules_alerts_too() -> None:
 
 
 def test_models_list_names_the_threshold_rules(trained: Trained) -> None:
-    """`models list` (``card_summary``) says that a model's threshold follows and at what
-    rarity its surprise rule fires; a model without the rules says neither."""
+    """`models list` (``card_summary``) says that a model's threshold follows, at what
+    rarity its surprise rule fires and after how long an alarm it re-baselines; a model
+    without the rules says none of it."""
     summary = card_summary(trained.card)
     assert "threshold follows normal drift up by at most" in summary
     assert "surprise rule: a recent score level rarer than 1 in 1,000" in summary
+    assert f"re-baselines after an alarm open {TRAIN:,} readings" in summary
     columns = _calm(np.random.default_rng(8), TRAIN)
-    bare = card_summary(fit_columns(columns, trees=10, seed=8, surprise=None, follow=False).card)
+    bare = card_summary(
+        fit_columns(columns, trees=10, seed=8, surprise=None, follow=False, rebaseline=False).card
+    )
     assert "surprise" not in bare
     assert "follows" not in bare
+    assert "re-baseline" not in bare
