@@ -18,6 +18,7 @@ largest score, and the tail fit extrapolates beyond the few values a short windo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from importlib.util import find_spec
 from typing import Any
 
@@ -79,6 +80,7 @@ def fit(req: FitRequest) -> Trained:
     return fit_columns(columns, req.spec, name=req.machine)
 
 
+@cache
 def can_fit(family: str) -> bool:
     """Whether a model of ``family`` can be fitted here: the Isolation Forest needs
     scikit-learn (the ``train`` extra)."""

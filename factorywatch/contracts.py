@@ -357,7 +357,11 @@ class AlertEvent(_Wire):
         default=None, description="the features that drove the peak-score reading"
     )
     acknowledged_by: OperatorName | None = None
-    note: OperatorNote | None = None
+    note: OperatorNote | None = Field(
+        default=None,
+        description="ACKNOWLEDGED: the operator's note; CLEARED by a re-baseline (an alert "
+        "open as long as the model was trained, model/rebaseline.py): why",
+    )
     reason: OfflineReason | None = Field(
         default=None,
         description="MACHINE_OFFLINE only: no readings (silence), last will, Sparkplug "

@@ -4,9 +4,12 @@ window. A fresh interpreter is the only clean sys.modules, so these start one.""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from factorywatch.model import artifact
 
@@ -65,3 +68,48 @@ print("fitted", trained.card.scorer_family, trained.card.data.rows)
     assert artifact.routed_versions(tmp_path) == {
         ("machine", "m1"): artifact.current_version(tmp_path / "machines" / "m1")
     }
+
+
+def test_without_scikit_learn_a_forest_does_not_re_baseline_and_says_so(tmp_path: Path) -> None:
+    """The detector image cannot refit an Isolation Forest: a machine whose alert stays open
+    past its card's N keeps its alert and model (no CALIBRATING verdict), and the engine
+    says why once, with the remedy."""
+    from factorywatch.model.generic import fit_columns  # noqa: PLC0415 - the parent has sklearn
+
+    rng = np.random.default_rng(3)
+    trained = fit_columns({"a": rng.normal(size=60), "b": rng.normal(size=60)}, trees=20)
+    artifact.save_generic(tmp_path, trained.scorer, trained.card)
+    code = f"""
+import json, sys, time
+for m in ('pandas', 'sklearn', 'matplotlib', 'kagglehub', 'yaml'): sys.modules[m] = None
+from pathlib import Path
+from factorywatch.contracts import Telemetry
+from factorywatch.detector.batch_scoring import Received
+from factorywatch.detector.engine import Engine
+from factorywatch.model import artifact
+from factorywatch.topics import Topics
+topics = Topics("fresh")
+engine = Engine(artifact.load(Path({str(tmp_path)!r}), {trained.card.version!r}), topics)
+now = time.time()
+out = []
+for seq in range(200):
+    values = {{"a": 9.0, "b": 9.0}}
+    reading = Telemetry(machine_id="m1", line="l1", seq=seq, ts=now, readings=values)
+    message = Received(topics.telemetry("l1", "m1"), reading.encode(), now, 0.0, seq)
+    out += engine.handle([message], now)
+print(json.dumps({{
+    "notices": [n["event"] for o in out for n in o.notices],
+    "events": [e.event for o in out for e in o.events],
+    "statuses": sorted({{v.status for o in out for v in o.verdicts}}),
+    "remedy": [n.get("remedy") for o in out for n in o.notices],
+}}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["notices"] == ["rebaseline_unavailable"]
+    assert "factorywatch[train]" in result["remedy"][0]
+    assert result["events"] == ["ALERT_RAISED"]
+    assert result["statuses"] == ["ALERT"]
