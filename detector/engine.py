@@ -773,25 +773,13 @@ class Engine:
         seq: int,
         outcome: Outcome,
     ) -> list[AlertEvent]:
-        """Count one live verdict after which ``record``'s alert is open; re-baseline once
-        ``readings`` came in a row."""
+        """Count one live verdict after which ``record``'s alert is open. Once ``readings``
+        came in a row: clear the alert (a new operating point, ``model.rebaseline``) and
+        recalibrate on the machine's next ``readings``; where its family cannot be fitted
+        (no scikit-learn), say so once and leave it."""
         record.open_readings = record.open_readings + 1 if record.alert_id else 0
         if record.open_readings < readings:
             return []
-        return self._rebaseline(record, model, readings, now, seq, outcome)
-
-    def _rebaseline(  # noqa: PLR0917 - the machine, its model and the verdict that did it
-        self,
-        record: MachineRecord,
-        model: LoadedModel,
-        readings: int,
-        now: float,
-        seq: int,
-        outcome: Outcome,
-    ) -> list[AlertEvent]:
-        """``record``'s alert has been open ``readings`` verdicts in a row: clear it (a new
-        operating point, ``model.rebaseline``) and recalibrate on its next ``readings``.
-        Where its family cannot be fitted (no scikit-learn), say so once and leave it."""
         machine = record.machine_id
         notice: dict[str, Any] = {
             "machine_id": machine,

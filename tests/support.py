@@ -33,6 +33,8 @@ from factorywatch.contracts import Telemetry
 from factorywatch.credentials import add_user, read_password, register
 from factorywatch.launch import CLI as _CLI
 from factorywatch.launch import Launched, child_env, cli_command
+from factorywatch.model import nab
+from factorywatch.model.nab import NabFile
 from factorywatch.sensors.publisher import SensorPublisher
 from factorywatch.sensors.simulator import MachineSimulator
 from factorywatch.settings import BrokerSettings
@@ -119,6 +121,15 @@ def reference_file(name: str) -> Path:
             pytrace=False,
         )
     return path
+
+
+def nab_stream(key: str) -> NabFile:
+    """One stream of the NAB development corpus in ``../shared/data/nab-dev`` by its key
+    (``realKnownCause/nyc_taxi.csv``); fails the test loudly when the corpus is missing."""
+    root = reference_data_dir() / "nab-dev"
+    if not root.is_dir():
+        pytest.fail(f"{root} is missing: the NAB development corpus ships in ../shared/data")
+    return next(f for f in nab.load_nab(root) if f.key == key)
 
 
 CLI = list(_CLI)

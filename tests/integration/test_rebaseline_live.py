@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from factorywatch.contracts import AlertEvent, Verdict
-from factorywatch.model import artifact, nab, rebaseline, streams
+from factorywatch.model import artifact, rebaseline, streams
 from factorywatch.model.fitspec import DEFAULT_SPEC
 from factorywatch.model.generic import fit_recording
 from factorywatch.model.nab import NabFile
 from factorywatch.topics import Topics
-from tests.support import Collector, Proc, reference_data_dir, verdict_counts, wait_until
+from tests.support import Collector, Proc, nab_stream, verdict_counts, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,10 +35,7 @@ MACHINE = "rds-1"
 @pytest.fixture(scope="module")
 def stream() -> NabFile:
     """The NAB file (fails loudly when the corpus is missing)."""
-    root = reference_data_dir() / "nab-dev"
-    if not root.is_dir():
-        pytest.fail(f"{root} is missing: the NAB development corpus ships in ../shared/data")
-    return next(f for f in nab.load_nab(root) if f.key == FILE)
+    return nab_stream(FILE)
 
 
 def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(

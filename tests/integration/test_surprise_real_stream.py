@@ -19,7 +19,7 @@ from factorywatch.model.fitspec import FitSpec
 from factorywatch.model.generic import Trained, fit_recording, score_recording
 from factorywatch.model.nab import NabFile
 from factorywatch.topics import Topics
-from tests.support import reference_data_dir
+from tests.support import nab_stream
 
 FILE = "realAWSCloudwatch/ec2_cpu_utilization_fe7f93.csv"
 TOPICS = Topics("surprisenab")
@@ -29,10 +29,7 @@ NOW = time.time()
 @pytest.fixture(scope="module")
 def stream() -> NabFile:
     """The NAB file (fails loudly when the corpus is missing)."""
-    root = reference_data_dir() / "nab-dev"
-    if not root.is_dir():
-        pytest.fail(f"{root} is missing: the NAB development corpus ships in ../shared/data")
-    return next(f for f in nab.load_nab(root) if f.key == FILE)
+    return nab_stream(FILE)
 
 
 def _fit(stream: NabFile, **changes: object) -> Trained:
