@@ -780,6 +780,25 @@ class Engine:
         record.open_readings = record.open_readings + 1 if record.alert_id else 0
         if record.open_readings < readings:
             return []
+        if not calibration_window.can_fit(model.card.scorer_family):
+            if record.open_readings == readings:  # once per alert
+                outcome.notices.append(_unavailable(record, model, readings))
+            return []
+        return self._start_rebaseline(record, model, readings, now, seq, outcome)
+
+    def _start_rebaseline(  # noqa: PLR0917 - the machine, its model and what started it
+        self,
+        record: MachineRecord,
+        model: LoadedModel,
+        readings: int,
+        now: float,
+        seq: int,
+        outcome: Outcome,
+        *,
+        by: str | None = None,
+    ) -> list[AlertEvent]:
+        """Clear ``record``'s alert (a new operating point) and recalibrate the machine on
+        its next ``readings`` with its card's spec; the events that says."""
         machine = record.machine_id
         notice: dict[str, Any] = {
             "machine_id": machine,
@@ -787,19 +806,8 @@ class Engine:
             "model_version": model.version,
             "readings": readings,
         }
-        family = model.card.scorer_family
-        if not calibration_window.can_fit(family):
-            if record.open_readings == readings:  # once per alert
-                outcome.notices.append(
-                    {
-                        "event": "rebaseline_unavailable",
-                        **notice,
-                        "remedy": f"a {family} model is fitted with scikit-learn: install "
-                        "'factorywatch[train]' where the detector runs, or refit the machine "
-                        "on recent readings with `factorywatch train --csv`",
-                    }
-                )
-            return []
+        if by is not None:
+            notice["by"] = by
         outcome.notices.append({"event": "rebaseline_started", **notice})
         record.calibration = calibration_window.new_rebaseline(
             list(model.card.channels), readings, model.version, rebaseline.spec_of(model.card)
@@ -811,7 +819,12 @@ class Engine:
         record.tuning.surprise_shift = 0.0
         self._rebaselining.add(machine)
         self.states.mark_urgent(machine)
-        return self.tracker.rebaselined(machine, now, seq, rebaseline.NOTE.format(n=readings))
+        note = (
+            rebaseline.NOTE.format(n=readings)
+            if by is None
+            else f"recalibrated by {by}: its normal operation has changed"
+        )
+        return self.tracker.rebaselined(machine, now, seq, note)
 
     def _emit(
         self, outcome: Outcome | None, events: list[AlertEvent], records: list[MachineRecord]
@@ -893,6 +906,9 @@ class Engine:
         record = self.states.get(machine)
         if record is None:
             raise PayloadError("unknown_machine", f"{machine} has sent this detector no reading")
+        if isinstance(command, ThresholdCommand) and command.action == "recalibrate":
+            self._recalibrate_now(outcome, record, command)
+            return
         action: Action
         alert_id = None
         if isinstance(command, FeedbackCommand):
@@ -900,7 +916,7 @@ class Engine:
                 return  # a confirmed fault changes no threshold
             action, alert_id = "false_alarm", command.alert_id
         else:
-            action = command.action
+            action = "widen" if command.action == "widen" else "reset"
         model = self.router.route(machine, record.line).model or self.model
         try:
             change = record.tuning.adjust(
@@ -922,6 +938,32 @@ class Engine:
         )
         self.states.mark_urgent(machine)
         self._emit(outcome, [], [record])
+
+    def _recalibrate_now(
+        self, outcome: Outcome, record: MachineRecord, command: ThresholdCommand
+    ) -> None:
+        """An operator's ``recalibrate``: the machine re-baselines now (its card's N, else
+        its training rows). ``PayloadError`` when it cannot (the caller dead-letters it)."""
+        machine = record.machine_id
+        if machine in self._rebaselining:
+            return  # already recalibrating (or this very command again)
+        model = self.router.route(machine, record.line).model
+        why = None
+        if model is None:
+            why = "it is calibrating its first model"
+        elif model.card.pipeline is None:
+            why = "its model is not a generic one (`train --csv`, live calibration)"
+        elif not self.settings.rebaseline:
+            why = "this detector has no model directory or re-baselining is off"
+        elif not calibration_window.can_fit(model.card.scorer_family):
+            why = f"a {model.card.scorer_family} model needs scikit-learn to fit"
+        if why is not None or model is None:
+            raise PayloadError("cannot_recalibrate", f"{machine}: {why}")
+        readings = rebaseline.readings_of(model.card) or model.card.data.rows
+        events = self._start_rebaseline(
+            record, model, readings, command.at, record.last_seq, outcome, by=command.by
+        )
+        self._emit(outcome, events, [record])
 
     def _reject(self, outcome: Outcome, error: PayloadError) -> None:
         message = outcome.message
@@ -1153,3 +1195,18 @@ def _tune_live(  # noqa: PLR0917 - one live verdict and what judges it
             rate_notice(record.machine_id, record.line, tuning, rate_change, scale)
         )
     return rate_change
+
+
+def _unavailable(record: MachineRecord, model: LoadedModel, readings: int) -> dict[str, Any]:
+    """The notice of a machine that should re-baseline but whose family cannot be fitted."""
+    family = model.card.scorer_family
+    return {
+        "event": "rebaseline_unavailable",
+        "machine_id": record.machine_id,
+        "line": record.line,
+        "model_version": model.version,
+        "readings": readings,
+        "remedy": f"a {family} model is fitted with scikit-learn: install 'factorywatch[train]' "
+        "where the detector runs, or refit the machine on recent readings with "
+        "`factorywatch train --csv`",
+    }

@@ -328,8 +328,10 @@ def rate_notice(
     if change == "out_of_bound":
         notice["remedy"] = (
             f"label its false alarms in the web view (each raises its threshold above that "
-            f"alarm), or `factorywatch models threshold {machine_id} --line {line} --widen`; "
-            "if its normal operation has changed, refit it on recent normal readings "
+            f"alarm), or `factorywatch threshold {machine_id} --line {line} --widen --by NAME`; "
+            "if its normal operation has changed, recalibrate it on its next readings "
+            f"(`factorywatch threshold {machine_id} --line {line} --recalibrate --by NAME`) or "
+            "refit it on recent normal readings "
             f"(`factorywatch history export --machine {machine_id} --false-alarms-as-normal "
             f"--csv {machine_id}.csv`, then the `train` command it prints)"
         )

@@ -469,13 +469,15 @@ class FeedbackCommand(_Wire):
     note: OperatorNote | None = None
 
 
-ThresholdAction = Literal["widen", "reset"]
+ThresholdAction = Literal["widen", "reset", "recalibrate"]
 
 
 class ThresholdCommand(_Wire):
     """An operator changes one machine's own threshold
     (``<root>/commands/<line>/<m>/threshold``): ``widen`` raises it one step, ``reset`` puts
-    back its model's (``detector/tuning.py``). The detector records who and when."""
+    back its model's (``detector/tuning.py``); ``recalibrate`` re-baselines it now: its open
+    alert clears and it fits a new model on its next readings (``model/rebaseline.py``). The
+    detector records who and when."""
 
     times: ClassVar[tuple[str, ...]] = ("at",)
     schema_version: Literal[1] = SCHEMA_VERSION

@@ -34,6 +34,7 @@ DeadLetterReason = Literal[
     "processing_failed",  # accepted, then failed in scoring/settling/encoding (poison message)
     "type_mismatch",  # a Sparkplug metric's value is not of the data type its birth declared
     "unknown_alert",  # feedback names an alert the detector does not know for that machine
+    "cannot_recalibrate",  # an operator's recalibrate for a machine that cannot re-baseline
 ]
 DEAD_LETTER_REASONS: Final[tuple[str, ...]] = DeadLetterReason.__args__  # type: ignore[attr-defined]
 

@@ -340,10 +340,11 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 # -- threshold ------------------------------------------------------------------------------
 def add_threshold(sub: Any) -> None:
-    """``factorywatch threshold MACHINE --line L --widen|--reset --by NAME``."""
+    """``factorywatch threshold MACHINE --line L --widen|--reset|--recalibrate --by NAME``."""
     p = sub.add_parser(
         "threshold",
-        help="widen or reset one machine's own threshold (the detector records who and when)",
+        help="widen or reset one machine's own threshold, or recalibrate it on its next readings "
+        "(the detector records who and when)",
     )
     p.add_argument("machine", help="machine id")
     p.add_argument("--line", required=True, help="the machine's line")
@@ -352,6 +353,12 @@ def add_threshold(sub: Any) -> None:
         "--widen", action="store_true", help="raise it one step (a machine alarming too often)"
     )
     what.add_argument("--reset", action="store_true", help="back to its model's threshold")
+    what.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="its normal operation has changed: clear its alert and fit it a new model on its "
+        "next readings (as many as its model was trained on; CALIBRATING meanwhile)",
+    )
     p.add_argument("--by", required=True, help="who makes the change (recorded)")
     p.add_argument("--note", help="why (recorded)")
     broker_options(p)
@@ -369,7 +376,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     topics = Topics(broker.topic_root)
     command = ThresholdCommand(
         machine_id=args.machine,
-        action="widen" if args.widen else "reset",
+        action="widen" if args.widen else "recalibrate" if args.recalibrate else "reset",
         by=args.by,
         at=time.time(),
         note=args.note,

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from factorywatch.contracts import Telemetry, Verdict
+from factorywatch.contracts import DeadLetter, Telemetry, ThresholdCommand, Verdict
 from factorywatch.detector import calibration_window
 from factorywatch.detector.batch_scoring import Received
-from factorywatch.detector.engine import Engine, EngineSettings, Outcome
+from factorywatch.detector.engine import Engine, EngineSettings, Inbound, Outcome
 from factorywatch.model import artifact, rebaseline, streams
 from factorywatch.model.artifact import LoadedModel
 from factorywatch.model.fitspec import FitSpec
@@ -218,3 +218,47 @@ def test_off_in_the_settings_the_alarm_stays_open(
     assert events[-1] == "ALERT_RAISED"  # the move's, open for good
     assert "CALIBRATING" not in {v.status for o in outcomes for v in o.verdicts}
     assert engine.take_fit_requests() == []
+
+
+def _threshold(action: str, at: float) -> Inbound:
+    body = ThresholdCommand(machine_id="press-1", action=action, by="ann", at=at)  # type: ignore[arg-type]
+    return Inbound(f"{TOPICS.root}/commands/line1/press-1/threshold", body.encode(), NOW, 0.0)
+
+
+def test_an_operator_recalibrates_a_machine_now(
+    stream: dict[str, np.ndarray], trained: Trained, tmp_path: Path
+) -> None:
+    """``factorywatch threshold M --recalibrate``: the machine's open alert clears at once
+    (the note names who), its next N readings are CALIBRATING and fit its new model with
+    its card's spec; the same command again changes nothing; a detector that cannot
+    re-baseline dead-letters it with the reason."""
+    after = _tail(stream, TRAIN)
+    rows = [dict(zip(CHANNELS, r, strict=True)) for r in zip(*after.values(), strict=True)]
+    moved = 150
+    engine = Engine(_loaded(tmp_path / "default", trained), TOPICS, EngineSettings())
+    _feed(engine, rows[: moved + 30], 0, 30)
+    assert engine.record("press-1").alert_id is not None  # the move opened an alert
+    outcomes = engine.handle([_threshold("recalibrate", NOW + 1)], NOW)
+    (cleared,) = [e for o in outcomes for e in o.events]
+    assert cleared.event == "ALERT_CLEARED"
+    assert cleared.note == "recalibrated by ann: its normal operation has changed"
+    assert [n["event"] for o in outcomes for n in o.notices] == ["rebaseline_started"]
+    again = engine.handle([_threshold("recalibrate", NOW + 1)], NOW)
+    assert [e for o in again for e in o.events] == []
+    assert [p for o in again for p in o.publishes] == []
+    outcomes = _feed(engine, rows[moved + 30 : moved + 30 + TRAIN], moved + 30, 40)
+    assert {v.status for o in outcomes for v in o.verdicts} == {"CALIBRATING"}
+    (request,) = engine.take_fit_requests()
+    assert request.spec == rebaseline.spec_of(trained.card)
+    assert len(request.rows) == TRAIN
+
+    off = Engine(_loaded(tmp_path / "default2", trained), TOPICS, EngineSettings(rebaseline=False))
+    _feed(off, rows[:10], 0, 10)
+    refused = off.handle([_threshold("recalibrate", NOW + 2)], NOW)
+    reasons = [
+        DeadLetter.model_validate_json(p.payload).reason
+        for o in refused
+        for p in o.publishes
+        if "/deadletter" in p.topic
+    ]
+    assert reasons == ["cannot_recalibrate"]

@@ -250,7 +250,7 @@ const FW = (() => {
     const parts = [];
     if (m.alarm_rate !== null && m.alarm_rate !== undefined) {
       const cls = m.alarm_rate_out_of_bound ? "badge ALERT" : "muted";
-      const title = m.alarm_rate_out_of_bound ? "above 3 x its target: label its false alarms, widen its threshold or refit it" : "share of ALERT verdicts over its recent readings (1,000 or more), as of its latest state change";
+      const title = m.alarm_rate_out_of_bound ? "above 3 x its target: label its false alarms, widen its threshold, or recalibrate it if its normal operation has changed" : "share of ALERT verdicts over its recent readings (1,000 or more), as of its latest state change";
       parts.push(`<span class="alarm-rate ${cls}" title="${esc(title)}">alarm rate ${(100 * m.alarm_rate).toFixed(2)} % (bound ${(100 * m.alarm_rate_bound).toFixed(2)} %)</span>`);
     }
     if (m.own_threshold !== null && m.own_threshold !== undefined) {
@@ -261,7 +261,7 @@ const FW = (() => {
 
   function thresholdChanges(m) {
     const rows = (m.threshold_changes || []).map((c) => `<li>${when(c.at)} UTC <b>${esc(c.by)}</b> ${esc(c.action.replace("_", " "))}: ${fmt(c.before)} → ${fmt(c.after)}${c.surprise_after != null && c.surprise_after !== c.surprise_before ? `, surprise cut ${fmt(c.surprise_before, 1)} → ${fmt(c.surprise_after, 1)}` : ""}${c.note ? ` — ${esc(c.note)}` : ""}</li>`).join("");
-    const buttons = canAct() ? `<button class="secondary threshold-action" data-line="${esc(m.line)}" data-machine="${esc(m.machine_id)}" data-action="widen">Widen threshold</button>${m.own_threshold !== null && m.own_threshold !== undefined ? `<button class="secondary threshold-action" data-line="${esc(m.line)}" data-machine="${esc(m.machine_id)}" data-action="reset">Reset threshold</button>` : ""}` : "";
+    const buttons = canAct() ? `<button class="secondary threshold-action" data-line="${esc(m.line)}" data-machine="${esc(m.machine_id)}" data-action="widen">Widen threshold</button><button class="secondary threshold-action" data-line="${esc(m.line)}" data-machine="${esc(m.machine_id)}" data-action="recalibrate" title="its normal operation has changed: clear its alert and fit it a new model on its next readings">Recalibrate</button>${m.own_threshold !== null && m.own_threshold !== undefined ? `<button class="secondary threshold-action" data-line="${esc(m.line)}" data-machine="${esc(m.machine_id)}" data-action="reset">Reset threshold</button>` : ""}` : "";
     return `${rateFact(m)}${rows ? `<ul class="threshold-changes">${rows}</ul>` : ""}${buttons}`;
   }
 
