@@ -179,7 +179,7 @@ class Engine:
         self._requirements_cache: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         # per model card: its threshold scale and following rule (worked out once, not per
         # batch part: with a model per machine a batch has a part per machine)
-        self._judging: dict[str, tuple[ModelCard, Scale, Follow | None]] = {}
+        self._judging: dict[int, tuple[ModelCard, Scale, Follow | None]] = {}
         self.states = StateTable()
         self.tracker = AlertTracker(self.settings.policy, self.states)
         #: the de-duplication cache (``seen``: one the caller sized or shares)
@@ -636,14 +636,15 @@ class Engine:
         return verdict
 
     def _judged_by(self, model: LoadedModel) -> tuple[Scale, Follow | None]:
-        """``model``'s card's ``Scale`` and following rule, kept per card (a card replaced
-        under the same version is worked out again)."""
+        """``model``'s card's ``Scale`` and following rule, kept per card object (the entry
+        holds the card, so its id is not reused while kept; cards loaded from copies of one
+        artifact share a version, not an object)."""
         card = model.card
-        kept = self._judging.get(card.version)
+        kept = self._judging.get(id(card))
         if kept is None or kept[0] is not card:
             if len(self._judging) >= JUDGING_KEPT:
                 self._judging.clear()
-            kept = self._judging[card.version] = (card, scale_of(card), card.follow())
+            kept = self._judging[id(card)] = (card, scale_of(card), card.follow())
         return kept[1], kept[2]
 
     def _calibrate_each(self, items: list[tuple[Reading, Outcome]], now: float) -> None:
