@@ -800,6 +800,7 @@ class Engine:
     ) -> list[AlertEvent]:
         """Clear ``record``'s alert (a new operating point) and recalibrate the machine on
         its next ``readings`` with its card's spec; the events that says."""
+        spec = rebaseline.spec_of(model.card)  # first: a card it cannot read changes nothing
         machine = record.machine_id
         notice: dict[str, Any] = {
             "machine_id": machine,
@@ -811,7 +812,7 @@ class Engine:
             notice["by"] = by
         outcome.notices.append({"event": "rebaseline_started", **notice})
         record.calibration = calibration_window.new_rebaseline(
-            list(model.card.channels), readings, model.version, rebaseline.spec_of(model.card)
+            list(model.card.channels), readings, model.version, spec
         )
         record.open_readings = 0
         # the new model starts at the card's threshold and surprise cut: an operator's

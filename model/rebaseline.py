@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from factorywatch.model.alert_rule import AlertRule
-from factorywatch.model.fitspec import DEFAULT_TREES, FitSpec
+from factorywatch.model.fitspec import (
+    DEFAULT_PRESET,
+    DEFAULT_SMOOTH,
+    DEFAULT_TREES,
+    DEFAULT_WINDOW,
+    FitSpec,
+)
 from factorywatch.model.generic import Scores, Trained, fit_columns, score_recording
 from factorywatch.model.pipeline import SURPRISE_RATE
 
@@ -48,7 +54,7 @@ def readings_of(card: ModelCard) -> int | None:
     """N: how many live verdicts an alert stays open after before the machine re-baselines,
     and how many readings it then recalibrates on (None: the card does not re-baseline)."""
     value = card.params.get("rebaseline_readings")
-    return None if value is None else int(value)
+    return None if value is None or card.pipeline is None else int(value)
 
 
 def spec_of(card: ModelCard) -> FitSpec:
@@ -56,10 +62,10 @@ def spec_of(card: ModelCard) -> FitSpec:
     re-baseline fits its next model with)."""
     p = card.params
     trees = p.get("n_estimators")
-    return FitSpec(
-        preset=str(p["preset"]),
-        window=int(p["window"] or 1),
-        smooth=int(p["smooth"] or 1),
+    return FitSpec(  # a parameter an older card lacks takes today's default
+        preset=str(p.get("preset") or DEFAULT_PRESET),
+        window=int(p.get("window") or DEFAULT_WINDOW),
+        smooth=int(p.get("smooth") or DEFAULT_SMOOTH),
         family=card.scorer_family,
         far=card.threshold_spec.value,
         trees=DEFAULT_TREES if trees is None else int(trees),
