@@ -615,8 +615,10 @@ class Engine:
             rate_change = None
             if not reading.historical:
                 rate_change = _tune_live(record, verdict, scale, follow, version, outcome)
-                if rebase is not None:
-                    events += self._count_open(record, model, rebase, now, verdict.seq, outcome)
+                if rebase is not None and self._open_long(record, model, rebase, outcome):
+                    events += self._start_rebaseline(
+                        record, model, rebase, now, verdict.seq, outcome
+                    )
             if events or rate_change is not None or not record.state_published:
                 self._emit(outcome, events, [record])
 
@@ -765,27 +767,20 @@ class Engine:
             spec = self.router.calibrate.fit_spec()
         return calibration_window.request(machine, line, window, spec)
 
-    def _count_open(  # noqa: PLR0917 - the machine, its model and the verdict counted
-        self,
-        record: MachineRecord,
-        model: LoadedModel,
-        readings: int,
-        now: float,
-        seq: int,
-        outcome: Outcome,
-    ) -> list[AlertEvent]:
-        """Count one live verdict after which ``record``'s alert is open. Once ``readings``
-        came in a row: clear the alert (a new operating point, ``model.rebaseline``) and
-        recalibrate on the machine's next ``readings``; where its family cannot be fitted
-        (no scikit-learn), say so once and leave it."""
+    def _open_long(
+        self, record: MachineRecord, model: LoadedModel, readings: int, outcome: Outcome
+    ) -> bool:
+        """Count one live verdict after which ``record``'s alert is open; whether it has now
+        been open ``readings`` in a row and the machine can re-baseline (where its family
+        cannot be fitted, no scikit-learn, say so once per alert instead)."""
         record.open_readings = record.open_readings + 1 if record.alert_id else 0
         if record.open_readings < readings:
-            return []
+            return False
         if not calibration_window.can_fit(model.card.scorer_family):
             if record.open_readings == readings:  # once per alert
                 outcome.notices.append(_unavailable(record, model, readings))
-            return []
-        return self._start_rebaseline(record, model, readings, now, seq, outcome)
+            return False
+        return True
 
     def _start_rebaseline(  # noqa: PLR0917 - the machine, its model and what started it
         self,

@@ -9,7 +9,6 @@ every verdict as ``model.rebaseline.replay`` (what ``evaluate`` counts) says.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from functools import partial
@@ -18,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from factorywatch.contracts import AlertEvent, Verdict
+from factorywatch.contracts import AlertEvent, Telemetry, Verdict
 from factorywatch.model import artifact, rebaseline, streams
 from factorywatch.model.fitspec import DEFAULT_SPEC
-from factorywatch.model.generic import fit_recording
+from factorywatch.model.generic import Trained, fit_recording
 from factorywatch.model.nab import NabFile
 from factorywatch.topics import Topics
 from tests.support import Collector, Proc, nab_stream, verdict_counts, wait_until
@@ -38,11 +37,27 @@ def stream() -> NabFile:
     return nab_stream(FILE)
 
 
+@pytest.fixture(scope="module")
+def trained(stream: NabFile) -> Trained:
+    """The default model, fitted as ``evaluate --nab`` fits it."""
+    rec = stream.recording
+    return fit_recording(rec, streams.nab_mask(rec.rows), DEFAULT_SPEC)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, trained: Trained) -> Path:
+    """The detector's model directory (the ``detector`` fixture's): ``trained`` promoted."""
+    models = tmp_path / "models"
+    artifact.save_generic(models, trained.scorer, trained.card)
+    artifact.promote(models, trained.card.version)
+    return models
+
+
 def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
     stream: NabFile,
-    tmp_path: Path,
-    spawn: Callable[..., Proc],
-    mqtt_args: list[str],
+    trained: Trained,
+    model_dir: Path,
+    detector: Callable[..., Proc],
     collector: Callable[..., Collector],
     topic_root: str,
 ) -> None:
@@ -53,7 +68,6 @@ def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
     end of the file without the policy is gone."""
     rec = stream.recording
     mask = streams.nab_mask(rec.rows)
-    trained = fit_recording(rec, mask, DEFAULT_SPEC)
     values = rec.columns["value"]
     fixed = rebaseline.replay(
         fit_recording(rec, mask, DEFAULT_SPEC.replace(rebaseline=False)), rec.columns
@@ -76,36 +90,20 @@ def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
     assert end - start == rebaseline.readings_of(trained.card)
     assert offline.flagged[windows[-1][1] :].mean() < 0.1
 
-    models = tmp_path / "models"
-    artifact.save_generic(models, trained.scorer, trained.card)
-    artifact.promote(models, trained.card.version)
     topics = Topics(topic_root)
     sink = collector(topics.alerts_filter)
-    detector = spawn(
-        "detect",
-        *mqtt_args,
-        "--model-dir",
-        str(models),
-        "--client-id",
-        "det-rebaseline",
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--metrics-port",
-        "0",
-    )
-    detector.wait_log("telemetry_subscribed")
+    proc = detector(client_id="det-rebaseline")
     now = time.time()
 
     def send(seq: int) -> None:
-        wire = {
-            "schema_version": 2,
-            "machine_id": MACHINE,
-            "line": "aws",
-            "seq": seq,
-            "ts": now + seq * 0.001,
-            "readings": {"value": float(values[seq])},
-        }
-        info = sink.client.publish(topics.telemetry("aws", MACHINE), json.dumps(wire), qos=1)
+        reading = Telemetry(
+            machine_id=MACHINE,
+            line="aws",
+            seq=seq,
+            ts=now + seq * 0.001,
+            readings={"value": float(values[seq])},
+        )
+        info = sink.client.publish(topics.telemetry("aws", MACHINE), reading.encode(), qos=1)
         info.wait_for_publish(10)
 
     def verdicts() -> list[Verdict]:
@@ -115,7 +113,7 @@ def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
         ]
 
     def fitted(fits: int) -> bool:
-        return detector.log().count("calibration_model_served") >= fits
+        return proc.log().count("calibration_model_served") >= fits
 
     sent = 0
     for k, (_, stop) in enumerate(windows, start=1):
@@ -124,7 +122,7 @@ def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
         sent = stop
         # the window is full: no reading arrives while its fit runs (offline it takes no
         # time); then the machine's new model serves
-        assert wait_until(partial(fitted, k), 120), detector.log()[-3000:]
+        assert wait_until(partial(fitted, k), 120), proc.log()[-3000:]
     for seq in range(sent, rec.rows):
         send(seq)
     sink.wait_for(lambda m: m.topic.endswith("/verdict"), count=rec.rows, timeout=120)
@@ -133,10 +131,10 @@ def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
     counts = verdict_counts(sink.matching(lambda m: m.topic.endswith("/verdict")))
     assert sorted(counts) == [(MACHINE, s) for s in range(rec.rows)]
     assert set(counts.values()) == {1}, "a reading answered twice"
-    own = artifact.current_version(artifact.route_dir(models, "machine", MACHINE))
-    assert own is not None, detector.log()
+    own = artifact.current_version(artifact.route_dir(model_dir, "machine", MACHINE))
+    assert own is not None, proc.log()
     card = artifact.read_card(
-        artifact.route_dir(models, "machine", MACHINE) / own / artifact.CARD_FILE
+        artifact.route_dir(model_dir, "machine", MACHINE) / own / artifact.CARD_FILE
     )
     assert card.params["calibrated_live"] == windows[-1][1] - windows[-1][0]
     assert {v.model_version for v in got[:start]} == {trained.card.version}
@@ -162,4 +160,4 @@ def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
     assert [(e.event, e.seq) for e in cleared] == [("ALERT_CLEARED", a - 1) for a, _ in windows]
     raised = streams.alarms(offline.flagged, clear=offline.calm, calibrating=offline.calibrating)
     assert [e.seq for e in events if e.event == "ALERT_RAISED"] == raised
-    assert detector.running(), detector.log()
+    assert proc.running(), proc.log()
