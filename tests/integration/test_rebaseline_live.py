@@ -9,6 +9,7 @@ every verdict as ``model.rebaseline.replay`` (what ``evaluate`` counts) says.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from functools import partial
@@ -17,12 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from factorywatch.cluster import LocalNatsCluster, MqttDevice
 from factorywatch.contracts import AlertEvent, Telemetry, Verdict
 from factorywatch.model import artifact, rebaseline, streams
 from factorywatch.model.fitspec import DEFAULT_SPEC
-from factorywatch.model.generic import Trained, fit_recording
+from factorywatch.model.generic import Scores, Trained, fit_recording
 from factorywatch.model.nab import NabFile
+from factorywatch.partitions import ClusterLayout
 from factorywatch.topics import Topics
+from tests.integration.cluster_helpers import start_detector, stored_events, wait_verdicts
 from tests.support import Collector, Proc, nab_stream, verdict_counts, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -53,6 +57,24 @@ def model_dir(tmp_path: Path, trained: Trained) -> Path:
     return models
 
 
+def _offline(stream: NabFile, trained: Trained) -> tuple[Scores, list[tuple[int, int]]]:
+    """``replay``'s scores and each re-baseline's window (first row, end): the part after a
+    window starts at its end."""
+    replayed = rebaseline.replay(trained, stream.recording.columns)
+    offline = replayed.scores
+    assert offline.calibrating is not None
+    windows = []
+    for (_, before), (end, _) in zip(replayed.parts, replayed.parts[1:], strict=False):
+        n = rebaseline.readings_of(before.card)
+        assert n is not None
+        windows.append((end - n, end))
+    assert windows, "no re-baseline in this file"
+    assert np.flatnonzero(offline.calibrating).tolist() == [
+        i for a, b in windows for i in range(a, b)
+    ]
+    return offline, windows
+
+
 def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
     stream: NabFile,
     trained: Trained,
@@ -73,19 +95,7 @@ def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
         fit_recording(rec, mask, DEFAULT_SPEC.replace(rebaseline=False)), rec.columns
     ).scores
     assert fixed.flagged[-500:].all()  # without the policy: ALERT to the end of the file
-    replayed = rebaseline.replay(trained, rec.columns)
-    offline = replayed.scores
-    assert offline.calibrating is not None
-    # each re-baseline: its window (start, end); the part after it starts at ``end``
-    windows = []
-    for (_, before), (end, _) in zip(replayed.parts, replayed.parts[1:], strict=False):
-        n = rebaseline.readings_of(before.card)
-        assert n is not None
-        windows.append((end - n, end))
-    assert windows, "no re-baseline in this file"
-    assert np.flatnonzero(offline.calibrating).tolist() == [
-        i for a, b in windows for i in range(a, b)
-    ]
+    offline, windows = _offline(stream, trained)
     start, end = windows[0]
     assert end - start == rebaseline.readings_of(trained.card)
     assert offline.flagged[windows[-1][1] :].mean() < 0.1
@@ -161,3 +171,85 @@ def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
     raised = streams.alarms(offline.flagged, clear=offline.calm, calibrating=offline.calibrating)
     assert [e.seq for e in events if e.event == "ALERT_RAISED"] == raised
     assert proc.running(), proc.log()
+
+
+def test_on_the_cluster_a_re_baselined_model_reaches_the_next_detector(
+    stream: NabFile,
+    trained: Trained,
+    model_dir: Path,
+    tmp_path: Path,
+    spawn: Callable[..., Proc],
+    topic_root: str,
+) -> None:
+    """The same stream through a 3-node NATS JetStream cluster (MQTT 3.1.1 device, the
+    jetstream detector): the verdicts ``replay`` gives, the clears in the output stream;
+    the re-baselined machine's model is uploaded to the cluster's object store, and a second
+    detector with a model directory of its own that takes the partition over serves the
+    machine with it (no third calibration)."""
+    offline, windows = _offline(stream, trained)
+    values = stream.recording.columns["value"].tolist()
+    rows = len(values)
+    cluster = LocalNatsCluster(
+        tmp_path / "nats", layouts=(ClusterLayout(topic_root, partitions=1),)
+    ).start()
+    try:
+        dirs = {d: tmp_path / f"models-{d}" for d in ("det-a", "det-b")}
+        for directory in dirs.values():
+            shutil.copytree(model_dir, directory)
+        first = start_detector(spawn, cluster, dirs["det-a"], client_id="det-a", lease_ttl_s=3.0)
+        topic = Topics(topic_root).telemetry("aws", MACHINE)
+        now = time.time()
+        with MqttDevice("rds-device", cluster.nodes[0].ports.mqtt) as device:
+            device.wait_connected()
+
+            def send(upto: int) -> None:
+                for seq in range(len(device.acked) + len(device.refused), upto):
+                    reading = Telemetry(
+                        machine_id=MACHINE, line="aws", seq=seq, ts=now + seq * 0.001,
+                        readings={"value": values[seq]},
+                    )  # fmt: skip
+                    device.publish(topic, reading.encode(), f"{MACHINE}:{seq}")
+                assert device.wait_acked(upto, 60)
+
+            for k, (_, stop) in enumerate(windows, start=1):
+                send(stop)  # the window is full: nothing arrives while its fit runs
+                assert wait_until(
+                    partial(lambda n: first.log().count("calibration_model_served") >= n, k),
+                    120,
+                ), first.log()[-3000:]
+            send(rows)
+        got = sorted(wait_verdicts(cluster, rows, timeout_s=120), key=lambda v: v.seq)
+        assert [v.seq for v in got] == list(range(rows))  # one each: none lost, none twice
+        for a, b in windows:
+            assert {v.status for v in got[a:b]} == {"CALIBRATING"}
+        scored = [v for v in got if v.status != "CALIBRATING"]
+        assert [v.status == "ALERT" for v in scored] == offline.flagged[
+            [v.seq for v in scored]
+        ].tolist()
+        cleared = [e.seq for e in stored_events(cluster) if e.note and "re-baselined" in e.note]
+        assert cleared == [a - 1 for a, _ in windows]
+        own = got[-1].model_version
+        assert own != trained.card.version
+
+        # uploaded (every fit of this detector, at its next reload), then the partition moves
+        assert wait_until(
+            lambda: any(
+                "route_model_uploaded" in line and own in line for line in first.log().splitlines()
+            ),
+            60,
+        ), first.log()[-3000:]
+        first.kill()  # det-b has never seen the machine's new model
+        assert (
+            artifact.current_version(artifact.route_dir(dirs["det-b"], "machine", MACHINE)) is None
+        )
+        second = start_detector(spawn, cluster, dirs["det-b"], client_id="det-b", lease_ttl_s=3.0)
+        assert wait_until(
+            lambda: (
+                artifact.current_version(artifact.route_dir(dirs["det-b"], "machine", MACHINE))
+                == own
+            ),
+            60,
+        ), second.log()[-3000:]
+        assert "calibration_fit_started" not in second.log()
+    finally:
+        cluster.stop()
