@@ -433,6 +433,9 @@ class LiveEvaluation:
                 streams.run_result(
                     rec,
                     self.masks[i],
+                    # the clear test uses the run's model's clear threshold (a verdict does
+                    # not carry its model's): after a re-baseline the live alarm counts of
+                    # that machine are approximate; the flags and scores are compared exactly
                     Scores(
                         score=np.nan_to_num(score),
                         outside=outside,

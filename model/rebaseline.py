@@ -61,7 +61,9 @@ def spec_of(card: ModelCard) -> FitSpec:
     """The ``FitSpec`` a card of ``train --csv`` or live calibration was fitted with (what a
     re-baseline fits its next model with)."""
     p = card.params
-    trees = p.get("n_estimators")
+    trees, rate = p.get("n_estimators"), p.get("surprise_rate")
+    # with the likelihood as the score the rule is off whatever its rate (``surprise_rate``)
+    surprise = SURPRISE_RATE if p.get("likelihood") else None if rate is None else float(rate)
     return FitSpec(  # a parameter an older card lacks takes today's default
         preset=str(p.get("preset") or DEFAULT_PRESET),
         window=int(p.get("window") or DEFAULT_WINDOW),
@@ -72,12 +74,7 @@ def spec_of(card: ModelCard) -> FitSpec:
         seed=int(p.get("random_state") or 0),
         likelihood=bool(p.get("likelihood")),
         follow=p.get("follow_span") is not None,
-        # with the likelihood as the score the rule is off whatever its rate (``surprise_rate``)
-        surprise=SURPRISE_RATE
-        if p.get("likelihood")
-        else None
-        if (rate := p.get("surprise_rate")) is None
-        else float(rate),
+        surprise=surprise,
         rebaseline=True,
     )
 
