@@ -186,8 +186,7 @@ class AlertTracker:
         if machine is None or machine.alert_id is None:
             return []
         self.table.touch(machine_id)
-        event = self._clear(machine, seq, now)
-        return [event.model_copy(update={"note": note})]
+        return [self._clear(machine, seq, now, note=note)]
 
     def sensor_offline(
         self, machine_id: str, now: float, reason: OfflineReason = "last_will"
@@ -270,9 +269,16 @@ class AlertTracker:
         machine.alerts_raised += 1
         return self._event(machine, "ALERT_RAISED", now, seq=seq, duration=0.0)
 
-    def _clear(self, machine: MachineRecord, seq: int, now: float) -> AlertEvent:
+    def _clear(
+        self, machine: MachineRecord, seq: int, now: float, *, note: str | None = None
+    ) -> AlertEvent:
         event = self._event(
-            machine, "ALERT_CLEARED", now, seq=seq, duration=self._open_for(machine, now)
+            machine,
+            "ALERT_CLEARED",
+            now,
+            seq=seq,
+            duration=self._open_for(machine, now),
+            note=note,
         )
         machine.alert_id = machine.alert_since = None
         machine.peak_score = machine.peak_explanation = None

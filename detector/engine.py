@@ -581,7 +581,7 @@ class Engine:
         version = model.version
         observe = self.tracker.observe
         scale, follow = self._judged_by(model)
-        rebase = rebaseline.readings_of(model.card) if self.settings.rebaseline else None
+        rebase = model.card.rebaseline_readings() if self.settings.rebaseline else None
         states = self.states
         rebaselining = self._rebaselining
         for verdict, (reading, outcome) in zip(verdicts, items, strict=True):
@@ -956,7 +956,7 @@ class Engine:
             why = f"a {model.card.scorer_family} model needs scikit-learn to fit"
         if why is not None or model is None:
             raise PayloadError("cannot_recalibrate", f"{machine}: {why}")
-        readings = rebaseline.readings_of(model.card) or model.card.data.rows
+        readings = model.card.rebaseline_readings() or model.card.data.rows
         events = self._start_rebaseline(
             record, model, readings, command.at, record.last_seq, outcome, by=command.by
         )

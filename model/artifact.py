@@ -99,6 +99,14 @@ class ModelCard(BaseModel):
     pipeline: PipelineSpec | None = None
     scorer_family: Literal["iforest", "pca", "mahalanobis"] = "iforest"
 
+    def rebaseline_readings(self) -> int | None:
+        """N of re-baselining (``model.rebaseline``): how many live verdicts an alert stays
+        open after before the machine re-baselines, and how many readings it then
+        recalibrates on; None for a card that does not re-baseline (not a generic one, or
+        fitted with ``--no-rebaseline``)."""
+        value = self.params.get("rebaseline_readings")
+        return None if value is None or self.pipeline is None else int(value)
+
     def follow(self) -> Follow | None:
         """The card's following threshold (``model.threshold.Follow``): cards that name its
         span and cap in ``params`` and carry their median calibration score; None for the
@@ -240,8 +248,8 @@ def card_summary(card: ModelCard) -> str:
     rate = card.params.get("surprise_rate")
     if isinstance(rate, int | float) and rate > 0:
         parts.append(f"surprise rule: a recent score level rarer than 1 in {1 / rate:,.0f}")
-    readings = card.params.get("rebaseline_readings")
-    if isinstance(readings, int):
+    readings = card.rebaseline_readings()
+    if readings is not None:
         parts.append(f"re-baselines after an alarm open {readings:,} readings")
     leaving = card.params.get("rebaselined_from")
     if leaving:

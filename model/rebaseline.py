@@ -19,8 +19,8 @@ Live, readings that arrive while that fit runs (off the detector's loop) get CAL
 verdicts too; ``replay`` (offline, ``evaluate``) has the fit take no time. An alarm shorter
 than N readings, and every reading until then, is judged exactly as without the policy.
 
-``readings_of`` and ``spec_of`` read a card; ``replay`` scores one machine's rows in order
-under the policy.
+``ModelCard.rebaseline_readings`` gives N and ``spec_of`` the fit; ``replay`` scores one
+machine's rows in order under the policy.
 """
 
 from __future__ import annotations
@@ -48,13 +48,6 @@ if TYPE_CHECKING:
 
 #: what the cleared alert's event says
 NOTE = "re-baselined: alarm open for {n} readings in a row, taken for a new operating point"
-
-
-def readings_of(card: ModelCard) -> int | None:
-    """N: how many live verdicts an alert stays open after before the machine re-baselines,
-    and how many readings it then recalibrates on (None: the card does not re-baseline)."""
-    value = card.params.get("rebaseline_readings")
-    return None if value is None or card.pipeline is None else int(value)
 
 
 def spec_of(card: ModelCard) -> FitSpec:
@@ -122,7 +115,7 @@ def replay(model: Trained, columns: dict[str, FloatArray]) -> Replayed:
         calm[start:] = quiet
         if part.surprise is not None:
             surprise[start:] = part.surprise
-        readings = readings_of(current.card)
+        readings = current.card.rebaseline_readings()
         last = (
             None if readings is None else sustained(part.flagged.tolist(), quiet.tolist(), readings)
         )

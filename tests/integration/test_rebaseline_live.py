@@ -65,7 +65,7 @@ def _offline(stream: NabFile, trained: Trained) -> tuple[Scores, list[tuple[int,
     assert offline.calibrating is not None
     windows = []
     for (_, before), (end, _) in zip(replayed.parts, replayed.parts[1:], strict=False):
-        n = rebaseline.readings_of(before.card)
+        n = before.card.rebaseline_readings()
         assert n is not None
         windows.append((end - n, end))
     assert windows, "no re-baseline in this file"
@@ -97,7 +97,7 @@ def test_a_settled_move_re_baselines_through_the_broker_as_evaluate_counts_it(
     assert fixed.flagged[-500:].all()  # without the policy: ALERT to the end of the file
     offline, windows = _offline(stream, trained)
     start, end = windows[0]
-    assert end - start == rebaseline.readings_of(trained.card)
+    assert end - start == trained.card.rebaseline_readings()
     assert offline.flagged[windows[-1][1] :].mean() < 0.1
 
     topics = Topics(topic_root)

@@ -66,7 +66,7 @@ def trained(stream: dict[str, np.ndarray]) -> Trained:
 def test_the_card_names_its_training_rows_and_its_fit(trained: Trained) -> None:
     """N is the model's training rows; ``spec_of`` gives back the spec it was fitted with;
     ``--no-rebaseline`` (``FitSpec.rebaseline=False``) writes no N."""
-    assert rebaseline.readings_of(trained.card) == TRAIN
+    assert trained.card.rebaseline_readings() == TRAIN
     assert rebaseline.spec_of(trained.card) == SPEC
     for spec in (
         FitSpec(family="pca", preset="point", smooth=3, far=0.05, surprise=None, follow=False),
@@ -75,7 +75,7 @@ def test_the_card_names_its_training_rows_and_its_fit(trained: Trained) -> None:
         card = fit_columns(_head(_stream(1, TRAIN, 0), TRAIN), spec).card
         assert rebaseline.spec_of(card) == spec
     off = fit_columns(_head(_stream(1, TRAIN, 0), TRAIN), SPEC.replace(rebaseline=False))
-    assert rebaseline.readings_of(off.card) is None
+    assert off.card.rebaseline_readings() is None
 
 
 def test_a_sustained_move_re_baselines_and_the_new_level_is_normal(
